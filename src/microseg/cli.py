@@ -1,0 +1,53 @@
+"""The `microseg` command line. Each subsystem registers its own verbs.
+
+A module listed in ``COMMAND_MODULES`` exposes ``register(subparsers)``, which adds one or more
+verbs with ``set_defaults(func=handler)``; a handler takes the parsed arguments and returns an
+exit code. A :class:`~microseg.errors.MicrosegError` becomes one line on stderr and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from . import __version__
+from .errors import MicrosegError
+
+COMMAND_MODULES = [
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="microseg",
+        description="Zero-trust micro-segmentation datapath: parse, classify, track, offload, encrypt.",
+    )
+    parser.add_argument("--version", action="version", version=f"microseg {__version__}")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+    sub.required = True
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except MicrosegError as exc:
+        print(f"microseg {args.verb}: error: {exc}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        # The reader went away (e.g. `| head`): stop quietly, as Unix tools do.
+        try:
+            sys.stdout = None  # type: ignore[assignment]
+        finally:
+            return 0
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Connection tracking with Linux nf_conntrack semantics."""

@@ -1,0 +1,1 @@
+"""Sources and sinks: pcap/pcapng capture files, traffic generation."""

@@ -1,0 +1,1 @@
+"""IPsec ESP tunnel mode (AES-GCM): SAD/SPD, encap/decap, anti-replay."""

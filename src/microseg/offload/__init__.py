@@ -1,0 +1,1 @@
+"""Inspection hand-off and the finite fast-path offload table."""

@@ -1,0 +1,1 @@
+"""Overlay tunnels: VXLAN, GENEVE and NVGRE encapsulation and decapsulation."""

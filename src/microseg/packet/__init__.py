@@ -1,0 +1,1 @@
+"""Packets: the batch, header parsing (kernel and reference), building, checksums."""

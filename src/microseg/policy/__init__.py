@@ -1,0 +1,1 @@
+"""Policy as data: tenants, workloads, security groups, network policies, compiler."""
