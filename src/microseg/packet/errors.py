@@ -29,6 +29,8 @@ BAD_GRE = 22         # GRE version or flags we do not handle
 TRUNC_TUNNEL = 23    # VXLAN / GENEVE header cut short
 BAD_TUNNEL = 24      # VXLAN I flag missing, GENEVE version/option length wrong, ...
 TUNNEL_DEPTH = 25    # more nested tunnels than the parser follows
+TRUNC_SCTP = 26      # SCTP common header cut short
+BAD_ICMP_INNER = 27  # ICMP error quoting a header with the wrong IP version or IHL < 5
 
 NAMES = {
     OK: None,
@@ -40,6 +42,7 @@ NAMES = {
     BAD_UDP_LEN: "bad_udp_len", TRUNC_ICMP: "trunc_icmp", TRUNC_ICMP_INNER: "trunc_icmp_inner",
     TRUNC_ESP: "trunc_esp", TRUNC_GRE: "trunc_gre", BAD_GRE: "bad_gre",
     TRUNC_TUNNEL: "trunc_tunnel", BAD_TUNNEL: "bad_tunnel", TUNNEL_DEPTH: "tunnel_depth",
+    TRUNC_SCTP: "trunc_sctp", BAD_ICMP_INNER: "bad_icmp_inner",
 }
 
 
