@@ -14,6 +14,7 @@ from . import __version__
 from .errors import MicrosegError
 
 COMMAND_MODULES = [
+    "microseg.classify.commands",
 ]
 
 
