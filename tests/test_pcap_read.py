@@ -1,0 +1,163 @@
+"""pcap / pcapng reading and writing, checked against scapy and dpkt as independent peers."""
+import struct
+
+import numpy as np
+import pytest
+from scapy.all import IP, TCP, UDP, Ether, IPv6, PcapNgWriter, Raw, rdpcap, wrpcap
+
+from microseg.errors import InputError
+from microseg.io.pcap import (PcapWriter, TruncatedCaptureError, iter_capture, read_capture,
+                              write_pcap)
+from microseg.packet.batch import LINK_ETHERNET, LINK_RAW, Batch
+
+
+def _pkts(n=40):
+    out = []
+    for i in range(n):
+        if i % 3 == 0:
+            p = Ether() / IPv6(src="2001:db8::1", dst="2001:db8::2") / UDP(sport=i, dport=53)
+        else:
+            p = Ether() / IP(src=f"10.0.0.{i}", dst="10.0.1.1") / TCP(sport=1000 + i, dport=80)
+        p = p / Raw(b"x" * (i * 7 % 300))
+        p.time = 1_700_000_000 + i * 0.25 + 0.000123
+        out.append(p)
+    return out
+
+
+def _ns(p):
+    return int(round(float(p.time) * 1e6)) * 1000
+
+
+def test_read_scapy_pcap(tmp_path):
+    pkts = _pkts()
+    wrpcap(str(tmp_path / "a.pcap"), pkts)
+    b = read_capture(tmp_path / "a.pcap")
+    assert len(b) == len(pkts)
+    assert list(b.packets()) == [bytes(p) for p in pkts]
+    assert b.ts.tolist() == [_ns(p) for p in pkts]
+    assert b.linktype == LINK_ETHERNET
+    assert (b.wire_len == b.length).all()
+    assert b.data.flags["C_CONTIGUOUS"] and b.data.dtype == np.uint8
+
+
+def test_read_scapy_pcapng(tmp_path):
+    pkts = _pkts()
+    with PcapNgWriter(str(tmp_path / "a.pcapng")) as w:
+        for p in pkts:
+            w.write(p)
+    b = read_capture(tmp_path / "a.pcapng")
+    assert list(b.packets()) == [bytes(p) for p in pkts]
+    assert b.ts.tolist() == [_ns(p) for p in pkts]
+
+
+def test_write_read_back_by_scapy_and_dpkt(tmp_path):
+    import dpkt
+    pkts = _pkts()
+    ts = [1_700_000_000_123_456_789 + i * 1001 for i in range(len(pkts))]
+    b = Batch.from_packets([bytes(p) for p in pkts], ts=ts)
+    for ns in (False, True):
+        path = tmp_path / f"w{ns}.pcap"
+        write_pcap(path, b, nanosecond=ns)
+        got = rdpcap(str(path))
+        assert [bytes(p) for p in got] == list(b.packets())
+        with open(path, "rb") as f:
+            rd = dpkt.pcap.Reader(f)
+            recs = list(rd)
+        assert [bytes(buf) for _, buf in recs] == list(b.packets())
+        back = read_capture(path)
+        want = np.array(ts) if ns else np.array(ts) // 1000 * 1000
+        assert back.ts.tolist() == want.tolist()
+        assert list(back.packets()) == list(b.packets())
+
+
+def test_streaming_writer_and_iter(tmp_path):
+    pkts = [bytes(p) for p in _pkts(100)]
+    b = Batch.from_packets(pkts, ts=np.arange(100) * 10**9)
+    with PcapWriter(tmp_path / "s.pcap") as w:
+        for chunk in b.chunks(17):
+            w.write(chunk)
+    assert w.count == 100
+    sizes = [len(x) for x in iter_capture(tmp_path / "s.pcap", batch_size=32)]
+    assert sizes == [32, 32, 32, 4]
+    got = [p for x in iter_capture(tmp_path / "s.pcap", batch_size=32) for p in x.packets()]
+    assert got == pkts
+
+
+def test_raw_ip_linktype(tmp_path):
+    pkts = [IP(dst="1.2.3.4") / UDP() for _ in range(3)]
+    wrpcap(str(tmp_path / "r.pcap"), pkts, linktype=101)
+    b = read_capture(tmp_path / "r.pcap")
+    assert b.linktype == LINK_RAW and list(b.packets()) == [bytes(p) for p in pkts]
+    write_pcap(tmp_path / "r2.pcap", b)
+    assert [bytes(p) for p in rdpcap(str(tmp_path / "r2.pcap"))] == [bytes(p) for p in pkts]
+
+
+def test_big_endian_pcap(tmp_path):
+    pkts = [bytes(p) for p in _pkts(5)]
+    hdr = struct.pack(">IHHiIII", 0xA1B23C4D, 2, 4, 0, 0, 65535, 1)
+    recs = b"".join(struct.pack(">IIII", 100 + i, 999_999_999 - i, len(p), len(p) + 4) + p
+                    for i, p in enumerate(pkts))
+    (tmp_path / "be.pcap").write_bytes(hdr + recs)
+    b = read_capture(tmp_path / "be.pcap")
+    assert list(b.packets()) == pkts
+    assert b.ts.tolist() == [(100 + i) * 10**9 + 999_999_999 - i for i in range(5)]
+    assert (b.wire_len == b.length + 4).all()
+
+
+@pytest.mark.parametrize("content,msg", [
+    (b"", "empty"),
+    (b"\xd4\xc3", "too short"),
+    (b"hello world, this is not a capture file at all", "not a pcap"),
+    (struct.pack("<IHH", 0xA1B2C3D4, 2, 4), "header cut short"),
+])
+def test_not_a_capture(tmp_path, content, msg):
+    (tmp_path / "x").write_bytes(content)
+    with pytest.raises(InputError, match=msg):
+        read_capture(tmp_path / "x")
+
+
+def test_missing_file_and_directory(tmp_path):
+    with pytest.raises(InputError, match="cannot read"):
+        read_capture(tmp_path / "nope.pcap")
+    with pytest.raises(InputError, match="directory"):
+        read_capture(tmp_path)
+
+
+def test_truncated_last_record(tmp_path):
+    pkts = _pkts(10)
+    wrpcap(str(tmp_path / "t.pcap"), pkts)
+    raw = (tmp_path / "t.pcap").read_bytes()
+    for cut in (5, 20):            # inside the record data, inside the record header
+        path = tmp_path / f"cut{cut}.pcap"
+        last = len(bytes(pkts[-1]))
+        path.write_bytes(raw[: len(raw) - last - 16 + cut])
+        with pytest.raises(TruncatedCaptureError, match="9 complete packets") as ei:
+            read_capture(path)
+        assert len(ei.value.batch) == 9
+        assert isinstance(ei.value, InputError)
+        b = read_capture(path, allow_truncated=True)
+        assert list(b.packets()) == [bytes(p) for p in pkts[:9]]
+        with pytest.raises(TruncatedCaptureError):
+            list(iter_capture(path, 4))
+        assert sum(len(x) for x in iter_capture(path, 4, allow_truncated=True)) == 9
+
+
+def test_record_beyond_snaplen(tmp_path):
+    hdr = struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 64, 1)
+    rec = struct.pack("<IIII", 0, 0, 100, 100) + bytes(100)
+    (tmp_path / "s.pcap").write_bytes(hdr + rec)
+    with pytest.raises(InputError, match="snap length"):
+        read_capture(tmp_path / "s.pcap")
+
+
+def test_unsupported_linktype(tmp_path):
+    hdr = struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 105)
+    (tmp_path / "w.pcap").write_bytes(hdr)
+    with pytest.raises(InputError, match="link type 105"):
+        read_capture(tmp_path / "w.pcap")
+
+
+def test_empty_capture_has_no_packets(tmp_path):
+    write_pcap(tmp_path / "e.pcap", Batch.from_packets([]))
+    b = read_capture(tmp_path / "e.pcap")
+    assert len(b) == 0 and b.data.shape == (0,)
