@@ -1,0 +1,639 @@
+"""ESP tunnel mode (RFC 4303) with AES-GCM (RFC 4106): batch kernels.
+
+Encapsulation and decapsulation each run as compiled passes over a whole batch:
+
+* ``encap_prepare`` parses the inner packets, applies the SPD, assigns sequence numbers and IVs,
+  and writes outer IP header, ESP header, IV, inner packet, padding and trailer into one output
+  buffer, plus a nonce (salt || IV) and AAD (SPI || seq, or SPI || seq_hi || seq_lo with ESN)
+  per packet;
+* ``decap_prepare`` parses outer headers, finds the SA by (SPI, tunnel destination), infers the
+  high sequence bits (ESN, RFC 4303 Appendix A) and rejects replays before any crypto;
+* the AEAD pass (``seal_evp`` / ``open_evp`` here, or a ``cryptography`` loop in
+  :mod:`microseg.ipsec.gateway`) encrypts in place or decrypts into the output buffer;
+* ``decap_finish`` re-checks and updates the anti-replay window in packet order (only for
+  packets whose ICV verified), enforces lifetimes, and checks padding and the inner header.
+
+Every packet ends with a reason code (``OK`` or why it was dropped).
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from . import evp
+
+OK = 0
+MALFORMED = 1      # cut short, bad lengths, bad padding, fragment, inner header not IP
+UNKNOWN_SPI = 2    # no inbound SA for (SPI, tunnel destination)
+REPLAY = 3         # sequence number seen before, or left of the window
+BAD_ICV = 4        # integrity check failed
+EXPIRED = 5        # lifetime (bytes/packets) reached, or sequence counter exhausted
+NOT_ESP = 6        # decrypt input that is not an ESP packet
+NO_POLICY = 7      # encrypt input that no policy protects (discard / no match / not IP)
+REASONS = {OK: "ok", MALFORMED: "malformed", UNKNOWN_SPI: "unknown_spi", REPLAY: "replay",
+           BAD_ICV: "bad_icv", EXPIRED: "expired", NOT_ESP: "not_esp", NO_POLICY: "no_policy"}
+N_REASONS = 8
+
+ESP_HDR = 8
+IV_LEN = 8
+ICV_LEN = 16
+MIN_ESP = ESP_HDR + IV_LEN + 4 + ICV_LEN   # header, IV, smallest aligned trailer, ICV
+IPPROTO_ESP = 50
+U32_MAX = 0xFFFFFFFF
+
+# columns of the per-SA life counters / limits
+L_TX_PKTS, L_TX_BYTES, L_RX_PKTS, L_RX_BYTES = 0, 1, 2, 3
+
+ACTION_PROTECT, ACTION_BYPASS, ACTION_DISCARD = 0, 1, 2
+
+
+@njit(cache=True, inline="always")
+def _be16(d, o):
+    return (np.int64(d[o]) << 8) | np.int64(d[o + 1])
+
+
+@njit(cache=True, inline="always")
+def _be32(d, o):
+    return (np.uint64(d[o]) << np.uint64(24)) | (np.uint64(d[o + 1]) << np.uint64(16)) | \
+        (np.uint64(d[o + 2]) << np.uint64(8)) | np.uint64(d[o + 3])
+
+
+@njit(cache=True, inline="always")
+def _be64(d, o):
+    return (_be32(d, o) << np.uint64(32)) | _be32(d, o + 4)
+
+
+@njit(cache=True, inline="always")
+def _put16(d, o, v):
+    d[o] = (v >> 8) & 0xFF
+    d[o + 1] = v & 0xFF
+
+
+@njit(cache=True, inline="always")
+def _put32(d, o, v):
+    v = np.uint64(v)
+    d[o] = np.uint8((v >> np.uint64(24)) & np.uint64(0xFF))
+    d[o + 1] = np.uint8((v >> np.uint64(16)) & np.uint64(0xFF))
+    d[o + 2] = np.uint8((v >> np.uint64(8)) & np.uint64(0xFF))
+    d[o + 3] = np.uint8(v & np.uint64(0xFF))
+
+
+@njit(cache=True)
+def _l3_start(d, o, n, linktype):
+    """Offset (from o) of the IP header and its version, or (-1, 0)."""
+    if linktype == 101:
+        if n < 1:
+            return -1, 0
+        return 0, np.int64(d[o] >> 4)
+    if n < 14:
+        return -1, 0
+    l3 = 14
+    et = _be16(d, o + 12)
+    if et == 0x8100 or et == 0x88A8:
+        if n < 18:
+            return -1, 0
+        et = _be16(d, o + 16)
+        l3 = 18
+    if et == 0x0800:
+        return l3, 4
+    if et == 0x86DD:
+        return l3, 6
+    return -1, 0
+
+
+@njit(cache=True)
+def _ipv4_csum(d, o, hl=20):
+    s = np.int64(0)
+    for k in range(0, hl, 2):
+        s += _be16(d, o + k)
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return (~s) & 0xFFFF
+
+
+@njit(cache=True)
+def _addr_of(d, o, ver):
+    """(hi, lo) of the address at o, IPv4 in the ::ffff:0:0/96 mapped form."""
+    if ver == 4:
+        return np.uint64(0), np.uint64(0x0000FFFF00000000) | _be32(d, o)
+    return _be64(d, o), _be64(d, o + 8)
+
+
+# ---------------------------------------------------------------------------------------------
+# encapsulation
+# ---------------------------------------------------------------------------------------------
+@njit(cache=True)
+def encap_prepare(data, offset, length, linktype, forced_sa,
+                  pol_src, pol_smask, pol_dst, pol_dmask, pol_proto, pol_action, pol_sa,
+                  sa_spi, sa_ver, sa_esn, sa_salt, sa_src, sa_dst, sa_limits,
+                  tx_seq, iv_base, life, dead):
+    """SPD lookup, sequence/IV assignment and header building for a batch (see module doc).
+
+    Returns (out, out_off, out_len, reason, sa_of, nonce, aad, aad_len, enc_off, enc_len).
+    ``sa_of`` is -1 for a bypassed packet (copied unchanged). State arrays are updated.
+    """
+    n = offset.shape[0]
+    reason = np.zeros(n, np.uint8)
+    sa_of = np.full(n, -1, np.int64)
+    l3 = np.zeros(n, np.int64)
+    ilen = np.zeros(n, np.int64)
+    ver = np.zeros(n, np.int64)
+    out_len = np.zeros(n, np.int64)
+    seqs = np.zeros(n, np.uint64)
+    npol = pol_action.shape[0]
+    for i in range(n):
+        o = offset[i]
+        cap = np.int64(length[i])
+        s3, v = _l3_start(data, o, cap, linktype)
+        if s3 < 0:
+            reason[i] = NO_POLICY
+            continue
+        p = o + s3
+        rem = cap - s3
+        if v == 4:
+            if rem < 20 or (data[p] >> 4) != 4 or (data[p] & 0xF) < 5:
+                reason[i] = MALFORMED
+                continue
+            L = _be16(data, p + 2)
+            if L < (data[p] & 0xF) * 4 or L > rem:
+                reason[i] = MALFORMED
+                continue
+            proto = np.int64(data[p + 9])
+            sh, sl = _addr_of(data, p + 12, 4)
+            dh, dl = _addr_of(data, p + 16, 4)
+        elif v == 6:
+            if rem < 40 or (data[p] >> 4) != 6:
+                reason[i] = MALFORMED
+                continue
+            L = _be16(data, p + 4) + 40
+            if L > rem:
+                reason[i] = MALFORMED
+                continue
+            proto = np.int64(data[p + 6])
+            sh, sl = _addr_of(data, p + 8, 6)
+            dh, dl = _addr_of(data, p + 24, 6)
+        else:
+            reason[i] = NO_POLICY
+            continue
+        s = forced_sa
+        if s < 0:
+            act = ACTION_DISCARD
+            for k in range(npol):
+                if (sh & pol_smask[k, 0]) != pol_src[k, 0] or (sl & pol_smask[k, 1]) != pol_src[k, 1]:
+                    continue
+                if (dh & pol_dmask[k, 0]) != pol_dst[k, 0] or (dl & pol_dmask[k, 1]) != pol_dst[k, 1]:
+                    continue
+                if pol_proto[k] >= 0 and pol_proto[k] != proto:
+                    continue
+                act = pol_action[k]
+                s = pol_sa[k]
+                break
+            if act == ACTION_BYPASS:
+                out_len[i] = cap
+                continue
+            if act != ACTION_PROTECT:
+                reason[i] = NO_POLICY
+                continue
+        # sequence counter: a counter that would wrap stops the SA (RFC 4303 3.3.3)
+        smax = np.uint64(0xFFFFFFFFFFFFFFFF) if sa_esn[s] else np.uint64(U32_MAX)
+        if dead[s] or tx_seq[s] >= smax:
+            dead[s] = 1
+            reason[i] = EXPIRED
+            continue
+        if sa_limits[s, 1] > 0 and life[s, L_TX_PKTS] + np.uint64(1) > sa_limits[s, 1]:
+            reason[i] = EXPIRED
+            continue
+        if sa_limits[s, 0] > 0 and life[s, L_TX_BYTES] + np.uint64(L) > sa_limits[s, 0]:
+            reason[i] = EXPIRED
+            continue
+        tx_seq[s] += np.uint64(1)
+        seqs[i] = tx_seq[s]
+        life[s, L_TX_PKTS] += np.uint64(1)
+        life[s, L_TX_BYTES] += np.uint64(L)
+        sa_of[i] = s
+        l3[i] = s3
+        ilen[i] = L
+        ver[i] = v
+        pad = (4 - (L + 2) % 4) % 4
+        outer = 20 if sa_ver[s] == 4 else 40
+        out_len[i] = s3 + outer + ESP_HDR + IV_LEN + L + pad + 2 + ICV_LEN
+    out_off = np.zeros(n, np.int64)
+    total = np.int64(0)
+    for i in range(n):
+        out_off[i] = total
+        if reason[i] == OK:
+            total += out_len[i]
+        else:
+            out_len[i] = 0
+    out = np.empty(total, np.uint8)
+    nonce = np.zeros((n, 12), np.uint8)
+    aad = np.zeros((n, 12), np.uint8)
+    aad_len = np.zeros(n, np.int64)
+    enc_off = np.zeros(n, np.int64)
+    enc_len = np.zeros(n, np.int64)
+    for i in range(n):
+        if reason[i] != OK:
+            continue
+        o = offset[i]
+        q = out_off[i]
+        s = sa_of[i]
+        if s < 0:       # bypass: unchanged copy
+            out[q:q + out_len[i]] = data[o:o + out_len[i]]
+            continue
+        s3 = l3[i]
+        L = ilen[i]
+        v = ver[i]
+        p = o + s3
+        if s3 > 0:      # keep the L2 header, retag the ethertype for the outer IP version
+            out[q:q + s3] = data[o:o + s3]
+            _put16(out, q + s3 - 2, 0x0800 if sa_ver[s] == 4 else 0x86DD)
+        h = q + s3
+        tos = data[p + 1] if v == 4 else ((data[p] & 0xF) << 4) | (data[p + 1] >> 4)
+        pad = (4 - (L + 2) % 4) % 4
+        esp_len = ESP_HDR + IV_LEN + L + pad + 2 + ICV_LEN
+        seq = seqs[i]
+        if sa_ver[s] == 4:
+            out[h] = 0x45
+            out[h + 1] = tos
+            _put16(out, h + 2, 20 + esp_len)
+            _put16(out, h + 4, np.int64(seq & np.uint64(0xFFFF)))
+            out[h + 6] = 0
+            out[h + 7] = 0
+            out[h + 8] = 64
+            out[h + 9] = IPPROTO_ESP
+            out[h + 10] = 0
+            out[h + 11] = 0
+            out[h + 12:h + 16] = sa_src[s, :4]
+            out[h + 16:h + 20] = sa_dst[s, :4]
+            _put16(out, h + 10, _ipv4_csum(out, h))
+            e = h + 20
+        else:
+            out[h] = 0x60 | (tos >> 4)
+            out[h + 1] = (tos & 0xF) << 4
+            out[h + 2] = 0
+            out[h + 3] = 0
+            _put16(out, h + 4, esp_len)
+            out[h + 6] = IPPROTO_ESP
+            out[h + 7] = 64
+            out[h + 8:h + 24] = sa_src[s]
+            out[h + 24:h + 40] = sa_dst[s]
+            e = h + 40
+        _put32(out, e, sa_spi[s])
+        _put32(out, e + 4, seq & np.uint64(U32_MAX))
+        iv = iv_base[s] + seq        # per-SA counter from a random start: never repeats
+        _put32(out, e + 8, iv >> np.uint64(32))
+        _put32(out, e + 12, iv & np.uint64(U32_MAX))
+        c = e + 16
+        out[c:c + L] = data[p:p + L]
+        for k in range(pad):
+            out[c + L + k] = k + 1
+        out[c + L + pad] = pad
+        out[c + L + pad + 1] = 4 if v == 4 else 41
+        nonce[i, :4] = sa_salt[s]
+        nonce[i, 4:] = out[e + 8:e + 16]
+        _put32(aad[i], 0, sa_spi[s])
+        if sa_esn[s]:
+            _put32(aad[i], 4, seq >> np.uint64(32))
+            _put32(aad[i], 8, seq & np.uint64(U32_MAX))
+            aad_len[i] = 12
+        else:
+            _put32(aad[i], 4, seq)
+            aad_len[i] = 8
+        enc_off[i] = c
+        enc_len[i] = L + pad + 2
+    return out, out_off, out_len, reason, sa_of, nonce, aad, aad_len, enc_off, enc_len
+
+
+# ---------------------------------------------------------------------------------------------
+# anti-replay window (RFC 4303 3.4.3; ESN: Appendix A)
+# ---------------------------------------------------------------------------------------------
+@njit(cache=True)
+def infer_seq(top, seql, window, esn):
+    """Full 64-bit sequence number for a received low half; 0 means 'cannot be valid'."""
+    seql = np.uint64(seql)
+    if not esn:
+        return seql
+    w = np.uint64(window)
+    tl = top & np.uint64(U32_MAX)
+    th = top >> np.uint64(32)
+    if tl >= w - np.uint64(1):
+        # case A: window within one subspace
+        if seql >= tl - w + np.uint64(1):
+            sh = th
+        else:
+            sh = th + np.uint64(1)
+    else:
+        # case B: window spans two subspaces
+        if seql >= (tl - w + np.uint64(1)) & np.uint64(U32_MAX):
+            if th == 0:
+                return np.uint64(0)
+            sh = th - np.uint64(1)
+        else:
+            sh = th
+    return (sh << np.uint64(32)) | seql
+
+
+@njit(cache=True)
+def replay_check(top, bitmap, seq, window):
+    """True when ``seq`` is acceptable: new, or inside the window and not yet seen."""
+    if seq == 0:
+        return False
+    if window == 0:
+        return True
+    if seq > top:
+        return True
+    w = np.uint64(window)
+    if top - seq >= w:
+        return False
+    nb = np.uint64(bitmap.shape[0] * 64)
+    b = seq % nb
+    return (bitmap[np.int64(b >> np.uint64(6))] >> (b & np.uint64(63))) & np.uint64(1) == 0
+
+
+@njit(cache=True)
+def replay_update(top, bitmap, seq, window):
+    """Record ``seq`` (already checked); returns the new top of the window."""
+    if window == 0:
+        return top if top > seq else seq
+    nb = np.uint64(bitmap.shape[0] * 64)
+    if seq > top:
+        d = seq - top
+        if d >= nb:
+            bitmap[:] = 0
+        else:
+            x = top + np.uint64(1)
+            while x <= seq:
+                b = x % nb
+                bitmap[np.int64(b >> np.uint64(6))] &= ~(np.uint64(1) << (b & np.uint64(63)))
+                x += np.uint64(1)
+        top = seq
+    b = seq % nb
+    bitmap[np.int64(b >> np.uint64(6))] |= np.uint64(1) << (b & np.uint64(63))
+    return top
+
+
+# ---------------------------------------------------------------------------------------------
+# decapsulation
+# ---------------------------------------------------------------------------------------------
+@njit(cache=True)
+def _find_sa(spi_sorted, spi_idx, spi, sa_ver, sa_dhi, sa_dlo, ver, dhi, dlo):
+    lo, hi = 0, spi_sorted.shape[0]
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if spi_sorted[mid] < spi:
+            lo = mid + 1
+        else:
+            hi = mid
+    while lo < spi_sorted.shape[0] and spi_sorted[lo] == spi:
+        s = spi_idx[lo]
+        if sa_ver[s] == ver and sa_dhi[s] == dhi and sa_dlo[s] == dlo:
+            return s
+        lo += 1
+    return -1
+
+
+@njit(cache=True)
+def decap_prepare(data, offset, length, linktype, spi_sorted, spi_idx, sa_ver, sa_dhi, sa_dlo,
+                  sa_esn, sa_window, sa_salt, rx_top, rx_bitmap):
+    """Parse, find the SA, pre-check replay, lay out the output (see module doc).
+
+    Returns (reason, sa_of, seq64, l2len, ct_src, ct_len, out, out_off, nonce, aad, aad_len).
+    """
+    n = offset.shape[0]
+    reason = np.zeros(n, np.uint8)
+    sa_of = np.full(n, -1, np.int64)
+    seq64 = np.zeros(n, np.uint64)
+    l2len = np.zeros(n, np.int64)
+    ct_src = np.zeros(n, np.int64)
+    ct_len = np.zeros(n, np.int64)
+    esp_at = np.zeros(n, np.int64)
+    for i in range(n):
+        o = offset[i]
+        cap = np.int64(length[i])
+        s3, v = _l3_start(data, o, cap, linktype)
+        if s3 < 0:
+            reason[i] = NOT_ESP
+            continue
+        p = o + s3
+        rem = cap - s3
+        if v == 4:
+            if rem < 20 or (data[p] >> 4) != 4:
+                reason[i] = MALFORMED
+                continue
+            ihl = np.int64(data[p] & 0xF) * 4
+            tot = _be16(data, p + 2)
+            if ihl < 20 or tot < ihl or tot > rem or rem < ihl:
+                reason[i] = MALFORMED
+                continue
+            if data[p + 9] != IPPROTO_ESP:
+                reason[i] = NOT_ESP
+                continue
+            if _ipv4_csum(data, p, ihl) != 0:
+                reason[i] = MALFORMED
+                continue
+            if (_be16(data, p + 6) & 0x3FFF) != 0:      # a fragment: no reassembly here
+                reason[i] = MALFORMED
+                continue
+            dh, dl = _addr_of(data, p + 16, 4)
+            e = p + ihl
+            elen = tot - ihl
+        elif v == 6:
+            if rem < 40 or (data[p] >> 4) != 6:
+                reason[i] = MALFORMED
+                continue
+            tot = _be16(data, p + 4) + 40
+            if tot > rem:
+                reason[i] = MALFORMED
+                continue
+            dh, dl = _addr_of(data, p + 24, 6)
+            nh = np.int64(data[p + 6])
+            e = p + 40
+            bad = False
+            while nh == 0 or nh == 43 or nh == 60:
+                if e + 8 > p + tot:
+                    bad = True
+                    break
+                nh2 = np.int64(data[e])
+                e += (np.int64(data[e + 1]) + 1) * 8
+                nh = nh2
+            if bad or e > p + tot or nh == 44:
+                reason[i] = MALFORMED
+                continue
+            if nh != IPPROTO_ESP:
+                reason[i] = NOT_ESP
+                continue
+            elen = p + tot - e
+        else:
+            reason[i] = NOT_ESP
+            continue
+        if elen < MIN_ESP:
+            reason[i] = MALFORMED
+            continue
+        spi = _be32(data, e)
+        s = _find_sa(spi_sorted, spi_idx, spi, sa_ver, sa_dhi, sa_dlo, v, dh, dl)
+        if s < 0:
+            reason[i] = UNKNOWN_SPI
+            continue
+        if (elen - ESP_HDR - IV_LEN - ICV_LEN) % 4 != 0:
+            reason[i] = MALFORMED
+            continue
+        seq = infer_seq(rx_top[s], _be32(data, e + 4), sa_window[s], sa_esn[s])
+        if not replay_check(rx_top[s], rx_bitmap[s], seq, sa_window[s]):
+            reason[i] = REPLAY
+            continue
+        sa_of[i] = s
+        seq64[i] = seq
+        l2len[i] = s3
+        esp_at[i] = e
+        ct_src[i] = e + ESP_HDR + IV_LEN
+        ct_len[i] = elen - ESP_HDR - IV_LEN - ICV_LEN
+    out_off = np.zeros(n, np.int64)
+    total = np.int64(0)
+    for i in range(n):
+        out_off[i] = total
+        if reason[i] == OK:
+            total += l2len[i] + ct_len[i]
+    out = np.zeros(total, np.uint8)
+    nonce = np.zeros((n, 12), np.uint8)
+    aad = np.zeros((n, 12), np.uint8)
+    aad_len = np.zeros(n, np.int64)
+    for i in range(n):
+        if reason[i] != OK:
+            continue
+        s = sa_of[i]
+        e = esp_at[i]
+        nonce[i, :4] = sa_salt[s]
+        nonce[i, 4:] = data[e + 8:e + 16]
+        aad[i, :8] = data[e:e + 8]
+        if sa_esn[s]:
+            _put32(aad[i], 4, seq64[i] >> np.uint64(32))
+            aad[i, 8:12] = data[e + 4:e + 8]
+            aad_len[i] = 12
+        else:
+            aad_len[i] = 8
+        if l2len[i] > 0:
+            q = out_off[i]
+            o = offset[i]
+            out[q:q + l2len[i]] = data[o:o + l2len[i]]
+    return reason, sa_of, seq64, l2len, ct_src, ct_len, out, out_off, nonce, aad, aad_len
+
+
+@njit(cache=True)
+def decap_finish(reason, ok, sa_of, seq64, l2len, ct_len, out, out_off, sa_window, sa_limits,
+                 rx_top, rx_bitmap, life):
+    """Window update in packet order, lifetimes, trailer and inner-header checks.
+
+    ``ok[i]`` is 1 when packet i's ICV verified. Returns the inner packets' lengths (with L2).
+    """
+    n = reason.shape[0]
+    out_len = np.zeros(n, np.int64)
+    for i in range(n):
+        if reason[i] != OK:
+            continue
+        if not ok[i]:
+            reason[i] = BAD_ICV
+            q = out_off[i] + l2len[i]
+            out[q:q + ct_len[i]] = 0        # never keep unauthenticated plaintext around
+            continue
+        s = sa_of[i]
+        seq = seq64[i]
+        if not replay_check(rx_top[s], rx_bitmap[s], seq, sa_window[s]):
+            reason[i] = REPLAY          # a duplicate within this batch
+            continue
+        q = out_off[i] + l2len[i]
+        m = ct_len[i]
+        padlen = np.int64(out[q + m - 2])
+        nh = out[q + m - 1]
+        L = m - 2 - padlen
+        bad = L < 0
+        if not bad:
+            for k in range(padlen):
+                if out[q + L + k] != k + 1:
+                    bad = True
+                    break
+        if not bad:
+            if nh == 4:
+                bad = L < 20 or (out[q] >> 4) != 4 or _be16(out, q + 2) > L or _be16(out, q + 2) < 20
+                if not bad:
+                    L = _be16(out, q + 2)          # drops TFC padding, if any
+            elif nh == 41:
+                bad = L < 40 or (out[q] >> 4) != 6 or _be16(out, q + 4) + 40 > L
+                if not bad:
+                    L = _be16(out, q + 4) + 40
+            else:
+                bad = True                          # not tunnel mode (59 = dummy: dropped too)
+        # the packet authenticated: it moves the window even if its content is then refused
+        rx_top[s] = replay_update(rx_top[s], rx_bitmap[s], seq, sa_window[s])
+        if bad:
+            reason[i] = MALFORMED
+            continue
+        if sa_limits[s, 1] > 0 and life[s, L_RX_PKTS] + np.uint64(1) > sa_limits[s, 1]:
+            reason[i] = EXPIRED
+            continue
+        if sa_limits[s, 0] > 0 and life[s, L_RX_BYTES] + np.uint64(L) > sa_limits[s, 0]:
+            reason[i] = EXPIRED
+            continue
+        life[s, L_RX_PKTS] += np.uint64(1)
+        life[s, L_RX_BYTES] += np.uint64(L)
+        if l2len[i] > 0:
+            _put16(out, q - 2, 0x0800 if nh == 4 else 0x86DD)
+        out_len[i] = l2len[i] + L
+    return out_len
+
+
+# ---------------------------------------------------------------------------------------------
+# AEAD through OpenSSL's EVP, called from the compiled loop
+# ---------------------------------------------------------------------------------------------
+if evp.AVAILABLE:
+    _e_init, _e_upd, _e_fin = evp.encrypt_init, evp.encrypt_update, evp.encrypt_final
+    _d_init, _d_upd, _d_fin = evp.decrypt_init, evp.decrypt_update, evp.decrypt_final
+    _ctrl = evp.cipher_ctrl
+
+    @njit(cache=True)
+    def seal_evp(ctxs, sa_of, out, enc_off, enc_len, nonce, aad, aad_len, scratch):
+        """Encrypt ``out[enc_off:enc_off+enc_len]`` in place and append the 16-byte tag."""
+        outl = scratch.ctypes.data
+        base = out.ctypes.data
+        nb = nonce.ctypes.data
+        ab = aad.ctypes.data
+        bad = 0
+        for i in range(sa_of.shape[0]):
+            s = sa_of[i]
+            if s < 0 or enc_len[i] == 0:
+                continue
+            c = ctxs[s]
+            p = base + enc_off[i]
+            r = _e_init(c, 0, 0, 0, nb + 12 * i)
+            r &= _e_upd(c, 0, outl, ab + 12 * i, np.int32(aad_len[i]))
+            r &= _e_upd(c, p, outl, p, np.int32(enc_len[i]))
+            r &= _e_fin(c, p + enc_len[i], outl)
+            r &= _ctrl(c, 0x10, 16, p + enc_len[i])
+            if r != 1:
+                bad += 1
+        return bad
+
+    @njit(cache=True)
+    def open_evp(ctxs, reason, sa_of, data, ct_src, ct_len, out, out_off, l2len, nonce, aad,
+                 aad_len, scratch):
+        """Decrypt each ciphertext into the output buffer; ok[i] = 1 when the tag verified."""
+        n = reason.shape[0]
+        ok = np.zeros(n, np.uint8)
+        outl = scratch.ctypes.data
+        din = data.ctypes.data
+        dout = out.ctypes.data
+        nb = nonce.ctypes.data
+        ab = aad.ctypes.data
+        for i in range(n):
+            if reason[i] != OK:
+                continue
+            c = ctxs[sa_of[i]]
+            src = din + ct_src[i]
+            dst = dout + out_off[i] + l2len[i]
+            m = ct_len[i]
+            r = _d_init(c, 0, 0, 0, nb + 12 * i)
+            r &= _d_upd(c, 0, outl, ab + 12 * i, np.int32(aad_len[i]))
+            r &= _d_upd(c, dst, outl, src, np.int32(m))
+            r &= _ctrl(c, 0x11, 16, src + m)
+            r &= _d_fin(c, dst + m, outl)
+            ok[i] = 1 if r == 1 else 0
+        return ok
