@@ -1,0 +1,573 @@
+"""The packet parser: one compiled kernel call fills a :class:`FlowKeys` for a whole batch.
+
+What it reads, outermost first:
+
+* L2: Ethernet II with up to two 802.1Q / 802.1ad tags (a third tag is left as the ethertype),
+  or nothing for link type 101 (raw IP: the version nibble picks IPv4 or IPv6).
+* ARP (Ethernet/IPv4 only): op, sender/target MACs, sender/target IPs in ``src``/``dst``.
+* IPv4: options skipped by IHL, header checksum verified, total length checked against the
+  bytes present (Ethernet padding is ignored: later layers end at the IP total length).
+  Fragments set ``F_FRAG`` (and ``F_MF``); a non-first fragment's payload is not parsed.
+* IPv6: hop-by-hop (first only), routing, fragment and destination-options headers walked, at
+  most 8; ``proto`` is the protocol after them.
+* TCP, UDP, SCTP (ports), ICMP / ICMPv6 (type, code, id of echo-like messages; for error
+  messages the quoted IP header's addresses, protocol and ports or echo id go to ``inner_*``
+  with ``F_ICMP_ERR``), ESP (SPI, sequence), GRE (protocol, key).
+* Tunnels, followed into the inner frame: VXLAN (UDP port 4789, I flag required), GENEVE (UDP
+  port 6081, version 0, options skipped, inner Ethernet, IPv4 or IPv6), NVGRE (GRE protocol
+  0x6558 with a key; VSID = key >> 8). ``tenant`` is the VNI/VSID of the innermost tunnel,
+  ``outer_l3_off`` the outermost IP header; every other field describes the innermost packet.
+  At most two tunnels are followed; a third is a ``TUNNEL_DEPTH`` error.
+
+The first problem met stops parsing with an error code (:mod:`.errors`); the fields parsed
+before it stay filled. Every read is checked against the captured length, so truncated or
+hostile bytes only ever produce an error code. Absent offsets are -1, ``tenant`` is -1 when no
+tunnel carried the packet, everything else absent is 0. ``flow_hash`` mixes tenant, addresses,
+protocol and ports (or ICMP id) of the innermost packet.
+
+:mod:`.parse_ref` is the plain-Python statement of the same rules; tests hold the two equal.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from ..errors import InputError
+from . import errors as E
+from .batch import (
+    ARP_OP, ARP_SHA, ARP_THA, DPORT, DST_HI, DST_LO, ESP_SEQ, ESP_SPI, ETH_DST, ETH_SRC, ETHERTYPE,
+    F_ARP, F_ESP, F_FRAG, F_GRE, F_ICMP, F_ICMP_ERR, F_MF, F_PORTS, FLAGS, FLOW_HASH, FRAG_OFF,
+    GRE_KEY, GRE_PROTO, ICMP_CODE, ICMP_ID, ICMP_TYPE, INNER_DPORT, INNER_DST_HI, INNER_DST_LO,
+    INNER_ICMP_TYPE, INNER_PROTO, INNER_SPORT, INNER_SRC_HI, INNER_SRC_LO, IP_LEN, IP_VER, L2_OFF,
+    L3_OFF, L4_OFF, LINK_ETHERNET, LINK_RAW, N_I32, N_U8, N_U16, N_U32, N_U64, N_VLANS,
+    OUTER_L3_OFF, PAYLOAD_LEN, PAYLOAD_OFF, PROTO, SPORT, SRC_HI, SRC_LO, TCP_ACK, TCP_DOFF,
+    TCP_FLAGS, TCP_SEQ, TCP_WIN, TENANT, TTL, TUN_GENEVE, TUN_NVGRE, TUN_TYPE, TUN_VXLAN, VLAN0,
+    Batch, FlowKeys,
+)
+
+SUPPORTED_LINKTYPES = (LINK_ETHERNET, LINK_RAW)
+
+# layer kinds of the parse loop
+_K_ETH, _K_V4, _K_V6 = 0, 1, 2
+_MAX_VLANS = 2
+_MAX_EXT = 8
+_MAX_DEPTH = 2
+_V4_PREFIX = 0x0000FFFF00000000
+
+_H_K1 = np.uint64(0x9E3779B97F4A7C15)
+_H_K2 = np.uint64(0xBF58476D1CE4E5B9)
+_S31 = np.uint64(31)
+_S32 = np.uint64(32)
+_S16 = np.uint64(16)
+_S8 = np.uint64(8)
+_M32 = np.uint64(0xFFFFFFFF)
+
+
+@njit(cache=True, inline="always")
+def _rd16(d, o):
+    return (np.int64(d[o]) << 8) | np.int64(d[o + 1])
+
+
+@njit(cache=True, inline="always")
+def _rd32(d, o):
+    return ((np.int64(d[o]) << 24) | (np.int64(d[o + 1]) << 16)
+            | (np.int64(d[o + 2]) << 8) | np.int64(d[o + 3]))
+
+
+@njit(cache=True, inline="always")
+def _rd48(d, o):
+    return (_rd16(d, o) << 32) | _rd32(d, o + 2)
+
+
+@njit(cache=True, inline="always")
+def _rd64(d, o):
+    return (np.uint64(_rd32(d, o)) << _S32) | np.uint64(_rd32(d, o + 4))
+
+
+@njit(cache=True, inline="always")
+def _is_v6_ext(nh):
+    return nh == 0 or nh == 43 or nh == 44 or nh == 60
+
+
+@njit(cache=True, inline="always")
+def _icmp_has_id(t, ver):
+    if ver == 4:
+        return t == 0 or t == 8 or (t >= 13 and t <= 18)
+    return t == 128 or t == 129
+
+
+@njit(cache=True, inline="always")
+def _icmp_is_error(t, ver):
+    if ver == 4:
+        return t == 3 or t == 4 or t == 5 or t == 11 or t == 12
+    return t >= 1 and t <= 4
+
+
+@njit(cache=True)
+def _clear_column(u64, u32, i32, u16, u8, i):
+    for r in range(N_U64):
+        u64[r, i] = 0
+    for r in range(N_U32):
+        u32[r, i] = 0
+    for r in range(N_I32):
+        i32[r, i] = -1
+    i32[PAYLOAD_LEN, i] = 0
+    for r in range(N_U16):
+        u16[r, i] = 0
+    for r in range(N_U8):
+        u8[r, i] = 0
+
+
+@njit(cache=True)
+def _icmp_quoted(d, b, q, end, ver, u64, u16, u8, i):
+    """Quoted header of an ICMP error at ``q``; returns an error code."""
+    if ver == 4:
+        if end - q < 20:
+            return E.TRUNC_ICMP_INNER
+        ihl = (np.int64(d[b + q]) & 15) * 4
+        if (d[b + q] >> 4) != 4 or ihl < 20:
+            return E.BAD_ICMP_INNER
+        if end - q < ihl:
+            return E.TRUNC_ICMP_INNER
+        proto = np.int64(d[b + q + 9])
+        s_hi = np.uint64(0)
+        s_lo = np.uint64(_V4_PREFIX | _rd32(d, b + q + 12))
+        d_hi = np.uint64(0)
+        d_lo = np.uint64(_V4_PREFIX | _rd32(d, b + q + 16))
+        later = (_rd16(d, b + q + 6) & 0x1FFF) != 0
+        r = q + ihl
+    else:
+        if end - q < 40:
+            return E.TRUNC_ICMP_INNER
+        if (d[b + q] >> 4) != 6:
+            return E.BAD_ICMP_INNER
+        s_hi = _rd64(d, b + q + 8)
+        s_lo = _rd64(d, b + q + 16)
+        d_hi = _rd64(d, b + q + 24)
+        d_lo = _rd64(d, b + q + 32)
+        proto = np.int64(d[b + q + 6])
+        r = q + 40
+        count = 0
+        later = False
+        while _is_v6_ext(proto):
+            if count == _MAX_EXT:
+                return E.BAD_ICMP_INNER
+            count += 1
+            if proto == 44:
+                if end - r < 8:
+                    return E.TRUNC_ICMP_INNER
+                later = (_rd16(d, b + r + 2) >> 3) != 0
+                proto = np.int64(d[b + r])
+                r += 8
+                if later:
+                    break
+            else:
+                if end - r < 2:
+                    return E.TRUNC_ICMP_INNER
+                hlen = (np.int64(d[b + r + 1]) + 1) * 8
+                if end - r < hlen:
+                    return E.TRUNC_ICMP_INNER
+                proto = np.int64(d[b + r])
+                r += hlen
+    u8[INNER_PROTO, i] = proto
+    u64[INNER_SRC_HI, i] = s_hi
+    u64[INNER_SRC_LO, i] = s_lo
+    u64[INNER_DST_HI, i] = d_hi
+    u64[INNER_DST_LO, i] = d_lo
+    if not later:
+        if proto == 6 or proto == 17 or proto == 132:
+            if end - r < 8:
+                return E.TRUNC_ICMP_INNER
+            u16[INNER_SPORT, i] = _rd16(d, b + r)
+            u16[INNER_DPORT, i] = _rd16(d, b + r + 2)
+        elif (proto == 1 and ver == 4) or (proto == 58 and ver == 6):
+            if end - r < 8:
+                return E.TRUNC_ICMP_INNER
+            t = np.int64(d[b + r])
+            u8[INNER_ICMP_TYPE, i] = t
+            if _icmp_has_id(t, ver):
+                u16[INNER_SPORT, i] = _rd16(d, b + r + 4)
+    u8[FLAGS, i] |= F_ICMP_ERR
+    return E.OK
+
+
+@njit(cache=True)
+def _parse_one(d, b, ln, linktype, u64, u32, i32, u16, u8, i):
+    """Parse packet ``i`` (bytes ``d[b : b + ln]``) into column ``i``; returns its error code."""
+    pos = 0
+    end = ln
+    depth = 0
+    if linktype == LINK_RAW:
+        if end >= 1 and (d[b] >> 4) == 6:
+            kind = _K_V6
+            u16[ETHERTYPE, i] = 0x86DD
+        else:
+            kind = _K_V4
+            u16[ETHERTYPE, i] = 0x0800
+    else:
+        kind = _K_ETH
+    while True:
+        # ---- L2 ------------------------------------------------------------------------
+        if kind == _K_ETH:
+            i32[L2_OFF, i] = pos
+            if end - pos < 14:
+                return E.TRUNC_ETH
+            u64[ETH_DST, i] = _rd48(d, b + pos)
+            u64[ETH_SRC, i] = _rd48(d, b + pos + 6)
+            etype = _rd16(d, b + pos + 12)
+            pos += 14
+            nv = 0
+            while (etype == 0x8100 or etype == 0x88A8) and nv < _MAX_VLANS:
+                if end - pos < 4:
+                    u16[ETHERTYPE, i] = etype
+                    return E.TRUNC_VLAN
+                u16[VLAN0 + nv, i] = _rd16(d, b + pos)
+                nv += 1
+                u8[N_VLANS, i] = nv
+                etype = _rd16(d, b + pos + 2)
+                pos += 4
+            u16[ETHERTYPE, i] = etype
+            if etype == 0x0800:
+                kind = _K_V4
+            elif etype == 0x86DD:
+                kind = _K_V6
+            elif etype == 0x0806:
+                u8[FLAGS, i] |= F_ARP
+                i32[L3_OFF, i] = pos
+                if end - pos < 28:
+                    return E.TRUNC_ARP
+                o = b + pos
+                if (_rd16(d, o) != 1 or _rd16(d, o + 2) != 0x0800 or d[o + 4] != 6
+                        or d[o + 5] != 4):
+                    return E.BAD_ARP
+                u16[ARP_OP, i] = _rd16(d, o + 6)
+                u64[ARP_SHA, i] = _rd48(d, o + 8)
+                u64[SRC_LO, i] = _V4_PREFIX | _rd32(d, o + 14)
+                u64[ARP_THA, i] = _rd48(d, o + 18)
+                u64[DST_LO, i] = _V4_PREFIX | _rd32(d, o + 24)
+                return E.OK
+            else:
+                return E.OK
+
+        # ---- L3 ------------------------------------------------------------------------
+        partial = False
+        if kind == _K_V4:
+            i32[L3_OFF, i] = pos
+            if end - pos < 20:
+                return E.TRUNC_IPV4
+            o = b + pos
+            v = np.int64(d[o])
+            if (v >> 4) != 4:
+                return E.BAD_IPV4_VER
+            ihl = (v & 15) * 4
+            total = _rd16(d, o + 2)
+            frag = _rd16(d, o + 6)
+            proto = np.int64(d[o + 9])
+            u8[IP_VER, i] = 4
+            u16[IP_LEN, i] = total
+            u8[TTL, i] = d[o + 8]
+            u8[PROTO, i] = proto
+            u64[SRC_LO, i] = _V4_PREFIX | _rd32(d, o + 12)
+            u64[DST_LO, i] = _V4_PREFIX | _rd32(d, o + 16)
+            foff = frag & 0x1FFF
+            if frag & 0x3FFF:
+                partial = True
+                fl = F_FRAG
+                if frag & 0x2000:
+                    fl |= F_MF
+                u8[FLAGS, i] |= fl
+                u16[FRAG_OFF, i] = foff
+            if ihl < 20:
+                return E.BAD_IPV4_IHL
+            if end - pos < ihl:
+                return E.TRUNC_IPV4
+            if total < ihl or total > end - pos:
+                return E.BAD_IPV4_LEN
+            s = np.int64(0)
+            for k in range(0, ihl, 2):
+                s += (np.int64(d[o + k]) << 8) | np.int64(d[o + k + 1])
+            s = (s & 0xFFFF) + (s >> 16)
+            s = (s & 0xFFFF) + (s >> 16)
+            if s != 0xFFFF:
+                return E.BAD_IPV4_CSUM
+            end = pos + total
+            pos += ihl
+            ver = 4
+            if foff:
+                i32[PAYLOAD_OFF, i] = pos
+                i32[PAYLOAD_LEN, i] = end - pos
+                return E.OK
+        else:
+            i32[L3_OFF, i] = pos
+            if end - pos < 40:
+                return E.TRUNC_IPV6
+            o = b + pos
+            if (d[o] >> 4) != 6:
+                return E.BAD_IPV6_VER
+            plen = _rd16(d, o + 4)
+            u8[IP_VER, i] = 6
+            u16[IP_LEN, i] = min(plen + 40, 0xFFFF)
+            u8[TTL, i] = d[o + 7]
+            u64[SRC_HI, i] = _rd64(d, o + 8)
+            u64[SRC_LO, i] = _rd64(d, o + 16)
+            u64[DST_HI, i] = _rd64(d, o + 24)
+            u64[DST_LO, i] = _rd64(d, o + 32)
+            proto = np.int64(d[o + 6])
+            u8[PROTO, i] = proto
+            if plen > end - pos - 40:
+                return E.BAD_IPV6_LEN
+            end = pos + 40 + plen
+            pos += 40
+            ver = 6
+            count = 0
+            foff = 0
+            while _is_v6_ext(proto):
+                if count == _MAX_EXT or (proto == 0 and count > 0):
+                    return E.BAD_IPV6_EXT
+                count += 1
+                if proto == 44:
+                    if end - pos < 8:
+                        return E.BAD_IPV6_EXT
+                    fo = _rd16(d, b + pos + 2)
+                    foff = fo >> 3
+                    fl = F_FRAG
+                    partial = (fo & 1) != 0 or foff != 0
+                    if fo & 1:
+                        fl |= F_MF
+                    u8[FLAGS, i] |= fl
+                    u16[FRAG_OFF, i] = foff
+                    proto = np.int64(d[b + pos])
+                    pos += 8
+                else:
+                    if end - pos < 2:
+                        return E.BAD_IPV6_EXT
+                    hlen = (np.int64(d[b + pos + 1]) + 1) * 8
+                    if end - pos < hlen:
+                        return E.BAD_IPV6_EXT
+                    proto = np.int64(d[b + pos])
+                    pos += hlen
+                u8[PROTO, i] = proto
+                if foff:
+                    break
+            if foff:
+                i32[PAYLOAD_OFF, i] = pos
+                i32[PAYLOAD_LEN, i] = end - pos
+                return E.OK
+
+        # ---- L4 ------------------------------------------------------------------------
+        i32[L4_OFF, i] = pos
+        o = b + pos
+        tun = 0
+        vni = 0
+        nkind = _K_ETH
+        if proto == 6:
+            if end - pos < 20:
+                return E.TRUNC_TCP
+            u16[SPORT, i] = _rd16(d, o)
+            u16[DPORT, i] = _rd16(d, o + 2)
+            u8[FLAGS, i] |= F_PORTS
+            u32[TCP_SEQ, i] = _rd32(d, o + 4)
+            u32[TCP_ACK, i] = _rd32(d, o + 8)
+            doff = (np.int64(d[o + 12]) >> 4) * 4
+            u8[TCP_DOFF, i] = doff
+            u8[TCP_FLAGS, i] = d[o + 13]
+            u16[TCP_WIN, i] = _rd16(d, o + 14)
+            if doff < 20 or doff > end - pos:
+                return E.BAD_TCP_DOFF
+            i32[PAYLOAD_OFF, i] = pos + doff
+            i32[PAYLOAD_LEN, i] = end - pos - doff
+            return E.OK
+        elif proto == 17:
+            if end - pos < 8:
+                return E.TRUNC_UDP
+            dport = _rd16(d, o + 2)
+            u16[SPORT, i] = _rd16(d, o)
+            u16[DPORT, i] = dport
+            u8[FLAGS, i] |= F_PORTS
+            ulen = _rd16(d, o + 4)
+            if ulen < 8 or (not partial and ulen > end - pos):
+                return E.BAD_UDP_LEN
+            i32[PAYLOAD_OFF, i] = pos + 8
+            if partial:
+                i32[PAYLOAD_LEN, i] = end - pos - 8
+                return E.OK
+            end = pos + ulen
+            i32[PAYLOAD_LEN, i] = ulen - 8
+            u = pos + 8
+            if dport == 4789:
+                if end - u < 8:
+                    return E.TRUNC_TUNNEL
+                if not (d[b + u] & 0x08):
+                    return E.BAD_TUNNEL
+                tun = TUN_VXLAN
+                vni = _rd32(d, b + u + 4) >> 8
+                pos = u + 8
+            elif dport == 6081:
+                if end - u < 8:
+                    return E.TRUNC_TUNNEL
+                g0 = np.int64(d[b + u])
+                optlen = (g0 & 0x3F) * 4
+                gproto = _rd16(d, b + u + 2)
+                if (g0 >> 6) != 0 or optlen > end - u - 8:
+                    return E.BAD_TUNNEL
+                if gproto == 0x6558:
+                    nkind = _K_ETH
+                elif gproto == 0x0800:
+                    nkind = _K_V4
+                elif gproto == 0x86DD:
+                    nkind = _K_V6
+                else:
+                    return E.BAD_TUNNEL
+                tun = TUN_GENEVE
+                vni = _rd32(d, b + u + 4) >> 8
+                pos = u + 8 + optlen
+            else:
+                return E.OK
+        elif proto == 132:
+            if end - pos < 12:
+                return E.TRUNC_SCTP
+            u16[SPORT, i] = _rd16(d, o)
+            u16[DPORT, i] = _rd16(d, o + 2)
+            u8[FLAGS, i] |= F_PORTS
+            i32[PAYLOAD_OFF, i] = pos + 12
+            i32[PAYLOAD_LEN, i] = end - pos - 12
+            return E.OK
+        elif (proto == 1 and ver == 4) or (proto == 58 and ver == 6):
+            if end - pos < 8:
+                return E.TRUNC_ICMP
+            t = np.int64(d[o])
+            u8[ICMP_TYPE, i] = t
+            u8[ICMP_CODE, i] = d[o + 1]
+            u8[FLAGS, i] |= F_ICMP
+            i32[PAYLOAD_OFF, i] = pos + 8
+            i32[PAYLOAD_LEN, i] = end - pos - 8
+            if _icmp_has_id(t, ver):
+                u16[ICMP_ID, i] = _rd16(d, o + 4)
+            elif _icmp_is_error(t, ver) and not partial:
+                return _icmp_quoted(d, b, pos + 8, end, ver, u64, u16, u8, i)
+            return E.OK
+        elif proto == 50:
+            if end - pos < 8:
+                return E.TRUNC_ESP
+            u32[ESP_SPI, i] = _rd32(d, o)
+            u32[ESP_SEQ, i] = _rd32(d, o + 4)
+            u8[FLAGS, i] |= F_ESP
+            i32[PAYLOAD_OFF, i] = pos + 8
+            i32[PAYLOAD_LEN, i] = end - pos - 8
+            return E.OK
+        elif proto == 47:
+            if end - pos < 4:
+                return E.TRUNC_GRE
+            gf = _rd16(d, o)
+            if gf & 0x4007:
+                return E.BAD_GRE
+            gproto = _rd16(d, o + 2)
+            u16[GRE_PROTO, i] = gproto
+            u8[FLAGS, i] |= F_GRE
+            hlen = 4
+            if gf & 0x8000:
+                hlen += 4
+            key_at = hlen
+            has_key = (gf & 0x2000) != 0
+            if has_key:
+                hlen += 4
+            if gf & 0x1000:
+                hlen += 4
+            if end - pos < hlen:
+                return E.TRUNC_GRE
+            key = 0
+            if has_key:
+                key = _rd32(d, o + key_at)
+                u32[GRE_KEY, i] = key
+            i32[PAYLOAD_OFF, i] = pos + hlen
+            i32[PAYLOAD_LEN, i] = end - pos - hlen
+            if gproto == 0x6558 and has_key and not partial:
+                tun = TUN_NVGRE
+                vni = key >> 8
+                pos = pos + hlen
+            else:
+                return E.OK
+        else:
+            i32[PAYLOAD_OFF, i] = pos
+            i32[PAYLOAD_LEN, i] = end - pos
+            return E.OK
+
+        # ---- a tunnel: step into its inner frame ----------------------------------------
+        if depth == _MAX_DEPTH:
+            return E.TUNNEL_DEPTH
+        if depth:
+            outer = i32[OUTER_L3_OFF, i]
+        else:
+            outer = i32[L3_OFF, i]
+        _clear_column(u64, u32, i32, u16, u8, i)
+        i32[TENANT, i] = vni
+        u8[TUN_TYPE, i] = tun
+        i32[OUTER_L3_OFF, i] = outer
+        depth += 1
+        kind = nkind
+        if kind == _K_V4:
+            u16[ETHERTYPE, i] = 0x0800
+        elif kind == _K_V6:
+            u16[ETHERTYPE, i] = 0x86DD
+
+
+@njit(cache=True, inline="always")
+def _mix(h, w):
+    h = (h ^ w) * _H_K2
+    return h ^ (h >> _S31)
+
+
+@njit(cache=True)
+def _flow_hash(u64, i32, u16, u8, i):
+    h = _H_K1
+    h = _mix(h, u64[SRC_HI, i])
+    h = _mix(h, u64[SRC_LO, i])
+    h = _mix(h, u64[DST_HI, i])
+    h = _mix(h, u64[DST_LO, i])
+    h = _mix(h, np.uint64(np.int64(i32[TENANT, i]) & 0xFFFFFFFF) | (np.uint64(u8[PROTO, i]) << _S32))
+    h = _mix(h, (np.uint64(u16[SPORT, i]) << _S16) | np.uint64(u16[DPORT, i])
+             | (np.uint64(u16[ICMP_ID, i]) << _S32))
+    h = h * _H_K1
+    h = h ^ (h >> _S32)
+    return h & _M32
+
+
+@njit(cache=True)
+def _parse_kernel(data, offset, length, linktype, u64, u32, i32, u16, u8):
+    n = offset.shape[0]
+    for r in range(N_U64):
+        u64[r, :n] = 0
+    for r in range(N_U32):
+        u32[r, :n] = 0
+    for r in range(N_I32):
+        i32[r, :n] = -1
+    i32[PAYLOAD_LEN, :n] = 0
+    for r in range(N_U16):
+        u16[r, :n] = 0
+    for r in range(N_U8):
+        u8[r, :n] = 0
+    size = data.shape[0]
+    for i in range(n):
+        b = offset[i]
+        ln = np.int64(length[i])
+        if b < 0 or b > size or ln < 0:
+            b = 0
+            ln = 0
+        elif ln > size - b:
+            ln = size - b
+        u8[0, i] = _parse_one(data, b, ln, linktype, u64, u32, i32, u16, u8, i)
+        u32[FLOW_HASH, i] = _flow_hash(u64, i32, u16, u8, i)
+
+
+def parse(batch: Batch, keys: FlowKeys | None = None) -> FlowKeys:
+    """Parse every packet of ``batch`` into ``keys`` (reused if given, else allocated)."""
+    n = len(batch)
+    if keys is None:
+        keys = FlowKeys(max(n, 1))
+    keys.resize(n)
+    lt = batch.linktype
+    if lt != LINK_ETHERNET and lt != LINK_RAW:
+        raise InputError(f"link type {lt} is not supported (Ethernet or raw IP only)")
+    _parse_kernel(batch.data, batch.offset, batch.length, lt, keys.u64, keys.u32, keys.i32,
+                  keys.u16, keys.u8)
+    return keys

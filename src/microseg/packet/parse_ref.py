@@ -1,0 +1,468 @@
+"""Plain-Python reference parser: the oracle the Numba kernel in :mod:`.parse` is tested against.
+
+One packet at a time, written for reading rather than speed. The rules it implements (and the
+kernel must match field for field) are described in :mod:`microseg.packet.parse`.
+"""
+from __future__ import annotations
+
+import struct
+
+from . import batch as B
+from . import errors as E
+
+ETH_IPV4, ETH_IPV6, ETH_ARP, ETH_VLAN, ETH_QINQ, ETH_TEB = 0x0800, 0x86DD, 0x0806, 0x8100, 0x88A8, 0x6558
+IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, IPPROTO_GRE, IPPROTO_ESP = 1, 6, 17, 47, 50
+IPPROTO_ICMPV6, IPPROTO_SCTP = 58, 132
+V6_HOPOPTS, V6_ROUTING, V6_FRAGMENT, V6_DSTOPTS = 0, 43, 44, 60
+VXLAN_PORT, GENEVE_PORT = 4789, 6081
+MAX_VLANS = 2
+MAX_EXT_HEADERS = 8
+MAX_TUNNEL_DEPTH = 2
+ICMP4_ERRORS = (3, 4, 5, 11, 12)
+ICMP6_ERRORS = (1, 2, 3, 4)
+ICMP4_ID_TYPES = (0, 8, 13, 14, 15, 16, 17, 18)   # echo, timestamp, info, address mask
+ICMP6_ID_TYPES = (128, 129)
+
+M64 = 0xFFFFFFFFFFFFFFFF
+HASH_K1 = 0x9E3779B97F4A7C15
+HASH_K2 = 0xBF58476D1CE4E5B9
+V4_PREFIX = B.V4_MAPPED_LO_PREFIX
+
+_DEFAULTS = {name: 0 for name in B.FIELDS}
+_DEFAULTS.update(tenant=-1, l2_off=-1, l3_off=-1, l4_off=-1, payload_off=-1, outer_l3_off=-1)
+
+
+class _Stop(Exception):
+    """Parsing ends here with an error code (fields filled so far stay)."""
+
+    def __init__(self, code: int):
+        self.code = code
+
+
+def _u16(p: bytes, o: int) -> int:
+    return (p[o] << 8) | p[o + 1]
+
+
+def _u32(p: bytes, o: int) -> int:
+    return struct.unpack_from("!I", p, o)[0]
+
+
+def _mac(p: bytes, o: int) -> int:
+    return int.from_bytes(p[o:o + 6], "big")
+
+
+def _v6(p: bytes, o: int) -> tuple[int, int]:
+    return int.from_bytes(p[o:o + 8], "big"), int.from_bytes(p[o + 8:o + 16], "big")
+
+
+def inet_sum(p: bytes, start: int, stop: int) -> int:
+    """Ones'-complement sum (folded to 16 bits) of ``p[start:stop]``."""
+    s = 0
+    for i in range(start, stop - 1, 2):
+        s += (p[i] << 8) | p[i + 1]
+    if (stop - start) & 1:
+        s += p[stop - 1] << 8
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return s
+
+
+def flow_hash(f: dict) -> int:
+    """The FLOW_HASH of a parsed packet: a 32-bit mix of tenant, addresses, protocol, ports/echo id."""
+    words = (f["src_hi"], f["src_lo"], f["dst_hi"], f["dst_lo"],
+             (f["tenant"] & 0xFFFFFFFF) | (f["proto"] << 32),
+             (f["sport"] << 16) | f["dport"] | (f["icmp_id"] << 32))
+    h = HASH_K1
+    for w in words:
+        h = ((h ^ w) * HASH_K2) & M64
+        h ^= h >> 31
+    h = (h * HASH_K1) & M64
+    h ^= h >> 32
+    return h & 0xFFFFFFFF
+
+
+class _Parser:
+    def __init__(self, pkt: bytes, linktype: int):
+        self.p = pkt
+        self.f = dict(_DEFAULTS)
+        self.linktype = linktype
+
+    # -- layers ----------------------------------------------------------------------------
+    def run(self) -> dict:
+        f = self.f
+        try:
+            end = len(self.p)
+            if self.linktype == B.LINK_RAW:
+                layer = self.raw_ip(0, end)
+            else:
+                layer = ("eth", 0, end)
+            depth = 0
+            while layer is not None:
+                kind, pos, end = layer[:3]
+                if len(layer) == 5:          # a tunnel header was parsed: step into its payload
+                    if depth == MAX_TUNNEL_DEPTH:
+                        raise _Stop(E.TUNNEL_DEPTH)
+                    outer = f["outer_l3_off"] if depth else f["l3_off"]
+                    self.decap(layer[3], layer[4], outer)
+                    depth += 1
+                    if kind == "ipv4":
+                        f["ethertype"] = ETH_IPV4
+                    elif kind == "ipv6":
+                        f["ethertype"] = ETH_IPV6
+                if kind == "eth":
+                    layer = self.ethernet(pos, end)
+                elif kind == "ipv4":
+                    layer = self.ipv4(pos, end)
+                else:
+                    layer = self.ipv6(pos, end)
+        except _Stop as stop:
+            f["error"] = stop.code
+        f["flow_hash"] = flow_hash(f)
+        return f
+
+    def decap(self, tun: int, vni: int, outer_l3: int) -> None:
+        f = self.f
+        for k in f:
+            f[k] = _DEFAULTS[k]
+        f["tenant"], f["tun_type"], f["outer_l3_off"] = vni, tun, outer_l3
+
+    def raw_ip(self, pos: int, end: int):
+        p, f = self.p, self.f
+        if end - pos >= 1 and (p[pos] >> 4) == 6:
+            f["ethertype"] = ETH_IPV6
+            return ("ipv6", pos, end)
+        f["ethertype"] = ETH_IPV4
+        return ("ipv4", pos, end)
+
+    def ethernet(self, pos: int, end: int):
+        p, f = self.p, self.f
+        f["l2_off"] = pos
+        if end - pos < 14:
+            raise _Stop(E.TRUNC_ETH)
+        f["eth_dst"] = _mac(p, pos)
+        f["eth_src"] = _mac(p, pos + 6)
+        etype = _u16(p, pos + 12)
+        pos += 14
+        while etype in (ETH_VLAN, ETH_QINQ) and f["n_vlans"] < MAX_VLANS:
+            if end - pos < 4:
+                f["ethertype"] = etype
+                raise _Stop(E.TRUNC_VLAN)
+            f["vlan0" if f["n_vlans"] == 0 else "vlan1"] = _u16(p, pos)
+            f["n_vlans"] += 1
+            etype = _u16(p, pos + 2)
+            pos += 4
+        f["ethertype"] = etype
+        if etype == ETH_IPV4:
+            return ("ipv4", pos, end)
+        if etype == ETH_IPV6:
+            return ("ipv6", pos, end)
+        if etype == ETH_ARP:
+            self.arp(pos, end)
+        return None
+
+    def arp(self, pos: int, end: int) -> None:
+        p, f = self.p, self.f
+        f["flags"] |= B.F_ARP
+        f["l3_off"] = pos
+        if end - pos < 28:
+            raise _Stop(E.TRUNC_ARP)
+        if _u16(p, pos) != 1 or _u16(p, pos + 2) != ETH_IPV4 or p[pos + 4] != 6 or p[pos + 5] != 4:
+            raise _Stop(E.BAD_ARP)
+        f["arp_op"] = _u16(p, pos + 6)
+        f["arp_sha"] = _mac(p, pos + 8)
+        f["src_lo"] = V4_PREFIX | _u32(p, pos + 14)
+        f["arp_tha"] = _mac(p, pos + 18)
+        f["dst_lo"] = V4_PREFIX | _u32(p, pos + 24)
+
+    def ipv4(self, pos: int, end: int):
+        p, f = self.p, self.f
+        f["l3_off"] = pos
+        if end - pos < 20:
+            raise _Stop(E.TRUNC_IPV4)
+        if p[pos] >> 4 != 4:
+            raise _Stop(E.BAD_IPV4_VER)
+        ihl = (p[pos] & 15) * 4
+        total = _u16(p, pos + 2)
+        frag = _u16(p, pos + 6)
+        f["ip_ver"] = 4
+        f["ip_len"] = total
+        f["ttl"] = p[pos + 8]
+        f["proto"] = proto = p[pos + 9]
+        f["src_lo"] = V4_PREFIX | _u32(p, pos + 12)
+        f["dst_lo"] = V4_PREFIX | _u32(p, pos + 16)
+        off = frag & 0x1FFF
+        mf = bool(frag & 0x2000)
+        if off or mf:
+            f["flags"] |= B.F_FRAG | (B.F_MF if mf else 0)
+            f["frag_off"] = off
+        if ihl < 20:
+            raise _Stop(E.BAD_IPV4_IHL)
+        if end - pos < ihl:
+            raise _Stop(E.TRUNC_IPV4)
+        if total < ihl or total > end - pos:
+            raise _Stop(E.BAD_IPV4_LEN)
+        if inet_sum(p, pos, pos + ihl) != 0xFFFF:
+            raise _Stop(E.BAD_IPV4_CSUM)
+        end = pos + total
+        l4 = pos + ihl
+        if off:
+            self.opaque(l4, end)
+            return None
+        return self.l4(proto, l4, end, 4, mf)
+
+    def ipv6(self, pos: int, end: int):
+        p, f = self.p, self.f
+        f["l3_off"] = pos
+        if end - pos < 40:
+            raise _Stop(E.TRUNC_IPV6)
+        if p[pos] >> 4 != 6:
+            raise _Stop(E.BAD_IPV6_VER)
+        plen = _u16(p, pos + 4)
+        f["ip_ver"] = 6
+        f["ip_len"] = min(plen + 40, 0xFFFF)
+        f["ttl"] = p[pos + 7]
+        f["src_hi"], f["src_lo"] = _v6(p, pos + 8)
+        f["dst_hi"], f["dst_lo"] = _v6(p, pos + 24)
+        nh = p[pos + 6]
+        f["proto"] = nh
+        if plen > end - pos - 40:
+            raise _Stop(E.BAD_IPV6_LEN)
+        end = pos + 40 + plen
+        q = pos + 40
+        count = 0
+        off, more = 0, False
+        while nh in (V6_HOPOPTS, V6_ROUTING, V6_FRAGMENT, V6_DSTOPTS):
+            if count == MAX_EXT_HEADERS or (nh == V6_HOPOPTS and count > 0):
+                raise _Stop(E.BAD_IPV6_EXT)
+            count += 1
+            if nh == V6_FRAGMENT:
+                if end - q < 8:
+                    raise _Stop(E.BAD_IPV6_EXT)
+                fo = _u16(p, q + 2)
+                off, more = fo >> 3, bool(fo & 1)
+                f["flags"] |= B.F_FRAG | (B.F_MF if more else 0)
+                f["frag_off"] = off
+                nh = p[q]
+                q += 8
+            else:
+                if end - q < 2:
+                    raise _Stop(E.BAD_IPV6_EXT)
+                hlen = (p[q + 1] + 1) * 8
+                if end - q < hlen:
+                    raise _Stop(E.BAD_IPV6_EXT)
+                nh = p[q]
+                q += hlen
+            f["proto"] = nh
+            if off:
+                break
+        if off:
+            self.opaque(q, end)
+            return None
+        return self.l4(nh, q, end, 6, more)
+
+    def opaque(self, pos: int, end: int) -> None:
+        """A payload we do not look into (non-first fragment)."""
+        self.f["payload_off"] = pos
+        self.f["payload_len"] = end - pos
+
+    def l4(self, proto: int, pos: int, end: int, ver: int, partial: bool):
+        """Transport header at ``pos``; returns a tunnel tuple when one is found, else None."""
+        p, f = self.p, self.f
+        f["l4_off"] = pos
+        if proto == IPPROTO_TCP:
+            if end - pos < 20:
+                raise _Stop(E.TRUNC_TCP)
+            f["sport"], f["dport"] = _u16(p, pos), _u16(p, pos + 2)
+            f["flags"] |= B.F_PORTS
+            f["tcp_seq"], f["tcp_ack"] = _u32(p, pos + 4), _u32(p, pos + 8)
+            f["tcp_doff"] = doff = (p[pos + 12] >> 4) * 4
+            f["tcp_flags"] = p[pos + 13]
+            f["tcp_win"] = _u16(p, pos + 14)
+            if doff < 20 or doff > end - pos:
+                raise _Stop(E.BAD_TCP_DOFF)
+            self.opaque(pos + doff, end)
+            return None
+        if proto == IPPROTO_UDP:
+            if end - pos < 8:
+                raise _Stop(E.TRUNC_UDP)
+            sport, dport, ulen = _u16(p, pos), _u16(p, pos + 2), _u16(p, pos + 4)
+            f["sport"], f["dport"] = sport, dport
+            f["flags"] |= B.F_PORTS
+            if ulen < 8 or (not partial and ulen > end - pos):
+                raise _Stop(E.BAD_UDP_LEN)
+            if partial:
+                self.opaque(pos + 8, end)
+                return None
+            end = pos + ulen
+            self.opaque(pos + 8, end)
+            if dport == VXLAN_PORT:
+                return self.vxlan(pos + 8, end)
+            if dport == GENEVE_PORT:
+                return self.geneve(pos + 8, end)
+            return None
+        if proto == IPPROTO_SCTP:
+            if end - pos < 12:
+                raise _Stop(E.TRUNC_SCTP)
+            f["sport"], f["dport"] = _u16(p, pos), _u16(p, pos + 2)
+            f["flags"] |= B.F_PORTS
+            self.opaque(pos + 12, end)
+            return None
+        if (proto == IPPROTO_ICMP and ver == 4) or (proto == IPPROTO_ICMPV6 and ver == 6):
+            self.icmp(pos, end, ver, partial)
+            return None
+        if proto == IPPROTO_ESP:
+            if end - pos < 8:
+                raise _Stop(E.TRUNC_ESP)
+            f["esp_spi"], f["esp_seq"] = _u32(p, pos), _u32(p, pos + 4)
+            f["flags"] |= B.F_ESP
+            self.opaque(pos + 8, end)
+            return None
+        if proto == IPPROTO_GRE:
+            return self.gre(pos, end, partial)
+        self.opaque(pos, end)
+        return None
+
+    def icmp(self, pos: int, end: int, ver: int, partial: bool) -> None:
+        p, f = self.p, self.f
+        if end - pos < 8:
+            raise _Stop(E.TRUNC_ICMP)
+        t = p[pos]
+        f["icmp_type"], f["icmp_code"] = t, p[pos + 1]
+        f["flags"] |= B.F_ICMP
+        self.opaque(pos + 8, end)
+        if t in (ICMP4_ID_TYPES if ver == 4 else ICMP6_ID_TYPES):
+            f["icmp_id"] = _u16(p, pos + 4)
+        elif t in (ICMP4_ERRORS if ver == 4 else ICMP6_ERRORS) and not partial:
+            self.icmp_quoted(pos + 8, end, ver)
+
+    def icmp_quoted(self, q: int, end: int, ver: int) -> None:
+        """The IP header (and first 8 bytes after it) that an ICMP error message quotes."""
+        p, f = self.p, self.f
+        if ver == 4:
+            if end - q < 20:
+                raise _Stop(E.TRUNC_ICMP_INNER)
+            ihl = (p[q] & 15) * 4
+            if p[q] >> 4 != 4 or ihl < 20:
+                raise _Stop(E.BAD_ICMP_INNER)
+            if end - q < ihl:
+                raise _Stop(E.TRUNC_ICMP_INNER)
+            proto = p[q + 9]
+            src = (0, V4_PREFIX | _u32(p, q + 12))
+            dst = (0, V4_PREFIX | _u32(p, q + 16))
+            later_fragment = (_u16(p, q + 6) & 0x1FFF) != 0
+            r = q + ihl
+        else:
+            if end - q < 40:
+                raise _Stop(E.TRUNC_ICMP_INNER)
+            if p[q] >> 4 != 6:
+                raise _Stop(E.BAD_ICMP_INNER)
+            src, dst = _v6(p, q + 8), _v6(p, q + 24)
+            proto = p[q + 6]
+            r = q + 40
+            count = 0
+            later_fragment = False
+            while proto in (V6_HOPOPTS, V6_ROUTING, V6_FRAGMENT, V6_DSTOPTS):
+                if count == MAX_EXT_HEADERS:
+                    raise _Stop(E.BAD_ICMP_INNER)
+                count += 1
+                if proto == V6_FRAGMENT:
+                    if end - r < 8:
+                        raise _Stop(E.TRUNC_ICMP_INNER)
+                    later_fragment = (_u16(p, r + 2) >> 3) != 0
+                    proto = p[r]
+                    r += 8
+                    if later_fragment:
+                        break
+                else:
+                    if end - r < 2:
+                        raise _Stop(E.TRUNC_ICMP_INNER)
+                    hlen = (p[r + 1] + 1) * 8
+                    if end - r < hlen:
+                        raise _Stop(E.TRUNC_ICMP_INNER)
+                    proto = p[r]
+                    r += hlen
+        f["inner_proto"] = proto
+        f["inner_src_hi"], f["inner_src_lo"] = src
+        f["inner_dst_hi"], f["inner_dst_lo"] = dst
+        if not later_fragment:
+            icmp = IPPROTO_ICMP if ver == 4 else IPPROTO_ICMPV6
+            if proto in (IPPROTO_TCP, IPPROTO_UDP, IPPROTO_SCTP):
+                if end - r < 8:
+                    raise _Stop(E.TRUNC_ICMP_INNER)
+                f["inner_sport"], f["inner_dport"] = _u16(p, r), _u16(p, r + 2)
+            elif proto == icmp:
+                if end - r < 8:
+                    raise _Stop(E.TRUNC_ICMP_INNER)
+                t = p[r]
+                f["inner_icmp_type"] = t
+                if t in (ICMP4_ID_TYPES if ver == 4 else ICMP6_ID_TYPES):
+                    f["inner_sport"] = _u16(p, r + 4)
+        f["flags"] |= B.F_ICMP_ERR
+
+    def gre(self, pos: int, end: int, partial: bool):
+        p, f = self.p, self.f
+        if end - pos < 4:
+            raise _Stop(E.TRUNC_GRE)
+        fl = _u16(p, pos)
+        if fl & 0x4007:                      # routing present, or version != 0
+            raise _Stop(E.BAD_GRE)
+        proto = _u16(p, pos + 2)
+        f["gre_proto"] = proto
+        f["flags"] |= B.F_GRE
+        hlen = 4 + (4 if fl & 0x8000 else 0)
+        has_key = bool(fl & 0x2000)
+        key_at = pos + hlen
+        hlen += (4 if has_key else 0) + (4 if fl & 0x1000 else 0)
+        if end - pos < hlen:
+            raise _Stop(E.TRUNC_GRE)
+        if has_key:
+            f["gre_key"] = _u32(p, key_at)
+        self.opaque(pos + hlen, end)
+        if proto == ETH_TEB and has_key and not partial:
+            return ("eth", pos + hlen, end, B.TUN_NVGRE, f["gre_key"] >> 8)
+        return None
+
+    def vxlan(self, pos: int, end: int):
+        p = self.p
+        if end - pos < 8:
+            raise _Stop(E.TRUNC_TUNNEL)
+        if not p[pos] & 0x08:
+            raise _Stop(E.BAD_TUNNEL)
+        vni = _u32(p, pos + 4) >> 8
+        return ("eth", pos + 8, end, B.TUN_VXLAN, vni)
+
+    def geneve(self, pos: int, end: int):
+        p = self.p
+        if end - pos < 8:
+            raise _Stop(E.TRUNC_TUNNEL)
+        optlen = (p[pos] & 0x3F) * 4
+        proto = _u16(p, pos + 2)
+        if p[pos] >> 6 != 0 or optlen > end - pos - 8:
+            raise _Stop(E.BAD_TUNNEL)
+        vni = _u32(p, pos + 4) >> 8
+        inner = pos + 8 + optlen
+        if proto == ETH_TEB:
+            return ("eth", inner, end, B.TUN_GENEVE, vni)
+        if proto == ETH_IPV4:
+            return ("ipv4", inner, end, B.TUN_GENEVE, vni)
+        if proto == ETH_IPV6:
+            return ("ipv6", inner, end, B.TUN_GENEVE, vni)
+        raise _Stop(E.BAD_TUNNEL)
+
+
+def parse_packet_ref(pkt: bytes, linktype: int = B.LINK_ETHERNET) -> dict:
+    """Parse one packet; returns every FlowKeys field (by name) as a Python int."""
+    f = _Parser(bytes(pkt), linktype)
+    out = f.run()
+    return out
+
+
+def parse_batch_ref(batch: B.Batch) -> B.FlowKeys:
+    """Parse a whole batch packet by packet into a new FlowKeys (slow; for tests)."""
+    n = len(batch)
+    keys = B.FlowKeys(max(n, 1)).resize(n)
+    for i in range(n):
+        row = parse_packet_ref(batch.packet(i), batch.linktype)
+        for name, (table, r) in B.FIELDS.items():
+            getattr(keys, table)[r, i] = row[name]
+    return keys
