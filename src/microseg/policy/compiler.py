@@ -1,0 +1,596 @@
+"""Compile a :class:`~microseg.policy.model.Policy` into the classifier's rule set, decide whole
+batches with it, and swap compiled policies atomically.
+
+Compilation flattens every security-group rule, NetworkPolicy rule and the default-egress
+allowance into classifier :class:`~microseg.classify.rules.Rule` objects, one per (local
+address, remote prefix or peer address, port/protocol). A rule's ``tenant`` is the tenant's
+VNI and its ``in_port`` field carries the *check* it belongs to (``verdict.EG_SG`` ...
+``IN_NP``): the decision builds, for each NEW packet, one classifier key per check that applies
+to its sender and receiver, with the check number in the in-port bits, and classifies them all
+in one call. A check passes when some rule matches, so AND across checks (security groups AND
+network policies, sender's egress AND receiver's ingress) and OR within a check (union of
+rules) both fall out of plain "first match" classification.
+
+Everything before the rules (parse errors, tenant from VNI, ARP/non-IP, anti-spoofing, ND,
+conntrack state, unknown endpoints) runs in one Numba kernel over the batch.
+"""
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import itertools
+import json
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+from numba import njit
+
+from .. import ctstate
+from ..classify import build as build_classifier
+from ..classify import keys as ckeys
+from ..classify.rules import (Action, K_L4, K_META, NW, SH_ICMP_TYPE, SH_IN_PORT, SH_TENANT,
+                              Prefix, Rule, RuleSet)
+from ..errors import InputError, MicrosegError
+from ..packet import batch as B
+from ..packet.batch import FlowKeys
+from . import verdict as V
+from .k8s import NAMESPACE_NAME_LABEL
+from .model import ICMP_PROTOCOLS, PORT_PROTOCOLS, Policy, load_policy
+from .reference import DEFAULT_EGRESS
+
+_versions = itertools.count(1)
+_version_lock = threading.Lock()
+
+# kernel-side constants
+_ERROR, _IP_VER, _PROTO, _ICMP_TYPE, _FLAGS = B.ERROR, B.IP_VER, B.PROTO, B.ICMP_TYPE, B.FLAGS
+_TENANT, _L2_OFF = B.TENANT, B.L2_OFF
+_SRC_HI, _SRC_LO, _DST_HI, _DST_LO, _ETH_SRC = B.SRC_HI, B.SRC_LO, B.DST_HI, B.DST_LO, B.ETH_SRC
+_F_ARP, _F_ICMP, _F_PORTS = B.F_ARP, B.F_ICMP, B.F_PORTS
+_CT_INVALID, _CT_EST, _CT_REL = ctstate.INVALID, ctstate.ESTABLISHED, ctstate.RELATED
+_PENDING = 255
+_NO_PORTS = np.uint64(~0xFFFFFFFF & ((1 << 64) - 1))
+_NO_ICMP = np.uint64(~(0xFFFF << SH_ICMP_TYPE) & ((1 << 64) - 1))
+_META_KEEP = np.uint64(~((0xFFFFFFFF << SH_TENANT) | (0xFFFF << SH_IN_PORT)) & ((1 << 64) - 1))
+
+
+def _net128(addr) -> tuple[int, int]:
+    """(hi, lo) of an address in the 128-bit key space (IPv4 mapped)."""
+    if addr.version == 4:
+        return 0, 0xFFFF00000000 | int(addr)
+    v = int(addr)
+    return v >> 64, v & 0xFFFFFFFFFFFFFFFF
+
+
+@njit(cache=True)
+def _search3(ta, ha, la, t, h, l):
+    """Index of (t, h, l) in arrays sorted lexicographically, or -1."""
+    lo, hi = 0, ta.shape[0]
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if ta[mid] < t or (ta[mid] == t and (ha[mid] < h or (ha[mid] == h and la[mid] < l))):
+            lo = mid + 1
+        else:
+            hi = mid
+    if lo < ta.shape[0] and ta[lo] == t and ha[lo] == h and la[lo] == l:
+        return lo
+    return -1
+
+
+@njit(cache=True)
+def _search1(a, v):
+    lo, hi = 0, a.shape[0]
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if a[mid] < v:
+            lo = mid + 1
+        else:
+            hi = mid
+    if lo < a.shape[0] and a[lo] == v:
+        return lo
+    return -1
+
+
+@njit(cache=True)
+def _prepare(u64, i32, u16, u8, n, ct, K, t_vni, untagged, a_t, a_hi, a_lo, a_w, m_t, m_mac,
+             m_w, w_mac, need, anti_spoof, out_k, out_pkt, out_kind, verdict, reason, src_w,
+             dst_w):
+    """Everything up to the rule checks; returns the number of check rows written."""
+    m = 0
+    for i in range(n):
+        src_w[i] = -1
+        dst_w[i] = -1
+        if u8[_ERROR, i] != 0:
+            verdict[i] = 2
+            reason[i] = 10
+            continue
+        vni = i32[_TENANT, i]
+        if vni == -1:
+            if untagged < 0:
+                verdict[i] = 2
+                reason[i] = 11
+                continue
+            ti = untagged
+        else:
+            ti = _search1(t_vni, np.int64(vni))
+            if ti < 0:
+                verdict[i] = 2
+                reason[i] = 12
+                continue
+        ipv = u8[_IP_VER, i]
+        if ipv != 4 and ipv != 6:
+            if u8[_FLAGS, i] & _F_ARP:
+                verdict[i] = 1
+                reason[i] = 3
+            else:
+                verdict[i] = 2
+                reason[i] = 13
+            continue
+        tt = np.int64(ti)
+        j = _search3(a_t, a_hi, a_lo, tt, u64[_SRC_HI, i], u64[_SRC_LO, i])
+        sw = a_w[j] if j >= 0 else -1
+        j = _search3(a_t, a_hi, a_lo, tt, u64[_DST_HI, i], u64[_DST_LO, i])
+        dw = a_w[j] if j >= 0 else -1
+        src_w[i] = sw
+        dst_w[i] = dw
+        if anti_spoof and i32[_L2_OFF, i] >= 0:
+            mac = u64[_ETH_SRC, i]
+            j = _search3(m_t, m_mac, m_mac, tt, mac, mac)
+            owner = m_w[j] if j >= 0 else -1
+            if (sw >= 0 and w_mac[sw] >= 0 and np.uint64(w_mac[sw]) != mac) or \
+                    (owner >= 0 and owner != sw):
+                verdict[i] = 2
+                reason[i] = 14
+                continue
+        proto = u8[_PROTO, i]
+        if ipv == 6 and proto == 58 and (u8[_FLAGS, i] & _F_ICMP) and \
+                u8[_ICMP_TYPE, i] >= 133 and u8[_ICMP_TYPE, i] <= 136:
+            verdict[i] = 1
+            reason[i] = 4
+            continue
+        c = ct[i]
+        if c & _CT_INVALID:
+            verdict[i] = 2
+            reason[i] = 15
+            continue
+        if c & _CT_EST:
+            verdict[i] = 1
+            reason[i] = 1
+            continue
+        if c & _CT_REL:
+            verdict[i] = 1
+            reason[i] = 2
+            continue
+        if sw < 0 and dw < 0:
+            verdict[i] = 2
+            reason[i] = 16
+            continue
+        verdict[i] = 0
+        reason[i] = _PENDING
+        meta = (K[i, K_META] & _META_KEEP) | np.uint64(np.uint32(t_vni[ti]))
+        l4 = K[i, K_L4]
+        if not (u8[_FLAGS, i] & _F_PORTS):
+            l4 &= _NO_PORTS
+        if not (u8[_FLAGS, i] & _F_ICMP):
+            l4 &= _NO_ICMP
+        for kind in range(4):
+            w = sw if kind < 2 else dw
+            if w < 0 or need[kind, w] == 0:
+                continue
+            for q in range(NW):
+                out_k[m, q] = K[i, q]
+            out_k[m, K_L4] = l4
+            out_k[m, K_META] = meta | (np.uint64(kind) << np.uint64(SH_IN_PORT))
+            out_pkt[m] = i
+            out_kind[m] = kind
+            m += 1
+        if m > 0 and out_pkt[m - 1] == i:
+            continue
+        # no check applies (cannot happen: every known endpoint has at least one)
+        verdict[i] = 2
+        reason[i] = 16
+    return m
+
+
+@njit(cache=True)
+def _finish(idx, out_pkt, out_kind, m, verdict, reason, rule, deny):
+    first_in = -1
+    first_eg = -1
+    eg_fail = False
+    in_fail = False
+    for r in range(m):
+        i = out_pkt[r]
+        k = out_kind[r]
+        if k < 2:
+            if idx[r] < 0:
+                eg_fail = True
+            elif first_eg < 0:
+                first_eg = idx[r]
+        else:
+            if idx[r] < 0:
+                in_fail = True
+            elif first_in < 0:
+                first_in = idx[r]
+        if r == m - 1 or out_pkt[r + 1] != i:
+            if eg_fail:
+                verdict[i] = deny
+                reason[i] = 17
+            elif in_fail:
+                verdict[i] = deny
+                reason[i] = 18
+            else:
+                verdict[i] = 1
+                reason[i] = 0
+                rule[i] = first_in if first_in >= 0 else first_eg
+            first_in = -1
+            first_eg = -1
+            eg_fail = False
+            in_fail = False
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Per-packet results of :meth:`CompiledPolicy.decide` with ``detail=True``."""
+    verdict: np.ndarray             # uint8: verdict.ALLOW / DROP / REJECT
+    rule: np.ndarray                # int32: rule-set index of the deciding rule, -1 none
+    reason: np.ndarray              # uint8: verdict.R_*
+    src_workload: np.ndarray        # int32: index into policy.workloads, -1 unknown
+    dst_workload: np.ndarray        # int32
+
+
+class CompiledPolicy:
+    """An immutable compiled policy: rule set, classifier, lookup tables, version and hash.
+
+    ``decide(keys, ct_state)`` gives verdict, rule index and reason for every packet of a
+    parsed batch. ``origins[ruleset.rule_id[i]]`` names where rule ``i`` came from.
+    """
+
+    __slots__ = ("policy", "version", "content_hash", "ruleset", "classifier", "origins",
+                 "workload_names", "_t_vni", "_untagged", "_a", "_m", "_w_mac", "_need",
+                 "_anti_spoof", "_deny", "_frozen")
+
+    def __init__(self, policy: Policy, algo: str | None = None):
+        s = object.__setattr__
+        s(self, "policy", policy)
+        canon = json.dumps(policy.to_dict(), sort_keys=True, separators=(",", ":"))
+        s(self, "content_hash", hashlib.sha256(canon.encode()).hexdigest())
+        with _version_lock:
+            s(self, "version", next(_versions))
+        tenants = sorted(policy.tenants, key=lambda t: t.vni)
+        t_index = {t.name: i for i, t in enumerate(tenants)}
+        wl = policy.workloads
+        s(self, "workload_names", tuple(f"{w.tenant}/{w.name}" for w in wl))
+        s(self, "_t_vni", _ro(np.array([t.vni for t in tenants], np.int64)))
+        s(self, "_untagged", t_index[policy.untagged_tenant] if policy.untagged_tenant else -1)
+        rows = sorted((t_index[w.tenant], *_net128(a), wi) for wi, w in enumerate(wl) for a in w.addresses)
+        s(self, "_a", tuple(_ro(np.array([r[c] for r in rows], dt)) for c, dt in
+                            ((0, np.int64), (1, np.uint64), (2, np.uint64), (3, np.int32))))
+        macs = sorted((t_index[w.tenant], w.mac, wi) for wi, w in enumerate(wl) if w.mac is not None)
+        s(self, "_m", tuple(_ro(np.array([r[c] for r in macs], dt)) for c, dt in
+                            ((0, np.int64), (1, np.uint64), (2, np.int32))))
+        s(self, "_w_mac", _ro(np.array([-1 if w.mac is None else w.mac for w in wl], np.int64)))
+        s(self, "_anti_spoof", bool(policy.anti_spoofing))
+        s(self, "_deny", V.REJECT if policy.deny_action == "reject" else V.DROP)
+        need, rules, origins = _flatten(policy, self.version)
+        s(self, "_need", _ro(need))
+        s(self, "origins", tuple(origins))
+        rs = RuleSet(rules, version=self.version)
+        s(self, "ruleset", rs)
+        s(self, "classifier", build_classifier(rs, algo) if algo else build_classifier(rs))
+        s(self, "_frozen", True)
+
+    def __setattr__(self, name, value):
+        raise AttributeError("CompiledPolicy is immutable")
+
+    def __repr__(self) -> str:
+        return (f"<CompiledPolicy v{self.version} {self.content_hash[:12]} "
+                f"rules={len(self.ruleset)} workloads={len(self.policy.workloads)}>")
+
+    def describe_rule(self, idx: int) -> str:
+        """Where rule-set index ``idx`` came from (for counters and traces)."""
+        if idx < 0:
+            return "-"
+        return origin_text(self.origins[int(self.ruleset.rule_id[idx])])
+
+    def decide(self, keys: FlowKeys, ct_state=None, detail: bool = False):
+        """(verdict uint8, rule int32, reason uint8) for each packet of ``keys``.
+
+        ``ct_state``: conntrack bits per packet (:mod:`microseg.ctstate`); None or 0 means
+        untracked, which is judged like NEW. With ``detail`` a :class:`Decision` is returned.
+        """
+        n = keys.n
+        ct = np.zeros(n, np.uint8) if ct_state is None else np.ascontiguousarray(ct_state, np.uint8)
+        if ct.shape != (n,):
+            raise InputError(f"ct_state has shape {ct.shape}, expected ({n},)")
+        K = ckeys.from_flowkeys(keys, ct)
+        u64, u32, i32, u16, u8 = keys.arrays()
+        verdict = np.empty(n, np.uint8)
+        reason = np.empty(n, np.uint8)
+        rule = np.full(n, -1, np.int32)
+        src_w = np.empty(n, np.int32)
+        dst_w = np.empty(n, np.int32)
+        out_k = np.empty((4 * n, NW), np.uint64)
+        out_pkt = np.empty(4 * n, np.int32)
+        out_kind = np.empty(4 * n, np.uint8)
+        a_t, a_hi, a_lo, a_w = self._a
+        m_t, m_mac, m_w = self._m
+        m = int(_prepare(u64, i32, u16, u8, n, ct, K, self._t_vni, self._untagged, a_t, a_hi,
+                         a_lo, a_w, m_t, m_mac, m_w, self._w_mac, self._need, self._anti_spoof,
+                         out_k, out_pkt, out_kind, verdict, reason, src_w, dst_w))
+        if m:
+            idx = self.classifier.classify_keys(out_k[:m])
+            _finish(np.ascontiguousarray(idx, np.int32), out_pkt, out_kind, m, verdict, reason,
+                    rule, np.uint8(self._deny))
+        if detail:
+            return Decision(verdict, rule, reason, src_w, dst_w)
+        return verdict, rule, reason
+
+    # ---- connection revalidation --------------------------------------------------------------
+    def allows_connections(self, tenant, src_hi, src_lo, dst_hi, dst_lo, proto, sport=None,
+                           dport=None, icmp_type=None, icmp_code=None) -> np.ndarray:
+        """Would a NEW packet of each connection's original direction be allowed? (bool array)
+
+        Columns are arrays of one length: ``tenant`` is the VNI (-1 untunnelled), addresses
+        are the 128-bit (hi, lo) halves (IPv4 mapped), ``sport``/``dport`` are ports for
+        TCP/UDP/SCTP/DCCP/UDPLite, and for ICMP the type/code of the original packet (default
+        echo request). MACs are unknown here, so anti-spoofing is not re-checked.
+        """
+        keys = connection_keys(tenant, src_hi, src_lo, dst_hi, dst_lo, proto, sport, dport,
+                               icmp_type, icmp_code)
+        verdict, _, _ = self.decide(keys, np.full(keys.n, ctstate.NEW, np.uint8))
+        return verdict == V.ALLOW
+
+
+def _ro(a: np.ndarray) -> np.ndarray:
+    a = np.ascontiguousarray(a)
+    a.setflags(write=False)
+    return a
+
+
+def connection_keys(tenant, src_hi, src_lo, dst_hi, dst_lo, proto, sport=None, dport=None,
+                    icmp_type=None, icmp_code=None) -> FlowKeys:
+    """A FlowKeys holding one NEW original-direction packet per connection (see above)."""
+    tenant = np.asarray(tenant, np.int64)
+    n = tenant.shape[0]
+
+    def col(a, dt, default=0):
+        if a is None:
+            return np.full(n, default, dt)
+        a = np.asarray(a)
+        if a.shape != (n,):
+            raise InputError(f"connection column has shape {a.shape}, expected ({n},)")
+        return a.astype(dt)
+
+    k = FlowKeys(max(n, 1)).resize(n)
+    k.i32[B.TENANT, :n] = col(tenant, np.int32)
+    k.u64[B.SRC_HI, :n], k.u64[B.SRC_LO, :n] = col(src_hi, np.uint64), col(src_lo, np.uint64)
+    k.u64[B.DST_HI, :n], k.u64[B.DST_LO, :n] = col(dst_hi, np.uint64), col(dst_lo, np.uint64)
+    pr = col(proto, np.uint8)
+    v4 = (k.u64[B.SRC_HI, :n] == 0) & ((k.u64[B.SRC_LO, :n] >> np.uint64(32)) == np.uint64(0xFFFF))
+    k.u8[B.IP_VER, :n] = np.where(v4, 4, 6)
+    k.u16[B.ETHERTYPE, :n] = np.where(v4, 0x0800, 0x86DD)
+    k.u8[B.PROTO, :n] = pr
+    has_ports = np.isin(pr, list(PORT_PROTOCOLS))
+    icmp = ((pr == 1) & v4) | ((pr == 58) & ~v4)
+    k.u16[B.SPORT, :n] = np.where(has_ports, col(sport, np.uint16), 0)
+    k.u16[B.DPORT, :n] = np.where(has_ports, col(dport, np.uint16), 0)
+    default_type = np.where(v4, 8, 128)
+    k.u8[B.ICMP_TYPE, :n] = np.where(icmp, col(icmp_type, np.int64, -1), 0)
+    k.u8[B.ICMP_TYPE, :n] = np.where(icmp & (col(icmp_type, np.int64, -1) < 0), default_type,
+                                     k.u8[B.ICMP_TYPE, :n])
+    k.u8[B.ICMP_CODE, :n] = np.where(icmp, col(icmp_code, np.uint8), 0)
+    k.u8[B.FLAGS, :n] = np.where(has_ports, B.F_PORTS, 0) | np.where(icmp, B.F_ICMP, 0)
+    k.i32[B.L2_OFF, :n] = -1
+    k.i32[B.L3_OFF, :n] = 0
+    return k
+
+
+def revoked_connections(old: CompiledPolicy | None, new: CompiledPolicy, tenant, src_hi,
+                        src_lo, dst_hi, dst_lo, proto, sport=None, dport=None, icmp_type=None,
+                        icmp_code=None) -> np.ndarray:
+    """Connections (arrays as in :meth:`CompiledPolicy.allows_connections`) that ``new``
+    forbids. With ``old`` given, only those ``old`` allowed (what the policy change revoked);
+    connections neither allows are not reported again.
+    """
+    args = (tenant, src_hi, src_lo, dst_hi, dst_lo, proto, sport, dport, icmp_type, icmp_code)
+    forbidden = ~new.allows_connections(*args)
+    if old is not None and forbidden.any():
+        if old.content_hash == new.content_hash:
+            return np.zeros_like(forbidden)
+        forbidden &= old.allows_connections(*args)
+    return forbidden
+
+
+# ---- flattening ---------------------------------------------------------------------------------
+def origin_text(o: tuple) -> str:
+    if o == DEFAULT_EGRESS:
+        return "default_egress: allow"
+    if o[0] == "sg":
+        return f"security group {o[1]}/{o[2]} rule {o[3]}"
+    if o[0] == "np":
+        return f"NetworkPolicy {o[1]}/{o[2]} {o[3]}[{o[4]}]"
+    return str(o)
+
+
+_FULL4 = ipaddress.ip_network("0.0.0.0/0")
+_FULL6 = ipaddress.ip_network("::/0")
+
+
+def _block_prefixes(block, excepts) -> list:
+    nets = [block]
+    for e in excepts:
+        nxt = []
+        for n in nets:
+            if e.subnet_of(n):
+                nxt.extend(n.address_exclude(e))
+            elif n.subnet_of(e):
+                continue
+            else:
+                nxt.append(n)
+        nets = nxt
+    return nets
+
+
+def _flatten(policy: Policy, version: int):
+    """need[4, n_workloads] (uint8), the classifier rules, and the origin of each rule_id."""
+    wl = policy.workloads
+    need = np.zeros((V.N_CHECKS, max(len(wl), 1)), np.uint8)
+    vni = {t.name: t.vni for t in policy.tenants}
+    tlabels = {t.name: {**dict(t.labels), NAMESPACE_NAME_LABEL: t.name} for t in policy.tenants}
+    groups = {(g.tenant, g.name): g for g in policy.security_groups}
+    members: dict = {}
+    for w in wl:
+        for g in w.security_groups:
+            members.setdefault((w.tenant, g), []).extend(w.addresses)
+    by_tenant: dict = {}
+    for w in wl:
+        by_tenant.setdefault(w.tenant, []).append(w)
+    origins: list = []
+    origin_id: dict = {}
+    rules: list = []
+    seen: set = set()
+
+    def oid(o):
+        if o not in origin_id:
+            origin_id[o] = len(origins)
+            origins.append(o)
+        return origin_id[o]
+
+    def emit(kind, w, local, remote, proto, dport, icmp_type, icmp_code, origin):
+        """remote: ipaddress network, address or None (any address of local's family)."""
+        lp = Prefix.from_network(ipaddress.ip_network(local))
+        rp = None
+        if remote is not None:
+            net = ipaddress.ip_network(remote)
+            if net.version != local.version:
+                return
+            if net.prefixlen > 0:
+                rp = Prefix.from_network(net)
+        egress = kind in (V.EG_SG, V.EG_NP)
+        key = (kind, vni[w.tenant], lp, rp, proto, dport, icmp_type, icmp_code)
+        if key in seen:
+            return
+        seen.add(key)
+        rules.append(Rule(priority=0, action=Action.ALLOW, rule_id=oid(origin),
+                          tenant=vni[w.tenant], in_port=kind,
+                          src=lp if egress else rp, dst=rp if egress else lp,
+                          proto=proto, dport=dport or (0, 65535), icmp_type=icmp_type,
+                          icmp_code=icmp_code))
+
+    def sg_rule(kind, w, r, origin):
+        if r is None:                                   # default egress allow-all
+            for a in w.addresses:
+                emit(kind, w, a, None, None, None, None, None, origin)
+            return
+        dport = icmp_type = icmp_code = None
+        if r.protocol in PORT_PROTOCOLS and r.port_min is not None:
+            dport = (r.port_min, r.port_max)
+        if r.protocol in ICMP_PROTOCOLS:
+            icmp_type, icmp_code = r.port_min, r.port_max
+        if r.remote_prefix is not None:
+            remotes = [r.remote_prefix]
+        elif r.remote_group is not None:
+            remotes = members.get((w.tenant, r.remote_group), [])
+        else:
+            remotes = [None]
+        for a in w.addresses:
+            if a.version != r.ethertype:
+                continue
+            for rem in remotes:
+                emit(kind, w, a, rem, r.protocol, dport, icmp_type, icmp_code, origin)
+
+    def np_rule(kind, w, r, origin):
+        if r.peers is None:
+            remotes = [None]
+        else:
+            remotes = []
+            for peer in r.peers:
+                if peer.block is not None:
+                    remotes.extend(_block_prefixes(peer.block, peer.excepts))
+                    continue
+                for x in by_tenant.get(w.tenant, ()):   # peers outside the tenant never share its VNI
+                    ns_ok = peer.namespaces is None or peer.namespaces.matches(tlabels[x.tenant])
+                    if ns_ok and (peer.pods is None or peer.pods.matches(x.label_dict())):
+                        remotes.extend(x.addresses)
+        ports = [(None, None)] if r.ports is None else [
+            (p.protocol, None if p.lo is None else (p.lo, p.hi)) for p in r.ports]
+        for a in w.addresses:
+            for rem in remotes:
+                for proto, dport in ports:
+                    emit(kind, w, a, rem, proto, dport, None, None, origin)
+
+    allow_default = policy.default_egress == "allow"
+    for wi, w in enumerate(wl):
+        labels = w.label_dict()
+        sel_eg = [p for p in policy.network_policies if p.namespace == w.tenant and p.egress_type
+                  and p.pod_selector.matches(labels)]
+        sel_in = [p for p in policy.network_policies if p.namespace == w.tenant and p.ingress_type
+                  and p.pod_selector.matches(labels)]
+        sg_eg = [(("sg", g.tenant, g.name, i), r) for gn in w.security_groups
+                 for g in (groups[(w.tenant, gn)],) for i, r in enumerate(g.rules)
+                 if r.direction == "egress"]
+        sg_in = [(("sg", g.tenant, g.name, i), r) for gn in w.security_groups
+                 for g in (groups[(w.tenant, gn)],) for i, r in enumerate(g.rules)
+                 if r.direction == "ingress"]
+        # egress: security groups (or default_egress) AND selecting policies
+        if w.security_groups or not sel_eg:
+            need[V.EG_SG, wi] = 1
+            if sg_eg and w.security_groups:
+                for o, r in sg_eg:
+                    sg_rule(V.EG_SG, w, r, o)
+            elif allow_default:
+                sg_rule(V.EG_SG, w, None, DEFAULT_EGRESS)
+        if sel_eg:
+            need[V.EG_NP, wi] = 1
+            for p in sel_eg:
+                for i, r in enumerate(p.egress):
+                    np_rule(V.EG_NP, w, r, ("np", p.namespace, p.name, "egress", i))
+        # ingress: security groups AND selecting policies; neither: default deny
+        if w.security_groups or not sel_in:
+            need[V.IN_SG, wi] = 1
+            for o, r in sg_in:
+                sg_rule(V.IN_SG, w, r, o)
+        if sel_in:
+            need[V.IN_NP, wi] = 1
+            for p in sel_in:
+                for i, r in enumerate(p.ingress):
+                    np_rule(V.IN_NP, w, r, ("np", p.namespace, p.name, "ingress", i))
+    return need, rules, origins
+
+
+def compile_policy(policy: Policy, algo: str | None = None) -> CompiledPolicy:
+    """Compile ``policy`` (a new, higher version each call)."""
+    return CompiledPolicy(policy, algo)
+
+
+class PolicyHolder:
+    """The datapath's reference to the live compiled policy.
+
+    Readers take ``holder.current`` once per batch; :meth:`swap` replaces it in one assignment,
+    so a batch sees either the old or the new policy, never a mix.
+    """
+
+    __slots__ = ("_current", "_lock")
+
+    def __init__(self, compiled: CompiledPolicy | None = None):
+        self._current = compiled
+        self._lock = threading.Lock()
+
+    @property
+    def current(self) -> CompiledPolicy | None:
+        return self._current
+
+    def swap(self, new: CompiledPolicy) -> CompiledPolicy | None:
+        """Install ``new`` (its version must be higher); returns the policy it replaced."""
+        if not isinstance(new, CompiledPolicy):
+            raise MicrosegError("swap() needs a CompiledPolicy")
+        with self._lock:
+            old = self._current
+            if old is not None and new.version <= old.version:
+                raise MicrosegError(f"policy version {new.version} is not newer than {old.version}")
+            self._current = new
+        return old
+
+    def load(self, path: str, algo: str | None = None) -> CompiledPolicy | None:
+        """Load, validate and compile ``path``, then swap it in (the old one stays on error)."""
+        return self.swap(compile_policy(load_policy(path), algo))
