@@ -56,6 +56,9 @@ _E_BLOCK_LEN = -4    # pcapng block length malformed
 _E_TRAILER = -5      # pcapng trailing block length differs from the leading one
 _E_IFACE = -6        # EPB / OPB names an interface with no IDB
 _E_CAPLEN = -7       # EPB / OPB captured length beyond the block
+_E_WIRELEN = -8      # original length beyond 2^31 - 1: not a real packet
+_INT32_MAX = 0x7FFFFFFF
+_MAX_TS_S = (2**63 - 1) // 1_000_000_000 - 1   # latest second an int64 ns timestamp holds
 
 
 class TruncatedCaptureError(InputError):
@@ -104,6 +107,8 @@ def _walk_pcap(buf, pos, end, big, ts_mult, snaplen, max_n, off, caplen, wirelen
             return _E_SNAPLEN, pos, n
         if end - pos - 16 < incl:
             return _E_TRUNC_DATA, pos, n
+        if orig > _INT32_MAX:
+            return _E_WIRELEN, pos, n
         off[n] = pos + 16
         caplen[n] = incl
         wirelen[n] = orig if orig > incl else incl
@@ -150,8 +155,10 @@ def _walk_pcapng(buf, pos, end, big, n_ifaces, snaplens, iface_base, max_n,
                 return _E_IFACE, pos, n
             incl = _u32(buf, body + 12, big)
             orig = _u32(buf, body + 16, big)
-            if incl > body_len - 20:
+            if incl > body_len - 20 or incl > _INT32_MAX:
                 return _E_CAPLEN, pos, n
+            if orig > _INT32_MAX:
+                return _E_WIRELEN, pos, n
             sl = snaplens[ifc]
             if sl > 0 and incl > sl:
                 return _E_SNAPLEN, pos, n
@@ -168,6 +175,8 @@ def _walk_pcapng(buf, pos, end, big, n_ifaces, snaplens, iface_base, max_n,
             if n_ifaces < 1:
                 return _E_IFACE, pos, n
             orig = _u32(buf, body, big)
+            if orig > _INT32_MAX:
+                return _E_WIRELEN, pos, n
             incl = body_len - 4
             if orig < incl:
                 incl = orig
@@ -351,6 +360,9 @@ class _Walker:
                                  self.path)
             if code == 9 and olen >= 1:
                 tsres = mm[p + 4]
+                if (tsres & 0x7F) > (63 if tsres & 0x80 else 19):
+                    raise InputError(f"unsupported if_tsresol 0x{tsres:02x} in the interface "
+                                     f"block at byte {self.pos}", self.path)
             elif code == 14 and olen >= 8:
                 tsoff = struct.unpack_from(e + "q", mm, p + 4)[0]
             p += 4 + ((olen + 3) & ~3)
@@ -427,19 +439,23 @@ class _Walker:
             sel = iface == i
             _, _, res, offset_s = self.ifaces[i]
             raw = tsraw[sel]
+            top = int(raw.max())
             if res & 0x80:                     # 2^-k units
                 k = res & 0x7F
-                if k == 0:
-                    ns = raw.astype(np.int64) * 1_000_000_000
-                else:
-                    sec = (raw >> np.uint64(k)).astype(np.int64)
-                    frac = (raw & np.uint64((1 << k) - 1)).astype(np.float64)
-                    ns = sec * 1_000_000_000 + np.floor(frac * (1e9 / (1 << k))).astype(np.int64)
-            elif res <= 9:
-                ns = raw.astype(np.int64) * (10 ** (9 - res))
-            else:
-                ns = (raw // np.uint64(10 ** (res - 9))).astype(np.int64)
-            ts[sel] = ns + offset_s * 1_000_000_000
+                sec = (raw >> np.uint64(k)).astype(np.int64)
+                frac = (raw & np.uint64((1 << k) - 1)).astype(np.float64)
+                ns_frac = np.floor(frac * (1e9 / (1 << k))).astype(np.int64)
+                top_s = top >> k
+            else:                              # 10^-k units
+                unit = 10 ** res
+                sec = (raw // np.uint64(unit)).astype(np.int64)
+                rem = raw % np.uint64(unit)
+                ns_frac = ((rem * np.uint64(10 ** (9 - res))) if res <= 9
+                           else (rem // np.uint64(10 ** (res - 9)))).astype(np.int64)
+                top_s = top // unit
+            if top_s + offset_s > _MAX_TS_S or offset_s < -_MAX_TS_S:
+                raise InputError(f"interface {i}: timestamps out of range", self.path)
+            ts[sel] = (sec + offset_s) * 1_000_000_000 + ns_frac
         return ts
 
     def _status(self, status, n_new):
@@ -456,6 +472,7 @@ class _Walker:
             _E_TRAILER: "trailing block length differs from the leading one",
             _E_IFACE: "refers to an interface with no interface description block",
             _E_CAPLEN: "captured length runs past its block",
+            _E_WIRELEN: "original length implausibly large",
         }
         raise InputError(f"{where}: {msgs[status]} (after {done} good packets)", self.path)
 
