@@ -348,8 +348,12 @@ def _ro(a: np.ndarray) -> np.ndarray:
 
 
 def connection_keys(tenant, src_hi, src_lo, dst_hi, dst_lo, proto, sport=None, dport=None,
-                    icmp_type=None, icmp_code=None) -> FlowKeys:
-    """A FlowKeys holding one NEW original-direction packet per connection (see above)."""
+                    icmp_type=None, icmp_code=None, eth_src=None) -> FlowKeys:
+    """A FlowKeys holding one packet per connection's original direction (see above).
+
+    ``eth_src`` (48-bit integers) adds an Ethernet source; without it the packets have no L2
+    header, as after a raw-IP capture.
+    """
     tenant = np.asarray(tenant, np.int64)
     n = tenant.shape[0]
 
@@ -380,8 +384,13 @@ def connection_keys(tenant, src_hi, src_lo, dst_hi, dst_lo, proto, sport=None, d
                                      k.u8[B.ICMP_TYPE, :n])
     k.u8[B.ICMP_CODE, :n] = np.where(icmp, col(icmp_code, np.uint8), 0)
     k.u8[B.FLAGS, :n] = np.where(has_ports, B.F_PORTS, 0) | np.where(icmp, B.F_ICMP, 0)
-    k.i32[B.L2_OFF, :n] = -1
-    k.i32[B.L3_OFF, :n] = 0
+    if eth_src is None:
+        k.i32[B.L2_OFF, :n] = -1
+        k.i32[B.L3_OFF, :n] = 0
+    else:
+        k.u64[B.ETH_SRC, :n] = col(eth_src, np.uint64)
+        k.i32[B.L2_OFF, :n] = 0
+        k.i32[B.L3_OFF, :n] = 14
     return k
 
 

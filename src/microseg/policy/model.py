@@ -314,39 +314,40 @@ def parse_protocol(value, raw) -> tuple[bool, int | None]:
 def make_sg_rule(rep, path, f: Fields, direction, ethertype, protocol, pmin, pmax,
                  prefix_text, remote_group, origin) -> SGRule | None:
     """Check a rule's fields together as Neutron does and build the normalised rule."""
-    line = f.line()
+    def line(key=None):
+        return f.line(key)
     if protocol is not None and ethertype == 6 and protocol == 1:
         protocol = 58                               # Neutron maps "icmp" in IPv6 rules to ICMPv6
     if protocol == 58 and ethertype == 4:
-        f.fail(line, "protocol", "ipv6-icmp needs ethertype IPv6")
+        f.fail(line("protocol"), "protocol", "ipv6-icmp needs ethertype IPv6")
         return None
     if pmin is not None or pmax is not None:
         if protocol is None:
-            f.fail(line, "port_range_min", "a port range needs a protocol (tcp, udp, sctp, ...)")
+            f.fail(line("port_range_min"), "port_range_min", "a port range needs a protocol (tcp, udp, sctp, ...)")
             return None
         if protocol in ICMP_PROTOCOLS:
             if pmin is None:
-                f.fail(line, "port_range_max", "an ICMP code (port_range_max) needs a type (port_range_min)")
+                f.fail(line("port_range_max"), "port_range_max", "an ICMP code (port_range_max) needs a type (port_range_min)")
                 return None
             if pmin > 255 or (pmax is not None and pmax > 255):
-                f.fail(line, "port_range_min", "ICMP type and code must be 0..255")
+                f.fail(line("port_range_min"), "port_range_min", "ICMP type and code must be 0..255")
                 return None
         elif protocol in PORT_PROTOCOLS:
             if pmin is None or pmax is None:
                 pmin = pmax = pmin if pmin is not None else pmax
             if pmin > pmax:
-                f.fail(line, "port_range_min", f"port_range_min {pmin} is above port_range_max {pmax}")
+                f.fail(line("port_range_min"), "port_range_min", f"port_range_min {pmin} is above port_range_max {pmax}")
                 return None
             if pmin == 0:
-                f.fail(line, "port_range_min", "ports start at 1")
+                f.fail(line("port_range_min"), "port_range_min", "ports start at 1")
                 return None
         else:
-            f.fail(line, "port_range_min", f"protocol {protocol} has no ports")
+            f.fail(line("port_range_min"), "port_range_min", f"protocol {protocol} has no ports")
             return None
     prefix = None
     if prefix_text is not None:
         if remote_group is not None:
-            f.fail(line, "remote_ip_prefix", "give remote_ip_prefix or remote_group_id, not both")
+            f.fail(line("remote_ip_prefix"), "remote_ip_prefix", "give remote_ip_prefix or remote_group_id, not both")
             return None
         try:
             prefix = ipaddress.ip_network(prefix_text.strip(), strict=False)
@@ -373,8 +374,8 @@ def _sg_rule(rep, path, node, where) -> tuple[SGRule | None, str | None]:
     ok, proto = parse_protocol(f.get("protocol"), f.raw("protocol"))
     if not ok:
         f.fail(f.line("protocol"), "protocol", f"{f.get('protocol')!r} is not a protocol name or number 0..255")
-    pmin = f.integer("port_range_min", 0, 65535)
-    pmax = f.integer("port_range_max", 0, 65535)
+    pmin = f.integer("port_range_min", 0, 65535, what="a port number")
+    pmax = f.integer("port_range_max", 0, 65535, what="a port number")
     prefix = f.string("remote_ip_prefix", what="an IP prefix")
     group = f.string("remote_group_id", what="a security group") or f.string("remote_group", what="a security group")
     if not f.ok or direction is None or eth is None:
@@ -401,9 +402,11 @@ def parse_policy(text: str, path: str = "<policy>", base_dir: str = ".") -> Poli
     """Validate policy YAML ``text``; relative file references resolve against ``base_dir``."""
     rep = Reporter()
     docs = load_documents(text, path)
-    if len(docs) != 1:
+    if not docs or docs == [None]:
+        rep.error(path, None, "", "the policy is empty")
+    elif len(docs) != 1:
         rep.error(path, None, "", f"expected one YAML document, found {len(docs)}")
-        rep.raise_if_any()
+    rep.raise_if_any()
     top = Fields(rep, path, docs[0], "")
     rep.raise_if_any()
     top.check_keys(TOP_KEYS)
@@ -426,7 +429,7 @@ def parse_policy(text: str, path: str = "<policy>", base_dir: str = ".") -> Poli
             f.fail(f.line("name"), "name", f"tenant {name!r} is defined twice")
             continue
         if vni in by_vni:
-            f.fail(f.line("vni"), "vni", f"VNI {vni} is already tenant {by_vni[vni]!r}'s")
+            f.fail(f.line("vni"), "vni", f"VNI {vni} is already used by tenant {by_vni[vni]!r}")
             continue
         by_vni[vni] = name
         tenants.append(Tenant(name, vni, labels))
@@ -596,11 +599,11 @@ def parse_policy(text: str, path: str = "<policy>", base_dir: str = ".") -> Poli
         for a in addrs:
             other = seen_addr.get((tenant, a))
             if other is not None:
-                f.fail(f.line(), "addresses", f"{a} is already workload {other!r}'s in tenant {tenant!r}")
+                f.fail(f.line(), "addresses", f"{a} is already used by workload {other!r} in tenant {tenant!r}")
         if mac is not None:
             other = seen_mac.get((tenant, mac))
             if other is not None:
-                f.fail(f.line("mac"), "mac", f"MAC {mtext} is already workload {other!r}'s")
+                f.fail(f.line("mac"), "mac", f"MAC {mtext} is already used by workload {other!r}")
         if not f.ok:
             continue
         for a in addrs:

@@ -81,9 +81,6 @@ def load_rules(path: str, rep: Reporter) -> list:
             m.update(row)
             row = m
         f = Fields(rep, path, row, where)
-        for k in row:
-            if k not in _KNOWN:
-                f.fail(row.line_of(k), str(k), "unknown column")
 
         def col(name):
             for k in _ALIASES[name]:
@@ -100,6 +97,9 @@ def load_rules(path: str, rep: Reporter) -> list:
         if rid is not None:
             where = f"[{i}] (rule {rid})"
             f.where = where
+        for k in row:
+            if k not in _KNOWN:
+                f.fail(row.line_of(k), str(k), "unknown column")
         if text("address_group") is not None:
             f.fail(row.line_of(col("address_group")), col("address_group"),
                    "remote address groups are not supported")

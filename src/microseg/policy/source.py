@@ -77,7 +77,7 @@ def _convert(loader: yaml.SafeLoader, node, depth: int = 0, budget=None):
     if budget[0] < 0:
         raise _MarkedError(node.start_mark.line + 1, "document expands to too many values")
     if depth > 64:
-        raise _MarkedError(node.start_mark.line + 1, "nesting deeper than 64 levels")
+        raise _MarkedError(node.start_mark.line + 1, "nesting deeper than 64 levels (or a recursive alias)")
     line = node.start_mark.line + 1
     if isinstance(node, yaml.MappingNode):
         loader.flatten_mapping(node)          # resolves '<<' merge keys
