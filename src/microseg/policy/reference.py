@@ -230,3 +230,35 @@ class Reference:
             ct = 0 if ct_state is None else int(ct_state[i])
             out.append(self.decide_row(keys.row(i), ct))
         return out
+
+
+def _check_text(kind: int, origin) -> str:
+    if origin == DEFAULT_EGRESS:
+        return "default_egress: allow"
+    if origin[0] == "sg":
+        return f"security group {origin[1]}/{origin[2]} rule {origin[3]}"
+    return f"NetworkPolicy {origin[1]}/{origin[2]} {origin[3]}[{origin[4]}]"
+
+
+def explain(ref: Reference, row: dict, ct: int) -> list[str]:
+    """Human-readable lines saying how the reference decided one packet."""
+    d = ref.decide_row(row, ct)
+    lines = []
+    vni = row["tenant"]
+    lines.append(f"tenant: {d.tenant or '-'} (VNI {vni if vni >= 0 else 'none'})")
+    if row["ip_ver"] in (4, 6) and not row["error"]:
+        def who(w):
+            return f" = {w.tenant}/{w.name}" if w is not None else " (not a workload)"
+        lines.append(f"src {_addr(row['src_hi'], row['src_lo'])}{who(d.src)}, "
+                     f"dst {_addr(row['dst_hi'], row['dst_lo'])}{who(d.dst)}")
+        lines.append(f"conntrack: {ctstate.state_name(ct)}")
+    for c in d.checks:
+        side = "egress of" if c.kind in (V.EG_SG, V.EG_NP) else "ingress of"
+        what = "security groups" if c.kind in (V.EG_SG, V.IN_SG) else "network policies"
+        if c.matches:
+            lines.append(f"{side} {c.workload.tenant}/{c.workload.name}, {what}: allowed by "
+                         + "; ".join(_check_text(c.kind, o) for o in c.matches))
+        else:
+            lines.append(f"{side} {c.workload.tenant}/{c.workload.name}, {what}: no rule allows it")
+    lines.append(f"verdict: {V.verdict_name(d.verdict)} ({V.reason_name(d.reason)})")
+    return lines
