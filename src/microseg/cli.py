@@ -15,6 +15,7 @@ from .errors import MicrosegError
 
 COMMAND_MODULES = [
     "microseg.classify.commands",
+    "microseg.overlay.commands",
 ]
 
 
