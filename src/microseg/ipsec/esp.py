@@ -361,11 +361,9 @@ def replay_update(top, bitmap, seq, window):
         if d >= nb:
             bitmap[:] = 0
         else:
-            x = top + np.uint64(1)
-            while x <= seq:
-                b = x % nb
+            for k in range(np.int64(d)):        # d < nb: no wrap even at 2**64 - 1
+                b = (top + np.uint64(1) + np.uint64(k)) % nb
                 bitmap[np.int64(b >> np.uint64(6))] &= ~(np.uint64(1) << (b & np.uint64(63)))
-                x += np.uint64(1)
         top = seq
     b = seq % nb
     bitmap[np.int64(b >> np.uint64(6))] |= np.uint64(1) << (b & np.uint64(63))

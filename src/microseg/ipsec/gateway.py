@@ -137,23 +137,32 @@ class EspGateway:
                               self.sa_spi, self.sa_ver, self.sa_esn, self.sa_salt, self.sa_src,
                               self.sa_dst, self.sa_limits, self.tx_seq, self.iv_base, self.life,
                               self.dead)
-        if self.backend == "evp":
-            _, ptrs = self._contexts(True)
-            if esp.seal_evp(ptrs, sa_of, out, enc_off, enc_len, nonce, aad, aad_len, self._scratch):
-                raise RuntimeError("EVP encryption failed")
-        else:
-            aeads, _ = self._contexts(True)
-            for i in np.flatnonzero(sa_of >= 0):
-                a, b = int(enc_off[i]), int(enc_off[i] + enc_len[i])
-                ct = aeads[sa_of[i]].encrypt(nonce[i].tobytes(), out[a:b].tobytes(),
-                                             aad[i, :aad_len[i]].tobytes())
-                out[a:b + esp.ICV_LEN] = np.frombuffer(ct, np.uint8)
+        self._seal(out, sa_of, nonce, aad, aad_len, enc_off, enc_len)
         self.tx_drops += np.bincount(reason, minlength=N_REASONS)
         res = self._result(batch, out, out_off, out_len, reason == esp.OK)
         return (res, reason) if return_reasons else res
 
-    def decrypt_batch(self, batch: Batch):
-        """Decapsulate a batch of ESP packets: (inner packets, reason code per input packet)."""
+    def _seal(self, out, sa_of, nonce, aad, aad_len, enc_off, enc_len):
+        """AEAD pass: encrypt each region in place, tag after it (sa_of < 0: skip)."""
+        if self.backend == "evp":
+            _, ptrs = self._contexts(True)
+            if esp.seal_evp(ptrs, sa_of, out, enc_off, enc_len, nonce, aad, aad_len, self._scratch):
+                raise RuntimeError("EVP encryption failed")
+            return
+        aeads, _ = self._contexts(True)
+        for i in np.flatnonzero(sa_of >= 0):
+            a, b = int(enc_off[i]), int(enc_off[i] + enc_len[i])
+            ct = aeads[sa_of[i]].encrypt(nonce[i].tobytes(), out[a:b].tobytes(),
+                                         aad[i, :aad_len[i]].tobytes())
+            out[a:b + esp.ICV_LEN] = np.frombuffer(ct, np.uint8)
+
+    def decrypt_batch(self, batch: Batch, details: bool = False):
+        """Decapsulate a batch of ESP packets: (inner packets, reason code per input packet).
+
+        With ``details`` a third item maps ``seq`` (64-bit), ``iv``, ``pad_length``,
+        ``next_header`` and ``plaintext`` (the whole decrypted ESP payload, or None) to one
+        entry per input packet; for tests and tracing, not the hot path.
+        """
         (reason, sa_of, seq64, l2len, ct_src, ct_len, out, out_off, nonce, aad, aad_len) = \
             esp.decap_prepare(batch.data, batch.offset, batch.length, int(batch.linktype),
                               self.spi_sorted, self.spi_idx, self.sa_ver, self.sa_dhi,
@@ -183,7 +192,17 @@ class EspGateway:
                                    self.sa_window, self.sa_limits, self.rx_top, self.rx_bitmap,
                                    self.life)
         self.rx_drops += np.bincount(reason, minlength=N_REASONS)
-        return self._result(batch, out, out_off, out_len, reason == esp.OK), reason
+        res = self._result(batch, out, out_off, out_len, reason == esp.OK)
+        if not details:
+            return res, reason
+        n = len(reason)
+        info = {"seq": seq64, "iv": nonce[:, 4:].copy(), "pad_length": np.full(n, -1, np.int64),
+                "next_header": np.full(n, -1, np.int64), "plaintext": [None] * n}
+        for i in np.flatnonzero(ok):
+            q, m = int(out_off[i] + l2len[i]), int(ct_len[i])
+            info["plaintext"][i] = out[q:q + m].tobytes()
+            info["pad_length"][i], info["next_header"][i] = out[q + m - 2], out[q + m - 1]
+        return res, reason, info
 
     @staticmethod
     def _result(batch, out, out_off, out_len, keep):
