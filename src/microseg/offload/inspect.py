@@ -1,0 +1,811 @@
+"""Inspection of a flow's first packets: content signatures and traffic that cannot be inspected.
+
+Two parts, both batch functions over ``(Batch, FlowKeys)`` and a selection of rows:
+
+* :func:`uninspectable` (Numba kernel, plain-Python reference :func:`uninspectable_ref`): per
+  packet, why its payload cannot be inspected: ``ENC_TLS`` (a TLS record header on TCP:
+  ClientHello, ServerHello, application data...), ``ENC_QUIC`` (UDP port 443 with a QUIC long
+  header, or a short header with the fixed bit set), ``ENC_ESP`` (IP protocol 50, or ESP in
+  UDP on port 4500 -- non-ESP marker and keepalives excepted), else ``ENC_NONE``.
+* :class:`SignatureSet`: rules in a subset of Suricata's syntax (see ``docs/inspection.md``),
+  compiled into one Aho-Corasick automaton (pyahocorasick) over every rule's longest content,
+  case-folded; a packet's payload is scanned once, and only the rules whose pattern occurred
+  (plus the rules without content) are checked in full: header, ``flow``, ``dsize`` and every
+  content with its modifiers (``nocase``, ``offset``, ``depth``, ``distance``, ``within``,
+  negation), with backtracking over earlier matches as Suricata does.
+
+Verdict per packet, Suricata's default action order: a matching ``pass`` rule wins (``PASS``),
+then ``drop`` (``DROP``), then ``alert`` (``ALERT``); ``NONE`` when no rule matched. Within an
+action the rule with the lowest ``priority`` value, then the earliest in the file, gives the
+``sid``. Rules the parser cannot handle raise :class:`~microseg.errors.InputError` naming file
+and line (or, with ``strict=False``, are skipped and listed in ``SignatureSet.skipped``).
+"""
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass, field
+
+import ahocorasick
+import numpy as np
+from numba import njit
+
+from ..ctstate import ESTABLISHED, REPLY, TRACKED
+from ..errors import InputError
+from ..packet import batch as B
+
+# verdicts and uninspectable reasons
+NONE, PASS, ALERT, DROP = 0, 1, 2, 3
+VERDICT_NAMES = {NONE: "none", PASS: "pass", ALERT: "alert", DROP: "drop"}
+ENC_NONE, ENC_TLS, ENC_QUIC, ENC_ESP = 0, 1, 2, 3
+ENC_NAMES = {ENC_NONE: None, ENC_TLS: "tls", ENC_QUIC: "quic", ENC_ESP: "esp"}
+
+_ACTIONS = {"pass": PASS, "alert": ALERT, "drop": DROP}
+_ACTION_ORDER = {PASS: 0, DROP: 1, ALERT: 2}
+_PROTOS = {"tcp": (6,), "udp": (17,), "icmp": (1, 58), "ip": None}
+_FULL = (1 << 128) - 1
+_V4 = 0xFFFF << 32
+
+DEFAULT_VARS = {
+    "HOME_NET": "[192.168.0.0/16,10.0.0.0/8,172.16.0.0/12]",
+    "EXTERNAL_NET": "!$HOME_NET",
+    "HTTP_SERVERS": "$HOME_NET", "SMTP_SERVERS": "$HOME_NET", "SQL_SERVERS": "$HOME_NET",
+    "DNS_SERVERS": "$HOME_NET", "TELNET_SERVERS": "$HOME_NET", "AIM_SERVERS": "$EXTERNAL_NET",
+    "DC_SERVERS": "$HOME_NET", "DNP3_SERVER": "$HOME_NET", "DNP3_CLIENT": "$HOME_NET",
+    "MODBUS_CLIENT": "$HOME_NET", "MODBUS_SERVER": "$HOME_NET", "ENIP_CLIENT": "$HOME_NET",
+    "ENIP_SERVER": "$HOME_NET",
+    "HTTP_PORTS": "80", "SHELLCODE_PORTS": "!80", "ORACLE_PORTS": "1521", "SSH_PORTS": "22",
+    "DNP3_PORTS": "20000", "MODBUS_PORTS": "502", "FILE_DATA_PORTS": "[$HTTP_PORTS,110,143]",
+    "FTP_PORTS": "21", "GENEVE_PORTS": "6081", "VXLAN_PORTS": "4789", "TEREDO_PORTS": "3544",
+}
+
+# Keywords accepted and kept only as metadata.
+_META_KEYWORDS = {"classtype", "reference", "metadata", "gid", "target", "noalert"}
+# Content modifiers and keywords the subset does not implement, with a hint.
+_UNSUPPORTED_HINT = {
+    "pcre": "regular expressions are not supported",
+    "flowbits": "flowbits (state across rules) are not supported",
+    "byte_test": "byte_test is not supported", "byte_jump": "byte_jump is not supported",
+    "byte_extract": "byte_extract is not supported", "isdataat": "isdataat is not supported",
+    "threshold": "threshold is not supported", "detection_filter": "detection_filter is not supported",
+    "rawbytes": "rawbytes is not supported",
+}
+
+
+@dataclass
+class Content:
+    pattern: bytes
+    negated: bool = False
+    nocase: bool = False
+    offset: int | None = None
+    depth: int | None = None
+    distance: int | None = None
+    within: int | None = None
+    fast_pattern: bool = False
+
+    @property
+    def relative(self) -> bool:
+        return self.distance is not None or self.within is not None
+
+
+@dataclass
+class Signature:
+    """One parsed rule."""
+
+    action: int
+    protos: tuple | None
+    src: tuple           # (include intervals, exclude intervals) over 128-bit addresses
+    sport: tuple         # (include ranges, exclude ranges) or None = any
+    dst: tuple
+    dport: tuple
+    bidirectional: bool
+    sid: int
+    rev: int = 0
+    msg: str = ""
+    priority: int = 3
+    contents: list = field(default_factory=list)
+    flow_dir: int = 0    # 0 any, 1 to_server, 2 to_client
+    flow_state: int = 0  # 0 any, 1 established, 2 not_established
+    dsize: tuple | None = None
+    line: int = 0
+    text: str = ""
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsing
+# ---------------------------------------------------------------------------------------------
+class _RuleError(Exception):
+    pass
+
+
+def _split_list(text: str) -> list[str]:
+    """Top-level comma-separated items of a ``[...]`` body (nested brackets kept whole)."""
+    items, depth, cur = [], 0, []
+    for ch in text:
+        if ch == "[":
+            depth += 1
+        elif ch == "]":
+            depth -= 1
+            if depth < 0:
+                raise _RuleError("unbalanced ']'")
+        if ch == "," and depth == 0:
+            items.append("".join(cur).strip())
+            cur = []
+        else:
+            cur.append(ch)
+    if depth != 0:
+        raise _RuleError("unbalanced '['")
+    items.append("".join(cur).strip())
+    if any(not it for it in items):
+        raise _RuleError(f"empty item in list [{text}]")
+    return items
+
+
+def _expand(text: str, variables: dict, seen=()) -> str:
+    text = text.strip()
+    neg = ""
+    while text.startswith("!"):
+        neg = "!" if not neg else ""
+        text = text[1:].strip()
+    if text.startswith("$"):
+        name = text[1:]
+        if name not in variables:
+            raise _RuleError(f"undefined variable ${name}")
+        if name in seen:
+            raise _RuleError(f"variable ${name} refers to itself")
+        inner = _expand(variables[name], variables, seen + (name,))
+        return f"{neg}[{inner}]" if neg else inner
+    return neg + text
+
+
+def _parse_addr(text: str, variables: dict, seen=()):
+    """(include, exclude) lists of (lo, hi) 128-bit intervals; include None = everything."""
+    text = text.strip()
+    neg = False
+    while text.startswith("!"):
+        neg, text = not neg, text[1:].strip()
+    if text.startswith("$"):
+        name = text[1:]
+        if name not in variables:
+            raise _RuleError(f"undefined address variable ${name}")
+        if name in seen:
+            raise _RuleError(f"variable ${name} refers to itself")
+        inc, exc = _parse_addr(variables[name], variables, seen + (name,))
+    elif text == "any":
+        inc, exc = None, []
+    elif text.startswith("["):
+        if not text.endswith("]"):
+            raise _RuleError(f"unbalanced address list {text!r}")
+        inc, exc = [], []
+        any_pos = False
+        for item in _split_list(text[1:-1]):
+            i2, e2 = _parse_addr(item, variables, seen)
+            if i2 is None and not e2:
+                any_pos = True
+            elif i2 is None:
+                exc += e2            # [!x, ...]: an item that is a pure negation
+                any_pos = any_pos or False
+            else:
+                inc += i2
+                exc += e2
+        if any_pos or (not inc and exc):
+            inc = None
+    else:
+        try:
+            net = ipaddress.ip_network(text, strict=False)
+        except ValueError:
+            raise _RuleError(f"bad address {text!r}") from None
+        if net.version == 4:
+            lo = _V4 | int(net.network_address)
+            hi = _V4 | int(net.broadcast_address)
+        else:
+            lo, hi = int(net.network_address), int(net.broadcast_address)
+        inc, exc = [(lo, hi)], []
+    if neg:
+        if inc is None and not exc:
+            raise _RuleError("'!any' matches nothing")
+        if inc is None:          # !(any except X) = X
+            return list(exc), []
+        if exc:
+            raise _RuleError(f"negation of a list with exclusions is not supported: !{text}")
+        return None, list(inc)
+    return inc, exc
+
+
+def _parse_port(text: str, variables: dict, seen=()):
+    """(include ranges or None for any, exclude ranges)."""
+    text = text.strip()
+    neg = False
+    while text.startswith("!"):
+        neg, text = not neg, text[1:].strip()
+    if text.startswith("$"):
+        name = text[1:]
+        if name not in variables:
+            raise _RuleError(f"undefined port variable ${name}")
+        if name in seen:
+            raise _RuleError(f"variable ${name} refers to itself")
+        inc, exc = _parse_port(variables[name], variables, seen + (name,))
+    elif text == "any":
+        inc, exc = None, []
+    elif text.startswith("["):
+        if not text.endswith("]"):
+            raise _RuleError(f"unbalanced port list {text!r}")
+        inc, exc, any_pos = [], [], False
+        for item in _split_list(text[1:-1]):
+            i2, e2 = _parse_port(item, variables, seen)
+            if i2 is None and not e2:
+                any_pos = True
+            elif i2 is not None:
+                inc += i2
+            exc += e2
+        if any_pos or (not inc and exc):
+            inc = None
+    else:
+        m = re.fullmatch(r"(\d*)\s*:\s*(\d*)|(\d+)", text)
+        if not m or (m.group(3) is None and not (m.group(1) or m.group(2))):
+            raise _RuleError(f"bad port {text!r}")
+        if m.group(3) is not None:
+            lo = hi = int(m.group(3))
+        else:
+            lo = int(m.group(1)) if m.group(1) else 0
+            hi = int(m.group(2)) if m.group(2) else 65535
+        if not 0 <= lo <= hi <= 65535:
+            raise _RuleError(f"bad port range {text!r}")
+        inc, exc = [(lo, hi)], []
+    if neg:
+        if inc is None and not exc:
+            raise _RuleError("'!any' matches no port")
+        if inc is None:
+            return list(exc), []
+        if exc:
+            raise _RuleError(f"negation of a port list with exclusions is not supported: !{text}")
+        return None, list(inc)
+    return inc, exc
+
+
+def _content_bytes(text: str) -> bytes:
+    out = bytearray()
+    i, n = 0, len(text)
+    while i < n:
+        ch = text[i]
+        if ch == "|":
+            j = text.find("|", i + 1)
+            if j < 0:
+                raise _RuleError("unterminated |hex| block in content")
+            hx = text[i + 1:j].replace(" ", "")
+            if len(hx) % 2 or not re.fullmatch(r"[0-9A-Fa-f]*", hx):
+                raise _RuleError(f"bad hex in content: |{text[i + 1:j]}|")
+            out += bytes.fromhex(hx)
+            i = j + 1
+        elif ch == "\\":
+            if i + 1 >= n or text[i + 1] not in '\\;":|':
+                raise _RuleError(f"bad escape in content near {text[i:i + 2]!r}")
+            out.append(ord(text[i + 1]))
+            i += 2
+        elif ch in '";':
+            raise _RuleError(f"unescaped {ch!r} in content (write \\{ch} or |{ord(ch):02x}|)")
+        else:
+            b = ch.encode("utf-8")
+            out += b
+            i += 1
+    if not out:
+        raise _RuleError("empty content")
+    return bytes(out)
+
+
+def _split_options(body: str) -> list[tuple[str, str | None]]:
+    """``key:value;`` pairs of the option block; quoted values keep escaped ``;``/``"``."""
+    opts, i, n = [], 0, len(body)
+    while i < n:
+        while i < n and body[i] in " \t":
+            i += 1
+        if i >= n:
+            break
+        j = i
+        while j < n and body[j] not in ":;":
+            j += 1
+        key = body[i:j].strip()
+        if not key:
+            raise _RuleError(f"empty option near {body[i:i + 20]!r}")
+        if j >= n:
+            raise _RuleError(f"option {key!r} is not terminated by ';'")
+        if body[j] == ";":
+            opts.append((key, None))
+            i = j + 1
+            continue
+        k, inq, val = j + 1, False, []
+        while k < n:
+            ch = body[k]
+            if ch == "\\" and k + 1 < n:
+                val.append(body[k:k + 2])
+                k += 2
+                continue
+            if ch == '"':
+                inq = not inq
+            elif ch == ";" and not inq:
+                break
+            val.append(ch)
+            k += 1
+        if k >= n:
+            raise _RuleError(f"option {key!r} is not terminated by ';'" + (" (unclosed quote)" if inq else ""))
+        opts.append((key, "".join(val).strip()))
+        i = k + 1
+    return opts
+
+
+def _unquote(v: str, key: str) -> str:
+    if v is None or len(v) < 2 or not (v.startswith('"') and v.endswith('"')):
+        raise _RuleError(f"{key} needs a quoted string")
+    return v[1:-1]
+
+
+def _int(v, key, lo=None):
+    try:
+        x = int(str(v).strip())
+    except (TypeError, ValueError):
+        raise _RuleError(f"{key} needs an integer, not {v!r}") from None
+    if lo is not None and x < lo:
+        raise _RuleError(f"{key} must be >= {lo}")
+    return x
+
+
+def _header_tokens(head: str) -> list[str]:
+    toks, depth, cur = [], 0, []
+    for ch in head:
+        if ch == "[":
+            depth += 1
+        elif ch == "]":
+            depth -= 1
+        if ch.isspace() and depth == 0:
+            if cur:
+                toks.append("".join(cur))
+                cur = []
+        else:
+            cur.append(ch)
+    if cur:
+        toks.append("".join(cur))
+    return toks
+
+
+def parse_rule(text: str, variables: dict | None = None, line: int = 0) -> Signature:
+    """Parse one rule (raises ``_RuleError`` with a message; :class:`SignatureSet` adds where)."""
+    variables = DEFAULT_VARS if variables is None else variables
+    text = text.strip()
+    p = text.find("(")
+    if p < 0 or not text.endswith(")"):
+        raise _RuleError("rule needs an option block '( ... )' at the end")
+    head, body = text[:p], text[p + 1:-1]
+    t = _header_tokens(head)
+    if len(t) != 7:
+        raise _RuleError(f"header needs 7 fields (action proto src sport dir dst dport), got {len(t)}")
+    action, proto, src, sport, direction, dst, dport = t
+    if action not in _ACTIONS:
+        raise _RuleError(f"unsupported action {action!r} (supported: alert, drop, pass)")
+    if proto not in _PROTOS:
+        raise _RuleError(f"unsupported protocol {proto!r} (supported: tcp, udp, icmp, ip; "
+                         "application-layer protocols are not)")
+    if direction not in ("->", "<>"):
+        raise _RuleError(f"bad direction {direction!r} (use -> or <>)")
+    sig = Signature(action=_ACTIONS[action], protos=_PROTOS[proto],
+                    src=_parse_addr(src, variables), sport=_parse_port(sport, variables),
+                    dst=_parse_addr(dst, variables), dport=_parse_port(dport, variables),
+                    bidirectional=direction == "<>", sid=-1, line=line, text=text)
+    if proto in ("icmp", "ip") and (sig.sport != (None, []) or sig.dport != (None, [])):
+        raise _RuleError(f"ports given for protocol {proto!r}, which has none")
+    last = None
+    for key, val in _split_options(body):
+        key = key.lower()
+        if key == "msg":
+            sig.msg = _unquote(val, "msg").replace('\\"', '"').replace("\\;", ";").replace("\\\\", "\\")
+        elif key == "content":
+            if val is None:
+                raise _RuleError("content needs a value")
+            neg = val.startswith("!")
+            pat = _content_bytes(_unquote(val[1:].strip() if neg else val, "content"))
+            last = Content(pat, negated=neg)
+            sig.contents.append(last)
+        elif key in ("nocase", "offset", "depth", "distance", "within", "fast_pattern"):
+            if last is None:
+                raise _RuleError(f"{key} needs a preceding content")
+            if key == "nocase":
+                last.nocase = True
+            elif key == "fast_pattern":
+                if val is not None and val.strip() != "only":
+                    raise _RuleError("fast_pattern with a chop range is not supported")
+                last.fast_pattern = True
+            elif key in ("offset", "depth"):
+                if last.relative:
+                    raise _RuleError(f"{key} cannot be mixed with distance/within on one content")
+                setattr(last, key, _int(val, key, 0))
+                if key == "depth" and last.depth < len(last.pattern):
+                    raise _RuleError(f"depth {last.depth} is shorter than the content ({len(last.pattern)} bytes)")
+            else:
+                if last.offset is not None or last.depth is not None:
+                    raise _RuleError(f"{key} cannot be mixed with offset/depth on one content")
+                if last is sig.contents[0]:
+                    raise _RuleError(f"{key} needs a previous content to be relative to")
+                setattr(last, key, _int(val, key, 0 if key == "within" else None))
+                if key == "within" and last.within < len(last.pattern):
+                    raise _RuleError(f"within {last.within} is shorter than the content ({len(last.pattern)} bytes)")
+        elif key == "sid":
+            sig.sid = _int(val, "sid", 1)
+        elif key == "rev":
+            sig.rev = _int(val, "rev", 0)
+        elif key == "priority":
+            sig.priority = _int(val, "priority", 1)
+        elif key == "flow":
+            if val is None:
+                raise _RuleError("flow needs options")
+            for f in (x.strip() for x in val.split(",")):
+                if f in ("to_server", "from_client"):
+                    sig.flow_dir = 1
+                elif f in ("to_client", "from_server"):
+                    sig.flow_dir = 2
+                elif f == "established":
+                    sig.flow_state = 1
+                elif f in ("not_established", "stateless"):
+                    sig.flow_state = 2 if f == "not_established" else 0
+                elif f in ("no_stream", "only_stream"):
+                    pass             # packets are inspected one by one anyway
+                else:
+                    raise _RuleError(f"unsupported flow option {f!r}")
+        elif key == "dsize":
+            m = re.fullmatch(r"\s*(<|>)?\s*(\d+)\s*(?:<>\s*(\d+))?\s*", val or "")
+            if not m:
+                raise _RuleError(f"bad dsize {val!r} (N, <N, >N or N<>M)")
+            if m.group(3) is not None:
+                sig.dsize = ("<>", int(m.group(2)), int(m.group(3)))
+            else:
+                sig.dsize = (m.group(1) or "=", int(m.group(2)), 0)
+        elif key in _META_KEYWORDS:
+            pass
+        elif key in _UNSUPPORTED_HINT:
+            raise _RuleError(f"unsupported keyword {key!r}: {_UNSUPPORTED_HINT[key]}")
+        else:
+            raise _RuleError(f"unsupported keyword {key!r} (sticky buffers, app-layer and "
+                             "other keywords are outside the supported subset)")
+    if sig.sid < 0:
+        raise _RuleError("rule has no sid")
+    if sig.contents and all(c.negated for c in sig.contents) and any(c.relative for c in sig.contents):
+        raise _RuleError("relative modifiers need a positive content before them")
+    return sig
+
+
+# ---------------------------------------------------------------------------------------------
+# Matching
+# ---------------------------------------------------------------------------------------------
+_LOWER = bytes.maketrans(bytes(range(65, 91)), bytes(range(97, 123)))
+
+
+def _in_set(x: int, spec) -> bool:
+    inc, exc = spec
+    if inc is not None and not any(lo <= x <= hi for lo, hi in inc):
+        return False
+    return not any(lo <= x <= hi for lo, hi in exc)
+
+
+def _find_all(hay: bytes, pat: bytes, start: int, stop: int):
+    """Start positions of ``pat`` lying wholly in ``hay[start:stop]``."""
+    start = max(start, 0)
+    stop = min(stop, len(hay))
+    if stop - start < len(pat):
+        return
+    i = hay.find(pat, start, stop)
+    while i >= 0:
+        yield i
+        i = hay.find(pat, i + 1, stop)
+
+
+def _window(c: Content, prev_end: int, n: int):
+    if c.relative:
+        lo = prev_end + (c.distance or 0)
+        hi = lo + c.within if c.within is not None else n
+    else:
+        lo = c.offset or 0
+        hi = lo + c.depth if c.depth is not None else n
+    return lo, hi
+
+
+def contents_match(contents, payload: bytes, lowered: bytes, budget=None) -> bool:
+    """Do the contents match the payload (with backtracking over earlier matches)?"""
+    n = len(payload)
+    steps = [0]
+
+    def rec(j: int, prev_end: int) -> bool:
+        if j == len(contents):
+            return True
+        steps[0] += 1
+        if steps[0] > 10000:      # pathological rule/payload pair: stop, no match
+            return False
+        c = contents[j]
+        hay, pat = (lowered, c.pattern.translate(_LOWER)) if c.nocase else (payload, c.pattern)
+        lo, hi = _window(c, prev_end, n)
+        if c.negated:
+            for _ in _find_all(hay, pat, lo, hi):
+                return False
+            return rec(j + 1, prev_end)
+        for pos in _find_all(hay, pat, lo, hi):
+            if rec(j + 1, pos + len(pat)):
+                return True
+            if not any(x.relative for x in contents[j + 1:]):
+                return False   # later contents do not depend on where this one matched
+        return False
+
+    return rec(0, 0)
+
+
+def _dsize_ok(d, n: int) -> bool:
+    op, a, b = d
+    if op == "=":
+        return n == a
+    if op == "<":
+        return n < a
+    if op == ">":
+        return n > a
+    return a < n < b
+
+
+@dataclass
+class InspectionResult:
+    """Per-packet results for the inspected rows (arrays of the batch's length)."""
+
+    verdict: np.ndarray       # uint8: NONE / PASS / ALERT / DROP
+    sid: np.ndarray           # int64: sid of the deciding rule, 0 when none
+    alerts: np.ndarray        # int32: number of matching rules
+    encrypted: np.ndarray     # uint8: ENC_* reason the payload is not inspectable
+
+
+class SignatureSet:
+    """Compiled signatures: one automaton over all fast patterns (see module docstring)."""
+
+    def __init__(self, signatures, skipped=()):
+        self.signatures: list[Signature] = list(signatures)
+        self.skipped: list[tuple[str, int, str]] = list(skipped)
+        seen = {}
+        for s in self.signatures:
+            if s.sid in seen:
+                raise InputError(f"duplicate sid {s.sid} (first on line {seen[s.sid]})", None, None)
+            seen[s.sid] = s.line
+        self._order = sorted(range(len(self.signatures)),
+                             key=lambda i: (_ACTION_ORDER[self.signatures[i].action],
+                                            self.signatures[i].priority, i))
+        self._rank = {i: r for r, i in enumerate(self._order)}
+        self._always = []
+        self._ac = ahocorasick.Automaton()
+        words = {}
+        for i, s in enumerate(self.signatures):
+            pos = [c for c in s.contents if not c.negated]
+            if not pos:
+                self._always.append(i)
+                continue
+            fp = next((c for c in pos if c.fast_pattern), None) or max(pos, key=lambda c: len(c.pattern))
+            words.setdefault(fp.pattern.translate(_LOWER).decode("latin-1"), []).append(i)
+        for w, ids in words.items():
+            self._ac.add_word(w, tuple(ids))
+        self._has_words = bool(words)
+        if self._has_words:
+            self._ac.make_automaton()
+
+    def __len__(self) -> int:
+        return len(self.signatures)
+
+    @classmethod
+    def from_text(cls, text: str, path: str = "<rules>", variables: dict | None = None,
+                  strict: bool = True) -> "SignatureSet":
+        """Parse rules from text: one per line, ``#`` comments, ``\\`` continues a line."""
+        vs = dict(DEFAULT_VARS)
+        vs.update(variables or {})
+        sigs, skipped = [], []
+        buf, start = "", 0
+        lines = text.splitlines()
+        for ln, raw in enumerate(lines, 1):
+            s = raw.rstrip()
+            if not buf:
+                start = ln
+                if not s.strip() or s.lstrip().startswith("#"):
+                    continue
+            if s.endswith("\\"):
+                buf += s[:-1] + " "
+                if ln < len(lines):
+                    continue
+                s = ""
+            rule, buf = (buf + s).strip(), ""
+            try:
+                sigs.append(parse_rule(rule, vs, start))
+            except _RuleError as exc:
+                if strict:
+                    raise InputError(str(exc), path, start) from None
+                skipped.append((path, start, str(exc)))
+        try:
+            return cls(sigs, skipped)
+        except InputError as exc:
+            raise InputError(str(exc), path) from None
+
+    @classmethod
+    def load(cls, path, variables: dict | None = None, strict: bool = True) -> "SignatureSet":
+        try:
+            with open(path, encoding="utf-8", errors="strict") as fh:
+                text = fh.read()
+        except OSError as exc:
+            raise InputError(f"cannot read rules: {exc.strerror}", str(path)) from None
+        except UnicodeDecodeError:
+            raise InputError("rule file is not UTF-8 text", str(path)) from None
+        return cls.from_text(text, str(path), variables, strict)
+
+    # -- per packet --------------------------------------------------------------------------
+    def _header_ok(self, s: Signature, proto, src, dst, sp, dp, has_ports) -> bool:
+        if s.protos is not None and proto not in s.protos:
+            return False
+        ports_any = s.sport == (None, []) and s.dport == (None, [])
+        if not has_ports and not ports_any:
+            return False
+
+        def one(a_src, a_dst, p_s, p_d):
+            return (_in_set(a_src, s.src) and _in_set(a_dst, s.dst)
+                    and (ports_any or (_in_set(p_s, s.sport) and _in_set(p_d, s.dport))))
+
+        if one(src, dst, sp, dp):
+            return True
+        return s.bidirectional and one(dst, src, dp, sp)
+
+    def match_packet(self, payload: bytes, proto: int, src: int, dst: int, sport: int, dport: int,
+                     has_ports: bool = True, reply: bool = False, established: bool | None = None):
+        """Matching signatures' indices in decision order (for one packet's fields)."""
+        lowered = payload.translate(_LOWER)
+        cand = set(self._always)
+        if self._has_words and payload:
+            for _, ids in self._ac.iter(lowered.decode("latin-1")):
+                cand.update(ids)
+        out = []
+        for i in sorted(cand, key=self._rank.__getitem__):
+            s = self.signatures[i]
+            if not self._header_ok(s, proto, src, dst, sport, dport, has_ports):
+                continue
+            if s.flow_dir and (s.flow_dir == 2) != reply:
+                continue
+            if s.flow_state:
+                if established is None:
+                    # state unknown: fail closed (a drop/alert rule applies, a pass rule does not)
+                    if s.action == PASS:
+                        continue
+                elif (s.flow_state == 1) != established:
+                    continue
+            if s.dsize is not None and not _dsize_ok(s.dsize, len(payload)):
+                continue
+            if s.contents and not contents_match(s.contents, payload, lowered):
+                continue
+            out.append(i)
+        return out
+
+    def inspect(self, batch, keys, rows=None, ct_state=None) -> InspectionResult:
+        """Inspect the chosen packets (bool mask or indices; default all). ``ct_state``
+        (conntrack bits per packet) gives direction (``REPLY`` = to_client) and ``established``;
+        without it packets count as to_server with unknown state."""
+        n = keys.n
+        res = InspectionResult(np.zeros(n, np.uint8), np.zeros(n, np.int64), np.zeros(n, np.int32),
+                               np.zeros(n, np.uint8))
+        rows = _rows(rows, n)
+        res.encrypted[:] = uninspectable(batch, keys, rows)
+        u64, i32, u16, u8 = keys.u64, keys.i32, keys.u16, keys.u8
+        for i in rows:
+            i = int(i)
+            if u8[B.ERROR, i] != 0 or u8[B.IP_VER, i] not in (4, 6):
+                continue
+            po, pl = int(i32[B.PAYLOAD_OFF, i]), int(i32[B.PAYLOAD_LEN, i])
+            o, ln = int(batch.offset[i]), int(batch.length[i])
+            payload = b"" if po < 0 or pl <= 0 else batch.data[o + po: o + min(ln, po + pl)].tobytes()
+            reply, est = False, None
+            if ct_state is not None:
+                c = int(ct_state[i])
+                reply = bool(c & REPLY)
+                est = bool(c & ESTABLISHED) if c & TRACKED or c & ESTABLISHED else None
+            hits = self.match_packet(payload, int(u8[B.PROTO, i]),
+                                     int(u64[B.SRC_HI, i]) << 64 | int(u64[B.SRC_LO, i]),
+                                     int(u64[B.DST_HI, i]) << 64 | int(u64[B.DST_LO, i]),
+                                     int(u16[B.SPORT, i]), int(u16[B.DPORT, i]),
+                                     bool(u8[B.FLAGS, i] & B.F_PORTS), reply, est)
+            if hits:
+                s = self.signatures[hits[0]]
+                res.verdict[i] = s.action
+                res.sid[i] = s.sid
+                res.alerts[i] = len(hits)
+        return res
+
+
+def _rows(rows, n):
+    if rows is None:
+        return np.arange(n, dtype=np.int64)
+    rows = np.asarray(rows)
+    if rows.dtype == np.bool_:
+        return np.flatnonzero(rows[:n]).astype(np.int64)
+    return rows.astype(np.int64, copy=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Traffic that cannot be inspected
+# ---------------------------------------------------------------------------------------------
+@njit(cache=True, inline="always")
+def _quic_version_ok(v):
+    return (v == 0 or v == 1 or v == 0x6B3343CF or (v & 0xFFFFFF00) == 0xFF000000
+            or (v & 0x0F0F0F0F) == 0x0A0A0A0A)
+
+
+@njit(cache=True)
+def _uninspectable(data, offset, length, u8, u16, i32, rows, out):
+    for j in range(rows.shape[0]):
+        i = rows[j]
+        out[i] = ENC_NONE
+        if u8[B.ERROR, i] != 0:
+            continue
+        proto = u8[B.PROTO, i]
+        if proto == 50:
+            out[i] = ENC_ESP
+            continue
+        po = i32[B.PAYLOAD_OFF, i]
+        pl = i32[B.PAYLOAD_LEN, i]
+        if po < 0 or pl <= 0 or not (u8[B.FLAGS, i] & B.F_PORTS):
+            continue
+        if po + pl > length[i]:
+            pl = length[i] - po
+            if pl <= 0:
+                continue
+        p = offset[i] + po
+        sp = u16[B.SPORT, i]
+        dp = u16[B.DPORT, i]
+        if proto == 6:
+            if pl >= 5:
+                ct = data[p]
+                if ct >= 20 and ct <= 24 and data[p + 1] == 3 and data[p + 2] <= 4:
+                    rl = (np.int64(data[p + 3]) << 8) | np.int64(data[p + 4])
+                    if rl >= 1 and rl <= 18432:
+                        if ct != 22 or pl < 6 or data[p + 5] <= 24:
+                            out[i] = ENC_TLS
+        elif proto == 17:
+            if sp == 4500 or dp == 4500:
+                if pl >= 8 and not (data[p] == 0 and data[p + 1] == 0 and data[p + 2] == 0 and data[p + 3] == 0):
+                    out[i] = ENC_ESP
+            elif sp == 443 or dp == 443:
+                b0 = data[p]
+                if b0 & 0x80:
+                    if pl >= 7:
+                        v = (np.int64(data[p + 1]) << 24) | (np.int64(data[p + 2]) << 16) \
+                            | (np.int64(data[p + 3]) << 8) | np.int64(data[p + 4])
+                        if _quic_version_ok(v) and data[p + 5] <= 20 and (b0 & 0x40 or v == 0):
+                            out[i] = ENC_QUIC
+                elif b0 & 0x40 and pl >= 21:
+                    out[i] = ENC_QUIC
+
+
+def uninspectable(batch, keys, rows=None) -> np.ndarray:
+    """``ENC_*`` reason per packet (uint8, batch length; rows not chosen are ``ENC_NONE``)."""
+    n = keys.n
+    out = np.zeros(n, np.uint8)
+    _uninspectable(batch.data, batch.offset, batch.length, keys.u8, keys.u16, keys.i32, _rows(rows, n), out)
+    return out
+
+
+def uninspectable_ref(packet_payload: bytes, proto: int, sport: int, dport: int, has_ports: bool) -> int:
+    """Reference for one packet: its payload bytes (as captured) and header fields."""
+    if proto == 50:
+        return ENC_ESP
+    p = packet_payload
+    if not p or not has_ports:
+        return ENC_NONE
+    if proto == 6:
+        if len(p) >= 5 and 20 <= p[0] <= 24 and p[1] == 3 and p[2] <= 4 and 1 <= (p[3] << 8 | p[4]) <= 18432:
+            if p[0] != 22 or len(p) < 6 or p[5] <= 24:
+                return ENC_TLS
+        return ENC_NONE
+    if proto == 17:
+        if 4500 in (sport, dport):
+            return ENC_ESP if len(p) >= 8 and p[:4] != b"\0\0\0\0" else ENC_NONE
+        if 443 in (sport, dport):
+            if p[0] & 0x80:
+                if len(p) >= 7:
+                    v = int.from_bytes(p[1:5], "big")
+                    ok = v in (0, 1, 0x6B3343CF) or v & 0xFFFFFF00 == 0xFF000000 or v & 0x0F0F0F0F == 0x0A0A0A0A
+                    if ok and p[5] <= 20 and (p[0] & 0x40 or v == 0):
+                        return ENC_QUIC
+            elif p[0] & 0x40 and len(p) >= 21:
+                return ENC_QUIC
+    return ENC_NONE
