@@ -321,6 +321,8 @@ def infer_seq(top, seql, window, esn):
         if seql >= tl - w + np.uint64(1):
             sh = th
         else:
+            if th == np.uint64(U32_MAX):
+                return np.uint64(0)          # past the end of the 64-bit space
             sh = th + np.uint64(1)
     else:
         # case B: window spans two subspaces
@@ -528,15 +530,17 @@ def decap_finish(reason, ok, sa_of, seq64, l2len, ct_len, out, out_off, sa_windo
     for i in range(n):
         if reason[i] != OK:
             continue
+        s = sa_of[i]
+        seq = seq64[i]
+        # checked again in packet order: an earlier packet of this batch may have taken seq
+        fresh = replay_check(rx_top[s], rx_bitmap[s], seq, sa_window[s])
         if not ok[i]:
-            reason[i] = BAD_ICV
+            reason[i] = BAD_ICV if fresh else REPLAY
             q = out_off[i] + l2len[i]
             out[q:q + ct_len[i]] = 0        # never keep unauthenticated plaintext around
             continue
-        s = sa_of[i]
-        seq = seq64[i]
-        if not replay_check(rx_top[s], rx_bitmap[s], seq, sa_window[s]):
-            reason[i] = REPLAY          # a duplicate within this batch
+        if not fresh:
+            reason[i] = REPLAY
             continue
         q = out_off[i] + l2len[i]
         m = ct_len[i]

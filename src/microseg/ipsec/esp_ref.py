@@ -28,6 +28,8 @@ def infer_esn(top: int, seql: int, w: int) -> int | None:
     tl, th = top & M32, top >> 32
     if tl >= w - 1:                                   # window within one subspace
         sh = th if seql >= tl - w + 1 else th + 1
+        if sh > M32:
+            return None                               # past the end of the 64-bit space
     else:                                             # window spans two subspaces
         if seql >= (tl - w + 1) % (1 << 32):
             if th == 0:
