@@ -16,6 +16,7 @@ from .errors import MicrosegError
 COMMAND_MODULES = [
     "microseg.classify.commands",
     "microseg.overlay.commands",
+    "microseg.ipsec.commands",
 ]
 
 
