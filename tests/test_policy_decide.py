@@ -234,6 +234,15 @@ def test_decide_matches_reference_on_random_policies(seed):
     _compare(compiled, Reference(policy), keys, ct)
 
 
+@pytest.mark.parametrize("algo", ["tree", "linear"])
+@pytest.mark.parametrize("seed", [3, 8, 15])
+def test_decide_is_the_same_with_every_classifier(seed, algo):
+    rng = np.random.default_rng(seed)
+    policy = parse_policy(yaml.safe_dump(random_policy(rng), sort_keys=False))
+    keys, ct = random_keys(rng, policy, 300)
+    _compare(compile_policy(policy, algo), Reference(policy), keys, ct)
+
+
 def test_random_policies_reach_every_reason():
     """The random cases above are not vacuous: together they produce every verdict/reason."""
     seen = set()

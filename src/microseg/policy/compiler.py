@@ -39,6 +39,9 @@ from .k8s import NAMESPACE_NAME_LABEL
 from .model import ICMP_PROTOCOLS, PORT_PROTOCOLS, Policy, load_policy
 from .reference import DEFAULT_EGRESS
 
+# Policy rule sets have few distinct masks (exact local address x a handful of remote prefix
+# lengths), which suits tuple space search; bench/policy.py compares the classifiers.
+DEFAULT_ALGO = "tss"
 _versions = itertools.count(1)
 _version_lock = threading.Lock()
 
@@ -62,19 +65,50 @@ def _net128(addr) -> tuple[int, int]:
     return v >> 64, v & 0xFFFFFFFFFFFFFFFF
 
 
+_HM = np.uint64(0x9E3779B97F4A7C15)
+
+
+@njit(cache=True, inline="always")
+def _h3(t, h, l):
+    x = (np.uint64(t) * _HM) ^ h
+    x = ((x ^ (x >> np.uint64(29))) * _HM) ^ l
+    x = (x ^ (x >> np.uint64(32))) * _HM
+    return x ^ (x >> np.uint64(29))
+
+
 @njit(cache=True)
-def _search3(ta, ha, la, t, h, l):
-    """Index of (t, h, l) in arrays sorted lexicographically, or -1."""
-    lo, hi = 0, ta.shape[0]
-    while lo < hi:
-        mid = (lo + hi) >> 1
-        if ta[mid] < t or (ta[mid] == t and (ha[mid] < h or (ha[mid] == h and la[mid] < l))):
-            lo = mid + 1
-        else:
-            hi = mid
-    if lo < ta.shape[0] and ta[lo] == t and ha[lo] == h and la[lo] == l:
-        return lo
+def _lookup3(ht, hh, hl, hv, t, h, l):
+    """Value stored under key (t, h, l) in an open-addressing table, or -1."""
+    mask = ht.shape[0] - 1
+    s = np.int64(_h3(t, h, l) & np.uint64(mask))
+    while ht[s] >= 0:
+        if ht[s] == t and hh[s] == h and hl[s] == l:
+            return hv[s]
+        s = (s + 1) & mask
     return -1
+
+
+@njit(cache=True)
+def _fill3(ht, hh, hl, hv, kt, kh, kl, kv):
+    mask = ht.shape[0] - 1
+    for i in range(kt.shape[0]):
+        s = np.int64(_h3(kt[i], kh[i], kl[i]) & np.uint64(mask))
+        while ht[s] >= 0:
+            s = (s + 1) & mask
+        ht[s], hh[s], hl[s], hv[s] = kt[i], kh[i], kl[i], kv[i]
+
+
+def _table3(rows) -> tuple:
+    """Read-only hash table (keys t >= 0, hi, lo -> int32 value) for (t, hi, lo, value) rows."""
+    cap = 2
+    while cap < 2 * len(rows):
+        cap *= 2
+    ht = np.full(cap, -1, np.int64)
+    hh, hl, hv = np.zeros(cap, np.uint64), np.zeros(cap, np.uint64), np.zeros(cap, np.int32)
+    cols = [np.array([r[c] for r in rows], dt) for c, dt in
+            ((0, np.int64), (1, np.uint64), (2, np.uint64), (3, np.int32))]
+    _fill3(ht, hh, hl, hv, *cols)
+    return tuple(_ro(a) for a in (ht, hh, hl, hv))
 
 
 @njit(cache=True)
@@ -93,9 +127,10 @@ def _search1(a, v):
 
 @njit(cache=True)
 def _prepare(u64, i32, u16, u8, n, ct, K, t_vni, untagged, a_t, a_hi, a_lo, a_w, m_t, m_mac,
-             m_w, w_mac, need, anti_spoof, out_k, out_pkt, out_kind, verdict, reason, src_w,
-             dst_w):
+             m_lo, m_w, w_mac, need, anti_spoof, out_k, out_pkt, out_kind, verdict, reason,
+             src_w, dst_w):
     """Everything up to the rule checks; returns the number of check rows written."""
+    zero = np.uint64(0)
     m = 0
     for i in range(n):
         src_w[i] = -1
@@ -127,16 +162,13 @@ def _prepare(u64, i32, u16, u8, n, ct, K, t_vni, untagged, a_t, a_hi, a_lo, a_w,
                 reason[i] = 13
             continue
         tt = np.int64(ti)
-        j = _search3(a_t, a_hi, a_lo, tt, u64[_SRC_HI, i], u64[_SRC_LO, i])
-        sw = a_w[j] if j >= 0 else -1
-        j = _search3(a_t, a_hi, a_lo, tt, u64[_DST_HI, i], u64[_DST_LO, i])
-        dw = a_w[j] if j >= 0 else -1
+        sw = _lookup3(a_t, a_hi, a_lo, a_w, tt, u64[_SRC_HI, i], u64[_SRC_LO, i])
+        dw = _lookup3(a_t, a_hi, a_lo, a_w, tt, u64[_DST_HI, i], u64[_DST_LO, i])
         src_w[i] = sw
         dst_w[i] = dw
         if anti_spoof and i32[_L2_OFF, i] >= 0:
             mac = u64[_ETH_SRC, i]
-            j = _search3(m_t, m_mac, m_mac, tt, mac, mac)
-            owner = m_w[j] if j >= 0 else -1
+            owner = _lookup3(m_t, m_mac, m_lo, m_w, tt, mac, zero)
             if (sw >= 0 and w_mac[sw] >= 0 and np.uint64(w_mac[sw]) != mac) or \
                     (owner >= 0 and owner != sw):
                 verdict[i] = 2
@@ -249,7 +281,7 @@ class CompiledPolicy:
                  "workload_names", "_t_vni", "_untagged", "_a", "_m", "_w_mac", "_need",
                  "_anti_spoof", "_deny", "_frozen")
 
-    def __init__(self, policy: Policy, algo: str | None = None):
+    def __init__(self, policy: Policy, algo: str = DEFAULT_ALGO):
         s = object.__setattr__
         s(self, "policy", policy)
         canon = json.dumps(policy.to_dict(), sort_keys=True, separators=(",", ":"))
@@ -262,12 +294,10 @@ class CompiledPolicy:
         s(self, "workload_names", tuple(f"{w.tenant}/{w.name}" for w in wl))
         s(self, "_t_vni", _ro(np.array([t.vni for t in tenants], np.int64)))
         s(self, "_untagged", t_index[policy.untagged_tenant] if policy.untagged_tenant else -1)
-        rows = sorted((t_index[w.tenant], *_net128(a), wi) for wi, w in enumerate(wl) for a in w.addresses)
-        s(self, "_a", tuple(_ro(np.array([r[c] for r in rows], dt)) for c, dt in
-                            ((0, np.int64), (1, np.uint64), (2, np.uint64), (3, np.int32))))
-        macs = sorted((t_index[w.tenant], w.mac, wi) for wi, w in enumerate(wl) if w.mac is not None)
-        s(self, "_m", tuple(_ro(np.array([r[c] for r in macs], dt)) for c, dt in
-                            ((0, np.int64), (1, np.uint64), (2, np.int32))))
+        s(self, "_a", _table3([(t_index[w.tenant], *_net128(a), wi)
+                               for wi, w in enumerate(wl) for a in w.addresses]))
+        s(self, "_m", _table3([(t_index[w.tenant], w.mac, 0, wi)
+                               for wi, w in enumerate(wl) if w.mac is not None]))
         s(self, "_w_mac", _ro(np.array([-1 if w.mac is None else w.mac for w in wl], np.int64)))
         s(self, "_anti_spoof", bool(policy.anti_spoofing))
         s(self, "_deny", V.REJECT if policy.deny_action == "reject" else V.DROP)
@@ -276,7 +306,7 @@ class CompiledPolicy:
         s(self, "origins", tuple(origins))
         rs = RuleSet(rules, version=self.version)
         s(self, "ruleset", rs)
-        s(self, "classifier", build_classifier(rs, algo) if algo else build_classifier(rs))
+        s(self, "classifier", build_classifier(rs, algo))
         s(self, "_frozen", True)
 
     def __setattr__(self, name, value):
@@ -313,9 +343,9 @@ class CompiledPolicy:
         out_pkt = np.empty(4 * n, np.int32)
         out_kind = np.empty(4 * n, np.uint8)
         a_t, a_hi, a_lo, a_w = self._a
-        m_t, m_mac, m_w = self._m
+        m_t, m_mac, m_lo, m_w = self._m
         m = int(_prepare(u64, i32, u16, u8, n, ct, K, self._t_vni, self._untagged, a_t, a_hi,
-                         a_lo, a_w, m_t, m_mac, m_w, self._w_mac, self._need, self._anti_spoof,
+                         a_lo, a_w, m_t, m_mac, m_lo, m_w, self._w_mac, self._need, self._anti_spoof,
                          out_k, out_pkt, out_kind, verdict, reason, src_w, dst_w))
         if m:
             idx = self.classifier.classify_keys(out_k[:m])
@@ -465,16 +495,23 @@ def _flatten(policy: Policy, version: int):
             origins.append(o)
         return origin_id[o]
 
+    prefixes: dict = {}
+
+    def prefix(x):
+        """Prefix of an address or network (cached: the same ones recur in many rules)."""
+        p = prefixes.get(x)
+        if p is None:
+            net = ipaddress.ip_network(x)
+            p = None if net.prefixlen == 0 else Prefix.from_network(net)
+            prefixes[x] = p
+        return p
+
     def emit(kind, w, local, remote, proto, dport, icmp_type, icmp_code, origin):
         """remote: ipaddress network, address or None (any address of local's family)."""
-        lp = Prefix.from_network(ipaddress.ip_network(local))
-        rp = None
-        if remote is not None:
-            net = ipaddress.ip_network(remote)
-            if net.version != local.version:
-                return
-            if net.prefixlen > 0:
-                rp = Prefix.from_network(net)
+        if remote is not None and remote.version != local.version:
+            return
+        lp = prefix(local)
+        rp = None if remote is None else prefix(remote)
         egress = kind in (V.EG_SG, V.EG_NP)
         key = (kind, vni[w.tenant], lp, rp, proto, dport, icmp_type, icmp_code)
         if key in seen:
@@ -567,8 +604,8 @@ def _flatten(policy: Policy, version: int):
     return need, rules, origins
 
 
-def compile_policy(policy: Policy, algo: str | None = None) -> CompiledPolicy:
-    """Compile ``policy`` (a new, higher version each call)."""
+def compile_policy(policy: Policy, algo: str = DEFAULT_ALGO) -> CompiledPolicy:
+    """Compile ``policy`` (a new, higher version each call) for classifier ``algo``."""
     return CompiledPolicy(policy, algo)
 
 
@@ -602,4 +639,4 @@ class PolicyHolder:
 
     def load(self, path: str, algo: str | None = None) -> CompiledPolicy | None:
         """Load, validate and compile ``path``, then swap it in (the old one stays on error)."""
-        return self.swap(compile_policy(load_policy(path), algo))
+        return self.swap(compile_policy(load_policy(path), algo or DEFAULT_ALGO))

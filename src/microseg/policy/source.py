@@ -67,6 +67,7 @@ class Reporter:
             raise PolicyError(self.errors)
 
 
+_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)   # libyaml when present: same marks, faster
 MAX_NODES = 2_000_000      # aliases can expand a small file enormously ("billion laughs")
 
 
@@ -115,7 +116,7 @@ def load_documents(text: str, path: str) -> list:
 
     Raises :class:`PolicyError` naming the file and line of a syntax error.
     """
-    loader = yaml.SafeLoader(text)
+    loader = _Loader(text)
     docs = []
     try:
         while loader.check_node():
