@@ -15,6 +15,7 @@ from .errors import MicrosegError
 
 COMMAND_MODULES = [
     "microseg.classify.commands",
+    "microseg.policy.commands",
     "microseg.overlay.commands",
     "microseg.ipsec.commands",
 ]
