@@ -16,6 +16,7 @@ from .errors import MicrosegError
 COMMAND_MODULES = [
     "microseg.classify.commands",
     "microseg.policy.commands",
+    "microseg.io.generator",
     "microseg.overlay.commands",
     "microseg.ipsec.commands",
 ]

@@ -322,28 +322,34 @@ def _assemble(out, p_off, p_tmpl, p_len, p_msg, p_stream, p_seq, p_ack, p_flags,
         fill = m_fill[m]
         mlen = m_len[m]
         pbase = m_pool[m]
-        for k in range(L):
-            pos = s0 + k
-            if pos < bl:
-                out[o + h + k] = blob[bo + pos]
-            else:
-                q = pos - bl
-                b = pool[(pbase + q) & pmask]
-                if fill == 1:
-                    r = q % TLS_REC
-                    if r < 5:
-                        rem = mlen - bl - (q - r)
-                        rl = TLS_REC if rem > TLS_REC else rem
-                        rl -= 5
-                        if r == 0:
-                            b = 0x17
-                        elif r < 3:
-                            b = 0x03
-                        elif r == 3:
-                            b = (rl >> 8) & 0xFF
-                        else:
-                            b = rl & 0xFF
-                out[o + h + k] = b
+        pay = o + h
+        k = 0
+        while k < L and s0 + k < bl:                   # explicit bytes
+            out[pay + k] = blob[bo + s0 + k]
+            k += 1
+        if k < L:                                       # then pseudo-random bytes
+            q0 = s0 + k - bl
+            q1 = s0 + L - bl
+            for q in range(q0, q1):
+                out[pay + q - q0 + k] = pool[(pbase + q) & pmask]
+            if fill == 1:                               # TLS record headers within [q0, q1)
+                rec = (q0 // TLS_REC) * TLS_REC
+                while rec < q1:
+                    rem = mlen - bl - rec
+                    rl = (TLS_REC if rem > TLS_REC else rem) - 5
+                    for j in range(5):
+                        q = rec + j
+                        if q0 <= q < q1:
+                            if j == 0:
+                                b = 0x17
+                            elif j < 3:
+                                b = 0x03
+                            elif j == 3:
+                                b = (rl >> 8) & 0xFF
+                            else:
+                                b = rl & 0xFF
+                            out[pay + q - q0 + k] = b
+                    rec += TLS_REC
         total = h + L
         iip = o + t_iip[t]
         il4 = o + t_il4[t]
@@ -538,12 +544,36 @@ class _Names:
         return i
 
 
+class _Rand:
+    """Scalar draws from pre-generated blocks (a NumPy call per scalar costs microseconds)."""
+
+    def __init__(self, rng):
+        self.rng = rng
+        self.buf = rng.random(1 << 16)
+        self.i = 0
+
+    def random(self) -> float:
+        if self.i == self.buf.shape[0]:
+            self.buf = self.rng.random(1 << 16)
+            self.i = 0
+        v = self.buf[self.i]
+        self.i += 1
+        return float(v)
+
+    def int(self, lo, hi=None) -> int:
+        """Uniform integer in [lo, hi) (or [0, lo))."""
+        if hi is None:
+            lo, hi = 0, lo
+        return lo + min(int(self.random() * (hi - lo)), hi - lo - 1)
+
+
 class _Planner:
     """Draws flows from the policy's allowed/denied connections and writes their messages."""
 
     def __init__(self, policy, cfg: ScenarioConfig):
         self.p, self.cfg = policy, cfg
         self.rng = np.random.default_rng(cfg.seed)
+        self.R = _Rand(self.rng)
         self.intent = Intent(policy)
         tenants = {t.name: t for t in policy.tenants}
         if cfg.tenants is not None:
@@ -584,10 +614,11 @@ class _Planner:
                              "spoofed_source", "ct_invalid")
         self.deny = REJECT if self.intent.deny_verdict == "reject" else DROP
         self.ports_used = {}
-        # per-template (flow, dir) columns
-        self.T = {k: [] for k in ("family", "proto", "vni", "o_smac", "o_dmac", "o_src", "o_dst",
-                                  "entropy", "smac", "dmac", "src", "dst", "sport", "dport",
-                                  "icmp_type", "flowlabel", "port")}
+        self.F = []                  # per flow: the columns its header templates are made of
+        self.a16_cache = {}
+        self.host_ix = {h.name: i for i, h in enumerate(policy.hosts)}
+        self.addr = {(w.tenant, w.name, fam): address_of(w, fam) for w in policy.workloads
+                     for fam in (4, 6)}
         self.flow_meta = []
         self.flow_msgs = []          # per flow: list of message tuples
         self.blobs = []
@@ -613,7 +644,7 @@ class _Planner:
         sequential from a random start, as Linux hands out ephemeral ports."""
         st = self.ports_used.get(key)
         if st is None:
-            st = self.ports_used[key] = [int(self.rng.integers(lo, hi + 1)), 0]
+            st = self.ports_used[key] = [self.R.int(lo, hi + 1), 0]
         start, used = st
         span = hi - lo + 1
         if used >= span:
@@ -647,7 +678,7 @@ class _Planner:
                     if s is d or s.host == d.host:
                         continue
                     for fam in (4, 6):
-                        sa, da = address_of(s, fam), address_of(d, fam)
+                        sa, da = self.addr[(s.tenant, s.name, fam)], self.addr[(d.tenant, d.name, fam)]
                         if sa is None or da is None:
                             continue
                         items = [(proto, port, -1) for proto, port in services]
@@ -673,68 +704,102 @@ class _Planner:
                     (allowed, "any", 10 - fam)):
             lst = self.cand.get(key)
             if lst:
-                return lst[int(self.rng.integers(len(lst)))]
+                return lst[self.R.int(len(lst))]
         return None
 
     # -- flows -----------------------------------------------------------------------------------
     def new_flow(self, tenant, s, d, fam, proto, sport, dport, label, sa=None, da=None,
-                 s_host=None, d_host=None, d_mac=None, icmp=False, meta=None) -> int:
-        """Register a flow and its two header templates; returns the flow id."""
+                 icmp=False, meta=None) -> int:
+        """Register a flow (its header templates are built later, column-wise); returns its id.
+        ``sa``/``da`` override the workloads' addresses (spoofing); ``d`` gives the frame's
+        destination MAC and host."""
         f = len(self.flow_meta)
-        sa = sa if sa is not None else address_of(s, fam)
-        da = da if da is not None else address_of(d, fam)
-        s_host = s_host or s.host
-        d_host = d_host or d.host
-        d_mac = d_mac if d_mac is not None else d.mac
-        ent = 49152 + ((f * 2654435761 + self.cfg.seed) & 0x3FFF)    # tunnel source port
-        fl = int(self.rng.integers(0, 1 << 20))
-        vni = -1 if self.untagged else tenant.vni
-        s_port = self.wl_index[(s.tenant, s.name)]
-        d_port = self.wl_index[(d.tenant, d.name)] if d is not None else s_port
-        for dr in (0, 1):
-            T = self.T
-            T["family"].append(fam)
-            T["proto"].append(proto)
-            T["vni"].append(max(vni, 0))
-            T["entropy"].append(ent)
-            T["flowlabel"].append(fl)
-            if dr == 0:
-                T["o_src"].append(self.host_addr[s_host]); T["o_dst"].append(self.host_addr[d_host])
-                T["o_smac"].append(self.host_mac(s_host)); T["o_dmac"].append(self.host_mac(d_host))
-                T["smac"].append(s.mac); T["dmac"].append(d_mac)
-                T["src"].append(_addr16(sa)); T["dst"].append(_addr16(da))
-                T["sport"].append(sport); T["dport"].append(dport)
-                T["icmp_type"].append(8 if fam == 4 else 128)
-                T["port"].append(s_port)
-            else:
-                T["o_src"].append(self.host_addr[d_host]); T["o_dst"].append(self.host_addr[s_host])
-                T["o_smac"].append(self.host_mac(d_host)); T["o_dmac"].append(self.host_mac(s_host))
-                T["smac"].append(d_mac); T["dmac"].append(s.mac)
-                T["src"].append(_addr16(da)); T["dst"].append(_addr16(sa))
-                T["sport"].append(dport if not icmp else sport); T["dport"].append(sport)
-                T["icmp_type"].append(0 if fam == 4 else 129)
-                T["port"].append(d_port)
-        info = {"flow": f, "tenant": tenant.name, "vni": tenant.vni,
-                "src": s.name, "dst": d.name if d is not None else None,
-                "src_addr": str(sa), "dst_addr": str(da), "proto": proto,
-                "sport": sport, "dport": dport, "label": label}
-        if meta:
-            info.update(meta)
-        self.flow_meta.append(info)
+        sa = sa if sa is not None else self.addr[(s.tenant, s.name, fam)]
+        da = da if da is not None else self.addr[(d.tenant, d.name, fam)]
+        self.F.append((fam, proto, self.host_ix[s.host], self.host_ix[d.host], s.mac, d.mac,
+                       self.a16(sa), self.a16(da), sport, dport, icmp,
+                       self.wl_index[(s.tenant, s.name)], self.wl_index[(d.tenant, d.name)]))
+        self.flow_meta.append((tenant, s.name, d.name, sa, da, proto, sport, dport, label, meta))
         self.flow_msgs.append([])
         return f
+
+    def _meta(self, f) -> dict:
+        m = self.flow_meta[f][-1]
+        if m is None:
+            m = {}
+            self.flow_meta[f] = self.flow_meta[f][:-1] + (m,)
+        return m
+
+    def a16(self, a) -> bytes:
+        b = self.a16_cache.get(a)
+        if b is None:
+            b = self.a16_cache[a] = _addr16(a)
+        return b
 
     def msg(self, f, kind, dr=0, nbytes=0, flags=0, blob=(0, 0), fill=FILL_POOL, seq_delta=0,
             counts=True, icmp_seq=0, verdict=ALLOW, ct_first=ctstate.NEW,
             ct_rest=ctstate.ESTABLISHED, reason=0, label=0, cause=0):
-        pool = int(self.rng.integers(0, POOL_SIZE))
         self.flow_msgs[f].append((kind, dr, max(nbytes, blob[1]) if kind in (M_DATA, M_ONE) else 0,
                                   flags, blob[0], blob[1], fill, seq_delta, counts, icmp_seq,
-                                  verdict, ct_first, ct_rest, reason, label, cause, pool))
+                                  verdict, ct_first, ct_rest, reason, label, cause))
+
+    def flows_table(self, per_flow_pkts) -> list:
+        """The flow table as JSON-ready dicts."""
+        out = []
+        text = {}
+        for f, (t, s, d, sa, da, proto, sport, dport, label, meta) in enumerate(self.flow_meta):
+            for a in (sa, da):
+                if a not in text:
+                    text[a] = str(a)
+            row = {"flow": f, "tenant": t.name, "vni": t.vni, "src": s, "dst": d,
+                   "src_addr": text[sa], "dst_addr": text[da], "family": sa.version,
+                   "proto": proto, "sport": sport, "dport": dport, "label": label,
+                   "packets": int(per_flow_pkts[f])}
+            if meta:
+                row.update(meta)
+            out.append(row)
+        return out
+
+    def template_columns(self) -> dict:
+        """Per-template columns (template 2f is flow f's original direction, 2f+1 its reply)."""
+        n = len(self.F)
+        cols = list(zip(*self.F)) if n else [()] * 13
+        fam = np.array(cols[0], np.int64)
+        proto = np.array(cols[1], np.int64)
+        sh, dh = np.array(cols[2], np.int64), np.array(cols[3], np.int64)
+        smac, dmac = np.array(cols[4], np.uint64), np.array(cols[5], np.uint64)
+        src = np.frombuffer(b"".join(cols[6]), np.uint8).reshape(n, 16)
+        dst = np.frombuffer(b"".join(cols[7]), np.uint8).reshape(n, 16)
+        sport, dport = np.array(cols[8], np.int64), np.array(cols[9], np.int64)
+        icmp = np.array(cols[10], bool)
+        sp, dp = np.array(cols[11], np.int64), np.array(cols[12], np.int64)
+        hosts = np.array([self.host_addr[h.name] for h in self.p.hosts] or [0], np.int64)
+        hmac = np.array([self.host_mac(h.name) for h in self.p.hosts] or [0], np.uint64)
+        vni = np.full(n, 0, np.int64)
+        if not self.untagged:
+            vni = np.array([t.vni for t, *_ in self.flow_meta], np.int64)
+
+        def inter(a, b):
+            out = np.empty((2 * n,) + a.shape[1:], a.dtype)
+            out[0::2], out[1::2] = a, b
+            return out
+        f_ix = np.arange(n, dtype=np.int64)
+        return {
+            "family": inter(fam, fam), "proto": inter(proto, proto), "vni": inter(vni, vni),
+            "entropy": inter(*(2 * [49152 + ((f_ix * 2654435761 + self.cfg.seed) & 0x3FFF)])),
+            "flowlabel": inter(*(2 * [self.rng.integers(0, 1 << 20, n, dtype=np.int64)])),
+            "o_src": inter(hosts[sh], hosts[dh]), "o_dst": inter(hosts[dh], hosts[sh]),
+            "o_smac": inter(hmac[sh], hmac[dh]), "o_dmac": inter(hmac[dh], hmac[sh]),
+            "smac": inter(smac, dmac), "dmac": inter(dmac, smac),
+            "src": inter(src, dst), "dst": inter(dst, src),
+            "sport": inter(sport, np.where(icmp, sport, dport)), "dport": inter(dport, sport),
+            "icmp_type": inter(np.where(fam == 4, 8, 128), np.where(fam == 4, 0, 129)),
+            "port": inter(sp, dp),
+        }
 
     def pareto(self) -> int:
         c = self.cfg
-        u = self.rng.random()
+        u = self.R.random()
         v = c.size_min * (1.0 - u) ** (-1.0 / c.size_alpha)
         return int(min(v, c.size_max))
 
@@ -744,10 +809,11 @@ class _Planner:
         shares = np.array([c.tls_share, c.dns_share, c.icmp_share,
                            max(0.0, 1.0 - c.tls_share - c.dns_share - c.icmp_share)])
         kinds = ("tls", "dns", "icmp", "tcp")
-        for _ in range(c.flows):
-            denied = self.rng.random() < c.denied_share
-            kind = kinds[int(self.rng.choice(4, p=shares / shares.sum()))]
-            fam = 6 if self.rng.random() < c.ipv6_share else 4
+        denied_v = self.rng.random(c.flows) < c.denied_share
+        kind_v = self.rng.choice(4, size=c.flows, p=shares / shares.sum())
+        fam_v = np.where(self.rng.random(c.flows) < c.ipv6_share, 6, 4)
+        for i in range(c.flows):
+            denied, kind, fam = bool(denied_v[i]), kinds[kind_v[i]], int(fam_v[i])
             cand = self.pick(not denied, kind, fam)
             if cand is None:
                 cand = self.pick(denied, kind, fam)
@@ -767,15 +833,17 @@ class _Planner:
 
     def _tcp_flow(self, cand, tls: bool):
         t, s, d, fam, proto, port, dec = cand
-        sa, da = address_of(s, fam), address_of(d, fam)
-        sp = self.sport((t.name, str(sa), str(da), TCP, port))
+        sa, da = self.addr[(s.tenant, s.name, fam)], self.addr[(d.tenant, d.name, fam)]
+        sp = self.sport((t.name, sa.version, int(sa), int(da), TCP, port))
         label = self.labels("tls" if tls else "tcp")
         reason = self.reasons(dec.reason)
         f = self.new_flow(t, s, d, fam, TCP, sp, port, "tls" if tls else "tcp",
                           meta={"verdict": "allow", "reason": dec.reason})
         kw = dict(reason=reason, label=label, cause=0, ct_first=ctstate.ESTABLISHED)
         self.msg(f, M_HS, reason=reason, label=label, cause=0)
-        rounds = int(self.rng.geometric(0.6))
+        rounds = 1
+        while rounds < 20 and self.R.random() < 0.4:      # keep-alive: geometric, mean 1.7
+            rounds += 1
         total = 0
         r = self.rng
         if tls:
@@ -816,7 +884,7 @@ class _Planner:
                     self.msg(f, M_DATA, 0, int(r.integers(40, 600)), **kw)
                     self.msg(f, M_DATA, 1, resp, **kw)
         self.msg(f, M_CLOSE, 0, **kw)
-        self.flow_meta[f]["bytes"] = total
+        self._meta(f)["bytes"] = total
 
     @staticmethod
     def _tls_len(n: int) -> int:
@@ -828,24 +896,24 @@ class _Planner:
 
     def _udp_flow(self, cand):
         t, s, d, fam, proto, port, dec = cand
-        sa, da = address_of(s, fam), address_of(d, fam)
-        sp = self.sport((t.name, str(sa), str(da), UDP, port))
+        sa, da = self.addr[(s.tenant, s.name, fam)], self.addr[(d.tenant, d.name, fam)]
+        sp = self.sport((t.name, sa.version, int(sa), int(da), UDP, port))
         kind = "dns" if port == 53 else "udp"
         f = self.new_flow(t, s, d, fam, UDP, sp, port, kind,
                           meta={"verdict": "allow", "reason": dec.reason})
         reason, label = self.reasons(dec.reason), self.labels(kind)
         if port != 53:
             for dr in (0, 1):
-                self.msg(f, M_ONE, dr, int(self.rng.integers(40, 400)), reason=reason,
+                self.msg(f, M_ONE, dr, self.R.int(40, 400), reason=reason,
                          label=label, cause=dr, ct_first=ctstate.NEW if dr == 0 else ctstate.ESTABLISHED)
             return
         ws = self.by_tenant[t.name]
-        target = ws[int(self.rng.integers(len(ws)))]
+        target = ws[self.R.int(len(ws))]
         qtype = 28 if fam == 6 else 1
-        qid = int(self.rng.integers(0, 65536))
+        qid = self.R.int(0, 65536)
         name = f"{target.name}.{t.name}.internal"
         ans = address_of(target, fam)
-        if self.rng.random() < 0.05:
+        if self.R.random() < 0.05:
             name, ans = f"missing-{qid}.{t.name}.internal", None
         q = dns_query(qid, name, qtype)
         a = dns_response(qid, name, qtype, None if ans is None else ans.packed)
@@ -856,13 +924,13 @@ class _Planner:
 
     def _icmp_flow(self, cand):
         t, s, d, fam, proto, port, dec = cand
-        sa, da = address_of(s, fam), address_of(d, fam)
-        ident = self.sport((t.name, str(sa), str(da), proto), 1, 65535)
+        sa, da = self.addr[(s.tenant, s.name, fam)], self.addr[(d.tenant, d.name, fam)]
+        ident = self.sport((t.name, sa.version, int(sa), int(da), proto), 1, 65535)
         f = self.new_flow(t, s, d, fam, proto, ident, 0, "icmp", icmp=True,
                           meta={"verdict": "allow", "reason": dec.reason})
         reason, label = self.reasons(dec.reason), self.labels("icmp")
         b = self.blob(PING_PAYLOAD, share=True)
-        for k in range(1, 1 + int(self.rng.integers(1, 5))):
+        for k in range(1, 1 + self.R.int(1, 5)):
             self.msg(f, M_ONE, 0, blob=b, icmp_seq=k, reason=reason, label=label,
                      cause=0 if k == 1 else 1, ct_first=ctstate.NEW if k == 1 else ctstate.ESTABLISHED)
             self.msg(f, M_ONE, 1, blob=b, icmp_seq=k, reason=reason, label=label, cause=1,
@@ -870,7 +938,7 @@ class _Planner:
 
     def _denied_flow(self, cand):
         t, s, d, fam, proto, port, dec = cand
-        sa, da = address_of(s, fam), address_of(d, fam)
+        sa, da = self.addr[(s.tenant, s.name, fam)], self.addr[(d.tenant, d.name, fam)]
         if proto == TCP:
             kind = "tls" if port == 443 else "tcp"
         elif proto == UDP:
@@ -879,9 +947,9 @@ class _Planner:
             kind = "icmp"
         label = self.labels(kind)
         reason, cause = self.reasons(dec.reason), self.causes(dec.cause)
-        tries = 1 if self.deny == REJECT else int(self.rng.integers(1, 4))
+        tries = 1 if self.deny == REJECT else self.R.int(1, 4)
         if proto in (TCP, UDP):
-            sp = self.sport((t.name, str(sa), str(da), proto, port))
+            sp = self.sport((t.name, sa.version, int(sa), int(da), proto, port))
             f = self.new_flow(t, s, d, fam, proto, sp, port, kind,
                               meta={"verdict": VERDICT_NAMES[self.deny], "reason": dec.reason})
             for _ in range(tries):
@@ -889,12 +957,12 @@ class _Planner:
                     self.msg(f, M_ONE, 0, flags=SYN, counts=False, verdict=self.deny,
                              reason=reason, label=label, cause=cause)
                 else:
-                    q = dns_query(int(self.rng.integers(0, 65536)), f"{d.name}.{t.name}.internal", 1) \
-                        if port == 53 else self.rng.bytes(int(self.rng.integers(20, 200)))
+                    q = dns_query(self.R.int(0, 65536), f"{d.name}.{t.name}.internal", 1) \
+                        if port == 53 else self.rng.bytes(self.R.int(20, 200))
                     self.msg(f, M_ONE, 0, blob=self.blob(q), verdict=self.deny, reason=reason,
                              label=label, cause=cause)
         else:
-            ident = self.sport((t.name, str(sa), str(da), proto), 1, 65535)
+            ident = self.sport((t.name, sa.version, int(sa), int(da), proto), 1, 65535)
             f = self.new_flow(t, s, d, fam, proto, ident, 0, "icmp", icmp=True,
                               meta={"verdict": VERDICT_NAMES[self.deny], "reason": dec.reason})
             b = self.blob(PING_PAYLOAD, share=True)
@@ -914,7 +982,7 @@ class _Planner:
         if not keys:
             raise InputError("port scan: no pair of workloads on different hosts")
         while budget > 0:
-            t, s, d = pairs[keys[int(self.rng.integers(len(keys)))]]
+            t, s, d = pairs[keys[self.R.int(len(keys))]]
             sa, da = address_of(s, 4), address_of(d, 4)
             ports = np.concatenate([self.rng.permutation(np.arange(1, 1025)),
                                     self.rng.permutation(np.arange(1025, 65536))[:4096]])
@@ -925,7 +993,7 @@ class _Planner:
                 dec = self.intent.decide(s, sa, d, da, Flow5(4, TCP, port))
                 if dec.allow and budget < 3:
                     continue
-                sp = self.sport((t.name, str(sa), str(da), TCP, port))
+                sp = self.sport((t.name, sa.version, int(sa), int(da), TCP, port))
                 f = self.new_flow(t, s, d, 4, TCP, sp, port, "port scan",
                                   meta={"verdict": "allow" if dec.allow else VERDICT_NAMES[self.deny],
                                         "reason": dec.reason})
@@ -962,25 +1030,25 @@ class _Planner:
         anti = getattr(self.p, "anti_spoofing", True)
         r_src = self.reasons("cross-tenant: source address of another tenant")
         r_dst = self.reasons("cross-tenant: destination not in the tenant (default deny (egress))")
-        tries = 0
+        misses = 0
         while budget > 0:
-            tries += 1
-            if tries > 50 * (budget + 10):
+            misses += 1
+            if misses > 1000:
                 raise InputError("cross-tenant spoofing: no packet the policy would refuse")
-            t = tenants[int(self.rng.integers(len(tenants)))]
+            t = tenants[self.R.int(len(tenants))]
             ws = self.by_tenant[t.name]
-            s = ws[int(self.rng.integers(len(ws)))]
-            d = ws[int(self.rng.integers(len(ws)))]
-            fa = foreign[t.name][int(self.rng.integers(len(foreign[t.name])))]
+            s = ws[self.R.int(len(ws))]
+            d = ws[self.R.int(len(ws))]
+            fa = foreign[t.name][self.R.int(len(foreign[t.name]))]
             sa = address_of(s, 4)
             if sa is None:
                 continue
-            port = (443, 80, 22, 5432, 3306)[int(self.rng.integers(5))]
-            if anti and self.rng.random() < 0.6:
+            port = (443, 80, 22, 5432, 3306)[self.R.int(5)]
+            if anti and self.R.random() < 0.6:
                 da = address_of(d, 4)
                 if d is s or d.host == s.host or da is None:
                     continue
-                sp = self.sport((t.name, str(fa), str(da), TCP, port))
+                sp = self.sport((t.name, fa.version, int(fa), int(da), TCP, port))
                 f = self.new_flow(t, s, d, 4, TCP, sp, port, "cross-tenant", sa=fa,
                                   meta={"verdict": "drop", "reason": self.reasons.list[r_src]})
                 self.msg(f, M_ONE, 0, flags=SYN, counts=False, verdict=DROP, ct_first=0,
@@ -989,15 +1057,16 @@ class _Planner:
                 dec = self.intent.decide(s, sa, None, fa, Flow5(4, TCP, port))
                 if dec.allow:
                     continue
-                sp = self.sport((t.name, str(sa), str(fa), TCP, port))
+                sp = self.sport((t.name, sa.version, int(sa), int(fa), TCP, port))
                 # the frame goes to the host of a workload of A (no tenant-A host has fa)
                 f = self.new_flow(t, s, d, 4, TCP, sp, port, "cross-tenant", da=fa,
                                   meta={"verdict": VERDICT_NAMES[self.deny],
                                         "reason": self.reasons.list[r_dst]})
-                self.flow_meta[f]["dst"] = None
+                self._meta(f)["dst_is_workload"] = False
                 self.msg(f, M_ONE, 0, flags=SYN, counts=False, verdict=self.deny,
                          reason=r_dst, label=label, cause=self.causes("egress_denied"))
             budget -= 1
+            misses = 0
 
     def allowed_tcp(self):
         return (self.cand.get((True, "tcp", 4), []) + self.cand.get((True, "tls", 4), [])
@@ -1014,21 +1083,21 @@ class _Planner:
                  if m and m[0][0] == M_HS and m[-1][0] == M_CLOSE]
         n_oow = budget // 2 if convs else 0
         for _ in range(n_oow):
-            f = convs[int(self.rng.integers(len(convs)))]
+            f = convs[self.R.int(len(convs))]
             msgs = self.flow_msgs[f]
-            at = int(self.rng.integers(1, len(msgs)))          # after the handshake, before FIN
-            pool = int(self.rng.integers(0, POOL_SIZE))
-            msgs.insert(at, (M_ONE, 0, int(self.rng.integers(10, 200)), PSH | ACK, 0, 0, FILL_POOL,
+            at = self.R.int(1, len(msgs))          # after the handshake, before FIN
+            msgs.insert(at, (M_ONE, 0, self.R.int(10, 200), PSH | ACK, 0, 0, FILL_POOL,
                              OOW_DELTA, False, 0, DROP, ctstate.INVALID, ctstate.INVALID,
-                             r_oow, label, cause, pool))
-            self.flow_meta[f]["out_of_window"] = self.flow_meta[f].get("out_of_window", 0) + 1
+                             r_oow, label, cause))
+            m = self._meta(f)
+            m["out_of_window"] = m.get("out_of_window", 0) + 1
         tcp = self.allowed_tcp()
         if not tcp:
             raise InputError("invalid tcp: the policy allows no TCP connection to aim at")
         for k in range(budget - n_oow):
-            t, s, d, fam, proto, port, dec = tcp[int(self.rng.integers(len(tcp)))]
-            sa, da = address_of(s, fam), address_of(d, fam)
-            sp = self.sport((t.name, str(sa), str(da), TCP, port))
+            t, s, d, fam, proto, port, dec = tcp[self.R.int(len(tcp))]
+            sa, da = self.addr[(s.tenant, s.name, fam)], self.addr[(d.tenant, d.name, fam)]
+            sp = self.sport((t.name, sa.version, int(sa), int(da), TCP, port))
             f = self.new_flow(t, s, d, fam, TCP, sp, port, "invalid tcp",
                               meta={"verdict": "drop", "reason": "invalid tcp (bad flags)"})
             flags = BAD_FLAGS[k % len(BAD_FLAGS)]
@@ -1041,14 +1110,14 @@ class _Planner:
         label = self.labels("syn flood")
         tcp = self.allowed_tcp() or self.tcp_pairs
         while budget > 0:
-            t, s, d, fam, proto, port, dec = tcp[int(self.rng.integers(len(tcp)))]
-            sa, da = address_of(s, fam), address_of(d, fam)
+            t, s, d, fam, proto, port, dec = tcp[self.R.int(len(tcp))]
+            sa, da = self.addr[(s.tenant, s.name, fam)], self.addr[(d.tenant, d.name, fam)]
             reason = self.reasons(dec.reason)
             v = ALLOW if dec.allow else self.deny
             cause = 0 if dec.allow else self.causes(dec.cause)
             n = min(budget, 20000)
             for _ in range(n):
-                sp = self.sport((t.name, str(sa), str(da), TCP, port))
+                sp = self.sport((t.name, sa.version, int(sa), int(da), TCP, port))
                 f = self.new_flow(t, s, d, fam, TCP, sp, port, "syn flood",
                                   meta={"verdict": VERDICT_NAMES[v], "reason": dec.reason})
                 self.msg(f, M_ONE, 0, flags=SYN, counts=dec.allow, verdict=v, reason=reason,
@@ -1072,7 +1141,7 @@ def _expand(planner: _Planner, cfg: ScenarioConfig):
     counts = np.fromiter((len(m) for m in flows), np.int64, nf)
     rows = [m for msgs in flows for m in msgs]
     M = len(rows)
-    cols = list(zip(*rows)) if rows else [()] * 17
+    cols = list(zip(*rows)) if rows else [()] * 16
     m_kind = np.array(cols[0], np.int64)
     m_dir = np.array(cols[1], np.int64)
     m_len = np.array(cols[2], np.int64)
@@ -1089,12 +1158,11 @@ def _expand(planner: _Planner, cfg: ScenarioConfig):
     m_reason = np.array(cols[13], np.uint16)
     m_label = np.array(cols[14], np.uint8)
     m_cause = np.array(cols[15], np.uint8)
-    m_pool = np.array(cols[16], np.int64)
+    m_pool = rng.integers(0, POOL_SIZE, M, dtype=np.int64)
     m_flow = np.repeat(np.arange(nf), counts)
 
-    T = planner.T
-    fam = np.array(T["family"][0::2], np.int64)
-    proto = np.array(T["proto"][0::2], np.int64)
+    fam = np.fromiter((x[0] for x in planner.F), np.int64, nf)
+    proto = np.fromiter((x[1] for x in planner.F), np.int64, nf)
     mtu = INNER_MTU_PLAIN if cfg.tunnel == "none" else INNER_MTU_TUNNEL
     mss_f = np.where(fam == 4, mtu - 40, mtu - 60)
     mss = mss_f[m_flow]
@@ -1192,12 +1260,14 @@ def _expand(planner: _Planner, cfg: ScenarioConfig):
 # ---------------------------------------------------------------------------------------------
 # Entry point
 # ---------------------------------------------------------------------------------------------
-def generate(policy=None, config: ScenarioConfig | dict | None = None, **overrides) -> Generated:
+def generate(policy=None, config: ScenarioConfig | dict | None = None, *, assembler=None,
+             **overrides) -> Generated:
     """Generate a scenario's traffic and its ground truth.
 
     ``policy``: a loaded :class:`~microseg.policy.model.Policy`, a path, or None for the
     built-in data centre. ``config``: a :class:`ScenarioConfig` or a dict; keyword overrides
-    (``flows=``, ``seed=``, ...) replace single settings.
+    (``flows=``, ``seed=``, ...) replace single settings. ``assembler``: the byte-writing pass
+    (default the compiled :func:`_assemble`; tests pass :func:`assemble_ref`).
     """
     if policy is None or isinstance(policy, (str, os.PathLike)):
         policy = load_policy(None if policy is None else os.fspath(policy))
@@ -1217,15 +1287,7 @@ def generate(policy=None, config: ScenarioConfig | dict | None = None, **overrid
         if n:
             fn(n)
     P, ts, truth, msgs, per_flow = _expand(pl, cfg)
-    T = pl.T
-    cols = {}
-    for k, v in T.items():
-        if k in ("src", "dst"):
-            cols[k] = np.frombuffer(b"".join(v), np.uint8).reshape(-1, 16) if v else np.zeros((0, 16), np.uint8)
-        elif k in ("o_smac", "o_dmac", "smac", "dmac"):
-            cols[k] = np.array(v, np.uint64)
-        else:
-            cols[k] = np.array(v, np.int64)
+    cols = pl.template_columns()
     tdata, t_off, t_len, t_oip, t_oudp, t_iip, t_il4, t_ver, t_proto = _build_templates(cols, cfg.tunnel)
     n = P["tmpl"].shape[0]
     length = (t_len[P["tmpl"]] + P["len"]).astype(np.int32)
@@ -1235,7 +1297,7 @@ def generate(policy=None, config: ScenarioConfig | dict | None = None, **overrid
     out = np.zeros(int(length.sum()), np.uint8)
     blob = np.frombuffer(b"".join(pl.blobs), np.uint8) if pl.blobs else np.zeros(1, np.uint8)
     pool = np.random.default_rng(cfg.seed ^ 0x5EED).integers(0, 256, POOL_SIZE, dtype=np.uint8)
-    _assemble(out, offset, P["tmpl"].astype(np.int64), P["len"].astype(np.int64),
+    (assembler or _assemble)(out, offset, P["tmpl"].astype(np.int64), P["len"].astype(np.int64),
               P["msg"].astype(np.int64), P["stream"].astype(np.int64), P["seq"].astype(np.int64),
               P["ack"].astype(np.int64), P["flags"].astype(np.uint8), P["win"].astype(np.int64),
               P["ipid"].astype(np.int64), P["oipid"], tdata, t_off, t_len, t_oip, t_oudp, t_iip,
@@ -1243,14 +1305,11 @@ def generate(policy=None, config: ScenarioConfig | dict | None = None, **overrid
               msgs["pool"], blob, pool)
     port = cols["port"][P["tmpl"]].astype(np.uint16)
     batch = Batch(out, offset, length, length.copy(), port, ts.astype(np.int64), LINK_ETHERNET)
-    vni = np.array([m["vni"] if not pl.untagged else -1 for m in pl.flow_meta], np.int32)
+    vni = np.array([m[0].vni if not pl.untagged else -1 for m in pl.flow_meta], np.int32)
     gt = GroundTruth(truth["verdict"], truth["ct"], truth["reason"], truth["label"], truth["cause"],
                      truth["flow"], truth["dir"], vni[truth["flow"]] if len(vni) else
                      np.zeros(0, np.int32), pl.reasons.list, pl.labels.list, pl.causes.list)
-    for f, m in enumerate(pl.flow_meta):
-        m["packets"] = int(per_flow[f])
-        m["family"] = 6 if ":" in m["src_addr"] else 4
-    return Generated(batch, gt, pl.flow_meta, cfg)
+    return Generated(batch, gt, pl.flows_table(per_flow), cfg)
 
 
 def _count_packets(pl: _Planner, cfg: ScenarioConfig) -> int:
@@ -1258,7 +1317,7 @@ def _count_packets(pl: _Planner, cfg: ScenarioConfig) -> int:
     mtu = INNER_MTU_PLAIN if cfg.tunnel == "none" else INNER_MTU_TUNNEL
     n = 0
     for f, msgs in enumerate(pl.flow_msgs):
-        mss = mtu - (40 if pl.T["family"][2 * f] == 4 else 60)
+        mss = mtu - (40 if pl.F[f][0] == 4 else 60)
         for m in msgs:
             k = m[0]
             if k == M_HS:
