@@ -198,8 +198,8 @@ def _gather(buf, src_off, length, out, dst_off):
     for i in range(src_off.shape[0]):
         s = src_off[i]
         d = dst_off[i]
-        for j in range(length[i]):
-            out[d + j] = buf[s + j]
+        ln = length[i]
+        out[d:d + ln] = buf[s:s + ln]
 
 
 @njit(cache=True)
@@ -236,14 +236,17 @@ def _linktype(raw: int, path: str) -> int:
 class _Walker:
     """Incremental record walk over one mapped capture file (pcap or pcapng)."""
 
-    def __init__(self, path):
+    def __init__(self, path, populate: bool = False):
         self.path = os.fspath(path)
         try:
             with open(self.path, "rb") as f:
                 size = os.fstat(f.fileno()).st_size
                 if size == 0:
                     raise InputError("empty file, not a capture", self.path)
-                self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                flags = mmap.MAP_SHARED
+                if populate and hasattr(mmap, "MAP_POPULATE"):
+                    flags |= mmap.MAP_POPULATE     # fault the whole file in at once
+                self._mm = mmap.mmap(f.fileno(), 0, flags=flags, prot=mmap.PROT_READ)
         except InputError:
             raise
         except IsADirectoryError:
@@ -515,7 +518,7 @@ def _concat(parts):
 
 def read_capture(path, allow_truncated: bool = False) -> Batch:
     """Read a whole pcap or pcapng file into one batch (see the module docstring)."""
-    w = _Walker(path)
+    w = _Walker(path, populate=True)
     try:
         parts = []
         while True:

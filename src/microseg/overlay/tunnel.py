@@ -134,8 +134,7 @@ def _encap_kernel(data, offset, length, tmpl, ver, l3, l4, tun, kind, vni, entro
         for k in range(hl):
             out[p + k] = tmpl[k]
         src = offset[i]
-        for k in range(ln):
-            out[p + hl + k] = data[src + k]
+        out[p + hl:p + hl + ln] = data[src:src + ln]
         v = vni[i]
         e = entropy[i]
         if kind == 3:                                         # NVGRE key: VSID << 8 | FlowID
