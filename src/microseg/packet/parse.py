@@ -54,49 +54,69 @@ _MAX_EXT = 8
 _MAX_DEPTH = 2
 _V4_PREFIX = 0x0000FFFF00000000
 
-_H_K1 = np.uint64(0x9E3779B97F4A7C15)
-_H_K2 = np.uint64(0xBF58476D1CE4E5B9)
-_S31 = np.uint64(31)
+_H_K = tuple(np.uint64(k) for k in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB,
+                                      0xD6E8FEB86659FD93, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9))
+_S29 = np.uint64(29)
 _S32 = np.uint64(32)
 _S16 = np.uint64(16)
 _S8 = np.uint64(8)
 _M32 = np.uint64(0xFFFFFFFF)
+_U24, _U40, _U48, _U56 = np.uint64(24), np.uint64(40), np.uint64(48), np.uint64(56)
 
 
-@njit(cache=True, inline="always")
+# Byte reads index with an unsigned offset: callers have bounds-checked it, and an unsigned index
+# spares Numba's negative-index wraparound on every byte (and lets LLVM merge the loads).
+_U = tuple(np.uint64(k) for k in range(8))
+
+
+@njit(cache=True)
+def _rd8(d, o):
+    return np.int64(d[np.uint64(o)])
+
+
+@njit(cache=True)
 def _rd16(d, o):
-    return (np.int64(d[o]) << 8) | np.int64(d[o + 1])
+    u = np.uint64(o)
+    return (np.int64(d[u]) << 8) | np.int64(d[u + _U[1]])
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True)
 def _rd32(d, o):
-    return ((np.int64(d[o]) << 24) | (np.int64(d[o + 1]) << 16)
-            | (np.int64(d[o + 2]) << 8) | np.int64(d[o + 3]))
+    u = np.uint64(o)
+    return ((np.int64(d[u]) << 24) | (np.int64(d[u + _U[1]]) << 16)
+            | (np.int64(d[u + _U[2]]) << 8) | np.int64(d[u + _U[3]]))
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True)
 def _rd48(d, o):
-    return (_rd16(d, o) << 32) | _rd32(d, o + 2)
+    u = np.uint64(o)
+    return ((np.int64(d[u]) << 40) | (np.int64(d[u + _U[1]]) << 32)
+            | (np.int64(d[u + _U[2]]) << 24) | (np.int64(d[u + _U[3]]) << 16)
+            | (np.int64(d[u + _U[4]]) << 8) | np.int64(d[u + _U[5]]))
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True)
 def _rd64(d, o):
-    return (np.uint64(_rd32(d, o)) << _S32) | np.uint64(_rd32(d, o + 4))
+    u = np.uint64(o)
+    return ((np.uint64(d[u]) << _U56) | (np.uint64(d[u + _U[1]]) << _U48)
+            | (np.uint64(d[u + _U[2]]) << _U40) | (np.uint64(d[u + _U[3]]) << _S32)
+            | (np.uint64(d[u + _U[4]]) << _U24) | (np.uint64(d[u + _U[5]]) << _S16)
+            | (np.uint64(d[u + _U[6]]) << _S8) | np.uint64(d[u + _U[7]]))
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True)
 def _is_v6_ext(nh):
     return nh == 0 or nh == 43 or nh == 44 or nh == 60
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True)
 def _icmp_has_id(t, ver):
     if ver == 4:
         return t == 0 or t == 8 or (t >= 13 and t <= 18)
     return t == 128 or t == 129
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True)
 def _icmp_is_error(t, ver):
     if ver == 4:
         return t == 3 or t == 4 or t == 5 or t == 11 or t == 12
@@ -124,12 +144,12 @@ def _icmp_quoted(d, b, q, end, ver, u64, u16, u8, i):
     if ver == 4:
         if end - q < 20:
             return E.TRUNC_ICMP_INNER
-        ihl = (np.int64(d[b + q]) & 15) * 4
-        if (d[b + q] >> 4) != 4 or ihl < 20:
+        ihl = (_rd8(d, b + q) & 15) * 4
+        if (_rd8(d, b + q) >> 4) != 4 or ihl < 20:
             return E.BAD_ICMP_INNER
         if end - q < ihl:
             return E.TRUNC_ICMP_INNER
-        proto = np.int64(d[b + q + 9])
+        proto = _rd8(d, b + q + 9)
         s_hi = np.uint64(0)
         s_lo = np.uint64(_V4_PREFIX | _rd32(d, b + q + 12))
         d_hi = np.uint64(0)
@@ -139,13 +159,13 @@ def _icmp_quoted(d, b, q, end, ver, u64, u16, u8, i):
     else:
         if end - q < 40:
             return E.TRUNC_ICMP_INNER
-        if (d[b + q] >> 4) != 6:
+        if (_rd8(d, b + q) >> 4) != 6:
             return E.BAD_ICMP_INNER
         s_hi = _rd64(d, b + q + 8)
         s_lo = _rd64(d, b + q + 16)
         d_hi = _rd64(d, b + q + 24)
         d_lo = _rd64(d, b + q + 32)
-        proto = np.int64(d[b + q + 6])
+        proto = _rd8(d, b + q + 6)
         r = q + 40
         count = 0
         later = False
@@ -157,17 +177,17 @@ def _icmp_quoted(d, b, q, end, ver, u64, u16, u8, i):
                 if end - r < 8:
                     return E.TRUNC_ICMP_INNER
                 later = (_rd16(d, b + r + 2) >> 3) != 0
-                proto = np.int64(d[b + r])
+                proto = _rd8(d, b + r)
                 r += 8
                 if later:
                     break
             else:
                 if end - r < 2:
                     return E.TRUNC_ICMP_INNER
-                hlen = (np.int64(d[b + r + 1]) + 1) * 8
+                hlen = (_rd8(d, b + r + 1) + 1) * 8
                 if end - r < hlen:
                     return E.TRUNC_ICMP_INNER
-                proto = np.int64(d[b + r])
+                proto = _rd8(d, b + r)
                 r += hlen
     u8[INNER_PROTO, i] = proto
     u64[INNER_SRC_HI, i] = s_hi
@@ -183,7 +203,7 @@ def _icmp_quoted(d, b, q, end, ver, u64, u16, u8, i):
         elif (proto == 1 and ver == 4) or (proto == 58 and ver == 6):
             if end - r < 8:
                 return E.TRUNC_ICMP_INNER
-            t = np.int64(d[b + r])
+            t = _rd8(d, b + r)
             u8[INNER_ICMP_TYPE, i] = t
             if _icmp_has_id(t, ver):
                 u16[INNER_SPORT, i] = _rd16(d, b + r + 4)
@@ -192,361 +212,41 @@ def _icmp_quoted(d, b, q, end, ver, u64, u16, u8, i):
 
 
 @njit(cache=True)
-def _parse_one(d, b, ln, linktype, u64, u32, i32, u16, u8, i):
-    """Parse packet ``i`` (bytes ``d[b : b + ln]``) into column ``i``; returns its error code."""
-    pos = 0
-    end = ln
-    depth = 0
-    if linktype == LINK_RAW:
-        if end >= 1 and (d[b] >> 4) == 6:
-            kind = _K_V6
-            u16[ETHERTYPE, i] = 0x86DD
-        else:
-            kind = _K_V4
-            u16[ETHERTYPE, i] = 0x0800
-    else:
-        kind = _K_ETH
-    while True:
-        # ---- L2 ------------------------------------------------------------------------
-        if kind == _K_ETH:
-            i32[L2_OFF, i] = pos
-            if end - pos < 14:
-                return E.TRUNC_ETH
-            u64[ETH_DST, i] = _rd48(d, b + pos)
-            u64[ETH_SRC, i] = _rd48(d, b + pos + 6)
-            etype = _rd16(d, b + pos + 12)
-            pos += 14
-            nv = 0
-            while (etype == 0x8100 or etype == 0x88A8) and nv < _MAX_VLANS:
-                if end - pos < 4:
-                    u16[ETHERTYPE, i] = etype
-                    return E.TRUNC_VLAN
-                u16[VLAN0 + nv, i] = _rd16(d, b + pos)
-                nv += 1
-                u8[N_VLANS, i] = nv
-                etype = _rd16(d, b + pos + 2)
-                pos += 4
-            u16[ETHERTYPE, i] = etype
-            if etype == 0x0800:
-                kind = _K_V4
-            elif etype == 0x86DD:
-                kind = _K_V6
-            elif etype == 0x0806:
-                u8[FLAGS, i] |= F_ARP
-                i32[L3_OFF, i] = pos
-                if end - pos < 28:
-                    return E.TRUNC_ARP
-                o = b + pos
-                if (_rd16(d, o) != 1 or _rd16(d, o + 2) != 0x0800 or d[o + 4] != 6
-                        or d[o + 5] != 4):
-                    return E.BAD_ARP
-                u16[ARP_OP, i] = _rd16(d, o + 6)
-                u64[ARP_SHA, i] = _rd48(d, o + 8)
-                u64[SRC_LO, i] = _V4_PREFIX | _rd32(d, o + 14)
-                u64[ARP_THA, i] = _rd48(d, o + 18)
-                u64[DST_LO, i] = _V4_PREFIX | _rd32(d, o + 24)
-                return E.OK
-            else:
-                return E.OK
-
-        # ---- L3 ------------------------------------------------------------------------
-        partial = False
-        if kind == _K_V4:
-            i32[L3_OFF, i] = pos
-            if end - pos < 20:
-                return E.TRUNC_IPV4
-            o = b + pos
-            v = np.int64(d[o])
-            if (v >> 4) != 4:
-                return E.BAD_IPV4_VER
-            ihl = (v & 15) * 4
-            total = _rd16(d, o + 2)
-            frag = _rd16(d, o + 6)
-            proto = np.int64(d[o + 9])
-            u8[IP_VER, i] = 4
-            u16[IP_LEN, i] = total
-            u8[TTL, i] = d[o + 8]
-            u8[PROTO, i] = proto
-            u64[SRC_LO, i] = _V4_PREFIX | _rd32(d, o + 12)
-            u64[DST_LO, i] = _V4_PREFIX | _rd32(d, o + 16)
-            foff = frag & 0x1FFF
-            if frag & 0x3FFF:
-                partial = True
-                fl = F_FRAG
-                if frag & 0x2000:
-                    fl |= F_MF
-                u8[FLAGS, i] |= fl
-                u16[FRAG_OFF, i] = foff
-            if ihl < 20:
-                return E.BAD_IPV4_IHL
-            if end - pos < ihl:
-                return E.TRUNC_IPV4
-            if total < ihl or total > end - pos:
-                return E.BAD_IPV4_LEN
-            s = np.int64(0)
-            for k in range(0, ihl, 2):
-                s += (np.int64(d[o + k]) << 8) | np.int64(d[o + k + 1])
-            s = (s & 0xFFFF) + (s >> 16)
-            s = (s & 0xFFFF) + (s >> 16)
-            if s != 0xFFFF:
-                return E.BAD_IPV4_CSUM
-            end = pos + total
-            pos += ihl
-            ver = 4
-            if foff:
-                i32[PAYLOAD_OFF, i] = pos
-                i32[PAYLOAD_LEN, i] = end - pos
-                return E.OK
-        else:
-            i32[L3_OFF, i] = pos
-            if end - pos < 40:
-                return E.TRUNC_IPV6
-            o = b + pos
-            if (d[o] >> 4) != 6:
-                return E.BAD_IPV6_VER
-            plen = _rd16(d, o + 4)
-            u8[IP_VER, i] = 6
-            u16[IP_LEN, i] = min(plen + 40, 0xFFFF)
-            u8[TTL, i] = d[o + 7]
-            u64[SRC_HI, i] = _rd64(d, o + 8)
-            u64[SRC_LO, i] = _rd64(d, o + 16)
-            u64[DST_HI, i] = _rd64(d, o + 24)
-            u64[DST_LO, i] = _rd64(d, o + 32)
-            proto = np.int64(d[o + 6])
-            u8[PROTO, i] = proto
-            if plen > end - pos - 40:
-                return E.BAD_IPV6_LEN
-            end = pos + 40 + plen
-            pos += 40
-            ver = 6
-            count = 0
-            foff = 0
-            while _is_v6_ext(proto):
-                if count == _MAX_EXT or (proto == 0 and count > 0):
-                    return E.BAD_IPV6_EXT
-                count += 1
-                if proto == 44:
-                    if end - pos < 8:
-                        return E.BAD_IPV6_EXT
-                    fo = _rd16(d, b + pos + 2)
-                    foff = fo >> 3
-                    fl = F_FRAG
-                    partial = (fo & 1) != 0 or foff != 0
-                    if fo & 1:
-                        fl |= F_MF
-                    u8[FLAGS, i] |= fl
-                    u16[FRAG_OFF, i] = foff
-                    proto = np.int64(d[b + pos])
-                    pos += 8
-                else:
-                    if end - pos < 2:
-                        return E.BAD_IPV6_EXT
-                    hlen = (np.int64(d[b + pos + 1]) + 1) * 8
-                    if end - pos < hlen:
-                        return E.BAD_IPV6_EXT
-                    proto = np.int64(d[b + pos])
-                    pos += hlen
-                u8[PROTO, i] = proto
-                if foff:
-                    break
-            if foff:
-                i32[PAYLOAD_OFF, i] = pos
-                i32[PAYLOAD_LEN, i] = end - pos
-                return E.OK
-
-        # ---- L4 ------------------------------------------------------------------------
-        i32[L4_OFF, i] = pos
-        o = b + pos
-        tun = 0
-        vni = 0
-        nkind = _K_ETH
-        if proto == 6:
-            if end - pos < 20:
-                return E.TRUNC_TCP
-            u16[SPORT, i] = _rd16(d, o)
-            u16[DPORT, i] = _rd16(d, o + 2)
-            u8[FLAGS, i] |= F_PORTS
-            u32[TCP_SEQ, i] = _rd32(d, o + 4)
-            u32[TCP_ACK, i] = _rd32(d, o + 8)
-            doff = (np.int64(d[o + 12]) >> 4) * 4
-            u8[TCP_DOFF, i] = doff
-            u8[TCP_FLAGS, i] = d[o + 13]
-            u16[TCP_WIN, i] = _rd16(d, o + 14)
-            if doff < 20 or doff > end - pos:
-                return E.BAD_TCP_DOFF
-            i32[PAYLOAD_OFF, i] = pos + doff
-            i32[PAYLOAD_LEN, i] = end - pos - doff
-            return E.OK
-        elif proto == 17:
-            if end - pos < 8:
-                return E.TRUNC_UDP
-            dport = _rd16(d, o + 2)
-            u16[SPORT, i] = _rd16(d, o)
-            u16[DPORT, i] = dport
-            u8[FLAGS, i] |= F_PORTS
-            ulen = _rd16(d, o + 4)
-            if ulen < 8 or (not partial and ulen > end - pos):
-                return E.BAD_UDP_LEN
-            i32[PAYLOAD_OFF, i] = pos + 8
-            if partial:
-                i32[PAYLOAD_LEN, i] = end - pos - 8
-                return E.OK
-            end = pos + ulen
-            i32[PAYLOAD_LEN, i] = ulen - 8
-            u = pos + 8
-            if dport == 4789:
-                if end - u < 8:
-                    return E.TRUNC_TUNNEL
-                if not (d[b + u] & 0x08):
-                    return E.BAD_TUNNEL
-                tun = TUN_VXLAN
-                vni = _rd32(d, b + u + 4) >> 8
-                pos = u + 8
-            elif dport == 6081:
-                if end - u < 8:
-                    return E.TRUNC_TUNNEL
-                g0 = np.int64(d[b + u])
-                optlen = (g0 & 0x3F) * 4
-                gproto = _rd16(d, b + u + 2)
-                if (g0 >> 6) != 0 or optlen > end - u - 8:
-                    return E.BAD_TUNNEL
-                if gproto == 0x6558:
-                    nkind = _K_ETH
-                elif gproto == 0x0800:
-                    nkind = _K_V4
-                elif gproto == 0x86DD:
-                    nkind = _K_V6
-                else:
-                    return E.BAD_TUNNEL
-                tun = TUN_GENEVE
-                vni = _rd32(d, b + u + 4) >> 8
-                pos = u + 8 + optlen
-            else:
-                return E.OK
-        elif proto == 132:
-            if end - pos < 12:
-                return E.TRUNC_SCTP
-            u16[SPORT, i] = _rd16(d, o)
-            u16[DPORT, i] = _rd16(d, o + 2)
-            u8[FLAGS, i] |= F_PORTS
-            i32[PAYLOAD_OFF, i] = pos + 12
-            i32[PAYLOAD_LEN, i] = end - pos - 12
-            return E.OK
-        elif (proto == 1 and ver == 4) or (proto == 58 and ver == 6):
-            if end - pos < 8:
-                return E.TRUNC_ICMP
-            t = np.int64(d[o])
-            u8[ICMP_TYPE, i] = t
-            u8[ICMP_CODE, i] = d[o + 1]
-            u8[FLAGS, i] |= F_ICMP
-            i32[PAYLOAD_OFF, i] = pos + 8
-            i32[PAYLOAD_LEN, i] = end - pos - 8
-            if _icmp_has_id(t, ver):
-                u16[ICMP_ID, i] = _rd16(d, o + 4)
-            elif _icmp_is_error(t, ver) and not partial:
-                return _icmp_quoted(d, b, pos + 8, end, ver, u64, u16, u8, i)
-            return E.OK
-        elif proto == 50:
-            if end - pos < 8:
-                return E.TRUNC_ESP
-            u32[ESP_SPI, i] = _rd32(d, o)
-            u32[ESP_SEQ, i] = _rd32(d, o + 4)
-            u8[FLAGS, i] |= F_ESP
-            i32[PAYLOAD_OFF, i] = pos + 8
-            i32[PAYLOAD_LEN, i] = end - pos - 8
-            return E.OK
-        elif proto == 47:
-            if end - pos < 4:
-                return E.TRUNC_GRE
-            gf = _rd16(d, o)
-            if gf & 0x4007:
-                return E.BAD_GRE
-            gproto = _rd16(d, o + 2)
-            u16[GRE_PROTO, i] = gproto
-            u8[FLAGS, i] |= F_GRE
-            hlen = 4
-            if gf & 0x8000:
-                hlen += 4
-            key_at = hlen
-            has_key = (gf & 0x2000) != 0
-            if has_key:
-                hlen += 4
-            if gf & 0x1000:
-                hlen += 4
-            if end - pos < hlen:
-                return E.TRUNC_GRE
-            key = 0
-            if has_key:
-                key = _rd32(d, o + key_at)
-                u32[GRE_KEY, i] = key
-            i32[PAYLOAD_OFF, i] = pos + hlen
-            i32[PAYLOAD_LEN, i] = end - pos - hlen
-            if gproto == 0x6558 and has_key and not partial:
-                tun = TUN_NVGRE
-                vni = key >> 8
-                pos = pos + hlen
-            else:
-                return E.OK
-        else:
-            i32[PAYLOAD_OFF, i] = pos
-            i32[PAYLOAD_LEN, i] = end - pos
-            return E.OK
-
-        # ---- a tunnel: step into its inner frame ----------------------------------------
-        if depth == _MAX_DEPTH:
-            return E.TUNNEL_DEPTH
-        if depth:
-            outer = i32[OUTER_L3_OFF, i]
-        else:
-            outer = i32[L3_OFF, i]
-        _clear_column(u64, u32, i32, u16, u8, i)
-        i32[TENANT, i] = vni
-        u8[TUN_TYPE, i] = tun
-        i32[OUTER_L3_OFF, i] = outer
-        depth += 1
-        kind = nkind
-        if kind == _K_V4:
-            u16[ETHERTYPE, i] = 0x0800
-        elif kind == _K_V6:
-            u16[ETHERTYPE, i] = 0x86DD
-
-
-@njit(cache=True, inline="always")
-def _mix(h, w):
-    h = (h ^ w) * _H_K2
-    return h ^ (h >> _S31)
-
-
-@njit(cache=True)
-def _flow_hash(u64, i32, u16, u8, i):
-    h = _H_K1
-    h = _mix(h, u64[SRC_HI, i])
-    h = _mix(h, u64[SRC_LO, i])
-    h = _mix(h, u64[DST_HI, i])
-    h = _mix(h, u64[DST_LO, i])
-    h = _mix(h, np.uint64(np.int64(i32[TENANT, i]) & 0xFFFFFFFF) | (np.uint64(u8[PROTO, i]) << _S32))
-    h = _mix(h, (np.uint64(u16[SPORT, i]) << _S16) | np.uint64(u16[DPORT, i])
-             | (np.uint64(u16[ICMP_ID, i]) << _S32))
-    h = h * _H_K1
-    h = h ^ (h >> _S32)
-    return h & _M32
+def _flow_hash(src_hi, src_lo, dst_hi, dst_lo, tenant, proto, sport, dport, icmp_id):
+    """Six independent multiplies (they overlap in the pipeline), then one finishing round."""
+    x = ((src_hi * _H_K[0]) ^ (src_lo * _H_K[1]) ^ (dst_hi * _H_K[2]) ^ (dst_lo * _H_K[3])
+         ^ ((np.uint64(np.int64(tenant) & 0xFFFFFFFF) | (np.uint64(proto) << _S32)) * _H_K[4])
+         ^ (((np.uint64(sport) << _S16) | np.uint64(dport) | (np.uint64(icmp_id) << _S32)) * _H_K[5]))
+    x = (x ^ (x >> _S29)) * _H_K[0]
+    return (x ^ (x >> _S32)) & _M32
 
 
 @njit(cache=True)
 def _parse_kernel(data, offset, length, linktype, u64, u32, i32, u16, u8):
     n = offset.shape[0]
     for r in range(N_U64):
-        u64[r, :n] = 0
+        row64 = u64[r]
+        for j in range(n):
+            row64[j] = 0
     for r in range(N_U32):
-        u32[r, :n] = 0
+        row32 = u32[r]
+        for j in range(n):
+            row32[j] = 0
     for r in range(N_I32):
-        i32[r, :n] = -1
-    i32[PAYLOAD_LEN, :n] = 0
+        rowi = i32[r]
+        fill = 0 if r == PAYLOAD_LEN else -1
+        for j in range(n):
+            rowi[j] = fill
     for r in range(N_U16):
-        u16[r, :n] = 0
+        row16 = u16[r]
+        for j in range(n):
+            row16[j] = 0
     for r in range(N_U8):
-        u8[r, :n] = 0
+        row8 = u8[r]
+        for j in range(n):
+            row8[j] = 0
     size = data.shape[0]
+    d = data
     for i in range(n):
         b = offset[i]
         ln = np.int64(length[i])
@@ -555,8 +255,365 @@ def _parse_kernel(data, offset, length, linktype, u64, u32, i32, u16, u8):
             ln = 0
         elif ln > size - b:
             ln = size - b
-        u8[0, i] = _parse_one(data, b, ln, linktype, u64, u32, i32, u16, u8, i)
-        u32[FLOW_HASH, i] = _flow_hash(u64, i32, u16, u8, i)
+        err = 0
+        pos = 0
+        end = ln
+        depth = 0
+        if linktype == LINK_RAW:
+            if end >= 1 and (_rd8(d, b) >> 4) == 6:
+                kind = _K_V6
+                u16[ETHERTYPE, i] = 0x86DD
+            else:
+                kind = _K_V4
+                u16[ETHERTYPE, i] = 0x0800
+        else:
+            kind = _K_ETH
+        while True:
+            # ---- L2 --------------------------------------------------------------------
+            if kind == _K_ETH:
+                i32[L2_OFF, i] = pos
+                if end - pos < 14:
+                    err = E.TRUNC_ETH
+                    break
+                u64[ETH_DST, i] = _rd48(d, b + pos)
+                u64[ETH_SRC, i] = _rd48(d, b + pos + 6)
+                etype = _rd16(d, b + pos + 12)
+                pos += 14
+                nv = 0
+                while (etype == 0x8100 or etype == 0x88A8) and nv < _MAX_VLANS:
+                    if end - pos < 4:
+                        u16[ETHERTYPE, i] = etype
+                        err = E.TRUNC_VLAN
+                        break
+                    u16[VLAN0 + nv, i] = _rd16(d, b + pos)
+                    nv += 1
+                    u8[N_VLANS, i] = nv
+                    etype = _rd16(d, b + pos + 2)
+                    pos += 4
+                if err:
+                    break
+                u16[ETHERTYPE, i] = etype
+                if etype == 0x0800:
+                    kind = _K_V4
+                elif etype == 0x86DD:
+                    kind = _K_V6
+                elif etype == 0x0806:
+                    u8[FLAGS, i] |= F_ARP
+                    i32[L3_OFF, i] = pos
+                    if end - pos < 28:
+                        err = E.TRUNC_ARP
+                        break
+                    o = b + pos
+                    if (_rd16(d, o) != 1 or _rd16(d, o + 2) != 0x0800 or _rd8(d, o + 4) != 6
+                            or _rd8(d, o + 5) != 4):
+                        err = E.BAD_ARP
+                        break
+                    u16[ARP_OP, i] = _rd16(d, o + 6)
+                    u64[ARP_SHA, i] = _rd48(d, o + 8)
+                    u64[SRC_LO, i] = _V4_PREFIX | _rd32(d, o + 14)
+                    u64[ARP_THA, i] = _rd48(d, o + 18)
+                    u64[DST_LO, i] = _V4_PREFIX | _rd32(d, o + 24)
+                    break
+                else:
+                    break
+
+            # ---- L3 --------------------------------------------------------------------
+            partial = False
+            if kind == _K_V4:
+                i32[L3_OFF, i] = pos
+                if end - pos < 20:
+                    err = E.TRUNC_IPV4
+                    break
+                o = b + pos
+                v = _rd8(d, o)
+                if (v >> 4) != 4:
+                    err = E.BAD_IPV4_VER
+                    break
+                ihl = (v & 15) * 4
+                total = _rd16(d, o + 2)
+                frag = _rd16(d, o + 6)
+                proto = _rd8(d, o + 9)
+                u8[IP_VER, i] = 4
+                u16[IP_LEN, i] = total
+                u8[TTL, i] = _rd8(d, o + 8)
+                u8[PROTO, i] = proto
+                u64[SRC_LO, i] = _V4_PREFIX | _rd32(d, o + 12)
+                u64[DST_LO, i] = _V4_PREFIX | _rd32(d, o + 16)
+                foff = frag & 0x1FFF
+                if frag & 0x3FFF:
+                    partial = True
+                    fl = F_FRAG
+                    if frag & 0x2000:
+                        fl |= F_MF
+                    u8[FLAGS, i] |= fl
+                    u16[FRAG_OFF, i] = foff
+                if ihl < 20:
+                    err = E.BAD_IPV4_IHL
+                    break
+                if end - pos < ihl:
+                    err = E.TRUNC_IPV4
+                    break
+                if total < ihl or total > end - pos:
+                    err = E.BAD_IPV4_LEN
+                    break
+                s = np.int64(0)
+                for k in range(0, ihl, 4):
+                    s += _rd32(d, o + k)
+                s = (s & 0xFFFF) + (s >> 16)
+                s = (s & 0xFFFF) + (s >> 16)
+                s = (s & 0xFFFF) + (s >> 16)
+                if s != 0xFFFF:
+                    err = E.BAD_IPV4_CSUM
+                    break
+                end = pos + total
+                pos += ihl
+                ver = 4
+                if foff:
+                    i32[PAYLOAD_OFF, i] = pos
+                    i32[PAYLOAD_LEN, i] = end - pos
+                    break
+            else:
+                i32[L3_OFF, i] = pos
+                if end - pos < 40:
+                    err = E.TRUNC_IPV6
+                    break
+                o = b + pos
+                if (_rd8(d, o) >> 4) != 6:
+                    err = E.BAD_IPV6_VER
+                    break
+                plen = _rd16(d, o + 4)
+                u8[IP_VER, i] = 6
+                u16[IP_LEN, i] = min(plen + 40, 0xFFFF)
+                u8[TTL, i] = _rd8(d, o + 7)
+                u64[SRC_HI, i] = _rd64(d, o + 8)
+                u64[SRC_LO, i] = _rd64(d, o + 16)
+                u64[DST_HI, i] = _rd64(d, o + 24)
+                u64[DST_LO, i] = _rd64(d, o + 32)
+                proto = _rd8(d, o + 6)
+                u8[PROTO, i] = proto
+                if plen > end - pos - 40:
+                    err = E.BAD_IPV6_LEN
+                    break
+                end = pos + 40 + plen
+                pos += 40
+                ver = 6
+                count = 0
+                foff = 0
+                while _is_v6_ext(proto):
+                    if count == _MAX_EXT or (proto == 0 and count > 0):
+                        err = E.BAD_IPV6_EXT
+                        break
+                    count += 1
+                    if proto == 44:
+                        if end - pos < 8:
+                            err = E.BAD_IPV6_EXT
+                            break
+                        fo = _rd16(d, b + pos + 2)
+                        foff = fo >> 3
+                        fl = F_FRAG
+                        partial = (fo & 1) != 0 or foff != 0
+                        if fo & 1:
+                            fl |= F_MF
+                        u8[FLAGS, i] |= fl
+                        u16[FRAG_OFF, i] = foff
+                        proto = _rd8(d, b + pos)
+                        pos += 8
+                    else:
+                        if end - pos < 2:
+                            err = E.BAD_IPV6_EXT
+                            break
+                        hlen = (_rd8(d, b + pos + 1) + 1) * 8
+                        if end - pos < hlen:
+                            err = E.BAD_IPV6_EXT
+                            break
+                        proto = _rd8(d, b + pos)
+                        pos += hlen
+                    u8[PROTO, i] = proto
+                    if foff:
+                        break
+                if err:
+                    break
+                if foff:
+                    i32[PAYLOAD_OFF, i] = pos
+                    i32[PAYLOAD_LEN, i] = end - pos
+                    break
+
+            # ---- L4 --------------------------------------------------------------------
+            i32[L4_OFF, i] = pos
+            o = b + pos
+            tun = 0
+            vni = 0
+            nkind = _K_ETH
+            if proto == 6:
+                if end - pos < 20:
+                    err = E.TRUNC_TCP
+                    break
+                u16[SPORT, i] = _rd16(d, o)
+                u16[DPORT, i] = _rd16(d, o + 2)
+                u8[FLAGS, i] |= F_PORTS
+                u32[TCP_SEQ, i] = _rd32(d, o + 4)
+                u32[TCP_ACK, i] = _rd32(d, o + 8)
+                doff = (_rd8(d, o + 12) >> 4) * 4
+                u8[TCP_DOFF, i] = doff
+                u8[TCP_FLAGS, i] = _rd8(d, o + 13)
+                u16[TCP_WIN, i] = _rd16(d, o + 14)
+                if doff < 20 or doff > end - pos:
+                    err = E.BAD_TCP_DOFF
+                    break
+                i32[PAYLOAD_OFF, i] = pos + doff
+                i32[PAYLOAD_LEN, i] = end - pos - doff
+                break
+            elif proto == 17:
+                if end - pos < 8:
+                    err = E.TRUNC_UDP
+                    break
+                dport = _rd16(d, o + 2)
+                u16[SPORT, i] = _rd16(d, o)
+                u16[DPORT, i] = dport
+                u8[FLAGS, i] |= F_PORTS
+                ulen = _rd16(d, o + 4)
+                if ulen < 8 or (not partial and ulen > end - pos):
+                    err = E.BAD_UDP_LEN
+                    break
+                i32[PAYLOAD_OFF, i] = pos + 8
+                if partial:
+                    i32[PAYLOAD_LEN, i] = end - pos - 8
+                    break
+                end = pos + ulen
+                i32[PAYLOAD_LEN, i] = ulen - 8
+                u = pos + 8
+                if dport == 4789:
+                    if end - u < 8:
+                        err = E.TRUNC_TUNNEL
+                        break
+                    if not (_rd8(d, b + u) & 0x08):
+                        err = E.BAD_TUNNEL
+                        break
+                    tun = TUN_VXLAN
+                    vni = _rd32(d, b + u + 4) >> 8
+                    pos = u + 8
+                elif dport == 6081:
+                    if end - u < 8:
+                        err = E.TRUNC_TUNNEL
+                        break
+                    g0 = _rd8(d, b + u)
+                    optlen = (g0 & 0x3F) * 4
+                    gproto = _rd16(d, b + u + 2)
+                    if (g0 >> 6) != 0 or optlen > end - u - 8:
+                        err = E.BAD_TUNNEL
+                        break
+                    if gproto == 0x6558:
+                        nkind = _K_ETH
+                    elif gproto == 0x0800:
+                        nkind = _K_V4
+                    elif gproto == 0x86DD:
+                        nkind = _K_V6
+                    else:
+                        err = E.BAD_TUNNEL
+                        break
+                    tun = TUN_GENEVE
+                    vni = _rd32(d, b + u + 4) >> 8
+                    pos = u + 8 + optlen
+                else:
+                    break
+            elif proto == 132:
+                if end - pos < 12:
+                    err = E.TRUNC_SCTP
+                    break
+                u16[SPORT, i] = _rd16(d, o)
+                u16[DPORT, i] = _rd16(d, o + 2)
+                u8[FLAGS, i] |= F_PORTS
+                i32[PAYLOAD_OFF, i] = pos + 12
+                i32[PAYLOAD_LEN, i] = end - pos - 12
+                break
+            elif (proto == 1 and ver == 4) or (proto == 58 and ver == 6):
+                if end - pos < 8:
+                    err = E.TRUNC_ICMP
+                    break
+                t = _rd8(d, o)
+                u8[ICMP_TYPE, i] = t
+                u8[ICMP_CODE, i] = _rd8(d, o + 1)
+                u8[FLAGS, i] |= F_ICMP
+                i32[PAYLOAD_OFF, i] = pos + 8
+                i32[PAYLOAD_LEN, i] = end - pos - 8
+                if _icmp_has_id(t, ver):
+                    u16[ICMP_ID, i] = _rd16(d, o + 4)
+                elif _icmp_is_error(t, ver) and not partial:
+                    err = _icmp_quoted(d, b, pos + 8, end, ver, u64, u16, u8, i)
+                    break
+                break
+            elif proto == 50:
+                if end - pos < 8:
+                    err = E.TRUNC_ESP
+                    break
+                u32[ESP_SPI, i] = _rd32(d, o)
+                u32[ESP_SEQ, i] = _rd32(d, o + 4)
+                u8[FLAGS, i] |= F_ESP
+                i32[PAYLOAD_OFF, i] = pos + 8
+                i32[PAYLOAD_LEN, i] = end - pos - 8
+                break
+            elif proto == 47:
+                if end - pos < 4:
+                    err = E.TRUNC_GRE
+                    break
+                gf = _rd16(d, o)
+                if gf & 0x4007:
+                    err = E.BAD_GRE
+                    break
+                gproto = _rd16(d, o + 2)
+                u16[GRE_PROTO, i] = gproto
+                u8[FLAGS, i] |= F_GRE
+                hlen = 4
+                if gf & 0x8000:
+                    hlen += 4
+                key_at = hlen
+                has_key = (gf & 0x2000) != 0
+                if has_key:
+                    hlen += 4
+                if gf & 0x1000:
+                    hlen += 4
+                if end - pos < hlen:
+                    err = E.TRUNC_GRE
+                    break
+                key = 0
+                if has_key:
+                    key = _rd32(d, o + key_at)
+                    u32[GRE_KEY, i] = key
+                i32[PAYLOAD_OFF, i] = pos + hlen
+                i32[PAYLOAD_LEN, i] = end - pos - hlen
+                if gproto == 0x6558 and has_key and not partial:
+                    tun = TUN_NVGRE
+                    vni = key >> 8
+                    pos = pos + hlen
+                else:
+                    break
+            else:
+                i32[PAYLOAD_OFF, i] = pos
+                i32[PAYLOAD_LEN, i] = end - pos
+                break
+
+            # ---- a tunnel: step into its inner frame ------------------------------------
+            if depth == _MAX_DEPTH:
+                err = E.TUNNEL_DEPTH
+                break
+            if depth:
+                outer = i32[OUTER_L3_OFF, i]
+            else:
+                outer = i32[L3_OFF, i]
+            _clear_column(u64, u32, i32, u16, u8, i)
+            i32[TENANT, i] = vni
+            u8[TUN_TYPE, i] = tun
+            i32[OUTER_L3_OFF, i] = outer
+            depth += 1
+            kind = nkind
+            if kind == _K_V4:
+                u16[ETHERTYPE, i] = 0x0800
+            elif kind == _K_V6:
+                u16[ETHERTYPE, i] = 0x86DD
+        u8[0, i] = err
+        u32[FLOW_HASH, i] = _flow_hash(u64[SRC_HI, i], u64[SRC_LO, i], u64[DST_HI, i],
+                                       u64[DST_LO, i], i32[TENANT, i], u8[PROTO, i],
+                                       u16[SPORT, i], u16[DPORT, i], u16[ICMP_ID, i])
 
 
 def parse(batch: Batch, keys: FlowKeys | None = None) -> FlowKeys:

@@ -24,8 +24,8 @@ ICMP4_ID_TYPES = (0, 8, 13, 14, 15, 16, 17, 18)   # echo, timestamp, info, addre
 ICMP6_ID_TYPES = (128, 129)
 
 M64 = 0xFFFFFFFFFFFFFFFF
-HASH_K1 = 0x9E3779B97F4A7C15
-HASH_K2 = 0xBF58476D1CE4E5B9
+HASH_K = (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB, 0xD6E8FEB86659FD93,
+          0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9)
 V4_PREFIX = B.V4_MAPPED_LO_PREFIX
 
 _DEFAULTS = {name: 0 for name in B.FIELDS}
@@ -72,13 +72,11 @@ def flow_hash(f: dict) -> int:
     words = (f["src_hi"], f["src_lo"], f["dst_hi"], f["dst_lo"],
              (f["tenant"] & 0xFFFFFFFF) | (f["proto"] << 32),
              (f["sport"] << 16) | f["dport"] | (f["icmp_id"] << 32))
-    h = HASH_K1
-    for w in words:
-        h = ((h ^ w) * HASH_K2) & M64
-        h ^= h >> 31
-    h = (h * HASH_K1) & M64
-    h ^= h >> 32
-    return h & 0xFFFFFFFF
+    x = 0
+    for w, k in zip(words, HASH_K):
+        x ^= (w * k) & M64
+    x = ((x ^ (x >> 29)) * HASH_K[0]) & M64
+    return (x ^ (x >> 32)) & 0xFFFFFFFF
 
 
 class _Parser:
