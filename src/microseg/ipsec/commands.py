@@ -54,11 +54,12 @@ def _run(args, encrypt: bool) -> int:
     gw = EspGateway(cfg)
     n_in = n_out = 0
     with PcapWriter(args.write) as w:
-        for batch in iter_capture(args.input, batch_size=args.batch):
-            n_in += len(batch)
-            out = gw.encrypt_batch(batch, sa=sa) if encrypt else gw.decrypt_batch(batch)[0]
-            n_out += len(out)
-            w.write(out)
+        for path in args.input:          # several inputs: one gateway, in the order given
+            for batch in iter_capture(path, batch_size=args.batch):
+                n_in += len(batch)
+                out = gw.encrypt_batch(batch, sa=sa) if encrypt else gw.decrypt_batch(batch)[0]
+                n_out += len(out)
+                w.write(out)
     drops = gw.drop_counts()["encrypt" if encrypt else "decrypt"]
     report = {"packets_in": n_in, "packets_out": n_out, "dropped": drops,
               "sas": [s for s in gw.sa_stats() if s["tx_packets"] or s["rx_packets"]]}
@@ -97,7 +98,8 @@ def register(subparsers) -> None:
                              ("decrypt", cmd_decrypt, "decapsulate the ESP packets of a capture")):
         c = sub.add_parser(name, help=what, description=what + ". Drops are counted by reason.")
         c.add_argument("--sa", required=True, metavar="FILE", help="SA file (YAML or JSON)")
-        c.add_argument("input", metavar="IN.pcap", help="input capture (pcap or pcapng)")
+        c.add_argument("input", metavar="IN.pcap", nargs="+",
+                       help="input captures (pcap or pcapng), processed in order by one gateway")
         c.add_argument("-w", "--write", required=True, metavar="OUT.pcap", help="output pcap")
         if name == "encrypt":
             c.add_argument("--use", metavar="NAME",
