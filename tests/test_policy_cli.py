@@ -2,7 +2,6 @@
 import json
 import os
 
-import numpy as np
 import pytest
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.inet6 import IPv6

@@ -10,7 +10,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ..errors import InputError
 from . import k8s, openstack
@@ -99,23 +99,20 @@ class Policy:
     untagged_tenant: str | None = None  # tenant of packets that arrive without a tunnel header
     anti_spoofing: bool = True
     source: str = "<policy>"
-    _index: dict = field(default_factory=dict, compare=False, repr=False, hash=False)
 
     def tenant(self, name: str) -> Tenant:
-        return self._lookup("tenant", name, lambda: {t.name: t for t in self.tenants})
+        """The tenant called ``name`` (KeyError if none)."""
+        for t in self.tenants:
+            if t.name == name:
+                return t
+        raise KeyError(name)
 
     def group(self, tenant: str, name: str) -> SecurityGroup:
-        return self._lookup("sg", (tenant, name),
-                            lambda: {(g.tenant, g.name): g for g in self.security_groups})
-
-    def _lookup(self, kind, key, build):
-        if kind not in self._index:
-            self._index[kind] = build()
-        return self._index[kind][key]
-
-    def group_members(self, tenant: str, name: str) -> tuple:
-        """Workloads of ``tenant`` that carry security group ``name``."""
-        return tuple(w for w in self.workloads if w.tenant == tenant and name in w.security_groups)
+        """Security group ``name`` of ``tenant`` (KeyError if none)."""
+        for g in self.security_groups:
+            if g.tenant == tenant and g.name == name:
+                return g
+        raise KeyError((tenant, name))
 
     def to_dict(self) -> dict:
         """A canonical, JSON-ready form (the content hash is taken over it)."""
@@ -368,7 +365,7 @@ def _sg_rule(rep, path, node, where) -> tuple[SGRule | None, str | None]:
     if not f.ok:
         return None, None
     f.check_keys({"direction", "ethertype", "protocol", "port_range_min", "port_range_max",
-                  "remote_ip_prefix", "remote_group_id", "remote_group", "description", "id"})
+                  "remote_ip_prefix", "remote_group_id", "description", "id"})
     direction = f.choice("direction", ("ingress", "egress"), required=True)
     eth = f.choice("ethertype", ("IPv4", "IPv6"), default="IPv4")
     ok, proto = parse_protocol(f.get("protocol"), f.raw("protocol"))
@@ -377,7 +374,7 @@ def _sg_rule(rep, path, node, where) -> tuple[SGRule | None, str | None]:
     pmin = f.integer("port_range_min", 0, 65535, what="a port number")
     pmax = f.integer("port_range_max", 0, 65535, what="a port number")
     prefix = f.string("remote_ip_prefix", what="an IP prefix")
-    group = f.string("remote_group_id", what="a security group") or f.string("remote_group", what="a security group")
+    group = f.string("remote_group_id", what="a security group")
     if not f.ok or direction is None or eth is None:
         return None, None
     rule = make_sg_rule(rep, path, f, direction, 4 if eth == "IPv4" else 6, proto, pmin, pmax,
