@@ -1,0 +1,182 @@
+"""Internet checksums (RFC 1071): plain-Python helpers, Numba helpers, and the per-batch L4
+checksum verdict that connection tracking uses (Linux marks bad-checksum packets INVALID).
+
+:func:`l4_checksum_ok` checks the innermost packet that :func:`microseg.packet.parse.parse`
+described: TCP, UDP and ICMP over IPv4; TCP, UDP and ICMPv6 over IPv6, with the pseudo-header
+(the destination in it is the IPv6 header's, as Linux netfilter uses). UDP checksum 0 means
+"none" over IPv4 and is accepted; over IPv6 it is refused (RFC 8200), as Linux conntrack does.
+A packet with a parse error is never "ok". Packets with nothing to verify (not IP, other
+protocols, fragments other than a whole atomic one) are "ok": there is no checksum to fail.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from .batch import (
+    ERROR, F_FRAG, F_MF, FLAGS, FRAG_OFF, IP_LEN, IP_VER, L3_OFF, L4_OFF, PROTO, Batch, FlowKeys,
+)
+
+__all__ = ["inet_sum", "inet_checksum", "ipv4_header_checksum", "pseudo_header_sum",
+           "csum_partial", "csum_fold", "l4_checksum_ok", "l4_checksum_ok_ref"]
+
+
+# ---------------------------------------------------------------------------------------------
+# plain Python
+# ---------------------------------------------------------------------------------------------
+def inet_sum(data, initial: int = 0) -> int:
+    """Ones'-complement sum of ``data`` as big-endian 16-bit words (odd length zero-padded),
+    folded to 16 bits; ``initial`` is a partial sum to continue from."""
+    b = bytes(data)
+    if len(b) & 1:
+        b += b"\0"
+    s = initial + int(np.frombuffer(b, dtype=">u2").sum(dtype=np.uint64)) if b else initial
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return s
+
+
+def inet_checksum(data, initial: int = 0) -> int:
+    """The Internet checksum of ``data``: the complement of its ones'-complement sum."""
+    return ~inet_sum(data, initial) & 0xFFFF
+
+
+def ipv4_header_checksum(header) -> int:
+    """Checksum an IPv4 header should carry (its own checksum field counted as zero)."""
+    h = bytearray(header)
+    h[10:12] = b"\0\0"
+    return inet_checksum(h)
+
+
+def pseudo_header_sum(src: bytes, dst: bytes, proto: int, length: int) -> int:
+    """Sum of the TCP/UDP/ICMPv6 pseudo-header for 4- or 16-byte ``src``/``dst`` addresses."""
+    if len(src) == 4:
+        return inet_sum(src + dst + bytes((0, proto)) + length.to_bytes(2, "big"))
+    return inet_sum(src + dst + length.to_bytes(4, "big") + bytes((0, 0, 0, proto)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Numba
+# ---------------------------------------------------------------------------------------------
+@njit(cache=True)
+def csum_partial(d, start, stop, acc):
+    """Add ``d[start:stop]`` (uint8 array, big-endian 16-bit words, odd tail zero-padded) to the
+    unfolded 64-bit sum ``acc``. The caller guarantees ``0 <= start <= stop <= len(d)``."""
+    k = np.uint64(start)
+    end = np.uint64(stop)
+    one, two, three, four = np.uint64(1), np.uint64(2), np.uint64(3), np.uint64(4)
+    s = np.int64(acc)
+    while k + four <= end:
+        s += ((np.int64(d[k]) << 24) | (np.int64(d[k + one]) << 16)
+              | (np.int64(d[k + two]) << 8) | np.int64(d[k + three]))
+        k += four
+    if k + two <= end:
+        s += (np.int64(d[k]) << 8) | np.int64(d[k + one])
+        k += two
+    if k < end:
+        s += np.int64(d[k]) << 8
+    return s
+
+
+@njit(cache=True)
+def csum_fold(acc):
+    """Fold an unfolded sum to 16 bits (the ones'-complement sum; 0xFFFF means 'checks')."""
+    s = np.int64(acc)
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return s
+
+
+@njit(cache=True)
+def _l4_ok_kernel(data, offset, length, u16, i32, u8, out):
+    n = offset.shape[0]
+    for i in range(n):
+        out[i] = True
+        if u8[ERROR, i] != 0:
+            out[i] = False
+            continue
+        ver = u8[IP_VER, i]
+        proto = u8[PROTO, i]
+        fl = u8[FLAGS, i]
+        if ver == 0 or ((fl & F_FRAG) and ((fl & F_MF) or u16[FRAG_OFF, i] != 0)):
+            continue
+        if not (proto == 6 or proto == 17 or (proto == 1 and ver == 4) or (proto == 58 and ver == 6)):
+            continue
+        b = offset[i]
+        ln = np.int64(length[i])
+        l3 = np.int64(i32[L3_OFF, i])
+        l4 = np.int64(i32[L4_OFF, i])
+        # keys from another batch must not send us outside this one: re-check the bounds
+        if l3 < 0 or l4 < l3 + 20 or l4 + 8 > ln or b < 0 or b + ln > data.shape[0]:
+            out[i] = False
+            continue
+        if ver == 4:
+            end = l3 + np.int64(u16[IP_LEN, i])
+        else:
+            end = l3 + 40 + ((np.int64(data[b + l3 + 4]) << 8) | np.int64(data[b + l3 + 5]))
+        seg = end - l4
+        if proto == 17:
+            seg = (np.int64(data[b + l4 + 4]) << 8) | np.int64(data[b + l4 + 5])
+        if seg < 8 or l4 + seg > ln:
+            out[i] = False
+            continue
+        if proto == 17:
+            if data[b + l4 + 6] == 0 and data[b + l4 + 7] == 0:
+                out[i] = ver == 4
+                continue
+        s = csum_partial(data, b + l4, b + l4 + seg, 0)
+        if ver == 4:
+            if proto != 1:
+                s = csum_partial(data, b + l3 + 12, b + l3 + 20, s) + proto + seg
+        else:
+            s = csum_partial(data, b + l3 + 8, b + l3 + 40, s) + proto + seg
+        out[i] = csum_fold(s) == 0xFFFF
+
+
+def l4_checksum_ok(batch: Batch, keys: FlowKeys, out: np.ndarray | None = None) -> np.ndarray:
+    """Per packet: False where the innermost TCP/UDP/ICMP/ICMPv6 checksum is wrong or the packet
+    failed to parse; True otherwise (see the module docstring). ``keys`` from ``parse(batch)``."""
+    n = len(batch)
+    if keys.n != n:
+        raise ValueError(f"keys describe {keys.n} packets, the batch has {n}")
+    if out is None:
+        out = np.empty(n, dtype=np.bool_)
+    _l4_ok_kernel(batch.data, batch.offset, batch.length, keys.u16, keys.i32, keys.u8, out[:n])
+    return out[:n]
+
+
+def l4_checksum_ok_ref(batch: Batch, keys: FlowKeys) -> np.ndarray:
+    """Plain-Python statement of :func:`l4_checksum_ok`, for tests."""
+    out = np.ones(len(batch), dtype=np.bool_)
+    for i in range(len(batch)):
+        f = keys.row(i)
+        p = batch.packet(i)
+        if f["error"]:
+            out[i] = False
+            continue
+        ver, proto = f["ip_ver"], f["proto"]
+        partial = f["flags"] & F_FRAG and (f["flags"] & F_MF or f["frag_off"])
+        if ver == 0 or partial or proto not in ((6, 17, 1) if ver == 4 else (6, 17, 58)):
+            continue
+        l3, l4 = f["l3_off"], f["l4_off"]
+        if l3 < 0 or l4 < l3 + 20 or l4 + 8 > len(p):
+            out[i] = False
+            continue
+        end = l3 + (f["ip_len"] if ver == 4 else 40 + int.from_bytes(p[l3 + 4:l3 + 6], "big"))
+        if proto == 17:
+            end = l4 + int.from_bytes(p[l4 + 4:l4 + 6], "big")
+        if end - l4 < 8 or end > len(p):
+            out[i] = False
+            continue
+        seg = p[l4:end]
+        if proto == 17:
+            if seg[6:8] == b"\0\0":
+                out[i] = ver == 4
+                continue
+        if ver == 4 and proto == 1:
+            out[i] = inet_sum(seg) == 0xFFFF
+        elif ver == 4:
+            out[i] = inet_sum(seg, pseudo_header_sum(p[l3 + 12:l3 + 16], p[l3 + 16:l3 + 20], proto, len(seg))) == 0xFFFF
+        else:
+            out[i] = inet_sum(seg, pseudo_header_sum(p[l3 + 8:l3 + 24], p[l3 + 24:l3 + 40], proto, len(seg))) == 0xFFFF
+    return out
