@@ -14,11 +14,13 @@ from . import __version__
 from .errors import MicrosegError
 
 COMMAND_MODULES = [
+    "microseg.app",
     "microseg.classify.commands",
     "microseg.policy.commands",
     "microseg.io.generator",
     "microseg.overlay.commands",
     "microseg.ipsec.commands",
+    "microseg.packet.commands",
 ]
 
 

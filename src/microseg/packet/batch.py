@@ -235,12 +235,48 @@ class Batch:
         for s in range(0, len(self), size):
             yield self.slice(s, min(s + size, len(self)))
 
+    @classmethod
+    def concat(cls, parts, order: str | None = "ts") -> "Batch":
+        """One batch (one new buffer) from several of the same link type; with
+        ``order="ts"`` packets are sorted by timestamp (stable), else kept part after part."""
+        parts = [p for p in parts if len(p)]
+        if not parts:
+            return cls.from_packets([])
+        linktype = parts[0].linktype
+        if any(p.linktype != linktype for p in parts):
+            raise ValueError("cannot concatenate batches of different link types")
+        src = np.concatenate([np.asarray(p.offset, np.int64) + base for p, base in
+                              zip(parts, np.cumsum([0] + [p.data.shape[0] for p in parts[:-1]]))])
+        data = np.concatenate([p.data for p in parts])
+        length = np.concatenate([np.asarray(p.length, np.int32) for p in parts])
+        wire = np.concatenate([np.asarray(p.wire_len, np.int32) for p in parts])
+        port = np.concatenate([np.asarray(p.port, np.uint16) for p in parts])
+        ts = np.concatenate([np.asarray(p.ts, np.int64) for p in parts])
+        if order == "ts":
+            idx = np.argsort(ts, kind="stable")
+            src, length, wire, port, ts = src[idx], length[idx], wire[idx], port[idx], ts[idx]
+        return cls.gather(data, src, length, wire, port, ts, linktype)
+
+    @classmethod
+    def gather(cls, data, src_offset, length, wire_len, port, ts, linktype) -> "Batch":
+        """Copy the packets ``data[src_offset[i] : src_offset[i] + length[i]]`` into a new
+        contiguous batch (vectorised: no per-packet Python)."""
+        length = np.asarray(length, np.int32)
+        n = length.shape[0]
+        offset = np.zeros(n, np.int64)
+        if n:
+            np.cumsum(length[:-1], out=offset[1:])
+        total = int(length.sum(dtype=np.int64))
+        idx = np.repeat(np.asarray(src_offset, np.int64) - offset, length) + np.arange(total, dtype=np.int64)
+        return cls(np.asarray(data, np.uint8)[idx], offset, length, np.asarray(wire_len, np.int32),
+                   np.asarray(port, np.uint16), np.asarray(ts, np.int64), linktype)
+
     def select(self, mask_or_index) -> "Batch":
         """A compacted copy holding only the chosen packets (boolean mask or index array)."""
         idx = np.flatnonzero(mask_or_index) if np.asarray(mask_or_index).dtype == bool else np.asarray(mask_or_index)
-        return Batch.from_packets([self.packet(int(i)) for i in idx], ts=self.ts[idx],
-                                  port=self.port[idx], linktype=self.linktype,
-                                  wire_len=self.wire_len[idx])
+        return Batch.gather(self.data, np.asarray(self.offset)[idx], np.asarray(self.length)[idx],
+                            np.asarray(self.wire_len)[idx], np.asarray(self.port)[idx],
+                            np.asarray(self.ts)[idx], self.linktype)
 
 
 def addr_to_text(hi: int, lo: int) -> str:

@@ -1,0 +1,651 @@
+"""The datapath's own verbs: `microseg demo`, `microseg run` and `microseg trace`.
+
+* ``demo``: the built-in virtual data centre (``microseg/data``) -> traffic generator ->
+  datapath -> report, checked against the generator's ground truth (a mismatch is an error).
+* ``run``: the same datapath on a user's policy and capture.
+* ``trace``: one packet's path through every stage, in the spirit of ``ovs-appctl
+  ofproto/trace``.
+"""
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import shlex
+import time
+
+import numpy as np
+
+from . import ctstate
+from .errors import InputError
+from .packet import batch as B
+from .policy import verdict as V
+
+CHUNK = 16384          # packets per progress step (the datapath works in 256-packet batches)
+
+
+def register(sub) -> None:
+    p = sub.add_parser("demo", help="run the built-in virtual data centre through the datapath",
+                       description="Generate the built-in data centre's traffic (tenants, "
+                       "workloads, security groups, a Kubernetes policy, attacks), run it through "
+                       "the whole datapath, print a report and check every verdict against the "
+                       "generator's ground truth.")
+    p.add_argument("--out", default="microseg-demo", help="folder for the captures and the report "
+                   "(default: %(default)s)")
+    p.add_argument("--flows", type=int, default=3000, help="benign flows to generate (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=1, help="generator seed (default: %(default)s)")
+    p.add_argument("--tunnel", default="vxlan", choices=("vxlan", "geneve", "nvgre"),
+                   help="overlay of the generated traffic and of the output (default: %(default)s)")
+    _datapath_args(p)
+    p.set_defaults(func=run_demo)
+
+    p = sub.add_parser("run", help="run a capture through the datapath under a policy",
+                       description="Run IN.pcap through the datapath under the policy P.yaml; write "
+                       "the forwarded frames (and reject replies) to OUT.pcap and a JSON report.")
+    p.add_argument("--policy", required=True, help="policy file (YAML, see docs/policy.md)")
+    p.add_argument("input", metavar="IN.pcap", help="capture to process (pcap or pcapng)")
+    p.add_argument("-w", "--write", metavar="OUT.pcap", help="write the output frames here")
+    p.add_argument("--report", metavar="R.json", help="write the JSON report here")
+    p.add_argument("--truth", metavar="T.truth.npz", help="ground truth to check verdicts against "
+                   "(as `microseg generate` writes it)")
+    p.add_argument("--tunnel", default="vxlan", choices=("vxlan", "geneve", "nvgre"),
+                   help="overlay of the output (default: %(default)s)")
+    p.add_argument("--quiet", action="store_true", help="print no report")
+    _datapath_args(p)
+    p.set_defaults(func=run_run)
+
+    p = sub.add_parser("trace", help="explain one packet's path through the datapath",
+                       description="Build one packet from a description and show what every stage "
+                       "does with it: parse, tenant, port security, fast path, conntrack, caches, "
+                       "rules, verdict, inspection, output. Description: space-separated key=value "
+                       "tokens: src=, dst= (address or workload name), proto= (tcp, udp, icmp, "
+                       "icmpv6 or a number; a bare word works too), sport=, dport=, flags= (TCP, "
+                       "letters FSRPAU), type=, code= (ICMP), tenant= (name or VNI; default: the "
+                       "source workload's), smac= (default: the source workload's MAC), "
+                       "payload= (text), tunnel= (vxlan, geneve, nvgre, none).",
+                       epilog='example: microseg trace --policy P.yaml "src=web-1 dst=app-1 tcp dport=443"')
+    p.add_argument("--policy", help="policy file (default: the built-in data centre)")
+    p.add_argument("packet", help="the packet, as key=value tokens")
+    p.add_argument("--state", choices=("new", "established"), default="new",
+                   help="established: first run the connection's opening exchange through the "
+                   "datapath, so the packet belongs to a tracked connection (default: %(default)s)")
+    p.add_argument("--signatures", help="inspection rules (Suricata subset)")
+    p.add_argument("--json", action="store_true", help="print the trace as JSON")
+    p.set_defaults(func=run_trace)
+
+
+def _datapath_args(p) -> None:
+    p.add_argument("--signatures", help="inspection rules (Suricata subset, see docs/inspection.md; "
+                   "default for demo: the built-in set)")
+    p.add_argument("--no-caches", action="store_true", help="no exact-match or megaflow cache")
+    p.add_argument("--no-offload", action="store_true", help="no inspection hand-off or fast path")
+    p.add_argument("--offload-capacity", type=int, default=500_000, help="fast-path flows (default: %(default)s)")
+    p.add_argument("--offload-rate", type=float, default=7000.0,
+                   help="fast-path inserts per second of packet time (default: %(default)s)")
+    p.add_argument("--inspect", type=int, default=8, help="packets inspected per flow (default: %(default)s)")
+    p.add_argument("--conntrack-size", type=int, default=1 << 20,
+                   help="conntrack table capacity (default: %(default)s)")
+
+
+def _config(args):
+    from .offload.inspect import SignatureSet
+    from .pipeline import DatapathConfig
+    for name in ("offload_capacity", "inspect", "conntrack_size"):
+        if getattr(args, name) < 1:
+            raise InputError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.offload_rate <= 0:
+        raise InputError("--offload-rate must be positive")
+    sig_path = args.signatures
+    if sig_path is None and args.func is run_demo:
+        sig_path = builtin_path("signatures.rules")
+    sigs = SignatureSet.load(sig_path) if sig_path else None
+    return DatapathConfig(caches=not args.no_caches, offload=not args.no_offload,
+                          offload_capacity=args.offload_capacity, offload_rate=args.offload_rate,
+                          inspect_packets=args.inspect, conntrack_capacity=args.conntrack_size,
+                          signatures=sigs, tunnel=getattr(args, "tunnel", "vxlan"))
+
+
+def builtin_path(name: str) -> str:
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", name)
+
+
+# ---------------------------------------------------------------------------------------------
+# processing with a progress bar
+# ---------------------------------------------------------------------------------------------
+def _process(dp, forwarder, chunks, total: int, writer=None, quiet=False):
+    """Run the chunks through ``dp``; returns the concatenated per-packet results."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .pipeline import BatchResult
+    results = []
+    with Progress(TextColumn("[bold]datapath"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("packets"), TimeElapsedColumn(), disable=quiet, transient=False) as prog:
+        task = prog.add_task("run", total=total)
+        for b in chunks:
+            r = dp.process(b)
+            results.append(r)
+            if writer is not None:
+                out = forwarder.output(b, r)
+                if len(out):
+                    writer.write(out)
+            prog.advance(task, len(b))
+    return BatchResult.concat(results)
+
+
+def _truth_check(res, truth) -> dict:
+    """Compare verdicts (every packet) and conntrack states (where the truth gives one)."""
+    n = len(res.verdict)
+    if len(truth) != n:
+        raise InputError(f"the ground truth describes {len(truth)} packets, the capture has {n}")
+    bad_v = np.flatnonzero(res.verdict != truth.verdict)
+    has_ct = truth.ct != 0
+    mask = ctstate.STATE_MASK | ctstate.REPLY
+    bad_c = np.flatnonzero(has_ct & ((res.ct & mask) != (truth.ct & mask)))
+    examples = []
+    for i in np.union1d(bad_v, bad_c)[:10].tolist():
+        rec = truth.record(i)
+        examples.append({"packet": i, "expected": {"verdict": rec["verdict"], "ct": rec["ct"],
+                                                   "reason": rec["reason"]},
+                         "got": {"verdict": V.verdict_name(res.verdict[i]),
+                                 "ct": ctstate.state_name(int(res.ct[i])),
+                                 "reason": V.REASONS.get(int(res.reason[i]), str(res.reason[i]))}})
+    return {"packets": n, "verdict_mismatches": int(bad_v.size),
+            "ct_checked": int(np.count_nonzero(has_ct)), "ct_mismatches": int(bad_c.size),
+            "examples": examples}
+
+
+# ---------------------------------------------------------------------------------------------
+# report
+# ---------------------------------------------------------------------------------------------
+def build_report(dp, forwarder, res, seconds: float, truth_check: dict | None) -> dict:
+    st = dp.stats()
+    insp = st["inspection"]
+    table = insp["table"]
+    tenants = {t.vni: t.name for t in dp.policy.policy.tenants}
+    report = {
+        "policy": st["policy"],
+        "packets": st["packets"], "bytes": st["bytes"],
+        "throughput": {"seconds": seconds, "datapath_seconds": st["seconds"],
+                       "mpps": st["packets"] / st["seconds"] / 1e6 if st["seconds"] else 0.0,
+                       "gbps": st["bytes"] * 8 / st["seconds"] / 1e9 if st["seconds"] else 0.0},
+        "verdicts": st["verdicts"],
+        "reasons": st["reasons"],
+        "by_tenant": {(tenants[int(k)] if k != "other" else "untunnelled or unknown VNI"): v
+                      for k, v in st["tenants"].items()},
+        "rules": st["rules"],
+        "workloads": st["workloads"],
+        "conntrack_states": st["conntrack_states"],
+        "conntrack": st["conntrack"],
+        "cache_levels": st["levels"], "cache_hit_rates": st["hit_rates"],
+        "emc": st.get("emc"), "megaflow": st.get("megaflow"),
+        "offload": {"packet_share": table["packet_share"], "byte_share": table["byte_share"],
+                    "occupancy": table["occupancy"], "capacity": table["capacity"],
+                    "inserts": table["inserts"], "refused": table["refused"],
+                    "rate": table["rate"]},
+        "inspection": {k: v for k, v in insp.items() if k != "table"},
+        "output": dict(forwarder.counters) if forwarder is not None else None,
+        "revoked_connections": st["revoked_connections"],
+    }
+    # every packet not allowed, by the reason it was stopped
+    from .pipeline import REASONS
+    vals, cnt = np.unique(res.reason[res.verdict != V.ALLOW], return_counts=True)
+    report["drop_reasons"] = {REASONS.get(v_, str(v_)): c_ for v_, c_ in zip(vals.tolist(), cnt.tolist())}
+    if truth_check is not None:
+        report["ground_truth"] = truth_check
+    return report
+
+
+def print_report(report: dict, console=None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    con = console or Console()
+
+    def table(title, cols, rows):
+        t = Table(title=title, title_justify="left", title_style="bold")
+        for c in cols:
+            t.add_column(c, justify="right" if c not in (cols[0],) else "left")
+        for r in rows:
+            t.add_row(*[str(x) for x in r])
+        con.print(t)
+
+    n = report["packets"]
+    th = report["throughput"]
+    con.print(f"[bold]{n:,} packets, {report['bytes']:,} bytes[/bold] through policy "
+              f"v{report['policy']['version']} ({report['policy']['rules']} rules); datapath "
+              f"{th['datapath_seconds']:.2f} s = {th['mpps']:.2f} Mpps, {th['gbps']:.2f} Gbit/s "
+              "on one core, Python orchestration included")
+    tenants = report["by_tenant"]
+    table("Verdicts by tenant", ["tenant", "allow", "drop", "reject"],
+          [(t, v.get("allow", 0), v.get("drop", 0), v.get("reject", 0)) for t, v in sorted(tenants.items())])
+    if report["drop_reasons"]:
+        table("Dropped or rejected, by reason", ["reason", "packets"],
+              sorted(report["drop_reasons"].items(), key=lambda kv: -kv[1]))
+    if report["rules"]:
+        table("Rules that decided new connections (top 10)", ["rule", "packets"],
+              [(r["rule"], r["packets"]) for r in report["rules"][:10]])
+    cts = report["conntrack_states"]
+    table("Conntrack states", ["state", "packets"],
+          [(k, cts.get(k, 0)) for k in ("new", "established", "related", "invalid", "untracked") if cts.get(k)])
+    lv = report["cache_levels"]
+    table("Which level answered", ["level", "packets", "share"],
+          [(k, v, f"{report['cache_hit_rates'][k]:.1%}") for k, v in lv.items()])
+    off = report["offload"]
+    ref = off["refused"]
+    con.print(f"[bold]Offload[/bold]: {off['packet_share']:.1%} of packets and {off['byte_share']:.1%} "
+              f"of bytes on the fast path; table {off['occupancy']:,}/{off['capacity']:,} flows; "
+              f"{off['inserts']:,} inserts, refused: {ref['rate']:,} by rate "
+              f"({off['rate']:,.0f}/s), {ref['capacity']:,} by capacity, {ref['collision']:,} by collision")
+    insp = report["inspection"]
+    flows = insp.get("flows", {})
+    con.print(f"[bold]Inspection[/bold]: {insp.get('inspected', 0):,} packets inspected; flows: "
+              + ", ".join(f"{k} {v:,}" for k, v in flows.items() if v))
+    gt = report.get("ground_truth")
+    if gt is not None:
+        ok = gt["verdict_mismatches"] == 0 and gt["ct_mismatches"] == 0
+        colour = "green" if ok else "red"
+        con.print(f"[bold {colour}]Ground truth[/bold {colour}]: verdicts agree on "
+                  f"{gt['packets'] - gt['verdict_mismatches']:,}/{gt['packets']:,} packets; conntrack "
+                  f"states on {gt['ct_checked'] - gt['ct_mismatches']:,}/{gt['ct_checked']:,}")
+        for e in gt["examples"]:
+            con.print(f"  packet {e['packet']}: expected {e['expected']}, got {e['got']}")
+
+
+# ---------------------------------------------------------------------------------------------
+# verbs
+# ---------------------------------------------------------------------------------------------
+def _write_json(path: str, obj) -> None:
+    try:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2, default=_json_default)
+            f.write("\n")
+    except OSError as exc:
+        raise InputError(f"cannot write: {exc.strerror or exc}", path) from None
+
+
+def _json_default(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(type(o).__name__)
+
+
+def run_demo(args) -> int:
+    from rich.console import Console
+
+    from .io.generator import generate, load_policy
+    from .io.pcap import PcapWriter
+    from .io.scenario import ScenarioConfig
+    from .pipeline import Datapath, Forwarder
+    from .policy.compiler import compile_policy
+    con = Console()
+    if args.flows < 1:
+        raise InputError("--flows must be at least 1")
+    os.makedirs(args.out, exist_ok=True)
+    t0 = time.perf_counter()
+    policy = load_policy()
+    compiled = compile_policy(policy)
+    con.print(f"[bold]Virtual data centre[/bold]: {len(policy.tenants)} tenants, "
+              f"{len(policy.workloads)} workloads on {len(policy.hosts)} hosts, "
+              f"{len(policy.security_groups)} security groups, "
+              f"{len(policy.network_policies)} Kubernetes NetworkPolicies -> "
+              f"{len(compiled.ruleset)} rules (policy v{compiled.version})")
+    gen = generate(policy, ScenarioConfig(seed=args.seed, flows=args.flows, tunnel=args.tunnel))
+    paths = gen.write(os.path.join(args.out, "input.pcap"))
+    summ = gen.truth.summary()
+    con.print(f"[bold]Traffic[/bold]: {len(gen.batch):,} packets in {len(gen.flows):,} flows "
+              f"({args.tunnel}); by label: " + ", ".join(f"{k} {v:,}" for k, v in summ["by_label"].items()))
+    cfg = _config(args)
+    dp = Datapath(compiled, cfg)
+    fw = Forwarder(compiled, tunnel=args.tunnel)
+    out_path = os.path.join(args.out, "output.pcap")
+    with PcapWriter(out_path, nanosecond=True) as w:
+        res = _process(dp, fw, gen.batch.chunks(CHUNK), len(gen.batch), writer=w)
+    seconds = time.perf_counter() - t0
+    check = _truth_check(res, gen.truth)
+    report = build_report(dp, fw, res, seconds, check)
+    report["files"] = {"input": paths["pcap"], "truth": paths["truth"], "output": out_path,
+                       "report": os.path.join(args.out, "report.json")}
+    _write_json(report["files"]["report"], report)
+    print_report(report, con)
+    con.print("Files: " + ", ".join(f"{k} {v}" for k, v in report["files"].items()))
+    if check["verdict_mismatches"] or check["ct_mismatches"]:
+        con.print("[bold red]error: the datapath disagrees with the ground truth[/bold red]")
+        return 1
+    return 0
+
+
+def run_run(args) -> int:
+    from rich.console import Console
+
+    from .io.pcap import PcapWriter, iter_capture
+    from .pipeline import Datapath, Forwarder
+    from .policy.compiler import compile_policy
+    from .policy.model import load_policy
+    con = Console(stderr=False)
+    if not os.path.exists(args.input):
+        raise InputError("no such file", args.input)
+    compiled = compile_policy(load_policy(args.policy))
+    cfg = _config(args)
+    dp = Datapath(compiled, cfg)
+    fw = Forwarder(compiled, tunnel=args.tunnel)
+    t0 = time.perf_counter()
+    total = os.path.getsize(args.input)
+    writer = PcapWriter(args.write, nanosecond=True) if args.write else None
+    try:
+        res = _process(dp, fw, iter_capture(args.input, batch_size=CHUNK), 0, writer=writer,
+                       quiet=True)
+    finally:
+        if writer is not None:
+            writer.close()
+    check = None
+    if args.truth:
+        from .io.generator import GroundTruth
+        check = _truth_check(res, GroundTruth.load_npz(args.truth))
+    report = build_report(dp, fw, res, time.perf_counter() - t0, check)
+    report["files"] = {"input": args.input, "output": args.write, "report": args.report,
+                       "input_bytes": total}
+    if args.report:
+        _write_json(args.report, report)
+    if not args.quiet:
+        print_report(report, con)
+    if check is not None and (check["verdict_mismatches"] or check["ct_mismatches"]):
+        return 1
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# trace
+# ---------------------------------------------------------------------------------------------
+_PROTOS = {"tcp": 6, "udp": 17, "icmp": 1, "icmpv6": 58, "ipv6-icmp": 58, "sctp": 132}
+
+
+def parse_packet_spec(text: str, policy) -> dict:
+    """The key=value description of a packet -> a dict of resolved fields (see `trace --help`)."""
+    try:
+        tokens = shlex.split(text)
+    except ValueError as exc:
+        raise InputError(f"packet description: {exc}") from None
+    spec = {}
+    for tok in tokens:
+        if "=" in tok:
+            k, v = tok.split("=", 1)
+            k = k.strip().lower()
+            if k not in ("src", "dst", "proto", "sport", "dport", "flags", "type", "code", "tenant",
+                         "smac", "dmac", "payload", "tunnel", "seq", "ack", "id"):
+                raise InputError(f"packet description: unknown key {k!r}")
+            spec[k] = v
+        elif tok.lower() in _PROTOS:
+            spec["proto"] = tok.lower()
+        else:
+            raise InputError(f"packet description: cannot read {tok!r} (expected key=value or a protocol)")
+    for need in ("src", "dst"):
+        if need not in spec:
+            raise InputError(f"packet description: {need}= is required")
+    workloads = {w.name: w for w in policy.workloads}
+    by_tenant = {}
+    for w in policy.workloads:
+        by_tenant.setdefault(w.name, []).append(w)
+    tenants = {t.name: t for t in policy.tenants}
+    vni_of = {t.vni: t for t in policy.tenants}
+
+    def endpoint(value, what):
+        if "/" in value:
+            t, name = value.split("/", 1)
+            ws = [w for w in policy.workloads if w.name == name and w.tenant == t]
+            if not ws:
+                raise InputError(f"packet description: {what}: no workload {value!r}")
+            return ws[0]
+        if value in workloads:
+            if len(by_tenant[value]) > 1:
+                raise InputError(f"packet description: {what}: {value!r} names workloads of several "
+                                 "tenants; write tenant/name")
+            return workloads[value]
+        try:
+            return ipaddress.ip_address(value)
+        except ValueError:
+            raise InputError(f"packet description: {what}: {value!r} is neither an address nor a workload") from None
+
+    s, d = endpoint(spec["src"], "src"), endpoint(spec["dst"], "dst")
+    tenant = None
+    if "tenant" in spec:
+        t = spec["tenant"]
+        if t in tenants:
+            tenant = tenants[t]
+        elif t.isdigit() and int(t) in vni_of:
+            tenant = vni_of[int(t)]
+        elif t.isdigit():
+            tenant = int(t)            # a VNI no tenant has: the datapath will say so
+        else:
+            raise InputError(f"packet description: tenant: no tenant {t!r}")
+    for w in (s, d):
+        if tenant is None and hasattr(w, "tenant"):
+            tenant = tenants[w.tenant]
+    proto = spec.get("proto", "tcp")
+    proto_num = _PROTOS.get(proto, None)
+    if proto_num is None:
+        if not proto.isdigit() or not 0 <= int(proto) <= 255:
+            raise InputError(f"packet description: proto: {proto!r} is not a protocol")
+        proto_num = int(proto)
+
+    def addr_of(w, family=None):
+        if isinstance(w, (ipaddress.IPv4Address, ipaddress.IPv6Address)):
+            return w
+        for a in w.addresses:
+            if family is None or a.version == family:
+                return a
+        raise InputError(f"packet description: workload {w.name} has no IPv{family} address")
+
+    sa = addr_of(s)
+    da = addr_of(d, sa.version)
+    if sa.version != da.version:
+        raise InputError("packet description: src and dst are of different address families")
+    if proto_num == 1 and sa.version == 6:
+        proto_num = 58
+
+    def num(key, default, hi):
+        v = spec.get(key, default)
+        try:
+            x = int(v, 0) if isinstance(v, str) else int(v)
+        except ValueError:
+            raise InputError(f"packet description: {key}: {v!r} is not a number") from None
+        if not 0 <= x <= hi:
+            raise InputError(f"packet description: {key}: {x} out of range 0..{hi}")
+        return x
+
+    out = {"src": str(sa), "dst": str(da), "proto": proto_num,
+           "sport": num("sport", 40000, 65535), "dport": num("dport", 80, 65535),
+           "flags": spec.get("flags", "S"), "type": num("type", 8 if sa.version == 4 else 128, 255),
+           "code": num("code", 0, 255), "seq": num("seq", 1000, 0xFFFFFFFF),
+           "ack": num("ack", 0, 0xFFFFFFFF), "id": num("id", 1, 65535),
+           "payload": spec.get("payload", "").encode(), "tunnel": spec.get("tunnel", "vxlan"),
+           "src_workload": s if not isinstance(s, (ipaddress.IPv4Address, ipaddress.IPv6Address)) else None,
+           "dst_workload": d if not isinstance(d, (ipaddress.IPv4Address, ipaddress.IPv6Address)) else None}
+    if out["tunnel"] not in ("vxlan", "geneve", "nvgre", "none"):
+        raise InputError(f"packet description: tunnel: {out['tunnel']!r} (vxlan, geneve, nvgre, none)")
+    out["vni"] = tenant.vni if hasattr(tenant, "vni") else tenant
+    sw = out["src_workload"]
+    out["smac"] = spec.get("smac") or (sw.mac if sw is not None and sw.mac is not None else "02:00:00:00:00:01")
+    dw = out["dst_workload"]
+    out["dmac"] = spec.get("dmac") or (dw.mac if dw is not None and dw.mac is not None else "02:00:00:00:00:02")
+    return out
+
+
+def _build(spec: dict, policy, reverse: bool = False, flags=None, seq=None, ack=None, payload=None):
+    """Frame(s) for the spec (or its reply direction), tunnelled as asked."""
+    from .overlay import encap
+    from .packet import build as PB
+    s, d = (spec["dst"], spec["src"]) if reverse else (spec["src"], spec["dst"])
+    sp, dp = (spec["dport"], spec["sport"]) if reverse else (spec["sport"], spec["dport"])
+    sm, dm = (spec["dmac"], spec["smac"]) if reverse else (spec["smac"], spec["dmac"])
+    pl = spec["payload"] if payload is None else payload
+    try:
+        if spec["proto"] == 6:
+            frame = PB.tcp_packet(s, d, sp, dp, pl, flags=flags or spec["flags"],
+                                  seq=spec["seq"] if seq is None else seq,
+                                  ack=spec["ack"] if ack is None else ack, eth_src=sm, eth_dst=dm)
+        elif spec["proto"] == 17:
+            frame = PB.udp_packet(s, d, sp, dp, pl, eth_src=sm, eth_dst=dm)
+        elif spec["proto"] in (1, 58):
+            if spec["type"] in (8, 128) or reverse:
+                frame = PB.icmp_echo_packet(s, d, spec["id"], 1, pl, reply=reverse, eth_src=sm, eth_dst=dm)
+            elif spec["proto"] == 1:
+                frame = PB.ethernet(PB.ipv4(s, d, 1, PB.icmp(spec["type"], spec["code"], payload=pl)),
+                                    src=sm, dst=dm)
+            else:
+                frame = PB.ethernet(PB.ipv6(s, d, 58, PB.icmpv6(spec["type"], spec["code"], b"\0" * 4, pl,
+                                                                src=s, dst=d)), src=sm, dst=dm)
+        else:
+            frame = PB.ethernet(PB.ip(s, d, spec["proto"], pl), src=sm, dst=dm)
+    except ValueError as exc:
+        raise InputError(f"packet description: {exc}") from None
+    b = B.Batch.from_packets([frame])
+    if spec["tunnel"] == "none" or spec["vni"] is None:
+        return b
+    hosts = {h.name: h.address for h in policy.hosts}
+    sw, dw = (spec["dst_workload"], spec["src_workload"]) if reverse else (spec["src_workload"], spec["dst_workload"])
+    outer_s = hosts.get(sw.host, "192.0.2.1") if sw is not None else "192.0.2.1"
+    outer_d = hosts.get(dw.host, "192.0.2.2") if dw is not None else "192.0.2.2"
+    if ipaddress.ip_address(outer_s).version != ipaddress.ip_address(outer_d).version:
+        outer_s, outer_d = "192.0.2.1", "192.0.2.2"
+    return encap(b, spec["tunnel"], spec["vni"], outer_s, outer_d)
+
+
+def trace_packet(dp, forwarder, spec: dict, state: str = "new") -> dict:
+    """Run the spec'd packet through ``dp`` and describe every stage (a dict)."""
+    from .packet.parse import parse
+    from .pipeline import LEVELS, source_identity
+    policy = dp.policy
+    model = policy.policy
+    steps = []
+    if state == "established":
+        pre = []
+        if spec["proto"] == 6:
+            isn, rsn = spec["seq"] - 1, 5000
+            pre = [_build(spec, model, flags="S", seq=isn, ack=0, payload=b""),
+                   _build(spec, model, reverse=True, flags="SA", seq=rsn, ack=isn + 1, payload=b""),
+                   _build(spec, model, flags="A", seq=isn + 1, ack=rsn + 1, payload=b"")]
+            spec = dict(spec, flags=spec["flags"] if spec["flags"] != "S" else "PA",
+                        seq=isn + 1, ack=rsn + 1)
+        else:
+            pre = [_build(spec, model), _build(spec, model, reverse=True)]
+        ts = 1_000_000_000
+        for b in pre:
+            b.ts[:] = ts
+            ts += 1000
+            r = dp.process(b)
+            steps.append({"stage": "setup", "detail": f"opening exchange packet: "
+                          f"{V.verdict_name(r.verdict[0])}, conntrack {ctstate.state_name(int(r.ct[0]))}"})
+        if any(s_["detail"].startswith("opening exchange packet: drop") for s_ in steps):
+            steps.append({"stage": "setup", "detail": "the policy does not let this connection open: "
+                          "the packet is traced as it comes"})
+    b = _build(spec, model)
+    b.ts[:] = 2_000_000_000
+    keys = parse(b)
+    row = keys.row(0)
+    from .packet import errors as PE
+    tun = B.TUN_NAMES.get(row["tun_type"])
+    err = PE.name(row["error"])
+    steps.append({"stage": "parse", "detail": (f"error {err}" if err else "ok") +
+                  f"; {'tunnel ' + tun + ' ' + str(row['tenant']) if tun else 'no tunnel'}; IPv{row['ip_ver']} "
+                  f"proto {row['proto']} {B.addr_to_text(row['src_hi'], row['src_lo'])} -> "
+                  f"{B.addr_to_text(row['dst_hi'], row['dst_lo'])}" +
+                  (f" ports {row['sport']} -> {row['dport']}" if row["flags"] & B.F_PORTS else "") +
+                  (f" icmp type {row['icmp_type']} code {row['icmp_code']}" if row["flags"] & B.F_ICMP else "")})
+    tenants = {t.vni: t.name for t in model.tenants}
+    vni = row["tenant"]
+    steps.append({"stage": "tenant", "detail": f"VNI {vni} -> tenant {tenants[vni]}" if vni in tenants
+                  else (f"VNI {vni}: no tenant has it" if vni >= 0 else "untunnelled")})
+    src_w, dst_w, sid = source_identity(policy, keys)
+    names = policy.workload_names
+
+    def wname(i):
+        return names[i] if i >= 0 else "not a workload"
+    steps.append({"stage": "endpoints", "detail": f"source {wname(int(src_w[0]))}, destination "
+                  f"{wname(int(dst_w[0]))}; source MAC {row['eth_src']:012x} "
+                  + (f"belongs to {wname(int(sid[0]))}" if sid[0] < 0xFFFE else "belongs to no workload"
+                     if sid[0] == 0xFFFE else "(no Ethernet header)")})
+    res = dp.process(b)
+    lvl = int(res.level[0])
+    steps.append({"stage": "fast path", "detail": "hit: an offloaded flow" if lvl == 1 else
+                  ("miss" if dp.config.offload else "off")})
+    if lvl != 1:
+        steps.append({"stage": "conntrack", "detail": ctstate.state_name(int(res.ct[0])) +
+                      (" (reply direction)" if res.ct[0] & ctstate.REPLY else " (original direction)")})
+        if dp.config.caches:
+            steps.append({"stage": "exact-match cache", "detail": "hit" if lvl == 2 else "miss"})
+            if lvl != 2:
+                steps.append({"stage": "megaflow cache", "detail": "hit" if lvl == 3 else "miss"})
+        if lvl == 4:
+            expl = _explain(policy, keys, res)
+            steps.append({"stage": "slow path", "detail": expl})
+    reason = V.REASONS.get(int(res.reason[0]))
+    from .pipeline import REASONS
+    reason = REASONS.get(int(res.reason[0]), reason)
+    rule = int(res.rule[0])
+    steps.append({"stage": "verdict", "detail": f"{V.verdict_name(res.verdict[0])} ({reason})" +
+                  (f"; rule {rule}: {policy.describe_rule(rule)}" if rule >= 0 else "")})
+    if dp.config.offload and res.verdict[0] == V.ALLOW and lvl != 1:
+        insp = dp.inspector.stats()
+        steps.append({"stage": "inspection", "detail": (f"signature {int(res.sid[0])} matched"
+                      if res.sid[0] else "no signature matched") +
+                      f"; flows by state: " + ", ".join(f"{k} {v}" for k, v in insp["flows"].items() if v)})
+    out = forwarder.output(b, res)
+    if len(out):
+        ok = parse(out)
+        o = ok.row(0)
+        desc = (f"{len(out)} frame(s): " + (f"{B.TUN_NAMES[o['tun_type']]} VNI {o['tenant']} outer "
+                f"{B.addr_to_text(*_outer(out, ok))}" if o["tun_type"] else "untunnelled") +
+                f", inner {B.addr_to_text(o['src_hi'], o['src_lo'])} -> {B.addr_to_text(o['dst_hi'], o['dst_lo'])}"
+                + (" (reject reply)" if res.verdict[0] == V.REJECT else ""))
+    else:
+        desc = "nothing leaves"
+    steps.append({"stage": "output", "detail": desc})
+    return {"packet": {k: (v if isinstance(v, (int, str)) else str(v)) for k, v in spec.items()
+                       if k not in ("src_workload", "dst_workload", "payload")},
+            "steps": steps, "verdict": V.verdict_name(res.verdict[0]), "level": LEVELS.get(lvl, "none"),
+            "ct": ctstate.state_name(int(res.ct[0]))}
+
+
+def _outer(out, keys):
+    """(hi, lo) of the outer destination address of frame 0 (a tunnelled frame)."""
+    off = int(keys.outer_l3_off[0])
+    d = out.packet(0)
+    if d[off] >> 4 == 4:
+        return B.text_to_addr(str(ipaddress.IPv4Address(d[off + 16:off + 20])))
+    return B.text_to_addr(str(ipaddress.IPv6Address(d[off + 24:off + 40])))
+
+
+def _explain(policy, keys, res) -> str:
+    """The policy reference's account of the decision (which checks, which rules)."""
+    from .policy.reference import Reference, explain
+    return "; ".join(explain(Reference(policy.policy), keys.row(0), int(res.ct[0])))
+
+
+def run_trace(args) -> int:
+    from rich.console import Console
+
+    from .io.generator import load_policy as load_builtin
+    from .offload.inspect import SignatureSet
+    from .pipeline import Datapath, DatapathConfig, Forwarder
+    from .policy.compiler import compile_policy
+    from .policy.model import load_policy
+    policy = load_policy(args.policy) if args.policy else load_builtin()
+    compiled = compile_policy(policy)
+    spec = parse_packet_spec(args.packet, policy)
+    sigs = SignatureSet.load(args.signatures) if args.signatures else None
+    dp = Datapath(compiled, DatapathConfig(conntrack_capacity=1024, emc_entries=64, megaflow_entries=64,
+                                           offload_capacity=64, signatures=sigs,
+                                           tunnel=spec["tunnel"] if spec["tunnel"] != "none" else "vxlan"))
+    fw = Forwarder(compiled, tunnel=dp.config.tunnel)
+    out = trace_packet(dp, fw, spec, args.state)
+    if args.json:
+        print(json.dumps(out, indent=2, default=_json_default))
+        return 0
+    con = Console()
+    con.print(f"[bold]{args.packet}[/bold]")
+    for i, s in enumerate(out["steps"], 1):
+        con.print(f"{i:2d}. [bold]{s['stage']:<18}[/bold] {s['detail']}")
+    return 0
