@@ -31,6 +31,7 @@ PROTO_NAMES = {6: "tcp", 17: "udp", 1: "icmp", 58: "ipv6-icmp", 132: "sctp", 33:
                136: "udplite"}
 PORT_PROTOCOLS = frozenset({6, 17, 33, 132, 136})    # protocols whose rules may give ports
 ICMP_PROTOCOLS = frozenset({1, 58})
+IPV6_ONLY_PROTOCOLS = frozenset({43, 44, 58, 59, 60})   # routing, fragment, ICMPv6, no-next, options
 
 
 @dataclass(frozen=True)
@@ -315,8 +316,8 @@ def make_sg_rule(rep, path, f: Fields, direction, ethertype, protocol, pmin, pma
         return f.line(key)
     if protocol is not None and ethertype == 6 and protocol == 1:
         protocol = 58                               # Neutron maps "icmp" in IPv6 rules to ICMPv6
-    if protocol == 58 and ethertype == 4:
-        f.fail(line("protocol"), "protocol", "ipv6-icmp needs ethertype IPv6")
+    if protocol in IPV6_ONLY_PROTOCOLS and ethertype == 4:
+        f.fail(line("protocol"), "protocol", f"protocol {protocol} is IPv6-only: it needs ethertype IPv6")
         return None
     if pmin is not None or pmax is not None:
         if protocol is None:
@@ -330,13 +331,17 @@ def make_sg_rule(rep, path, f: Fields, direction, ethertype, protocol, pmin, pma
                 f.fail(line("port_range_min"), "port_range_min", "ICMP type and code must be 0..255")
                 return None
         elif protocol in PORT_PROTOCOLS:
+            if pmin == 0 or pmax == 0:
+                key = "port_range_min" if pmin == 0 else "port_range_max"
+                f.fail(line(key), key, "port 0 is not a valid port")
+                return None
             if pmin is None or pmax is None:
-                pmin = pmax = pmin if pmin is not None else pmax
+                key, other = ("port_range_min", "port_range_max") if pmax is None else \
+                    ("port_range_max", "port_range_min")
+                f.fail(line(key), key, f"needs {other} too (equal bounds for one port)")
+                return None
             if pmin > pmax:
                 f.fail(line("port_range_min"), "port_range_min", f"port_range_min {pmin} is above port_range_max {pmax}")
-                return None
-            if pmin == 0:
-                f.fail(line("port_range_min"), "port_range_min", "ports start at 1")
                 return None
         else:
             f.fail(line("port_range_min"), "port_range_min", f"protocol {protocol} has no ports")
