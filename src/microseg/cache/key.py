@@ -32,49 +32,43 @@ SH_KIND, SH_ICMP_ID = 8, 16            # in the CT word, above the conntrack sta
 KIND_PORTS, KIND_ICMP, KIND_FRAG = 1, 2, 4
 
 M64 = 0xFFFFFFFFFFFFFFFF
-_C1 = np.uint64(0x87C37B91114253D5)
-_C2 = np.uint64(0x4CF5AD432745937F)
+_P = np.uint64(0x9E3779B97F4A7C15)         # odd multiplier (golden ratio)
 _F1 = np.uint64(0xFF51AFD7ED558CCD)
 _F2 = np.uint64(0xC4CEB9FE1A85EC53)
-
-
-@njit(cache=True, inline="always")
-def _mix(h, x):
-    x = x * _C1
-    x = (x << np.uint64(31)) | (x >> np.uint64(33))
-    x = x * _C2
-    h = h ^ x
-    h = (h << np.uint64(27)) | (h >> np.uint64(37))
-    return h * np.uint64(5) + np.uint64(0x52DCE729)
+_S29 = np.uint64(29)
+_S33 = np.uint64(33)
 
 
 @njit(cache=True, inline="always")
 def _fmix(h):
-    h ^= h >> np.uint64(33)
+    h ^= h >> _S33
     h *= _F1
-    h ^= h >> np.uint64(33)
+    h ^= h >> _S33
     h *= _F2
-    h ^= h >> np.uint64(33)
+    h ^= h >> _S33
     if h == np.uint64(0):
         h = np.uint64(1)
     return h
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def hash_row(k, i, seed):
-    """Hash of row ``i`` of key matrix ``k``, mixed with ``seed``."""
-    h = np.uint64(seed) ^ np.uint64(0x9E3779B97F4A7C15)
+    """Hash of row ``i`` of key matrix ``k``, mixed with ``seed``: per word one multiply and
+    one shift-xor, then murmur3's finaliser."""
+    h = np.uint64(seed) * _P + np.uint64(k.shape[1])
     for w in range(k.shape[1]):
-        h = _mix(h, k[i, w])
+        h = (h ^ k[i, w]) * _P
+        h ^= h >> _S29
     return _fmix(h)
 
 
-@njit(cache=True)
-def hash_masked(k, i, mask, seed):
-    """Hash of ``k[i] & mask`` mixed with ``seed`` (the megaflow mask id)."""
-    h = np.uint64(seed) ^ np.uint64(0x9E3779B97F4A7C15)
+@njit(cache=True, inline="always")
+def hash_masked(k, i, masks, m, seed):
+    """Hash of ``k[i] & masks[m]`` mixed with ``seed`` (the megaflow mask id)."""
+    h = np.uint64(seed) * _P + np.uint64(k.shape[1])
     for w in range(k.shape[1]):
-        h = _mix(h, k[i, w] & mask[w])
+        h = (h ^ (k[i, w] & masks[m, w])) * _P
+        h ^= h >> _S29
     return _fmix(h)
 
 
@@ -153,20 +147,13 @@ def hash_keys(kmat) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------
 # Plain-Python references (the oracle for the kernels above)
 # ----------------------------------------------------------------------------------------------
-def _rotl(x, r):
-    return ((x << r) | (x >> (64 - r))) & M64
-
-
 def hash_words_ref(words, seed=0):
     """Reference hash of a sequence of 64-bit ints (same value as :func:`hash_row`)."""
-    h = (int(seed) ^ 0x9E3779B97F4A7C15) & M64
+    words = [int(x) for x in words]
+    h = (int(seed) * 0x9E3779B97F4A7C15 + len(words)) & M64
     for x in words:
-        x = (int(x) * 0x87C37B91114253D5) & M64
-        x = _rotl(x, 31)
-        x = (x * 0x4CF5AD432745937F) & M64
-        h ^= x
-        h = _rotl(h, 27)
-        h = (h * 5 + 0x52DCE729) & M64
+        h = ((h ^ x) * 0x9E3779B97F4A7C15) & M64
+        h ^= h >> 29
     h ^= h >> 33
     h = (h * 0xFF51AFD7ED558CCD) & M64
     h ^= h >> 33

@@ -157,13 +157,29 @@ def classify_linear(k, valid, value, mask, sport, dport, out):
                 break
 
 
+_M1 = np.uint64(0x5555555555555555)
+_M2 = np.uint64(0x3333333333333333)
+_M4 = np.uint64(0x0F0F0F0F0F0F0F0F)
+_H01 = np.uint64(0x0101010101010101)
+
+
 @njit(cache=True, inline="always")
 def _popcount(x):
-    c = 0
-    while x:
-        x &= x - np.uint64(1)
-        c += 1
-    return c
+    x = x - ((x >> np.uint64(1)) & _M1)
+    x = (x & _M2) + ((x >> np.uint64(2)) & _M2)
+    x = (x + (x >> np.uint64(4))) & _M4
+    return np.int64((x * _H01) >> np.uint64(56))
+
+
+@njit(cache=True, inline="always")
+def _msb(x):
+    """Index of the highest set bit of a non-zero uint64."""
+    b = 0
+    for sh in (32, 16, 8, 4, 2, 1):
+        if x >> np.uint64(sh):
+            x >>= np.uint64(sh)
+            b += sh
+    return b
 
 
 @njit(cache=True, inline="always")
@@ -203,18 +219,12 @@ def _addr_miss_bits(khi, klo, vhi, vlo, mhi, mlo, lens):
     key does not differ."""
     d = (khi ^ vhi) & mhi
     if d:
-        b = 63
-        while not (d >> np.uint64(b)) & np.uint64(1):
-            b -= 1
-        need = 64 - b
+        need = 64 - _msb(d)
     else:
         d = (klo ^ vlo) & mlo
         if not d:
             return np.uint64(0), np.uint64(0)
-        b = 63
-        while not (d >> np.uint64(b)) & np.uint64(1):
-            b -= 1
-        need = 128 - b
+        need = 128 - _msb(d)
     for j in range(lens.shape[0]):
         if lens[j] >= need:
             return _plen_mask(lens[j])
@@ -254,6 +264,8 @@ def derive_masks(k, valid, value, mask, sport, dport, sub_word, sub_bits, src_le
             best_w1 = -1
             best_b1 = np.uint64(0)
             for a in range(2):
+                if best_cost == 0:
+                    break
                 wh = 2 * a
                 bh, bl = _addr_miss_bits(k[i, wh], k[i, wh + 1], value[r, wh], value[r, wh + 1],
                                          mask[r, wh], mask[r, wh + 1], src_lens if a == 0 else dst_lens)
@@ -262,18 +274,20 @@ def derive_masks(k, valid, value, mask, sport, dport, sub_word, sub_bits, src_le
                     if c < best_cost:
                         best_cost, best_w0, best_b0, best_w1, best_b1 = c, wh, bh, wh + 1, bl
             for s in range(sub_word.shape[0]):
+                if best_cost == 0:
+                    break
                 w = sub_word[s]
                 rb = mask[r, w] & sub_bits[s]
                 if rb and ((k[i, w] ^ value[r, w]) & rb):
                     c = _popcount(rb & ~m[w])
                     if c < best_cost:
                         best_cost, best_w0, best_b0, best_w1, best_b1 = c, w, rb, -1, np.uint64(0)
-            if sp < sport[r, 0] or sp > sport[r, 1]:
+            if best_cost > 0 and (sp < sport[r, 0] or sp > sport[r, 1]):
                 b = np.uint64(_port_block_bits(sp, sport[r, 0], sport[r, 1], False, port_lens)) << np.uint64(K.SH_SPORT)
                 c = _popcount(b & ~m[K.K_L4])
                 if c < best_cost:
                     best_cost, best_w0, best_b0, best_w1, best_b1 = c, K.K_L4, b, -1, np.uint64(0)
-            if dp < dport[r, 0] or dp > dport[r, 1]:
+            if best_cost > 0 and (dp < dport[r, 0] or dp > dport[r, 1]):
                 b = np.uint64(_port_block_bits(dp, dport[r, 0], dport[r, 1], False, port_lens)) << np.uint64(K.SH_DPORT)
                 c = _popcount(b & ~m[K.K_L4])
                 if c < best_cost:

@@ -24,7 +24,7 @@ from numba import njit
 
 from .core import INS_EVICTED, INS_STALE, INS_UPDATED, SlotTable, find_slot, insert_slot, revalidate_slots
 from .emc import CacheResult, _per_row, _rows, _rule_map
-from .key import W, hash_masked
+from .key import W, hash_keys, hash_masked
 
 COUNTERS = ("hits", "misses", "stale", "uncacheable", "inserts", "updates", "evictions",
             "stale_replaced", "mask_probes", "mask_table_full", "revalidated_kept",
@@ -46,7 +46,7 @@ def _mf_lookup(kmat, valid, masks, order, n_active, mask_hits, keys, tag, mid, v
             m = order[j]
             for w in range(W):
                 tmp[w] = kmat[i, w] & masks[m, w]
-            h = hash_masked(kmat, i, masks[m], m)
+            h = hash_masked(kmat, i, masks, m, m)
             ctr[C_PROBES] += 1
             s = find_slot(keys, tag, mid, nb, ways, h, m, tmp)
             if s >= 0:
@@ -75,7 +75,7 @@ def _mf_insert(kmat, rows, row_mid, v, r, ver, masks, refs, keys, tag, mid, verd
             continue
         for w in range(W):
             tmp[w] = kmat[i, w] & masks[m, w]
-        h = hash_masked(kmat, i, masks[m], m)
+        h = hash_masked(kmat, i, masks, m, m)
         _, outcome, prev = insert_slot(keys, tag, mid, verdict, rule, version, aux, stamp, nb, ways,
                                        h, m, tmp, v[j], r[j], ver, -1, clock, cur)
         if outcome == INS_UPDATED:
@@ -104,6 +104,8 @@ class MegaflowCache:
         self.order = np.zeros(self.max_masks, np.int32)
         self.n_active = 0
         self._ids: dict[bytes, int] = {}
+        self._dirty = False
+        self._since_sort = 0
         self.counters = np.zeros(len(COUNTERS), np.int64)
         self._clock = 1
 
@@ -124,28 +126,59 @@ class MegaflowCache:
 
     def _intern(self, masks: np.ndarray) -> np.ndarray:
         """Mask id per row (-1 where the mask table is full)."""
-        uniq, inv = np.unique(masks, axis=0, return_inverse=True)
-        ids = np.empty(len(uniq), np.int32)
-        for u in range(len(uniq)):
-            b = uniq[u].tobytes()
+        mh = hash_keys(masks)
+        uh, first, inv = np.unique(mh, return_index=True, return_inverse=True)
+        ids = np.empty(len(uh), np.int32)
+        for u in range(len(uh)):
+            row = masks[first[u]]
+            b = row.tobytes()
             mid = self._ids.get(b)
             if mid is None:
                 taken = set(self._ids.values())
                 mid = next((int(f) for f in np.flatnonzero(self.refs == 0) if int(f) not in taken), -1)
                 if mid >= 0:
-                    self.masks[mid] = uniq[u]
+                    self.masks[mid] = row
                     self.mask_hits[mid] = 0
                     self._ids[b] = mid
+                    self._dirty = True
             ids[u] = mid
-        return ids[np.asarray(inv).reshape(-1)]
+        out = ids[np.asarray(inv).reshape(-1)]
+        # distinct masks with equal hashes (vanishingly rare): intern those rows one by one
+        same = np.flatnonzero(out >= 0)
+        if same.size and not np.array_equal(self.masks[out[same]], masks[same]):
+            for j in same:
+                if not np.array_equal(self.masks[out[j]], masks[j]):
+                    out[j] = self._intern_one(masks[j])
+        return out
 
-    def _refresh(self) -> None:
-        """Forget masks without entries; order the rest by hit count (most hit first)."""
+    def _intern_one(self, row) -> int:
+        b = row.tobytes()
+        if b in self._ids:
+            return self._ids[b]
+        taken = set(self._ids.values())
+        mid = next((int(f) for f in np.flatnonzero(self.refs == 0) if int(f) not in taken), -1)
+        if mid >= 0:
+            self.masks[mid] = row
+            self.mask_hits[mid] = 0
+            self._ids[b] = mid
+            self._dirty = True
+        return mid
+
+    def _refresh(self, force: bool = False) -> None:
+        """Forget masks without entries; order the rest by hit count (most hit first). Runs
+        when the mask set changed, and every 32 calls to keep the order current."""
+        self._since_sort += 1
+        if not (force or self._dirty or self._since_sort >= 32
+                or np.any(self.refs[self.order[: self.n_active]] <= 0)):
+            return
+        self._dirty = False
+        self._since_sort = 0
         for b, mid in list(self._ids.items()):
             if self.refs[mid] <= 0:
                 del self._ids[b]
                 self.refs[mid] = 0
-        live = np.array(sorted(self._ids.values(), key=lambda m: -self.mask_hits[m]), np.int32)
+        live = np.fromiter(self._ids.values(), np.int32, len(self._ids))
+        live = live[np.argsort(-self.mask_hits[live], kind="stable")]
         self.n_active = len(live)
         self.order[: self.n_active] = live
 
@@ -176,7 +209,7 @@ class MegaflowCache:
             dropped = t.used()
             t.clear()
             self.refs[:] = 0
-            self._refresh()
+            self._refresh(force=True)
             self.counters[C_FLUSHES] += 1
             self.counters[C_DROPPED] += dropped
             return 0, dropped
@@ -184,7 +217,7 @@ class MegaflowCache:
         kept, dropped = revalidate_slots(t.keys, t.tag, t.mid, t.version, t.rule, self.masks, np.uint32(old),
                                          np.uint32(self.version), *changed.arrays(), _rule_map(rule_map), per_mid)
         self.refs -= per_mid
-        self._refresh()
+        self._refresh(force=True)
         self.counters[C_KEPT] += kept
         self.counters[C_DROPPED] += dropped
         return int(kept), int(dropped)
