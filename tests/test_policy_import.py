@@ -164,6 +164,14 @@ def test_k8s_selector_semantics():
     assert not Selector((), (("x", "In", ("1",)),)).matches({})
 
 
+def test_k8s_empty_policy_types_default():
+    text = ("tenants: [{name: t, vni: 1}]\nnetwork_policies:\n"
+            "  - {apiVersion: networking.k8s.io/v1, kind: NetworkPolicy, metadata: {name: n, namespace: t},\n"
+            "     spec: {podSelector: {}, policyTypes: [], egress: [{}]}}\n")
+    (n,) = parse_policy(text).network_policies
+    assert n.ingress_type and n.egress_type
+
+
 def test_k8s_list_kind_and_default_namespace(tmp_path):
     (tmp_path / "np.yaml").write_text("""
 apiVersion: v1

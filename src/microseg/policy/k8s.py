@@ -370,11 +370,11 @@ def _policy(p: _P, doc: Map, path: str, default_namespace, where: str):
     ingress = _rules(p, spec, "ingress", "from", path, f"{pre}spec")
     egress = _rules(p, spec, "egress", "to", path, f"{pre}spec")
     types = spec.get("policyTypes")
-    if types is None:
+    if not types:                       # absent or empty: defaulted, as the API server does
         ing_t, eg_t = True, bool(spec.get("egress"))
-    elif not isinstance(types, Seq) or any(t not in ("Ingress", "Egress") for t in types) or not types:
+    elif not isinstance(types, Seq) or any(t not in ("Ingress", "Egress") for t in types):
         p.err(spec.line_of("policyTypes"), f"{pre}spec.policyTypes",
-              f"{types!r} must be a non-empty list of Ingress and/or Egress")
+              f"{types!r} must be a list of Ingress and/or Egress")
         return None
     else:
         ing_t, eg_t = "Ingress" in types, "Egress" in types
