@@ -38,11 +38,11 @@ def test_encap_then_decap(tmp_path, capture, capsys, kind):
 
 
 def test_decap_counts_tenants_and_rejects(tmp_path, capsys):
-    inner = Ether() / IP() / UDP() / Raw(b"z")
-    pkts = ([Ether() / IP() / UDP(dport=4789) / VXLAN(vni=7) / inner] * 3
-            + [Ether() / IP() / UDP(dport=4789) / VXLAN(vni=8) / inner] * 2
-            + [Ether() / IP() / UDP(dport=53)] * 4
-            + [Ether() / IP() / UDP(dport=4789) / VXLAN(vni=9, flags=0) / inner])
+    inner = Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / IP() / UDP() / Raw(b"z")
+    pkts = ([Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / IP() / UDP(dport=4789) / VXLAN(vni=7) / inner] * 3
+            + [Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / IP() / UDP(dport=4789) / VXLAN(vni=8) / inner] * 2
+            + [Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / IP() / UDP(dport=53)] * 4
+            + [Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / IP() / UDP(dport=4789) / VXLAN(vni=9, flags=0) / inner])
     wrpcap(str(tmp_path / "t.pcap"), pkts)
     assert main(["decap", str(tmp_path / "t.pcap"), "-w", str(tmp_path / "o.pcap")]) == 0
     out = capsys.readouterr().out

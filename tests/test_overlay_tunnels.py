@@ -113,21 +113,21 @@ def test_nvgre_against_scapy(ends):
 
 
 def test_decap_scapy_built_tunnels():
-    inner = Ether() / IP(src="10.0.0.1", dst="10.0.0.2") / TCP(dport=22) / Raw(b"hi")
+    inner = Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / IP(src="10.0.0.1", dst="10.0.0.2") / TCP(dport=22) / Raw(b"hi")
     pkts = [
-        Ether() / IP(src="1.1.1.1", dst="2.2.2.2") / UDP(sport=50000, dport=4789) / VXLAN(vni=42) / inner,
-        Ether() / IPv6(src="::1", dst="::2") / UDP(dport=6081) / GENEVE(vni=43, options=[
+        Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / IP(src="1.1.1.1", dst="2.2.2.2") / UDP(sport=50000, dport=4789) / VXLAN(vni=42) / inner,
+        Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / IPv6(src="::1", dst="::2") / UDP(dport=6081) / GENEVE(vni=43, options=[
             GeneveOptions(classid=0x0102, type=1, data=b"\x00" * 8)]) / inner,
-        Ether() / IP() / GRE(key_present=1, key=(44 << 8) | 9, proto=0x6558) / inner,
-        Ether() / IP() / UDP(dport=6081) / GENEVE(vni=45, proto=0x0800) / inner[IP],
-        Ether() / IP() / UDP(dport=53) / Raw(b"x" * 20),
-        Ether() / IP() / UDP(dport=6081) / GENEVE(vni=46, critical=1, options=[
+        Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / IP() / GRE(key_present=1, key=(44 << 8) | 9, proto=0x6558) / inner,
+        Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / IP() / UDP(dport=6081) / GENEVE(vni=45, proto=0x0800) / inner[IP],
+        Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / IP() / UDP(dport=53) / Raw(b"x" * 20),
+        Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / IP() / UDP(dport=6081) / GENEVE(vni=46, critical=1, options=[
             GeneveOptions(classid=1, type=0x81, data=b"\x00" * 4)]) / inner,
-        Ether() / IP() / UDP(dport=6081) / GENEVE(vni=47, oam=1) / inner,
-        Ether() / IP() / UDP(dport=4789) / VXLAN(vni=48, flags=0) / inner,
-        Ether() / IP(flags="MF") / UDP(dport=4789) / VXLAN(vni=49) / inner,
-        Ether() / IPv6() / UDP(dport=4789) / VXLAN(vni=50) / Raw(bytes(inner)[:10]),
-        Ether() / IP() / GRE(proto=0x0800) / inner[IP],
+        Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / IP() / UDP(dport=6081) / GENEVE(vni=47, oam=1) / inner,
+        Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / IP() / UDP(dport=4789) / VXLAN(vni=48, flags=0) / inner,
+        Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / IP(flags="MF") / UDP(dport=4789) / VXLAN(vni=49) / inner,
+        Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / IPv6() / UDP(dport=4789) / VXLAN(vni=50) / Raw(bytes(inner)[:10]),
+        Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / IP() / GRE(proto=0x0800) / inner[IP],
     ]
     r = decap(Batch.from_packets([bytes(p) for p in pkts]))
     assert r.error.tolist() == [0, 0, 0, T.DECAP_INNER_MIX, T.DECAP_NOT_TUNNEL,

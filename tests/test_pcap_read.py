@@ -15,9 +15,9 @@ def _pkts(n=40):
     out = []
     for i in range(n):
         if i % 3 == 0:
-            p = Ether() / IPv6(src="2001:db8::1", dst="2001:db8::2") / UDP(sport=i, dport=53)
+            p = Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / IPv6(src="2001:db8::1", dst="2001:db8::2") / UDP(sport=i, dport=53)
         else:
-            p = Ether() / IP(src=f"10.0.0.{i}", dst="10.0.1.1") / TCP(sport=1000 + i, dport=80)
+            p = Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / IP(src=f"10.0.0.{i}", dst="10.0.1.1") / TCP(sport=1000 + i, dport=80)
         p = p / Raw(b"x" * (i * 7 % 300))
         p.time = 1_700_000_000 + i * 0.25 + 0.000123
         out.append(p)
