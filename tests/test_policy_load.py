@@ -110,3 +110,39 @@ def test_binary_file(tmp_path):
     with pytest.raises(InputError) as ei:
         load_policy(str(f))
     assert "UTF-8" in str(ei.value)
+
+
+def test_mutated_policies_fail_cleanly():
+    """Damaged policy files load or raise InputError; nothing else escapes."""
+    import random
+    rng = random.Random(1)
+    srcs = [open(os.path.join(VEC, n)).read()
+            for n in ("example.yaml", "k8s_policy.yaml", "openstack_policy.yaml")]
+    toks = ["", "{}", "[]", "null", "-1", "99999999999", "true", '"x"', "[1, 2]", "{a: b}",
+            "0.5", "::", "1.2.3.4/99", "Ingress", "tcp", "*a", "&a x", "!!binary aGk=",
+            "2001-01-01", "'", "{", ":"]
+    outcomes = {"ok": 0, "error": 0}
+    for _ in range(400):
+        lines = rng.choice(srcs).split("\n")
+        for _ in range(rng.randint(1, 3)):
+            i = rng.randrange(len(lines))
+            line = lines[i]
+            r = rng.random()
+            if r < 0.35 and ":" in line:
+                lines[i] = line[:line.index(":") + 1] + " " + rng.choice(toks)
+            elif r < 0.55 and line:
+                j = rng.randrange(len(line))
+                lines[i] = line[:j] + line[j + 1:]
+            elif r < 0.7:
+                lines[i] = line.replace(",", rng.choice([", bogus: 1,", ", name: dup,"]), 1)
+            elif r < 0.85:
+                del lines[i]
+            else:
+                lines.insert(i, rng.choice(lines))
+        try:
+            parse_policy("\n".join(lines), "m.yaml", VEC)
+            outcomes["ok"] += 1
+        except InputError as exc:
+            assert str(exc).startswith(("m.yaml", VEC)), str(exc)
+            outcomes["error"] += 1
+    assert outcomes["ok"] > 20 and outcomes["error"] > 100
