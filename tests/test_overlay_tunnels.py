@@ -12,7 +12,7 @@ from microseg.overlay import decap, encap
 from microseg.overlay import ref
 from microseg.overlay import tunnel as T
 from microseg.packet import build as B
-from microseg.packet.batch import LINK_ETHERNET, LINK_RAW, TUN_GENEVE, TUN_NVGRE, TUN_VXLAN, Batch
+from microseg.packet.batch import LINK_RAW, TUN_GENEVE, TUN_NVGRE, TUN_VXLAN, Batch
 from microseg.packet.parse import parse
 
 ENDPOINTS = [("192.0.2.1", "198.51.100.7"), ("2001:db8::1", "2001:db8:ffff::2")]

@@ -34,7 +34,7 @@ from numba import njit
 from ..errors import InputError
 from ..packet import build as B
 from ..packet.batch import LINK_ETHERNET, LINK_RAW, TUN_GENEVE, TUN_NVGRE, TUN_VXLAN, Batch
-from ..packet.build import csum_add, csum_fold
+from ..packet.build import csum_add, csum_final
 
 VXLAN_PORT = 4789
 GENEVE_PORT = 6081
@@ -158,7 +158,7 @@ def _encap_kernel(data, offset, length, tmpl, ver, l3, l4, tun, kind, vni, entro
             out[p + l3 + 3] = tot & 0xFF
             out[p + l3 + 10] = 0
             out[p + l3 + 11] = 0
-            c = csum_fold(csum_add(out, p + l3, 20, np.uint64(0)))
+            c = csum_final(csum_add(out, p + l3, 20, np.int64(0)))
             out[p + l3 + 10] = c >> 8
             out[p + l3 + 11] = c & 0xFF
         else:
@@ -167,11 +167,11 @@ def _encap_kernel(data, offset, length, tmpl, ver, l3, l4, tun, kind, vni, entro
             out[p + l3 + 5] = plen & 0xFF
             if kind != 3:                                     # UDP over IPv6: checksum required
                 seg = hl - l4 + ln
-                acc = csum_add(out, p + l3 + 8, 32, np.uint64(0))
-                acc += np.uint64(17) + np.uint64(seg)
+                acc = csum_add(out, p + l3 + 8, 32, np.int64(0))
+                acc += 17 + seg
                 out[p + l4 + 6] = 0
                 out[p + l4 + 7] = 0
-                c = csum_fold(csum_add(out, p + l4, seg, acc))
+                c = csum_final(csum_add(out, p + l4, seg, acc))
                 if c == 0:
                     c = np.uint16(0xFFFF)
                 out[p + l4 + 6] = c >> 8
@@ -292,7 +292,7 @@ def decap_one(d, b, ln, linktype):
             return DECAP_BAD_OUTER, 0, -1, 0, 0, 0
         if tot > end - pos:
             return DECAP_TRUNCATED, 0, -1, 0, 0, 0
-        if csum_fold(csum_add(d, o, ihl, np.uint64(0))) != 0:
+        if csum_final(csum_add(d, o, ihl, np.int64(0))) != 0:
             return DECAP_BAD_OUTER, 0, -1, 0, 0, 0
         proto = np.int64(d[o + 9])
         if (proto == 17 or proto == 47) and (_r16(d, o + 6) & 0x3FFF) != 0:

@@ -21,6 +21,7 @@ import numpy as np
 from numba import njit
 
 from .batch import LINK_ETHERNET, LINK_RAW, Batch
+from .checksum import csum_fold, csum_partial, inet_checksum, pseudo_header_sum
 
 ETH_IPV4, ETH_IPV6, ETH_ARP, ETH_VLAN, ETH_QINQ = 0x0800, 0x86DD, 0x0806, 0x8100, 0x88A8
 PROTO_ICMP, PROTO_TCP, PROTO_UDP, PROTO_GRE, PROTO_ICMPV6 = 1, 6, 17, 47, 58
@@ -30,65 +31,31 @@ TCP_FLAG_BITS = {"F": 0x01, "S": 0x02, "R": 0x04, "P": 0x08, "A": 0x10, "U": 0x2
 
 
 # ---------------------------------------------------------------------------------------------
-# checksums
+# checksums (microseg.packet.checksum does the arithmetic)
 # ---------------------------------------------------------------------------------------------
 def checksum(data: bytes, initial: int = 0) -> int:
     """RFC 1071 Internet checksum of ``data`` (odd length padded), ``initial`` a partial sum."""
-    if len(data) % 2:
-        data = bytes(data) + b"\0"
-    s = int(np.frombuffer(data, dtype=">u2").sum(dtype=np.uint64)) + initial
-    while s >> 16:
-        s = (s & 0xFFFF) + (s >> 16)
-    return ~s & 0xFFFF
-
-
-def _pseudo_sum(src: str, dst: str, proto: int, length: int) -> int:
-    a, b = ipaddress.ip_address(src), ipaddress.ip_address(dst)
-    if a.version != b.version:
-        raise ValueError(f"address families differ: {src} and {dst}")
-    raw = a.packed + b.packed
-    if a.version == 4:
-        raw += struct.pack("!BBH", 0, proto, length)
-    else:
-        raw += struct.pack("!IxxxB", length, proto)
-    return int(np.frombuffer(raw, dtype=">u2").sum(dtype=np.uint64))
+    return inet_checksum(data, initial)
 
 
 def l4_checksum(src: str, dst: str, proto: int, segment: bytes) -> int:
     """Checksum of a TCP/UDP/ICMPv6 ``segment`` (its checksum field zero) with the pseudo-header."""
-    return checksum(segment, _pseudo_sum(src, dst, proto, len(segment)))
+    a, b = ipaddress.ip_address(src), ipaddress.ip_address(dst)
+    if a.version != b.version:
+        raise ValueError(f"address families differ: {src} and {dst}")
+    return inet_checksum(segment, pseudo_header_sum(a.packed, b.packed, proto, len(segment)))
 
 
 @njit(cache=True, inline="always")
 def csum_add(d, start, length, acc):
-    """Add the 16-bit big-endian words of ``d[start:start+length]`` to ``acc`` (odd tail padded).
-
-    Eight bytes per step into a 64-bit sum; fold with :func:`csum_fold`.
-    """
-    j = start
-    stop8 = start + (length & ~7)
-    s = np.uint64(0)
-    while j < stop8:
-        s += (((np.uint64(d[j]) << np.uint64(8)) | np.uint64(d[j + 1]))
-              + ((np.uint64(d[j + 2]) << np.uint64(8)) | np.uint64(d[j + 3]))
-              + ((np.uint64(d[j + 4]) << np.uint64(8)) | np.uint64(d[j + 5]))
-              + ((np.uint64(d[j + 6]) << np.uint64(8)) | np.uint64(d[j + 7])))
-        j += 8
-    stop = start + length - 1
-    while j < stop:
-        s += (np.uint64(d[j]) << np.uint64(8)) | np.uint64(d[j + 1])
-        j += 2
-    if length & 1:
-        s += np.uint64(d[start + length - 1]) << np.uint64(8)
-    return acc + s
+    """Add the 16-bit big-endian words of ``d[start:start+length]`` to the unfolded ``acc``."""
+    return csum_partial(d, start, start + length, acc)
 
 
 @njit(cache=True, inline="always")
-def csum_fold(acc):
-    """Fold a 64-bit one's-complement sum to 16 bits and complement it."""
-    while acc >> np.uint64(16):
-        acc = (acc & np.uint64(0xFFFF)) + (acc >> np.uint64(16))
-    return np.uint16(~np.uint16(acc))
+def csum_final(acc):
+    """The checksum field value for an unfolded sum: its folded ones' complement."""
+    return np.uint16(~csum_fold(acc) & 0xFFFF)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -361,7 +328,7 @@ def _build_kernel(out, offset, ver, l2len, proto, eth, vlan, src_hi, src_lo, dst
             l4len = 0
         seglen = l4len + plen[i]
         # L3 + pseudo-header sum
-        acc = np.uint64(0)
+        acc = np.int64(0)
         if ver == 4:
             h = l3
             tot = 20 + seglen
@@ -382,7 +349,7 @@ def _build_kernel(out, offset, ver, l2len, proto, eth, vlan, src_hi, src_lo, dst
             for k in range(4):
                 out[h + 12 + k] = (s >> np.uint64(24 - 8 * k)) & np.uint64(0xFF)
                 out[h + 16 + k] = (d >> np.uint64(24 - 8 * k)) & np.uint64(0xFF)
-            c = csum_fold(csum_add(out, h, 20, np.uint64(0)))
+            c = csum_final(csum_add(out, h, 20, 0))
             out[h + 10] = c >> 8
             out[h + 11] = c & 0xFF
             if proto != 1:                         # ICMPv4 has no pseudo-header
@@ -407,7 +374,7 @@ def _build_kernel(out, offset, ver, l2len, proto, eth, vlan, src_hi, src_lo, dst
             acc = csum_add(out, h + 8, 32, acc)
             l4 = h + 40
         if proto != 1:
-            acc += np.uint64(proto) + np.uint64(seglen)
+            acc += proto + seglen
         # L4
         if proto == 6:
             out[l4] = sport[i] >> 8
@@ -445,7 +412,7 @@ def _build_kernel(out, offset, ver, l2len, proto, eth, vlan, src_hi, src_lo, dst
             out[l4 + 7] = dport[i] & 0xFF
             ck = l4 + 2
         out[l4 + l4len:l4 + l4len + plen[i]] = fill
-        c = csum_fold(csum_add(out, l4, seglen, acc))
+        c = csum_final(csum_add(out, l4, seglen, acc))
         if proto == 17 and c == 0:
             c = np.uint16(0xFFFF)
         out[ck] = c >> 8
