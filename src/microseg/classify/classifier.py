@@ -7,6 +7,7 @@ from ..errors import InputError
 from . import keys as _keys
 from .linear import classify_linear
 from .rules import NW, RuleSet
+from .tree import DecisionTree
 from .tss import TupleSpace
 
 
@@ -64,10 +65,16 @@ def _tss(rs, **kw):
     return c
 
 
-ALGOS = {"linear": _linear, "tss": _tss}
+def _tree(rs, **kw):
+    c = Classifier(rs, DecisionTree(rs, **kw))
+    c.algo = "tree"
+    return c
 
 
-def build(ruleset: RuleSet, algo: str = "tss", **params) -> Classifier:
+ALGOS = {"tree": _tree, "tss": _tss, "linear": _linear}
+
+
+def build(ruleset: RuleSet, algo: str = "tree", **params) -> Classifier:
     """Compile ``ruleset`` for lookups with ``algo`` (one of ``ALGOS``)."""
     if not isinstance(ruleset, RuleSet):
         raise InputError("build() needs a RuleSet")
