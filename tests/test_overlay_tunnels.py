@@ -227,3 +227,27 @@ def test_decap_random_bytes_never_crash():
     assert len(r.inner) == 500
     for p, e in zip(pk[:100], r.error[:100]):
         assert ref.decap_one(p, 1)[0] == e
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_decap_and_parser_agree_on_damaged_tunnels(data):
+    """Where decap accepts a packet, the parser sees the same tunnel type and tenant."""
+    kind = data.draw(st.sampled_from(KINDS))
+    ends = data.draw(st.sampled_from(ENDPOINTS))
+    inner = B.udp_packet("10.0.0.1", "10.0.0.2", 1, 2, b"x" * data.draw(st.integers(0, 20)))
+    pkt = bytearray(ref.encap_one(inner, kind, data.draw(st.integers(0, 2**24 - 1)), *ends,
+                                  data.draw(st.integers(0, 2**32 - 1))))
+    for _ in range(data.draw(st.integers(0, 3))):
+        pos = data.draw(st.integers(0, 80))
+        if pos < len(pkt):
+            pkt[pos] = data.draw(st.integers(0, 255))
+    b = Batch.from_packets([bytes(pkt)])
+    r = decap(b)
+    k = parse(b)
+    if r.error[0] == 0:
+        assert int(k.tun_type[0]) == int(r.tun_type[0])
+        assert int(k.tenant[0]) == int(r.tenant[0])
+    elif int(k.tun_type[0]) and r.error[0] in (T.DECAP_NOT_TUNNEL, T.DECAP_BAD_OUTER,
+                                                T.DECAP_FRAGMENT):
+        pytest.fail(f"parser saw tunnel {int(k.tun_type[0])}, decap said {int(r.error[0])}")
