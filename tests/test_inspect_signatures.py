@@ -170,7 +170,7 @@ def _batch(pkts):
 
 
 def E(src, dst, l4, payload=b""):
-    return Ether() / IP(src=src, dst=dst) / l4 / payload
+    return Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / IP(src=src, dst=dst) / l4 / payload
 
 
 def test_verdicts_on_real_packets():
