@@ -9,7 +9,7 @@ from scapy.all import DNS, GRE, ICMP, IP, TCP, UDP, Ether, IPv6, checksum, raw
 from scapy.layers.inet import in4_chksum
 from scapy.layers.inet6 import in6_chksum
 from scapy.contrib.geneve import GENEVE
-from scapy.layers.inet6 import ICMPv6EchoReply, ICMPv6EchoRequest
+from scapy.layers.inet6 import ICMPv6DestUnreach, ICMPv6EchoReply, ICMPv6EchoRequest
 from scapy.layers.vxlan import VXLAN
 
 from microseg import ctstate
@@ -115,7 +115,7 @@ def _check_wellformed(b: bytes, tunnel: str, host_addrs: set):
     elif UDP in e:
         assert e[UDP].len == len(ib) - (34 if IP in e else 54)
     else:
-        assert ICMP in e or ICMPv6EchoRequest in e or ICMPv6EchoReply in e
+        assert any(x in e for x in (ICMP, ICMPv6EchoRequest, ICMPv6EchoReply, ICMPv6DestUnreach))
     return e, vni
 
 
@@ -150,8 +150,8 @@ def test_inner_headers_match_the_flow_table(gen, policy):
         ip = e[IP] if IP in e else e[IPv6]
         ends = (ip.src, ip.dst) if gen.truth.dir[i] == 0 else (ip.dst, ip.src)
         assert ends == (fl["src_addr"], fl["dst_addr"])
-        if TCP in e or UDP in e:
-            l4 = e[TCP] if TCP in e else e[UDP]
+        if isinstance(ip.payload, (TCP, UDP)):               # not an ICMP error's quote
+            l4 = ip.payload
             ports = (l4.sport, l4.dport) if gen.truth.dir[i] == 0 else (l4.dport, l4.sport)
             assert ports == (fl["sport"], fl["dport"])
 
@@ -262,7 +262,8 @@ def test_dns_queries_and_answers_parse(gen):
         if gen.truth.labels[gen.truth.label[i]] != "dns":
             continue
         e, _ = _inner(Ether(gen.batch.packet(i)), "vxlan")
-        if UDP not in e:
+        ip = e[IP] if IP in e else e[IPv6]
+        if not isinstance(ip.payload, UDP):                  # port unreachable: tested below
             continue
         dns = DNS(bytes(e[UDP].payload))
         f = int(gen.truth.flow[i])
@@ -396,3 +397,29 @@ def test_cli_generate(tmp_path, capsys):
 def test_bad_scenarios_are_refused(policy, bad):
     with pytest.raises(InputError):
         G.generate(policy, {"flows": 5, **bad})
+
+
+def test_icmp_errors_quote_the_original_datagram(policy):
+    """DNS to a server that is down: the ICMP port unreachable quotes the query byte for byte
+    and is RELATED (reply direction) to the query's connection."""
+    g = G.generate(policy, {"flows": 400, "seed": 8, "dns_share": 0.6, "ipv6_share": 0.3})
+    t = g.truth
+    rel = np.flatnonzero((t.ct & ctstate.RELATED) > 0)
+    assert len(rel) >= 3
+    fams = set()
+    for i in rel:
+        assert t.ct[i] == ctstate.RELATED | ctstate.REPLY and t.verdict[i] == G.ALLOW
+        assert t.causes[t.cause[i]] == "related"
+        first = np.flatnonzero(t.flow == t.flow[i])[0]
+        assert first < i
+        orig = raw(_inner(Ether(g.batch.packet(int(first))), "vxlan")[0])[14:]
+        err = _inner(Ether(g.batch.packet(int(i))), "vxlan")[0]
+        if IP in err:
+            assert (err[ICMP].type, err[ICMP].code) == (3, 3)
+            quoted = raw(err)[14 + 20 + 8:]
+        else:
+            assert (err[ICMPv6DestUnreach].type, err[ICMPv6DestUnreach].code) == (1, 4)
+            quoted = raw(err)[14 + 40 + 8:]
+        assert quoted == orig
+        fams.add(IP in err)
+    assert fams == {True, False}

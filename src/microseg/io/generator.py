@@ -265,6 +265,35 @@ def dns_response(qid: int, name: str, qtype: int, answer: bytes | None) -> bytes
 PING_PAYLOAD = bytes(8) + bytes(range(0x10, 0x38))      # Linux ping: timeval slot + pattern
 
 
+def inet_checksum(data: bytes) -> int:
+    """RFC 1071 Internet checksum of ``data``."""
+    if len(data) % 2:
+        data += b"\0"
+    acc = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while acc >> 16:
+        acc = (acc & 0xFFFF) + (acc >> 16)
+    return ~acc & 0xFFFF
+
+
+def quoted_udp(sa, da, sport: int, dport: int, payload: bytes, ip_id: int, flowlabel: int) -> bytes:
+    """A UDP datagram exactly as sent (IPv4 with DF, or IPv6; TTL 64), as an ICMP error quotes
+    it: whole, as Linux does for datagrams this small."""
+    ulen = 8 + len(payload)
+    if sa.version == 4:
+        pseudo = sa.packed + da.packed + struct.pack("!BBH", 0, UDP, ulen)
+    else:
+        pseudo = sa.packed + da.packed + struct.pack("!I3xB", ulen, UDP)
+    c = inet_checksum(pseudo + struct.pack("!HHHH", sport, dport, ulen, 0) + payload) or 0xFFFF
+    udp = struct.pack("!HHHH", sport, dport, ulen, c) + payload
+    if sa.version == 4:
+        hdr = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + ulen, ip_id, 0x4000, TTL, UDP, 0,
+                          sa.packed, da.packed)
+        hdr = hdr[:10] + struct.pack("!H", inet_checksum(hdr)) + hdr[12:]
+    else:
+        hdr = struct.pack("!IHBB16s16s", (6 << 28) | flowlabel, ulen, UDP, TTL, sa.packed, da.packed)
+    return hdr + udp
+
+
 # ---------------------------------------------------------------------------------------------
 # The compiled assembly pass and its reference
 # ---------------------------------------------------------------------------------------------
@@ -501,6 +530,7 @@ def _build_templates(T: dict, tunnel: str):
                 a[:, l4 + 12] = 0x50
         else:
             a[:, l4] = T["icmp_type"][idx]
+            a[:, l4 + 1] = T["icmp_code"][idx]
             _col16(a, l4 + 4, T["sport"][idx])          # echo identifier
         t_len[idx] = H
         t_iip[idx] = ip
@@ -611,10 +641,11 @@ class _Planner:
         self.labels = _Names("tcp", "tls", "dns", "udp", "icmp", "port scan", "cross-tenant",
                              "invalid tcp", "syn flood")
         self.causes = _Names("policy", "established", "egress_denied", "ingress_denied",
-                             "spoofed_source", "ct_invalid")
+                             "spoofed_source", "ct_invalid", "related")
         self.deny = REJECT if self.intent.deny_verdict == "reject" else DROP
         self.ports_used = {}
-        self.F = []                  # per flow: the columns its header templates are made of
+        self.F = []                  # template pairs: the columns of two header templates
+        self.flow_pair = []          # per flow: its template pair
         self.a16_cache = {}
         self.host_ix = {h.name: i for i, h in enumerate(policy.hosts)}
         self.addr = {(w.tenant, w.name, fam): address_of(w, fam) for w in policy.workloads
@@ -716,12 +747,23 @@ class _Planner:
         f = len(self.flow_meta)
         sa = sa if sa is not None else self.addr[(s.tenant, s.name, fam)]
         da = da if da is not None else self.addr[(d.tenant, d.name, fam)]
-        self.F.append((fam, proto, self.host_ix[s.host], self.host_ix[d.host], s.mac, d.mac,
-                       self.a16(sa), self.a16(da), sport, dport, icmp,
-                       self.wl_index[(s.tenant, s.name)], self.wl_index[(d.tenant, d.name)]))
+        self.flow_pair.append(self.pair(tenant, s, d, fam, proto, sa, da, sport, dport, icmp))
         self.flow_meta.append((tenant, s.name, d.name, sa, da, proto, sport, dport, label, meta))
         self.flow_msgs.append([])
         return f
+
+    def pair(self, tenant, s, d, fam, proto, sa, da, sport, dport, icmp=False,
+             itypes=None, icode=0) -> int:
+        """Add the two header templates (s -> d, d -> s) of one 5-tuple; returns the pair index.
+        ICMP types default to echo request / reply."""
+        if itypes is None:
+            itypes = (8, 0) if fam == 4 else (128, 129)
+        self.F.append((fam, proto, self.host_ix[s.host], self.host_ix[d.host], s.mac, d.mac,
+                       self.a16(sa), self.a16(da), sport, dport, icmp,
+                       self.wl_index[(s.tenant, s.name)], self.wl_index[(d.tenant, d.name)],
+                       tenant.vni, itypes[0], itypes[1], icode, self.R.int(1 << 20),
+                       self.R.int(1 << 16), self.R.int(1 << 16)))
+        return len(self.F) - 1
 
     def _meta(self, f) -> dict:
         m = self.flow_meta[f][-1]
@@ -738,10 +780,11 @@ class _Planner:
 
     def msg(self, f, kind, dr=0, nbytes=0, flags=0, blob=(0, 0), fill=FILL_POOL, seq_delta=0,
             counts=True, icmp_seq=0, verdict=ALLOW, ct_first=ctstate.NEW,
-            ct_rest=ctstate.ESTABLISHED, reason=0, label=0, cause=0):
+            ct_rest=ctstate.ESTABLISHED, reason=0, label=0, cause=0, pair=-1):
+        """Append a message to flow ``f`` (``pair``: send it with another template pair)."""
         self.flow_msgs[f].append((kind, dr, max(nbytes, blob[1]) if kind in (M_DATA, M_ONE) else 0,
                                   flags, blob[0], blob[1], fill, seq_delta, counts, icmp_seq,
-                                  verdict, ct_first, ct_rest, reason, label, cause))
+                                  verdict, ct_first, ct_rest, reason, label, cause, pair))
 
     def flows_table(self, per_flow_pkts) -> list:
         """The flow table as JSON-ready dicts."""
@@ -763,7 +806,7 @@ class _Planner:
     def template_columns(self) -> dict:
         """Per-template columns (template 2f is flow f's original direction, 2f+1 its reply)."""
         n = len(self.F)
-        cols = list(zip(*self.F)) if n else [()] * 13
+        cols = list(zip(*self.F)) if n else [()] * 20
         fam = np.array(cols[0], np.int64)
         proto = np.array(cols[1], np.int64)
         sh, dh = np.array(cols[2], np.int64), np.array(cols[3], np.int64)
@@ -775,9 +818,10 @@ class _Planner:
         sp, dp = np.array(cols[11], np.int64), np.array(cols[12], np.int64)
         hosts = np.array([self.host_addr[h.name] for h in self.p.hosts] or [0], np.int64)
         hmac = np.array([self.host_mac(h.name) for h in self.p.hosts] or [0], np.uint64)
-        vni = np.full(n, 0, np.int64)
-        if not self.untagged:
-            vni = np.array([t.vni for t, *_ in self.flow_meta], np.int64)
+        vni = np.full(n, 0, np.int64) if self.untagged else np.array(cols[13], np.int64)
+        it0, it1 = np.array(cols[14], np.int64), np.array(cols[15], np.int64)
+        icode = np.array(cols[16], np.int64)
+        flowlabel = np.array(cols[17], np.int64)
 
         def inter(a, b):
             out = np.empty((2 * n,) + a.shape[1:], a.dtype)
@@ -787,13 +831,13 @@ class _Planner:
         return {
             "family": inter(fam, fam), "proto": inter(proto, proto), "vni": inter(vni, vni),
             "entropy": inter(*(2 * [49152 + ((f_ix * 2654435761 + self.cfg.seed) & 0x3FFF)])),
-            "flowlabel": inter(*(2 * [self.rng.integers(0, 1 << 20, n, dtype=np.int64)])),
+            "flowlabel": inter(flowlabel, flowlabel),
             "o_src": inter(hosts[sh], hosts[dh]), "o_dst": inter(hosts[dh], hosts[sh]),
             "o_smac": inter(hmac[sh], hmac[dh]), "o_dmac": inter(hmac[dh], hmac[sh]),
             "smac": inter(smac, dmac), "dmac": inter(dmac, smac),
             "src": inter(src, dst), "dst": inter(dst, src),
             "sport": inter(sport, np.where(icmp, sport, dport)), "dport": inter(dport, sport),
-            "icmp_type": inter(np.where(fam == 4, 8, 128), np.where(fam == 4, 0, 129)),
+            "icmp_type": inter(it0, it1), "icmp_code": inter(icode, icode),
             "port": inter(sp, dp),
         }
 
@@ -916,9 +960,21 @@ class _Planner:
         if self.R.random() < 0.05:
             name, ans = f"missing-{qid}.{t.name}.internal", None
         q = dns_query(qid, name, qtype)
-        a = dns_response(qid, name, qtype, None if ans is None else ans.packed)
         self.msg(f, M_ONE, 0, blob=self.blob(q), reason=reason, label=label, cause=0,
                  ct_first=ctstate.NEW)
+        if self.R.random() < 0.04:
+            # the server is down: its host answers "port unreachable", quoting the query
+            row = self.F[self.flow_pair[f]]
+            quoted = quoted_udp(sa, da, sp, port, q, row[18], row[17])
+            v4 = fam == 4
+            epair = self.pair(t, s, d, fam, ICMP if v4 else ICMP6, sa, da, 0, 0, icmp=True,
+                              itypes=(3, 3) if v4 else (1, 1), icode=3 if v4 else 4)
+            self.msg(f, M_ONE, 1, blob=self.blob(quoted), pair=epair, reason=reason,
+                     label=label, cause=self.causes("related"),
+                     ct_first=ctstate.RELATED | ctstate.REPLY)
+            self._meta(f)["icmp_error"] = "port unreachable"
+            return
+        a = dns_response(qid, name, qtype, None if ans is None else ans.packed)
         self.msg(f, M_ONE, 1, blob=self.blob(a), reason=reason, label=label, cause=1,
                  ct_first=ctstate.ESTABLISHED)
 
@@ -1088,7 +1144,7 @@ class _Planner:
             at = self.R.int(1, len(msgs))          # after the handshake, before FIN
             msgs.insert(at, (M_ONE, 0, self.R.int(10, 200), PSH | ACK, 0, 0, FILL_POOL,
                              OOW_DELTA, False, 0, DROP, ctstate.INVALID, ctstate.INVALID,
-                             r_oow, label, cause))
+                             r_oow, label, cause, -1))
             m = self._meta(f)
             m["out_of_window"] = m.get("out_of_window", 0) + 1
         tcp = self.allowed_tcp()
@@ -1141,7 +1197,7 @@ def _expand(planner: _Planner, cfg: ScenarioConfig):
     counts = np.fromiter((len(m) for m in flows), np.int64, nf)
     rows = [m for msgs in flows for m in msgs]
     M = len(rows)
-    cols = list(zip(*rows)) if rows else [()] * 16
+    cols = list(zip(*rows)) if rows else [()] * 17
     m_kind = np.array(cols[0], np.int64)
     m_dir = np.array(cols[1], np.int64)
     m_len = np.array(cols[2], np.int64)
@@ -1160,9 +1216,13 @@ def _expand(planner: _Planner, cfg: ScenarioConfig):
     m_cause = np.array(cols[15], np.uint8)
     m_pool = rng.integers(0, POOL_SIZE, M, dtype=np.int64)
     m_flow = np.repeat(np.arange(nf), counts)
+    f_pair = np.array(planner.flow_pair, np.int64)
+    m_pair = np.array(cols[16], np.int64)
+    m_pair = np.where(m_pair >= 0, m_pair, f_pair[m_flow]) if M else m_pair
 
-    fam = np.fromiter((x[0] for x in planner.F), np.int64, nf)
-    proto = np.fromiter((x[1] for x in planner.F), np.int64, nf)
+    fam = np.fromiter((planner.F[k][0] for k in planner.flow_pair), np.int64, nf)
+    proto = np.fromiter((planner.F[k][1] for k in planner.flow_pair), np.int64, nf)
+    ipid_base = np.array([planner.F[k][18:20] for k in planner.flow_pair], np.int64).reshape(nf, 2)
     mtu = INNER_MTU_PLAIN if cfg.tunnel == "none" else INNER_MTU_TUNNEL
     mss_f = np.where(fam == 4, mtu - 40, mtu - 60)
     mss = mss_f[m_flow]
@@ -1222,11 +1282,10 @@ def _expand(planner: _Planner, cfg: ScenarioConfig):
     p_seq = np.where(is_tcp, p_seq, m_icmp[p_msg])
     p_win = np.where((p_flags & RST) > 0, 0, WINDOW)
     # IP identification: a counter per flow and direction, from a random start
-    ipid_base = rng.integers(0, 1 << 16, size=(nf, 2), dtype=np.int64)
     cnt0 = _grouped_excl_cumsum((p_dir == 0).astype(np.int64), start_row)
     cnt1 = _grouped_excl_cumsum((p_dir == 1).astype(np.int64), start_row)
     p_ipid = (ipid_base[p_flow, p_dir] + np.where(p_dir == 0, cnt0, cnt1)) & 0xFFFF
-    p_tmpl = 2 * p_flow + p_dir
+    p_tmpl = 2 * m_pair[p_msg] + p_dir
 
     # ground truth per packet
     ct = np.where(pos == 0, m_ct0[p_msg], m_ct1[p_msg]).astype(np.uint8)
@@ -1317,7 +1376,7 @@ def _count_packets(pl: _Planner, cfg: ScenarioConfig) -> int:
     mtu = INNER_MTU_PLAIN if cfg.tunnel == "none" else INNER_MTU_TUNNEL
     n = 0
     for f, msgs in enumerate(pl.flow_msgs):
-        mss = mtu - (40 if pl.F[f][0] == 4 else 60)
+        mss = mtu - (40 if pl.F[pl.flow_pair[f]][0] == 4 else 60)
         for m in msgs:
             k = m[0]
             if k == M_HS:
