@@ -52,6 +52,12 @@ _SRC_HI, _SRC_LO, _DST_HI, _DST_LO, _ETH_SRC = B.SRC_HI, B.SRC_LO, B.DST_HI, B.D
 _F_ARP, _F_ICMP, _F_PORTS = B.F_ARP, B.F_ICMP, B.F_PORTS
 _CT_INVALID, _CT_EST, _CT_REL = ctstate.INVALID, ctstate.ESTABLISHED, ctstate.RELATED
 _PENDING = 255
+_ALLOW, _DROP = V.ALLOW, V.DROP
+_R_POLICY, _R_EST, _R_REL, _R_ARP, _R_ND = V.R_POLICY, V.R_ESTABLISHED, V.R_RELATED, V.R_ARP, V.R_ND
+_R_PARSE, _R_NO_TENANT, _R_UNKNOWN_VNI, _R_NON_IP = (V.R_PARSE_ERROR, V.R_NO_TENANT,
+                                                     V.R_UNKNOWN_VNI, V.R_NON_IP)
+_R_SPOOFED, _R_INVALID, _R_NO_ENDPOINT = V.R_SPOOFED, V.R_INVALID, V.R_NO_ENDPOINT
+_R_EG_DENIED, _R_IN_DENIED = V.R_EGRESS_DENIED, V.R_INGRESS_DENIED
 _NO_PORTS = np.uint64(~0xFFFFFFFF & ((1 << 64) - 1))
 _NO_ICMP = np.uint64(~(0xFFFF << SH_ICMP_TYPE) & ((1 << 64) - 1))
 _META_KEEP = np.uint64(~((0xFFFFFFFF << SH_TENANT) | (0xFFFF << SH_IN_PORT)) & ((1 << 64) - 1))
@@ -136,30 +142,30 @@ def _prepare(u64, i32, u16, u8, n, ct, K, t_vni, untagged, a_t, a_hi, a_lo, a_w,
         src_w[i] = -1
         dst_w[i] = -1
         if u8[_ERROR, i] != 0:
-            verdict[i] = 2
-            reason[i] = 10
+            verdict[i] = _DROP
+            reason[i] = _R_PARSE
             continue
         vni = i32[_TENANT, i]
         if vni == -1:
             if untagged < 0:
-                verdict[i] = 2
-                reason[i] = 11
+                verdict[i] = _DROP
+                reason[i] = _R_NO_TENANT
                 continue
             ti = untagged
         else:
             ti = _search1(t_vni, np.int64(vni))
             if ti < 0:
-                verdict[i] = 2
-                reason[i] = 12
+                verdict[i] = _DROP
+                reason[i] = _R_UNKNOWN_VNI
                 continue
         ipv = u8[_IP_VER, i]
         if ipv != 4 and ipv != 6:
             if u8[_FLAGS, i] & _F_ARP:
-                verdict[i] = 1
-                reason[i] = 3
+                verdict[i] = _ALLOW
+                reason[i] = _R_ARP
             else:
-                verdict[i] = 2
-                reason[i] = 13
+                verdict[i] = _DROP
+                reason[i] = _R_NON_IP
             continue
         tt = np.int64(ti)
         sw = _lookup3(a_t, a_hi, a_lo, a_w, tt, u64[_SRC_HI, i], u64[_SRC_LO, i])
@@ -171,31 +177,31 @@ def _prepare(u64, i32, u16, u8, n, ct, K, t_vni, untagged, a_t, a_hi, a_lo, a_w,
             owner = _lookup3(m_t, m_mac, m_lo, m_w, tt, mac, zero)
             if (sw >= 0 and w_mac[sw] >= 0 and np.uint64(w_mac[sw]) != mac) or \
                     (owner >= 0 and owner != sw):
-                verdict[i] = 2
-                reason[i] = 14
+                verdict[i] = _DROP
+                reason[i] = _R_SPOOFED
                 continue
         proto = u8[_PROTO, i]
         if ipv == 6 and proto == 58 and (u8[_FLAGS, i] & _F_ICMP) and \
                 u8[_ICMP_TYPE, i] >= 133 and u8[_ICMP_TYPE, i] <= 136:
-            verdict[i] = 1
-            reason[i] = 4
+            verdict[i] = _ALLOW
+            reason[i] = _R_ND
             continue
         c = ct[i]
         if c & _CT_INVALID:
-            verdict[i] = 2
-            reason[i] = 15
+            verdict[i] = _DROP
+            reason[i] = _R_INVALID
             continue
         if c & _CT_EST:
-            verdict[i] = 1
-            reason[i] = 1
+            verdict[i] = _ALLOW
+            reason[i] = _R_EST
             continue
         if c & _CT_REL:
-            verdict[i] = 1
-            reason[i] = 2
+            verdict[i] = _ALLOW
+            reason[i] = _R_REL
             continue
         if sw < 0 and dw < 0:
-            verdict[i] = 2
-            reason[i] = 16
+            verdict[i] = _DROP
+            reason[i] = _R_NO_ENDPOINT
             continue
         verdict[i] = 0
         reason[i] = _PENDING
@@ -219,8 +225,8 @@ def _prepare(u64, i32, u16, u8, n, ct, K, t_vni, untagged, a_t, a_hi, a_lo, a_w,
         if m > 0 and out_pkt[m - 1] == i:
             continue
         # no check applies (cannot happen: every known endpoint has at least one)
-        verdict[i] = 2
-        reason[i] = 16
+        verdict[i] = _DROP
+        reason[i] = _R_NO_ENDPOINT
     return m
 
 
@@ -246,13 +252,13 @@ def _finish(idx, out_pkt, out_kind, m, verdict, reason, rule, deny):
         if r == m - 1 or out_pkt[r + 1] != i:
             if eg_fail:
                 verdict[i] = deny
-                reason[i] = 17
+                reason[i] = _R_EG_DENIED
             elif in_fail:
                 verdict[i] = deny
-                reason[i] = 18
+                reason[i] = _R_IN_DENIED
             else:
-                verdict[i] = 1
-                reason[i] = 0
+                verdict[i] = _ALLOW
+                reason[i] = _R_POLICY
                 rule[i] = first_in if first_in >= 0 else first_eg
             first_in = -1
             first_eg = -1
