@@ -197,6 +197,8 @@ def encap(batch: Batch, kind: str, vni, outer_src: str, outer_dst: str, *,
 
     ``entropy`` (one 32-bit value per packet) overrides the inner-flow hash that picks the
     UDP source port / NVGRE FlowID. Returns an Ethernet batch; timestamps and ports are kept.
+    A frame the capture cut short is encapsulated as captured (outer lengths count only the
+    bytes present).
     """
     n = len(batch)
     inner_ip = 0
