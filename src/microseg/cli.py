@@ -21,6 +21,7 @@ COMMAND_MODULES = [
     "microseg.overlay.commands",
     "microseg.ipsec.commands",
     "microseg.packet.commands",
+    "microseg.offload.commands",
 ]
 
 
