@@ -281,6 +281,11 @@ class CompiledPolicy:
 
     ``decide(keys, ct_state)`` gives verdict, rule index and reason for every packet of a
     parsed batch. ``origins[ruleset.rule_id[i]]`` names where rule ``i`` came from.
+
+    Lookup tables for kernels elsewhere in the datapath (read-only): ``_t_vni`` (sorted VNIs;
+    tenant index = position, see ``_search1``), ``_untagged`` (tenant index or -1), ``_a`` and
+    ``_m`` (open-addressing tables ``(tenant index, hi, lo) -> workload`` for addresses and
+    ``(tenant index, mac, 0) -> workload`` for MACs, probed with ``_lookup3``).
     """
 
     __slots__ = ("policy", "version", "content_hash", "ruleset", "classifier", "origins",
