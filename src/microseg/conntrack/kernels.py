@@ -18,7 +18,10 @@ The logic mirrors :mod:`.reference` line for line; tests check both give the sam
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from .. import ctstate as CS
 from ..packet import batch as B
@@ -39,9 +42,14 @@ ENTRY_DTYPE = np.dtype([
     ("td_scale", np.uint8, (2,)), ("tcp_flags", np.uint8, (2,)),
 ], align=True)
 
-# meta array slots
+# meta slots
 M_COUNT, M_FREE_TOP, M_CURSOR, M_MASK, M_SEED, M_CAPACITY = range(6)
 N_META = 6
+# Settings, timeouts, counters and table bookkeeping travel as one record: kernels pass it to
+# their helpers by pointer, with none of the reference counting that array arguments cost.
+PARAM_DTYPE = np.dtype([("T", np.int64, (K.N_TIMEOUTS,)), ("cfg", np.int64, (K.N_CFG,)),
+                        ("ctr", np.int64, (K.N_COUNTERS,)), ("meta", np.int64, (N_META,))],
+                       align=True)
 
 M32 = 0xFFFFFFFF
 _U30, _U27, _U31, _U32 = np.uint64(30), np.uint64(27), np.uint64(31), np.uint64(32)
@@ -55,6 +63,27 @@ ICMP4_VALID_NEW, ICMP6_VALID_NEW = K.ICMP4_VALID_NEW, K.ICMP6_VALID_NEW
 ICMP4_ERRORS, ICMP6_UNTRACKED = K.ICMP4_ERRORS, K.ICMP6_UNTRACKED
 
 ST_INVALID = CS.TRACKED | CS.INVALID
+
+
+@intrinsic
+def _prefetch(typingctx, arr, idx):
+    """Hint the CPU to fetch ``arr[idx]`` into cache (LLVM's prefetch; no effect on results)."""
+    if not isinstance(arr, types.Array) or not isinstance(idx, types.Integer):
+        return None
+    sig = types.void(arr, idx)
+
+    def codegen(context, builder, signature, args):
+        aryty = signature.args[0]
+        ary = context.make_array(aryty)(context, builder, args[0])
+        ptr = cgutils.get_item_pointer(context, builder, aryty, ary, [args[1]], wraparound=False)
+        i8p = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
+        fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
+        builder.call(fn, [builder.bitcast(ptr, i8p), ir.Constant(i32, 0), ir.Constant(i32, 3),
+                          ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+    return sig, codegen
 
 
 @njit(cache=True, inline="always")
@@ -109,7 +138,7 @@ def _icmp_inv(proto, t):
     return ICMP6_INV[t] - 1
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _match(c, zone, proto, shi, slo, dhi, dlo, sp, dp, it, ic):
     """0: ``c`` is this packet's connection, original direction; 1: reply; -1: neither."""
     if c.zone != zone or c.proto != proto:
@@ -133,7 +162,7 @@ def _match(c, zone, proto, shi, slo, dhi, dlo, sp, dp, it, ic):
     return -1
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _find(ents, slot_ent, slot_hash, mask, h, zone, proto, shi, slo, dhi, dlo, sp, dp, it, ic):
     """(entry, direction) of the packet's connection, or (-1, 0)."""
     h32 = np.uint32(h & np.uint64(M32))
@@ -160,9 +189,9 @@ def _index_insert(slot_ent, slot_hash, mask, h, e):
 
 
 @njit(cache=True)
-def _remove(ents, slot_ent, slot_hash, free, meta, e):
+def _remove(ents, slot_ent, slot_hash, free, prm, e):
     """Delete entry ``e``: backward-shift its index slot, return it to the free stack."""
-    mask = meta[M_MASK]
+    mask = prm.meta[M_MASK]
     i = np.int64(np.uint32(ents[e].hash & np.uint64(M32))) & mask
     while slot_ent[i] != e:
         i = (i + 1) & mask
@@ -185,24 +214,24 @@ def _remove(ents, slot_ent, slot_hash, free, meta, e):
         i = j
     slot_ent[i] = -1
     ents[e].status = 0
-    free[meta[M_FREE_TOP]] = e
-    meta[M_FREE_TOP] += 1
-    meta[M_COUNT] -= 1
+    free[prm.meta[M_FREE_TOP]] = e
+    prm.meta[M_FREE_TOP] += 1
+    prm.meta[M_COUNT] -= 1
 
 
 @njit(cache=True)
-def _alloc(ents, slot_ent, slot_hash, free, meta, cfg, ctr, h, now):
+def _alloc(ents, slot_ent, slot_hash, free, prm, h, now):
     """A free entry for a new connection with hash ``h``; -1 if the table is full.
 
     When full, scan a bounded range of index slots from the home slot (Linux's early_drop
     scans NF_CT_EVICTION_RANGE buckets) and evict the first expired or unassured entry.
     """
-    if meta[M_COUNT] >= meta[M_CAPACITY]:
-        mask = meta[M_MASK]
+    if prm.meta[M_COUNT] >= prm.meta[M_CAPACITY]:
+        mask = prm.meta[M_MASK]
         pos = np.int64(np.uint32(h & np.uint64(M32))) & mask
         victim = -1
         expired = False
-        for k in range(cfg[K.CFG_EVICT_RANGE]):
+        for k in range(prm.cfg[K.CFG_EVICT_RANGE]):
             e = slot_ent[(pos + k) & mask]
             if e < 0:
                 continue
@@ -216,14 +245,14 @@ def _alloc(ents, slot_ent, slot_hash, free, meta, cfg, ctr, h, now):
                 break
         if victim < 0:
             return -1
-        _remove(ents, slot_ent, slot_hash, free, meta, victim)
+        _remove(ents, slot_ent, slot_hash, free, prm, victim)
         if expired:
-            ctr[K.C_EXPIRED] += 1
+            prm.ctr[K.C_EXPIRED] += 1
         else:
-            ctr[K.C_EARLY_DROP] += 1
-    meta[M_FREE_TOP] -= 1
-    e = free[meta[M_FREE_TOP]]
-    meta[M_COUNT] += 1
+            prm.ctr[K.C_EARLY_DROP] += 1
+    prm.meta[M_FREE_TOP] -= 1
+    e = free[prm.meta[M_FREE_TOP]]
+    prm.meta[M_COUNT] += 1
     return e
 
 
@@ -270,10 +299,9 @@ def _options(data, p, length):
 
 
 @njit(cache=True)
-def _apply_options(c, d, data, p, length):
-    if length == 0:
+def _apply_options(c, d, olen, ws, scale, sackp):
+    if olen == 0:
         return
-    ws, scale, sackp = _options(data, p, length)
     c.td_scale[d] = 0
     f = c.tcp_flags[d] & K.BE_LIBERAL
     if sackp:
@@ -319,18 +347,18 @@ def _sack(data, p, length, sack):
 
 
 @njit(cache=True)
-def _init_sender(c, d, data, op, olen, end, win):
+def _init_sender(c, d, olen, ws, scale, sackp, end, win):
     c.td_end[d] = end
     c.td_maxend[d] = end
     c.td_maxwin[d] = win if win != 0 else 1
-    _apply_options(c, d, data, op, olen)
+    _apply_options(c, d, olen, ws, scale, sackp)
     if d == 1 and not ((c.tcp_flags[1] & K.WINDOW_SCALE) and (c.tcp_flags[0] & K.WINDOW_SCALE)):
         c.td_scale[0] = 0
         c.td_scale[1] = 0
 
 
 @njit(cache=True)
-def _in_window(c, d, idx, flags, seq, ack, win, end, data, op, olen, cfg):
+def _in_window(c, prm, d, idx, flags, seq, ack, win, end, olen, ws, scale, sackp, sackv):
     """1 accept, 0 ignore, -1 invalid (Linux's tcp_in_window)."""
     r = 1 - d
     syn = (flags & K.TH_SYN) != 0
@@ -338,12 +366,12 @@ def _in_window(c, d, idx, flags, seq, ack, win, end, data, op, olen, cfg):
     rst = (flags & K.TH_RST) != 0
     sack = ack
     win_raw = win
-    liberal = (c.tcp_flags[d] & K.BE_LIBERAL) != 0 or cfg[K.CFG_TCP_BE_LIBERAL] != 0
+    liberal = (c.tcp_flags[d] & K.BE_LIBERAL) != 0 or prm.cfg[K.CFG_TCP_BE_LIBERAL] != 0
     if c.tcp_flags[r] & K.SACK_PERM:
-        sack = _sack(data, op, olen, sack)
+        sack = sackv
     if c.td_maxwin[d] == 0:
         if syn:
-            _init_sender(c, d, data, op, olen, end, win)
+            _init_sender(c, d, olen, ws, scale, sackp, end, win)
             if not ackf:
                 return 1
         else:
@@ -358,7 +386,7 @@ def _in_window(c, d, idx, flags, seq, ack, win, end, data, op, olen, cfg):
                 c.td_end[r] = (np.int64(c.td_end[r]) + 1) & M32
     elif syn and _after(end, np.int64(c.td_end[d])) and (
             c.tcp_state == K.SYN_SENT or c.tcp_state == K.SYN_RECV):
-        _init_sender(c, d, data, op, olen, end, win)
+        _init_sender(c, d, olen, ws, scale, sackp, end, win)
         if d == 1 and not ackf:
             return 1
     s_end = np.int64(c.td_end[d])
@@ -431,7 +459,7 @@ def _in_window(c, d, idx, flags, seq, ack, win, end, data, op, olen, cfg):
 
 
 @njit(cache=True)
-def _tcp_new(c, flags, seq, win, end, data, op, olen, cfg):
+def _tcp_new(c, prm, flags, win, end, olen, ws, scale, sackp):
     idx = _index(flags)
     ns = TRANS[0, idx, K.NONE]
     if ns >= K.S_MAX:
@@ -440,8 +468,8 @@ def _tcp_new(c, flags, seq, win, end, data, op, olen, cfg):
         c.td_end[0] = end
         c.td_maxwin[0] = win if win != 0 else 1
         c.td_maxend[0] = end
-        _apply_options(c, 0, data, op, olen)
-    elif cfg[K.CFG_TCP_LOOSE] == 0:
+        _apply_options(c, 0, olen, ws, scale, sackp)
+    elif prm.cfg[K.CFG_TCP_LOOSE] == 0:
         return False
     else:
         c.td_end[0] = end
@@ -459,10 +487,10 @@ def _established(c):
 
 
 @njit(cache=True)
-def _tcp(c, new, d, flags, seq, ack, win, seglen, data, op, olen, now, T, cfg, ctr):
+def _tcp(c, prm, new, d, flags, seq, ack, win, seglen, olen, ws, scale, sackp, sackv, now):
     """1 accept (updated), 0 accept (ignored), -2 reopen, -3 kill, 100+reason invalid."""
     end = (seq + seglen + (1 if flags & K.TH_SYN else 0) + (1 if flags & K.TH_FIN else 0)) & M32
-    if new and not _tcp_new(c, flags, seq, win, end, data, op, olen, cfg):
+    if new and not _tcp_new(c, prm, flags, win, end, olen, ws, scale, sackp):
         return 100 + K.C_TCP_NEW
     old = np.int64(c.tcp_state)
     idx = _index(flags)
@@ -499,7 +527,6 @@ def _tcp(c, new, d, flags, seq, ack, win, seglen, data, op, olen, now, T, cfg, c
             c.last_win = win
             if idx == K.SYN_SET and d == 0:
                 lf = 0
-                ws, scale, sackp = _options(data, op, olen)
                 c.last_wscale = 0
                 if ws:
                     lf |= K.WINDOW_SCALE
@@ -511,7 +538,7 @@ def _tcp(c, new, d, flags, seq, ack, win, seglen, data, op, olen, now, T, cfg, c
                 c.last_flags = lf
             if old == K.SYN_SENT and idx == K.ACK_SET and d == 1:
                 c.last_ack = ack
-            ctr[K.C_IGNORED] += 1
+            prm.ctr[K.C_IGNORED] += 1
             return 0
     elif ns == K.S_MAX:
         return 100 + K.C_TCP_STATE
@@ -519,7 +546,7 @@ def _tcp(c, new, d, flags, seq, ack, win, seglen, data, op, olen, now, T, cfg, c
         if (old == K.LAST_ACK and idx == K.ACK_SET and c.last_dir != d
                 and c.last_index == K.SYN_SET and (c.last_flags & K.EXP_CHALLENGE_ACK) != 0):
             c.last_flags &= ~K.EXP_CHALLENGE_ACK & 0xFF
-            ctr[K.C_IGNORED] += 1
+            prm.ctr[K.C_IGNORED] += 1
             return 0
     elif ns == K.SYN_SENT2:
         c.last_flags |= K.SIMULTANEOUS_OPEN
@@ -538,7 +565,7 @@ def _tcp(c, new, d, flags, seq, ack, win, seglen, data, op, olen, now, T, cfg, c
                 maxack = np.int64(c.td_maxack[r])
                 if seq == 0 and not _established(c):
                     done = True
-                elif _before(seq, maxack) and cfg[K.CFG_IGNORE_INVALID_RST] == 0:
+                elif _before(seq, maxack) and prm.cfg[K.CFG_IGNORE_INVALID_RST] == 0:
                     return 100 + K.C_TCP_RST
                 elif not _established(c) or seq == maxack:
                     done = True
@@ -555,9 +582,9 @@ def _tcp(c, new, d, flags, seq, ack, win, seglen, data, op, olen, now, T, cfg, c
                       and seq == c.last_ack):
                     skip_window = True
     if not skip_window:
-        res = _in_window(c, d, idx, flags, seq, ack, win, end, data, op, olen, cfg)
+        res = _in_window(c, prm, d, idx, flags, seq, ack, win, end, olen, ws, scale, sackp, sackv)
         if res == 0:
-            ctr[K.C_IGNORED] += 1
+            prm.ctr[K.C_IGNORED] += 1
             return 0
         if res < 0:
             # nf_tcp_handle_invalid: shrink the timeout of an assured connection that
@@ -565,8 +592,8 @@ def _tcp(c, new, d, flags, seq, ack, win, seglen, data, op, olen, now, T, cfg, c
             if (c.status & K.ST_ASSURED) != 0 and (idx == K.RST_SET or idx == K.FIN_SET):
                 if c.last_dir != d and (c.last_index == K.FIN_SET or c.last_index == K.RST_SET):
                     expires = c.deadline - now
-                    if expires >= 120 * K.NS and expires > T[K.T_UNACK]:
-                        c.deadline = now + T[K.T_UNACK]
+                    if expires >= 120 * K.NS and expires > prm.T[K.T_UNACK]:
+                        c.deadline = now + prm.T[K.T_UNACK]
                 else:
                     c.last_index = idx
                     c.last_dir = d
@@ -576,23 +603,23 @@ def _tcp(c, new, d, flags, seq, ack, win, seglen, data, op, olen, now, T, cfg, c
     c.tcp_state = ns
     if old != ns and ns == K.FIN_WAIT:
         c.tcp_flags[d] |= K.CLOSE_INIT
-    if c.retrans >= cfg[K.CFG_TCP_MAX_RETRANS] and T[ns] > T[K.T_RETRANS]:
-        timeout = T[K.T_RETRANS]
+    if c.retrans >= prm.cfg[K.CFG_TCP_MAX_RETRANS] and prm.T[ns] > prm.T[K.T_RETRANS]:
+        timeout = prm.T[K.T_RETRANS]
     elif idx == K.RST_SET:
-        timeout = T[K.CLOSE]
-    elif ((c.tcp_flags[0] | c.tcp_flags[1]) & K.DATA_UNACKNOWLEDGED) != 0 and T[ns] > T[K.T_UNACK]:
-        timeout = T[K.T_UNACK]
-    elif c.last_win == 0 and T[ns] > T[K.T_RETRANS]:
-        timeout = T[K.T_RETRANS]
+        timeout = prm.T[K.CLOSE]
+    elif ((c.tcp_flags[0] | c.tcp_flags[1]) & K.DATA_UNACKNOWLEDGED) != 0 and prm.T[ns] > prm.T[K.T_UNACK]:
+        timeout = prm.T[K.T_UNACK]
+    elif c.last_win == 0 and prm.T[ns] > prm.T[K.T_RETRANS]:
+        timeout = prm.T[K.T_RETRANS]
     else:
-        timeout = T[ns]
+        timeout = prm.T[ns]
     if (c.status & K.ST_SEEN_REPLY) == 0:
         if flags & K.TH_RST:
             return -3
         if idx == K.SYN_SET and old == K.SYN_SENT:
             return 1
-        if ns == K.ESTABLISHED and timeout > T[K.T_UNACK]:
-            timeout = T[K.T_UNACK]
+        if ns == K.ESTABLISHED and timeout > prm.T[K.T_UNACK]:
+            timeout = prm.T[K.T_UNACK]
     elif (c.status & K.ST_ASSURED) == 0 and (old == K.SYN_RECV or old == K.ESTABLISHED) \
             and ns == K.ESTABLISHED:
         c.status |= K.ST_ASSURED
@@ -602,10 +629,10 @@ def _tcp(c, new, d, flags, seq, ack, win, seglen, data, op, olen, now, T, cfg, c
 
 # --- one packet ----------------------------------------------------------------------------------
 @njit(cache=True)
-def _related(ents, slot_ent, slot_hash, free, meta, ctr, zone, ver, dhi, dlo, i, u64, u16, u8,
+def _related(ents, slot_ent, slot_hash, free, prm, zone, ver, dhi, dlo, i, u64, u16, u8,
              data, pstart, plen, l4, now):
     if (u8[B.FLAGS, i] & B.F_ICMP_ERR) == 0:
-        ctr[K.C_ICMP_ORPHAN] += 1
+        prm.ctr[K.C_ICMP_ORPHAN] += 1
         return ST_INVALID
     iproto = np.int64(u8[B.INNER_PROTO, i])
     ishi, islo = u64[B.INNER_SRC_HI, i], u64[B.INNER_SRC_LO, i]
@@ -618,7 +645,7 @@ def _related(ents, slot_ent, slot_hash, free, meta, ctr, zone, ver, dhi, dlo, i,
         ityp = np.int64(u8[B.INNER_ICMP_TYPE, i])
         inv = _icmp_inv(iproto, ityp)
         if inv < 0:
-            ctr[K.C_ICMP_ORPHAN] += 1
+            prm.ctr[K.C_ICMP_ORPHAN] += 1
             return ST_INVALID
         rt = inv
         q = l4 + 8
@@ -632,22 +659,22 @@ def _related(ents, slot_ent, slot_hash, free, meta, ctr, zone, ver, dhi, dlo, i,
         idp = 0
         ntype = min(rt, ityp)
         # target: the inverted quoted tuple
-        h = conn_hash(meta[M_SEED], zone, iproto, idhi, idlo, ishi, islo, isp, isp, ntype, icode)
-        e, d = _find(ents, slot_ent, slot_hash, meta[M_MASK], h, zone, iproto, idhi, idlo,
+        h = conn_hash(prm.meta[M_SEED], zone, iproto, idhi, idlo, ishi, islo, isp, isp, ntype, icode)
+        e, d = _find(ents, slot_ent, slot_hash, prm.meta[M_MASK], h, zone, iproto, idhi, idlo,
                      ishi, islo, isp, 0, rt, icode)
     else:
         if iproto != K.IPPROTO_TCP and iproto != K.IPPROTO_UDP:
             isp = 0
             idp = 0
-        h = conn_hash(meta[M_SEED], zone, iproto, idhi, idlo, ishi, islo, idp, isp, 0, 0)
-        e, d = _find(ents, slot_ent, slot_hash, meta[M_MASK], h, zone, iproto, idhi, idlo,
+        h = conn_hash(prm.meta[M_SEED], zone, iproto, idhi, idlo, ishi, islo, idp, isp, 0, 0)
+        e, d = _find(ents, slot_ent, slot_hash, prm.meta[M_MASK], h, zone, iproto, idhi, idlo,
                      ishi, islo, idp, isp, 0, 0)
     if e >= 0 and ents[e].deadline - now <= 0:
-        _remove(ents, slot_ent, slot_hash, free, meta, e)
-        ctr[K.C_EXPIRED] += 1
+        _remove(ents, slot_ent, slot_hash, free, prm, e)
+        prm.ctr[K.C_EXPIRED] += 1
         e = -1
     if e < 0:
-        ctr[K.C_ICMP_ORPHAN] += 1
+        prm.ctr[K.C_ICMP_ORPHAN] += 1
         return ST_INVALID
     c = ents[e]
     if d == 0:
@@ -655,7 +682,7 @@ def _related(ents, slot_ent, slot_hash, free, meta, ctr, zone, ver, dhi, dlo, i,
     else:
         ok = c.src_hi == dhi and c.src_lo == dlo
     if not ok:
-        ctr[K.C_ICMP_MISMATCH] += 1
+        prm.ctr[K.C_ICMP_MISMATCH] += 1
         return ST_INVALID
     return CS.TRACKED | CS.RELATED | (CS.REPLY if d == 1 else 0)
 
@@ -667,223 +694,325 @@ def _outer_ok(err, tenant):
     return tenant < 0 and (err == PE.TRUNC_TUNNEL or err == PE.BAD_TUNNEL)
 
 
+PREFETCH_CHUNK = 64
+
+
 @njit(cache=True)
-def _track(ents, slot_ent, slot_hash, free, meta, cfg, T, ctr, u64, u32, i32, u16, u8,
-           data, pstart, plen, wire, ok, i, now):
-    ver = u8[B.IP_VER, i]
-    if ver == 0:
-        return 0
-    if u8[B.ERROR, i] != 0 and not _outer_ok(u8[B.ERROR, i], i32[B.TENANT, i]):
-        ctr[K.C_MALFORMED] += 1
-        return ST_INVALID
-    pflags = u8[B.FLAGS, i]
-    if pflags & B.F_FRAG:
-        ctr[K.C_FRAGMENT] += 1
-        return ST_INVALID
-    proto = np.int64(u8[B.PROTO, i])
-    is_icmp = (proto == K.IPPROTO_ICMP and ver == 4) or (proto == K.IPPROTO_ICMPV6 and ver == 6)
-    if proto == K.IPPROTO_ICMP or proto == K.IPPROTO_ICMPV6:
-        if not is_icmp:
-            ctr[K.C_ICMP_NEW] += 1
-            return ST_INVALID
-    if cfg[K.CFG_CHECKSUM] != 0 and not ok and (
-            proto == K.IPPROTO_TCP or proto == K.IPPROTO_UDP or is_icmp):
-        ctr[K.C_CHECKSUM] += 1
-        return ST_INVALID
-    tenant = np.int64(i32[B.TENANT, i])
-    zone = tenant if tenant >= 0 else cfg[K.CFG_DEFAULT_ZONE]
-    shi, slo = u64[B.SRC_HI, i], u64[B.SRC_LO, i]
-    dhi, dlo = u64[B.DST_HI, i], u64[B.DST_LO, i]
-    l4 = np.int64(i32[B.L4_OFF, i])
-    sp = np.int64(u16[B.SPORT, i])
-    dp = np.int64(u16[B.DPORT, i])
-    it = 0
-    ic = 0
-    ntype = 0
-    flags = np.int64(u8[B.TCP_FLAGS, i])
-    if is_icmp:
-        t = np.int64(u8[B.ICMP_TYPE, i])
-        if proto == K.IPPROTO_ICMP:
-            if t > K.NR_ICMP_TYPES:
-                ctr[K.C_ICMP_TYPE] += 1
-                return ST_INVALID
-            if ICMP4_ERRORS[t]:
-                return _related(ents, slot_ent, slot_hash, free, meta, ctr, zone, ver, dhi, dlo,
-                                i, u64, u16, u8, data, pstart, plen, l4, now)
-        else:
-            if ICMP6_UNTRACKED[t]:
-                return 0
-            if t < 128:
-                return _related(ents, slot_ent, slot_hash, free, meta, ctr, zone, ver, dhi, dlo,
-                                i, u64, u16, u8, data, pstart, plen, l4, now)
-        inv = _icmp_inv(proto, t)
-        if inv < 0:
-            ctr[K.C_ICMP_NEW] += 1
-            return ST_INVALID
-        it = t
-        ic = np.int64(u8[B.ICMP_CODE, i])
-        sp = 0
-        if l4 >= 0 and l4 + 6 <= plen:
-            sp = (np.int64(data[pstart + l4 + 4]) << 8) | np.int64(data[pstart + l4 + 5])
-        dp = 0
-        ntype = min(t, inv)
-    elif proto != K.IPPROTO_TCP and proto != K.IPPROTO_UDP:
-        sp = 0
-        dp = 0
-    if proto == K.IPPROTO_TCP:
-        if VALID_FLAGS[flags & ~(K.TH_ECE | K.TH_CWR | K.TH_PSH) & 0x3F] == 0:
-            ctr[K.C_TCP_FLAGS] += 1
-            return ST_INVALID
-    hsp = sp
-    hdp = sp if is_icmp else dp
-    h = conn_hash(meta[M_SEED], zone, proto, shi, slo, dhi, dlo, hsp, hdp, ntype, ic)
-    scratch = meta[M_CAPACITY]
-    while True:
-        e, d = _find(ents, slot_ent, slot_hash, meta[M_MASK], h, zone, proto, shi, slo, dhi, dlo,
-                     sp, dp, it, ic)
-        if e >= 0 and ents[e].deadline - now <= 0:
-            _remove(ents, slot_ent, slot_hash, free, meta, e)
-            ctr[K.C_EXPIRED] += 1
-            e = -1
-        new = e < 0
-        if new:
-            e = scratch
-            ents[e] = ents[scratch + 1]          # all-zero template
-            c = ents[e]
-            c.zone = zone
-            c.proto = proto
-            c.src_hi = shi
-            c.src_lo = slo
-            c.dst_hi = dhi
-            c.dst_lo = dlo
-            c.sport = sp
-            c.dport = dp
-            c.icmp_type = it
-            c.icmp_code = ic
-            c.hash = h
-            d = 0
-        c = ents[e]
-        if d == 1:
-            info = CS.ESTABLISHED | CS.REPLY
-        elif c.status & K.ST_SEEN_REPLY:
-            info = CS.ESTABLISHED
-        else:
-            info = CS.NEW
-        if proto == K.IPPROTO_TCP:
-            seq = np.int64(u32[B.TCP_SEQ, i])
-            ack = np.int64(u32[B.TCP_ACK, i])
-            win = np.int64(u16[B.TCP_WIN, i])
-            seglen = np.int64(i32[B.PAYLOAD_LEN, i])
-            op = pstart + l4 + 20
-            olen = np.int64(u8[B.TCP_DOFF, i]) - 20
-            if olen < 0 or l4 < 0:
-                olen = 0
-            res = _tcp(c, new, d, flags, seq, ack, win, seglen, data, op, olen, now, T, cfg, ctr)
-            if res == -2:
-                _remove(ents, slot_ent, slot_hash, free, meta, e)
-                ctr[K.C_DELETED] += 1
+def process_batch(ents, ents_bytes, slot_ent, slot_hash, free, params, u64, u32, i32, u16, u8,
+                  data, offset, length, wire_len, ok_arr, now_arr, n, out):
+    """Track packets ``0..n-1`` in order; ``out[i]`` gets the ctstate bits of packet ``i``.
+
+    Chunks of ``PREFETCH_CHUNK`` packets go through three passes: hash and prefetch the index
+    slots, prefetch the entries they point to, then track in order -- so the cache misses of a
+    chunk overlap instead of following one another. The tracking pass is one loop body with no
+    per-packet call taking arrays (each such call would cost reference counting on every array
+    argument). ``ents_bytes`` is ``ents`` viewed as bytes, for prefetching.
+    """
+    prm = params[0]
+    mask = prm.meta[M_MASK]
+    seed = prm.meta[M_SEED]
+    hs = np.empty(n, dtype=np.uint64)
+    has = np.zeros(n, dtype=np.bool_)
+    esz = ents_bytes.shape[0] // ents.shape[0]
+    for c0 in range(0, n, PREFETCH_CHUNK):
+        c1 = min(n, c0 + PREFETCH_CHUNK)
+        # pass 1: hash each packet's connection and prefetch its home index slot
+        for i in range(c0, c1):
+            ver = u8[B.IP_VER, i]
+            if ver == 0 or u8[B.ERROR, i] != 0 or (u8[B.FLAGS, i] & B.F_FRAG) != 0:
                 continue
-        elif proto == K.IPPROTO_UDP:
-            if new:
-                c.stream_ts = now + K.UDP_STREAM_AFTER_NS
-            if c.status & K.ST_SEEN_REPLY:
-                extra = T[K.T_UDP]
-                stream = False
-                if now - c.stream_ts > 0:
-                    extra = T[K.T_UDP_STREAM]
-                    stream = (c.status & K.ST_ASSURED) == 0
-                c.deadline = now + extra
-                if stream:
-                    c.status |= K.ST_ASSURED
-            else:
-                c.deadline = now + T[K.T_UDP]
-            res = 1
-        elif is_icmp:
-            if proto == K.IPPROTO_ICMP:
-                valid = ICMP4_VALID_NEW[c.icmp_type]
-                tmo = T[K.T_ICMP]
-            else:
-                valid = ICMP6_VALID_NEW[c.icmp_type]
-                tmo = T[K.T_ICMPV6]
-            if valid == 0:
-                res = 100 + K.C_ICMP_NEW
-            else:
-                c.deadline = now + tmo
-                res = 1
-        else:
-            c.deadline = now + T[K.T_GENERIC]
-            res = 1
-        if res >= 100:
-            ctr[res - 100] += 1
-            return ST_INVALID
-        if res == -3:
-            if not new:
-                _remove(ents, slot_ent, slot_hash, free, meta, e)
-            ctr[K.C_CLOSED] += 1
-            return CS.TRACKED | info
-        if new:
-            f = _alloc(ents, slot_ent, slot_hash, free, meta, cfg, ctr, h, now)
-            if f < 0:
-                ctr[K.C_TABLE_FULL] += 1
-                return ST_INVALID
-            ents[f] = ents[scratch]
-            e = f
-            c = ents[e]
-            c.status |= K.ST_USED
-            _index_insert(slot_ent, slot_hash, meta[M_MASK], h, e)
-            ctr[K.C_CREATED] += 1
-        c.packets[d] += 1
-        c.bytes[d] += wire
-        if d == 1:
-            c.status |= K.ST_SEEN_REPLY
-        return CS.TRACKED | info
+            proto = np.int64(u8[B.PROTO, i])
+            sp = np.int64(u16[B.SPORT, i])
+            dp = np.int64(u16[B.DPORT, i])
+            ntype = 0
+            ic = 0
+            if proto == K.IPPROTO_ICMP or proto == K.IPPROTO_ICMPV6:
+                t = np.int64(u8[B.ICMP_TYPE, i])
+                inv = _icmp_inv(proto, t)
+                l4 = np.int64(i32[B.L4_OFF, i])
+                if inv < 0 or l4 < 0 or l4 + 6 > length[i]:
+                    continue
+                sp = (np.int64(data[offset[i] + l4 + 4]) << 8) | np.int64(data[offset[i] + l4 + 5])
+                dp = sp
+                ntype = min(t, inv)
+                ic = np.int64(u8[B.ICMP_CODE, i])
+            elif proto != K.IPPROTO_TCP and proto != K.IPPROTO_UDP:
+                sp = 0
+                dp = 0
+            tenant = np.int64(i32[B.TENANT, i])
+            zone = tenant if tenant >= 0 else prm.cfg[K.CFG_DEFAULT_ZONE]
+            h = conn_hash(seed, zone, proto, u64[B.SRC_HI, i], u64[B.SRC_LO, i], u64[B.DST_HI, i],
+                          u64[B.DST_LO, i], sp, dp, ntype, ic)
+            hs[i] = h
+            has[i] = True
+            pos = np.int64(np.uint32(h & np.uint64(M32))) & mask
+            _prefetch(slot_ent, pos)
+            _prefetch(slot_hash, pos)
+        # pass 2: prefetch the entry the home slot points to
+        for i in range(c0, c1):
+            if has[i]:
+                pos = np.int64(np.uint32(hs[i] & np.uint64(M32))) & mask
+                f = slot_ent[pos]
+                if f >= 0:
+                    _prefetch(ents_bytes, f * esz)
+                    _prefetch(ents_bytes, f * esz + 64)
+                    _prefetch(ents_bytes, f * esz + esz - 1)
+        # pass 3: track, in order
+        for i in range(c0, c1):
+            pstart = offset[i]
+            plen = length[i]
+            wire = wire_len[i]
+            ok = ok_arr[i]
+            now = now_arr[i]
+
+            ver = u8[B.IP_VER, i]
+            if ver == 0:
+                out[i] = 0
+                continue
+            if u8[B.ERROR, i] != 0 and not _outer_ok(u8[B.ERROR, i], i32[B.TENANT, i]):
+                prm.ctr[K.C_MALFORMED] += 1
+                out[i] = ST_INVALID
+                continue
+            pflags = u8[B.FLAGS, i]
+            if pflags & B.F_FRAG:
+                prm.ctr[K.C_FRAGMENT] += 1
+                out[i] = ST_INVALID
+                continue
+            proto = np.int64(u8[B.PROTO, i])
+            is_icmp = (proto == K.IPPROTO_ICMP and ver == 4) or (proto == K.IPPROTO_ICMPV6 and ver == 6)
+            if proto == K.IPPROTO_ICMP or proto == K.IPPROTO_ICMPV6:
+                if not is_icmp:
+                    prm.ctr[K.C_ICMP_NEW] += 1
+                    out[i] = ST_INVALID
+                    continue
+            if prm.cfg[K.CFG_CHECKSUM] != 0 and not ok and (
+                    proto == K.IPPROTO_TCP or proto == K.IPPROTO_UDP or is_icmp):
+                prm.ctr[K.C_CHECKSUM] += 1
+                out[i] = ST_INVALID
+                continue
+            tenant = np.int64(i32[B.TENANT, i])
+            zone = tenant if tenant >= 0 else prm.cfg[K.CFG_DEFAULT_ZONE]
+            shi, slo = u64[B.SRC_HI, i], u64[B.SRC_LO, i]
+            dhi, dlo = u64[B.DST_HI, i], u64[B.DST_LO, i]
+            l4 = np.int64(i32[B.L4_OFF, i])
+            sp = np.int64(u16[B.SPORT, i])
+            dp = np.int64(u16[B.DPORT, i])
+            it = 0
+            ic = 0
+            ntype = 0
+            flags = np.int64(u8[B.TCP_FLAGS, i])
+            if is_icmp:
+                t = np.int64(u8[B.ICMP_TYPE, i])
+                if proto == K.IPPROTO_ICMP:
+                    if t > K.NR_ICMP_TYPES:
+                        prm.ctr[K.C_ICMP_TYPE] += 1
+                        out[i] = ST_INVALID
+                        continue
+                    if ICMP4_ERRORS[t]:
+                        out[i] = _related(ents, slot_ent, slot_hash, free, prm, zone, ver, dhi, dlo, i,
+                                          u64, u16, u8, data, pstart, plen, l4, now)
+                        continue
+                else:
+                    if ICMP6_UNTRACKED[t]:
+                        out[i] = 0
+                        continue
+                    if t < 128:
+                        out[i] = _related(ents, slot_ent, slot_hash, free, prm, zone, ver, dhi, dlo, i,
+                                          u64, u16, u8, data, pstart, plen, l4, now)
+                        continue
+                inv = _icmp_inv(proto, t)
+                if inv < 0:
+                    prm.ctr[K.C_ICMP_NEW] += 1
+                    out[i] = ST_INVALID
+                    continue
+                it = t
+                ic = np.int64(u8[B.ICMP_CODE, i])
+                sp = 0
+                if l4 >= 0 and l4 + 6 <= plen:
+                    sp = (np.int64(data[pstart + l4 + 4]) << 8) | np.int64(data[pstart + l4 + 5])
+                dp = 0
+                ntype = min(t, inv)
+            elif proto != K.IPPROTO_TCP and proto != K.IPPROTO_UDP:
+                sp = 0
+                dp = 0
+            if proto == K.IPPROTO_TCP:
+                if VALID_FLAGS[flags & ~(K.TH_ECE | K.TH_CWR | K.TH_PSH) & 0x3F] == 0:
+                    prm.ctr[K.C_TCP_FLAGS] += 1
+                    out[i] = ST_INVALID
+                    continue
+            hsp = sp
+            hdp = sp if is_icmp else dp
+            h = conn_hash(prm.meta[M_SEED], zone, proto, shi, slo, dhi, dlo, hsp, hdp, ntype, ic)
+            scratch = prm.meta[M_CAPACITY]
+            while True:
+                e = -1
+                d = 0
+                h32 = np.uint32(h & np.uint64(M32))
+                pos = np.int64(h32) & mask
+                while True:
+                    f = slot_ent[pos]
+                    if f < 0:
+                        break
+                    if slot_hash[pos] == h32:
+                        dd = _match(ents[f], zone, proto, shi, slo, dhi, dlo, sp, dp, it, ic)
+                        if dd >= 0:
+                            e = f
+                            d = dd
+                            break
+                    pos = (pos + 1) & mask
+                if e >= 0 and ents[e].deadline - now <= 0:
+                    _remove(ents, slot_ent, slot_hash, free, prm, e)
+                    prm.ctr[K.C_EXPIRED] += 1
+                    e = -1
+                new = e < 0
+                if new:
+                    e = scratch
+                    ents[e] = ents[scratch + 1]          # all-zero template
+                    c = ents[e]
+                    c.zone = zone
+                    c.proto = proto
+                    c.src_hi = shi
+                    c.src_lo = slo
+                    c.dst_hi = dhi
+                    c.dst_lo = dlo
+                    c.sport = sp
+                    c.dport = dp
+                    c.icmp_type = it
+                    c.icmp_code = ic
+                    c.hash = h
+                    d = 0
+                c = ents[e]
+                if d == 1:
+                    info = CS.ESTABLISHED | CS.REPLY
+                elif c.status & K.ST_SEEN_REPLY:
+                    info = CS.ESTABLISHED
+                else:
+                    info = CS.NEW
+                if proto == K.IPPROTO_TCP:
+                    seq = np.int64(u32[B.TCP_SEQ, i])
+                    ack = np.int64(u32[B.TCP_ACK, i])
+                    win = np.int64(u16[B.TCP_WIN, i])
+                    seglen = np.int64(i32[B.PAYLOAD_LEN, i])
+                    op = pstart + l4 + 20
+                    olen = np.int64(u8[B.TCP_DOFF, i]) - 20
+                    if olen < 0 or l4 < 0:
+                        olen = 0
+                    ws = False
+                    scale = 0
+                    sackp = False
+                    sackv = ack
+                    if olen > 0:
+                        ws, scale, sackp = _options(data, op, olen)
+                        sackv = _sack(data, op, olen, ack)
+                    res = _tcp(c, prm, new, d, flags, seq, ack, win, seglen, olen, ws, scale, sackp,
+                               sackv, now)
+                    if res == -2:
+                        _remove(ents, slot_ent, slot_hash, free, prm, e)
+                        prm.ctr[K.C_DELETED] += 1
+                        continue
+                elif proto == K.IPPROTO_UDP:
+                    if new:
+                        c.stream_ts = now + K.UDP_STREAM_AFTER_NS
+                    if c.status & K.ST_SEEN_REPLY:
+                        extra = prm.T[K.T_UDP]
+                        stream = False
+                        if now - c.stream_ts > 0:
+                            extra = prm.T[K.T_UDP_STREAM]
+                            stream = (c.status & K.ST_ASSURED) == 0
+                        c.deadline = now + extra
+                        if stream:
+                            c.status |= K.ST_ASSURED
+                    else:
+                        c.deadline = now + prm.T[K.T_UDP]
+                    res = 1
+                elif is_icmp:
+                    if proto == K.IPPROTO_ICMP:
+                        valid = ICMP4_VALID_NEW[c.icmp_type]
+                        tmo = prm.T[K.T_ICMP]
+                    else:
+                        valid = ICMP6_VALID_NEW[c.icmp_type]
+                        tmo = prm.T[K.T_ICMPV6]
+                    if valid == 0:
+                        res = 100 + K.C_ICMP_NEW
+                    else:
+                        c.deadline = now + tmo
+                        res = 1
+                else:
+                    c.deadline = now + prm.T[K.T_GENERIC]
+                    res = 1
+                if res >= 100:
+                    prm.ctr[res - 100] += 1
+                    out[i] = ST_INVALID
+                    break
+                if res == -3:
+                    if not new:
+                        _remove(ents, slot_ent, slot_hash, free, prm, e)
+                    prm.ctr[K.C_CLOSED] += 1
+                    out[i] = CS.TRACKED | info
+                    break
+                if new:
+                    f = _alloc(ents, slot_ent, slot_hash, free, prm, h, now)
+                    if f < 0:
+                        prm.ctr[K.C_TABLE_FULL] += 1
+                        out[i] = ST_INVALID
+                        break
+                    ents[f] = ents[scratch]
+                    e = f
+                    c = ents[e]
+                    c.status |= K.ST_USED
+                    h32 = np.uint32(h & np.uint64(M32))
+                    pos = np.int64(h32) & mask
+                    while slot_ent[pos] >= 0:
+                        pos = (pos + 1) & mask
+                    slot_ent[pos] = e
+                    slot_hash[pos] = h32
+                    prm.ctr[K.C_CREATED] += 1
+                c.packets[d] += 1
+                c.bytes[d] += wire
+                if d == 1:
+                    c.status |= K.ST_SEEN_REPLY
+                out[i] = CS.TRACKED | info
+                break
 
 
 @njit(cache=True)
-def process_batch(ents, slot_ent, slot_hash, free, meta, cfg, T, ctr, u64, u32, i32, u16, u8,
-                  data, offset, length, wire_len, ok, now, n, out):
-    """Track packets ``0..n-1`` in order; ``out[i]`` gets the ctstate bits of packet ``i``."""
-    for i in range(n):
-        out[i] = _track(ents, slot_ent, slot_hash, free, meta, cfg, T, ctr, u64, u32, i32, u16,
-                        u8, data, offset[i], length[i], wire_len[i], ok[i], i, now[i])
-
-
-@njit(cache=True)
-def expire(ents, slot_ent, slot_hash, free, meta, ctr, budget, now):
+def expire(ents, slot_ent, slot_hash, free, params, budget, now):
     """Visit ``budget`` entries from the cursor on; delete those past their deadline."""
-    cap = meta[M_CAPACITY]
-    cur = meta[M_CURSOR]
+    prm = params[0]
+    cap = prm.meta[M_CAPACITY]
+    cur = prm.meta[M_CURSOR]
     removed = 0
     for _ in range(min(budget, cap)):
         c = ents[cur]
         if (c.status & K.ST_USED) != 0 and c.deadline - now <= 0:
-            _remove(ents, slot_ent, slot_hash, free, meta, cur)
+            _remove(ents, slot_ent, slot_hash, free, prm, cur)
             removed += 1
         cur += 1
         if cur == cap:
             cur = 0
-    meta[M_CURSOR] = cur
-    ctr[K.C_EXPIRED] += removed
+    prm.meta[M_CURSOR] = cur
+    prm.ctr[K.C_EXPIRED] += removed
     return removed
 
 
 @njit(cache=True)
-def delete_entries(ents, slot_ent, slot_hash, free, meta, ctr, idx):
-    """Delete the listed entries (those still in use); returns how many went."""
+def delete_entries(ents, slot_ent, slot_hash, free, params, idx):
+    prm = params[0]
     k = 0
     for j in range(idx.shape[0]):
         e = idx[j]
-        if 0 <= e < meta[M_CAPACITY] and (ents[e].status & K.ST_USED) != 0:
-            _remove(ents, slot_ent, slot_hash, free, meta, e)
+        if 0 <= e < prm.meta[M_CAPACITY] and (ents[e].status & K.ST_USED) != 0:
+            _remove(ents, slot_ent, slot_hash, free, prm, e)
             k += 1
-    ctr[K.C_DELETED] += k
+    prm.ctr[K.C_DELETED] += k
     return k
 
 
 @njit(cache=True)
-def lookup_batch(ents, slot_ent, slot_hash, meta, cfg, u64, i32, u16, u8, data, offset, length,
+def lookup_batch(ents, slot_ent, slot_hash, params, u64, i32, u16, u8, data, offset, length,
                  now, n, ent_out, dir_out):
     """Entry and direction of each packet's connection, changing nothing (-1: none)."""
+    prm = params[0]
     for i in range(n):
         ent_out[i] = -1
         dir_out[i] = 0
@@ -893,7 +1022,7 @@ def lookup_batch(ents, slot_ent, slot_hash, meta, cfg, u64, i32, u16, u8, data, 
         proto = np.int64(u8[B.PROTO, i])
         is_icmp = (proto == K.IPPROTO_ICMP and ver == 4) or (proto == K.IPPROTO_ICMPV6 and ver == 6)
         tenant = np.int64(i32[B.TENANT, i])
-        zone = tenant if tenant >= 0 else cfg[K.CFG_DEFAULT_ZONE]
+        zone = tenant if tenant >= 0 else prm.cfg[K.CFG_DEFAULT_ZONE]
         sp = np.int64(u16[B.SPORT, i])
         dp = np.int64(u16[B.DPORT, i])
         it = 0
@@ -916,9 +1045,9 @@ def lookup_batch(ents, slot_ent, slot_hash, meta, cfg, u64, i32, u16, u8, data, 
             dp = 0
         shi, slo = u64[B.SRC_HI, i], u64[B.SRC_LO, i]
         dhi, dlo = u64[B.DST_HI, i], u64[B.DST_LO, i]
-        h = conn_hash(meta[M_SEED], zone, proto, shi, slo, dhi, dlo, sp, sp if is_icmp else dp,
+        h = conn_hash(prm.meta[M_SEED], zone, proto, shi, slo, dhi, dlo, sp, sp if is_icmp else dp,
                       ntype, ic)
-        e, d = _find(ents, slot_ent, slot_hash, meta[M_MASK], h, zone, proto, shi, slo, dhi, dlo,
+        e, d = _find(ents, slot_ent, slot_hash, prm.meta[M_MASK], h, zone, proto, shi, slo, dhi, dlo,
                      sp, dp, it, ic)
         if e >= 0 and ents[e].deadline - now[i] > 0:
             ent_out[i] = e
@@ -926,10 +1055,10 @@ def lookup_batch(ents, slot_ent, slot_hash, meta, cfg, u64, i32, u16, u8, data, 
 
 
 @njit(cache=True)
-def rebuild_index(ents, slot_ent, slot_hash, free, meta):
-    """Re-hash every used entry with this table's seed; rebuild the free stack."""
+def rebuild_index(ents, slot_ent, slot_hash, free, params):
+    prm = params[0]
     slot_ent[:] = -1
-    cap = meta[M_CAPACITY]
+    cap = prm.meta[M_CAPACITY]
     top = 0
     count = 0
     for e in range(cap - 1, -1, -1):
@@ -943,10 +1072,10 @@ def rebuild_index(ents, slot_ent, slot_hash, free, meta):
         if c.proto == K.IPPROTO_ICMP or c.proto == K.IPPROTO_ICMPV6:
             ntype = min(np.int64(c.icmp_type), _icmp_inv(c.proto, c.icmp_type))
             hdp = np.int64(c.sport)
-        h = conn_hash(meta[M_SEED], c.zone, c.proto, c.src_hi, c.src_lo, c.dst_hi, c.dst_lo,
+        h = conn_hash(prm.meta[M_SEED], c.zone, c.proto, c.src_hi, c.src_lo, c.dst_hi, c.dst_lo,
                       np.int64(c.sport), hdp, ntype, np.int64(c.icmp_code))
         c.hash = h
-        _index_insert(slot_ent, slot_hash, meta[M_MASK], h, e)
+        _index_insert(slot_ent, slot_hash, prm.meta[M_MASK], h, e)
         count += 1
-    meta[M_FREE_TOP] = top
-    meta[M_COUNT] = count
+    prm.meta[M_FREE_TOP] = top
+    prm.meta[M_COUNT] = count

@@ -9,6 +9,8 @@ import numpy as np
 
 from ..errors import InputError
 from ..packet import batch as B
+from ..packet import errors as PE
+from ..packet.checksum import l4_checksum_ok
 from . import const as K
 from . import kernels as KN
 
@@ -24,9 +26,20 @@ def _index_slots(capacity: int) -> int:
 
 
 def checksum_ok(batch, keys) -> np.ndarray:
-    """Per-packet L4 checksum verdict from the packet module (True where it is right)."""
-    from ..packet.checksum import l4_checksum_ok
-    return np.asarray(l4_checksum_ok(batch, keys), dtype=np.bool_)
+    """Per-packet L4 checksum verdict (True where it is right), from the packet module.
+
+    A UDP datagram to a tunnel port whose payload is no tunnel header carries a parse error,
+    yet conntrack tracks the datagram itself: its checksum is verified as a plain datagram's.
+    """
+    ok = np.asarray(l4_checksum_ok(batch, keys), dtype=np.bool_)
+    err, tenant = keys.error, keys.tenant
+    outer = ((err == PE.TRUNC_TUNNEL) | (err == PE.BAD_TUNNEL)) & (tenant < 0)
+    if outer.any():
+        k2 = keys.copy()
+        k2.u8[B.ERROR, : k2.n][outer] = PE.OK
+        ok = ok.copy()
+        ok[outer] = np.asarray(l4_checksum_ok(batch, k2), dtype=np.bool_)[outer]
+    return ok
 
 
 class ConntrackTable:
@@ -44,9 +57,10 @@ class ConntrackTable:
         if evict_range < 1 or expire_budget < 0 or not 0 <= tcp_max_retrans <= 255:
             raise ValueError("evict_range >= 1, expire_budget >= 0, 0 <= tcp_max_retrans <= 255")
         self.capacity = capacity
-        self.timeouts = K.timeout_array(timeouts)
-        self._timeout_overrides = dict(timeouts or {})
-        self.cfg = np.zeros(K.N_CFG, dtype=np.int64)
+        self.params = np.zeros(1, dtype=KN.PARAM_DTYPE)
+        p = self.params[0]
+        self.timeouts, self.cfg, self.ctr, self.meta = p["T"], p["cfg"], p["ctr"], p["meta"]
+        self.timeouts[:] = K.timeout_array(timeouts)
         self.cfg[K.CFG_DEFAULT_ZONE] = int(default_zone)
         self.cfg[K.CFG_TCP_LOOSE] = int(bool(tcp_loose))
         self.cfg[K.CFG_TCP_BE_LIBERAL] = int(bool(tcp_be_liberal))
@@ -56,15 +70,14 @@ class ConntrackTable:
         self.expire_budget = int(expire_budget)
         slots = _index_slots(capacity)
         self.ents = np.zeros(capacity + 2, dtype=KN.ENTRY_DTYPE)   # + scratch + zero template
+        self.ents_bytes = self.ents.view(np.uint8)
         self.slot_ent = np.full(slots, -1, dtype=np.int32)
         self.slot_hash = np.zeros(slots, dtype=np.uint32)
         self.free = np.arange(capacity - 1, -1, -1, dtype=np.int32)
-        self.meta = np.zeros(KN.N_META, dtype=np.int64)
         self.meta[KN.M_FREE_TOP] = capacity
         self.meta[KN.M_MASK] = slots - 1
         self.meta[KN.M_SEED] = (secrets.randbits(62) if seed is None else int(seed)) & ((1 << 62) - 1)
         self.meta[KN.M_CAPACITY] = capacity
-        self.ctr = np.zeros(K.N_COUNTERS, dtype=np.int64)
         self.last_now = 0
 
     # -- sizes and counters ----------------------------------------------------------------------
@@ -75,8 +88,7 @@ class ConntrackTable:
     def nbytes(self) -> int:
         """Memory held by the table, everything included."""
         return int(self.ents.nbytes + self.slot_ent.nbytes + self.slot_hash.nbytes
-                   + self.free.nbytes + self.meta.nbytes + self.ctr.nbytes + self.cfg.nbytes
-                   + self.timeouts.nbytes)
+                   + self.free.nbytes + self.params.nbytes)
 
     @property
     def bytes_per_entry(self) -> float:
@@ -110,8 +122,8 @@ class ConntrackTable:
             csum_ok = checksum_ok(batch, keys) if self.cfg[K.CFG_CHECKSUM] else np.ones(n, np.bool_)
         ok = np.ascontiguousarray(csum_ok, dtype=np.bool_)
         u64, u32, i32, u16, u8 = keys.arrays()
-        KN.process_batch(self.ents, self.slot_ent, self.slot_hash, self.free, self.meta, self.cfg,
-                         self.timeouts, self.ctr, u64, u32, i32, u16, u8, batch.data,
+        KN.process_batch(self.ents, self.ents_bytes, self.slot_ent, self.slot_hash, self.free, self.params,
+                         u64, u32, i32, u16, u8, batch.data,
                          batch.offset, batch.length, batch.wire_len, ok, now, n, out)
         self.last_now = max(self.last_now, int(now[n - 1]))
         if self.expire_budget:
@@ -136,15 +148,15 @@ class ConntrackTable:
         if n:
             now = self._now(batch, n, now_ns)
             u64, u32, i32, u16, u8 = keys.arrays()
-            KN.lookup_batch(self.ents, self.slot_ent, self.slot_hash, self.meta, self.cfg, u64,
+            KN.lookup_batch(self.ents, self.slot_ent, self.slot_hash, self.params, u64,
                             i32, u16, u8, batch.data, batch.offset, batch.length, now, n, ent, rep)
         return ent, rep.astype(bool)
 
     def expire(self, budget: int, now_ns: int | None = None) -> int:
         """Visit ``budget`` entries (round robin) and delete the expired ones; bounded work."""
         now = self.last_now if now_ns is None else int(now_ns)
-        return int(KN.expire(self.ents, self.slot_ent, self.slot_hash, self.free, self.meta,
-                             self.ctr, int(budget), now))
+        return int(KN.expire(self.ents, self.slot_ent, self.slot_hash, self.free, self.params,
+                             int(budget), now))
 
     # -- inspection and deletion -----------------------------------------------------------------
     def used(self) -> np.ndarray:
@@ -159,7 +171,7 @@ class ConntrackTable:
         """Delete entries by index (as :meth:`used` / :meth:`lookup` give them)."""
         idx = np.ascontiguousarray(indices, dtype=np.int64)
         return int(KN.delete_entries(self.ents, self.slot_ent, self.slot_hash, self.free,
-                                     self.meta, self.ctr, idx))
+                                     self.params, idx))
 
     def delete_where(self, predicate) -> int:
         """Delete every connection for which ``predicate(entries) -> bool mask`` is true.
@@ -214,5 +226,5 @@ class ConntrackTable:
         t.ents["status"][:n] |= K.ST_USED
         t.ctr[:] = counters
         t.last_now = last_now
-        KN.rebuild_index(t.ents, t.slot_ent, t.slot_hash, t.free, t.meta)
+        KN.rebuild_index(t.ents, t.slot_ent, t.slot_hash, t.free, t.params)
         return t
