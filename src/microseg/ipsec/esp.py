@@ -22,6 +22,26 @@ from numba import njit
 
 from . import evp
 
+
+def _register_memcpy():
+    import ctypes
+
+    import llvmlite.binding as llvm
+    from numba import types
+    libc = ctypes.CDLL(None)
+    llvm.add_symbol("microseg_memcpy", ctypes.cast(libc.memcpy, ctypes.c_void_p).value)
+    return types.ExternalFunction("microseg_memcpy", types.intp(types.intp, types.intp, types.intp))
+
+
+# Numba compiles slice copies to a byte loop; packet bodies go through libc's memcpy instead.
+_memcpy = _register_memcpy()
+
+
+@njit(cache=True, inline="always")
+def _copy(dst, dpos, src, spos, n):
+    if n > 0:
+        _memcpy(dst.ctypes.data + dpos, src.ctypes.data + spos, n)
+
 OK = 0
 MALFORMED = 1      # cut short, bad lengths, bad padding, fragment, inner header not IP
 UNKNOWN_SPI = 2    # no inbound SA for (SPI, tunnel destination)
@@ -238,14 +258,14 @@ def encap_prepare(data, offset, length, linktype, forced_sa,
         q = out_off[i]
         s = sa_of[i]
         if s < 0:       # bypass: unchanged copy
-            out[q:q + out_len[i]] = data[o:o + out_len[i]]
+            _copy(out, q, data, o, out_len[i])
             continue
         s3 = l3[i]
         L = ilen[i]
         v = ver[i]
         p = o + s3
         if s3 > 0:      # keep the L2 header, retag the ethertype for the outer IP version
-            out[q:q + s3] = data[o:o + s3]
+            _copy(out, q, data, o, s3)
             _put16(out, q + s3 - 2, 0x0800 if sa_ver[s] == 4 else 0x86DD)
         h = q + s3
         tos = data[p + 1] if v == 4 else ((data[p] & 0xF) << 4) | (data[p + 1] >> 4)
@@ -263,8 +283,9 @@ def encap_prepare(data, offset, length, linktype, forced_sa,
             out[h + 9] = IPPROTO_ESP
             out[h + 10] = 0
             out[h + 11] = 0
-            out[h + 12:h + 16] = sa_src[s, :4]
-            out[h + 16:h + 20] = sa_dst[s, :4]
+            for k in range(4):
+                out[h + 12 + k] = sa_src[s, k]
+                out[h + 16 + k] = sa_dst[s, k]
             _put16(out, h + 10, _ipv4_csum(out, h))
             e = h + 20
         else:
@@ -275,8 +296,9 @@ def encap_prepare(data, offset, length, linktype, forced_sa,
             _put16(out, h + 4, esp_len)
             out[h + 6] = IPPROTO_ESP
             out[h + 7] = 64
-            out[h + 8:h + 24] = sa_src[s]
-            out[h + 24:h + 40] = sa_dst[s]
+            for k in range(16):
+                out[h + 8 + k] = sa_src[s, k]
+                out[h + 24 + k] = sa_dst[s, k]
             e = h + 40
         _put32(out, e, sa_spi[s])
         _put32(out, e + 4, seq & np.uint64(U32_MAX))
@@ -284,13 +306,15 @@ def encap_prepare(data, offset, length, linktype, forced_sa,
         _put32(out, e + 8, iv >> np.uint64(32))
         _put32(out, e + 12, iv & np.uint64(U32_MAX))
         c = e + 16
-        out[c:c + L] = data[p:p + L]
+        _copy(out, c, data, p, L)
         for k in range(pad):
             out[c + L + k] = k + 1
         out[c + L + pad] = pad
         out[c + L + pad + 1] = 4 if v == 4 else 41
-        nonce[i, :4] = sa_salt[s]
-        nonce[i, 4:] = out[e + 8:e + 16]
+        for k in range(4):
+            nonce[i, k] = sa_salt[s, k]
+        for k in range(8):
+            nonce[i, 4 + k] = out[e + 8 + k]
         _put32(aad[i], 0, sa_spi[s])
         if sa_esn[s]:
             _put32(aad[i], 4, seq >> np.uint64(32))
@@ -493,7 +517,7 @@ def decap_prepare(data, offset, length, linktype, spi_sorted, spi_idx, sa_ver, s
         out_off[i] = total
         if reason[i] == OK:
             total += l2len[i] + ct_len[i]
-    out = np.zeros(total, np.uint8)
+    out = np.empty(total, np.uint8)       # every byte is written below or by the AEAD pass
     nonce = np.zeros((n, 12), np.uint8)
     aad = np.zeros((n, 12), np.uint8)
     aad_len = np.zeros(n, np.int64)
@@ -502,19 +526,20 @@ def decap_prepare(data, offset, length, linktype, spi_sorted, spi_idx, sa_ver, s
             continue
         s = sa_of[i]
         e = esp_at[i]
-        nonce[i, :4] = sa_salt[s]
-        nonce[i, 4:] = data[e + 8:e + 16]
-        aad[i, :8] = data[e:e + 8]
+        for k in range(4):
+            nonce[i, k] = sa_salt[s, k]
+        for k in range(8):
+            nonce[i, 4 + k] = data[e + 8 + k]
+            aad[i, k] = data[e + k]
         if sa_esn[s]:
             _put32(aad[i], 4, seq64[i] >> np.uint64(32))
-            aad[i, 8:12] = data[e + 4:e + 8]
+            for k in range(4):
+                aad[i, 8 + k] = data[e + 4 + k]
             aad_len[i] = 12
         else:
             aad_len[i] = 8
         if l2len[i] > 0:
-            q = out_off[i]
-            o = offset[i]
-            out[q:q + l2len[i]] = data[o:o + l2len[i]]
+            _copy(out, out_off[i], data, offset[i], l2len[i])
     return reason, sa_of, seq64, l2len, ct_src, ct_len, out, out_off, nonce, aad, aad_len
 
 
@@ -583,6 +608,32 @@ def decap_finish(reason, ok, sa_of, seq64, l2len, ct_len, out, out_off, sa_windo
     return out_len
 
 
+@njit(cache=True)
+def compact(reason, out_off, out_len, port, ts, counts):
+    """Count reasons into ``counts``; offsets, lengths, ports, timestamps of the kept packets."""
+    n = reason.shape[0]
+    k = 0
+    for i in range(n):
+        counts[reason[i]] += 1
+        if reason[i] == OK:
+            k += 1
+    off = np.empty(k, np.int64)
+    ln = np.empty(k, np.int32)
+    wl = np.empty(k, np.int32)
+    pt = np.empty(k, np.uint16)
+    t = np.empty(k, np.int64)
+    j = 0
+    for i in range(n):
+        if reason[i] == OK:
+            off[j] = out_off[i]
+            ln[j] = out_len[i]
+            wl[j] = out_len[i]
+            pt[j] = port[i]
+            t[j] = ts[i]
+            j += 1
+    return off, ln, wl, pt, t
+
+
 # ---------------------------------------------------------------------------------------------
 # AEAD through OpenSSL's EVP, called from the compiled loop
 # ---------------------------------------------------------------------------------------------
@@ -639,3 +690,32 @@ if evp.AVAILABLE:
             r &= _d_fin(c, dst + m, outl)
             ok[i] = 1 if r == 1 else 0
         return ok
+
+    @njit(cache=True)
+    def encrypt_evp(ctxs, scratch, counts, port, ts, data, offset, length, linktype, forced_sa,
+                    pol_src, pol_smask, pol_dst, pol_dmask, pol_proto, pol_action, pol_sa,
+                    sa_spi, sa_ver, sa_esn, sa_salt, sa_src, sa_dst, sa_limits,
+                    tx_seq, iv_base, life, dead):
+        """encap_prepare + seal_evp + compact in one dispatch (the per-batch cost counts at 64 B)."""
+        (out, out_off, out_len, reason, sa_of, nonce, aad, aad_len, enc_off, enc_len) = \
+            encap_prepare(data, offset, length, linktype, forced_sa, pol_src, pol_smask, pol_dst,
+                          pol_dmask, pol_proto, pol_action, pol_sa, sa_spi, sa_ver, sa_esn,
+                          sa_salt, sa_src, sa_dst, sa_limits, tx_seq, iv_base, life, dead)
+        bad = seal_evp(ctxs, sa_of, out, enc_off, enc_len, nonce, aad, aad_len, scratch)
+        off, ln, wl, pt, t = compact(reason, out_off, out_len, port, ts, counts)
+        return out, off, ln, wl, pt, t, reason, bad
+
+    @njit(cache=True)
+    def decrypt_evp(ctxs, scratch, counts, port, ts, data, offset, length, linktype, spi_sorted,
+                    spi_idx, sa_ver, sa_dhi, sa_dlo, sa_esn, sa_window, sa_salt, sa_limits,
+                    rx_top, rx_bitmap, life):
+        """decap_prepare + open_evp + decap_finish + compact in one dispatch."""
+        (reason, sa_of, seq64, l2len, ct_src, ct_len, out, out_off, nonce, aad, aad_len) = \
+            decap_prepare(data, offset, length, linktype, spi_sorted, spi_idx, sa_ver, sa_dhi,
+                          sa_dlo, sa_esn, sa_window, sa_salt, rx_top, rx_bitmap)
+        ok = open_evp(ctxs, reason, sa_of, data, ct_src, ct_len, out, out_off, l2len, nonce, aad,
+                      aad_len, scratch)
+        out_len = decap_finish(reason, ok, sa_of, seq64, l2len, ct_len, out, out_off, sa_window,
+                               sa_limits, rx_top, rx_bitmap, life)
+        off, ln, wl, pt, t = compact(reason, out_off, out_len, port, ts, counts)
+        return out, off, ln, wl, pt, t, reason

@@ -130,6 +130,19 @@ class EspGateway:
         With ``return_reasons`` the per-input-packet reason codes come back too.
         """
         forced = -1 if sa is None else (sa if isinstance(sa, int) else self.sa_index(sa))
+        if self.backend == "evp":
+            _, ptrs = self._contexts(True)
+            out, off, ln, wl, pt, t, reason, bad = esp.encrypt_evp(
+                ptrs, self._scratch, self.tx_drops, batch.port, batch.ts, batch.data,
+                batch.offset, batch.length, int(batch.linktype), forced,
+                self.pol_src, self.pol_smask, self.pol_dst, self.pol_dmask, self.pol_proto,
+                self.pol_action, self.pol_sa, self.sa_spi, self.sa_ver, self.sa_esn, self.sa_salt,
+                self.sa_src, self.sa_dst, self.sa_limits, self.tx_seq, self.iv_base, self.life,
+                self.dead)
+            if bad:
+                raise RuntimeError("EVP encryption failed")
+            res = Batch(out, off, ln, wl, pt, t, batch.linktype)
+            return (res, reason) if return_reasons else res
         (out, out_off, out_len, reason, sa_of, nonce, aad, aad_len, enc_off, enc_len) = \
             esp.encap_prepare(batch.data, batch.offset, batch.length, int(batch.linktype), forced,
                               self.pol_src, self.pol_smask, self.pol_dst, self.pol_dmask,
@@ -138,8 +151,7 @@ class EspGateway:
                               self.sa_dst, self.sa_limits, self.tx_seq, self.iv_base, self.life,
                               self.dead)
         self._seal(out, sa_of, nonce, aad, aad_len, enc_off, enc_len)
-        self.tx_drops += np.bincount(reason, minlength=N_REASONS)
-        res = self._result(batch, out, out_off, out_len, reason == esp.OK)
+        res = self._result(batch, out, out_off, out_len, reason, self.tx_drops)
         return (res, reason) if return_reasons else res
 
     def _seal(self, out, sa_of, nonce, aad, aad_len, enc_off, enc_len):
@@ -163,6 +175,14 @@ class EspGateway:
         ``next_header`` and ``plaintext`` (the whole decrypted ESP payload, or None) to one
         entry per input packet; for tests and tracing, not the hot path.
         """
+        if self.backend == "evp" and not details:
+            _, ptrs = self._contexts(False)
+            out, off, ln, wl, pt, t, reason = esp.decrypt_evp(
+                ptrs, self._scratch, self.rx_drops, batch.port, batch.ts, batch.data,
+                batch.offset, batch.length, int(batch.linktype), self.spi_sorted, self.spi_idx,
+                self.sa_ver, self.sa_dhi, self.sa_dlo, self.sa_esn, self.sa_window, self.sa_salt,
+                self.sa_limits, self.rx_top, self.rx_bitmap, self.life)
+            return Batch(out, off, ln, wl, pt, t, batch.linktype), reason
         (reason, sa_of, seq64, l2len, ct_src, ct_len, out, out_off, nonce, aad, aad_len) = \
             esp.decap_prepare(batch.data, batch.offset, batch.length, int(batch.linktype),
                               self.spi_sorted, self.spi_idx, self.sa_ver, self.sa_dhi,
@@ -191,8 +211,7 @@ class EspGateway:
         out_len = esp.decap_finish(reason, ok, sa_of, seq64, l2len, ct_len, out, out_off,
                                    self.sa_window, self.sa_limits, self.rx_top, self.rx_bitmap,
                                    self.life)
-        self.rx_drops += np.bincount(reason, minlength=N_REASONS)
-        res = self._result(batch, out, out_off, out_len, reason == esp.OK)
+        res = self._result(batch, out, out_off, out_len, reason, self.rx_drops)
         if not details:
             return res, reason
         n = len(reason)
@@ -205,12 +224,9 @@ class EspGateway:
         return res, reason, info
 
     @staticmethod
-    def _result(batch, out, out_off, out_len, keep):
-        idx = np.flatnonzero(keep)
-        length = out_len[idx].astype(np.int32)
-        return Batch(data=out, offset=out_off[idx].astype(np.int64), length=length,
-                     wire_len=length.copy(), port=batch.port[idx].copy(), ts=batch.ts[idx].copy(),
-                     linktype=batch.linktype)
+    def _result(batch, out, out_off, out_len, reason, counts):
+        off, ln, wl, pt, t = esp.compact(reason, out_off, out_len, batch.port, batch.ts, counts)
+        return Batch(out, off, ln, wl, pt, t, batch.linktype)
 
     # -- reporting ------------------------------------------------------------------------------
     def drop_counts(self) -> dict:
