@@ -175,6 +175,42 @@ def megaflow_mask(policy: CompiledPolicy) -> np.ndarray:
     return m
 
 
+@njit(cache=True)
+def _unpack(hit, packed, crule, lvl, verdict, reason, rule, level):
+    """Cached answers into the result arrays (a cached byte is ``verdict | reason << 2``)."""
+    for i in range(hit.shape[0]):
+        if hit[i]:
+            verdict[i] = packed[i] & 3
+            reason[i] = packed[i] >> 2
+            rule[i] = crule[i]
+            level[i] = lvl
+
+
+@njit(cache=True)
+def _count(verdict, reason, level, ct, rule, src_w, dst_w, tenant, vnis, c_verdict, c_reason,
+           c_level, c_ct, c_rule, w_tx, w_rx, w_drop, c_tenant):
+    nv = vnis.shape[0]
+    for i in range(verdict.shape[0]):
+        v = verdict[i]
+        c_verdict[v] += 1
+        c_reason[reason[i]] += 1
+        c_level[level[i]] += 1
+        c_ct[ct[i] & 15] += 1
+        r = rule[i]
+        if 0 <= r < c_rule.shape[0]:
+            c_rule[r] += 1
+        s, d = src_w[i], dst_w[i]
+        if v == 1:
+            if 0 <= s < w_tx.shape[0]:
+                w_tx[s] += 1
+            if 0 <= d < w_rx.shape[0]:
+                w_rx[d] += 1
+        elif 0 <= s < w_drop.shape[0]:
+            w_drop[s] += 1
+        t = _search1(vnis, np.int64(tenant[i])) if nv else -1
+        c_tenant[t if t >= 0 else nv, v] += 1
+
+
 def _subset(keys: FlowKeys, idx: np.ndarray, out: FlowKeys) -> FlowKeys:
     out.resize(idx.shape[0])
     for t in ("u64", "u32", "i32", "u16", "u8"):
@@ -218,26 +254,10 @@ class Counters:
     def add(self, batch: Batch, keys: FlowKeys, res: BatchResult) -> None:
         self.packets += res.verdict.shape[0]
         self.bytes += int(np.asarray(batch.wire_len, np.int64).sum())
-        self.verdict += np.bincount(res.verdict, minlength=4)[:4]
-        self.reason += np.bincount(res.reason, minlength=256)
-        self.level += np.bincount(res.level, minlength=8)[:8]
-        self.ct += np.bincount(res.ct & ctstate.STATE_MASK, minlength=256)
-        r = res.rule[res.rule >= 0]
-        if r.size:
-            self.rule += np.bincount(r, minlength=self.rule.shape[0])[: self.rule.shape[0]]
-        nw = self.workload_tx.shape[0]
-        allowed = res.verdict == V.ALLOW
-        for arr, sel in ((self.workload_tx, res.src_workload[allowed]),
-                         (self.workload_rx, res.dst_workload[allowed]),
-                         (self.workload_dropped, res.src_workload[~allowed])):
-            sel = sel[sel >= 0]
-            if sel.size:
-                arr += np.bincount(sel, minlength=nw)[:nw]
-        t = np.searchsorted(self.vnis, keys.tenant)
-        t = np.where((t < self.vnis.shape[0]) & (self.vnis[np.minimum(t, self.vnis.shape[0] - 1)]
-                                                  == keys.tenant), t, self.vnis.shape[0]) \
-            if self.vnis.shape[0] else np.zeros(res.verdict.shape[0], np.int64)
-        self.tenant += np.bincount(t * 4 + res.verdict, minlength=self.tenant.size).reshape(self.tenant.shape)
+        _count(res.verdict, res.reason, res.level, res.ct, res.rule, res.src_workload,
+               res.dst_workload, keys.tenant, self.vnis, self.verdict, self.reason, self.level,
+               self.ct, self.rule, self.workload_tx, self.workload_rx, self.workload_dropped,
+               self.tenant)
 
     def as_dict(self) -> dict:
         def named(arr, names):
@@ -272,6 +292,7 @@ class Datapath:
         self.inspector = FlowInspector(cfg.signatures, self.fastpath, n_inspect=cfg.inspect_packets,
                                        elephant_bytes=cfg.elephant_bytes)
         self._mf_mask = megaflow_mask(policy)
+        self._mf_rows = np.zeros((0, W), np.uint64)
         self._keys = FlowKeys(cfg.batch_size)
         self._sub = FlowKeys(cfg.batch_size)
         self._miss = FlowKeys(cfg.batch_size)
@@ -287,6 +308,7 @@ class Datapath:
         next packets are judged as new ones."""
         old, self.policy = self.policy, new
         self._mf_mask = megaflow_mask(new)
+        self._mf_rows = np.zeros((0, W), np.uint64)
         self.counters.resize(len(new.ruleset), len(new.workload_names), [t.vni for t in new.policy.tenants])
         out = {"old_version": old.version, "new_version": new.version, "cut": 0}
         if self.emc is not None:
@@ -316,106 +338,100 @@ class Datapath:
         return BatchResult.concat(parts)
 
     def _chunk(self, batch: Batch) -> BatchResult:
+        """One batch through every stage. Stages take the whole batch plus a row mask, so the
+        common path copies nothing; only the slow path's misses are gathered."""
         pol = self.policy
+        cfg = self.config
         n = len(batch)
         keys = parse(batch, self._keys)
         res = BatchResult.empty(n)
         src_w, dst_w, src_id = source_identity(pol, keys)
-        res.src_workload[:] = src_w
-        res.dst_workload[:] = dst_w
+        res.src_workload, res.dst_workload = src_w, dst_w
 
         # conntrack sees every packet (the fast path stands for a flow table with hardware
         # connection tracking: window checks stay strict for offloaded flows)
-        ct_all = self.conntrack.process(batch, keys)
-        res.ct[:] = ct_all
+        ct = self.conntrack.process(batch, keys)
+        res.ct = ct
+        kmat, hashes, valid = build_keys(keys, src_id, ct)        # in_port := source identity
+        verdict, reason, rule, level = res.verdict, res.reason, res.rule, res.level
+        level[:] = L_SLOW
+        todo = np.ones(n, np.bool_)
 
         # fast path: an offloaded flow's ESTABLISHED packets (never SYN/FIN/RST)
-        if self.config.offload and self.fastpath.used:
-            kmat0, _, valid0 = build_keys(keys, src_id, None)      # in_port := source identity
-            est = (ct_all & ctstate.STATE_MASK) == ctstate.ESTABLISHED
-            hit, fverdict, _ = self.fastpath.lookup(kmat0, valid0 & est, batch.wire_len, batch.ts)
-        else:
-            hit = np.zeros(n, np.bool_)
-        if hit.any():
-            res.verdict[hit] = fverdict[hit]
-            res.reason[hit] = V.R_ESTABLISHED
-            res.level[hit] = L_FAST
-        slow = np.flatnonzero(~hit)
-        if slow.size == 0:
-            self.counters.add(batch, keys, res)
-            return res
-        full = slow.size == n
-        sb = batch if full else _sub_batch(batch, slow)
-        sk = keys if full else _subset(keys, slow, self._sub)
-        m = slow.size
-        ct = ct_all if full else ct_all[slow]
+        fast = None
+        if cfg.offload and self.fastpath.used:
+            est = valid & ((ct & ctstate.STATE_MASK) == ctstate.ESTABLISHED)
+            fast, fverdict, _ = self.fastpath.lookup(kmat, est, batch.wire_len, batch.ts)
+            if fast.any():
+                verdict[fast] = fverdict[fast]
+                reason[fast] = V.R_ESTABLISHED
+                level[fast] = L_FAST
+                todo &= ~fast
 
-        # exact-match cache -> megaflow -> slow path
-        kmat, hashes, valid = build_keys(sk, src_id[slow], ct)
-        verdict = np.zeros(m, np.uint8)
-        reason = np.zeros(m, np.uint8)
-        rule = np.full(m, -1, np.int32)
-        level = np.full(m, L_SLOW, np.uint8)
-        todo = np.ones(m, np.bool_)
+        # exact-match cache -> megaflow cache
         if self.emc is not None:
-            e = self.emc.lookup(kmat, hashes, valid)
+            e = self.emc.lookup(kmat, hashes, valid & todo)
             if e.hit.any():
-                verdict[e.hit] = e.verdict[e.hit] & 3
-                reason[e.hit] = e.verdict[e.hit] >> 2
-                rule[e.hit] = e.rule[e.hit]
-                level[e.hit] = L_EMC
+                _unpack(e.hit, e.verdict, e.rule, L_EMC, verdict, reason, rule, level)
                 todo &= ~e.hit
             mf = self.megaflow.lookup(kmat, valid & todo)
-            mh = mf.hit & todo
-            if mh.any():
-                verdict[mh] = mf.verdict[mh] & 3
-                reason[mh] = mf.verdict[mh] >> 2
-                rule[mh] = mf.rule[mh]
-                level[mh] = L_MEGAFLOW
-                todo &= ~mh
-                self.emc.insert(kmat, hashes, np.flatnonzero(mh), mf.verdict, mf.rule)
+            if mf.hit.any():
+                _unpack(mf.hit, mf.verdict, mf.rule, L_MEGAFLOW, verdict, reason, rule, level)
+                todo &= ~mf.hit
+                self.emc.insert(kmat, hashes, mf.hit, mf.verdict, mf.rule)
+
+        # slow path: the compiled policy decides the misses
         miss = np.flatnonzero(todo)
         if miss.size:
-            mk = sk if miss.size == m else _subset(sk, miss, self._miss)
-            v, r, why = pol.decide(mk, ct[miss])
+            mk = keys if miss.size == n else _subset(keys, miss, self._miss)
+            v, r, why = pol.decide(mk, ct[miss] if miss.size < n else ct)
             verdict[miss], rule[miss], reason[miss] = v, r, why
             if self.emc is not None:
                 packed = (verdict | (reason << 2)).astype(np.uint8)
                 self.emc.insert(kmat, hashes, miss, packed, rule, valid=valid)
-                masks = np.broadcast_to(self._mf_mask, kmat.shape)
-                self.megaflow.insert(kmat, masks, miss, packed, rule, valid=valid)
+                self.megaflow.insert(kmat, self._mf_masks(n), miss, packed, rule, valid=valid)
 
         # Linux confirms a connection only when its first packet is let through: forget the
-        # entries that denied NEW packets opened (never one an allowed packet uses).
-        denied_new = (verdict != V.ALLOW) & ((ct & ctstate.STATE_MASK) == ctstate.NEW)
-        if denied_new.any():
-            self._forget_unconfirmed(sb, sk, denied_new, verdict == V.ALLOW)
-
-        # inspection, then offload, for allowed packets of the slow path
+        # entries that denied NEW packets opened.
+        is_new = (ct & ctstate.STATE_MASK) == ctstate.NEW
         allowed = verdict == V.ALLOW
-        if self.config.offload and allowed.any():
-            h = self.inspector.process(sb, sk, kmat, valid, allowed, ct)
+        denied_new = is_new & ~allowed
+        if denied_new.any():
+            self._forget_unconfirmed(batch, keys, denied_new, is_new & allowed)
+
+        # inspection, then offload, for allowed packets the fast path did not carry
+        if cfg.offload and allowed.any():
+            insp = allowed if fast is None else allowed & ~fast
+            h = self.inspector.process(batch, keys, kmat, valid, insp, ct)
             if h.drop.any():
                 verdict[h.drop] = V.DROP
                 reason[h.drop] = R_SIGNATURE
-            res.sid[slow] = h.sid
-            ends = valid & allowed & ((sk.tcp_flags & 0x05) != 0)       # FIN or RST
+            res.sid = h.sid
+            ends = valid & insp & ((keys.tcp_flags & 0x05) != 0)        # FIN or RST
             if ends.any():
                 self.inspector.remove(kmat, valid, np.flatnonzero(ends))
-        res.verdict[slow], res.reason[slow], res.rule[slow], res.level[slow] = verdict, reason, rule, level
         self.counters.add(batch, keys, res)
         return res
 
-    def _forget_unconfirmed(self, sb, sk, denied_new, allowed):
-        rows = np.flatnonzero(denied_new | allowed)
-        ent, _ = self.conntrack.lookup(_sub_batch(sb, rows), _subset(sk, rows, FlowKeys(rows.size)))
+    def _mf_masks(self, n: int) -> np.ndarray:
+        if self._mf_rows.shape[0] < n:
+            self._mf_rows = np.ascontiguousarray(np.broadcast_to(self._mf_mask, (max(n, 256), W)))
+        return self._mf_rows[:n]
+
+    def _forget_unconfirmed(self, batch, keys, denied_new, allowed_new):
+        """Delete the entries that denied NEW packets opened, unless an allowed NEW packet of
+        this batch uses the same one, or the entry already saw a reply (it was confirmed)."""
+        rows = np.flatnonzero(denied_new | allowed_new)
+        ent, _ = self.conntrack.lookup(_sub_batch(batch, rows), _subset(keys, rows, FlowKeys(rows.size)))
         den = denied_new[rows]
         cand = ent[den & (ent >= 0)]
         if cand.size == 0:
             return
         status = self.conntrack.ents["status"][cand]
         cand = cand[(status & (ST_ASSURED | ST_SEEN_REPLY)) == 0]
-        cand = np.setdiff1d(cand, ent[~den & (ent >= 0)])
+        keep = ent[~den & (ent >= 0)]
+        if keep.size:
+            cand = np.setdiff1d(cand, keep)
         if cand.size:
             self.conntrack.delete(cand)
 
