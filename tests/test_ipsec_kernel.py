@@ -177,16 +177,21 @@ def test_roundtrip_restores_every_inner_packet():
             assert list(dec.packets()) == pkts
 
 
-def test_backends_give_identical_bytes():
-    if len(BACKENDS) < 2:
-        return
+def test_backends_give_identical_bytes(monkeypatch):
+    from microseg.ipsec import gateway
     pkts = [_ip4("10.1.0.1", "10.2.0.2", 17, bytes(range(n % 256)) * 2) for n in range(50)]
-    outs = []
-    for backend in BACKENDS:
+    outs, inners = [], []
+    for backend, into in [(b, True) for b in BACKENDS] + [("cryptography", False)]:
+        monkeypatch.setattr(gateway, "_HAS_INTO", into and gateway._HAS_INTO)
         gw = EspGateway(CFG, backend)
         gw.iv_base[:] = 12345
         outs.append(list(gw.encrypt_batch(Batch.from_packets(pkts, linktype=LINK_RAW)).packets()))
-    assert outs[0] == outs[1]
+        enc = outs[-1][:10] + [outs[-1][10][:-1] + bytes([outs[-1][10][-1] ^ 1])] + outs[-1][11:]
+        dec, reason = EspGateway(CFG, backend).decrypt_batch(Batch.from_packets(enc, linktype=LINK_RAW))
+        assert reason.tolist() == [0] * 10 + [esp.BAD_ICV] + [0] * 39
+        inners.append(list(dec.packets()))
+    assert all(o == outs[0] for o in outs)
+    assert all(i == pkts[:10] + pkts[11:] for i in inners)
 
 
 def test_iv_never_repeats_and_instances_start_apart():

@@ -22,6 +22,12 @@ from . import esp, evp
 from .esp import N_REASONS, REASONS
 from .sa import ACTION_PROTECT, SAConfig
 
+try:   # cryptography >= 45 writes into a caller's buffer
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM as _AESGCM
+    _HAS_INTO = hasattr(_AESGCM, "encrypt_into") and hasattr(_AESGCM, "decrypt_into")
+except ImportError:     # pragma: no cover
+    _HAS_INTO = False
+
 _ALL = (1 << 128) - 1
 _U64 = (1 << 64) - 1
 
@@ -162,11 +168,14 @@ class EspGateway:
                 raise RuntimeError("EVP encryption failed")
             return
         aeads, _ = self._contexts(True)
-        for i in np.flatnonzero(sa_of >= 0):
-            a, b = int(enc_off[i]), int(enc_off[i] + enc_len[i])
-            ct = aeads[sa_of[i]].encrypt(nonce[i].tobytes(), out[a:b].tobytes(),
-                                         aad[i, :aad_len[i]].tobytes())
-            out[a:b + esp.ICV_LEN] = np.frombuffer(ct, np.uint8)
+        mv, nmv, amv = memoryview(out), memoryview(nonce.reshape(-1)), memoryview(aad.reshape(-1))
+        eo, el, so, al = enc_off.tolist(), enc_len.tolist(), sa_of.tolist(), aad_len.tolist()
+        for i in np.flatnonzero(sa_of >= 0).tolist():
+            a, b, k, aead = eo[i], eo[i] + el[i], 12 * i, aeads[so[i]]
+            if _HAS_INTO:   # in place, as the EVP path does
+                aead.encrypt_into(nmv[k:k + 12], mv[a:b], amv[k:k + al[i]], mv[a:b + esp.ICV_LEN])
+            else:
+                mv[a:b + esp.ICV_LEN] = aead.encrypt(nmv[k:k + 12], mv[a:b], amv[k:k + al[i]])
 
     def decrypt_batch(self, batch: Batch, details: bool = False):
         """Decapsulate a batch of ESP packets: (inner packets, reason code per input packet).
@@ -196,17 +205,21 @@ class EspGateway:
             from cryptography.exceptions import InvalidTag
             aeads, _ = self._contexts(False)
             ok = np.zeros(len(reason), np.uint8)
-            data = batch.data
-            for i in np.flatnonzero(reason == esp.OK):
-                a, m = int(ct_src[i]), int(ct_len[i])
+            dmv, mv = memoryview(batch.data), memoryview(out)
+            nmv, amv = memoryview(nonce.reshape(-1)), memoryview(aad.reshape(-1))
+            cs, cl, so, al = ct_src.tolist(), ct_len.tolist(), sa_of.tolist(), aad_len.tolist()
+            dst = (out_off + l2len).tolist()
+            for i in np.flatnonzero(reason == esp.OK).tolist():
+                a, m, k, q, aead = cs[i], cl[i], 12 * i, dst[i], aeads[so[i]]
                 try:
-                    pt = aeads[sa_of[i]].decrypt(nonce[i].tobytes(),
-                                                 data[a:a + m + esp.ICV_LEN].tobytes(),
-                                                 aad[i, :aad_len[i]].tobytes())
+                    if _HAS_INTO:
+                        aead.decrypt_into(nmv[k:k + 12], dmv[a:a + m + esp.ICV_LEN],
+                                          amv[k:k + al[i]], mv[q:q + m])
+                    else:
+                        mv[q:q + m] = aead.decrypt(nmv[k:k + 12], dmv[a:a + m + esp.ICV_LEN],
+                                                   amv[k:k + al[i]])
                 except InvalidTag:
                     continue
-                q = int(out_off[i] + l2len[i])
-                out[q:q + m] = np.frombuffer(pt, np.uint8)
                 ok[i] = 1
         out_len = esp.decap_finish(reason, ok, sa_of, seq64, l2len, ct_len, out, out_off,
                                    self.sa_window, self.sa_limits, self.rx_top, self.rx_bitmap,
