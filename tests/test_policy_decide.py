@@ -171,6 +171,8 @@ def random_keys(rng, policy, n):
         s, d = pick(pool), pick(pool)
         k.u64[B.SRC_HI, i], k.u64[B.SRC_LO, i] = text_to_addr(s)
         k.u64[B.DST_HI, i], k.u64[B.DST_LO, i] = text_to_addr(d)
+        if v6 and rng.random() < 0.03:          # IPv4-mapped address inside an IPv6 packet
+            k.u64[B.SRC_HI, i], k.u64[B.SRC_LO, i] = 0, 0xFFFF00000000 | 0x0A000001
         k.u8[B.IP_VER, i] = 6 if v6 else 4
         k.u16[B.ETHERTYPE, i] = 0x86DD if v6 else 0x0800
         proto = pick(PROTOS)

@@ -11,7 +11,8 @@ in one call. A check passes when some rule matches, so AND across checks (securi
 network policies, sender's egress AND receiver's ingress) and OR within a check (union of
 rules) both fall out of plain "first match" classification.
 
-Everything before the rules (parse errors, tenant from VNI, ARP/non-IP, anti-spoofing, ND,
+Everything before the rules (parse errors, tenant from VNI, ARP/non-IP, IPv4-mapped addresses
+in IPv6 packets, anti-spoofing, ND,
 conntrack state, unknown endpoints) runs in one Numba kernel over the batch.
 """
 from __future__ import annotations
@@ -57,7 +58,8 @@ _R_POLICY, _R_EST, _R_REL, _R_ARP, _R_ND = V.R_POLICY, V.R_ESTABLISHED, V.R_RELA
 _R_PARSE, _R_NO_TENANT, _R_UNKNOWN_VNI, _R_NON_IP = (V.R_PARSE_ERROR, V.R_NO_TENANT,
                                                      V.R_UNKNOWN_VNI, V.R_NON_IP)
 _R_SPOOFED, _R_INVALID, _R_NO_ENDPOINT = V.R_SPOOFED, V.R_INVALID, V.R_NO_ENDPOINT
-_R_EG_DENIED, _R_IN_DENIED = V.R_EGRESS_DENIED, V.R_INGRESS_DENIED
+_R_EG_DENIED, _R_IN_DENIED, _R_MAPPED = V.R_EGRESS_DENIED, V.R_INGRESS_DENIED, V.R_MAPPED_ADDRESS
+_SH32, _MAPPED = np.uint64(32), np.uint64(0xFFFF)
 _NO_PORTS = np.uint64(~0xFFFFFFFF & ((1 << 64) - 1))
 _NO_ICMP = np.uint64(~(0xFFFF << SH_ICMP_TYPE) & ((1 << 64) - 1))
 _META_KEEP = np.uint64(~((0xFFFFFFFF << SH_TENANT) | (0xFFFF << SH_IN_PORT)) & ((1 << 64) - 1))
@@ -166,6 +168,11 @@ def _prepare(u64, i32, u16, u8, n, ct, K, t_vni, untagged, a_t, a_hi, a_lo, a_w,
             else:
                 verdict[i] = _DROP
                 reason[i] = _R_NON_IP
+            continue
+        if ipv == 6 and ((u64[_SRC_HI, i] == 0 and (u64[_SRC_LO, i] >> _SH32) == _MAPPED) or
+                         (u64[_DST_HI, i] == 0 and (u64[_DST_LO, i] >> _SH32) == _MAPPED)):
+            verdict[i] = _DROP
+            reason[i] = _R_MAPPED
             continue
         tt = np.int64(ti)
         sw = _lookup3(a_t, a_hi, a_lo, a_w, tt, u64[_SRC_HI, i], u64[_SRC_LO, i])

@@ -179,6 +179,9 @@ class Reference:
             if row["flags"] & B.F_ARP:
                 return RefDecision(V.ALLOW, V.R_ARP, tenant=tenant)
             return RefDecision(V.DROP, V.R_NON_IP, tenant=tenant)
+        if row["ip_ver"] == 6 and any(row[h] == 0 and row[l] >> 32 == 0xFFFF for h, l in
+                                      (("src_hi", "src_lo"), ("dst_hi", "dst_lo"))):
+            return RefDecision(V.DROP, V.R_MAPPED_ADDRESS, tenant=tenant)
         src = _addr(row["src_hi"], row["src_lo"])
         dst = _addr(row["dst_hi"], row["dst_lo"])
         sw = self.by_addr.get((tenant, src))

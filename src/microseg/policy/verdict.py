@@ -22,13 +22,14 @@ R_INVALID = 15          # conntrack state INVALID
 R_NO_ENDPOINT = 16      # neither address is a workload of the tenant
 R_EGRESS_DENIED = 17    # the sender's egress rules do not allow it
 R_INGRESS_DENIED = 18   # the receiver's ingress rules do not allow it
+R_MAPPED_ADDRESS = 19   # an IPv6 packet with an IPv4-mapped (::ffff:a.b.c.d) address
 
 REASONS = {
     R_POLICY: "policy", R_ESTABLISHED: "established", R_RELATED: "related", R_ARP: "arp",
     R_ND: "neighbour_discovery", R_PARSE_ERROR: "parse_error", R_NO_TENANT: "no_tenant",
     R_UNKNOWN_VNI: "unknown_vni", R_NON_IP: "non_ip", R_SPOOFED: "spoofed_source",
     R_INVALID: "ct_invalid", R_NO_ENDPOINT: "no_endpoint", R_EGRESS_DENIED: "egress_denied",
-    R_INGRESS_DENIED: "ingress_denied",
+    R_INGRESS_DENIED: "ingress_denied", R_MAPPED_ADDRESS: "mapped_address",
 }
 VERDICTS = {ALLOW: "allow", DROP: "drop", REJECT: "reject"}
 
