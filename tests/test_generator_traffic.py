@@ -5,6 +5,8 @@ import struct
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from scapy.all import DNS, GRE, ICMP, IP, TCP, UDP, Ether, IPv6, checksum, raw
 from scapy.layers.inet import in4_chksum
 from scapy.layers.inet6 import in6_chksum
@@ -423,3 +425,40 @@ def test_icmp_errors_quote_the_original_datagram(policy):
         assert quoted == orig
         fams.add(IP in err)
     assert fams == {True, False}
+
+
+_POLICY = []
+
+
+def _builtin():
+    if not _POLICY:
+        _POLICY.append(G.load_policy())
+    return _POLICY[0]
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**32), flows=st.integers(1, 25),
+       tunnel=st.sampled_from(["vxlan", "geneve", "nvgre"]),
+       mix=st.sampled_from([(0.35, 0.2, 0.05), (1.0, 0.0, 0.0), (0.0, 0.0, 1.0), (0.0, 1.0, 0.0)]),
+       denied=st.sampled_from([0.0, 0.5, 1.0]), v6=st.sampled_from([0.0, 1.0]),
+       attacks=st.sampled_from([(0, 0, 0, 0), (0.1, 0.05, 0.05, 0.1), (0.3, 0.2, 0.1, 0.2)]),
+       size=st.sampled_from([(1.2, 800, 4_000_000), (0.6, 1, 50_000), (3.0, 5000, 5000)]))
+def test_random_scenarios_hold_the_invariants(seed, flows, tunnel, mix, denied, v6, attacks, size):
+    from microseg.packet.parse import parse
+    cfg = {"seed": seed, "flows": flows, "tunnel": tunnel, "tls_share": mix[0],
+           "dns_share": mix[1], "icmp_share": mix[2], "denied_share": denied, "ipv6_share": v6,
+           "scan_share": attacks[0], "spoof_share": attacks[1], "invalid_share": attacks[2],
+           "synflood_share": attacks[3], "size_alpha": size[0], "size_min": size[1],
+           "size_max": size[2]}
+    g = G.generate(_builtin(), cfg)
+    n = len(g.batch)
+    assert len(g.truth) == n and np.all(np.diff(g.batch.ts) > 0)
+    keys = parse(g.batch)
+    assert np.all(keys.error == 0)
+    assert np.array_equal(keys.tenant, g.truth.tenant)
+    counts = g.truth.summary()["by_label"]
+    for label, share in zip(("port scan", "cross-tenant", "invalid tcp", "syn flood"), attacks):
+        assert abs(counts.get(label, 0) - share * n) <= 0.01 * n + 3
+    hosts = {h.address for h in _builtin().hosts}
+    for i in range(0, n, max(1, n // 15)):
+        _check_wellformed(g.batch.packet(i), tunnel, hosts)

@@ -242,3 +242,16 @@ def test_a_custom_single_tenant_policy(tmp_path):
     allowed = [f for f in g.flows if f["verdict"] == "allow" and f["label"] not in ("port scan",)]
     assert allowed and all(f["proto"] == TCP and f["dport"] == 80 for f in allowed)
     assert {f["reason"] for f in allowed} == {"allowed by sg web ingress tcp/80"}
+
+
+def test_workloads_without_mac_or_on_one_host(tmp_path):
+    path = tmp_path / "nomac.yaml"
+    path.write_text(ONE_TENANT.replace('mac: "02:00:00:00:00:0a", ', ""))
+    g = G.generate(str(path), {"flows": 20, "seed": 1, "spoof_share": 0.0})
+    from microseg.packet.parse import parse
+    keys = parse(g.batch)
+    macs = {int(m) for m in keys.eth_src} | {int(m) for m in keys.eth_dst}
+    assert 0x02000000000B in macs and len(macs) == 2          # b's own and a generated one
+    path.write_text(ONE_TENANT.replace("host: h2", "host: h1"))
+    with pytest.raises(InputError, match="different hosts"):
+        G.generate(str(path), {"flows": 5, "spoof_share": 0.0})

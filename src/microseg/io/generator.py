@@ -631,12 +631,24 @@ class _Planner:
             self.host_addr[name] = int(a) if a.version == 4 else 0
         self.wl_index = {(w.tenant, w.name): i for i, w in enumerate(policy.workloads)}
         self.by_tenant = {t.name: [w for w in policy.workloads if w.tenant == t.name
-                                   and w.host is not None and w.mac is not None]
+                                   and w.host is not None]
                           for t in self.tenants}
         for t in self.tenants:
             if len(self.by_tenant[t.name]) < 2:
-                raise InputError(f"tenant {t.name}: needs at least two workloads with a host and "
-                                 "a MAC to generate traffic")
+                raise InputError(f"tenant {t.name}: needs at least two workloads placed on "
+                                 "hosts to generate traffic")
+        # a workload without a MAC in the policy gets a locally administered one, unique in
+        # its tenant (the datapath checks a source MAC only against workloads that name one)
+        self.macs = {}
+        used = {(w.tenant, w.mac) for w in policy.workloads if w.mac is not None}
+        for i, w in enumerate(policy.workloads):
+            m = w.mac
+            k = i
+            while m is None or (w.mac is None and (w.tenant, m) in used):
+                m = 0x024D53000000 | (k & 0xFFFFFF)
+                k += 1
+            used.add((w.tenant, m))
+            self.macs[(w.tenant, w.name)] = m
         self.reasons = _Names()
         self.labels = _Names("tcp", "tls", "dns", "udp", "icmp", "port scan", "cross-tenant",
                              "invalid tcp", "syn flood")
@@ -758,7 +770,8 @@ class _Planner:
         ICMP types default to echo request / reply."""
         if itypes is None:
             itypes = (8, 0) if fam == 4 else (128, 129)
-        self.F.append((fam, proto, self.host_ix[s.host], self.host_ix[d.host], s.mac, d.mac,
+        self.F.append((fam, proto, self.host_ix[s.host], self.host_ix[d.host],
+                       self.macs[(s.tenant, s.name)], self.macs[(d.tenant, d.name)],
                        self.a16(sa), self.a16(da), sport, dport, icmp,
                        self.wl_index[(s.tenant, s.name)], self.wl_index[(d.tenant, d.name)],
                        tenant.vni, itypes[0], itypes[1], icode, self.R.int(1 << 20),
