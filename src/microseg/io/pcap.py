@@ -216,9 +216,9 @@ def _emit_pcap(data, offset, length, wire_len, sec, frac, out, pos0):
             out[pos + 3] = (v >> 24) & 0xFF
             pos += 4
         o = offset[i]
-        for j in range(length[i]):
-            out[pos + j] = data[o + j]
-        pos += length[i]
+        ln = length[i]
+        out[pos:pos + ln] = data[o:o + ln]
+        pos += ln
     return pos
 
 
