@@ -81,8 +81,8 @@ def _fp_lookup(fk, fh, valid, l4, wire_len, ts, keys, tag, mid, verdict, version
 
 
 @njit(cache=True)
-def _fp_offer(fk, fh, rows, v, f, ts, keys, tag, mid, verdict, version, aux, stamp, nb, ways, cur,
-              capacity, used, rate, burst, bucket, out, ctr):
+def _fp_offer(fk, fh, rows, v, f, ts, keys, tag, mid, verdict, version, aux, stamp, pkts, byts, nb, ways,
+              cur, capacity, used, rate, burst, bucket, out, ctr):
     """Token bucket state ``bucket`` = [tokens, last_ts]; returns the new live count."""
     for j in range(rows.shape[0]):
         i = rows[j]
@@ -126,6 +126,8 @@ def _fp_offer(fk, fh, rows, v, f, ts, keys, tag, mid, verdict, version, aux, sta
         aux[s] = f[j]
         version[s] = cur
         stamp[s] = np.uint64(t)
+        pkts[s] = 0
+        byts[s] = 0
         used += 1
         out[j] = OFFER_OK
         ctr[C_INSERTS] += 1
@@ -222,7 +224,7 @@ class FastPathTable:
         f = _per(flow, rows, np.int64)
         t = self.t
         self.used = int(_fp_offer(fk, fh, rows, v, f, np.asarray(ts, np.int64), t.keys, t.tag, t.mid,
-                                  t.verdict, t.version, t.aux, t.stamp, t.n_buckets, t.ways,
+                                  t.verdict, t.version, t.aux, t.stamp, self.pkts, self.byts, t.n_buckets, t.ways,
                                   np.uint32(self.version), self.capacity, self.used, self.rate,
                                   self.burst, self.bucket, out, self.counters))
         return out
