@@ -138,6 +138,15 @@ def test_revoked_connections():
     assert not revoked_connections(old, new, *_cols(flows[:1], 11)).any()
 
 
+def test_revalidation_in_chunks(monkeypatch):
+    from microseg.policy import compiler
+    monkeypatch.setattr(compiler, "_REVALIDATE_CHUNK", 4)
+    c = compile_policy(parse_policy(BASE))
+    flows = [("10.0.0.1", "10.0.0.2", 6, p) for p in (22, 80, 25, 443, 22, 23, 80, 81, 22)]
+    assert list(c.allows_connections(*_cols(flows, 10))) == [p in (22, 80) for _, _, _, p in flows]
+    assert c.allows_connections(*_cols([], 10)).shape == (0,)
+
+
 def test_revalidation_equals_decide_as_new():
     """allows_connections is decide() on NEW packets: check on the example policy."""
     c = compile_policy(load_policy(os.path.join(VEC, "example.yaml")))

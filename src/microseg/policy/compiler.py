@@ -43,6 +43,7 @@ from .reference import DEFAULT_EGRESS
 # Policy rule sets have few distinct masks (exact local address x a handful of remote prefix
 # lengths), which suits tuple space search; bench/policy.py compares the classifiers.
 DEFAULT_ALGO = "tss"
+_REVALIDATE_CHUNK = 1 << 16
 _versions = itertools.count(1)
 _version_lock = threading.Lock()
 
@@ -383,10 +384,15 @@ class CompiledPolicy:
         TCP/UDP/SCTP/DCCP/UDPLite, and for ICMP the type/code of the original packet (default
         echo request). MACs are unknown here, so anti-spoofing is not re-checked.
         """
-        keys = connection_keys(tenant, src_hi, src_lo, dst_hi, dst_lo, proto, sport, dport,
-                               icmp_type, icmp_code)
-        verdict, _, _ = self.decide(keys, np.full(keys.n, ctstate.NEW, np.uint8))
-        return verdict == V.ALLOW
+        cols = [tenant, src_hi, src_lo, dst_hi, dst_lo, proto, sport, dport, icmp_type, icmp_code]
+        n = np.asarray(tenant).shape[0]
+        out = np.zeros(n, bool)
+        for s in range(0, n, _REVALIDATE_CHUNK):       # bounded scratch for big tables
+            part = [None if c is None else np.asarray(c)[s:s + _REVALIDATE_CHUNK] for c in cols]
+            keys = connection_keys(*part)
+            verdict, _, _ = self.decide(keys, np.full(keys.n, ctstate.NEW, np.uint8))
+            out[s:s + keys.n] = verdict == V.ALLOW
+        return out
 
 
 def _ro(a: np.ndarray) -> np.ndarray:
