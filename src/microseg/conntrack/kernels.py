@@ -897,6 +897,8 @@ def process_batch(ents, ents_bytes, slot_ent, slot_hash, free, params, u64, u32,
                     olen = np.int64(u8[B.TCP_DOFF, i]) - 20
                     if olen < 0 or l4 < 0:
                         olen = 0
+                    elif l4 + 20 + olen > plen:
+                        olen = max(0, plen - l4 - 20)
                     ws = False
                     scale = 0
                     sackp = False

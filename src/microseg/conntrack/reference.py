@@ -215,7 +215,7 @@ class ReferenceConntrack:
         p.icmp_id = 0
         if p.proto == K.IPPROTO_TCP and l4 >= 0:
             doff = int(u8[B.TCP_DOFF, i])
-            p.opts = pkt[l4 + 20:l4 + doff]
+            p.opts = pkt[l4 + 20:l4 + doff] if doff > 20 else b""
         if p.proto in (K.IPPROTO_ICMP, K.IPPROTO_ICMPV6) and l4 >= 0 and len(pkt) >= l4 + 6:
             p.icmp_id = int.from_bytes(pkt[l4 + 4:l4 + 6], "big")
         p.inner = None
@@ -227,9 +227,11 @@ class ReferenceConntrack:
             ityp, icode = int(u8[B.INNER_ICMP_TYPE, i]), 0
             if iproto in (K.IPPROTO_ICMP, K.IPPROTO_ICMPV6):
                 q = l4 + 8
-                r = q + (pkt[q] & 15) * 4 if p.ver == 4 else q + 40
-                if p.ver == 6 and pkt[q + 6] != K.IPPROTO_ICMPV6:
-                    r = -1
+                r = -1
+                if p.ver == 4 and q < len(pkt):
+                    r = q + (pkt[q] & 15) * 4
+                elif p.ver == 6 and q + 6 < len(pkt) and pkt[q + 6] == K.IPPROTO_ICMPV6:
+                    r = q + 40
                 icode = pkt[r + 1] if 0 <= r and r + 1 < len(pkt) else 0
                 idp = 0
             elif iproto not in (K.IPPROTO_TCP, K.IPPROTO_UDP):
