@@ -36,6 +36,8 @@ from numba import njit
 from .. import ctstate
 from ..errors import InputError
 from ..packet.batch import LINK_ETHERNET, Batch
+from ..packet.checksum import (csum_fold, csum_partial, inet_checksum, ipv4_header_checksum,
+                               pseudo_header_sum)
 from .scenario import ICMP, ICMP6, TCP, UDP, Flow5, Intent, ScenarioConfig, address_of
 
 # verdict codes (the same numbers as microseg.policy.verdict)
@@ -265,30 +267,17 @@ def dns_response(qid: int, name: str, qtype: int, answer: bytes | None) -> bytes
 PING_PAYLOAD = bytes(8) + bytes(range(0x10, 0x38))      # Linux ping: timeval slot + pattern
 
 
-def inet_checksum(data: bytes) -> int:
-    """RFC 1071 Internet checksum of ``data``."""
-    if len(data) % 2:
-        data += b"\0"
-    acc = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while acc >> 16:
-        acc = (acc & 0xFFFF) + (acc >> 16)
-    return ~acc & 0xFFFF
-
-
 def quoted_udp(sa, da, sport: int, dport: int, payload: bytes, ip_id: int, flowlabel: int) -> bytes:
     """A UDP datagram exactly as sent (IPv4 with DF, or IPv6; TTL 64), as an ICMP error quotes
     it: whole, as Linux does for datagrams this small."""
     ulen = 8 + len(payload)
-    if sa.version == 4:
-        pseudo = sa.packed + da.packed + struct.pack("!BBH", 0, UDP, ulen)
-    else:
-        pseudo = sa.packed + da.packed + struct.pack("!I3xB", ulen, UDP)
-    c = inet_checksum(pseudo + struct.pack("!HHHH", sport, dport, ulen, 0) + payload) or 0xFFFF
+    pseudo = pseudo_header_sum(sa.packed, da.packed, UDP, ulen)
+    c = inet_checksum(struct.pack("!HHHH", sport, dport, ulen, 0) + payload, pseudo) or 0xFFFF
     udp = struct.pack("!HHHH", sport, dport, ulen, c) + payload
     if sa.version == 4:
         hdr = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + ulen, ip_id, 0x4000, TTL, UDP, 0,
                           sa.packed, da.packed)
-        hdr = hdr[:10] + struct.pack("!H", inet_checksum(hdr)) + hdr[12:]
+        hdr = hdr[:10] + struct.pack("!H", ipv4_header_checksum(hdr)) + hdr[12:]
     else:
         hdr = struct.pack("!IHBB16s16s", (6 << 28) | flowlabel, ulen, UDP, TTL, sa.packed, da.packed)
     return hdr + udp
@@ -299,21 +288,13 @@ def quoted_udp(sa, da, sport: int, dport: int, payload: bytes, ip_id: int, flowl
 # ---------------------------------------------------------------------------------------------
 @njit(cache=True)
 def _csum_add(buf, start, length, acc):
-    i = start
-    end = start + length
-    while i + 1 < end:
-        acc += (np.int64(buf[i]) << 8) | np.int64(buf[i + 1])
-        i += 2
-    if i < end:
-        acc += np.int64(buf[i]) << 8
-    return acc
+    return csum_partial(buf, start, start + length, acc)
 
 
 @njit(cache=True)
 def _csum_fold(acc):
-    while acc >> 16:
-        acc = (acc & 0xFFFF) + (acc >> 16)
-    return (~acc) & 0xFFFF
+    """The checksum field for an unfolded sum."""
+    return (~csum_fold(acc)) & 0xFFFF
 
 
 @njit(cache=True)
