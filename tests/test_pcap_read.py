@@ -161,3 +161,47 @@ def test_empty_capture_has_no_packets(tmp_path):
     write_pcap(tmp_path / "e.pcap", Batch.from_packets([]))
     b = read_capture(tmp_path / "e.pcap")
     assert len(b) == 0 and b.data.shape == (0,)
+
+
+def _block(btype, body, e="<"):
+    body += b"\0" * (-len(body) % 4)
+    return struct.pack(e + "II", btype, 12 + len(body)) + body + struct.pack(e + "I", 12 + len(body))
+
+
+_SHB = _block(0x0A0D0D0A, struct.pack("<IHHq", 0x1A2B3C4D, 1, 0, -1))
+
+
+def _idb(lt=1, snap=0):
+    return _block(1, struct.pack("<HHI", lt, 0, snap))
+
+
+def _epb(ifc, data, caplen=None):
+    return _block(6, struct.pack("<IIIII", ifc, 0, 0, len(data) if caplen is None else caplen,
+                                 len(data)) + data)
+
+
+@pytest.mark.parametrize("content,msg", [
+    (_SHB + _epb(0, bytes(60)), "no interface description"),
+    (_SHB + _idb() + _epb(1, bytes(60)), "no interface description"),
+    (_SHB + _idb() + _epb(0, bytes(60), caplen=200), "runs past its block"),
+    (_SHB + _idb(snap=32) + _epb(0, bytes(60)), "snap length"),
+    (_SHB + _idb() + _epb(0, bytes(60))[:-4] + b"\x01\x02\x03\x04", "trailing block length"),
+    (_SHB + _idb() + struct.pack("<II", 6, 13) + bytes(8), "block length"),
+    (_SHB + _idb(lt=105), "link type 105"),
+    (_SHB[:8] + b"\x11\x22\x33\x44" + _SHB[12:], "byte-order magic"),
+    (_SHB + _idb() + _idb(lt=101) + _epb(0, bytes(60)) + _epb(1, bytes(20)), "mixes link types"),
+])
+def test_pcapng_malformed(tmp_path, content, msg):
+    (tmp_path / "x.pcapng").write_bytes(content)
+    with pytest.raises(InputError, match=msg):
+        read_capture(tmp_path / "x.pcapng")
+
+
+def test_pcapng_defaults_and_skips(tmp_path):
+    """No if_tsresol means microseconds; unknown blocks between packets are skipped."""
+    body = struct.pack("<IIIII", 0, 0x18B, 0xCD0C3F40, 4, 4) + b"abcd"
+    data = _SHB + _idb() + _block(6, body) + _block(0x99, b"????") + _epb(0, b"efgh")
+    (tmp_path / "d.pcapng").write_bytes(data)
+    b = read_capture(tmp_path / "d.pcapng")
+    assert list(b.packets()) == [b"abcd", b"efgh"]
+    assert b.ts[0] == ((0x18B << 32) | 0xCD0C3F40) * 1000
