@@ -6,9 +6,10 @@ OpenSSL's EVP called from the compiled loop when a libcrypto is found (``backend
 ``cryptography``'s ``AESGCM`` once per packet (``backend="cryptography"``); both give the same
 bytes. ``bench/ipsec.py`` measures the two.
 
-IVs are a per-SA 64-bit counter that starts at a random value for each gateway instance, so two
-instances keyed from the same SA file (e.g. two runs of ``microseg ipsec encrypt``) do not
-repeat a (key, nonce) pair, while within an instance the counter never repeats.
+IVs are a per-SA 64-bit counter: it never repeats within a gateway (the SA stops before its
+sequence counter wraps) and starts at a random value for each gateway, so two gateways keyed
+from the same static SA file (e.g. two runs of ``microseg ipsec encrypt``) are unlikely to
+reuse a (key, nonce) pair. Static keys are for tests and labs; deployments rekey per SA.
 """
 from __future__ import annotations
 
