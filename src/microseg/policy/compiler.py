@@ -479,6 +479,16 @@ _FULL4 = ipaddress.ip_network("0.0.0.0/0")
 _FULL6 = ipaddress.ip_network("::/0")
 
 
+def _cover(addresses) -> list:
+    """The fewest prefixes covering exactly ``addresses`` (adjacent peers share one rule)."""
+    out = []
+    for version in (4, 6):
+        fam = [a for a in addresses if a.version == version]
+        if fam:
+            out.extend(ipaddress.collapse_addresses(fam))
+    return out
+
+
 def _block_prefixes(block, excepts) -> list:
     nets = [block]
     for e in excepts:
@@ -505,6 +515,7 @@ def _flatten(policy: Policy, version: int):
     for w in wl:
         for g in w.security_groups:
             members.setdefault((w.tenant, g), []).extend(w.addresses)
+    members = {k: _cover(v) for k, v in members.items()}
     by_tenant: dict = {}
     for w in wl:
         by_tenant.setdefault(w.tenant, []).append(w)
@@ -578,10 +589,12 @@ def _flatten(policy: Policy, version: int):
                 if peer.block is not None:
                     remotes.extend(_block_prefixes(peer.block, peer.excepts))
                     continue
+                peers = []
                 for x in by_tenant.get(w.tenant, ()):   # peers outside the tenant never share its VNI
                     ns_ok = peer.namespaces is None or peer.namespaces.matches(tlabels[x.tenant])
                     if ns_ok and (peer.pods is None or peer.pods.matches(x.label_dict())):
-                        remotes.extend(x.addresses)
+                        peers.extend(x.addresses)
+                remotes.extend(_cover(peers))
         ports = [(None, None)] if r.ports is None else [
             (p.protocol, None if p.lo is None else (p.lo, p.hi)) for p in r.ports]
         for a in w.addresses:
