@@ -35,6 +35,7 @@ DOC = {
         {"src": "10.9.0.0/16", "sa": "nowin"},
         {"dst": "10.2.0.0/16", "sa": "v6esn"},        # IPv4 inner over an IPv6 tunnel
         {"src": "10.66.0.0/16", "action": "discard"},
+        {"src": "fe80::/10", "sa": "v4big"},            # IPv6 inner over an IPv4 tunnel
     ],
 }
 CFG = parse_config(DOC)
@@ -262,3 +263,34 @@ def test_replay_window_matches_reference(seqs, w):
             top = np.uint64(esp.replay_update(top, bitmap, s, w))
             ref.add(int(s))
         assert int(top) == ref.top
+
+
+def test_outer_ipv6_extension_headers_and_fragments():
+    """Outer IPv6 with extension headers before ESP is accepted; an outer fragment is not."""
+    from scapy.layers.inet6 import IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop
+    from scapy.packet import Raw
+    for backend in BACKENDS:
+        tx = EspGateway(CFG, backend)
+        inner = _ip6("2001:db8:a::1", "2001:db8:b::2", 17, b"hello")
+        enc = next(tx.encrypt_batch(Batch.from_packets([inner], linktype=LINK_RAW)).packets())
+        esp_bytes = enc[40:]
+        base = IPv6(src="2001:db8:1::1", dst="2001:db8:2::1")
+        pkts = [bytes(base / IPv6ExtHdrHopByHop() / IPv6ExtHdrDestOpt(nh=50) / Raw(esp_bytes)),
+                bytes(base / IPv6ExtHdrFragment(nh=50, m=1) / Raw(esp_bytes)),
+                bytes(IPv6(src="2001:db8:1::1", dst="2001:db8:9::1", nh=50) / Raw(esp_bytes))]
+        rx, ref = EspGateway(CFG, backend), RefGateway(CFG)
+        out, reason = rx.decrypt_batch(Batch.from_packets(pkts, linktype=LINK_RAW))
+        assert reason.tolist() == [esp.OK, esp.MALFORMED, esp.UNKNOWN_SPI]
+        assert [ref.decrypt(p, LINK_RAW)[0] for p in pkts] == reason.tolist()
+        assert list(out.packets()) == [inner]
+
+
+def test_unsupported_link_type_is_an_input_error():
+    import pytest
+    from microseg.errors import InputError
+    gw = EspGateway(CFG)
+    b = Batch.from_packets([b"\x00" * 40], linktype=113)
+    with pytest.raises(InputError, match="link type 113"):
+        gw.encrypt_batch(b, sa=0)
+    with pytest.raises(InputError, match="link type 113"):
+        gw.decrypt_batch(b)

@@ -143,3 +143,10 @@ def test_cli_decrypt_encrypt_roundtrip(tmp_path, capsys):
     assert report["dropped"] == {"replay": 2, "unknown_spi": 1, "malformed": 1}
     assert main(["ipsec", "encrypt", "--sa", sa, "--use", "nope", str(dec), "-w",
                  str(tmp_path / "x.pcap")]) == 2
+
+
+def test_cli_missing_input_creates_no_output(tmp_path, capsys):
+    out = tmp_path / "o.pcap"
+    assert main(["ipsec", "decrypt", "--sa", str(V / "vectors.json"), str(tmp_path / "none.pcap"),
+                 "-w", str(out)]) == 2
+    assert "no such capture file" in capsys.readouterr().err and not out.exists()

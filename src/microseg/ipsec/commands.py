@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 from ..errors import InputError
@@ -51,6 +52,9 @@ def _run(args, encrypt: bool) -> int:
                 raise InputError("several SAs and no policies: name the SA with --use",
                                  path=cfg.path)
             sa = cfg.sas[0].name
+    for path in args.input:         # fail before the output file is created
+        if not os.path.isfile(path):
+            raise InputError("no such capture file", path=path)
     gw = EspGateway(cfg)
     n_in = n_out = 0
     with PcapWriter(args.write) as w:

@@ -18,7 +18,8 @@ import os
 
 import numpy as np
 
-from ..packet.batch import Batch, text_to_addr
+from ..errors import InputError
+from ..packet.batch import LINK_ETHERNET, LINK_RAW, Batch, text_to_addr
 from . import esp, evp
 from .esp import N_REASONS, REASONS
 from .sa import ACTION_PROTECT, SAConfig
@@ -43,6 +44,11 @@ def _prefix_arrays(net):
         value, plen = int(net.network_address), net.prefixlen
     mask = _ALL ^ ((1 << (128 - plen)) - 1)
     return (value >> 64, value & _U64), (mask >> 64, mask & _U64)
+
+
+def _check_linktype(batch):
+    if batch.linktype not in (LINK_ETHERNET, LINK_RAW):
+        raise InputError(f"ESP needs Ethernet or raw IP packets, not link type {batch.linktype}")
 
 
 class EspGateway:
@@ -136,6 +142,7 @@ class EspGateway:
         ``sa`` forces one SA for every packet; otherwise the policies decide (no match: drop).
         With ``return_reasons`` the per-input-packet reason codes come back too.
         """
+        _check_linktype(batch)
         forced = -1 if sa is None else (sa if isinstance(sa, int) else self.sa_index(sa))
         if self.backend == "evp":
             _, ptrs = self._contexts(True)
@@ -185,6 +192,7 @@ class EspGateway:
         ``next_header`` and ``plaintext`` (the whole decrypted ESP payload, or None) to one
         entry per input packet; for tests and tracing, not the hot path.
         """
+        _check_linktype(batch)
         if self.backend == "evp" and not details:
             _, ptrs = self._contexts(False)
             out, off, ln, wl, pt, t, reason = esp.decrypt_evp(
