@@ -890,12 +890,12 @@ class _Planner:
             sid = ch[44:76]
             self.msg(f, M_DATA, 0, blob=self.blob(ch), **kw)
             sh = tls_server_hello(r.bytes(32), sid, r.bytes(32))
-            enc = int(r.integers(2400, 4800))          # EncryptedExtensions..Finished
+            enc = self.R.int(2400, 4800)          # EncryptedExtensions..Finished
             self.msg(f, M_DATA, 1, len(sh) + enc, blob=self.blob(sh), fill=FILL_TLS, **kw)
             self.msg(f, M_DATA, 0, len(TLS_CCS) + 58, blob=self.blob(TLS_CCS, share=True),
                      fill=FILL_TLS, **kw)
             for _ in range(rounds):
-                req = int(r.integers(120, 900))
+                req = self.R.int(120, 900)
                 self.msg(f, M_DATA, 0, req, fill=FILL_TLS, **kw)
                 resp = self._tls_len(self.pareto())
                 total += resp
@@ -907,7 +907,7 @@ class _Planner:
                 resp = self.pareto()
                 total += resp
                 if http:
-                    req = (f"GET /api/v1/items/{int(r.integers(1, 100000))} HTTP/1.1\r\n"
+                    req = (f"GET /api/v1/items/{self.R.int(1, 100000)} HTTP/1.1\r\n"
                            f"Host: {d.name}.{t.name}.internal\r\nUser-Agent: curl/8.5.0\r\n"
                            f"Accept: */*\r\n\r\n").encode()
                     self.msg(f, M_DATA, 0, blob=self.blob(req), **kw)
@@ -919,7 +919,7 @@ class _Planner:
                     self.msg(f, M_DATA, 0, 1500, blob=self.blob(b"SSH-2.0-OpenSSH_9.6p1\r\n", share=True), **kw)
                     self.msg(f, M_DATA, 1, resp, **kw)
                 else:
-                    self.msg(f, M_DATA, 0, int(r.integers(40, 600)), **kw)
+                    self.msg(f, M_DATA, 0, self.R.int(40, 600), **kw)
                     self.msg(f, M_DATA, 1, resp, **kw)
         self.msg(f, M_CLOSE, 0, **kw)
         self._meta(f)["bytes"] = total
