@@ -7,10 +7,11 @@ those arrays in priority order (row 0 wins), which is what the kernels here scan
 * :func:`megaflow_masks` -- per key, the best rule and a megaflow mask ``M`` such that every
   key ``q`` with ``q & M == k & M`` gets the same best rule (the safety property of a
   tuple-space cache). For the winner it adds the rule's mask and the largest aligned port
-  block inside each of its port ranges; for every higher-priority rule that misses, the one
-  field that proves the miss at the lowest cost in new mask bits: an address prefix down to
-  the first differing bit, widened to the next prefix length the rule set uses for that field
-  (as OVS's prefix tries do; it keeps the number of distinct masks small), a port block wholly
+  block inside each of its port ranges; for every higher-priority rule that misses and is
+  not already excluded by the bits collected so far, the one field that proves the miss at
+  the lowest cost in new mask bits: an address prefix down to the first differing bit,
+  widened to the next prefix length the rule set uses for that field (as OVS's prefix tries
+  do; it keeps the number of distinct masks small), a port block wholly
   outside the range, or the rule's bits in another sub-field (protocol, ICMP type, ICMP code,
   TCP flags, tenant, ingress port, ethertype, conntrack state). Masks stay prefix-shaped per
   address and port field.
@@ -249,6 +250,14 @@ def derive_masks(k, valid, value, mask, sport, dport, sub_word, sub_bits, src_le
         sp = _sport_of(k[i, K.K_L4])
         dp = _dport_of(k[i, K.K_L4])
         for r in range(R):
+            # bits already in the mask that differ from the rule prove this miss for free
+            proven = False
+            for w in range(W):
+                if ((k[i, w] ^ value[r, w]) & mask[r, w] & m[w]) != np.uint64(0):
+                    proven = True
+                    break
+            if proven:
+                continue
             if _row_matches(k, i, value, mask, sport, dport, r):
                 winner[i] = r
                 for w in range(W):
@@ -405,6 +414,8 @@ def derive_mask_ref(table, key, port_lens=(16,)):
     for r in range(len(t)):
         rv = [int(x) for x in t.value[r]]
         rm = [int(x) for x in t.mask[r]]
+        if any((key[w] ^ rv[w]) & rm[w] & m[w] for w in range(W)):
+            continue          # the mask so far already proves this rule misses
         (slo, shi), (dlo, dhi) = (int(x) for x in t.sport[r]), (int(x) for x in t.dport[r])
         if row_matches_ref(t, key, r):
             for w in range(W):
