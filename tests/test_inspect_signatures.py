@@ -220,3 +220,31 @@ def test_action_order_pass_then_drop_then_alert():
     ]))
     assert s.match_packet(b"evil", 6, 0, 0, 1, 2)[0] == 2          # drop, priority 2 first
     assert s.signatures[s.match_packet(b"evil-but-ok", 6, 0, 0, 1, 2)[0]].sid == 4
+
+
+def test_parser_never_crashes_on_damaged_rules():
+    """Mutated real rules either load or raise InputError -- never another exception."""
+    rng = np.random.default_rng(99)
+    lines = [l for l in open(f"{SIG}/et_style.rules").read().splitlines() if l and not l.startswith("#")]
+    alphabet = list('()[]!$:;,"|\\ -><0123456789abcdefxyz/.') + ["any", "content", "->", "<>", "sid:1;"]
+    ok = bad = 0
+    for _ in range(3000):
+        s = list(lines[int(rng.integers(0, len(lines)))])
+        for _ in range(int(rng.integers(1, 4))):
+            op, pos = rng.random(), int(rng.integers(0, len(s) + 1))
+            if op < 0.4 and s:
+                del s[min(pos, len(s) - 1)]
+            elif op < 0.8:
+                s.insert(pos, str(rng.choice(alphabet)))
+            else:
+                s = s[:pos]
+        text = "".join(s)
+        try:
+            sigs = I.SignatureSet.from_text(text, path="fuzz.rules")
+            for sig in sigs.signatures:          # a rule that loads can also be run
+                sigs.match_packet(b"GET /etc/passwd SSH-libssh |", 6, 1, 2, 3, 80)
+            ok += 1
+        except InputError as exc:
+            assert str(exc).startswith("fuzz.rules")
+            bad += 1
+    assert ok > 100 and bad > 100
