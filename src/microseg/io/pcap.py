@@ -638,3 +638,40 @@ def write_pcap(path, batch: Batch, nanosecond: bool = False) -> None:
     """Write ``batch`` as a pcap file (microsecond timestamps unless ``nanosecond``)."""
     with PcapWriter(path, linktype=batch.linktype, nanosecond=nanosecond) as w:
         w.write(batch)
+
+
+# ---------------------------------------------------------------------------------------------
+# plain-Python reference (tests hold the compiled walk to it)
+# ---------------------------------------------------------------------------------------------
+def read_pcap_ref(data: bytes):
+    """Classic pcap, one record at a time: ``(linktype, [(ts_ns, wire_len, bytes)], status)``
+    where status is None, "truncated" or an error string; raises InputError for a bad header."""
+    if len(data) < 24:
+        raise InputError("pcap file header cut short")
+    for e in ("<", ">"):
+        magic = struct.unpack_from(e + "I", data)[0]
+        if magic in (PCAP_MAGIC_US, PCAP_MAGIC_NS):
+            break
+    else:
+        raise InputError("not a pcap file")
+    major, _, _, _, snaplen, network = struct.unpack_from(e + "HHiIII", data, 4)
+    if major != 2:
+        raise InputError("unsupported version")
+    lt = _linktype(network, None)
+    limit = snaplen or MAX_SNAPLEN
+    mult = 1 if magic == PCAP_MAGIC_NS else 1000
+    pos, out = 24, []
+    while pos < len(data):
+        if len(data) - pos < 16:
+            return lt, out, "truncated"
+        sec, frac, incl, orig = struct.unpack_from(e + "IIII", data, pos)
+        if incl > limit:
+            return lt, out, "snaplen"
+        if len(data) - pos - 16 < incl:
+            return lt, out, "truncated"
+        if orig > _INT32_MAX:
+            return lt, out, "wirelen"
+        out.append((sec * 1_000_000_000 + frac * mult, max(orig, incl),
+                    bytes(data[pos + 16:pos + 16 + incl])))
+        pos += 16 + incl
+    return lt, out, None
