@@ -22,6 +22,7 @@ COMMAND_MODULES = [
     "microseg.ipsec.commands",
     "microseg.packet.commands",
     "microseg.offload.commands",
+    "microseg.conntrack.commands",
 ]
 
 
