@@ -8,9 +8,9 @@ state it should have, a reason and a traffic label.
 
 Traffic: full TCP conversations (handshake, data in MSS-sized segments acknowledged every
 second segment, FIN close) with a heavy-tailed (Pareto) response size, TLS 1.3 on tcp/443
-(ClientHello / ServerHello / ChangeCipherSpec / application-data records), DNS over UDP, ICMP
-echo, flows the policy forbids, and attacks (port scan, cross-tenant spoofing, invalid TCP,
-SYN flood). Packets travel VXLAN-, GENEVE- or NVGRE-encapsulated between the workloads'
+(ClientHello / ServerHello / ChangeCipherSpec / application-data records), DNS over UDP (and
+ICMP port unreachable when a server is down), ICMP echo, flows the policy forbids, and attacks
+(port scan, cross-tenant spoofing, invalid TCP, SYN flood). Packets travel VXLAN-, GENEVE- or NVGRE-encapsulated between the workloads'
 hosts (VNI = tenant), or untunnelled.
 
 How it is fast: flow planning is Python per flow (a handful of "messages" each); expanding
@@ -74,8 +74,8 @@ class GroundTruth:
     """Per-packet expectations, as arrays in packet (capture) order.
 
     ``verdict`` (1 allow / 2 drop / 3 reject), ``ct`` (:mod:`microseg.ctstate` bits: one of
-    NEW/ESTABLISHED/INVALID, plus REPLY for reply-direction packets; 0 where no state is
-    meaningful: a packet dropped by anti-spoofing before tracking), ``reason`` and ``label``
+    NEW/ESTABLISHED/RELATED/INVALID, plus REPLY for reply-direction packets; 0 where no state
+    is meaningful: a packet dropped by anti-spoofing before tracking), ``reason`` and ``label``
     (indices into :attr:`reasons` / :attr:`labels`), ``cause`` (index into :attr:`causes`:
     short codes such as ``policy``, ``established``, ``egress_denied``), ``flow``, ``dir``
     (0 original, 1 reply) and ``tenant`` (VNI).
