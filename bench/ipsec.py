@@ -7,7 +7,9 @@ AES-128-GCM, batches of 256), measured in the same run:
   the ``cryptography`` back end (one ``AESGCM`` call per packet from Python);
 * a naive per-packet loop: struct-built headers and one ``cryptography`` call per packet;
 * the limit: the bare EVP AES-GCM call sequence on preallocated buffers (same library, no ESP
-  work), and ``openssl speed -evp aes-128-gcm -bytes N`` where the openssl tool exists.
+  work), and ``openssl speed -evp aes-128-gcm -bytes N`` where the openssl tool exists;
+* the same bare EVP calls made through ctypes from a Python loop (what a per-packet library
+  call from Python costs, without any ESP work).
 
 Gbit/s counts inner packet bytes; cycles/byte uses the CPU clock from /proc/cpuinfo. Each
 figure is the best of several repetitions (the machine is shared). Writes
@@ -170,6 +172,43 @@ def raw_evp_run(size: int, n: int):
     return run
 
 
+def ctypes_evp_run(size: int, n: int):
+    """The same five EVP calls per packet, made through ctypes from a Python loop."""
+    if not evp.AVAILABLE:
+        return None
+    import ctypes
+    lib = evp._lib
+    init, upd, fin, ctrl = (lib.EVP_EncryptInit_ex, lib.EVP_EncryptUpdate, lib.EVP_EncryptFinal_ex,
+                            lib.EVP_CIPHER_CTX_ctrl)
+    vp, ci = ctypes.c_void_p, ctypes.c_int
+    upd.argtypes = [vp, vp, vp, vp, ci]
+    fin.argtypes = [vp, vp, vp]
+    ctrl.argtypes = [vp, ci, ci, vp]
+    ctx = evp.Context(bytes.fromhex(SA["key"]), True)
+    buf = np.zeros(n * (size + 16), np.uint8)
+    base = buf.ctypes.data
+    nonces = np.frombuffer(os.urandom(12 * n), np.uint8).copy()
+    nb = nonces.ctypes.data
+    aad = np.zeros(8, np.uint8)
+    ab = aad.ctypes.data
+    outl = ctypes.c_int()
+    po = ctypes.byref(outl)
+    c = ctx.ptr
+
+    def run():
+        for i in range(n):
+            p = base + i * (size + 16)
+            init(c, None, None, None, nb + 12 * i)
+            upd(c, None, po, ab, 8)
+            upd(c, p, po, p, size)
+            fin(c, p + size, po)
+            ctrl(c, 0x10, 16, p + size)
+
+    run.keep = (ctx, buf, nonces, aad)   # the loop holds raw addresses: keep their owners alive
+    run()
+    return run
+
+
 def openssl_speed(size: int):
     tool = shutil.which("openssl")
     if tool is None:
@@ -277,6 +316,7 @@ def main():
         if evp.AVAILABLE:
             runs["evp_encrypt"], runs["evp_decrypt"] = gateway_runs(batches, "evp")
             runs["raw_evp"] = raw_evp_run(size, n_pkts)
+            runs["ctypes_evp"] = ctypes_evp_run(size, n_pkts)
         runs["cryptography_encrypt"], runs["cryptography_decrypt"] = \
             gateway_runs(batches, "cryptography")
         runs["naive_encrypt"], runs["naive_decrypt"] = naive_runs(pkts)
@@ -299,6 +339,7 @@ def main():
               f"dec {row.get('evp_decrypt', row['cryptography_decrypt'])['gbps']:6.2f} Gbit/s  "
               f"naive enc {row['naive_encrypt']['gbps']:5.2f}  "
               f"raw {row.get('raw_evp', {}).get('gbps', float('nan')):6.2f}  "
+              f"ctypes {row.get('ctypes_evp', {}).get('mpps', float('nan')):5.2f} Mpps  "
               f"openssl {row.get('openssl_speed', {}).get('gbps', float('nan')):6.2f}", flush=True)
     doc = {"machine": {"cpu": cpu_model(), "cpu_hz": hz, "cores": os.cpu_count(),
                        "python": platform.python_version(), "evp": evp.AVAILABLE},
