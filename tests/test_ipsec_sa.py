@@ -150,3 +150,22 @@ def test_cli_missing_input_creates_no_output(tmp_path, capsys):
     assert main(["ipsec", "decrypt", "--sa", str(V / "vectors.json"), str(tmp_path / "none.pcap"),
                  "-w", str(out)]) == 2
     assert "no such capture file" in capsys.readouterr().err and not out.exists()
+
+
+def test_cli_reports_never_contain_key_material(tmp_path, capsys):
+    doc = json.loads((V / "vectors.json").read_text())
+    sa = str(V / "vectors.json")
+    out = tmp_path / "o.pcap"
+    texts = []
+    for argv in (["ipsec", "decrypt", "--sa", sa, str(V / "esp.pcap"), "-w", str(out)],
+                 ["ipsec", "decrypt", "--json", "--sa", sa, str(V / "esp_negative.pcap"), "-w",
+                  str(out)],
+                 ["ipsec", "encrypt", "--json", "--use", "sa2", "--sa", sa, str(V / "esp.pcap"),
+                  "-w", str(out)]):
+        assert main(argv) == 0
+        cap = capsys.readouterr()
+        texts.append(cap.out + cap.err)
+    blob = "\n".join(texts).lower()
+    assert "packets" in blob
+    for s in doc["sas"]:
+        assert s["key"] not in blob and s["salt"] not in blob
