@@ -31,8 +31,10 @@ def _load():
     global _lib, AVAILABLE, REASON
     name = ctypes.util.find_library("crypto")
     candidates = [name] if name else []
-    candidates += ["libcrypto.so.3", "libcrypto.so.1.1", "libcrypto.dylib"]
+    candidates += ["libcrypto.so.3", "libcrypto.so.1.1", "libcrypto.3.dylib"]
     for cand in candidates:
+        if cand.endswith("/libcrypto.dylib") or cand == "libcrypto.dylib":
+            continue        # macOS aborts processes that load its unversioned libcrypto
         try:
             lib = ctypes.CDLL(cand)
             ver = ctypes.c_ulong
