@@ -251,3 +251,18 @@ def test_decap_and_parser_agree_on_damaged_tunnels(data):
     elif int(k.tun_type[0]) and r.error[0] in (T.DECAP_NOT_TUNNEL, T.DECAP_BAD_OUTER,
                                                 T.DECAP_FRAGMENT):
         pytest.fail(f"parser saw tunnel {int(k.tun_type[0])}, decap said {int(r.error[0])}")
+
+
+def test_per_packet_remote_endpoints():
+    inner = _inner(10)
+    remotes = ["198.51.100.1", "198.51.100.2"] * 5
+    macs = ["02:00:00:00:00:0a"] * 4 + ["02:00:00:00:00:0b"] * 6
+    out = encap(inner, "vxlan", 7, "192.0.2.1", remotes, dst_mac=macs)
+    ent = parse(inner).flow_hash
+    want = [ref.encap_one(inner.packet(i), "vxlan", 7, "192.0.2.1", remotes[i], int(ent[i]),
+                          dst_mac=macs[i]) for i in range(10)]
+    assert list(out.packets()) == want
+    with pytest.raises(InputError, match="address family"):
+        encap(inner, "vxlan", 7, "192.0.2.1", ["198.51.100.1", "2001:db8::1"] * 5)
+    with pytest.raises(InputError, match="remote address"):
+        encap(inner, "vxlan", 7, "192.0.2.1", ["198.51.100.1"] * 3)

@@ -125,14 +125,13 @@ def outer_template(kind: str, outer_src: str, outer_dst: str, *, inner_ip: int =
 
 
 @njit(cache=True)
-def _encap_kernel(data, offset, length, tmpl, ver, l3, l4, tun, kind, vni, entropy,
+def _encap_kernel(data, offset, length, tmpl, tidx, ver, l3, l4, tun, kind, vni, entropy,
                   out, out_off):
-    hl = tmpl.shape[0]
+    hl = tmpl.shape[1]
     for i in range(offset.shape[0]):
         p = out_off[i]
         ln = length[i]
-        for k in range(hl):
-            out[p + k] = tmpl[k]
+        out[p:p + hl] = tmpl[tidx[i]]
         src = offset[i]
         out[p + hl:p + hl + ln] = data[src:src + ln]
         v = vni[i]
@@ -190,10 +189,34 @@ def _vni_array(vni, n: int, kind: str) -> np.ndarray:
     return arr.astype(np.int64)
 
 
-def encap(batch: Batch, kind: str, vni, outer_src: str, outer_dst: str, *,
+def _endpoint_pairs(outer_dst, dst_mac, n: int):
+    """Distinct (remote address, next-hop MAC) pairs and each packet's index into them."""
+    single = lambda v: isinstance(v, (str, bytes, int))  # noqa: E731
+    if single(outer_dst) and single(dst_mac):
+        return [(outer_dst, dst_mac)], np.zeros(n, np.int64)
+    cols = []
+    for name, v in (("remote address", outer_dst), ("remote MAC", dst_mac)):
+        arr = np.asarray([v] if single(v) else list(v))
+        if arr.ndim != 1 or arr.shape[0] not in (1, n) or arr.shape[0] == 0:
+            raise InputError(f"{name}: expected one value or {n}")
+        vals, inv = np.unique(arr.astype(str), return_inverse=True)
+        cols.append((vals, np.broadcast_to(inv.ravel(), (n,))))
+    (dvals, di), (mvals, mi) = cols
+    key = di.astype(np.int64) * len(mvals) + mi
+    ukey, tidx = np.unique(key, return_inverse=True)
+    if n == 0:
+        ukey = np.zeros(1, np.int64)
+    pairs = [(str(dvals[k // len(mvals)]), str(mvals[k % len(mvals)])) for k in ukey.tolist()]
+    return pairs, tidx.ravel()
+
+
+def encap(batch: Batch, kind: str, vni, outer_src: str, outer_dst, *,
           src_mac="02:00:00:00:00:01", dst_mac="02:00:00:00:00:02", ttl: int = 64,
           dport: int | None = None, geneve_options: bytes = b"", entropy=None) -> Batch:
     """Encapsulate every frame of ``batch``; ``vni`` is one value or one per packet.
+
+    ``outer_dst`` (the remote tunnel endpoint) and ``dst_mac`` (its next hop) are one value or
+    one per packet; one header template is built per distinct pair.
 
     ``entropy`` (one 32-bit value per packet) overrides the inner-flow hash that picks the
     UDP source port / NVGRE FlowID. Returns an Ethernet batch; timestamps and ports are kept.
@@ -205,15 +228,21 @@ def encap(batch: Batch, kind: str, vni, outer_src: str, outer_dst: str, *,
     if batch.linktype == LINK_RAW:
         if kind != "geneve":
             raise InputError(f"{kind} carries Ethernet frames; raw IP input needs GENEVE")
-        vers = {int(batch.data[o]) >> 4 for o in np.asarray(batch.offset)[np.asarray(batch.length) > 0]}
-        if len(vers) > 1 or (vers and vers.pop() not in (4, 6)):
+        offs = np.asarray(batch.offset)[np.asarray(batch.length) > 0]
+        vers = np.unique(batch.data[offs] >> 4) if offs.size else np.array([4])
+        if vers.size > 1 or int(vers[0]) not in (4, 6):
             raise InputError("raw IP input for GENEVE must be all IPv4 or all IPv6")
-        first = int(batch.data[batch.offset[0]]) >> 4 if n and batch.length[0] else 4
-        inner_ip = 6 if first == 6 else 4
+        inner_ip = int(vers[0])
     elif batch.linktype != LINK_ETHERNET:
         raise InputError(f"link type {batch.linktype} cannot be encapsulated")
-    tmpl, w = outer_template(kind, outer_src, outer_dst, inner_ip=inner_ip, src_mac=src_mac,
-                             dst_mac=dst_mac, ttl=ttl, dport=dport, geneve_options=geneve_options)
+    pairs, tidx = _endpoint_pairs(outer_dst, dst_mac, n)
+    tmpls = []
+    for dst, dmac in pairs:
+        t, w = outer_template(kind, outer_src, dst, inner_ip=inner_ip, src_mac=src_mac,
+                              dst_mac=dmac, ttl=ttl, dport=dport, geneve_options=geneve_options)
+        tmpls.append((t, w))
+    w = tmpls[0][1]
+    tmpl = np.stack([np.frombuffer(t, np.uint8) for t, _ in tmpls])
     vnis = _vni_array(vni, n, kind)
     length = np.asarray(batch.length, np.int64)
     hl = w["len"]
@@ -231,7 +260,7 @@ def encap(batch: Batch, kind: str, vni, outer_src: str, outer_dst: str, *,
         np.cumsum(new_len[:-1], out=out_off[1:])
     out = np.empty(int(new_len.sum(dtype=np.int64)), np.uint8)
     _encap_kernel(batch.data, np.asarray(batch.offset, np.int64), length,
-                  np.frombuffer(tmpl, np.uint8), w["ver"], w["l3"], w["l4"], w["tun"],
+                  tmpl, np.asarray(tidx, np.int64).ravel(), w["ver"], w["l3"], w["l4"], w["tun"],
                   w["kind"], vnis, ent, out, out_off)
     return Batch(data=out, offset=out_off, length=new_len, wire_len=new_len.copy(),
                  port=np.asarray(batch.port, np.uint16).copy(),
