@@ -139,3 +139,10 @@ def test_invalid_keys_never_hit():
     mf.insert(k, masks, np.ones(10, bool), 1, win, valid=valid)
     assert mf.stats()["entries"] == 0
     assert not mf.lookup(k, valid).hit.any() and mf.stats()["uncacheable"] == 10
+
+
+def test_table_subset_keeps_priority_order():
+    rs = RuleSet([Rule(priority=p, rule_id=i) for i, p in enumerate([0, 5, 1, 5])])
+    t = M.RuleMatchTable.from_ruleset(rs)
+    assert t.rule_id.tolist() == [1, 3, 2, 0]
+    assert M.RuleMatchTable.from_ruleset(rs, rows=[0, 3]).rule_id.tolist() == [3, 0]

@@ -61,8 +61,9 @@ class RuleMatchTable:
     @classmethod
     def from_ruleset(cls, rs: RuleSet, rows=None) -> "RuleMatchTable":
         """Priority-ordered table of ``rs`` (optionally only the rule indices ``rows``)."""
-        order = np.asarray(rs.order if rows is None else [r for r in rs.order if r in set(np.asarray(rows).tolist())],
-                           np.int64)
+        order = np.asarray(rs.order, np.int64)
+        if rows is not None:
+            order = order[np.isin(order, np.asarray(rows, np.int64))]
         value = np.ascontiguousarray(rs.val[order])
         mask = np.ascontiguousarray(rs.mask[order])
         ports = rs.ports[order]

@@ -184,7 +184,6 @@ def _parse_addr(text: str, variables: dict, seen=()):
                 any_pos = True
             elif i2 is None:
                 exc += e2            # [!x, ...]: an item that is a pure negation
-                any_pos = any_pos or False
             else:
                 inc += i2
                 exc += e2
