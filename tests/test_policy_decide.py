@@ -236,7 +236,7 @@ def test_decide_matches_reference_on_random_policies(seed):
     _compare(compiled, Reference(policy), keys, ct)
 
 
-@pytest.mark.parametrize("algo", ["tree", "linear"])
+@pytest.mark.parametrize("algo", ["tss", "linear"])
 @pytest.mark.parametrize("seed", [3, 8, 15])
 def test_decide_is_the_same_with_every_classifier(seed, algo):
     rng = np.random.default_rng(seed)
