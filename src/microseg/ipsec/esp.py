@@ -561,8 +561,6 @@ def decap_finish(reason, ok, sa_of, seq64, l2len, ct_len, out, out_off, sa_windo
         fresh = replay_check(rx_top[s], rx_bitmap[s], seq, sa_window[s])
         if not ok[i]:
             reason[i] = BAD_ICV if fresh else REPLAY
-            q = out_off[i] + l2len[i]
-            out[q:q + ct_len[i]] = 0        # never keep unauthenticated plaintext around
             continue
         if not fresh:
             reason[i] = REPLAY
@@ -605,6 +603,12 @@ def decap_finish(reason, ok, sa_of, seq64, l2len, ct_len, out, out_off, sa_windo
         if l2len[i] > 0:
             _put16(out, q - 2, 0x0800 if nh == 4 else 0x86DD)
         out_len[i] = l2len[i] + L
+    # plaintext of dropped packets (unauthenticated, or refused after) does not stay around
+    for i in range(n):
+        if reason[i] != OK and sa_of[i] >= 0:
+            q = out_off[i] + l2len[i]
+            for k in range(ct_len[i]):
+                out[q + k] = 0
     return out_len
 
 

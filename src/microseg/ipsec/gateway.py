@@ -230,20 +230,21 @@ class EspGateway:
                 except InvalidTag:
                     continue
                 ok[i] = 1
+        info = None
+        if details:     # read before decap_finish wipes the plaintext of refused packets
+            n = len(reason)
+            info = {"seq": seq64, "iv": nonce[:, 4:].copy(),
+                    "pad_length": np.full(n, -1, np.int64),
+                    "next_header": np.full(n, -1, np.int64), "plaintext": [None] * n}
+            for i in np.flatnonzero(ok):
+                q, m = int(out_off[i] + l2len[i]), int(ct_len[i])
+                info["plaintext"][i] = out[q:q + m].tobytes()
+                info["pad_length"][i], info["next_header"][i] = out[q + m - 2], out[q + m - 1]
         out_len = esp.decap_finish(reason, ok, sa_of, seq64, l2len, ct_len, out, out_off,
                                    self.sa_window, self.sa_limits, self.rx_top, self.rx_bitmap,
                                    self.life)
         res = self._result(batch, out, out_off, out_len, reason, self.rx_drops)
-        if not details:
-            return res, reason
-        n = len(reason)
-        info = {"seq": seq64, "iv": nonce[:, 4:].copy(), "pad_length": np.full(n, -1, np.int64),
-                "next_header": np.full(n, -1, np.int64), "plaintext": [None] * n}
-        for i in np.flatnonzero(ok):
-            q, m = int(out_off[i] + l2len[i]), int(ct_len[i])
-            info["plaintext"][i] = out[q:q + m].tobytes()
-            info["pad_length"][i], info["next_header"][i] = out[q + m - 2], out[q + m - 1]
-        return res, reason, info
+        return (res, reason, info) if details else (res, reason)
 
     @staticmethod
     def _result(batch, out, out_off, out_len, reason, counts):
