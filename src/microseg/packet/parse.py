@@ -45,6 +45,7 @@ from .batch import (
     L3_OFF, L4_OFF, LINK_ETHERNET, LINK_RAW, N_I32, N_U8, N_U16, N_U32, N_U64, N_VLANS,
     OUTER_L3_OFF, PAYLOAD_LEN, PAYLOAD_OFF, PROTO, SPORT, SRC_HI, SRC_LO, TCP_ACK, TCP_DOFF,
     TCP_FLAGS, TCP_SEQ, TCP_WIN, TENANT, TTL, TUN_GENEVE, TUN_NVGRE, TUN_TYPE, TUN_VXLAN, VLAN0,
+    VLAN1,
     Batch, FlowKeys,
 )
 
@@ -144,21 +145,6 @@ def _icmp_is_error(t, ver):
     if ver == 4:
         return t == 3 or t == 4 or t == 5 or t == 11 or t == 12
     return t >= 1 and t <= 4
-
-
-@njit(cache=True)
-def _clear_column(u64, u32, i32, u16, u8, i):
-    for r in range(N_U64):
-        u64[r, i] = 0
-    for r in range(N_U32):
-        u32[r, i] = 0
-    for r in range(N_I32):
-        i32[r, i] = -1
-    i32[PAYLOAD_LEN, i] = 0
-    for r in range(N_U16):
-        u16[r, i] = 0
-    for r in range(N_U8):
-        u8[r, i] = 0
 
 
 @njit(cache=True)
@@ -629,7 +615,33 @@ def _parse_kernel(data, offset, length, linktype, u64, u32, i32, u16, u8):
                 outer = i32[OUTER_L3_OFF, i]
             else:
                 outer = i32[L3_OFF, i]
-            _clear_column(u64, u32, i32, u16, u8, i)
+            # forget the outer packet: exactly the fields the layers that lead to a tunnel
+            # (Ethernet, VLAN, IPv4/IPv6, UDP, GRE) can have written; the rest are still clear
+            u64[ETH_SRC, i] = 0
+            u64[ETH_DST, i] = 0
+            u64[SRC_HI, i] = 0
+            u64[SRC_LO, i] = 0
+            u64[DST_HI, i] = 0
+            u64[DST_LO, i] = 0
+            u32[GRE_KEY, i] = 0
+            i32[L2_OFF, i] = -1
+            i32[L3_OFF, i] = -1
+            i32[L4_OFF, i] = -1
+            i32[PAYLOAD_OFF, i] = -1
+            i32[PAYLOAD_LEN, i] = 0
+            u16[ETHERTYPE, i] = 0
+            u16[VLAN0, i] = 0
+            u16[VLAN1, i] = 0
+            u16[SPORT, i] = 0
+            u16[DPORT, i] = 0
+            u16[FRAG_OFF, i] = 0
+            u16[IP_LEN, i] = 0
+            u16[GRE_PROTO, i] = 0
+            u8[IP_VER, i] = 0
+            u8[PROTO, i] = 0
+            u8[TTL, i] = 0
+            u8[N_VLANS, i] = 0
+            u8[FLAGS, i] = 0
             i32[TENANT, i] = vni
             u8[TUN_TYPE, i] = tun
             i32[OUTER_L3_OFF, i] = outer
