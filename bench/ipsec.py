@@ -15,7 +15,7 @@ Gbit/s counts inner packet bytes; cycles/byte uses the CPU clock from /proc/cpui
 figure is the best of several repetitions (the machine is shared). Writes
 bench/results/ipsec.json and docs/img/ipsec.png.
 
-    python bench/ipsec.py [--quick]
+    python bench/ipsec.py [--quick]      (--quick: a few seconds, prints only)
 """
 from __future__ import annotations
 
@@ -353,6 +353,9 @@ def main():
         print("64 B breakdown (ns/packet):", {k: round(v, 1) for k, v in doc["breakdown_64B"].items()})
         doc["evp_calls_ns"] = evp_call_costs(reps)
         print("EVP calls (ns each):", {k: round(v, 1) for k, v in doc["evp_calls_ns"].items()})
+    if args.quick:
+        print("quick run: results not written (the committed figures come from a full run)")
+        return
     out = ROOT / "bench" / "results" / "ipsec.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=1))
