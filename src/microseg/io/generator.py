@@ -156,10 +156,18 @@ class GroundTruth:
 
 
 class Generated:
-    """A generated batch with its ground truth and flow table."""
+    """A generated batch with its ground truth and flow table (built on first use)."""
 
-    def __init__(self, batch: Batch, truth: GroundTruth, flows: list, config: ScenarioConfig):
-        self.batch, self.truth, self.flows, self.config = batch, truth, flows, config
+    def __init__(self, batch: Batch, truth: GroundTruth, flows, config: ScenarioConfig):
+        self.batch, self.truth, self.config = batch, truth, config
+        self._flows = flows
+
+    @property
+    def flows(self) -> list:
+        """One dict per flow (tenant, endpoints, addresses, ports, label, packets, verdict...)."""
+        if callable(self._flows):
+            self._flows = self._flows()
+        return self._flows
 
     def write(self, pcap_path: str) -> dict:
         """Write ``X.pcap`` plus ``X.truth.jsonl``, ``X.truth.npz`` and ``X.flows.jsonl``
@@ -780,11 +788,12 @@ class _Planner:
                                   flags, blob[0], blob[1], fill, seq_delta, counts, icmp_seq,
                                   verdict, ct_first, ct_rest, reason, label, cause, pair))
 
-    def flows_table(self, per_flow_pkts) -> list:
+    @staticmethod
+    def flows_table(flow_meta, per_flow_pkts) -> list:
         """The flow table as JSON-ready dicts."""
         out = []
         text = {}
-        for f, (t, s, d, sa, da, proto, sport, dport, label, meta) in enumerate(self.flow_meta):
+        for f, (t, s, d, sa, da, proto, sport, dport, label, meta) in enumerate(flow_meta):
             for a in (sa, da):
                 if a not in text:
                     text[a] = str(a)
@@ -1362,7 +1371,8 @@ def generate(policy=None, config: ScenarioConfig | dict | None = None, *, assemb
     gt = GroundTruth(truth["verdict"], truth["ct"], truth["reason"], truth["label"], truth["cause"],
                      truth["flow"], truth["dir"], vni[truth["flow"]] if len(vni) else
                      np.zeros(0, np.int32), pl.reasons.list, pl.labels.list, pl.causes.list)
-    return Generated(batch, gt, pl.flows_table(per_flow), cfg)
+    meta = pl.flow_meta
+    return Generated(batch, gt, lambda: _Planner.flows_table(meta, per_flow), cfg)
 
 
 def _count_packets(pl: _Planner, cfg: ScenarioConfig) -> int:
