@@ -46,6 +46,9 @@ def _emc_lookup(kmat, hashes, valid, keys, tag, mid, verdict, rule, version, aux
                 nb, ways, cur, clock, hit, o_v, o_r, o_f, ctr):
     for i in range(kmat.shape[0]):
         hit[i] = False
+        o_v[i] = 0
+        o_r[i] = -1
+        o_f[i] = -1
         if not valid[i]:
             ctr[C_UNCACHEABLE] += 1
             continue
@@ -64,12 +67,13 @@ def _emc_lookup(kmat, hashes, valid, keys, tag, mid, verdict, rule, version, aux
 
 
 @njit(cache=True)
-def _emc_insert(kmat, hashes, rows, v, r, f, ver, keys, tag, mid, verdict, rule, version, aux,
+def _emc_insert(kmat, hashes, sel, v, r, f, ver, keys, tag, mid, verdict, rule, version, aux,
                 stamp, nb, ways, cur, clock, ctr):
-    for j in range(rows.shape[0]):
-        i = rows[j]
+    for i in range(kmat.shape[0]):
+        if not sel[i]:
+            continue
         _, outcome, _ = insert_slot(keys, tag, mid, verdict, rule, version, aux, stamp, nb, ways,
-                                    hashes[i], 0, kmat[i], v[j], r[j], ver, f[j], clock, cur)
+                                    hashes[i], 0, kmat[i], v[i], r[i], ver, f[i], clock, cur)
         if outcome == INS_UPDATED:
             ctr[C_UPDATES] += 1
         else:
@@ -89,6 +93,28 @@ def _rows(rows, n):
     if rows.dtype == np.bool_:
         return np.flatnonzero(rows[:n]).astype(np.int64)
     return rows.astype(np.int64, copy=False)
+
+
+def _select(rows, n):
+    """Bool mask of length ``n`` from a bool mask or an index array."""
+    rows = np.asarray(rows)
+    if rows.dtype == np.bool_:
+        return rows[:n]
+    sel = np.zeros(n, np.bool_)
+    sel[rows.astype(np.int64, copy=False)] = True
+    return sel
+
+
+def _col(x, n, dtype, default=0):
+    """A per-packet column of length ``n`` (scalar broadcast; no copy when already typed)."""
+    if x is None:
+        return np.full(n, default, dtype)
+    x = np.asarray(x)
+    if x.ndim == 0:
+        return np.full(n, x, dtype)
+    if x.shape[0] < n:
+        raise ValueError(f"per-packet values have {x.shape[0]} rows, the batch has {n}")
+    return np.ascontiguousarray(x[:n], dtype=dtype)
 
 
 def _per_row(x, rows, dtype, default=0):
@@ -116,8 +142,8 @@ class ExactMatchCache:
 
     def lookup(self, kmat, hashes, valid) -> CacheResult:
         n = kmat.shape[0]
-        res = CacheResult(np.empty(n, np.bool_), np.zeros(n, np.uint8), np.full(n, -1, np.int32),
-                          np.full(n, -1, np.int64))
+        res = CacheResult(np.empty(n, np.bool_), np.empty(n, np.uint8), np.empty(n, np.int32),
+                          np.empty(n, np.int64))
         t = self.t
         _emc_lookup(kmat, hashes, valid, *t.arrays(), t.n_buckets, t.ways, np.uint32(self.version),
                     np.uint64(self._clock), res.hit, res.verdict, res.rule, res.flow, self.counters)
@@ -128,15 +154,14 @@ class ExactMatchCache:
         """Insert the chosen packets' keys. ``rows``: bool mask or indices into the batch;
         ``verdict``/``rule``/``flow``: scalars or per-packet arrays (batch-indexed). Invalid
         (uncacheable) rows are skipped when ``valid`` is given."""
-        rows = _rows(rows, kmat.shape[0])
+        n = kmat.shape[0]
+        sel = _select(rows, n)
         if valid is not None:
-            rows = rows[np.asarray(valid)[rows]]
-        if rows.size == 0:
-            return
+            sel = sel & np.asarray(valid[:n], np.bool_)
         t = self.t
         ver = self.version if version is None else int(version)
-        _emc_insert(kmat, hashes, rows, _per_row(verdict, rows, np.uint8), _per_row(rule, rows, np.int32, -1),
-                    _per_row(flow, rows, np.int64, -1), np.uint32(ver), *t.arrays(), t.n_buckets, t.ways,
+        _emc_insert(kmat, hashes, sel, _col(verdict, n, np.uint8), _col(rule, n, np.int32, -1),
+                    _col(flow, n, np.int64, -1), np.uint32(ver), *t.arrays(), t.n_buckets, t.ways,
                     np.uint32(self.version), np.uint64(self._clock), self.counters)
         self._clock += 1
 
