@@ -76,14 +76,14 @@ def inner_packets(size: int, n: int) -> list[bytes]:
     return out
 
 
-def best_of(fn, reps: int) -> float:
-    """Best CPU time of this process over ``reps`` runs (the machine is shared: wall time
-    would count other people's work)."""
-    best = float("inf")
+def interleaved(fns: dict, reps: int) -> dict:
+    """Best CPU time of each callable, taking turns so that all see the same noise."""
+    best = {k: float("inf") for k in fns}
     for _ in range(reps):
-        t = time.process_time()
-        fn()
-        best = min(best, time.process_time() - t)
+        for k, fn in fns.items():
+            t = time.process_time()
+            fn()
+            best[k] = min(best[k], time.process_time() - t)
     return best
 
 
@@ -258,9 +258,8 @@ def breakdown_64(reps: int):
             gw.encrypt_batch(batch, sa=0)
 
     per = loops * BATCH
-    return {"prepare_ns": best_of(prep, reps) / per * 1e9,
-            "aead_ns": best_of(seal, reps) / per * 1e9,
-            "encrypt_batch_ns": best_of(whole, reps) / per * 1e9}
+    return {k: v / per * 1e9 for k, v in interleaved(
+        {"prepare_ns": prep, "aead_ns": seal, "encrypt_batch_ns": whole}, reps).items()}
 
 
 def evp_call_costs(reps: int):
@@ -291,12 +290,12 @@ def evp_call_costs(reps: int):
     buf = np.zeros(512, np.uint8)
     sc = np.zeros(4, np.int32)
     names = ["set_iv", "aad", "data_64B", "final", "get_tag"]
-    out = {}
     n = 20000
+    fns = {}
     for mode, name in enumerate(names):
         loop(ctx.ptr, mode, 10, buf, sc)
-        out[name] = best_of(lambda: loop(ctx.ptr, mode, n, buf, sc), reps) / n * 1e9
-    return out
+        fns[name] = (lambda m: lambda: loop(ctx.ptr, m, n, buf, sc))(mode)
+    return {k: v / n * 1e9 for k, v in interleaved(fns, reps).items()}
 
 
 def main():
@@ -320,13 +319,7 @@ def main():
         runs["cryptography_encrypt"], runs["cryptography_decrypt"] = \
             gateway_runs(batches, "cryptography")
         runs["naive_encrypt"], runs["naive_decrypt"] = naive_runs(pkts)
-        best = {k: float("inf") for k in runs}
-        for _ in range(reps):           # interleaved, so every contender sees the same noise
-            for k, fn in runs.items():
-                t = time.process_time()
-                fn()
-                best[k] = min(best[k], time.process_time() - t)
-        for k, t in best.items():
+        for k, t in interleaved(runs, reps).items():
             bps = n_pkts * size / t
             row[k] = {"gbps": bps * 8 / 1e9, "mpps": n_pkts / t / 1e6, "cycles_per_byte": hz / bps}
         sp = openssl_speed(size)
@@ -349,9 +342,9 @@ def main():
            "kernel_reference_gbps": KERNEL_GBPS,
            "results": results}
     if evp.AVAILABLE:
-        doc["breakdown_64B"] = breakdown_64(reps)
+        doc["breakdown_64B"] = breakdown_64(2 * reps)
         print("64 B breakdown (ns/packet):", {k: round(v, 1) for k, v in doc["breakdown_64B"].items()})
-        doc["evp_calls_ns"] = evp_call_costs(reps)
+        doc["evp_calls_ns"] = evp_call_costs(2 * reps)
         print("EVP calls (ns each):", {k: round(v, 1) for k, v in doc["evp_calls_ns"].items()})
     if args.quick:
         print("quick run: results not written (the committed figures come from a full run)")
