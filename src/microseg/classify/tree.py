@@ -469,7 +469,7 @@ def _popcount(a: np.ndarray) -> np.ndarray:
     return c
 
 
-def partition(rs: RuleSet, min_part: int | None = None) -> np.ndarray:
+def partition(rs: RuleSet, min_part: int | None = None, port_bits: bool = False) -> np.ndarray:
     """Partition label per rule (bit 0 src small, 1 dst small, 2 sport small, 3 dport small)."""
     n = len(rs)
     if n == 0:
@@ -480,8 +480,10 @@ def partition(rs: RuleSet, min_part: int | None = None) -> np.ndarray:
         v4 = (plen >= 96) & (rs.val[:, wh] == 0) & ((rs.val[:, wl] >> np.uint64(32)) == 0xFFFF)
         small = np.where(v4, plen >= 96 + 16, plen >= 48)
         lab |= small.astype(np.int64) << bit
-    lab |= ((rs.ports[:, 1] - rs.ports[:, 0]) < 1024).astype(np.int64) << 2
-    lab |= ((rs.ports[:, 3] - rs.ports[:, 2]) < 1024).astype(np.int64) << 3
+    # port smallness splits only the rules with two large addresses (e.g. any -> any:80)
+    ports = lab == 0 if not port_bits else np.ones(n, bool)
+    lab |= (ports & ((rs.ports[:, 1] - rs.ports[:, 0]) < 1024)).astype(np.int64) << 2
+    lab |= (ports & ((rs.ports[:, 3] - rs.ports[:, 2]) < 1024)).astype(np.int64) << 3
     if min_part is None:
         min_part = max(32, n // 40)
     # fold small partitions into their largest sub-partition (fewer small fields)
@@ -502,8 +504,9 @@ class DecisionTree:
 
     algo = "tree"
 
-    def __init__(self, rs: RuleSet, binth: int = 8, spfac: float = 4.0, max_depth: int = 24,
-                 partitions: bool = True, prune_at: int = 256, min_part: int | None = None):
+    def __init__(self, rs: RuleSet, binth: int = 8, spfac: float = 8.0, max_depth: int = 24,
+                 partitions: bool = True, prune_at: int = 256, min_part: int | None = None,
+                 port_bits: bool = False):
         self.ruleset = rs
         order = rs.order.astype(np.int64)
         # rule data in rank order: leaf entries are ranks
@@ -512,7 +515,7 @@ class DecisionTree:
         self.ports = np.ascontiguousarray(rs.ports[order])
         self.order = order
         n = len(rs)
-        lab = partition(rs, min_part) if partitions else np.zeros(n, np.int64)
+        lab = partition(rs, min_part, port_bits) if partitions else np.zeros(n, np.int64)
         lab_r = lab[order]
         parts = []
         for p in np.unique(lab_r):
