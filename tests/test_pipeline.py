@@ -271,3 +271,28 @@ def test_trace_explains_each_stage(tmp_path, capsys):
     assert out["verdict"] == "drop"
     assert main(["trace", "--policy", str(p), "src=c1 dst=nowhere"]) == 2
     assert "neither an address nor a workload" in capsys.readouterr().err
+
+
+def test_frames_to_the_other_site_leave_in_esp_and_decrypt_back(demo):
+    from microseg.app import builtin_path
+    from microseg.ipsec.gateway import EspGateway
+    from microseg.ipsec.sa import load_config
+    policy, compiled, gen = demo
+    sub = gen.batch.slice(0, 2000)
+    r = Datapath(compiled, DatapathConfig()).process(sub)
+    plain = Forwarder(compiled).output(sub, r)
+    cfg = load_config(builtin_path("sites.yaml"))
+    fw = Forwarder(compiled, gateway=EspGateway(cfg))
+    sealed = fw.output(sub, r)
+    assert len(sealed) == len(plain)
+    from microseg.packet.parse import parse
+    k = parse(sealed)
+    esp = np.flatnonzero(k.proto == 50)
+    assert esp.size == fw.counters["esp_sent"] > 0
+    site_b = {"192.168.100.13", "192.168.100.14"}
+    for i in range(len(plain)):                      # exactly the frames towards site B are sealed
+        to_b = Ether(plain.packet(i))[IP].dst in site_b
+        assert (i in set(esp.tolist())) == to_b
+    opened, why = EspGateway(cfg).decrypt_batch(sealed.select(esp))
+    assert np.all(why == 0)
+    assert [opened.packet(j) for j in range(len(opened))] == [plain.packet(int(i)) for i in esp]

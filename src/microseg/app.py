@@ -85,6 +85,10 @@ def _datapath_args(p) -> None:
     p.add_argument("--inspect", type=int, default=8, help="packets inspected per flow (default: %(default)s)")
     p.add_argument("--conntrack-size", type=int, default=1 << 20,
                    help="conntrack table capacity (default: %(default)s)")
+    p.add_argument("--ipsec", metavar="SA.yaml", help="IPsec SAs and policies (see docs/ipsec.md): "
+                   "inbound ESP is decrypted before the datapath, output frames the policies protect "
+                   "leave in ESP (default for demo: the built-in two-site set-up)")
+    p.add_argument("--no-ipsec", action="store_true", help="demo: no IPsec between sites")
 
 
 def _config(args):
@@ -105,6 +109,33 @@ def _config(args):
                           signatures=sigs, tunnel=getattr(args, "tunnel", "vxlan"))
 
 
+def _gateway(args):
+    """The IPsec gateway the arguments ask for (None: no IPsec)."""
+    from .ipsec.gateway import EspGateway
+    from .ipsec.sa import load_config
+    path = args.ipsec
+    if path is None and args.func is run_demo and not args.no_ipsec:
+        path = builtin_path("sites.yaml")
+    return EspGateway(load_config(path)) if path else None
+
+
+def _decrypt_inbound(gateway, batch):
+    """Replace the ESP packets of ``batch`` by their decrypted inner frames (in place in the
+    packet order); packets that fail (bad ICV, replay, unknown SPI...) are dropped and
+    counted by the gateway."""
+    from .packet.parse import parse
+    keys = parse(batch)
+    esp = np.flatnonzero((keys.proto == 50) & ((keys.flags & B.F_ESP) != 0))
+    if esp.size == 0:
+        return batch
+    inner, why = gateway.decrypt_batch(batch.select(esp))
+    ok = esp[why == 0]
+    keep = np.setdiff1d(np.arange(len(batch)), esp)
+    order = np.argsort(np.concatenate([keep, ok]), kind="stable")
+    both = B.Batch.concat([batch.select(keep), inner], order=None)
+    return both.select(order)
+
+
 def builtin_path(name: str) -> str:
     return os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", name)
 
@@ -112,7 +143,7 @@ def builtin_path(name: str) -> str:
 # ---------------------------------------------------------------------------------------------
 # processing with a progress bar
 # ---------------------------------------------------------------------------------------------
-def _process(dp, forwarder, chunks, total: int, writer=None, quiet=False):
+def _process(dp, forwarder, chunks, total: int, writer=None, quiet=False, gateway=None):
     """Run the chunks through ``dp``; returns the concatenated per-packet results."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -122,6 +153,8 @@ def _process(dp, forwarder, chunks, total: int, writer=None, quiet=False):
                   TextColumn("packets"), TimeElapsedColumn(), disable=quiet, transient=False) as prog:
         task = prog.add_task("run", total=total)
         for b in chunks:
+            if gateway is not None:
+                b = _decrypt_inbound(gateway, b)
             r = dp.process(b)
             results.append(r)
             if writer is not None:
@@ -221,8 +254,11 @@ def print_report(report: dict, console=None) -> None:
         table("Dropped or rejected, by reason", ["reason", "packets"],
               sorted(report["drop_reasons"].items(), key=lambda kv: -kv[1]))
     if report["rules"]:
-        table("Rules that decided new connections (top 10)", ["rule", "packets"],
-              [(r["rule"], r["packets"]) for r in report["rules"][:10]])
+        by_origin = {}
+        for r in report["rules"]:
+            by_origin[r["rule"]] = by_origin.get(r["rule"], 0) + r["packets"]
+        table("Rules that let new connections in (top 10, by source rule)", ["rule", "packets"],
+              sorted(by_origin.items(), key=lambda kv: -kv[1])[:10])
     cts = report["conntrack_states"]
     table("Conntrack states", ["state", "packets"],
           [(k, cts.get(k, 0)) for k in ("new", "established", "related", "invalid", "untracked") if cts.get(k)])
@@ -239,6 +275,16 @@ def print_report(report: dict, console=None) -> None:
     flows = insp.get("flows", {})
     con.print(f"[bold]Inspection[/bold]: {insp.get('inspected', 0):,} packets inspected; flows: "
               + ", ".join(f"{k} {v:,}" for k, v in flows.items() if v))
+    out = report.get("output") or {}
+    con.print(f"[bold]Output[/bold]: {out.get('forwarded', 0):,} frames re-encapsulated towards their "
+              f"workload's host, {out.get('forwarded_plain', 0):,} leaving the overlay, "
+              f"{out.get('rejects_sent', 0):,} reject replies"
+              + (f"; {out.get('esp_sent', 0):,} left in IPsec ESP towards the other site"
+                 if "ipsec" in report else ""))
+    if "ipsec" in report:
+        drops = {k: v for k, v in report["ipsec"]["drops"].items() if v}
+        if drops:
+            con.print(f"[bold]IPsec drops[/bold]: {drops}")
     gt = report.get("ground_truth")
     if gt is not None:
         ok = gt["verdict_mismatches"] == 0 and gt["ct_mismatches"] == 0
@@ -299,13 +345,16 @@ def run_demo(args) -> int:
               f"({args.tunnel}); by label: " + ", ".join(f"{k} {v:,}" for k, v in summ["by_label"].items()))
     cfg = _config(args)
     dp = Datapath(compiled, cfg)
-    fw = Forwarder(compiled, tunnel=args.tunnel)
+    gw = _gateway(args)
+    fw = Forwarder(compiled, tunnel=args.tunnel, gateway=gw)
     out_path = os.path.join(args.out, "output.pcap")
     with PcapWriter(out_path, nanosecond=True) as w:
         res = _process(dp, fw, gen.batch.chunks(CHUNK), len(gen.batch), writer=w)
     seconds = time.perf_counter() - t0
     check = _truth_check(res, gen.truth)
     report = build_report(dp, fw, res, seconds, check)
+    if gw is not None:
+        report["ipsec"] = {"sas": gw.sa_stats(), "drops": gw.drop_counts()}
     report["files"] = {"input": paths["pcap"], "truth": paths["truth"], "output": out_path,
                        "report": os.path.join(args.out, "report.json")}
     _write_json(report["files"]["report"], report)
@@ -330,13 +379,14 @@ def run_run(args) -> int:
     compiled = compile_policy(load_policy(args.policy))
     cfg = _config(args)
     dp = Datapath(compiled, cfg)
-    fw = Forwarder(compiled, tunnel=args.tunnel)
+    gw = _gateway(args)
+    fw = Forwarder(compiled, tunnel=args.tunnel, gateway=gw)
     t0 = time.perf_counter()
     total = os.path.getsize(args.input)
     writer = PcapWriter(args.write, nanosecond=True) if args.write else None
     try:
         res = _process(dp, fw, iter_capture(args.input, batch_size=CHUNK), 0, writer=writer,
-                       quiet=True)
+                       quiet=True, gateway=gw)
     finally:
         if writer is not None:
             writer.close()
@@ -345,6 +395,8 @@ def run_run(args) -> int:
         from .io.generator import GroundTruth
         check = _truth_check(res, GroundTruth.load_npz(args.truth))
     report = build_report(dp, fw, res, time.perf_counter() - t0, check)
+    if gw is not None:
+        report["ipsec"] = {"sas": gw.sa_stats(), "drops": gw.drop_counts()}
     report["files"] = {"input": args.input, "output": args.write, "report": args.report,
                        "input_bytes": total}
     if args.report:

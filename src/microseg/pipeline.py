@@ -514,9 +514,12 @@ class Forwarder:
     workload, outer source the sender's host; frames to an address outside the tenant's
     workloads leave decapsulated (the overlay's exit). Rejected packets get
     :func:`reject_reply` sent back towards the sender's host. Dropped packets leave nothing.
+    With an IPsec ``gateway``, its security policy database then decides per frame: protect
+    (ESP tunnel mode towards the other site), bypass, or discard.
     """
 
-    def __init__(self, policy: CompiledPolicy, tunnel: str = "vxlan", local_address: str | None = None):
+    def __init__(self, policy: CompiledPolicy, tunnel: str = "vxlan", local_address: str | None = None,
+                 gateway=None):
         model = policy.policy
         hosts = {h.name: h.address for h in model.hosts}
         self.host_addr = [h.address for h in model.hosts]
@@ -526,7 +529,9 @@ class Forwarder:
         self.vni = {t.name: t.vni for t in model.tenants}
         self.tunnel = tunnel
         self.local = local_address or (self.host_addr[0] if self.host_addr else "192.0.2.1")
-        self.counters = {"forwarded": 0, "forwarded_plain": 0, "rejects_sent": 0, "unroutable": 0}
+        self.gateway = gateway          # microseg.ipsec EspGateway: its SPD picks what leaves in ESP
+        self.counters = {"forwarded": 0, "forwarded_plain": 0, "rejects_sent": 0, "esp_sent": 0,
+                         "ipsec_dropped": 0}
 
     def _host(self, w: np.ndarray) -> np.ndarray:
         out = np.full(w.shape[0], -1, np.int32)
@@ -550,15 +555,15 @@ class Forwarder:
         tun = allowed[(d_host[allowed] >= 0) & (keys.l2_off[allowed] >= 0)] if not raw else allowed[:0]
         plain = np.setdiff1d(allowed, tun, assume_unique=True)
         if tun.size:
-            pair = s_host[tun].astype(np.int64) * 65536 + d_host[tun]
-            for p in np.unique(pair).tolist():
-                rows = tun[pair == p]
-                sh, dh = p >> 16, p & 0xFFFF
+            # one encap call per sending host; the remote endpoint is per packet
+            host_addr = np.array(self.host_addr + [""], dtype=object)
+            for sh in np.unique(s_host[tun]).tolist():
+                rows = tun[s_host[tun] == sh]
                 inner = Batch(batch.data, inner_off[rows], inner_len[rows].astype(np.int32),
                               inner_len[rows].astype(np.int32), batch.port[rows], batch.ts[rows])
-                src = self.host_addr[sh] if sh < 0xFFFF and sh >= 0 and p >= 0 else self.local
+                src = self.host_addr[sh] if sh >= 0 else self.local
                 out_parts.append(encap(inner, self.tunnel, np.maximum(tenant[rows], 0), src,
-                                       self.host_addr[dh]))
+                                       list(host_addr[d_host[rows]])))
             self.counters["forwarded"] += int(tun.size)
         if plain.size:
             rows = plain
@@ -598,7 +603,13 @@ class Forwarder:
                     else:
                         out_parts.append(sub)
                 self.counters["rejects_sent"] += len(replies)
-        return _merge(out_parts)
+        out = _merge(out_parts)
+        if self.gateway is not None and len(out):
+            out, why = self.gateway.encrypt_batch(out, return_reasons=True)
+            ok = why == 0
+            self.counters["ipsec_dropped"] += int(np.count_nonzero(~ok))
+            self.counters["esp_sent"] += int(np.count_nonzero(parse(out).proto == 50))
+        return out
 
 
 def _merge(parts) -> Batch:
