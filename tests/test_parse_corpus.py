@@ -105,19 +105,19 @@ def templates(seed: int = 1, rounds: int = 4) -> list[tuple[bytes, int]]:
             Ether(type=0x88CC) / (b"\x02\x07\x04" + b"g" * 40),
             eth(_ip(r, r.random() < 0.3, UDP(sport=r.randrange(65536), dport=4789)
                     / VXLAN(vni=r.randrange(1 << 24)) / eth(_ip(r))) ),
-            eth(_ip(r, None, UDP(dport=4789) / VXLAN(vni=r.randrange(1 << 24))
+            eth(_ip(r, None, UDP(sport=r.randrange(49152, 65536), dport=4789) / VXLAN(vni=r.randrange(1 << 24))
                     / eth(ARP(psrc=_ip4(r), pdst=_ip4(r), hwsrc=_mac(r))))),
-            eth(_ip(r, None, UDP(dport=6081) / GENEVE(vni=r.randrange(1 << 24), proto=0x6558,
+            eth(_ip(r, None, UDP(sport=r.randrange(49152, 65536), dport=6081) / GENEVE(vni=r.randrange(1 << 24), proto=0x6558,
                                                       options=b"\x01\x02\x03\x01" + b"h" * 4) / eth(_ip(r)))),
-            eth(_ip(r, None, UDP(dport=6081) / GENEVE(vni=r.randrange(1 << 24), proto=0x0800) / _ip(r, False))),
-            eth(_ip(r, None, UDP(dport=6081) / GENEVE(vni=r.randrange(1 << 24), proto=0x86DD) / _ip(r, True))),
+            eth(_ip(r, None, UDP(sport=r.randrange(49152, 65536), dport=6081) / GENEVE(vni=r.randrange(1 << 24), proto=0x0800) / _ip(r, False))),
+            eth(_ip(r, None, UDP(sport=r.randrange(49152, 65536), dport=6081) / GENEVE(vni=r.randrange(1 << 24), proto=0x86DD) / _ip(r, True))),
             eth(_ip(r, None, GRE(proto=0x6558, key_present=1, key=r.getrandbits(32)) / eth(_ip(r)))),
-            eth(IP(src=_ip4(r), dst=_ip4(r)) / UDP(dport=4789) / VXLAN(vni=r.randrange(1 << 24))
-                / eth(IP(src=_ip4(r), dst=_ip4(r)) / UDP(dport=6081) / GENEVE(vni=r.randrange(1 << 24))
+            eth(IP(src=_ip4(r), dst=_ip4(r)) / UDP(sport=r.randrange(49152, 65536), dport=4789) / VXLAN(vni=r.randrange(1 << 24))
+                / eth(IP(src=_ip4(r), dst=_ip4(r)) / UDP(sport=r.randrange(49152, 65536), dport=6081) / GENEVE(vni=r.randrange(1 << 24))
                       / eth(_ip(r)))),
-            eth(IP() / UDP(dport=4789) / VXLAN(vni=1) / eth(IP() / UDP(dport=4789) / VXLAN(vni=2)
-                                                            / eth(IP() / UDP(dport=4789) / VXLAN(vni=3) / eth(_ip(r))))),
-            eth(IP() / UDP(dport=4789) / VXLAN(vni=1) / eth(IP() / ICMP(type=3) / IP(src=_ip4(r)) / UDP(sport=r.randrange(65536)))),
+            eth(IP() / UDP(sport=r.randrange(49152, 65536), dport=4789) / VXLAN(vni=1) / eth(IP() / UDP(sport=r.randrange(49152, 65536), dport=4789) / VXLAN(vni=2)
+                                                            / eth(IP() / UDP(sport=r.randrange(49152, 65536), dport=4789) / VXLAN(vni=3) / eth(_ip(r))))),
+            eth(IP() / UDP(sport=r.randrange(49152, 65536), dport=4789) / VXLAN(vni=1) / eth(IP() / ICMP(type=3) / IP(src=_ip4(r)) / UDP(sport=r.randrange(65536)))),
             Ether(dst=DST_MAC) / Dot1Q(vlan=10) / ARP(psrc=_ip4(r)),
         ]
         out += [(bytes(p), B.LINK_ETHERNET) for p in pk]
