@@ -25,7 +25,7 @@ from microseg.io import generator as G
 
 def _fields(g, idx):
     """Header fields and payload of packets ``idx`` (read back with scapy; not timed)."""
-    from scapy.all import ICMP, IP, TCP, UDP, Ether, IPv6
+    from scapy.all import IP, TCP, UDP, Ether, IPv6, raw
     from scapy.layers.vxlan import VXLAN
     out = []
     for i in idx:
@@ -39,11 +39,11 @@ def _fields(g, idx):
                   e[TCP].window, bytes(e[TCP].payload))
         elif UDP in e:
             l4 = ("udp", e[UDP].sport, e[UDP].dport, bytes(e[UDP].payload))
-        elif ICMP in e:
-            l4 = ("icmp", e[ICMP].type, e[ICMP].id, e[ICMP].seq, bytes(e[ICMP].payload))
-        else:
+        else:                                   # ICMP / ICMPv6: echo or error
             x = ip.payload
-            l4 = ("icmp6", x.type, x.id, x.seq, bytes(x.payload))
+            rb = raw(x)
+            l4 = ("icmp" if IP in e else "icmp6", rb[0], rb[1], int.from_bytes(rb[4:6], "big"),
+                  int.from_bytes(rb[6:8], "big"), rb[8:])
         v4 = IP in e
         out.append(((p.src, p.dst, o.src, o.dst, o.id, p[UDP].sport, p[VXLAN].vni),
                     (e.src, e.dst, v4, ip.src, ip.dst, ip.id if v4 else ip.fl), l4, b))
@@ -52,7 +52,7 @@ def _fields(g, idx):
 
 def _scapy_build(rows):
     from scapy.all import ICMP, IP, TCP, UDP, Ether, IPv6, Raw, raw
-    from scapy.layers.inet6 import ICMPv6EchoReply, ICMPv6EchoRequest
+    from scapy.layers.inet6 import ICMPv6DestUnreach, ICMPv6EchoReply, ICMPv6EchoRequest
     from scapy.layers.vxlan import VXLAN
     out = []
     for (osrc, odst, oip_s, oip_d, oid, osport, vni), (s, d, v4, a, z, ident), l4, _ in rows:
@@ -65,10 +65,15 @@ def _scapy_build(rows):
         elif l4[0] == "udp":
             inner /= UDP(sport=l4[1], dport=l4[2]) / Raw(l4[3])
         elif l4[0] == "icmp":
-            inner /= ICMP(type=l4[1], id=l4[2], seq=l4[3]) / Raw(l4[4])
-        else:
+            if l4[1] in (0, 8):
+                inner /= ICMP(type=l4[1], id=l4[3], seq=l4[4]) / Raw(l4[5])
+            else:
+                inner /= ICMP(type=l4[1], code=l4[2]) / Raw(l4[5])
+        elif l4[1] in (128, 129):
             cls = ICMPv6EchoRequest if l4[1] == 128 else ICMPv6EchoReply
-            inner /= cls(id=l4[2], seq=l4[3], data=l4[4])
+            inner /= cls(id=l4[3], seq=l4[4], data=l4[5])
+        else:
+            inner /= ICMPv6DestUnreach(code=l4[2]) / Raw(l4[5])
         pkt = (Ether(src=osrc, dst=odst) / IP(src=oip_s, dst=oip_d, id=oid, flags="DF", ttl=64)
                / UDP(sport=osport, dport=4789, chksum=0) / VXLAN(vni=vni, flags=0x08) / inner)
         out.append(raw(pkt))
