@@ -32,8 +32,9 @@ Interface used by the pipeline::
 * **Expiry**: a connection past its deadline is dead to lookups at once; its entry is reclaimed
   when a lookup meets it, when an eviction scan meets it, or by the round-robin sweep that each
   ``process()`` call advances by ``expire_budget`` entries -- no stop-the-world scan.
-* **Memory**: one 152-byte entry per connection, an index of 2-4 slots of 8 bytes, a 4-byte
-  free-list slot: at most 188 bytes per connection (``ConntrackTable.nbytes``).
+* **Memory**: one 128-byte entry per connection (64-byte aligned: two cache lines), an index
+  of 2-4 slots of 8 bytes, a 4-byte free-list slot: at most 164 bytes per connection
+  (``ConntrackTable.nbytes``).
 """
 from .const import DEFAULT_TIMEOUTS, REASONS
 from .table import ConntrackTable

@@ -30,8 +30,7 @@ from . import const as K
 
 ENTRY_DTYPE = np.dtype([
     ("src_hi", np.uint64), ("src_lo", np.uint64), ("dst_hi", np.uint64), ("dst_lo", np.uint64),
-    ("hash", np.uint64), ("deadline", np.int64), ("stream_ts", np.int64),
-    ("bytes", np.uint64, (2,)), ("packets", np.uint32, (2,)), ("zone", np.uint32),
+    ("deadline", np.int64), ("bytes", np.uint64, (2,)), ("zone", np.uint32),
     ("td_end", np.uint32, (2,)), ("td_maxend", np.uint32, (2,)),
     ("td_maxwin", np.uint32, (2,)), ("td_maxack", np.uint32, (2,)),
     ("last_seq", np.uint32), ("last_ack", np.uint32), ("last_end", np.uint32),
@@ -121,8 +120,8 @@ def conn_hash(seed, zone, proto, shi, slo, dhi, dlo, sp, dp, ntype, code):
         swap = sp > dp
     if swap:
         shi, slo, dhi, dlo, sp, dp = dhi, dlo, shi, slo, dp, sp
-    h = np.uint64(seed) ^ (np.uint64(zone) << _U16) ^ np.uint64(proto) ^ (np.uint64(ntype) << _U40) \
-        ^ (np.uint64(code) << _U48)
+    h = (np.uint64(seed) ^ (np.uint64(zone) << _U16) ^ np.uint64(proto)
+         ^ (np.uint64(ntype) << _U40) ^ (np.uint64(code) << _U48))
     h = _mix(h ^ np.uint64(shi))
     h = _mix(h ^ np.uint64(slo))
     h = _mix(h ^ np.uint64(dhi))
@@ -189,10 +188,35 @@ def _index_insert(slot_ent, slot_hash, mask, h, e):
 
 
 @njit(cache=True)
+def _entry_hash(c, seed):
+    """The index hash of entry ``c`` (the one its packets compute)."""
+    hdp = np.int64(c.dport)
+    ntype = 0
+    if c.proto == K.IPPROTO_ICMP or c.proto == K.IPPROTO_ICMPV6:
+        ntype = min(np.int64(c.icmp_type), _icmp_inv(c.proto, c.icmp_type))
+        hdp = np.int64(c.sport)
+    return conn_hash(seed, c.zone, c.proto, c.src_hi, c.src_lo, c.dst_hi, c.dst_lo,
+                     np.int64(c.sport), hdp, ntype, np.int64(c.icmp_code))
+
+
+@njit(cache=True, inline="always")
+def _stream_ts(c):
+    # UDP keeps its "stream after" time in the two td_maxack words TCP uses
+    return np.int64((np.uint64(c.td_maxack[1]) << _U32) | np.uint64(c.td_maxack[0]))
+
+
+@njit(cache=True, inline="always")
+def _set_stream_ts(c, t):
+    c.td_maxack[0] = t & M32
+    c.td_maxack[1] = (t >> 32) & M32
+
+
+@njit(cache=True)
 def _remove(ents, slot_ent, slot_hash, free, prm, e):
     """Delete entry ``e``: backward-shift its index slot, return it to the free stack."""
     mask = prm.meta[M_MASK]
-    i = np.int64(np.uint32(ents[e].hash & np.uint64(M32))) & mask
+    h = _entry_hash(ents[e], prm.meta[M_SEED])
+    i = np.int64(np.uint32(h & np.uint64(M32))) & mask
     while slot_ent[i] != e:
         i = (i + 1) & mask
     j = i
@@ -607,7 +631,8 @@ def _tcp(c, prm, new, d, flags, seq, ack, win, seglen, olen, ws, scale, sackp, s
         timeout = prm.T[K.T_RETRANS]
     elif idx == K.RST_SET:
         timeout = prm.T[K.CLOSE]
-    elif ((c.tcp_flags[0] | c.tcp_flags[1]) & K.DATA_UNACKNOWLEDGED) != 0 and prm.T[ns] > prm.T[K.T_UNACK]:
+    elif (((c.tcp_flags[0] | c.tcp_flags[1]) & K.DATA_UNACKNOWLEDGED) != 0
+          and prm.T[ns] > prm.T[K.T_UNACK]):
         timeout = prm.T[K.T_UNACK]
     elif c.last_win == 0 and prm.T[ns] > prm.T[K.T_RETRANS]:
         timeout = prm.T[K.T_RETRANS]
@@ -659,7 +684,8 @@ def _related(ents, slot_ent, slot_hash, free, prm, zone, ver, dhi, dlo, i, u64, 
         idp = 0
         ntype = min(rt, ityp)
         # target: the inverted quoted tuple
-        h = conn_hash(prm.meta[M_SEED], zone, iproto, idhi, idlo, ishi, islo, isp, isp, ntype, icode)
+        h = conn_hash(prm.meta[M_SEED], zone, iproto, idhi, idlo, ishi, islo, isp, isp, ntype,
+                      icode)
         e, d = _find(ents, slot_ent, slot_hash, prm.meta[M_MASK], h, zone, iproto, idhi, idlo,
                      ishi, islo, isp, 0, rt, icode)
     else:
@@ -779,7 +805,8 @@ def process_batch(ents, ents_bytes, slot_ent, slot_hash, free, params, u64, u32,
                 out[i] = ST_INVALID
                 continue
             proto = np.int64(u8[B.PROTO, i])
-            is_icmp = (proto == K.IPPROTO_ICMP and ver == 4) or (proto == K.IPPROTO_ICMPV6 and ver == 6)
+            is_icmp = ((proto == K.IPPROTO_ICMP and ver == 4)
+                       or (proto == K.IPPROTO_ICMPV6 and ver == 6))
             if proto == K.IPPROTO_ICMP or proto == K.IPPROTO_ICMPV6:
                 if not is_icmp:
                     prm.ctr[K.C_ICMP_NEW] += 1
@@ -809,7 +836,8 @@ def process_batch(ents, ents_bytes, slot_ent, slot_hash, free, params, u64, u32,
                         out[i] = ST_INVALID
                         continue
                     if ICMP4_ERRORS[t]:
-                        out[i] = _related(ents, slot_ent, slot_hash, free, prm, zone, ver, dhi, dlo, i,
+                        out[i] = _related(ents, slot_ent, slot_hash, free, prm, zone, ver, dhi,
+                                          dlo, i,
                                           u64, u16, u8, data, pstart, plen, l4, now)
                         continue
                 else:
@@ -817,7 +845,8 @@ def process_batch(ents, ents_bytes, slot_ent, slot_hash, free, params, u64, u32,
                         out[i] = 0
                         continue
                     if t < 128:
-                        out[i] = _related(ents, slot_ent, slot_hash, free, prm, zone, ver, dhi, dlo, i,
+                        out[i] = _related(ents, slot_ent, slot_hash, free, prm, zone, ver, dhi,
+                                          dlo, i,
                                           u64, u16, u8, data, pstart, plen, l4, now)
                         continue
                 inv = _icmp_inv(proto, t)
@@ -842,7 +871,10 @@ def process_batch(ents, ents_bytes, slot_ent, slot_hash, free, params, u64, u32,
                     continue
             hsp = sp
             hdp = sp if is_icmp else dp
-            h = conn_hash(prm.meta[M_SEED], zone, proto, shi, slo, dhi, dlo, hsp, hdp, ntype, ic)
+            if has[i]:
+                h = hs[i]                   # pass 1 hashed the same fields
+            else:
+                h = conn_hash(seed, zone, proto, shi, slo, dhi, dlo, hsp, hdp, ntype, ic)
             scratch = prm.meta[M_CAPACITY]
             while True:
                 e = -1
@@ -879,7 +911,6 @@ def process_batch(ents, ents_bytes, slot_ent, slot_hash, free, params, u64, u32,
                     c.dport = dp
                     c.icmp_type = it
                     c.icmp_code = ic
-                    c.hash = h
                     d = 0
                 c = ents[e]
                 if d == 1:
@@ -914,11 +945,11 @@ def process_batch(ents, ents_bytes, slot_ent, slot_hash, free, params, u64, u32,
                         continue
                 elif proto == K.IPPROTO_UDP:
                     if new:
-                        c.stream_ts = now + K.UDP_STREAM_AFTER_NS
+                        _set_stream_ts(c, now + K.UDP_STREAM_AFTER_NS)
                     if c.status & K.ST_SEEN_REPLY:
                         extra = prm.T[K.T_UDP]
                         stream = False
-                        if now - c.stream_ts > 0:
+                        if now - _stream_ts(c) > 0:
                             extra = prm.T[K.T_UDP_STREAM]
                             stream = (c.status & K.ST_ASSURED) == 0
                         c.deadline = now + extra
@@ -969,7 +1000,6 @@ def process_batch(ents, ents_bytes, slot_ent, slot_hash, free, params, u64, u32,
                     slot_ent[pos] = e
                     slot_hash[pos] = h32
                     prm.ctr[K.C_CREATED] += 1
-                c.packets[d] += 1
                 c.bytes[d] += wire
                 if d == 1:
                     c.status |= K.ST_SEEN_REPLY
@@ -1049,7 +1079,8 @@ def lookup_batch(ents, slot_ent, slot_hash, params, u64, i32, u16, u8, data, off
         dhi, dlo = u64[B.DST_HI, i], u64[B.DST_LO, i]
         h = conn_hash(prm.meta[M_SEED], zone, proto, shi, slo, dhi, dlo, sp, sp if is_icmp else dp,
                       ntype, ic)
-        e, d = _find(ents, slot_ent, slot_hash, prm.meta[M_MASK], h, zone, proto, shi, slo, dhi, dlo,
+        e, d = _find(ents, slot_ent, slot_hash, prm.meta[M_MASK], h, zone, proto, shi, slo, dhi,
+                     dlo,
                      sp, dp, it, ic)
         if e >= 0 and ents[e].deadline - now[i] > 0:
             ent_out[i] = e
@@ -1069,14 +1100,7 @@ def rebuild_index(ents, slot_ent, slot_hash, free, params):
             free[top] = e
             top += 1
             continue
-        ntype = 0
-        hdp = np.int64(c.dport)
-        if c.proto == K.IPPROTO_ICMP or c.proto == K.IPPROTO_ICMPV6:
-            ntype = min(np.int64(c.icmp_type), _icmp_inv(c.proto, c.icmp_type))
-            hdp = np.int64(c.sport)
-        h = conn_hash(prm.meta[M_SEED], c.zone, c.proto, c.src_hi, c.src_lo, c.dst_hi, c.dst_lo,
-                      np.int64(c.sport), hdp, ntype, np.int64(c.icmp_code))
-        c.hash = h
+        h = _entry_hash(c, prm.meta[M_SEED])
         _index_insert(slot_ent, slot_hash, prm.meta[M_MASK], h, e)
         count += 1
     prm.meta[M_FREE_TOP] = top

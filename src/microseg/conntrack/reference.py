@@ -241,7 +241,10 @@ class ReferenceConntrack:
 
     def process(self, batch, keys, now_ns=None, csum_ok=None):
         n = len(keys)
-        now = batch.ts[:n] if now_ns is None else np.broadcast_to(np.asarray(now_ns, np.int64), (n,))
+        if now_ns is None:
+            now = batch.ts[:n]
+        else:
+            now = np.broadcast_to(np.asarray(now_ns, np.int64), (n,))
         if csum_ok is None:
             csum_ok = np.ones(n, dtype=bool)
         out = np.zeros(n, dtype=np.uint8)
@@ -620,7 +623,8 @@ class ReferenceConntrack:
                     and c.last_end == end and c.last_win == win_raw):
                 c.retrans = min(c.retrans + 1, 255)
             else:
-                c.last_dir, c.last_seq, c.last_ack, c.last_end, c.last_win = d, seq, ack, end, win_raw
+                c.last_dir, c.last_seq, c.last_ack = d, seq, ack
+                c.last_end, c.last_win = end, win_raw
                 c.retrans = 0
         return 1
 

@@ -69,14 +69,19 @@ class ConntrackTable:
         self.cfg[K.CFG_CHECKSUM] = int(bool(checksum))
         self.expire_budget = int(expire_budget)
         slots = _index_slots(capacity)
-        self.ents = np.zeros(capacity + 2, dtype=KN.ENTRY_DTYPE)   # + scratch + zero template
+        # entries (+ scratch + zero template), 64-byte aligned: one 128-byte entry, two lines
+        size = (capacity + 2) * KN.ENTRY_DTYPE.itemsize
+        raw = np.zeros(size + 64, dtype=np.uint8)
+        off = (-raw.ctypes.data) % 64
+        self.ents = raw[off: off + size].view(KN.ENTRY_DTYPE)
         self.ents_bytes = self.ents.view(np.uint8)
         self.slot_ent = np.full(slots, -1, dtype=np.int32)
         self.slot_hash = np.zeros(slots, dtype=np.uint32)
         self.free = np.arange(capacity - 1, -1, -1, dtype=np.int32)
         self.meta[KN.M_FREE_TOP] = capacity
         self.meta[KN.M_MASK] = slots - 1
-        self.meta[KN.M_SEED] = (secrets.randbits(62) if seed is None else int(seed)) & ((1 << 62) - 1)
+        seed = secrets.randbits(62) if seed is None else int(seed)
+        self.meta[KN.M_SEED] = seed & ((1 << 62) - 1)
         self.meta[KN.M_CAPACITY] = capacity
         self.last_now = 0
 
@@ -122,7 +127,8 @@ class ConntrackTable:
             csum_ok = checksum_ok(batch, keys) if self.cfg[K.CFG_CHECKSUM] else np.ones(n, np.bool_)
         ok = np.ascontiguousarray(csum_ok, dtype=np.bool_)
         u64, u32, i32, u16, u8 = keys.arrays()
-        KN.process_batch(self.ents, self.ents_bytes, self.slot_ent, self.slot_hash, self.free, self.params,
+        KN.process_batch(self.ents, self.ents_bytes, self.slot_ent, self.slot_hash, self.free,
+                         self.params,
                          u64, u32, i32, u16, u8, batch.data,
                          batch.offset, batch.length, batch.wire_len, ok, now, n, out)
         self.last_now = max(self.last_now, int(now[n - 1]))
