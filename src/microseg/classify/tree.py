@@ -528,7 +528,7 @@ class DecisionTree:
         for best, R in parts:
             nw, nsh, nm, na, nbn, child, leaf = _build(
                 self.val, self.mask, self.ports, R, int(binth), float(spfac), int(max_depth),
-                int(64 * max(n, 1024)), int(prune_at))
+                int(24 * max(R.shape[0], 1024)), int(prune_at))
             inner = nw >= 0
             na = na.copy()
             na[inner] += coff
