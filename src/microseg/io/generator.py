@@ -923,6 +923,15 @@ class _Planner:
                     hdr = (f"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
                            f"Content-Length: {resp}\r\n\r\n").encode()
                     self.msg(f, M_DATA, 1, len(hdr) + resp, blob=self.blob(hdr), **kw)
+                elif port == 53:                      # DNS over TCP: length-prefixed messages
+                    qid = self.R.int(65536)
+                    name = f"{d.name}.{t.name}.internal"
+                    ans = self.addr[(d.tenant, d.name, 4)]
+                    q = dns_query(qid, name, 1)
+                    a = dns_response(qid, name, 1, None if ans is None else ans.packed)
+                    self.msg(f, M_DATA, 0, blob=self.blob(struct.pack("!H", len(q)) + q), **kw)
+                    self.msg(f, M_DATA, 1, blob=self.blob(struct.pack("!H", len(a)) + a), **kw)
+                    total += len(a) + 2 - resp
                 elif port == 22 and k == 0:
                     self.msg(f, M_DATA, 1, blob=self.blob(b"SSH-2.0-OpenSSH_9.6\r\n", share=True), **kw)
                     self.msg(f, M_DATA, 0, 1500, blob=self.blob(b"SSH-2.0-OpenSSH_9.6p1\r\n", share=True), **kw)
