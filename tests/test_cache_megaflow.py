@@ -146,3 +146,23 @@ def test_table_subset_keeps_priority_order():
     t = M.RuleMatchTable.from_ruleset(rs)
     assert t.rule_id.tolist() == [1, 3, 2, 0]
     assert M.RuleMatchTable.from_ruleset(rs, rows=[0, 3]).rule_id.tolist() == [3, 0]
+
+
+def test_no_change_keeps_everything_and_empty_rule_set_is_one_entry():
+    rng = np.random.default_rng(12)
+    rs = random_ruleset(rng, 30)
+    k = random_keys(rng, 200)
+    valid = np.ones(200, bool)
+    mf = MegaflowCache(version=1)
+    win, masks = M.megaflow_masks(rs, k)
+    mf.insert(k, masks, valid, rs.actions(win), win)
+    n = mf.stats()["entries"]
+    assert len(M.changed_rules(rs, rs)) == 0
+    assert mf.revalidate(2, M.changed_rules(rs, rs), M.rule_index_map(rs, rs)) == (n, 0)
+    assert mf.lookup(k, valid).hit.all()
+    empty = RuleSet([])
+    win, masks = M.megaflow_masks(empty, k)
+    assert (win == -1).all() and not masks.any()
+    mf2 = MegaflowCache()
+    mf2.insert(k, masks, valid, 2, win)
+    assert mf2.stats()["entries"] == 1 and mf2.lookup(random_keys(rng, 50), np.ones(50, bool)).hit.all()

@@ -343,6 +343,14 @@ def region_intersects(k, m, i, value, mask, sport, dport):
     return False
 
 
+def _rule_ids(t: RuleMatchTable, row: np.ndarray) -> np.ndarray:
+    """RuleSet indices of table rows (-1 stays -1)."""
+    out = np.full(row.shape[0], -1, np.int32)
+    hit = row >= 0
+    out[hit] = t.rule_id[row[hit]]
+    return out
+
+
 def _table(t) -> RuleMatchTable:
     return t if isinstance(t, RuleMatchTable) else RuleMatchTable.from_ruleset(t)
 
@@ -353,7 +361,7 @@ def classify(table, k, valid=None) -> np.ndarray:
     valid = np.ones(k.shape[0], np.bool_) if valid is None else valid
     row = np.empty(k.shape[0], np.int32)
     classify_linear(np.ascontiguousarray(k, np.uint64), valid, *t.arrays(), row)
-    return np.where(row >= 0, t.rule_id[np.maximum(row, 0)], -1).astype(np.int32)
+    return _rule_ids(t, row)
 
 
 def megaflow_masks(table, k, valid=None, port_lens=(16,)):
@@ -369,7 +377,7 @@ def megaflow_masks(table, k, valid=None, port_lens=(16,)):
     row = np.empty(k.shape[0], np.int32)
     out = np.empty_like(k)
     derive_masks(k, valid, *t.arrays(), _SUB_WORD, _SUB_BITS, t.src_lens, t.dst_lens, pl, row, out)
-    return np.where(row >= 0, t.rule_id[np.maximum(row, 0)], -1).astype(np.int32), out
+    return _rule_ids(t, row), out
 
 
 # ----------------------------------------------------------------------------------------------
