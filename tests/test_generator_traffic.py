@@ -1,7 +1,9 @@
 """Traffic generator: determinism, well-formed packets (checked by scapy), TCP arithmetic,
 TLS/DNS payloads, attack proportions, timestamps, output files and the CLI."""
 import json
+import shutil
 import struct
+import subprocess
 
 import numpy as np
 import pytest
@@ -462,3 +464,24 @@ def test_random_scenarios_hold_the_invariants(seed, flows, tunnel, mix, denied, 
     hosts = {h.address for h in _builtin().hosts}
     for i in range(0, n, max(1, n // 15)):
         _check_wellformed(g.batch.packet(i), tunnel, hosts)
+
+
+@pytest.mark.skipif(shutil.which("tshark") is None, reason="needs Wireshark's tshark")
+def test_wireshark_finds_no_errors(policy, tmp_path):
+    """tshark, with checksum validation on, reports no error (malformed packet, bad checksum)
+    and reads the TLS handshakes and DNS queries."""
+    g = G.generate(policy, {"flows": 200, "seed": 13, "tunnel": "geneve", "ipv6_share": 0.3})
+    path = str(tmp_path / "g.pcap")
+    g.write(path)
+    prefs = ["-o", "tcp.check_checksum:TRUE", "-o", "udp.check_checksum:TRUE",
+             "-o", "ip.check_checksum:TRUE"]
+    out = subprocess.run(["tshark", "-r", path, *prefs, "-q", "-z", "expert"],
+                         capture_output=True, text=True, timeout=120).stdout
+    assert "Errors (" not in out and "Bad checksum" not in out, out
+    sni = subprocess.run(["tshark", "-r", path, "-Y", "tls.handshake.type == 1", "-T", "fields",
+                          "-e", "tls.handshake.extensions_server_name"],
+                         capture_output=True, text=True, timeout=120).stdout.split()
+    tls = [f for f in g.flows if f["label"] == "tls" and f["verdict"] == "allow"]
+    clean = [f for f in tls if "out_of_window" not in f]   # a 10 MB seq jump upsets reassembly
+    assert len(clean) <= len(sni) <= len(tls) and clean
+    assert all(s.endswith(".internal") for s in sni)
