@@ -9,7 +9,9 @@ What it reads, outermost first:
   bytes present (Ethernet padding is ignored: later layers end at the IP total length).
   Fragments set ``F_FRAG`` (and ``F_MF``); a non-first fragment's payload is not parsed.
 * IPv6: hop-by-hop (first only), routing, fragment and destination-options headers walked, at
-  most 8; ``proto`` is the protocol after them.
+  most 8; ``proto`` is the protocol after them. Any fragment header sets ``F_FRAG`` (an atomic
+  fragment, offset 0 without M, is still parsed through). ``ip_len`` is the payload length
+  plus 40, capped at 65535.
 * TCP, UDP, SCTP (ports), ICMP / ICMPv6 (type, code, id of echo-like messages; for error
   messages the quoted IP header's addresses, protocol and ports or echo id go to ``inner_*``
   with ``F_ICMP_ERR``), ESP (SPI, sequence), GRE (protocol, key).
