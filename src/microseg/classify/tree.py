@@ -390,7 +390,17 @@ def _build(val, mask, ports, R0, binth, spfac, max_depth, max_entries, prune_at)
     return nw[:nn], nsh[:nn], nm[:nn], na[:nn], nbn[:nn], child[:nc], leaf[:nl]
 
 
-_LEAF = 0xFF
+_LEAF = 0xF
+_MAX_LEAF = (1 << 24) - 1
+
+
+def _pack_nodes(nw, nsh, nbits, na, nbn):
+    """One int64 per node: inner ``word | shift << 4 | bits << 10 | child_base << 28``,
+    leaf ``0xF | count << 4 | record_start << 28``."""
+    inner = nw >= 0
+    if nbn.size and nbn.max() > _MAX_LEAF:
+        raise ValueError("decision tree leaf too large")
+    return np.where(inner, nw | nsh << 4 | nbits << 10 | na << 28, _LEAF | nbn << 4 | na << 28)
 _REC = 16
 
 
@@ -412,8 +422,12 @@ def _pack_leaves(leaf, val, mask, ports):
 
 
 @njit(cache=True)
-def _lookup(K, n, troot, tbest, nodes, child, rec, order, best, out):
-    """Tree by tree, packet by packet: independent walks let the CPU overlap their misses."""
+def _lookup(K, n, troot, tbest, cw, rec, order, best, out):
+    """Tree by tree, packet by packet: independent walks let the CPU overlap their misses.
+
+    A node is one packed word (see ``_pack_nodes``) stored in its parent's child slots, so a
+    step of the walk is a single load.
+    """
     nt = troot.shape[0]
     big = np.int64(1) << 62
     M16 = np.uint64(0xFFFF)
@@ -425,15 +439,13 @@ def _lookup(K, n, troot, tbest, nodes, child, rec, order, best, out):
         for i in range(n):
             if tb >= best[i]:
                 continue
-            node = root
-            a = nodes[node, 0]
-            while (a & 0xFF) != _LEAF:
-                c = np.int64((K[i, a & 0xFF] >> np.uint64((a >> 8) & 0xFF))
-                             & np.uint64((1 << ((a >> 16) & 0xFF)) - 1))
-                node = child[nodes[node, 1] + c]
-                a = nodes[node, 0]
-            s = nodes[node, 1]
-            e = s + (a >> 32)
+            a = root
+            while (a & 0xF) != _LEAF:
+                c = np.int64((K[i, a & 0xF] >> np.uint64((a >> 4) & 0x3F))
+                             & np.uint64((1 << ((a >> 10) & 0xF)) - 1))
+                a = cw[(a >> 28) + c]
+            s = a >> 28
+            e = s + ((a >> 4) & 0xFFFFFF)
             k1 = K[i, 1]
             k3 = K[i, 3]
             k4 = K[i, 4]
@@ -557,12 +569,10 @@ class DecisionTree:
         nbits = np.zeros(nw.shape[0], np.int64)
         inner = nw >= 0
         nbits[inner] = _popcount(nm[inner])
-        self.nodes = np.empty((nw.shape[0], 2), np.int64)
-        self.nodes[:, 0] = np.where(inner, nw | nsh << 8 | nbits << 16, _LEAF | nbn << 32)
-        self.nodes[:, 1] = na
-        self.child = cat(childs, np.int64)
+        words = _pack_nodes(nw, nsh, nbits, na, nbn)
+        self.cw = np.ascontiguousarray(words[cat(childs, np.int64)])   # child slots hold nodes
         leaf = cat(leaves, np.int64)
-        self.troot = np.array(roots, np.int64)
+        self.troot = np.ascontiguousarray(words[np.array(roots, np.int64)])
         self.tbest = np.array(bests, np.int64)
         self.rec = _pack_leaves(leaf, self.val, self.mask, self.ports)
         del self.val, self.mask, self.ports
@@ -575,10 +585,10 @@ class DecisionTree:
         K = np.ascontiguousarray(K, np.uint64)
         out = np.empty(K.shape[0], np.int32)
         best = np.empty(K.shape[0], np.int64)
-        _lookup(K, K.shape[0], self.troot, self.tbest, self.nodes, self.child, self.rec,
+        _lookup(K, K.shape[0], self.troot, self.tbest, self.cw, self.rec,
                 self.order, best, out)
         return out
 
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in (self.nodes, self.child, self.rec, self.troot, self.tbest,
+        return sum(a.nbytes for a in (self.cw, self.rec, self.troot, self.tbest,
                                       self.order))
