@@ -75,8 +75,10 @@ class ConntrackTable:
         off = (-raw.ctypes.data) % 64
         self.ents = raw[off: off + size].view(KN.ENTRY_DTYPE)
         self.ents_bytes = self.ents.view(np.uint8)
-        self.slot_ent = np.full(slots, -1, dtype=np.int32)
-        self.slot_hash = np.zeros(slots, dtype=np.uint32)
+        # index slots: entry number and 32 hash bits side by side, one cache line for both
+        self.slots = np.zeros(slots, dtype=np.dtype([("ent", np.int32), ("hash", np.uint32)]))
+        self.slots["ent"] = -1
+        self.slot_ent, self.slot_hash = self.slots["ent"], self.slots["hash"]
         self.free = np.arange(capacity - 1, -1, -1, dtype=np.int32)
         self.meta[KN.M_FREE_TOP] = capacity
         self.meta[KN.M_MASK] = slots - 1
@@ -92,8 +94,7 @@ class ConntrackTable:
     @property
     def nbytes(self) -> int:
         """Memory held by the table, everything included."""
-        return int(self.ents.nbytes + self.slot_ent.nbytes + self.slot_hash.nbytes
-                   + self.free.nbytes + self.params.nbytes)
+        return int(self.ents.nbytes + self.slots.nbytes + self.free.nbytes + self.params.nbytes)
 
     @property
     def bytes_per_entry(self) -> float:
