@@ -1,7 +1,5 @@
 """Signature subset: parsing (accepted and rejected rules), content semantics against a
 brute-force reference, the Aho-Corasick prefilter, and verdicts on real packets."""
-import itertools
-import re
 
 import numpy as np
 import pytest

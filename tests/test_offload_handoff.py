@@ -2,7 +2,7 @@
 with the plain-Python state machine on random streams; limits are honoured and reported."""
 import numpy as np
 import pytest
-from scapy.layers.inet import IP, TCP, UDP
+from scapy.layers.inet import IP, TCP
 from scapy.layers.l2 import Ether
 
 from microseg.cache.key import build_keys

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit
 
-from .core import INS_EMPTY, INS_EVICTED, INS_STALE, INS_UPDATED, SlotTable, find_slot, insert_slot, \
+from .core import INS_EVICTED, INS_STALE, INS_UPDATED, SlotTable, find_slot, insert_slot, \
     revalidate_slots
 from .key import W, M64
 
