@@ -20,7 +20,9 @@ Interface (what the policy compiler and the flow caches build on):
   the same answer.
 
 A classifier never changes its rule set; to change policy, build a new one off the hot path
-and swap the reference (TSS alone also offers in-place ``add``/``remove``).
+and swap the reference. TSS alone also offers in-place updates on its own copy:
+``clf.impl.add(rule) -> index`` and ``clf.impl.remove(index)`` (or use
+:class:`~microseg.classify.tss.TupleSpace` directly).
 """
 from __future__ import annotations
 
