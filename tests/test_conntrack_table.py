@@ -228,3 +228,40 @@ def test_bad_settings():
     for kw in ({"capacity": 0}, {"evict_range": 0}, {"default_zone": -1}):
         with pytest.raises(ValueError):
             ConntrackTable(**({"capacity": 8} | kw))
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["open", "open", "open", "close", "close", "expire"]),
+                          st.integers(0, 11)), min_size=30, max_size=80),
+       st.integers(0, 2**62))
+def test_index_survives_churn(ops, seed):
+    """Open, delete and expire connections in a tiny table whose index wraps around: every
+    open connection stays findable, no closed or expired one is found, counts add up."""
+    t = ConntrackTable(8, seed=seed, expire_budget=0)
+    live = set()
+    now = T0
+    probes = {f: syns(1, f) for f in range(12)}
+    keys = {f: parse(b) for f, b in probes.items()}
+
+    def found(f):
+        return t.lookup(probes[f], keys[f], now_ns=now)[0][0] >= 0
+    for op, f in ops:
+        if op == "open" and f not in live and len(t) < 8:
+            assert track(t, syns(1, f, ts=now))[0] == CS.TRACKED | CS.NEW
+            live.add(f)
+        elif op == "close":
+            ent, _ = t.lookup(probes[f], keys[f], now_ns=now)
+            assert (ent[0] >= 0) == (f in live)
+            t.delete(ent[ent >= 0])
+            live.discard(f)
+        elif op == "expire":
+            now += 121 * NS                    # SYN_SENT lasts 120 s: everything expires
+            t.expire(3, now)
+            live.clear()
+        assert all(found(f) == (f in live) for f in probes)
+    t.expire(8, now)
+    assert len(t) == len(live)
+    assert int(t.meta[1]) + len(t) == 8               # free stack + used == capacity
