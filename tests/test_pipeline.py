@@ -17,7 +17,7 @@ from microseg.io.pcap import read_capture, write_pcap
 from microseg.io.scenario import ScenarioConfig
 from microseg.packet import build as PB
 from microseg.packet.batch import Batch
-from microseg.pipeline import (L_EMC, L_FAST, L_MEGAFLOW, L_SLOW, R_SIGNATURE, Datapath,
+from microseg.pipeline import (L_EMC, L_FAST, L_MEGAFLOW, L_SLOW, L_STATE, R_SIGNATURE, Datapath,
                                DatapathConfig, Forwarder, megaflow_mask)
 from microseg.policy import verdict as V
 from microseg.policy.compiler import compile_policy
@@ -44,7 +44,9 @@ def test_every_verdict_and_state_matches_ground_truth(demo, caches, offload):
     mask = ctstate.STATE_MASK | ctstate.REPLY
     assert np.array_equal(res.ct[has] & mask, truth.ct[has] & mask)
     levels = np.bincount(res.level, minlength=5)
-    assert levels[L_SLOW] > 0
+    assert levels[L_SLOW] > 0 and levels[L_STATE] > 0
+    new = (res.ct & ctstate.STATE_MASK) == ctstate.NEW
+    assert not np.any(np.isin(res.level[~new], [L_EMC, L_MEGAFLOW]))     # caches front the rules
     assert (levels[L_EMC] + levels[L_MEGAFLOW] > 0) == caches
     assert (levels[L_FAST] > 0) == offload
     st = dp.stats()

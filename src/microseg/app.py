@@ -626,11 +626,14 @@ def trace_packet(dp, forwarder, spec: dict, state: str = "new") -> dict:
     if lvl != 1:
         steps.append({"stage": "conntrack", "detail": ctstate.state_name(int(res.ct[0])) +
                       (" (reply direction)" if res.ct[0] & ctstate.REPLY else " (original direction)")})
-        if dp.config.caches:
+        if lvl == 5:
+            steps.append({"stage": "state", "detail": "a packet of a tracked connection: port "
+                          "security and its conntrack state decide, no rule is consulted"})
+        elif dp.config.caches:
             steps.append({"stage": "exact-match cache", "detail": "hit" if lvl == 2 else "miss"})
             if lvl != 2:
                 steps.append({"stage": "megaflow cache", "detail": "hit" if lvl == 3 else "miss"})
-        if lvl == 4:
+        if lvl in (4, 5):
             expl = _explain(policy, keys, res)
             steps.append({"stage": "slow path", "detail": expl})
     reason = V.REASONS.get(int(res.reason[0]))

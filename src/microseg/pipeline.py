@@ -5,14 +5,18 @@ Per batch (``Datapath.process``), in order::
     parse (tunnels give the tenant)
       -> conntrack (every packet: NEW / ESTABLISHED / RELATED / INVALID)
       -> fast path (ESTABLISHED packets of offloaded flows: one lookup, nothing else)
-      -> exact-match cache -> megaflow cache -> slow path (policy decision: tenant, port
-         security, conntrack state, security groups and network policies via the classifier)
+      -> ESTABLISHED / RELATED / INVALID: port security and the state decide (no rules)
+      -> NEW: exact-match cache -> megaflow cache -> slow path (policy decision: tenant, port
+         security, security groups and network policies via the classifier)
       -> verdict (allow / drop / reject) -> inspection of a flow's first packets, then offload
       -> output (allowed frames re-encapsulated towards the destination workload's host;
          rejects answered with a TCP RST or an ICMP unreachable towards the sender)
 
 Conntrack runs on every packet, before the fast path and the caches (as in Linux and in Open
-vSwitch's ``ct()`` recirculation), so the caches key on the conntrack state too. The fast path
+vSwitch's ``ct()`` recirculation), so the caches key on the conntrack state too. The caches
+front the classifier, so they serve NEW packets; a packet of a tracked connection is answered
+from its state and port security in the same compiled pass as the slow path, which measured
+cheaper than a cache lookup and insert. The fast path
 stands for a SmartNIC flow table with hardware connection tracking: it answers only the
 ESTABLISHED packets of offloaded flows (never SYN, FIN or RST), and TCP window checks stay
 strict for them. (A Linux flowtable instead turns an offloaded flow's window tracking liberal;
@@ -55,9 +59,10 @@ from .packet.parse import parse
 from .policy import verdict as V
 from .policy.compiler import CompiledPolicy, _lookup3, _search1, revoked_connections
 
-# cache levels that answered a packet
-L_NONE, L_FAST, L_EMC, L_MEGAFLOW, L_SLOW = 0, 1, 2, 3, 4
-LEVELS = {L_FAST: "fast_path", L_EMC: "exact_match", L_MEGAFLOW: "megaflow", L_SLOW: "slow_path"}
+# which level answered a packet
+L_NONE, L_FAST, L_EMC, L_MEGAFLOW, L_SLOW, L_STATE = 0, 1, 2, 3, 4, 5
+LEVELS = {L_FAST: "fast_path", L_STATE: "conntrack_state", L_EMC: "exact_match",
+          L_MEGAFLOW: "megaflow", L_SLOW: "slow_path"}
 
 # reasons beyond the policy's own (microseg.policy.verdict.R_*)
 R_SIGNATURE = 30        # an inspection signature (or a flow it blocked) dropped the packet
@@ -380,29 +385,39 @@ class Datapath:
                 level[fast] = L_FAST
                 todo &= ~fast
 
-        # exact-match cache -> megaflow cache
-        if self.emc is not None:
-            e = self.emc.lookup(kmat, hashes, valid & todo)
+        # A tracked packet that is not NEW (ESTABLISHED, RELATED, INVALID) is answered by port
+        # security and its state alone: no rule is consulted, so no cache is worth its lookup.
+        # The caches sit in front of the classifier: NEW (and untracked) packets only.
+        st = ct & ctstate.STATE_MASK
+        by_state = todo & (st != 0) & (st != ctstate.NEW)
+        level[by_state] = L_STATE
+        cacheable = valid & todo & ~by_state
+        if self.emc is not None and cacheable.any():
+            e = self.emc.lookup(kmat, hashes, cacheable)
             if e.hit.any():
                 _unpack(e.hit, e.verdict, e.rule, L_EMC, verdict, reason, rule, level)
                 todo &= ~e.hit
-            left = valid & todo
-            mf = self.megaflow.lookup(kmat, left) if left.any() else None
+                cacheable &= ~e.hit
+            mf = self.megaflow.lookup(kmat, cacheable) if cacheable.any() else None
             if mf is not None and mf.hit.any():
                 _unpack(mf.hit, mf.verdict, mf.rule, L_MEGAFLOW, verdict, reason, rule, level)
                 todo &= ~mf.hit
+                cacheable &= ~mf.hit
                 self.emc.insert(kmat, hashes, mf.hit, mf.verdict, mf.rule)
 
-        # slow path: the compiled policy decides the misses
+        # slow path: the compiled policy decides the rest (one call); the classifier's answers
+        # for NEW packets are cached
         miss = np.flatnonzero(todo)
         if miss.size:
             mk = keys if miss.size == n else _subset(keys, miss, self._miss)
             v, r, why = pol.decide(mk, ct[miss] if miss.size < n else ct)
             verdict[miss], rule[miss], reason[miss] = v, r, why
             if self.emc is not None:
-                packed = (verdict | (reason << 2)).astype(np.uint8)
-                self.emc.insert(kmat, hashes, miss, packed, rule, valid=valid)
-                self.megaflow.insert(kmat, self._mf_masks(n), miss, packed, rule, valid=valid)
+                ins = np.flatnonzero(cacheable)
+                if ins.size:
+                    packed = (verdict | (reason << 2)).astype(np.uint8)
+                    self.emc.insert(kmat, hashes, ins, packed, rule)
+                    self.megaflow.insert(kmat, self._mf_masks(n), ins, packed, rule)
 
         # Linux confirms a connection only when its first packet is let through: forget the
         # entries that denied NEW packets opened.
