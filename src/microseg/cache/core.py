@@ -77,6 +77,20 @@ def find_slot(keys, tag, mid, nb, ways, h, m, krow):
 
 
 @njit(cache=True)
+def remove_slots(kmat, hashes, rows, keys, tag, mid, nb, ways):
+    """Clear the slots holding the keys of ``rows`` (mask id 0); returns how many were found.
+    Shared by the exact-match cache, the fast-path table and the inspection hand-off."""
+    n = 0
+    for j in range(rows.shape[0]):
+        i = rows[j]
+        s = find_slot(keys, tag, mid, nb, ways, hashes[i], 0, kmat[i])
+        if s >= 0:
+            tag[s] = 0
+            n += 1
+    return n
+
+
+@njit(cache=True)
 def insert_slot(keys, tag, mid, verdict, rule, version, aux, stamp, nb, ways,
                 h, m, krow, v, r, ver, a, clock, cur_version):
     """Insert or update; returns (slot, outcome, previous mask id of a replaced entry)."""

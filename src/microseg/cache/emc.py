@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit
 
-from .core import INS_EVICTED, INS_STALE, INS_UPDATED, SlotTable, find_slot, insert_slot, \
+from .core import INS_EVICTED, INS_STALE, INS_UPDATED, SlotTable, find_slot, insert_slot, remove_slots, \
     revalidate_slots
 from .key import W, M64
 
@@ -190,7 +190,7 @@ class ExactMatchCache:
     def remove(self, kmat, hashes, rows=None) -> int:
         """Drop the entries of the given keys (e.g. a flow conntrack ended); returns how many."""
         rows = np.arange(kmat.shape[0]) if rows is None else _rows(rows, kmat.shape[0])
-        return int(_remove(kmat, hashes, rows, self.t.keys, self.t.tag, self.t.mid, self.t.n_buckets, self.t.ways))
+        return int(remove_slots(kmat, hashes, rows, self.t.keys, self.t.tag, self.t.mid, self.t.n_buckets, self.t.ways))
 
     def stats(self) -> dict:
         d = {name: int(v) for name, v in zip(COUNTERS, self.counters)}
@@ -198,18 +198,6 @@ class ExactMatchCache:
         looked = d["hits"] + d["misses"]
         d["hit_rate"] = d["hits"] / looked if looked else 0.0
         return d
-
-
-@njit(cache=True)
-def _remove(kmat, hashes, rows, keys, tag, mid, nb, ways):
-    n = 0
-    for j in range(rows.shape[0]):
-        i = rows[j]
-        s = find_slot(keys, tag, mid, nb, ways, hashes[i], 0, kmat[i])
-        if s >= 0:
-            tag[s] = 0
-            n += 1
-    return n
 
 
 class EMCRef:

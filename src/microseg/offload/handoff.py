@@ -30,9 +30,9 @@ import numpy as np
 from numba import njit
 
 from ..cache import key as K
-from ..cache.core import SlotTable, find_slot
+from ..cache.core import SlotTable, find_slot, remove_slots
 from .inspect import ALERT, DROP, ENC_NAMES, ENC_NONE, PASS, SignatureSet, uninspectable
-from .table import OFFER_OK, OFFER_PRESENT, FastPathTable, _fp_remove, _rows
+from .table import OFFER_OK, OFFER_PRESENT, FastPathTable, _rows
 
 INSPECTING, CLEAN, PASSED, ENCRYPTED, ELEPHANT, ALERTED, BLOCKED = range(7)
 STATE_NAMES = ("inspecting", "clean", "passed", "encrypted", "elephant", "alerted", "blocked")
@@ -218,7 +218,7 @@ class FlowInspector:
         rows = np.arange(kmat.shape[0]) if rows is None else _rows(rows, kmat.shape[0])
         rows = rows[np.asarray(valid)[rows]]
         fk, fh = self.table.flow_keys(kmat, valid)
-        n = int(_fp_remove(fk, fh, rows.astype(np.int64), self.t.keys, self.t.tag, self.t.mid,
+        n = int(remove_slots(fk, fh, rows.astype(np.int64), self.t.keys, self.t.tag, self.t.mid,
                            self.t.n_buckets, self.t.ways))
         self.counters[C_REMOVED] += n
         self.table.remove(kmat, valid, rows)

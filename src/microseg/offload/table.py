@@ -21,7 +21,7 @@ import numpy as np
 from numba import njit
 
 from ..cache import key as K
-from ..cache.core import SlotTable, find_slot
+from ..cache.core import SlotTable, find_slot, remove_slots
 from ..cache.emc import _rows
 from ..cache.match import region_intersects
 
@@ -135,18 +135,6 @@ def _fp_offer(fk, fh, rows, v, f, ts, keys, tag, mid, verdict, version, aux, sta
 
 
 @njit(cache=True)
-def _fp_remove(fk, fh, rows, keys, tag, mid, nb, ways):
-    n = 0
-    for j in range(rows.shape[0]):
-        i = rows[j]
-        s = find_slot(keys, tag, mid, nb, ways, fh[i], 0, fk[i])
-        if s >= 0:
-            tag[s] = 0
-            n += 1
-    return n
-
-
-@njit(cache=True)
 def _fp_expire(tag, stamp, cutoff):
     n = 0
     for s in range(tag.shape[0]):
@@ -234,7 +222,7 @@ class FastPathTable:
         rows = np.arange(kmat.shape[0]) if rows is None else _rows(rows, kmat.shape[0])
         rows = rows[np.asarray(valid)[rows]]
         fk, fh = self.flow_keys(kmat, valid)
-        n = int(_fp_remove(fk, fh, rows, self.t.keys, self.t.tag, self.t.mid, self.t.n_buckets, self.t.ways))
+        n = int(remove_slots(fk, fh, rows, self.t.keys, self.t.tag, self.t.mid, self.t.n_buckets, self.t.ways))
         self.used -= n
         self.counters[C_REMOVED] += n
         return n
