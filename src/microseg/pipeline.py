@@ -101,7 +101,7 @@ class BatchResult:
     verdict: np.ndarray     # uint8 V.ALLOW / V.DROP / V.REJECT
     reason: np.ndarray      # uint8, REASONS
     rule: np.ndarray        # int32 rule-set index of the deciding rule (-1 none)
-    ct: np.ndarray          # uint8 conntrack bits (ctstate); fast-path packets: ESTABLISHED
+    ct: np.ndarray          # uint8 conntrack bits (microseg.ctstate), every packet
     level: np.ndarray       # uint8 L_* (which level answered)
     sid: np.ndarray         # int64 signature id that alerted or dropped (0 none)
     src_workload: np.ndarray  # int32 index into policy.workloads (-1 none)
@@ -114,6 +114,7 @@ class BatchResult:
                    np.full(n, -1, np.int32), np.full(n, -1, np.int32))
 
     def __getitem__(self, idx) -> "BatchResult":
+        """The results of packets ``idx`` (a slice gives views, for writing in place)."""
         return BatchResult(*(getattr(self, f)[idx] for f in _FIELDS))
 
     @classmethod
@@ -316,7 +317,8 @@ class Datapath:
     def swap_policy(self, new: CompiledPolicy) -> dict:
         """Install ``new`` atomically between batches: caches and the fast path move to its
         version, and (``cut_revoked``) tracked connections it forbids are deleted, so their
-        next packets are judged as new ones."""
+        next packets are judged as new ones. Per-rule, per-workload and per-tenant counters
+        restart with the new policy (rule indices are its own); the others run on."""
         old, self.policy = self.policy, new
         self._mf_mask = megaflow_mask(new)
         self._mf_rows = np.zeros((0, W), np.uint64)
@@ -349,7 +351,7 @@ class Datapath:
         size = self.config.batch_size
         for s in range(0, n, size):
             e = min(s + size, n)
-            self._chunk(batch.slice(s, e), BatchResult(*(getattr(out, f)[s:e] for f in _FIELDS)))
+            self._chunk(batch.slice(s, e), out[s:e])
         self.counters.seconds += time.perf_counter() - t0
         return out
 
