@@ -616,16 +616,16 @@ def trace_packet(dp, forwarder, spec: dict, state: str = "new") -> dict:
     def wname(i):
         return names[i] if i >= 0 else "not a workload"
     steps.append({"stage": "endpoints", "detail": f"source {wname(int(src_w[0]))}, destination "
-                  f"{wname(int(dst_w[0]))}; source MAC {row['eth_src']:012x} "
+                  f"{wname(int(dst_w[0]))}; source MAC {_mac(row['eth_src'])} "
                   + (f"belongs to {wname(int(sid[0]))}" if sid[0] < 0xFFFE else "belongs to no workload"
                      if sid[0] == 0xFFFE else "(no Ethernet header)")})
     res = dp.process(b)
     lvl = int(res.level[0])
+    steps.append({"stage": "conntrack", "detail": ctstate.state_name(int(res.ct[0])) +
+                  (" (reply direction)" if res.ct[0] & ctstate.REPLY else " (original direction)")})
     steps.append({"stage": "fast path", "detail": "hit: an offloaded flow" if lvl == 1 else
                   ("miss" if dp.config.offload else "off")})
     if lvl != 1:
-        steps.append({"stage": "conntrack", "detail": ctstate.state_name(int(res.ct[0])) +
-                      (" (reply direction)" if res.ct[0] & ctstate.REPLY else " (original direction)")})
         if lvl == 5:
             steps.append({"stage": "state", "detail": "a packet of a tracked connection: port "
                           "security and its conntrack state decide, no rule is consulted"})
@@ -662,6 +662,10 @@ def trace_packet(dp, forwarder, spec: dict, state: str = "new") -> dict:
                        if k not in ("src_workload", "dst_workload", "payload")},
             "steps": steps, "verdict": V.verdict_name(res.verdict[0]), "level": LEVELS.get(lvl, "none"),
             "ct": ctstate.state_name(int(res.ct[0]))}
+
+
+def _mac(value: int) -> str:
+    return ":".join(f"{(value >> sh) & 0xFF:02x}" for sh in range(40, -8, -8))
 
 
 def _outer(out, keys):
