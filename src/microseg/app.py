@@ -658,7 +658,7 @@ def trace_packet(dp, forwarder, spec: dict, state: str = "new") -> dict:
         insp = dp.inspector.stats()
         steps.append({"stage": "inspection", "detail": (f"signature {int(res.sid[0])} matched"
                       if res.sid[0] else "no signature matched") +
-                      f"; flows by state: " + ", ".join(f"{k} {v}" for k, v in insp["flows"].items() if v)})
+                      "; flows by state: " + ", ".join(f"{k} {v}" for k, v in insp["flows"].items() if v)})
     out = forwarder.output(b, res)
     if len(out):
         ok = parse(out)

@@ -550,11 +550,9 @@ class Forwarder:
     def __init__(self, policy: CompiledPolicy, tunnel: str = "vxlan", local_address: str | None = None,
                  gateway=None):
         model = policy.policy
-        hosts = {h.name: h.address for h in model.hosts}
         self.host_addr = [h.address for h in model.hosts]
         index = {h.name: i for i, h in enumerate(model.hosts)}
-        self.w_host = np.array([index.get(w.host, -1) if w.host in hosts else -1
-                                for w in model.workloads], np.int32)
+        self.w_host = np.array([index.get(w.host, -1) for w in model.workloads], np.int32)
         self.vni = {t.name: t.vni for t in model.tenants}
         self.tunnel = tunnel
         self.local = local_address or (self.host_addr[0] if self.host_addr else "192.0.2.1")
@@ -571,7 +569,6 @@ class Forwarder:
     def output(self, batch: Batch, res: BatchResult) -> Batch:
         from .overlay import encap
         keys = parse(batch)
-        frames, ts, vnis, srcs, dsts = [], [], [], [], []
         allowed = np.flatnonzero(res.verdict == V.ALLOW)
         s_host = self._host(res.src_workload)
         d_host = self._host(res.dst_workload)
