@@ -120,7 +120,7 @@ def test_not_a_list(tmp_path):
     f.write_text('{"ID": 1}')
     rep = Reporter()
     assert openstack.load_rules(str(f), rep) == []
-    assert "expected a JSON list" in rep.errors[0]
+    assert "not a security group or rule listing: expected a list of rules" in rep.errors[0]
 
 
 def test_tab_indented_json_still_loads(tmp_path):
