@@ -13,7 +13,11 @@ Interface used by the pipeline::
 * **Key**: zone + protocol + both addresses + ports (ICMP / ICMPv6: id, type, code; other
   protocols: addresses only). Either direction finds the entry. The zone is the packet's
   tenant (VNI / VSID of the tunnel that carried it); untunnelled packets (tenant -1) go to
-  ``default_zone`` (0 unless set), so VNI 0 and untunnelled traffic share a zone.
+  ``default_zone`` (``const.UNTAGGED_ZONE``, 2**24, unless set): just past the 24-bit VNIs, so
+  no tenant, VNI 0 included, shares a zone with untunnelled traffic.
+* **Commit on allow**: ``process(batch, keys, decide=f)`` asks ``f`` about the packets that would
+  open a connection and creates entries only for the allowed ones (Linux's confirm, OVS's
+  ``ct(commit)``); a denied first packet leaves nothing, whatever else its batch holds.
 * **States** (``microseg.ctstate``): NEW, ESTABLISHED, RELATED (ICMP errors quoting a tracked
   connection), INVALID, plus REPLY for the reply direction and TRACKED; 0 for packets conntrack
   leaves alone (non-IP, ICMPv6 neighbour discovery and MLD, which Linux leaves untracked).

@@ -63,8 +63,9 @@ def register(sub) -> None:
 
 def _table_args(p, restore: bool = True) -> None:
     p.add_argument("--capacity", type=int, default=1 << 16, help="table size (default 65536)")
-    p.add_argument("--default-zone", type=int, default=0,
-                   help="zone of untunnelled packets (default 0)")
+    p.add_argument("--default-zone", type=int, default=K.UNTAGGED_ZONE,
+                   help="zone of untunnelled packets (default 2**24, just past the 24-bit VNIs, so "
+                        "no tenant shares it)")
     if restore:
         p.add_argument("--restore", metavar="SNAP", help="start from this snapshot")
     p.add_argument("--save", metavar="SNAP", help="write a snapshot of the table at the end")

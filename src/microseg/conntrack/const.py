@@ -119,6 +119,11 @@ N_COUNTERS = len(REASONS)
  C_TCP_RST, C_ICMP_NEW, C_ICMP_TYPE, C_ICMP_ORPHAN, C_ICMP_MISMATCH, C_TABLE_FULL,
  C_CREATED, C_EARLY_DROP, C_EXPIRED, C_DELETED, C_IGNORED, C_CLOSED) = range(N_COUNTERS)
 
+# The zone of untunnelled packets (tenant -1). Tenants' zones are their VNIs / VSIDs (24
+# bits), so this one, just past them, is shared with no tenant: the one source of truth for
+# the conntrack table, its reference and the datapath.
+UNTAGGED_ZONE = 1 << 24
+
 # Settings (cfg array) slots.
 CFG_DEFAULT_ZONE, CFG_TCP_LOOSE, CFG_TCP_BE_LIBERAL, CFG_TCP_MAX_RETRANS, CFG_EVICT_RANGE, \
     CFG_CHECKSUM, CFG_IGNORE_INVALID_RST = range(7)

@@ -725,8 +725,16 @@ PREFETCH_CHUNK = 64
 
 @njit(cache=True)
 def process_batch(ents, ents_bytes, slot_ent, slot_hash, free, params, u64, u32, i32, u16, u8,
-                  data, offset, length, wire_len, ok_arr, now_arr, n, out):
-    """Track packets ``0..n-1`` in order; ``out[i]`` gets the ctstate bits of packet ``i``.
+                  data, offset, length, wire_len, ok_arr, now_arr, commit, start, n, out):
+    """Track packets ``start..n-1`` in order; ``out[i]`` gets the ctstate bits of packet ``i``.
+
+    Commit on allow: a packet that would open a connection takes an entry only where
+    ``commit[i] > 0``; with ``commit[i] == 0`` it is reported NEW and leaves nothing behind (its
+    connection was denied, so later packets of the flow find no entry); with ``commit[i] < 0``
+    the verdict is not known yet: the kernel stops before changing anything for that packet and
+    returns ``i``, so the caller can decide and call again from ``i``. Returns ``n`` when every
+    packet was tracked. (A stop can follow the idempotent removal of an expired or reopened
+    entry; the call from ``i`` then finds no entry and carries on the same way.)
 
     Chunks of ``PREFETCH_CHUNK`` packets go through three passes: hash and prefetch the index
     slots, prefetch the entries they point to, then track in order -- so the cache misses of a
@@ -740,7 +748,7 @@ def process_batch(ents, ents_bytes, slot_ent, slot_hash, free, params, u64, u32,
     hs = np.empty(n, dtype=np.uint64)
     has = np.zeros(n, dtype=np.bool_)
     esz = ents_bytes.shape[0] // ents.shape[0]
-    for c0 in range(0, n, PREFETCH_CHUNK):
+    for c0 in range(start, n, PREFETCH_CHUNK):
         c1 = min(n, c0 + PREFETCH_CHUNK)
         # pass 1: hash each packet's connection and prefetch its home index slot
         for i in range(c0, c1):
@@ -897,6 +905,8 @@ def process_batch(ents, ents_bytes, slot_ent, slot_hash, free, params, u64, u32,
                     prm.ctr[K.C_EXPIRED] += 1
                     e = -1
                 new = e < 0
+                if new and commit[i] < 0:
+                    return i                    # the caller decides this packet first
                 if new:
                     e = scratch
                     ents[e] = ents[scratch + 1]          # all-zero template
@@ -983,6 +993,9 @@ def process_batch(ents, ents_bytes, slot_ent, slot_hash, free, params, u64, u32,
                     prm.ctr[K.C_CLOSED] += 1
                     out[i] = CS.TRACKED | info
                     break
+                if new and commit[i] == 0:
+                    out[i] = CS.TRACKED | info          # denied: nothing is committed
+                    break
                 if new:
                     f = _alloc(ents, slot_ent, slot_hash, free, prm, h, now)
                     if f < 0:
@@ -1005,6 +1018,7 @@ def process_batch(ents, ents_bytes, slot_ent, slot_hash, free, params, u64, u32,
                     c.status |= K.ST_SEEN_REPLY
                 out[i] = CS.TRACKED | info
                 break
+    return n
 
 
 @njit(cache=True)
@@ -1042,10 +1056,11 @@ def delete_entries(ents, slot_ent, slot_hash, free, params, idx):
 
 @njit(cache=True)
 def lookup_batch(ents, slot_ent, slot_hash, params, u64, i32, u16, u8, data, offset, length,
-                 now, n, ent_out, dir_out):
-    """Entry and direction of each packet's connection, changing nothing (-1: none)."""
+                 now, start, n, ent_out, dir_out):
+    """Entry and direction of the connection of packets ``start..n-1``, changing nothing
+    (-1: none)."""
     prm = params[0]
-    for i in range(n):
+    for i in range(start, n):
         ent_out[i] = -1
         dir_out[i] = 0
         ver = u8[B.IP_VER, i]

@@ -148,7 +148,7 @@ def tcp_sack(opts: bytes, sack: int) -> int:
 class ReferenceConntrack:
     """Dict-of-objects tracker with the same observable behaviour as the Numba table."""
 
-    def __init__(self, timeouts: dict | None = None, default_zone: int = 0, tcp_loose: bool = True,
+    def __init__(self, timeouts: dict | None = None, default_zone: int = K.UNTAGGED_ZONE, tcp_loose: bool = True,
                  tcp_be_liberal: bool = False, tcp_max_retrans: int = 3, checksum: bool = True):
         self.t = [int(x) for x in K.timeout_array(timeouts)]
         self.default_zone = default_zone
@@ -239,7 +239,10 @@ class ReferenceConntrack:
             p.inner = (iproto, isrc, idst, isp, idp, ityp, icode)
         return p
 
-    def process(self, batch, keys, now_ns=None, csum_ok=None):
+    def process(self, batch, keys, now_ns=None, csum_ok=None, decide=None):
+        """States of a batch, packet by packet. ``decide(rows) -> bools`` (as for the table)
+        is asked about each packet at the moment it would commit a new connection, one row at
+        a time: a denied packet is reported NEW and leaves no connection behind."""
         n = len(keys)
         if now_ns is None:
             now = batch.ts[:n]
@@ -249,14 +252,16 @@ class ReferenceConntrack:
             csum_ok = np.ones(n, dtype=bool)
         out = np.zeros(n, dtype=np.uint8)
         for i in range(n):
-            out[i] = self._one(self._pkt(batch, keys, i, csum_ok), int(now[i]))
+            allow = None if decide is None else (
+                lambda i=i: bool(np.asarray(decide(np.array([i], np.int64)))[0]))
+            out[i] = self._one(self._pkt(batch, keys, i, csum_ok), int(now[i]), allow)
         return out
 
     def _invalid(self, reason):
         self.counters[reason] += 1
         return CS.TRACKED | CS.INVALID
 
-    def _one(self, p: Pkt, now: int) -> int:
+    def _one(self, p: Pkt, now: int, allow=None) -> int:
         if p.ver == 0:
             return 0
         if p.err and not (p.tenant < 0 and p.err in (PE.TRUNC_TUNNEL, PE.BAD_TUNNEL)):
@@ -329,6 +334,8 @@ class ReferenceConntrack:
                 self._delete(c)
                 self.counters[K.C_CLOSED] += 1
             elif new:
+                if allow is not None and not allow():
+                    return CS.TRACKED | info        # denied first packet: nothing committed
                 for t in self._tuples(c):
                     self.conns[t] = c
                 self.counters[K.C_CREATED] += 1

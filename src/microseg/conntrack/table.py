@@ -46,7 +46,7 @@ class ConntrackTable:
     """Connections in NumPy arrays, tracked by Numba kernels (see the package docstring)."""
 
     def __init__(self, capacity: int = 65536, timeouts: dict | None = None, *,
-                 default_zone: int = 0, tcp_loose: bool = True, tcp_be_liberal: bool = False,
+                 default_zone: int = K.UNTAGGED_ZONE, tcp_loose: bool = True, tcp_be_liberal: bool = False,
                  tcp_max_retrans: int = 3, checksum: bool = True, evict_range: int = 64,
                  expire_budget: int = 512, seed: int | None = None):
         capacity = int(capacity)
@@ -92,6 +92,11 @@ class ConntrackTable:
         return int(self.meta[KN.M_COUNT])
 
     @property
+    def default_zone(self) -> int:
+        """The zone of untunnelled packets (tenant -1)."""
+        return int(self.cfg[K.CFG_DEFAULT_ZONE])
+
+    @property
     def nbytes(self) -> int:
         """Memory held by the table, everything included."""
         return int(self.ents.nbytes + self.slots.nbytes + self.free.nbytes + self.params.nbytes)
@@ -111,11 +116,19 @@ class ConntrackTable:
         return {name: int(self.ctr[i]) for i, name in enumerate(K.REASONS[:K.N_REASONS])}
 
     # -- the hot path ----------------------------------------------------------------------------
-    def process(self, batch, keys, now_ns=None, csum_ok=None) -> np.ndarray:
+    def process(self, batch, keys, now_ns=None, csum_ok=None, decide=None) -> np.ndarray:
         """Track a parsed batch in packet order; returns one ctstate ``uint8`` per packet.
 
         ``now_ns`` (scalar or per-packet) defaults to the packets' timestamps; ``csum_ok``
         (bool per packet) defaults to :func:`microseg.packet.checksum.l4_checksum_ok`.
+
+        ``decide`` makes the table commit on allow, as Linux confirms a connection only when
+        its first packet has passed every hook (and Open vSwitch only on ``ct(commit)``):
+        ``decide(rows)`` gets the indices of packets that may open a connection (each to be
+        judged as NEW) and returns one bool per row, True where the packet is allowed. Only
+        allowed packets create entries; a denied one is still reported NEW, and the packets
+        after it in the batch see the table as if it had never come -- so the states never
+        depend on where batches are cut. Without ``decide`` every new connection is committed.
         """
         n = len(keys)
         out = np.zeros(n, dtype=np.uint8)
@@ -128,10 +141,30 @@ class ConntrackTable:
             csum_ok = checksum_ok(batch, keys) if self.cfg[K.CFG_CHECKSUM] else np.ones(n, np.bool_)
         ok = np.ascontiguousarray(csum_ok, dtype=np.bool_)
         u64, u32, i32, u16, u8 = keys.arrays()
-        KN.process_batch(self.ents, self.ents_bytes, self.slot_ent, self.slot_hash, self.free,
-                         self.params,
-                         u64, u32, i32, u16, u8, batch.data,
-                         batch.offset, batch.length, batch.wire_len, ok, now, n, out)
+        commit = np.full(n, 1 if decide is None else -1, dtype=np.int8)
+        start = 0
+        while True:
+            stop = KN.process_batch(self.ents, self.ents_bytes, self.slot_ent, self.slot_hash,
+                                    self.free, self.params, u64, u32, i32, u16, u8, batch.data,
+                                    batch.offset, batch.length, batch.wire_len, ok, now, commit,
+                                    start, n, out)
+            if stop >= n:
+                break
+            # Packet ``stop`` would open a connection. Decide it together with every later
+            # undecided packet that has no entry yet (one policy call for the rest of the
+            # batch); a packet whose entry an earlier one removes stops the kernel again.
+            ent = np.empty(n, dtype=np.int64)
+            rep = np.empty(n, dtype=np.uint8)
+            KN.lookup_batch(self.ents, self.slot_ent, self.slot_hash, self.params, u64, i32, u16,
+                            u8, batch.data, batch.offset, batch.length, now, stop, n, ent, rep)
+            rows = stop + np.flatnonzero((commit[stop:] < 0) & (ent[stop:] < 0))
+            if rows.size == 0 or rows[0] != stop:
+                rows = np.concatenate(([stop], rows)).astype(np.int64)
+            allowed = np.asarray(decide(rows), dtype=np.bool_)
+            if allowed.shape != rows.shape:
+                raise ValueError("decide must return one bool per row")
+            commit[rows] = allowed
+            start = stop
         self.last_now = max(self.last_now, int(now[n - 1]))
         if self.expire_budget:
             self.expire(self.expire_budget, self.last_now)
@@ -156,7 +189,8 @@ class ConntrackTable:
             now = self._now(batch, n, now_ns)
             u64, u32, i32, u16, u8 = keys.arrays()
             KN.lookup_batch(self.ents, self.slot_ent, self.slot_hash, self.params, u64,
-                            i32, u16, u8, batch.data, batch.offset, batch.length, now, n, ent, rep)
+                            i32, u16, u8, batch.data, batch.offset, batch.length, now, 0, n, ent,
+                            rep)
         return ent, rep.astype(bool)
 
     def expire(self, budget: int, now_ns: int | None = None) -> int:
