@@ -48,7 +48,6 @@ from . import ctstate
 from .cache.emc import ExactMatchCache
 from .cache.key import K_CT, K_L4, SH_ICMP_ID, SH_SPORT, SH_TCP_FLAGS, W, build_keys
 from .cache.megaflow import MegaflowCache
-from .conntrack.const import ST_ASSURED, ST_SEEN_REPLY
 from .conntrack.table import ConntrackTable
 from .offload.handoff import FlowInspector
 from .offload.inspect import SignatureSet
@@ -231,11 +230,6 @@ def _subset(keys: FlowKeys, idx: np.ndarray, out: FlowKeys) -> FlowKeys:
     return out
 
 
-def _sub_batch(batch: Batch, idx: np.ndarray) -> Batch:
-    return Batch(batch.data, batch.offset[idx], batch.length[idx], batch.wire_len[idx],
-                 batch.port[idx], batch.ts[idx], batch.linktype)
-
-
 # ---------------------------------------------------------------------------------------------
 # Counters
 # ---------------------------------------------------------------------------------------------
@@ -306,12 +300,10 @@ class Datapath:
         self._mf_mask = megaflow_mask(policy)
         self._mf_rows = np.zeros((0, W), np.uint64)
         self._keys = FlowKeys(cfg.batch_size)
-        self._sub = FlowKeys(cfg.batch_size)
         self._miss = FlowKeys(cfg.batch_size)
         self.counters = Counters(len(policy.ruleset), len(policy.workload_names),
                                  [t.vni for t in policy.policy.tenants])
         self.policy_swaps = 0
-        self._default_zone = 0
 
     # -- policy -----------------------------------------------------------------------------------
     def swap_policy(self, new: CompiledPolicy) -> dict:
@@ -332,7 +324,7 @@ class Datapath:
         if self.config.cut_revoked:
             def forbidden(e):
                 zone = e["zone"].astype(np.int64)          # the VNI; the default zone: untunnelled
-                tenant = np.where(zone == self._default_zone, -1, zone)
+                tenant = np.where(zone == self.conntrack.default_zone, -1, zone)
                 sport = np.where(np.isin(e["proto"], (1, 58)), e["icmp_type"], e["sport"])
                 dport = np.where(np.isin(e["proto"], (1, 58)), e["icmp_code"], e["dport"])
                 return revoked_connections(old, new, tenant, e["src_hi"], e["src_lo"], e["dst_hi"],
@@ -358,7 +350,13 @@ class Datapath:
     def _chunk(self, batch: Batch, res: BatchResult) -> None:
         """One batch through every stage, results written into ``res`` (views of the caller's
         arrays, zeroed). Stages take the whole batch plus a row mask, so the common path copies
-        nothing; only the slow path's misses are gathered."""
+        nothing; only the slow path's misses are gathered.
+
+        Conntrack commits on allow: when a packet would open a connection, the policy judges
+        it (and every later packet of the batch that has no connection yet) as NEW first, and
+        only an allowed packet creates the entry. So a denied SYN leaves nothing that a reply
+        later in the same batch could ride on, and every packet's verdict and state are the
+        ones it gets when packets come one at a time."""
         pol = self.policy
         cfg = self.config
         n = len(batch)
@@ -366,15 +364,26 @@ class Datapath:
         src_w, dst_w, src_id = source_identity(pol, keys)
         res.src_workload[:] = src_w
         res.dst_workload[:] = dst_w
+        verdict, reason, rule, level = res.verdict, res.reason, res.rule, res.level
+        pre = np.zeros(n, np.bool_)          # rows judged as NEW while conntrack ran
+
+        def decide_new(rows):
+            ct_new = np.full(n, ctstate.TRACKED | ctstate.NEW, np.uint8)
+            kmat, hashes, valid = build_keys(keys, src_id, ct_new)
+            todo = np.zeros(n, np.bool_)
+            todo[rows] = True
+            level[rows] = L_SLOW
+            self._decide(keys, ct_new, todo, valid & todo, kmat, hashes, res)
+            pre[rows] = True
+            return verdict[rows] == V.ALLOW
 
         # conntrack sees every packet (the fast path stands for a flow table with hardware
         # connection tracking: window checks stay strict for offloaded flows)
-        ct = self.conntrack.process(batch, keys)
+        ct = self.conntrack.process(batch, keys, decide=decide_new)
         res.ct[:] = ct
         kmat, hashes, valid = build_keys(keys, src_id, ct)        # in_port := source identity
-        verdict, reason, rule, level = res.verdict, res.reason, res.rule, res.level
-        level[:] = L_SLOW
-        todo = np.ones(n, np.bool_)
+        # a row judged as NEW keeps that answer if NEW is what conntrack made of it
+        todo = ~(pre & (ct == (ctstate.TRACKED | ctstate.NEW)))
 
         # fast path: an offloaded flow's ESTABLISHED packets (never SYN/FIN/RST)
         fast = None
@@ -392,44 +401,13 @@ class Datapath:
         # The caches sit in front of the classifier: NEW (and untracked) packets only.
         st = ct & ctstate.STATE_MASK
         by_state = todo & (st != 0) & (st != ctstate.NEW)
-        level[by_state] = L_STATE
-        cacheable = valid & todo & ~by_state
-        if self.emc is not None and cacheable.any():
-            e = self.emc.lookup(kmat, hashes, cacheable)
-            if e.hit.any():
-                _unpack(e.hit, e.verdict, e.rule, L_EMC, verdict, reason, rule, level)
-                todo &= ~e.hit
-                cacheable &= ~e.hit
-            mf = self.megaflow.lookup(kmat, cacheable) if cacheable.any() else None
-            if mf is not None and mf.hit.any():
-                _unpack(mf.hit, mf.verdict, mf.rule, L_MEGAFLOW, verdict, reason, rule, level)
-                todo &= ~mf.hit
-                cacheable &= ~mf.hit
-                self.emc.insert(kmat, hashes, mf.hit, mf.verdict, mf.rule)
-
-        # slow path: the compiled policy decides the rest (one call); the classifier's answers
-        # for NEW packets are cached
-        miss = np.flatnonzero(todo)
-        if miss.size:
-            mk = keys if miss.size == n else _subset(keys, miss, self._miss)
-            v, r, why = pol.decide(mk, ct[miss] if miss.size < n else ct)
-            verdict[miss], rule[miss], reason[miss] = v, r, why
-            if self.emc is not None:
-                ins = np.flatnonzero(cacheable)
-                if ins.size:
-                    packed = (verdict | (reason << 2)).astype(np.uint8)
-                    self.emc.insert(kmat, hashes, ins, packed, rule)
-                    self.megaflow.insert(kmat, self._mf_masks(n), ins, packed, rule)
-
-        # Linux confirms a connection only when its first packet is let through: forget the
-        # entries that denied NEW packets opened.
-        is_new = (ct & ctstate.STATE_MASK) == ctstate.NEW
-        allowed = verdict == V.ALLOW
-        denied_new = is_new & ~allowed
-        if denied_new.any():
-            self._forget_unconfirmed(batch, keys, denied_new, is_new & allowed)
+        if todo.any():
+            level[todo] = L_SLOW
+            level[by_state] = L_STATE
+            self._decide(keys, ct, todo, valid & todo & ~by_state, kmat, hashes, res)
 
         # inspection, then offload, for allowed packets the fast path did not carry
+        allowed = verdict == V.ALLOW
         if cfg.offload and allowed.any():
             insp = allowed if fast is None else allowed & ~fast
             h = self.inspector.process(batch, keys, kmat, valid, insp, ct)
@@ -442,27 +420,44 @@ class Datapath:
                 self.inspector.remove(kmat, valid, np.flatnonzero(ends))
         self.counters.add(batch, keys, res)
 
+    def _decide(self, keys, ct, todo, cacheable, kmat, hashes, res) -> None:
+        """Answer the rows ``todo`` (a mask over the batch) from the caches, for the
+        ``cacheable`` ones, then from the compiled policy (one call for every miss); the
+        policy's answers to cacheable rows are cached. ``level`` of the policy's rows is left
+        as the caller set it (slow path or conntrack state)."""
+        n = keys.n
+        verdict, reason, rule, level = res.verdict, res.reason, res.rule, res.level
+        if self.emc is not None and cacheable.any():
+            todo = todo.copy()
+            cacheable = cacheable.copy()
+            e = self.emc.lookup(kmat, hashes, cacheable)
+            if e.hit.any():
+                _unpack(e.hit, e.verdict, e.rule, L_EMC, verdict, reason, rule, level)
+                todo &= ~e.hit
+                cacheable &= ~e.hit
+            mf = self.megaflow.lookup(kmat, cacheable) if cacheable.any() else None
+            if mf is not None and mf.hit.any():
+                _unpack(mf.hit, mf.verdict, mf.rule, L_MEGAFLOW, verdict, reason, rule, level)
+                todo &= ~mf.hit
+                cacheable &= ~mf.hit
+                self.emc.insert(kmat, hashes, mf.hit, mf.verdict, mf.rule)
+        miss = np.flatnonzero(todo)
+        if miss.size == 0:
+            return
+        mk = keys if miss.size == n else _subset(keys, miss, self._miss)
+        v, r, why = self.policy.decide(mk, ct[miss] if miss.size < n else ct)
+        verdict[miss], rule[miss], reason[miss] = v, r, why
+        if self.emc is not None:
+            ins = np.flatnonzero(cacheable)
+            if ins.size:
+                packed = (verdict | (reason << 2)).astype(np.uint8)
+                self.emc.insert(kmat, hashes, ins, packed, rule)
+                self.megaflow.insert(kmat, self._mf_masks(n), ins, packed, rule)
+
     def _mf_masks(self, n: int) -> np.ndarray:
         if self._mf_rows.shape[0] < n:
             self._mf_rows = np.ascontiguousarray(np.broadcast_to(self._mf_mask, (max(n, 256), W)))
         return self._mf_rows[:n]
-
-    def _forget_unconfirmed(self, batch, keys, denied_new, allowed_new):
-        """Delete the entries that denied NEW packets opened, unless an allowed NEW packet of
-        this batch uses the same one, or the entry already saw a reply (it was confirmed)."""
-        rows = np.flatnonzero(denied_new | allowed_new)
-        ent, _ = self.conntrack.lookup(_sub_batch(batch, rows), _subset(keys, rows, FlowKeys(rows.size)))
-        den = denied_new[rows]
-        cand = ent[den & (ent >= 0)]
-        if cand.size == 0:
-            return
-        status = self.conntrack.ents["status"][cand]
-        cand = cand[(status & (ST_ASSURED | ST_SEEN_REPLY)) == 0]
-        keep = ent[~den & (ent >= 0)]
-        if keep.size:
-            cand = np.setdiff1d(cand, keep)
-        if cand.size:
-            self.conntrack.delete(cand)
 
     # -- reporting --------------------------------------------------------------------------------
     def stats(self) -> dict:
