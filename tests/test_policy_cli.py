@@ -107,7 +107,7 @@ def test_query(capsys):
 
 
 @pytest.mark.parametrize("extra,needle", [
-    (["--src", "1.2.3"], "is not an IP address"),
+    (["--src", "1.2.3"], "is neither an IP address nor a workload"),
     (["--dst", "::1"], "one IP version"),
     (["--proto", "bogus"], "is not a protocol"),
     (["--dport", "70000"], "is not a port number"),

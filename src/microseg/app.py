@@ -58,11 +58,15 @@ def register(sub) -> None:
                        description="Build one packet from a description and show what every stage "
                        "does with it: parse, tenant, port security, fast path, conntrack, caches, "
                        "rules, verdict, inspection, output. Description: space-separated key=value "
-                       "tokens: src=, dst= (address or workload name), proto= (tcp, udp, icmp, "
+                       "tokens: src=, dst= (an address or a workload, [tenant/][namespace/]name; "
+                       "a bare name is looked up in the packet's tenant, and one that several "
+                       "tenants use needs the tenant), proto= (tcp, udp, icmp, "
                        "icmpv6 or a number; a bare word works too), sport=, dport=, flags= (TCP, "
                        "letters FSRPAU), type=, code= (ICMP), tenant= (name or VNI; default: the "
                        "source workload's), smac= (default: the source workload's MAC), "
-                       "payload= (text), tunnel= (vxlan, geneve, nvgre, none).",
+                       "payload= (text), tunnel= (vxlan, geneve, nvgre, none). Exit status: 0 "
+                       "when the packet is allowed, 1 when it is dropped or rejected, 2 on bad "
+                       "input.",
                        epilog='example: microseg trace --policy P.yaml "src=web-1 dst=app-1 tcp dport=443"')
     p.add_argument("--policy", help="policy file (default: the built-in data centre)")
     p.add_argument("packet", help="the packet, as key=value tokens")
@@ -428,6 +432,8 @@ _PROTOS = {"tcp": 6, "udp": 17, "icmp": 1, "icmpv6": 58, "ipv6-icmp": 58, "sctp"
 
 def parse_packet_spec(text: str, policy) -> dict:
     """The key=value description of a packet -> a dict of resolved fields (see `trace --help`)."""
+    from .policy.model import Workload
+    from .policy.names import pick_addresses, resolve_endpoints
     try:
         tokens = shlex.split(text)
     except ValueError as exc:
@@ -448,31 +454,8 @@ def parse_packet_spec(text: str, policy) -> dict:
     for need in ("src", "dst"):
         if need not in spec:
             raise InputError(f"packet description: {need}= is required")
-    workloads = {w.name: w for w in policy.workloads}
-    by_tenant = {}
-    for w in policy.workloads:
-        by_tenant.setdefault(w.name, []).append(w)
     tenants = {t.name: t for t in policy.tenants}
     vni_of = {t.vni: t for t in policy.tenants}
-
-    def endpoint(value, what):
-        if "/" in value:
-            t, name = value.split("/", 1)
-            ws = [w for w in policy.workloads if w.name == name and w.tenant == t]
-            if not ws:
-                raise InputError(f"packet description: {what}: no workload {value!r}")
-            return ws[0]
-        if value in workloads:
-            if len(by_tenant[value]) > 1:
-                raise InputError(f"packet description: {what}: {value!r} names workloads of several "
-                                 "tenants; write tenant/name")
-            return workloads[value]
-        try:
-            return ipaddress.ip_address(value)
-        except ValueError:
-            raise InputError(f"packet description: {what}: {value!r} is neither an address nor a workload") from None
-
-    s, d = endpoint(spec["src"], "src"), endpoint(spec["dst"], "dst")
     tenant = None
     if "tenant" in spec:
         t = spec["tenant"]
@@ -480,12 +463,19 @@ def parse_packet_spec(text: str, policy) -> dict:
             tenant = tenants[t]
         elif t.isdigit() and int(t) in vni_of:
             tenant = vni_of[int(t)]
-        elif t.isdigit():
+        elif t.isdigit() and int(t) <= 0xFFFFFF:
             tenant = int(t)            # a VNI no tenant has: the datapath will say so
         else:
             raise InputError(f"packet description: tenant: no tenant {t!r}")
+    s, d = resolve_endpoints(policy, [spec["src"], spec["dst"]],
+                             tenant.name if hasattr(tenant, "name") else None,
+                             ("packet description: src", "packet description: dst"))
+    for x, what in ((s, "src"), (d, "dst")):
+        if x is None:
+            raise InputError(f"packet description: {what}: {spec[what]!r} is neither an address "
+                             "nor a workload")
     for w in (s, d):
-        if tenant is None and hasattr(w, "tenant"):
+        if tenant is None and isinstance(w, Workload):
             tenant = tenants[w.tenant]
     proto = spec.get("proto", "tcp")
     proto_num = _PROTOS.get(proto, None)
@@ -494,18 +484,7 @@ def parse_packet_spec(text: str, policy) -> dict:
             raise InputError(f"packet description: proto: {proto!r} is not a protocol")
         proto_num = int(proto)
 
-    def addr_of(w, family=None):
-        if isinstance(w, (ipaddress.IPv4Address, ipaddress.IPv6Address)):
-            return w
-        for a in w.addresses:
-            if family is None or a.version == family:
-                return a
-        raise InputError(f"packet description: workload {w.name} has no IPv{family} address")
-
-    sa = addr_of(s)
-    da = addr_of(d, sa.version)
-    if sa.version != da.version:
-        raise InputError("packet description: src and dst are of different address families")
+    sa, da = pick_addresses(s, d, ("packet description: src", "dst"))
     if proto_num == 1 and sa.version == 6:
         proto_num = 58
 
@@ -525,8 +504,8 @@ def parse_packet_spec(text: str, policy) -> dict:
            "code": num("code", 0, 255), "seq": num("seq", 1000, 0xFFFFFFFF),
            "ack": num("ack", 0, 0xFFFFFFFF), "id": num("id", 1, 65535),
            "payload": spec.get("payload", "").encode(), "tunnel": spec.get("tunnel", "vxlan"),
-           "src_workload": s if not isinstance(s, (ipaddress.IPv4Address, ipaddress.IPv6Address)) else None,
-           "dst_workload": d if not isinstance(d, (ipaddress.IPv4Address, ipaddress.IPv6Address)) else None}
+           "src_workload": s if isinstance(s, Workload) else None,
+           "dst_workload": d if isinstance(d, Workload) else None}
     if out["tunnel"] not in ("vxlan", "geneve", "nvgre", "none"):
         raise InputError(f"packet description: tunnel: {out['tunnel']!r} (vxlan, geneve, nvgre, none)")
     out["vni"] = tenant.vni if hasattr(tenant, "vni") else tenant
@@ -712,11 +691,12 @@ def run_trace(args) -> int:
                                            tunnel=spec["tunnel"] if spec["tunnel"] != "none" else "vxlan"))
     fw = Forwarder(compiled, tunnel=dp.config.tunnel)
     out = trace_packet(dp, fw, spec, args.state)
+    status = 0 if out["verdict"] == V.verdict_name(V.ALLOW) else 1
     if args.json:
         print(json.dumps(out, indent=2, default=_json_default))
-        return 0
+        return status
     con = Console()
     con.print(f"[bold]{args.packet}[/bold]")
     for i, s in enumerate(out["steps"], 1):
         con.print(f"{i:2d}. [bold]{s['stage']:<18}[/bold] {s['detail']}")
-    return 0
+    return status

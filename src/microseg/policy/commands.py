@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import json
 import sys
 from collections import Counter
@@ -14,7 +13,8 @@ from ..errors import InputError
 from ..packet.batch import text_to_addr
 from . import verdict as V
 from .compiler import compile_policy, connection_keys
-from .model import PROTOCOLS, load_policy, parse_mac
+from .model import MAX_VNI, PROTOCOLS, Workload, load_policy, parse_mac
+from .names import pick_addresses, qualified, resolve_endpoints
 from .reference import Reference, explain
 from .source import PolicyError
 
@@ -39,11 +39,18 @@ def register(sub) -> None:
     c.set_defaults(func=run_compile)
 
     c = verbs.add_parser("query", help="decide one packet and explain the decision",
-                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                         description="Decide one packet (as the datapath's policy stage would) "
+                         "and explain the decision. Exit status: 0 allowed, 1 dropped or "
+                         "rejected, 2 bad input.")
     c.add_argument("policy", help="policy YAML file")
-    c.add_argument("--vni", type=int, default=-1, help="tunnel VNI (-1: untunnelled)")
-    c.add_argument("--src", required=True, help="source IP address")
-    c.add_argument("--dst", required=True, help="destination IP address")
+    c.add_argument("--vni", type=int, default=argparse.SUPPRESS,
+                   help="tunnel VNI, -1 for untunnelled (default: the tenant of a workload named "
+                   "in --src or --dst, else untunnelled)")
+    c.add_argument("--src", required=True,
+                   help="source: an IP address or a workload, [tenant/][namespace/]name")
+    c.add_argument("--dst", required=True,
+                   help="destination: an IP address or a workload, [tenant/][namespace/]name")
     c.add_argument("--proto", default="tcp", help="protocol name or number")
     c.add_argument("--sport", type=int, default=40000, help="source port")
     c.add_argument("--dport", type=int, default=0, help="destination port")
@@ -114,11 +121,32 @@ def _addr(text, what):
         raise InputError(f"{what}: {text!r} is not an IP address") from None
 
 
+def _endpoints(p, args):
+    """(vni, source address, destination address, source workload, destination workload)."""
+    context = None
+    vni = getattr(args, "vni", None)
+    if vni is not None:
+        if not -1 <= vni <= MAX_VNI:
+            raise InputError(f"--vni: {vni} is not -1 or a VNI 0..{MAX_VNI}")
+        context = next((t.name for t in p.tenants if t.vni == vni), None)
+        if vni == -1:
+            context = p.untagged_tenant
+    s, d = resolve_endpoints(p, [args.src, args.dst], context, ("--src", "--dst"))
+    for x, text, what in ((s, args.src, "--src"), (d, args.dst, "--dst")):
+        if x is None:
+            raise InputError(f"{what}: {text!r} is neither an IP address nor a workload")
+    sa, da = pick_addresses(s, d, ("--src", "--dst"))
+    if vni is None:
+        named = next((x for x in (s, d) if isinstance(x, Workload)), None)
+        vni = p.tenant(named.tenant).vni if named is not None else -1
+    return (vni, sa, da, s if isinstance(s, Workload) else None,
+            d if isinstance(d, Workload) else None)
+
+
 def run_query(args) -> int:
     p = _load(args.policy)
-    s, d = _addr(args.src, "--src"), _addr(args.dst, "--dst")
-    if ipaddress.ip_address(args.src.strip()).version != ipaddress.ip_address(args.dst.strip()).version:
-        raise InputError("--src and --dst must be of one IP version")
+    vni, sa, da, sw, dw = _endpoints(p, args)
+    s, d = _addr(str(sa), "--src"), _addr(str(da), "--dst")
     proto = args.proto.strip().lower()
     if proto.isdigit() and int(proto) <= 255:
         proto = int(proto)
@@ -138,7 +166,7 @@ def run_query(args) -> int:
         mac = parse_mac(args.mac.strip())
         if mac is None:
             raise InputError(f"--mac: {args.mac!r} is not a MAC address")
-    keys = connection_keys([args.vni], [s[0]], [s[1]], [d[0]], [d[1]], [proto], [args.sport],
+    keys = connection_keys([vni], [s[0]], [s[1]], [d[0]], [d[1]], [proto], [args.sport],
                            [args.dport], None if args.icmp_type is None else [args.icmp_type],
                            [args.icmp_code], None if mac is None else [mac])
     ct = np.array([_CT[args.ct]], np.uint8)
@@ -146,7 +174,10 @@ def run_query(args) -> int:
     v, r, why = c.decide(keys, ct)
     lines = explain(Reference(p), keys.row(0), int(ct[0]))
     if args.json:
-        json.dump({"verdict": V.verdict_name(v[0]), "reason": V.reason_name(why[0]),
+        json.dump({"vni": vni, "src": str(sa), "dst": str(da),
+                   "src_workload": qualified(sw) if sw is not None else None,
+                   "dst_workload": qualified(dw) if dw is not None else None,
+                   "verdict": V.verdict_name(v[0]), "reason": V.reason_name(why[0]),
                    "rule": int(r[0]), "rule_origin": c.describe_rule(int(r[0])),
                    "explanation": lines}, sys.stdout, indent=1)
         sys.stdout.write("\n")
