@@ -248,8 +248,10 @@ def test_decap_and_parser_agree_on_damaged_tunnels(data):
     if r.error[0] == 0:
         assert int(k.tun_type[0]) == int(r.tun_type[0])
         assert int(k.tenant[0]) == int(r.tenant[0])
-    elif int(k.tun_type[0]) and r.error[0] in (T.DECAP_NOT_TUNNEL, T.DECAP_BAD_OUTER,
-                                                T.DECAP_FRAGMENT):
+    elif int(k.tun_type[0]) in T.KINDS.values() and r.error[0] in (
+            T.DECAP_NOT_TUNNEL, T.DECAP_BAD_OUTER, T.DECAP_FRAGMENT):
+        # (a damaged protocol byte can make IP in IP or GRE of the outer header: the parser
+        # follows those, decap strips overlays only)
         pytest.fail(f"parser saw tunnel {int(k.tun_type[0])}, decap said {int(r.error[0])}")
 
 

@@ -29,6 +29,7 @@ def scapy_view(raw: bytes, linktype: int = 1) -> dict:
                icmp_type=None, icmp_code=None)
     layer = pkt
     tags = 0
+    fragment = False
     while layer is not None and layer.__class__.__name__ not in ("Raw", "Padding", "NoPayload"):
         if isinstance(layer, (IPerror, IPerror6)):
             break                                   # the header an ICMP error quotes
@@ -39,19 +40,30 @@ def scapy_view(raw: bytes, linktype: int = 1) -> dict:
         if isinstance(layer, Ether):
             tags = 0
         if isinstance(layer, (VXLAN, GENEVE)):
-            if out["dport"] not in (4789, 6081):
+            if out["dport"] not in (4789, 6081) or fragment:
                 break                               # scapy also binds on the source port
             out = dict.fromkeys(out) | {"tenant": layer.vni}
         elif isinstance(layer, GRE):
-            if not (layer.proto == 0x6558 and layer.key_present):
-                break                               # only NVGRE is followed inside
-            out = dict.fromkeys(out) | {"tenant": layer.key >> 8}
+            if fragment or not ((layer.proto == 0x6558 and layer.key_present)
+                                or layer.proto in (0x0800, 0x86DD)):
+                break                               # NVGRE and GRE carrying IP are followed
+            vni = layer.key >> 8 if layer.proto == 0x6558 else out["tenant"]
+            out = dict.fromkeys(out) | {"tenant": vni}
         elif isinstance(layer, ARP):
+            if layer.ptype != 0x0800 or layer.plen != 4:
+                break
             out.update(src=layer.psrc, dst=layer.pdst)
-        elif type(layer) is IP:
-            out.update(src=layer.src, dst=layer.dst, proto=layer.proto)
-        elif type(layer) is IPv6:
-            out.update(src=layer.src, dst=layer.dst, proto=layer.nh)
+        elif type(layer) in (IP, IPv6):
+            if out["proto"] is not None:            # IP in IP: a tunnel, the inner one counts
+                if fragment:
+                    break
+                out = dict.fromkeys(out) | {"tenant": out["tenant"]}
+            if type(layer) is IP:
+                out.update(src=layer.src, dst=layer.dst, proto=layer.proto)
+                fragment = bool(layer.frag or layer.flags.MF)
+            else:
+                out.update(src=layer.src, dst=layer.dst, proto=layer.nh)
+                fragment = False
         elif type(layer) in (TCP, UDP, SCTP):
             out.update(sport=layer.sport, dport=layer.dport)
         elif type(layer) is ICMP or isinstance(layer, _ICMPv6):

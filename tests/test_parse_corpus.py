@@ -4,6 +4,7 @@ other parser tests import."""
 from __future__ import annotations
 
 import random
+import struct
 
 import numpy as np
 import pytest
@@ -119,10 +120,71 @@ def templates(seed: int = 1, rounds: int = 4) -> list[tuple[bytes, int]]:
                                                             / eth(IP() / UDP(sport=r.randrange(49152, 65536), dport=4789) / VXLAN(vni=3) / eth(_ip(r))))),
             eth(IP() / UDP(sport=r.randrange(49152, 65536), dport=4789) / VXLAN(vni=1) / eth(IP() / ICMP(type=3) / IP(src=_ip4(r)) / UDP(sport=r.randrange(65536)))),
             Ether(dst=DST_MAC) / Dot1Q(vlan=10) / ARP(psrc=_ip4(r)),
+            # IP in IP and GRE carrying IP: followed
+            eth(IP(src=_ip4(r), dst=_ip4(r)) / _ip(r, False)),
+            eth(IP(src=_ip4(r), dst=_ip4(r)) / _ip(r, True)),
+            eth(IPv6(src=_ip6(r), dst=_ip6(r)) / _ip(r, False)),
+            eth(IPv6(src=_ip6(r), dst=_ip6(r)) / IPv6ExtHdrDestOpt() / _ip(r, True)),
+            eth(IPv6(src=_ip6(r), dst=_ip6(r)) / GRE(proto=0x86DD, key_present=r.randrange(2), key=r.getrandbits(32))
+                / _ip(r, True)),
+            eth(IP() / UDP(sport=r.randrange(49152, 65536), dport=4789) / VXLAN(vni=r.randrange(1 << 24))
+                / eth(IP(src=_ip4(r), dst=_ip4(r)) / _ip(r))),
+            # tunnels recognised but not followed, and GRE that is no tunnel at all
+            eth(IP(src=_ip4(r), dst=_ip4(r)) / GRE(proto=0x88BE, seqnum_present=1, sequence_number=r.getrandbits(32))
+                / ERSPAN_II / eth(_ip(r))),
+            eth(IPv6(src=_ip6(r), dst=_ip6(r)) / GRE(proto=0x22EB, seqnum_present=1) / ERSPAN_III / eth(_ip(r))),
+            eth(IP(src=_ip4(r), dst=_ip4(r)) / GRE(proto=0x8847) / MPLS_LABEL / _ip(r, False)),
+            eth(IP(src=_ip4(r), dst=_ip4(r)) / GRE(proto=0x6558) / eth(_ip(r))),
+            eth(_ip(r, None, UDP(sport=r.randrange(49152, 65536), dport=6635) / MPLS_LABEL / _ip(r, False))),
+            eth(_ip(r, None, UDP(sport=r.randrange(49152, 65536), dport=4790) / VXLAN_GPE / _ip(r, False))),
+            eth(_ip(r, None, UDP(sport=2152, dport=2152) / GTPU_HEADER / _ip(r, False))),
+            eth(IP(src=_ip4(r), dst=_ip4(r), proto=137) / MPLS_LABEL / _ip(r, False)),
+            eth(IP(src=_ip4(r), dst=_ip4(r), proto=97) / b"\x30\x00" / eth(_ip(r))),
+            eth(IP(src=_ip4(r), dst=_ip4(r), flags="MF") / _ip(r, False)),
+            eth(IP(src=_ip4(r), dst=_ip4(r), flags="MF") / UDP(sport=r.randrange(65536), dport=4789, len=200)
+                / VXLAN(vni=r.randrange(1 << 24)) / eth(_ip(r))),
+            # ARP over hardware whose addresses are not 6 bytes (IP over InfiniBand: 20)
+            eth(ARP(hwtype=32, hwlen=20, op=r.choice([1, 2]), psrc=_ip4(r), pdst=_ip4(r),
+                    hwsrc=b"\x01" * 20, hwdst=b"\x00" * 20)),
         ]
         out += [(bytes(p), B.LINK_ETHERNET) for p in pk]
         out += [(bytes(_ip(r, v6)), B.LINK_RAW) for v6 in (False, True, False, True)]
+        out += [(bytes(_ip(r, False)), B.LINK_IPV4), (bytes(_ip(r, True)), B.LINK_IPV6)]
+        out += [(bytes(_ip(r, r.random() < 0.5)), lt) for lt in (B.LINK_RAW_DLT12, B.LINK_RAW_DLT14)]
+        for v6 in (False, True):
+            l3 = bytes(_ip(r, v6))
+            out.append((struct.pack("<I", r.choice([24, 28, 30]) if v6 else 2) + l3, B.LINK_NULL))
+            out.append((struct.pack(">I", r.choice([24, 28, 30]) if v6 else 2) + l3, B.LINK_NULL))
+            out.append((struct.pack(">I", 24 if v6 else 2) + l3, B.LINK_LOOP))
+        out.append((struct.pack("<I", 7) + bytes(_ip(r)), B.LINK_NULL))       # not IP
+        for payload, etype in ((_ip(r, False), 0x0800), (_ip(r, True), 0x86DD),
+                               (ARP(op=2, psrc=_ip4(r), pdst=_ip4(r), hwsrc=_mac(r)), 0x0806),
+                               (Dot1Q(vlan=r.randrange(4096)) / _ip(r), 0x8100),
+                               (b"\x00" * 30, 0x0004)):
+            out.append((sll(bytes(payload), etype, r), B.LINK_LINUX_SLL))
+            out.append((sll2(bytes(payload), etype, r), B.LINK_LINUX_SLL2))
     return out
+
+
+# headers the parser recognises but does not step into (their bytes only have to be plausible)
+ERSPAN_II = bytes.fromhex("100100640000000a")          # version 1, VLAN 1, session 100
+ERSPAN_III = bytes.fromhex("2001006400000000000000000000")[:12]
+MPLS_LABEL = bytes.fromhex("000641ff")                 # label 100, bottom of stack, TTL 255
+VXLAN_GPE = bytes.fromhex("0c00000100001200")          # next protocol 1 (IPv4), VNI 18
+GTPU_HEADER = bytes.fromhex("30ff0000000004d2")[:4] + (0).to_bytes(4, "big")
+
+
+def sll(payload: bytes, protocol: int, r=None, hatype: int = 1, pkttype: int = 0) -> bytes:
+    """A Linux cooked capture v1 header (16 bytes, link-layer address of 6 of 8) + payload."""
+    addr = bytes(r.randrange(256) for _ in range(6)) if r else bytes(range(1, 7))
+    return struct.pack(">HHH8sH", pkttype, hatype, 6, addr, protocol) + payload
+
+
+def sll2(payload: bytes, protocol: int, r=None, hatype: int = 1, pkttype: int = 0,
+         ifindex: int = 2) -> bytes:
+    """A Linux cooked capture v2 header (20 bytes) + payload."""
+    addr = bytes(r.randrange(256) for _ in range(6)) if r else bytes(range(1, 7))
+    return struct.pack(">HHIHBB8s", protocol, 0, ifindex, hatype, pkttype, 6, addr) + payload
 
 
 def _fix_ipv4_checksum(buf: bytearray, l3: int) -> None:
@@ -204,31 +266,39 @@ def _check(packets, linktype):
     return keys
 
 
+def _link_types(corpus):
+    return sorted({lt for _, lt in corpus})
+
+
 def test_templates_parse_cleanly(corpus):
     """Well-formed templates parse without error, except the deliberate 3-deep tunnel and
     the hop-by-hop header placed after another extension header (one of each per round)."""
-    for lt in (B.LINK_ETHERNET, B.LINK_RAW):
+    assert set(_link_types(corpus)) == set(B.SUPPORTED_LINKTYPES)
+    for lt in _link_types(corpus):
         pk = [p for p, l in corpus if l == lt]
         keys = _check(pk, lt)
         errs = set(keys.error.tolist())
         assert errs <= {0, 13, 25}, errs
         assert (keys.error == 25).sum() == (4 if lt == B.LINK_ETHERNET else 0)
         assert (keys.error == 13).sum() == (4 if lt == B.LINK_ETHERNET else 0)
+        assert not (keys.flags2 & B.F2_TRUNCATED).any()
 
 
 @pytest.mark.parametrize("seed", range(4))
 def test_kernel_matches_reference_on_mutations(corpus, seed):
     rng = np.random.default_rng(seed)
     eth = [p for p, lt in corpus if lt == B.LINK_ETHERNET]
-    raw = [p for p, lt in corpus if lt == B.LINK_RAW]
     n = 20_000
     pk = [mutate(eth[int(i)], B.LINK_ETHERNET, rng) for i in rng.integers(0, len(eth), n)]
     keys = _check(pk, B.LINK_ETHERNET)
     # the mutations reach every error path and still leave many packets clean
     assert len(set(keys.error.tolist())) >= 20
     assert (keys.error == 0).sum() > n // 10
-    pk = [mutate(raw[int(i)], B.LINK_RAW, rng) for i in rng.integers(0, len(raw), 2_000)]
-    _check(pk, B.LINK_RAW)
+    for lt in _link_types(corpus):
+        if lt != B.LINK_ETHERNET:
+            other = [p for p, l in corpus if l == lt]
+            pk = [mutate(other[int(i)], lt, rng) for i in rng.integers(0, len(other), 1_000)]
+            _check(pk, lt)
 
 
 def test_kernel_matches_reference_on_random_bytes():
@@ -267,7 +337,7 @@ def test_empty_batch():
 
 def test_every_truncation_of_every_template(corpus):
     """Each template cut at every length: reaches every 'cut short' error path."""
-    for lt in (B.LINK_ETHERNET, B.LINK_RAW):
+    for lt in _link_types(corpus):
         pk = [p[:k] for p, l in corpus if l == lt for k in range(len(p))]
         keys = _check(pk, lt)
         if lt == B.LINK_ETHERNET:
@@ -276,6 +346,9 @@ def test_every_truncation_of_every_template(corpus):
             for code in (E.TRUNC_ETH, E.TRUNC_VLAN, E.TRUNC_ARP, E.TRUNC_IPV4, E.TRUNC_IPV6,
                          E.BAD_IPV4_LEN, E.BAD_IPV6_LEN):
                 assert code in seen, E.name(code)
+        elif lt in (B.LINK_NULL, B.LINK_LOOP, B.LINK_LINUX_SLL, B.LINK_LINUX_SLL2):
+            from microseg.packet import errors as E
+            assert E.TRUNC_LINK in set(keys.error.tolist())
 
 
 def _cut_consistently(pkt: bytes, cut: int, l3: int) -> bytes:
@@ -296,10 +369,16 @@ def test_every_l4_truncation_with_consistent_ip_length(corpus):
     pk = []
     for p, lt in corpus:
         f = parse_packet_ref(p, lt)
-        if lt != B.LINK_ETHERNET or f["tun_type"] or f["error"] or f["l4_off"] < 0:
+        if lt != B.LINK_ETHERNET or f["error"] or f["l4_off"] < 0:
             continue
-        start = f["l3_off"] + (20 if f["ip_ver"] == 4 else 40)
-        pk += [_cut_consistently(p, k, f["l3_off"]) for k in range(start, len(p))]
+        if f["tun_type"] in (B.TUN_GRE, B.TUN_IPIP):
+            l3 = f["outer_l3_off"]        # cut the outer packet: reaches the tunnel headers
+        elif f["tun_type"]:
+            continue
+        else:
+            l3 = f["l3_off"]
+        start = l3 + (20 if p[l3] >> 4 == 4 else 40)
+        pk += [_cut_consistently(p, k, l3) for k in range(start, len(p))]
     keys = _check(pk, B.LINK_ETHERNET)
     seen = set(keys.error.tolist())
     for code in (E.TRUNC_TCP, E.TRUNC_UDP, E.TRUNC_SCTP, E.TRUNC_ICMP, E.TRUNC_ICMP_INNER,

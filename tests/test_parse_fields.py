@@ -143,9 +143,10 @@ def test_icmp_echo_and_errors():
 
 
 def test_esp_and_gre():
-    r = one(Ether(dst=M1) / IP() / GRE(key_present=1, key=0xAABBCCDD, seqnum_present=1, proto=0x0800) / IP())
-    assert r["flags"] == B.F_GRE and (r["gre_proto"], r["gre_key"]) == (0x0800, 0xAABBCCDD)
-    assert r["payload_off"] == 14 + 20 + 12 and r["tun_type"] == 0
+    r = one(Ether(dst=M1) / IP() / GRE(key_present=1, key=0xAABBCCDD, seqnum_present=1, proto=0x1234) / (b"x" * 9))
+    assert r["flags"] == B.F_GRE and (r["gre_proto"], r["gre_key"]) == (0x1234, 0xAABBCCDD)
+    assert r["payload_off"] == 14 + 20 + 12 and r["payload_len"] == 9 and r["tun_type"] == 0
+    assert r["tun_unfollowed"] == 0
     assert one(Ether(dst=M1) / IP() / GRE(version=1) / b"xxxx")["error"] == E.BAD_GRE
     assert one(Ether(dst=M1) / IP() / GRE(routing_present=1) / b"xxxx")["error"] == E.BAD_GRE
 
@@ -255,9 +256,10 @@ def test_unsupported_linktype_is_input_error():
     import pytest
 
     from microseg.errors import InputError
-    batch = Batch.from_packets([b"\0" * 20], linktype=113)
-    with pytest.raises(InputError):
-        parse(batch)
+    for lt in (105, 127, 9):             # 802.11, radiotap, PPP
+        batch = Batch.from_packets([b"\0" * 20], linktype=lt)
+        with pytest.raises(InputError):
+            parse(batch)
 
 
 _CORPUS = [p for p, lt in templates(seed=21, rounds=1) if lt == 1]

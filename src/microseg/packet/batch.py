@@ -35,7 +35,9 @@ TCP_SEQ, TCP_ACK = 0, 1
 ESP_SPI, ESP_SEQ = 2, 3
 GRE_KEY = 4
 FLOW_HASH = 5                                # symmetric-free 5-tuple hash (filled by parser)
-N_U32 = 6
+IP_LEN = 6                                   # IPv4 total length / IPv6 payload length + 40, also
+                                             # of jumbograms and BIG TCP super-frames (> 65535)
+N_U32 = 7
 
 # int32 rows (offsets are relative to the packet's first byte; -1 = absent)
 TENANT = 0                                   # VNI / VSID of the tunnel that carried the packet, -1 none
@@ -51,7 +53,8 @@ SPORT, DPORT = 3, 4                          # TCP/UDP ports (0 where none, see 
 ICMP_ID = 5
 TCP_WIN = 6
 FRAG_OFF = 7                                 # IPv4/IPv6 fragment offset in 8-byte units
-IP_LEN = 8                                   # IPv4 total length / IPv6 payload length + 40
+U16_SPARE = 8                                # was IP_LEN (now a u32 row); kept so later rows
+                                             # keep their numbers; always 0
 GRE_PROTO = 9
 ARP_OP = 10
 INNER_SPORT, INNER_DPORT = 11, 12            # ICMP error: quoted ports (or echo id in INNER_SPORT)
@@ -70,7 +73,10 @@ TUN_TYPE = 9                                 # see TUN_* below
 FLAGS = 10                                   # bit set, see F_* below
 INNER_PROTO = 11                             # ICMP error: quoted protocol
 INNER_ICMP_TYPE = 12                         # ICMP error quoting ICMP: quoted type
-N_U8 = 13
+FLAGS2 = 13                                  # bit set, see F2_* below
+TUN_UNFOLLOWED = 14                          # tunnel the reported packet carries but the parser
+                                             # does not step into (TUN_*, 0 none)
+N_U8 = 15
 
 # FLAGS bits
 F_PORTS = 1          # SPORT/DPORT are meaningful (TCP, UDP, SCTP... first fragment)
@@ -82,13 +88,50 @@ F_ARP = 32           # an ARP packet
 F_ESP = 64           # ESP_SPI/ESP_SEQ meaningful
 F_GRE = 128          # GRE_PROTO (and GRE_KEY if present) meaningful
 
-# tunnel types
-TUN_NONE, TUN_VXLAN, TUN_GENEVE, TUN_NVGRE = 0, 1, 2, 3
-TUN_NAMES = {TUN_NONE: None, TUN_VXLAN: "vxlan", TUN_GENEVE: "geneve", TUN_NVGRE: "nvgre"}
+# FLAGS2 bits
+F2_TRUNCATED = 1     # the capture was snapped (length < wire_len) inside the packet as its own
+                     # headers describe it; lengths come from the headers, not the capture
+F2_JUMBO = 2         # IPv6 jumbogram (RFC 2675): length from the hop-by-hop jumbo option
+F2_BIG_TCP = 4       # IPv4 total length 0 / IPv6 payload length 0 on a TCP super-frame
+                     # (Linux BIG TCP, GSO/TSO): length from the frame
+F2_ARP_HW = 8        # ARP with 6-byte hardware addresses: ARP_SHA / ARP_THA meaningful
 
-# link types (pcap numbering)
+# tunnel types. Followed (TUN_TYPE: the tunnel that carried the reported packet):
+TUN_NONE, TUN_VXLAN, TUN_GENEVE, TUN_NVGRE = 0, 1, 2, 3
+TUN_IPIP = 4         # IPv4/IPv6 in IPv4/IPv6 (IP protocol 4 or 41)
+TUN_GRE = 5          # GRE carrying IPv4 or IPv6 (protocol 0x0800 / 0x86DD)
+# not followed (TUN_UNFOLLOWED: the reported packet is the carrier):
+TUN_ERSPAN = 16      # GRE 0x88BE (ERSPAN type I/II), 0x22EB (type III)
+TUN_MPLS = 17        # MPLS over UDP (port 6635), over GRE (0x8847 / 0x8848), in IP (proto 137)
+TUN_VXLAN_GPE = 18   # UDP port 4790
+TUN_GTPU = 19        # GTP-U, UDP port 2152
+TUN_ETHERIP = 20     # EtherIP, IP protocol 97
+TUN_NAMES = {TUN_NONE: None, TUN_VXLAN: "vxlan", TUN_GENEVE: "geneve", TUN_NVGRE: "nvgre",
+             TUN_IPIP: "ipip", TUN_GRE: "gre", TUN_ERSPAN: "erspan", TUN_MPLS: "mpls",
+             TUN_VXLAN_GPE: "vxlan-gpe", TUN_GTPU: "gtp-u", TUN_ETHERIP: "etherip"}
+
+# link types (pcap LINKTYPE_* numbering)
+LINK_NULL = 0        # BSD loopback: 4-byte address family in the writer's byte order
 LINK_ETHERNET = 1
+LINK_RAW_DLT12 = 12  # raw IP under the DLT_RAW number of most BSDs (libpcap maps it to 101)
+LINK_RAW_DLT14 = 14  # raw IP under OpenBSD's DLT_RAW number (libpcap maps it to 101)
 LINK_RAW = 101       # raw IPv4/IPv6, no L2 header
+LINK_LOOP = 108      # OpenBSD loopback: 4-byte address family in network byte order
+LINK_LINUX_SLL = 113   # Linux cooked capture v1: 16-byte header, protocol at offset 14
+LINK_IPV4 = 228      # raw IPv4 only
+LINK_IPV6 = 229      # raw IPv6 only
+LINK_LINUX_SLL2 = 276  # Linux cooked capture v2: 20-byte header, protocol at offset 0
+RAW_LINKTYPES = (LINK_RAW_DLT12, LINK_RAW_DLT14, LINK_RAW, LINK_IPV4, LINK_IPV6)
+SUPPORTED_LINKTYPES = (LINK_NULL, LINK_ETHERNET, LINK_RAW_DLT12, LINK_RAW_DLT14, LINK_RAW,
+                       LINK_LOOP, LINK_LINUX_SLL, LINK_IPV4, LINK_IPV6, LINK_LINUX_SLL2)
+LINK_NAMES = {LINK_NULL: "null", LINK_ETHERNET: "ethernet", LINK_RAW_DLT12: "raw",
+              LINK_RAW_DLT14: "raw", LINK_RAW: "raw", LINK_LOOP: "loop",
+              LINK_LINUX_SLL: "linux_sll", LINK_IPV4: "ipv4", LINK_IPV6: "ipv6",
+              LINK_LINUX_SLL2: "linux_sll2"}
+# address families of BSD loopback headers that carry IPv6 (AF_INET6 on NetBSD/OpenBSD,
+# FreeBSD, macOS); AF_INET is 2 everywhere
+AF_INET = 2
+AF_INET6_VALUES = (24, 28, 30)
 
 _TABLES = {
     "u64": (np.uint64, {"src_hi": SRC_HI, "src_lo": SRC_LO, "dst_hi": DST_HI, "dst_lo": DST_LO,
@@ -97,20 +140,21 @@ _TABLES = {
                         "eth_src": ETH_SRC, "eth_dst": ETH_DST, "arp_sha": ARP_SHA,
                         "arp_tha": ARP_THA}, N_U64),
     "u32": (np.uint32, {"tcp_seq": TCP_SEQ, "tcp_ack": TCP_ACK, "esp_spi": ESP_SPI,
-                        "esp_seq": ESP_SEQ, "gre_key": GRE_KEY, "flow_hash": FLOW_HASH}, N_U32),
+                        "esp_seq": ESP_SEQ, "gre_key": GRE_KEY, "flow_hash": FLOW_HASH, "ip_len": IP_LEN}, N_U32),
     "i32": (np.int32, {"tenant": TENANT, "l2_off": L2_OFF, "l3_off": L3_OFF, "l4_off": L4_OFF,
                        "payload_off": PAYLOAD_OFF, "payload_len": PAYLOAD_LEN,
                        "outer_l3_off": OUTER_L3_OFF}, N_I32),
     "u16": (np.uint16, {"ethertype": ETHERTYPE, "vlan0": VLAN0, "vlan1": VLAN1, "sport": SPORT,
                         "dport": DPORT, "icmp_id": ICMP_ID, "tcp_win": TCP_WIN,
-                        "frag_off": FRAG_OFF, "ip_len": IP_LEN, "gre_proto": GRE_PROTO,
+                        "frag_off": FRAG_OFF, "gre_proto": GRE_PROTO,
                         "arp_op": ARP_OP, "inner_sport": INNER_SPORT,
                         "inner_dport": INNER_DPORT}, N_U16),
     "u8": (np.uint8, {"error": ERROR, "ip_ver": IP_VER, "proto": PROTO, "ttl": TTL,
                       "icmp_type": ICMP_TYPE, "icmp_code": ICMP_CODE, "tcp_flags": TCP_FLAGS,
                       "tcp_doff": TCP_DOFF, "n_vlans": N_VLANS, "tun_type": TUN_TYPE,
                       "flags": FLAGS, "inner_proto": INNER_PROTO,
-                      "inner_icmp_type": INNER_ICMP_TYPE}, N_U8),
+                      "inner_icmp_type": INNER_ICMP_TYPE, "flags2": FLAGS2,
+                      "tun_unfollowed": TUN_UNFOLLOWED}, N_U8),
 }
 FIELDS = {name: (table, row) for table, (_, rows, _) in _TABLES.items() for name, row in rows.items()}
 
@@ -180,8 +224,9 @@ class Batch:
     """A batch of packets in one contiguous buffer.
 
     ``data[offset[i] : offset[i] + length[i]]`` is packet ``i`` as captured; ``wire_len[i]`` is its
-    length on the wire (>= length when the capture was snapped). ``linktype`` says where the
-    packets start: Ethernet (1) or raw IP (101).
+    length on the wire (> length when the capture was snapped). ``linktype`` says where the
+    packets start (pcap numbering, one of ``SUPPORTED_LINKTYPES``): Ethernet (1), raw IP (101
+    and its aliases), BSD loopback (0, 108) or Linux cooked capture (113, 276).
     """
 
     data: np.ndarray        # uint8, contiguous

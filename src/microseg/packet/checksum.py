@@ -7,6 +7,10 @@ described: TCP, UDP and ICMP over IPv4; TCP, UDP and ICMPv6 over IPv6, with the 
 "none" over IPv4 and is accepted; over IPv6 it is refused (RFC 8200), as Linux conntrack does.
 A packet with a parse error is never "ok". Packets with nothing to verify (not IP, other
 protocols, fragments other than a whole atomic one) are "ok": there is no checksum to fail.
+So are segments the capture does not hold whole (``F2_TRUNCATED``: a snapped capture) and TCP
+super-frames whose IP length field is 0 (``F2_BIG_TCP``: Linux BIG TCP / TSO frames carry the
+offload's partial sum, not a checksum). RFC 2675 jumbograms are verified, with the 32-bit
+upper-layer length in the pseudo-header (and UDP length 0 meaning "the rest of the jumbogram").
 """
 from __future__ import annotations
 
@@ -14,7 +18,8 @@ import numpy as np
 from numba import njit
 
 from .batch import (
-    ERROR, F_FRAG, F_MF, FLAGS, FRAG_OFF, IP_LEN, IP_VER, L3_OFF, L4_OFF, PROTO, Batch, FlowKeys,
+    ERROR, F2_BIG_TCP, F2_JUMBO, F2_TRUNCATED, F_FRAG, F_MF, FLAGS, FLAGS2, FRAG_OFF, IP_LEN, IP_VER, L3_OFF,
+    L4_OFF, PROTO, Batch, FlowKeys,
 )
 
 __all__ = ["inet_sum", "inet_checksum", "ipv4_header_checksum", "pseudo_header_sum",
@@ -88,7 +93,7 @@ def csum_fold(acc):
 
 
 @njit(cache=True)
-def _l4_ok_kernel(data, offset, length, u16, i32, u8, out):
+def _l4_ok_kernel(data, offset, length, u32, u16, i32, u8, out):
     n = offset.shape[0]
     for i in range(n):
         out[i] = True
@@ -102,6 +107,8 @@ def _l4_ok_kernel(data, offset, length, u16, i32, u8, out):
             continue
         if not (proto == 6 or proto == 17 or (proto == 1 and ver == 4) or (proto == 58 and ver == 6)):
             continue
+        if u8[FLAGS2, i] & (F2_TRUNCATED | F2_BIG_TCP):
+            continue
         b = offset[i]
         ln = np.int64(length[i])
         l3 = np.int64(i32[L3_OFF, i])
@@ -110,13 +117,12 @@ def _l4_ok_kernel(data, offset, length, u16, i32, u8, out):
         if l3 < 0 or l4 < l3 + 20 or l4 + 8 > ln or b < 0 or b + ln > data.shape[0]:
             out[i] = False
             continue
-        if ver == 4:
-            end = l3 + np.int64(u16[IP_LEN, i])
-        else:
-            end = l3 + 40 + ((np.int64(data[b + l3 + 4]) << 8) | np.int64(data[b + l3 + 5]))
+        end = l3 + np.int64(u32[IP_LEN, i])
         seg = end - l4
         if proto == 17:
-            seg = (np.int64(data[b + l4 + 4]) << 8) | np.int64(data[b + l4 + 5])
+            ulen = (np.int64(data[b + l4 + 4]) << 8) | np.int64(data[b + l4 + 5])
+            if ulen != 0 or not (u8[FLAGS2, i] & F2_JUMBO):      # RFC 2675: 0 in a jumbogram
+                seg = ulen
         if seg < 8 or l4 + seg > ln:
             out[i] = False
             continue
@@ -141,7 +147,8 @@ def l4_checksum_ok(batch: Batch, keys: FlowKeys, out: np.ndarray | None = None) 
         raise ValueError(f"keys describe {keys.n} packets, the batch has {n}")
     if out is None:
         out = np.empty(n, dtype=np.bool_)
-    _l4_ok_kernel(batch.data, batch.offset, batch.length, keys.u16, keys.i32, keys.u8, out[:n])
+    _l4_ok_kernel(batch.data, batch.offset, batch.length, keys.u32, keys.u16, keys.i32, keys.u8,
+                  out[:n])
     return out[:n]
 
 
@@ -158,13 +165,17 @@ def l4_checksum_ok_ref(batch: Batch, keys: FlowKeys) -> np.ndarray:
         partial = f["flags"] & F_FRAG and (f["flags"] & F_MF or f["frag_off"])
         if ver == 0 or partial or proto not in ((6, 17, 1) if ver == 4 else (6, 17, 58)):
             continue
+        if f["flags2"] & (F2_TRUNCATED | F2_BIG_TCP):
+            continue
         l3, l4 = f["l3_off"], f["l4_off"]
         if l3 < 0 or l4 < l3 + 20 or l4 + 8 > len(p):
             out[i] = False
             continue
-        end = l3 + (f["ip_len"] if ver == 4 else 40 + int.from_bytes(p[l3 + 4:l3 + 6], "big"))
+        end = l3 + f["ip_len"]
         if proto == 17:
-            end = l4 + int.from_bytes(p[l4 + 4:l4 + 6], "big")
+            ulen = int.from_bytes(p[l4 + 4:l4 + 6], "big")
+            if ulen or not f["flags2"] & F2_JUMBO:
+                end = l4 + ulen
         if end - l4 < 8 or end > len(p):
             out[i] = False
             continue

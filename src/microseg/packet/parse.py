@@ -2,24 +2,50 @@
 
 What it reads, outermost first:
 
-* L2: Ethernet II with up to two 802.1Q / 802.1ad tags (a third tag is left as the ethertype),
-  or nothing for link type 101 (raw IP: the version nibble picks IPv4 or IPv6).
-* ARP (Ethernet/IPv4 only): op, sender/target MACs, sender/target IPs in ``src``/``dst``.
+* Link layer (the batch's pcap link type): Ethernet II (1) with up to two 802.1Q / 802.1ad
+  tags (a third tag is left as the ethertype); raw IP (101, and 12 / 14, the DLT numbers
+  libpcap maps to it: the version nibble picks IPv4 or IPv6; 228 IPv4, 229 IPv6); BSD loopback
+  (0: a 4-byte address family in the writer's byte order, either accepted; 108: in network
+  order; AF_INET 2, AF_INET6 24 / 28 / 30); Linux cooked capture v1 (113: 16-byte header,
+  protocol at offset 14) and v2 (276: 20 bytes, protocol at offset 0), whose protocol field is
+  an ethertype (VLAN tags, IPv4, IPv6 and ARP follow as after Ethernet). Only Ethernet has an
+  L2 header: ``l2_off`` is -1 for the others, MACs are 0.
+* ARP for IPv4 (any hardware type): op, sender/target IPs in ``src``/``dst``, and the
+  sender/target MACs when hardware addresses are 6 bytes (``F2_ARP_HW``). ARP for another
+  protocol is ``BAD_ARP`` (op read, addresses not).
 * IPv4: options skipped by IHL, header checksum verified, total length checked against the
-  bytes present (Ethernet padding is ignored: later layers end at the IP total length).
-  Fragments set ``F_FRAG`` (and ``F_MF``); a non-first fragment's payload is not parsed.
+  frame (Ethernet padding is ignored: later layers end at the IP total length). Total length 0
+  on a TCP packet that is no fragment is a super-frame (Linux BIG TCP, TSO): its length is the
+  rest of the frame (``F2_BIG_TCP``). Fragments set ``F_FRAG`` (and ``F_MF``); a non-first
+  fragment's payload is not parsed.
 * IPv6: hop-by-hop (first only), routing, fragment and destination-options headers walked, at
   most 8; ``proto`` is the protocol after them. Any fragment header sets ``F_FRAG`` (an atomic
   fragment, offset 0 without M, is still parsed through). ``ip_len`` is the payload length
-  plus 40, capped at 65535.
-* TCP, UDP, SCTP (ports), ICMP / ICMPv6 (type, code, id of echo-like messages; for error
-  messages the quoted IP header's addresses, protocol and ports or echo id go to ``inner_*``
-  with ``F_ICMP_ERR``), ESP (SPI, sequence), GRE (protocol, key).
-* Tunnels, followed into the inner frame: VXLAN (UDP port 4789, I flag required), GENEVE (UDP
+  plus 40. Payload length 0 with a hop-by-hop jumbo payload option is an RFC 2675 jumbogram
+  (``F2_JUMBO``; a jumbo length <= 65535 is ``BAD_IPV6_EXT``); payload length 0 with TCP next
+  is a BIG TCP super-frame, its length the rest of the frame (``F2_BIG_TCP``).
+* TCP, UDP (length 0 in a jumbogram: the rest of it), SCTP (ports), ICMP / ICMPv6 (type,
+  code, id of echo-like messages; for error messages the quoted IP header's addresses,
+  protocol and ports or echo id go to ``inner_*`` with ``F_ICMP_ERR``), ESP (SPI, sequence),
+  GRE (protocol, key).
+* Tunnels, followed into the inner packet: VXLAN (UDP port 4789, I flag required), GENEVE (UDP
   port 6081, version 0, options skipped, inner Ethernet, IPv4 or IPv6), NVGRE (GRE protocol
-  0x6558 with a key; VSID = key >> 8). ``tenant`` is the VNI/VSID of the innermost tunnel,
+  0x6558 with a key; VSID = key >> 8), IP in IP (IPv4 or IPv6 protocol 4 or 41: ``TUN_IPIP``)
+  and GRE carrying IPv4 / IPv6 (0x0800 / 0x86DD: ``TUN_GRE``). ``tenant`` is the VNI/VSID of
+  the innermost tunnel that has one (IP in IP and GRE have none: they keep the tenant of the
+  tunnel around them, -1 when there is none), ``tun_type`` the innermost tunnel's type,
   ``outer_l3_off`` the outermost IP header; every other field describes the innermost packet.
   At most two tunnels are followed; a third is a ``TUNNEL_DEPTH`` error.
+* Tunnels recognised but not followed: the reported packet is the carrier, and
+  ``tun_unfollowed`` names the tunnel: ERSPAN (GRE 0x88BE, 0x22EB), MPLS (UDP port 6635, GRE
+  0x8847 / 0x8848, IP protocol 137), VXLAN-GPE (UDP port 4790), GTP-U (UDP port 2152), EtherIP
+  (IP protocol 97), and the followed kinds when they ride in the first fragment of a
+  fragmented packet.
+
+Snapped packets (captured length < wire length): the headers that were captured are decoded;
+lengths (``ip_len``, ``payload_len``) come from the headers, which are checked against the
+length on the wire, not the captured one, and ``F2_TRUNCATED`` says the capture ended inside
+the packet as its headers describe it. A header cut by the snap is still a ``TRUNC_*`` error.
 
 The first problem met stops parsing with an error code (:mod:`.errors`); the fields parsed
 before it stay filled. Every read is checked against the captured length, so truncated or
@@ -40,21 +66,25 @@ from numba.extending import intrinsic
 from ..errors import InputError
 from . import errors as E
 from .batch import (
-    ARP_OP, ARP_SHA, ARP_THA, DPORT, DST_HI, DST_LO, ESP_SEQ, ESP_SPI, ETH_DST, ETH_SRC, ETHERTYPE,
-    F_ARP, F_ESP, F_FRAG, F_GRE, F_ICMP, F_ICMP_ERR, F_MF, F_PORTS, FLAGS, FLOW_HASH, FRAG_OFF,
-    GRE_KEY, GRE_PROTO, ICMP_CODE, ICMP_ID, ICMP_TYPE, INNER_DPORT, INNER_DST_HI, INNER_DST_LO,
-    INNER_ICMP_TYPE, INNER_PROTO, INNER_SPORT, INNER_SRC_HI, INNER_SRC_LO, IP_LEN, IP_VER, L2_OFF,
-    L3_OFF, L4_OFF, LINK_ETHERNET, LINK_RAW, N_I32, N_U8, N_U16, N_U32, N_U64, N_VLANS,
-    OUTER_L3_OFF, PAYLOAD_LEN, PAYLOAD_OFF, PROTO, SPORT, SRC_HI, SRC_LO, TCP_ACK, TCP_DOFF,
-    TCP_FLAGS, TCP_SEQ, TCP_WIN, TENANT, TTL, TUN_GENEVE, TUN_NVGRE, TUN_TYPE, TUN_VXLAN, VLAN0,
-    VLAN1,
+    AF_INET, ARP_OP, ARP_SHA, ARP_THA, DPORT, DST_HI, DST_LO, ESP_SEQ, ESP_SPI, ETH_DST, ETH_SRC,
+    ETHERTYPE, F2_ARP_HW, F2_BIG_TCP, F2_JUMBO, F2_TRUNCATED, F_ARP, F_ESP, F_FRAG, F_GRE, F_ICMP,
+    F_ICMP_ERR, F_MF, F_PORTS, FLAGS, FLAGS2, FLOW_HASH, FRAG_OFF, GRE_KEY, GRE_PROTO, ICMP_CODE,
+    ICMP_ID, ICMP_TYPE, INNER_DPORT, INNER_DST_HI, INNER_DST_LO, INNER_ICMP_TYPE, INNER_PROTO,
+    INNER_SPORT, INNER_SRC_HI, INNER_SRC_LO, IP_LEN, IP_VER, L2_OFF, L3_OFF, L4_OFF,
+    LINK_ETHERNET, LINK_IPV4, LINK_IPV6, LINK_LINUX_SLL, LINK_LOOP, LINK_NULL, LINK_RAW,
+    LINK_RAW_DLT12, LINK_RAW_DLT14, N_I32, N_U8, N_U16, N_U32, N_U64, N_VLANS, OUTER_L3_OFF,
+    PAYLOAD_LEN, PAYLOAD_OFF, PROTO, SPORT, SRC_HI, SRC_LO, SUPPORTED_LINKTYPES, TCP_ACK,
+    TCP_DOFF, TCP_FLAGS, TCP_SEQ, TCP_WIN, TENANT, TTL, TUN_ERSPAN, TUN_ETHERIP, TUN_GENEVE,
+    TUN_GRE, TUN_GTPU, TUN_IPIP, TUN_MPLS, TUN_NVGRE, TUN_TYPE, TUN_UNFOLLOWED, TUN_VXLAN,
+    TUN_VXLAN_GPE, VLAN0, VLAN1,
     Batch, FlowKeys,
 )
 
-SUPPORTED_LINKTYPES = (LINK_ETHERNET, LINK_RAW)
+__all__ = ["parse", "SUPPORTED_LINKTYPES"]
 
-# layer kinds of the parse loop
-_K_ETH, _K_V4, _K_V6 = 0, 1, 2
+# layer kinds of the parse loop (_K_COOKED: a cooked header's protocol field read, VLAN tags or
+# the L3 header next; _K_NONE: nothing the parser reads follows the link-layer header)
+_K_ETH, _K_V4, _K_V6, _K_COOKED, _K_NONE = 0, 1, 2, 3, 4
 _MAX_VLANS = 2
 _MAX_EXT = 8
 _MAX_DEPTH = 2
@@ -150,6 +180,22 @@ def _icmp_is_error(t, ver):
 
 
 @njit(cache=True)
+def _udp_tunnel(dport):
+    """The tunnel a UDP destination port names, for datagrams the parser does not step into."""
+    if dport == 4789:
+        return TUN_VXLAN
+    if dport == 6081:
+        return TUN_GENEVE
+    if dport == 4790:
+        return TUN_VXLAN_GPE
+    if dport == 6635:
+        return TUN_MPLS
+    if dport == 2152:
+        return TUN_GTPU
+    return 0
+
+
+@njit(cache=True)
 def _icmp_quoted(d, b, q, end, ver, u64, u16, u8, i):
     """Quoted header of an ICMP error at ``q``; returns an error code."""
     if ver == 4:
@@ -233,7 +279,33 @@ def _flow_hash(src_hi, src_lo, dst_hi, dst_lo, tenant, proto, sport, dport, icmp
 
 
 @njit(cache=True)
-def _parse_kernel(data, offset, length, linktype, u64, u32, i32, u16, u8):
+def _jumbo_option(d, b, pos, lim):
+    """Payload length of the jumbo payload option (RFC 2675) in the hop-by-hop header at
+    ``pos``, or -1 when the header is not all there or has no such option."""
+    if lim - pos < 2:
+        return -1
+    hend = pos + (_rd8(d, b + pos + 1) + 1) * 8
+    if hend > lim:
+        return -1
+    q = pos + 2
+    while q < hend:
+        t = _rd8(d, b + q)
+        if t == 0:                       # Pad1
+            q += 1
+            continue
+        if hend - q < 2:
+            return -1
+        olen = _rd8(d, b + q + 1)
+        if t == 0xC2:
+            if olen != 4 or hend - q < 6:
+                return -1
+            return _rd32(d, b + q + 2)
+        q += 2 + olen
+    return -1
+
+
+@njit(cache=True)
+def _parse_kernel(data, offset, length, wire_len, linktype, u64, u32, i32, u16, u8):
     n = offset.shape[0]
     for r in range(N_U64):
         row64 = u64[r]
@@ -258,6 +330,7 @@ def _parse_kernel(data, offset, length, linktype, u64, u32, i32, u16, u8):
             row8[j] = 0
     size = data.shape[0]
     d = data
+    raw = (linktype == LINK_RAW or linktype == LINK_RAW_DLT12 or linktype == LINK_RAW_DLT14)
     for i in range(n):
         if i + _PREFETCH_AHEAD < n:
             pb = offset[i + _PREFETCH_AHEAD]
@@ -271,34 +344,78 @@ def _parse_kernel(data, offset, length, linktype, u64, u32, i32, u16, u8):
             ln = 0
         elif ln > size - b:
             ln = size - b
+        # cap: bytes captured; end: where the current layer ends as the headers say (the frame
+        # on the wire to start with: beyond cap when the capture was snapped); lim: what can
+        # be read of the current layer. Header reads check lim, lengths in headers check end.
+        cap = ln
+        end = np.int64(wire_len[i])
+        if end < cap:
+            end = cap
+        lim = cap
         err = 0
         pos = 0
-        end = ln
         depth = 0
-        if linktype == LINK_RAW:
-            if end >= 1 and (_rd8(d, b) >> 4) == 6:
+        kind = _K_ETH
+        etype = 0
+        if linktype == LINK_ETHERNET:
+            kind = _K_ETH
+        elif raw:
+            if cap >= 1 and (_rd8(d, b) >> 4) == 6:
                 kind = _K_V6
                 u16[ETHERTYPE, i] = 0x86DD
             else:
                 kind = _K_V4
                 u16[ETHERTYPE, i] = 0x0800
-        else:
-            kind = _K_ETH
-        while True:
+        elif linktype == LINK_IPV4:
+            kind = _K_V4
+            u16[ETHERTYPE, i] = 0x0800
+        elif linktype == LINK_IPV6:
+            kind = _K_V6
+            u16[ETHERTYPE, i] = 0x86DD
+        elif linktype == LINK_NULL or linktype == LINK_LOOP:
+            kind = _K_NONE
+            if cap < 4:
+                err = E.TRUNC_LINK
+            else:
+                fam = _rd32(d, b)
+                if linktype == LINK_NULL:
+                    # the writer's byte order: a family needs 16 bits, so a value with its low
+                    # half zero was written the other way round
+                    fam = ((fam & 0xFF) << 24) | ((fam & 0xFF00) << 8) | ((fam >> 8) & 0xFF00) | (fam >> 24)
+                    if fam & 0xFFFF0000:
+                        fam = ((fam & 0xFF) << 24) | ((fam & 0xFF00) << 8) | ((fam >> 8) & 0xFF00) | (fam >> 24)
+                pos = 4
+                if fam == AF_INET:
+                    kind = _K_V4
+                    u16[ETHERTYPE, i] = 0x0800
+                elif fam == 24 or fam == 28 or fam == 30:
+                    kind = _K_V6
+                    u16[ETHERTYPE, i] = 0x86DD
+        else:                                # Linux cooked capture, v1 or v2
+            hl = 16 if linktype == LINK_LINUX_SLL else 20
+            if cap < hl:
+                kind = _K_NONE
+                err = E.TRUNC_LINK
+            else:
+                kind = _K_COOKED
+                etype = _rd16(d, b + 14) if linktype == LINK_LINUX_SLL else _rd16(d, b)
+                pos = hl
+        while kind != _K_NONE:
             # ---- L2 --------------------------------------------------------------------
-            if kind == _K_ETH:
-                i32[L2_OFF, i] = pos
-                if end - pos < 14:
-                    err = E.TRUNC_ETH
-                    break
-                # 14 bytes are there: read each MAC as 8 bytes (two wide loads) and drop 2
-                u64[ETH_DST, i] = _rd64(d, b + pos) >> _S16
-                u64[ETH_SRC, i] = _rd64(d, b + pos + 6) >> _S16
-                etype = _rd16(d, b + pos + 12)
-                pos += 14
+            if kind == _K_ETH or kind == _K_COOKED:
+                if kind == _K_ETH:
+                    i32[L2_OFF, i] = pos
+                    if lim - pos < 14:
+                        err = E.TRUNC_ETH
+                        break
+                    # 14 bytes are there: read each MAC as 8 bytes (two wide loads) and drop 2
+                    u64[ETH_DST, i] = _rd64(d, b + pos) >> _S16
+                    u64[ETH_SRC, i] = _rd64(d, b + pos + 6) >> _S16
+                    etype = _rd16(d, b + pos + 12)
+                    pos += 14
                 nv = 0
                 while (etype == 0x8100 or etype == 0x88A8) and nv < _MAX_VLANS:
-                    if end - pos < 4:
+                    if lim - pos < 4:
                         u16[ETHERTYPE, i] = etype
                         err = E.TRUNC_VLAN
                         break
@@ -317,19 +434,24 @@ def _parse_kernel(data, offset, length, linktype, u64, u32, i32, u16, u8):
                 elif etype == 0x0806:
                     u8[FLAGS, i] |= F_ARP
                     i32[L3_OFF, i] = pos
-                    if end - pos < 28:
+                    if lim - pos < 8:
                         err = E.TRUNC_ARP
                         break
                     o = b + pos
-                    if (_rd16(d, o) != 1 or _rd16(d, o + 2) != 0x0800 or _rd8(d, o + 4) != 6
-                            or _rd8(d, o + 5) != 4):
+                    hln = _rd8(d, o + 4)
+                    u16[ARP_OP, i] = _rd16(d, o + 6)
+                    if _rd16(d, o + 2) != 0x0800 or _rd8(d, o + 5) != 4:
                         err = E.BAD_ARP
                         break
-                    u16[ARP_OP, i] = _rd16(d, o + 6)
-                    u64[ARP_SHA, i] = _rd48(d, o + 8)
-                    u64[SRC_LO, i] = _V4_PREFIX | _rd32(d, o + 14)
-                    u64[ARP_THA, i] = _rd48(d, o + 18)
-                    u64[DST_LO, i] = _V4_PREFIX | _rd32(d, o + 24)
+                    if lim - pos < 16 + 2 * hln:
+                        err = E.TRUNC_ARP
+                        break
+                    if hln == 6:
+                        u64[ARP_SHA, i] = _rd48(d, o + 8)
+                        u64[ARP_THA, i] = _rd48(d, o + 18)
+                        u8[FLAGS2, i] |= F2_ARP_HW
+                    u64[SRC_LO, i] = _V4_PREFIX | _rd32(d, o + 8 + hln)
+                    u64[DST_LO, i] = _V4_PREFIX | _rd32(d, o + 12 + 2 * hln)
                     break
                 else:
                     break
@@ -338,7 +460,7 @@ def _parse_kernel(data, offset, length, linktype, u64, u32, i32, u16, u8):
             partial = False
             if kind == _K_V4:
                 i32[L3_OFF, i] = pos
-                if end - pos < 20:
+                if lim - pos < 20:
                     err = E.TRUNC_IPV4
                     break
                 o = b + pos
@@ -351,7 +473,7 @@ def _parse_kernel(data, offset, length, linktype, u64, u32, i32, u16, u8):
                 frag = _rd16(d, o + 6)
                 proto = _rd8(d, o + 9)
                 u8[IP_VER, i] = 4
-                u16[IP_LEN, i] = total
+                u32[IP_LEN, i] = total
                 u8[TTL, i] = _rd8(d, o + 8)
                 u8[PROTO, i] = proto
                 u64[SRC_LO, i] = _V4_PREFIX | _rd32(d, o + 12)
@@ -367,9 +489,14 @@ def _parse_kernel(data, offset, length, linktype, u64, u32, i32, u16, u8):
                 if ihl < 20:
                     err = E.BAD_IPV4_IHL
                     break
-                if end - pos < ihl:
+                if lim - pos < ihl:
                     err = E.TRUNC_IPV4
                     break
+                if total == 0 and proto == 6 and not partial:
+                    # a TCP super-frame (Linux BIG TCP, TSO): the frame gives the length
+                    total = end - pos
+                    u32[IP_LEN, i] = total
+                    u8[FLAGS2, i] |= F2_BIG_TCP
                 if total < ihl or total > end - pos:
                     err = E.BAD_IPV4_LEN
                     break
@@ -383,6 +510,7 @@ def _parse_kernel(data, offset, length, linktype, u64, u32, i32, u16, u8):
                     err = E.BAD_IPV4_CSUM
                     break
                 end = pos + total
+                lim = min(end, cap)
                 pos += ihl
                 ver = 4
                 if foff:
@@ -391,7 +519,7 @@ def _parse_kernel(data, offset, length, linktype, u64, u32, i32, u16, u8):
                     break
             else:
                 i32[L3_OFF, i] = pos
-                if end - pos < 40:
+                if lim - pos < 40:
                     err = E.TRUNC_IPV6
                     break
                 o = b + pos
@@ -400,7 +528,7 @@ def _parse_kernel(data, offset, length, linktype, u64, u32, i32, u16, u8):
                     break
                 plen = _rd16(d, o + 4)
                 u8[IP_VER, i] = 6
-                u16[IP_LEN, i] = min(plen + 40, 0xFFFF)
+                u32[IP_LEN, i] = plen + 40
                 u8[TTL, i] = _rd8(d, o + 7)
                 u64[SRC_HI, i] = _rd64(d, o + 8)
                 u64[SRC_LO, i] = _rd64(d, o + 16)
@@ -408,10 +536,25 @@ def _parse_kernel(data, offset, length, linktype, u64, u32, i32, u16, u8):
                 u64[DST_LO, i] = _rd64(d, o + 32)
                 proto = _rd8(d, o + 6)
                 u8[PROTO, i] = proto
+                if plen == 0 and proto == 0:
+                    jumbo = _jumbo_option(d, b, pos + 40, lim)
+                    if jumbo >= 0:
+                        u32[IP_LEN, i] = min(jumbo + 40, 0xFFFFFFFF)
+                        u8[FLAGS2, i] |= F2_JUMBO
+                        if jumbo <= 0xFFFF:
+                            err = E.BAD_IPV6_EXT
+                            break
+                        plen = jumbo
+                elif plen == 0 and proto == 6 and end - pos - 40 >= 20:
+                    # Linux BIG TCP over IPv6 without the jumbo header: length from the frame
+                    plen = end - pos - 40
+                    u32[IP_LEN, i] = plen + 40
+                    u8[FLAGS2, i] |= F2_BIG_TCP
                 if plen > end - pos - 40:
                     err = E.BAD_IPV6_LEN
                     break
                 end = pos + 40 + plen
+                lim = min(end, cap)
                 pos += 40
                 ver = 6
                 count = 0
@@ -422,7 +565,7 @@ def _parse_kernel(data, offset, length, linktype, u64, u32, i32, u16, u8):
                         break
                     count += 1
                     if proto == 44:
-                        if end - pos < 8:
+                        if lim - pos < 8:
                             err = E.BAD_IPV6_EXT
                             break
                         fo = _rd16(d, b + pos + 2)
@@ -436,11 +579,11 @@ def _parse_kernel(data, offset, length, linktype, u64, u32, i32, u16, u8):
                         proto = _rd8(d, b + pos)
                         pos += 8
                     else:
-                        if end - pos < 2:
+                        if lim - pos < 2:
                             err = E.BAD_IPV6_EXT
                             break
                         hlen = (_rd8(d, b + pos + 1) + 1) * 8
-                        if end - pos < hlen:
+                        if lim - pos < hlen:
                             err = E.BAD_IPV6_EXT
                             break
                         proto = _rd8(d, b + pos)
@@ -462,7 +605,7 @@ def _parse_kernel(data, offset, length, linktype, u64, u32, i32, u16, u8):
             vni = 0
             nkind = _K_ETH
             if proto == 6:
-                if end - pos < 20:
+                if lim - pos < 20:
                     err = E.TRUNC_TCP
                     break
                 u16[SPORT, i] = _rd16(d, o)
@@ -481,7 +624,7 @@ def _parse_kernel(data, offset, length, linktype, u64, u32, i32, u16, u8):
                 i32[PAYLOAD_LEN, i] = end - pos - doff
                 break
             elif proto == 17:
-                if end - pos < 8:
+                if lim - pos < 8:
                     err = E.TRUNC_UDP
                     break
                 dport = _rd16(d, o + 2)
@@ -489,18 +632,22 @@ def _parse_kernel(data, offset, length, linktype, u64, u32, i32, u16, u8):
                 u16[DPORT, i] = dport
                 u8[FLAGS, i] |= F_PORTS
                 ulen = _rd16(d, o + 4)
+                if ulen == 0 and (u8[FLAGS2, i] & F2_JUMBO) and end - pos > 0xFFFF:
+                    ulen = end - pos             # RFC 2675: a jumbo datagram's UDP length is 0
                 if ulen < 8 or (not partial and ulen > end - pos):
                     err = E.BAD_UDP_LEN
                     break
                 i32[PAYLOAD_OFF, i] = pos + 8
                 if partial:
                     i32[PAYLOAD_LEN, i] = end - pos - 8
+                    u8[TUN_UNFOLLOWED, i] = _udp_tunnel(dport)
                     break
                 end = pos + ulen
+                lim = min(end, cap)
                 i32[PAYLOAD_LEN, i] = ulen - 8
                 u = pos + 8
                 if dport == 4789:
-                    if end - u < 8:
+                    if lim - u < 8:
                         err = E.TRUNC_TUNNEL
                         break
                     if not (_rd8(d, b + u) & 0x08):
@@ -510,7 +657,7 @@ def _parse_kernel(data, offset, length, linktype, u64, u32, i32, u16, u8):
                     vni = _rd32(d, b + u + 4) >> 8
                     pos = u + 8
                 elif dport == 6081:
-                    if end - u < 8:
+                    if lim - u < 8:
                         err = E.TRUNC_TUNNEL
                         break
                     g0 = _rd8(d, b + u)
@@ -532,9 +679,10 @@ def _parse_kernel(data, offset, length, linktype, u64, u32, i32, u16, u8):
                     vni = _rd32(d, b + u + 4) >> 8
                     pos = u + 8 + optlen
                 else:
+                    u8[TUN_UNFOLLOWED, i] = _udp_tunnel(dport)
                     break
             elif proto == 132:
-                if end - pos < 12:
+                if lim - pos < 12:
                     err = E.TRUNC_SCTP
                     break
                 u16[SPORT, i] = _rd16(d, o)
@@ -544,7 +692,7 @@ def _parse_kernel(data, offset, length, linktype, u64, u32, i32, u16, u8):
                 i32[PAYLOAD_LEN, i] = end - pos - 12
                 break
             elif (proto == 1 and ver == 4) or (proto == 58 and ver == 6):
-                if end - pos < 8:
+                if lim - pos < 8:
                     err = E.TRUNC_ICMP
                     break
                 t = _rd8(d, o)
@@ -556,11 +704,11 @@ def _parse_kernel(data, offset, length, linktype, u64, u32, i32, u16, u8):
                 if _icmp_has_id(t, ver):
                     u16[ICMP_ID, i] = _rd16(d, o + 4)
                 elif _icmp_is_error(t, ver) and not partial:
-                    err = _icmp_quoted(d, b, pos + 8, end, ver, u64, u16, u8, i)
+                    err = _icmp_quoted(d, b, pos + 8, lim, ver, u64, u16, u8, i)
                     break
                 break
             elif proto == 50:
-                if end - pos < 8:
+                if lim - pos < 8:
                     err = E.TRUNC_ESP
                     break
                 u32[ESP_SPI, i] = _rd32(d, o)
@@ -570,7 +718,7 @@ def _parse_kernel(data, offset, length, linktype, u64, u32, i32, u16, u8):
                 i32[PAYLOAD_LEN, i] = end - pos - 8
                 break
             elif proto == 47:
-                if end - pos < 4:
+                if lim - pos < 4:
                     err = E.TRUNC_GRE
                     break
                 gf = _rd16(d, o)
@@ -589,7 +737,7 @@ def _parse_kernel(data, offset, length, linktype, u64, u32, i32, u16, u8):
                     hlen += 4
                 if gf & 0x1000:
                     hlen += 4
-                if end - pos < hlen:
+                if lim - pos < hlen:
                     err = E.TRUNC_GRE
                     break
                 key = 0
@@ -598,15 +746,41 @@ def _parse_kernel(data, offset, length, linktype, u64, u32, i32, u16, u8):
                     u32[GRE_KEY, i] = key
                 i32[PAYLOAD_OFF, i] = pos + hlen
                 i32[PAYLOAD_LEN, i] = end - pos - hlen
-                if gproto == 0x6558 and has_key and not partial:
+                if gproto == 0x6558 and has_key:
                     tun = TUN_NVGRE
                     vni = key >> 8
-                    pos = pos + hlen
+                elif gproto == 0x0800 or gproto == 0x86DD:
+                    tun = TUN_GRE
+                    vni = i32[TENANT, i]
+                    nkind = _K_V4 if gproto == 0x0800 else _K_V6
+                elif gproto == 0x88BE or gproto == 0x22EB:
+                    u8[TUN_UNFOLLOWED, i] = TUN_ERSPAN
+                    break
+                elif gproto == 0x8847 or gproto == 0x8848:
+                    u8[TUN_UNFOLLOWED, i] = TUN_MPLS
+                    break
                 else:
                     break
+                if partial:
+                    u8[TUN_UNFOLLOWED, i] = tun
+                    break
+                pos = pos + hlen
+            elif proto == 4 or proto == 41:
+                i32[PAYLOAD_OFF, i] = pos
+                i32[PAYLOAD_LEN, i] = end - pos
+                if partial:
+                    u8[TUN_UNFOLLOWED, i] = TUN_IPIP
+                    break
+                tun = TUN_IPIP
+                vni = i32[TENANT, i]
+                nkind = _K_V4 if proto == 4 else _K_V6
             else:
                 i32[PAYLOAD_OFF, i] = pos
                 i32[PAYLOAD_LEN, i] = end - pos
+                if proto == 137:
+                    u8[TUN_UNFOLLOWED, i] = TUN_MPLS
+                elif proto == 97:
+                    u8[TUN_UNFOLLOWED, i] = TUN_ETHERIP
                 break
 
             # ---- a tunnel: step into its inner frame ------------------------------------
@@ -626,6 +800,7 @@ def _parse_kernel(data, offset, length, linktype, u64, u32, i32, u16, u8):
             u64[DST_HI, i] = 0
             u64[DST_LO, i] = 0
             u32[GRE_KEY, i] = 0
+            u32[IP_LEN, i] = 0
             i32[L2_OFF, i] = -1
             i32[L3_OFF, i] = -1
             i32[L4_OFF, i] = -1
@@ -637,13 +812,13 @@ def _parse_kernel(data, offset, length, linktype, u64, u32, i32, u16, u8):
             u16[SPORT, i] = 0
             u16[DPORT, i] = 0
             u16[FRAG_OFF, i] = 0
-            u16[IP_LEN, i] = 0
             u16[GRE_PROTO, i] = 0
             u8[IP_VER, i] = 0
             u8[PROTO, i] = 0
             u8[TTL, i] = 0
             u8[N_VLANS, i] = 0
             u8[FLAGS, i] = 0
+            u8[FLAGS2, i] = 0
             i32[TENANT, i] = vni
             u8[TUN_TYPE, i] = tun
             i32[OUTER_L3_OFF, i] = outer
@@ -653,6 +828,8 @@ def _parse_kernel(data, offset, length, linktype, u64, u32, i32, u16, u8):
                 u16[ETHERTYPE, i] = 0x0800
             elif kind == _K_V6:
                 u16[ETHERTYPE, i] = 0x86DD
+        if end > cap:
+            u8[FLAGS2, i] |= F2_TRUNCATED
         u8[0, i] = err
         u32[FLOW_HASH, i] = _flow_hash(u64[SRC_HI, i], u64[SRC_LO, i], u64[DST_HI, i],
                                        u64[DST_LO, i], i32[TENANT, i], u8[PROTO, i],
@@ -668,9 +845,13 @@ def parse(batch: Batch, keys: FlowKeys | None = None) -> FlowKeys:
     if n > keys._cap:
         keys.resize(n)
     keys.n = n
-    lt = batch.linktype
-    if lt != LINK_ETHERNET and lt != LINK_RAW:
-        raise InputError(f"link type {lt} is not supported (Ethernet or raw IP only)")
-    _parse_kernel(batch.data, offset, batch.length, lt, keys.u64, keys.u32, keys.i32, keys.u16,
-                  keys.u8)
+    lt = int(batch.linktype)
+    if lt not in SUPPORTED_LINKTYPES:
+        raise InputError(f"link type {lt} is not supported (Ethernet, raw IP, BSD loopback or "
+                         f"Linux cooked capture only)")
+    wire = batch.wire_len
+    if wire.shape[0] != n:
+        raise InputError(f"the batch has {n} packets but {wire.shape[0]} wire lengths")
+    _parse_kernel(batch.data, offset, batch.length, wire, lt, keys.u64, keys.u32, keys.i32,
+                  keys.u16, keys.u8)
     return keys
