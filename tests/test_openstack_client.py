@@ -272,3 +272,15 @@ def test_query_through_the_cli(tmp_path, capsys):
     assert "security group proj/default rule" in capsys.readouterr().out
     assert main(base + ["--src", "10.0.0.7", "--dst", "10.0.0.6", "--dport", "22"]) == 1
     assert "ingress_denied" in capsys.readouterr().out
+
+
+def test_one_group_without_an_id_gives_all_its_rules(tmp_path):
+    """In a file of one group, the rules' own security_group_id does not filter them: the
+    group that names the file takes them all."""
+    doc = {"security_group": {"name": "n", "security_group_rules": [
+        {"direction": "egress", "ethertype": "IPv4", "security_group_id": "abc"}]}}
+    (rule, owner, _), = openstack.load_rules(_write(tmp_path, doc), Reporter())
+    assert owner is None and rule.direction == "egress"
+    (tmp_path / "p.yaml").write_text("tenants: [{name: t, vni: 1}]\n"
+                                     "security_groups: [{name: g, tenant: t, rules_file: x.json}]\n")
+    assert len(load_policy(str(tmp_path / "p.yaml")).group("t", "g").rules) == 1

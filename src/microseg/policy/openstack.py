@@ -92,14 +92,15 @@ def _is_group(doc) -> bool:
 
 
 def _rows(doc, path: str, rep: Reporter) -> list:
-    """The rule objects of ``doc`` as ``(row, where, line, owner, container)``.
+    """The rule objects of ``doc`` as ``(row, where, line, nested, owner, container)``.
 
-    ``owner`` is the group a row belongs to when the document says so by nesting (None: the
-    row's own ``Security Group`` / ``security_group_id``, if any); ``container`` is the ID of
-    the group object a row is nested in, which the row's ``security_group_id`` must agree with.
+    A ``nested`` row sits in a group object: it belongs to ``owner`` (None when the document
+    holds that one group only), and its ``security_group_id``, if any, must be ``container``
+    (the group's ID, when it has one). A row that is not nested belongs to the group its own
+    ``Security Group`` / ``security_group_id`` names, if any.
     """
     if isinstance(doc, list):
-        return [(row, f"[{i}]", _item_line(doc, i), None, None) for i, row in enumerate(doc)]
+        return [(row, f"[{i}]", _item_line(doc, i), False, None, None) for i, row in enumerate(doc)]
     if isinstance(doc, dict):
         keys = set(doc)
         if "security_group_rules" in doc and keys <= {"security_group_rules", "security_group_rules_links"}:
@@ -108,11 +109,11 @@ def _rows(doc, path: str, rep: Reporter) -> list:
                 rep.error(path, _key_line(doc, "security_group_rules"), "security_group_rules",
                           "must be a list of rules")
                 return []
-            return [(row, f"security_group_rules[{i}]", _item_line(seq, i), None, None)
+            return [(row, f"security_group_rules[{i}]", _item_line(seq, i), False, None, None)
                     for i, row in enumerate(seq)]
         if keys == {"security_group_rule"}:
             row = doc["security_group_rule"]
-            return [(row, "security_group_rule", _key_line(doc, "security_group_rule"), None, None)]
+            return [(row, "security_group_rule", _key_line(doc, "security_group_rule"), False, None, None)]
         if keys == {"security_group"}:
             return _group_rows(doc["security_group"], "security_group",
                                _key_line(doc, "security_group"), path, rep, single=True)
@@ -130,7 +131,7 @@ def _rows(doc, path: str, rep: Reporter) -> list:
         if _is_group(doc):
             return _group_rows(doc, "", getattr(doc, "line", None), path, rep, single=True)
         if _is_rule(doc):
-            return [(doc, "", getattr(doc, "line", None), None, None)]
+            return [(doc, "", getattr(doc, "line", None), False, None, None)]
     rep.error(path, getattr(doc, "line", None), "", f"not a security group or rule listing: expected {SHAPES}")
     return []
 
@@ -170,7 +171,8 @@ def _group_rows(g, where: str, line, path: str, rep: Reporter, single: bool) -> 
         return []
     owner = None if single else label
     prefix = f"{where}.{key}" if where else key
-    return [(row, f"{prefix}[{i}]", _item_line(rules, i), owner, gid) for i, row in enumerate(rules)]
+    return [(row, f"{prefix}[{i}]", _item_line(rules, i), True, owner, gid)
+            for i, row in enumerate(rules)]
 
 
 def load_rules(path: str, rep: Reporter) -> list:
@@ -181,14 +183,14 @@ def load_rules(path: str, rep: Reporter) -> list:
     ``rep`` as ``file:line: field: message``; bad rows are skipped.
     """
     out = []
-    for row, where, line, owner, container in _rows(_load(path), path, rep):
-        got = _rule(row, where, line, owner, container, path, rep)
+    for row, where, line, nested, owner, container in _rows(_load(path), path, rep):
+        got = _rule(row, where, line, nested, owner, container, path, rep)
         if got is not None:
             out.append(got)
     return out
 
 
-def _rule(row, where: str, line, owner, container, path: str, rep: Reporter):
+def _rule(row, where: str, line, nested: bool, owner, container, path: str, rep: Reporter):
     from .model import Fields, make_sg_rule, parse_protocol
 
     if not isinstance(row, dict):
@@ -227,7 +229,7 @@ def _rule(row, where: str, line, owner, container, path: str, rep: Reporter):
         f.fail(row.line_of(col("group")), col("group"),
                f"{own!r} is not the group the rule is listed in ({container!r})")
         return None
-    if owner is None and container is None:
+    if not nested:
         owner = own
     direction = text("direction")
     if direction is None:
