@@ -14,6 +14,19 @@ def _load(path):
     return load_config(path)
 
 
+def _limit(v, seconds: bool = False) -> str:
+    """A lifetime limit for the table: '-' for none, else a short number (10k, 1.5M, 2G)."""
+    if not v:
+        return "-"
+    if seconds:
+        return f"{v:g}"
+    for div, unit in ((10**9, "G"), (10**6, "M"), (10**3, "k")):
+        if v >= div and (v * 10) % div == 0:
+            q = v / div
+            return f"{q:g}{unit}"
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
 def cmd_sa_list(args) -> int:
     cfg = _load(args.sa)
     rows = [sa.summary() for sa in cfg.sas]
@@ -25,12 +38,17 @@ def cmd_sa_list(args) -> int:
         print(json.dumps({"sas": rows, "policies": pols}, indent=1))
         return 0
     print(f"{'name':<12} {'spi':>10} {'aead':<12} {'tunnel':<40} {'esn':<4} {'window':>6} "
-          f"{'life_bytes':>10} {'life_pkts':>10}")
+          f"{'bytes soft/hard':>17} {'packets soft/hard':>17} {'seconds soft/hard':>17}")
     for r in rows:
         tunnel = f"{r['tunnel_src']} -> {r['tunnel_dst']}"
+        life = r["lifetime"]
+        limits = " ".join(f"{_limit(life['soft_' + k], k == 'seconds') + '/' + _limit(life['hard_' + k], k == 'seconds'):>17}"
+                          for k in ("bytes", "packets", "seconds"))
         print(f"{r['name']:<12} {r['spi']:#010x} {r['aead']:<12} {tunnel:<40} "
-              f"{'yes' if r['esn'] else 'no':<4} {r['replay_window']:>6} "
-              f"{r['lifetime_bytes'] or '-':>10} {r['lifetime_packets'] or '-':>10}")
+              f"{'yes' if r['esn'] else 'no':<4} {r['replay_window']:>6} {limits}")
+        if r["esn_resync"]:
+            print(f"{'':<12} ESN re-synchronisation after {r['esn_resync']['after']} consecutive "
+                  f"authentication failures, {r['esn_resync']['tries']} high-order value(s) tried")
     for p in cfg.policies:
         what = ("protect via " + p.sa) if p.sa else ("bypass", "bypass", "discard")[p.action]
         print(f"policy {p.name}: {p.src or 'any'} -> {p.dst or 'any'} proto "
@@ -66,7 +84,10 @@ def _run(args, encrypt: bool) -> int:
                 w.write(out)
     drops = gw.drop_counts()["encrypt" if encrypt else "decrypt"]
     report = {"packets_in": n_in, "packets_out": n_out, "dropped": drops,
-              "sas": [s for s in gw.sa_stats() if s["tx_packets"] or s["rx_packets"]]}
+              "sas": [s for s in gw.sa_stats() if s["tx_packets"] or s["rx_packets"]],
+              "lifetime_events": [e.as_dict() for e in gw.events]}
+    if any(gw.resync_counts.values()):
+        report["esn_resync"] = dict(gw.resync_counts)
     if args.json:
         print(json.dumps(report, indent=1))
     else:
@@ -74,6 +95,9 @@ def _run(args, encrypt: bool) -> int:
         print(f"{n_in} packets in, {n_out} {verb}, {n_in - n_out} dropped"
               + (": " + ", ".join(f"{k} {v}" for k, v in sorted(drops.items())) if drops else ""),
               file=sys.stderr)
+        for e in gw.events:
+            print(f"SA {e.sa} ({e.spi:#010x}): {e.kind} lifetime reached ({e.limit}, "
+                  f"{e.direction}) at {e.at / 1e9:.6f}", file=sys.stderr)
     return 0
 
 
