@@ -1,5 +1,6 @@
 """Batch kernels == plain-Python reference, on random, replayed, reordered, tampered and
-malformed traffic; both AEAD back ends; ESN across the 32-bit boundary; lifetimes; SPD."""
+malformed traffic; both AEAD back ends; ESN across the 32-bit boundary (with and without
+re-synchronisation); lifetimes in bytes, packets and seconds with their events; SPD."""
 import random
 import struct
 
@@ -17,13 +18,15 @@ BACKENDS = ["cryptography"] + (["evp"] if evp.AVAILABLE else [])
 DOC = {
     "sas": [
         {"name": "v4", "spi": 0x1001, "key": "00112233445566778899aabbccddeeff", "salt": "01020304",
-         "tunnel_src": "192.0.2.1", "tunnel_dst": "192.0.2.2", "replay_window": 32},
+         "tunnel_src": "192.0.2.1", "tunnel_dst": "192.0.2.2", "replay_window": 32,
+         "lifetime": {"soft_seconds": 1.5, "hard_seconds": 3}},
         {"name": "v6esn", "spi": 0x2002, "key": "11" * 32, "salt": "a1a2a3a4",
          "tunnel_src": "2001:db8:1::1", "tunnel_dst": "2001:db8:2::1", "esn": True,
          "replay_window": 64},
         {"name": "v4big", "spi": 0x3003, "key": "22" * 24, "salt": "b1b2b3b4",
          "tunnel_src": "192.0.2.1", "tunnel_dst": "192.0.2.2", "replay_window": 1000,
-         "lifetime_packets": 40, "lifetime_bytes": 30000},
+         "lifetime": {"soft_packets": 25, "hard_packets": 40, "soft_bytes": 9000,
+                      "hard_bytes": 30000}},
         {"name": "nowin", "spi": 0x4004, "key": "33" * 16, "salt": "c1c2c3c4",
          "tunnel_src": "192.0.2.1", "tunnel_dst": "192.0.2.9", "replay_window": 0},
     ],
@@ -39,6 +42,15 @@ DOC = {
     ],
 }
 CFG = parse_config(DOC)
+# the same with ESN re-synchronisation on the ESN SA, tried at every authentication failure
+CFG_RS = parse_config({"sas": [dict(sa, esn_resync={"after": 1, "tries": 2}) if sa.get("esn")
+                               else sa for sa in DOC["sas"]], "policies": DOC["policies"]})
+# a receiver with shorter lifetimes than its sender, so that inbound SAs reach them too
+CFG_RX = parse_config({"sas": [dict(sa, lifetime={"soft_packets": 6, "hard_packets": 12,
+                                                  "hard_bytes": 2500, "soft_seconds": 0.5,
+                                                  "hard_seconds": 1})
+                               for sa in DOC["sas"]],
+                       "policies": DOC["policies"]})
 V4_SRC = ["10.1.2.3", "10.9.0.1", "10.66.1.1", "172.16.0.1"]
 V4_DST = ["10.2.0.7", "198.51.100.5", "8.8.8.8"]
 V6_SRC = ["2001:db8:a::1", "fe80::1"]
@@ -87,18 +99,42 @@ def _sync(gw, ref):
     ref.iv_base = [int(x) for x in gw.iv_base]
 
 
+def _events(gw):
+    return [(e.kind, e.sa, e.limit, e.direction, e.at) for e in gw.events]
+
+
+def _by_time(events):
+    """Events in time order; one batch's events at the same time may come in any SA order."""
+    return sorted(events, key=lambda e: (e[4], e[1], e[0] == "hard"))
+
+
 def _same_state(gw, ref):
     assert [int(x) for x in gw.tx_seq] == ref.tx_seq
     assert [int(x) for x in gw.rx_top] == [w.top for w in ref.win]
-    assert gw.life.astype(object).tolist() == ref.life
+    assert gw.life[:, :4].astype(object).tolist() == ref.life
+    stats = gw.sa_stats()
+    assert [s["soft_expired"] for s in stats] == [lt.soft and lt.soft[0] for lt in ref.lt]
+    assert [s["hard_expired"] for s in stats] == [lt.hard and lt.hard[0] for lt in ref.lt]
+    assert _by_time(_events(gw)) == _by_time(ref.events)
 
 
 def _run(seed, backend):
     rng = random.Random(seed)
     linktype = rng.choice([LINK_ETHERNET, LINK_RAW])
-    tx, rtx = EspGateway(CFG, backend), RefGateway(CFG)
-    rx, rrx = EspGateway(CFG, backend), RefGateway(CFG)
+    cfg = rng.choice([CFG, CFG_RS])
+    rcfg = rng.choice([cfg, CFG_RX])
+    tx, rtx = EspGateway(cfg, backend), RefGateway(cfg)
+    rx, rrx = EspGateway(rcfg, backend), RefGateway(rcfg)
     _sync(tx, rtx)
+    clock = [rng.randrange(0, 2**40)]
+    step = rng.choice([0, 10**6, 5 * 10**7])     # ns between packets: v4's 1.5 s / 3 s limits
+
+    def stamps(k):
+        out = []
+        for _ in range(k):
+            clock[0] += rng.randrange(0, 2 * step + 1)
+            out.append(clock[0])
+        return out
     if rng.random() < 0.5:      # ESN: start close to the 32-bit boundary on both sides
         start = 2**32 - rng.randrange(1, 30)
         tx.tx_seq[1] = rtx.tx_seq[1] = start
@@ -113,9 +149,10 @@ def _run(seed, backend):
         k = rng.randrange(1, 40)
         chunk = pkts[pos:pos + k]
         pos += k
-        out, reason = tx.encrypt_batch(Batch.from_packets(chunk, linktype=linktype),
+        ts = stamps(len(chunk))
+        out, reason = tx.encrypt_batch(Batch.from_packets(chunk, ts=ts, linktype=linktype),
                                        return_reasons=True)
-        want = [rtx.encrypt(p, linktype) for p in chunk]
+        want = [rtx.encrypt(p, linktype, t=t) for p, t in zip(chunk, ts)]
         assert reason.tolist() == [w[0] for w in want]
         assert list(out.packets()) == [w[1] for w in want if w[0] == esp.OK]
         enc_all += [w[1] for w in want if w[0] == esp.OK]
@@ -141,13 +178,15 @@ def _run(seed, backend):
             j = rng.randrange(max(0, len(stream) - 70), len(stream))
             stream[j], stream[-1] = stream[-1], stream[j]
     stream += [_inner(rng, linktype) for _ in range(3)]            # not ESP at all
+    clock[0] -= rng.randrange(0, 2**31)       # the receiver's clock: earlier than the sender's
     pos = 0
     while pos < len(stream):
         k = rng.randrange(1, 50)
         chunk = stream[pos:pos + k]
         pos += k
-        out, reason = rx.decrypt_batch(Batch.from_packets(chunk, linktype=linktype))
-        want = [rrx.decrypt(p, linktype) for p in chunk]
+        ts = stamps(len(chunk))
+        out, reason = rx.decrypt_batch(Batch.from_packets(chunk, ts=ts, linktype=linktype))
+        want = [rrx.decrypt(p, linktype, t=t) for p, t in zip(chunk, ts)]
         assert reason.tolist() == [w[0] for w in want]
         assert list(out.packets()) == [w[1] for w in want if w[0] == esp.OK]
     _same_state(rx, rrx)
@@ -219,13 +258,13 @@ def test_sequence_counter_exhaustion_stops_the_sa():
 
 
 def test_lifetime_packets_and_bytes():
-    doc = {"sas": [dict(DOC["sas"][0], lifetime_packets=3)]}
+    doc = {"sas": [dict(DOC["sas"][0], lifetime=None, lifetime_packets=3)]}
     gw = EspGateway(parse_config(doc))
     p = _ip4("10.1.0.1", "10.2.0.2", 17, b"abc")
     _, reason = gw.encrypt_batch(Batch.from_packets([p] * 5, linktype=LINK_RAW), sa=0,
                                  return_reasons=True)
     assert reason.tolist() == [0, 0, 0, esp.EXPIRED, esp.EXPIRED]
-    doc = {"sas": [dict(DOC["sas"][0], lifetime_bytes=100)]}
+    doc = {"sas": [dict(DOC["sas"][0], lifetime=None, lifetime_bytes=100)]}
     gw = EspGateway(parse_config(doc))
     p = _ip4("10.1.0.1", "10.2.0.2", 17, bytes(20))      # 40 bytes each
     _, reason = gw.encrypt_batch(Batch.from_packets([p] * 3, linktype=LINK_RAW), sa=0,

@@ -11,7 +11,15 @@ Encapsulation and decapsulation each run as compiled passes over a whole batch:
 * the AEAD pass (``seal_evp`` / ``open_evp`` here, or a ``cryptography`` loop in
   :mod:`microseg.ipsec.gateway`) encrypts in place or decrypts into the output buffer;
 * ``decap_finish`` re-checks and updates the anti-replay window in packet order (only for
-  packets whose ICV verified), enforces lifetimes, and checks padding and the inner header.
+  packets whose ICV verified), enforces lifetimes, and checks padding and the inner header;
+  with ESN re-synchronisation configured (RFC 4303 A3) it stops at the packet that reaches
+  the SA's count of consecutive authentication failures, so that the gateway can retry it
+  with the next high-order values.
+
+Lifetimes (RFC 4301 4.4.2.1) are counted per SA and per packet inside these passes: bytes and
+packets per direction, seconds from the SA's start, in the packets' own timestamps (never a
+clock read in the datapath). A soft limit sets a flag and a "new event" bit once; a hard limit
+ends the SA for both directions. The gateway turns the new-event bits into events.
 
 Every packet ends with a reason code (``OK`` or why it was dropped).
 """
@@ -61,8 +69,24 @@ MIN_ESP = ESP_HDR + IV_LEN + 4 + ICV_LEN   # header, IV, smallest aligned traile
 IPPROTO_ESP = 50
 U32_MAX = 0xFFFFFFFF
 
-# columns of the per-SA life counters / limits
+# columns of ``sa_limits`` (per-SA configuration, uint64; 0 = no limit)
+LIM_HARD_BYTES, LIM_HARD_PKTS, LIM_SOFT_BYTES, LIM_SOFT_PKTS = 0, 1, 2, 3
+LIM_HARD_NS, LIM_SOFT_NS = 4, 5          # seconds, in timestamp units (ns)
+LIM_RESYNC_AFTER, LIM_RESYNC_TRIES = 6, 7
+N_LIMITS = 8
+
+# columns of ``life`` (per-SA lifetime state, uint64; timestamps stored as their int64 bits)
 L_TX_PKTS, L_TX_BYTES, L_RX_PKTS, L_RX_BYTES = 0, 1, 2, 3
+L_START = 4             # when the SA's clock started (installation, else its first packet)
+L_FLAGS = 5             # F_* bits below
+L_SOFT_AT, L_HARD_AT = 6, 7   # timestamps of the soft / hard expiry
+L_WHY = 8               # soft cause in bits 0-7, hard cause in bits 8-15 (WHY_* | DIR_*)
+L_RX_FAIL = 9           # consecutive packets that failed authentication (ESN re-sync trigger)
+N_LIFE = 10
+
+F_STARTED, F_SOFT, F_HARD, F_SOFT_NEW, F_HARD_NEW = 1, 2, 4, 8, 16
+WHY_BYTES, WHY_PACKETS, WHY_SECONDS = 1, 2, 3
+DIR_ENCRYPT, DIR_DECRYPT, DIR_CLOCK = 16, 32, 48
 
 ACTION_PROTECT, ACTION_BYPASS, ACTION_DISCARD = 0, 1, 2
 
@@ -140,17 +164,102 @@ def _addr_of(d, o, ver):
 
 
 # ---------------------------------------------------------------------------------------------
+# lifetimes (RFC 4301 4.4.2.1)
+# ---------------------------------------------------------------------------------------------
+@njit(cache=True, inline="always")
+def _hard_expire(life, s, why, t):
+    life[s, L_FLAGS] |= np.uint64(F_HARD | F_HARD_NEW)
+    life[s, L_HARD_AT] = np.uint64(t)
+    life[s, L_WHY] |= np.uint64(why) << np.uint64(8)
+
+
+@njit(cache=True, inline="always")
+def _life_use(life, lim, s, cp, cb, nbytes, t, d):
+    """Count one packet of ``nbytes`` at time ``t`` on SA ``s`` (``cp``/``cb``: the direction's
+    packet and byte columns, ``d`` its DIR_*). False when the SA is or becomes hard-expired:
+    a hard limit is never passed; the packet that would pass it ends the SA, and so does the
+    packet that reaches it exactly (after being counted). A soft limit fires once."""
+    fl = life[s, L_FLAGS]
+    if fl & np.uint64(F_HARD):
+        return False
+    if not fl & np.uint64(F_STARTED):
+        life[s, L_START] = np.uint64(t)
+        fl |= np.uint64(F_STARTED)
+        life[s, L_FLAGS] = fl
+    el = np.int64(t) - np.int64(life[s, L_START])
+    nb = np.uint64(nbytes)
+    why = 0
+    if lim[s, LIM_HARD_NS] > 0 and el >= np.int64(lim[s, LIM_HARD_NS]):
+        why = WHY_SECONDS
+    elif lim[s, LIM_HARD_PKTS] > 0 and life[s, cp] >= lim[s, LIM_HARD_PKTS]:
+        why = WHY_PACKETS
+    elif lim[s, LIM_HARD_BYTES] > 0 and life[s, cb] + nb > lim[s, LIM_HARD_BYTES]:
+        why = WHY_BYTES
+    if why:
+        _hard_expire(life, s, why | d, t)
+        return False
+    life[s, cp] += np.uint64(1)
+    life[s, cb] += nb
+    if not fl & np.uint64(F_SOFT):
+        why = 0
+        if lim[s, LIM_SOFT_NS] > 0 and el >= np.int64(lim[s, LIM_SOFT_NS]):
+            why = WHY_SECONDS
+        elif lim[s, LIM_SOFT_PKTS] > 0 and life[s, cp] >= lim[s, LIM_SOFT_PKTS]:
+            why = WHY_PACKETS
+        elif lim[s, LIM_SOFT_BYTES] > 0 and life[s, cb] >= lim[s, LIM_SOFT_BYTES]:
+            why = WHY_BYTES
+        if why:
+            life[s, L_FLAGS] |= np.uint64(F_SOFT | F_SOFT_NEW)
+            life[s, L_SOFT_AT] = np.uint64(t)
+            life[s, L_WHY] |= np.uint64(why | d)
+    if lim[s, LIM_HARD_PKTS] > 0 and life[s, cp] >= lim[s, LIM_HARD_PKTS]:
+        _hard_expire(life, s, WHY_PACKETS | d, t)
+    elif lim[s, LIM_HARD_BYTES] > 0 and life[s, cb] >= lim[s, LIM_HARD_BYTES]:
+        _hard_expire(life, s, WHY_BYTES | d, t)
+    return True
+
+
+@njit(cache=True)
+def expire_at(life, lim, now):
+    """The clock's part of the lifetimes, without packets: soft and hard seconds at ``now`` for
+    every started SA (as a timer would). Returns the number of SAs with a new event."""
+    for s in range(life.shape[0]):
+        fl = life[s, L_FLAGS]
+        if not fl & np.uint64(F_STARTED) or fl & np.uint64(F_HARD):
+            continue
+        el = np.int64(now) - np.int64(life[s, L_START])
+        if not fl & np.uint64(F_SOFT) and lim[s, LIM_SOFT_NS] > 0 and el >= np.int64(lim[s, LIM_SOFT_NS]):
+            life[s, L_FLAGS] |= np.uint64(F_SOFT | F_SOFT_NEW)
+            life[s, L_SOFT_AT] = np.uint64(now)
+            life[s, L_WHY] |= np.uint64(WHY_SECONDS | DIR_CLOCK)
+        if lim[s, LIM_HARD_NS] > 0 and el >= np.int64(lim[s, LIM_HARD_NS]):
+            _hard_expire(life, s, WHY_SECONDS | DIR_CLOCK, now)
+    return pending_events(life)
+
+
+@njit(cache=True)
+def pending_events(life):
+    """Number of SAs whose soft or hard expiry has not been reported yet."""
+    k = 0
+    for s in range(life.shape[0]):
+        if life[s, L_FLAGS] & np.uint64(F_SOFT_NEW | F_HARD_NEW):
+            k += 1
+    return k
+
+
+# ---------------------------------------------------------------------------------------------
 # encapsulation
 # ---------------------------------------------------------------------------------------------
 @njit(cache=True)
 def encap_prepare(data, offset, length, linktype, forced_sa,
                   pol_src, pol_smask, pol_dst, pol_dmask, pol_proto, pol_action, pol_sa,
                   sa_spi, sa_ver, sa_esn, sa_salt, sa_src, sa_dst, sa_limits,
-                  tx_seq, iv_base, life, dead):
-    """SPD lookup, sequence/IV assignment and header building for a batch (see module doc).
+                  tx_seq, iv_base, life, dead, ts=None):
+    """SPD lookup, lifetimes, sequence/IV assignment and header building (see module doc).
 
     Returns (out, out_off, out_len, reason, sa_of, nonce, aad, aad_len, enc_off, enc_len).
     ``sa_of`` is -1 for a bypassed packet (copied unchanged). State arrays are updated.
+    ``ts`` gives each packet's time for the seconds lifetimes; without it time stands still.
     """
     n = offset.shape[0]
     reason = np.zeros(n, np.uint8)
@@ -214,22 +323,21 @@ def encap_prepare(data, offset, length, linktype, forced_sa,
             if act != ACTION_PROTECT:
                 reason[i] = NO_POLICY
                 continue
+        if life[s, L_FLAGS] & np.uint64(F_HARD):
+            reason[i] = EXPIRED
+            continue
         # sequence counter: a counter that would wrap stops the SA (RFC 4303 3.3.3)
         smax = np.uint64(0xFFFFFFFFFFFFFFFF) if sa_esn[s] else np.uint64(U32_MAX)
         if dead[s] or tx_seq[s] >= smax:
             dead[s] = 1
             reason[i] = EXPIRED
             continue
-        if sa_limits[s, 1] > 0 and life[s, L_TX_PKTS] + np.uint64(1) > sa_limits[s, 1]:
-            reason[i] = EXPIRED
-            continue
-        if sa_limits[s, 0] > 0 and life[s, L_TX_BYTES] + np.uint64(L) > sa_limits[s, 0]:
+        t = np.int64(0) if ts is None else np.int64(ts[i])
+        if not _life_use(life, sa_limits, s, L_TX_PKTS, L_TX_BYTES, L, t, DIR_ENCRYPT):
             reason[i] = EXPIRED
             continue
         tx_seq[s] += np.uint64(1)
         seqs[i] = tx_seq[s]
-        life[s, L_TX_PKTS] += np.uint64(1)
-        life[s, L_TX_BYTES] += np.uint64(L)
         sa_of[i] = s
         l3[i] = s3
         ilen[i] = L
@@ -418,8 +526,8 @@ def _find_sa(spi_sorted, spi_idx, spi, sa_ver, sa_dhi, sa_dlo, ver, dhi, dlo):
 
 @njit(cache=True)
 def decap_prepare(data, offset, length, linktype, spi_sorted, spi_idx, sa_ver, sa_dhi, sa_dlo,
-                  sa_esn, sa_window, sa_salt, rx_top, rx_bitmap):
-    """Parse, find the SA, pre-check replay, lay out the output (see module doc).
+                  sa_esn, sa_window, sa_salt, rx_top, rx_bitmap, life):
+    """Parse, find the SA, pre-check replay and expiry, lay out the output (see module doc).
 
     Returns (reason, sa_of, seq64, l2len, ct_src, ct_len, out, out_off, nonce, aad, aad_len).
     """
@@ -505,6 +613,9 @@ def decap_prepare(data, offset, length, linktype, spi_sorted, spi_idx, sa_ver, s
         if not replay_check(rx_top[s], rx_bitmap[s], seq, sa_window[s]):
             reason[i] = REPLAY
             continue
+        if life[s, L_FLAGS] & np.uint64(F_HARD):       # no crypto for an SA that has ended
+            reason[i] = EXPIRED
+            continue
         sa_of[i] = s
         seq64[i] = seq
         l2len[i] = s3
@@ -544,27 +655,49 @@ def decap_prepare(data, offset, length, linktype, spi_sorted, spi_idx, sa_ver, s
 
 
 @njit(cache=True)
-def decap_finish(reason, ok, sa_of, seq64, l2len, ct_len, out, out_off, sa_window, sa_limits,
-                 rx_top, rx_bitmap, life):
-    """Window update in packet order, lifetimes, trailer and inner-header checks.
+def decap_finish(reason, ok, sa_of, seq64, l2len, ct_len, out, out_off, sa_esn, sa_window,
+                 sa_limits, rx_top, rx_bitmap, life, ts, out_len, start, allow_resync):
+    """Window update in packet order, lifetimes, trailer and inner-header checks, from packet
+    ``start`` on; ``out_len`` receives the inner packets' lengths (with L2).
 
-    ``ok[i]`` is 1 when packet i's ICV verified. Returns the inner packets' lengths (with L2).
+    ``ok[i]`` is 1 when packet i's ICV verified. Returns the index of the packet where it
+    stopped for an ESN re-synchronisation attempt (only with ``allow_resync``), else n.
     """
     n = reason.shape[0]
-    out_len = np.zeros(n, np.int64)
-    for i in range(n):
+    stop = n
+    for i in range(start, n):
         if reason[i] != OK:
             continue
         s = sa_of[i]
         seq = seq64[i]
+        if sa_esn[s]:
+            # inferred again from the window as it is now: an earlier packet of this batch
+            # may have moved it (the crypto used the first guess: a different one cannot verify)
+            now_seq = infer_seq(rx_top[s], seq & np.uint64(U32_MAX), sa_window[s], True)
+            if now_seq != seq:
+                if not replay_check(rx_top[s], rx_bitmap[s], now_seq, sa_window[s]):
+                    reason[i] = REPLAY
+                    continue
+                ok[i] = 0
+                seq = now_seq
+                seq64[i] = seq
         # checked again in packet order: an earlier packet of this batch may have taken seq
-        fresh = replay_check(rx_top[s], rx_bitmap[s], seq, sa_window[s])
-        if not ok[i]:
-            reason[i] = BAD_ICV if fresh else REPLAY
-            continue
-        if not fresh:
+        if not replay_check(rx_top[s], rx_bitmap[s], seq, sa_window[s]):
             reason[i] = REPLAY
             continue
+        if life[s, L_FLAGS] & np.uint64(F_HARD):
+            reason[i] = EXPIRED
+            continue
+        if not ok[i]:
+            reason[i] = BAD_ICV
+            life[s, L_RX_FAIL] += np.uint64(1)
+            after = sa_limits[s, LIM_RESYNC_AFTER]
+            if (allow_resync and sa_esn[s] and after > 0 and life[s, L_RX_FAIL] >= after
+                    and (seq >> np.uint64(32)) < np.uint64(U32_MAX)):
+                stop = i
+                break
+            continue
+        life[s, L_RX_FAIL] = 0
         q = out_off[i] + l2len[i]
         m = ct_len[i]
         padlen = np.int64(out[q + m - 2])
@@ -592,30 +725,27 @@ def decap_finish(reason, ok, sa_of, seq64, l2len, ct_len, out, out_off, sa_windo
         if bad:
             reason[i] = MALFORMED
             continue
-        if sa_limits[s, 1] > 0 and life[s, L_RX_PKTS] + np.uint64(1) > sa_limits[s, 1]:
+        if not _life_use(life, sa_limits, s, L_RX_PKTS, L_RX_BYTES, L, ts[i], DIR_DECRYPT):
             reason[i] = EXPIRED
             continue
-        if sa_limits[s, 0] > 0 and life[s, L_RX_BYTES] + np.uint64(L) > sa_limits[s, 0]:
-            reason[i] = EXPIRED
-            continue
-        life[s, L_RX_PKTS] += np.uint64(1)
-        life[s, L_RX_BYTES] += np.uint64(L)
         if l2len[i] > 0:
             _put16(out, q - 2, 0x0800 if nh == 4 else 0x86DD)
         out_len[i] = l2len[i] + L
     # plaintext of dropped packets (unauthenticated, or refused after) does not stay around
-    for i in range(n):
+    last = stop + 1 if stop < n else n
+    for i in range(start, last):
         if reason[i] != OK and sa_of[i] >= 0:
             q = out_off[i] + l2len[i]
             for k in range(ct_len[i]):
                 out[q + k] = 0
-    return out_len
+    return stop
 
 
 @njit(cache=True)
-def compact(reason, out_off, out_len, port, ts, counts):
-    """Count reasons into ``counts``; offsets, lengths, ports, timestamps of the kept packets."""
-    n = reason.shape[0]
+def compact(reason, out_off, out_len, port, ts, counts, stop=-1):
+    """Count reasons into ``counts``; offsets, lengths, ports, timestamps of the kept packets
+    (of the first ``stop`` packets when ``stop`` >= 0)."""
+    n = reason.shape[0] if stop < 0 else stop
     k = 0
     for i in range(n):
         counts[reason[i]] += 1
@@ -696,30 +826,34 @@ if evp.AVAILABLE:
         return ok
 
     @njit(cache=True)
-    def encrypt_evp(ctxs, scratch, counts, port, ts, data, offset, length, linktype, forced_sa,
+    def encrypt_evp(ctxs, scratch, counts, port, ts, clock, data, offset, length, linktype, forced_sa,
                     pol_src, pol_smask, pol_dst, pol_dmask, pol_proto, pol_action, pol_sa,
                     sa_spi, sa_ver, sa_esn, sa_salt, sa_src, sa_dst, sa_limits,
                     tx_seq, iv_base, life, dead):
-        """encap_prepare + seal_evp + compact in one dispatch (the per-batch cost counts at 64 B)."""
+        """encap_prepare + seal_evp + compact in one dispatch (the per-batch cost counts at 64 B).
+        ``clock``: each packet's time for the lifetimes (``ts``, or the caller's ``now``).
+        Also returns the number of SAs with a lifetime event to report."""
         (out, out_off, out_len, reason, sa_of, nonce, aad, aad_len, enc_off, enc_len) = \
             encap_prepare(data, offset, length, linktype, forced_sa, pol_src, pol_smask, pol_dst,
                           pol_dmask, pol_proto, pol_action, pol_sa, sa_spi, sa_ver, sa_esn,
-                          sa_salt, sa_src, sa_dst, sa_limits, tx_seq, iv_base, life, dead)
+                          sa_salt, sa_src, sa_dst, sa_limits, tx_seq, iv_base, life, dead, clock)
         bad = seal_evp(ctxs, sa_of, out, enc_off, enc_len, nonce, aad, aad_len, scratch)
         off, ln, wl, pt, t = compact(reason, out_off, out_len, port, ts, counts)
-        return out, off, ln, wl, pt, t, reason, bad
+        return out, off, ln, wl, pt, t, reason, bad, pending_events(life)
 
     @njit(cache=True)
-    def decrypt_evp(ctxs, scratch, counts, port, ts, data, offset, length, linktype, spi_sorted,
+    def decrypt_evp(ctxs, scratch, counts, port, ts, clock, data, offset, length, linktype, spi_sorted,
                     spi_idx, sa_ver, sa_dhi, sa_dlo, sa_esn, sa_window, sa_salt, sa_limits,
                     rx_top, rx_bitmap, life):
-        """decap_prepare + open_evp + decap_finish + compact in one dispatch."""
+        """decap_prepare + open_evp + decap_finish + compact in one dispatch (no ESN
+        re-synchronisation: the gateway takes the step-by-step path when an SA has it)."""
         (reason, sa_of, seq64, l2len, ct_src, ct_len, out, out_off, nonce, aad, aad_len) = \
             decap_prepare(data, offset, length, linktype, spi_sorted, spi_idx, sa_ver, sa_dhi,
-                          sa_dlo, sa_esn, sa_window, sa_salt, rx_top, rx_bitmap)
+                          sa_dlo, sa_esn, sa_window, sa_salt, rx_top, rx_bitmap, life)
         ok = open_evp(ctxs, reason, sa_of, data, ct_src, ct_len, out, out_off, l2len, nonce, aad,
                       aad_len, scratch)
-        out_len = decap_finish(reason, ok, sa_of, seq64, l2len, ct_len, out, out_off, sa_window,
-                               sa_limits, rx_top, rx_bitmap, life)
+        out_len = np.zeros(reason.shape[0], np.int64)
+        decap_finish(reason, ok, sa_of, seq64, l2len, ct_len, out, out_off, sa_esn, sa_window,
+                     sa_limits, rx_top, rx_bitmap, life, clock, out_len, 0, False)
         off, ln, wl, pt, t = compact(reason, out_off, out_len, port, ts, counts)
-        return out, off, ln, wl, pt, t, reason
+        return out, off, ln, wl, pt, t, reason, pending_events(life)

@@ -1,7 +1,8 @@
 """Plain-Python reference for ESP tunnel mode, one packet at a time (the oracle for the kernels).
 
 Same behaviour as :class:`~microseg.ipsec.gateway.EspGateway`, written for clarity: the replay
-window is a set of sequence numbers, the AEAD is ``cryptography``'s ``AESGCM``.
+window is a set of sequence numbers, the AEAD is ``cryptography``'s ``AESGCM``, lifetimes are
+a small object per SA, and SAs live in a dict by name (installed, replaced, removed).
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from .esp import (BAD_ICV, EXPIRED, MALFORMED, MIN_ESP, NO_POLICY, NOT_ESP, OK, REPLAY,
                   UNKNOWN_SPI)
-from .sa import ACTION_BYPASS, ACTION_PROTECT, SAConfig
+from .sa import ACTION_BYPASS, ACTION_PROTECT, SAConfig, SecurityAssociation, seconds_ns
 
 M32, M64 = 0xFFFFFFFF, 0xFFFFFFFFFFFFFFFF
 
@@ -78,8 +79,70 @@ def _csum(b: bytes) -> int:
     return ~s & 0xFFFF
 
 
+class RefLife:
+    """One SA's lifetime state (RFC 4301 4.4.2.1): per-direction counts, a clock, two flags.
+
+    Events are tuples (kind, sa name, limit, direction, at)."""
+
+    def __init__(self, sa: SecurityAssociation, now=None):
+        self.sa = sa
+        self.count = {"encrypt": [0, 0], "decrypt": [0, 0]}     # packets, bytes
+        self.start = now
+        self.soft = self.hard = None                             # (limit, direction, at)
+
+    def _end(self, limit, d, t, events):
+        self.hard = (limit, d, t)
+        events.append(("hard", self.sa.name, limit, d, t))
+
+    def use(self, d: str, nbytes: int, t: int, events: list) -> bool:
+        """Count one packet; False when the SA has ended or this packet would pass a hard
+        limit. Reaching a hard limit exactly ends the SA after this packet; soft fires once."""
+        sa = self.sa
+        if self.hard:
+            return False
+        if self.start is None:
+            self.start = t
+        el = t - self.start
+        c = self.count[d]
+        hard_ns, soft_ns = seconds_ns(sa.hard_seconds), seconds_ns(sa.soft_seconds)
+        if hard_ns and el >= hard_ns:
+            self._end("seconds", d, t, events)
+            return False
+        if sa.hard_packets and c[0] >= sa.hard_packets:
+            self._end("packets", d, t, events)
+            return False
+        if sa.hard_bytes and c[1] + nbytes > sa.hard_bytes:
+            self._end("bytes", d, t, events)
+            return False
+        c[0] += 1
+        c[1] += nbytes
+        if self.soft is None:
+            why = ("seconds" if soft_ns and el >= soft_ns else
+                   "packets" if sa.soft_packets and c[0] >= sa.soft_packets else
+                   "bytes" if sa.soft_bytes and c[1] >= sa.soft_bytes else None)
+            if why:
+                self.soft = (why, d, t)
+                events.append(("soft", sa.name, why, d, t))
+        if sa.hard_packets and c[0] >= sa.hard_packets:
+            self._end("packets", d, t, events)
+        elif sa.hard_bytes and c[1] >= sa.hard_bytes:
+            self._end("bytes", d, t, events)
+        return True
+
+    def clock(self, now: int, events: list) -> None:
+        """Seconds limits at ``now`` without a packet (the gateway's ``expire``)."""
+        if self.start is None or self.hard:
+            return
+        sa, el = self.sa, now - self.start
+        if self.soft is None and sa.soft_seconds and el >= seconds_ns(sa.soft_seconds):
+            self.soft = ("seconds", "clock", now)
+            events.append(("soft", sa.name, "seconds", "clock", now))
+        if sa.hard_seconds and el >= seconds_ns(sa.hard_seconds):
+            self._end("seconds", "clock", now, events)
+
+
 class RefGateway:
-    def __init__(self, config: SAConfig, iv_base=None):
+    def __init__(self, config: SAConfig, iv_base=None, now=None):
         self.config = config
         self.sas = list(config.sas)
         n = len(self.sas)
@@ -87,8 +150,62 @@ class RefGateway:
         self.tx_seq = [0] * n
         self.dead = [False] * n
         self.win = [RefWindow(sa.replay_window) for sa in self.sas]
-        self.life = [[0, 0, 0, 0] for _ in range(n)]
         self.aead = [AESGCM(sa.key) for sa in self.sas]
+        self.lt = [RefLife(sa, now) for sa in self.sas]
+        self.fails = [0] * n                    # consecutive authentication failures
+        self.removed = [False] * n
+        self.successor: dict[str, str] = {}
+        self.events: list = []
+
+    @property
+    def life(self) -> list:
+        """[tx packets, tx bytes, rx packets, rx bytes] per SA, as the gateway's counters."""
+        return [lt.count["encrypt"] + lt.count["decrypt"] for lt in self.lt]
+
+    # -- SAs at run time (make-before-break) ----------------------------------------------------
+    def add_sa(self, sa: SecurityAssociation, now=None, iv_base: int = 0) -> int:
+        self.sas.append(sa)
+        self.iv_base.append(iv_base)
+        self.tx_seq.append(0)
+        self.dead.append(False)
+        self.win.append(RefWindow(sa.replay_window))
+        self.aead.append(AESGCM(sa.key))
+        self.lt.append(RefLife(sa, now))
+        self.fails.append(0)
+        self.removed.append(False)
+        return len(self.sas) - 1
+
+    def rekey(self, pairs: dict, now=None, iv_base=None) -> None:
+        for k, (old, sa) in enumerate(pairs.items()):
+            self.add_sa(sa, now, 0 if iv_base is None else iv_base[k])
+            self.successor[old] = sa.name
+
+    def remove_sa(self, name: str) -> None:
+        self.removed[self._live_index(name)] = True
+
+    def _live_index(self, name: str):
+        for k, sa in enumerate(self.sas):
+            if sa.name == name and not self.removed[k]:
+                return k
+        return None
+
+    def _outbound(self, name: str) -> int:
+        chain = [name]
+        while chain[-1] in self.successor and self.successor[chain[-1]] not in chain:
+            chain.append(self.successor[chain[-1]])
+        for nm in reversed(chain):
+            k = self._live_index(nm)
+            if k is not None:
+                return k
+        raise KeyError(name)
+
+    def expire(self, now: int) -> list:
+        new = []
+        for k, lt in enumerate(self.lt):
+            if not self.removed[k]:
+                lt.clock(now, new)
+        self.events += new
+        return new
 
     def _policy(self, src, dst, proto):
         for p in self.config.policies:
@@ -98,12 +215,15 @@ class RefGateway:
                 continue
             if p.proto >= 0 and p.proto != proto:
                 continue
-            return p.action, (self.sas.index(self.config.by_name(p.sa))
-                              if p.action == ACTION_PROTECT else -1)
+            return p.action, (self._outbound(p.sa) if p.action == ACTION_PROTECT else -1)
         return None, -1
 
-    def encrypt(self, pkt: bytes, linktype: int, sa: int | None = None, iv: int | None = None):
-        """(reason, ESP packet or None). ``iv`` overrides the counter (for known answers)."""
+    def encrypt(self, pkt: bytes, linktype: int, sa: int | str | None = None,
+                iv: int | None = None, t: int = 0):
+        """(reason, ESP packet or None). ``iv`` overrides the counter (for known answers);
+        ``t`` is the packet's time (ns)."""
+        if isinstance(sa, str):
+            sa = self._outbound(sa)
         l3, v = _l3(pkt, linktype)
         if l3 < 0 or v not in (4, 6):
             return NO_POLICY, None
@@ -130,17 +250,15 @@ class RefGateway:
             if action != ACTION_PROTECT:
                 return NO_POLICY, None
         s = self.sas[sa]
+        if self.lt[sa].hard:
+            return EXPIRED, None
         if self.dead[sa] or self.tx_seq[sa] >= (M64 if s.esn else M32):
             self.dead[sa] = True
             return EXPIRED, None
-        if s.lifetime_packets and self.life[sa][0] + 1 > s.lifetime_packets:
-            return EXPIRED, None
-        if s.lifetime_bytes and self.life[sa][1] + L > s.lifetime_bytes:
+        if not self.lt[sa].use("encrypt", L, t, self.events):
             return EXPIRED, None
         self.tx_seq[sa] += 1
         seq = self.tx_seq[sa]
-        self.life[sa][0] += 1
-        self.life[sa][1] += L
         inner = ip[:L]
         pad = pad_length(L)
         plain = inner + bytes(range(1, pad + 1)) + bytes([pad, 4 if v == 4 else 41])
@@ -164,8 +282,8 @@ class RefGateway:
             l2 = pkt[:l3 - 2] + struct.pack("!H", 0x0800 if s.ip_version == 4 else 0x86DD)
         return OK, l2 + bytes(hdr) + body
 
-    def decrypt(self, pkt: bytes, linktype: int):
-        """(reason, inner packet or None)."""
+    def decrypt(self, pkt: bytes, linktype: int, t: int = 0):
+        """(reason, inner packet or None); ``t`` is the packet's time (ns)."""
         l3, v = _l3(pkt, linktype)
         if l3 < 0 or v not in (4, 6):
             return NOT_ESP, None
@@ -201,7 +319,8 @@ class RefGateway:
             return MALFORMED, None
         spi, seql = struct.unpack_from("!II", esp)
         dst = str(ipaddress.ip_address(dst))
-        sa = next((k for k, s in enumerate(self.sas) if s.spi == spi and s.tunnel_dst == dst), None)
+        sa = next((k for k, s in enumerate(self.sas)
+                   if s.spi == spi and s.tunnel_dst == dst and not self.removed[k]), None)
         if sa is None:
             return UNKNOWN_SPI, None
         s = self.sas[sa]
@@ -211,11 +330,26 @@ class RefGateway:
         seq = infer_esn(w.top, seql, s.replay_window) if s.esn else seql
         if seq is None or not w.ok(seq):
             return REPLAY, None
-        aad = esp[:8] if not s.esn else struct.pack("!III", spi, seq >> 32, seql)
-        try:
-            plain = self.aead[sa].decrypt(s.salt + esp[8:16], esp[16:], aad)
-        except InvalidTag:
-            return BAD_ICV, None
+        if self.lt[sa].hard:
+            return EXPIRED, None
+        plain = self._open(sa, esp, seq)
+        if plain is None:
+            self.fails[sa] += 1
+            if not (s.esn and s.resync_after and self.fails[sa] >= s.resync_after):
+                return BAD_ICV, None
+            # RFC 4303 A3.2: this packet, with the next high-order values; commit only one
+            # that authenticates
+            self.fails[sa] = 0
+            for j in range(1, s.resync_tries + 1):
+                if (seq >> 32) + j > M32:
+                    break
+                plain = self._open(sa, esp, seq + (j << 32))
+                if plain is not None:
+                    seq += j << 32
+                    break
+            if plain is None:
+                return BAD_ICV, None
+        self.fails[sa] = 0
         w.add(seq)
         padlen, nh = plain[-2], plain[-1]
         L = len(plain) - 2 - padlen
@@ -232,11 +366,16 @@ class RefGateway:
             inner = inner[:struct.unpack_from("!H", inner, 4)[0] + 40]
         else:
             return MALFORMED, None
-        if s.lifetime_packets and self.life[sa][2] + 1 > s.lifetime_packets:
+        if not self.lt[sa].use("decrypt", len(inner), t, self.events):
             return EXPIRED, None
-        if s.lifetime_bytes and self.life[sa][3] + len(inner) > s.lifetime_bytes:
-            return EXPIRED, None
-        self.life[sa][2] += 1
-        self.life[sa][3] += len(inner)
         l2 = pkt[:l3 - 2] + struct.pack("!H", 0x0800 if nh == 4 else 0x86DD) if l3 else b""
         return OK, l2 + inner
+
+    def _open(self, sa: int, esp: bytes, seq: int):
+        """The ESP payload's plaintext under the 64-bit ``seq``, or None if it fails to verify."""
+        s = self.sas[sa]
+        aad = esp[:8] if not s.esn else struct.pack("!III", s.spi, seq >> 32, seq & M32)
+        try:
+            return self.aead[sa].decrypt(s.salt + esp[8:16], esp[16:], aad)
+        except InvalidTag:
+            return None
