@@ -102,7 +102,82 @@ def test_json_agrees_with_scapy(capsys, capture):
         else:   # the two deliberate errors (hop-by-hop not first, 3 nested tunnels)
             assert row["error"] in ("bad_ipv6_ext", "tunnel_depth")
     assert row.keys() == {"tenant", "src", "dst", "proto", "sport", "dport", "icmp_type",
-                          "icmp_code", "error"}
+                          "icmp_code", "error", "tunnel", "inner_not_followed", "truncated",
+                          "arp_op", "arp_sha", "arp_tha"}
+
+
+def _json_rows(capsys, path):
+    code, out, err = _run(capsys, "parse", str(path), "--json")
+    assert code == 0, err
+    return [json.loads(line) for line in out.splitlines()]
+
+
+def test_json_tunnels_followed_and_not(capsys, tmp_path):
+    from scapy.layers.inet6 import IPv6 as V6
+    inner = IP(src="10.0.0.1", dst="10.0.0.2") / TCP(sport=1000, dport=443)
+    e = Ether(dst="02:00:00:00:00:01")
+    outer = IP(src="192.0.2.1", dst="192.0.2.2")
+    pk = [e / outer / inner,                                               # IP in IP
+          e / V6(src="2001:db8::1", dst="2001:db8::2") / GRE(proto=0x0800) / inner,
+          e / outer / GRE(proto=0x88BE, seqnum_present=1) / bytes.fromhex("100100640000000a") / e / inner,
+          e / outer / UDP(sport=5000, dport=6635) / bytes.fromhex("000641ff") / inner,
+          e / outer / UDP(sport=5000, dport=4790) / bytes.fromhex("0c00000100001200") / inner,
+          e / outer / UDP(sport=5000, dport=4789) / VXLAN(vni=9) / e / outer / inner,
+          e / inner]
+    path = tmp_path / "tun.pcap"
+    wrpcap(str(path), pk)
+    rows = _json_rows(capsys, path)
+    got = [(r["tunnel"], r["inner_not_followed"], r["src"], r["tenant"]) for r in rows]
+    assert got == [("ipip", False, "10.0.0.1", None), ("gre", False, "10.0.0.1", None),
+                   ("erspan", True, "192.0.2.1", None), ("mpls", True, "192.0.2.1", None),
+                   ("vxlan-gpe", True, "192.0.2.1", None),
+                   ("ipip", False, "10.0.0.1", 9),      # IP in IP inside VXLAN keeps the VNI
+                   (None, False, "10.0.0.1", None)]
+    assert all(r["error"] is None and r["truncated"] is False for r in rows)
+    assert rows[2]["proto"] == 47 and rows[3]["dport"] == 6635
+    code, out, _ = _run(capsys, "parse", str(path))
+    assert code == 0
+    assert "erspan (inner not followed)" in out and "vxlan-gpe (inner not followed)" in out
+    assert "ipip" in out and " gre " in out
+
+
+def test_json_arp_fields_null_when_unreadable(capsys, tmp_path):
+    e = Ether(dst="ff:ff:ff:ff:ff:ff", src="02:00:00:00:00:05")
+    pk = [e / ARP(op=1, hwsrc="02:00:00:00:00:05", psrc="10.0.0.5", pdst="10.0.0.6"),
+          e / ARP(hwtype=32, hwlen=20, op=2, hwsrc=b"\x01" * 20, hwdst=b"\x02" * 20,
+                  psrc="10.0.0.7", pdst="10.0.0.8"),              # IP over InfiniBand
+          e / ARP(ptype=0x86DD, plen=16, op=1, psrc="2001:db8::1", pdst="2001:db8::2"),
+          Ether(dst="ff:ff:ff:ff:ff:ff", type=0x0806) / bytes(ARP(op=2))[:6]]   # cut inside the op
+    path = tmp_path / "arp.pcap"
+    wrpcap(str(path), pk)
+    rows = _json_rows(capsys, path)
+    pick = [(r["arp_op"], r["arp_sha"], r["arp_tha"], r["src"], r["dst"], r["error"]) for r in rows]
+    assert pick[0] == (1, "02:00:00:00:00:05", "00:00:00:00:00:00", "10.0.0.5", "10.0.0.6", None)
+    assert pick[1] == (2, None, None, "10.0.0.7", "10.0.0.8", None)
+    assert pick[2] == (1, None, None, None, None, "bad_arp")
+    assert pick[3] == (None, None, None, None, None, "trunc_arp")
+    for r in rows[1:]:
+        assert "::" not in (r["src"], r["dst"]) and r["arp_sha"] != "00:00:00:00:00:00"
+    code, out, _ = _run(capsys, "parse", str(path), "--flows", "--json")
+    flows = [json.loads(line) for line in out.splitlines()]
+    assert "::" not in {f["src"] for f in flows} | {f["dst"] for f in flows}
+
+
+def test_json_and_table_say_truncated(capsys, tmp_path):
+    from scapy.utils import PcapWriter
+    full = Ether(dst="02:00:00:00:00:01") / IP(src="10.0.0.1", dst="10.0.0.2") / TCP(sport=7, dport=8) / (b"x" * 200)
+    path = tmp_path / "snap.pcap"
+    w = PcapWriter(str(path))
+    w.write(full)
+    w.close()
+    raw = path.read_bytes()            # rewrite the record as a 96-byte snap of the frame
+    hdr = bytearray(raw[24:40])
+    hdr[8:12] = (96).to_bytes(4, "little")
+    path.write_bytes(raw[:24] + bytes(hdr) + raw[40:40 + 96])
+    (row,) = _json_rows(capsys, path)
+    assert row["truncated"] is True and row["error"] is None and row["dport"] == 8
+    code, out, _ = _run(capsys, "parse", str(path))
+    assert "truncated" in out
 
 
 def test_json_on_linux_conntrack_and_esp_vectors(capsys):

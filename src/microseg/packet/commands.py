@@ -1,9 +1,13 @@
 """`microseg parse FILE [--json] [--flows]`: what the parser sees in a capture.
 
 Per packet (innermost packet of tunnels): a table, or with ``--json`` one JSON object per line
-with ``tenant``, ``src``, ``dst``, ``proto``, ``sport``, ``dport``, ``icmp_type``, ``icmp_code``
-and ``error`` (null where a field does not apply). ``--flows`` sums packets and bytes per
-(tenant, addresses, protocol, ports) instead.
+with ``tenant``, ``src``, ``dst``, ``proto``, ``sport``, ``dport``, ``icmp_type``, ``icmp_code``,
+``error``, ``tunnel`` (the innermost tunnel seen), ``inner_not_followed`` (true when that
+tunnel is one the parser does not step into, so the packet shown is its carrier),
+``truncated`` (the capture was snapped inside the packet) and ``arp_op``, ``arp_sha``,
+``arp_tha`` -- null where a field does not apply or could not be read (ARP addresses of
+unusual sizes stay null rather than printing as ``::`` or 0). ``--flows`` sums packets and
+bytes per (tenant, addresses, protocol, ports) instead.
 """
 from __future__ import annotations
 
@@ -12,10 +16,11 @@ import sys
 
 import numpy as np
 
-from ..io.pcap import iter_capture
+from ..errors import InputError
+from ..io.pcap import TruncatedCaptureError, iter_capture
 from . import errors as PE
 from .batch import (
-    F_ARP, F_ICMP, F_PORTS, TUN_NAMES, FlowKeys, addr_to_text,
+    F2_ARP_HW, F2_TRUNCATED, F_ARP, F_ICMP, F_PORTS, TUN_NAMES, FlowKeys, addr_to_text,
 )
 from .parse import parse
 
@@ -35,6 +40,9 @@ def register(sub) -> None:
     p.add_argument("--json", action="store_true", help="one JSON object per packet (or flow)")
     p.add_argument("--flows", action="store_true",
                    help="one line per flow (tenant, 5-tuple) with packet and byte counts")
+    p.add_argument("--lenient", action="store_true",
+                   help="read a capture cut short inside its last record: print its complete "
+                        "packets, warn on stderr and exit 0")
     p.set_defaults(func=run_parse)
 
 
@@ -59,7 +67,28 @@ def _columns(keys: FlowKeys) -> dict:
     return {name: getattr(keys, name)[:n].tolist() for name in (
         "tenant", "src_hi", "src_lo", "dst_hi", "dst_lo", "proto", "sport", "dport", "icmp_type",
         "icmp_code", "error", "ip_ver", "flags", "tcp_flags", "tun_type", "arp_op", "vlan0",
-        "n_vlans", "ethertype")}
+        "n_vlans", "ethertype", "flags2", "tun_unfollowed", "arp_sha", "arp_tha")}
+
+
+def _mac_text(v: int) -> str:
+    return ":".join(f"{(v >> s) & 0xFF:02x}" for s in range(40, -8, -8))
+
+
+def _arp_read(c: dict, i: int) -> tuple[bool, bool]:
+    """(op read, addresses read) of an ARP packet: the op needs the fixed 8 bytes, the
+    addresses an IPv4 ARP whose body was all there (the last thing the parser reads)."""
+    if not c["flags"][i] & F_ARP:
+        return False, False
+    err = c["error"][i]
+    return err != PE.TRUNC_ARP, err == PE.OK
+
+
+def _tunnel(c: dict, i: int):
+    """(name, inner not followed) of the innermost tunnel seen."""
+    skipped = c["tun_unfollowed"][i]
+    if skipped:
+        return TUN_NAMES.get(skipped, f"tunnel_{skipped}"), True
+    return TUN_NAMES.get(c["tun_type"][i]), False
 
 
 def _records(keys: FlowKeys, text: _AddrText):
@@ -67,10 +96,13 @@ def _records(keys: FlowKeys, text: _AddrText):
     c = _columns(keys)
     for i in range(keys.n):
         fl, ver = c["flags"][i], c["ip_ver"][i]
-        has_addr = ver != 0 or fl & F_ARP
+        arp_op, arp_addr = _arp_read(c, i)
+        has_addr = ver != 0 or arp_addr
+        arp_hw = arp_addr and bool(c["flags2"][i] & F2_ARP_HW)
         tenant = c["tenant"][i]
         ports = bool(fl & F_PORTS)
         icmp = bool(fl & F_ICMP)
+        tunnel, not_followed = _tunnel(c, i)
         yield {
             "tenant": tenant if tenant >= 0 else None,
             "src": text(c["src_hi"][i], c["src_lo"][i]) if has_addr else None,
@@ -81,6 +113,12 @@ def _records(keys: FlowKeys, text: _AddrText):
             "icmp_type": c["icmp_type"][i] if icmp else None,
             "icmp_code": c["icmp_code"][i] if icmp else None,
             "error": PE.name(c["error"][i]),
+            "tunnel": tunnel,
+            "inner_not_followed": not_followed,
+            "truncated": bool(c["flags2"][i] & F2_TRUNCATED),
+            "arp_op": c["arp_op"][i] if arp_op else None,
+            "arp_sha": _mac_text(c["arp_sha"][i]) if arp_hw else None,
+            "arp_tha": _mac_text(c["arp_tha"][i]) if arp_hw else None,
         }, c, i
 
 
@@ -89,11 +127,17 @@ def _info(c: dict, i: int) -> str:
     tun = TUN_NAMES.get(c["tun_type"][i])
     if tun:
         parts.append(tun)
+    skipped = c["tun_unfollowed"][i]
+    if skipped:
+        parts.append(f"{TUN_NAMES.get(skipped, f'tunnel_{skipped}')} (inner not followed)")
     if c["n_vlans"][i]:
         parts.append(f"vlan {c['vlan0'][i] & 0xFFF}")
     fl = c["flags"][i]
     if fl & F_ARP:
-        parts.append({1: "arp request", 2: "arp reply"}.get(c["arp_op"][i], f"arp op {c['arp_op'][i]}"))
+        if _arp_read(c, i)[0]:
+            parts.append({1: "arp request", 2: "arp reply"}.get(c["arp_op"][i], f"arp op {c['arp_op'][i]}"))
+        else:
+            parts.append("arp")
     elif c["ip_ver"][i] == 0:
         parts.append(f"ethertype 0x{c['ethertype'][i]:04x}")
     if c["proto"][i] == 6 and fl & F_PORTS:
@@ -101,6 +145,8 @@ def _info(c: dict, i: int) -> str:
         parts.append("[" + "".join(ch for b, ch in enumerate(TCP_FLAG_NAMES) if tf >> b & 1) + "]")
     if fl & F_ICMP:
         parts.append(f"type {c['icmp_type'][i]} code {c['icmp_code'][i]}")
+    if c["flags2"][i] & F2_TRUNCATED:
+        parts.append("truncated")
     return " ".join(parts)
 
 
@@ -151,7 +197,7 @@ def _flow_keys(keys: FlowKeys) -> np.ndarray:
     for name in ("tenant", "src_hi", "src_lo", "dst_hi", "dst_lo", "proto", "sport", "dport"):
         k[name] = getattr(keys, name)[:n]
     k["ver"] = keys.ip_ver[:n]
-    k["arp"] = (keys.flags[:n] & F_ARP) != 0
+    k["arp"] = ((keys.flags[:n] & F_ARP) != 0) & (keys.error[:n] == PE.OK)   # addresses read
     return k
 
 
@@ -201,19 +247,59 @@ def _console(out):
     return c
 
 
-def _parsed(path):
+def _parsed(path, reading: "_Reading | None" = None):
+    """(batch, parsed keys) of each chunk of the capture. With ``reading``, an error that ends
+    the file is kept there (raised by ``reading.done()`` once the packets before it are out)
+    instead of stopping the caller's output."""
     keys = FlowKeys(CHUNK)
-    for batch in iter_capture(path, batch_size=CHUNK):
+    lenient = reading.lenient if reading is not None else False
+    chunks = iter_capture(path, batch_size=CHUNK, lenient=lenient, warn=_warn)
+    while True:
+        try:
+            batch = next(chunks)
+        except StopIteration:
+            return
+        except InputError as exc:
+            if reading is None:
+                raise
+            reading.error = exc
+            return
         yield batch, parse(batch, keys)
+
+
+def _warn(message: str) -> None:
+    print(f"microseg parse: warning: {message}", file=sys.stderr)
+
+
+class _Reading:
+    """Reading options of one `parse` run, and the error that ended its capture, if any."""
+
+    def __init__(self, args):
+        self.path = args.file
+        self.lenient = bool(getattr(args, "lenient", False))
+        self.error: InputError | None = None
+
+    def __iter__(self):
+        return _parsed(self.path, self)
+
+    def done(self) -> None:
+        """Raise the error that ended the capture (after everything before it was printed)."""
+        exc = self.error
+        if isinstance(exc, TruncatedCaptureError):
+            raise InputError(f"{exc} (--lenient prints them and exits 0)") from None
+        if exc is not None:
+            raise exc
 
 
 def run_parse(args) -> int:
     out = sys.stdout
+    reading = _Reading(args)
     if args.flows:
-        flows = _flows(_parsed(args.file))
+        flows = _flows(reading)
         if args.json:
             for f in flows:
                 out.write(json.dumps(f) + "\n")
+            reading.done()
             return 0
         from rich.table import Table
         t = Table(box=None, pad_edge=False)
@@ -226,16 +312,19 @@ def run_parse(args) -> int:
         console = _console(out)
         console.print(t)
         console.print(f"{len(flows)} flows, {sum(f['packets'] for f in flows)} packets")
+        reading.done()
         return 0
     if args.json:
         text = _AddrText()
-        for _, keys in _parsed(args.file):
+        for _, keys in reading:
             out.write("".join(json.dumps(rec) + "\n" for rec, _, _ in _records(keys, text)))
+        reading.done()
         return 0
     console = _console(out)
-    total, errors = _print_table((k for _, k in _parsed(args.file)), console)
+    total, errors = _print_table((k for _, k in reading), console)
     summary = f"{total} packets"
     if errors:
         summary += ", parse errors: " + ", ".join(f"{k} {v}" for k, v in sorted(errors.items()))
     console.print(summary)
+    reading.done()
     return 0
