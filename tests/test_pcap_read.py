@@ -6,8 +6,8 @@ import pytest
 from scapy.all import IP, TCP, UDP, Ether, IPv6, PcapNgWriter, Raw, rdpcap, wrpcap
 
 from microseg.errors import InputError
-from microseg.io.pcap import (PcapWriter, TruncatedCaptureError, iter_capture, read_capture,
-                              write_pcap)
+from microseg.io.pcap import (MAX_SNAPLEN, CaptureError, CaptureReader, PcapWriter,
+                              TruncatedCaptureError, iter_capture, read_capture, write_pcap)
 from microseg.packet.batch import LINK_ETHERNET, LINK_RAW, Batch
 
 
@@ -142,19 +142,51 @@ def test_truncated_last_record(tmp_path):
         assert sum(len(x) for x in iter_capture(path, 4, allow_truncated=True)) == 9
 
 
-def test_record_beyond_snaplen(tmp_path):
+def test_record_beyond_snaplen_is_read_in_full_and_flagged(tmp_path):
+    """As libpcap, a record longer than the file's snap length is read, not refused (whole,
+    as Wireshark keeps it; libpcap keeps the snap length's worth)."""
     hdr = struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 64, 1)
-    rec = struct.pack("<IIII", 0, 0, 100, 100) + bytes(100)
-    (tmp_path / "s.pcap").write_bytes(hdr + rec)
-    with pytest.raises(InputError, match="snap length"):
-        read_capture(tmp_path / "s.pcap")
+    recs = [bytes(range(60)), bytes(100), bytes(range(64)), b"\xff" * 70]
+    raw = hdr + b"".join(struct.pack("<IIII", 0, 0, len(p), len(p)) + p for p in recs)
+    (tmp_path / "s.pcap").write_bytes(raw)
+    seen = []
+    b = read_capture(tmp_path / "s.pcap", warn=seen.append)
+    assert list(b.packets()) == recs
+    assert seen == [f"{tmp_path / 's.pcap'}: 2 records longer than the snap length 64, read in "
+                    "full (first: record 2)"]
+    with CaptureReader(tmp_path / "s.pcap") as r:
+        assert sum(len(x) for x in r.batches(3)) == 4
+        assert (r.beyond_snaplen, r.first_beyond) == (2, 2)
+    assert read_capture(tmp_path / "s.pcap").length.tolist() == [60, 100, 64, 70]   # silent
+
+
+def test_record_beyond_libpcap_limit_keeps_the_packets_before(tmp_path):
+    hdr = struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 0, 1)
+    ok = [bytes(60), bytes(range(200)), bytes(MAX_SNAPLEN)]
+    raw = hdr + b"".join(struct.pack("<IIII", 0, 0, len(p), len(p)) + p for p in ok)
+    bad_at = len(raw)
+    raw += struct.pack("<IIII", 0, 0, MAX_SNAPLEN + 1, MAX_SNAPLEN + 1) + bytes(MAX_SNAPLEN + 1)
+    (tmp_path / "h.pcap").write_bytes(raw)
+    with pytest.raises(CaptureError, match=f"record 4 at byte {bad_at}: captured length 262145 "
+                       r"beyond libpcap's limit of 262144 bytes \(after 3 good packets\)") as ei:
+        read_capture(tmp_path / "h.pcap")
+    assert list(ei.value.batch.packets()) == ok and ei.value.n_read == 3
+    got = []
+    with pytest.raises(CaptureError, match="record 4"):
+        for chunk in iter_capture(tmp_path / "h.pcap", batch_size=2):
+            got += list(chunk.packets())
+    assert got == ok
 
 
 def test_unsupported_linktype(tmp_path):
     hdr = struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 105)
     (tmp_path / "w.pcap").write_bytes(hdr)
-    with pytest.raises(InputError, match="link type 105"):
+    with pytest.raises(InputError, match=r"link type 105 \(IEEE 802.11\) is not read by "
+                       r"microseg .*capture on the wired side"):
         read_capture(tmp_path / "w.pcap")
+    (tmp_path / "p.pcap").write_bytes(hdr[:20] + struct.pack("<I", 9))
+    with pytest.raises(InputError, match=r"link type 9 \(PPP\) .*`editcap -T ether IN OUT`"):
+        read_capture(tmp_path / "p.pcap")
 
 
 def test_empty_capture_has_no_packets(tmp_path):
@@ -184,12 +216,13 @@ def _epb(ifc, data, caplen=None):
     (_SHB + _epb(0, bytes(60)), "no interface description"),
     (_SHB + _idb() + _epb(1, bytes(60)), "no interface description"),
     (_SHB + _idb() + _epb(0, bytes(60), caplen=200), "runs past its block"),
-    (_SHB + _idb(snap=32) + _epb(0, bytes(60)), "snap length"),
     (_SHB + _idb() + _epb(0, bytes(60))[:-4] + b"\x01\x02\x03\x04", "trailing block length"),
     (_SHB + _idb() + struct.pack("<II", 6, 13) + bytes(8), "block length"),
-    (_SHB + _idb(lt=105), "link type 105"),
+    (_SHB + _idb(lt=105) + _epb(0, bytes(60)), r"link type 105 \(IEEE 802.11\) is not read"),
     (_SHB[:8] + b"\x11\x22\x33\x44" + _SHB[12:], "byte-order magic"),
-    (_SHB + _idb() + _idb(lt=101) + _epb(0, bytes(60)) + _epb(1, bytes(20)), "mixes link types"),
+    (_SHB + _idb() + _idb(lt=101) + _epb(0, bytes(60)) + _epb(1, bytes(20)),
+     r"interface 1 is link type 101 \(raw IP\) but the packets before it are link type 1 "
+     r"\(Ethernet\); microseg reads one link type per capture"),
 ])
 def test_pcapng_malformed(tmp_path, content, msg):
     (tmp_path / "x.pcapng").write_bytes(content)
@@ -205,3 +238,30 @@ def test_pcapng_defaults_and_skips(tmp_path):
     b = read_capture(tmp_path / "d.pcapng")
     assert list(b.packets()) == [b"abcd", b"efgh"]
     assert b.ts[0] == ((0x18B << 32) | 0xCD0C3F40) * 1000
+
+
+def test_pcapng_record_beyond_interface_snaplen(tmp_path):
+    """An EPB longer than its interface's snap length is read and flagged; an SPB is cut to
+    the snap length, as the format defines it."""
+    spb = _block(3, struct.pack("<I", 60) + bytes(range(60)))
+    data = _SHB + _idb(snap=32) + _epb(0, bytes(range(50))) + _epb(0, bytes(20)) + spb
+    (tmp_path / "s.pcapng").write_bytes(data)
+    seen = []
+    r = CaptureReader(tmp_path / "s.pcapng", warn=seen.append)
+    b = r.read_all()
+    assert list(b.packets()) == [bytes(range(50)), bytes(20), bytes(range(32))]
+    assert b.wire_len.tolist() == [50, 20, 60]
+    assert (r.beyond_snaplen, r.first_beyond) == (1, 1)
+    assert seen == [f"{tmp_path / 's.pcapng'}: 1 record longer than the snap length 32, read in "
+                    "full (first: record 1)"]
+
+
+def test_pcapng_cut_inside_a_block_header_block(tmp_path):
+    """A file cut inside an interface block after some packets: the packets, then the cut."""
+    data = _SHB + _idb() + _epb(0, b"abcd") + _idb()
+    (tmp_path / "c.pcapng").write_bytes(data[:-6])
+    with pytest.raises(TruncatedCaptureError, match="1 complete packets read") as ei:
+        read_capture(tmp_path / "c.pcapng")
+    assert list(ei.value.batch.packets()) == [b"abcd"]
+    assert list(read_capture(tmp_path / "c.pcapng", lenient=True,
+                             warn=lambda m: None).packets()) == [b"abcd"]

@@ -10,27 +10,48 @@ Formats read:
 * pcapng sections in either byte order: SHB, IDB (``if_tsresol``, ``if_tsoffset``), EPB, SPB
   and the obsolete Packet Block; other block types are skipped.
 
-Link types Ethernet (1) and raw IP (101, and 228 / 229 raw IPv4 / IPv6, which become 101).
-All packets of one capture must share one link type; a pcapng file whose interfaces mix
-them is refused. Timestamps come out in nanoseconds since the epoch.
+Link types (see ``LINKTYPES``): Ethernet (1), Linux cooked v1 (113) and v2 (276), BSD
+loopback (0), OpenBSD loopback (108) and raw IP (101; 12 and 14, the DLT_RAW numbers of the
+BSDs, and 228 / 229, raw IPv4 / IPv6, all become 101: the version nibble tells IPv4 from IPv6).
+Any other link type is refused with its name and what to do; in a pcapng file only the
+interfaces that carry a packet count, so an unused interface of any link type is ignored.
+All packets of one capture share one link type: a pcapng file whose packets come from
+interfaces of different link types is refused at the first packet of the second one, with
+the packets before it delivered.
 
-A file that is not a capture, is empty, has a record longer than its snap length, or is cut
-short raises :class:`~microseg.errors.InputError`. A capture cut inside its last record
-raises :class:`TruncatedCaptureError` (an ``InputError``) that says how many packets were
-complete and carries them in ``.batch``; pass ``allow_truncated=True`` to get those packets
-back instead, the way tcpdump reads a capture that was still being written.
+What is read the way libpcap reads it, and where it differs:
+
+* a record longer than the file's (or the interface's) snap length is not an error: it is
+  read, up to libpcap's own limit of 262144 bytes, and flagged (``CaptureReader.beyond_snaplen``
+  and a warning when one is asked for); only a record beyond 262144 bytes is an error, as in
+  libpcap. Such a record is kept whole, as Wireshark keeps it; libpcap 1.10 keeps its first
+  snap-length bytes (with the original length, so the packet reads as snapped) and refuses
+  it in a pcapng file.
+* the packets before an error are never lost: :func:`iter_capture` yields them before it
+  raises, :func:`read_capture` raises a :class:`CaptureError` that carries them in ``.batch``.
+* a capture cut inside its last record raises :class:`TruncatedCaptureError` (a
+  ``CaptureError``) that says how many packets were complete and carries them; with
+  ``lenient=True`` (or the older ``allow_truncated=True``, which stays silent) those packets
+  are returned instead (a capture still being written, or copied while it was), and a
+  warning says where the file was cut.
+
+Every other malformed file is an :class:`~microseg.errors.InputError` that names the file and
+the record and byte where it went wrong. Timestamps come out in nanoseconds since the epoch.
 """
 from __future__ import annotations
 
 import mmap
 import os
 import struct
+import sys
 
 import numpy as np
 from numba import njit
 
 from ..errors import InputError
-from ..packet.batch import LINK_ETHERNET, LINK_RAW, Batch
+from ..packet.batch import (
+    LINK_ETHERNET, LINK_LINUX_SLL, LINK_LINUX_SLL2, LINK_LOOP, LINK_NULL, LINK_RAW, Batch,
+)
 
 PCAP_MAGIC_US = 0xA1B2C3D4
 PCAP_MAGIC_NS = 0xA1B23C4D
@@ -41,17 +62,110 @@ PCAPNG_OPB = 2
 PCAPNG_SPB = 3
 PCAPNG_EPB = 6
 
-# Link types a capture may have, and what the batch calls them.
-LINKTYPES = {1: LINK_ETHERNET, 101: LINK_RAW, 228: LINK_RAW, 229: LINK_RAW}
-MAX_SNAPLEN = 262144        # libpcap's ceiling; used where a file gives no snap length
+# Link types a capture may have (pcap LINKTYPE_* numbers), and what the batch calls them.
+LINKTYPES = {
+    0: LINK_NULL,            # BSD loopback: 4-byte address family, writer's byte order
+    1: LINK_ETHERNET,
+    12: LINK_RAW,            # DLT_RAW of most BSDs; libpcap reads it as raw IP
+    14: LINK_RAW,            # DLT_RAW of OpenBSD
+    101: LINK_RAW,
+    108: LINK_LOOP,          # OpenBSD loopback: address family in network byte order
+    113: LINK_LINUX_SLL,     # Linux cooked v1 (tcpdump -i any before libpcap 1.10)
+    228: LINK_RAW,           # raw IPv4
+    229: LINK_RAW,           # raw IPv6
+    276: LINK_LINUX_SLL2,    # Linux cooked v2 (tcpdump -i any)
+}
+MAX_SNAPLEN = 262144        # libpcap's limit on a record's captured length
 DEFAULT_CHUNK = 1 << 16     # records per walk call
+
+# Names of link types, for messages (from the tcpdump.org LINKTYPE_ registry).
+LINKTYPE_WORDS = {
+    0: "BSD loopback", 1: "Ethernet", 2: "3Mb experimental Ethernet", 3: "AX.25 amateur radio",
+    4: "ProNET token ring", 5: "Chaos", 6: "IEEE 802.5 Token Ring", 7: "ARCNET", 8: "SLIP",
+    9: "PPP", 10: "FDDI", 12: "raw IP", 14: "raw IP", 15: "BSD/OS SLIP", 16: "BSD/OS PPP",
+    18: "OpenBSD pfsync", 19: "Linux classical IP over ATM", 50: "PPP in HDLC-like framing",
+    51: "PPPoE", 99: "Symantec firewall", 100: "LLC/SNAP-encapsulated ATM", 101: "raw IP",
+    104: "Cisco HDLC", 105: "IEEE 802.11", 106: "Linux classical IP over ATM",
+    107: "Frame Relay", 108: "OpenBSD loopback", 109: "OpenBSD IPsec encapsulation",
+    112: "NetBSD HDLC", 113: "Linux cooked v1", 114: "Apple LocalTalk",
+    117: "OpenBSD pflog", 119: "IEEE 802.11 with Prism header",
+    122: "IP over Fibre Channel", 123: "SunATM", 127: "IEEE 802.11 with radiotap header",
+    129: "Linux ARCNET", 138: "Apple IP over IEEE 1394", 139: "SS7 MTP2 with pseudo-header",
+    140: "SS7 MTP2", 141: "SS7 MTP3", 142: "SS7 SCCP", 143: "DOCSIS", 144: "Linux IrDA",
+    **{147 + k: f"user-defined {k}" for k in range(16)},
+    163: "IEEE 802.11 with AVS header", 165: "BACnet MS/TP", 166: "PPP with pppd direction",
+    169: "GPRS LLC", 177: "Linux LAPD", 187: "Bluetooth HCI UART (H4)",
+    189: "Linux USB", 192: "Per-Packet Information (PPI)", 195: "IEEE 802.15.4 with FCS",
+    196: "SITA", 197: "Endace ERF", 201: "Bluetooth HCI H4 with pseudo-header",
+    202: "AX.25 with KISS header", 203: "LAPD", 204: "PPP with direction",
+    205: "Cisco HDLC with direction", 206: "Frame Relay with direction",
+    209: "Linux IPMB", 215: "IEEE 802.15.4 non-ASK PHY", 220: "Linux USB (memory-mapped)",
+    224: "Fibre Channel FC-2", 225: "Fibre Channel FC-2 with frame delimiters",
+    226: "Solaris ipnet", 227: "CAN (SocketCAN)", 228: "raw IPv4", 229: "raw IPv6",
+    230: "IEEE 802.15.4 without FCS", 231: "D-Bus", 235: "DVB-CI", 236: "MUX27010",
+    237: "STANAG 5066 D_PDU", 239: "Linux netfilter log (NFLOG)", 240: "netANALYZER",
+    241: "netANALYZER transparent", 242: "IP over InfiniBand", 243: "MPEG-2 transport stream",
+    244: "ng40", 245: "NFC LLCP", 247: "InfiniBand", 248: "SCTP", 249: "Windows USB (USBPcap)",
+    250: "RTAC serial", 251: "Bluetooth LE link layer", 253: "Linux netlink",
+    254: "Bluetooth Linux monitor", 255: "Bluetooth BR/EDR baseband",
+    256: "Bluetooth LE with pseudo-header", 257: "PROFIBUS data link", 258: "Apple PKTAP",
+    259: "Ethernet passive optical network", 260: "IPMI HPM.2", 261: "Z-Wave R1/R2",
+    262: "Z-Wave R3", 263: "WattStopper DLM", 264: "ISO 14443", 265: "IEC 62106 RDS",
+    266: "Darwin USB", 268: "SDLC", 270: "LoRaTap", 271: "Linux vsock",
+    272: "Nordic BLE sniffer", 273: "DOCSIS 3.1 XRA-31", 274: "Ethernet mPackets",
+    275: "DisplayPort AUX", 276: "Linux cooked v2", 278: "OpenVizsla",
+    279: "Elektrobit EBHSCR", 280: "VPP graph dispatch", 281: "Broadcom DSA tag",
+    282: "Broadcom DSA tag (prepended)", 283: "IEEE 802.15.4 TAP", 284: "Marvell DSA tag",
+    285: "Marvell EDSA tag", 286: "ELEE lawful intercept", 287: "Z-Wave serial",
+    288: "USB 2.0", 289: "ATSC ALP", 290: "Event Tracing for Windows",
+    11: "RFC 1483 LLC-encapsulated ATM", 102: "BSD/OS SLIP", 103: "BSD/OS PPP",
+    130: "Juniper multi-link PPP", 131: "Juniper multi-link Frame Relay",
+    132: "Juniper encryption services PIC", 133: "Juniper GGSN PIC",
+    134: "Juniper FRF.16 Frame Relay", 135: "Juniper ATM2 PIC",
+    136: "Juniper advanced services PIC", 137: "Juniper ATM1 PIC",
+    164: "Juniper passive monitor PIC", 167: "Juniper PPPoE", 168: "Juniper PPPoE/ATM",
+    170: "GPF-T", 171: "GPF-F", 174: "Juniper PIC peer", 175: "Ethernet with Endace ERF header",
+    176: "Packet-over-SONET with Endace ERF header", 178: "Juniper Ethernet", 179: "Juniper PPP",
+    180: "Juniper Frame Relay", 181: "Juniper Cisco HDLC", 182: "FRF.16 Frame Relay",
+    183: "Juniper voice PIC", 184: "ARINC 429", 185: "ARINC 653 interpartition communication",
+    186: "USB with FreeBSD header", 188: "IEEE 802.16 MAC common part sublayer",
+    190: "CAN 2.0B", 191: "IEEE 802.15.4 with Linux padding",
+    193: "IEEE 802.16 MAC common part sublayer with radiotap header",
+    194: "Juniper integrated service module", 198: "Ethernet with u10 Networks pseudo-header",
+    199: "IPMB with Kontron pseudo-header", 200: "Juniper secure tunnel",
+    216: "Linux evdev events", 219: "MPLS with label as link-layer header", 221: "DECT",
+    222: "AOS space data link protocol", 223: "WirelessHART", 232: "Juniper virtual server",
+    233: "Juniper SRX E2E", 234: "Juniper Fibre Channel", 238: "Juniper ATM CEMIC",
+    246: "pfsync", 267: "OpenBSD OpenFlow", 269: "TI LLN sniffer",
+}
+# Link types whose frames are 802.11 or other radio: no relabelling makes them Ethernet.
+_RADIO = {105, 119, 127, 163, 188, 191, 192, 193, 195, 215, 230, 251, 256, 272, 283}
+_ACCEPTED_WORDS = ("Ethernet, Linux cooked v1/v2, BSD and OpenBSD loopback, raw IP "
+                   "(link types 1, 113, 276, 0, 108, 101, 12, 14, 228, 229)")
+
+
+def linktype_words(lt: int) -> str:
+    """``link type 105 (IEEE 802.11)``."""
+    return f"link type {lt} ({LINKTYPE_WORDS.get(lt, 'unknown')})"
+
+
+def linktype_refusal(lt: int) -> str:
+    """Why a link type is refused and what to do, as one sentence."""
+    if lt in _RADIO:
+        todo = ("capture on the wired side instead (an Ethernet interface, or Linux `any`, "
+                "which gives Linux cooked frames)")
+    else:
+        todo = ("if its frames are really Ethernet, relabel them with `editcap -T ether IN "
+                "OUT`; otherwise capture on an Ethernet interface or on Linux `any`")
+    return f"{linktype_words(lt)} is not read by microseg (it reads {_ACCEPTED_WORDS}); {todo}"
+
 
 # walk status codes
 _DONE = 0            # reached the end of the file or the record limit
 _STOP = 1            # pcapng: a block Python must handle (SHB or IDB) starts at pos
 _E_TRUNC_HDR = -1    # record / block header cut short
 _E_TRUNC_DATA = -2   # record data cut short
-_E_SNAPLEN = -3      # captured length beyond the snap length
+_E_CAPLEN_MAX = -3   # captured length beyond libpcap's limit (MAX_SNAPLEN)
 _E_BLOCK_LEN = -4    # pcapng block length malformed
 _E_TRAILER = -5      # pcapng trailing block length differs from the leading one
 _E_IFACE = -6        # EPB / OPB names an interface with no IDB
@@ -61,13 +175,18 @@ _INT32_MAX = 0x7FFFFFFF
 _MAX_TS_S = (2**63 - 1) // 1_000_000_000 - 1   # latest second an int64 ns timestamp holds
 
 
-class TruncatedCaptureError(InputError):
-    """The capture ends inside a record; ``batch`` holds the ``n_read`` complete packets."""
+class CaptureError(InputError):
+    """A capture went wrong after ``n_read`` complete packets; ``batch`` holds them (all of
+    them from :func:`read_capture`; none from :func:`iter_capture`, which yielded them)."""
 
-    def __init__(self, message: str, path: str | None, batch: Batch):
+    def __init__(self, message: str, path: str | None, batch: Batch, n_read: int | None = None):
         super().__init__(message, path)
         self.batch = batch
-        self.n_read = len(batch)
+        self.n_read = len(batch) if n_read is None else n_read
+
+
+class TruncatedCaptureError(CaptureError):
+    """The capture ends inside a record; ``batch`` holds the ``n_read`` complete packets."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -90,10 +209,12 @@ def _u32(buf, p, big):
 
 
 @njit(cache=True)
-def _walk_pcap(buf, pos, end, big, ts_mult, snaplen, max_n, off, caplen, wirelen, ts):
+def _walk_pcap(buf, pos, end, big, ts_mult, maxlen, max_n, off, caplen, wirelen, ts):
     """Walk classic pcap records from ``pos``; fill up to ``max_n`` entries.
 
-    Returns (status, pos, n): ``pos`` is where the next record (or the bad one) starts.
+    A record may be longer than the file's snap length (the caller flags those); only one
+    beyond ``maxlen`` stops the walk. Returns (status, pos, n): ``pos`` is where the next
+    record (or the bad one) starts.
     """
     n = 0
     while n < max_n and pos < end:
@@ -103,8 +224,8 @@ def _walk_pcap(buf, pos, end, big, ts_mult, snaplen, max_n, off, caplen, wirelen
         frac = _u32(buf, pos + 4, big)
         incl = _u32(buf, pos + 8, big)
         orig = _u32(buf, pos + 12, big)
-        if incl > snaplen:
-            return _E_SNAPLEN, pos, n
+        if incl > maxlen:
+            return _E_CAPLEN_MAX, pos, n
         if end - pos - 16 < incl:
             return _E_TRUNC_DATA, pos, n
         if orig > _INT32_MAX:
@@ -119,14 +240,15 @@ def _walk_pcap(buf, pos, end, big, ts_mult, snaplen, max_n, off, caplen, wirelen
 
 
 @njit(cache=True)
-def _walk_pcapng(buf, pos, end, big, n_ifaces, snaplens, iface_base, max_n,
-                 off, caplen, wirelen, tsraw, iface):
+def _walk_pcapng(buf, pos, end, big, n_ifaces, snaplens, iface_base, maxlen, max_n,
+                 start, off, caplen, wirelen, tsraw, iface):
     """Walk pcapng blocks from ``pos`` (inside a section whose byte order is ``big``).
 
-    Packet blocks (EPB, SPB, OPB) fill the output arrays; SHB and IDB stop the walk with
-    ``_STOP`` so that the caller parses them; other blocks are skipped. ``snaplens`` holds the
-    snap length of each interface of the current section (0 = none). Returns
-    (status, pos, n).
+    Packet blocks (EPB, SPB, OPB) fill the output arrays (``start``: where the block begins);
+    SHB and IDB stop the walk with ``_STOP`` so that the caller parses them; other blocks are
+    skipped. ``snaplens`` holds the snap length of each interface of the current section
+    (0 = none): it cuts simple packet blocks, as the format says; an EPB longer than it is
+    read in full (the caller flags it). Returns (status, pos, n).
     """
     n = 0
     while n < max_n and pos < end:
@@ -155,13 +277,13 @@ def _walk_pcapng(buf, pos, end, big, n_ifaces, snaplens, iface_base, max_n,
                 return _E_IFACE, pos, n
             incl = _u32(buf, body + 12, big)
             orig = _u32(buf, body + 16, big)
-            if incl > body_len - 20 or incl > _INT32_MAX:
+            if incl > body_len - 20:
                 return _E_CAPLEN, pos, n
+            if incl > maxlen:
+                return _E_CAPLEN_MAX, pos, n
             if orig > _INT32_MAX:
                 return _E_WIRELEN, pos, n
-            sl = snaplens[ifc]
-            if sl > 0 and incl > sl:
-                return _E_SNAPLEN, pos, n
+            start[n] = pos
             off[n] = body + 20
             caplen[n] = incl
             wirelen[n] = orig if orig > incl else incl
@@ -183,6 +305,9 @@ def _walk_pcapng(buf, pos, end, big, n_ifaces, snaplens, iface_base, max_n,
             sl = snaplens[0]
             if sl > 0 and incl > sl:
                 incl = sl
+            if incl > maxlen:
+                return _E_CAPLEN_MAX, pos, n
+            start[n] = pos
             off[n] = body + 4
             caplen[n] = incl
             wirelen[n] = orig if orig > incl else incl
@@ -225,19 +350,48 @@ def _emit_pcap(data, offset, length, wire_len, sec, frac, out, pos0):
 # ---------------------------------------------------------------------------------------------
 # reader
 # ---------------------------------------------------------------------------------------------
-def _linktype(raw: int, path: str) -> int:
-    lt = raw & 0xFFFF
-    if lt not in LINKTYPES:
-        raise InputError(f"unsupported link type {lt} (supported: Ethernet 1, raw IP 101/228/229)",
-                         path)
-    return LINKTYPES[lt]
+class _Malformed(Exception):
+    """A malformed block met while parsing pcapng headers in Python (message only)."""
 
 
-class _Walker:
-    """Incremental record walk over one mapped capture file (pcap or pcapng)."""
+class _Truncation(Exception):
+    def __init__(self, what):
+        super().__init__(what)
+        self.what = what
 
-    def __init__(self, path, populate: bool = False):
+
+def _stderr_warning(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+class CaptureReader:
+    """One pcap or pcapng file, read in order, a chunk of records at a time.
+
+    :meth:`batches` yields batches, :meth:`read_all` returns one; both close the file at the
+    end. After reading, ``n_read`` (complete packets), ``beyond_snaplen`` (records longer than
+    their snap length, read in full), ``first_beyond`` (the first one's 1-based record
+    number) and ``truncated`` (where the file was cut, or None) describe what was met.
+
+    ``lenient=True`` accepts a file cut inside its last record (and warns); ``allow_truncated``
+    accepts it silently. ``warn`` receives one line (``PATH: ...``) at the end of the file if
+    anything was flagged; it defaults to printing ``warning: ...`` on stderr when lenient, and
+    to nothing otherwise.
+    """
+
+    def __init__(self, path, *, lenient: bool = False, allow_truncated: bool = False,
+                 warn=None, populate: bool = False):
         self.path = os.fspath(path)
+        self.allow_truncated = bool(allow_truncated or lenient)
+        self.warn = warn if warn is not None else (_stderr_warning if lenient else None)
+        self.n_read = 0
+        self.truncated: str | None = None
+        self.linktype: int | None = None
+        self.beyond_snaplen = 0
+        self.first_beyond: int | None = None
+        self._beyond_snap = 0            # the snap length the first such record exceeded
+        self._error: str | None = None   # an error met after the records returned so far
+        self._done_error: str | None = None   # that error, once raised
+        self._warned = False
         try:
             with open(self.path, "rb") as f:
                 size = os.fstat(f.fileno()).st_size
@@ -255,9 +409,14 @@ class _Walker:
             raise InputError(f"cannot read: {exc.strerror or exc}", self.path) from None
         self.buf = np.frombuffer(self._mm, dtype=np.uint8)
         self.size = size
-        self.n_read = 0
-        self.truncated: str | None = None
-        self.linktype: int | None = None
+        try:
+            self._open()
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self):
+        size = self.size
         if size < 4:
             raise InputError(f"too short to be a capture ({size} bytes)", self.path)
         magic_le = struct.unpack_from("<I", self._mm, 0)[0]
@@ -268,6 +427,12 @@ class _Walker:
             self._init_pcapng()
         else:
             raise InputError(f"not a pcap or pcapng file (starts with 0x{magic_be:08x})", self.path)
+
+    def __enter__(self) -> "CaptureReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # -- pcap ----------------------------------------------------------------------------------
     def _init_pcap(self, magic_le, magic_be):
@@ -282,8 +447,13 @@ class _Walker:
                                                                               self._mm, 4)
         if major != 2:
             raise InputError(f"unsupported pcap version {major}.{minor}", self.path)
-        self.snaplen = snaplen if snaplen > 0 else MAX_SNAPLEN
-        self.linktype = _linktype(network, self.path)
+        # libpcap takes a snap length of 0 or beyond its limit as its limit
+        self.snaplen = snaplen if 0 < snaplen < MAX_SNAPLEN else MAX_SNAPLEN
+        lt = network & 0xFFFF        # the upper bits carry FCS information, not the type
+        if lt not in LINKTYPES:
+            raise InputError(linktype_refusal(lt), self.path)
+        self.raw_linktype = lt
+        self.linktype = LINKTYPES[lt]
         self.pos = 24
 
     # -- pcapng --------------------------------------------------------------------------------
@@ -291,67 +461,81 @@ class _Walker:
         self.format = "pcapng"
         self.pos = 0
         self.big = False
-        self.ifaces: list[tuple[int, int, int, int]] = []   # (linktype, snaplen, tsresol exp, offset s)
+        # per interface, over all sections: raw link type, snap length, if_tsresol code (None
+        # if unsupported), if_tsoffset in seconds
+        self.ifaces: list[tuple[int, int, int | None, int]] = []
         self.section_ifaces: list[int] = []                  # snaplens of this section's interfaces
         self.iface_base = 0
+        self._first_raw_lt: int | None = None
+        self._iface_arrays()
         try:
             self._handle_blocks()
         except _Truncation as t:
             self.truncated = t.what
+        except _Malformed as m:
+            raise InputError(str(m), self.path) from None
+
+    def _iface_arrays(self):
+        self._kind = np.array([LINKTYPES.get(lt, -1) for lt, _, _, _ in self.ifaces] or [-1],
+                              np.int64)
+        self._snap = np.array([s for _, s, _, _ in self.ifaces] or [0], np.int64)
+        self._badres = np.array([r is None for _, _, r, _ in self.ifaces] or [False], bool)
 
     def _handle_blocks(self):
         """Parse SHB / IDB blocks at ``pos`` until a block the compiled walk handles."""
         mm, end = self._mm, self.size
-        while self.pos < end:
-            if end - self.pos < 12:
-                return
-            if struct.unpack_from("<I", mm, self.pos)[0] == PCAPNG_SHB:
-                if end - self.pos < 28:
-                    raise InputError(f"pcapng section header cut short at byte {self.pos}", self.path)
-                bom = struct.unpack_from("<I", mm, self.pos + 8)[0]
-                if bom == PCAPNG_BOM:
-                    self.big = False
-                elif bom == 0x4D3C2B1A:
-                    self.big = True
-                else:
-                    raise InputError(f"pcapng section header at byte {self.pos} has a bad "
-                                     "byte-order magic", self.path)
+        try:
+            while self.pos < end:
+                if end - self.pos < 12:
+                    return
+                if struct.unpack_from("<I", mm, self.pos)[0] == PCAPNG_SHB:
+                    if end - self.pos < 28:
+                        raise _Truncation(f"pcapng section header at byte {self.pos} cut short")
+                    bom = struct.unpack_from("<I", mm, self.pos + 8)[0]
+                    if bom == PCAPNG_BOM:
+                        self.big = False
+                    elif bom == 0x4D3C2B1A:
+                        self.big = True
+                    else:
+                        raise _Malformed(f"pcapng section header at byte {self.pos} has a bad "
+                                         "byte-order magic")
+                    e = ">" if self.big else "<"
+                    blen, _, major = struct.unpack_from(e + "IIH", mm, self.pos + 4)
+                    if major != 1:
+                        raise _Malformed(f"unsupported pcapng version {major} in the section "
+                                         f"header at byte {self.pos}")
+                    self._check_block(blen, e)
+                    self.iface_base = len(self.ifaces)
+                    self.section_ifaces = []
+                    self.pos += blen
+                    continue
                 e = ">" if self.big else "<"
-                blen, _, major = struct.unpack_from(e + "IIH", mm, self.pos + 4)
-                if major != 1:
-                    raise InputError(f"unsupported pcapng version {major}", self.path)
+                btype, blen = struct.unpack_from(e + "II", mm, self.pos)
+                if btype != PCAPNG_IDB:
+                    return
                 self._check_block(blen, e)
-                self.iface_base = len(self.ifaces)
-                self.section_ifaces = []
+                if blen < 20:
+                    raise _Malformed(f"pcapng interface block at byte {self.pos} too short")
+                lt, _, snaplen = struct.unpack_from(e + "HHI", mm, self.pos + 8)
+                tsres, tsoff = self._idb_options(self.pos + 16, self.pos + blen - 4, e)
+                # an interface's link type and resolution only matter once a packet uses it
+                self.ifaces.append((lt, snaplen, tsres, tsoff))
+                self.section_ifaces.append(snaplen)
                 self.pos += blen
-                continue
-            e = ">" if self.big else "<"
-            btype, blen = struct.unpack_from(e + "II", mm, self.pos)
-            if btype != PCAPNG_IDB:
-                return
-            self._check_block(blen, e)
-            if blen < 20:
-                raise InputError(f"pcapng interface block at byte {self.pos} too short", self.path)
-            lt, _, snaplen = struct.unpack_from(e + "HHI", mm, self.pos + 8)
-            tsres, tsoff = self._idb_options(self.pos + 16, self.pos + blen - 4, e)
-            if lt not in LINKTYPES:
-                raise InputError(f"unsupported link type {lt} on interface {len(self.ifaces)} "
-                                 "(supported: Ethernet 1, raw IP 101/228/229)", self.path)
-            self.ifaces.append((LINKTYPES[lt], snaplen, tsres, tsoff))
-            self.section_ifaces.append(snaplen)
-            self.pos += blen
+        finally:
+            self._iface_arrays()
 
     def _check_block(self, blen, e):
         if blen < 12 or blen % 4:
-            raise InputError(f"pcapng block at byte {self.pos} has a bad length {blen}", self.path)
+            raise _Malformed(f"pcapng block at byte {self.pos} has a bad length {blen}")
         if blen > self.size - self.pos:
-            raise self._truncated(f"pcapng block at byte {self.pos} cut short")
+            raise _Truncation(f"file cut short inside the pcapng block at byte {self.pos}")
         if struct.unpack_from(e + "I", self._mm, self.pos + blen - 4)[0] != blen:
-            raise InputError(f"pcapng block at byte {self.pos}: trailing length differs",
-                             self.path)
+            raise _Malformed(f"pcapng block at byte {self.pos}: trailing length differs")
 
     def _idb_options(self, p, end, e):
-        """if_tsresol (code 9) as a signed exponent code and if_tsoffset (code 14) in seconds."""
+        """if_tsresol (code 9) as an exponent code (None: unsupported) and if_tsoffset (code
+        14) in seconds."""
         tsres, tsoff = 6, 0
         mm = self._mm
         while p + 4 <= end:
@@ -359,33 +543,55 @@ class _Walker:
             if code == 0:
                 break
             if p + 4 + olen > end:
-                raise InputError(f"pcapng interface option runs past its block at byte {p}",
-                                 self.path)
+                raise _Malformed(f"pcapng interface option runs past its block at byte {p}")
             if code == 9 and olen >= 1:
                 tsres = mm[p + 4]
                 if (tsres & 0x7F) > (63 if tsres & 0x80 else 19):
-                    raise InputError(f"unsupported if_tsresol 0x{tsres:02x} in the interface "
-                                     f"block at byte {self.pos}", self.path)
+                    tsres = None
             elif code == 14 and olen >= 8:
                 tsoff = struct.unpack_from(e + "q", mm, p + 4)[0]
             p += 4 + ((olen + 3) & ~3)
         return tsres, tsoff
 
     # -- shared --------------------------------------------------------------------------------
-    def _truncated(self, what: str) -> "_Truncation":
-        return _Truncation(what)
-
     def next_records(self, max_n: int):
         """Up to ``max_n`` records: (src offsets, caplen, wirelen, ts ns). Empty at the end.
 
-        Raises InputError for malformed records. A file cut short ends the walk and sets
-        ``truncated`` to a description; the records before the cut are still returned.
+        A malformed record ends the walk: the records before it are returned first, and the
+        next call raises the InputError. A file cut short ends the walk and sets ``truncated``.
         """
-        if self.truncated is not None:
+        if self._error is not None:
+            msg, self._error = self._error, None
+            self._done_error = msg
+            raise InputError(msg, self.path)
+        if self.truncated is not None or self._done_error is not None:
             return _empty_rec()
         if self.format == "pcap":
-            return self._next_pcap(max_n)
-        return self._next_pcapng(max_n)
+            rec = self._next_pcap(max_n)
+        else:
+            rec = self._next_pcapng(max_n)
+        n = rec[0].shape[0]
+        if n == 0 and self._error is not None:
+            return self.next_records(max_n)
+        self.n_read += n
+        return rec
+
+    def _fail_at(self, j: int, byte: int, msg: str) -> int:
+        """An error at the ``j``-th record of the current call: keep the ones before it."""
+        done = self.n_read + j
+        self._error = f"record {done + 1} at byte {byte}: {msg} (after {done} good packets)"
+        self.truncated = None
+        return j
+
+    def _flag(self, caplen, limit):
+        over = (limit > 0) & (caplen > limit)
+        k = int(np.count_nonzero(over))
+        if k:
+            if self.first_beyond is None:
+                j = int(np.argmax(over))
+                self.first_beyond = self.n_read + j + 1
+                self._beyond_snap = int(limit if np.ndim(limit) == 0 else limit[j])
+            self.beyond_snaplen += k
 
     def _next_pcap(self, max_n):
         off = np.empty(max_n, np.int64)
@@ -393,13 +599,15 @@ class _Walker:
         wirelen = np.empty(max_n, np.int32)
         ts = np.empty(max_n, np.int64)
         status, pos, n = _walk_pcap(self.buf, self.pos, self.size, self.big,
-                                    1 if self.nanosecond else 1000, self.snaplen, max_n,
+                                    1 if self.nanosecond else 1000, MAX_SNAPLEN, max_n,
                                     off, caplen, wirelen, ts)
         self.pos = pos
         self._status(status, n)
+        self._flag(caplen[:n], self.snaplen)
         return off[:n], caplen[:n], wirelen[:n], ts[:n]
 
     def _next_pcapng(self, max_n):
+        start = np.empty(max_n, np.int64)
         off = np.empty(max_n, np.int64)
         caplen = np.empty(max_n, np.int32)
         wirelen = np.empty(max_n, np.int32)
@@ -410,8 +618,8 @@ class _Walker:
             snaplens = np.array(self.section_ifaces or [0], dtype=np.int64)
             status, pos, k = _walk_pcapng(self.buf, self.pos, self.size, self.big,
                                           len(self.section_ifaces), snaplens, self.iface_base,
-                                          max_n - n, off[n:], caplen[n:], wirelen[n:],
-                                          tsraw[n:], iface[n:])
+                                          MAX_SNAPLEN, max_n - n, start[n:], off[n:],
+                                          caplen[n:], wirelen[n:], tsraw[n:], iface[n:])
             self.pos = pos
             n += k
             if status == _STOP:
@@ -420,46 +628,88 @@ class _Walker:
                 except _Truncation as t:
                     self.truncated = t.what
                     break
+                except _Malformed as m:
+                    self._error = f"{m} (after {self.n_read + n} good packets)"
+                    break
                 continue
             self._status(status, n)
-            if status != _STOP:
-                break
-        ts = self._pcapng_ts(tsraw[:n], iface[:n])
-        if n:
-            kinds = {self.ifaces[i][0] for i in np.unique(iface[:n]).tolist()}
-            if self.linktype is not None:
-                kinds.add(self.linktype)
-            if len(kinds) > 1:
-                raise InputError("capture mixes link types across interfaces "
-                                 f"({', '.join(sorted(_LT_NAMES[k] for k in kinds))}); "
-                                 "split it per interface first", self.path)
-            self.linktype = kinds.pop()
+            break
+        n = self._check_ifaces(start, iface, n)
+        ts, n = self._pcapng_ts(start, tsraw, iface, n)
+        self._flag(caplen[:n], self._snap[iface[:n]])
         return off[:n], caplen[:n], wirelen[:n], ts
 
-    def _pcapng_ts(self, tsraw, iface):
-        ts = np.empty(tsraw.shape[0], np.int64)
+    def _check_ifaces(self, start, iface, n):
+        """Cut the records at the first one whose interface cannot be read with the others."""
+        if n == 0:
+            return 0
+        ifc = iface[:n]
+        kinds = self._kind[ifc]
+        want = self.linktype if self.linktype is not None else int(kinds[0])
+        first_lt = (self._first_raw_lt if self.linktype is not None
+                    else self.ifaces[int(ifc[0])][0])
+        bad = (kinds != want) | (kinds < 0) | self._badres[ifc]
+        if bad.any():
+            j = int(np.argmax(bad))
+            i = int(ifc[j])
+            lt, _, res, _ = self.ifaces[i]
+            if kinds[j] < 0:
+                msg = f"interface {i}: {linktype_refusal(lt)}"
+            elif res is None:
+                msg = f"interface {i} has an unsupported if_tsresol"
+            else:
+                msg = (f"interface {i} is {linktype_words(lt)} but the packets before it are "
+                       f"{linktype_words(first_lt)}; microseg reads one link type "
+                       "per capture: split it per interface first, e.g. `tshark -r IN -Y "
+                       f"'frame.interface_id == {i}' -w OUT`")
+            n = self._fail_at(j, int(start[j]), msg)
+        if n and self.linktype is None:
+            self.linktype = want
+            self._first_raw_lt = first_lt
+        return n
+
+    def _pcapng_ts(self, start, tsraw, iface, n):
+        """Nanosecond timestamps of the first ``n`` records, cut at the first out of range."""
+        tsraw, iface = tsraw[:n], iface[:n]
+        ts = np.zeros(n, np.int64)
+        bad = np.zeros(n, bool)
         for i in np.unique(iface).tolist():
             sel = iface == i
             _, _, res, offset_s = self.ifaces[i]
             raw = tsraw[sel]
-            top = int(raw.max())
             if res & 0x80:                     # 2^-k units
                 k = res & 0x7F
-                sec = (raw >> np.uint64(k)).astype(np.int64)
+                sec = raw >> np.uint64(k)
                 frac = (raw & np.uint64((1 << k) - 1)).astype(np.float64)
                 ns_frac = np.floor(frac * (1e9 / (1 << k))).astype(np.int64)
-                top_s = top >> k
             else:                              # 10^-k units
-                unit = 10 ** res
-                sec = (raw // np.uint64(unit)).astype(np.int64)
-                rem = raw % np.uint64(unit)
+                unit = np.uint64(10 ** res)
+                sec = raw // unit
+                rem = raw % unit
                 ns_frac = ((rem * np.uint64(10 ** (9 - res))) if res <= 9
                            else (rem // np.uint64(10 ** (res - 9)))).astype(np.int64)
-                top_s = top // unit
-            if top_s + offset_s > _MAX_TS_S or offset_s < -_MAX_TS_S:
-                raise InputError(f"interface {i}: timestamps out of range", self.path)
-            ts[sel] = (sec + offset_s) * 1_000_000_000 + ns_frac
-        return ts
+            limit = _MAX_TS_S - offset_s
+            if offset_s < -_MAX_TS_S or limit < 0:
+                out = np.ones(sec.shape[0], bool)
+            else:
+                out = sec > np.uint64(limit)
+            bad[sel] = out
+            ts[sel] = np.where(out, 0, (sec.astype(np.int64) + offset_s) * 1_000_000_000
+                               + ns_frac)
+        if bad.any():
+            j = int(np.argmax(bad))
+            n = self._fail_at(j, int(start[j]), f"interface {int(iface[j])}: timestamp out "
+                              "of range")
+        return ts[:n], n
+
+    def _caplen_at(self, pos):
+        e = ">" if self.big else "<"
+        if self.format == "pcap":
+            return struct.unpack_from(e + "I", self._mm, pos + 8)[0]
+        btype, blen = struct.unpack_from(e + "II", self._mm, pos)
+        if btype in (PCAPNG_EPB, PCAPNG_OPB):
+            return struct.unpack_from(e + "I", self._mm, pos + 20)[0]
+        return blen - 16
 
     def _status(self, status, n_new):
         if status >= 0:
@@ -469,34 +719,96 @@ class _Walker:
         if status in (_E_TRUNC_HDR, _E_TRUNC_DATA):
             self.truncated = f"file cut short inside {where}"
             return
-        msgs = {
-            _E_SNAPLEN: "captured length beyond the snap length",
-            _E_BLOCK_LEN: "malformed block length",
-            _E_TRAILER: "trailing block length differs from the leading one",
-            _E_IFACE: "refers to an interface with no interface description block",
-            _E_CAPLEN: "captured length runs past its block",
-            _E_WIRELEN: "original length implausibly large",
-        }
-        raise InputError(f"{where}: {msgs[status]} (after {done} good packets)", self.path)
+        if status == _E_CAPLEN_MAX:
+            what = (f"captured length {self._caplen_at(self.pos)} beyond libpcap's limit of "
+                    f"{MAX_SNAPLEN} bytes")
+        else:
+            what = {
+                _E_BLOCK_LEN: "malformed block length",
+                _E_TRAILER: "trailing block length differs from the leading one",
+                _E_IFACE: "refers to an interface with no interface description block",
+                _E_CAPLEN: "captured length runs past its block",
+                _E_WIRELEN: "original length implausibly large",
+            }[status]
+        self._error = f"{where}: {what} (after {done} good packets)"
+
+    def _warnings(self):
+        """Tell ``warn`` (once) what was flagged while reading."""
+        if self.warn is None or self._warned:
+            return
+        self._warned = True
+        notes = []
+        if self.beyond_snaplen:
+            k = self.beyond_snaplen
+            notes.append(f"{k} record{'s' if k > 1 else ''} longer than the snap length "
+                         f"{self._beyond_snap}, read in full (first: record "
+                         f"{self.first_beyond})")
+        if self.truncated is not None and self.allow_truncated:
+            notes.append(f"{self.truncated}; {self.n_read} complete packets read")
+        if notes:
+            self.warn(f"{self.path}: " + "; ".join(notes))
+
+    def _batch(self, rec) -> Batch:
+        return _copy_batch(self, *rec)
+
+    def batches(self, batch_size: int = 256):
+        """Yield consecutive batches of at most ``batch_size`` packets, then raise the error
+        that ended the file, if any (a :class:`CaptureError` with an empty ``.batch``)."""
+        try:
+            while True:
+                try:
+                    rec = self.next_records(batch_size)
+                except InputError as exc:
+                    self._warnings()
+                    raise CaptureError(self._done_error, self.path, self._batch(_empty_rec()),
+                                       self.n_read) from exc
+                if rec[0].shape[0] == 0:
+                    break
+                yield self._batch(rec)
+            self._warnings()
+            if self.truncated is not None and not self.allow_truncated:
+                raise TruncatedCaptureError(f"{self.truncated}; {self.n_read} complete packets "
+                                            "read", self.path, self._batch(_empty_rec()),
+                                            self.n_read)
+        finally:
+            self.close()
+
+    def read_all(self) -> Batch:
+        """All packets as one batch; an error raises a :class:`CaptureError` carrying the
+        packets before it."""
+        parts, err = [], None
+        try:
+            while True:
+                try:
+                    rec = self.next_records(DEFAULT_CHUNK)
+                except InputError:
+                    err = self._done_error
+                    break
+                if rec[0].shape[0] == 0:
+                    break
+                parts.append(rec)
+            batch = self._batch(_concat(parts or [_empty_rec()]))
+        finally:
+            self.close()
+        self._warnings()
+        if err is not None:
+            raise CaptureError(err, self.path, batch)
+        if self.truncated is not None and not self.allow_truncated:
+            raise TruncatedCaptureError(f"{self.truncated}; {len(batch)} complete packets read",
+                                        self.path, batch)
+        return batch
 
     def close(self):
         self.buf = None
-        try:
-            self._mm.close()
-        except BufferError:
-            pass   # a view is still alive; the mapping goes away with it
+        mm = getattr(self, "_mm", None)
+        if mm is not None:
+            try:
+                mm.close()
+            except BufferError:
+                pass   # a view is still alive; the mapping goes away with it
 
 
-_LT_NAMES = {LINK_ETHERNET: "Ethernet", LINK_RAW: "raw IP"}
-
-
-class _Truncation(Exception):
-    def __init__(self, what):
-        super().__init__(what)
-        self.what = what
-
-
-def _copy_batch(walker: _Walker, off, caplen, wirelen, ts) -> Batch:
+def _copy_batch(reader: CaptureReader, off, caplen, wirelen, ts) -> Batch:
     n = off.shape[0]
     dst = np.zeros(n, np.int64)
     if n:
@@ -504,8 +816,11 @@ def _copy_batch(walker: _Walker, off, caplen, wirelen, ts) -> Batch:
     total = int(dst[-1] + caplen[-1]) if n else 0
     data = np.empty(total, np.uint8)
     if n:
-        _gather(walker.buf, off, caplen, data, dst)
-    lt = walker.linktype if walker.linktype is not None else LINK_ETHERNET
+        _gather(reader.buf, off, caplen, data, dst)
+    lt = reader.linktype
+    if lt is None:                 # a pcapng file with no packet: its first readable interface
+        kinds = [LINKTYPES[i[0]] for i in getattr(reader, "ifaces", []) if i[0] in LINKTYPES]
+        lt = kinds[0] if kinds else LINK_ETHERNET
     return Batch(data=data, offset=dst, length=caplen.copy(), wire_len=wirelen.copy(),
                  port=np.zeros(n, np.uint16), ts=ts.copy(), linktype=lt)
 
@@ -516,48 +831,31 @@ def _concat(parts):
     return tuple(np.concatenate([p[i] for p in parts]) for i in range(4))
 
 
-def read_capture(path, allow_truncated: bool = False) -> Batch:
-    """Read a whole pcap or pcapng file into one batch (see the module docstring)."""
-    w = _Walker(path, populate=True)
-    try:
-        parts = []
-        while True:
-            rec = w.next_records(DEFAULT_CHUNK)
-            if rec[0].shape[0] == 0:
-                break
-            w.n_read += rec[0].shape[0]
-            parts.append(rec)
-        batch = _copy_batch(w, *_concat(parts or [_empty_rec()]))
-    finally:
-        w.close()
-    if w.truncated is not None and not allow_truncated:
-        raise TruncatedCaptureError(f"{w.truncated}; {len(batch)} complete packets read",
-                                    w.path, batch)
-    return batch
+def read_capture(path, allow_truncated: bool = False, *, lenient: bool = False,
+                 warn=None) -> Batch:
+    """Read a whole pcap or pcapng file into one batch (see the module docstring).
+
+    An error after some packets raises :class:`CaptureError` carrying them; a file cut inside
+    its last record raises :class:`TruncatedCaptureError`, unless ``lenient`` (warns) or
+    ``allow_truncated`` (silent). ``warn`` is as for :class:`CaptureReader`.
+    """
+    return CaptureReader(path, lenient=lenient, allow_truncated=allow_truncated, warn=warn,
+                         populate=True).read_all()
 
 
-def iter_capture(path, batch_size: int = 256, allow_truncated: bool = False):
+def iter_capture(path, batch_size: int = 256, allow_truncated: bool = False, *,
+                 lenient: bool = False, warn=None):
     """Yield the capture as consecutive batches of at most ``batch_size`` packets.
 
     Only the current chunk's records are indexed at a time, so the file may be larger than
-    memory. A capture cut short raises :class:`TruncatedCaptureError` after the complete
-    packets were yielded (its ``.batch`` is then empty), unless ``allow_truncated``.
+    memory. The packets before an error are yielded first, then the error is raised (a
+    :class:`CaptureError`; :class:`TruncatedCaptureError` for a file cut short, unless
+    ``lenient`` or ``allow_truncated``).
     """
     if batch_size < 1:
         raise InputError(f"batch size must be positive, got {batch_size}")
-    w = _Walker(path)
-    try:
-        while True:
-            rec = w.next_records(batch_size)
-            if rec[0].shape[0] == 0:
-                break
-            w.n_read += rec[0].shape[0]
-            yield _copy_batch(w, *rec)
-        if w.truncated is not None and not allow_truncated:
-            raise TruncatedCaptureError(f"{w.truncated}; {w.n_read} complete packets read",
-                                        w.path, _copy_batch(w, *_empty_rec()))
-    finally:
-        w.close()
+    reader = CaptureReader(path, lenient=lenient, allow_truncated=allow_truncated, warn=warn)
+    yield from reader.batches(batch_size)
 
 
 def _empty_rec():
@@ -645,7 +943,9 @@ def write_pcap(path, batch: Batch, nanosecond: bool = False) -> None:
 # ---------------------------------------------------------------------------------------------
 def read_pcap_ref(data: bytes):
     """Classic pcap, one record at a time: ``(linktype, [(ts_ns, wire_len, bytes)], status)``
-    where status is None, "truncated" or an error string; raises InputError for a bad header."""
+    where status is None, "truncated", "caplen" (a record beyond libpcap's 262144-byte limit)
+    or "wirelen"; records longer than the snap length are read in full. Raises InputError for
+    a bad header."""
     if len(data) < 24:
         raise InputError("pcap file header cut short")
     for e in ("<", ">"):
@@ -654,19 +954,20 @@ def read_pcap_ref(data: bytes):
             break
     else:
         raise InputError("not a pcap file")
-    major, _, _, _, snaplen, network = struct.unpack_from(e + "HHiIII", data, 4)
+    major, _, _, _, _snaplen, network = struct.unpack_from(e + "HHiIII", data, 4)
     if major != 2:
         raise InputError("unsupported version")
-    lt = _linktype(network, None)
-    limit = snaplen or MAX_SNAPLEN
+    if network & 0xFFFF not in LINKTYPES:
+        raise InputError(linktype_refusal(network & 0xFFFF))
+    lt = LINKTYPES[network & 0xFFFF]
     mult = 1 if magic == PCAP_MAGIC_NS else 1000
     pos, out = 24, []
     while pos < len(data):
         if len(data) - pos < 16:
             return lt, out, "truncated"
         sec, frac, incl, orig = struct.unpack_from(e + "IIII", data, pos)
-        if incl > limit:
-            return lt, out, "snaplen"
+        if incl > MAX_SNAPLEN:
+            return lt, out, "caplen"
         if len(data) - pos - 16 < incl:
             return lt, out, "truncated"
         if orig > _INT32_MAX:

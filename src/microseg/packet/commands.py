@@ -248,22 +248,24 @@ def _console(out):
 
 
 def _parsed(path, reading: "_Reading | None" = None):
-    """(batch, parsed keys) of each chunk of the capture. With ``reading``, an error that ends
-    the file is kept there (raised by ``reading.done()`` once the packets before it are out)
+    """(batch, parsed keys) of each chunk of the capture. With ``reading``, an error after
+    some packets is kept there (raised by ``reading.done()`` once those packets are out)
     instead of stopping the caller's output."""
     keys = FlowKeys(CHUNK)
     lenient = reading.lenient if reading is not None else False
     chunks = iter_capture(path, batch_size=CHUNK, lenient=lenient, warn=_warn)
+    first = True
     while True:
         try:
             batch = next(chunks)
         except StopIteration:
             return
         except InputError as exc:
-            if reading is None:
+            if reading is None or first:       # nothing read: no output, just the error
                 raise
             reading.error = exc
             return
+        first = False
         yield batch, parse(batch, keys)
 
 
