@@ -37,6 +37,21 @@ def test_repr_and_summary_hide_keys():
     ({"esn": "yes"}, "esn"), ({"replay_window": 5000}, "replay_window"),
     ({"replay_window": 0, "esn": True}, "replay_window"),
     ({"lifetime_bytes": -1}, "lifetime_bytes"), ({"name": ""}, "name"),
+    ({"lifetime": 5}, "lifetime"), ({"lifetime": {"soft_byte": 5}}, "lifetime.soft_byte"),
+    ({"lifetime": {"hard_packets": -1}}, "lifetime.hard_packets"),
+    ({"lifetime": {"hard_packets": True}}, "lifetime.hard_packets"),
+    ({"lifetime": {"hard_seconds": "1h"}}, "lifetime.hard_seconds"),
+    ({"lifetime": {"hard_seconds": float("nan")}}, "lifetime.hard_seconds"),
+    ({"lifetime": {"soft_seconds": -1}}, "lifetime.soft_seconds"),
+    ({"lifetime": {"soft_bytes": 10, "hard_bytes": 10}}, "lifetime.soft_bytes"),
+    ({"lifetime": {"soft_packets": 11, "hard_packets": 10}}, "must be below hard_packets"),
+    ({"lifetime": {"hard_bytes": 10}, "lifetime_bytes": 10}, "not both"),
+    ({"esn_resync": {"after": 3}}, "needs esn"),
+    ({"esn": True, "esn_resync": 3}, "esn_resync"),
+    ({"esn": True, "esn_resync": {"after": 0}}, "esn_resync.after"),
+    ({"esn": True, "esn_resync": {"after": 2, "tries": 17}}, "esn_resync.tries"),
+    ({"esn": True, "esn_resync": {"tries": 2}}, "missing field 'after'"),
+    ({"esn": True, "esn_resync": {"after": 2, "retries": 2}}, "esn_resync.retries"),
 ])
 def test_bad_fields_are_named_and_keys_not_echoed(change, field):
     with pytest.raises(InputError) as exc:
@@ -169,3 +184,65 @@ def test_cli_reports_never_contain_key_material(tmp_path, capsys):
     assert "packets" in blob
     for s in doc["sas"]:
         assert s["key"] not in blob and s["salt"] not in blob
+
+
+def test_lifetimes_parsed_with_the_older_keys_as_hard_limits():
+    sa = parse_config({"sas": [dict(GOOD, lifetime={"soft_bytes": 1000, "hard_seconds": 90.5,
+                                                    "soft_seconds": 60}, lifetime_packets=7)]}).sas[0]
+    assert sa.lifetime() == {"soft_bytes": 1000, "hard_bytes": 0, "soft_packets": 0,
+                             "hard_packets": 7, "soft_seconds": 60, "hard_seconds": 90.5}
+    assert sa.lifetime_packets == 7 and sa.resync_after == 0
+    sa = parse_config({"sas": [dict(GOOD, esn=True, esn_resync={"after": 4, "tries": 3})]}).sas[0]
+    assert (sa.resync_after, sa.resync_tries) == (4, 3)
+    assert sa.summary()["esn_resync"] == {"after": 4, "tries": 3}
+
+
+def test_yaml_errors_name_the_line(tmp_path):
+    text = """sas:
+  - name: a
+    spi: 0x1234
+    key: 2291d8cdc310411e7ec27378a661c935
+    salt: 187c07e4
+    tunnel_src: 192.0.2.1
+    tunnel_dst: 192.0.2.2
+    lifetime:
+      soft_bytes: 2000
+      hard_bytes: 1000
+"""
+    p = tmp_path / "sa.yaml"
+    p.write_text(text)
+    with pytest.raises(InputError, match=r"sa.yaml:9: sas\[0\] \(a\).lifetime.soft_bytes: 2000 "
+                                         r"must be below hard_bytes"):
+        load_config(p)
+    p.write_text(text.replace("soft_bytes: 2000", "soft_bytez: 2000"))
+    with pytest.raises(InputError, match=r"sa.yaml:9: .*lifetime.soft_bytez: unknown limit"):
+        load_config(p)
+    p.write_text(text.replace("salt: 187c07e4", "salt: 187c"))
+    with pytest.raises(InputError, match=r"sa.yaml:5: .*salt: expected 4 bytes, got 2"):
+        load_config(p)
+    p.write_text(text.replace("soft_bytes: 2000", "soft_bytes: 200") +
+                 "policies:\n  - {dst: 10.0.0.0/8, sa: b}\n")
+    with pytest.raises(InputError, match=r"sa.yaml:12: policies\[0\].sa: no SA named 'b'"):
+        load_config(p)
+    p.write_text(text.replace("soft_bytes: 2000", "soft_bytes: 200"))
+    assert load_config(p).sas[0].soft_bytes == 200
+
+
+def test_cli_sa_list_shows_lifetimes(tmp_path, capsys):
+    p = tmp_path / "sa.yaml"
+    p.write_text(yaml.safe_dump({"sas": [dict(GOOD, esn=True, esn_resync={"after": 8},
+                                              lifetime={"soft_bytes": 1000000,
+                                                        "hard_bytes": 1500000,
+                                                        "soft_packets": 900, "hard_packets": 1000,
+                                                        "soft_seconds": 3600,
+                                                        "hard_seconds": 3900})]}))
+    assert main(["ipsec", "sa", "list", "--sa", str(p)]) == 0
+    out = capsys.readouterr().out
+    assert "1M/1.5M" in out and "900/1k" in out and "3600/3900" in out
+    assert "re-synchronisation after 8" in out
+    assert KEY not in out and "187c07e4" not in out
+    assert main(["ipsec", "sa", "list", "--json", "--sa", str(p)]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["sas"][0]["lifetime"]["hard_packets"] == 1000
+    assert doc["sas"][0]["esn_resync"] == {"after": 8, "tries": 1}
+    assert KEY not in json.dumps(doc)
