@@ -268,7 +268,7 @@ def test_trace_explains_each_stage(tmp_path, capsys):
                  "src=c1 dst=w1 tcp dport=80"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["verdict"] == "allow" and out["ct"] == "established"
-    assert main(["trace", "--policy", str(p), "--json", "src=c1 dst=w1 tcp dport=22"]) == 0
+    assert main(["trace", "--policy", str(p), "--json", "src=c1 dst=w1 tcp dport=22"]) == 1      # not allowed: exit 1
     out = json.loads(capsys.readouterr().out)
     assert out["verdict"] == "drop"
     assert main(["trace", "--policy", str(p), "src=c1 dst=nowhere"]) == 2

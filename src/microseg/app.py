@@ -12,6 +12,7 @@ import ipaddress
 import json
 import os
 import shlex
+import sys
 import time
 
 import numpy as np
@@ -238,9 +239,52 @@ def build_report(dp, forwarder, res, seconds: float, truth_check: dict | None) -
     from .pipeline import REASONS
     vals, cnt = np.unique(res.reason[res.verdict != V.ALLOW], return_counts=True)
     report["drop_reasons"] = {REASONS.get(v_, str(v_)): c_ for v_, c_ in zip(vals.tolist(), cnt.tolist())}
+    report["explanation"] = explain_drops(report, dp.policy.policy)
     if truth_check is not None:
         report["ground_truth"] = truth_check
     return report
+
+
+# Why one reason may stop most of a run, and the setting that changes it.
+_HINTS = {
+    "no_tenant": "the packets carry no tunnel header and the policy names no tenant for "
+                 "untunnelled traffic: set `untagged_tenant: {tenant}` in the policy to judge "
+                 "them as that tenant's",
+    "unknown_vni": "the tunnels carry VNIs that no tenant of the policy has: give each tenant "
+                   "its `vni`, or add the missing tenants",
+    "no_endpoint": "neither address belongs to a workload of the packet's tenant: check the "
+                   "workloads' `ipv4`/`ipv6` (and `untagged_tenant` for untunnelled traffic)",
+    "spoofed_source": "the source MACs are not the workloads' own: fix the workloads' `mac`, "
+                      "or set `anti_spoofing: false` for a capture taken off the workloads' ports",
+    "ct_invalid": "conntrack calls the packets INVALID (see the conntrack counters): typical of "
+                  "a capture that starts mid-stream with odd flags, has bad L4 checksums "
+                  "(checksum offload on the capturing host), or lost packets",
+    "parse_error": "the parser could not read the packets: `microseg parse FILE` shows the "
+                   "error of each",
+    "non_ip": "the frames are neither IP nor ARP (e.g. LLDP, STP): nothing to change unless "
+              "they should have been IP",
+    "egress_denied": "the senders' egress policy denies the connections: `microseg policy "
+                     "query` explains one; `default_egress: allow` opens egress where no "
+                     "security group applies",
+    "ingress_denied": "the receivers' ingress policy denies the connections: `microseg policy "
+                      "query` explains one",
+    "mapped_address": "the packets use IPv4-mapped IPv6 addresses, which are never accepted",
+}
+
+
+def explain_drops(report: dict, policy) -> list[str]:
+    """One line when a single reason stopped most (over half) of the run's packets: the share,
+    the likely cause and the setting that changes it."""
+    n = report["packets"]
+    drops = report.get("drop_reasons") or {}
+    if not n or not drops:
+        return []
+    reason, count = max(drops.items(), key=lambda kv: kv[1])
+    if count * 2 <= n:
+        return []
+    tenant = policy.tenants[0].name if policy.tenants else "TENANT"
+    hint = _HINTS.get(reason, "see `microseg trace` for one packet's path").format(tenant=tenant)
+    return [f"{count / n:.0%} of the packets were stopped as {reason}: {hint}."]
 
 
 def print_report(report: dict, console=None) -> None:
@@ -300,6 +344,8 @@ def print_report(report: dict, console=None) -> None:
         drops = {k: v for k, v in report["ipsec"]["drops"].items() if v}
         if drops:
             con.print(f"[bold]IPsec drops[/bold]: {drops}")
+    for line in report.get("explanation") or ():
+        con.print(f"[bold yellow]Note[/bold yellow]: {line}")
     gt = report.get("ground_truth")
     if gt is not None:
         ok = gt["verdict_mismatches"] == 0 and gt["ct_mismatches"] == 0
@@ -419,6 +465,9 @@ def run_run(args) -> int:
         _write_json(args.report, report)
     if not args.quiet:
         print_report(report, con)
+    else:
+        for line in report["explanation"]:
+            print(f"microseg: note: {line}", file=sys.stderr)
     if check is not None and (check["verdict_mismatches"] or check["ct_mismatches"]):
         return 1
     return 0
