@@ -31,8 +31,19 @@ def random_policy(rng) -> dict:
     for t in tenants:
         if rng.random() < 0.6:
             t["labels"] = {"env": pick(["prod", "dev"])}
-    groups, workloads, nps = [], [], []
+    groups, workloads, nps, admin_files = [], [], [], {}
     for t in tenants:
+        if rng.random() < 0.5:                  # a Kubernetes cluster: namespaces inside
+            t["namespaces"] = [{"name": f"{t['name']}-n{k}"} for k in range(int(rng.integers(1, 4)))]
+            for ns in t["namespaces"]:
+                if rng.random() < 0.6:
+                    ns["labels"] = {"purpose": pick(["prod", "test"])}
+                if rng.random() < 0.25:
+                    ns["isolation"] = pick(["deny", "kubernetes"])
+            if rng.random() < 0.3:
+                t["isolation"] = pick(["deny", "kubernetes"])
+    for t in tenants:
+        ns_names = [n["name"] for n in t.get("namespaces", [])] or [t["name"]]
         names = [f"sg{j}" for j in range(int(rng.integers(0, 4)))]
         for g in names:
             rules = []
@@ -78,8 +89,15 @@ def random_policy(rng) -> dict:
             if rng.random() < 0.7:
                 w["mac"] = "02:00:00:%02x:%02x:%02x" % (int(t["vni"]) & 0xFF, j, int(rng.integers(256)))
             w["labels"] = {k: pick(v) for k, v in LABELS.items() if rng.random() < 0.6}
-            if names and rng.random() < 0.7:
+            sg_p = 0.7 if "namespaces" not in t else 0.25
+            if names and rng.random() < sg_p:
                 w["security_groups"] = sorted({pick(names) for _ in range(int(rng.integers(1, 3)))})
+            if "namespaces" in t:
+                w["namespace"] = pick(ns_names)
+            if rng.random() < 0.5:
+                w["named_ports"] = [{"name": "http", "port": int(rng.integers(20, 90))}]
+                if rng.random() < 0.5:
+                    w["named_ports"].append({"name": "dns", "port": 53, "protocol": pick(["UDP", "TCP"])})
             workloads.append(w)
         for j in range(int(rng.integers(0, 4))):
             spec = {"podSelector": _selector(rng, pick)}
@@ -91,13 +109,74 @@ def random_policy(rng) -> dict:
                 if types:
                     spec["policyTypes"] = types
             nps.append({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
-                        "metadata": {"name": f"np{j}", "namespace": t["name"]}, "spec": spec})
+                        "metadata": {"name": f"np{j}", "namespace": pick(ns_names)}, "spec": spec})
+        if "namespaces" in t and rng.random() < 0.7:
+            docs = [_admin_policy(rng, pick, f"anp{j}", False) for j in range(int(rng.integers(1, 4)))]
+            if rng.random() < 0.6:
+                docs.append(_admin_policy(rng, pick, "default", True))
+            fname = f"admin-{t['name']}.yaml"
+            admin_files[fname] = yaml.safe_dump_all(docs, sort_keys=False)
+            nps.append({"file": fname, "tenant": t["name"]})
     doc = {"tenants": tenants, "security_groups": groups, "workloads": workloads,
            "network_policies": nps, "default_egress": pick(["allow", "deny"]),
            "deny_action": pick(["drop", "reject"]), "anti_spoofing": bool(rng.random() < 0.7)}
     if rng.random() < 0.5:
         doc["untagged_tenant"] = tenants[0]["name"]
+    doc["_files"] = admin_files
     return doc
+
+
+def _admin_policy(rng, pick, name, baseline):
+    def ns_sel():
+        return pick([{}, {"matchLabels": {"purpose": pick(["prod", "test"])}},
+                     {"matchExpressions": [{"key": "purpose", "operator": "DoesNotExist"}]}])
+
+    def peer(egress):
+        u = rng.random()
+        if u < 0.4:
+            return {"namespaces": ns_sel()}
+        if u < 0.8 or not egress:
+            return {"pods": {"namespaceSelector": ns_sel(), "podSelector": _selector(rng, pick)}}
+        return {"networks": [pick(["10.0.0.0/29", "10.0.0.8/30", "0.0.0.0/0", "fd00::/125"])]}
+
+    def port():
+        u = rng.random()
+        if u < 0.4:
+            return {"portNumber": {"protocol": pick(["TCP", "UDP"]), "port": int(rng.integers(20, 90))}}
+        if u < 0.7:
+            lo = int(rng.integers(20, 90))
+            return {"portRange": {"protocol": pick(["TCP", "UDP"]), "start": lo, "end": lo + int(rng.integers(0, 30))}}
+        return {"namedPort": pick(["http", "dns", "nope"])}
+
+    actions = ["Allow", "Deny"] if baseline else ["Allow", "Deny", "Pass"]
+    spec = {"subject": {"namespaces": ns_sel()} if rng.random() < 0.5 else
+            {"pods": {"namespaceSelector": ns_sel(), "podSelector": _selector(rng, pick)}}}
+    if not baseline:
+        spec["priority"] = int(rng.integers(0, 5))
+    for key, pk in (("ingress", "from"), ("egress", "to")):
+        if rng.random() < 0.7:
+            rules = []
+            for i in range(int(rng.integers(1, 4))):
+                r = {"name": f"r{i}", "action": pick(actions),
+                     pk: [peer(key == "egress") for _ in range(int(rng.integers(1, 3)))]}
+                if rng.random() < 0.5:
+                    r["ports"] = [port() for _ in range(int(rng.integers(1, 3)))]
+                rules.append(r)
+            spec[key] = rules
+    return {"apiVersion": "policy.networking.k8s.io/v1alpha1",
+            "kind": "BaselineAdminNetworkPolicy" if baseline else "AdminNetworkPolicy",
+            "metadata": {"name": name}, "spec": spec}
+
+
+def load_random(rng, tmp_path, name="random.yaml"):
+    """A random policy written out (admin policies in files beside it) and loaded."""
+    doc = random_policy(rng)
+    files = doc.pop("_files")
+    d = tmp_path / name.replace(".yaml", "")
+    d.mkdir(parents=True, exist_ok=True)
+    for fname, text in files.items():
+        (d / fname).write_text(text)
+    return parse_policy(yaml.safe_dump(doc, sort_keys=False), str(d / name), str(d))
 
 
 def _selector(rng, pick):
@@ -140,7 +219,9 @@ def _np_rule(rng, pick, peer_key):
             p = {}
             if rng.random() < 0.8:
                 p["protocol"] = pick(["TCP", "UDP", "SCTP"])
-            if rng.random() < 0.7:
+            if rng.random() < 0.15:
+                p["port"] = pick(["http", "dns", "nope"])
+            elif rng.random() < 0.7:
                 p["port"] = int(rng.integers(20, 90))
                 if rng.random() < 0.4:
                     p["endPort"] = p["port"] + int(rng.integers(0, 15))
@@ -226,11 +307,10 @@ def _compare(compiled, ref, keys, ct):
     return verdict, reason
 
 
-@pytest.mark.parametrize("seed", range(24))
-def test_decide_matches_reference_on_random_policies(seed):
+@pytest.mark.parametrize("seed", range(48))
+def test_decide_matches_reference_on_random_policies(seed, tmp_path):
     rng = np.random.default_rng(seed)
-    text = yaml.safe_dump(random_policy(rng), sort_keys=False)
-    policy = parse_policy(text, f"random-{seed}.yaml")
+    policy = load_random(rng, tmp_path, f"random-{seed}.yaml")
     compiled = compile_policy(policy)
     keys, ct = random_keys(rng, policy, 300)
     _compare(compiled, Reference(policy), keys, ct)
@@ -238,24 +318,28 @@ def test_decide_matches_reference_on_random_policies(seed):
 
 @pytest.mark.parametrize("algo", ["tss", "linear"])
 @pytest.mark.parametrize("seed", [3, 8, 15])
-def test_decide_is_the_same_with_every_classifier(seed, algo):
+def test_decide_is_the_same_with_every_classifier(seed, algo, tmp_path):
     rng = np.random.default_rng(seed)
-    policy = parse_policy(yaml.safe_dump(random_policy(rng), sort_keys=False))
+    policy = load_random(rng, tmp_path)
     keys, ct = random_keys(rng, policy, 300)
     _compare(compile_policy(policy, algo), Reference(policy), keys, ct)
 
 
-def test_random_policies_reach_every_reason():
-    """The random cases above are not vacuous: together they produce every verdict/reason."""
+def test_random_policies_reach_every_reason(tmp_path):
+    """The random cases above are not vacuous: together they produce every verdict/reason,
+    and they exercise every check kind (admin, baseline, default included)."""
     seen = set()
-    for seed in range(24):
+    kinds = set()
+    for seed in range(48):
         rng = np.random.default_rng(seed)
-        policy = parse_policy(yaml.safe_dump(random_policy(rng), sort_keys=False))
+        policy = load_random(rng, tmp_path, f"r{seed}.yaml")
+        kinds |= set(np.flatnonzero(compile_policy(policy)._need.any(axis=1)).tolist())
         keys, ct = random_keys(rng, policy, 300)
         v, _, r = compile_policy(policy).decide(keys, ct)
         seen |= set(zip(v.tolist(), r.tolist()))
     reasons = {r for _, r in seen}
     assert reasons == set(V.REASONS)
+    assert kinds == set(range(V.N_CHECKS))
     assert {v for v, _ in seen} == {V.ALLOW, V.DROP, V.REJECT}
 
 

@@ -198,7 +198,7 @@ items:
     ("{podSelector: {}, ingress: [{from: [{ipBlock: {cidr: 10.0.0.0/8}, podSelector: {}}]}]}", "cannot be combined"),
     ("{podSelector: {}, ingress: [{from: [{}]}]}", "needs podSelector, namespaceSelector or ipBlock"),
     ("{podSelector: {}, ingress: [{ports: [{protocol: ICMP}]}]}", "is not TCP, UDP or SCTP"),
-    ("{podSelector: {}, ingress: [{ports: [{port: '80'}]}]}", "named port '80' is not supported"),
+    ("{podSelector: {}, ingress: [{ports: [{port: '80'}]}]}", "is a string: a port name needs a letter"),
     ("{podSelector: {}, ingress: [{ports: [{endPort: 90}]}]}", "endPort needs port"),
     ("{podSelector: {}, ingress: [{ports: [{port: 0}]}]}", "out of range"),
     ("{podSelector: {matchExpressions: [{key: a, operator: In}]}}", "needs values"),

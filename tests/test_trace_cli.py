@@ -85,7 +85,7 @@ def test_trace_reject_exits_1_and_text_output_too(capsys, tmp_path):
     ("src=app dst=db dport=80", "dst: no workload 'db' in tenant 'globex'; other tenants have acme/db"),
     ("src=db dst=web tenant=globex dport=80", "src: no workload 'db' in tenant 'globex'"),
     ("src=acme/other/db dst=web", "tenant 'acme' has no namespace 'other' (its namespaces: acme)"),
-    ("src=initech/db dst=web", "no tenant 'initech' (tenants: acme, globex)"),
+    ("src=initech/db dst=web", "no tenant or namespace 'initech' (tenants: acme, globex)"),
     ("src=acme/ghost dst=web", "no workload 'ghost' in tenant 'acme'"),
     ("src=a/b/c/d dst=web", "is not a workload name ([tenant/][namespace/]name)"),
     ("src=acme//db dst=web", "is not a workload name"),

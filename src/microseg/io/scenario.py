@@ -183,8 +183,11 @@ class Intent:
         for w in policy.workloads:
             for a in w.addresses:
                 self.by_addr[(w.tenant, a)] = w
-        self.tenant_labels = {t.name: {**dict(t.labels), "kubernetes.io/metadata.name": t.name}
-                              for t in policy.tenants}
+        if getattr(policy, "admin_policies", ()):
+            from ..errors import InputError
+            raise InputError("the generator's ground truth does not read AdminNetworkPolicy or "
+                             "BaselineAdminNetworkPolicy: generate with a policy without them",
+                             getattr(policy, "source", None))
         self.deny_verdict = "reject" if getattr(policy, "deny_action", "drop") == "reject" else "drop"
 
     # -- helpers ---------------------------------------------------------------------------------
@@ -192,7 +195,7 @@ class Intent:
         labels = dict(w.labels)
         out = []
         for p in self.p.network_policies:
-            if p.namespace != w.tenant:
+            if p.tenant != w.tenant or p.namespace != w.namespace:
                 continue
             if not (p.ingress_type if direction == "ingress" else p.egress_type):
                 continue
@@ -220,14 +223,23 @@ class Intent:
             return remote_addr.version == r.remote_prefix.version and remote_addr in r.remote_prefix
         return True
 
-    def _np_rule_matches(self, r, tenant, remote_addr, f: Flow5) -> bool:
+    def _np_rule_matches(self, r, w, direction, remote_addr, f: Flow5) -> bool:
+        tenant = w.tenant
+        peer_w = self.by_addr.get((tenant, remote_addr))
         if r.ports is not None:
-            if not any(pt.protocol == f.proto and (pt.lo is None or pt.lo <= f.dport <= pt.hi)
-                       for pt in r.ports if f.proto in (TCP, UDP, 132)):
+            # a named port is the destination pod's own: the local pod for ingress
+            dest = w if direction == "ingress" else peer_w
+
+            def port_ok(pt):
+                if pt.name is not None:
+                    return dest is not None and any(
+                        n == pt.name and proto == f.proto and port == f.dport
+                        for n, proto, port in dest.named_ports)
+                return pt.protocol == f.proto and (pt.lo is None or pt.lo <= f.dport <= pt.hi)
+            if f.proto not in (TCP, UDP, 132) or not any(port_ok(pt) for pt in r.ports):
                 return False
         if r.peers is None:
             return True
-        peer_w = self.by_addr.get((tenant, remote_addr))
         for peer in r.peers:
             if peer.block is not None:
                 if remote_addr.version == peer.block.version and remote_addr in peer.block \
@@ -237,9 +249,9 @@ class Intent:
             if peer_w is None:
                 continue
             if peer.namespaces is None:
-                ns_ok = True                       # the policy's own namespace (= tenant)
+                ns_ok = peer_w.namespace == w.namespace      # the policy's own namespace
             else:
-                ns_ok = peer.namespaces.matches(self.tenant_labels[tenant])
+                ns_ok = peer.namespaces.matches(self.p.namespace_labels(tenant, peer_w.namespace))
             if ns_ok and (peer.pods is None or peer.pods.matches(dict(peer_w.labels))):
                 return True
         return False
@@ -248,6 +260,8 @@ class Intent:
         """(ok, text of the deciding rule or None)."""
         nps = self._selecting(w, direction)
         sg_text = None
+        if not w.security_groups and not nps and self.p.isolation(w) == "kubernetes":
+            return True, "no policy isolates the pod (Kubernetes)"
         check_sg = bool(w.security_groups) or not nps
         if check_sg:
             rules = [(g, r) for g in w.security_groups for r in self.groups[(w.tenant, g)].rules
@@ -264,7 +278,7 @@ class Intent:
         if nps:
             for p in nps:
                 for r in (p.ingress if direction == "ingress" else p.egress):
-                    if self._np_rule_matches(r, w.tenant, remote_addr, f):
+                    if self._np_rule_matches(r, w, direction, remote_addr, f):
                         return True, describe_np_rule(p, direction, r)
             return False, None
         return True, sg_text

@@ -83,9 +83,20 @@ def run_check(args) -> int:
     n_rules = sum(len(g.rules) for g in p.security_groups)
     print(f"{args.policy}: ok: {len(p.tenants)} tenants, {len(p.hosts)} hosts, "
           f"{len(p.workloads)} workloads, {len(p.security_groups)} security groups "
-          f"({n_rules} rules), {len(p.network_policies)} network policies; "
+          f"({n_rules} rules), {len(p.network_policies)} network policies, "
+          f"{len(p.admin_policies)} admin network policies; "
           f"{len(c.ruleset)} classifier rules, hash {c.content_hash[:16]}")
     return 0
+
+
+def namespace_rows(p) -> list:
+    """Each namespace with the isolation of its unselected pods (what ``compile`` shows)."""
+    return [{"tenant": t.name, "namespace": n.name, "declared": not t.implicit_namespace,
+             "isolation": n.isolation,
+             "unselected_pods": ("allowed (Kubernetes: non-isolated)" if n.isolation == "kubernetes"
+                                 else "denied (zero trust), egress as default_egress: "
+                                 + p.default_egress)}
+            for t in p.tenants for n in t.namespaces]
 
 
 def run_compile(args) -> int:
@@ -98,12 +109,17 @@ def run_compile(args) -> int:
                      "dst": None if r.dst is None else str(r.dst), "proto": r.proto,
                      "dport": list(r.dport), "icmp_type": r.icmp_type, "icmp_code": r.icmp_code,
                      "origin": c.describe_rule(i)})
+    spaces = namespace_rows(c.policy)
     if args.json:
-        json.dump({"version": c.version, "content_hash": c.content_hash, "rules": rows},
-                  sys.stdout, indent=1)
+        json.dump({"version": c.version, "content_hash": c.content_hash, "namespaces": spaces,
+                   "rules": rows}, sys.stdout, indent=1)
         sys.stdout.write("\n")
         return 0
     print(f"# policy {args.policy}: hash {c.content_hash}, {len(rows)} rules")
+    for n in spaces:
+        name = n["tenant"] if not n["declared"] else f"{n['tenant']}/{n['namespace']}"
+        print(f"# namespace {name}: isolation {n['isolation']}: pods no policy selects are "
+              f"{n['unselected_pods']}")
     for r in rows:
         port = "" if r["dport"] == [0, 65535] else f" dport {r['dport'][0]}-{r['dport'][1]}"
         icmp = "" if r["icmp_type"] is None else f" type {r['icmp_type']}"

@@ -36,7 +36,7 @@ from ..errors import InputError, MicrosegError
 from ..packet import batch as B
 from ..packet.batch import FlowKeys
 from . import verdict as V
-from .k8s import NAMESPACE_NAME_LABEL
+from .k8s import admin_peer_matches
 from .model import ICMP_PROTOCOLS, PORT_PROTOCOLS, Policy, load_policy
 from .reference import DEFAULT_EGRESS
 
@@ -60,6 +60,10 @@ _R_PARSE, _R_NO_TENANT, _R_UNKNOWN_VNI, _R_NON_IP = (V.R_PARSE_ERROR, V.R_NO_TEN
                                                      V.R_UNKNOWN_VNI, V.R_NON_IP)
 _R_SPOOFED, _R_INVALID, _R_NO_ENDPOINT = V.R_SPOOFED, V.R_INVALID, V.R_NO_ENDPOINT
 _R_EG_DENIED, _R_IN_DENIED, _R_MAPPED = V.R_EGRESS_DENIED, V.R_INGRESS_DENIED, V.R_MAPPED_ADDRESS
+_R_NON_ISOLATED = V.R_NON_ISOLATED
+N_KINDS, SIDE = V.N_CHECKS, V.SIDE
+EG_SG, EG_NP, EG_ANP, EG_BANP, EG_DEF = V.EG_SG, V.EG_NP, V.EG_ANP, V.EG_BANP, V.EG_DEF
+A_ALLOW, A_PASS = V.A_ALLOW, V.A_PASS
 _SH32, _MAPPED = np.uint64(32), np.uint64(0xFFFF)
 _NO_PORTS = np.uint64(~0xFFFFFFFF & ((1 << 64) - 1))
 _NO_ICMP = np.uint64(~(0xFFFF << SH_ICMP_TYPE) & ((1 << 64) - 1))
@@ -219,8 +223,8 @@ def _prepare(u64, i32, u16, u8, n, ct, K, t_vni, untagged, a_t, a_hi, a_lo, a_w,
             l4 &= _NO_PORTS
         if not (u8[_FLAGS, i] & _F_ICMP):
             l4 &= _NO_ICMP
-        for kind in range(4):
-            w = sw if kind < 2 else dw
+        for kind in range(N_KINDS):
+            w = sw if kind < SIDE else dw
             if w < 0 or need[kind, w] == 0:
                 continue
             for q in range(NW):
@@ -232,46 +236,79 @@ def _prepare(u64, i32, u16, u8, n, ct, K, t_vni, untagged, a_t, a_hi, a_lo, a_w,
             m += 1
         if m > 0 and out_pkt[m - 1] == i:
             continue
-        # no check applies (cannot happen: every known endpoint has at least one)
-        verdict[i] = _DROP
-        reason[i] = _R_NO_ENDPOINT
+        # no check applies to either side: pods that no policy isolates (Kubernetes)
+        verdict[i] = _ALLOW
+        reason[i] = _R_NON_ISOLATED
     return m
 
 
-@njit(cache=True)
-def _finish(idx, out_pkt, out_kind, m, verdict, reason, rule, deny):
-    first_in = -1
-    first_eg = -1
-    eg_fail = False
-    in_fail = False
-    for r in range(m):
-        i = out_pkt[r]
-        k = out_kind[r]
-        if k < 2:
-            if idx[r] < 0:
-                eg_fail = True
-            elif first_eg < 0:
-                first_eg = idx[r]
+@njit(cache=True, inline="always")
+def _side(win, act, base):
+    """(allowed, deciding rule or -1) of one side from the winning rule of each check
+    (``win``: -2 no such check, -1 no rule matched): security groups AND the Kubernetes chain
+    (admin first match: Allow/Deny final, Pass on; NetworkPolicies; baseline; default)."""
+    ok = True
+    rule = -1
+    sg = win[base + EG_SG]
+    if sg != -2:
+        if sg < 0:
+            ok = False
         else:
-            if idx[r] < 0:
-                in_fail = True
-            elif first_in < 0:
-                first_in = idx[r]
-        if r == m - 1 or out_pkt[r + 1] != i:
-            if eg_fail:
-                verdict[i] = deny
-                reason[i] = _R_EG_DENIED
-            elif in_fail:
-                verdict[i] = deny
-                reason[i] = _R_IN_DENIED
-            else:
-                verdict[i] = _ALLOW
-                reason[i] = _R_POLICY
-                rule[i] = first_in if first_in >= 0 else first_eg
-            first_in = -1
-            first_eg = -1
-            eg_fail = False
-            in_fail = False
+            rule = sg
+    decided = False
+    kok = True
+    krule = -1
+    a = win[base + EG_ANP]
+    if a >= 0 and act[a] != A_PASS:
+        decided = True
+        kok = act[a] == A_ALLOW
+        krule = a if kok else -1
+    if not decided:
+        n = win[base + EG_NP]
+        if n != -2:
+            decided = True
+            kok = n >= 0
+            krule = n
+    if not decided:
+        b = win[base + EG_BANP]
+        if b >= 0:
+            decided = True
+            kok = act[b] == A_ALLOW
+            krule = b if kok else -1
+    if not decided:
+        d = win[base + EG_DEF]
+        if d != -2:
+            kok = d >= 0
+            krule = d
+    if rule < 0:
+        rule = krule
+    return ok and kok, rule
+
+
+@njit(cache=True)
+def _finish(idx, act, out_pkt, out_kind, m, verdict, reason, rule, deny):
+    win = np.empty(N_KINDS, np.int64)
+    r = 0
+    while r < m:
+        i = out_pkt[r]
+        win[:] = -2
+        s = r
+        while s < m and out_pkt[s] == i:
+            win[out_kind[s]] = idx[s]
+            s += 1
+        eg_ok, eg_rule = _side(win, act, 0)
+        in_ok, in_rule = _side(win, act, SIDE)
+        if not eg_ok:
+            verdict[i] = deny
+            reason[i] = _R_EG_DENIED
+        elif not in_ok:
+            verdict[i] = deny
+            reason[i] = _R_IN_DENIED
+        else:
+            verdict[i] = _ALLOW
+            rule[i] = in_rule if in_rule >= 0 else eg_rule
+            reason[i] = _R_POLICY if rule[i] >= 0 else _R_NON_ISOLATED
+        r = s
 
 
 @dataclass(frozen=True)
@@ -297,7 +334,7 @@ class CompiledPolicy:
     """
 
     __slots__ = ("policy", "version", "content_hash", "ruleset", "classifier", "origins",
-                 "workload_names", "_t_vni", "_untagged", "_a", "_m", "_w_mac", "_need",
+                 "workload_names", "_t_vni", "_untagged", "_a", "_m", "_w_mac", "_need", "_act",
                  "_anti_spoof", "_deny", "_frozen")
 
     def __init__(self, policy: Policy, algo: str = DEFAULT_ALGO):
@@ -310,7 +347,7 @@ class CompiledPolicy:
         tenants = sorted(policy.tenants, key=lambda t: t.vni)
         t_index = {t.name: i for i, t in enumerate(tenants)}
         wl = policy.workloads
-        s(self, "workload_names", tuple(f"{w.tenant}/{w.name}" for w in wl))
+        s(self, "workload_names", tuple(policy.qualified_name(w) for w in wl))
         s(self, "_t_vni", _ro(np.array([t.vni for t in tenants], np.int64)))
         s(self, "_untagged", t_index[policy.untagged_tenant] if policy.untagged_tenant else -1)
         s(self, "_a", _table3([(t_index[w.tenant], *_net128(a), wi)
@@ -320,8 +357,9 @@ class CompiledPolicy:
         s(self, "_w_mac", _ro(np.array([-1 if w.mac is None else w.mac for w in wl], np.int64)))
         s(self, "_anti_spoof", bool(policy.anti_spoofing))
         s(self, "_deny", V.REJECT if policy.deny_action == "reject" else V.DROP)
-        need, rules, origins = _flatten(policy, self.version)
+        need, rules, actions, origins = _flatten(policy, self.version)
         s(self, "_need", _ro(need))
+        s(self, "_act", _ro(actions if actions.size else np.zeros(1, np.uint8)))
         s(self, "origins", tuple(origins))
         rs = RuleSet(rules, version=self.version)
         s(self, "ruleset", rs)
@@ -358,9 +396,9 @@ class CompiledPolicy:
         rule = np.full(n, -1, np.int32)
         src_w = np.empty(n, np.int32)
         dst_w = np.empty(n, np.int32)
-        out_k = np.empty((4 * n, NW), np.uint64)
-        out_pkt = np.empty(4 * n, np.int32)
-        out_kind = np.empty(4 * n, np.uint8)
+        out_k = np.empty((N_KINDS * n, NW), np.uint64)
+        out_pkt = np.empty(N_KINDS * n, np.int32)
+        out_kind = np.empty(N_KINDS * n, np.uint8)
         a_t, a_hi, a_lo, a_w = self._a
         m_t, m_mac, m_lo, m_w = self._m
         m = int(_prepare(u64, i32, u16, u8, n, ct, K, self._t_vni, self._untagged, a_t, a_hi,
@@ -368,8 +406,8 @@ class CompiledPolicy:
                          out_k, out_pkt, out_kind, verdict, reason, src_w, dst_w))
         if m:
             idx = self.classifier.classify_keys(out_k[:m])
-            _finish(np.ascontiguousarray(idx, np.int32), out_pkt, out_kind, m, verdict, reason,
-                    rule, np.uint8(self._deny))
+            _finish(np.ascontiguousarray(idx, np.int32), self._act, out_pkt, out_kind, m,
+                    verdict, reason, rule, np.uint8(self._deny))
         if detail:
             return Decision(verdict, rule, reason, src_w, dst_w)
         return verdict, rule, reason
@@ -505,11 +543,11 @@ def _block_prefixes(block, excepts) -> list:
 
 
 def _flatten(policy: Policy, version: int):
-    """need[4, n_workloads] (uint8), the classifier rules, and the origin of each rule_id."""
+    """need[N_CHECKS, n_workloads] (uint8), the classifier rules, the action of each rule
+    (verdict.A_*), and the origin of each rule_id."""
     wl = policy.workloads
     need = np.zeros((V.N_CHECKS, max(len(wl), 1)), np.uint8)
     vni = {t.name: t.vni for t in policy.tenants}
-    tlabels = {t.name: {**dict(t.labels), NAMESPACE_NAME_LABEL: t.name} for t in policy.tenants}
     groups = {(g.tenant, g.name): g for g in policy.security_groups}
     members: dict = {}
     for w in wl:
@@ -519,9 +557,18 @@ def _flatten(policy: Policy, version: int):
     by_tenant: dict = {}
     for w in wl:
         by_tenant.setdefault(w.tenant, []).append(w)
+    ns_labels: dict = {}
+
+    def nsl(x):
+        key = (x.tenant, x.namespace)
+        if key not in ns_labels:
+            ns_labels[key] = policy.namespace_labels(*key)
+        return ns_labels[key]
+
     origins: list = []
     origin_id: dict = {}
     rules: list = []
+    actions: list = []
     seen: set = set()
 
     def oid(o):
@@ -541,22 +588,25 @@ def _flatten(policy: Policy, version: int):
             prefixes[x] = p
         return p
 
-    def emit(kind, w, local, remote, proto, dport, icmp_type, icmp_code, origin):
-        """remote: ipaddress network, address or None (any address of local's family)."""
+    def emit(kind, w, local, remote, proto, dport, icmp_type, icmp_code, origin, priority=0,
+             action=V.A_ALLOW):
+        """remote: ipaddress network, address or None (any address of local's family).
+        Within a check the highest ``priority`` matching rule decides (admin rules' order)."""
         if remote is not None and remote.version != local.version:
             return
         lp = prefix(local)
         rp = None if remote is None else prefix(remote)
-        egress = kind in (V.EG_SG, V.EG_NP)
+        egress = V.is_egress(kind)
         key = (kind, vni[w.tenant], lp, rp, proto, dport, icmp_type, icmp_code)
         if key in seen:
-            return
+            return                      # an earlier rule with the same match decides it
         seen.add(key)
-        rules.append(Rule(priority=0, action=Action.ALLOW, rule_id=oid(origin),
+        rules.append(Rule(priority=priority, action=Action.ALLOW, rule_id=oid(origin),
                           tenant=vni[w.tenant], in_port=kind,
                           src=lp if egress else rp, dst=rp if egress else lp,
                           proto=proto, dport=dport or (0, 65535), icmp_type=icmp_type,
                           icmp_code=icmp_code))
+        actions.append(action)
 
     def sg_rule(kind, w, r, origin):
         if r is None:                                   # default egress allow-all
@@ -580,65 +630,130 @@ def _flatten(policy: Policy, version: int):
             for rem in remotes:
                 emit(kind, w, a, rem, r.protocol, dport, icmp_type, icmp_code, origin)
 
-    def np_rule(kind, w, r, origin):
-        if r.peers is None:
-            remotes = [None]
-        else:
-            remotes = []
-            for peer in r.peers:
-                if peer.block is not None:
-                    remotes.extend(_block_prefixes(peer.block, peer.excepts))
-                    continue
-                peers = []
-                for x in by_tenant.get(w.tenant, ()):   # peers outside the tenant never share its VNI
-                    ns_ok = peer.namespaces is None or peer.namespaces.matches(tlabels[x.tenant])
-                    if ns_ok and (peer.pods is None or peer.pods.matches(x.label_dict())):
-                        peers.extend(x.addresses)
-                remotes.extend(_cover(peers))
-        ports = [(None, None)] if r.ports is None else [
-            (p.protocol, None if p.lo is None else (p.lo, p.hi)) for p in r.ports]
+    def in_nets(x, nets, excepts=()):
+        """Does a workload have an address inside ``nets`` (and outside ``excepts``)?"""
+        return any(any(a.version == n.version and a in n for n in nets)
+                   and not any(a.version == e.version and a in e for e in excepts)
+                   for a in x.addresses)
+
+    def port_rules(kind, w, egress, remotes, ports, origin, priority=0, action=V.A_ALLOW):
+        """Emit for each (remote, workload behind it or None) and each port. Numbered ports
+        use the remote as given; a named port resolves on the destination workload (the
+        local one for ingress, the remote pod for egress), one rule per resolved port."""
+        numbered = [(None, None)] if ports is None else [
+            (p.protocol, None if p.lo is None else (p.lo, p.hi)) for p in ports if p.name is None]
+        named = [] if ports is None else [p for p in ports if p.name is not None]
         for a in w.addresses:
-            for rem in remotes:
-                for proto, dport in ports:
-                    emit(kind, w, a, rem, proto, dport, None, None, origin)
+            for rem, pods in remotes:
+                for proto, dport in numbered:
+                    emit(kind, w, a, rem, proto, dport, None, None, origin, priority, action)
+                if not named:
+                    continue
+                if not egress:
+                    targets = [(rem, w)]
+                else:
+                    targets = [(x_addr, x) for x in pods for x_addr in x.addresses
+                               if rem is None or (x_addr.version == rem.version and x_addr in
+                                                  ipaddress.ip_network(rem))]
+                for tgt, dest in targets:
+                    for p in named:
+                        for proto, port in dest.resolve_port(p.name, p.protocol):
+                            emit(kind, w, a, tgt, proto, (port, port), None, None, origin,
+                                 priority, action)
+
+    def np_remotes(r, w, egress):
+        """[(remote network or None, [workloads it stands for])] of a NetworkPolicy rule."""
+        tenant_pods = by_tenant.get(w.tenant, ())
+        if r.peers is None:
+            return [(None, list(tenant_pods) if egress else [])]
+        out = []
+        for peer in r.peers:
+            if peer.block is not None:
+                pods = [x for x in tenant_pods if in_nets(x, [peer.block], peer.excepts)] \
+                    if egress else []
+                nets = _block_prefixes(peer.block, peer.excepts)
+                out.extend((n, pods) for n in nets)
+                continue
+            peers = []
+            for x in tenant_pods:                   # peers outside the tenant never share its VNI
+                if peer.namespaces is None:
+                    ns_ok = x.namespace == w.namespace
+                else:
+                    ns_ok = peer.namespaces.matches(nsl(x))
+                if ns_ok and (peer.pods is None or peer.pods.matches(x.label_dict())):
+                    peers.append(x)
+            out.extend((n, peers) for n in _cover([a for x in peers for a in x.addresses]))
+        return out
+
+    def admin_remotes(r, w):
+        tenant_pods = by_tenant.get(w.tenant, ())
+        out = []
+        for peer in r.peers:
+            if peer.networks:
+                pods = [x for x in tenant_pods if in_nets(x, peer.networks)]
+                out.extend((n, pods) for n in peer.networks)
+                continue
+            pods = [x for x in tenant_pods if admin_peer_matches(peer, nsl(x), x.label_dict())]
+            out.extend((n, pods) for n in _cover([a for x in pods for a in x.addresses]))
+        return out
 
     allow_default = policy.default_egress == "allow"
+    admins = policy.admin_policies
     for wi, w in enumerate(wl):
         labels = w.label_dict()
-        sel_eg = [p for p in policy.network_policies if p.namespace == w.tenant and p.egress_type
-                  and p.pod_selector.matches(labels)]
-        sel_in = [p for p in policy.network_policies if p.namespace == w.tenant and p.ingress_type
-                  and p.pod_selector.matches(labels)]
-        sg_eg = [(("sg", g.tenant, g.name, i), r) for gn in w.security_groups
-                 for g in (groups[(w.tenant, gn)],) for i, r in enumerate(g.rules)
-                 if r.direction == "egress"]
-        sg_in = [(("sg", g.tenant, g.name, i), r) for gn in w.security_groups
-                 for g in (groups[(w.tenant, gn)],) for i, r in enumerate(g.rules)
-                 if r.direction == "ingress"]
-        # egress: security groups (or default_egress) AND selecting policies
-        if w.security_groups or not sel_eg:
-            need[V.EG_SG, wi] = 1
-            if sg_eg and w.security_groups:
-                for o, r in sg_eg:
-                    sg_rule(V.EG_SG, w, r, o)
-            elif allow_default:
-                sg_rule(V.EG_SG, w, None, DEFAULT_EGRESS)
-        if sel_eg:
-            need[V.EG_NP, wi] = 1
-            for p in sel_eg:
-                for i, r in enumerate(p.egress):
-                    np_rule(V.EG_NP, w, r, ("np", p.namespace, p.name, "egress", i))
-        # ingress: security groups AND selecting policies; neither: default deny
-        if w.security_groups or not sel_in:
-            need[V.IN_SG, wi] = 1
-            for o, r in sg_in:
-                sg_rule(V.IN_SG, w, r, o)
-        if sel_in:
-            need[V.IN_NP, wi] = 1
-            for p in sel_in:
-                for i, r in enumerate(p.ingress):
-                    np_rule(V.IN_NP, w, r, ("np", p.namespace, p.name, "ingress", i))
-    return need, rules, origins
+        for egress in (True, False):
+            d = "egress" if egress else "ingress"
+            base = 0 if egress else V.SIDE
+            # security groups (Neutron): some rule of the workload's groups allows it
+            if w.security_groups:
+                need[base + V.EG_SG, wi] = 1
+                sg = [(("sg", g.tenant, g.name, i), r) for gn in w.security_groups
+                      for g in (groups[(w.tenant, gn)],) for i, r in enumerate(g.rules)
+                      if r.direction == d]
+                for o, r in sg:
+                    sg_rule(base + V.EG_SG, w, r, o)
+                if not sg and egress and allow_default:
+                    sg_rule(base + V.EG_SG, w, None, DEFAULT_EGRESS)
+            # the Kubernetes chain: admin policies, NetworkPolicies, baseline, default
+            order = 0
+            for a in admins:
+                if a.tenant != w.tenant or a.baseline or not a.selects(nsl(w), labels):
+                    continue
+                for i, r in enumerate(a.egress if egress else a.ingress):
+                    need[base + V.EG_ANP, wi] = 1
+                    port_rules(base + V.EG_ANP, w, egress, admin_remotes(r, w), r.ports,
+                               ("anp", a.tenant, a.name, d, i), priority=_ADMIN_TOP - order,
+                               action=V.ADMIN_ACTIONS[r.action])
+                    order += 1
+            sel = [p for p in policy.network_policies
+                   if p.tenant == w.tenant and p.namespace == w.namespace
+                   and (p.egress_type if egress else p.ingress_type)
+                   and p.pod_selector.matches(labels)]
+            if sel:
+                need[base + V.EG_NP, wi] = 1
+                for p in sel:
+                    for i, r in enumerate(p.egress if egress else p.ingress):
+                        port_rules(base + V.EG_NP, w, egress, np_remotes(r, w, egress), r.ports,
+                                   ("np", p.namespace, p.name, d, i))
+                continue                             # isolated: the baseline is not reached
+            order = 0
+            for a in admins:
+                if a.tenant != w.tenant or not a.baseline or not a.selects(nsl(w), labels):
+                    continue
+                for i, r in enumerate(a.egress if egress else a.ingress):
+                    need[base + V.EG_BANP, wi] = 1
+                    port_rules(base + V.EG_BANP, w, egress, admin_remotes(r, w), r.ports,
+                               ("banp", a.tenant, a.name, d, i), priority=_ADMIN_TOP - order,
+                               action=V.ADMIN_ACTIONS[r.action])
+                    order += 1
+            if not w.security_groups and policy.isolation(w) == "deny":
+                need[base + V.EG_DEF, wi] = 1        # zero trust: unselected means denied
+                if egress and allow_default:
+                    sg_rule(base + V.EG_DEF, w, None, DEFAULT_EGRESS)
+    return need, rules, np.array(actions, np.uint8), origins
+
+
+_ADMIN_TOP = 1 << 40         # admin rules: the first in evaluation order has the highest priority
 
 
 def compile_policy(policy: Policy, algo: str = DEFAULT_ALGO) -> CompiledPolicy:

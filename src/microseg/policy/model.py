@@ -10,7 +10,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..errors import InputError
 from . import k8s, openstack
@@ -34,11 +34,36 @@ ICMP_PROTOCOLS = frozenset({1, 58})
 IPV6_ONLY_PROTOCOLS = frozenset({43, 44, 58, 59, 60})   # routing, fragment, ICMPv6, no-next, options
 
 
+ISOLATIONS = ("kubernetes", "deny")
+
+
+@dataclass(frozen=True)
+class Namespace:
+    """A Kubernetes namespace inside a tenant: its pods share the tenant's pod network (VNI).
+
+    ``isolation`` is what happens to a pod no NetworkPolicy selects in a direction:
+    ``kubernetes`` (non-isolated: everything allowed in that direction, the Kubernetes
+    semantics) or ``deny`` (zero trust: denied unless a security group or ``default_egress``
+    allows it).
+    """
+    name: str
+    labels: tuple = ()                  # sorted (key, value) pairs, kubernetes.io/metadata.name excluded
+    isolation: str = "kubernetes"
+
+
 @dataclass(frozen=True)
 class Tenant:
     name: str
     vni: int
     labels: tuple = ()                  # sorted (key, value) pairs
+    namespaces: tuple = ()              # Namespace; a tenant without any has one implicit
+    implicit_namespace: bool = True     # no namespaces: declared: one named after the tenant
+
+    def namespace(self, name: str) -> Namespace | None:
+        for ns in self.namespaces:
+            if ns.name == name:
+                return ns
+        return None
 
 
 @dataclass(frozen=True)
@@ -56,9 +81,17 @@ class Workload:
     addresses: tuple                    # ipaddress.IPv4Address / IPv6Address, in file order
     labels: tuple = ()                  # sorted (key, value) pairs
     security_groups: tuple = ()         # names of security groups of the same tenant
+    namespace: str = ""                 # a namespace of the tenant ("" only before loading)
+    named_ports: tuple = ()             # (name, protocol number, port), as a container's ports
 
     def label_dict(self) -> dict:
         return dict(self.labels)
+
+    def resolve_port(self, name: str, protocol: int) -> list:
+        """``[(protocol, port)]`` of this workload's named port ``name``: the one of
+        ``protocol``, or, for ``k8s.ANY_PROTOCOL``, every protocol's (empty: none)."""
+        return [(proto, port) for n, proto, port in self.named_ports
+                if n == name and (protocol == k8s.ANY_PROTOCOL or proto == protocol)]
 
 
 @dataclass(frozen=True)
@@ -100,6 +133,26 @@ class Policy:
     untagged_tenant: str | None = None  # tenant of packets that arrive without a tunnel header
     anti_spoofing: bool = True
     source: str = "<policy>"
+    admin_policies: tuple = ()          # k8s.AdminPolicy (AdminNetworkPolicy and Baseline...)
+
+    def qualified_name(self, w: Workload) -> str:
+        """``tenant/name``, or ``tenant/namespace/name`` where the namespace is not the
+        tenant's own (as ``microseg.policy.names`` reads them)."""
+        return f"{w.tenant}/{w.name}" if w.namespace == w.tenant else f"{w.tenant}/{w.namespace}/{w.name}"
+
+    def namespace_labels(self, tenant: str, namespace: str) -> dict:
+        """The labels a namespaceSelector sees: the namespace's own plus
+        ``kubernetes.io/metadata.name`` (for an implicit namespace, the tenant's labels)."""
+        t = self.tenant(tenant)
+        ns = t.namespace(namespace)
+        labels = dict(ns.labels) if ns is not None else {}
+        labels[k8s.NAMESPACE_NAME_LABEL] = namespace
+        return labels
+
+    def isolation(self, w: Workload) -> str:
+        """How the namespace of ``w`` treats a pod no NetworkPolicy selects (``ISOLATIONS``)."""
+        ns = self.tenant(w.tenant).namespace(w.namespace)
+        return ns.isolation if ns is not None else "deny"
 
     def tenant(self, name: str) -> Tenant:
         """The tenant called ``name`` (KeyError if none)."""
@@ -120,7 +173,10 @@ class Policy:
         def net(n):
             return None if n is None else str(n)
         return {
-            "tenants": [{"name": t.name, "vni": t.vni, "labels": dict(t.labels)} for t in self.tenants],
+            "tenants": [{"name": t.name, "vni": t.vni, "labels": dict(t.labels),
+                         **({} if t.implicit_namespace else {"namespaces": [
+                             {"name": n.name, "labels": dict(n.labels), "isolation": n.isolation}
+                             for n in t.namespaces]})} for t in self.tenants],
             "hosts": [{"name": h.name, "address": h.address} for h in self.hosts],
             "security_groups": [{
                 "name": g.name, "tenant": g.tenant, "id": g.id,
@@ -133,8 +189,10 @@ class Policy:
                 "name": w.name, "tenant": w.tenant, "host": w.host,
                 "mac": None if w.mac is None else format_mac(w.mac),
                 "addresses": [str(a) for a in w.addresses], "labels": dict(w.labels),
-                "security_groups": list(w.security_groups)} for w in self.workloads],
+                "security_groups": list(w.security_groups), "namespace": w.namespace,
+                "named_ports": [list(p) for p in w.named_ports]} for w in self.workloads],
             "network_policies": [p.to_dict() for p in self.network_policies],
+            "admin_policies": [p.to_dict() for p in self.admin_policies],
             "default_egress": self.default_egress, "deny_action": self.deny_action,
             "untagged_tenant": self.untagged_tenant, "anti_spoofing": self.anti_spoofing,
         }
@@ -421,11 +479,32 @@ def parse_policy(text: str, path: str = "<policy>", base_dir: str = ".") -> Poli
         f = Fields(rep, path, node, f"tenants[{i}]")
         if not f.ok:
             continue
-        f.check_keys({"name", "vni", "labels"})
+        f.check_keys({"name", "vni", "labels", "namespaces", "isolation"})
         name = f.string("name", required=True, pattern=NAME_RE)
         vni = f.integer("vni", 0, MAX_VNI, required=True, what="a 24-bit VNI")
         labels = f.labels("labels")
-        if name is None or vni is None:
+        declared = f.has("namespaces")
+        t_iso = f.choice("isolation", ISOLATIONS, default="kubernetes" if declared else "deny")
+        namespaces = []
+        for j, nnode in enumerate(f.seq("namespaces")):
+            nf = Fields(rep, path, nnode, f"{f.where}.namespaces[{j}]")
+            if not nf.ok:
+                continue
+            nf.check_keys({"name", "labels", "isolation"})
+            nname = nf.string("name", required=True, pattern=k8s.DNS_LABEL_RE,
+                              what="a namespace name (lower-case DNS label)")
+            nlabels = tuple(kv for kv in nf.labels("labels") if kv[0] != k8s.NAMESPACE_NAME_LABEL)
+            iso = nf.choice("isolation", ISOLATIONS, default=t_iso)
+            if nname is None or iso is None:
+                continue
+            if any(n.name == nname for n in namespaces):
+                nf.fail(nf.line("name"), "name", f"namespace {nname!r} is defined twice in tenant {name!r}")
+                continue
+            namespaces.append(Namespace(nname, nlabels, iso))
+        if declared and not namespaces and f.ok:
+            f.fail(f.line("namespaces"), "namespaces", "lists no namespace (leave it out for one "
+                   "namespace named after the tenant)")
+        if name is None or vni is None or t_iso is None:
             continue
         if any(t.name == name for t in tenants):
             f.fail(f.line("name"), "name", f"tenant {name!r} is defined twice")
@@ -434,8 +513,11 @@ def parse_policy(text: str, path: str = "<policy>", base_dir: str = ".") -> Poli
             f.fail(f.line("vni"), "vni", f"VNI {vni} is already used by tenant {by_vni[vni]!r}")
             continue
         by_vni[vni] = name
-        tenants.append(Tenant(name, vni, labels))
+        if not declared:
+            namespaces = [Namespace(name, labels, t_iso)]
+        tenants.append(Tenant(name, vni, labels, tuple(namespaces), not declared))
     tenant_names = {t.name for t in tenants}
+    tenants_by_name = {t.name: t for t in tenants}
 
     def tenant_ref(f: Fields, key="tenant"):
         t = f.string(key, required=True, pattern=NAME_RE)
@@ -539,9 +621,28 @@ def parse_policy(text: str, path: str = "<policy>", base_dir: str = ".") -> Poli
         if not f.ok:
             continue
         f.check_keys({"name", "tenant", "host", "mac", "ipv4", "ipv6", "addresses", "labels",
-                      "security_groups", "description"})
+                      "security_groups", "description", "namespace", "named_ports"})
         name = f.string("name", required=True, pattern=NAME_RE)
         tenant = tenant_ref(f)
+        namespace = None
+        if tenant is not None:
+            tobj = tenants_by_name[tenant]
+            ns_text = f.string("namespace", pattern=k8s.DNS_LABEL_RE, what="a namespace name")
+            if ns_text is None and not f.has("namespace"):
+                if tobj.implicit_namespace:
+                    namespace = tenant
+                elif tobj.namespace("default") is not None:
+                    namespace = "default"
+                else:
+                    f.fail(f.line(), "namespace", f"is required: tenant {tenant!r} declares "
+                           f"namespaces {', '.join(n.name for n in tobj.namespaces)}")
+            elif ns_text is not None:
+                if tobj.namespace(ns_text) is None:
+                    f.fail(f.line("namespace"), "namespace", f"no namespace {ns_text!r} in tenant "
+                           f"{tenant!r} (it has: {', '.join(n.name for n in tobj.namespaces)})")
+                else:
+                    namespace = ns_text
+        named_ports = _named_ports(f)
         host = f.string("host", pattern=NAME_RE)
         if host is not None and host not in host_names:
             f.fail(f.line("host"), "host", f"no host named {host!r}")
@@ -595,8 +696,10 @@ def parse_policy(text: str, path: str = "<policy>", base_dir: str = ".") -> Poli
             continue
         if not addrs and f.ok:
             f.fail(f.line(), "ipv4", "a workload needs at least one address (ipv4, ipv6 or addresses)")
-        if any(w.name == name and w.tenant == tenant for w in workloads):
-            f.fail(f.line("name"), "name", f"workload {name!r} is defined twice in tenant {tenant!r}")
+        if any(w.name == name and w.tenant == tenant and w.namespace == namespace
+               for w in workloads):
+            where_ns = tenant if namespace == tenant else f"{tenant}/{namespace}"
+            f.fail(f.line("name"), "name", f"workload {name!r} is defined twice in {where_ns!r}")
             continue
         for a in addrs:
             other = seen_addr.get((tenant, a))
@@ -612,17 +715,21 @@ def parse_policy(text: str, path: str = "<policy>", base_dir: str = ".") -> Poli
             seen_addr[(tenant, a)] = name
         if mac is not None:
             seen_mac[(tenant, mac)] = name
-        workloads.append(Workload(name, tenant, host, mac, tuple(addrs), labels, tuple(sgs)))
+        if namespace is None:
+            continue
+        workloads.append(Workload(name, tenant, host, mac, tuple(addrs), labels, tuple(sgs),
+                                  namespace, named_ports))
 
     # network policies ------------------------------------------------------------------------
-    nps = []
+    nps, admins = [], []
     for i, node in enumerate(top.seq("network_policies")):
         where = f"network_policies[{i}]"
         if isinstance(node, Map) and "file" in node and "kind" not in node:
             f = Fields(rep, path, node, where)
-            f.check_keys({"file", "namespace"})
+            f.check_keys({"file", "namespace", "tenant"})
             fname = f.string("file", required=True, what="a file name")
             ns = f.string("namespace", pattern=k8s.DNS_LABEL_RE, what="a namespace name")
+            tname = tenant_ref(f) if f.has("tenant") else None
             if fname is None:
                 continue
             fpath = _resolve_path(base_dir, fname)
@@ -632,18 +739,40 @@ def parse_policy(text: str, path: str = "<policy>", base_dir: str = ".") -> Poli
             except InputError as exc:
                 rep.error(path, f.line("file"), f"{where}.file", str(exc))
                 continue
-            nps.extend(k8s.parse_documents(docs_np, fpath, rep, default_namespace=ns))
+            got = k8s.parse_documents(docs_np, fpath, rep, default_namespace=ns)
+            where_line = (path, f.line())
         else:
-            nps.extend(k8s.parse_documents([node], path, rep, default_namespace=None, where=where))
+            tname = None
+            got = k8s.parse_documents([node], path, rep, default_namespace=None, where=where)
+            where_line = (path, node.line if isinstance(node, Map) else None)
+        for p in got:
+            if isinstance(p, k8s.AdminPolicy):
+                t = _admin_tenant(rep, p, tname, tenants, where_line)
+                if t is not None:
+                    admins.append(replace(p, tenant=t))
+                continue
+            t = _policy_tenant(rep, p, tname, tenants)
+            if t is not None:
+                nps.append(replace(p, tenant=t))
     seen_np = set()
     for p in nps:
-        if (p.namespace, p.name) in seen_np:
+        if (p.tenant, p.namespace, p.name) in seen_np:
             rep.error(p.origin.rsplit(":", 1)[0], _origin_line(p.origin), "metadata.name",
                       f"NetworkPolicy {p.namespace}/{p.name} is defined twice")
-        seen_np.add((p.namespace, p.name))
-        if p.namespace not in tenant_names:
-            rep.error(p.origin.rsplit(":", 1)[0], _origin_line(p.origin), "metadata.namespace",
-                      f"namespace {p.namespace!r} is not a tenant")
+        seen_np.add((p.tenant, p.namespace, p.name))
+    seen_admin = set()
+    for p in admins:
+        key = (p.tenant, p.baseline, p.name)
+        if key in seen_admin:
+            rep.error(p.origin.rsplit(":", 1)[0], _origin_line(p.origin), "metadata.name",
+                      f"{p.kind} {p.name} is defined twice in tenant {p.tenant!r}")
+        seen_admin.add(key)
+    for t in tenants:
+        base = [p for p in admins if p.tenant == t.name and p.baseline]
+        if len(base) > 1:
+            rep.error(base[1].origin.rsplit(":", 1)[0], _origin_line(base[1].origin),
+                      "metadata.name", f"tenant {t.name!r} has more than one "
+                      "BaselineAdminNetworkPolicy (the API allows one, named default)")
 
     default_egress = top.choice("default_egress", ("allow", "deny"), default="deny")
     deny_action = top.choice("deny_action", ("drop", "reject"), default="drop")
@@ -652,8 +781,73 @@ def parse_policy(text: str, path: str = "<policy>", base_dir: str = ".") -> Poli
         untagged = tenant_ref(top, "untagged_tenant")
     anti_spoofing = top.boolean("anti_spoofing", True)
     rep.raise_if_any()
+    admins.sort(key=lambda a: (a.tenant, a.baseline, a.priority, a.name))
     return Policy(tuple(tenants), tuple(hosts), tuple(groups), tuple(workloads), tuple(nps),
-                  default_egress or "deny", deny_action or "drop", untagged, anti_spoofing, path)
+                  default_egress or "deny", deny_action or "drop", untagged, anti_spoofing, path,
+                  tuple(admins))
+
+
+def _named_ports(f: Fields) -> tuple:
+    """A workload's ``named_ports`` (a container's ``ports`` list): (name, protocol, port)."""
+    out = []
+    seq = f.seq("named_ports")
+    for j, node in enumerate(seq):
+        pf = Fields(f.rep, f.path, node, f"{f.where}.named_ports[{j}]")
+        if not pf.ok:
+            continue
+        pf.check_keys({"name", "port", "containerPort", "protocol"})
+        name = pf.string("name", required=True, pattern=k8s.PORT_NAME_RE,
+                         what="a port name (IANA service name: at most 15 lower-case letters, "
+                              "digits and '-', with a letter)")
+        key = "containerPort" if pf.has("containerPort") else "port"
+        port = pf.integer(key, 1, 65535, required=True, what="a port number")
+        proto = pf.choice("protocol", tuple(k8s.PROTOCOLS), default="TCP")
+        if name is None or port is None or proto is None:
+            continue
+        number = k8s.PROTOCOLS[proto]
+        if any(n == name and p == number for n, p, _ in out):
+            pf.fail(pf.line("name"), "name", f"named port {name!r}/{proto} is listed twice")
+            continue
+        out.append((name, number, port))
+    return tuple(out)
+
+
+def _policy_tenant(rep, p, tname, tenants) -> str | None:
+    """The tenant a NetworkPolicy belongs to: the one named beside its file, else the only
+    tenant with a namespace of that name."""
+    where = (p.origin.rsplit(":", 1)[0], _origin_line(p.origin), "metadata.namespace")
+    if tname is not None:
+        t = next(t for t in tenants if t.name == tname)
+        if t.namespace(p.namespace) is None:
+            rep.error(*where, f"namespace {p.namespace!r} is not a namespace of tenant {tname!r} "
+                      f"(it has: {', '.join(n.name for n in t.namespaces)})")
+            return None
+        return tname
+    owners = [t.name for t in tenants if t.namespace(p.namespace) is not None]
+    if len(owners) == 1:
+        return owners[0]
+    if not owners:
+        rep.error(*where, f"namespace {p.namespace!r} is not a tenant nor a namespace of one")
+    else:
+        rep.error(*where, f"namespace {p.namespace!r} exists in tenants {', '.join(owners)}: "
+                  "give tenant: beside the file")
+    return None
+
+
+def _admin_tenant(rep, p, tname, tenants, where_line) -> str | None:
+    """Admin policies are cluster-scoped: the cluster is the tenant named beside the file, or
+    the only tenant that declares namespaces, or the only tenant."""
+    if tname is not None:
+        return tname
+    declared = [t.name for t in tenants if not t.implicit_namespace]
+    cands = declared if declared else [t.name for t in tenants]
+    if len(cands) == 1:
+        return cands[0]
+    rep.error(where_line[0], where_line[1], "tenant",
+              f"{p.kind} {p.name} is cluster-scoped: give tenant: beside its file (one of "
+              f"{', '.join(cands)})")
+    return None
+
 
 
 def _origin_line(origin: str):

@@ -1,7 +1,9 @@
 """Workloads named on the command line (`microseg trace`, `microseg policy query`).
 
-A workload is written ``[tenant/][namespace/]name``. Each tenant has one namespace today,
-named after the tenant, so ``acme/web-1`` and ``acme/acme/web-1`` are the same workload.
+A workload is written ``[tenant/][namespace/]name``. A tenant without declared namespaces
+has one, named after the tenant, so ``acme/web-1`` and ``acme/acme/web-1`` are the same
+workload; in a tenant that declares namespaces, ``cluster1/prod/db`` or, where it is
+unambiguous, ``prod/db`` or ``cluster1/db``.
 A bare ``name`` is looked up in the packet's tenant when one is known (given, or taken from
 the other endpoint); otherwise it must be unique across tenants, and a name several tenants
 use is an error that lists the qualified candidates. A value that reads as an IP address is
@@ -18,12 +20,12 @@ FORM = "[tenant/][namespace/]name"
 
 
 def namespaces(policy: Policy, tenant: str) -> tuple:
-    """The namespaces of ``tenant``: one, named after the tenant."""
-    return (tenant,)
+    """The names of the namespaces of ``tenant``."""
+    return tuple(n.name for n in policy.tenant(tenant).namespaces)
 
 
 def workload_namespace(w: Workload) -> str:
-    return w.tenant
+    return w.namespace or w.tenant
 
 
 def qualified(w: Workload) -> str:
@@ -45,6 +47,17 @@ def _qualified(policy: Policy, text: str, what: str) -> Workload:
         raise InputError(f"{what}: {text!r} is not a workload name ({FORM})")
     tenant, name = parts[0], parts[-1]
     tenants = [t.name for t in policy.tenants]
+    if len(parts) == 2:                     # tenant/name or namespace/name
+        found = [w for w in policy.workloads if w.name == name and (
+            w.tenant == tenant or (workload_namespace(w) == tenant and workload_namespace(w) != w.tenant))]
+        if len(found) == 1:
+            return found[0]
+        if len(found) > 1:
+            raise InputError(f"{what}: {text!r} names several workloads: "
+                             f"{', '.join(qualified(w) for w in found)}")
+        if tenant not in tenants and not any(workload_namespace(w) == tenant for w in policy.workloads):
+            raise InputError(f"{what}: {text!r}: no tenant or namespace {tenant!r} "
+                             f"(tenants: {', '.join(tenants) or 'none'})")
     if tenant not in tenants:
         raise InputError(f"{what}: {text!r}: no tenant {tenant!r} (tenants: {', '.join(tenants) or 'none'})")
     ns = parts[1] if len(parts) == 3 else None

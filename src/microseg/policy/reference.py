@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from .. import ctstate
 from ..packet import batch as B
 from . import verdict as V
-from .k8s import NAMESPACE_NAME_LABEL
+from .k8s import admin_peer_matches
 from .model import ICMP_PROTOCOLS, PORT_PROTOCOLS, Policy, Workload
 
 ND_TYPES = range(133, 137)          # router/neighbour solicitation/advertisement
@@ -22,7 +22,7 @@ DEFAULT_EGRESS = ("default_egress",)
 
 @dataclass
 class Check:
-    kind: int                       # verdict.EG_SG ... IN_NP
+    kind: int                       # verdict.EG_SG ... IN_DEF
     workload: Workload
     matches: list                   # origin keys of every rule that matches
 
@@ -53,15 +53,23 @@ class Reference:
         self.by_addr = {(w.tenant, a): w for w in policy.workloads for a in w.addresses}
         self.by_mac = {(w.tenant, w.mac): w for w in policy.workloads if w.mac is not None}
         self.groups = {(g.tenant, g.name): g for g in policy.security_groups}
-        self.tenant_labels = {t.name: {**dict(t.labels), NAMESPACE_NAME_LABEL: t.name}
-                              for t in policy.tenants}
 
-    # ---- which checks apply to a workload ---------------------------------------------------
+    def ns_labels(self, w: Workload) -> dict:
+        return self.p.namespace_labels(w.tenant, w.namespace)
+
+    # ---- which policies apply to a workload ---------------------------------------------------
     def _selecting(self, w: Workload, egress: bool) -> list:
         labels = w.label_dict()
         return [p for p in self.p.network_policies
-                if p.namespace == w.tenant and (p.egress_type if egress else p.ingress_type)
+                if p.tenant == w.tenant and p.namespace == w.namespace
+                and (p.egress_type if egress else p.ingress_type)
                 and p.pod_selector.matches(labels)]
+
+    def _admins(self, w: Workload, baseline: bool) -> list:
+        """Admin policies of ``w``'s tenant whose subject is ``w``, in evaluation order."""
+        nsl, labels = self.ns_labels(w), w.label_dict()
+        return [a for a in self.p.admin_policies
+                if a.tenant == w.tenant and a.baseline == baseline and a.selects(nsl, labels)]
 
     def _sg_rules(self, w: Workload, direction: str) -> list:
         out = []
@@ -69,29 +77,6 @@ class Reference:
             g = self.groups[(w.tenant, gname)]
             out.extend(((("sg", g.tenant, g.name, i), r) for i, r in enumerate(g.rules)
                         if r.direction == direction))
-        return out
-
-    def checks(self, w: Workload, egress: bool):
-        """[(kind, rules)] that must each have a match; rules are (origin, matcher) pairs."""
-        out = []
-        sel = self._selecting(w, egress)
-        if egress:
-            if w.security_groups:
-                rules = self._sg_rules(w, "egress")
-                if not rules and self.p.default_egress == "allow":
-                    rules = [(DEFAULT_EGRESS, None)]
-                out.append((V.EG_SG, rules))
-            if sel:
-                out.append((V.EG_NP, [(("np", p.namespace, p.name, "egress", i), r)
-                                      for p in sel for i, r in enumerate(p.egress)]))
-            if not out:
-                out.append((V.EG_SG, [(DEFAULT_EGRESS, None)] if self.p.default_egress == "allow" else []))
-        else:
-            if w.security_groups or not sel:
-                out.append((V.IN_SG, self._sg_rules(w, "ingress")))
-            if sel:
-                out.append((V.IN_NP, [(("np", p.namespace, p.name, "ingress", i), r)
-                                      for p in sel for i, r in enumerate(p.ingress)]))
         return out
 
     # ---- rule matching ------------------------------------------------------------------------
@@ -117,17 +102,28 @@ class Reference:
             return peer is not None and r.remote_group in peer.security_groups
         return True
 
-    def _np_match(self, r, w: Workload, remote, pkt) -> bool:
-        if r.ports is not None:
-            ok = False
-            for port in r.ports:
-                if port.protocol != pkt["proto"]:
-                    continue
-                if port.lo is None or (pkt["ports"] and port.lo <= pkt["dport"] <= port.hi):
-                    ok = True
-                    break
-            if not ok:
-                return False
+    @staticmethod
+    def _port_match(ports, dest: Workload | None, pkt) -> bool:
+        """Does the packet's protocol and destination port match one of ``ports`` (None: all)?
+        A named port resolves on the destination workload (none: it matches nothing)."""
+        if ports is None:
+            return True
+        for port in ports:
+            if port.name is not None:
+                if dest is not None and pkt["ports"] and \
+                        (pkt["proto"], pkt["dport"]) in dest.resolve_port(port.name, port.protocol):
+                    return True
+                continue
+            if port.protocol != pkt["proto"]:
+                continue
+            if port.lo is None or (pkt["ports"] and port.lo <= pkt["dport"] <= port.hi):
+                return True
+        return False
+
+    def _np_match(self, r, w: Workload, egress: bool, remote, pkt) -> bool:
+        other = self.by_addr.get((w.tenant, remote))
+        if not self._port_match(r.ports, other if egress else w, pkt):
+            return False
         if r.peers is None:
             return True
         for peer in r.peers:
@@ -136,29 +132,78 @@ class Reference:
                         not any(remote in e for e in peer.excepts):
                     return True
                 continue
-            other = self.by_addr.get((w.tenant, remote))
             if other is None:
                 continue
             if peer.namespaces is None:
-                ns_ok = other.tenant == w.tenant        # the policy's own namespace
+                ns_ok = other.namespace == w.namespace        # the policy's own namespace
             else:
-                ns_ok = peer.namespaces.matches(self.tenant_labels[other.tenant])
+                ns_ok = peer.namespaces.matches(self.ns_labels(other))
             if ns_ok and (peer.pods is None or peer.pods.matches(other.label_dict())):
                 return True
         return False
 
-    def _run_checks(self, w, egress, remote, pkt, dec: RefDecision) -> bool:
+    def _admin_match(self, r, w: Workload, egress: bool, remote, pkt) -> bool:
+        other = self.by_addr.get((w.tenant, remote))
+        if not self._port_match(r.ports, other if egress else w, pkt):
+            return False
+        for peer in r.peers:
+            if peer.networks:
+                if any(remote.version == n.version and remote in n for n in peer.networks):
+                    return True
+            elif other is not None and admin_peer_matches(peer, self.ns_labels(other),
+                                                          other.label_dict()):
+                return True
+        return False
+
+    # ---- one side: the sender's egress or the receiver's ingress -----------------------------
+    def _side(self, w: Workload, egress: bool, remote, pkt, dec: "RefDecision") -> bool:
+        """Security groups AND the Kubernetes chain (admin, NetworkPolicies, baseline,
+        default), as ``docs/policy.md`` orders them. Records the checks that count."""
+        base = 0 if egress else V.SIDE
+        d = "egress" if egress else "ingress"
         ok = True
-        for kind, rules in self.checks(w, egress):
-            m = []
-            for origin, r in rules:
-                hit = self._sg_match(r, w, remote, pkt) if kind in (V.EG_SG, V.IN_SG) \
-                    else self._np_match(r, w, remote, pkt)
-                if hit:
-                    m.append(origin)
-            dec.checks.append(Check(kind, w, m))
-            ok = ok and bool(m)
-        return ok
+        if w.security_groups:
+            rules = self._sg_rules(w, d)
+            if not rules and egress and self.p.default_egress == "allow":
+                rules = [(DEFAULT_EGRESS, None)]
+            m = [o for o, r in rules if self._sg_match(r, w, remote, pkt)]
+            dec.checks.append(Check(base + V.EG_SG, w, m))
+            ok = bool(m)
+        return self._k8s(w, egress, remote, pkt, dec) and ok
+
+    def _k8s(self, w, egress, remote, pkt, dec) -> bool:
+        base = 0 if egress else V.SIDE
+        d = "egress" if egress else "ingress"
+        for a in self._admins(w, baseline=False):
+            for i, r in enumerate(a.egress if egress else a.ingress):
+                if self._admin_match(r, w, egress, remote, pkt):
+                    if r.action == "Pass":
+                        break                       # on to the NetworkPolicies
+                    dec.checks.append(Check(base + V.EG_ANP, w, [("anp", a.tenant, a.name, d, i)]
+                                            if r.action == "Allow" else []))
+                    return r.action == "Allow"
+            else:
+                continue
+            break                                   # Pass: skip the remaining admin policies
+        sel = self._selecting(w, egress)
+        if sel:
+            m = [("np", p.namespace, p.name, d, i) for p in sel
+                 for i, r in enumerate(p.egress if egress else p.ingress)
+                 if self._np_match(r, w, egress, remote, pkt)]
+            dec.checks.append(Check(base + V.EG_NP, w, m))
+            return bool(m)
+        for a in self._admins(w, baseline=True):
+            for i, r in enumerate(a.egress if egress else a.ingress):
+                if self._admin_match(r, w, egress, remote, pkt):
+                    dec.checks.append(Check(base + V.EG_BANP, w, [("banp", a.tenant, a.name, d, i)]
+                                            if r.action == "Allow" else []))
+                    return r.action == "Allow"
+        if w.security_groups or self.p.isolation(w) == "kubernetes":
+            return True                             # non-isolated (or the groups decide)
+        # a zero-trust namespace: unselected pods are denied, egress unless default_egress
+        m = [DEFAULT_EGRESS] if egress and self.p.default_egress == "allow" else []
+        dec.checks.append(Check(base + V.EG_DEF, w, m))
+        return bool(m)
 
     # ---- the decision -------------------------------------------------------------------------
     def decide_row(self, row: dict, ct: int) -> RefDecision:
@@ -214,15 +259,20 @@ class Reference:
             dec.reason = V.R_NO_ENDPOINT
             return dec
         deny = V.REJECT if self.p.deny_action == "reject" else V.DROP
-        if sw is not None and not self._run_checks(sw, True, dst, pkt, dec):
+        if sw is not None and not self._side(sw, True, dst, pkt, dec):
             dec.verdict, dec.reason = deny, V.R_EGRESS_DENIED
             return dec
-        if dw is not None and not self._run_checks(dw, False, src, pkt, dec):
+        if dw is not None and not self._side(dw, False, src, pkt, dec):
             dec.verdict, dec.reason = deny, V.R_INGRESS_DENIED
             return dec
-        dec.verdict, dec.reason = V.ALLOW, V.R_POLICY
-        ing = [c for c in dec.checks if c.kind in (V.IN_SG, V.IN_NP)]
-        decisive = ing[0] if ing else dec.checks[0]
+        dec.verdict = V.ALLOW
+        counted = [c for c in dec.checks if c.matches]
+        if not counted:
+            dec.reason = V.R_NON_ISOLATED           # no rule had to allow it
+            return dec
+        dec.reason = V.R_POLICY
+        ing = [c for c in counted if not V.is_egress(c.kind)]
+        decisive = (ing or counted)[0]
         dec.rule_origins = set(decisive.matches)
         return dec
 
@@ -240,6 +290,10 @@ def _check_text(kind: int, origin) -> str:
         return "default_egress: allow"
     if origin[0] == "sg":
         return f"security group {origin[1]}/{origin[2]} rule {origin[3]}"
+    if origin[0] == "anp":
+        return f"AdminNetworkPolicy {origin[2]} {origin[3]}[{origin[4]}]"
+    if origin[0] == "banp":
+        return f"BaselineAdminNetworkPolicy {origin[2]} {origin[3]}[{origin[4]}]"
     return f"NetworkPolicy {origin[1]}/{origin[2]} {origin[3]}[{origin[4]}]"
 
 
@@ -251,17 +305,19 @@ def explain(ref: Reference, row: dict, ct: int) -> list[str]:
     lines.append(f"tenant: {d.tenant or '-'} (VNI {vni if vni >= 0 else 'none'})")
     if row["ip_ver"] in (4, 6) and not row["error"]:
         def who(w):
-            return f" = {w.tenant}/{w.name}" if w is not None else " (not a workload)"
+            return f" = {ref.p.qualified_name(w)}" if w is not None else " (not a workload)"
         lines.append(f"src {_addr(row['src_hi'], row['src_lo'])}{who(d.src)}, "
                      f"dst {_addr(row['dst_hi'], row['dst_lo'])}{who(d.dst)}")
         lines.append(f"conntrack: {ctstate.state_name(ct)}")
     for c in d.checks:
-        side = "egress of" if c.kind in (V.EG_SG, V.EG_NP) else "ingress of"
-        what = "security groups" if c.kind in (V.EG_SG, V.IN_SG) else "network policies"
+        side, _, what = V.CHECKS[c.kind].partition(" ")
+        who = ref.p.qualified_name(c.workload)
         if c.matches:
-            lines.append(f"{side} {c.workload.tenant}/{c.workload.name}, {what}: allowed by "
+            lines.append(f"{side} of {who}, {what}: allowed by "
                          + "; ".join(_check_text(c.kind, o) for o in c.matches))
         else:
-            lines.append(f"{side} {c.workload.tenant}/{c.workload.name}, {what}: no rule allows it")
+            lines.append(f"{side} of {who}, {what}: no rule allows it")
+    if d.reason == V.R_NON_ISOLATED:
+        lines.append("no policy isolates these pods in this direction (Kubernetes: allowed)")
     lines.append(f"verdict: {V.verdict_name(d.verdict)} ({V.reason_name(d.reason)})")
     return lines

@@ -13,6 +13,7 @@ R_ESTABLISHED = 1       # conntrack: packet of an established connection
 R_RELATED = 2           # conntrack: related (e.g. an ICMP error about a tracked connection)
 R_ARP = 3               # ARP within a known tenant
 R_ND = 4                # IPv6 neighbour discovery (ICMPv6 133-136), as Neutron allows it
+R_NON_ISOLATED = 5      # NEW traffic no rule had to allow: Kubernetes pods no policy isolates
 R_PARSE_ERROR = 10      # the parser flagged the packet
 R_NO_TENANT = 11        # arrived without a tunnel header and no untagged_tenant is set
 R_UNKNOWN_VNI = 12      # tunnel VNI/VSID that no tenant has
@@ -26,18 +27,34 @@ R_MAPPED_ADDRESS = 19   # an IPv6 packet with an IPv4-mapped (::ffff:a.b.c.d) ad
 
 REASONS = {
     R_POLICY: "policy", R_ESTABLISHED: "established", R_RELATED: "related", R_ARP: "arp",
-    R_ND: "neighbour_discovery", R_PARSE_ERROR: "parse_error", R_NO_TENANT: "no_tenant",
+    R_ND: "neighbour_discovery", R_NON_ISOLATED: "non_isolated", R_PARSE_ERROR: "parse_error", R_NO_TENANT: "no_tenant",
     R_UNKNOWN_VNI: "unknown_vni", R_NON_IP: "non_ip", R_SPOOFED: "spoofed_source",
     R_INVALID: "ct_invalid", R_NO_ENDPOINT: "no_endpoint", R_EGRESS_DENIED: "egress_denied",
     R_INGRESS_DENIED: "ingress_denied", R_MAPPED_ADDRESS: "mapped_address",
 }
 VERDICTS = {ALLOW: "allow", DROP: "drop", REJECT: "reject"}
 
-# checks a NEW packet may have to pass; each is "some rule of this kind matches"
-EG_SG, EG_NP, IN_SG, IN_NP = 0, 1, 2, 3
-CHECKS = ("egress security groups", "egress network policies", "ingress security groups",
-          "ingress network policies")
-N_CHECKS = 4
+# Checks a NEW packet may have to pass, per side (the sender's egress, the receiver's ingress).
+# Security groups (SG): some rule matches. The Kubernetes chain, in order: admin network
+# policies (ANP: the first matching rule's action; Pass goes on), NetworkPolicies (NP: some rule
+# of the policies selecting the pod matches), the baseline admin policy (BANP: the first
+# matching rule's action), then the default of an unselected pod (DEF: a zero-trust namespace's
+# default deny, or default_egress). Egress kinds are below IN_SG.
+EG_SG, EG_NP, EG_ANP, EG_BANP, EG_DEF, IN_SG, IN_NP, IN_ANP, IN_BANP, IN_DEF = range(10)
+CHECKS = ("egress security groups", "egress network policies", "egress admin network policies",
+          "egress baseline admin network policy", "egress default", "ingress security groups",
+          "ingress network policies", "ingress admin network policies",
+          "ingress baseline admin network policy", "ingress default")
+N_CHECKS = 10
+SIDE = 5                # kinds below SIDE are the sender's egress, the rest the receiver's ingress
+
+# what a matching rule of an admin check does (the other checks' rules only allow)
+A_ALLOW, A_DENY, A_PASS = 1, 2, 3
+ADMIN_ACTIONS = {"Allow": A_ALLOW, "Deny": A_DENY, "Pass": A_PASS}
+
+
+def is_egress(kind: int) -> bool:
+    return kind < SIDE
 
 
 def reason_name(code: int) -> str:
