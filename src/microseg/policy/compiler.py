@@ -1,15 +1,17 @@
 """Compile a :class:`~microseg.policy.model.Policy` into the classifier's rule set, decide whole
 batches with it, and swap compiled policies atomically.
 
-Compilation flattens every security-group rule, NetworkPolicy rule and the default-egress
-allowance into classifier :class:`~microseg.classify.rules.Rule` objects, one per (local
-address, remote prefix or peer address, port/protocol). A rule's ``tenant`` is the tenant's
-VNI and its ``in_port`` field carries the *check* it belongs to (``verdict.EG_SG`` ...
-``IN_NP``): the decision builds, for each NEW packet, one classifier key per check that applies
-to its sender and receiver, with the check number in the in-port bits, and classifies them all
-in one call. A check passes when some rule matches, so AND across checks (security groups AND
-network policies, sender's egress AND receiver's ingress) and OR within a check (union of
-rules) both fall out of plain "first match" classification.
+Compilation flattens every security-group rule, admin-policy rule, NetworkPolicy rule and the
+default-egress allowance into classifier :class:`~microseg.classify.rules.Rule` objects, one
+per (local address, remote prefix or peer address, port/protocol; named ports resolved). A
+rule's ``tenant`` is the tenant's VNI and its ``in_port`` field carries the *check* it belongs
+to (``verdict.EG_SG`` ... ``IN_DEF``): the decision builds, for each NEW packet, one classifier
+key per check that applies to its sender and receiver, with the check number in the in-port
+bits, and classifies them all in one call. The winner of each check is then folded per side
+(``_side``): security groups pass when some rule matches; the Kubernetes chain takes the first
+admin rule's action (its priority encodes evaluation order; Pass goes on), else whether some
+NetworkPolicy rule matches, else the baseline's first rule, else the zero-trust default.
+OR within a check (union of rules) falls out of "first match" classification.
 
 Everything before the rules (parse errors, tenant from VNI, ARP/non-IP, IPv4-mapped addresses
 in IPv6 packets, anti-spoofing, ND,
