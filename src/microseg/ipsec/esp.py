@@ -82,7 +82,11 @@ L_FLAGS = 5             # F_* bits below
 L_SOFT_AT, L_HARD_AT = 6, 7   # timestamps of the soft / hard expiry
 L_WHY = 8               # soft cause in bits 0-7, hard cause in bits 8-15 (WHY_* | DIR_*)
 L_RX_FAIL = 9           # consecutive packets that failed authentication (ESN re-sync trigger)
-N_LIFE = 10
+# the next packet count, byte count and time (int64 bits) at which something can happen: a
+# packet below all three is just counted, inline; only the others take _life_use
+L_NEXT_PKTS, L_NEXT_BYTES, L_NEXT_T = 10, 11, 12
+N_LIFE = 13
+I64_MAX = 0x7FFFFFFFFFFFFFFF
 
 F_STARTED, F_SOFT, F_HARD, F_SOFT_NEW, F_HARD_NEW = 1, 2, 4, 8, 16
 WHY_BYTES, WHY_PACKETS, WHY_SECONDS = 1, 2, 3
@@ -174,6 +178,37 @@ def _hard_expire(life, s, why, t):
 
 
 @njit(cache=True, inline="always")
+def _next_limit(soft, hard, soft_done):
+    v = np.uint64(0xFFFFFFFFFFFFFFFF)
+    if soft > 0 and not soft_done:
+        v = soft
+    if hard > 0 and hard < v:
+        v = hard
+    return v
+
+
+@njit(cache=True)
+def life_next(life, lim, s):
+    """Recompute SA ``s``'s L_NEXT_* thresholds (all 0, i.e. 'look closer', for an SA whose
+    clock has not started or that has ended)."""
+    fl = life[s, L_FLAGS]
+    if fl & np.uint64(F_HARD) or not fl & np.uint64(F_STARTED):
+        life[s, L_NEXT_PKTS] = 0
+        life[s, L_NEXT_BYTES] = 0
+        life[s, L_NEXT_T] = 0
+        return
+    soft_done = (fl & np.uint64(F_SOFT)) != 0
+    life[s, L_NEXT_PKTS] = _next_limit(lim[s, LIM_SOFT_PKTS], lim[s, LIM_HARD_PKTS], soft_done)
+    life[s, L_NEXT_BYTES] = _next_limit(lim[s, LIM_SOFT_BYTES], lim[s, LIM_HARD_BYTES], soft_done)
+    ns = _next_limit(lim[s, LIM_SOFT_NS], lim[s, LIM_HARD_NS], soft_done)
+    start = np.int64(life[s, L_START])
+    if ns >= np.uint64(I64_MAX) or (start > 0 and np.int64(ns) > I64_MAX - start):
+        life[s, L_NEXT_T] = np.uint64(I64_MAX)
+    else:
+        life[s, L_NEXT_T] = np.uint64(start + np.int64(ns))
+
+
+@njit(cache=True)
 def _life_use(life, lim, s, cp, cb, nbytes, t, d):
     """Count one packet of ``nbytes`` at time ``t`` on SA ``s`` (``cp``/``cb``: the direction's
     packet and byte columns, ``d`` its DIR_*). False when the SA is or becomes hard-expired:
@@ -197,6 +232,7 @@ def _life_use(life, lim, s, cp, cb, nbytes, t, d):
         why = WHY_BYTES
     if why:
         _hard_expire(life, s, why | d, t)
+        life_next(life, lim, s)
         return False
     life[s, cp] += np.uint64(1)
     life[s, cb] += nb
@@ -216,6 +252,7 @@ def _life_use(life, lim, s, cp, cb, nbytes, t, d):
         _hard_expire(life, s, WHY_PACKETS | d, t)
     elif lim[s, LIM_HARD_BYTES] > 0 and life[s, cb] >= lim[s, LIM_HARD_BYTES]:
         _hard_expire(life, s, WHY_BYTES | d, t)
+    life_next(life, lim, s)
     return True
 
 
@@ -234,6 +271,7 @@ def expire_at(life, lim, now):
             life[s, L_WHY] |= np.uint64(WHY_SECONDS | DIR_CLOCK)
         if lim[s, LIM_HARD_NS] > 0 and el >= np.int64(lim[s, LIM_HARD_NS]):
             _hard_expire(life, s, WHY_SECONDS | DIR_CLOCK, now)
+        life_next(life, lim, s)
     return pending_events(life)
 
 
@@ -333,7 +371,12 @@ def encap_prepare(data, offset, length, linktype, forced_sa,
             reason[i] = EXPIRED
             continue
         t = np.int64(0) if ts is None else np.int64(ts[i])
-        if not _life_use(life, sa_limits, s, L_TX_PKTS, L_TX_BYTES, L, t, DIR_ENCRYPT):
+        if (life[s, L_TX_PKTS] + np.uint64(1) < life[s, L_NEXT_PKTS]
+                and life[s, L_TX_BYTES] + np.uint64(L) < life[s, L_NEXT_BYTES]
+                and t < np.int64(life[s, L_NEXT_T])):
+            life[s, L_TX_PKTS] += np.uint64(1)          # far from every limit: just count
+            life[s, L_TX_BYTES] += np.uint64(L)
+        elif not _life_use(life, sa_limits, s, L_TX_PKTS, L_TX_BYTES, L, t, DIR_ENCRYPT):
             reason[i] = EXPIRED
             continue
         tx_seq[s] += np.uint64(1)
@@ -725,7 +768,13 @@ def decap_finish(reason, ok, sa_of, seq64, l2len, ct_len, out, out_off, sa_esn, 
         if bad:
             reason[i] = MALFORMED
             continue
-        if not _life_use(life, sa_limits, s, L_RX_PKTS, L_RX_BYTES, L, ts[i], DIR_DECRYPT):
+        t = np.int64(ts[i])
+        if (life[s, L_RX_PKTS] + np.uint64(1) < life[s, L_NEXT_PKTS]
+                and life[s, L_RX_BYTES] + np.uint64(L) < life[s, L_NEXT_BYTES]
+                and t < np.int64(life[s, L_NEXT_T])):
+            life[s, L_RX_PKTS] += np.uint64(1)          # far from every limit: just count
+            life[s, L_RX_BYTES] += np.uint64(L)
+        elif not _life_use(life, sa_limits, s, L_RX_PKTS, L_RX_BYTES, L, t, DIR_DECRYPT):
             reason[i] = EXPIRED
             continue
         if l2len[i] > 0:
