@@ -4,8 +4,8 @@
 are the pipeline stages. See :mod:`microseg.ipsec.esp` for the kernels.
 """
 from .esp import REASONS
-from .gateway import EspGateway, decrypt_batch, encrypt_batch
-from .sa import SAConfig, SecurityAssociation, load_config, parse_config
+from .gateway import EspGateway, LifetimeEvent, decrypt_batch, encrypt_batch
+from .sa import SAConfig, SecurityAssociation, load_config, parse_config, parse_sa
 
-__all__ = ["EspGateway", "encrypt_batch", "decrypt_batch", "load_config", "parse_config",
-           "SAConfig", "SecurityAssociation", "REASONS"]
+__all__ = ["EspGateway", "LifetimeEvent", "encrypt_batch", "decrypt_batch", "load_config",
+           "parse_config", "parse_sa", "SAConfig", "SecurityAssociation", "REASONS"]

@@ -42,7 +42,8 @@ def cmd_sa_list(args) -> int:
     for r in rows:
         tunnel = f"{r['tunnel_src']} -> {r['tunnel_dst']}"
         life = r["lifetime"]
-        limits = " ".join(f"{_limit(life['soft_' + k], k == 'seconds') + '/' + _limit(life['hard_' + k], k == 'seconds'):>17}"
+        limits = " ".join(f"{_limit(life['soft_' + k], k == 'seconds')}/"
+                          f"{_limit(life['hard_' + k], k == 'seconds')}".rjust(17)
                           for k in ("bytes", "packets", "seconds"))
         print(f"{r['name']:<12} {r['spi']:#010x} {r['aead']:<12} {tunnel:<40} "
               f"{'yes' if r['esn'] else 'no':<4} {r['replay_window']:>6} {limits}")
