@@ -213,7 +213,11 @@ def _life_use(life, lim, s, cp, cb, nbytes, t, d):
     """Count one packet of ``nbytes`` at time ``t`` on SA ``s`` (``cp``/``cb``: the direction's
     packet and byte columns, ``d`` its DIR_*). False when the SA is or becomes hard-expired:
     a hard limit is never passed; the packet that would pass it ends the SA, and so does the
-    packet that reaches it exactly (after being counted). A soft limit fires once."""
+    packet that reaches it exactly (after being counted). A soft limit fires once.
+
+    The kernels call it only for packets at or past an L_NEXT_* threshold (an SA's first
+    packet, or one that reaches a limit): as a call it pays Numba's reference counting of its
+    array arguments, which an inlined body would pay on every packet."""
     fl = life[s, L_FLAGS]
     if fl & np.uint64(F_HARD):
         return False

@@ -335,7 +335,8 @@ class RefGateway:
         plain = self._open(sa, esp, seq)
         if plain is None:
             self.fails[sa] += 1
-            if not (s.esn and s.resync_after and self.fails[sa] >= s.resync_after):
+            if not (s.esn and s.resync_after and self.fails[sa] >= s.resync_after
+                    and seq >> 32 < M32):                 # no higher value to try
                 return BAD_ICV, None
             # RFC 4303 A3.2: this packet, with the next high-order values; commit only one
             # that authenticates
