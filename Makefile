@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench clean venv
+.PHONY: demo test bench clean venv lint
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -22,8 +22,22 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -n 2 tests
 
+$(VENV)/.lint-installed: $(STAMP)
+	$(PY) -m pip install -q -e '.[test,bench,lint]'
+	touch $@
+
+# Style and mistakes (ruff) over the sources, tests and benchmarks.
+lint: $(VENV)/.lint-installed
+	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff format --check src tests bench
+
 bench: $(STAMP)
 	$(PY) bench/run_all.py
+
+# Mutated packets through the datapath and mutated files through every CLI verb (docs/fuzzing.md).
+.PHONY: fuzz
+fuzz: $(STAMP)
+	$(PY) tools/fuzz.py --out build/fuzz
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache
