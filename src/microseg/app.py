@@ -272,6 +272,12 @@ _HINTS = {
 }
 
 
+def _ipsec_report(gw) -> dict:
+    """The gateway's SAs (never their keys), drops by reason and lifetime events."""
+    return {"sas": gw.sa_stats(), "drops": gw.drop_counts(), "events": dict(gw.event_counts),
+            "lifetime_events": [e.as_dict() for e in gw.pop_events()]}
+
+
 def explain_drops(report: dict, policy) -> list[str]:
     """One line when a single reason stopped most (over half) of the run's packets: the share,
     the likely cause and the setting that changes it."""
@@ -416,7 +422,7 @@ def run_demo(args) -> int:
     check = _truth_check(res, gen.truth)
     report = build_report(dp, fw, res, seconds, check)
     if gw is not None:
-        report["ipsec"] = {"sas": gw.sa_stats(), "drops": gw.drop_counts()}
+        report["ipsec"] = _ipsec_report(gw)
     report["files"] = {"input": paths["pcap"], "truth": paths["truth"], "output": out_path,
                        "report": os.path.join(args.out, "report.json")}
     _write_json(report["files"]["report"], report)
@@ -458,7 +464,7 @@ def run_run(args) -> int:
         check = _truth_check(res, GroundTruth.load_npz(args.truth))
     report = build_report(dp, fw, res, time.perf_counter() - t0, check)
     if gw is not None:
-        report["ipsec"] = {"sas": gw.sa_stats(), "drops": gw.drop_counts()}
+        report["ipsec"] = _ipsec_report(gw)
     report["files"] = {"input": args.input, "output": args.write, "report": args.report,
                        "input_bytes": total}
     if args.report:
