@@ -43,9 +43,9 @@ def _port(tok: str) -> int:
 
 
 def _hexpair(tok: str, bits: int, what: str) -> tuple[int, int]:
-    v, sep, m = tok.partition("/")
+    vt, sep, mt = tok.partition("/")
     try:
-        v, m = int(v, 16), int(m, 16)
+        v, m = int(vt, 16), int(mt, 16)
     except ValueError:
         raise ValueError(f"bad {what} {tok!r} (want 0xVV/0xMM)") from None
     if not sep or not 0 <= v < (1 << bits) or not 0 <= m < (1 << bits):
@@ -120,7 +120,7 @@ def load_trace_tuples(path, limit: int | None = None) -> np.ndarray:
         f = open(path, encoding="ascii", errors="replace")
     except OSError as exc:
         raise InputError(f"cannot read trace: {exc.strerror}", str(path)) from None
-    rows = []
+    rows: list = []
     with f:
         for lineno, line in enumerate(f, 1):
             if limit is not None and len(rows) >= limit:

@@ -231,6 +231,16 @@ class RuleSet:
 
     __slots__ = ("rules", "version", "val", "mask", "ports", "priority", "action", "rule_id",
                  "rank", "order")
+    rules: tuple
+    version: int
+    val: np.ndarray
+    mask: np.ndarray
+    ports: np.ndarray
+    priority: np.ndarray
+    action: np.ndarray
+    rule_id: np.ndarray
+    rank: np.ndarray
+    order: np.ndarray
 
     def __init__(self, rules=(), version: int | None = None):
         rules = tuple(rules)

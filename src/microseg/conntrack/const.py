@@ -82,7 +82,7 @@ UDP_STREAM_AFTER_NS = 2 * NS    # a replied UDP flow still active after 2 s beco
 
 def timeout_array(overrides: dict | None = None) -> np.ndarray:
     """Timeouts in nanoseconds indexed by slot; ``overrides`` maps names above to seconds."""
-    vals = dict(DEFAULT_TIMEOUTS)
+    vals: dict[str, float] = dict(DEFAULT_TIMEOUTS)
     for k, v in (overrides or {}).items():
         if k not in vals:
             raise ValueError(f"unknown timeout {k!r}; known: {', '.join(sorted(vals))}")

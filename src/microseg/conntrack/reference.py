@@ -61,6 +61,14 @@ class Conn:
                  "status", "deadline", "stream_ts", "state", "seen", "last_index", "last_dir",
                  "last_seq", "last_ack", "last_end", "last_win", "last_wscale", "last_flags",
                  "retrans", "packets", "bytes")
+    zone: int
+    proto: int
+    src: tuple
+    dst: tuple
+    sport: int
+    dport: int
+    icmp_type: int
+    icmp_code: int
 
     def __init__(self):
         self.status = 0
@@ -79,6 +87,28 @@ class Pkt:
     __slots__ = ("zone", "ver", "proto", "src", "dst", "sport", "dport", "flags", "seq", "ack",
                  "win", "seglen", "opts", "itype", "icode", "icmp_id", "ok", "err", "pflags",
                  "inner", "wire", "tenant")
+    zone: int
+    ver: int
+    proto: int
+    src: tuple
+    dst: tuple
+    sport: int
+    dport: int
+    flags: int
+    seq: int
+    ack: int
+    win: int
+    seglen: int
+    opts: bytes
+    itype: int
+    icode: int
+    icmp_id: int
+    ok: bool
+    err: int
+    pflags: int
+    inner: tuple | None
+    wire: int
+    tenant: int
 
 
 def tcp_options(opts: bytes, st: Seen) -> None:

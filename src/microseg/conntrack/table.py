@@ -15,7 +15,7 @@ from . import const as K
 from . import kernels as KN
 
 SNAPSHOT_FORMAT = 1
-_ENTRY_FIELDS = tuple(KN.ENTRY_DTYPE.names)
+_ENTRY_FIELDS = tuple(KN.ENTRY_DTYPE.names or ())
 
 
 def _index_slots(capacity: int) -> int:

@@ -209,7 +209,8 @@ def run_apply(args) -> int:
     from ..packet.parse import parse
     c = compile_policy(_load(args.policy))
     batch = read_capture(args.capture)
-    reasons, rules = Counter(), Counter()
+    reasons: Counter = Counter()
+    rules: Counter = Counter()
     total = 0
     for chunk in batch.chunks(256):
         keys = parse(chunk)

@@ -25,6 +25,7 @@ import itertools
 import json
 import threading
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 from numba import njit
@@ -32,6 +33,7 @@ from numba import njit
 from .. import ctstate
 from ..classify import build as build_classifier
 from ..classify import keys as ckeys
+from ..classify.classifier import Classifier
 from ..classify.rules import (Action, K_L4, K_META, NW, SH_ICMP_TYPE, SH_IN_PORT, SH_TENANT,
                               Prefix, Rule, RuleSet)
 from ..errors import InputError, MicrosegError
@@ -138,6 +140,31 @@ def _search1(a, v):
     if lo < a.shape[0] and a[lo] == v:
         return lo
     return -1
+
+
+# Public names of the lookups over :class:`EndpointTables` (callable from Numba kernels).
+lookup_endpoint = _lookup3      # (t, hi, lo, value) table, tenant index, hi, lo -> value or -1
+tenant_index = _search1         # sorted tenant VNIs, VNI -> tenant index or -1
+
+
+class EndpointTables(NamedTuple):
+    """The read-only tables a datapath needs to name a packet's endpoints, as a compiled
+    policy publishes them (:attr:`CompiledPolicy.endpoint_tables`).
+
+    ``tenant_vnis``: the tenants' VNIs, sorted; a tenant's index is its position
+    (:func:`tenant_index`). ``untagged``: the index of the tenant of untunnelled packets, -1
+    none. ``addresses``: ``(tenant, hi, lo, workload)`` columns of an open-addressing table
+    from a tenant index and a 128-bit address to the workload that holds it; ``macs``: the
+    same from ``(tenant index, MAC, 0)`` to the workload that owns the MAC; both probed with
+    :func:`lookup_endpoint`. ``workload_mac``: each workload's MAC, -1 none.
+    ``anti_spoofing``: whether port security checks source MAC and address.
+    """
+    tenant_vnis: np.ndarray
+    untagged: int
+    addresses: tuple
+    macs: tuple
+    workload_mac: np.ndarray
+    anti_spoofing: bool
 
 
 @njit(cache=True)
@@ -329,15 +356,29 @@ class CompiledPolicy:
     ``decide(keys, ct_state)`` gives verdict, rule index and reason for every packet of a
     parsed batch. ``origins[ruleset.rule_id[i]]`` names where rule ``i`` came from.
 
-    Lookup tables for kernels elsewhere in the datapath (read-only): ``_t_vni`` (sorted VNIs;
-    tenant index = position, see ``_search1``), ``_untagged`` (tenant index or -1), ``_a`` and
-    ``_m`` (open-addressing tables ``(tenant index, hi, lo) -> workload`` for addresses and
-    ``(tenant index, mac, 0) -> workload`` for MACs, probed with ``_lookup3``).
+    Kernels elsewhere in the datapath read the tenant, address and MAC tables through
+    :attr:`endpoint_tables` (probed with :func:`tenant_index` and :func:`lookup_endpoint`).
     """
 
     __slots__ = ("policy", "version", "content_hash", "ruleset", "classifier", "origins",
                  "workload_names", "_t_vni", "_untagged", "_a", "_m", "_w_mac", "_need", "_act",
                  "_anti_spoof", "_deny", "_frozen")
+    policy: Policy
+    version: int
+    content_hash: str
+    ruleset: RuleSet
+    origins: tuple
+    workload_names: tuple
+    classifier: Classifier
+    _t_vni: np.ndarray
+    _untagged: int
+    _a: tuple
+    _m: tuple
+    _w_mac: np.ndarray
+    _need: np.ndarray
+    _act: np.ndarray
+    _anti_spoof: bool
+    _deny: int
 
     def __init__(self, policy: Policy, algo: str = DEFAULT_ALGO):
         s = object.__setattr__
@@ -374,6 +415,13 @@ class CompiledPolicy:
     def __repr__(self) -> str:
         return (f"<CompiledPolicy v{self.version} {self.content_hash[:12]} "
                 f"rules={len(self.ruleset)} workloads={len(self.policy.workloads)}>")
+
+    @property
+    def endpoint_tables(self) -> EndpointTables:
+        """The tenant, address and MAC tables (read-only) for kernels elsewhere in the
+        datapath; see :class:`EndpointTables`."""
+        return EndpointTables(self._t_vni, self._untagged, self._a, self._m, self._w_mac,
+                              self._anti_spoof)
 
     def describe_rule(self, idx: int) -> str:
         """Where rule-set index ``idx`` came from (for counters and traces)."""
@@ -521,7 +569,7 @@ _FULL6 = ipaddress.ip_network("::/0")
 
 def _cover(addresses) -> list:
     """The fewest prefixes covering exactly ``addresses`` (adjacent peers share one rule)."""
-    out = []
+    out: list = []
     for version in (4, 6):
         fam = [a for a in addresses if a.version == version]
         if fam:

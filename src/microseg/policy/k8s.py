@@ -204,8 +204,9 @@ def _selector(p: _P, node, where) -> Selector | None:
                 if values is not None and not isinstance(values, Seq):
                     p.err(e.line_of("values"), f"{w}.values", "must be a list")
                     continue
-                vals = tuple(str(values.raw[j] if values.raw[j] is not None else v)
-                             for j, v in enumerate(values or ()))
+                vals = () if values is None else tuple(
+                    str(values.raw[j] if values.raw[j] is not None else v)
+                    for j, v in enumerate(values))
                 if op in ("In", "NotIn") and not vals:
                     p.err(e.line_of("operator"), f"{w}.values", f"operator {op} needs values")
                     continue
@@ -245,10 +246,10 @@ def _peer(p: _P, node, where) -> Peer | None:
             try:
                 n = ipaddress.ip_network(str(e).strip(), strict=False)
             except ValueError:
-                p.err(ex.line_of(i), f"{w}.except[{i}]", f"{e!r} is not a CIDR")
+                p.err(_line(ex, i), f"{w}.except[{i}]", f"{e!r} is not a CIDR")
                 continue
-            if n.version != cidr.version or not n.subnet_of(cidr) or n == cidr:
-                p.err(ex.line_of(i), f"{w}.except[{i}]", f"{n} is not strictly inside {cidr}")
+            if n.version != cidr.version or not n.subnet_of(cidr) or n == cidr:  # type: ignore[arg-type]
+                p.err(_line(ex, i), f"{w}.except[{i}]", f"{n} is not strictly inside {cidr}")
                 continue
             excepts.append(n)
         return Peer(block=cidr, excepts=tuple(excepts))
@@ -321,21 +322,21 @@ def _rules(p: _P, spec: Map, key: str, peer_key: str, path: str, where: str) -> 
             continue
         _check_keys(p, r, {peer_key, "ports"}, w)
         peers = r.get(peer_key)
-        plist = None
+        plist: tuple | None = None
         if peers is not None:
             if not isinstance(peers, Seq):
                 p.err(r.line_of(peer_key), f"{w}.{peer_key}", "must be a list of peers")
                 continue
-            plist = [_peer(p, pn, f"{w}.{peer_key}[{j}]") for j, pn in enumerate(peers)]
-            plist = tuple(x for x in plist if x is not None) if peers else None
+            got = [_peer(p, pn, f"{w}.{peer_key}[{j}]") for j, pn in enumerate(peers)]
+            plist = tuple(x for x in got if x is not None) if peers else None
         ports = r.get("ports")
-        qlist = None
+        qlist: tuple | None = None
         if ports is not None:
             if not isinstance(ports, Seq):
                 p.err(r.line_of("ports"), f"{w}.ports", "must be a list of ports")
                 continue
-            qlist = [_port(p, qn, f"{w}.ports[{j}]") for j, qn in enumerate(ports)]
-            qlist = tuple(x for x in qlist if x is not None) if ports else None
+            qgot = [_port(p, qn, f"{w}.ports[{j}]") for j, qn in enumerate(ports)]
+            qlist = tuple(x for x in qgot if x is not None) if ports else None
         out.append(Rule(plist, qlist, f"{path}:{seq.line_of(i)}"))
     return tuple(out)
 
@@ -442,10 +443,10 @@ class AdminPeer:
     def to_dict(self) -> dict:
         if self.networks:
             return {"networks": [str(n) for n in self.networks]}
-        if self.pods is not None:
+        if self.pods is not None and self.pod_namespaces is not None:
             return {"pods": {"namespaceSelector": self.pod_namespaces.to_dict(),
                              "podSelector": self.pods.to_dict()}}
-        return {"namespaces": self.namespaces.to_dict()}
+        return {"namespaces": (self.namespaces or Selector()).to_dict()}
 
 
 @dataclass(frozen=True)
@@ -489,7 +490,7 @@ def _peer_matches(peer: AdminPeer, namespace_labels: dict, pod_labels: dict) -> 
     """Does a pod (its namespace's labels and its own) belong to ``peer``? (Not for networks.)"""
     if peer.namespaces is not None:
         return peer.namespaces.matches(namespace_labels)
-    if peer.pods is not None:
+    if peer.pods is not None and peer.pod_namespaces is not None:
         return peer.pod_namespaces.matches(namespace_labels) and peer.pods.matches(pod_labels)
     return False
 
@@ -612,19 +613,19 @@ def _admin_rules(p: _P, spec: Map, key: str, peer_key: str, path: str, where: st
             continue
         plist = [_admin_peer(p, pn, f"{w}.{peer_key}[{j}]", egress) for j, pn in enumerate(peers)]
         ports = r.get("ports")
-        qlist = None
+        qlist: tuple | None = None
         if ports is not None:
             if not isinstance(ports, Seq) or not ports:
                 p.err(r.line_of("ports"), f"{w}.ports", "must be a non-empty list of ports")
                 continue
-            qlist = [_admin_port(p, qn, f"{w}.ports[{j}]") for j, qn in enumerate(ports)]
-            if any(q is None for q in qlist):
+            qgot = [_admin_port(p, qn, f"{w}.ports[{j}]") for j, qn in enumerate(ports)]
+            if any(q is None for q in qgot):
                 continue
-            qlist = tuple(qlist)
+            qlist = tuple(qgot)
         if any(x is None for x in plist):
             continue
         name = r.get("name")
-        out.append(AdminRule(str(name) if name is not None else f"{key}[{i}]", action,
+        out.append(AdminRule(str(name) if name is not None else f"{key}[{i}]", str(action),
                              tuple(plist), qlist, f"{path}:{seq.line_of(i)}"))
     return tuple(out)
 
@@ -661,12 +662,13 @@ def _admin_policy(p: _P, doc: Map, path: str, where: str):
                 f"{pre}spec")
     priority = 0
     if not baseline:
-        priority = spec.get("priority")
-        if isinstance(priority, bool) or not isinstance(priority, int) or \
-                not 0 <= priority <= MAX_ADMIN_PRIORITY:
+        given = spec.get("priority")
+        if isinstance(given, bool) or not isinstance(given, int) or \
+                not 0 <= given <= MAX_ADMIN_PRIORITY:
             p.err(spec.line_of("priority") or spec.line, f"{pre}spec.priority",
-                  f"{priority!r} is not an integer 0..{MAX_ADMIN_PRIORITY}")
+                  f"{given!r} is not an integer 0..{MAX_ADMIN_PRIORITY}")
             return None
+        priority = given
     subj = spec.get("subject")
     if subj is None:
         p.err(spec.line, f"{pre}spec.subject", "is required (namespaces or pods)")

@@ -474,7 +474,8 @@ def parse_policy(text: str, path: str = "<policy>", base_dir: str = ".") -> Poli
         top.integer("version", 1, 1, what="policy format version 1")
 
     # tenants ---------------------------------------------------------------------------------
-    tenants, by_vni = [], {}
+    tenants: list[Tenant] = []
+    by_vni: dict[int, str] = {}
     for i, node in enumerate(top.seq("tenants", required=True)):
         f = Fields(rep, path, node, f"tenants[{i}]")
         if not f.ok:
@@ -485,7 +486,7 @@ def parse_policy(text: str, path: str = "<policy>", base_dir: str = ".") -> Poli
         labels = f.labels("labels")
         declared = f.has("namespaces")
         t_iso = f.choice("isolation", ISOLATIONS, default="kubernetes" if declared else "deny")
-        namespaces = []
+        namespaces: list[Namespace] = []
         for j, nnode in enumerate(f.seq("namespaces")):
             nf = Fields(rep, path, nnode, f"{f.where}.namespaces[{j}]")
             if not nf.ok:
@@ -527,7 +528,7 @@ def parse_policy(text: str, path: str = "<policy>", base_dir: str = ".") -> Poli
         return t
 
     # hosts -----------------------------------------------------------------------------------
-    hosts = []
+    hosts: list[Host] = []
     for i, node in enumerate(top.seq("hosts")):
         f = Fields(rep, path, node, f"hosts[{i}]")
         if not f.ok:
@@ -613,7 +614,7 @@ def parse_policy(text: str, path: str = "<policy>", base_dir: str = ".") -> Poli
         groups.append(SecurityGroup(name, tenant, gid, tuple(rules)))
 
     # workloads -------------------------------------------------------------------------------
-    workloads = []
+    workloads: list[Workload] = []
     seen_addr: dict = {}
     seen_mac: dict = {}
     for i, node in enumerate(top.seq("workloads")):
@@ -761,17 +762,17 @@ def parse_policy(text: str, path: str = "<policy>", base_dir: str = ".") -> Poli
                       f"NetworkPolicy {p.namespace}/{p.name} is defined twice")
         seen_np.add((p.tenant, p.namespace, p.name))
     seen_admin = set()
-    for p in admins:
-        key = (p.tenant, p.baseline, p.name)
-        if key in seen_admin:
-            rep.error(p.origin.rsplit(":", 1)[0], _origin_line(p.origin), "metadata.name",
-                      f"{p.kind} {p.name} is defined twice in tenant {p.tenant!r}")
-        seen_admin.add(key)
-    for t in tenants:
-        base = [p for p in admins if p.tenant == t.name and p.baseline]
+    for adm in admins:
+        akey = (adm.tenant, adm.baseline, adm.name)
+        if akey in seen_admin:
+            rep.error(adm.origin.rsplit(":", 1)[0], _origin_line(adm.origin), "metadata.name",
+                      f"{adm.kind} {adm.name} is defined twice in tenant {adm.tenant!r}")
+        seen_admin.add(akey)
+    for tn in tenants:
+        base = [x for x in admins if x.tenant == tn.name and x.baseline]
         if len(base) > 1:
             rep.error(base[1].origin.rsplit(":", 1)[0], _origin_line(base[1].origin),
-                      "metadata.name", f"tenant {t.name!r} has more than one "
+                      "metadata.name", f"tenant {tn.name!r} has more than one "
                       "BaselineAdminNetworkPolicy (the API allows one, named default)")
 
     default_egress = top.choice("default_egress", ("allow", "deny"), default="deny")
@@ -789,7 +790,7 @@ def parse_policy(text: str, path: str = "<policy>", base_dir: str = ".") -> Poli
 
 def _named_ports(f: Fields) -> tuple:
     """A workload's ``named_ports`` (a container's ``ports`` list): (name, protocol, port)."""
-    out = []
+    out: list[tuple[str, int, int]] = []
     seq = f.seq("named_ports")
     for j, node in enumerate(seq):
         pf = Fields(f.rep, f.path, node, f"{f.where}.named_ports[{j}]")

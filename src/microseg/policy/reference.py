@@ -72,7 +72,7 @@ class Reference:
                 if a.tenant == w.tenant and a.baseline == baseline and a.selects(nsl, labels)]
 
     def _sg_rules(self, w: Workload, direction: str) -> list:
-        out = []
+        out: list = []
         for gname in w.security_groups:
             g = self.groups[(w.tenant, gname)]
             out.extend(((("sg", g.tenant, g.name, i), r) for i, r in enumerate(g.rules)
@@ -201,9 +201,9 @@ class Reference:
         if w.security_groups or self.p.isolation(w) == "kubernetes":
             return True                             # non-isolated (or the groups decide)
         # a zero-trust namespace: unselected pods are denied, egress unless default_egress
-        m = [DEFAULT_EGRESS] if egress and self.p.default_egress == "allow" else []
-        dec.checks.append(Check(base + V.EG_DEF, w, m))
-        return bool(m)
+        dm: list = [DEFAULT_EGRESS] if egress and self.p.default_egress == "allow" else []
+        dec.checks.append(Check(base + V.EG_DEF, w, dm))
+        return bool(dm)
 
     # ---- the decision -------------------------------------------------------------------------
     def decide_row(self, row: dict, ct: int) -> RefDecision:
@@ -311,12 +311,12 @@ def explain(ref: Reference, row: dict, ct: int) -> list[str]:
         lines.append(f"conntrack: {ctstate.state_name(ct)}")
     for c in d.checks:
         side, _, what = V.CHECKS[c.kind].partition(" ")
-        who = ref.p.qualified_name(c.workload)
+        name = ref.p.qualified_name(c.workload)
         if c.matches:
-            lines.append(f"{side} of {who}, {what}: allowed by "
+            lines.append(f"{side} of {name}, {what}: allowed by "
                          + "; ".join(_check_text(c.kind, o) for o in c.matches))
         else:
-            lines.append(f"{side} of {who}, {what}: no rule allows it")
+            lines.append(f"{side} of {name}, {what}: no rule allows it")
     if d.reason == V.R_NON_ISOLATED:
         lines.append("no policy isolates these pods in this direction (Kubernetes: allowed)")
     lines.append(f"verdict: {V.verdict_name(d.verdict)} ({V.reason_name(d.reason)})")

@@ -96,12 +96,12 @@ def _convert(loader: yaml.SafeLoader, node, depth: int = 0, budget=None):
                 out.raw[key] = vnode.value
         return out
     if isinstance(node, yaml.SequenceNode):
-        out = Seq(line)
+        seq = Seq(line)
         for item in node.value:
-            out.append(_convert(loader, item, depth + 1, budget))
-            out.item_lines.append(item.start_mark.line + 1)
-            out.raw.append(item.value if isinstance(item, yaml.ScalarNode) else None)
-        return out
+            seq.append(_convert(loader, item, depth + 1, budget))
+            seq.item_lines.append(item.start_mark.line + 1)
+            seq.raw.append(item.value if isinstance(item, yaml.ScalarNode) else None)
+        return seq
     return loader.construct_object(node)
 
 
