@@ -34,7 +34,7 @@ from microseg import ctstate  # noqa: E402
 from microseg.io.generator import generate, load_policy  # noqa: E402
 from microseg.io.scenario import ScenarioConfig  # noqa: E402
 from microseg.packet.batch import Batch  # noqa: E402
-from microseg.pipeline import Datapath, DatapathConfig  # noqa: E402
+from microseg.datapath import Datapath, DatapathConfig  # noqa: E402
 from microseg.policy.compiler import compile_policy  # noqa: E402
 from microseg.policy.model import load_policy as load_policy_file  # noqa: E402
 

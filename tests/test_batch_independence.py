@@ -1,7 +1,7 @@
 """Verdicts never depend on where batches are cut.
 
 The batched datapath (caches, fast path and compiled kernels) is held equal, packet by packet,
-to :class:`microseg.pipeline_ref.ReferenceDatapath` -- the reference parser, conntrack and
+to :class:`microseg.datapath.reference.ReferenceDatapath` -- the reference parser, conntrack and
 policy chained, one packet at a time -- on random multi-tenant traffic: colluding endpoints on
 either side of a denied port, replies racing denied SYNs, replies sent in another tenant's
 VNI or untunnelled, retransmissions, RSTs, FINs, spoofed MACs, and policy swaps between
@@ -18,8 +18,8 @@ from microseg import ctstate
 from microseg.overlay import encap
 from microseg.packet import build as PB
 from microseg.packet.batch import Batch
-from microseg.pipeline import BatchResult, Datapath, DatapathConfig, Forwarder
-from microseg.pipeline_ref import ReferenceDatapath
+from microseg.datapath import BatchResult, Datapath, DatapathConfig, Forwarder
+from microseg.datapath.reference import ReferenceDatapath
 from microseg.policy import verdict as V
 from microseg.policy.compiler import compile_policy
 from microseg.policy.model import load_policy

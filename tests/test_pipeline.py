@@ -17,7 +17,7 @@ from microseg.io.pcap import read_capture, write_pcap
 from microseg.io.scenario import ScenarioConfig
 from microseg.packet import build as PB
 from microseg.packet.batch import Batch
-from microseg.pipeline import (L_EMC, L_FAST, L_MEGAFLOW, L_SLOW, L_STATE, R_SIGNATURE, Datapath,
+from microseg.datapath import (L_EMC, L_FAST, L_MEGAFLOW, L_SLOW, L_STATE, R_SIGNATURE, Datapath,
                                DatapathConfig, Forwarder, megaflow_mask)
 from microseg.policy import verdict as V
 from microseg.policy.compiler import compile_policy

@@ -20,7 +20,7 @@ import numpy as np
 from . import ctstate
 from .errors import InputError
 from .packet import batch as B
-from .policy import verdict as V
+from .datapath import reasons as V
 
 CHUNK = 16384          # packets per progress step (the datapath works in 256-packet batches)
 
@@ -98,7 +98,7 @@ def _datapath_args(p) -> None:
 
 def _config(args):
     from .offload.inspect import SignatureSet
-    from .pipeline import DatapathConfig
+    from .datapath import DatapathConfig
     for name in ("offload_capacity", "inspect", "conntrack_size"):
         if getattr(args, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} must be at least 1")
@@ -153,7 +153,7 @@ def _warm_up(dp, batch) -> None:
     datapath's and not the first calls' loading of machine code."""
     from dataclasses import replace
 
-    from .pipeline import Datapath
+    from .datapath import Datapath
     cfg = replace(dp.config, conntrack_capacity=4096, emc_entries=256, megaflow_entries=256,
                   offload_capacity=256)
     Datapath(dp.policy, cfg).process(batch.slice(0, min(len(batch), 2048)))
@@ -163,7 +163,7 @@ def _process(dp, forwarder, chunks, total: int, writer=None, quiet=False, gatewa
     """Run the chunks through ``dp``; returns the concatenated per-packet results."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from .pipeline import BatchResult
+    from .datapath import BatchResult
     results = []
     with Progress(TextColumn("[bold]datapath"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("packets"), TimeElapsedColumn(), disable=quiet, transient=False) as prog:
@@ -236,7 +236,7 @@ def build_report(dp, forwarder, res, seconds: float, truth_check: dict | None) -
         "revoked_connections": st["revoked_connections"],
     }
     # every packet not allowed, by the reason it was stopped
-    from .pipeline import REASONS
+    from .datapath.reasons import REASONS
     vals, cnt = np.unique(res.reason[res.verdict != V.ALLOW], return_counts=True)
     report["drop_reasons"] = {REASONS.get(v_, str(v_)): c_ for v_, c_ in zip(vals.tolist(), cnt.tolist())}
     report["explanation"] = explain_drops(report, dp.policy.policy)
@@ -391,7 +391,7 @@ def run_demo(args) -> int:
     from .io.generator import generate, load_policy
     from .io.pcap import PcapWriter
     from .io.scenario import ScenarioConfig
-    from .pipeline import Datapath, Forwarder
+    from .datapath import Datapath, Forwarder
     from .policy.compiler import compile_policy
     con = Console()
     if args.flows < 1:
@@ -438,7 +438,7 @@ def run_run(args) -> int:
     from rich.console import Console
 
     from .io.pcap import PcapWriter, iter_capture
-    from .pipeline import Datapath, Forwarder
+    from .datapath import Datapath, Forwarder
     from .policy.compiler import compile_policy
     from .policy.model import load_policy
     con = Console(stderr=False)
@@ -614,7 +614,7 @@ def _build(spec: dict, policy, reverse: bool = False, flags=None, seq=None, ack=
 def trace_packet(dp, forwarder, spec: dict, state: str = "new") -> dict:
     """Run the spec'd packet through ``dp`` and describe every stage (a dict)."""
     from .packet.parse import parse
-    from .pipeline import LEVELS, source_identity
+    from .datapath import LEVELS, source_identity
     policy = dp.policy
     model = policy.policy
     steps = []
@@ -683,7 +683,7 @@ def trace_packet(dp, forwarder, spec: dict, state: str = "new") -> dict:
             expl = _explain(policy, keys, res)
             steps.append({"stage": "slow path", "detail": expl})
     reason = V.REASONS.get(int(res.reason[0]))
-    from .pipeline import REASONS
+    from .datapath.reasons import REASONS
     reason = REASONS.get(int(res.reason[0]), reason)
     rule = int(res.rule[0])
     steps.append({"stage": "verdict", "detail": f"{V.verdict_name(res.verdict[0])} ({reason})" +
@@ -734,7 +734,7 @@ def run_trace(args) -> int:
 
     from .io.generator import load_policy as load_builtin
     from .offload.inspect import SignatureSet
-    from .pipeline import Datapath, DatapathConfig, Forwarder
+    from .datapath import Datapath, DatapathConfig, Forwarder
     from .policy.compiler import compile_policy
     from .policy.model import load_policy
     policy = load_policy(args.policy) if args.policy else load_builtin()

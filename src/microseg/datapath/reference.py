@@ -6,7 +6,7 @@ when the reference policy (:mod:`microseg.policy.reference`) allows its first pa
 reference policy's decision on the state conntrack gave. A policy swap cuts the connections
 the new policy forbids and the old one allowed, judged from each connection's opening packet.
 
-It is what :class:`microseg.pipeline.Datapath` must agree with whatever its batch size, its
+It is what :class:`microseg.datapath.Datapath` must agree with whatever its batch size, its
 caches and its fast path: the tests feed both the same packets, cut into batches at random
 places, and compare verdict, reason and conntrack state packet by packet. Inspection
 (signatures) is not modelled: compare with a datapath that has no signatures.
@@ -15,20 +15,20 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import ctstate
-from .conntrack import const as K
-from .conntrack.reference import ReferenceConntrack
-from .conntrack.table import checksum_ok
-from .packet import batch as B
-from .packet.parse_ref import parse_batch_ref
-from .policy import verdict as V
-from .policy.reference import Reference
+from .. import ctstate
+from ..conntrack import const as K
+from ..conntrack.reference import ReferenceConntrack
+from ..conntrack.table import checksum_ok
+from ..packet import batch as B
+from ..packet.parse_ref import parse_batch_ref
+from ..policy import verdict as V
+from ..policy.reference import Reference
 
 _NEW = ctstate.TRACKED | ctstate.NEW
 
 
 class ReferenceDatapath:
-    """Per-packet model of :class:`~microseg.pipeline.Datapath` for one compiled policy."""
+    """Per-packet model of :class:`~microseg.datapath.Datapath` for one compiled policy."""
 
     def __init__(self, compiled, *, timeouts: dict | None = None, checksum: bool = True,
                  cut_revoked: bool = True):
