@@ -1,18 +1,19 @@
 """Exact-match cache: kernel == plain-Python reference under collisions, versions, revalidation."""
+
 import numpy as np
 import pytest
 
-from test_cache_util import random_keys, random_ruleset, rule_changes
 from microseg.cache import key as K
 from microseg.cache import match as M
 from microseg.cache.emc import EMCRef, ExactMatchCache
 from microseg.classify.linear import classify_linear as oracle
+from test_cache_util import random_keys, random_ruleset, rule_changes
 
 
 @pytest.mark.parametrize("seed", range(4))
 def test_kernel_matches_reference_under_collisions(seed):
     rng = np.random.default_rng(seed)
-    universe = random_keys(rng, 300)           # 300 flows into 64 slots: constant replacement
+    universe = random_keys(rng, 300)  # 300 flows into 64 slots: constant replacement
     hashes = K.hash_keys(universe)
     emc, ref = ExactMatchCache(64, 4), EMCRef(64, 4)
     for step in range(40):
@@ -55,13 +56,15 @@ def test_hit_miss_counters_and_flow_ids():
     assert not r.hit.any()
     emc.insert(k, h, ~r.hit, 1, np.arange(n), np.arange(n) + 1000)
     r = emc.lookup(k, h, valid)
-    assert r.hit.all() and np.array_equal(r.flow, np.arange(n) + 1000) and np.array_equal(r.rule, np.arange(n))
+    assert (
+        r.hit.all() and np.array_equal(r.flow, np.arange(n) + 1000) and np.array_equal(r.rule, np.arange(n))
+    )
     st = emc.stats()
     assert (st["hits"], st["misses"], st["inserts"]) == (n, n, n)
     # conntrack ended half the flows
     assert emc.remove(k, h, np.arange(n // 2)) == n // 2
     r = emc.lookup(k, h, valid)
-    assert not r.hit[: n // 2].any() and r.hit[n // 2:].all()
+    assert not r.hit[: n // 2].any() and r.hit[n // 2 :].all()
 
 
 def test_stale_entries_are_misses():
@@ -70,7 +73,7 @@ def test_stale_entries_are_misses():
     h = K.hash_keys(k)
     valid = np.ones(50, bool)
     emc = ExactMatchCache(1024, version=3)
-    emc.insert(k, h, valid, 1, 0, version=2)           # computed under an older policy
+    emc.insert(k, h, valid, 1, 0, version=2)  # computed under an older policy
     r = emc.lookup(k, h, valid)
     assert not r.hit.any() and emc.stats()["stale"] == 50
     emc.insert(k, h, valid, 2, 0)

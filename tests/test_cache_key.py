@@ -1,4 +1,5 @@
 """Cache keys: kernel == reference on random and damaged header tables, and on real packets."""
+
 import numba
 import numpy as np
 import pytest
@@ -72,12 +73,24 @@ def test_hash_masked_and_rows():
 
 def test_real_packets():
     pkts = [
-        Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / IP(src="10.0.0.1", dst="10.0.0.2") / TCP(sport=1234, dport=80, flags="S"),
-        Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / IP(src="10.0.0.1", dst="10.0.0.2") / UDP(sport=5353, dport=53) / b"x",
-        Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / IP(src="10.0.0.1", dst="10.0.0.2") / ICMP(type=8, id=77, seq=1),
-        Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / IPv6(src="2001:db8::1", dst="2001:db8::2") / TCP(sport=1, dport=2, flags="A"),
-        Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / IP(src="10.0.0.1", dst="10.0.0.2", flags="MF", frag=0) / UDP(sport=1, dport=2) / (b"y" * 40),
-        b"\x00" * 10,   # truncated: not cacheable
+        Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
+        / IP(src="10.0.0.1", dst="10.0.0.2")
+        / TCP(sport=1234, dport=80, flags="S"),
+        Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
+        / IP(src="10.0.0.1", dst="10.0.0.2")
+        / UDP(sport=5353, dport=53)
+        / b"x",
+        Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
+        / IP(src="10.0.0.1", dst="10.0.0.2")
+        / ICMP(type=8, id=77, seq=1),
+        Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
+        / IPv6(src="2001:db8::1", dst="2001:db8::2")
+        / TCP(sport=1, dport=2, flags="A"),
+        Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
+        / IP(src="10.0.0.1", dst="10.0.0.2", flags="MF", frag=0)
+        / UDP(sport=1, dport=2)
+        / (b"y" * 40),
+        b"\x00" * 10,  # truncated: not cacheable
     ]
     batch = Batch.from_packets([bytes(p) for p in pkts], port=[3, 3, 3, 4, 5, 6])
     fk = parse(batch)
@@ -93,8 +106,19 @@ def test_real_packets():
     assert (ct[4] >> K.SH_KIND) & K.KIND_FRAG
     assert (int(kmat[3, K.K_META]) >> 48) == 0x86DD and (int(kmat[3, K.K_META]) >> 32) & 0xFFFF == 4
     # same flow, same key and hash; another ICMP id, another key
-    again = parse(Batch.from_packets([bytes(pkts[2]), bytes(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / IP(src="10.0.0.1", dst="10.0.0.2") / ICMP(type=8, id=78))],
-                                     port=[3, 3]))
+    again = parse(
+        Batch.from_packets(
+            [
+                bytes(pkts[2]),
+                bytes(
+                    Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
+                    / IP(src="10.0.0.1", dst="10.0.0.2")
+                    / ICMP(type=8, id=78)
+                ),
+            ],
+            port=[3, 3],
+        )
+    )
     k2, h2, _ = K.build_keys(again, np.array([3, 3], np.uint16))
     assert np.array_equal(k2[0], kmat[2]) and h2[0] == hashes[2]
     assert not np.array_equal(k2[1], kmat[2])

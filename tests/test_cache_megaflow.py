@@ -1,14 +1,15 @@
 """Megaflow masks and cache: kernel == reference, and the safety property against the
 classifier's own linear oracle on random rule sets, ClassBench sets, and after rule changes."""
+
 import numpy as np
 import pytest
 
-from test_cache_util import perturb, random_keys, random_ruleset, rule_changes
 from microseg.cache import match as M
 from microseg.cache.megaflow import MegaflowCache
 from microseg.classify import classbench as CB
 from microseg.classify.linear import classify_linear as oracle
 from microseg.classify.rules import Prefix, Rule, RuleSet
+from test_cache_util import perturb, random_keys, random_ruleset, rule_changes
 
 VEC = "tests/vectors/classbench"
 
@@ -45,8 +46,12 @@ def test_masks_are_safe_on_random_rule_sets(seed, lens):
 
 
 def test_masks_are_wildcards_not_exact():
-    rs = RuleSet([Rule(dst=Prefix.parse("10.0.0.0/8"), dport=(80, 80), proto=6),
-                  Rule(src=Prefix.parse("192.168.0.0/16"))])
+    rs = RuleSet(
+        [
+            Rule(dst=Prefix.parse("10.0.0.0/8"), dport=(80, 80), proto=6),
+            Rule(src=Prefix.parse("192.168.0.0/16")),
+        ]
+    )
     k = random_keys(np.random.default_rng(0), 200)
     _, masks = M.megaflow_masks(rs, k)
     # at most: both prefixes, protocol, dport -> far from an exact 7-word mask
@@ -67,7 +72,7 @@ def test_classbench_cache_agrees_with_oracle(fam):
     mf.insert(k[:half], masks, np.ones(half, bool), rs.actions(win), win)
     res = mf.lookup(k, valid)
     assert res.hit[:half].all()
-    assert res.hit[half:].sum() > 50                 # new headers hit shared megaflows
+    assert res.hit[half:].sum() > 50  # new headers hit shared megaflows
     assert np.array_equal(res.rule[res.hit], truth[res.hit])
     assert np.array_equal(res.verdict[res.hit], rs.actions(truth[res.hit]))
     check_safe(rs, k[:300], masks[:300], win[:300], np.random.default_rng(1), 10)
@@ -118,7 +123,7 @@ def test_masks_refcounted_and_table_full_counted():
     rng = np.random.default_rng(4)
     k = random_keys(rng, 64)
     masks = np.zeros_like(k)
-    masks[:, 0] = np.arange(64, dtype=np.uint64) + np.uint64(1)   # 64 distinct masks
+    masks[:, 0] = np.arange(64, dtype=np.uint64) + np.uint64(1)  # 64 distinct masks
     mf = MegaflowCache(entries=1024, max_masks=16)
     mf.insert(k, masks, np.ones(64, bool), 1, 0)
     st = mf.stats()

@@ -1,4 +1,5 @@
 """Random rule sets and keys for the cache tests (shared by test_cache_* and test_offload_*)."""
+
 import numpy as np
 
 from microseg.cache import key as K
@@ -24,8 +25,15 @@ def random_rule(rng, i):
         lo = int(rng.integers(0, 2000))
         return (lo, lo + int(rng.integers(0, 3000)))
 
-    kw = dict(priority=int(rng.integers(0, 4)), action=Action(int(rng.integers(1, 4))), rule_id=i,
-              src=pfx(), dst=pfx(), sport=prange(), dport=prange())
+    kw = dict(
+        priority=int(rng.integers(0, 4)),
+        action=Action(int(rng.integers(1, 4))),
+        rule_id=i,
+        src=pfx(),
+        dst=pfx(),
+        sport=prange(),
+        dport=prange(),
+    )
     if rng.random() < 0.6:
         kw["proto"] = int(rng.choice([6, 17, 1]))
     if rng.random() < 0.15:
@@ -45,8 +53,12 @@ def random_ruleset(rng, n):
 
 def random_keys(rng, n):
     """Keys that land near the rules' prefixes and ports often."""
-    src = (rng.choice(BASES, n) | rng.integers(0, 1 << 16, n) & rng.choice([0xFF, 0xFFFF, 0xFFF], n)).astype(np.uint64)
-    dst = (rng.choice(BASES, n) | rng.integers(0, 1 << 16, n) & rng.choice([0xFF, 0xFFFF, 0xFFF], n)).astype(np.uint64)
+    src = (rng.choice(BASES, n) | rng.integers(0, 1 << 16, n) & rng.choice([0xFF, 0xFFFF, 0xFFF], n)).astype(
+        np.uint64
+    )
+    dst = (rng.choice(BASES, n) | rng.integers(0, 1 << 16, n) & rng.choice([0xFF, 0xFFFF, 0xFFF], n)).astype(
+        np.uint64
+    )
     ports = np.array([22, 53, 80, 443, 1000, 1500, 8080, 3000, 40000], np.uint64)
     sp = np.where(rng.random(n) < 0.5, rng.choice(ports, n), rng.integers(0, 65536, n)).astype(np.uint64)
     dp = np.where(rng.random(n) < 0.5, rng.choice(ports, n), rng.integers(0, 65536, n)).astype(np.uint64)
@@ -58,7 +70,9 @@ def random_keys(rng, n):
     k = np.zeros((n, K.W), np.uint64)
     k[:, K.K_SRC_LO] = np.uint64(0xFFFF << 32) | src
     k[:, K.K_DST_LO] = np.uint64(0xFFFF << 32) | dst
-    k[:, K.K_L4] = sp | dp << np.uint64(16) | proto << np.uint64(32) | itype << np.uint64(40) | flags << np.uint64(56)
+    k[:, K.K_L4] = (
+        sp | dp << np.uint64(16) | proto << np.uint64(32) | itype << np.uint64(40) | flags << np.uint64(56)
+    )
     k[:, K.K_META] = tenant | np.uint64(0x0800) << np.uint64(48)
     k[:, K.K_CT] = ct
     return k

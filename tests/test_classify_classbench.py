@@ -1,4 +1,5 @@
 """ClassBench loader errors, the `microseg classify` verb, and the rule model's guards."""
+
 import os
 
 import numpy as np
@@ -19,17 +20,20 @@ def write(tmp_path, name, text):
     return str(p)
 
 
-@pytest.mark.parametrize("bad,needle", [
-    ("10.0.0.0/8 0.0.0.0/0 0 : 65535 80 : 80 0x06/0xff", "start with '@'"),
-    ("@10.0.0.0/33 0.0.0.0/0 0 : 65535 80 : 80 0x06/0xff", "bad prefix"),
-    ("@10.0.0.256/8 0.0.0.0/0 0 : 65535 80 : 80 0x06/0xff", "bad IPv4"),
-    ("@10.0.0.0/8 0.0.0.0/0 0 : 65536 80 : 80 0x06/0xff", "bad port"),
-    ("@10.0.0.0/8 0.0.0.0/0 9 : 8 80 : 80 0x06/0xff", "empty port range"),
-    ("@10.0.0.0/8 0.0.0.0/0 0 : 65535 80 : 80 0x06", "protocol"),
-    ("@10.0.0.0/8 0.0.0.0/0 0 : 65535 80 : 80 0x16/0x0f", "outside its mask"),
-    ("@10.0.0.0/8 0.0.0.0/0 0 65535 80 : 80 0x06/0xff", "want"),
-    ("@10.0.0.0/8 0.0.0.0/0 0 : 65535 80 : 80 0x06/0xff 0x0100/0x0100", "TCP flag bits"),
-])
+@pytest.mark.parametrize(
+    "bad,needle",
+    [
+        ("10.0.0.0/8 0.0.0.0/0 0 : 65535 80 : 80 0x06/0xff", "start with '@'"),
+        ("@10.0.0.0/33 0.0.0.0/0 0 : 65535 80 : 80 0x06/0xff", "bad prefix"),
+        ("@10.0.0.256/8 0.0.0.0/0 0 : 65535 80 : 80 0x06/0xff", "bad IPv4"),
+        ("@10.0.0.0/8 0.0.0.0/0 0 : 65536 80 : 80 0x06/0xff", "bad port"),
+        ("@10.0.0.0/8 0.0.0.0/0 9 : 8 80 : 80 0x06/0xff", "empty port range"),
+        ("@10.0.0.0/8 0.0.0.0/0 0 : 65535 80 : 80 0x06", "protocol"),
+        ("@10.0.0.0/8 0.0.0.0/0 0 : 65535 80 : 80 0x16/0x0f", "outside its mask"),
+        ("@10.0.0.0/8 0.0.0.0/0 0 65535 80 : 80 0x06/0xff", "want"),
+        ("@10.0.0.0/8 0.0.0.0/0 0 : 65535 80 : 80 0x06/0xff 0x0100/0x0100", "TCP flag bits"),
+    ],
+)
 def test_bad_rule_lines_name_file_and_line(tmp_path, bad, needle):
     p = write(tmp_path, "r.rules", GOOD + "\n" + bad + "\n")
     with pytest.raises(InputError) as e:
@@ -38,7 +42,9 @@ def test_bad_rule_lines_name_file_and_line(tmp_path, bad, needle):
     assert needle in str(e.value) and str(e.value).startswith(f"{p}:3: ")
 
 
-@pytest.mark.parametrize("bad", ["1 2 3 4", "1 2 3 4 256", "4294967296 1 2 3 6", "1 2 65536 3 6", "a 2 3 4 6", "-1 2 3 4 6"])
+@pytest.mark.parametrize(
+    "bad", ["1 2 3 4", "1 2 3 4 256", "4294967296 1 2 3 6", "1 2 65536 3 6", "a 2 3 4 6", "-1 2 3 4 6"]
+)
 def test_bad_trace_lines(tmp_path, bad):
     p = write(tmp_path, "t.trace", "1 2 3 4 6\n" + bad + "\n")
     with pytest.raises(InputError) as e:
@@ -47,7 +53,9 @@ def test_bad_trace_lines(tmp_path, bad):
 
 
 def test_flags_field_and_extra_trace_columns(tmp_path):
-    r = write(tmp_path, "r.rules", "@0.0.0.0/0 0.0.0.0/0 0 : 65535 0 : 65535 0x06/0xff 0x0002/0x0012\n" + GOOD)
+    r = write(
+        tmp_path, "r.rules", "@0.0.0.0/0 0.0.0.0/0 0 : 65535 0 : 65535 0x06/0xff 0x0002/0x0012\n" + GOOD
+    )
     t = write(tmp_path, "t.trace", "167772161 1 5 80 6 99 extra\n167772161 1 5 81 6\n")
     rs = load_rules(r)
     K = load_trace(t)
@@ -93,9 +101,20 @@ def test_prefix_forms():
         Prefix.parse("10.0.0.0/40")
 
 
-@pytest.mark.parametrize("kw", [dict(sport=(5, 4)), dict(dport=(0, 70000)), dict(proto=256),
-                                dict(tenant=-2), dict(in_port=65536), dict(tcp_flags=300),
-                                dict(priority=True), dict(icmp_type=-1), dict(action=9)])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(sport=(5, 4)),
+        dict(dport=(0, 70000)),
+        dict(proto=256),
+        dict(tenant=-2),
+        dict(in_port=65536),
+        dict(tcp_flags=300),
+        dict(priority=True),
+        dict(icmp_type=-1),
+        dict(action=9),
+    ],
+)
 def test_rule_validation(kw):
     with pytest.raises((InputError, ValueError)):
         Rule(**kw)

@@ -1,11 +1,13 @@
 """Kernels against references on random rule sets with every field, and TSS updates."""
+
 import numpy as np
-from hypothesis import given, settings, HealthCheck, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from microseg import ctstate
 from microseg.classify import Action, Prefix, Rule, RuleSet, build, keys
 from microseg.classify.linear import classify_linear, classify_ref
-from microseg.classify.rules import NW, K_L4
+from microseg.classify.rules import K_L4, NW
 from microseg.classify.tss import TupleSpace, range_to_prefixes
 from microseg.packet.batch import FlowKeys
 
@@ -36,8 +38,7 @@ def rand_range(rng):
 
 def rand_rule(rng, i):
     v6 = rng.random() < 0.3
-    kw = dict(priority=int(rng.choice([0, 0, 1, 5, -3])), rule_id=i,
-              action=Action(int(rng.integers(1, 4))))
+    kw = dict(priority=int(rng.choice([0, 0, 1, 5, -3])), rule_id=i, action=Action(int(rng.integers(1, 4))))
     if rng.random() < 0.7:
         kw["src"] = rand_prefix(rng, v6)
     if rng.random() < 0.7:
@@ -65,7 +66,9 @@ def rand_rule(rng, i):
         kw["tcp_flags"] = int(rng.integers(0, 256)) & kw["tcp_flags_mask"]
     if rng.random() < 0.2:
         kw["ct_state_mask"] = int(rng.choice([ctstate.STATE_MASK, ctstate.ESTABLISHED, ctstate.REPLY]))
-        kw["ct_state"] = int(rng.choice([ctstate.NEW, ctstate.ESTABLISHED, ctstate.REPLY, 0])) & kw["ct_state_mask"]
+        kw["ct_state"] = (
+            int(rng.choice([ctstate.NEW, ctstate.ESTABLISHED, ctstate.REPLY, 0])) & kw["ct_state_mask"]
+        )
     return Rule(**kw)
 
 
@@ -103,8 +106,12 @@ def test_all_algorithms_agree_with_reference(seed, n):
     K = rand_keys(rng, rs, 150)
     want = classify_ref(rs, K)
     np.testing.assert_array_equal(classify_linear(rs, K), want)
-    for algo, kw in (("tss", {}), ("tree", {}), ("tree", {"binth": 1, "spfac": 1.5}),
-                     ("tree", {"partitions": False, "prune_at": 0})):
+    for algo, kw in (
+        ("tss", {}),
+        ("tree", {}),
+        ("tree", {"binth": 1, "spfac": 1.5}),
+        ("tree", {"partitions": False, "prune_at": 0}),
+    ):
         np.testing.assert_array_equal(build(rs, algo, **kw).classify_keys(K), want, err_msg=f"{algo} {kw}")
 
 
@@ -174,8 +181,8 @@ def test_range_to_prefixes_covers_exactly(lo, span):
     ps = range_to_prefixes(lo, hi)
     covered = np.zeros(65536, np.int32)
     for v, m in ps:
-        covered[v: v + ((~m) & 0xFFFF) + 1] += 1
-    assert covered[lo:hi + 1].min() == 1 and covered.sum() == hi - lo + 1
+        covered[v : v + ((~m) & 0xFFFF) + 1] += 1
+    assert covered[lo : hi + 1].min() == 1 and covered.sum() == hi - lo + 1
 
 
 def test_keys_from_flowkeys_kernel_matches_reference():
@@ -190,13 +197,19 @@ def test_keys_from_flowkeys_kernel_matches_reference():
 
 
 def test_classify_flowkeys_uses_tenant_port_ct():
-    rs = RuleSet([Rule(tenant=7, ct_state=ctstate.ESTABLISHED, ct_state_mask=ctstate.STATE_MASK,
-                       action=Action.ALLOW),
-                  Rule(in_port=3, action=Action.REJECT), Rule(tenant=-1, dport=(22, 22), proto=6)])
+    rs = RuleSet(
+        [
+            Rule(
+                tenant=7, ct_state=ctstate.ESTABLISHED, ct_state_mask=ctstate.STATE_MASK, action=Action.ALLOW
+            ),
+            Rule(in_port=3, action=Action.REJECT),
+            Rule(tenant=-1, dport=(22, 22), proto=6),
+        ]
+    )
     fk = FlowKeys(4).resize(4)
-    fk.i32[0] = [7, 7, -1, -1]                      # TENANT row 0
-    fk.u8[2] = 6                                    # PROTO
-    fk.u16[4] = [0, 0, 22, 23]                      # DPORT
+    fk.i32[0] = [7, 7, -1, -1]  # TENANT row 0
+    fk.u8[2] = 6  # PROTO
+    fk.u16[4] = [0, 0, 22, 23]  # DPORT
     ct = np.array([ctstate.ESTABLISHED, ctstate.NEW, 0, 0], np.uint8)
     port = np.array([0, 3, 0, 0], np.uint16)
     for algo in ("tree", "tss", "linear"):

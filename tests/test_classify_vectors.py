@@ -1,4 +1,5 @@
 """Every classifier gives the brute-force first-match answer on the ClassBench vector sets."""
+
 import os
 
 import numpy as np
@@ -27,13 +28,13 @@ def brute_force(rules_path, T):
     R = np.array(rows, np.int64)
     out = np.full(len(T), -1, np.int64)
     for s in range(0, len(T), 256):
-        t = T[s:s + 256]
+        t = T[s : s + 256]
         ok = (t[:, None, 0] & R[None, :, 1]) == R[None, :, 0]
         ok &= (t[:, None, 1] & R[None, :, 3]) == R[None, :, 2]
         ok &= (R[None, :, 4] <= t[:, None, 2]) & (t[:, None, 2] <= R[None, :, 5])
         ok &= (R[None, :, 6] <= t[:, None, 3]) & (t[:, None, 3] <= R[None, :, 7])
         ok &= (t[:, None, 4] & R[None, :, 9]) == R[None, :, 8]
-        out[s:s + 256] = np.where(ok.any(1), ok.argmax(1), -1)
+        out[s : s + 256] = np.where(ok.any(1), ok.argmax(1), -1)
     return out
 
 

@@ -1,5 +1,6 @@
 """Traffic generator: determinism, well-formed packets (checked by scapy), TCP arithmetic,
 TLS/DNS payloads, attack proportions, timestamps, output files and the CLI."""
+
 import json
 import shutil
 import struct
@@ -10,10 +11,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scapy.all import DNS, GRE, ICMP, IP, TCP, UDP, Ether, IPv6, checksum, raw
-from scapy.layers.inet import in4_chksum
-from scapy.layers.inet6 import in6_chksum
 from scapy.contrib.geneve import GENEVE
-from scapy.layers.inet6 import ICMPv6DestUnreach, ICMPv6EchoReply, ICMPv6EchoRequest
+from scapy.layers.inet import in4_chksum
+from scapy.layers.inet6 import ICMPv6DestUnreach, ICMPv6EchoReply, ICMPv6EchoRequest, in6_chksum
 from scapy.layers.vxlan import VXLAN
 
 from microseg import ctstate
@@ -46,6 +46,7 @@ def scapy_tls():
     from scapy.layers.tls.handshake import TLSClientHello
     from scapy.layers.tls.record import TLS
     from scapy.packet import split_layers
+
     yield TLS, TLSClientHello
     split_layers(TCP, TLS, sport=443)
     split_layers(TCP, TLS, dport=443)
@@ -75,15 +76,15 @@ def _l4_checksum_ok(ib: bytes, e) -> bool:
     re-serialisation of dissected payloads such as TLS)."""
     if IP in e:
         start = 14 + 4 * e[IP].ihl
-        l4 = bytearray(ib[start:14 + e[IP].len])
+        l4 = bytearray(ib[start : 14 + e[IP].len])
         proto = e[IP].proto
     else:
         start = 54
         l4 = bytearray(ib[start:])
         proto = e[IPv6].nh
     pos = {6: 16, 17: 6, 1: 2, 58: 2}[proto]
-    want = int.from_bytes(l4[pos:pos + 2], "big")
-    l4[pos:pos + 2] = b"\0\0"
+    want = int.from_bytes(l4[pos : pos + 2], "big")
+    l4[pos : pos + 2] = b"\0\0"
     if proto == 1:
         got = checksum(bytes(l4))
     elif IP in e:
@@ -133,8 +134,9 @@ def test_same_seed_same_bytes(policy, gen):
         assert np.array_equal(getattr(gen.truth, k), getattr(again.truth, k))
     assert gen.flows == again.flows
     other = G.generate(policy, {**SMALL, "seed": 12})
-    assert other.batch.data.shape != gen.batch.data.shape or \
-        not np.array_equal(other.batch.data, gen.batch.data)
+    assert other.batch.data.shape != gen.batch.data.shape or not np.array_equal(
+        other.batch.data, gen.batch.data
+    )
 
 
 @pytest.mark.parametrize("tunnel", ["vxlan", "geneve", "nvgre"])
@@ -154,7 +156,7 @@ def test_inner_headers_match_the_flow_table(gen, policy):
         ip = e[IP] if IP in e else e[IPv6]
         ends = (ip.src, ip.dst) if gen.truth.dir[i] == 0 else (ip.dst, ip.src)
         assert ends == (fl["src_addr"], fl["dst_addr"])
-        if isinstance(ip.payload, (TCP, UDP)):               # not an ICMP error's quote
+        if isinstance(ip.payload, (TCP, UDP)):  # not an ICMP error's quote
             l4 = ip.payload
             ports = (l4.sport, l4.dport) if gen.truth.dir[i] == 0 else (l4.dport, l4.sport)
             assert ports == (fl["sport"], fl["dport"])
@@ -167,8 +169,18 @@ def _tcp_view(g):
         e, _ = _inner(Ether(g.batch.packet(i)), "vxlan")
         if TCP in e:
             t = e[TCP]
-            out.append((i, int(g.truth.flow[i]), int(g.truth.dir[i]), int(t.flags), t.seq, t.ack,
-                        len(t.payload), t.window))
+            out.append(
+                (
+                    i,
+                    int(g.truth.flow[i]),
+                    int(g.truth.dir[i]),
+                    int(t.flags),
+                    t.seq,
+                    t.ack,
+                    len(t.payload),
+                    t.window,
+                )
+            )
     return out
 
 
@@ -177,13 +189,13 @@ def test_tcp_sequence_and_ack_arithmetic(gen, tcp_view):
     oow = {i for i, r in enumerate(reasons) if "out of window" in r}
     bad = {i for i, r in enumerate(reasons) if "bad flags" in r}
     nxt, acked, checked, n_oow = {}, {}, 0, 0
-    for i, f, d, flags, seq, ack, plen, win in tcp_view:
+    for i, f, d, flags, seq, ack, plen, _win in tcp_view:
         r = int(gen.truth.reason[i])
         if r in bad:
             continue
         st = nxt.setdefault(f, [None, None])
         if flags & G.SYN:
-            if st[d] is not None:           # a retransmitted SYN repeats its ISN
+            if st[d] is not None:  # a retransmitted SYN repeats its ISN
                 assert (seq + 1) % 2**32 == st[d]
             st[d] = (seq + 1) % 2**32
         elif r in oow:
@@ -217,7 +229,7 @@ def test_conversations_open_and_close_like_a_kernel(gen, tcp_view):
         tail = [(d, fl) for d, fl, _ in pk[-4:]]
         assert tail == [(0, G.FIN | G.ACK), (1, G.ACK), (1, G.FIN | G.ACK), (0, G.ACK)]
         assert gen.truth.ct[pk[0][2]] == ctstate.NEW
-        for d, fl, i in pk[1:]:
+        for d, _fl, i in pk[1:]:
             want = ctstate.ESTABLISHED | (ctstate.REPLY if d else 0)
             if "out of window" not in gen.truth.reasons[gen.truth.reason[i]]:
                 assert gen.truth.ct[i] == want
@@ -241,7 +253,7 @@ def test_tls_streams_are_whole_records(gen, scapy_tls):
     assert len(tls) > 10
     for f in tls[:15]:
         fl = gen.flows[f]
-        for d, s in _streams(gen, f).items():
+        for _d, s in _streams(gen, f).items():
             pos, types = 0, []
             while pos < len(s):
                 ctype, ver, ln = struct.unpack_from("!BHH", s, pos)
@@ -267,7 +279,7 @@ def test_dns_queries_and_answers_parse(gen):
             continue
         e, _ = _inner(Ether(gen.batch.packet(i)), "vxlan")
         ip = e[IP] if IP in e else e[IPv6]
-        if not isinstance(ip.payload, UDP):                  # port unreachable: tested below
+        if not isinstance(ip.payload, UDP):  # port unreachable: tested below
             continue
         dns = DNS(bytes(e[UDP].payload))
         f = int(gen.truth.flow[i])
@@ -281,25 +293,39 @@ def test_dns_queries_and_answers_parse(gen):
 
 
 def test_heavy_tailed_sizes(policy):
-    g = G.generate(policy, {"flows": 400, "seed": 2, "tls_share": 0.0, "dns_share": 0.0,
-                            "icmp_share": 0.0, "denied_share": 0.0})
+    g = G.generate(
+        policy,
+        {"flows": 400, "seed": 2, "tls_share": 0.0, "dns_share": 0.0, "icmp_share": 0.0, "denied_share": 0.0},
+    )
     sizes = np.array([f["bytes"] for f in g.flows if "bytes" in f])
     assert sizes.size > 300
-    assert np.max(sizes) > 30 * np.median(sizes)           # elephants among the mice
+    assert np.max(sizes) > 30 * np.median(sizes)  # elephants among the mice
     assert np.mean(sizes <= 4 * 800) > 0.5
 
 
 def test_attack_proportions(policy):
-    shares = {"scan_share": 0.05, "spoof_share": 0.03, "invalid_share": 0.04,
-              "synflood_share": 0.08}
+    shares = {"scan_share": 0.05, "spoof_share": 0.03, "invalid_share": 0.04, "synflood_share": 0.08}
     g = G.generate(policy, {"flows": 200, "seed": 5, **shares})
     n = len(g.batch)
     counts = g.truth.summary()["by_label"]
-    for label, key in (("port scan", "scan_share"), ("cross-tenant", "spoof_share"),
-                       ("invalid tcp", "invalid_share"), ("syn flood", "synflood_share")):
+    for label, key in (
+        ("port scan", "scan_share"),
+        ("cross-tenant", "spoof_share"),
+        ("invalid tcp", "invalid_share"),
+        ("syn flood", "synflood_share"),
+    ):
         assert abs(counts[label] - shares[key] * n) <= 0.01 * n + 3, label
-    none = G.generate(policy, {"flows": 50, "seed": 5, "scan_share": 0.0, "spoof_share": 0.0,
-                               "invalid_share": 0.0, "synflood_share": 0.0})
+    none = G.generate(
+        policy,
+        {
+            "flows": 50,
+            "seed": 5,
+            "scan_share": 0.0,
+            "spoof_share": 0.0,
+            "invalid_share": 0.0,
+            "synflood_share": 0.0,
+        },
+    )
     labels = set(none.truth.summary()["by_label"])
     assert not labels & {"port scan", "cross-tenant", "invalid tcp", "syn flood"}
 
@@ -307,7 +333,7 @@ def test_attack_proportions(policy):
 def test_invalid_tcp_uses_the_flag_combinations_linux_rejects(gen, tcp_view):
     bad = {i for i, r in enumerate(gen.truth.reasons) if "bad flags" in r}
     flags = set()
-    for i, f, d, fl, *_ in tcp_view:
+    for i, _f, _d, fl, *_ in tcp_view:
         if int(gen.truth.reason[i]) in bad:
             flags.add(fl)
             assert gen.truth.ct[i] == ctstate.INVALID and gen.truth.verdict[i] == G.DROP
@@ -340,6 +366,7 @@ def test_assembler_kernel_matches_reference(policy):
 def test_parser_reads_what_was_generated(gen):
     from microseg.packet import batch as B
     from microseg.packet.parse import parse
+
     keys = parse(gen.batch)
     assert np.all(keys.error == 0)
     assert np.array_equal(keys.tenant, gen.truth.tenant)
@@ -351,7 +378,8 @@ def test_untunnelled_needs_an_untagged_tenant(policy, tmp_path):
         G.generate(policy, {"flows": 10, "tunnel": "none"})
     src = open(G.builtin_policy_path(), encoding="utf-8").read()
     (tmp_path / "k8s-policy.yaml").write_text(
-        open(G.builtin_policy_path().replace("datacenter.yaml", "k8s-policy.yaml")).read())
+        open(G.builtin_policy_path().replace("datacenter.yaml", "k8s-policy.yaml")).read()
+    )
     path = tmp_path / "dc.yaml"
     path.write_text(src.replace("anti_spoofing: true", "anti_spoofing: true\nuntagged_tenant: acme"))
     g = G.generate(str(path), {"flows": 40, "seed": 1, "tunnel": "none"})
@@ -363,6 +391,7 @@ def test_untunnelled_needs_an_untagged_tenant(policy, tmp_path):
 
 def test_outputs_written_and_read_back(gen, tmp_path):
     from microseg.io.pcap import read_capture
+
     paths = gen.write(str(tmp_path / "dc.pcap"))
     back = read_capture(paths["pcap"])
     assert len(back) == len(gen.batch)
@@ -381,6 +410,7 @@ def test_outputs_written_and_read_back(gen, tmp_path):
 
 def test_cli_generate(tmp_path, capsys):
     from microseg.cli import main
+
     out = tmp_path / "x.pcap"
     assert main(["generate", "-o", str(out), "--flows", "20", "--seed", "3", "--tunnel", "nvgre"]) == 0
     assert out.exists() and (tmp_path / "x.truth.jsonl").exists()
@@ -395,9 +425,17 @@ def test_cli_generate(tmp_path, capsys):
     assert main(["generate", "-o", str(out), "--policy", str(tmp_path / "missing.yaml")]) == 2
 
 
-@pytest.mark.parametrize("bad", [{"flows": 0}, {"tls_share": -0.1}, {"tunnel": "gre"},
-                                 {"rate_pps": 0}, {"tenants": ["nosuch"]},
-                                 {"scan_share": 0.5, "synflood_share": 0.5}])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"flows": 0},
+        {"tls_share": -0.1},
+        {"tunnel": "gre"},
+        {"rate_pps": 0},
+        {"tenants": ["nosuch"]},
+        {"scan_share": 0.5, "synflood_share": 0.5},
+    ],
+)
 def test_bad_scenarios_are_refused(policy, bad):
     with pytest.raises(InputError):
         G.generate(policy, {"flows": 5, **bad})
@@ -420,10 +458,10 @@ def test_icmp_errors_quote_the_original_datagram(policy):
         err = _inner(Ether(g.batch.packet(int(i))), "vxlan")[0]
         if IP in err:
             assert (err[ICMP].type, err[ICMP].code) == (3, 3)
-            quoted = raw(err)[14 + 20 + 8:]
+            quoted = raw(err)[14 + 20 + 8 :]
         else:
             assert (err[ICMPv6DestUnreach].type, err[ICMPv6DestUnreach].code) == (1, 4)
-            quoted = raw(err)[14 + 40 + 8:]
+            quoted = raw(err)[14 + 40 + 8 :]
         assert quoted == orig
         fams.add(IP in err)
     assert fams == {True, False}
@@ -439,19 +477,36 @@ def _builtin():
 
 
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(seed=st.integers(0, 2**32), flows=st.integers(1, 25),
-       tunnel=st.sampled_from(["vxlan", "geneve", "nvgre"]),
-       mix=st.sampled_from([(0.35, 0.2, 0.05), (1.0, 0.0, 0.0), (0.0, 0.0, 1.0), (0.0, 1.0, 0.0)]),
-       denied=st.sampled_from([0.0, 0.5, 1.0]), v6=st.sampled_from([0.0, 1.0]),
-       attacks=st.sampled_from([(0, 0, 0, 0), (0.1, 0.05, 0.05, 0.1), (0.3, 0.2, 0.1, 0.2)]),
-       size=st.sampled_from([(1.2, 800, 4_000_000), (0.6, 1, 50_000), (3.0, 5000, 5000)]))
+@given(
+    seed=st.integers(0, 2**32),
+    flows=st.integers(1, 25),
+    tunnel=st.sampled_from(["vxlan", "geneve", "nvgre"]),
+    mix=st.sampled_from([(0.35, 0.2, 0.05), (1.0, 0.0, 0.0), (0.0, 0.0, 1.0), (0.0, 1.0, 0.0)]),
+    denied=st.sampled_from([0.0, 0.5, 1.0]),
+    v6=st.sampled_from([0.0, 1.0]),
+    attacks=st.sampled_from([(0, 0, 0, 0), (0.1, 0.05, 0.05, 0.1), (0.3, 0.2, 0.1, 0.2)]),
+    size=st.sampled_from([(1.2, 800, 4_000_000), (0.6, 1, 50_000), (3.0, 5000, 5000)]),
+)
 def test_random_scenarios_hold_the_invariants(seed, flows, tunnel, mix, denied, v6, attacks, size):
     from microseg.packet.parse import parse
-    cfg = {"seed": seed, "flows": flows, "tunnel": tunnel, "tls_share": mix[0],
-           "dns_share": mix[1], "icmp_share": mix[2], "denied_share": denied, "ipv6_share": v6,
-           "scan_share": attacks[0], "spoof_share": attacks[1], "invalid_share": attacks[2],
-           "synflood_share": attacks[3], "size_alpha": size[0], "size_min": size[1],
-           "size_max": size[2]}
+
+    cfg = {
+        "seed": seed,
+        "flows": flows,
+        "tunnel": tunnel,
+        "tls_share": mix[0],
+        "dns_share": mix[1],
+        "icmp_share": mix[2],
+        "denied_share": denied,
+        "ipv6_share": v6,
+        "scan_share": attacks[0],
+        "spoof_share": attacks[1],
+        "invalid_share": attacks[2],
+        "synflood_share": attacks[3],
+        "size_alpha": size[0],
+        "size_min": size[1],
+        "size_max": size[2],
+    }
     g = G.generate(_builtin(), cfg)
     n = len(g.batch)
     assert len(g.truth) == n and np.all(np.diff(g.batch.ts) > 0)
@@ -473,15 +528,28 @@ def test_wireshark_finds_no_errors(policy, tmp_path):
     g = G.generate(policy, {"flows": 200, "seed": 13, "tunnel": "geneve", "ipv6_share": 0.3})
     path = str(tmp_path / "g.pcap")
     g.write(path)
-    prefs = ["-o", "tcp.check_checksum:TRUE", "-o", "udp.check_checksum:TRUE",
-             "-o", "ip.check_checksum:TRUE"]
-    out = subprocess.run(["tshark", "-r", path, *prefs, "-q", "-z", "expert"],
-                         capture_output=True, text=True, timeout=120).stdout
+    prefs = ["-o", "tcp.check_checksum:TRUE", "-o", "udp.check_checksum:TRUE", "-o", "ip.check_checksum:TRUE"]
+    out = subprocess.run(
+        ["tshark", "-r", path, *prefs, "-q", "-z", "expert"], capture_output=True, text=True, timeout=120
+    ).stdout
     assert "Errors (" not in out and "Bad checksum" not in out, out
-    sni = subprocess.run(["tshark", "-r", path, "-Y", "tls.handshake.type == 1", "-T", "fields",
-                          "-e", "tls.handshake.extensions_server_name"],
-                         capture_output=True, text=True, timeout=120).stdout.split()
+    sni = subprocess.run(
+        [
+            "tshark",
+            "-r",
+            path,
+            "-Y",
+            "tls.handshake.type == 1",
+            "-T",
+            "fields",
+            "-e",
+            "tls.handshake.extensions_server_name",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout.split()
     tls = [f for f in g.flows if f["label"] == "tls" and f["verdict"] == "allow"]
-    clean = [f for f in tls if "out_of_window" not in f]   # a 10 MB seq jump upsets reassembly
+    clean = [f for f in tls if "out_of_window" not in f]  # a 10 MB seq jump upsets reassembly
     assert len(clean) <= len(sni) <= len(tls) and clean
     assert all(s.endswith(".internal") for s in sni)

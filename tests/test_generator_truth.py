@@ -5,6 +5,7 @@ The expectations here are read by hand off ``microseg/data/datacenter.yaml`` and
 against them, against the construction rules, and finally against the datapath's own policy
 reference and conntrack (which must agree with a truth that never ran them).
 """
+
 import ipaddress
 
 import numpy as np
@@ -40,12 +41,12 @@ def test_builtin_datacenter(policy):
     assert {w.host for w in policy.workloads} == {h.name for h in policy.hosts}
     acme = {a for w in policy.workloads if w.tenant == "acme" for a in w.addresses}
     globex = {a for w in policy.workloads if w.tenant == "globex" for a in w.addresses}
-    assert len(acme & globex) >= 4                      # overlapping private ranges
-    assert globex - acme                                # and addresses only globex has
+    assert len(acme & globex) >= 4  # overlapping private ranges
+    assert globex - acme  # and addresses only globex has
     names = {sg.name for sg in policy.security_groups}
     assert {"web", "app", "db", "bastion"} <= names
     assert {p.namespace for p in policy.network_policies} == {"shop"}
-    assert any(not p.pod_selector.labels for p in policy.network_policies)   # default deny
+    assert any(not p.pod_selector.labels for p in policy.network_policies)  # default deny
 
 
 # (tenant, src, dst, proto, port, allowed) read off the YAML files by hand
@@ -54,19 +55,19 @@ HAND_READ = [
     ("acme", "lb-1", "web-2", TCP, 80, True),
     ("acme", "web-1", "app-1", TCP, 443, True),
     ("acme", "app-2", "db-1", TCP, 5432, True),
-    ("acme", "web-1", "db-1", TCP, 5432, False),     # web's egress has no db rule
-    ("acme", "app-1", "db-1", TCP, 22, False),       # app's egress: only 5432 and dns
+    ("acme", "web-1", "db-1", TCP, 5432, False),  # web's egress has no db rule
+    ("acme", "app-1", "db-1", TCP, 22, False),  # app's egress: only 5432 and dns
     ("acme", "bastion", "db-2", TCP, 22, True),
-    ("acme", "db-1", "web-1", TCP, 80, False),       # db may only ask dns
+    ("acme", "db-1", "web-1", TCP, 80, False),  # db may only ask dns
     ("acme", "db-1", "dns", UDP, 53, True),
-    ("acme", "lb-1", "app-1", TCP, 443, False),      # lb may only reach web
+    ("acme", "lb-1", "app-1", TCP, 443, False),  # lb may only reach web
     ("acme", "web-2", "app-1", TCP, 8080, False),
     ("globex", "web-1", "app-1", TCP, 9000, True),
     ("globex", "app-1", "db-1", TCP, 3306, True),
     ("globex", "web-2", "db-1", TCP, 3306, False),
     ("globex", "bastion", "web-2", TCP, 443, True),
     ("shop", "frontend-1", "backend-1", TCP, 8080, True),
-    ("shop", "backend-1", "frontend-2", TCP, 8080, False),   # frontend admits 443 only
+    ("shop", "backend-1", "frontend-2", TCP, 8080, False),  # frontend admits 443 only
     ("shop", "backend-2", "frontend-1", TCP, 443, True),
     ("shop", "backend-1", "redis-1", TCP, 6379, True),
     ("shop", "frontend-2", "redis-1", TCP, 6379, False),
@@ -109,8 +110,7 @@ def test_truth_covers_every_packet(gen):
     counts = np.bincount(t.flow, minlength=len(gen.flows))
     assert [f["packets"] for f in gen.flows] == counts.tolist()
     labels = set(t.summary()["by_label"])
-    assert {"tcp", "tls", "dns", "icmp", "port scan", "cross-tenant", "invalid tcp",
-            "syn flood"} <= labels
+    assert {"tcp", "tls", "dns", "icmp", "port scan", "cross-tenant", "invalid tcp", "syn flood"} <= labels
 
 
 def test_truth_follows_the_construction_rules(gen, policy):
@@ -127,7 +127,7 @@ def test_truth_follows_the_construction_rules(gen, policy):
         dst_own = (tenant, ipaddress.ip_address(fl["dst_addr"])) in own
         if fl["label"] == "cross-tenant":
             assert len(idx) == 1 and v[0] != G.ALLOW
-            assert not (src_own and dst_own)                # one end is not in the tenant
+            assert not (src_own and dst_own)  # one end is not in the tenant
             if not src_own:
                 assert ct[0] == 0 and t.causes[t.cause[idx[0]]] == "spoofed_source"
             continue
@@ -141,11 +141,11 @@ def test_truth_follows_the_construction_rules(gen, policy):
             continue
         assert state[0] == ctstate.NEW and v[0] == G.ALLOW
         ok = v == G.ALLOW
-        if "icmp_error" in fl:                                # query, then port unreachable
+        if "icmp_error" in fl:  # query, then port unreachable
             assert state.tolist() == [ctstate.NEW, ctstate.RELATED]
             continue
         assert np.all(state[ok][1:] == ctstate.ESTABLISHED)
-        assert np.all(state[~ok] == ctstate.INVALID)          # out-of-window segments
+        assert np.all(state[~ok] == ctstate.INVALID)  # out-of-window segments
         reply = t.dir[idx] == 1
         assert np.all((ct[reply] & ctstate.REPLY) > 0) and np.all((ct[~reply] & ctstate.REPLY) == 0)
     assert np.all(t.label[t.cause == t.causes.index("ct_invalid")] == lab["invalid tcp"])
@@ -160,7 +160,7 @@ def test_port_scan_probes_every_port_once(gen):
     for ports in by_pair.values():
         assert len(ports) == len(set(ports))
     for f in scans:
-        want = 3 if f["verdict"] == "allow" else 1            # SYN [, SYN/ACK, RST]
+        want = 3 if f["verdict"] == "allow" else 1  # SYN [, SYN/ACK, RST]
         assert f["packets"] == want
 
 
@@ -168,15 +168,19 @@ def test_syn_flood_uses_fresh_source_ports(gen):
     fl = [f for f in gen.flows if f["label"] == "syn flood"]
     keys = [(f["tenant"], f["src_addr"], f["dst_addr"], f["dport"], f["sport"]) for f in fl]
     assert len(keys) == len(set(keys)) and all(f["packets"] == 1 for f in fl)
-    all_keys = [(f["tenant"], f["src_addr"], f["dst_addr"], f["proto"], f["dport"], f["sport"])
-                for f in gen.flows if f["proto"] in (TCP, UDP)]
-    assert len(all_keys) == len(set(all_keys))                # no tuple is reused by two flows
+    all_keys = [
+        (f["tenant"], f["src_addr"], f["dst_addr"], f["proto"], f["dport"], f["sport"])
+        for f in gen.flows
+        if f["proto"] in (TCP, UDP)
+    ]
+    assert len(all_keys) == len(set(all_keys))  # no tuple is reused by two flows
 
 
 def test_reject_policy_rejects(tmp_path):
     src = open(G.builtin_policy_path(), encoding="utf-8").read()
     (tmp_path / "k8s-policy.yaml").write_text(
-        open(G.builtin_policy_path().replace("datacenter.yaml", "k8s-policy.yaml")).read())
+        open(G.builtin_policy_path().replace("datacenter.yaml", "k8s-policy.yaml")).read()
+    )
     path = tmp_path / "dc.yaml"
     path.write_text(src.replace("deny_action: drop", "deny_action: reject"))
     g = G.generate(str(path), {"flows": 100, "seed": 2, "denied_share": 0.5})
@@ -195,11 +199,13 @@ def test_tenant_subset(policy):
 def test_truth_agrees_with_the_datapath_reference(gen, policy):
     """The policy's per-packet reference and the conntrack table, given the packets, reach the
     verdicts and states the scenario says -- though the truth never ran either."""
+    import importlib.util
+
     from microseg.conntrack import ConntrackTable
     from microseg.packet.parse import parse
     from microseg.policy.reference import Reference
     from microseg.policy.verdict import reason_name
-    import importlib.util
+
     checksum = importlib.util.find_spec("microseg.packet.checksum") is not None
     keys = parse(gen.batch)
     t = gen.truth
@@ -246,9 +252,10 @@ def test_workloads_without_mac_or_on_one_host(tmp_path):
     path.write_text(ONE_TENANT.replace('mac: "02:00:00:00:00:0a", ', ""))
     g = G.generate(str(path), {"flows": 20, "seed": 1, "spoof_share": 0.0})
     from microseg.packet.parse import parse
+
     keys = parse(g.batch)
     macs = {int(m) for m in keys.eth_src} | {int(m) for m in keys.eth_dst}
-    assert 0x02000000000B in macs and len(macs) == 2          # b's own and a generated one
+    assert 0x02000000000B in macs and len(macs) == 2  # b's own and a generated one
     path.write_text(ONE_TENANT.replace("host: h2", "host: h1"))
     with pytest.raises(InputError, match="different hosts"):
         G.generate(str(path), {"flows": 5, "spoof_share": 0.0})

@@ -57,13 +57,16 @@ def test_file_errors():
     with pytest.raises(InputError, match="cannot read rules"):
         I.SignatureSet.load(f"{SIG}/does-not-exist.rules")
     with pytest.raises(InputError, match="duplicate sid 5"):
-        I.SignatureSet.from_text('alert tcp any any -> any any (sid:5;)\nalert udp any any -> any any (sid:5;)')
+        I.SignatureSet.from_text(
+            "alert tcp any any -> any any (sid:5;)\nalert udp any any -> any any (sid:5;)"
+        )
 
 
 def test_variables_lists_and_negation():
     s = I.SignatureSet.from_text(
         "alert tcp [10.0.0.0/8,!10.1.0.0/16] any -> $WEB [80,443,8000:] (sid:1;)",
-        variables={"WEB": "[192.0.2.1,2001:db8::/32]"})
+        variables={"WEB": "[192.0.2.1,2001:db8::/32]"},
+    )
     sig = s.signatures[0]
     a = lambda t: I._V4 | int(__import__("ipaddress").ip_address(t))  # noqa: E731
     assert I._in_set(a("10.2.3.4"), sig.src) and not I._in_set(a("10.1.3.4"), sig.src)
@@ -82,7 +85,7 @@ def brute(contents, payload):
     def occ(c, lo, hi):
         hay, pat = (low, c.pattern.lower()) if c.nocase else (payload, c.pattern)
         lo, hi = max(lo, 0), min(hi, n)
-        return [p for p in range(lo, hi - len(pat) + 1) if hay[p:p + len(pat)] == pat]
+        return [p for p in range(lo, hi - len(pat) + 1) if hay[p : p + len(pat)] == pat]
 
     def rec(j, prev_end):
         if j == len(contents):
@@ -122,7 +125,7 @@ def random_contents(rng):
 @pytest.mark.parametrize("seed", range(3))
 def test_contents_match_equals_brute_force(seed):
     rng = np.random.default_rng(seed)
-    agree = matched = 0
+    matched = 0
     for _ in range(1500):
         cs = random_contents(rng)
         payload = bytes(rng.choice(list(b"abAB"), int(rng.integers(0, 24))).tolist())
@@ -174,30 +177,48 @@ def E(src, dst, l4, payload=b""):
 def test_verdicts_on_real_packets():
     s = I.SignatureSet.load(f"{SIG}/et_style.rules")
     pkts = [
-        E("203.0.113.5", "10.0.0.5", TCP(sport=40000, dport=80), b"GET /a/../../etc/PASSWD HTTP/1.1\r\n"),   # 0 alert 1
-        E("203.0.113.5", "10.0.0.5", TCP(sport=40000, dport=80), b"POST /a/../../etc/passwd HTTP/1.1\r\n"),  # 1 depth: none
-        E("10.0.0.5", "10.0.0.6", TCP(sport=40000, dport=80), b"GET /a/../../etc/passwd HTTP/1.1\r\n"),      # 2 src not external
-        E("203.0.113.9", "10.0.0.7", TCP(sport=5555, dport=2222), b"SSH-2.0-LIBSSH_0.9.6\r\n"),              # 3 drop 2
-        E("203.0.113.9", "10.0.0.7", TCP(sport=5555, dport=22), b"SSH-2.0-OpenSSH_9.0\r\n"),                 # 4 none
-        E("10.0.0.8", "9.9.9.9", UDP(sport=5353, dport=53),
-          b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x03www\x07DYN-EVIL\x03com\x00\x00\x01\x00\x01"),  # 5 alert 3
-        E("1.2.3.4", "5.6.7.8", TCP(sport=1, dport=2), b"exec /bin/sh -c id"),                                  # 6 alert 4
-        E("1.2.3.4", "5.6.7.8", TCP(sport=1, dport=2), b"#!/bin/sh\necho"),                                    # 7 negated: none
-        E("10.0.0.9", "10.9.9.9", TCP(sport=1, dport=80), b"x /bin/sh"),                                       # 8 pass 5 wins
-        E("10.66.3.3", "1.1.1.1", TCP(sport=1000, dport=22)),                                                  # 9 drop 6 (<>)
-        E("1.1.1.1", "10.66.3.3", TCP(sport=1000, dport=80)),                                                  # 10 port 80 excluded
-        E("1.1.1.1", "10.0.0.1", ICMP(), b"z" * 900),                                                          # 11 alert 7
-        E("1.1.1.1", "10.0.0.1", ICMP(), b"z" * 100),                                                          # 12 none
-        E("1.1.1.1", "2.2.2.2", TCP(sport=1, dport=8050), b"user=a&PassWord=b"),                               # 13 alert 8
-        E("1.1.1.1", "2.2.2.2", TCP(sport=1, dport=8080), b"user=a&PassWord=b"),                               # 14 8080 excluded
-        E("1.1.1.1", "2.2.2.2", TCP(sport=1, dport=2), b'xx a;b"c\\d yy'),                                     # 15 alert 9
+        E(
+            "203.0.113.5", "10.0.0.5", TCP(sport=40000, dport=80), b"GET /a/../../etc/PASSWD HTTP/1.1\r\n"
+        ),  # 0 alert 1
+        E(
+            "203.0.113.5", "10.0.0.5", TCP(sport=40000, dport=80), b"POST /a/../../etc/passwd HTTP/1.1\r\n"
+        ),  # 1 depth: none
+        E(
+            "10.0.0.5", "10.0.0.6", TCP(sport=40000, dport=80), b"GET /a/../../etc/passwd HTTP/1.1\r\n"
+        ),  # 2 src not external
+        E("203.0.113.9", "10.0.0.7", TCP(sport=5555, dport=2222), b"SSH-2.0-LIBSSH_0.9.6\r\n"),  # 3 drop 2
+        E("203.0.113.9", "10.0.0.7", TCP(sport=5555, dport=22), b"SSH-2.0-OpenSSH_9.0\r\n"),  # 4 none
+        E(
+            "10.0.0.8",
+            "9.9.9.9",
+            UDP(sport=5353, dport=53),
+            b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x03www\x07DYN-EVIL\x03com\x00\x00\x01\x00\x01",
+        ),  # 5 alert 3
+        E("1.2.3.4", "5.6.7.8", TCP(sport=1, dport=2), b"exec /bin/sh -c id"),  # 6 alert 4
+        E("1.2.3.4", "5.6.7.8", TCP(sport=1, dport=2), b"#!/bin/sh\necho"),  # 7 negated: none
+        E("10.0.0.9", "10.9.9.9", TCP(sport=1, dport=80), b"x /bin/sh"),  # 8 pass 5 wins
+        E("10.66.3.3", "1.1.1.1", TCP(sport=1000, dport=22)),  # 9 drop 6 (<>)
+        E("1.1.1.1", "10.66.3.3", TCP(sport=1000, dport=80)),  # 10 port 80 excluded
+        E("1.1.1.1", "10.0.0.1", ICMP(), b"z" * 900),  # 11 alert 7
+        E("1.1.1.1", "10.0.0.1", ICMP(), b"z" * 100),  # 12 none
+        E("1.1.1.1", "2.2.2.2", TCP(sport=1, dport=8050), b"user=a&PassWord=b"),  # 13 alert 8
+        E("1.1.1.1", "2.2.2.2", TCP(sport=1, dport=8080), b"user=a&PassWord=b"),  # 14 8080 excluded
+        E("1.1.1.1", "2.2.2.2", TCP(sport=1, dport=2), b'xx a;b"c\\d yy'),  # 15 alert 9
     ]
     b, fk = _batch(pkts)
     ct = np.full(len(pkts), TRACKED | ESTABLISHED, np.uint8)
     r = s.inspect(b, fk, None, ct)
-    want = {0: (I.ALERT, 9000001), 3: (I.DROP, 9000002), 5: (I.ALERT, 9000003), 6: (I.ALERT, 9000004),
-            8: (I.PASS, 9000005), 9: (I.DROP, 9000006), 11: (I.ALERT, 9000007), 13: (I.ALERT, 9000008),
-            15: (I.ALERT, 9000009)}
+    want = {
+        0: (I.ALERT, 9000001),
+        3: (I.DROP, 9000002),
+        5: (I.ALERT, 9000003),
+        6: (I.ALERT, 9000004),
+        8: (I.PASS, 9000005),
+        9: (I.DROP, 9000006),
+        11: (I.ALERT, 9000007),
+        13: (I.ALERT, 9000008),
+        15: (I.ALERT, 9000009),
+    }
     for i in range(len(pkts)):
         assert (int(r.verdict[i]), int(r.sid[i])) == want.get(i, (I.NONE, 0)), i
     # direction and state from conntrack: a reply or a NEW flow does not match rule 1
@@ -210,13 +231,17 @@ def test_verdicts_on_real_packets():
 
 
 def test_action_order_pass_then_drop_then_alert():
-    s = I.SignatureSet.from_text("\n".join([
-        'alert tcp any any -> any any (content:"evil"; priority:1; sid:1;)',
-        'drop tcp any any -> any any (content:"evil"; priority:3; sid:2;)',
-        'drop tcp any any -> any any (content:"ev"; priority:2; sid:3;)',
-        'pass tcp any any -> any any (content:"evil-but-ok"; sid:4;)',
-    ]))
-    assert s.match_packet(b"evil", 6, 0, 0, 1, 2)[0] == 2          # drop, priority 2 first
+    s = I.SignatureSet.from_text(
+        "\n".join(
+            [
+                'alert tcp any any -> any any (content:"evil"; priority:1; sid:1;)',
+                'drop tcp any any -> any any (content:"evil"; priority:3; sid:2;)',
+                'drop tcp any any -> any any (content:"ev"; priority:2; sid:3;)',
+                'pass tcp any any -> any any (content:"evil-but-ok"; sid:4;)',
+            ]
+        )
+    )
+    assert s.match_packet(b"evil", 6, 0, 0, 1, 2)[0] == 2  # drop, priority 2 first
     assert s.signatures[s.match_packet(b"evil-but-ok", 6, 0, 0, 1, 2)[0]].sid == 4
 
 
@@ -239,7 +264,7 @@ def test_parser_never_crashes_on_damaged_rules():
         text = "".join(s)
         try:
             sigs = I.SignatureSet.from_text(text, path="fuzz.rules")
-            for sig in sigs.signatures:          # a rule that loads can also be run
+            for _sig in sigs.signatures:  # a rule that loads can also be run
                 sigs.match_packet(b"GET /etc/passwd SSH-libssh |", 6, 1, 2, 3, 80)
             ok += 1
         except InputError as exc:

@@ -1,6 +1,7 @@
 """SA lifetimes (RFC 4301 4.4.2.1): soft then hard in bytes, packets and seconds, in both
 directions, each event once, time from the packets' timestamps or an explicit ``now``; the
 kernels agree with the per-packet reference throughout."""
+
 import json
 import struct
 
@@ -16,8 +17,14 @@ from microseg.packet.batch import LINK_RAW, Batch
 
 BACKENDS = ["cryptography"] + (["evp"] if evp.AVAILABLE else [])
 S = 10**9
-SA = {"name": "a", "spi": 0x1001, "key": "00112233445566778899aabbccddeeff", "salt": "01020304",
-      "tunnel_src": "192.0.2.1", "tunnel_dst": "192.0.2.2"}
+SA = {
+    "name": "a",
+    "spi": 0x1001,
+    "key": "00112233445566778899aabbccddeeff",
+    "salt": "01020304",
+    "tunnel_src": "192.0.2.1",
+    "tunnel_dst": "192.0.2.2",
+}
 E = esp.EXPIRED
 
 
@@ -26,9 +33,20 @@ def _cfg(**lifetime):
 
 
 def _ip4(payload=b"\x00" * 20):
-    h = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(payload), 1, 0, 64, 17, 0,
-                    bytes([10, 1, 0, 1]), bytes([10, 2, 0, 1]))
-    return h + payload                          # 40 bytes by default
+    h = struct.pack(
+        "!BBHHHBBH4s4s",
+        0x45,
+        0,
+        20 + len(payload),
+        1,
+        0,
+        64,
+        17,
+        0,
+        bytes([10, 1, 0, 1]),
+        bytes([10, 2, 0, 1]),
+    )
+    return h + payload  # 40 bytes by default
 
 
 def _batch(pkts, ts):
@@ -49,11 +67,11 @@ def _esp(n, ts=None):
     return list(gw.encrypt_batch(_batch([_ip4()] * n, ts or [0] * n), sa=0).packets())
 
 
-CASES = [   # limit, soft, hard, packets that pass out of 8 (40 bytes each), index of the hard event
+CASES = [  # limit, soft, hard, packets that pass out of 8 (40 bytes each), index of the hard event
     ({"soft_packets": 3, "hard_packets": 5}, "packets", 5, 4),
-    ({"soft_bytes": 120, "hard_bytes": 200}, "bytes", 5, 4),       # both reached exactly
-    ({"soft_bytes": 100, "hard_bytes": 190}, "bytes", 4, 4),       # the 5th would pass it
-    ({"soft_seconds": 2, "hard_seconds": 4.5}, "seconds", 5, 5),   # packets 1 s apart
+    ({"soft_bytes": 120, "hard_bytes": 200}, "bytes", 5, 4),  # both reached exactly
+    ({"soft_bytes": 100, "hard_bytes": 190}, "bytes", 4, 4),  # the 5th would pass it
+    ({"soft_seconds": 2, "hard_seconds": 4.5}, "seconds", 5, 5),  # packets 1 s apart
 ]
 
 
@@ -122,8 +140,7 @@ def test_one_packet_per_batch_fires_each_event_once(backend):
 def test_seconds_from_installation_or_first_packet_and_explicit_now():
     # clock from the first packet: it starts at 1000 s
     gw = EspGateway(_cfg(soft_seconds=10, hard_seconds=20))
-    _, r = gw.encrypt_batch(_batch([_ip4()] * 3, [1000 * S, 1009 * S, 1010 * S]), sa=0,
-                            return_reasons=True)
+    _, r = gw.encrypt_batch(_batch([_ip4()] * 3, [1000 * S, 1009 * S, 1010 * S]), sa=0, return_reasons=True)
     assert r.tolist() == [0, 0, 0] and _ev(gw) == [("soft", "seconds", "encrypt", 1010 * S)]
     assert gw.sa_stats()[0]["started_at"] == 1000 * S
     # clock from installation; `now` stands for the packets' own timestamps (all 0 here)
@@ -142,7 +159,7 @@ def test_expire_is_the_timer_between_packets():
     ref = RefGateway(gw.config, now=0)
     assert gw.expire(9 * S) == [] and ref.expire(9 * S) == []
     assert [(e.kind, e.direction) for e in gw.expire(10 * S)] == [("soft", "clock")]
-    assert gw.expire(15 * S) == []              # once
+    assert gw.expire(15 * S) == []  # once
     assert [(e.kind, e.at) for e in gw.expire(25 * S)] == [("hard", 25 * S)]
     ref.expire(10 * S), ref.expire(15 * S), ref.expire(25 * S)
     assert _ref_ev(ref) == _ev(gw)
@@ -159,20 +176,43 @@ def test_time_stands_still_without_timestamps():
     """No clock is read inside the datapath: packets stamped 0 never age the SA."""
     gw = EspGateway(_cfg(hard_seconds=1e-9 * 5))
     for _ in range(3):
-        assert gw.encrypt_batch(_batch([_ip4()] * 4, [0] * 4), sa=0,
-                                return_reasons=True)[1].tolist() == [0] * 4
+        assert (
+            gw.encrypt_batch(_batch([_ip4()] * 4, [0] * 4), sa=0, return_reasons=True)[1].tolist() == [0] * 4
+        )
     assert gw.events == []
     # and the kernel called without timestamps at all (time fixed at 0)
     doc = {"sas": [dict(SA, lifetime={"hard_seconds": 1})]}
     gw = EspGateway(parse_config(doc), now=-5 * S)
     res = esp.encap_prepare(*_encap_args(gw, _batch([_ip4()], [10 * S])))
-    assert res[3].tolist() == [E]               # 0 - (-5 s) >= 1 s: the clock is the caller's
+    assert res[3].tolist() == [E]  # 0 - (-5 s) >= 1 s: the clock is the caller's
 
 
 def _encap_args(gw, b):
-    return (b.data, b.offset, b.length, LINK_RAW, 0, gw.pol_src, gw.pol_smask, gw.pol_dst,
-            gw.pol_dmask, gw.pol_proto, gw.pol_action, gw.pol_sa, gw.sa_spi, gw.sa_ver, gw.sa_esn,
-            gw.sa_salt, gw.sa_src, gw.sa_dst, gw.sa_limits, gw.tx_seq, gw.iv_base, gw.life, gw.dead)
+    return (
+        b.data,
+        b.offset,
+        b.length,
+        LINK_RAW,
+        0,
+        gw.pol_src,
+        gw.pol_smask,
+        gw.pol_dst,
+        gw.pol_dmask,
+        gw.pol_proto,
+        gw.pol_action,
+        gw.pol_sa,
+        gw.sa_spi,
+        gw.sa_ver,
+        gw.sa_esn,
+        gw.sa_salt,
+        gw.sa_src,
+        gw.sa_dst,
+        gw.sa_limits,
+        gw.tx_seq,
+        gw.iv_base,
+        gw.life,
+        gw.dead,
+    )
 
 
 def test_directions_count_apart_and_expiry_is_shared():
@@ -180,24 +220,26 @@ def test_directions_count_apart_and_expiry_is_shared():
     gw = EspGateway(_cfg(hard_packets=3))
     assert gw.encrypt_batch(_batch([_ip4()] * 2, [0, 0]), sa=0, return_reasons=True)[1].tolist() == [0, 0]
     out, r = gw.decrypt_batch(_batch(_esp(4), [0] * 4))
-    assert r.tolist() == [0, 0, 0, E]           # the receive side has its own count
+    assert r.tolist() == [0, 0, 0, E]  # the receive side has its own count
     assert gw.sa_stats()[0]["hard_expired"] == "packets"
     assert gw.encrypt_batch(_batch([_ip4()], [0]), sa=0, return_reasons=True)[1].tolist() == [E]
 
 
 def test_cli_reports_lifetime_events(tmp_path, capsys):
     import yaml
+
     sa_file = tmp_path / "sa.yaml"
-    sa_file.write_text(yaml.safe_dump({"sas": [dict(SA, lifetime={"soft_packets": 2,
-                                                                  "hard_packets": 3})]}))
+    sa_file.write_text(yaml.safe_dump({"sas": [dict(SA, lifetime={"soft_packets": 2, "hard_packets": 3})]}))
     src = tmp_path / "in.pcap"
     write_pcap(src, _batch([_ip4()] * 5, [i * S for i in range(5)]))
     out = tmp_path / "out.pcap"
     assert main(["ipsec", "encrypt", "--json", "--sa", str(sa_file), str(src), "-w", str(out)]) == 0
     rep = json.loads(capsys.readouterr().out)
     assert rep["packets_out"] == 3 and rep["dropped"] == {"expired": 2}
-    assert [(e["kind"], e["limit"], e["at"]) for e in rep["lifetime_events"]] == \
-        [("soft", "packets", 1 * S), ("hard", "packets", 2 * S)]
+    assert [(e["kind"], e["limit"], e["at"]) for e in rep["lifetime_events"]] == [
+        ("soft", "packets", 1 * S),
+        ("hard", "packets", 2 * S),
+    ]
     assert len(read_capture(out)) == 3
     assert main(["ipsec", "encrypt", "--sa", str(sa_file), str(src), "-w", str(out)]) == 0
     err = capsys.readouterr().err

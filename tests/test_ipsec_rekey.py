@@ -1,6 +1,7 @@
 """Make-before-break rekey: a new SA pair installed while the old one lives; outbound moves to
 the new SAs, inbound accepts old and new SPIs until the old SA is removed or hard-expires;
 receive state survives the change of the SA table; the interop vectors still decrypt."""
+
 import json
 import struct
 from pathlib import Path
@@ -22,22 +23,41 @@ A, B = "192.0.2.1", "192.0.2.2"
 
 
 def _sa(name, spi, key, src, dst, **kw):
-    return dict(name=name, spi=spi, key=key * 16, salt="0a0b0c0d", tunnel_src=src,
-                tunnel_dst=dst, **kw)
+    return dict(name=name, spi=spi, key=key * 16, salt="0a0b0c0d", tunnel_src=src, tunnel_dst=dst, **kw)
 
 
-DOC = {"sas": [_sa("a2b", 0x100, "11", A, B), _sa("b2a", 0x200, "22", B, A)],
-       "policies": [{"src": "10.1.0.0/16", "dst": "10.2.0.0/16", "sa": "a2b"},
-                    {"src": "10.2.0.0/16", "dst": "10.1.0.0/16", "sa": "b2a"}]}
+DOC = {
+    "sas": [_sa("a2b", 0x100, "11", A, B), _sa("b2a", 0x200, "22", B, A)],
+    "policies": [
+        {"src": "10.1.0.0/16", "dst": "10.2.0.0/16", "sa": "a2b"},
+        {"src": "10.2.0.0/16", "dst": "10.1.0.0/16", "sa": "b2a"},
+    ],
+}
 CFG = parse_config(DOC)
-NEW = {"a2b": parse_sa(_sa("a2b-2", 0x101, "33", A, B), 0),
-       "b2a": parse_sa(_sa("b2a-2", 0x201, "44", B, A), 1)}
+NEW = {
+    "a2b": parse_sa(_sa("a2b-2", 0x101, "33", A, B), 0),
+    "b2a": parse_sa(_sa("b2a-2", 0x201, "44", B, A), 1),
+}
 
 
 def _ip4(src, dst, k=0):
     payload = bytes([k]) * 12
-    return struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(payload), k, 0, 64, 17, 0,
-                       bytes(map(int, src.split("."))), bytes(map(int, dst.split(".")))) + payload
+    return (
+        struct.pack(
+            "!BBHHHBBH4s4s",
+            0x45,
+            0,
+            20 + len(payload),
+            k,
+            0,
+            64,
+            17,
+            0,
+            bytes(map(int, src.split("."))),
+            bytes(map(int, dst.split("."))),
+        )
+        + payload
+    )
 
 
 def _a_out(k):
@@ -62,7 +82,7 @@ def test_rekey_overlap_both_directions(backend):
     a_old = list(ga.encrypt_batch(_b([_a_out(k) for k in range(4)])).packets())
     b_old = list(gb.encrypt_batch(_b([_b_out(k) for k in range(4)])).packets())
     assert {_spi(p) for p in a_old} == {0x100} and {_spi(p) for p in b_old} == {0x200}
-    assert gb.decrypt_batch(_b(a_old[:2]))[1].tolist() == [0, 0]       # two still in flight
+    assert gb.decrypt_batch(_b(a_old[:2]))[1].tolist() == [0, 0]  # two still in flight
     assert ga.decrypt_batch(_b(b_old[:2]))[1].tolist() == [0, 0]
     ga.rekey(NEW, now=5 * S)
     gb.rekey(NEW, now=5 * S)
@@ -73,7 +93,7 @@ def test_rekey_overlap_both_directions(backend):
     assert {_spi(p) for p in a_new} == {0x101} and {_spi(p) for p in b_new} == {0x201}
     forced = next(ga.encrypt_batch(_b([_a_out(9)]), sa="a2b").packets())
     assert _spi(forced) == 0x101
-    assert struct.unpack_from("!I", a_new[0], 24)[0] == 1          # the new SA counts from 1
+    assert struct.unpack_from("!I", a_new[0], 24)[0] == 1  # the new SA counts from 1
     # inbound takes both during the overlap, interleaved in one batch
     mix = [a_old[2], a_new[0], a_old[3], a_new[1], a_new[2], a_new[3]]
     dec, r = gb.decrypt_batch(_b(mix))
@@ -94,8 +114,7 @@ def test_rekey_overlap_both_directions(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_old_sa_hard_expires_during_the_overlap(backend):
-    doc = {"sas": [dict(s, lifetime={"hard_seconds": 60}) for s in DOC["sas"]],
-           "policies": DOC["policies"]}
+    doc = {"sas": [dict(s, lifetime={"hard_seconds": 60}) for s in DOC["sas"]], "policies": DOC["policies"]}
     ga, gb = EspGateway(parse_config(doc), backend, now=0), EspGateway(parse_config(doc), backend, now=0)
     old = list(ga.encrypt_batch(_b([_a_out(k) for k in range(3)], 10 * S)).packets())
     ga.rekey(NEW, now=50 * S)
@@ -109,8 +128,10 @@ def test_old_sa_hard_expires_during_the_overlap(backend):
     assert [(e.kind, e.sa) for e in gb.events] == [("hard", "a2b")]
     # the sender has moved on: its old SA's expiry costs no traffic
     assert ga.encrypt_batch(_b([_a_out(5)], 70 * S), return_reasons=True)[1].tolist() == [0]
-    assert [(e.kind, e.sa, e.direction) for e in ga.expire(70 * S)] == \
-        [("hard", "a2b", "clock"), ("hard", "b2a", "clock")]
+    assert [(e.kind, e.sa, e.direction) for e in ga.expire(70 * S)] == [
+        ("hard", "a2b", "clock"),
+        ("hard", "b2a", "clock"),
+    ]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -179,8 +200,7 @@ def test_vectors_still_decrypt_across_a_rekey_that_widens_the_window(backend):
     first, second = batch.slice(0, 18), batch.slice(18, 36)
     assert gw.decrypt_batch(first)[1].tolist() == [0] * 18
     words = gw.rx_bitmap.shape[1]
-    gw.rekey({"sa0": parse_sa(_sa("sa0-new", 0x7777, "66", "192.0.2.1", "192.0.2.2",
-                                  replay_window=4096), 0)})
+    gw.rekey({"sa0": parse_sa(_sa("sa0-new", 0x7777, "66", "192.0.2.1", "192.0.2.2", replay_window=4096), 0)})
     assert gw.rx_bitmap.shape[1] == 64 > words
     out, r = gw.decrypt_batch(second)
     assert r.tolist() == [0] * 18
@@ -193,6 +213,7 @@ def test_vectors_still_decrypt_across_a_rekey_that_widens_the_window(backend):
 
 def test_window_bits_survive_a_remap():
     from microseg.ipsec.gateway import _remap_bitmap
+
     rng = np.random.default_rng(3)
     for window in (1, 64, 100, 1000):
         words = -(-window // 64)
@@ -204,6 +225,9 @@ def test_window_bits_survive_a_remap():
             row[b >> 6] |= np.uint64(1 << (b & 63))
         for new_words in (words, words + 1, 64):
             new = _remap_bitmap(row, top, window, new_words)
-            got = {top - d for d in range(window)
-                   if (int(new[((top - d) % (new_words * 64)) >> 6]) >> ((top - d) % 64)) & 1}
+            got = {
+                top - d
+                for d in range(window)
+                if (int(new[((top - d) % (new_words * 64)) >> 6]) >> ((top - d) % 64)) & 1
+            }
             assert got == seen

@@ -1,6 +1,7 @@
 """ESN re-synchronisation (RFC 4303 Appendix A3): after a configured number of consecutive
 authentication failures the receiver retries a packet with the next high-order values and
 commits one only if the packet authenticates; forged and old packets never move it."""
+
 import struct
 
 import pytest
@@ -12,16 +13,38 @@ from microseg.ipsec.sa import parse_config
 from microseg.packet.batch import LINK_RAW, Batch
 
 BACKENDS = ["cryptography"] + (["evp"] if evp.AVAILABLE else [])
-ESN = {"name": "e", "spi": 0x3003, "key": "22" * 16, "salt": "b1b2b3b4", "tunnel_src": "192.0.2.1",
-       "tunnel_dst": "192.0.2.2", "esn": True, "replay_window": 64}
+ESN = {
+    "name": "e",
+    "spi": 0x3003,
+    "key": "22" * 16,
+    "salt": "b1b2b3b4",
+    "tunnel_src": "192.0.2.1",
+    "tunnel_dst": "192.0.2.2",
+    "esn": True,
+    "replay_window": 64,
+}
 BAD, OK, REPLAY = esp.BAD_ICV, esp.OK, esp.REPLAY
-TOP = (4 << 32) + 1000          # the receiver: high half 4, low half 1000
+TOP = (4 << 32) + 1000  # the receiver: high half 4, low half 1000
 
 
 def _inner(k):
     payload = struct.pack("!I", k) * 4
-    return struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(payload), k & 0xFFFF, 0, 64, 17, 0,
-                       bytes([10, 1, 0, 1]), bytes([10, 2, 0, 1])) + payload
+    return (
+        struct.pack(
+            "!BBHHHBBH4s4s",
+            0x45,
+            0,
+            20 + len(payload),
+            k & 0xFFFF,
+            0,
+            64,
+            17,
+            0,
+            bytes([10, 1, 0, 1]),
+            bytes([10, 2, 0, 1]),
+        )
+        + payload
+    )
 
 
 def _sender(seq_next):
@@ -30,8 +53,10 @@ def _sender(seq_next):
     gw.tx_seq[0] = seq_next - 1
 
     def send(ks):
-        return list(gw.encrypt_batch(Batch.from_packets([_inner(k) for k in ks], linktype=LINK_RAW),
-                                     sa=0).packets())
+        return list(
+            gw.encrypt_batch(Batch.from_packets([_inner(k) for k in ks], linktype=LINK_RAW), sa=0).packets()
+        )
+
     return send
 
 
@@ -47,7 +72,7 @@ def _feed(gw, ref, pkts, per_batch=None):
     got, inner = [], []
     step = per_batch or max(1, len(pkts))
     for i in range(0, len(pkts), step):
-        out, r = gw.decrypt_batch(Batch.from_packets(pkts[i:i + step], linktype=LINK_RAW))
+        out, r = gw.decrypt_batch(Batch.from_packets(pkts[i : i + step], linktype=LINK_RAW))
         got += r.tolist()
         inner += list(out.packets())
     want = [ref.decrypt(p, LINK_RAW) for p in pkts]
@@ -77,10 +102,10 @@ def test_resync_after_a_burst_of_2_32_lost_packets(backend, per_batch):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_resync_tries_successive_high_halves(backend):
-    pkts = _sender((6 << 32) + 2000)(range(7))        # two high halves ahead
+    pkts = _sender((6 << 32) + 2000)(range(7))  # two high halves ahead
     gw, ref = _receivers(backend, tries=1)
     assert _feed(gw, ref, pkts)[0] == [BAD] * 7
-    assert gw.resync_counts == {"attempts": 2, "resynchronised": 0}   # 3rd and 6th packets
+    assert gw.resync_counts == {"attempts": 2, "resynchronised": 0}  # 3rd and 6th packets
     assert int(gw.rx_top[0]) == TOP
     gw, ref = _receivers(backend, tries=2)
     assert _feed(gw, ref, pkts)[0] == [BAD, BAD, OK, OK, OK, OK, OK]
@@ -92,7 +117,7 @@ def test_forged_packet_at_the_trigger_does_not_resync(backend):
     send = _sender((5 << 32) + 2000)
     genuine = send(range(8))
     forged = bytearray(genuine[2])
-    forged[-1] ^= 0x40                       # the third failure is a forgery (bad ICV)
+    forged[-1] ^= 0x40  # the third failure is a forgery (bad ICV)
     stream = genuine[:2] + [bytes(forged)] + genuine[3:]
     gw, ref = _receivers(backend)
     got, inner = _feed(gw, ref, stream)
@@ -108,8 +133,22 @@ def test_forgeries_alone_never_move_the_window(backend):
     junk = []
     for k in range(12):
         body = struct.pack("!II", ESN["spi"], 1500 + k) + bytes(range(k, k + 48))
-        junk.append(struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(body), 1, 0, 64, 50, 0,
-                                bytes([192, 0, 2, 1]), bytes([192, 0, 2, 2])) + body)
+        junk.append(
+            struct.pack(
+                "!BBHHHBBH4s4s",
+                0x45,
+                0,
+                20 + len(body),
+                1,
+                0,
+                64,
+                50,
+                0,
+                bytes([192, 0, 2, 1]),
+                bytes([192, 0, 2, 2]),
+            )
+            + body
+        )
     junk = [_fix_csum(p) for p in junk]
     gw, ref = _receivers(backend, after=2, tries=4)
     assert _feed(gw, ref, junk, per_batch=5)[0] == [BAD] * 12
@@ -151,13 +190,20 @@ def test_without_resync_the_burst_keeps_failing(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_resync_in_a_mixed_batch_with_details(backend):
     """Packets of another SA around the re-synchronised one: all in order, details aligned."""
-    other = {"name": "o", "spi": 0x4004, "key": "33" * 16, "salt": "c1c2c3c4",
-             "tunnel_src": "192.0.2.1", "tunnel_dst": "192.0.2.2"}
+    other = {
+        "name": "o",
+        "spi": 0x4004,
+        "key": "33" * 16,
+        "salt": "c1c2c3c4",
+        "tunnel_src": "192.0.2.1",
+        "tunnel_dst": "192.0.2.2",
+    }
     cfg = parse_config({"sas": [dict(ESN, esn_resync={"after": 2}), other]})
     tx = EspGateway(parse_config({"sas": [ESN, other]}))
     tx.tx_seq[0] = (5 << 32) + 1999
-    mk = lambda ks, sa: list(tx.encrypt_batch(Batch.from_packets([_inner(k) for k in ks],
-                                                                 linktype=LINK_RAW), sa=sa).packets())
+    mk = lambda ks, sa: list(
+        tx.encrypt_batch(Batch.from_packets([_inner(k) for k in ks], linktype=LINK_RAW), sa=sa).packets()
+    )
     e, o = mk(range(4), 0), mk(range(10, 14), 1)
     stream = [o[0], e[0], o[1], e[1], o[2], e[2], e[3], o[3]]
     gw = EspGateway(cfg, backend)

@@ -1,5 +1,6 @@
 """ESP against outside answers: scapy/Wireshark-made esp.pcap, its negative cases, and the
 known answers of draft-mcgrew-gcm-test-01 (tests/vectors/ipsec/gcm_test_01.json)."""
+
 import json
 import struct
 from pathlib import Path
@@ -7,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from microseg.io.pcap import read_capture
 from microseg.errors import InputError
+from microseg.io.pcap import read_capture
 from microseg.ipsec import esp, evp
 from microseg.ipsec.gateway import EspGateway
 from microseg.ipsec.sa import load_config, parse_config
@@ -24,11 +25,11 @@ def test_evp_backend_present_on_linux():
     # The fast path is the default wherever a libcrypto exists (on Linux, Python's own ssl
     # module links one); say so loudly if it went missing.
     import sys
+
     if sys.platform.startswith("linux"):
         assert evp.AVAILABLE, evp.REASON
     assert evp.AVAILABLE or evp.REASON
-    assert EspGateway(load_config(V / "vectors.json")).backend == ("evp" if evp.AVAILABLE
-                                                                  else "cryptography")
+    assert EspGateway(load_config(V / "vectors.json")).backend == ("evp" if evp.AVAILABLE else "cryptography")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -43,7 +44,7 @@ def test_esp_pcap_decrypts_exactly(backend):
         frame = out.packet(i)
         inner = bytes.fromhex(p["inner_hex"])
         assert frame[14:] == inner, i
-        assert frame[:12] == batch.packet(i)[:12]                      # MACs kept
+        assert frame[:12] == batch.packet(i)[:12]  # MACs kept
         assert frame[12:14] == (b"\x08\x00" if p["next_header"] == 4 else b"\x86\xdd")
         assert int(info["seq"][i]) == p["seq"]
         assert info["iv"][i].tobytes().hex() == p["iv"]
@@ -61,27 +62,50 @@ def test_esp_negative_cases_dropped_for_their_reason(backend):
     good = read_capture(V / "esp.pcap").slice(0, 1)
     names = [n["name"] for n in VEC["negative"]]
     assert names == ["tampered_icv", "replayed_sequence", "unknown_spi", "truncated"]
-    out, r = gw.decrypt_batch(neg.slice(0, 1))            # tampered ICV, before anything else
+    out, r = gw.decrypt_batch(neg.slice(0, 1))  # tampered ICV, before anything else
     assert r.tolist() == [esp.BAD_ICV] and len(out) == 0
-    out, r = gw.decrypt_batch(good)                       # frame 0 is fine (the tamper left no trace)
+    out, r = gw.decrypt_batch(good)  # frame 0 is fine (the tamper left no trace)
     assert r.tolist() == [esp.OK]
-    out, r = gw.decrypt_batch(neg.slice(1, 4))            # replay, unknown SPI, truncated
+    out, r = gw.decrypt_batch(neg.slice(1, 4))  # replay, unknown SPI, truncated
     assert r.tolist() == [esp.REPLAY, esp.UNKNOWN_SPI, esp.MALFORMED] and len(out) == 0
-    assert gw.drop_counts()["decrypt"] == {"bad_icv": 1, "replay": 1, "unknown_spi": 1,
-                                           "malformed": 1}
+    assert gw.drop_counts()["decrypt"] == {"bad_icv": 1, "replay": 1, "unknown_spi": 1, "malformed": 1}
 
 
 def _kat_gateway(case, backend, window=64):
     key = case["key"]
-    doc = {"sas": [{"name": f"p{case['page']}", "spi": int(case["spi"], 16) or 256, "key": key,
-                    "salt": case["nonce"][:8], "tunnel_src": "192.0.2.1",
-                    "tunnel_dst": "192.0.2.2", "esn": case["esn"], "replay_window": window}]}
+    doc = {
+        "sas": [
+            {
+                "name": f"p{case['page']}",
+                "spi": int(case["spi"], 16) or 256,
+                "key": key,
+                "salt": case["nonce"][:8],
+                "tunnel_src": "192.0.2.1",
+                "tunnel_dst": "192.0.2.2",
+                "esn": case["esn"],
+                "replay_window": window,
+            }
+        ]
+    }
     return EspGateway(parse_config(doc), backend)
 
 
 def _outer(esp_bytes):
-    hdr = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(esp_bytes), 1, 0, 64, 50, 0,
-                                bytes([192, 0, 2, 1]), bytes([192, 0, 2, 2])))
+    hdr = bytearray(
+        struct.pack(
+            "!BBHHHBBH4s4s",
+            0x45,
+            0,
+            20 + len(esp_bytes),
+            1,
+            0,
+            64,
+            50,
+            0,
+            bytes([192, 0, 2, 1]),
+            bytes([192, 0, 2, 2]),
+        )
+    )
     s = sum(struct.unpack("!10H", bytes(hdr)))
     s = (s & 0xFFFF) + (s >> 16)
     hdr[10:12] = struct.pack("!H", ~s & 0xFFFF)
@@ -92,11 +116,11 @@ def test_kat_file_names_its_source_and_only_gcm_cases():
     assert "draft-mcgrew-gcm-test-01" in KAT["source"]
     assert len(KAT["cases"]) == 16
     for c in KAT["cases"]:
-        assert len(bytes.fromhex(c["nonce"])) == 12            # 4-byte salt + 8-byte IV
+        assert len(bytes.fromhex(c["nonce"])) == 12  # 4-byte salt + 8-byte IV
         assert len(bytes.fromhex(c["key"])) in (16, 24, 32)
         pkt = bytes.fromhex(c["packet"])
-        assert pkt[8:16] == bytes.fromhex(c["nonce"])[4:]      # IV carried explicitly, 8 bytes
-        assert len(pkt) == 16 + len(bytes.fromhex(c["plaintext"])) + 16   # 16-byte ICV
+        assert pkt[8:16] == bytes.fromhex(c["nonce"])[4:]  # IV carried explicitly, 8 bytes
+        assert len(pkt) == 16 + len(bytes.fromhex(c["plaintext"])) + 16  # 16-byte ICV
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -106,14 +130,24 @@ def test_kat_decrypt(case, backend):
         # SPI 0 is reserved (RFC 4303 2.1): no SA may use it, so no packet with it is accepted;
         # this case's crypto is checked by test_kat_seal
         with pytest.raises(InputError, match="spi"):
-            parse_config({"sas": [{"spi": int(case["spi"], 16), "key": case["key"],
-                                   "salt": case["nonce"][:8], "tunnel_src": "192.0.2.1",
-                                   "tunnel_dst": "192.0.2.2"}]})
+            parse_config(
+                {
+                    "sas": [
+                        {
+                            "spi": int(case["spi"], 16),
+                            "key": case["key"],
+                            "salt": case["nonce"][:8],
+                            "tunnel_src": "192.0.2.1",
+                            "tunnel_dst": "192.0.2.2",
+                        }
+                    ]
+                }
+            )
         return
     gw = _kat_gateway(case, backend)
     seq = int(case["seq"], 16)
     if case["esn"]:
-        gw.rx_top[0] = seq - 1      # receiver state just before this packet: the high half is inferred
+        gw.rx_top[0] = seq - 1  # receiver state just before this packet: the high half is inferred
     pkt = bytes.fromhex(case["packet"])
     b = Batch.from_packets([_outer(pkt)], linktype=LINK_RAW)
     _, reason, info = gw.decrypt_batch(b, details=True)
@@ -151,29 +185,55 @@ def test_kat_seal(case, backend):
         gw.iv_base[0] = (iv - seq) % 2**64
         inner = bytearray(L)
         inner[0], inner[2:4] = 0x45, struct.pack("!H", L)
-        res = esp.encap_prepare(np.frombuffer(bytes(inner), np.uint8).copy(),
-                                np.zeros(1, np.int64), np.array([L], np.int32), LINK_RAW, 0,
-                                gw.pol_src, gw.pol_smask, gw.pol_dst, gw.pol_dmask, gw.pol_proto,
-                                gw.pol_action, gw.pol_sa, gw.sa_spi, gw.sa_ver, gw.sa_esn,
-                                gw.sa_salt, gw.sa_src, gw.sa_dst, gw.sa_limits, gw.tx_seq,
-                                gw.iv_base, gw.life, gw.dead)
+        res = esp.encap_prepare(
+            np.frombuffer(bytes(inner), np.uint8).copy(),
+            np.zeros(1, np.int64),
+            np.array([L], np.int32),
+            LINK_RAW,
+            0,
+            gw.pol_src,
+            gw.pol_smask,
+            gw.pol_dst,
+            gw.pol_dmask,
+            gw.pol_proto,
+            gw.pol_action,
+            gw.pol_sa,
+            gw.sa_spi,
+            gw.sa_ver,
+            gw.sa_esn,
+            gw.sa_salt,
+            gw.sa_src,
+            gw.sa_dst,
+            gw.sa_limits,
+            gw.tx_seq,
+            gw.iv_base,
+            gw.life,
+            gw.dead,
+        )
         out, out_off, out_len, reason, sa_of, nonce, aad, aad_len, enc_off, enc_len = res
         assert reason[0] == esp.OK
         assert nonce[0].tobytes().hex() == case["nonce"]
-        assert aad[0, :aad_len[0]].tobytes().hex() == case["aad"]
-        assert int(enc_len[0]) == len(plain)                   # same (minimal) padding
+        assert aad[0, : aad_len[0]].tobytes().hex() == case["aad"]
+        assert int(enc_len[0]) == len(plain)  # same (minimal) padding
         e = int(enc_off[0])
-        assert out[e + L:e + len(plain) - 1].tobytes() == plain[L:-1]   # pad bytes, pad length
-        out[e:e + len(plain)] = np.frombuffer(plain, np.uint8)
+        assert out[e + L : e + len(plain) - 1].tobytes() == plain[L:-1]  # pad bytes, pad length
+        out[e : e + len(plain)] = np.frombuffer(plain, np.uint8)
         gw._seal(out, sa_of, nonce, aad, aad_len, enc_off, enc_len)
-        assert out[e - 16:e + len(plain) + 16].tobytes().hex() == case["packet"]
+        assert out[e - 16 : e + len(plain) + 16].tobytes().hex() == case["packet"]
     # the AEAD pass alone, fed the draft's own nonce and AAD
     a = bytes.fromhex(case["aad"])
     out = np.zeros(len(plain) + 16, np.uint8)
-    out[:len(plain)] = np.frombuffer(plain, np.uint8)
+    out[: len(plain)] = np.frombuffer(plain, np.uint8)
     nonce = np.frombuffer(bytes.fromhex(case["nonce"]), np.uint8).reshape(1, 12).copy()
     aad = np.zeros((1, 12), np.uint8)
-    aad[0, :len(a)] = np.frombuffer(a, np.uint8)
-    gw._seal(out, np.zeros(1, np.int64), nonce, aad, np.array([len(a)], np.int64),
-             np.zeros(1, np.int64), np.array([len(plain)], np.int64))
+    aad[0, : len(a)] = np.frombuffer(a, np.uint8)
+    gw._seal(
+        out,
+        np.zeros(1, np.int64),
+        nonce,
+        aad,
+        np.array([len(a)], np.int64),
+        np.zeros(1, np.int64),
+        np.array([len(plain)], np.int64),
+    )
     assert out.tobytes().hex() == case["ctext_tag"]

@@ -16,6 +16,7 @@ batch (``Datapath.process``). The tests at the end check the harness itself: the
 are well formed, and probes run through today's tenant-per-namespace format give the answers
 that format defines.
 """
+
 from __future__ import annotations
 
 import functools
@@ -47,7 +48,7 @@ EXPECT = {"allowed": True, "denied": False}
 PROBE_KEYS = {"id", "from", "to", "protocol", "port", "expect", "why"}
 FILE_KEYS = {"scenario", "cluster", "source", "probes"}
 ADMIN_KINDS = {"AdminNetworkPolicy", "BaselineAdminNetworkPolicy"}
-SPORT = 40000                       # source port of a scenario's first probe (+1 per probe)
+SPORT = 40000  # source port of a scenario's first probe (+1 per probe)
 
 
 # ---- data ---------------------------------------------------------------------------------------
@@ -95,7 +96,7 @@ class Cluster:
         self.vni = int(tenant["vni"])
         self.namespaces = {n["name"]: n for n in tenant.get("namespaces", [])}
         self.hosts = {h["name"]: h["address"] for h in self.raw["hosts"]}
-        self.gateway = self.raw["hosts"][0]["address"]        # tunnel end of outside traffic
+        self.gateway = self.raw["hosts"][0]["address"]  # tunnel end of outside traffic
         self.pods = {}
         for w in self.raw["workloads"]:
             addr = w["ipv4"][0] if isinstance(w["ipv4"], list) else w["ipv4"]
@@ -153,8 +154,10 @@ def probe_keys(c: Cluster, probe: dict, sport: int = SPORT):
 
 
 def describe(probe: dict) -> str:
-    return (f"{probe['from']} -> {probe['to']} {probe['protocol']}/{probe['port']}: expected "
-            f"{probe['expect']} ({probe['why'].strip()})")
+    return (
+        f"{probe['from']} -> {probe['to']} {probe['protocol']}/{probe['port']}: expected "
+        f"{probe['expect']} ({probe['why'].strip()})"
+    )
 
 
 def outcome(verdict: int, reason: int) -> str:
@@ -179,8 +182,10 @@ def test_probe(probes_path, index):
     c = cluster(path)
     want = EXPECT[probe["expect"]]
     cv, cr, rv, rr = judge(path, c, probe, SPORT + index)
-    msg = (f"{doc['scenario']}:{probe['id']}: {describe(probe)}; compiled policy: "
-           f"{outcome(cv, cr)}, reference: {outcome(rv, rr)}")
+    msg = (
+        f"{doc['scenario']}:{probe['id']}: {describe(probe)}; compiled policy: "
+        f"{outcome(cv, cr)}, reference: {outcome(rv, rr)}"
+    )
     assert (cv == V.ALLOW) == want and (rv == V.ALLOW) == want, msg
 
 
@@ -193,13 +198,23 @@ def test_datapath_end_to_end(probes_path):
     compiled, _ = judges(path)
     frames = [probe_frame(c, p, SPORT + i) for i, p in enumerate(doc["probes"])]
     ts = [1_000_000_000 + 1000 * i for i in range(len(frames))]
-    dp = Datapath(compiled, DatapathConfig(batch_size=64, conntrack_capacity=1 << 12,
-                                           emc_entries=1 << 10, megaflow_entries=1 << 10,
-                                           offload=False, offload_capacity=1 << 10))
+    dp = Datapath(
+        compiled,
+        DatapathConfig(
+            batch_size=64,
+            conntrack_capacity=1 << 12,
+            emc_entries=1 << 10,
+            megaflow_entries=1 << 10,
+            offload=False,
+            offload_capacity=1 << 10,
+        ),
+    )
     res = dp.process(Batch.from_packets(frames, ts=ts))
-    wrong = [f"{p['id']}: {describe(p)}; datapath: {outcome(res.verdict[i], res.reason[i])}"
-             for i, p in enumerate(doc["probes"])
-             if (int(res.verdict[i]) == V.ALLOW) != EXPECT[p["expect"]]]
+    wrong = [
+        f"{p['id']}: {describe(p)}; datapath: {outcome(res.verdict[i], res.reason[i])}"
+        for i, p in enumerate(doc["probes"])
+        if (int(res.verdict[i]) == V.ALLOW) != EXPECT[p["expect"]]
+    ]
     assert not wrong, f"{doc['scenario']}: " + "; ".join(wrong)
     assert np.all((res.ct & ctstate.STATE_MASK) == ctstate.NEW), "every probe opens a connection"
 
@@ -263,8 +278,7 @@ def test_vector_files_are_well_formed():
                     assert e in c.pods, f"{where}: {probe['id']}: no pod {e}"
                 else:
                     assert str(ipaddress.ip_address(e)) not in addrs
-    copied = {os.path.normpath(p) for d in SOURCE_DIRS
-              for p in glob.glob(os.path.join(K8S, d, "*.yaml"))}
+    copied = {os.path.normpath(p) for d in SOURCE_DIRS for p in glob.glob(os.path.join(K8S, d, "*.yaml"))}
     assert copied == listed, f"README listings and copied files differ: {sorted(copied ^ listed)}"
     assert copied == used, f"copied but unused: {sorted(copied - used)}"
 
@@ -282,9 +296,12 @@ def _selector_matches(sel, labels: dict) -> bool:
     for e in sel.get("matchExpressions") or ():
         present, vals = e["key"] in labels, [str(v) for v in e.get("values") or ()]
         op = e["operator"]
-        if (op == "In" and not (present and labels[e["key"]] in vals)) or \
-                (op == "NotIn" and present and labels[e["key"]] in vals) or \
-                (op == "Exists" and not present) or (op == "DoesNotExist" and present):
+        if (
+            (op == "In" and not (present and labels[e["key"]] in vals))
+            or (op == "NotIn" and present and labels[e["key"]] in vals)
+            or (op == "Exists" and not present)
+            or (op == "DoesNotExist" and present)
+        ):
             return False
     return True
 
@@ -296,8 +313,11 @@ def _ingress_selected(c: Cluster, pod: str) -> bool:
             spec = d.get("spec") or {}
             types = spec.get("policyTypes") or ["Ingress"]
             ns = d["metadata"].get("namespace", entry.get("namespace"))
-            if "Ingress" in types and ns == w["namespace"] and \
-                    _selector_matches(spec.get("podSelector"), w.get("labels") or {}):
+            if (
+                "Ingress" in types
+                and ns == w["namespace"]
+                and _selector_matches(spec.get("podSelector"), w.get("labels") or {})
+            ):
                 return True
     return False
 
@@ -310,18 +330,25 @@ def _todays_format(c: Cluster):
     (tenant,) = c.raw["tenants"]
     if "isolation" in tenant or any("isolation" in n for n in c.namespaces.values()):
         return None
-    if any(d["metadata"].get("namespace", "default") != "default" for d in docs) or \
-            any(e.get("namespace", "default") != "default" for e, _ in c.policy_documents()):
+    if any(d["metadata"].get("namespace", "default") != "default" for d in docs) or any(
+        e.get("namespace", "default") != "default" for e, _ in c.policy_documents()
+    ):
         return None
     raw = c.raw
     labels = c.namespaces["default"].get("labels") or {}
-    workloads = [{k: v for k, v in w.items() if k not in ("namespace", "named_ports")}
-                 | {"tenant": "default"} for w in raw["workloads"] if w["namespace"] == "default"]
-    out = {"version": 1, "tenants": [{"name": "default", "vni": c.vni, "labels": labels}],
-           "hosts": raw["hosts"], "workloads": workloads,
-           "network_policies": [{"file": e["file"], "namespace": "default"}
-                                for e in raw["network_policies"]],
-           "default_egress": raw.get("default_egress", "deny")}
+    workloads = [
+        {k: v for k, v in w.items() if k not in ("namespace", "named_ports")} | {"tenant": "default"}
+        for w in raw["workloads"]
+        if w["namespace"] == "default"
+    ]
+    out = {
+        "version": 1,
+        "tenants": [{"name": "default", "vni": c.vni, "labels": labels}],
+        "hosts": raw["hosts"],
+        "workloads": workloads,
+        "network_policies": [{"file": e["file"], "namespace": "default"} for e in raw["network_policies"]],
+        "default_egress": raw.get("default_egress", "deny"),
+    }
     return parse_policy(yaml.safe_dump(out), c.path, os.path.dirname(c.path))
 
 
@@ -354,9 +381,11 @@ def test_harness_on_todays_format(probes_path, index):
     dst_pod = "/" in probe["to"]
     want = EXPECT[probe["expect"]] if not dst_pod or _ingress_selected(c, probe["to"]) else False
     today = "as expected" if want == EXPECT[probe["expect"]] else "denied: no policy selects it"
-    msg = (f"{doc['scenario']}:{probe['id']} in today's format: {describe(probe)} "
-           f"(today: {today}); compiled policy: {outcome(verdict[0], reason[0])}, "
-           f"reference: {outcome(d.verdict, d.reason)}")
+    msg = (
+        f"{doc['scenario']}:{probe['id']} in today's format: {describe(probe)} "
+        f"(today: {today}); compiled policy: {outcome(verdict[0], reason[0])}, "
+        f"reference: {outcome(d.verdict, d.reason)}"
+    )
     assert (int(verdict[0]) == V.ALLOW) == want and (d.verdict == V.ALLOW) == want, msg
 
 

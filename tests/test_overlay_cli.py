@@ -1,4 +1,5 @@
 """`microseg encap` / `microseg decap` verbs: round trip through files, reports, bad input."""
+
 import json
 
 import pytest
@@ -6,10 +7,9 @@ from scapy.all import IP, UDP, Ether, Raw, rdpcap, wrpcap
 from scapy.layers.vxlan import VXLAN
 
 from microseg.cli import main
-from microseg.io.pcap import read_capture
+from microseg.io.pcap import read_capture, write_pcap
 from microseg.packet import build as B
 from microseg.packet.batch import Batch
-from microseg.io.pcap import write_pcap
 
 
 @pytest.fixture
@@ -24,14 +24,30 @@ def capture(tmp_path):
 def test_encap_then_decap(tmp_path, capture, capsys, kind):
     src, pk = capture
     enc, dec = tmp_path / "enc.pcap", tmp_path / "dec.pcap"
-    assert main(["encap", "--type", kind, "--vni", "4242", "--local", "2001:db8::1",
-                 "--remote", "2001:db8::2", str(src), "-w", str(enc)]) == 0
+    assert (
+        main(
+            [
+                "encap",
+                "--type",
+                kind,
+                "--vni",
+                "4242",
+                "--local",
+                "2001:db8::1",
+                "--remote",
+                "2001:db8::2",
+                str(src),
+                "-w",
+                str(enc),
+            ]
+        )
+        == 0
+    )
     assert "encapsulated 30 packets" in capsys.readouterr().out
     assert len(rdpcap(str(enc))) == 30
     assert main(["decap", str(enc), "-w", str(dec), "--json"]) == 0
     rep = json.loads(capsys.readouterr().out)
-    assert rep == {"packets": 30, "decapsulated": 30, "tenants": {"4242": 30},
-                   "not_decapsulated": {}}
+    assert rep == {"packets": 30, "decapsulated": 30, "tenants": {"4242": 30}, "not_decapsulated": {}}
     back = read_capture(dec)
     assert list(back.packets()) == pk
     assert back.ts.tolist() == [i * 10**6 for i in range(30)]
@@ -39,10 +55,32 @@ def test_encap_then_decap(tmp_path, capture, capsys, kind):
 
 def test_decap_counts_tenants_and_rejects(tmp_path, capsys):
     inner = Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / IP() / UDP() / Raw(b"z")
-    pkts = ([Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / IP() / UDP(dport=4789) / VXLAN(vni=7) / inner] * 3
-            + [Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / IP() / UDP(dport=4789) / VXLAN(vni=8) / inner] * 2
-            + [Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / IP() / UDP(dport=53)] * 4
-            + [Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / IP() / UDP(dport=4789) / VXLAN(vni=9, flags=0) / inner])
+    pkts = (
+        [
+            Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
+            / IP()
+            / UDP(dport=4789)
+            / VXLAN(vni=7)
+            / inner
+        ]
+        * 3
+        + [
+            Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
+            / IP()
+            / UDP(dport=4789)
+            / VXLAN(vni=8)
+            / inner
+        ]
+        * 2
+        + [Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / IP() / UDP(dport=53)] * 4
+        + [
+            Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
+            / IP()
+            / UDP(dport=4789)
+            / VXLAN(vni=9, flags=0)
+            / inner
+        ]
+    )
     wrpcap(str(tmp_path / "t.pcap"), pkts)
     assert main(["decap", str(tmp_path / "t.pcap"), "-w", str(tmp_path / "o.pcap")]) == 0
     out = capsys.readouterr().out
@@ -53,20 +91,74 @@ def test_decap_counts_tenants_and_rejects(tmp_path, capsys):
     assert [bytes(p) for p in rdpcap(str(tmp_path / "o.pcap"))] == [bytes(inner)] * 5
 
 
-@pytest.mark.parametrize("argv,msg", [
-    (["decap", "{bad}", "-w", "{out}"], "not a pcap"),
-    (["decap", "{missing}", "-w", "{out}"], "cannot read"),
-    (["encap", "--type", "vxlan", "--vni", "16777216", "--local", "1.1.1.1", "--remote",
-      "2.2.2.2", "{good}", "-w", "{out}"], "--vni"),
-    (["encap", "--type", "nvgre", "--vni", "1", "--local", "1.1.1.1", "--remote", "zzz",
-      "{good}", "-w", "{out}"], "address"),
-    (["encap", "--type", "vxlan", "--vni", "1", "--local", "1.1.1.1", "--remote", "2.2.2.2",
-      "--local-mac", "nope", "{good}", "-w", "{out}"], "MAC"),
-])
+@pytest.mark.parametrize(
+    "argv,msg",
+    [
+        (["decap", "{bad}", "-w", "{out}"], "not a pcap"),
+        (["decap", "{missing}", "-w", "{out}"], "cannot read"),
+        (
+            [
+                "encap",
+                "--type",
+                "vxlan",
+                "--vni",
+                "16777216",
+                "--local",
+                "1.1.1.1",
+                "--remote",
+                "2.2.2.2",
+                "{good}",
+                "-w",
+                "{out}",
+            ],
+            "--vni",
+        ),
+        (
+            [
+                "encap",
+                "--type",
+                "nvgre",
+                "--vni",
+                "1",
+                "--local",
+                "1.1.1.1",
+                "--remote",
+                "zzz",
+                "{good}",
+                "-w",
+                "{out}",
+            ],
+            "address",
+        ),
+        (
+            [
+                "encap",
+                "--type",
+                "vxlan",
+                "--vni",
+                "1",
+                "--local",
+                "1.1.1.1",
+                "--remote",
+                "2.2.2.2",
+                "--local-mac",
+                "nope",
+                "{good}",
+                "-w",
+                "{out}",
+            ],
+            "MAC",
+        ),
+    ],
+)
 def test_bad_input_one_line_exit_2(tmp_path, capture, capsys, argv, msg):
     (tmp_path / "bad").write_bytes(b"definitely not a capture")
-    names = {"bad": tmp_path / "bad", "missing": tmp_path / "missing.pcap",
-             "out": tmp_path / "o.pcap", "good": capture[0]}
+    names = {
+        "bad": tmp_path / "bad",
+        "missing": tmp_path / "missing.pcap",
+        "out": tmp_path / "o.pcap",
+        "good": capture[0],
+    }
     argv = [a.format(**names) for a in argv]
     assert main(argv) == 2
     err = capsys.readouterr().err

@@ -131,7 +131,7 @@ def test_json_tunnels_followed_and_not(capsys, tmp_path):
     assert got == [("ipip", False, "10.0.0.1", None), ("gre", False, "10.0.0.1", None),
                    ("erspan", True, "192.0.2.1", None), ("mpls", True, "192.0.2.1", None),
                    ("vxlan-gpe", True, "192.0.2.1", None),
-                   ("ipip", False, "10.0.0.1", 9),      # IP in IP inside VXLAN keeps the VNI
+                   ("ipip", True, "192.0.2.1", 9),      # a tenant's own IP in IP: not opened
                    (None, False, "10.0.0.1", None)]
     assert all(r["error"] is None and r["truncated"] is False for r in rows)
     assert rows[2]["proto"] == 47 and rows[3]["dport"] == 6635

@@ -1,4 +1,5 @@
 """`microseg policy ...` verbs, and the decision on packets that went through the real parser."""
+
 import json
 import os
 
@@ -22,9 +23,13 @@ EXAMPLE = os.path.join(VEC, "example.yaml")
 
 
 def _vx(vni, inner):
-    return raw(Ether(src="02:aa:00:00:00:01", dst="02:aa:00:00:00:02")
-               / IP(src="10.0.0.1", dst="10.0.0.2") / UDP(sport=49152, dport=4789)
-               / VXLAN(vni=vni) / inner)
+    return raw(
+        Ether(src="02:aa:00:00:00:01", dst="02:aa:00:00:00:02")
+        / IP(src="10.0.0.1", dst="10.0.0.2")
+        / UDP(sport=49152, dport=4789)
+        / VXLAN(vni=vni)
+        / inner
+    )
 
 
 def _e(mac):
@@ -32,22 +37,41 @@ def _e(mac):
 
 
 PACKETS = [
-    _vx(5001, _e("02:00:00:00:01:04") / IP(src="192.168.1.5", dst="192.168.1.10") / TCP(sport=40000, dport=22, flags="S")),
-    _vx(5001, _e("02:00:00:00:01:04") / IP(src="192.168.1.5", dst="192.168.1.10") / TCP(sport=40000, dport=23, flags="S")),
+    _vx(
+        5001,
+        _e("02:00:00:00:01:04")
+        / IP(src="192.168.1.5", dst="192.168.1.10")
+        / TCP(sport=40000, dport=22, flags="S"),
+    ),
+    _vx(
+        5001,
+        _e("02:00:00:00:01:04")
+        / IP(src="192.168.1.5", dst="192.168.1.10")
+        / TCP(sport=40000, dport=23, flags="S"),
+    ),
     _vx(5002, _e("02:00:00:00:09:09") / IP(src="8.8.8.8", dst="192.168.1.10") / UDP(sport=53, dport=53)),
     _vx(5001, _e("02:00:00:00:01:04") / IP(src="192.168.1.5", dst="192.168.1.10") / ICMP(type=8)),
     _vx(5001, _e("02:00:00:00:01:04") / IPv6(src="fd00:1::5", dst="fd00:1::10") / TCP(dport=80, flags="S")),
-    _vx(5001, _e("02:00:00:00:01:01") / IP(src="192.168.1.5", dst="192.168.1.10") / TCP(dport=22)),   # spoofed
+    _vx(5001, _e("02:00:00:00:01:01") / IP(src="192.168.1.5", dst="192.168.1.10") / TCP(dport=22)),  # spoofed
     _vx(5001, _e("02:00:00:00:01:04") / ARP(psrc="192.168.1.5", pdst="192.168.1.10")),
     _vx(5003, _e("02:00:00:00:01:04") / IP(src="192.168.1.5", dst="192.168.1.10") / TCP(dport=22)),
     raw(Ether() / IP(src="192.168.1.5", dst="192.168.1.10") / TCP(dport=22)),
     _vx(5001, _e("02:00:00:00:01:04") / IP(src="192.168.1.5", dst="192.168.1.10") / TCP(dport=22))[:60],
     _vx(5001, _e("02:00:00:00:01:04") / IP(src="192.168.1.5", dst="192.168.1.10", frag=100) / TCP(dport=22)),
 ]
-EXPECT = [(V.ALLOW, V.R_POLICY), (V.DROP, V.R_INGRESS_DENIED), (V.ALLOW, V.R_POLICY),
-          (V.ALLOW, V.R_POLICY), (V.ALLOW, V.R_POLICY), (V.DROP, V.R_SPOOFED),
-          (V.ALLOW, V.R_ARP), (V.DROP, V.R_UNKNOWN_VNI), (V.DROP, V.R_NO_TENANT),
-          (V.DROP, V.R_PARSE_ERROR), (V.DROP, V.R_INGRESS_DENIED)]
+EXPECT = [
+    (V.ALLOW, V.R_POLICY),
+    (V.DROP, V.R_INGRESS_DENIED),
+    (V.ALLOW, V.R_POLICY),
+    (V.ALLOW, V.R_POLICY),
+    (V.ALLOW, V.R_POLICY),
+    (V.DROP, V.R_SPOOFED),
+    (V.ALLOW, V.R_ARP),
+    (V.DROP, V.R_UNKNOWN_VNI),
+    (V.DROP, V.R_NO_TENANT),
+    (V.DROP, V.R_PARSE_ERROR),
+    (V.DROP, V.R_INGRESS_DENIED),
+]
 
 
 def test_parsed_packets_decide_as_expected():
@@ -74,8 +98,10 @@ def test_check_ok_and_errors(capsys):
 
 def test_check_lists_every_problem(tmp_path, capsys):
     f = tmp_path / "p.yaml"
-    f.write_text("tenants: [{name: t, vni: 1}]\nworkloads:\n"
-                 "  - {name: a, tenant: x, ipv4: 10.0.0.1}\n  - {name: b, tenant: t, ipv4: nope}\n")
+    f.write_text(
+        "tenants: [{name: t, vni: 1}]\nworkloads:\n"
+        "  - {name: a, tenant: x, ipv4: 10.0.0.1}\n  - {name: b, tenant: t, ipv4: nope}\n"
+    )
     assert main(["policy", "check", str(f)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and "p.yaml:3:" in err[0] and "p.yaml:4:" in err[1]
@@ -86,15 +112,27 @@ def test_compile_json(capsys):
     doc = json.loads(capsys.readouterr().out)
     assert len(doc["content_hash"]) == 64 and doc["rules"]
     # the example has security groups, NetworkPolicies and default_egress (no admin policies)
-    assert {r["check"] for r in doc["rules"]} == {V.CHECKS[k] for k in (
-        V.EG_SG, V.EG_NP, V.EG_DEF, V.IN_SG, V.IN_NP)}
+    assert {r["check"] for r in doc["rules"]} == {
+        V.CHECKS[k] for k in (V.EG_SG, V.EG_NP, V.EG_DEF, V.IN_SG, V.IN_NP)
+    }
     assert main(["policy", "compile", EXAMPLE]) == 0
     assert "security group acme/web rule 0" in capsys.readouterr().out
 
 
 def test_query(capsys):
-    args = ["policy", "query", EXAMPLE, "--vni", "5001", "--src", "192.168.1.5",
-            "--dst", "192.168.1.10", "--dport", "22"]
+    args = [
+        "policy",
+        "query",
+        EXAMPLE,
+        "--vni",
+        "5001",
+        "--src",
+        "192.168.1.5",
+        "--dst",
+        "192.168.1.10",
+        "--dport",
+        "22",
+    ]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "acme/bastion" in out and "verdict: allow (policy)" in out
@@ -103,19 +141,40 @@ def test_query(capsys):
     assert doc["verdict"] == "drop" and doc["reason"] == "ingress_denied"
     assert main(args + ["--ct", "invalid"]) == 1
     assert "ct_invalid" in capsys.readouterr().out
-    assert main(["policy", "query", EXAMPLE, "--vni", "5001", "--src", "192.168.7.7",
-                 "--dst", "192.168.1.10", "--proto", "icmp", "--icmp-type", "8"]) == 0
+    assert (
+        main(
+            [
+                "policy",
+                "query",
+                EXAMPLE,
+                "--vni",
+                "5001",
+                "--src",
+                "192.168.7.7",
+                "--dst",
+                "192.168.1.10",
+                "--proto",
+                "icmp",
+                "--icmp-type",
+                "8",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
 
 
-@pytest.mark.parametrize("extra,needle", [
-    (["--src", "1.2.3"], "is neither an IP address nor a workload"),
-    (["--dst", "::1"], "one IP version"),
-    (["--proto", "bogus"], "is not a protocol"),
-    (["--dport", "70000"], "is not a port number"),
-    (["--mac", "xx"], "is not a MAC address"),
-    (["--icmp-type", "300"], "out of range"),
-])
+@pytest.mark.parametrize(
+    "extra,needle",
+    [
+        (["--src", "1.2.3"], "is neither an IP address nor a workload"),
+        (["--dst", "::1"], "one IP version"),
+        (["--proto", "bogus"], "is not a protocol"),
+        (["--dport", "70000"], "is not a port number"),
+        (["--mac", "xx"], "is not a MAC address"),
+        (["--icmp-type", "300"], "out of range"),
+    ],
+)
 def test_query_bad_input(extra, needle, capsys):
     base = {"--src": "10.0.0.1", "--dst": "10.0.0.2"}
     args = ["policy", "query", EXAMPLE]
@@ -134,6 +193,7 @@ def test_missing_policy_file(capsys):
 
 def test_apply_capture(tmp_path, capsys):
     from microseg.io.pcap import write_pcap
+
     cap = tmp_path / "c.pcap"
     write_pcap(str(cap), Batch.from_packets(PACKETS))
     assert main(["policy", "apply", EXAMPLE, str(cap), "--json"]) == 0

@@ -1,6 +1,7 @@
 """CompiledPolicy.decide (Numba + classifier) against the per-packet reference, on random
 policies and random packets (IPv4, IPv6, ICMP, fragments, damaged, cross-tenant), plus the
 semantics the reference encodes, checked on hand-built cases."""
+
 import os
 
 import numpy as np
@@ -33,7 +34,7 @@ def random_policy(rng) -> dict:
             t["labels"] = {"env": pick(["prod", "dev"])}
     groups, workloads, nps, admin_files = [], [], [], {}
     for t in tenants:
-        if rng.random() < 0.5:                  # a Kubernetes cluster: namespaces inside
+        if rng.random() < 0.5:  # a Kubernetes cluster: namespaces inside
             t["namespaces"] = [{"name": f"{t['name']}-n{k}"} for k in range(int(rng.integers(1, 4)))]
             for ns in t["namespaces"]:
                 if rng.random() < 0.6:
@@ -76,8 +77,8 @@ def random_policy(rng) -> dict:
         used4, used6 = set(), set()
         for j in range(int(rng.integers(1, 8))):
             w = {"name": f"w{j}", "tenant": t["name"]}
-            a4 = [a for a in rng.permutation(V4)[:int(rng.integers(0, 3))] if a not in used4]
-            a6 = [a for a in rng.permutation(V6)[:int(rng.integers(0, 2))] if a not in used6]
+            a4 = [a for a in rng.permutation(V4)[: int(rng.integers(0, 3))] if a not in used4]
+            a6 = [a for a in rng.permutation(V6)[: int(rng.integers(0, 2))] if a not in used6]
             if not a4 and not a6:
                 a4 = [a for a in V4 if a not in used4][:1]
             used4.update(a4)
@@ -108,8 +109,14 @@ def random_policy(rng) -> dict:
                 types = [x for x in ("Ingress", "Egress") if rng.random() < 0.6]
                 if types:
                     spec["policyTypes"] = types
-            nps.append({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
-                        "metadata": {"name": f"np{j}", "namespace": pick(ns_names)}, "spec": spec})
+            nps.append(
+                {
+                    "apiVersion": "networking.k8s.io/v1",
+                    "kind": "NetworkPolicy",
+                    "metadata": {"name": f"np{j}", "namespace": pick(ns_names)},
+                    "spec": spec,
+                }
+            )
         if "namespaces" in t and rng.random() < 0.7:
             docs = [_admin_policy(rng, pick, f"anp{j}", False) for j in range(int(rng.integers(1, 4)))]
             if rng.random() < 0.6:
@@ -117,9 +124,15 @@ def random_policy(rng) -> dict:
             fname = f"admin-{t['name']}.yaml"
             admin_files[fname] = yaml.safe_dump_all(docs, sort_keys=False)
             nps.append({"file": fname, "tenant": t["name"]})
-    doc = {"tenants": tenants, "security_groups": groups, "workloads": workloads,
-           "network_policies": nps, "default_egress": pick(["allow", "deny"]),
-           "deny_action": pick(["drop", "reject"]), "anti_spoofing": bool(rng.random() < 0.7)}
+    doc = {
+        "tenants": tenants,
+        "security_groups": groups,
+        "workloads": workloads,
+        "network_policies": nps,
+        "default_egress": pick(["allow", "deny"]),
+        "deny_action": pick(["drop", "reject"]),
+        "anti_spoofing": bool(rng.random() < 0.7),
+    }
     if rng.random() < 0.5:
         doc["untagged_tenant"] = tenants[0]["name"]
     doc["_files"] = admin_files
@@ -128,8 +141,13 @@ def random_policy(rng) -> dict:
 
 def _admin_policy(rng, pick, name, baseline):
     def ns_sel():
-        return pick([{}, {"matchLabels": {"purpose": pick(["prod", "test"])}},
-                     {"matchExpressions": [{"key": "purpose", "operator": "DoesNotExist"}]}])
+        return pick(
+            [
+                {},
+                {"matchLabels": {"purpose": pick(["prod", "test"])}},
+                {"matchExpressions": [{"key": "purpose", "operator": "DoesNotExist"}]},
+            ]
+        )
 
     def peer(egress):
         u = rng.random()
@@ -145,27 +163,42 @@ def _admin_policy(rng, pick, name, baseline):
             return {"portNumber": {"protocol": pick(["TCP", "UDP"]), "port": int(rng.integers(20, 90))}}
         if u < 0.7:
             lo = int(rng.integers(20, 90))
-            return {"portRange": {"protocol": pick(["TCP", "UDP"]), "start": lo, "end": lo + int(rng.integers(0, 30))}}
+            return {
+                "portRange": {
+                    "protocol": pick(["TCP", "UDP"]),
+                    "start": lo,
+                    "end": lo + int(rng.integers(0, 30)),
+                }
+            }
         return {"namedPort": pick(["http", "dns", "nope"])}
 
     actions = ["Allow", "Deny"] if baseline else ["Allow", "Deny", "Pass"]
-    spec = {"subject": {"namespaces": ns_sel()} if rng.random() < 0.5 else
-            {"pods": {"namespaceSelector": ns_sel(), "podSelector": _selector(rng, pick)}}}
+    spec = {
+        "subject": {"namespaces": ns_sel()}
+        if rng.random() < 0.5
+        else {"pods": {"namespaceSelector": ns_sel(), "podSelector": _selector(rng, pick)}}
+    }
     if not baseline:
         spec["priority"] = int(rng.integers(0, 5))
     for key, pk in (("ingress", "from"), ("egress", "to")):
         if rng.random() < 0.7:
             rules = []
             for i in range(int(rng.integers(1, 4))):
-                r = {"name": f"r{i}", "action": pick(actions),
-                     pk: [peer(key == "egress") for _ in range(int(rng.integers(1, 3)))]}
+                r = {
+                    "name": f"r{i}",
+                    "action": pick(actions),
+                    pk: [peer(key == "egress") for _ in range(int(rng.integers(1, 3)))],
+                }
                 if rng.random() < 0.5:
                     r["ports"] = [port() for _ in range(int(rng.integers(1, 3)))]
                 rules.append(r)
             spec[key] = rules
-    return {"apiVersion": "policy.networking.k8s.io/v1alpha1",
-            "kind": "BaselineAdminNetworkPolicy" if baseline else "AdminNetworkPolicy",
-            "metadata": {"name": name}, "spec": spec}
+    return {
+        "apiVersion": "policy.networking.k8s.io/v1alpha1",
+        "kind": "BaselineAdminNetworkPolicy" if baseline else "AdminNetworkPolicy",
+        "metadata": {"name": name},
+        "spec": spec,
+    }
 
 
 def load_random(rng, tmp_path, name="random.yaml"):
@@ -201,7 +234,11 @@ def _np_rule(rng, pick, peer_key):
             u = rng.random()
             if u < 0.35:
                 fam6 = rng.random() < 0.3
-                b = {"cidr": pick(["fd00::/64", "fd00::/124"] if fam6 else ["10.0.0.0/24", "10.0.0.0/28", "0.0.0.0/0"])}
+                b = {
+                    "cidr": pick(
+                        ["fd00::/64", "fd00::/124"] if fam6 else ["10.0.0.0/24", "10.0.0.0/28", "0.0.0.0/0"]
+                    )
+                }
                 if rng.random() < 0.5:
                     b["except"] = [pick(["fd00::4/126"] if fam6 else ["10.0.0.4/30", "10.0.0.8/31"])]
                 peers.append({"ipBlock": b})
@@ -210,8 +247,12 @@ def _np_rule(rng, pick, peer_key):
             elif u < 0.85:
                 peers.append({"namespaceSelector": pick([{}, {"matchLabels": {"env": "prod"}}])})
             else:
-                peers.append({"podSelector": _selector(rng, pick),
-                              "namespaceSelector": {"matchLabels": {"env": pick(["prod", "dev"])}}})
+                peers.append(
+                    {
+                        "podSelector": _selector(rng, pick),
+                        "namespaceSelector": {"matchLabels": {"env": pick(["prod", "dev"])}},
+                    }
+                )
         r[peer_key] = peers
     if rng.random() < 0.6:
         ports = []
@@ -232,9 +273,15 @@ def _np_rule(rng, pick, peer_key):
 
 # ---- random packets -------------------------------------------------------------------------------
 PROTOS = [6, 17, 1, 58, 132, 47]
-CT = [0, ctstate.NEW | ctstate.TRACKED, ctstate.NEW, ctstate.ESTABLISHED | ctstate.TRACKED,
-      ctstate.ESTABLISHED | ctstate.REPLY | ctstate.TRACKED, ctstate.RELATED | ctstate.TRACKED,
-      ctstate.INVALID | ctstate.TRACKED]
+CT = [
+    0,
+    ctstate.NEW | ctstate.TRACKED,
+    ctstate.NEW,
+    ctstate.ESTABLISHED | ctstate.TRACKED,
+    ctstate.ESTABLISHED | ctstate.REPLY | ctstate.TRACKED,
+    ctstate.RELATED | ctstate.TRACKED,
+    ctstate.INVALID | ctstate.TRACKED,
+]
 
 
 def random_keys(rng, policy, n):
@@ -252,7 +299,7 @@ def random_keys(rng, policy, n):
         s, d = pick(pool), pick(pool)
         k.u64[B.SRC_HI, i], k.u64[B.SRC_LO, i] = text_to_addr(s)
         k.u64[B.DST_HI, i], k.u64[B.DST_LO, i] = text_to_addr(d)
-        if v6 and rng.random() < 0.03:          # IPv4-mapped address inside an IPv6 packet
+        if v6 and rng.random() < 0.03:  # IPv4-mapped address inside an IPv6 packet
             k.u64[B.SRC_HI, i], k.u64[B.SRC_LO, i] = 0, 0xFFFF00000000 | 0x0A000001
         k.u8[B.IP_VER, i] = 6 if v6 else 4
         k.u16[B.ETHERTYPE, i] = 0x86DD if v6 else 0x0800
@@ -269,7 +316,7 @@ def random_keys(rng, policy, n):
                 k.u16[B.SPORT, i] = int(rng.integers(1, 65535))
                 k.u16[B.DPORT, i] = int(rng.integers(18, 110))
             else:
-                flags |= B.F_FRAG        # a later fragment: no ports
+                flags |= B.F_FRAG  # a later fragment: no ports
         if proto in (1, 58):
             flags |= B.F_ICMP
             k.u8[B.ICMP_TYPE, i] = pick([0, 3, 8, 128, 129, 133, 135, 136, 137])
@@ -286,8 +333,9 @@ def random_keys(rng, policy, n):
             k.i32[B.L2_OFF, i] = 0
             owner = [w for w in policy.workloads if any(str(a) == s for a in w.addresses) and w.mac]
             u = rng.random()
-            k.u64[B.ETH_SRC, i] = (owner[0].mac if owner and u < 0.75 else
-                                   pick(macs) if u < 0.9 else int(rng.integers(1 << 40)))
+            k.u64[B.ETH_SRC, i] = (
+                owner[0].mac if owner and u < 0.75 else pick(macs) if u < 0.9 else int(rng.integers(1 << 40))
+            )
         else:
             k.i32[B.L2_OFF, i] = -1
         ct[i] = pick(CT)
@@ -380,6 +428,7 @@ def test_empty_batch_and_empty_policy():
 def test_ct_state_shape_is_checked():
     c = compile_policy(parse_policy("tenants: [{name: t, vni: 1}]\n"))
     from microseg.errors import InputError
+
     with pytest.raises(InputError):
         c.decide(_keys([("10.0.0.1", "10.0.0.2", 6, 80)], tenant=1), np.zeros(3, np.uint8))
 
@@ -394,9 +443,19 @@ def _keys(flows, tenant, eth_src=None):
     itype = [f[3][0] if isinstance(f[3], tuple) else 0 for f in flows]
     icode = [f[3][1] if isinstance(f[3], tuple) else 0 for f in flows]
     n = len(flows)
-    return connection_keys(np.full(n, tenant), [s[0] for s in src], [s[1] for s in src],
-                           [d[0] for d in dst], [d[1] for d in dst], proto, np.full(n, 40000),
-                           dport, itype, icode, eth_src)
+    return connection_keys(
+        np.full(n, tenant),
+        [s[0] for s in src],
+        [s[1] for s in src],
+        [d[0] for d in dst],
+        [d[1] for d in dst],
+        proto,
+        np.full(n, 40000),
+        dport,
+        itype,
+        icode,
+        eth_src,
+    )
 
 
 def _decide(policy, flows, tenant, ct=None, eth_src=None):
@@ -424,7 +483,7 @@ def _example():
 def test_cross_tenant_isolation_with_overlapping_addresses():
     p = _example()
     # 192.168.1.10 is acme/web-1 in VNI 5001 and globex/g-web in VNI 5002.
-    flows = [("192.168.1.5", "192.168.1.10", 6, 22)]          # bastion -> web-1 ssh
+    flows = [("192.168.1.5", "192.168.1.10", 6, 22)]  # bastion -> web-1 ssh
     assert _decide(p, flows, 5001)[0] == [("allow", "policy")]
     # the same bytes in globex's VNI: no bastion there, g-web's group does not open 22
     assert _decide(p, flows, 5002)[0] == [("drop", "ingress_denied")]
@@ -439,49 +498,86 @@ def test_cross_tenant_isolation_with_overlapping_addresses():
 
 def test_egress_and_ingress_must_both_allow():
     p = _example()
-    res, rules = _decide(p, [
-        ("192.168.1.10", "192.168.1.20", 6, 5432),   # web-1 -> db-1: SG ok, NP db-from-api: no
-        ("192.168.1.30", "192.168.1.20", 6, 5432),   # api-1 -> db-1: NP ok, SG db: no
-        ("192.168.1.10", "192.168.1.30", 6, 8080),   # web-1 -> api-1: web egress only to db
-        ("192.168.1.5", "192.168.1.30", 6, 8080),    # bastion -> api-1: NP peers web/10/8 only
-        ("192.168.1.5", "192.168.1.10", 6, 80),      # bastion -> web-1:80 (0.0.0.0/0)
-        ("10.9.9.9", "192.168.1.30", 17, 9005),      # external -> api-1 udp range via ipBlock
-        ("10.1.2.3", "192.168.1.30", 17, 9005),      # ... but 10.1/16 is excepted
-    ], 5001)
-    assert res == [("drop", "ingress_denied"), ("drop", "ingress_denied"),
-                   ("drop", "egress_denied"), ("drop", "ingress_denied"), ("allow", "policy"),
-                   ("allow", "policy"), ("drop", "ingress_denied")]
+    res, rules = _decide(
+        p,
+        [
+            ("192.168.1.10", "192.168.1.20", 6, 5432),  # web-1 -> db-1: SG ok, NP db-from-api: no
+            ("192.168.1.30", "192.168.1.20", 6, 5432),  # api-1 -> db-1: NP ok, SG db: no
+            ("192.168.1.10", "192.168.1.30", 6, 8080),  # web-1 -> api-1: web egress only to db
+            ("192.168.1.5", "192.168.1.30", 6, 8080),  # bastion -> api-1: NP peers web/10/8 only
+            ("192.168.1.5", "192.168.1.10", 6, 80),  # bastion -> web-1:80 (0.0.0.0/0)
+            ("10.9.9.9", "192.168.1.30", 17, 9005),  # external -> api-1 udp range via ipBlock
+            ("10.1.2.3", "192.168.1.30", 17, 9005),  # ... but 10.1/16 is excepted
+        ],
+        5001,
+    )
+    assert res == [
+        ("drop", "ingress_denied"),
+        ("drop", "ingress_denied"),
+        ("drop", "egress_denied"),
+        ("drop", "ingress_denied"),
+        ("allow", "policy"),
+        ("allow", "policy"),
+        ("drop", "ingress_denied"),
+    ]
     assert rules[4] == "security group acme/web rule 0"
     assert rules[5] == "NetworkPolicy acme/api-allow-web ingress[0]"
 
 
 def test_icmp_type_code_and_ipv6():
     p = _example()
-    res, _ = _decide(p, [
-        ("192.168.7.7", "192.168.1.10", 1, (8, 0)),   # echo request from 192.168/16: allowed
-        ("192.168.7.7", "192.168.1.10", 1, (8, 3)),   # any code
-        ("192.168.7.7", "192.168.1.10", 1, (13, 0)),  # timestamp: not allowed
-        ("10.7.7.7", "192.168.1.10", 1, (8, 0)),      # outside the prefix
-        ("fd00:9::1", "fd00:1::10", 6, 80),           # IPv6 rule (no prefix: any IPv6)
-        ("fd00:9::1", "fd00:1::10", 6, 443),
-        ("fd00:1::10", "fd00:1::5", 6, 80),           # web-1 egress over IPv6: web's egress is db only
-    ], 5001)
-    assert [r[1] for r in res] == ["policy", "policy", "ingress_denied", "ingress_denied",
-                                   "policy", "ingress_denied", "egress_denied"]
-    res, _ = _decide(p, [("fd00:9::1", "fd00:1::10", 58, (128, 0)),      # globex open: any ICMPv6
-                         ("fd00:9::1", "fd00:1::10", 58, (135, 0)),      # ND always passes
-                         ("192.168.9.9", "192.168.1.10", 1, (8, 0))], 5002)
+    res, _ = _decide(
+        p,
+        [
+            ("192.168.7.7", "192.168.1.10", 1, (8, 0)),  # echo request from 192.168/16: allowed
+            ("192.168.7.7", "192.168.1.10", 1, (8, 3)),  # any code
+            ("192.168.7.7", "192.168.1.10", 1, (13, 0)),  # timestamp: not allowed
+            ("10.7.7.7", "192.168.1.10", 1, (8, 0)),  # outside the prefix
+            ("fd00:9::1", "fd00:1::10", 6, 80),  # IPv6 rule (no prefix: any IPv6)
+            ("fd00:9::1", "fd00:1::10", 6, 443),
+            ("fd00:1::10", "fd00:1::5", 6, 80),  # web-1 egress over IPv6: web's egress is db only
+        ],
+        5001,
+    )
+    assert [r[1] for r in res] == [
+        "policy",
+        "policy",
+        "ingress_denied",
+        "ingress_denied",
+        "policy",
+        "ingress_denied",
+        "egress_denied",
+    ]
+    res, _ = _decide(
+        p,
+        [
+            ("fd00:9::1", "fd00:1::10", 58, (128, 0)),  # globex open: any ICMPv6
+            ("fd00:9::1", "fd00:1::10", 58, (135, 0)),  # ND always passes
+            ("192.168.9.9", "192.168.1.10", 1, (8, 0)),
+        ],
+        5002,
+    )
     assert res == [("allow", "policy"), ("allow", "neighbour_discovery"), ("drop", "ingress_denied")]
 
 
 def test_stateful_semantics():
     p = _example()
-    flows = [("192.168.1.10", "192.168.1.5", 6, 40000)] * 5       # a reply web-1 -> bastion
-    ct = [ctstate.NEW | ctstate.TRACKED, ctstate.ESTABLISHED | ctstate.REPLY | ctstate.TRACKED,
-          ctstate.RELATED | ctstate.TRACKED, ctstate.INVALID | ctstate.TRACKED, 0]
+    flows = [("192.168.1.10", "192.168.1.5", 6, 40000)] * 5  # a reply web-1 -> bastion
+    ct = [
+        ctstate.NEW | ctstate.TRACKED,
+        ctstate.ESTABLISHED | ctstate.REPLY | ctstate.TRACKED,
+        ctstate.RELATED | ctstate.TRACKED,
+        ctstate.INVALID | ctstate.TRACKED,
+        0,
+    ]
     res, _ = _decide(p, flows, 5001, ct)
-    assert res == [("drop", "egress_denied"), ("allow", "established"), ("allow", "related"),
-                   ("drop", "ct_invalid"), ("drop", "egress_denied")]
+    assert res == [
+        ("drop", "egress_denied"),
+        ("allow", "established"),
+        ("allow", "related"),
+        ("drop", "ct_invalid"),
+        ("drop", "egress_denied"),
+    ]
     ok = [("192.168.1.5", "192.168.1.10", 6, 22)]
     assert _decide(p, ok, 5001, [ctstate.INVALID | ctstate.TRACKED])[0] == [("drop", "ct_invalid")]
 
@@ -495,38 +591,65 @@ workloads:
   - {name: a, tenant: t, ipv4: 10.0.0.1}
   - {name: b, tenant: t, ipv4: 10.0.0.2, security_groups: [noeg]}
 """
-    flows = [("10.0.0.1", "8.8.8.8", 17, 53), ("10.0.0.2", "8.8.8.8", 17, 53),
-             ("10.0.0.1", "10.0.0.2", 6, 80), ("8.8.8.8", "10.0.0.1", 6, 80)]
+    flows = [
+        ("10.0.0.1", "8.8.8.8", 17, 53),
+        ("10.0.0.2", "8.8.8.8", 17, 53),
+        ("10.0.0.1", "10.0.0.2", 6, 80),
+        ("8.8.8.8", "10.0.0.1", 6, 80),
+    ]
     res, rules = _decide(parse_policy(base + "default_egress: allow\n"), flows, 1)
-    assert res == [("allow", "policy"), ("allow", "policy"), ("allow", "policy"),
-                   ("drop", "ingress_denied")]          # a has no groups: default-deny ingress
+    assert res == [
+        ("allow", "policy"),
+        ("allow", "policy"),
+        ("allow", "policy"),
+        ("drop", "ingress_denied"),
+    ]  # a has no groups: default-deny ingress
     assert rules[0] == "default_egress: allow"
     res, _ = _decide(parse_policy(base + "default_egress: deny\ndeny_action: reject\n"), flows, 1)
-    assert res == [("reject", "egress_denied"), ("reject", "egress_denied"),
-                   ("reject", "egress_denied"), ("reject", "ingress_denied")]
+    assert res == [
+        ("reject", "egress_denied"),
+        ("reject", "egress_denied"),
+        ("reject", "egress_denied"),
+        ("reject", "ingress_denied"),
+    ]
 
 
 def test_k8s_isolation_and_union():
     p = load_policy(os.path.join(VEC, "k8s_policy.yaml"))
-    res, rules = _decide(p, [
-        ("172.17.1.20", "172.17.0.10", 6, 6379),   # fe -> db redis: podSelector role=frontend
-        ("172.17.1.20", "172.17.0.10", 6, 6380),   # wrong port
-        ("172.17.2.9", "172.17.0.10", 6, 6379),    # ipBlock 172.17/16 (external)
-        ("172.17.1.9", "172.17.0.10", 6, 6379),    # ... but except 172.17.1/24
-        ("10.0.0.30", "172.17.0.10", 6, 6379),     # worker: namespaceSelector project=myproject
-        ("172.17.0.10", "10.0.0.5", 6, 5978),      # db egress to 10.0.0.0/24:5978
-        ("172.17.0.10", "10.0.0.5", 6, 5979),
-        ("172.17.1.20", "10.0.0.9", 6, 32100),     # fe egress port range (endPort)
-        ("172.17.1.20", "10.0.0.9", 6, 32769),
-        ("172.17.1.20", "10.0.0.30", 17, 9),       # fe -> worker: role NotIn frontend, no tier
-        ("172.17.1.20", "10.0.0.40", 17, 9),       # fe -> batch: has tier -> egress denied
-        ("10.0.0.50", "10.0.0.30", 6, 80),         # default-deny-ingress selects every pod
-        ("10.0.0.50", "8.8.8.8", 6, 80),           # plain: no egress policy: default_egress allow
-    ], 8001)
+    res, rules = _decide(
+        p,
+        [
+            ("172.17.1.20", "172.17.0.10", 6, 6379),  # fe -> db redis: podSelector role=frontend
+            ("172.17.1.20", "172.17.0.10", 6, 6380),  # wrong port
+            ("172.17.2.9", "172.17.0.10", 6, 6379),  # ipBlock 172.17/16 (external)
+            ("172.17.1.9", "172.17.0.10", 6, 6379),  # ... but except 172.17.1/24
+            ("10.0.0.30", "172.17.0.10", 6, 6379),  # worker: namespaceSelector project=myproject
+            ("172.17.0.10", "10.0.0.5", 6, 5978),  # db egress to 10.0.0.0/24:5978
+            ("172.17.0.10", "10.0.0.5", 6, 5979),
+            ("172.17.1.20", "10.0.0.9", 6, 32100),  # fe egress port range (endPort)
+            ("172.17.1.20", "10.0.0.9", 6, 32769),
+            ("172.17.1.20", "10.0.0.30", 17, 9),  # fe -> worker: role NotIn frontend, no tier
+            ("172.17.1.20", "10.0.0.40", 17, 9),  # fe -> batch: has tier -> egress denied
+            ("10.0.0.50", "10.0.0.30", 6, 80),  # default-deny-ingress selects every pod
+            ("10.0.0.50", "8.8.8.8", 6, 80),  # plain: no egress policy: default_egress allow
+        ],
+        8001,
+    )
     assert [r[1] for r in res] == [
-        "policy", "ingress_denied", "policy", "ingress_denied", "policy", "policy",
-        "egress_denied", "policy", "egress_denied", "ingress_denied", "egress_denied",
-        "ingress_denied", "policy"]
+        "policy",
+        "ingress_denied",
+        "policy",
+        "ingress_denied",
+        "policy",
+        "policy",
+        "egress_denied",
+        "policy",
+        "egress_denied",
+        "ingress_denied",
+        "egress_denied",
+        "ingress_denied",
+        "policy",
+    ]
     # fe -> worker passes fe's egress (multi-port-egress to[1] or allow-all-egress) but
     # worker is isolated for ingress by default-deny-ingress.
     assert rules[9] == "-"
@@ -535,13 +658,19 @@ def test_k8s_isolation_and_union():
     c = compile_policy(p)
     d = c.decide(_keys([("172.17.1.20", "172.17.0.10", 6, 6379)], 8002), detail=True)
     assert c.workload_names[d.src_workload[0]] == "other/o-fe" and d.dst_workload[0] == -1
-    assert d.reason[0] == V.R_POLICY           # o-fe's default egress allow, towards outside
+    assert d.reason[0] == V.R_POLICY  # o-fe's default egress allow, towards outside
 
 
 def test_ipv6_ipblock_and_fragments():
     p = load_policy(os.path.join(VEC, "k8s_policy.yaml"))
-    res, _ = _decide(p, [("fd00:10::20", "fd00:10::99", 6, 32000),       # fe: fd00:10::/64 block
-                         ("fd00:10::20", "fd00:11::1", 6, 32000)], 8001)
+    res, _ = _decide(
+        p,
+        [
+            ("fd00:10::20", "fd00:10::99", 6, 32000),  # fe: fd00:10::/64 block
+            ("fd00:10::20", "fd00:11::1", 6, 32000),
+        ],
+        8001,
+    )
     assert [r[1] for r in res] == ["policy", "egress_denied"]
     # a later fragment has no ports: port rules cannot match it
     keys = _keys([("172.17.1.20", "172.17.0.10", 6, 6379)] * 2, 8001)
@@ -558,11 +687,12 @@ def test_anti_spoofing():
     flows = [("192.168.1.10", "192.168.1.5", 6, 22)] * 3 + [("192.168.1.99", "192.168.1.10", 6, 80)] * 2
     res, _ = _decide(p, flows, 5001, eth_src=[web1, bastion, 0x0A0000000001, bastion, 0x0A0000000001])
     assert [r[1] for r in res] == [
-        "egress_denied",       # web-1's own MAC: policy decides (web egress: db only)
-        "spoofed_source",      # web-1's address from bastion's MAC
-        "spoofed_source",      # web-1's address from an unknown MAC
-        "spoofed_source",      # bastion's MAC with an address that is not bastion's
-        "policy"]              # unknown MAC and address (routed in from outside)
+        "egress_denied",  # web-1's own MAC: policy decides (web egress: db only)
+        "spoofed_source",  # web-1's address from bastion's MAC
+        "spoofed_source",  # web-1's address from an unknown MAC
+        "spoofed_source",  # bastion's MAC with an address that is not bastion's
+        "policy",
+    ]  # unknown MAC and address (routed in from outside)
     text = open(os.path.join(VEC, "example.yaml")).read() + "anti_spoofing: false\n"
     res, _ = _decide(parse_policy(text, "p.yaml", VEC), flows[1:2], 5001, eth_src=[bastion])
     assert res == [("drop", "egress_denied")]

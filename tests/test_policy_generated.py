@@ -1,5 +1,6 @@
 """The decision on the built-in data centre's generated traffic agrees with the generator's
 ground truth, which is derived from the scenario (not from this code)."""
+
 import numpy as np
 import pytest
 

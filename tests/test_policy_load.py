@@ -1,4 +1,5 @@
 """Policy files: the examples load; every invalid input names its file, line and field."""
+
 import glob
 import os
 
@@ -9,8 +10,11 @@ from microseg.policy.model import format_mac, load_policy, parse_policy
 from microseg.policy.source import PolicyError, load_documents
 
 VEC = os.path.join(os.path.dirname(__file__), "vectors", "policy")
-INVALID = sorted(f for f in glob.glob(os.path.join(VEC, "invalid", "*.yaml"))
-                 if open(f).readline().startswith("# expect: "))
+INVALID = sorted(
+    f
+    for f in glob.glob(os.path.join(VEC, "invalid", "*.yaml"))
+    if open(f).readline().startswith("# expect: ")
+)
 
 
 def test_example_loads():
@@ -32,13 +36,13 @@ def test_example_loads():
     api = p.network_policies[0]
     assert api.ingress_type and api.egress_type
     db = p.network_policies[1]
-    assert db.ingress_type and not db.egress_type        # policyTypes defaulted
+    assert db.ingress_type and not db.egress_type  # policyTypes defaulted
     assert p.default_egress == "allow" and p.deny_action == "drop" and p.anti_spoofing
 
 
 @pytest.mark.parametrize("path", INVALID, ids=[os.path.basename(f) for f in INVALID])
 def test_invalid_inputs_name_file_line_field(path):
-    loc, text = open(path).readline()[len("# expect: "):].strip().split(" | ", 1)
+    loc, text = open(path).readline()[len("# expect: ") :].strip().split(" | ", 1)
     with pytest.raises(InputError) as ei:
         load_policy(path)
     errors = getattr(ei.value, "errors", [str(ei.value)])
@@ -66,23 +70,28 @@ workloads:
 
 def test_unquoted_mac_keeps_its_text():
     # YAML 1.1 reads 12:34:56:00:01:01 as a base-60 integer; the loader keeps the text.
-    p = parse_policy("tenants: [{name: t, vni: 1}]\n"
-                     "workloads: [{name: w, tenant: t, ipv4: 10.0.0.1, mac: 12:34:56:00:01:01}]\n")
+    p = parse_policy(
+        "tenants: [{name: t, vni: 1}]\n"
+        "workloads: [{name: w, tenant: t, ipv4: 10.0.0.1, mac: 12:34:56:00:01:01}]\n"
+    )
     assert format_mac(p.workloads[0].mac) == "12:34:56:00:01:01"
 
 
-@pytest.mark.parametrize("text,needle", [
-    ("", "the policy is empty"),
-    ("- a\n- b\n", "must be a mapping"),
-    ("tenants: 5\n", "tenants: must be a list"),
-    ("a: &x [*x]\n", "recursive alias"),
-    ("tenants: [{name: t, vni: 1}]\n---\ntenants: []\n", "expected one YAML document"),
-    ("tenants: [{name: 'bad name', vni: 1}]\n", "is not a name"),
-    ("tenants: [{name: t, vni: true}]\n", "is not a 24-bit VNI"),
-    ("tenants: [{name: t, vni: 1}]\nuntagged_tenant: u\n", "no tenant named 'u'"),
-    ("tenants: [{name: t, vni: 1}]\nanti_spoofing: maybe\n", "is not true or false"),
-    ("version: 2\ntenants: [{name: t, vni: 1}]\n", "version"),
-])
+@pytest.mark.parametrize(
+    "text,needle",
+    [
+        ("", "the policy is empty"),
+        ("- a\n- b\n", "must be a mapping"),
+        ("tenants: 5\n", "tenants: must be a list"),
+        ("a: &x [*x]\n", "recursive alias"),
+        ("tenants: [{name: t, vni: 1}]\n---\ntenants: []\n", "expected one YAML document"),
+        ("tenants: [{name: 'bad name', vni: 1}]\n", "is not a name"),
+        ("tenants: [{name: t, vni: true}]\n", "is not a 24-bit VNI"),
+        ("tenants: [{name: t, vni: 1}]\nuntagged_tenant: u\n", "no tenant named 'u'"),
+        ("tenants: [{name: t, vni: 1}]\nanti_spoofing: maybe\n", "is not true or false"),
+        ("version: 2\ntenants: [{name: t, vni: 1}]\n", "version"),
+    ],
+)
 def test_malformed_top_level(text, needle):
     with pytest.raises(InputError) as ei:
         parse_policy(text, "x.yaml")
@@ -115,12 +124,36 @@ def test_binary_file(tmp_path):
 def test_mutated_policies_fail_cleanly():
     """Damaged policy files load or raise InputError; nothing else escapes."""
     import random
+
     rng = random.Random(1)
-    srcs = [open(os.path.join(VEC, n)).read()
-            for n in ("example.yaml", "k8s_policy.yaml", "openstack_policy.yaml")]
-    toks = ["", "{}", "[]", "null", "-1", "99999999999", "true", '"x"', "[1, 2]", "{a: b}",
-            "0.5", "::", "1.2.3.4/99", "Ingress", "tcp", "*a", "&a x", "!!binary aGk=",
-            "2001-01-01", "'", "{", ":"]
+    srcs = [
+        open(os.path.join(VEC, n)).read()
+        for n in ("example.yaml", "k8s_policy.yaml", "openstack_policy.yaml")
+    ]
+    toks = [
+        "",
+        "{}",
+        "[]",
+        "null",
+        "-1",
+        "99999999999",
+        "true",
+        '"x"',
+        "[1, 2]",
+        "{a: b}",
+        "0.5",
+        "::",
+        "1.2.3.4/99",
+        "Ingress",
+        "tcp",
+        "*a",
+        "&a x",
+        "!!binary aGk=",
+        "2001-01-01",
+        "'",
+        "{",
+        ":",
+    ]
     outcomes = {"ok": 0, "error": 0}
     for _ in range(400):
         lines = rng.choice(srcs).split("\n")
@@ -129,10 +162,10 @@ def test_mutated_policies_fail_cleanly():
             line = lines[i]
             r = rng.random()
             if r < 0.35 and ":" in line:
-                lines[i] = line[:line.index(":") + 1] + " " + rng.choice(toks)
+                lines[i] = line[: line.index(":") + 1] + " " + rng.choice(toks)
             elif r < 0.55 and line:
                 j = rng.randrange(len(line))
-                lines[i] = line[:j] + line[j + 1:]
+                lines[i] = line[:j] + line[j + 1 :]
             elif r < 0.7:
                 lines[i] = line.replace(",", rng.choice([", bogus: 1,", ", name: dup,"]), 1)
             elif r < 0.85:

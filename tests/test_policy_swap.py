@@ -1,5 +1,6 @@
 """Compiled policies are immutable and versioned, swap atomically, and tell which existing
 connections a new policy forbids."""
+
 import os
 import threading
 
@@ -10,8 +11,13 @@ from microseg.errors import MicrosegError
 from microseg.packet import batch as B
 from microseg.packet.batch import text_to_addr
 from microseg.policy import verdict as V
-from microseg.policy.compiler import (CompiledPolicy, PolicyHolder, compile_policy,
-                                      connection_keys, revoked_connections)
+from microseg.policy.compiler import (
+    CompiledPolicy,
+    PolicyHolder,
+    compile_policy,
+    connection_keys,
+    revoked_connections,
+)
 from microseg.policy.model import load_policy, parse_policy
 
 VEC = os.path.join(os.path.dirname(__file__), "vectors", "policy")
@@ -56,7 +62,7 @@ def test_holder_swaps_in_one_assignment():
     assert h.current is old
     assert h.swap(new) is old and h.current is new
     with pytest.raises(MicrosegError):
-        h.swap(old)                         # older version: refused, current kept
+        h.swap(old)  # older version: refused, current kept
     assert h.current is new
     with pytest.raises(MicrosegError):
         h.swap("not a policy")
@@ -78,8 +84,9 @@ def test_holder_load_keeps_old_on_error(tmp_path):
 def test_readers_see_whole_policies_during_swaps():
     """A reader that takes .current once per batch always sees one consistent policy."""
     allow22 = compile_policy(parse_policy(BASE))
-    deny22 = parse_policy(BASE.replace("port_range_min: 22, port_range_max: 22",
-                                       "port_range_min: 2222, port_range_max: 2222"))
+    deny22 = parse_policy(
+        BASE.replace("port_range_min: 22, port_range_max: 22", "port_range_min: 2222, port_range_max: 2222")
+    )
     h = PolicyHolder(allow22)
     keys = _conn([("10.0.0.1", "10.0.0.2", 6, 22)] * 64, 10)
     stop = threading.Event()
@@ -100,7 +107,7 @@ def test_readers_see_whole_policies_during_swaps():
     finally:
         stop.set()
         t.join()
-    assert seen and all(n == 1 for _, n, _ in seen)       # never a mix inside a batch
+    assert seen and all(n == 1 for _, n, _ in seen)  # never a mix inside a batch
     for hsh, _, v in seen:
         assert v == (V.ALLOW if hsh == allow22.content_hash else V.DROP)
 
@@ -109,9 +116,16 @@ def _conn(flows, tenant):
     src = [text_to_addr(f[0]) for f in flows]
     dst = [text_to_addr(f[1]) for f in flows]
     n = len(flows)
-    return connection_keys(np.full(n, tenant), [s[0] for s in src], [s[1] for s in src],
-                           [d[0] for d in dst], [d[1] for d in dst], [f[2] for f in flows],
-                           np.full(n, 40000), [f[3] for f in flows])
+    return connection_keys(
+        np.full(n, tenant),
+        [s[0] for s in src],
+        [s[1] for s in src],
+        [d[0] for d in dst],
+        [d[1] for d in dst],
+        [f[2] for f in flows],
+        np.full(n, 40000),
+        [f[3] for f in flows],
+    )
 
 
 def _cols(flows, tenant):
@@ -121,14 +135,21 @@ def _cols(flows, tenant):
 
 def test_revoked_connections():
     old = compile_policy(parse_policy(BASE))
-    new = compile_policy(parse_policy(BASE.replace(
-        "      - {direction: ingress, protocol: tcp, port_range_min: 22, port_range_max: 22}\n", "")))
-    flows = [("10.0.0.1", "10.0.0.2", 6, 22),     # ssh: allowed before, forbidden now
-             ("10.0.0.1", "10.0.0.2", 6, 80),     # http: allowed by both
-             ("10.0.0.1", "10.0.0.2", 6, 25),     # smtp: forbidden by both
-             ("10.0.0.2", "10.0.0.1", 1, 0),      # ICMP echo: allowed by both
-             ("fd00::9", "fd00::2", 6, 22),       # IPv6: the rules are IPv4 (the default ethertype)
-             ("10.0.0.1", "10.0.0.2", 6, 22)]
+    new = compile_policy(
+        parse_policy(
+            BASE.replace(
+                "      - {direction: ingress, protocol: tcp, port_range_min: 22, port_range_max: 22}\n", ""
+            )
+        )
+    )
+    flows = [
+        ("10.0.0.1", "10.0.0.2", 6, 22),  # ssh: allowed before, forbidden now
+        ("10.0.0.1", "10.0.0.2", 6, 80),  # http: allowed by both
+        ("10.0.0.1", "10.0.0.2", 6, 25),  # smtp: forbidden by both
+        ("10.0.0.2", "10.0.0.1", 1, 0),  # ICMP echo: allowed by both
+        ("fd00::9", "fd00::2", 6, 22),  # IPv6: the rules are IPv4 (the default ethertype)
+        ("10.0.0.1", "10.0.0.2", 6, 22),
+    ]
     cols = _cols(flows, 10)
     assert list(new.allows_connections(*cols)) == [False, True, False, True, False, False]
     assert list(revoked_connections(old, new, *cols)) == [True, False, False, False, False, True]
@@ -140,6 +161,7 @@ def test_revoked_connections():
 
 def test_revalidation_in_chunks(monkeypatch):
     from microseg.policy import compiler
+
     monkeypatch.setattr(compiler, "_REVALIDATE_CHUNK", 4)
     c = compile_policy(parse_policy(BASE))
     flows = [("10.0.0.1", "10.0.0.2", 6, p) for p in (22, 80, 25, 443, 22, 23, 80, 81, 22)]
@@ -152,21 +174,29 @@ def test_revalidation_equals_decide_as_new():
     c = compile_policy(load_policy(os.path.join(VEC, "example.yaml")))
     rng = np.random.default_rng(3)
     addrs = [str(a) for w in c.policy.workloads for a in w.addresses if a.version == 4]
-    flows = [(addrs[rng.integers(len(addrs))], addrs[rng.integers(len(addrs))],
-              int(rng.choice([6, 17, 1])), int(rng.choice([22, 53, 80, 5432, 8080, 9005])))
-             for _ in range(200)]
+    flows = [
+        (
+            addrs[rng.integers(len(addrs))],
+            addrs[rng.integers(len(addrs))],
+            int(rng.choice([6, 17, 1])),
+            int(rng.choice([22, 53, 80, 5432, 8080, 9005])),
+        )
+        for _ in range(200)
+    ]
     for vni in (5001, 5002):
         cols = _cols(flows, vni)
         keys = _conn(flows, vni)
         from microseg import ctstate
+
         v, _, _ = c.decide(keys, np.full(keys.n, ctstate.NEW, np.uint8))
         assert (c.allows_connections(*cols) == (v == V.ALLOW)).all()
         assert (c.allows_connections(*cols)).any() and not (c.allows_connections(*cols)).all()
 
 
 def test_connection_keys_icmp_defaults():
-    k = _conn([("10.0.0.1", "10.0.0.2", 1, 0), ("fd00::1", "fd00::2", 58, 0),
-               ("10.0.0.1", "10.0.0.2", 47, 0)], 1)
+    k = _conn(
+        [("10.0.0.1", "10.0.0.2", 1, 0), ("fd00::1", "fd00::2", 58, 0), ("10.0.0.1", "10.0.0.2", 47, 0)], 1
+    )
     assert list(k.icmp_type) == [8, 128, 0]
     assert list(k.flags) == [B.F_ICMP, B.F_ICMP, 0]
     assert list(k.ip_ver) == [4, 6, 4]

@@ -1,4 +1,5 @@
 """`run` says in one line why most of a capture was stopped, and what setting changes it."""
+
 import json
 
 from microseg.cli import main
@@ -38,9 +39,11 @@ def test_untunnelled_capture_without_untagged_tenant_names_the_setting(tmp_path,
 
 def test_no_note_when_most_packets_pass(tmp_path, capsys):
     pol = tmp_path / "p.yaml"
-    pol.write_text(POLICY.replace("ipv4: 10.0.0.2}", "ipv4: 10.0.0.2, security_groups: [web]}")
-                   + "untagged_tenant: acme\nsecurity_groups:\n  - {name: web, tenant: acme, rules: "
-                   "[{direction: ingress, protocol: tcp, port_range_min: 80, port_range_max: 80}]}\n")
+    pol.write_text(
+        POLICY.replace("ipv4: 10.0.0.2}", "ipv4: 10.0.0.2, security_groups: [web]}")
+        + "untagged_tenant: acme\nsecurity_groups:\n  - {name: web, tenant: acme, rules: "
+        "[{direction: ingress, protocol: tcp, port_range_min: 80, port_range_max: 80}]}\n"
+    )
     rep = tmp_path / "r.json"
     assert main(["run", "--policy", str(pol), str(_capture(tmp_path)), "--report", str(rep), "--quiet"]) == 0
     assert capsys.readouterr().err == ""

@@ -1,6 +1,7 @@
 """`microseg trace` and `microseg policy query` through the command line: exit status (0
 allowed, 1 dropped or rejected, 2 bad input) and workload names ([tenant/][namespace/]name,
 ambiguous bare names refused with the candidates listed)."""
+
 import json
 
 import pytest
@@ -46,18 +47,25 @@ def _endpoints(doc):
     return next(s["detail"] for s in doc["steps"] if s["stage"] == "endpoints")
 
 
-@pytest.mark.parametrize("packet,rc,vni,endpoints", [
-    # a bare name is looked up in the tenant of the other (unique) one: db is acme's only
-    ("src=db dst=web tcp dport=80", 0, 5001, "source acme/db, destination acme/web"),
-    ("src=acme/db dst=acme/web tcp dport=22", 1, 5001, "source acme/db, destination acme/web"),
-    # tenant/namespace/name, the namespace being the tenant's own
-    ("src=acme/acme/db dst=web tcp dport=80", 0, 5001, "source acme/db, destination acme/web"),
-    # tenant= makes the bare name globex's
-    ("src=192.168.1.99 dst=web tenant=globex tcp dport=8080", 0, 5002,
-     "source not a workload, destination globex/web"),
-    ("src=app dst=web tcp dport=8080", 0, 5002, "source globex/app, destination globex/web"),
-    ("src=app dst=web tcp dport=80", 1, 5002, "source globex/app, destination globex/web"),
-])
+@pytest.mark.parametrize(
+    "packet,rc,vni,endpoints",
+    [
+        # a bare name is looked up in the tenant of the other (unique) one: db is acme's only
+        ("src=db dst=web tcp dport=80", 0, 5001, "source acme/db, destination acme/web"),
+        ("src=acme/db dst=acme/web tcp dport=22", 1, 5001, "source acme/db, destination acme/web"),
+        # tenant/namespace/name, the namespace being the tenant's own
+        ("src=acme/acme/db dst=web tcp dport=80", 0, 5001, "source acme/db, destination acme/web"),
+        # tenant= makes the bare name globex's
+        (
+            "src=192.168.1.99 dst=web tenant=globex tcp dport=8080",
+            0,
+            5002,
+            "source not a workload, destination globex/web",
+        ),
+        ("src=app dst=web tcp dport=8080", 0, 5002, "source globex/app, destination globex/web"),
+        ("src=app dst=web tcp dport=80", 1, 5002, "source globex/app, destination globex/web"),
+    ],
+)
 def test_trace_names_and_exit_status(capsys, policy, packet, rc, vni, endpoints):
     got, doc, err = _trace(capsys, policy, packet)
     assert got == rc, err
@@ -77,23 +85,26 @@ def test_trace_reject_exits_1_and_text_output_too(capsys, tmp_path):
     assert "allow" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("packet,needle", [
-    # no tenant known and two workloads called web: the candidates, qualified
-    ("src=192.168.1.99 dst=web dport=80", "dst: 'web' is ambiguous: acme/web, globex/web"),
-    ("src=web dst=web dport=80", "src: 'web' is ambiguous: acme/web, globex/web"),
-    # db is acme's only; with the packet in globex it is not silently taken from acme
-    ("src=app dst=db dport=80", "dst: no workload 'db' in tenant 'globex'; other tenants have acme/db"),
-    ("src=db dst=web tenant=globex dport=80", "src: no workload 'db' in tenant 'globex'"),
-    ("src=acme/other/db dst=web", "tenant 'acme' has no namespace 'other' (its namespaces: acme)"),
-    ("src=initech/db dst=web", "no tenant or namespace 'initech' (tenants: acme, globex)"),
-    ("src=acme/ghost dst=web", "no workload 'ghost' in tenant 'acme'"),
-    ("src=a/b/c/d dst=web", "is not a workload name ([tenant/][namespace/]name)"),
-    ("src=acme//db dst=web", "is not a workload name"),
-    ("src=only6 dst=acme/web", "share no address family"),
-    ("src=192.168.1.1 dst=fd00::1", "must be of one IP version"),
-    ("src=nobody dst=acme/web", "'nobody' is neither an address nor a workload"),
-    ("src=db dst=web tenant=16777216", "no tenant '16777216'"),
-])
+@pytest.mark.parametrize(
+    "packet,needle",
+    [
+        # no tenant known and two workloads called web: the candidates, qualified
+        ("src=192.168.1.99 dst=web dport=80", "dst: 'web' is ambiguous: acme/web, globex/web"),
+        ("src=web dst=web dport=80", "src: 'web' is ambiguous: acme/web, globex/web"),
+        # db is acme's only; with the packet in globex it is not silently taken from acme
+        ("src=app dst=db dport=80", "dst: no workload 'db' in tenant 'globex'; other tenants have acme/db"),
+        ("src=db dst=web tenant=globex dport=80", "src: no workload 'db' in tenant 'globex'"),
+        ("src=acme/other/db dst=web", "tenant 'acme' has no namespace 'other' (its namespaces: acme)"),
+        ("src=initech/db dst=web", "no tenant or namespace 'initech' (tenants: acme, globex)"),
+        ("src=acme/ghost dst=web", "no workload 'ghost' in tenant 'acme'"),
+        ("src=a/b/c/d dst=web", "is not a workload name ([tenant/][namespace/]name)"),
+        ("src=acme//db dst=web", "is not a workload name"),
+        ("src=only6 dst=acme/web", "share no address family"),
+        ("src=192.168.1.1 dst=fd00::1", "must be of one IP version"),
+        ("src=nobody dst=acme/web", "'nobody' is neither an address nor a workload"),
+        ("src=db dst=web tenant=16777216", "no tenant '16777216'"),
+    ],
+)
 def test_trace_bad_names_exit_2_with_one_line(capsys, policy, packet, needle):
     rc, _, err = _trace(capsys, policy, packet)
     assert rc == 2
@@ -115,16 +126,37 @@ def _query(capsys, policy, *args):
     return rc, (json.loads(out.out) if rc != 2 else None), out.err
 
 
-@pytest.mark.parametrize("args,rc,vni,src,dst", [
-    (["--src", "db", "--dst", "web", "--dport", "80"], 0, 5001, "acme/db", "acme/web"),
-    (["--src", "acme/db", "--dst", "acme/acme/web", "--dport", "22"], 1, 5001, "acme/db", "acme/web"),
-    (["--vni", "5002", "--src", "192.168.1.99", "--dst", "web", "--dport", "8080"], 0, 5002, None, "globex/web"),
-    (["--vni", "5002", "--src", "192.168.1.99", "--dst", "web", "--dport", "80"], 1, 5002, None, "globex/web"),
-    (["--src", "globex/app", "--dst", "web", "--dport", "8080"], 0, 5002, "globex/app", "globex/web"),
-    # addresses only: untunnelled unless --vni says otherwise (as before names)
-    (["--vni", "5001", "--src", "192.168.1.20", "--dst", "192.168.1.10", "--dport", "80"], 0, 5001, None, None),
-    (["--src", "192.168.1.20", "--dst", "192.168.1.10", "--dport", "80"], 1, -1, None, None),
-])
+@pytest.mark.parametrize(
+    "args,rc,vni,src,dst",
+    [
+        (["--src", "db", "--dst", "web", "--dport", "80"], 0, 5001, "acme/db", "acme/web"),
+        (["--src", "acme/db", "--dst", "acme/acme/web", "--dport", "22"], 1, 5001, "acme/db", "acme/web"),
+        (
+            ["--vni", "5002", "--src", "192.168.1.99", "--dst", "web", "--dport", "8080"],
+            0,
+            5002,
+            None,
+            "globex/web",
+        ),
+        (
+            ["--vni", "5002", "--src", "192.168.1.99", "--dst", "web", "--dport", "80"],
+            1,
+            5002,
+            None,
+            "globex/web",
+        ),
+        (["--src", "globex/app", "--dst", "web", "--dport", "8080"], 0, 5002, "globex/app", "globex/web"),
+        # addresses only: untunnelled unless --vni says otherwise (as before names)
+        (
+            ["--vni", "5001", "--src", "192.168.1.20", "--dst", "192.168.1.10", "--dport", "80"],
+            0,
+            5001,
+            None,
+            None,
+        ),
+        (["--src", "192.168.1.20", "--dst", "192.168.1.10", "--dport", "80"], 1, -1, None, None),
+    ],
+)
 def test_query_names_and_exit_status(capsys, policy, args, rc, vni, src, dst):
     got, doc, err = _query(capsys, policy, *args)
     assert got == rc, err
@@ -151,15 +183,21 @@ def test_query_reject_exits_1(capsys, tmp_path):
     assert "verdict: reject" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["--src", "192.168.1.99", "--dst", "web"], "--dst: 'web' is ambiguous: acme/web, globex/web"),
-    (["--src", "globex/app", "--dst", "db"], "--dst: no workload 'db' in tenant 'globex'; other tenants have acme/db"),
-    (["--vni", "5002", "--src", "db", "--dst", "web"], "--src: no workload 'db' in tenant 'globex'"),
-    (["--src", "acme/globex/db", "--dst", "web"], "tenant 'acme' has no namespace 'globex'"),
-    (["--src", "nobody", "--dst", "acme/web"], "--src: 'nobody' is neither an IP address nor a workload"),
-    (["--src", "only6", "--dst", "192.168.1.10"], "share no address family"),
-    (["--vni", "16777216", "--src", "db", "--dst", "web"], "--vni: 16777216 is not -1 or a VNI"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--src", "192.168.1.99", "--dst", "web"], "--dst: 'web' is ambiguous: acme/web, globex/web"),
+        (
+            ["--src", "globex/app", "--dst", "db"],
+            "--dst: no workload 'db' in tenant 'globex'; other tenants have acme/db",
+        ),
+        (["--vni", "5002", "--src", "db", "--dst", "web"], "--src: no workload 'db' in tenant 'globex'"),
+        (["--src", "acme/globex/db", "--dst", "web"], "tenant 'acme' has no namespace 'globex'"),
+        (["--src", "nobody", "--dst", "acme/web"], "--src: 'nobody' is neither an IP address nor a workload"),
+        (["--src", "only6", "--dst", "192.168.1.10"], "share no address family"),
+        (["--vni", "16777216", "--src", "db", "--dst", "web"], "--vni: 16777216 is not -1 or a VNI"),
+    ],
+)
 def test_query_bad_names_exit_2_with_one_line(capsys, policy, args, needle):
     rc, _, err = _query(capsys, policy, *args)
     assert rc == 2

@@ -4,6 +4,7 @@ A module listed in ``COMMAND_MODULES`` exposes ``register(subparsers)``, which a
 verbs with ``set_defaults(func=handler)``; a handler takes the parsed arguments and returns an
 exit code. A :class:`~microseg.errors.MicrosegError` becomes one line on stderr and exit code 2.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,10 +50,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except BrokenPipeError:
         # The reader went away (e.g. `| head`): stop quietly, as Unix tools do.
-        try:
-            sys.stdout = None  # type: ignore[assignment]
-        finally:
-            return 0
+        sys.stdout = None  # type: ignore[assignment]
+        return 0
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

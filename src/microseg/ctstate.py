@@ -4,6 +4,7 @@ One ``uint8`` per packet. Exactly one of NEW / ESTABLISHED / RELATED / INVALID i
 packet has been tracked (TRACKED); REPLY marks the reply direction, as Linux's
 ``IP_CT_IS_REPLY`` does. The names printed are nftables' spellings.
 """
+
 NEW = 1
 ESTABLISHED = 2
 RELATED = 4

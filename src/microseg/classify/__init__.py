@@ -24,10 +24,11 @@ and swap the reference. TSS alone also offers in-place updates on its own copy:
 ``clf.impl.add(rule) -> index`` and ``clf.impl.remove(index)`` (or use
 :class:`~microseg.classify.tss.TupleSpace` directly).
 """
+
 from __future__ import annotations
 
 from . import keys
-from .rules import NW, Action, Prefix, Rule, RuleSet
 from .classifier import ALGOS, Classifier, build
+from .rules import NW, Action, Prefix, Rule, RuleSet
 
 __all__ = ["NW", "Action", "Prefix", "Rule", "RuleSet", "ALGOS", "Classifier", "build", "keys"]

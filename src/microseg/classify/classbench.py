@@ -6,14 +6,28 @@ so every rule gets priority 0 and the rule index is the file line order.
 Trace line: ``src dst sport dport proto`` as decimal integers; extra columns are ignored.
 Malformed lines raise :class:`~microseg.errors.InputError` naming the file and line.
 """
+
 from __future__ import annotations
 
 import numpy as np
 
 from ..errors import InputError
 from . import keys as _keys
-from .rules import NW, K_SRC_HI, K_SRC_LO, K_DST_HI, K_DST_LO, K_L4, K_META, SH_PROTO, \
-    SH_TCP_FLAGS, SH_ETHERTYPE, V4_MAPPED, U64, RuleSet
+from .rules import (
+    K_DST_HI,
+    K_DST_LO,
+    K_L4,
+    K_META,
+    K_SRC_HI,
+    K_SRC_LO,
+    NW,
+    SH_ETHERTYPE,
+    SH_PROTO,
+    SH_TCP_FLAGS,
+    U64,
+    V4_MAPPED,
+    RuleSet,
+)
 
 
 def _ipv4(tok: str) -> int:
@@ -32,7 +46,7 @@ def _prefix(tok: str) -> tuple[int, int]:
         raise ValueError(f"bad prefix {tok!r} (want a.b.c.d/0..32)")
     n = int(ln)
     m32 = (0xFFFFFFFF << (32 - n)) & 0xFFFFFFFF
-    mask = (U64 << (32 - n)) & U64           # the 32 mapped bits above plus n address bits
+    mask = (U64 << (32 - n)) & U64  # the 32 mapped bits above plus n address bits
     return (V4_MAPPED | (_ipv4(addr) & m32)) & mask, mask
 
 
@@ -78,7 +92,7 @@ def parse_rule_line(line: str):
     mask = [0] * NW
     val[K_SRC_LO], mask[K_SRC_LO] = sv, sm
     val[K_DST_LO], mask[K_DST_LO] = dv, dm
-    mask[K_SRC_HI] = mask[K_DST_HI] = U64      # IPv4-mapped: the high word is 0
+    mask[K_SRC_HI] = mask[K_DST_HI] = U64  # IPv4-mapped: the high word is 0
     val[K_L4] = pv << SH_PROTO | fv << SH_TCP_FLAGS
     mask[K_L4] = pm << SH_PROTO | fm << SH_TCP_FLAGS
     val[K_META], mask[K_META] = 0x0800 << SH_ETHERTYPE, 0xFFFF << SH_ETHERTYPE
@@ -104,14 +118,15 @@ def load_rules(path) -> RuleSet:
             masks.append(m)
             ports.append(p)
     n = len(vals)
-    return RuleSet.from_arrays(np.array(vals, np.uint64).reshape(n, NW),
-                               np.array(masks, np.uint64).reshape(n, NW),
-                               np.array(ports, np.int64).reshape(n, 4))
+    return RuleSet.from_arrays(
+        np.array(vals, np.uint64).reshape(n, NW),
+        np.array(masks, np.uint64).reshape(n, NW),
+        np.array(ports, np.int64).reshape(n, 4),
+    )
 
 
 _LIMITS = (0xFFFFFFFF, 0xFFFFFFFF, 65535, 65535, 255)
-_NAMES = ("source address", "destination address", "source port", "destination port",
-          "protocol")
+_NAMES = ("source address", "destination address", "source port", "destination port", "protocol")
 
 
 def load_trace_tuples(path, limit: int | None = None) -> np.ndarray:

@@ -1,4 +1,5 @@
 """One interface over the classifier algorithms (see the package docstring)."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -1,4 +1,5 @@
 """`microseg classify`: classify ClassBench trace headers against a ClassBench rule file."""
+
 from __future__ import annotations
 
 import sys
@@ -10,9 +11,12 @@ from .classifier import ALGOS, build
 
 
 def register(sub) -> None:
-    p = sub.add_parser("classify", help="first matching rule for each header of a ClassBench trace",
-                       description="Print, per trace header, the 0-based index of the first "
-                                   "matching rule in the rule file, or -1.")
+    p = sub.add_parser(
+        "classify",
+        help="first matching rule for each header of a ClassBench trace",
+        description="Print, per trace header, the 0-based index of the first "
+        "matching rule in the rule file, or -1.",
+    )
     p.add_argument("--rules", required=True, help="ClassBench filter file")
     p.add_argument("--trace", required=True, help="trace file: src dst sport dport proto")
     p.add_argument("--algo", default="tss", choices=sorted(ALGOS), help="classifier (default tss)")

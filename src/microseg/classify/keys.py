@@ -3,6 +3,7 @@
 Built from the parser's :class:`~microseg.packet.batch.FlowKeys` (plus conntrack state and
 ingress port), or from raw header columns (ClassBench traces carry no packets).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -10,9 +11,24 @@ from numba import njit
 
 from ..errors import InputError
 from ..packet import batch as B
-from .rules import (NW, K_SRC_HI, K_SRC_LO, K_DST_HI, K_DST_LO, K_L4, K_META, K_CT, SH_DPORT,
-                    SH_PROTO, SH_ICMP_TYPE, SH_ICMP_CODE, SH_TCP_FLAGS, SH_IN_PORT,
-                    SH_ETHERTYPE, V4_MAPPED)
+from .rules import (
+    K_CT,
+    K_DST_HI,
+    K_DST_LO,
+    K_L4,
+    K_META,
+    K_SRC_HI,
+    K_SRC_LO,
+    NW,
+    SH_DPORT,
+    SH_ETHERTYPE,
+    SH_ICMP_CODE,
+    SH_ICMP_TYPE,
+    SH_IN_PORT,
+    SH_PROTO,
+    SH_TCP_FLAGS,
+    V4_MAPPED,
+)
 
 _SRC_HI, _SRC_LO, _DST_HI, _DST_LO = B.SRC_HI, B.SRC_LO, B.DST_HI, B.DST_LO
 _TENANT = B.TENANT
@@ -27,14 +43,18 @@ def _from_flowkeys(u64, i32, u16, u8, n, ct, in_port, out):
         out[i, K_SRC_LO] = u64[_SRC_LO, i]
         out[i, K_DST_HI] = u64[_DST_HI, i]
         out[i, K_DST_LO] = u64[_DST_LO, i]
-        out[i, K_L4] = (np.uint64(u16[_SPORT, i]) | (np.uint64(u16[_DPORT, i]) << SH_DPORT)
-                        | (np.uint64(u8[_PROTO, i]) << SH_PROTO)
-                        | (np.uint64(u8[_ICMP_TYPE, i]) << SH_ICMP_TYPE)
-                        | (np.uint64(u8[_ICMP_CODE, i]) << SH_ICMP_CODE)
-                        | (np.uint64(u8[_TCP_FLAGS, i]) << SH_TCP_FLAGS))
+        out[i, K_L4] = (
+            np.uint64(u16[_SPORT, i])
+            | (np.uint64(u16[_DPORT, i]) << SH_DPORT)
+            | (np.uint64(u8[_PROTO, i]) << SH_PROTO)
+            | (np.uint64(u8[_ICMP_TYPE, i]) << SH_ICMP_TYPE)
+            | (np.uint64(u8[_ICMP_CODE, i]) << SH_ICMP_CODE)
+            | (np.uint64(u8[_TCP_FLAGS, i]) << SH_TCP_FLAGS)
+        )
         t = np.uint64(np.uint32(i32[_TENANT, i]))
-        out[i, K_META] = (t | (np.uint64(in_port[i]) << SH_IN_PORT)
-                          | (np.uint64(u16[_ETHERTYPE, i]) << SH_ETHERTYPE))
+        out[i, K_META] = (
+            t | (np.uint64(in_port[i]) << SH_IN_PORT) | (np.uint64(u16[_ETHERTYPE, i]) << SH_ETHERTYPE)
+        )
         out[i, K_CT] = np.uint64(ct[i])
 
 
@@ -68,22 +88,58 @@ def from_flowkeys_ref(keys, ct_state=None, in_port=None) -> np.ndarray:
     out = np.zeros((n, NW), np.uint64)
     for i in range(n):
         r = keys.row(i)
-        out[i] = [r["src_hi"], r["src_lo"], r["dst_hi"], r["dst_lo"],
-                  r["sport"] | r["dport"] << 16 | r["proto"] << 32 | r["icmp_type"] << 40
-                  | r["icmp_code"] << 48 | r["tcp_flags"] << 56,
-                  (r["tenant"] & 0xFFFFFFFF) | int(port[i]) << 32 | r["ethertype"] << 48,
-                  int(ct[i])]
+        out[i] = [
+            r["src_hi"],
+            r["src_lo"],
+            r["dst_hi"],
+            r["dst_lo"],
+            r["sport"]
+            | r["dport"] << 16
+            | r["proto"] << 32
+            | r["icmp_type"] << 40
+            | r["icmp_code"] << 48
+            | r["tcp_flags"] << 56,
+            (r["tenant"] & 0xFFFFFFFF) | int(port[i]) << 32 | r["ethertype"] << 48,
+            int(ct[i]),
+        ]
     return out
 
 
-def from_headers(n=None, *, src_hi=None, src_lo=None, dst_hi=None, dst_lo=None, sport=None,
-                 dport=None, proto=None, icmp_type=None, icmp_code=None, tcp_flags=None,
-                 tenant=-1, in_port=None, ethertype=None, ct_state=None) -> np.ndarray:
+def from_headers(
+    n=None,
+    *,
+    src_hi=None,
+    src_lo=None,
+    dst_hi=None,
+    dst_lo=None,
+    sport=None,
+    dport=None,
+    proto=None,
+    icmp_type=None,
+    icmp_code=None,
+    tcp_flags=None,
+    tenant=-1,
+    in_port=None,
+    ethertype=None,
+    ct_state=None,
+) -> np.ndarray:
     """Packet keys from header columns (arrays or scalars; ``n`` when all are scalars)."""
-    cols = dict(src_hi=src_hi, src_lo=src_lo, dst_hi=dst_hi, dst_lo=dst_lo, sport=sport,
-                dport=dport, proto=proto, icmp_type=icmp_type, icmp_code=icmp_code,
-                tcp_flags=tcp_flags, tenant=tenant, in_port=in_port, ethertype=ethertype,
-                ct_state=ct_state)
+    cols = dict(
+        src_hi=src_hi,
+        src_lo=src_lo,
+        dst_hi=dst_hi,
+        dst_lo=dst_lo,
+        sport=sport,
+        dport=dport,
+        proto=proto,
+        icmp_type=icmp_type,
+        icmp_code=icmp_code,
+        tcp_flags=tcp_flags,
+        tenant=tenant,
+        in_port=in_port,
+        ethertype=ethertype,
+        ct_state=ct_state,
+    )
     if n is None:
         lens = {np.asarray(v).shape[0] for v in cols.values() if v is not None and np.ndim(v)}
         if len(lens) != 1:
@@ -101,9 +157,14 @@ def from_headers(n=None, *, src_hi=None, src_lo=None, dst_hi=None, dst_lo=None, 
     out[:, K_DST_HI] = c["dst_hi"]
     out[:, K_DST_LO] = c["dst_lo"]
     sh = lambda a, s: a << np.uint64(s)  # noqa: E731
-    out[:, K_L4] = (c["sport"] | sh(c["dport"], SH_DPORT) | sh(c["proto"], SH_PROTO)
-                    | sh(c["icmp_type"], SH_ICMP_TYPE) | sh(c["icmp_code"], SH_ICMP_CODE)
-                    | sh(c["tcp_flags"], SH_TCP_FLAGS))
+    out[:, K_L4] = (
+        c["sport"]
+        | sh(c["dport"], SH_DPORT)
+        | sh(c["proto"], SH_PROTO)
+        | sh(c["icmp_type"], SH_ICMP_TYPE)
+        | sh(c["icmp_code"], SH_ICMP_CODE)
+        | sh(c["tcp_flags"], SH_TCP_FLAGS)
+    )
     out[:, K_META] = c["tenant"] | sh(c["in_port"], SH_IN_PORT) | sh(c["ethertype"], SH_ETHERTYPE)
     out[:, K_CT] = c["ct_state"]
     return out
@@ -114,6 +175,13 @@ def from_ipv4_tuples(src, dst, sport, dport, proto) -> np.ndarray:
     src = np.asarray(src, np.uint64)
     dst = np.asarray(dst, np.uint64)
     m = np.uint64(V4_MAPPED)
-    return from_headers(src_hi=np.zeros(src.shape[0], np.uint64), src_lo=src | m, dst_hi=0,
-                        dst_lo=dst | m, sport=sport, dport=dport, proto=proto,
-                        ethertype=0x0800)
+    return from_headers(
+        src_hi=np.zeros(src.shape[0], np.uint64),
+        src_lo=src | m,
+        dst_hi=0,
+        dst_lo=dst | m,
+        sport=sport,
+        dport=dport,
+        proto=proto,
+        ethertype=0x0800,
+    )

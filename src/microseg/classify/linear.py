@@ -2,13 +2,14 @@
 
 NumPy over (packet chunk x rules); a plain-Python per-packet reference sits beside it.
 """
+
 from __future__ import annotations
 
 import numpy as np
 
-from .rules import NW, K_L4, P_SPORT_LO, P_SPORT_HI, P_DPORT_LO, P_DPORT_HI, RuleSet
+from .rules import K_L4, NW, P_DPORT_HI, P_DPORT_LO, P_SPORT_HI, P_SPORT_LO, RuleSet
 
-_CELLS = 1 << 22      # packets x rules evaluated per step (bounds memory)
+_CELLS = 1 << 22  # packets x rules evaluated per step (bounds memory)
 
 
 def match_matrix(rs: RuleSet, K: np.ndarray, rules: np.ndarray | None = None) -> np.ndarray:
@@ -37,10 +38,10 @@ def classify_linear(rs: RuleSet, K: np.ndarray) -> np.ndarray:
     order = rs.order
     step = max(1, _CELLS // m)
     for s in range(0, n, step):
-        ok = match_matrix(rs, K[s:s + step], order)
+        ok = match_matrix(rs, K[s : s + step], order)
         first = ok.argmax(1)
         hit = ok[np.arange(ok.shape[0]), first]
-        out[s:s + step] = np.where(hit, order[first], -1)
+        out[s : s + step] = np.where(hit, order[first], -1)
     return out
 
 
@@ -53,8 +54,11 @@ def classify_ref(rs: RuleSet, K: np.ndarray) -> np.ndarray:
     for i, k in enumerate(K.tolist()):
         sp, dp = k[K_L4] & 0xFFFF, (k[K_L4] >> 16) & 0xFFFF
         for j in rs.order.tolist():
-            if all((k[w] & mask[j][w]) == val[j][w] for w in range(NW)) and \
-                    ports[j][0] <= sp <= ports[j][1] and ports[j][2] <= dp <= ports[j][3]:
+            if (
+                all((k[w] & mask[j][w]) == val[j][w] for w in range(NW))
+                and ports[j][0] <= sp <= ports[j][1]
+                and ports[j][2] <= dp <= ports[j][3]
+            ):
                 out[i] = j
                 break
     return out

@@ -14,12 +14,13 @@ below, ``K_*``). A compiled rule is the same words as (value, mask) pairs plus t
 ranges, so a rule matches key ``k`` iff ``k & mask == value`` word by word and both ports lie
 in their ranges. The key words double as the flow key of the exact-match/megaflow caches.
 """
+
 from __future__ import annotations
 
 import enum
 import ipaddress
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -27,11 +28,11 @@ from ..errors import InputError
 
 # ---- packet key layout (NW uint64 words per packet) -----------------------------------------
 K_SRC_HI, K_SRC_LO, K_DST_HI, K_DST_LO = 0, 1, 2, 3
-K_L4 = 4      # sport bits 0-15, dport 16-31, proto 32-39, icmp type 40-47, icmp code 48-55,
-              # tcp flags 56-63
-K_META = 5    # tenant (int32 as uint32, -1 = untunnelled) bits 0-31, in_port 32-47,
-              # ethertype 48-63
-K_CT = 6      # conntrack state bits 0-7
+K_L4 = 4  # sport bits 0-15, dport 16-31, proto 32-39, icmp type 40-47, icmp code 48-55,
+# tcp flags 56-63
+K_META = 5  # tenant (int32 as uint32, -1 = untunnelled) bits 0-31, in_port 32-47,
+# ethertype 48-63
+K_CT = 6  # conntrack state bits 0-7
 NW = 7
 
 SH_SPORT, SH_DPORT, SH_PROTO, SH_ICMP_TYPE, SH_ICMP_CODE, SH_TCP_FLAGS = 0, 16, 32, 40, 48, 56
@@ -73,8 +74,8 @@ class Prefix:
         object.__setattr__(self, "lo", v & U64)
 
     @classmethod
-    def parse(cls, text: str) -> "Prefix":
-        """"10.0.0.0/8", "10.1.2.3" (a /32), "2001:db8::/32"; host bits are cleared."""
+    def parse(cls, text: str) -> Prefix:
+        """ "10.0.0.0/8", "10.1.2.3" (a /32), "2001:db8::/32"; host bits are cleared."""
         try:
             net = ipaddress.ip_network(str(text).strip(), strict=False)
         except ValueError as exc:
@@ -82,7 +83,7 @@ class Prefix:
         return cls.from_network(net)
 
     @classmethod
-    def from_network(cls, net) -> "Prefix":
+    def from_network(cls, net) -> Prefix:
         if net.version == 4:
             v = V4_MAPPED | int(net.network_address)
             return cls(0, v, 96 + net.prefixlen)
@@ -90,7 +91,7 @@ class Prefix:
         return cls(v >> 64, v & U64, net.prefixlen)
 
     @classmethod
-    def ipv4(cls, addr: int, length: int) -> "Prefix":
+    def ipv4(cls, addr: int, length: int) -> Prefix:
         """An IPv4 prefix from a 32-bit integer address and a length 0..32."""
         if not 0 <= length <= 32:
             raise InputError(f"IPv4 prefix length {length} out of range 0..32")
@@ -131,14 +132,14 @@ class Rule:
 
     priority: int = 0
     action: Action = Action.DROP
-    rule_id: int = 0                  # cookie naming the source rule (policy compiler's)
-    tenant: int | None = None         # VNI/VSID; -1 = packets that came in no tunnel
+    rule_id: int = 0  # cookie naming the source rule (policy compiler's)
+    tenant: int | None = None  # VNI/VSID; -1 = packets that came in no tunnel
     in_port: int | None = None
     ethertype: int | None = None
     src: Prefix | None = None
     dst: Prefix | None = None
     proto: int | None = None
-    proto_mask: int = 0xFF            # only used when proto is set
+    proto_mask: int = 0xFF  # only used when proto is set
     sport: tuple[int, int] = (0, 65535)
     dport: tuple[int, int] = (0, 65535)
     icmp_type: int | None = None
@@ -229,8 +230,7 @@ class RuleSet:
     actions with ``-1`` becoming ``default`` (DROP: default deny).
     """
 
-    __slots__ = ("rules", "version", "val", "mask", "ports", "priority", "action", "rule_id",
-                 "rank", "order")
+    __slots__ = ("rules", "version", "val", "mask", "ports", "priority", "action", "rule_id", "rank", "order")
     rules: tuple
     version: int
     val: np.ndarray
@@ -257,9 +257,16 @@ class RuleSet:
             mask[i] = m
             ports[i] = (r.sport[0], r.sport[1], r.dport[0], r.dport[1])
         prio = np.array([r.priority for r in rules], np.int64)
-        self._init(rules, val, mask, ports, prio,
-                   np.array([int(r.action) for r in rules], np.uint8),
-                   np.array([r.rule_id for r in rules], np.int64), version)
+        self._init(
+            rules,
+            val,
+            mask,
+            ports,
+            prio,
+            np.array([int(r.action) for r in rules], np.uint8),
+            np.array([r.rule_id for r in rules], np.int64),
+            version,
+        )
 
     def _init(self, rules, val, mask, ports, prio, action, rule_id, version):
         n = val.shape[0]
@@ -269,16 +276,24 @@ class RuleSet:
         s = object.__setattr__
         s(self, "rules", rules)
         s(self, "version", int(next(_versions) if version is None else version))
-        for name, arr in (("val", val), ("mask", mask), ("ports", ports), ("priority", prio),
-                          ("action", action), ("rule_id", rule_id), ("rank", rank),
-                          ("order", order)):
+        for name, arr in (
+            ("val", val),
+            ("mask", mask),
+            ("ports", ports),
+            ("priority", prio),
+            ("action", action),
+            ("rule_id", rule_id),
+            ("rank", rank),
+            ("order", order),
+        ):
             arr = np.ascontiguousarray(arr)
             arr.setflags(write=False)
             s(self, name, arr)
 
     @classmethod
-    def from_arrays(cls, val, mask, ports, priority=None, action=None, rule_id=None,
-                    version: int | None = None) -> "RuleSet":
+    def from_arrays(
+        cls, val, mask, ports, priority=None, action=None, rule_id=None, version: int | None = None
+    ) -> RuleSet:
         """Compile straight from arrays (large generated sets; no Rule objects kept)."""
         val = np.asarray(val, np.uint64)
         mask = np.asarray(mask, np.uint64)
@@ -288,8 +303,12 @@ class RuleSet:
             raise InputError("rule arrays have inconsistent shapes")
         if np.any(val & ~mask):
             raise InputError("rule value has bits outside its mask")
-        if n and (ports.min() < 0 or ports.max() > 65535 or np.any(ports[:, 0] > ports[:, 1])
-                  or np.any(ports[:, 2] > ports[:, 3])):
+        if n and (
+            ports.min() < 0
+            or ports.max() > 65535
+            or np.any(ports[:, 0] > ports[:, 1])
+            or np.any(ports[:, 2] > ports[:, 3])
+        ):
             raise InputError("bad port range in rule arrays")
         prio = np.zeros(n, np.int64) if priority is None else np.asarray(priority, np.int64)
         act = np.full(n, int(Action.DROP), np.uint8) if action is None else np.asarray(action, np.uint8)
@@ -316,5 +335,7 @@ class RuleSet:
         return out
 
     def nbytes(self) -> int:
-        return sum(getattr(self, a).nbytes for a in ("val", "mask", "ports", "priority",
-                                                     "action", "rule_id", "rank", "order"))
+        return sum(
+            getattr(self, a).nbytes
+            for a in ("val", "mask", "ports", "priority", "action", "rule_id", "rank", "order")
+        )

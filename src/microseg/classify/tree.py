@@ -15,12 +15,13 @@ Lookup (a Numba kernel over the batch): for each tree in order of its best rule,
 rule cannot beat the match already found, walk to a leaf and scan it until the first match or
 a rule ranked below the current best.
 """
+
 from __future__ import annotations
 
 import numpy as np
 from numba import njit
 
-from .rules import NW, K_SRC_HI, K_SRC_LO, K_DST_HI, K_DST_LO, K_L4, K_META, RuleSet
+from .rules import K_DST_HI, K_DST_LO, K_L4, K_META, K_SRC_HI, K_SRC_LO, NW, RuleSet
 
 _NOCUT = -1
 # cut dimensions: 0..NW-1 are key words cut as mask bits (K_L4 only above bit 32);
@@ -152,8 +153,9 @@ def _choose(val, mask, ports, R, fixed, sp_lo, sp_k, dp_lo, dp_k, spfac, cnt):
             # stop the window at the first already-cut bit below h
             floor = 32 if d == K_L4 else 0
             lim = 0
-            while lim < _MAXNB and h - lim >= floor and \
-                    ((fixed[d] >> np.uint64(h - lim)) & np.uint64(1)) == 0:
+            while (
+                lim < _MAXNB and h - lim >= floor and ((fixed[d] >> np.uint64(h - lim)) & np.uint64(1)) == 0
+            ):
                 lim += 1
         else:
             k = sp_k if d == D_SPORT else dp_k
@@ -292,11 +294,11 @@ def _grow(a, need):
 @njit(cache=True)
 def _build(val, mask, ports, R0, binth, spfac, max_depth, max_entries, prune_at):
     """One tree over rules R0 (ranks, ascending). Node 0 is the root."""
-    nw = np.empty(64, np.int64)       # word (or -1 leaf)
-    nsh = np.empty(64, np.int64)      # shift
-    nm = np.empty(64, np.uint64)      # child index mask
-    na = np.empty(64, np.int64)       # child base / leaf start
-    nbn = np.empty(64, np.int64)      # leaf length
+    nw = np.empty(64, np.int64)  # word (or -1 leaf)
+    nsh = np.empty(64, np.int64)  # shift
+    nm = np.empty(64, np.uint64)  # child index mask
+    na = np.empty(64, np.int64)  # child base / leaf start
+    nbn = np.empty(64, np.int64)  # leaf length
     child = np.empty(256, np.int64)
     leaf = np.empty(max(16, R0.shape[0]), np.int64)
     nn = 1
@@ -307,7 +309,7 @@ def _build(val, mask, ports, R0, binth, spfac, max_depth, max_entries, prune_at)
     s_node = [0]
     s_rules = [R0]
     s_fixed = [np.zeros(NW, np.uint64)]
-    s_reg = [np.array([0, 16, 0, 16, 0], np.int64)]   # sp_lo, sp_k, dp_lo, dp_k, depth
+    s_reg = [np.array([0, 16, 0, 16, 0], np.int64)]  # sp_lo, sp_k, dp_lo, dp_k, depth
     while len(s_node) > 0:
         node = s_node.pop()
         R = s_rules.pop()
@@ -318,29 +320,30 @@ def _build(val, mask, ports, R0, binth, spfac, max_depth, max_entries, prune_at)
         m = R.shape[0]
         dim = -1
         if m > binth and reg[4] < max_depth and nl < max_entries:
-            dim, shift, nb, mx = _choose(val, mask, ports, R, fixed, reg[0], reg[1], reg[2],
-                                         reg[3], spfac, cnt)
+            dim, shift, nb, mx = _choose(
+                val, mask, ports, R, fixed, reg[0], reg[1], reg[2], reg[3], spfac, cnt
+            )
             if mx >= m:
                 dim = -1
         if dim < 0 and m > prune_at:
             R = _prune(val, mask, ports, R, fixed, reg)
             m = R.shape[0]
             if m > binth and reg[4] < max_depth and nl < max_entries:
-                dim, shift, nb, mx = _choose(val, mask, ports, R, fixed, reg[0], reg[1],
-                                             reg[2], reg[3], spfac, cnt)
+                dim, shift, nb, mx = _choose(
+                    val, mask, ports, R, fixed, reg[0], reg[1], reg[2], reg[3], spfac, cnt
+                )
                 if mx >= m:
                     dim = -1
         if dim < 0:
             leaf = _grow(leaf, nl + m)
-            leaf[nl:nl + m] = R
+            leaf[nl : nl + m] = R
             nw[node] = -1
             na[node] = nl
             nbn[node] = m
             nl += m
             continue
         ncs = 1 << nb
-        off, buf = _child_lists(val, mask, ports, R, dim, shift, nb, reg[0], reg[1], reg[2],
-                                reg[3])
+        off, buf = _child_lists(val, mask, ports, R, dim, shift, nb, reg[0], reg[1], reg[2], reg[3])
         base = nc
         child = _grow(child, nc + ncs)
         nc += ncs
@@ -351,10 +354,10 @@ def _build(val, mask, ports, R0, binth, spfac, max_depth, max_entries, prune_at)
         nbn[node] = 0
         prev = -1
         for c in range(ncs):
-            cs = buf[off[c]:off[c + 1]]
+            cs = buf[off[c] : off[c + 1]]
             if prev >= 0 and off[c + 1] - off[c] == off[c] - off[c - 1]:
                 same = True
-                ps = buf[off[c - 1]:off[c]]
+                ps = buf[off[c - 1] : off[c]]
                 for q in range(cs.shape[0]):
                     if cs[q] != ps[q]:
                         same = False
@@ -401,6 +404,8 @@ def _pack_nodes(nw, nsh, nbits, na, nbn):
     if nbn.size and nbn.max() > _MAX_LEAF:
         raise ValueError("decision tree leaf too large")
     return np.where(inner, nw | nsh << 4 | nbits << 10 | na << 28, _LEAF | nbn << 4 | na << 28)
+
+
 _REC = 16
 
 
@@ -441,8 +446,9 @@ def _lookup(K, n, troot, tbest, cw, rec, order, best, out):
                 continue
             a = root
             while (a & 0xF) != _LEAF:
-                c = np.int64((K[i, a & 0xF] >> np.uint64((a >> 4) & 0x3F))
-                             & np.uint64((1 << ((a >> 10) & 0xF)) - 1))
+                c = np.int64(
+                    (K[i, a & 0xF] >> np.uint64((a >> 4) & 0x3F)) & np.uint64((1 << ((a >> 10) & 0xF)) - 1)
+                )
                 a = cw[(a >> 28) + c]
             s = a >> 28
             e = s + ((a >> 4) & 0xFFFFFF)
@@ -456,16 +462,26 @@ def _lookup(K, n, troot, tbest, cw, rec, order, best, out):
                 r = np.int64(rec[j, 7])
                 if r >= bi:
                     break
-                if (k1 & rec[j, 1]) != rec[j, 0] or (k3 & rec[j, 3]) != rec[j, 2] \
-                        or (k4 & rec[j, 5]) != rec[j, 4]:
+                if (
+                    (k1 & rec[j, 1]) != rec[j, 0]
+                    or (k3 & rec[j, 3]) != rec[j, 2]
+                    or (k4 & rec[j, 5]) != rec[j, 4]
+                ):
                     continue
                 pw = rec[j, 6]
-                if sp < (pw & M16) or sp > ((pw >> np.uint64(16)) & M16) \
-                        or dp < ((pw >> np.uint64(32)) & M16) or dp > (pw >> np.uint64(48)):
+                if (
+                    sp < (pw & M16)
+                    or sp > ((pw >> np.uint64(16)) & M16)
+                    or dp < ((pw >> np.uint64(32)) & M16)
+                    or dp > (pw >> np.uint64(48))
+                ):
                     continue
-                if (K[i, 5] & rec[j, 9]) == rec[j, 8] and (K[i, 0] & rec[j, 11]) == rec[j, 10] \
-                        and (K[i, 2] & rec[j, 13]) == rec[j, 12] \
-                        and (K[i, 6] & rec[j, 15]) == rec[j, 14]:
+                if (
+                    (K[i, 5] & rec[j, 9]) == rec[j, 8]
+                    and (K[i, 0] & rec[j, 11]) == rec[j, 10]
+                    and (K[i, 2] & rec[j, 13]) == rec[j, 12]
+                    and (K[i, 6] & rec[j, 15]) == rec[j, 14]
+                ):
                     best[i] = r
                     break
     for i in range(n):
@@ -516,9 +532,17 @@ class DecisionTree:
 
     algo = "tree"
 
-    def __init__(self, rs: RuleSet, binth: int = 8, spfac: float = 8.0, max_depth: int = 24,
-                 partitions: bool = True, prune_at: int = 256, min_part: int | None = None,
-                 port_bits: bool = False):
+    def __init__(
+        self,
+        rs: RuleSet,
+        binth: int = 8,
+        spfac: float = 8.0,
+        max_depth: int = 24,
+        partitions: bool = True,
+        prune_at: int = 256,
+        min_part: int | None = None,
+        port_bits: bool = False,
+    ):
         self.ruleset = rs
         order = rs.order.astype(np.int64)
         # rule data in rank order: leaf entries are ranks
@@ -539,8 +563,16 @@ class DecisionTree:
         self.stats = []
         for best, R in parts:
             nw, nsh, nm, na, nbn, child, leaf = _build(
-                self.val, self.mask, self.ports, R, int(binth), float(spfac), int(max_depth),
-                int(24 * max(R.shape[0], 1024)), int(prune_at))
+                self.val,
+                self.mask,
+                self.ports,
+                R,
+                int(binth),
+                float(spfac),
+                int(max_depth),
+                int(24 * max(R.shape[0], 1024)),
+                int(prune_at),
+            )
             inner = nw >= 0
             na = na.copy()
             na[inner] += coff
@@ -554,9 +586,14 @@ class DecisionTree:
             leaves.append(leaf)
             roots.append(noff)
             bests.append(best)
-            self.stats.append({"rules": int(R.shape[0]), "nodes": int(nw.shape[0]),
-                               "leaf_entries": int(leaf.shape[0]),
-                               "max_leaf": int(nbn[~inner].max()) if (~inner).any() else 0})
+            self.stats.append(
+                {
+                    "rules": int(R.shape[0]),
+                    "nodes": int(nw.shape[0]),
+                    "leaf_entries": int(leaf.shape[0]),
+                    "max_leaf": int(nbn[~inner].max()) if (~inner).any() else 0,
+                }
+            )
             noff += nw.shape[0]
             coff += child.shape[0]
             loff += leaf.shape[0]
@@ -570,7 +607,7 @@ class DecisionTree:
         inner = nw >= 0
         nbits[inner] = _popcount(nm[inner])
         words = _pack_nodes(nw, nsh, nbits, na, nbn)
-        self.cw = np.ascontiguousarray(words[cat(childs, np.int64)])   # child slots hold nodes
+        self.cw = np.ascontiguousarray(words[cat(childs, np.int64)])  # child slots hold nodes
         leaf = cat(leaves, np.int64)
         self.troot = np.ascontiguousarray(words[np.array(roots, np.int64)])
         self.tbest = np.array(bests, np.int64)
@@ -585,10 +622,8 @@ class DecisionTree:
         K = np.ascontiguousarray(K, np.uint64)
         out = np.empty(K.shape[0], np.int32)
         best = np.empty(K.shape[0], np.int64)
-        _lookup(K, K.shape[0], self.troot, self.tbest, self.cw, self.rec,
-                self.order, best, out)
+        _lookup(K, K.shape[0], self.troot, self.tbest, self.cw, self.rec, self.order, best, out)
         return out
 
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in (self.cw, self.rec, self.troot, self.tbest,
-                                      self.order))
+        return sum(a.nbytes for a in (self.cw, self.rec, self.troot, self.tbest, self.order))

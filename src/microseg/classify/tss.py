@@ -11,12 +11,13 @@ the tuple order (O(T log T) for T tuples), with no rebuild. The union of the mas
 tuples a lookup visited is an exact megaflow mask for that packet (OVS's wildcard
 tracking): every key that agrees with it on those bits gets the same answer.
 """
+
 from __future__ import annotations
 
 import numpy as np
 from numba import njit
 
-from .rules import NW, K_L4, Rule, RuleSet
+from .rules import K_L4, NW, Rule, RuleSet
 
 _EMPTY, _LIVE, _TOMB = 0, 1, 2
 _M1 = np.uint64(0x9E3779B97F4A7C15)
@@ -71,8 +72,7 @@ def _find(pkey, pstate, base, cap, key):
 
 
 @njit(cache=True)
-def _lookup(K, n, tmask, tprio, tidx, tbase, tcap, order, nt, pkey, pstate, pprio, pidx,
-            out, wc, track):
+def _lookup(K, n, tmask, tprio, tidx, tbase, tcap, order, nt, pkey, pstate, pprio, pidx, out, wc, track):
     for i in range(n):
         bp = np.int64(0)
         bi = np.int64(-1)
@@ -102,9 +102,15 @@ def _lookup(K, n, tmask, tprio, tidx, tbase, tcap, order, nt, pkey, pstate, ppri
                     break
                 if st == _LIVE:
                     r = base + s
-                    if (pkey[r, 0] == k0 and pkey[r, 1] == k1 and pkey[r, 2] == k2
-                            and pkey[r, 3] == k3 and pkey[r, 4] == k4 and pkey[r, 5] == k5
-                            and pkey[r, 6] == k6):
+                    if (
+                        pkey[r, 0] == k0
+                        and pkey[r, 1] == k1
+                        and pkey[r, 2] == k2
+                        and pkey[r, 3] == k3
+                        and pkey[r, 4] == k4
+                        and pkey[r, 5] == k5
+                        and pkey[r, 6] == k6
+                    ):
                         p = pprio[r]
                         x = pidx[r]
                         if bi < 0 or p > bp or (p == bp and x < bi):
@@ -142,9 +148,9 @@ class TupleSpace:
         self._prio: list[int] = []
         self._live: list[bool] = []
         self._tuples: dict[tuple, int] = {}
-        self._tkeys: list[dict] = []          # per tuple: key -> sorted [(-prio, idx), ...]
-        self._tb: list = []                   # per tuple: best (-prio, idx) it holds
-        self._vm: list = []                   # per rule: (val, mask, ports)
+        self._tkeys: list[dict] = []  # per tuple: key -> sorted [(-prio, idx), ...]
+        self._tb: list = []  # per tuple: best (-prio, idx) it holds
+        self._vm: list = []  # per rule: (val, mask, ports)
         nt0 = 16
         self.tmask = np.zeros((nt0, NW), np.uint64)
         self.tprio = np.zeros(nt0, np.int64)
@@ -156,8 +162,7 @@ class TupleSpace:
         self._pool(1024)
         self.order = np.zeros(0, np.int32)
         for j in range(len(ruleset)):
-            self._add(ruleset.val[j], ruleset.mask[j], ruleset.ports[j],
-                      int(ruleset.priority[j]))
+            self._add(ruleset.val[j], ruleset.mask[j], ruleset.ports[j], int(ruleset.priority[j]))
         self._resort()
 
     # -- storage ----------------------------------------------------------------------------
@@ -169,8 +174,12 @@ class TupleSpace:
         pidx = np.zeros(cap, np.int64)
         if old is not None:
             k = self._alloc
-            pkey[:k], pstate[:k], pprio[:k], pidx[:k] = (self.pkey[:k], self.pstate[:k],
-                                                         self.pprio[:k], self.pidx[:k])
+            pkey[:k], pstate[:k], pprio[:k], pidx[:k] = (
+                self.pkey[:k],
+                self.pstate[:k],
+                self.pprio[:k],
+                self.pidx[:k],
+            )
         self.pkey, self.pstate, self.pprio, self.pidx = pkey, pstate, pprio, pidx
 
     def _region(self, cap):
@@ -196,7 +205,7 @@ class TupleSpace:
             c = int(self.tcap[t])
             ob = int(self.tbase[t])
             for a, o in zip((self.pkey, self.pstate, self.pprio, self.pidx), old):
-                a[b:b + c] = o[ob:ob + c]
+                a[b : b + c] = o[ob : ob + c]
             self.tbase[t] = b
             b += c
         self._alloc = b
@@ -291,9 +300,12 @@ class TupleSpace:
     def add(self, rule: Rule) -> int:
         """Insert ``rule``; returns its index (what ``classify`` reports for it)."""
         v, m = rule.words()
-        idx = self._add(np.array(v, np.uint64), np.array(m, np.uint64),
-                        (rule.sport[0], rule.sport[1], rule.dport[0], rule.dport[1]),
-                        int(rule.priority))
+        idx = self._add(
+            np.array(v, np.uint64),
+            np.array(m, np.uint64),
+            (rule.sport[0], rule.sport[1], rule.dport[0], rule.dport[1]),
+            int(rule.priority),
+        )
         self._resort()
         return idx
 
@@ -332,13 +344,41 @@ class TupleSpace:
         n = K.shape[0]
         out = np.empty(n, np.int64)
         wc = np.zeros((n if wildcards else 1, NW), np.uint64)
-        _lookup(K, n, self.tmask, self.tprio, self.tidx, self.tbase, self.tcap, self.order,
-                self.order.shape[0], self.pkey, self.pstate, self.pprio, self.pidx, out, wc,
-                wildcards)
+        _lookup(
+            K,
+            n,
+            self.tmask,
+            self.tprio,
+            self.tidx,
+            self.tbase,
+            self.tcap,
+            self.order,
+            self.order.shape[0],
+            self.pkey,
+            self.pstate,
+            self.pprio,
+            self.pidx,
+            out,
+            wc,
+            wildcards,
+        )
         out = out.astype(np.int32)
         return (out, wc) if wildcards else out
 
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in (self.tmask, self.tprio, self.tidx, self.tbase, self.tcap,
-                                      self.tused, self.pkey, self.pstate, self.pprio, self.pidx,
-                                      self.order))
+        return sum(
+            a.nbytes
+            for a in (
+                self.tmask,
+                self.tprio,
+                self.tidx,
+                self.tbase,
+                self.tcap,
+                self.tused,
+                self.pkey,
+                self.pstate,
+                self.pprio,
+                self.pidx,
+                self.order,
+            )
+        )

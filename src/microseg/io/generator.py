@@ -10,8 +10,8 @@ Traffic: full TCP conversations (handshake, data in MSS-sized segments acknowled
 second segment, FIN close) with a heavy-tailed (Pareto) response size, TLS 1.3 on tcp/443
 (ClientHello / ServerHello / ChangeCipherSpec / application-data records), DNS over UDP (and
 ICMP port unreachable when a server is down), ICMP echo, flows the policy forbids, and attacks
-(port scan, cross-tenant spoofing, invalid TCP, SYN flood). Packets travel VXLAN-, GENEVE- or NVGRE-encapsulated between the workloads'
-hosts (VNI = tenant), or untunnelled.
+(port scan, cross-tenant spoofing, invalid TCP, SYN flood). Packets travel VXLAN-, GENEVE- or
+NVGRE-encapsulated between the workloads' hosts (VNI = tenant), or untunnelled.
 
 How it is fast: flow planning is Python per flow (a handful of "messages" each); expanding
 messages into packets (segmentation, sequence/acknowledgement numbers, timestamps) is NumPy
@@ -23,6 +23,7 @@ Ground truth comes from the scenario (which flows were drawn from the policy's a
 denied connections, which packets are attacks) and :class:`~microseg.io.scenario.Intent`;
 it never runs the datapath. See ``docs/generator.md`` for the rules.
 """
+
 from __future__ import annotations
 
 import ipaddress
@@ -36,8 +37,7 @@ from numba import njit
 from .. import ctstate
 from ..errors import InputError
 from ..packet.batch import LINK_ETHERNET, Batch
-from ..packet.checksum import (csum_fold, csum_partial, inet_checksum, ipv4_header_checksum,
-                               pseudo_header_sum)
+from ..packet.checksum import csum_fold, csum_partial, inet_checksum, ipv4_header_checksum, pseudo_header_sum
 from .scenario import ICMP, ICMP6, TCP, UDP, Flow5, Intent, ScenarioConfig, address_of
 
 # verdict codes (the same numbers as microseg.policy.verdict)
@@ -52,19 +52,19 @@ M_HS, M_DATA, M_CLOSE, M_ONE = 0, 1, 2, 3
 
 # payload fill after the explicit bytes of a message
 FILL_POOL, FILL_TLS = 0, 1
-TLS_REC = 5 + 16384 + 17          # one full TLS 1.3 application-data record on the wire
-POOL_SIZE = 1 << 20               # pseudo-random payload bytes (power of two)
+TLS_REC = 5 + 16384 + 17  # one full TLS 1.3 application-data record on the wire
+POOL_SIZE = 1 << 20  # pseudo-random payload bytes (power of two)
 
-INNER_MTU_TUNNEL = 1450           # the usual overlay MTU (1500 minus VXLAN's 50 bytes)
+INNER_MTU_TUNNEL = 1450  # the usual overlay MTU (1500 minus VXLAN's 50 bytes)
 INNER_MTU_PLAIN = 1500
 WINDOW = 64240
 TTL = 64
 VXLAN_PORT, GENEVE_PORT = 4789, 6081
-ETH_P_TEB = 0x6558                # transparent Ethernet bridging (GENEVE, NVGRE payload)
+ETH_P_TEB = 0x6558  # transparent Ethernet bridging (GENEVE, NVGRE payload)
 
 # the invalid flag combinations Linux conntrack marks INVALID (see tests/vectors/conntrack)
 BAD_FLAGS = (SYN | FIN, 0, SYN | RST, FIN | PSH | URG, SYN | FIN | PSH | URG)
-OOW_DELTA = 10_000_000            # an out-of-window segment's distance beyond the window
+OOW_DELTA = 10_000_000  # an out-of-window segment's distance beyond the window
 
 
 # ---------------------------------------------------------------------------------------------
@@ -83,8 +83,7 @@ class GroundTruth:
 
     FIELDS = ("verdict", "ct", "reason", "label", "cause", "flow", "dir", "tenant")
 
-    def __init__(self, verdict, ct, reason, label, cause, flow, dir, tenant, reasons, labels,
-                 causes):
+    def __init__(self, verdict, ct, reason, label, cause, flow, dir, tenant, reasons, labels, causes):
         self.verdict, self.ct, self.reason, self.label = verdict, ct, reason, label
         self.cause, self.flow, self.dir, self.tenant = cause, flow, dir, tenant
         self.reasons, self.labels, self.causes = list(reasons), list(labels), list(causes)
@@ -94,10 +93,14 @@ class GroundTruth:
 
     def record(self, i: int) -> dict:
         return {
-            "i": int(i), "flow": int(self.flow[i]), "dir": "reply" if self.dir[i] else "orig",
-            "tenant": int(self.tenant[i]), "verdict": VERDICT_NAMES[int(self.verdict[i])],
+            "i": int(i),
+            "flow": int(self.flow[i]),
+            "dir": "reply" if self.dir[i] else "orig",
+            "tenant": int(self.tenant[i]),
+            "verdict": VERDICT_NAMES[int(self.verdict[i])],
             "ct": ctstate.state_name(int(self.ct[i])) if self.ct[i] else None,
-            "reason": self.reasons[int(self.reason[i])], "cause": self.causes[int(self.cause[i])],
+            "reason": self.reasons[int(self.reason[i])],
+            "cause": self.causes[int(self.cause[i])],
             "label": self.labels[int(self.label[i])],
         }
 
@@ -110,20 +113,33 @@ class GroundTruth:
                 c = int(self.ct[i])
                 if c not in ct_names:
                     ct_names[c] = json.dumps(ctstate.state_name(c))
-                f.write('{"i":%d,"flow":%d,"dir":"%s","tenant":%d,"verdict":"%s","ct":%s,'
-                        '"reason":%s,"cause":"%s","label":"%s"}\n' % (
-                            i, self.flow[i], "reply" if self.dir[i] else "orig", self.tenant[i],
-                            names_v[self.verdict[i]], ct_names[c],
-                            json.dumps(self.reasons[self.reason[i]]), self.causes[self.cause[i]],
-                            self.labels[self.label[i]]))
+                f.write(
+                    '{"i":%d,"flow":%d,"dir":"%s","tenant":%d,"verdict":"%s","ct":%s,'
+                    '"reason":%s,"cause":"%s","label":"%s"}\n'
+                    % (
+                        i,
+                        self.flow[i],
+                        "reply" if self.dir[i] else "orig",
+                        self.tenant[i],
+                        names_v[self.verdict[i]],
+                        ct_names[c],
+                        json.dumps(self.reasons[self.reason[i]]),
+                        self.causes[self.cause[i]],
+                        self.labels[self.label[i]],
+                    )
+                )
 
     def save_npz(self, path: str) -> None:
-        np.savez_compressed(path, **{k: getattr(self, k) for k in self.FIELDS},
-                            reasons=np.array(self.reasons), labels=np.array(self.labels),
-                            causes=np.array(self.causes))
+        np.savez_compressed(
+            path,
+            **{k: getattr(self, k) for k in self.FIELDS},
+            reasons=np.array(self.reasons),
+            labels=np.array(self.labels),
+            causes=np.array(self.causes),
+        )
 
     @classmethod
-    def load_npz(cls, path: str) -> "GroundTruth":
+    def load_npz(cls, path: str) -> GroundTruth:
         try:
             z = np.load(path, allow_pickle=False)
             arrays = {k: z[k] for k in cls.FIELDS}
@@ -132,9 +148,10 @@ class GroundTruth:
             raise InputError(f"not a ground-truth file: {exc}", path) from None
         return cls(**arrays, **names)
 
-    def select(self, idx) -> "GroundTruth":
-        return GroundTruth(*(getattr(self, k)[idx] for k in self.FIELDS), self.reasons,
-                           self.labels, self.causes)
+    def select(self, idx) -> GroundTruth:
+        return GroundTruth(
+            *(getattr(self, k)[idx] for k in self.FIELDS), self.reasons, self.labels, self.causes
+        )
 
     def summary(self) -> dict:
         """Packet counts by label, verdict and conntrack state."""
@@ -173,9 +190,14 @@ class Generated:
         """Write ``X.pcap`` plus ``X.truth.jsonl``, ``X.truth.npz`` and ``X.flows.jsonl``
         beside it; returns the paths written."""
         from .pcap import write_pcap
+
         stem = pcap_path[:-5] if pcap_path.endswith(".pcap") else pcap_path
-        paths = {"pcap": pcap_path, "truth": stem + ".truth.jsonl",
-                 "truth_npz": stem + ".truth.npz", "flows": stem + ".flows.jsonl"}
+        paths = {
+            "pcap": pcap_path,
+            "truth": stem + ".truth.jsonl",
+            "truth_npz": stem + ".truth.npz",
+            "flows": stem + ".flows.jsonl",
+        }
         try:
             write_pcap(pcap_path, self.batch, nanosecond=True)
             self.truth.write_jsonl(paths["truth"])
@@ -193,21 +215,38 @@ class Generated:
 # ---------------------------------------------------------------------------------------------
 def builtin_policy_path() -> str:
     """Path of the built-in virtual data centre (``microseg/data/datacenter.yaml``)."""
-    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data",
-                        "datacenter.yaml")
+    return os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "datacenter.yaml"
+    )
 
 
 def load_policy(path: str | None = None):
     """Load a policy file (default: the built-in data centre) with the policy loader."""
     from ..policy.model import load_policy as _load
+
     return _load(path or builtin_policy_path())
 
 
 # ---------------------------------------------------------------------------------------------
 # Payload builders (explicit bytes at the start of a message)
 # ---------------------------------------------------------------------------------------------
-_CIPHERS = (0x1301, 0x1302, 0x1303, 0xC02B, 0xC02F, 0xC02C, 0xC030, 0xCCA9, 0xCCA8, 0xC013,
-            0xC014, 0x009C, 0x009D, 0x002F, 0x0035)
+_CIPHERS = (
+    0x1301,
+    0x1302,
+    0x1303,
+    0xC02B,
+    0xC02F,
+    0xC02C,
+    0xC030,
+    0xCCA9,
+    0xCCA8,
+    0xC013,
+    0xC014,
+    0x009C,
+    0x009D,
+    0x002F,
+    0x0035,
+)
 _SIGALGS = (0x0403, 0x0804, 0x0401, 0x0503, 0x0805, 0x0501, 0x0806, 0x0601)
 
 
@@ -218,20 +257,28 @@ def _ext(etype: int, body: bytes) -> bytes:
 def tls_client_hello(rand: bytes, sid: bytes, key: bytes, sni: str) -> bytes:
     """A TLS 1.3 ClientHello record (as a browser or curl sends it), padded to 512 bytes."""
     name = sni.encode("ascii")
-    exts = b"".join((
-        _ext(0x0000, struct.pack("!HBH", len(name) + 3, 0, len(name)) + name),
-        _ext(0x000B, b"\x01\x00"),
-        _ext(0x000A, struct.pack("!H3H", 6, 0x001D, 0x0017, 0x0018)),
-        _ext(0x0010, b"\x00\x0c\x02h2\x08http/1.1"),
-        _ext(0x000D, struct.pack("!H", 2 * len(_SIGALGS)) + struct.pack(f"!{len(_SIGALGS)}H", *_SIGALGS)),
-        _ext(0x002B, b"\x04\x03\x04\x03\x03"),
-        _ext(0x002D, b"\x01\x01"),
-        _ext(0x0033, struct.pack("!HHH", 36, 0x001D, 32) + key),
-    ))
-    body_head = (b"\x03\x03" + rand + bytes([len(sid)]) + sid
-                 + struct.pack("!H", 2 * len(_CIPHERS)) + struct.pack(f"!{len(_CIPHERS)}H", *_CIPHERS)
-                 + b"\x01\x00")
-    pad = 512 - (len(body_head) + 2 + len(exts) + 4) - 4     # RFC 7685 padding to 512 bytes
+    exts = b"".join(
+        (
+            _ext(0x0000, struct.pack("!HBH", len(name) + 3, 0, len(name)) + name),
+            _ext(0x000B, b"\x01\x00"),
+            _ext(0x000A, struct.pack("!H3H", 6, 0x001D, 0x0017, 0x0018)),
+            _ext(0x0010, b"\x00\x0c\x02h2\x08http/1.1"),
+            _ext(0x000D, struct.pack("!H", 2 * len(_SIGALGS)) + struct.pack(f"!{len(_SIGALGS)}H", *_SIGALGS)),
+            _ext(0x002B, b"\x04\x03\x04\x03\x03"),
+            _ext(0x002D, b"\x01\x01"),
+            _ext(0x0033, struct.pack("!HHH", 36, 0x001D, 32) + key),
+        )
+    )
+    body_head = (
+        b"\x03\x03"
+        + rand
+        + bytes([len(sid)])
+        + sid
+        + struct.pack("!H", 2 * len(_CIPHERS))
+        + struct.pack(f"!{len(_CIPHERS)}H", *_CIPHERS)
+        + b"\x01\x00"
+    )
+    pad = 512 - (len(body_head) + 2 + len(exts) + 4) - 4  # RFC 7685 padding to 512 bytes
     if pad >= 0:
         exts += _ext(0x0015, bytes(pad))
     body = body_head + struct.pack("!H", len(exts)) + exts
@@ -242,8 +289,16 @@ def tls_client_hello(rand: bytes, sid: bytes, key: bytes, sni: str) -> bytes:
 def tls_server_hello(rand: bytes, sid: bytes, key: bytes) -> bytes:
     """A TLS 1.3 ServerHello record followed by the middlebox-compatibility ChangeCipherSpec."""
     exts = _ext(0x002B, b"\x03\x04") + _ext(0x0033, struct.pack("!HH", 0x001D, 32) + key)
-    body = (b"\x03\x03" + rand + bytes([len(sid)]) + sid + struct.pack("!H", 0x1301) + b"\x00"
-            + struct.pack("!H", len(exts)) + exts)
+    body = (
+        b"\x03\x03"
+        + rand
+        + bytes([len(sid)])
+        + sid
+        + struct.pack("!H", 0x1301)
+        + b"\x00"
+        + struct.pack("!H", len(exts))
+        + exts
+    )
     hs = b"\x02" + len(body).to_bytes(3, "big") + body
     return b"\x16\x03\x03" + struct.pack("!H", len(hs)) + hs + b"\x14\x03\x03\x00\x01\x01"
 
@@ -272,7 +327,7 @@ def dns_response(qid: int, name: str, qtype: int, answer: bytes | None) -> bytes
     return struct.pack("!HHHHHH", qid, 0x8180, 1, 1, 0, 0) + q + rr
 
 
-PING_PAYLOAD = bytes(8) + bytes(range(0x10, 0x38))      # Linux ping: timeval slot + pattern
+PING_PAYLOAD = bytes(8) + bytes(range(0x10, 0x38))  # Linux ping: timeval slot + pattern
 
 
 def quoted_udp(sa, da, sport: int, dport: int, payload: bytes, ip_id: int, flowlabel: int) -> bytes:
@@ -283,8 +338,9 @@ def quoted_udp(sa, da, sport: int, dport: int, payload: bytes, ip_id: int, flowl
     c = inet_checksum(struct.pack("!HHHH", sport, dport, ulen, 0) + payload, pseudo) or 0xFFFF
     udp = struct.pack("!HHHH", sport, dport, ulen, c) + payload
     if sa.version == 4:
-        hdr = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + ulen, ip_id, 0x4000, TTL, UDP, 0,
-                          sa.packed, da.packed)
+        hdr = struct.pack(
+            "!BBHHHBBH4s4s", 0x45, 0, 20 + ulen, ip_id, 0x4000, TTL, UDP, 0, sa.packed, da.packed
+        )
         hdr = hdr[:10] + struct.pack("!H", ipv4_header_checksum(hdr)) + hdr[12:]
     else:
         hdr = struct.pack("!IHBB16s16s", (6 << 28) | flowlabel, ulen, UDP, TTL, sa.packed, da.packed)
@@ -320,9 +376,36 @@ def _put32(buf, p, v):
 
 
 @njit(cache=True)
-def _assemble(out, p_off, p_tmpl, p_len, p_msg, p_stream, p_seq, p_ack, p_flags, p_win,
-              p_ipid, p_oipid, tdata, t_off, t_len, t_oip, t_oudp, t_iip, t_il4, t_ver,
-              t_proto, m_blob, m_blob_len, m_fill, m_len, m_pool, blob, pool):
+def _assemble(
+    out,
+    p_off,
+    p_tmpl,
+    p_len,
+    p_msg,
+    p_stream,
+    p_seq,
+    p_ack,
+    p_flags,
+    p_win,
+    p_ipid,
+    p_oipid,
+    tdata,
+    t_off,
+    t_len,
+    t_oip,
+    t_oudp,
+    t_iip,
+    t_il4,
+    t_ver,
+    t_proto,
+    m_blob,
+    m_blob_len,
+    m_fill,
+    m_len,
+    m_pool,
+    blob,
+    pool,
+):
     """Write every packet: header template, payload, then lengths and checksums."""
     pmask = pool.shape[0] - 1
     for i in range(p_off.shape[0]):
@@ -342,15 +425,15 @@ def _assemble(out, p_off, p_tmpl, p_len, p_msg, p_stream, p_seq, p_ack, p_flags,
         pbase = m_pool[m]
         pay = o + h
         k = 0
-        while k < L and s0 + k < bl:                   # explicit bytes
+        while k < L and s0 + k < bl:  # explicit bytes
             out[pay + k] = blob[bo + s0 + k]
             k += 1
-        if k < L:                                       # then pseudo-random bytes
+        if k < L:  # then pseudo-random bytes
             q0 = s0 + k - bl
             q1 = s0 + L - bl
             for q in range(q0, q1):
                 out[pay + q - q0 + k] = pool[(pbase + q) & pmask]
-            if fill == 1:                               # TLS record headers within [q0, q1)
+            if fill == 1:  # TLS record headers within [q0, q1)
                 rec = (q0 // TLS_REC) * TLS_REC
                 while rec < q1:
                     rem = mlen - bl - rec
@@ -441,7 +524,7 @@ def _col48(a, off, v):
 
 def _colbytes(a, off, rows):
     """rows: uint8 array (n, width)."""
-    a[:, off:off + rows.shape[1]] = rows
+    a[:, off : off + rows.shape[1]] = rows
 
 
 def _build_templates(T: dict, tunnel: str):
@@ -473,13 +556,13 @@ def _build_templates(T: dict, tunnel: str):
             _col48(a, 6, T["o_smac"][idx])
             _col16(a, 12, 0x0800)
             a[:, 14] = 0x45
-            _col16(a, 20, 0x4000)               # DF
+            _col16(a, 20, 0x4000)  # DF
             a[:, 22] = TTL
             a[:, 23] = 47 if tunnel == "nvgre" else 17
             _col32(a, 26, T["o_src"][idx])
             _col32(a, 30, T["o_dst"][idx])
             if tunnel == "nvgre":
-                _col16(a, 34, 0x2000)           # K bit
+                _col16(a, 34, 0x2000)  # K bit
                 _col16(a, 36, ETH_P_TEB)
                 _col32(a, 38, (T["vni"][idx].astype(np.int64) << 8) | (T["entropy"][idx] & 0xFF))
             else:
@@ -520,7 +603,7 @@ def _build_templates(T: dict, tunnel: str):
         else:
             a[:, l4] = T["icmp_type"][idx]
             a[:, l4 + 1] = T["icmp_code"][idx]
-            _col16(a, l4 + 4, T["sport"][idx])          # echo identifier
+            _col16(a, l4 + 4, T["sport"][idx])  # echo identifier
         t_len[idx] = H
         t_iip[idx] = ip
         t_il4[idx] = l4
@@ -538,8 +621,18 @@ def _build_templates(T: dict, tunnel: str):
 # ---------------------------------------------------------------------------------------------
 # Planning
 # ---------------------------------------------------------------------------------------------
-STANDARD_SERVICES = ((TCP, 22), (TCP, 80), (TCP, 443), (TCP, 3306), (TCP, 5432), (TCP, 6379),
-                     (TCP, 8080), (TCP, 9000), (UDP, 53), (UDP, 123))
+STANDARD_SERVICES = (
+    (TCP, 22),
+    (TCP, 80),
+    (TCP, 443),
+    (TCP, 3306),
+    (TCP, 5432),
+    (TCP, 6379),
+    (TCP, 8080),
+    (TCP, 9000),
+    (UDP, 53),
+    (UDP, 123),
+)
 
 
 def _addr16(a) -> bytes:
@@ -603,8 +696,10 @@ class _Planner:
         if self.untagged:
             ut = getattr(policy, "untagged_tenant", None)
             if ut is None:
-                raise InputError("untunnelled traffic needs the policy's untagged_tenant "
-                                 "(the tenant of packets without a tunnel header)")
+                raise InputError(
+                    "untunnelled traffic needs the policy's untagged_tenant "
+                    "(the tenant of packets without a tunnel header)"
+                )
             if cfg.tenants is not None and list(cfg.tenants) != [ut]:
                 raise InputError(f"untunnelled traffic can only be tenant {ut!r} (untagged_tenant)")
             names = [ut]
@@ -613,19 +708,21 @@ class _Planner:
         self.tenants = [tenants[n] for n in names]
         self.hosts = {h.name: (i, h) for i, h in enumerate(policy.hosts)}
         self.host_addr = {}
-        for name, (i, h) in self.hosts.items():
+        for name, (_i, h) in self.hosts.items():
             a = ipaddress.ip_address(h.address)
             if a.version != 4 and not self.untagged:
                 raise InputError(f"host {name}: the generator's underlay is IPv4, not {a}")
             self.host_addr[name] = int(a) if a.version == 4 else 0
         self.wl_index = {(w.tenant, w.name): i for i, w in enumerate(policy.workloads)}
-        self.by_tenant = {t.name: [w for w in policy.workloads if w.tenant == t.name
-                                   and w.host is not None]
-                          for t in self.tenants}
+        self.by_tenant = {
+            t.name: [w for w in policy.workloads if w.tenant == t.name and w.host is not None]
+            for t in self.tenants
+        }
         for t in self.tenants:
             if len(self.by_tenant[t.name]) < 2:
-                raise InputError(f"tenant {t.name}: needs at least two workloads placed on "
-                                 "hosts to generate traffic")
+                raise InputError(
+                    f"tenant {t.name}: needs at least two workloads placed on hosts to generate traffic"
+                )
         # a workload without a MAC in the policy gets a locally administered one, unique in
         # its tenant (the datapath checks a source MAC only against workloads that name one)
         self.macs = {}
@@ -639,20 +736,27 @@ class _Planner:
             used.add((w.tenant, m))
             self.macs[(w.tenant, w.name)] = m
         self.reasons = _Names()
-        self.labels = _Names("tcp", "tls", "dns", "udp", "icmp", "port scan", "cross-tenant",
-                             "invalid tcp", "syn flood")
-        self.causes = _Names("policy", "established", "egress_denied", "ingress_denied",
-                             "spoofed_source", "ct_invalid", "related")
+        self.labels = _Names(
+            "tcp", "tls", "dns", "udp", "icmp", "port scan", "cross-tenant", "invalid tcp", "syn flood"
+        )
+        self.causes = _Names(
+            "policy",
+            "established",
+            "egress_denied",
+            "ingress_denied",
+            "spoofed_source",
+            "ct_invalid",
+            "related",
+        )
         self.deny = REJECT if self.intent.deny_verdict == "reject" else DROP
         self.ports_used = {}
-        self.F = []                  # template pairs: the columns of two header templates
-        self.flow_pair = []          # per flow: its template pair
+        self.F = []  # template pairs: the columns of two header templates
+        self.flow_pair = []  # per flow: its template pair
         self.a16_cache = {}
         self.host_ix = {h.name: i for i, h in enumerate(policy.hosts)}
-        self.addr = {(w.tenant, w.name, fam): address_of(w, fam) for w in policy.workloads
-                     for fam in (4, 6)}
+        self.addr = {(w.tenant, w.name, fam): address_of(w, fam) for w in policy.workloads for fam in (4, 6)}
         self.flow_meta = []
-        self.flow_msgs = []          # per flow: list of message tuples
+        self.flow_msgs = []  # per flow: list of message tuples
         self.blobs = []
         self.blob_len = 0
         self.blob_index = {}
@@ -680,8 +784,10 @@ class _Planner:
         start, used = st
         span = hi - lo + 1
         if used >= span:
-            raise InputError("scenario: too many flows between one pair of endpoints "
-                             "(source ports exhausted); lower the flow count or attack shares")
+            raise InputError(
+                "scenario: too many flows between one pair of endpoints "
+                "(source ports exhausted); lower the flow count or attack shares"
+            )
         st[1] += 1
         return lo + (start - lo + used) % span
 
@@ -697,7 +803,7 @@ class _Planner:
                     services.add((r.protocol, r.port_min))
         for np_ in self.p.network_policies:
             for r in np_.ingress + np_.egress:
-                for pt in (r.ports or ()):
+                for pt in r.ports or ():
                     if pt.protocol in (TCP, UDP) and pt.lo is not None:
                         services.add((pt.protocol, pt.lo))
         services = sorted(services)
@@ -732,16 +838,21 @@ class _Planner:
 
     def pick(self, allowed: bool, kind: str, fam: int):
         """A random candidate of that kind and family (else the other family, else any kind)."""
-        for key in ((allowed, kind, fam), (allowed, kind, 10 - fam), (allowed, "any", fam),
-                    (allowed, "any", 10 - fam)):
+        for key in (
+            (allowed, kind, fam),
+            (allowed, kind, 10 - fam),
+            (allowed, "any", fam),
+            (allowed, "any", 10 - fam),
+        ):
             lst = self.cand.get(key)
             if lst:
                 return lst[self.R.int(len(lst))]
         return None
 
     # -- flows -----------------------------------------------------------------------------------
-    def new_flow(self, tenant, s, d, fam, proto, sport, dport, label, sa=None, da=None,
-                 icmp=False, meta=None) -> int:
+    def new_flow(
+        self, tenant, s, d, fam, proto, sport, dport, label, sa=None, da=None, icmp=False, meta=None
+    ) -> int:
         """Register a flow (its header templates are built later, column-wise); returns its id.
         ``sa``/``da`` override the workloads' addresses (spoofing); ``d`` gives the frame's
         destination MAC and host."""
@@ -753,18 +864,35 @@ class _Planner:
         self.flow_msgs.append([])
         return f
 
-    def pair(self, tenant, s, d, fam, proto, sa, da, sport, dport, icmp=False,
-             itypes=None, icode=0) -> int:
+    def pair(self, tenant, s, d, fam, proto, sa, da, sport, dport, icmp=False, itypes=None, icode=0) -> int:
         """Add the two header templates (s -> d, d -> s) of one 5-tuple; returns the pair index.
         ICMP types default to echo request / reply."""
         if itypes is None:
             itypes = (8, 0) if fam == 4 else (128, 129)
-        self.F.append((fam, proto, self.host_ix[s.host], self.host_ix[d.host],
-                       self.macs[(s.tenant, s.name)], self.macs[(d.tenant, d.name)],
-                       self.a16(sa), self.a16(da), sport, dport, icmp,
-                       self.wl_index[(s.tenant, s.name)], self.wl_index[(d.tenant, d.name)],
-                       tenant.vni, itypes[0], itypes[1], icode, self.R.int(1 << 20),
-                       self.R.int(1 << 16), self.R.int(1 << 16)))
+        self.F.append(
+            (
+                fam,
+                proto,
+                self.host_ix[s.host],
+                self.host_ix[d.host],
+                self.macs[(s.tenant, s.name)],
+                self.macs[(d.tenant, d.name)],
+                self.a16(sa),
+                self.a16(da),
+                sport,
+                dport,
+                icmp,
+                self.wl_index[(s.tenant, s.name)],
+                self.wl_index[(d.tenant, d.name)],
+                tenant.vni,
+                itypes[0],
+                itypes[1],
+                icode,
+                self.R.int(1 << 20),
+                self.R.int(1 << 16),
+                self.R.int(1 << 16),
+            )
+        )
         return len(self.F) - 1
 
     def _meta(self, f) -> dict:
@@ -780,13 +908,48 @@ class _Planner:
             b = self.a16_cache[a] = _addr16(a)
         return b
 
-    def msg(self, f, kind, dr=0, nbytes=0, flags=0, blob=(0, 0), fill=FILL_POOL, seq_delta=0,
-            counts=True, icmp_seq=0, verdict=ALLOW, ct_first=ctstate.NEW,
-            ct_rest=ctstate.ESTABLISHED, reason=0, label=0, cause=0, pair=-1):
+    def msg(
+        self,
+        f,
+        kind,
+        dr=0,
+        nbytes=0,
+        flags=0,
+        blob=(0, 0),
+        fill=FILL_POOL,
+        seq_delta=0,
+        counts=True,
+        icmp_seq=0,
+        verdict=ALLOW,
+        ct_first=ctstate.NEW,
+        ct_rest=ctstate.ESTABLISHED,
+        reason=0,
+        label=0,
+        cause=0,
+        pair=-1,
+    ):
         """Append a message to flow ``f`` (``pair``: send it with another template pair)."""
-        self.flow_msgs[f].append((kind, dr, max(nbytes, blob[1]) if kind in (M_DATA, M_ONE) else 0,
-                                  flags, blob[0], blob[1], fill, seq_delta, counts, icmp_seq,
-                                  verdict, ct_first, ct_rest, reason, label, cause, pair))
+        self.flow_msgs[f].append(
+            (
+                kind,
+                dr,
+                max(nbytes, blob[1]) if kind in (M_DATA, M_ONE) else 0,
+                flags,
+                blob[0],
+                blob[1],
+                fill,
+                seq_delta,
+                counts,
+                icmp_seq,
+                verdict,
+                ct_first,
+                ct_rest,
+                reason,
+                label,
+                cause,
+                pair,
+            )
+        )
 
     @staticmethod
     def flows_table(flow_meta, per_flow_pkts) -> list:
@@ -797,10 +960,21 @@ class _Planner:
             for a in (sa, da):
                 if a not in text:
                     text[a] = str(a)
-            row = {"flow": f, "tenant": t.name, "vni": t.vni, "src": s, "dst": d,
-                   "src_addr": text[sa], "dst_addr": text[da], "family": sa.version,
-                   "proto": proto, "sport": sport, "dport": dport, "label": label,
-                   "packets": int(per_flow_pkts[f])}
+            row = {
+                "flow": f,
+                "tenant": t.name,
+                "vni": t.vni,
+                "src": s,
+                "dst": d,
+                "src_addr": text[sa],
+                "dst_addr": text[da],
+                "family": sa.version,
+                "proto": proto,
+                "sport": sport,
+                "dport": dport,
+                "label": label,
+                "packets": int(per_flow_pkts[f]),
+            }
             if meta:
                 row.update(meta)
             out.append(row)
@@ -830,17 +1004,26 @@ class _Planner:
             out = np.empty((2 * n,) + a.shape[1:], a.dtype)
             out[0::2], out[1::2] = a, b
             return out
+
         f_ix = np.arange(n, dtype=np.int64)
         return {
-            "family": inter(fam, fam), "proto": inter(proto, proto), "vni": inter(vni, vni),
+            "family": inter(fam, fam),
+            "proto": inter(proto, proto),
+            "vni": inter(vni, vni),
             "entropy": inter(*(2 * [49152 + ((f_ix * 2654435761 + self.cfg.seed) & 0x3FFF)])),
             "flowlabel": inter(flowlabel, flowlabel),
-            "o_src": inter(hosts[sh], hosts[dh]), "o_dst": inter(hosts[dh], hosts[sh]),
-            "o_smac": inter(hmac[sh], hmac[dh]), "o_dmac": inter(hmac[dh], hmac[sh]),
-            "smac": inter(smac, dmac), "dmac": inter(dmac, smac),
-            "src": inter(src, dst), "dst": inter(dst, src),
-            "sport": inter(sport, np.where(icmp, sport, dport)), "dport": inter(dport, sport),
-            "icmp_type": inter(it0, it1), "icmp_code": inter(icode, icode),
+            "o_src": inter(hosts[sh], hosts[dh]),
+            "o_dst": inter(hosts[dh], hosts[sh]),
+            "o_smac": inter(hmac[sh], hmac[dh]),
+            "o_dmac": inter(hmac[dh], hmac[sh]),
+            "smac": inter(smac, dmac),
+            "dmac": inter(dmac, smac),
+            "src": inter(src, dst),
+            "dst": inter(dst, src),
+            "sport": inter(sport, np.where(icmp, sport, dport)),
+            "dport": inter(dport, sport),
+            "icmp_type": inter(it0, it1),
+            "icmp_code": inter(icode, icode),
             "port": inter(sp, dp),
         }
 
@@ -853,8 +1036,9 @@ class _Planner:
     # -- benign traffic ----------------------------------------------------------------------------
     def benign(self):
         c = self.cfg
-        shares = np.array([c.tls_share, c.dns_share, c.icmp_share,
-                           max(0.0, 1.0 - c.tls_share - c.dns_share - c.icmp_share)])
+        shares = np.array(
+            [c.tls_share, c.dns_share, c.icmp_share, max(0.0, 1.0 - c.tls_share - c.dns_share - c.icmp_share)]
+        )
         kinds = ("tls", "dns", "icmp", "tcp")
         denied_v = self.rng.random(c.flows) < c.denied_share
         kind_v = self.rng.choice(4, size=c.flows, p=shares / shares.sum())
@@ -866,8 +1050,10 @@ class _Planner:
                 cand = self.pick(denied, kind, fam)
                 denied = not denied
                 if cand is None:
-                    raise InputError("the policy allows no connection between workloads on "
-                                     "different hosts: nothing to generate")
+                    raise InputError(
+                        "the policy allows no connection between workloads on "
+                        "different hosts: nothing to generate"
+                    )
             t, s, d, fam, proto, port, dec = cand
             if denied:
                 self._denied_flow(cand)
@@ -884,12 +1070,21 @@ class _Planner:
         sp = self.sport((t.name, sa.version, int(sa), int(da), TCP, port))
         label = self.labels("tls" if tls else "tcp")
         reason = self.reasons(dec.reason)
-        f = self.new_flow(t, s, d, fam, TCP, sp, port, "tls" if tls else "tcp",
-                          meta={"verdict": "allow", "reason": dec.reason})
+        f = self.new_flow(
+            t,
+            s,
+            d,
+            fam,
+            TCP,
+            sp,
+            port,
+            "tls" if tls else "tcp",
+            meta={"verdict": "allow", "reason": dec.reason},
+        )
         kw = dict(reason=reason, label=label, cause=0, ct_first=ctstate.ESTABLISHED)
         self.msg(f, M_HS, reason=reason, label=label, cause=0)
         rounds = 1
-        while rounds < 20 and self.R.random() < 0.4:      # keep-alive: geometric, mean 1.7
+        while rounds < 20 and self.R.random() < 0.4:  # keep-alive: geometric, mean 1.7
             rounds += 1
         total = 0
         r = self.rng
@@ -899,31 +1094,36 @@ class _Planner:
             sid = ch[44:76]
             self.msg(f, M_DATA, 0, blob=self.blob(ch), **kw)
             sh = tls_server_hello(r.bytes(32), sid, r.bytes(32))
-            enc = self.R.int(2400, 4800)          # EncryptedExtensions..Finished
+            enc = self.R.int(2400, 4800)  # EncryptedExtensions..Finished
             self.msg(f, M_DATA, 1, len(sh) + enc, blob=self.blob(sh), fill=FILL_TLS, **kw)
-            self.msg(f, M_DATA, 0, len(TLS_CCS) + 58, blob=self.blob(TLS_CCS, share=True),
-                     fill=FILL_TLS, **kw)
+            self.msg(
+                f, M_DATA, 0, len(TLS_CCS) + 58, blob=self.blob(TLS_CCS, share=True), fill=FILL_TLS, **kw
+            )
             for _ in range(rounds):
                 req = self.R.int(120, 900)
                 self.msg(f, M_DATA, 0, req, fill=FILL_TLS, **kw)
                 resp = self._tls_len(self.pareto())
                 total += resp
                 self.msg(f, M_DATA, 1, resp, fill=FILL_TLS, **kw)
-            self.msg(f, M_DATA, 0, 24, fill=FILL_TLS, **kw)          # close_notify alert
+            self.msg(f, M_DATA, 0, 24, fill=FILL_TLS, **kw)  # close_notify alert
         else:
             http = port in (80, 8080, 9000)
             for k in range(rounds):
                 resp = self.pareto()
                 total += resp
                 if http:
-                    req = (f"GET /api/v1/items/{self.R.int(1, 100000)} HTTP/1.1\r\n"
-                           f"Host: {d.name}.{t.name}.internal\r\nUser-Agent: curl/8.5.0\r\n"
-                           f"Accept: */*\r\n\r\n").encode()
+                    req = (
+                        f"GET /api/v1/items/{self.R.int(1, 100000)} HTTP/1.1\r\n"
+                        f"Host: {d.name}.{t.name}.internal\r\nUser-Agent: curl/8.5.0\r\n"
+                        f"Accept: */*\r\n\r\n"
+                    ).encode()
                     self.msg(f, M_DATA, 0, blob=self.blob(req), **kw)
-                    hdr = (f"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
-                           f"Content-Length: {resp}\r\n\r\n").encode()
+                    hdr = (
+                        f"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
+                        f"Content-Length: {resp}\r\n\r\n"
+                    ).encode()
                     self.msg(f, M_DATA, 1, len(hdr) + resp, blob=self.blob(hdr), **kw)
-                elif port == 53:                      # DNS over TCP: length-prefixed messages
+                elif port == 53:  # DNS over TCP: length-prefixed messages
                     qid = self.R.int(65536)
                     name = f"{d.name}.{t.name}.internal"
                     ans = self.addr[(d.tenant, d.name, 4)]
@@ -934,7 +1134,9 @@ class _Planner:
                     total += len(a) + 2 - resp
                 elif port == 22 and k == 0:
                     self.msg(f, M_DATA, 1, blob=self.blob(b"SSH-2.0-OpenSSH_9.6\r\n", share=True), **kw)
-                    self.msg(f, M_DATA, 0, 1500, blob=self.blob(b"SSH-2.0-OpenSSH_9.6p1\r\n", share=True), **kw)
+                    self.msg(
+                        f, M_DATA, 0, 1500, blob=self.blob(b"SSH-2.0-OpenSSH_9.6p1\r\n", share=True), **kw
+                    )
                     self.msg(f, M_DATA, 1, resp, **kw)
                 else:
                     self.msg(f, M_DATA, 0, self.R.int(40, 600), **kw)
@@ -955,13 +1157,20 @@ class _Planner:
         sa, da = self.addr[(s.tenant, s.name, fam)], self.addr[(d.tenant, d.name, fam)]
         sp = self.sport((t.name, sa.version, int(sa), int(da), UDP, port))
         kind = "dns" if port == 53 else "udp"
-        f = self.new_flow(t, s, d, fam, UDP, sp, port, kind,
-                          meta={"verdict": "allow", "reason": dec.reason})
+        f = self.new_flow(t, s, d, fam, UDP, sp, port, kind, meta={"verdict": "allow", "reason": dec.reason})
         reason, label = self.reasons(dec.reason), self.labels(kind)
         if port != 53:
             for dr in (0, 1):
-                self.msg(f, M_ONE, dr, self.R.int(40, 400), reason=reason,
-                         label=label, cause=dr, ct_first=ctstate.NEW if dr == 0 else ctstate.ESTABLISHED)
+                self.msg(
+                    f,
+                    M_ONE,
+                    dr,
+                    self.R.int(40, 400),
+                    reason=reason,
+                    label=label,
+                    cause=dr,
+                    ct_first=ctstate.NEW if dr == 0 else ctstate.ESTABLISHED,
+                )
             return
         ws = self.by_tenant[t.name]
         target = ws[self.R.int(len(ws))]
@@ -972,37 +1181,76 @@ class _Planner:
         if self.R.random() < 0.05:
             name, ans = f"missing-{qid}.{t.name}.internal", None
         q = dns_query(qid, name, qtype)
-        self.msg(f, M_ONE, 0, blob=self.blob(q), reason=reason, label=label, cause=0,
-                 ct_first=ctstate.NEW)
+        self.msg(f, M_ONE, 0, blob=self.blob(q), reason=reason, label=label, cause=0, ct_first=ctstate.NEW)
         if self.R.random() < 0.04:
             # the server is down: its host answers "port unreachable", quoting the query
             row = self.F[self.flow_pair[f]]
             quoted = quoted_udp(sa, da, sp, port, q, row[18], row[17])
             v4 = fam == 4
-            epair = self.pair(t, s, d, fam, ICMP if v4 else ICMP6, sa, da, 0, 0, icmp=True,
-                              itypes=(3, 3) if v4 else (1, 1), icode=3 if v4 else 4)
-            self.msg(f, M_ONE, 1, blob=self.blob(quoted), pair=epair, reason=reason,
-                     label=label, cause=self.causes("related"),
-                     ct_first=ctstate.RELATED | ctstate.REPLY)
+            epair = self.pair(
+                t,
+                s,
+                d,
+                fam,
+                ICMP if v4 else ICMP6,
+                sa,
+                da,
+                0,
+                0,
+                icmp=True,
+                itypes=(3, 3) if v4 else (1, 1),
+                icode=3 if v4 else 4,
+            )
+            self.msg(
+                f,
+                M_ONE,
+                1,
+                blob=self.blob(quoted),
+                pair=epair,
+                reason=reason,
+                label=label,
+                cause=self.causes("related"),
+                ct_first=ctstate.RELATED | ctstate.REPLY,
+            )
             self._meta(f)["icmp_error"] = "port unreachable"
             return
         a = dns_response(qid, name, qtype, None if ans is None else ans.packed)
-        self.msg(f, M_ONE, 1, blob=self.blob(a), reason=reason, label=label, cause=1,
-                 ct_first=ctstate.ESTABLISHED)
+        self.msg(
+            f, M_ONE, 1, blob=self.blob(a), reason=reason, label=label, cause=1, ct_first=ctstate.ESTABLISHED
+        )
 
     def _icmp_flow(self, cand):
         t, s, d, fam, proto, port, dec = cand
         sa, da = self.addr[(s.tenant, s.name, fam)], self.addr[(d.tenant, d.name, fam)]
         ident = self.sport((t.name, sa.version, int(sa), int(da), proto), 1, 65535)
-        f = self.new_flow(t, s, d, fam, proto, ident, 0, "icmp", icmp=True,
-                          meta={"verdict": "allow", "reason": dec.reason})
+        f = self.new_flow(
+            t, s, d, fam, proto, ident, 0, "icmp", icmp=True, meta={"verdict": "allow", "reason": dec.reason}
+        )
         reason, label = self.reasons(dec.reason), self.labels("icmp")
         b = self.blob(PING_PAYLOAD, share=True)
         for k in range(1, 1 + self.R.int(1, 5)):
-            self.msg(f, M_ONE, 0, blob=b, icmp_seq=k, reason=reason, label=label,
-                     cause=0 if k == 1 else 1, ct_first=ctstate.NEW if k == 1 else ctstate.ESTABLISHED)
-            self.msg(f, M_ONE, 1, blob=b, icmp_seq=k, reason=reason, label=label, cause=1,
-                     ct_first=ctstate.ESTABLISHED)
+            self.msg(
+                f,
+                M_ONE,
+                0,
+                blob=b,
+                icmp_seq=k,
+                reason=reason,
+                label=label,
+                cause=0 if k == 1 else 1,
+                ct_first=ctstate.NEW if k == 1 else ctstate.ESTABLISHED,
+            )
+            self.msg(
+                f,
+                M_ONE,
+                1,
+                blob=b,
+                icmp_seq=k,
+                reason=reason,
+                label=label,
+                cause=1,
+                ct_first=ctstate.ESTABLISHED,
+            )
 
     def _denied_flow(self, cand):
         t, s, d, fam, proto, port, dec = cand
@@ -1018,25 +1266,73 @@ class _Planner:
         tries = 1 if self.deny == REJECT else self.R.int(1, 4)
         if proto in (TCP, UDP):
             sp = self.sport((t.name, sa.version, int(sa), int(da), proto, port))
-            f = self.new_flow(t, s, d, fam, proto, sp, port, kind,
-                              meta={"verdict": VERDICT_NAMES[self.deny], "reason": dec.reason})
+            f = self.new_flow(
+                t,
+                s,
+                d,
+                fam,
+                proto,
+                sp,
+                port,
+                kind,
+                meta={"verdict": VERDICT_NAMES[self.deny], "reason": dec.reason},
+            )
             for _ in range(tries):
                 if proto == TCP:
-                    self.msg(f, M_ONE, 0, flags=SYN, counts=False, verdict=self.deny,
-                             reason=reason, label=label, cause=cause)
+                    self.msg(
+                        f,
+                        M_ONE,
+                        0,
+                        flags=SYN,
+                        counts=False,
+                        verdict=self.deny,
+                        reason=reason,
+                        label=label,
+                        cause=cause,
+                    )
                 else:
-                    q = dns_query(self.R.int(0, 65536), f"{d.name}.{t.name}.internal", 1) \
-                        if port == 53 else self.rng.bytes(self.R.int(20, 200))
-                    self.msg(f, M_ONE, 0, blob=self.blob(q), verdict=self.deny, reason=reason,
-                             label=label, cause=cause)
+                    q = (
+                        dns_query(self.R.int(0, 65536), f"{d.name}.{t.name}.internal", 1)
+                        if port == 53
+                        else self.rng.bytes(self.R.int(20, 200))
+                    )
+                    self.msg(
+                        f,
+                        M_ONE,
+                        0,
+                        blob=self.blob(q),
+                        verdict=self.deny,
+                        reason=reason,
+                        label=label,
+                        cause=cause,
+                    )
         else:
             ident = self.sport((t.name, sa.version, int(sa), int(da), proto), 1, 65535)
-            f = self.new_flow(t, s, d, fam, proto, ident, 0, "icmp", icmp=True,
-                              meta={"verdict": VERDICT_NAMES[self.deny], "reason": dec.reason})
+            f = self.new_flow(
+                t,
+                s,
+                d,
+                fam,
+                proto,
+                ident,
+                0,
+                "icmp",
+                icmp=True,
+                meta={"verdict": VERDICT_NAMES[self.deny], "reason": dec.reason},
+            )
             b = self.blob(PING_PAYLOAD, share=True)
             for k in range(1, tries + 1):
-                self.msg(f, M_ONE, 0, blob=b, icmp_seq=k, verdict=self.deny, reason=reason,
-                         label=label, cause=cause)
+                self.msg(
+                    f,
+                    M_ONE,
+                    0,
+                    blob=b,
+                    icmp_seq=k,
+                    verdict=self.deny,
+                    reason=reason,
+                    label=label,
+                    cause=cause,
+                )
 
     # -- attacks -----------------------------------------------------------------------------------
     def port_scan(self, budget: int):
@@ -1044,7 +1340,7 @@ class _Planner:
         the policy allows gets the target's SYN/ACK and the scanner's RST (half-open scan)."""
         label = self.labels("port scan")
         pairs = {}
-        for t, s, d, fam, proto, port, dec in self.tcp_pairs:
+        for t, s, d, _fam, _proto, _port, _dec in self.tcp_pairs:
             pairs.setdefault((t.name, s.name, d.name), (t, s, d))
         keys = sorted(pairs)
         if not keys:
@@ -1052,8 +1348,12 @@ class _Planner:
         while budget > 0:
             t, s, d = pairs[keys[self.R.int(len(keys))]]
             sa, da = address_of(s, 4), address_of(d, 4)
-            ports = np.concatenate([self.rng.permutation(np.arange(1, 1025)),
-                                    self.rng.permutation(np.arange(1025, 65536))[:4096]])
+            ports = np.concatenate(
+                [
+                    self.rng.permutation(np.arange(1, 1025)),
+                    self.rng.permutation(np.arange(1025, 65536))[:4096],
+                ]
+            )
             for port in ports[: min(len(ports), budget + 64)]:
                 if budget <= 0:
                     break
@@ -1062,20 +1362,56 @@ class _Planner:
                 if dec.allow and budget < 3:
                     continue
                 sp = self.sport((t.name, sa.version, int(sa), int(da), TCP, port))
-                f = self.new_flow(t, s, d, 4, TCP, sp, port, "port scan",
-                                  meta={"verdict": "allow" if dec.allow else VERDICT_NAMES[self.deny],
-                                        "reason": dec.reason})
+                f = self.new_flow(
+                    t,
+                    s,
+                    d,
+                    4,
+                    TCP,
+                    sp,
+                    port,
+                    "port scan",
+                    meta={
+                        "verdict": "allow" if dec.allow else VERDICT_NAMES[self.deny],
+                        "reason": dec.reason,
+                    },
+                )
                 reason = self.reasons(dec.reason)
                 if dec.allow:
                     self.msg(f, M_ONE, 0, flags=SYN, reason=reason, label=label, cause=0)
-                    self.msg(f, M_ONE, 1, flags=SYN | ACK, reason=reason, label=label, cause=1,
-                             ct_first=ctstate.ESTABLISHED)
-                    self.msg(f, M_ONE, 0, flags=RST, reason=reason, label=label, cause=1,
-                             ct_first=ctstate.ESTABLISHED)
+                    self.msg(
+                        f,
+                        M_ONE,
+                        1,
+                        flags=SYN | ACK,
+                        reason=reason,
+                        label=label,
+                        cause=1,
+                        ct_first=ctstate.ESTABLISHED,
+                    )
+                    self.msg(
+                        f,
+                        M_ONE,
+                        0,
+                        flags=RST,
+                        reason=reason,
+                        label=label,
+                        cause=1,
+                        ct_first=ctstate.ESTABLISHED,
+                    )
                     budget -= 3
                 else:
-                    self.msg(f, M_ONE, 0, flags=SYN, counts=False, verdict=self.deny,
-                             reason=reason, label=label, cause=self.causes(dec.cause))
+                    self.msg(
+                        f,
+                        M_ONE,
+                        0,
+                        flags=SYN,
+                        counts=False,
+                        verdict=self.deny,
+                        reason=reason,
+                        label=label,
+                        cause=self.causes(dec.cause),
+                    )
                     budget -= 1
 
     def spoofing(self, budget: int):
@@ -1089,12 +1425,14 @@ class _Planner:
         foreign = {}
         for t in self.tenants:
             own = {a for w in self.p.workloads if w.tenant == t.name for a in w.addresses}
-            foreign[t.name] = sorted((a for a, ts in all_addrs.items() if a not in own
-                                      and a.version == 4), key=int)
+            foreign[t.name] = sorted(
+                (a for a, ts in all_addrs.items() if a not in own and a.version == 4), key=int
+            )
         tenants = [t for t in self.tenants if foreign[t.name]]
         if not tenants:
-            raise InputError("cross-tenant spoofing needs another tenant with addresses this "
-                             "tenant does not use")
+            raise InputError(
+                "cross-tenant spoofing needs another tenant with addresses this tenant does not use"
+            )
         anti = getattr(self.p, "anti_spoofing", True)
         r_src = self.reasons("cross-tenant: source address of another tenant")
         r_dst = self.reasons("cross-tenant: destination not in the tenant (default deny (egress))")
@@ -1117,28 +1455,70 @@ class _Planner:
                 if d is s or d.host == s.host or da is None:
                     continue
                 sp = self.sport((t.name, fa.version, int(fa), int(da), TCP, port))
-                f = self.new_flow(t, s, d, 4, TCP, sp, port, "cross-tenant", sa=fa,
-                                  meta={"verdict": "drop", "reason": self.reasons.list[r_src]})
-                self.msg(f, M_ONE, 0, flags=SYN, counts=False, verdict=DROP, ct_first=0,
-                         reason=r_src, label=label, cause=self.causes("spoofed_source"))
+                f = self.new_flow(
+                    t,
+                    s,
+                    d,
+                    4,
+                    TCP,
+                    sp,
+                    port,
+                    "cross-tenant",
+                    sa=fa,
+                    meta={"verdict": "drop", "reason": self.reasons.list[r_src]},
+                )
+                self.msg(
+                    f,
+                    M_ONE,
+                    0,
+                    flags=SYN,
+                    counts=False,
+                    verdict=DROP,
+                    ct_first=0,
+                    reason=r_src,
+                    label=label,
+                    cause=self.causes("spoofed_source"),
+                )
             else:
                 dec = self.intent.decide(s, sa, None, fa, Flow5(4, TCP, port))
                 if dec.allow:
                     continue
                 sp = self.sport((t.name, sa.version, int(sa), int(fa), TCP, port))
                 # the frame goes to the host of a workload of A (no tenant-A host has fa)
-                f = self.new_flow(t, s, d, 4, TCP, sp, port, "cross-tenant", da=fa,
-                                  meta={"verdict": VERDICT_NAMES[self.deny],
-                                        "reason": self.reasons.list[r_dst]})
+                f = self.new_flow(
+                    t,
+                    s,
+                    d,
+                    4,
+                    TCP,
+                    sp,
+                    port,
+                    "cross-tenant",
+                    da=fa,
+                    meta={"verdict": VERDICT_NAMES[self.deny], "reason": self.reasons.list[r_dst]},
+                )
                 self._meta(f)["dst_is_workload"] = False
-                self.msg(f, M_ONE, 0, flags=SYN, counts=False, verdict=self.deny,
-                         reason=r_dst, label=label, cause=self.causes("egress_denied"))
+                self.msg(
+                    f,
+                    M_ONE,
+                    0,
+                    flags=SYN,
+                    counts=False,
+                    verdict=self.deny,
+                    reason=r_dst,
+                    label=label,
+                    cause=self.causes("egress_denied"),
+                )
             budget -= 1
             misses = 0
 
     def allowed_tcp(self):
-        return (self.cand.get((True, "tcp", 4), []) + self.cand.get((True, "tls", 4), [])
-                + self.cand.get((True, "tcp", 6), []) + self.cand.get((True, "tls", 6), []))
+        return (
+            self.cand.get((True, "tcp", 4), [])
+            + self.cand.get((True, "tls", 4), [])
+            + self.cand.get((True, "tcp", 6), [])
+            + self.cand.get((True, "tls", 6), [])
+        )
 
     def invalid_tcp(self, budget: int):
         """Bad flag combinations on fresh tuples, and out-of-window segments inside allowed
@@ -1147,16 +1527,34 @@ class _Planner:
         r_flags = self.reasons("invalid tcp (bad flags)")
         r_oow = self.reasons("invalid tcp (out of window)")
         cause = self.causes("ct_invalid")
-        convs = [f for f, m in enumerate(self.flow_msgs)
-                 if m and m[0][0] == M_HS and m[-1][0] == M_CLOSE]
+        convs = [f for f, m in enumerate(self.flow_msgs) if m and m[0][0] == M_HS and m[-1][0] == M_CLOSE]
         n_oow = budget // 2 if convs else 0
         for _ in range(n_oow):
             f = convs[self.R.int(len(convs))]
             msgs = self.flow_msgs[f]
-            at = self.R.int(1, len(msgs))          # after the handshake, before FIN
-            msgs.insert(at, (M_ONE, 0, self.R.int(10, 200), PSH | ACK, 0, 0, FILL_POOL,
-                             OOW_DELTA, False, 0, DROP, ctstate.INVALID, ctstate.INVALID,
-                             r_oow, label, cause, -1))
+            at = self.R.int(1, len(msgs))  # after the handshake, before FIN
+            msgs.insert(
+                at,
+                (
+                    M_ONE,
+                    0,
+                    self.R.int(10, 200),
+                    PSH | ACK,
+                    0,
+                    0,
+                    FILL_POOL,
+                    OOW_DELTA,
+                    False,
+                    0,
+                    DROP,
+                    ctstate.INVALID,
+                    ctstate.INVALID,
+                    r_oow,
+                    label,
+                    cause,
+                    -1,
+                ),
+            )
             m = self._meta(f)
             m["out_of_window"] = m.get("out_of_window", 0) + 1
         tcp = self.allowed_tcp()
@@ -1166,11 +1564,30 @@ class _Planner:
             t, s, d, fam, proto, port, dec = tcp[self.R.int(len(tcp))]
             sa, da = self.addr[(s.tenant, s.name, fam)], self.addr[(d.tenant, d.name, fam)]
             sp = self.sport((t.name, sa.version, int(sa), int(da), TCP, port))
-            f = self.new_flow(t, s, d, fam, TCP, sp, port, "invalid tcp",
-                              meta={"verdict": "drop", "reason": "invalid tcp (bad flags)"})
+            f = self.new_flow(
+                t,
+                s,
+                d,
+                fam,
+                TCP,
+                sp,
+                port,
+                "invalid tcp",
+                meta={"verdict": "drop", "reason": "invalid tcp (bad flags)"},
+            )
             flags = BAD_FLAGS[k % len(BAD_FLAGS)]
-            self.msg(f, M_ONE, 0, flags=flags, counts=False, verdict=DROP,
-                     ct_first=ctstate.INVALID, reason=r_flags, label=label, cause=cause)
+            self.msg(
+                f,
+                M_ONE,
+                0,
+                flags=flags,
+                counts=False,
+                verdict=DROP,
+                ct_first=ctstate.INVALID,
+                reason=r_flags,
+                label=label,
+                cause=cause,
+            )
 
     def syn_flood(self, budget: int):
         """SYNs from one workload to a service the policy lets it reach, each from a new
@@ -1186,10 +1603,28 @@ class _Planner:
             n = min(budget, 20000)
             for _ in range(n):
                 sp = self.sport((t.name, sa.version, int(sa), int(da), TCP, port))
-                f = self.new_flow(t, s, d, fam, TCP, sp, port, "syn flood",
-                                  meta={"verdict": VERDICT_NAMES[v], "reason": dec.reason})
-                self.msg(f, M_ONE, 0, flags=SYN, counts=dec.allow, verdict=v, reason=reason,
-                         label=label, cause=cause)
+                f = self.new_flow(
+                    t,
+                    s,
+                    d,
+                    fam,
+                    TCP,
+                    sp,
+                    port,
+                    "syn flood",
+                    meta={"verdict": VERDICT_NAMES[v], "reason": dec.reason},
+                )
+                self.msg(
+                    f,
+                    M_ONE,
+                    0,
+                    flags=SYN,
+                    counts=dec.allow,
+                    verdict=v,
+                    reason=reason,
+                    label=label,
+                    cause=cause,
+                )
             budget -= n
 
 
@@ -1239,8 +1674,7 @@ def _expand(planner: _Planner, cfg: ScenarioConfig):
     mss_f = np.where(fam == 4, mtu - 40, mtu - 60)
     mss = mss_f[m_flow]
     nseg = np.where(m_kind == M_DATA, (m_len + mss - 1) // mss, 0)
-    npk = np.select([m_kind == M_HS, m_kind == M_DATA, m_kind == M_CLOSE],
-                    [3, nseg + (nseg + 1) // 2, 4], 1)
+    npk = np.select([m_kind == M_HS, m_kind == M_DATA, m_kind == M_CLOSE], [3, nseg + (nseg + 1) // 2, 4], 1)
     N = int(npk.sum())
     m_start = np.zeros(M, np.int64)
     if M:
@@ -1277,8 +1711,9 @@ def _expand(planner: _Planner, cfg: ScenarioConfig):
     is_tcp = p_proto == TCP
 
     # sequence numbers: cumulative bytes (SYN and FIN count one) per flow and direction
-    adv = np.where(is_tcp & m_counts[p_msg],
-                   p_len + ((p_flags & SYN) > 0) + ((p_flags & FIN) > 0), 0).astype(np.int64)
+    adv = np.where(is_tcp & m_counts[p_msg], p_len + ((p_flags & SYN) > 0) + ((p_flags & FIN) > 0), 0).astype(
+        np.int64
+    )
     f_first = np.zeros(nf, np.int64)
     fc = np.bincount(p_flow, minlength=nf)
     if nf:
@@ -1302,8 +1737,9 @@ def _expand(planner: _Planner, cfg: ScenarioConfig):
     # ground truth per packet
     ct = np.where(pos == 0, m_ct0[p_msg], m_ct1[p_msg]).astype(np.uint8)
     ct = np.where((p_dir == 1) & ((ct & ctstate.ESTABLISHED) > 0), ct | ctstate.REPLY, ct).astype(np.uint8)
-    cause = np.where((m_verdict[p_msg] == ALLOW) & ((ct & ctstate.ESTABLISHED) > 0), 1,
-                     m_cause[p_msg]).astype(np.uint8)
+    cause = np.where(
+        (m_verdict[p_msg] == ALLOW) & ((ct & ctstate.ESTABLISHED) > 0), 1, m_cause[p_msg]
+    ).astype(np.uint8)
 
     # timestamps: flows start uniformly over the capture, packets of a flow are spaced by a
     # per-flow gap; the merged order is then re-stamped with Poisson arrivals at rate_pps
@@ -1316,12 +1752,27 @@ def _expand(planner: _Planner, cfg: ScenarioConfig):
     gaps = np.maximum(1, np.round(rng.exponential(1e9 / cfg.rate_pps, N))).astype(np.int64)
     ts = cfg.start_ns + np.cumsum(gaps) - gaps[0]
 
-    P = dict(tmpl=p_tmpl, len=p_len, msg=p_msg, stream=p_stream, seq=p_seq, ack=p_ack,
-             flags=p_flags, win=p_win, ipid=p_ipid)
+    P = dict(
+        tmpl=p_tmpl,
+        len=p_len,
+        msg=p_msg,
+        stream=p_stream,
+        seq=p_seq,
+        ack=p_ack,
+        flags=p_flags,
+        win=p_win,
+        ipid=p_ipid,
+    )
     P = {k: v[order] for k, v in P.items()}
-    truth = dict(verdict=m_verdict[p_msg][order], ct=ct[order], reason=m_reason[p_msg][order],
-                 label=m_label[p_msg][order], cause=cause[order],
-                 flow=p_flow[order].astype(np.int32), dir=p_dir[order].astype(np.uint8))
+    truth = dict(
+        verdict=m_verdict[p_msg][order],
+        ct=ct[order],
+        reason=m_reason[p_msg][order],
+        label=m_label[p_msg][order],
+        cause=cause[order],
+        flow=p_flow[order].astype(np.int32),
+        dir=p_dir[order].astype(np.uint8),
+    )
     P["oipid"] = rng.integers(0, 1 << 16, N, dtype=np.int64)
     msgs = dict(blob=m_blob, blob_len=m_blob_len, fill=m_fill, len=m_len, pool=m_pool)
     per_flow_pkts = np.bincount(p_flow, minlength=nf)
@@ -1331,8 +1782,9 @@ def _expand(planner: _Planner, cfg: ScenarioConfig):
 # ---------------------------------------------------------------------------------------------
 # Entry point
 # ---------------------------------------------------------------------------------------------
-def generate(policy=None, config: ScenarioConfig | dict | None = None, *, assembler=None,
-             **overrides) -> Generated:
+def generate(
+    policy=None, config: ScenarioConfig | dict | None = None, *, assembler=None, **overrides
+) -> Generated:
     """Generate a scenario's traffic and its ground truth.
 
     ``policy``: a loaded :class:`~microseg.policy.model.Policy`, a path, or None for the
@@ -1352,8 +1804,12 @@ def generate(policy=None, config: ScenarioConfig | dict | None = None, *, assemb
     benign_pkts = _count_packets(pl, cfg)
     attack = cfg.scan_share + cfg.spoof_share + cfg.invalid_share + cfg.synflood_share
     total = benign_pkts / (1.0 - attack)
-    for share, fn in ((cfg.invalid_share, pl.invalid_tcp), (cfg.scan_share, pl.port_scan),
-                      (cfg.spoof_share, pl.spoofing), (cfg.synflood_share, pl.syn_flood)):
+    for share, fn in (
+        (cfg.invalid_share, pl.invalid_tcp),
+        (cfg.scan_share, pl.port_scan),
+        (cfg.spoof_share, pl.spoofing),
+        (cfg.synflood_share, pl.syn_flood),
+    ):
         n = int(round(share * total))
         if n:
             fn(n)
@@ -1368,18 +1824,52 @@ def generate(policy=None, config: ScenarioConfig | dict | None = None, *, assemb
     out = np.zeros(int(length.sum()), np.uint8)
     blob = np.frombuffer(b"".join(pl.blobs), np.uint8) if pl.blobs else np.zeros(1, np.uint8)
     pool = np.random.default_rng(cfg.seed ^ 0x5EED).integers(0, 256, POOL_SIZE, dtype=np.uint8)
-    (assembler or _assemble)(out, offset, P["tmpl"].astype(np.int64), P["len"].astype(np.int64),
-              P["msg"].astype(np.int64), P["stream"].astype(np.int64), P["seq"].astype(np.int64),
-              P["ack"].astype(np.int64), P["flags"].astype(np.uint8), P["win"].astype(np.int64),
-              P["ipid"].astype(np.int64), P["oipid"], tdata, t_off, t_len, t_oip, t_oudp, t_iip,
-              t_il4, t_ver, t_proto, msgs["blob"], msgs["blob_len"], msgs["fill"], msgs["len"],
-              msgs["pool"], blob, pool)
+    (assembler or _assemble)(
+        out,
+        offset,
+        P["tmpl"].astype(np.int64),
+        P["len"].astype(np.int64),
+        P["msg"].astype(np.int64),
+        P["stream"].astype(np.int64),
+        P["seq"].astype(np.int64),
+        P["ack"].astype(np.int64),
+        P["flags"].astype(np.uint8),
+        P["win"].astype(np.int64),
+        P["ipid"].astype(np.int64),
+        P["oipid"],
+        tdata,
+        t_off,
+        t_len,
+        t_oip,
+        t_oudp,
+        t_iip,
+        t_il4,
+        t_ver,
+        t_proto,
+        msgs["blob"],
+        msgs["blob_len"],
+        msgs["fill"],
+        msgs["len"],
+        msgs["pool"],
+        blob,
+        pool,
+    )
     port = cols["port"][P["tmpl"]].astype(np.uint16)
     batch = Batch(out, offset, length, length.copy(), port, ts.astype(np.int64), LINK_ETHERNET)
     vni = np.array([m[0].vni if not pl.untagged else -1 for m in pl.flow_meta], np.int32)
-    gt = GroundTruth(truth["verdict"], truth["ct"], truth["reason"], truth["label"], truth["cause"],
-                     truth["flow"], truth["dir"], vni[truth["flow"]] if len(vni) else
-                     np.zeros(0, np.int32), pl.reasons.list, pl.labels.list, pl.causes.list)
+    gt = GroundTruth(
+        truth["verdict"],
+        truth["ct"],
+        truth["reason"],
+        truth["label"],
+        truth["cause"],
+        truth["flow"],
+        truth["dir"],
+        vni[truth["flow"]] if len(vni) else np.zeros(0, np.int32),
+        pl.reasons.list,
+        pl.labels.list,
+        pl.causes.list,
+    )
     meta = pl.flow_meta
     return Generated(batch, gt, lambda: _Planner.flows_table(meta, per_flow), cfg)
 
@@ -1408,10 +1898,13 @@ def _count_packets(pl: _Planner, cfg: ScenarioConfig) -> int:
 # Command line
 # ---------------------------------------------------------------------------------------------
 def register(sub) -> None:
-    p = sub.add_parser("generate", help="generate a data centre's traffic with ground truth",
-                       description="Generate traffic (tenants, workloads, TLS/DNS/ICMP flows, "
-                       "attacks) from a policy and write a pcap with per-packet ground truth "
-                       "beside it (X.truth.jsonl, X.truth.npz, X.flows.jsonl).")
+    p = sub.add_parser(
+        "generate",
+        help="generate a data centre's traffic with ground truth",
+        description="Generate traffic (tenants, workloads, TLS/DNS/ICMP flows, "
+        "attacks) from a policy and write a pcap with per-packet ground truth "
+        "beside it (X.truth.jsonl, X.truth.npz, X.flows.jsonl).",
+    )
     p.add_argument("-o", "--output", required=True, help="pcap file to write")
     p.add_argument("--policy", help="policy YAML (default: the built-in data centre)")
     p.add_argument("--scenario", help="scenario YAML (settings of ScenarioConfig)")
@@ -1424,8 +1917,9 @@ def register(sub) -> None:
 
 def _cmd_generate(args) -> int:
     cfg = ScenarioConfig.from_file(args.scenario) if args.scenario else ScenarioConfig()
-    over = {k: getattr(args, k) for k in ("flows", "seed", "tunnel", "rate_pps")
-            if getattr(args, k) is not None}
+    over = {
+        k: getattr(args, k) for k in ("flows", "seed", "tunnel", "rate_pps") if getattr(args, k) is not None
+    }
     cfg = ScenarioConfig.from_mapping({**cfg.__dict__, **over})
     g = generate(args.policy, cfg)
     paths = g.write(args.output)

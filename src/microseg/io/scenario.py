@@ -21,6 +21,7 @@ The rule (documented in ``docs/generator.md``): a new connection passes when
 
 A denied connection gets ``deny_action`` (drop or reject).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
@@ -38,26 +39,35 @@ class ScenarioConfig:
     fractions of all generated packets."""
 
     seed: int = 1
-    flows: int = 2000                 # benign flows (allowed and denied)
-    tunnel: str = "vxlan"             # vxlan | geneve | nvgre | none
-    rate_pps: float = 200_000.0       # mean packet rate (Poisson arrivals)
-    start_ns: int = 1_767_225_600_000_000_000   # first timestamp: 2026-01-01T00:00:00Z
-    tenants: list | None = None       # restrict to these tenants (default: all)
-    tls_share: float = 0.35           # TLS on tcp/443
-    dns_share: float = 0.2            # DNS over UDP
-    icmp_share: float = 0.05          # ICMP echo
-    denied_share: float = 0.1         # flows the policy forbids (benign-looking mistakes)
-    ipv6_share: float = 0.1           # flows over IPv6 where both ends have an IPv6 address
-    size_alpha: float = 1.2           # Pareto shape of response sizes (heavy tail)
-    size_min: int = 800               # Pareto scale (bytes)
-    size_max: int = 4_000_000         # cap on one response (bytes)
-    scan_share: float = 0.02          # port-scan probes
-    spoof_share: float = 0.01         # cross-tenant spoofing
-    invalid_share: float = 0.01       # invalid TCP (bad flag combinations, out of window)
-    synflood_share: float = 0.02      # SYN flood
+    flows: int = 2000  # benign flows (allowed and denied)
+    tunnel: str = "vxlan"  # vxlan | geneve | nvgre | none
+    rate_pps: float = 200_000.0  # mean packet rate (Poisson arrivals)
+    start_ns: int = 1_767_225_600_000_000_000  # first timestamp: 2026-01-01T00:00:00Z
+    tenants: list | None = None  # restrict to these tenants (default: all)
+    tls_share: float = 0.35  # TLS on tcp/443
+    dns_share: float = 0.2  # DNS over UDP
+    icmp_share: float = 0.05  # ICMP echo
+    denied_share: float = 0.1  # flows the policy forbids (benign-looking mistakes)
+    ipv6_share: float = 0.1  # flows over IPv6 where both ends have an IPv6 address
+    size_alpha: float = 1.2  # Pareto shape of response sizes (heavy tail)
+    size_min: int = 800  # Pareto scale (bytes)
+    size_max: int = 4_000_000  # cap on one response (bytes)
+    scan_share: float = 0.02  # port-scan probes
+    spoof_share: float = 0.01  # cross-tenant spoofing
+    invalid_share: float = 0.01  # invalid TCP (bad flag combinations, out of window)
+    synflood_share: float = 0.02  # SYN flood
 
-    _SHARES = ("tls_share", "dns_share", "icmp_share", "denied_share", "ipv6_share",
-               "scan_share", "spoof_share", "invalid_share", "synflood_share")
+    _SHARES = (
+        "tls_share",
+        "dns_share",
+        "icmp_share",
+        "denied_share",
+        "ipv6_share",
+        "scan_share",
+        "spoof_share",
+        "invalid_share",
+        "synflood_share",
+    )
 
     def __post_init__(self):
         self.validate()
@@ -65,6 +75,7 @@ class ScenarioConfig:
     def validate(self) -> None:
         def bad(msg):
             raise InputError(f"scenario: {msg}")
+
         for name in self._SHARES:
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0.0 <= v <= 1.0:
@@ -73,27 +84,35 @@ class ScenarioConfig:
             bad("tls_share + dns_share + icmp_share must not exceed 1")
         if self.scan_share + self.spoof_share + self.invalid_share + self.synflood_share >= 0.9:
             bad("attack shares must add up to less than 0.9")
-        for name, lo, hi in (("seed", 0, 2**63 - 1), ("flows", 1, 5_000_000),
-                             ("size_min", 1, 1 << 30), ("size_max", 1, 1 << 31),
-                             ("start_ns", 0, 2**63 - 1)):
+        for name, lo, hi in (
+            ("seed", 0, 2**63 - 1),
+            ("flows", 1, 5_000_000),
+            ("size_min", 1, 1 << 30),
+            ("size_max", 1, 1 << 31),
+            ("start_ns", 0, 2**63 - 1),
+        ):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
                 bad(f"{name} must be an integer in {lo}..{hi}, not {v!r}")
         if self.size_max < self.size_min:
             bad("size_max must be at least size_min")
-        if not isinstance(self.rate_pps, (int, float)) or isinstance(self.rate_pps, bool) \
-                or not 1.0 <= self.rate_pps <= 1e10:
+        if (
+            not isinstance(self.rate_pps, (int, float))
+            or isinstance(self.rate_pps, bool)
+            or not 1.0 <= self.rate_pps <= 1e10
+        ):
             bad(f"rate_pps must be a number in 1..1e10, not {self.rate_pps!r}")
         if not isinstance(self.size_alpha, (int, float)) or not 0.5 <= self.size_alpha <= 10:
             bad(f"size_alpha must be a number in 0.5..10, not {self.size_alpha!r}")
         if self.tunnel not in TUNNELS:
             bad(f"tunnel must be one of {', '.join(TUNNELS)}, not {self.tunnel!r}")
-        if self.tenants is not None and (not isinstance(self.tenants, (list, tuple))
-                                         or not all(isinstance(t, str) for t in self.tenants)):
+        if self.tenants is not None and (
+            not isinstance(self.tenants, (list, tuple)) or not all(isinstance(t, str) for t in self.tenants)
+        ):
             bad("tenants must be a list of tenant names")
 
     @classmethod
-    def from_mapping(cls, data) -> "ScenarioConfig":
+    def from_mapping(cls, data) -> ScenarioConfig:
         """Build from a dict (e.g. a YAML scenario file); unknown keys are an error."""
         if data is None:
             return cls()
@@ -102,8 +121,9 @@ class ScenarioConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(str(k) for k in data if k not in known)
         if unknown:
-            raise InputError(f"scenario: unknown setting(s) {', '.join(unknown)} "
-                             f"(expected: {', '.join(sorted(known))})")
+            raise InputError(
+                f"scenario: unknown setting(s) {', '.join(unknown)} (expected: {', '.join(sorted(known))})"
+            )
         vals = dict(data)
         for k in ("rate_pps", "size_alpha") + cls._SHARES:
             if isinstance(vals.get(k), int) and not isinstance(vals.get(k), bool):
@@ -111,8 +131,9 @@ class ScenarioConfig:
         return cls(**vals)
 
     @classmethod
-    def from_file(cls, path: str) -> "ScenarioConfig":
+    def from_file(cls, path: str) -> ScenarioConfig:
         import yaml
+
         try:
             with open(path, encoding="utf-8") as f:
                 data = yaml.safe_load(f)
@@ -132,8 +153,8 @@ class ScenarioConfig:
 @dataclass(frozen=True)
 class Decision:
     allow: bool
-    reason: str            # human text, e.g. "allowed by sg web ingress tcp/80"
-    cause: str             # short code: policy | egress_denied | ingress_denied
+    reason: str  # human text, e.g. "allowed by sg web ingress tcp/80"
+    cause: str  # short code: policy | egress_denied | ingress_denied
 
 
 def _ports_text(lo, hi) -> str:
@@ -158,17 +179,19 @@ def describe_np_rule(p, direction: str, r) -> str:
     if r.ports is None:
         what = "any"
     else:
-        what = ",".join(_PROTO_NAMES.get(pt.protocol, str(pt.protocol)) + _ports_text(pt.lo, pt.hi)
-                        for pt in r.ports)
+        what = ",".join(
+            _PROTO_NAMES.get(pt.protocol, str(pt.protocol)) + _ports_text(pt.lo, pt.hi) for pt in r.ports
+        )
     return f"networkpolicy {p.namespace}/{p.name} {direction} {what}"
 
 
 @dataclass
 class Flow5:
     """What a connection attempt looks like to the rules."""
-    family: int            # 4 | 6
+
+    family: int  # 4 | 6
     proto: int
-    dport: int = 0         # TCP/UDP
+    dport: int = 0  # TCP/UDP
     icmp_type: int = -1
     icmp_code: int = 0
 
@@ -185,9 +208,12 @@ class Intent:
                 self.by_addr[(w.tenant, a)] = w
         if getattr(policy, "admin_policies", ()):
             from ..errors import InputError
-            raise InputError("the generator's ground truth does not read AdminNetworkPolicy or "
-                             "BaselineAdminNetworkPolicy: generate with a policy without them",
-                             getattr(policy, "source", None))
+
+            raise InputError(
+                "the generator's ground truth does not read AdminNetworkPolicy or "
+                "BaselineAdminNetworkPolicy: generate with a policy without them",
+                getattr(policy, "source", None),
+            )
         self.deny_verdict = "reject" if getattr(policy, "deny_action", "drop") == "reject" else "drop"
 
     # -- helpers ---------------------------------------------------------------------------------
@@ -234,22 +260,27 @@ class Intent:
                 if pt.name is not None:
                     return dest is not None and any(
                         n == pt.name and proto == f.proto and port == f.dport
-                        for n, proto, port in dest.named_ports)
+                        for n, proto, port in dest.named_ports
+                    )
                 return pt.protocol == f.proto and (pt.lo is None or pt.lo <= f.dport <= pt.hi)
+
             if f.proto not in (TCP, UDP, 132) or not any(port_ok(pt) for pt in r.ports):
                 return False
         if r.peers is None:
             return True
         for peer in r.peers:
             if peer.block is not None:
-                if remote_addr.version == peer.block.version and remote_addr in peer.block \
-                        and not any(remote_addr in e for e in peer.excepts):
+                if (
+                    remote_addr.version == peer.block.version
+                    and remote_addr in peer.block
+                    and not any(remote_addr in e for e in peer.excepts)
+                ):
                     return True
                 continue
             if peer_w is None:
                 continue
             if peer.namespaces is None:
-                ns_ok = peer_w.namespace == w.namespace      # the policy's own namespace
+                ns_ok = peer_w.namespace == w.namespace  # the policy's own namespace
             else:
                 ns_ok = peer.namespaces.matches(self.p.namespace_labels(tenant, peer_w.namespace))
             if ns_ok and (peer.pods is None or peer.pods.matches(dict(peer_w.labels))):
@@ -264,8 +295,12 @@ class Intent:
             return True, "no policy isolates the pod (Kubernetes)"
         check_sg = bool(w.security_groups) or not nps
         if check_sg:
-            rules = [(g, r) for g in w.security_groups for r in self.groups[(w.tenant, g)].rules
-                     if r.direction == direction]
+            rules = [
+                (g, r)
+                for g in w.security_groups
+                for r in self.groups[(w.tenant, g)].rules
+                if r.direction == direction
+            ]
             if direction == "egress" and not rules and self.p.default_egress == "allow":
                 sg_text = "default egress allow"
             else:
@@ -277,7 +312,7 @@ class Intent:
                     return False, None
         if nps:
             for p in nps:
-                for r in (p.ingress if direction == "ingress" else p.egress):
+                for r in p.ingress if direction == "ingress" else p.egress:
                     if self._np_rule_matches(r, w, direction, remote_addr, f):
                         return True, describe_np_rule(p, direction, r)
             return False, None
@@ -304,4 +339,3 @@ def address_of(w, family: int):
         if a.version == family:
             return a
     return None
-

@@ -23,6 +23,7 @@ ends the SA for both directions. The gateway turns the new-event bits into event
 
 Every packet ends with a reason code (``OK`` or why it was dropped).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -36,6 +37,7 @@ def _register_memcpy():
 
     import llvmlite.binding as llvm
     from numba import types
+
     libc = ctypes.CDLL(None)
     llvm.add_symbol("microseg_memcpy", ctypes.cast(libc.memcpy, ctypes.c_void_p).value)
     return types.ExternalFunction("microseg_memcpy", types.intp(types.intp, types.intp, types.intp))
@@ -50,38 +52,47 @@ def _copy(dst, dpos, src, spos, n):
     if n > 0:
         _memcpy(dst.ctypes.data + dpos, src.ctypes.data + spos, n)
 
+
 OK = 0
-MALFORMED = 1      # cut short, bad lengths, bad padding, fragment, inner header not IP
-UNKNOWN_SPI = 2    # no inbound SA for (SPI, tunnel destination)
-REPLAY = 3         # sequence number seen before, or left of the window
-BAD_ICV = 4        # integrity check failed
-EXPIRED = 5        # lifetime (bytes/packets) reached, or sequence counter exhausted
-NOT_ESP = 6        # decrypt input that is not an ESP packet
-NO_POLICY = 7      # encrypt input that no policy protects (discard / no match / not IP)
-REASONS = {OK: "ok", MALFORMED: "malformed", UNKNOWN_SPI: "unknown_spi", REPLAY: "replay",
-           BAD_ICV: "bad_icv", EXPIRED: "expired", NOT_ESP: "not_esp", NO_POLICY: "no_policy"}
+MALFORMED = 1  # cut short, bad lengths, bad padding, fragment, inner header not IP
+UNKNOWN_SPI = 2  # no inbound SA for (SPI, tunnel destination)
+REPLAY = 3  # sequence number seen before, or left of the window
+BAD_ICV = 4  # integrity check failed
+EXPIRED = 5  # lifetime (bytes/packets) reached, or sequence counter exhausted
+NOT_ESP = 6  # decrypt input that is not an ESP packet
+NO_POLICY = 7  # encrypt input that no policy protects (discard / no match / not IP)
+REASONS = {
+    OK: "ok",
+    MALFORMED: "malformed",
+    UNKNOWN_SPI: "unknown_spi",
+    REPLAY: "replay",
+    BAD_ICV: "bad_icv",
+    EXPIRED: "expired",
+    NOT_ESP: "not_esp",
+    NO_POLICY: "no_policy",
+}
 N_REASONS = 8
 
 ESP_HDR = 8
 IV_LEN = 8
 ICV_LEN = 16
-MIN_ESP = ESP_HDR + IV_LEN + 4 + ICV_LEN   # header, IV, smallest aligned trailer, ICV
+MIN_ESP = ESP_HDR + IV_LEN + 4 + ICV_LEN  # header, IV, smallest aligned trailer, ICV
 IPPROTO_ESP = 50
 U32_MAX = 0xFFFFFFFF
 
 # columns of ``sa_limits`` (per-SA configuration, uint64; 0 = no limit)
 LIM_HARD_BYTES, LIM_HARD_PKTS, LIM_SOFT_BYTES, LIM_SOFT_PKTS = 0, 1, 2, 3
-LIM_HARD_NS, LIM_SOFT_NS = 4, 5          # seconds, in timestamp units (ns)
+LIM_HARD_NS, LIM_SOFT_NS = 4, 5  # seconds, in timestamp units (ns)
 LIM_RESYNC_AFTER, LIM_RESYNC_TRIES = 6, 7
 N_LIMITS = 8
 
 # columns of ``life`` (per-SA lifetime state, uint64; timestamps stored as their int64 bits)
 L_TX_PKTS, L_TX_BYTES, L_RX_PKTS, L_RX_BYTES = 0, 1, 2, 3
-L_START = 4             # when the SA's clock started (installation, else its first packet)
-L_FLAGS = 5             # F_* bits below
-L_SOFT_AT, L_HARD_AT = 6, 7   # timestamps of the soft / hard expiry
-L_WHY = 8               # soft cause in bits 0-7, hard cause in bits 8-15 (WHY_* | DIR_*)
-L_RX_FAIL = 9           # consecutive packets that failed authentication (ESN re-sync trigger)
+L_START = 4  # when the SA's clock started (installation, else its first packet)
+L_FLAGS = 5  # F_* bits below
+L_SOFT_AT, L_HARD_AT = 6, 7  # timestamps of the soft / hard expiry
+L_WHY = 8  # soft cause in bits 0-7, hard cause in bits 8-15 (WHY_* | DIR_*)
+L_RX_FAIL = 9  # consecutive packets that failed authentication (ESN re-sync trigger)
 # the next packet count, byte count and time (int64 bits) at which something can happen: a
 # packet below all three is just counted, inline; only the others take _life_use
 L_NEXT_PKTS, L_NEXT_BYTES, L_NEXT_T = 10, 11, 12
@@ -102,8 +113,12 @@ def _be16(d, o):
 
 @njit(cache=True, inline="always")
 def _be32(d, o):
-    return (np.uint64(d[o]) << np.uint64(24)) | (np.uint64(d[o + 1]) << np.uint64(16)) | \
-        (np.uint64(d[o + 2]) << np.uint64(8)) | np.uint64(d[o + 3])
+    return (
+        (np.uint64(d[o]) << np.uint64(24))
+        | (np.uint64(d[o + 1]) << np.uint64(16))
+        | (np.uint64(d[o + 2]) << np.uint64(8))
+        | np.uint64(d[o + 3])
+    )
 
 
 @njit(cache=True, inline="always")
@@ -293,10 +308,32 @@ def pending_events(life):
 # encapsulation
 # ---------------------------------------------------------------------------------------------
 @njit(cache=True)
-def encap_prepare(data, offset, length, linktype, forced_sa,
-                  pol_src, pol_smask, pol_dst, pol_dmask, pol_proto, pol_action, pol_sa,
-                  sa_spi, sa_ver, sa_esn, sa_salt, sa_src, sa_dst, sa_limits,
-                  tx_seq, iv_base, life, dead, ts=None):
+def encap_prepare(
+    data,
+    offset,
+    length,
+    linktype,
+    forced_sa,
+    pol_src,
+    pol_smask,
+    pol_dst,
+    pol_dmask,
+    pol_proto,
+    pol_action,
+    pol_sa,
+    sa_spi,
+    sa_ver,
+    sa_esn,
+    sa_salt,
+    sa_src,
+    sa_dst,
+    sa_limits,
+    tx_seq,
+    iv_base,
+    life,
+    dead,
+    ts=None,
+):
     """SPD lookup, lifetimes, sequence/IV assignment and header building (see module doc).
 
     Returns (out, out_off, out_len, reason, sa_of, nonce, aad, aad_len, enc_off, enc_len).
@@ -375,10 +412,12 @@ def encap_prepare(data, offset, length, linktype, forced_sa,
             reason[i] = EXPIRED
             continue
         t = np.int64(0) if ts is None else np.int64(ts[i])
-        if (life[s, L_TX_PKTS] + np.uint64(1) < life[s, L_NEXT_PKTS]
-                and life[s, L_TX_BYTES] + np.uint64(L) < life[s, L_NEXT_BYTES]
-                and t < np.int64(life[s, L_NEXT_T])):
-            life[s, L_TX_PKTS] += np.uint64(1)          # far from every limit: just count
+        if (
+            life[s, L_TX_PKTS] + np.uint64(1) < life[s, L_NEXT_PKTS]
+            and life[s, L_TX_BYTES] + np.uint64(L) < life[s, L_NEXT_BYTES]
+            and t < np.int64(life[s, L_NEXT_T])
+        ):
+            life[s, L_TX_PKTS] += np.uint64(1)  # far from every limit: just count
             life[s, L_TX_BYTES] += np.uint64(L)
         elif not _life_use(life, sa_limits, s, L_TX_PKTS, L_TX_BYTES, L, t, DIR_ENCRYPT):
             reason[i] = EXPIRED
@@ -412,14 +451,14 @@ def encap_prepare(data, offset, length, linktype, forced_sa,
         o = offset[i]
         q = out_off[i]
         s = sa_of[i]
-        if s < 0:       # bypass: unchanged copy
+        if s < 0:  # bypass: unchanged copy
             _copy(out, q, data, o, out_len[i])
             continue
         s3 = l3[i]
         L = ilen[i]
         v = ver[i]
         p = o + s3
-        if s3 > 0:      # keep the L2 header, retag the ethertype for the outer IP version
+        if s3 > 0:  # keep the L2 header, retag the ethertype for the outer IP version
             _copy(out, q, data, o, s3)
             _put16(out, q + s3 - 2, 0x0800 if sa_ver[s] == 4 else 0x86DD)
         h = q + s3
@@ -457,7 +496,7 @@ def encap_prepare(data, offset, length, linktype, forced_sa,
             e = h + 40
         _put32(out, e, sa_spi[s])
         _put32(out, e + 4, seq & np.uint64(U32_MAX))
-        iv = iv_base[s] + seq        # per-SA counter from a random start: never repeats
+        iv = iv_base[s] + seq  # per-SA counter from a random start: never repeats
         _put32(out, e + 8, iv >> np.uint64(32))
         _put32(out, e + 12, iv & np.uint64(U32_MAX))
         c = e + 16
@@ -501,7 +540,7 @@ def infer_seq(top, seql, window, esn):
             sh = th
         else:
             if th == np.uint64(U32_MAX):
-                return np.uint64(0)          # past the end of the 64-bit space
+                return np.uint64(0)  # past the end of the 64-bit space
             sh = th + np.uint64(1)
     else:
         # case B: window spans two subspaces
@@ -542,7 +581,7 @@ def replay_update(top, bitmap, seq, window):
         if d >= nb:
             bitmap[:] = 0
         else:
-            for k in range(np.int64(d)):        # d < nb: no wrap even at 2**64 - 1
+            for k in range(np.int64(d)):  # d < nb: no wrap even at 2**64 - 1
                 b = (top + np.uint64(1) + np.uint64(k)) % nb
                 bitmap[np.int64(b >> np.uint64(6))] &= ~(np.uint64(1) << (b & np.uint64(63)))
         top = seq
@@ -572,8 +611,23 @@ def _find_sa(spi_sorted, spi_idx, spi, sa_ver, sa_dhi, sa_dlo, ver, dhi, dlo):
 
 
 @njit(cache=True)
-def decap_prepare(data, offset, length, linktype, spi_sorted, spi_idx, sa_ver, sa_dhi, sa_dlo,
-                  sa_esn, sa_window, sa_salt, rx_top, rx_bitmap, life):
+def decap_prepare(
+    data,
+    offset,
+    length,
+    linktype,
+    spi_sorted,
+    spi_idx,
+    sa_ver,
+    sa_dhi,
+    sa_dlo,
+    sa_esn,
+    sa_window,
+    sa_salt,
+    rx_top,
+    rx_bitmap,
+    life,
+):
     """Parse, find the SA, pre-check replay and expiry, lay out the output (see module doc).
 
     Returns (reason, sa_of, seq64, l2len, ct_src, ct_len, out, out_off, nonce, aad, aad_len).
@@ -610,7 +664,7 @@ def decap_prepare(data, offset, length, linktype, spi_sorted, spi_idx, sa_ver, s
             if _ipv4_csum(data, p, ihl) != 0:
                 reason[i] = MALFORMED
                 continue
-            if (_be16(data, p + 6) & 0x3FFF) != 0:      # a fragment: no reassembly here
+            if (_be16(data, p + 6) & 0x3FFF) != 0:  # a fragment: no reassembly here
                 reason[i] = MALFORMED
                 continue
             dh, dl = _addr_of(data, p + 16, 4)
@@ -660,7 +714,7 @@ def decap_prepare(data, offset, length, linktype, spi_sorted, spi_idx, sa_ver, s
         if not replay_check(rx_top[s], rx_bitmap[s], seq, sa_window[s]):
             reason[i] = REPLAY
             continue
-        if life[s, L_FLAGS] & np.uint64(F_HARD):       # no crypto for an SA that has ended
+        if life[s, L_FLAGS] & np.uint64(F_HARD):  # no crypto for an SA that has ended
             reason[i] = EXPIRED
             continue
         sa_of[i] = s
@@ -675,7 +729,7 @@ def decap_prepare(data, offset, length, linktype, spi_sorted, spi_idx, sa_ver, s
         out_off[i] = total
         if reason[i] == OK:
             total += l2len[i] + ct_len[i]
-    out = np.empty(total, np.uint8)       # every byte is written below or by the AEAD pass
+    out = np.empty(total, np.uint8)  # every byte is written below or by the AEAD pass
     nonce = np.zeros((n, 12), np.uint8)
     aad = np.zeros((n, 12), np.uint8)
     aad_len = np.zeros(n, np.int64)
@@ -702,8 +756,26 @@ def decap_prepare(data, offset, length, linktype, spi_sorted, spi_idx, sa_ver, s
 
 
 @njit(cache=True)
-def decap_finish(reason, ok, sa_of, seq64, l2len, ct_len, out, out_off, sa_esn, sa_window,
-                 sa_limits, rx_top, rx_bitmap, life, ts, out_len, start, allow_resync):
+def decap_finish(
+    reason,
+    ok,
+    sa_of,
+    seq64,
+    l2len,
+    ct_len,
+    out,
+    out_off,
+    sa_esn,
+    sa_window,
+    sa_limits,
+    rx_top,
+    rx_bitmap,
+    life,
+    ts,
+    out_len,
+    start,
+    allow_resync,
+):
     """Window update in packet order, lifetimes, trailer and inner-header checks, from packet
     ``start`` on; ``out_len`` receives the inner packets' lengths (with L2).
 
@@ -739,8 +811,13 @@ def decap_finish(reason, ok, sa_of, seq64, l2len, ct_len, out, out_off, sa_esn, 
             reason[i] = BAD_ICV
             life[s, L_RX_FAIL] += np.uint64(1)
             after = sa_limits[s, LIM_RESYNC_AFTER]
-            if (allow_resync and sa_esn[s] and after > 0 and life[s, L_RX_FAIL] >= after
-                    and (seq >> np.uint64(32)) < np.uint64(U32_MAX)):
+            if (
+                allow_resync
+                and sa_esn[s]
+                and after > 0
+                and life[s, L_RX_FAIL] >= after
+                and (seq >> np.uint64(32)) < np.uint64(U32_MAX)
+            ):
                 stop = i
                 break
             continue
@@ -760,23 +837,25 @@ def decap_finish(reason, ok, sa_of, seq64, l2len, ct_len, out, out_off, sa_esn, 
             if nh == 4:
                 bad = L < 20 or (out[q] >> 4) != 4 or _be16(out, q + 2) > L or _be16(out, q + 2) < 20
                 if not bad:
-                    L = _be16(out, q + 2)          # drops TFC padding, if any
+                    L = _be16(out, q + 2)  # drops TFC padding, if any
             elif nh == 41:
                 bad = L < 40 or (out[q] >> 4) != 6 or _be16(out, q + 4) + 40 > L
                 if not bad:
                     L = _be16(out, q + 4) + 40
             else:
-                bad = True                          # not tunnel mode (59 = dummy: dropped too)
+                bad = True  # not tunnel mode (59 = dummy: dropped too)
         # the packet authenticated: it moves the window even if its content is then refused
         rx_top[s] = replay_update(rx_top[s], rx_bitmap[s], seq, sa_window[s])
         if bad:
             reason[i] = MALFORMED
             continue
         t = np.int64(ts[i])
-        if (life[s, L_RX_PKTS] + np.uint64(1) < life[s, L_NEXT_PKTS]
-                and life[s, L_RX_BYTES] + np.uint64(L) < life[s, L_NEXT_BYTES]
-                and t < np.int64(life[s, L_NEXT_T])):
-            life[s, L_RX_PKTS] += np.uint64(1)          # far from every limit: just count
+        if (
+            life[s, L_RX_PKTS] + np.uint64(1) < life[s, L_NEXT_PKTS]
+            and life[s, L_RX_BYTES] + np.uint64(L) < life[s, L_NEXT_BYTES]
+            and t < np.int64(life[s, L_NEXT_T])
+        ):
+            life[s, L_RX_PKTS] += np.uint64(1)  # far from every limit: just count
             life[s, L_RX_BYTES] += np.uint64(L)
         elif not _life_use(life, sa_limits, s, L_RX_PKTS, L_RX_BYTES, L, t, DIR_DECRYPT):
             reason[i] = EXPIRED
@@ -853,8 +932,9 @@ if evp.AVAILABLE:
         return bad
 
     @njit(cache=True)
-    def open_evp(ctxs, reason, sa_of, data, ct_src, ct_len, out, out_off, l2len, nonce, aad,
-                 aad_len, scratch):
+    def open_evp(
+        ctxs, reason, sa_of, data, ct_src, ct_len, out, out_off, l2len, nonce, aad, aad_len, scratch
+    ):
         """Decrypt each ciphertext into the output buffer; ok[i] = 1 when the tag verified."""
         n = reason.shape[0]
         ok = np.zeros(n, np.uint8)
@@ -879,34 +959,137 @@ if evp.AVAILABLE:
         return ok
 
     @njit(cache=True)
-    def encrypt_evp(ctxs, scratch, counts, port, ts, clock, data, offset, length, linktype, forced_sa,
-                    pol_src, pol_smask, pol_dst, pol_dmask, pol_proto, pol_action, pol_sa,
-                    sa_spi, sa_ver, sa_esn, sa_salt, sa_src, sa_dst, sa_limits,
-                    tx_seq, iv_base, life, dead):
+    def encrypt_evp(
+        ctxs,
+        scratch,
+        counts,
+        port,
+        ts,
+        clock,
+        data,
+        offset,
+        length,
+        linktype,
+        forced_sa,
+        pol_src,
+        pol_smask,
+        pol_dst,
+        pol_dmask,
+        pol_proto,
+        pol_action,
+        pol_sa,
+        sa_spi,
+        sa_ver,
+        sa_esn,
+        sa_salt,
+        sa_src,
+        sa_dst,
+        sa_limits,
+        tx_seq,
+        iv_base,
+        life,
+        dead,
+    ):
         """encap_prepare + seal_evp + compact in one dispatch (the per-batch cost counts at 64 B).
         ``clock``: each packet's time for the lifetimes (``ts``, or the caller's ``now``).
         Also returns the number of SAs with a lifetime event to report."""
-        (out, out_off, out_len, reason, sa_of, nonce, aad, aad_len, enc_off, enc_len) = \
-            encap_prepare(data, offset, length, linktype, forced_sa, pol_src, pol_smask, pol_dst,
-                          pol_dmask, pol_proto, pol_action, pol_sa, sa_spi, sa_ver, sa_esn,
-                          sa_salt, sa_src, sa_dst, sa_limits, tx_seq, iv_base, life, dead, clock)
+        (out, out_off, out_len, reason, sa_of, nonce, aad, aad_len, enc_off, enc_len) = encap_prepare(
+            data,
+            offset,
+            length,
+            linktype,
+            forced_sa,
+            pol_src,
+            pol_smask,
+            pol_dst,
+            pol_dmask,
+            pol_proto,
+            pol_action,
+            pol_sa,
+            sa_spi,
+            sa_ver,
+            sa_esn,
+            sa_salt,
+            sa_src,
+            sa_dst,
+            sa_limits,
+            tx_seq,
+            iv_base,
+            life,
+            dead,
+            clock,
+        )
         bad = seal_evp(ctxs, sa_of, out, enc_off, enc_len, nonce, aad, aad_len, scratch)
         off, ln, wl, pt, t = compact(reason, out_off, out_len, port, ts, counts)
         return out, off, ln, wl, pt, t, reason, bad, pending_events(life)
 
     @njit(cache=True)
-    def decrypt_evp(ctxs, scratch, counts, port, ts, clock, data, offset, length, linktype, spi_sorted,
-                    spi_idx, sa_ver, sa_dhi, sa_dlo, sa_esn, sa_window, sa_salt, sa_limits,
-                    rx_top, rx_bitmap, life):
+    def decrypt_evp(
+        ctxs,
+        scratch,
+        counts,
+        port,
+        ts,
+        clock,
+        data,
+        offset,
+        length,
+        linktype,
+        spi_sorted,
+        spi_idx,
+        sa_ver,
+        sa_dhi,
+        sa_dlo,
+        sa_esn,
+        sa_window,
+        sa_salt,
+        sa_limits,
+        rx_top,
+        rx_bitmap,
+        life,
+    ):
         """decap_prepare + open_evp + decap_finish + compact in one dispatch (no ESN
         re-synchronisation: the gateway takes the step-by-step path when an SA has it)."""
-        (reason, sa_of, seq64, l2len, ct_src, ct_len, out, out_off, nonce, aad, aad_len) = \
-            decap_prepare(data, offset, length, linktype, spi_sorted, spi_idx, sa_ver, sa_dhi,
-                          sa_dlo, sa_esn, sa_window, sa_salt, rx_top, rx_bitmap, life)
-        ok = open_evp(ctxs, reason, sa_of, data, ct_src, ct_len, out, out_off, l2len, nonce, aad,
-                      aad_len, scratch)
+        (reason, sa_of, seq64, l2len, ct_src, ct_len, out, out_off, nonce, aad, aad_len) = decap_prepare(
+            data,
+            offset,
+            length,
+            linktype,
+            spi_sorted,
+            spi_idx,
+            sa_ver,
+            sa_dhi,
+            sa_dlo,
+            sa_esn,
+            sa_window,
+            sa_salt,
+            rx_top,
+            rx_bitmap,
+            life,
+        )
+        ok = open_evp(
+            ctxs, reason, sa_of, data, ct_src, ct_len, out, out_off, l2len, nonce, aad, aad_len, scratch
+        )
         out_len = np.zeros(reason.shape[0], np.int64)
-        decap_finish(reason, ok, sa_of, seq64, l2len, ct_len, out, out_off, sa_esn, sa_window,
-                     sa_limits, rx_top, rx_bitmap, life, clock, out_len, 0, False)
+        decap_finish(
+            reason,
+            ok,
+            sa_of,
+            seq64,
+            l2len,
+            ct_len,
+            out,
+            out_off,
+            sa_esn,
+            sa_window,
+            sa_limits,
+            rx_top,
+            rx_bitmap,
+            life,
+            clock,
+            out_len,
+            0,
+            False,
+        )
         off, ln, wl, pt, t = compact(reason, out_off, out_len, port, ts, counts)
         return out, off, ln, wl, pt, t, reason, pending_events(life)

@@ -4,6 +4,7 @@ Same behaviour as :class:`~microseg.ipsec.gateway.EspGateway`, written for clari
 window is a set of sequence numbers, the AEAD is ``cryptography``'s ``AESGCM``, lifetimes are
 a small object per SA, and SAs live in a dict by name (installed, replaced, removed).
 """
+
 from __future__ import annotations
 
 import ipaddress
@@ -12,8 +13,7 @@ import struct
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from .esp import (BAD_ICV, EXPIRED, MALFORMED, MIN_ESP, NO_POLICY, NOT_ESP, OK, REPLAY,
-                  UNKNOWN_SPI)
+from .esp import BAD_ICV, EXPIRED, MALFORMED, MIN_ESP, NO_POLICY, NOT_ESP, OK, REPLAY, UNKNOWN_SPI
 from .sa import ACTION_BYPASS, ACTION_PROTECT, SAConfig, SecurityAssociation, seconds_ns
 
 M32, M64 = 0xFFFFFFFF, 0xFFFFFFFFFFFFFFFF
@@ -27,11 +27,11 @@ def pad_length(n: int) -> int:
 def infer_esn(top: int, seql: int, w: int) -> int | None:
     """RFC 4303 Appendix A2.2: the 64-bit number a received low half stands for."""
     tl, th = top & M32, top >> 32
-    if tl >= w - 1:                                   # window within one subspace
+    if tl >= w - 1:  # window within one subspace
         sh = th if seql >= tl - w + 1 else th + 1
         if sh > M32:
-            return None                               # past the end of the 64-bit space
-    else:                                             # window spans two subspaces
+            return None  # past the end of the 64-bit space
+    else:  # window spans two subspaces
         if seql >= (tl - w + 1) % (1 << 32):
             if th == 0:
                 return None
@@ -86,9 +86,9 @@ class RefLife:
 
     def __init__(self, sa: SecurityAssociation, now=None):
         self.sa = sa
-        self.count = {"encrypt": [0, 0], "decrypt": [0, 0]}     # packets, bytes
+        self.count = {"encrypt": [0, 0], "decrypt": [0, 0]}  # packets, bytes
         self.start = now
-        self.soft = self.hard = None                             # (limit, direction, at)
+        self.soft = self.hard = None  # (limit, direction, at)
 
     def _end(self, limit, d, t, events):
         self.hard = (limit, d, t)
@@ -117,9 +117,15 @@ class RefLife:
         c[0] += 1
         c[1] += nbytes
         if self.soft is None:
-            why = ("seconds" if soft_ns and el >= soft_ns else
-                   "packets" if sa.soft_packets and c[0] >= sa.soft_packets else
-                   "bytes" if sa.soft_bytes and c[1] >= sa.soft_bytes else None)
+            why = (
+                "seconds"
+                if soft_ns and el >= soft_ns
+                else "packets"
+                if sa.soft_packets and c[0] >= sa.soft_packets
+                else "bytes"
+                if sa.soft_bytes and c[1] >= sa.soft_bytes
+                else None
+            )
             if why:
                 self.soft = (why, d, t)
                 events.append(("soft", sa.name, why, d, t))
@@ -152,7 +158,7 @@ class RefGateway:
         self.win = [RefWindow(sa.replay_window) for sa in self.sas]
         self.aead = [AESGCM(sa.key) for sa in self.sas]
         self.lt = [RefLife(sa, now) for sa in self.sas]
-        self.fails = [0] * n                    # consecutive authentication failures
+        self.fails = [0] * n  # consecutive authentication failures
         self.removed = [False] * n
         self.successor: dict[str, str] = {}
         self.events: list = []
@@ -218,8 +224,9 @@ class RefGateway:
             return p.action, (self._outbound(p.sa) if p.action == ACTION_PROTECT else -1)
         return None, -1
 
-    def encrypt(self, pkt: bytes, linktype: int, sa: int | str | None = None,
-                iv: int | None = None, t: int = 0):
+    def encrypt(
+        self, pkt: bytes, linktype: int, sa: int | str | None = None, iv: int | None = None, t: int = 0
+    ):
         """(reason, ESP packet or None). ``iv`` overrides the counter (for known answers);
         ``t`` is the packet's time (ns)."""
         if isinstance(sa, str):
@@ -263,23 +270,43 @@ class RefGateway:
         pad = pad_length(L)
         plain = inner + bytes(range(1, pad + 1)) + bytes([pad, 4 if v == 4 else 41])
         ivb = struct.pack("!Q", ((self.iv_base[sa] + seq) & M64) if iv is None else iv)
-        aad = struct.pack("!II", s.spi, seq & M32) if not s.esn else \
-            struct.pack("!III", s.spi, seq >> 32, seq & M32)
+        aad = (
+            struct.pack("!II", s.spi, seq & M32)
+            if not s.esn
+            else struct.pack("!III", s.spi, seq >> 32, seq & M32)
+        )
         ct = self.aead[sa].encrypt(s.salt + ivb, plain, aad)
         body = struct.pack("!II", s.spi, seq & M32) + ivb + ct
         if s.ip_version == 4:
-            hdr = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, tos, 20 + len(body), seq & 0xFFFF,
-                                        0, 64, 50, 0,
-                                        ipaddress.ip_address(s.tunnel_src).packed,
-                                        ipaddress.ip_address(s.tunnel_dst).packed))
+            hdr = bytearray(
+                struct.pack(
+                    "!BBHHHBBH4s4s",
+                    0x45,
+                    tos,
+                    20 + len(body),
+                    seq & 0xFFFF,
+                    0,
+                    64,
+                    50,
+                    0,
+                    ipaddress.ip_address(s.tunnel_src).packed,
+                    ipaddress.ip_address(s.tunnel_dst).packed,
+                )
+            )
             hdr[10:12] = struct.pack("!H", _csum(bytes(hdr)))
         else:
-            hdr = struct.pack("!IHBB16s16s", (6 << 28) | (tos << 20), len(body), 50, 64,
-                              ipaddress.ip_address(s.tunnel_src).packed,
-                              ipaddress.ip_address(s.tunnel_dst).packed)
+            hdr = struct.pack(
+                "!IHBB16s16s",
+                (6 << 28) | (tos << 20),
+                len(body),
+                50,
+                64,
+                ipaddress.ip_address(s.tunnel_src).packed,
+                ipaddress.ip_address(s.tunnel_dst).packed,
+            )
         l2 = b""
         if l3:
-            l2 = pkt[:l3 - 2] + struct.pack("!H", 0x0800 if s.ip_version == 4 else 0x86DD)
+            l2 = pkt[: l3 - 2] + struct.pack("!H", 0x0800 if s.ip_version == 4 else 0x86DD)
         return OK, l2 + bytes(hdr) + body
 
     def decrypt(self, pkt: bytes, linktype: int, t: int = 0):
@@ -319,8 +346,14 @@ class RefGateway:
             return MALFORMED, None
         spi, seql = struct.unpack_from("!II", esp)
         dst = str(ipaddress.ip_address(dst))
-        sa = next((k for k, s in enumerate(self.sas)
-                   if s.spi == spi and s.tunnel_dst == dst and not self.removed[k]), None)
+        sa = next(
+            (
+                k
+                for k, s in enumerate(self.sas)
+                if s.spi == spi and s.tunnel_dst == dst and not self.removed[k]
+            ),
+            None,
+        )
         if sa is None:
             return UNKNOWN_SPI, None
         s = self.sas[sa]
@@ -335,8 +368,9 @@ class RefGateway:
         plain = self._open(sa, esp, seq)
         if plain is None:
             self.fails[sa] += 1
-            if not (s.esn and s.resync_after and self.fails[sa] >= s.resync_after
-                    and seq >> 32 < M32):                 # no higher value to try
+            if not (
+                s.esn and s.resync_after and self.fails[sa] >= s.resync_after and seq >> 32 < M32
+            ):  # no higher value to try
                 return BAD_ICV, None
             # RFC 4303 A3.2: this packet, with the next high-order values; commit only one
             # that authenticates
@@ -354,22 +388,22 @@ class RefGateway:
         w.add(seq)
         padlen, nh = plain[-2], plain[-1]
         L = len(plain) - 2 - padlen
-        if L < 0 or plain[L:L + padlen] != bytes(range(1, padlen + 1)):
+        if L < 0 or plain[L : L + padlen] != bytes(range(1, padlen + 1)):
             return MALFORMED, None
         inner = plain[:L]
         if nh == 4:
             if L < 20 or inner[0] >> 4 != 4 or not 20 <= struct.unpack_from("!H", inner, 2)[0] <= L:
                 return MALFORMED, None
-            inner = inner[:struct.unpack_from("!H", inner, 2)[0]]
+            inner = inner[: struct.unpack_from("!H", inner, 2)[0]]
         elif nh == 41:
             if L < 40 or inner[0] >> 4 != 6 or struct.unpack_from("!H", inner, 4)[0] + 40 > L:
                 return MALFORMED, None
-            inner = inner[:struct.unpack_from("!H", inner, 4)[0] + 40]
+            inner = inner[: struct.unpack_from("!H", inner, 4)[0] + 40]
         else:
             return MALFORMED, None
         if not self.lt[sa].use("decrypt", len(inner), t, self.events):
             return EXPIRED, None
-        l2 = pkt[:l3 - 2] + struct.pack("!H", 0x0800 if nh == 4 else 0x86DD) if l3 else b""
+        l2 = pkt[: l3 - 2] + struct.pack("!H", 0x0800 if nh == 4 else 0x86DD) if l3 else b""
         return OK, l2 + inner
 
     def _open(self, sa: int, esp: bytes, seq: int):

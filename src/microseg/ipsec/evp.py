@@ -9,6 +9,7 @@ kernels that use them still cache. Pointers travel as ``intp``.
 ``AVAILABLE`` is False when no usable libcrypto (>= 1.1) is found; callers then use the
 ``cryptography`` back end, which gives the same bytes.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -23,8 +24,15 @@ EVP_CTRL_GCM_SET_IVLEN = 0x9
 EVP_CTRL_GCM_GET_TAG = 0x10
 EVP_CTRL_GCM_SET_TAG = 0x11
 
-_NAMES = ("EVP_EncryptInit_ex", "EVP_EncryptUpdate", "EVP_EncryptFinal_ex",
-          "EVP_DecryptInit_ex", "EVP_DecryptUpdate", "EVP_DecryptFinal_ex", "EVP_CIPHER_CTX_ctrl")
+_NAMES = (
+    "EVP_EncryptInit_ex",
+    "EVP_EncryptUpdate",
+    "EVP_EncryptFinal_ex",
+    "EVP_DecryptInit_ex",
+    "EVP_DecryptUpdate",
+    "EVP_DecryptFinal_ex",
+    "EVP_CIPHER_CTX_ctrl",
+)
 
 
 def _load():
@@ -34,7 +42,7 @@ def _load():
     candidates += ["libcrypto.so.3", "libcrypto.so.1.1", "libcrypto.3.dylib"]
     for cand in candidates:
         if cand.endswith("/libcrypto.dylib") or cand == "libcrypto.dylib":
-            continue        # macOS aborts processes that load its unversioned libcrypto
+            continue  # macOS aborts processes that load its unversioned libcrypto
         try:
             lib = ctypes.CDLL(cand)
             ver = ctypes.c_ulong
@@ -44,8 +52,13 @@ def _load():
             fn.restype = ver
             if fn() < 0x10100000:
                 continue
-            for n in _NAMES + ("EVP_CIPHER_CTX_new", "EVP_CIPHER_CTX_free", "EVP_aes_128_gcm",
-                               "EVP_aes_192_gcm", "EVP_aes_256_gcm"):
+            for n in _NAMES + (
+                "EVP_CIPHER_CTX_new",
+                "EVP_CIPHER_CTX_free",
+                "EVP_aes_128_gcm",
+                "EVP_aes_192_gcm",
+                "EVP_aes_256_gcm",
+            ):
                 getattr(lib, n)
             _lib = lib
             break
@@ -55,6 +68,7 @@ def _load():
         REASON = "no libcrypto >= 1.1 found"
         return
     import llvmlite.binding as llvm
+
     for n in _NAMES:
         llvm.add_symbol("microseg_" + n, ctypes.cast(getattr(_lib, n), ctypes.c_void_p).value)
     _lib.EVP_CIPHER_CTX_new.restype = ctypes.c_void_p
@@ -89,8 +103,7 @@ class Context:
     def __init__(self, key: bytes, encrypt: bool):
         if not AVAILABLE:
             raise RuntimeError(REASON)
-        cipher = {16: _lib.EVP_aes_128_gcm, 24: _lib.EVP_aes_192_gcm,
-                  32: _lib.EVP_aes_256_gcm}[len(key)]()
+        cipher = {16: _lib.EVP_aes_128_gcm, 24: _lib.EVP_aes_192_gcm, 32: _lib.EVP_aes_256_gcm}[len(key)]()
         ptr = _lib.EVP_CIPHER_CTX_new()
         if not ptr:
             raise MemoryError("EVP_CIPHER_CTX_new failed")

@@ -18,6 +18,7 @@ time for a make-before-break rekey (:meth:`EspGateway.rekey`, :meth:`EspGateway.
 ESN re-synchronisation (RFC 4303 A3) retries a packet with the next high-order values once an
 SA's count of consecutive authentication failures reaches its trigger.
 """
+
 from __future__ import annotations
 
 import ipaddress
@@ -29,15 +30,31 @@ import numpy as np
 from ..errors import InputError
 from ..packet.batch import LINK_ETHERNET, LINK_RAW, Batch, text_to_addr
 from . import esp, evp
-from .esp import N_REASONS, REASONS
-from .esp import (DIR_CLOCK, DIR_DECRYPT, DIR_ENCRYPT, F_HARD, F_HARD_NEW, F_SOFT, F_SOFT_NEW,
-                  F_STARTED, L_FLAGS, L_HARD_AT, L_RX_FAIL, L_SOFT_AT, L_START, L_WHY)
+from .esp import (
+    DIR_CLOCK,
+    DIR_DECRYPT,
+    DIR_ENCRYPT,
+    F_HARD,
+    F_HARD_NEW,
+    F_SOFT,
+    F_SOFT_NEW,
+    F_STARTED,
+    L_FLAGS,
+    L_HARD_AT,
+    L_RX_FAIL,
+    L_SOFT_AT,
+    L_START,
+    L_WHY,
+    N_REASONS,
+    REASONS,
+)
 from .sa import ACTION_PROTECT, SAConfig, SecurityAssociation, seconds_ns
 
-try:   # cryptography >= 45 writes into a caller's buffer
+try:  # cryptography >= 45 writes into a caller's buffer
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM as _AESGCM
+
     _HAS_INTO = hasattr(_AESGCM, "encrypt_into") and hasattr(_AESGCM, "decrypt_into")
-except ImportError:     # pragma: no cover
+except ImportError:  # pragma: no cover
     _HAS_INTO = False
 
 _ALL = (1 << 128) - 1
@@ -65,16 +82,22 @@ class LifetimeEvent:
     """A soft or hard expiry of one SA (RFC 4301 4.4.2.1): which limit, in which direction
     (``clock``: found by :meth:`EspGateway.expire`), at which timestamp (ns)."""
 
-    kind: str           # "soft" | "hard"
+    kind: str  # "soft" | "hard"
     sa: str
     spi: int
-    limit: str          # "bytes" | "packets" | "seconds"
-    direction: str      # "encrypt" | "decrypt" | "clock"
+    limit: str  # "bytes" | "packets" | "seconds"
+    direction: str  # "encrypt" | "decrypt" | "clock"
     at: int
 
     def as_dict(self) -> dict:
-        return {"kind": self.kind, "sa": self.sa, "spi": self.spi, "limit": self.limit,
-                "direction": self.direction, "at": self.at}
+        return {
+            "kind": self.kind,
+            "sa": self.sa,
+            "spi": self.spi,
+            "limit": self.limit,
+            "direction": self.direction,
+            "at": self.at,
+        }
 
 
 def _limits_row(sa: SecurityAssociation) -> list:
@@ -113,8 +136,7 @@ class EspGateway:
     after the batch (or :meth:`expire` call) that caused it; ``events`` keeps them all.
     """
 
-    def __init__(self, config: SAConfig, backend: str = "auto", now: int | None = None,
-                 on_event=None):
+    def __init__(self, config: SAConfig, backend: str = "auto", now: int | None = None, on_event=None):
         if backend == "auto":
             backend = "evp" if evp.AVAILABLE else "cryptography"
         if backend == "evp" and not evp.AVAILABLE:
@@ -126,7 +148,7 @@ class EspGateway:
         self.on_event = on_event
         self.events: list[LifetimeEvent] = []
         self.event_counts = {"soft": 0, "hard": 0}
-        self.successor: dict[str, str] = {}      # rekeyed SA name -> the SA that replaced it
+        self.successor: dict[str, str] = {}  # rekeyed SA name -> the SA that replaced it
         self.tx_drops = np.zeros(N_REASONS, np.int64)
         self.rx_drops = np.zeros(N_REASONS, np.int64)
         self.resync_counts = {"attempts": 0, "resynchronised": 0}
@@ -157,8 +179,15 @@ class EspGateway:
         n = len(sas)
         old = None
         if self.sas:
-            old = (self.tx_seq, self.iv_base, self.dead, self.life, self.rx_top, self.rx_bitmap,
-                   self.sa_window)
+            old = (
+                self.tx_seq,
+                self.iv_base,
+                self.dead,
+                self.life,
+                self.rx_top,
+                self.rx_bitmap,
+                self.sa_window,
+            )
         self.sas = list(sas)
         self.names = [sa.name for sa in sas]
         self.sa_spi = np.array([sa.spi for sa in sas], np.uint64)
@@ -172,8 +201,8 @@ class EspGateway:
         self.sa_dlo = np.zeros(n, np.uint64)
         for k, sa in enumerate(sas):
             s, d = ipaddress.ip_address(sa.tunnel_src).packed, ipaddress.ip_address(sa.tunnel_dst).packed
-            self.sa_src[k, :len(s)] = list(s)
-            self.sa_dst[k, :len(d)] = list(d)
+            self.sa_src[k, : len(s)] = list(s)
+            self.sa_dst[k, : len(d)] = list(d)
             self.sa_dhi[k], self.sa_dlo[k] = text_to_addr(sa.tunnel_dst)
         self.sa_limits = np.array([_limits_row(sa) for sa in sas], np.uint64).reshape(n, esp.N_LIMITS)
         order = np.argsort(self.sa_spi, kind="stable")
@@ -199,13 +228,14 @@ class EspGateway:
             self.rx_top[k] = o_top[r]
             if o_bm.shape[1] == words:
                 self.rx_bitmap[k] = o_bm[r]
-            else:       # the ring's size changed with the set of SAs: same bits, new places
+            else:  # the ring's size changed with the set of SAs: same bits, new places
                 self.rx_bitmap[k] = _remap_bitmap(o_bm[r], int(o_top[r]), int(o_win[r]), words)
         self._keys = [sa.key for sa in sas]
         self._enc = self._dec = None
         self._resync_any = any(sa.resync_after for sa in sas)
-        self.pol_sa = np.array([-1 if nm is None else self._outbound(nm, missing=-1)
-                                for nm in self._pol_names], np.int64)
+        self.pol_sa = np.array(
+            [-1 if nm is None else self._outbound(nm, missing=-1) for nm in self._pol_names], np.int64
+        )
 
     def _chain(self, name: str) -> list:
         chain, seen = [name], {name}
@@ -233,8 +263,9 @@ class EspGateway:
             if sa.name in names:
                 raise ValueError(f"an SA named {sa.name!r} is already installed")
             if (sa.tunnel_dst, sa.spi) in spis:
-                raise ValueError(f"SPI {sa.spi:#x} to {sa.tunnel_dst} is already used by "
-                                 f"{spis[(sa.tunnel_dst, sa.spi)]!r}")
+                raise ValueError(
+                    f"SPI {sa.spi:#x} to {sa.tunnel_dst} is already used by {spis[(sa.tunnel_dst, sa.spi)]!r}"
+                )
             if sa.ip_version != ipaddress.ip_address(sa.tunnel_dst).version:
                 raise ValueError(f"SA {sa.name!r}: tunnel addresses of different IP versions")
             names.add(sa.name)
@@ -257,8 +288,9 @@ class EspGateway:
             if old not in self.names:
                 raise KeyError(old)
             if old in self.successor:
-                raise ValueError(f"SA {old!r} was already replaced by {self.successor[old]!r}: "
-                                 f"rekey that one")
+                raise ValueError(
+                    f"SA {old!r} was already replaced by {self.successor[old]!r}: rekey that one"
+                )
         self._check_new(new)
         self.successor.update({old: sa.name for old, sa in pairs.items()})
         self._build(self.sas + new, list(range(len(self.sas))) + [-1] * len(new), now)
@@ -271,8 +303,10 @@ class EspGateway:
         names = [self.names[k] for k in keep]
         for pol, nm in zip(self.config.policies, self._pol_names):
             if nm is not None and not any(x in names for x in self._chain(nm)):
-                raise ValueError(f"policy {pol.name!r} protects with {name!r}, which no installed "
-                                 f"SA replaces: rekey it first")
+                raise ValueError(
+                    f"policy {pol.name!r} protects with {name!r}, which no installed "
+                    f"SA replaces: rekey it first"
+                )
         self._build([self.sas[k] for k in keep], keep, None)
 
     def sa_index(self, name: str) -> int:
@@ -291,6 +325,7 @@ class EspGateway:
                 setattr(self, attr, (ctxs, ptrs))
             else:
                 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
                 setattr(self, attr, ([AESGCM(k) for k in self._keys], None))
         return getattr(self, attr)
 
@@ -302,15 +337,25 @@ class EspGateway:
         flags = self.life[:, L_FLAGS]
         for k in np.flatnonzero(flags & np.uint64(F_SOFT_NEW | F_HARD_NEW)).tolist():
             fl, why = int(self.life[k, L_FLAGS]), int(self.life[k, L_WHY])
-            for kind, bit, cause, col in (("soft", F_SOFT_NEW, why & 0xFF, L_SOFT_AT),
-                                          ("hard", F_HARD_NEW, (why >> 8) & 0xFF, L_HARD_AT)):
+            for kind, bit, cause, col in (
+                ("soft", F_SOFT_NEW, why & 0xFF, L_SOFT_AT),
+                ("hard", F_HARD_NEW, (why >> 8) & 0xFF, L_HARD_AT),
+            ):
                 if fl & bit:
                     at = int(self.life[k, col].astype(np.int64))
-                    new.append(LifetimeEvent(kind, self.names[k], int(self.sa_spi[k]),
-                                             _LIMITS[cause & 0xF], _DIRS[cause & 0xF0], at))
+                    new.append(
+                        LifetimeEvent(
+                            kind,
+                            self.names[k],
+                            int(self.sa_spi[k]),
+                            _LIMITS[cause & 0xF],
+                            _DIRS[cause & 0xF0],
+                            at,
+                        )
+                    )
                     self.event_counts[kind] += 1
             self.life[k, L_FLAGS] = fl & ~(F_SOFT_NEW | F_HARD_NEW)
-        new.sort(key=lambda e: e.at)        # stable: an SA's soft event stays before its hard
+        new.sort(key=lambda e: e.at)  # stable: an SA's soft event stays before its hard
         self.events.extend(new)
         if self.on_event is not None:
             for ev in new:
@@ -334,8 +379,9 @@ class EspGateway:
         return batch.ts if now is None else np.full(len(batch), now, np.int64)
 
     # -- stage functions ------------------------------------------------------------------------
-    def encrypt_batch(self, batch: Batch, sa: str | int | None = None, return_reasons: bool = False,
-                      now: int | None = None):
+    def encrypt_batch(
+        self, batch: Batch, sa: str | int | None = None, return_reasons: bool = False, now: int | None = None
+    ):
         """Encapsulate a batch of inner packets; returns the ESP batch (dropped packets left out).
 
         ``sa`` forces one SA for every packet (after a rekey, a name means its replacement);
@@ -349,25 +395,68 @@ class EspGateway:
         if self.backend == "evp":
             _, ptrs = self._contexts(True)
             out, off, ln, wl, pt, t, reason, bad, events = esp.encrypt_evp(
-                ptrs, self._scratch, self.tx_drops, batch.port, batch.ts, ts, batch.data,
-                batch.offset, batch.length, int(batch.linktype), forced,
-                self.pol_src, self.pol_smask, self.pol_dst, self.pol_dmask, self.pol_proto,
-                self.pol_action, self.pol_sa, self.sa_spi, self.sa_ver, self.sa_esn, self.sa_salt,
-                self.sa_src, self.sa_dst, self.sa_limits, self.tx_seq, self.iv_base, self.life,
-                self.dead)
+                ptrs,
+                self._scratch,
+                self.tx_drops,
+                batch.port,
+                batch.ts,
+                ts,
+                batch.data,
+                batch.offset,
+                batch.length,
+                int(batch.linktype),
+                forced,
+                self.pol_src,
+                self.pol_smask,
+                self.pol_dst,
+                self.pol_dmask,
+                self.pol_proto,
+                self.pol_action,
+                self.pol_sa,
+                self.sa_spi,
+                self.sa_ver,
+                self.sa_esn,
+                self.sa_salt,
+                self.sa_src,
+                self.sa_dst,
+                self.sa_limits,
+                self.tx_seq,
+                self.iv_base,
+                self.life,
+                self.dead,
+            )
             if bad:
                 raise RuntimeError("EVP encryption failed")
             if events:
                 self._collect_events()
             res = Batch(out, off, ln, wl, pt, t, batch.linktype)
             return (res, reason) if return_reasons else res
-        (out, out_off, out_len, reason, sa_of, nonce, aad, aad_len, enc_off, enc_len) = \
-            esp.encap_prepare(batch.data, batch.offset, batch.length, int(batch.linktype), forced,
-                              self.pol_src, self.pol_smask, self.pol_dst, self.pol_dmask,
-                              self.pol_proto, self.pol_action, self.pol_sa,
-                              self.sa_spi, self.sa_ver, self.sa_esn, self.sa_salt, self.sa_src,
-                              self.sa_dst, self.sa_limits, self.tx_seq, self.iv_base, self.life,
-                              self.dead, ts)
+        (out, out_off, out_len, reason, sa_of, nonce, aad, aad_len, enc_off, enc_len) = esp.encap_prepare(
+            batch.data,
+            batch.offset,
+            batch.length,
+            int(batch.linktype),
+            forced,
+            self.pol_src,
+            self.pol_smask,
+            self.pol_dst,
+            self.pol_dmask,
+            self.pol_proto,
+            self.pol_action,
+            self.pol_sa,
+            self.sa_spi,
+            self.sa_ver,
+            self.sa_esn,
+            self.sa_salt,
+            self.sa_src,
+            self.sa_dst,
+            self.sa_limits,
+            self.tx_seq,
+            self.iv_base,
+            self.life,
+            self.dead,
+            ts,
+        )
         self._seal(out, sa_of, nonce, aad, aad_len, enc_off, enc_len)
         res = self._result(batch, out, out_off, out_len, reason, self.tx_drops)
         if esp.pending_events(self.life):
@@ -386,18 +475,32 @@ class EspGateway:
         eo, el, so, al = enc_off.tolist(), enc_len.tolist(), sa_of.tolist(), aad_len.tolist()
         for i in np.flatnonzero(sa_of >= 0).tolist():
             a, b, k, aead = eo[i], eo[i] + el[i], 12 * i, aeads[so[i]]
-            if _HAS_INTO:   # in place, as the EVP path does
-                aead.encrypt_into(nmv[k:k + 12], mv[a:b], amv[k:k + al[i]], mv[a:b + esp.ICV_LEN])
+            if _HAS_INTO:  # in place, as the EVP path does
+                aead.encrypt_into(nmv[k : k + 12], mv[a:b], amv[k : k + al[i]], mv[a : b + esp.ICV_LEN])
             else:
-                mv[a:b + esp.ICV_LEN] = aead.encrypt(nmv[k:k + 12], mv[a:b], amv[k:k + al[i]])
+                mv[a : b + esp.ICV_LEN] = aead.encrypt(nmv[k : k + 12], mv[a:b], amv[k : k + al[i]])
 
     def _open(self, batch, reason, sa_of, ct_src, ct_len, out, out_off, l2len, nonce, aad, aad_len):
         """AEAD pass: decrypt each ciphertext into the output buffer; 1 where the tag verified."""
         if self.backend == "evp":
             _, ptrs = self._contexts(False)
-            return esp.open_evp(ptrs, reason, sa_of, batch.data, ct_src, ct_len, out, out_off,
-                                l2len, nonce, aad, aad_len, self._scratch)
+            return esp.open_evp(
+                ptrs,
+                reason,
+                sa_of,
+                batch.data,
+                ct_src,
+                ct_len,
+                out,
+                out_off,
+                l2len,
+                nonce,
+                aad,
+                aad_len,
+                self._scratch,
+            )
         from cryptography.exceptions import InvalidTag
+
         aeads, _ = self._contexts(False)
         ok = np.zeros(len(reason), np.uint8)
         dmv, mv = memoryview(batch.data), memoryview(out)
@@ -408,11 +511,13 @@ class EspGateway:
             a, m, k, q, aead = cs[i], cl[i], 12 * i, dst[i], aeads[so[i]]
             try:
                 if _HAS_INTO:
-                    aead.decrypt_into(nmv[k:k + 12], dmv[a:a + m + esp.ICV_LEN],
-                                      amv[k:k + al[i]], mv[q:q + m])
+                    aead.decrypt_into(
+                        nmv[k : k + 12], dmv[a : a + m + esp.ICV_LEN], amv[k : k + al[i]], mv[q : q + m]
+                    )
                 else:
-                    mv[q:q + m] = aead.decrypt(nmv[k:k + 12], dmv[a:a + m + esp.ICV_LEN],
-                                               amv[k:k + al[i]])
+                    mv[q : q + m] = aead.decrypt(
+                        nmv[k : k + 12], dmv[a : a + m + esp.ICV_LEN], amv[k : k + al[i]]
+                    )
             except InvalidTag:
                 continue
             ok[i] = 1
@@ -431,10 +536,29 @@ class EspGateway:
         if self.backend == "evp" and not details and not self._resync_any:
             _, ptrs = self._contexts(False)
             out, off, ln, wl, pt, t, reason, events = esp.decrypt_evp(
-                ptrs, self._scratch, self.rx_drops, batch.port, batch.ts, ts, batch.data,
-                batch.offset, batch.length, int(batch.linktype), self.spi_sorted, self.spi_idx,
-                self.sa_ver, self.sa_dhi, self.sa_dlo, self.sa_esn, self.sa_window, self.sa_salt,
-                self.sa_limits, self.rx_top, self.rx_bitmap, self.life)
+                ptrs,
+                self._scratch,
+                self.rx_drops,
+                batch.port,
+                batch.ts,
+                ts,
+                batch.data,
+                batch.offset,
+                batch.length,
+                int(batch.linktype),
+                self.spi_sorted,
+                self.spi_idx,
+                self.sa_ver,
+                self.sa_dhi,
+                self.sa_dlo,
+                self.sa_esn,
+                self.sa_window,
+                self.sa_salt,
+                self.sa_limits,
+                self.rx_top,
+                self.rx_bitmap,
+                self.life,
+            )
             if events:
                 self._collect_events()
             return Batch(out, off, ln, wl, pt, t, batch.linktype), reason
@@ -446,50 +570,85 @@ class EspGateway:
     def _decrypt_steps(self, batch, ts, details, counts, allow_resync):
         """decrypt_batch one pass at a time: prepare, AEAD, finish (stopping for ESN
         re-synchronisation attempts), compact. Returns (batch, reasons, info or None)."""
-        (reason, sa_of, seq64, l2len, ct_src, ct_len, out, out_off, nonce, aad, aad_len) = \
-            esp.decap_prepare(batch.data, batch.offset, batch.length, int(batch.linktype),
-                              self.spi_sorted, self.spi_idx, self.sa_ver, self.sa_dhi,
-                              self.sa_dlo, self.sa_esn, self.sa_window, self.sa_salt,
-                              self.rx_top, self.rx_bitmap, self.life)
-        ok = self._open(batch, reason, sa_of, ct_src, ct_len, out, out_off, l2len, nonce, aad,
-                        aad_len)
+        (reason, sa_of, seq64, l2len, ct_src, ct_len, out, out_off, nonce, aad, aad_len) = esp.decap_prepare(
+            batch.data,
+            batch.offset,
+            batch.length,
+            int(batch.linktype),
+            self.spi_sorted,
+            self.spi_idx,
+            self.sa_ver,
+            self.sa_dhi,
+            self.sa_dlo,
+            self.sa_esn,
+            self.sa_window,
+            self.sa_salt,
+            self.rx_top,
+            self.rx_bitmap,
+            self.life,
+        )
+        ok = self._open(batch, reason, sa_of, ct_src, ct_len, out, out_off, l2len, nonce, aad, aad_len)
         n = len(reason)
         info = None
-        if details:     # read before decap_finish wipes the plaintext of refused packets
-            info = {"seq": seq64, "iv": nonce[:, 4:].copy(),
-                    "pad_length": np.full(n, -1, np.int64),
-                    "next_header": np.full(n, -1, np.int64), "plaintext": [None] * n}
+        if details:  # read before decap_finish wipes the plaintext of refused packets
+            info = {
+                "seq": seq64,
+                "iv": nonce[:, 4:].copy(),
+                "pad_length": np.full(n, -1, np.int64),
+                "next_header": np.full(n, -1, np.int64),
+                "plaintext": [None] * n,
+            }
             for i in np.flatnonzero(ok):
                 q, m = int(out_off[i] + l2len[i]), int(ct_len[i])
-                info["plaintext"][i] = out[q:q + m].tobytes()
+                info["plaintext"][i] = out[q : q + m].tobytes()
                 info["pad_length"][i], info["next_header"][i] = out[q + m - 2], out[q + m - 1]
         out_len = np.zeros(n, np.int64)
-        args = (reason, ok, sa_of, seq64, l2len, ct_len, out, out_off, self.sa_esn,
-                self.sa_window, self.sa_limits, self.rx_top, self.rx_bitmap, self.life, ts,
-                out_len)
+        args = (
+            reason,
+            ok,
+            sa_of,
+            seq64,
+            l2len,
+            ct_len,
+            out,
+            out_off,
+            self.sa_esn,
+            self.sa_window,
+            self.sa_limits,
+            self.rx_top,
+            self.rx_bitmap,
+            self.life,
+            ts,
+            out_len,
+        )
         stop = esp.decap_finish(*args, 0, allow_resync)
         while stop < n:
             k = stop
-            if details:         # it failed under the first guess: no plaintext to show
+            if details:  # it failed under the first guess: no plaintext to show
                 info["plaintext"][k] = None
                 info["pad_length"][k] = info["next_header"][k] = -1
-            got = self._resync(batch.slice(k, k + 1), ts[k:k + 1], int(sa_of[k]),
-                               int(seq64[k]), details, counts)
+            got = self._resync(
+                batch.slice(k, k + 1), ts[k : k + 1], int(sa_of[k]), int(seq64[k]), details, counts
+            )
             if got is None:
                 stop = esp.decap_finish(*args, k + 1, True)
                 continue
             # re-synchronised at packet k: the rest of the batch is read under the new window
-            head = self._result(batch.slice(0, k), out, out_off[:k], out_len[:k], reason[:k],
-                                counts)
+            head = self._result(batch.slice(0, k), out, out_off[:k], out_len[:k], reason[:k], counts)
             if out_off[k] < out.shape[0]:
-                out[out_off[k]:] = 0        # plaintext of packets after k, decrypted too early
-            rest = self._decrypt_steps(batch.slice(k + 1, n), ts[k + 1:], details, counts, True)
+                out[out_off[k] :] = 0  # plaintext of packets after k, decrypted too early
+            rest = self._decrypt_steps(batch.slice(k + 1, n), ts[k + 1 :], details, counts, True)
             parts = [head, got[0], rest[0]]
             reason = np.concatenate([reason[:k], got[1], rest[1]])
             if details:
-                info = {key: (np.concatenate([info[key][:k], got[2][key], rest[2][key]])
-                              if key != "plaintext" else
-                              info[key][:k] + got[2][key] + rest[2][key]) for key in info}
+                info = {
+                    key: (
+                        np.concatenate([info[key][:k], got[2][key], rest[2][key]])
+                        if key != "plaintext"
+                        else info[key][:k] + got[2][key] + rest[2][key]
+                    )
+                    for key in info
+                }
             return _concat(parts, batch.linktype), reason, info
         return self._result(batch, out, out_off, out_len, reason, counts), reason, info
 
@@ -527,8 +686,10 @@ class EspGateway:
     # -- reporting ------------------------------------------------------------------------------
     def drop_counts(self) -> dict:
         """Drops by reason name, for each direction (only non-zero entries)."""
+
         def named(a):
             return {REASONS[k]: int(v) for k, v in enumerate(a) if k != esp.OK and v}
+
         return {"encrypt": named(self.tx_drops), "decrypt": named(self.rx_drops)}
 
     def sa_stats(self) -> list[dict]:
@@ -537,23 +698,38 @@ class EspGateway:
         for k, n in enumerate(self.names):
             fl, why = int(self.life[k, L_FLAGS]), int(self.life[k, L_WHY])
             started = bool(fl & F_STARTED)
-            out.append({
-                "name": n, "spi": int(self.sa_spi[k]), "tx_packets": int(self.life[k, 0]),
-                "tx_bytes": int(self.life[k, 1]), "rx_packets": int(self.life[k, 2]),
-                "rx_bytes": int(self.life[k, 3]), "tx_seq": int(self.tx_seq[k]),
-                "rx_top": int(self.rx_top[k]), "stopped": bool(self.dead[k]),
-                "started_at": int(self.life[k, L_START].astype(np.int64)) if started else None,
-                "soft_expired": _LIMITS[why & 0xF] if fl & F_SOFT else None,
-                "hard_expired": _LIMITS[(why >> 8) & 0xF] if fl & F_HARD else None,
-                "replaced_by": self.successor.get(n)})
+            out.append(
+                {
+                    "name": n,
+                    "spi": int(self.sa_spi[k]),
+                    "tx_packets": int(self.life[k, 0]),
+                    "tx_bytes": int(self.life[k, 1]),
+                    "rx_packets": int(self.life[k, 2]),
+                    "rx_bytes": int(self.life[k, 3]),
+                    "tx_seq": int(self.tx_seq[k]),
+                    "rx_top": int(self.rx_top[k]),
+                    "stopped": bool(self.dead[k]),
+                    "started_at": int(self.life[k, L_START].astype(np.int64)) if started else None,
+                    "soft_expired": _LIMITS[why & 0xF] if fl & F_SOFT else None,
+                    "hard_expired": _LIMITS[(why >> 8) & 0xF] if fl & F_HARD else None,
+                    "replaced_by": self.successor.get(n),
+                }
+            )
         return out
 
 
 def _concat(parts, linktype) -> Batch:
     parts = [p for p in parts if len(p)]
     if not parts:
-        return Batch(np.zeros(0, np.uint8), np.zeros(0, np.int64), np.zeros(0, np.int32),
-                     np.zeros(0, np.int32), np.zeros(0, np.uint16), np.zeros(0, np.int64), linktype)
+        return Batch(
+            np.zeros(0, np.uint8),
+            np.zeros(0, np.int64),
+            np.zeros(0, np.int32),
+            np.zeros(0, np.int32),
+            np.zeros(0, np.uint16),
+            np.zeros(0, np.int64),
+            linktype,
+        )
     return parts[0] if len(parts) == 1 else Batch.concat(parts, order=None)
 
 

@@ -16,6 +16,7 @@ or ``action: bypass|discard`` instead of ``sa``. Traffic no policy matches is di
 
 Keys never appear in a repr, an error message or a listing.
 """
+
 from __future__ import annotations
 
 import ipaddress
@@ -28,9 +29,8 @@ from ..errors import InputError
 MAX_REPLAY_WINDOW = 4096
 DEFAULT_REPLAY_WINDOW = 64
 MAX_RESYNC_TRIES = 16
-MAX_SECONDS = 9_000_000_000        # ~285 years: the limit in nanoseconds still fits an int64
-LIFETIME_KEYS = ("soft_bytes", "hard_bytes", "soft_packets", "hard_packets", "soft_seconds",
-                 "hard_seconds")
+MAX_SECONDS = 9_000_000_000  # ~285 years: the limit in nanoseconds still fits an int64
+LIFETIME_KEYS = ("soft_bytes", "hard_bytes", "soft_packets", "hard_packets", "soft_seconds", "hard_seconds")
 ACTION_PROTECT, ACTION_BYPASS, ACTION_DISCARD = 0, 1, 2
 _ACTIONS = {"protect": ACTION_PROTECT, "bypass": ACTION_BYPASS, "discard": ACTION_DISCARD}
 _PROTOS = {"icmp": 1, "tcp": 6, "udp": 17, "icmpv6": 58, "sctp": 132, "any": -1}
@@ -53,13 +53,13 @@ class SecurityAssociation:
     tunnel_dst: str
     esn: bool = False
     replay_window: int = DEFAULT_REPLAY_WINDOW
-    hard_bytes: int = 0              # lifetimes (RFC 4301 4.4.2.1), 0 = none; bytes are inner
-    soft_bytes: int = 0              # IP packet bytes, counted per direction
+    hard_bytes: int = 0  # lifetimes (RFC 4301 4.4.2.1), 0 = none; bytes are inner
+    soft_bytes: int = 0  # IP packet bytes, counted per direction
     hard_packets: int = 0
     soft_packets: int = 0
-    hard_seconds: float = 0          # from the SA's installation (or its first packet)
+    hard_seconds: float = 0  # from the SA's installation (or its first packet)
     soft_seconds: float = 0
-    resync_after: int = 0            # ESN re-synchronisation (RFC 4303 A3), 0 = off
+    resync_after: int = 0  # ESN re-synchronisation (RFC 4303 A3), 0 = off
     resync_tries: int = 1
 
     @property
@@ -83,19 +83,29 @@ class SecurityAssociation:
         return ipaddress.ip_address(self.tunnel_src).version
 
     def __repr__(self) -> str:  # dataclass repr=False on fields already hides them; be explicit
-        return (f"SecurityAssociation(name={self.name!r}, spi={self.spi:#010x}, aead={self.aead}, "
-                f"tunnel_src={self.tunnel_src!r}, tunnel_dst={self.tunnel_dst!r}, esn={self.esn}, "
-                f"replay_window={self.replay_window}, key=<hidden>)")
+        return (
+            f"SecurityAssociation(name={self.name!r}, spi={self.spi:#010x}, aead={self.aead}, "
+            f"tunnel_src={self.tunnel_src!r}, tunnel_dst={self.tunnel_dst!r}, esn={self.esn}, "
+            f"replay_window={self.replay_window}, key=<hidden>)"
+        )
 
     __str__ = __repr__
 
     def summary(self) -> dict:
         """Everything but the key material, for listings and JSON output."""
-        return {"name": self.name, "spi": self.spi, "aead": self.aead,
-                "tunnel_src": self.tunnel_src, "tunnel_dst": self.tunnel_dst, "esn": self.esn,
-                "replay_window": self.replay_window, "lifetime": self.lifetime(),
-                "esn_resync": ({"after": self.resync_after, "tries": self.resync_tries}
-                               if self.resync_after else None)}
+        return {
+            "name": self.name,
+            "spi": self.spi,
+            "aead": self.aead,
+            "tunnel_src": self.tunnel_src,
+            "tunnel_dst": self.tunnel_dst,
+            "esn": self.esn,
+            "replay_window": self.replay_window,
+            "lifetime": self.lifetime(),
+            "esn_resync": (
+                {"after": self.resync_after, "tries": self.resync_tries} if self.resync_after else None
+            ),
+        }
 
 
 @dataclass(frozen=True)
@@ -120,8 +130,9 @@ class SAConfig:
         for sa in self.sas:
             if sa.name == name:
                 return sa
-        raise InputError(f"no SA named {name!r} (have: {', '.join(s.name for s in self.sas)})",
-                         path=self.path)
+        raise InputError(
+            f"no SA named {name!r} (have: {', '.join(s.name for s in self.sas)})", path=self.path
+        )
 
 
 def _line(node, key=None):
@@ -138,11 +149,9 @@ def _int(value, where, path, lo, hi, line=None):
         try:
             value = int(value.strip(), 0)
         except ValueError:
-            raise InputError(f"{where}: expected an integer, got {value!r}", path=path,
-                             line=line) from None
+            raise InputError(f"{where}: expected an integer, got {value!r}", path=path, line=line) from None
     if not isinstance(value, int):
-        raise InputError(f"{where}: expected an integer, got {type(value).__name__}", path=path,
-                         line=line)
+        raise InputError(f"{where}: expected an integer, got {type(value).__name__}", path=path, line=line)
     if not lo <= value <= hi:
         raise InputError(f"{where}: {value} is out of range {lo}..{hi}", path=path, line=line)
     return value
@@ -150,11 +159,9 @@ def _int(value, where, path, lo, hi, line=None):
 
 def _seconds(value, where, path, line=None):
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise InputError(f"{where}: expected a number of seconds, got {value!r}", path=path,
-                         line=line)
-    if not 0 <= value <= MAX_SECONDS:       # also refuses NaN
-        raise InputError(f"{where}: {value} is out of range 0..{MAX_SECONDS}", path=path,
-                         line=line)
+        raise InputError(f"{where}: expected a number of seconds, got {value!r}", path=path, line=line)
+    if not 0 <= value <= MAX_SECONDS:  # also refuses NaN
+        raise InputError(f"{where}: {value} is out of range 0..{MAX_SECONDS}", path=path, line=line)
     return value
 
 
@@ -194,8 +201,7 @@ def _prefix(value, where, path, line=None):
     try:
         return ipaddress.ip_network(str(value).strip(), strict=False)
     except ValueError:
-        raise InputError(f"{where}: not an address prefix: {value!r}", path=path,
-                         line=line) from None
+        raise InputError(f"{where}: not an address prefix: {value!r}", path=path, line=line) from None
 
 
 def _lifetime(entry, where, path) -> dict:
@@ -204,13 +210,19 @@ def _lifetime(entry, where, path) -> dict:
     lt = entry.get("lifetime")
     if lt is not None:
         if not isinstance(lt, dict):
-            raise InputError(f"{where}.lifetime: expected a mapping of {', '.join(LIFETIME_KEYS)}",
-                             path=path, line=_line(entry, "lifetime"))
+            raise InputError(
+                f"{where}.lifetime: expected a mapping of {', '.join(LIFETIME_KEYS)}",
+                path=path,
+                line=_line(entry, "lifetime"),
+            )
         for k, v in lt.items():
             at = f"{where}.lifetime.{k}"
             if k not in LIFETIME_KEYS:
-                raise InputError(f"{at}: unknown limit (expected one of {', '.join(LIFETIME_KEYS)})",
-                                 path=path, line=_line(lt, k))
+                raise InputError(
+                    f"{at}: unknown limit (expected one of {', '.join(LIFETIME_KEYS)})",
+                    path=path,
+                    line=_line(lt, k),
+                )
             if v is None:
                 continue
             if k.endswith("_seconds"):
@@ -220,17 +232,24 @@ def _lifetime(entry, where, path) -> dict:
     for old, new in (("lifetime_bytes", "hard_bytes"), ("lifetime_packets", "hard_packets")):
         if entry.get(old):
             if out[new]:
-                raise InputError(f"{where}: give {old} or lifetime.{new}, not both", path=path,
-                                 line=_line(entry, old))
+                raise InputError(
+                    f"{where}: give {old} or lifetime.{new}, not both", path=path, line=_line(entry, old)
+                )
             out[new] = _int(entry[old], f"{where}.{old}", path, 0, 2**63 - 1, _line(entry, old))
     for what in ("bytes", "packets", "seconds"):
         soft, hard = out["soft_" + what], out["hard_" + what]
         if soft and hard and soft >= hard:
-            line = (_line(lt, "soft_" + what) if isinstance(lt, dict) and "soft_" + what in lt
-                    else _line(entry, "lifetime"))
-            raise InputError(f"{where}.lifetime.soft_{what}: {soft} must be below hard_{what} "
-                             f"({hard}): the soft limit warns before the hard one ends the SA",
-                             path=path, line=line)
+            line = (
+                _line(lt, "soft_" + what)
+                if isinstance(lt, dict) and "soft_" + what in lt
+                else _line(entry, "lifetime")
+            )
+            raise InputError(
+                f"{where}.lifetime.soft_{what}: {soft} must be below hard_{what} "
+                f"({hard}): the soft limit warns before the hard one ends the SA",
+                path=path,
+                line=line,
+            )
     return out
 
 
@@ -240,19 +259,22 @@ def _resync(entry, where, path, esn: bool) -> tuple[int, int]:
         return 0, 1
     at = f"{where}.esn_resync"
     if not isinstance(rs, dict):
-        raise InputError(f"{at}: expected a mapping {{after: N, tries: M}}", path=path,
-                         line=_line(entry, "esn_resync"))
+        raise InputError(
+            f"{at}: expected a mapping {{after: N, tries: M}}", path=path, line=_line(entry, "esn_resync")
+        )
     for k in rs:
         if k not in ("after", "tries"):
-            raise InputError(f"{at}.{k}: unknown field (expected after, tries)", path=path,
-                             line=_line(rs, k))
+            raise InputError(f"{at}.{k}: unknown field (expected after, tries)", path=path, line=_line(rs, k))
     if "after" not in rs:
         raise InputError(f"{at}: missing field 'after'", path=path, line=_line(entry, "esn_resync"))
     after = _int(rs["after"], f"{at}.after", path, 1, 2**31 - 1, _line(rs, "after"))
     tries = _int(rs.get("tries", 1), f"{at}.tries", path, 1, MAX_RESYNC_TRIES, _line(rs, "tries"))
     if not esn:
-        raise InputError(f"{at}: needs esn: true (only 64-bit sequence numbers lose their "
-                         f"high half)", path=path, line=_line(entry, "esn_resync"))
+        raise InputError(
+            f"{at}: needs esn: true (only 64-bit sequence numbers lose their high half)",
+            path=path,
+            line=_line(entry, "esn_resync"),
+        )
     return after, tries
 
 
@@ -265,31 +287,53 @@ def parse_sa(entry, i: int, path: str | None = None) -> SecurityAssociation:
             raise InputError(f"{where}: missing field '{req}'", path=path, line=_line(entry))
     name = entry.get("name", f"sa{i}")
     if not isinstance(name, str) or not name:
-        raise InputError(f"{where}.name: expected a non-empty string", path=path,
-                         line=_line(entry, "name"))
+        raise InputError(f"{where}.name: expected a non-empty string", path=path, line=_line(entry, "name"))
     where = f"sas[{i}] ({name})"
 
     def at(k):
         return _line(entry, k)
+
     spi = _int(entry["spi"], f"{where}.spi", path, 256, 0xFFFFFFFF, at("spi"))  # 1..255 reserved
     key = _hex(entry["key"], f"{where}.key", path, (16, 24, 32), at("key"))
     salt = _hex(entry["salt"], f"{where}.salt", path, (4,), at("salt"))
     src = _addr(entry["tunnel_src"], f"{where}.tunnel_src", path, at("tunnel_src"))
     dst = _addr(entry["tunnel_dst"], f"{where}.tunnel_dst", path, at("tunnel_dst"))
     if ipaddress.ip_address(src).version != ipaddress.ip_address(dst).version:
-        raise InputError(f"{where}: tunnel_src and tunnel_dst are of different IP versions",
-                         path=path, line=at("tunnel_dst"))
+        raise InputError(
+            f"{where}: tunnel_src and tunnel_dst are of different IP versions",
+            path=path,
+            line=at("tunnel_dst"),
+        )
     esn = _bool(entry.get("esn", False), f"{where}.esn", path, at("esn"))
-    window = _int(entry.get("replay_window", DEFAULT_REPLAY_WINDOW), f"{where}.replay_window",
-                  path, 0, MAX_REPLAY_WINDOW, at("replay_window"))
+    window = _int(
+        entry.get("replay_window", DEFAULT_REPLAY_WINDOW),
+        f"{where}.replay_window",
+        path,
+        0,
+        MAX_REPLAY_WINDOW,
+        at("replay_window"),
+    )
     if esn and window == 0:
-        raise InputError(f"{where}.replay_window: ESN needs an anti-replay window (RFC 4303 2.2.1)",
-                         path=path, line=at("replay_window"))
+        raise InputError(
+            f"{where}.replay_window: ESN needs an anti-replay window (RFC 4303 2.2.1)",
+            path=path,
+            line=at("replay_window"),
+        )
     life = _lifetime(entry, where, path)
     after, tries = _resync(entry, where, path, esn)
-    return SecurityAssociation(name=name, spi=spi, key=key, salt=salt, tunnel_src=src,
-                               tunnel_dst=dst, esn=esn, replay_window=window,
-                               resync_after=after, resync_tries=tries, **life)
+    return SecurityAssociation(
+        name=name,
+        spi=spi,
+        key=key,
+        salt=salt,
+        tunnel_src=src,
+        tunnel_dst=dst,
+        esn=esn,
+        replay_window=window,
+        resync_after=after,
+        resync_tries=tries,
+        **life,
+    )
 
 
 def parse_policy(entry, i: int, names: set, path: str | None = None) -> Policy:
@@ -299,11 +343,11 @@ def parse_policy(entry, i: int, names: set, path: str | None = None) -> Policy:
 
     def at(k):
         return _line(entry, k)
+
     src = _prefix(entry.get("src"), f"{where}.src", path, at("src"))
     dst = _prefix(entry.get("dst"), f"{where}.dst", path, at("dst"))
     if src is not None and dst is not None and src.version != dst.version:
-        raise InputError(f"{where}: src and dst are of different IP versions", path=path,
-                         line=at("dst"))
+        raise InputError(f"{where}: src and dst are of different IP versions", path=path, line=at("dst"))
     proto = entry.get("proto", "any")
     if isinstance(proto, str) and proto.lower() in _PROTOS:
         proto = _PROTOS[proto.lower()]
@@ -312,15 +356,24 @@ def parse_policy(entry, i: int, names: set, path: str | None = None) -> Policy:
     sa = entry.get("sa")
     action = entry.get("action", "protect" if sa is not None else None)
     if action not in _ACTIONS:
-        raise InputError(f"{where}.action: expected protect, bypass or discard, got {action!r}",
-                         path=path, line=at("action"))
+        raise InputError(
+            f"{where}.action: expected protect, bypass or discard, got {action!r}",
+            path=path,
+            line=at("action"),
+        )
     if _ACTIONS[action] == ACTION_PROTECT:
         if sa not in names:
             raise InputError(f"{where}.sa: no SA named {sa!r}", path=path, line=at("sa"))
     elif sa is not None:
         raise InputError(f"{where}: 'sa' given with action {action}", path=path, line=at("sa"))
-    return Policy(src=src, dst=dst, proto=proto, action=_ACTIONS[action], sa=sa,
-                  name=str(entry.get("name", f"policy{i}")))
+    return Policy(
+        src=src,
+        dst=dst,
+        proto=proto,
+        action=_ACTIONS[action],
+        sa=sa,
+        name=str(entry.get("name", f"policy{i}")),
+    )
 
 
 def parse_config(doc, path: str | None = None) -> SAConfig:
@@ -341,8 +394,11 @@ def parse_config(doc, path: str | None = None) -> SAConfig:
         seen_names.add(sa.name)
         k = (sa.tunnel_dst, sa.spi)
         if k in seen_spi:
-            raise InputError(f"sas[{i}] ({sa.name}): SPI {sa.spi:#x} to {sa.tunnel_dst} already "
-                             f"used by {seen_spi[k]!r}", path=path, line=line)
+            raise InputError(
+                f"sas[{i}] ({sa.name}): SPI {sa.spi:#x} to {sa.tunnel_dst} already used by {seen_spi[k]!r}",
+                path=path,
+                line=line,
+            )
         seen_spi[k] = sa.name
     pols = doc.get("policies") or []
     if not isinstance(pols, list):
@@ -354,6 +410,7 @@ def parse_config(doc, path: str | None = None) -> SAConfig:
 def _with_lines(text: str, path: str):
     """The document again with the line of every value (None when that loader refuses it)."""
     from ..policy.source import load_documents
+
     try:
         docs = load_documents(text, path)
     except InputError:
@@ -374,12 +431,16 @@ def load_config(path: str | os.PathLike) -> SAConfig:
             doc = json.loads(raw)
         else:
             import yaml
+
             doc = yaml.safe_load(raw)
     except Exception as exc:  # json.JSONDecodeError, yaml.YAMLError, UnicodeDecodeError
         line = getattr(getattr(exc, "problem_mark", None), "line", None)
         line = getattr(exc, "lineno", None) if line is None else line + 1
-        raise InputError(f"not valid {'JSON' if path.endswith('.json') else 'YAML'}: "
-                         f"{type(exc).__name__}", path=path, line=line) from None
+        raise InputError(
+            f"not valid {'JSON' if path.endswith('.json') else 'YAML'}: {type(exc).__name__}",
+            path=path,
+            line=line,
+        ) from None
     # the same document once more through the line-recording loader, for file:line errors
     lined = _with_lines(raw.decode("utf-8"), path)
     if lined is not None and lined == doc:

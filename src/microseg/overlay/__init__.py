@@ -1,3 +1,12 @@
 """Overlay tunnels: VXLAN, GENEVE and NVGRE encapsulation and decapsulation."""
-from .tunnel import (DECAP_NAMES, KINDS, DecapResult, decap, encap,  # noqa: F401
-                     outer_template)
+
+from .tunnel import (
+    DECAP_NAMES,
+    KINDS,
+    DecapResult,
+    decap,
+    encap,
+    outer_template,
+)
+
+__all__ = ["DECAP_NAMES", "KINDS", "DecapResult", "decap", "encap", "outer_template"]

@@ -1,4 +1,5 @@
 """`microseg encap` and `microseg decap`: overlay tunnels over capture files."""
+
 from __future__ import annotations
 
 import json
@@ -15,14 +16,16 @@ CHUNK = 4096
 
 
 def register(sub) -> None:
-    p = sub.add_parser("encap", help="wrap every frame of a capture in a VXLAN/GENEVE/NVGRE tunnel",
-                       description="Encapsulate each frame of IN in outer Ethernet / IP / UDP "
-                                   "(VXLAN, GENEVE) or GRE (NVGRE) headers and write OUT as pcap. "
-                                   "The UDP source port (NVGRE FlowID) follows the inner flow.")
+    p = sub.add_parser(
+        "encap",
+        help="wrap every frame of a capture in a VXLAN/GENEVE/NVGRE tunnel",
+        description="Encapsulate each frame of IN in outer Ethernet / IP / UDP "
+        "(VXLAN, GENEVE) or GRE (NVGRE) headers and write OUT as pcap. "
+        "The UDP source port (NVGRE FlowID) follows the inner flow.",
+    )
     p.add_argument("input", metavar="IN", help="pcap or pcapng file")
     p.add_argument("-w", "--write", required=True, metavar="OUT", help="output pcap file")
-    p.add_argument("--type", required=True, choices=sorted(KINDS), dest="kind",
-                   help="tunnel type")
+    p.add_argument("--type", required=True, choices=sorted(KINDS), dest="kind", help="tunnel type")
     p.add_argument("--vni", required=True, type=int, help="VNI (VXLAN/GENEVE) or VSID (NVGRE), 0..16777215")
     p.add_argument("--local", required=True, metavar="IP", help="outer source address (IPv4 or IPv6)")
     p.add_argument("--remote", required=True, metavar="IP", help="outer destination address")
@@ -32,11 +35,14 @@ def register(sub) -> None:
     p.add_argument("--nanosecond", action="store_true", help="write nanosecond timestamps")
     p.set_defaults(func=run_encap)
 
-    d = sub.add_parser("decap", help="strip the outer tunnel of every packet of a capture",
-                       description="Strip the outermost VXLAN / GENEVE / NVGRE tunnel of each "
-                                   "packet of IN, write the inner frames to OUT as pcap, and "
-                                   "report packets per tenant; packets that are not tunnelled "
-                                   "or are malformed are counted by reason, not written.")
+    d = sub.add_parser(
+        "decap",
+        help="strip the outer tunnel of every packet of a capture",
+        description="Strip the outermost VXLAN / GENEVE / NVGRE tunnel of each "
+        "packet of IN, write the inner frames to OUT as pcap, and "
+        "report packets per tenant; packets that are not tunnelled "
+        "or are malformed are counted by reason, not written.",
+    )
     d.add_argument("input", metavar="IN", help="pcap or pcapng file")
     d.add_argument("-w", "--write", required=True, metavar="OUT", help="output pcap file")
     d.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -50,11 +56,14 @@ def _check_args(args):
     if not 1 <= args.ttl <= 255:
         raise InputError(f"--ttl {args.ttl}: must lie in 1..255")
     from ..packet.build import mac
+
     for name in ("local_mac", "remote_mac"):
         try:
             mac(getattr(args, name))
         except ValueError:
-            raise InputError(f"--{name.replace('_', '-')} {getattr(args, name)!r}: not a MAC address") from None
+            raise InputError(
+                f"--{name.replace('_', '-')} {getattr(args, name)!r}: not a MAC address"
+            ) from None
 
 
 def run_encap(args) -> int:
@@ -62,12 +71,22 @@ def run_encap(args) -> int:
     n = 0
     with PcapWriter(args.write, nanosecond=args.nanosecond) as w:
         for chunk in iter_capture(args.input, CHUNK):
-            out = encap(chunk, args.kind, args.vni, args.local, args.remote,
-                        src_mac=args.local_mac, dst_mac=args.remote_mac, ttl=args.ttl)
+            out = encap(
+                chunk,
+                args.kind,
+                args.vni,
+                args.local,
+                args.remote,
+                src_mac=args.local_mac,
+                dst_mac=args.remote_mac,
+                ttl=args.ttl,
+            )
             w.write(out)
             n += len(out)
-    print(f"encapsulated {n} packets in {args.kind} (VNI {args.vni}, {args.local} -> "
-          f"{args.remote}) to {args.write}")
+    print(
+        f"encapsulated {n} packets in {args.kind} (VNI {args.vni}, {args.local} -> "
+        f"{args.remote}) to {args.write}"
+    )
     return 0
 
 
@@ -84,13 +103,21 @@ def run_decap(args) -> int:
             ok = err == 0
             if ok.any() and w.linktype is not None and inner.linktype != w.linktype:
                 err = err.copy()
-                err[ok] = DECAP_INNER_MIX        # this chunk's inner kind differs from the file's
+                err[ok] = DECAP_INNER_MIX  # this chunk's inner kind differs from the file's
                 ok[:] = False
             if ok.any():
                 idx = np.flatnonzero(ok)
-                w.write(Batch(inner.data, inner.offset[idx], inner.length[idx],
-                              inner.wire_len[idx], inner.port[idx], inner.ts[idx],
-                              inner.linktype))
+                w.write(
+                    Batch(
+                        inner.data,
+                        inner.offset[idx],
+                        inner.length[idx],
+                        inner.wire_len[idx],
+                        inner.port[idx],
+                        inner.ts[idx],
+                        inner.linktype,
+                    )
+                )
                 written += int(ok.sum())
                 vals, cnt = np.unique(tenant[ok], return_counts=True)
                 for v, c in zip(vals.tolist(), cnt.tolist()):
@@ -100,8 +127,9 @@ def run_decap(args) -> int:
                 errors[DECAP_NAMES[v]] = errors.get(DECAP_NAMES[v], 0) + c
     report = {"packets": total, "decapsulated": written, "tenants": tenants, "not_decapsulated": errors}
     if args.json:
-        json.dump({**report, "tenants": {str(k): v for k, v in sorted(tenants.items())}},
-                  sys.stdout, indent=2)
+        json.dump(
+            {**report, "tenants": {str(k): v for k, v in sorted(tenants.items())}}, sys.stdout, indent=2
+        )
         sys.stdout.write("\n")
     else:
         print(f"decapsulated {written} of {total} packets to {args.write}")

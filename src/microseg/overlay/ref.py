@@ -1,17 +1,44 @@
 """Plain-Python statements of encap and decap, one packet at a time: the oracle for tests."""
+
 from __future__ import annotations
 
 import struct
 
 from ..packet import build as B
-from .tunnel import (DECAP_BAD_OUTER, DECAP_BAD_TUNNEL, DECAP_CRITICAL_OPTION, DECAP_FRAGMENT,
-                     DECAP_INNER_TYPE, DECAP_NOT_TUNNEL, DECAP_OAM, DECAP_OK, DECAP_TRUNCATED,
-                     ETH_TEB, GENEVE_PORT, INNER_ETH, INNER_IP, KINDS, VXLAN_PORT)
+from .tunnel import (
+    DECAP_BAD_OUTER,
+    DECAP_BAD_TUNNEL,
+    DECAP_CRITICAL_OPTION,
+    DECAP_FRAGMENT,
+    DECAP_INNER_TYPE,
+    DECAP_NOT_TUNNEL,
+    DECAP_OAM,
+    DECAP_OK,
+    DECAP_TRUNCATED,
+    ETH_TEB,
+    GENEVE_PORT,
+    INNER_ETH,
+    INNER_IP,
+    KINDS,
+    VXLAN_PORT,
+)
 
 
-def encap_one(frame: bytes, kind: str, vni: int, outer_src: str, outer_dst: str, entropy: int,
-              *, inner_ip: int = 0, src_mac="02:00:00:00:00:01", dst_mac="02:00:00:00:00:02",
-              ttl: int = 64, dport: int | None = None, geneve_options: bytes = b"") -> bytes:
+def encap_one(
+    frame: bytes,
+    kind: str,
+    vni: int,
+    outer_src: str,
+    outer_dst: str,
+    entropy: int,
+    *,
+    inner_ip: int = 0,
+    src_mac="02:00:00:00:00:01",
+    dst_mac="02:00:00:00:00:02",
+    ttl: int = 64,
+    dport: int | None = None,
+    geneve_options: bytes = b"",
+) -> bytes:
     """One frame encapsulated with the single-packet builders."""
     if kind == "vxlan":
         tun = struct.pack("!B3xI", 0x08, vni << 8)
@@ -25,8 +52,9 @@ def encap_one(frame: bytes, kind: str, vni: int, outer_src: str, outer_dst: str,
         l4, proto = tun + frame, B.PROTO_GRE
     else:
         port = dport if dport is not None else (VXLAN_PORT if kind == "vxlan" else GENEVE_PORT)
-        l4 = B.udp(49152 + (entropy & 0x3FFF), port, tun + frame, src=outer_src, dst=outer_dst,
-                   zero_checksum=not v6)
+        l4 = B.udp(
+            49152 + (entropy & 0x3FFF), port, tun + frame, src=outer_src, dst=outer_dst, zero_checksum=not v6
+        )
         proto = B.PROTO_UDP
     if v6:
         l3 = B.ipv6(outer_src, outer_dst, proto, l4, hlim=ttl)
@@ -56,7 +84,7 @@ def decap_one(pkt: bytes, linktype: int = 1):
                 break
             if end - pos < 4:
                 return fail(DECAP_TRUNCATED)
-            et = int.from_bytes(pkt[pos + 2:pos + 4], "big")
+            et = int.from_bytes(pkt[pos + 2 : pos + 4], "big")
             pos += 4
         if et not in (0x0800, 0x86DD):
             return fail(DECAP_NOT_TUNNEL)
@@ -65,15 +93,15 @@ def decap_one(pkt: bytes, linktype: int = 1):
         if end - pos < 20:
             return fail(DECAP_TRUNCATED)
         ihl = (pkt[pos] & 15) * 4
-        tot = int.from_bytes(pkt[pos + 2:pos + 4], "big")
+        tot = int.from_bytes(pkt[pos + 2 : pos + 4], "big")
         if pkt[pos] >> 4 != 4 or ihl < 20 or tot < ihl:
             return fail(DECAP_BAD_OUTER)
         if tot > end - pos:
             return fail(DECAP_TRUNCATED)
-        if B.checksum(pkt[pos:pos + ihl]) != 0:
+        if B.checksum(pkt[pos : pos + ihl]) != 0:
             return fail(DECAP_BAD_OUTER)
         proto = pkt[pos + 9]
-        if proto in (17, 47) and int.from_bytes(pkt[pos + 6:pos + 8], "big") & 0x3FFF:
+        if proto in (17, 47) and int.from_bytes(pkt[pos + 6 : pos + 8], "big") & 0x3FFF:
             return fail(DECAP_FRAGMENT)
         end, pos = pos + tot, pos + ihl
     else:
@@ -81,7 +109,7 @@ def decap_one(pkt: bytes, linktype: int = 1):
             return fail(DECAP_TRUNCATED)
         if pkt[pos] >> 4 != 6:
             return fail(DECAP_BAD_OUTER)
-        plen = int.from_bytes(pkt[pos + 4:pos + 6], "big")
+        plen = int.from_bytes(pkt[pos + 4 : pos + 6], "big")
         if plen > end - pos - 40:
             return fail(DECAP_TRUNCATED)
         proto = pkt[pos + 6]
@@ -105,10 +133,10 @@ def decap_one(pkt: bytes, linktype: int = 1):
     if proto == 17:
         if end - pos < 8:
             return fail(DECAP_TRUNCATED)
-        dport = int.from_bytes(pkt[pos + 2:pos + 4], "big")
+        dport = int.from_bytes(pkt[pos + 2 : pos + 4], "big")
         if dport not in (VXLAN_PORT, GENEVE_PORT):
             return fail(DECAP_NOT_TUNNEL)
-        ulen = int.from_bytes(pkt[pos + 4:pos + 6], "big")
+        ulen = int.from_bytes(pkt[pos + 4 : pos + 6], "big")
         if ulen < 8:
             return fail(DECAP_BAD_OUTER)
         if ulen > end - pos:
@@ -116,7 +144,7 @@ def decap_one(pkt: bytes, linktype: int = 1):
         end, u = pos + ulen, pos + 8
         if end - u < 8:
             return fail(DECAP_TRUNCATED)
-        vni = int.from_bytes(pkt[u + 4:u + 7], "big")
+        vni = int.from_bytes(pkt[u + 4 : u + 7], "big")
         if dport == VXLAN_PORT:
             tun = KINDS["vxlan"]
             if not pkt[u] & 0x08:
@@ -140,7 +168,7 @@ def decap_one(pkt: bytes, linktype: int = 1):
                 return fail(DECAP_OAM, tun, vni)
             if critical:
                 return fail(DECAP_CRITICAL_OPTION, tun, vni)
-            gptype = int.from_bytes(pkt[u + 2:u + 4], "big")
+            gptype = int.from_bytes(pkt[u + 2 : u + 4], "big")
             if gptype in (0x0800, 0x86DD):
                 kind = INNER_IP
             elif gptype != ETH_TEB:
@@ -149,8 +177,8 @@ def decap_one(pkt: bytes, linktype: int = 1):
     elif proto == 47:
         if end - pos < 4:
             return fail(DECAP_TRUNCATED)
-        gf = int.from_bytes(pkt[pos:pos + 2], "big")
-        if int.from_bytes(pkt[pos + 2:pos + 4], "big") != ETH_TEB or not gf & 0x2000:
+        gf = int.from_bytes(pkt[pos : pos + 2], "big")
+        if int.from_bytes(pkt[pos + 2 : pos + 4], "big") != ETH_TEB or not gf & 0x2000:
             return fail(DECAP_NOT_TUNNEL)
         tun = KINDS["nvgre"]
         if gf & 0x4007:
@@ -159,7 +187,7 @@ def decap_one(pkt: bytes, linktype: int = 1):
         hlen = 8 + (4 if gf & 0x8000 else 0) + (4 if gf & 0x1000 else 0)
         if end - pos < hlen:
             return fail(DECAP_TRUNCATED, tun)
-        vni = int.from_bytes(pkt[pos + key_at:pos + key_at + 3], "big")
+        vni = int.from_bytes(pkt[pos + key_at : pos + key_at + 3], "big")
         pos += hlen
     else:
         return fail(DECAP_NOT_TUNNEL)

@@ -24,6 +24,7 @@ silently. Accepted:
 UDP checksums of the outer datagram are not verified here: the inner headers carry their
 own checksums, which later stages check.
 """
+
 from __future__ import annotations
 
 import ipaddress
@@ -38,25 +39,30 @@ from ..packet.build import csum_add, csum_final
 
 VXLAN_PORT = 4789
 GENEVE_PORT = 6081
-ETH_TEB = 0x6558          # transparent Ethernet bridging: what VXLAN/GENEVE/NVGRE carry
+ETH_TEB = 0x6558  # transparent Ethernet bridging: what VXLAN/GENEVE/NVGRE carry
 KINDS = {"vxlan": TUN_VXLAN, "geneve": TUN_GENEVE, "nvgre": TUN_NVGRE}
 
 # decap error codes
 DECAP_OK = 0
-DECAP_NOT_TUNNEL = 1       # a packet that carries no VXLAN / GENEVE / NVGRE tunnel
-DECAP_TRUNCATED = 2        # outer or tunnel header, or the inner frame, cut short
-DECAP_BAD_OUTER = 3        # outer IP header malformed (version, length, IPv4 checksum)
-DECAP_FRAGMENT = 4         # outer IP fragment: cannot be decapsulated on its own
-DECAP_BAD_TUNNEL = 5       # VXLAN I flag missing, GENEVE version / option lengths wrong, GRE bad
+DECAP_NOT_TUNNEL = 1  # a packet that carries no VXLAN / GENEVE / NVGRE tunnel
+DECAP_TRUNCATED = 2  # outer or tunnel header, or the inner frame, cut short
+DECAP_BAD_OUTER = 3  # outer IP header malformed (version, length, IPv4 checksum)
+DECAP_FRAGMENT = 4  # outer IP fragment: cannot be decapsulated on its own
+DECAP_BAD_TUNNEL = 5  # VXLAN I flag missing, GENEVE version / option lengths wrong, GRE bad
 DECAP_CRITICAL_OPTION = 6  # GENEVE critical option we do not understand (RFC 8926: drop)
-DECAP_OAM = 7              # GENEVE control (O bit) packet
-DECAP_INNER_TYPE = 8       # GENEVE protocol type other than Ethernet / IPv4 / IPv6
-DECAP_INNER_MIX = 9        # inner IP packet in a batch whose other inner frames are Ethernet
+DECAP_OAM = 7  # GENEVE control (O bit) packet
+DECAP_INNER_TYPE = 8  # GENEVE protocol type other than Ethernet / IPv4 / IPv6
+DECAP_INNER_MIX = 9  # inner IP packet in a batch whose other inner frames are Ethernet
 DECAP_NAMES = {
-    DECAP_OK: "ok", DECAP_NOT_TUNNEL: "not_tunnel", DECAP_TRUNCATED: "truncated",
-    DECAP_BAD_OUTER: "bad_outer_ip", DECAP_FRAGMENT: "outer_fragment",
-    DECAP_BAD_TUNNEL: "bad_tunnel_header", DECAP_CRITICAL_OPTION: "geneve_critical_option",
-    DECAP_OAM: "geneve_oam", DECAP_INNER_TYPE: "unsupported_inner_type",
+    DECAP_OK: "ok",
+    DECAP_NOT_TUNNEL: "not_tunnel",
+    DECAP_TRUNCATED: "truncated",
+    DECAP_BAD_OUTER: "bad_outer_ip",
+    DECAP_FRAGMENT: "outer_fragment",
+    DECAP_BAD_TUNNEL: "bad_tunnel_header",
+    DECAP_CRITICAL_OPTION: "geneve_critical_option",
+    DECAP_OAM: "geneve_oam",
+    DECAP_INNER_TYPE: "unsupported_inner_type",
     DECAP_INNER_MIX: "inner_type_mix",
 }
 
@@ -70,12 +76,22 @@ INNER_ETH, INNER_IP = 0, 1
 def _entropy(batch: Batch) -> np.ndarray:
     """Per-packet 32-bit hash of the inner flow (the parser's FLOW_HASH)."""
     from ..packet.parse import parse
+
     return parse(batch).flow_hash.astype(np.int64)
 
 
-def outer_template(kind: str, outer_src: str, outer_dst: str, *, inner_ip: int = 0,
-                   src_mac="02:00:00:00:00:01", dst_mac="02:00:00:00:00:02", ttl: int = 64,
-                   dport: int | None = None, geneve_options: bytes = b"") -> tuple[bytes, dict]:
+def outer_template(
+    kind: str,
+    outer_src: str,
+    outer_dst: str,
+    *,
+    inner_ip: int = 0,
+    src_mac="02:00:00:00:00:01",
+    dst_mac="02:00:00:00:00:02",
+    ttl: int = 64,
+    dport: int | None = None,
+    geneve_options: bytes = b"",
+) -> tuple[bytes, dict]:
     """Outer headers with zero VNI / port / lengths / checksums, and where to patch them.
 
     ``inner_ip`` is 0 for an Ethernet inner frame, else 4 or 6 (GENEVE only).
@@ -119,24 +135,29 @@ def outer_template(kind: str, outer_src: str, outer_dst: str, *, inner_ip: int =
     l3_off = 14
     l4_off = l3_off + l3len
     tun_off = l4_off + (0 if kind == "nvgre" else 8)
-    where = {"ver": s.version, "l3": l3_off, "l4": l4_off, "tun": tun_off, "len": len(hdr),
-             "kind": KINDS[kind]}
+    where = {
+        "ver": s.version,
+        "l3": l3_off,
+        "l4": l4_off,
+        "tun": tun_off,
+        "len": len(hdr),
+        "kind": KINDS[kind],
+    }
     return hdr, where
 
 
 @njit(cache=True)
-def _encap_kernel(data, offset, length, tmpl, tidx, ver, l3, l4, tun, kind, vni, entropy,
-                  out, out_off):
+def _encap_kernel(data, offset, length, tmpl, tidx, ver, l3, l4, tun, kind, vni, entropy, out, out_off):
     hl = tmpl.shape[1]
     for i in range(offset.shape[0]):
         p = out_off[i]
         ln = length[i]
-        out[p:p + hl] = tmpl[tidx[i]]
+        out[p : p + hl] = tmpl[tidx[i]]
         src = offset[i]
-        out[p + hl:p + hl + ln] = data[src:src + ln]
+        out[p + hl : p + hl + ln] = data[src : src + ln]
         v = vni[i]
         e = entropy[i]
-        if kind == 3:                                         # NVGRE key: VSID << 8 | FlowID
+        if kind == 3:  # NVGRE key: VSID << 8 | FlowID
             out[p + tun + 4] = (v >> 16) & 0xFF
             out[p + tun + 5] = (v >> 8) & 0xFF
             out[p + tun + 6] = v & 0xFF
@@ -164,7 +185,7 @@ def _encap_kernel(data, offset, length, tmpl, tidx, ver, l3, l4, tun, kind, vni,
             plen = hl - l3 - 40 + ln
             out[p + l3 + 4] = (plen >> 8) & 0xFF
             out[p + l3 + 5] = plen & 0xFF
-            if kind != 3:                                     # UDP over IPv6: checksum required
+            if kind != 3:  # UDP over IPv6: checksum required
                 seg = hl - l4 + ln
                 acc = csum_add(out, p + l3 + 8, 32, np.int64(0))
                 acc += 17 + seg
@@ -210,9 +231,20 @@ def _endpoint_pairs(outer_dst, dst_mac, n: int):
     return pairs, tidx.ravel()
 
 
-def encap(batch: Batch, kind: str, vni, outer_src: str, outer_dst, *,
-          src_mac="02:00:00:00:00:01", dst_mac="02:00:00:00:00:02", ttl: int = 64,
-          dport: int | None = None, geneve_options: bytes = b"", entropy=None) -> Batch:
+def encap(
+    batch: Batch,
+    kind: str,
+    vni,
+    outer_src: str,
+    outer_dst,
+    *,
+    src_mac="02:00:00:00:00:01",
+    dst_mac="02:00:00:00:00:02",
+    ttl: int = 64,
+    dport: int | None = None,
+    geneve_options: bytes = b"",
+    entropy=None,
+) -> Batch:
     """Encapsulate every frame of ``batch``; ``vni`` is one value or one per packet.
 
     ``outer_dst`` (the remote tunnel endpoint) and ``dst_mac`` (its next hop) are one value or
@@ -238,8 +270,17 @@ def encap(batch: Batch, kind: str, vni, outer_src: str, outer_dst, *,
     pairs, tidx = _endpoint_pairs(outer_dst, dst_mac, n)
     tmpls = []
     for dst, dmac in pairs:
-        t, w = outer_template(kind, outer_src, dst, inner_ip=inner_ip, src_mac=src_mac,
-                              dst_mac=dmac, ttl=ttl, dport=dport, geneve_options=geneve_options)
+        t, w = outer_template(
+            kind,
+            outer_src,
+            dst,
+            inner_ip=inner_ip,
+            src_mac=src_mac,
+            dst_mac=dmac,
+            ttl=ttl,
+            dport=dport,
+            geneve_options=geneve_options,
+        )
         tmpls.append((t, w))
     w = tmpls[0][1]
     tmpl = np.stack([np.frombuffer(t, np.uint8) for t, _ in tmpls])
@@ -259,12 +300,31 @@ def encap(batch: Batch, kind: str, vni, outer_src: str, outer_dst, *,
     if n:
         np.cumsum(new_len[:-1], out=out_off[1:])
     out = np.empty(int(new_len.sum(dtype=np.int64)), np.uint8)
-    _encap_kernel(batch.data, np.asarray(batch.offset, np.int64), length,
-                  tmpl, np.asarray(tidx, np.int64).ravel(), w["ver"], w["l3"], w["l4"], w["tun"],
-                  w["kind"], vnis, ent, out, out_off)
-    return Batch(data=out, offset=out_off, length=new_len, wire_len=new_len.copy(),
-                 port=np.asarray(batch.port, np.uint16).copy(),
-                 ts=np.asarray(batch.ts, np.int64).copy(), linktype=LINK_ETHERNET)
+    _encap_kernel(
+        batch.data,
+        np.asarray(batch.offset, np.int64),
+        length,
+        tmpl,
+        np.asarray(tidx, np.int64).ravel(),
+        w["ver"],
+        w["l3"],
+        w["l4"],
+        w["tun"],
+        w["kind"],
+        vnis,
+        ent,
+        out,
+        out_off,
+    )
+    return Batch(
+        data=out,
+        offset=out_off,
+        length=new_len,
+        wire_len=new_len.copy(),
+        port=np.asarray(batch.port, np.uint16).copy(),
+        ts=np.asarray(batch.ts, np.int64).copy(),
+        linktype=LINK_ETHERNET,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -387,7 +447,7 @@ def decap_one(d, b, ln, linktype):
             q = u + 8
             qend = q + optlen
             critical = (g1 & 0x40) != 0
-            while q < qend:                       # walk the options: lengths must add up
+            while q < qend:  # walk the options: lengths must add up
                 if qend - q < 4:
                     return DECAP_BAD_TUNNEL, tun, vni, 0, 0, 0
                 if d[b + q + 2] & 0x80:
@@ -423,7 +483,9 @@ def decap_one(d, b, ln, linktype):
             hlen += 4
         if end - pos < hlen:
             return DECAP_TRUNCATED, tun, -1, 0, 0, 0
-        vni = (np.int64(d[o + key_at]) << 16) | (np.int64(d[o + key_at + 1]) << 8) | np.int64(d[o + key_at + 2])
+        vni = (
+            (np.int64(d[o + key_at]) << 16) | (np.int64(d[o + key_at + 1]) << 8) | np.int64(d[o + key_at + 2])
+        )
         pos += hlen
     else:
         return DECAP_NOT_TUNNEL, 0, -1, 0, 0, 0
@@ -478,8 +540,10 @@ class DecapResult(tuple):
         t = self[1][self.ok]
         vals, cnt = np.unique(t, return_counts=True)
         ev, ec = np.unique(self[2][~self.ok], return_counts=True)
-        return {"tenants": {int(v): int(c) for v, c in zip(vals, cnt)},
-                "errors": {DECAP_NAMES[int(v)]: int(c) for v, c in zip(ev, ec)}}
+        return {
+            "tenants": {int(v): int(c) for v, c in zip(vals, cnt)},
+            "errors": {DECAP_NAMES[int(v)]: int(c) for v, c in zip(ev, ec)},
+        }
 
 
 def decap(batch: Batch) -> DecapResult:
@@ -500,8 +564,18 @@ def decap(batch: Batch) -> DecapResult:
     ioff = np.empty(n, np.int64)
     ilen = np.empty(n, np.int32)
     ikind = np.empty(n, np.uint8)
-    _decap_kernel(batch.data, np.asarray(batch.offset, np.int64), np.asarray(batch.length),
-                  batch.linktype, err, tun, tenant, ioff, ilen, ikind)
+    _decap_kernel(
+        batch.data,
+        np.asarray(batch.offset, np.int64),
+        np.asarray(batch.length),
+        batch.linktype,
+        err,
+        tun,
+        tenant,
+        ioff,
+        ilen,
+        ikind,
+    )
     ok = err == DECAP_OK
     ip_inner = ok & (ikind == INNER_IP)
     linktype = LINK_ETHERNET
@@ -515,7 +589,13 @@ def decap(batch: Batch) -> DecapResult:
     ilen[~ok] = 0
     snapped = np.asarray(batch.wire_len, np.int64) - np.asarray(batch.length, np.int64)
     wire = np.where(ok, ilen + np.maximum(snapped, 0), 0).astype(np.int32)
-    inner = Batch(data=batch.data, offset=ioff, length=ilen, wire_len=wire,
-                  port=np.asarray(batch.port, np.uint16).copy(),
-                  ts=np.asarray(batch.ts, np.int64).copy(), linktype=linktype)
+    inner = Batch(
+        data=batch.data,
+        offset=ioff,
+        length=ilen,
+        wire_len=wire,
+        port=np.asarray(batch.port, np.uint16).copy(),
+        ts=np.asarray(batch.ts, np.int64).copy(),
+        linktype=linktype,
+    )
     return DecapResult(inner, tenant, err, tun)

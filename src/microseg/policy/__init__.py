@@ -8,9 +8,19 @@
 * :func:`revoked_connections`: which tracked connections a new policy forbids.
 * :class:`Reference` and :func:`explain`: the per-packet decision in plain Python.
 """
+
 from .compiler import CompiledPolicy, PolicyHolder, compile_policy, revoked_connections
 from .model import Policy, load_policy, parse_policy
 from .reference import Reference, explain
 
-__all__ = ["CompiledPolicy", "Policy", "PolicyHolder", "Reference", "compile_policy", "explain",
-           "load_policy", "parse_policy", "revoked_connections"]
+__all__ = [
+    "CompiledPolicy",
+    "Policy",
+    "PolicyHolder",
+    "Reference",
+    "compile_policy",
+    "explain",
+    "load_policy",
+    "parse_policy",
+    "revoked_connections",
+]

@@ -1,4 +1,5 @@
 """`microseg policy check|compile|query|apply`: validate, compile, ask and apply a policy."""
+
 from __future__ import annotations
 
 import argparse
@@ -18,14 +19,21 @@ from .names import pick_addresses, qualified, resolve_endpoints
 from .reference import Reference, explain
 from .source import PolicyError
 
-_CT = {"new": ctstate.NEW | ctstate.TRACKED, "established": ctstate.ESTABLISHED | ctstate.TRACKED,
-       "related": ctstate.RELATED | ctstate.TRACKED, "invalid": ctstate.INVALID | ctstate.TRACKED,
-       "untracked": 0}
+_CT = {
+    "new": ctstate.NEW | ctstate.TRACKED,
+    "established": ctstate.ESTABLISHED | ctstate.TRACKED,
+    "related": ctstate.RELATED | ctstate.TRACKED,
+    "invalid": ctstate.INVALID | ctstate.TRACKED,
+    "untracked": 0,
+}
 
 
 def register(sub) -> None:
-    p = sub.add_parser("policy", help="check, compile, query or apply a policy file",
-                       description="Work with a policy file (format: docs/policy.md).")
+    p = sub.add_parser(
+        "policy",
+        help="check, compile, query or apply a policy file",
+        description="Work with a policy file (format: docs/policy.md).",
+    )
     verbs = p.add_subparsers(dest="policy_verb", metavar="ACTION")
     verbs.required = True
 
@@ -38,19 +46,28 @@ def register(sub) -> None:
     c.add_argument("--json", action="store_true", help="machine-readable output")
     c.set_defaults(func=run_compile)
 
-    c = verbs.add_parser("query", help="decide one packet and explain the decision",
-                         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                         description="Decide one packet (as the datapath's policy stage would) "
-                         "and explain the decision. Exit status: 0 allowed, 1 dropped or "
-                         "rejected, 2 bad input.")
+    c = verbs.add_parser(
+        "query",
+        help="decide one packet and explain the decision",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Decide one packet (as the datapath's policy stage would) "
+        "and explain the decision. Exit status: 0 allowed, 1 dropped or "
+        "rejected, 2 bad input.",
+    )
     c.add_argument("policy", help="policy YAML file")
-    c.add_argument("--vni", type=int, default=argparse.SUPPRESS,
-                   help="tunnel VNI, -1 for untunnelled (default: the tenant of a workload named "
-                   "in --src or --dst, else untunnelled)")
-    c.add_argument("--src", required=True,
-                   help="source: an IP address or a workload, [tenant/][namespace/]name")
-    c.add_argument("--dst", required=True,
-                   help="destination: an IP address or a workload, [tenant/][namespace/]name")
+    c.add_argument(
+        "--vni",
+        type=int,
+        default=argparse.SUPPRESS,
+        help="tunnel VNI, -1 for untunnelled (default: the tenant of a workload named "
+        "in --src or --dst, else untunnelled)",
+    )
+    c.add_argument(
+        "--src", required=True, help="source: an IP address or a workload, [tenant/][namespace/]name"
+    )
+    c.add_argument(
+        "--dst", required=True, help="destination: an IP address or a workload, [tenant/][namespace/]name"
+    )
     c.add_argument("--proto", default="tcp", help="protocol name or number")
     c.add_argument("--sport", type=int, default=40000, help="source port")
     c.add_argument("--dport", type=int, default=0, help="destination port")
@@ -81,22 +98,33 @@ def run_check(args) -> int:
         return 2
     c = compile_policy(p)
     n_rules = sum(len(g.rules) for g in p.security_groups)
-    print(f"{args.policy}: ok: {len(p.tenants)} tenants, {len(p.hosts)} hosts, "
-          f"{len(p.workloads)} workloads, {len(p.security_groups)} security groups "
-          f"({n_rules} rules), {len(p.network_policies)} network policies, "
-          f"{len(p.admin_policies)} admin network policies; "
-          f"{len(c.ruleset)} classifier rules, hash {c.content_hash[:16]}")
+    print(
+        f"{args.policy}: ok: {len(p.tenants)} tenants, {len(p.hosts)} hosts, "
+        f"{len(p.workloads)} workloads, {len(p.security_groups)} security groups "
+        f"({n_rules} rules), {len(p.network_policies)} network policies, "
+        f"{len(p.admin_policies)} admin network policies; "
+        f"{len(c.ruleset)} classifier rules, hash {c.content_hash[:16]}"
+    )
     return 0
 
 
 def namespace_rows(p) -> list:
     """Each namespace with the isolation of its unselected pods (what ``compile`` shows)."""
-    return [{"tenant": t.name, "namespace": n.name, "declared": not t.implicit_namespace,
-             "isolation": n.isolation,
-             "unselected_pods": ("allowed (Kubernetes: non-isolated)" if n.isolation == "kubernetes"
-                                 else "denied (zero trust), egress as default_egress: "
-                                 + p.default_egress)}
-            for t in p.tenants for n in t.namespaces]
+    return [
+        {
+            "tenant": t.name,
+            "namespace": n.name,
+            "declared": not t.implicit_namespace,
+            "isolation": n.isolation,
+            "unselected_pods": (
+                "allowed (Kubernetes: non-isolated)"
+                if n.isolation == "kubernetes"
+                else "denied (zero trust), egress as default_egress: " + p.default_egress
+            ),
+        }
+        for t in p.tenants
+        for n in t.namespaces
+    ]
 
 
 def run_compile(args) -> int:
@@ -104,29 +132,45 @@ def run_compile(args) -> int:
     rs = c.ruleset
     rows = []
     for i, r in enumerate(rs.rules):
-        rows.append({"index": i, "check": V.CHECKS[r.in_port], "tenant": r.tenant,
-                     "src": None if r.src is None else str(r.src),
-                     "dst": None if r.dst is None else str(r.dst), "proto": r.proto,
-                     "dport": list(r.dport), "icmp_type": r.icmp_type, "icmp_code": r.icmp_code,
-                     "origin": c.describe_rule(i)})
+        rows.append(
+            {
+                "index": i,
+                "check": V.CHECKS[r.in_port],
+                "tenant": r.tenant,
+                "src": None if r.src is None else str(r.src),
+                "dst": None if r.dst is None else str(r.dst),
+                "proto": r.proto,
+                "dport": list(r.dport),
+                "icmp_type": r.icmp_type,
+                "icmp_code": r.icmp_code,
+                "origin": c.describe_rule(i),
+            }
+        )
     spaces = namespace_rows(c.policy)
     if args.json:
-        json.dump({"version": c.version, "content_hash": c.content_hash, "namespaces": spaces,
-                   "rules": rows}, sys.stdout, indent=1)
+        json.dump(
+            {"version": c.version, "content_hash": c.content_hash, "namespaces": spaces, "rules": rows},
+            sys.stdout,
+            indent=1,
+        )
         sys.stdout.write("\n")
         return 0
     print(f"# policy {args.policy}: hash {c.content_hash}, {len(rows)} rules")
     for n in spaces:
         name = n["tenant"] if not n["declared"] else f"{n['tenant']}/{n['namespace']}"
-        print(f"# namespace {name}: isolation {n['isolation']}: pods no policy selects are "
-              f"{n['unselected_pods']}")
+        print(
+            f"# namespace {name}: isolation {n['isolation']}: pods no policy selects are "
+            f"{n['unselected_pods']}"
+        )
     for r in rows:
         port = "" if r["dport"] == [0, 65535] else f" dport {r['dport'][0]}-{r['dport'][1]}"
         icmp = "" if r["icmp_type"] is None else f" type {r['icmp_type']}"
         icmp += "" if r["icmp_code"] is None else f" code {r['icmp_code']}"
         proto = "any" if r["proto"] is None else str(r["proto"])
-        print(f"{r['index']:5d} vni {r['tenant']:<8} {r['check']:<26} {r['src'] or 'any'} -> "
-              f"{r['dst'] or 'any'} proto {proto}{port}{icmp}  # {r['origin']}")
+        print(
+            f"{r['index']:5d} vni {r['tenant']:<8} {r['check']:<26} {r['src'] or 'any'} -> "
+            f"{r['dst'] or 'any'} proto {proto}{port}{icmp}  # {r['origin']}"
+        )
     return 0
 
 
@@ -155,8 +199,7 @@ def _endpoints(p, args):
     if vni is None:
         named = next((x for x in (s, d) if isinstance(x, Workload)), None)
         vni = p.tenant(named.tenant).vni if named is not None else -1
-    return (vni, sa, da, s if isinstance(s, Workload) else None,
-            d if isinstance(d, Workload) else None)
+    return (vni, sa, da, s if isinstance(s, Workload) else None, d if isinstance(d, Workload) else None)
 
 
 def run_query(args) -> int:
@@ -182,20 +225,40 @@ def run_query(args) -> int:
         mac = parse_mac(args.mac.strip())
         if mac is None:
             raise InputError(f"--mac: {args.mac!r} is not a MAC address")
-    keys = connection_keys([vni], [s[0]], [s[1]], [d[0]], [d[1]], [proto], [args.sport],
-                           [args.dport], None if args.icmp_type is None else [args.icmp_type],
-                           [args.icmp_code], None if mac is None else [mac])
+    keys = connection_keys(
+        [vni],
+        [s[0]],
+        [s[1]],
+        [d[0]],
+        [d[1]],
+        [proto],
+        [args.sport],
+        [args.dport],
+        None if args.icmp_type is None else [args.icmp_type],
+        [args.icmp_code],
+        None if mac is None else [mac],
+    )
     ct = np.array([_CT[args.ct]], np.uint8)
     c = compile_policy(p)
     v, r, why = c.decide(keys, ct)
     lines = explain(Reference(p), keys.row(0), int(ct[0]))
     if args.json:
-        json.dump({"vni": vni, "src": str(sa), "dst": str(da),
-                   "src_workload": qualified(sw) if sw is not None else None,
-                   "dst_workload": qualified(dw) if dw is not None else None,
-                   "verdict": V.verdict_name(v[0]), "reason": V.reason_name(why[0]),
-                   "rule": int(r[0]), "rule_origin": c.describe_rule(int(r[0])),
-                   "explanation": lines}, sys.stdout, indent=1)
+        json.dump(
+            {
+                "vni": vni,
+                "src": str(sa),
+                "dst": str(da),
+                "src_workload": qualified(sw) if sw is not None else None,
+                "dst_workload": qualified(dw) if dw is not None else None,
+                "verdict": V.verdict_name(v[0]),
+                "reason": V.reason_name(why[0]),
+                "rule": int(r[0]),
+                "rule_origin": c.describe_rule(int(r[0])),
+                "explanation": lines,
+            },
+            sys.stdout,
+            indent=1,
+        )
         sys.stdout.write("\n")
     else:
         print("\n".join(lines))
@@ -207,6 +270,7 @@ def run_query(args) -> int:
 def run_apply(args) -> int:
     from ..io.pcap import read_capture
     from ..packet.parse import parse
+
     c = compile_policy(_load(args.policy))
     batch = read_capture(args.capture)
     reasons: Counter = Counter()
@@ -221,11 +285,17 @@ def run_apply(args) -> int:
         for x, n in Counter(r[r >= 0].tolist()).items():
             rules[c.describe_rule(x)] += n
     if args.json:
-        json.dump({"packets": total,
-                   "verdicts": [{"verdict": a, "reason": b, "packets": n}
-                                for (a, b), n in sorted(reasons.items())],
-                   "rules": [{"rule": k, "packets": n} for k, n in rules.most_common()]},
-                  sys.stdout, indent=1)
+        json.dump(
+            {
+                "packets": total,
+                "verdicts": [
+                    {"verdict": a, "reason": b, "packets": n} for (a, b), n in sorted(reasons.items())
+                ],
+                "rules": [{"rule": k, "packets": n} for k, n in rules.most_common()],
+            },
+            sys.stdout,
+            indent=1,
+        )
         sys.stdout.write("\n")
         return 0
     print(f"{total} packets (judged as NEW: no connection tracking here)")

@@ -17,6 +17,7 @@ Everything before the rules (parse errors, tenant from VNI, ARP/non-IP, IPv4-map
 in IPv6 packets, anti-spoofing, ND,
 conntrack state, unknown endpoints) runs in one Numba kernel over the batch.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -34,8 +35,18 @@ from .. import ctstate
 from ..classify import build as build_classifier
 from ..classify import keys as ckeys
 from ..classify.classifier import Classifier
-from ..classify.rules import (Action, K_L4, K_META, NW, SH_ICMP_TYPE, SH_IN_PORT, SH_TENANT,
-                              Prefix, Rule, RuleSet)
+from ..classify.rules import (
+    K_L4,
+    K_META,
+    NW,
+    SH_ICMP_TYPE,
+    SH_IN_PORT,
+    SH_TENANT,
+    Action,
+    Prefix,
+    Rule,
+    RuleSet,
+)
 from ..errors import InputError, MicrosegError
 from ..packet import batch as B
 from ..packet.batch import FlowKeys
@@ -60,8 +71,12 @@ _CT_INVALID, _CT_EST, _CT_REL = ctstate.INVALID, ctstate.ESTABLISHED, ctstate.RE
 _PENDING = 255
 _ALLOW, _DROP = V.ALLOW, V.DROP
 _R_POLICY, _R_EST, _R_REL, _R_ARP, _R_ND = V.R_POLICY, V.R_ESTABLISHED, V.R_RELATED, V.R_ARP, V.R_ND
-_R_PARSE, _R_NO_TENANT, _R_UNKNOWN_VNI, _R_NON_IP = (V.R_PARSE_ERROR, V.R_NO_TENANT,
-                                                     V.R_UNKNOWN_VNI, V.R_NON_IP)
+_R_PARSE, _R_NO_TENANT, _R_UNKNOWN_VNI, _R_NON_IP = (
+    V.R_PARSE_ERROR,
+    V.R_NO_TENANT,
+    V.R_UNKNOWN_VNI,
+    V.R_NON_IP,
+)
 _R_SPOOFED, _R_INVALID, _R_NO_ENDPOINT = V.R_SPOOFED, V.R_INVALID, V.R_NO_ENDPOINT
 _R_EG_DENIED, _R_IN_DENIED, _R_MAPPED = V.R_EGRESS_DENIED, V.R_INGRESS_DENIED, V.R_MAPPED_ADDRESS
 _R_NON_ISOLATED = V.R_NON_ISOLATED
@@ -122,8 +137,10 @@ def _table3(rows) -> tuple:
         cap *= 2
     ht = np.full(cap, -1, np.int64)
     hh, hl, hv = np.zeros(cap, np.uint64), np.zeros(cap, np.uint64), np.zeros(cap, np.int32)
-    cols = [np.array([r[c] for r in rows], dt) for c, dt in
-            ((0, np.int64), (1, np.uint64), (2, np.uint64), (3, np.int32))]
+    cols = [
+        np.array([r[c] for r in rows], dt)
+        for c, dt in ((0, np.int64), (1, np.uint64), (2, np.uint64), (3, np.int32))
+    ]
     _fill3(ht, hh, hl, hv, *cols)
     return tuple(_ro(a) for a in (ht, hh, hl, hv))
 
@@ -143,8 +160,8 @@ def _search1(a, v):
 
 
 # Public names of the lookups over :class:`EndpointTables` (callable from Numba kernels).
-lookup_endpoint = _lookup3      # (t, hi, lo, value) table, tenant index, hi, lo -> value or -1
-tenant_index = _search1         # sorted tenant VNIs, VNI -> tenant index or -1
+lookup_endpoint = _lookup3  # (t, hi, lo, value) table, tenant index, hi, lo -> value or -1
+tenant_index = _search1  # sorted tenant VNIs, VNI -> tenant index or -1
 
 
 class EndpointTables(NamedTuple):
@@ -159,6 +176,7 @@ class EndpointTables(NamedTuple):
     :func:`lookup_endpoint`. ``workload_mac``: each workload's MAC, -1 none.
     ``anti_spoofing``: whether port security checks source MAC and address.
     """
+
     tenant_vnis: np.ndarray
     untagged: int
     addresses: tuple
@@ -168,9 +186,35 @@ class EndpointTables(NamedTuple):
 
 
 @njit(cache=True)
-def _prepare(u64, i32, u16, u8, n, ct, K, t_vni, untagged, a_t, a_hi, a_lo, a_w, m_t, m_mac,
-             m_lo, m_w, w_mac, need, anti_spoof, out_k, out_pkt, out_kind, verdict, reason,
-             src_w, dst_w):
+def _prepare(
+    u64,
+    i32,
+    u16,
+    u8,
+    n,
+    ct,
+    K,
+    t_vni,
+    untagged,
+    a_t,
+    a_hi,
+    a_lo,
+    a_w,
+    m_t,
+    m_mac,
+    m_lo,
+    m_w,
+    w_mac,
+    need,
+    anti_spoof,
+    out_k,
+    out_pkt,
+    out_kind,
+    verdict,
+    reason,
+    src_w,
+    dst_w,
+):
     """Everything up to the rule checks; returns the number of check rows written."""
     zero = np.uint64(0)
     m = 0
@@ -203,8 +247,10 @@ def _prepare(u64, i32, u16, u8, n, ct, K, t_vni, untagged, a_t, a_hi, a_lo, a_w,
                 verdict[i] = _DROP
                 reason[i] = _R_NON_IP
             continue
-        if ipv == 6 and ((u64[_SRC_HI, i] == 0 and (u64[_SRC_LO, i] >> _SH32) == _MAPPED) or
-                         (u64[_DST_HI, i] == 0 and (u64[_DST_LO, i] >> _SH32) == _MAPPED)):
+        if ipv == 6 and (
+            (u64[_SRC_HI, i] == 0 and (u64[_SRC_LO, i] >> _SH32) == _MAPPED)
+            or (u64[_DST_HI, i] == 0 and (u64[_DST_LO, i] >> _SH32) == _MAPPED)
+        ):
             verdict[i] = _DROP
             reason[i] = _R_MAPPED
             continue
@@ -216,14 +262,18 @@ def _prepare(u64, i32, u16, u8, n, ct, K, t_vni, untagged, a_t, a_hi, a_lo, a_w,
         if anti_spoof and i32[_L2_OFF, i] >= 0:
             mac = u64[_ETH_SRC, i]
             owner = _lookup3(m_t, m_mac, m_lo, m_w, tt, mac, zero)
-            if (sw >= 0 and w_mac[sw] >= 0 and np.uint64(w_mac[sw]) != mac) or \
-                    (owner >= 0 and owner != sw):
+            if (sw >= 0 and w_mac[sw] >= 0 and np.uint64(w_mac[sw]) != mac) or (owner >= 0 and owner != sw):
                 verdict[i] = _DROP
                 reason[i] = _R_SPOOFED
                 continue
         proto = u8[_PROTO, i]
-        if ipv == 6 and proto == 58 and (u8[_FLAGS, i] & _F_ICMP) and \
-                u8[_ICMP_TYPE, i] >= 133 and u8[_ICMP_TYPE, i] <= 136:
+        if (
+            ipv == 6
+            and proto == 58
+            and (u8[_FLAGS, i] & _F_ICMP)
+            and u8[_ICMP_TYPE, i] >= 133
+            and u8[_ICMP_TYPE, i] <= 136
+        ):
             verdict[i] = _ALLOW
             reason[i] = _R_ND
             continue
@@ -343,11 +393,12 @@ def _finish(idx, act, out_pkt, out_kind, m, verdict, reason, rule, deny):
 @dataclass(frozen=True)
 class Decision:
     """Per-packet results of :meth:`CompiledPolicy.decide` with ``detail=True``."""
-    verdict: np.ndarray             # uint8: verdict.ALLOW / DROP / REJECT
-    rule: np.ndarray                # int32: rule-set index of the deciding rule, -1 none
-    reason: np.ndarray              # uint8: verdict.R_*
-    src_workload: np.ndarray        # int32: index into policy.workloads, -1 unknown
-    dst_workload: np.ndarray        # int32
+
+    verdict: np.ndarray  # uint8: verdict.ALLOW / DROP / REJECT
+    rule: np.ndarray  # int32: rule-set index of the deciding rule, -1 none
+    reason: np.ndarray  # uint8: verdict.R_*
+    src_workload: np.ndarray  # int32: index into policy.workloads, -1 unknown
+    dst_workload: np.ndarray  # int32
 
 
 class CompiledPolicy:
@@ -360,9 +411,25 @@ class CompiledPolicy:
     :attr:`endpoint_tables` (probed with :func:`tenant_index` and :func:`lookup_endpoint`).
     """
 
-    __slots__ = ("policy", "version", "content_hash", "ruleset", "classifier", "origins",
-                 "workload_names", "_t_vni", "_untagged", "_a", "_m", "_w_mac", "_need", "_act",
-                 "_anti_spoof", "_deny", "_frozen")
+    __slots__ = (
+        "policy",
+        "version",
+        "content_hash",
+        "ruleset",
+        "classifier",
+        "origins",
+        "workload_names",
+        "_t_vni",
+        "_untagged",
+        "_a",
+        "_m",
+        "_w_mac",
+        "_need",
+        "_act",
+        "_anti_spoof",
+        "_deny",
+        "_frozen",
+    )
     policy: Policy
     version: int
     content_hash: str
@@ -393,10 +460,16 @@ class CompiledPolicy:
         s(self, "workload_names", tuple(policy.qualified_name(w) for w in wl))
         s(self, "_t_vni", _ro(np.array([t.vni for t in tenants], np.int64)))
         s(self, "_untagged", t_index[policy.untagged_tenant] if policy.untagged_tenant else -1)
-        s(self, "_a", _table3([(t_index[w.tenant], *_net128(a), wi)
-                               for wi, w in enumerate(wl) for a in w.addresses]))
-        s(self, "_m", _table3([(t_index[w.tenant], w.mac, 0, wi)
-                               for wi, w in enumerate(wl) if w.mac is not None]))
+        s(
+            self,
+            "_a",
+            _table3([(t_index[w.tenant], *_net128(a), wi) for wi, w in enumerate(wl) for a in w.addresses]),
+        )
+        s(
+            self,
+            "_m",
+            _table3([(t_index[w.tenant], w.mac, 0, wi) for wi, w in enumerate(wl) if w.mac is not None]),
+        )
         s(self, "_w_mac", _ro(np.array([-1 if w.mac is None else w.mac for w in wl], np.int64)))
         s(self, "_anti_spoof", bool(policy.anti_spoofing))
         s(self, "_deny", V.REJECT if policy.deny_action == "reject" else V.DROP)
@@ -413,15 +486,16 @@ class CompiledPolicy:
         raise AttributeError("CompiledPolicy is immutable")
 
     def __repr__(self) -> str:
-        return (f"<CompiledPolicy v{self.version} {self.content_hash[:12]} "
-                f"rules={len(self.ruleset)} workloads={len(self.policy.workloads)}>")
+        return (
+            f"<CompiledPolicy v{self.version} {self.content_hash[:12]} "
+            f"rules={len(self.ruleset)} workloads={len(self.policy.workloads)}>"
+        )
 
     @property
     def endpoint_tables(self) -> EndpointTables:
         """The tenant, address and MAC tables (read-only) for kernels elsewhere in the
         datapath; see :class:`EndpointTables`."""
-        return EndpointTables(self._t_vni, self._untagged, self._a, self._m, self._w_mac,
-                              self._anti_spoof)
+        return EndpointTables(self._t_vni, self._untagged, self._a, self._m, self._w_mac, self._anti_spoof)
 
     def describe_rule(self, idx: int) -> str:
         """Where rule-set index ``idx`` came from (for counters and traces)."""
@@ -451,20 +525,68 @@ class CompiledPolicy:
         out_kind = np.empty(N_KINDS * n, np.uint8)
         a_t, a_hi, a_lo, a_w = self._a
         m_t, m_mac, m_lo, m_w = self._m
-        m = int(_prepare(u64, i32, u16, u8, n, ct, K, self._t_vni, self._untagged, a_t, a_hi,
-                         a_lo, a_w, m_t, m_mac, m_lo, m_w, self._w_mac, self._need, self._anti_spoof,
-                         out_k, out_pkt, out_kind, verdict, reason, src_w, dst_w))
+        m = int(
+            _prepare(
+                u64,
+                i32,
+                u16,
+                u8,
+                n,
+                ct,
+                K,
+                self._t_vni,
+                self._untagged,
+                a_t,
+                a_hi,
+                a_lo,
+                a_w,
+                m_t,
+                m_mac,
+                m_lo,
+                m_w,
+                self._w_mac,
+                self._need,
+                self._anti_spoof,
+                out_k,
+                out_pkt,
+                out_kind,
+                verdict,
+                reason,
+                src_w,
+                dst_w,
+            )
+        )
         if m:
             idx = self.classifier.classify_keys(out_k[:m])
-            _finish(np.ascontiguousarray(idx, np.int32), self._act, out_pkt, out_kind, m,
-                    verdict, reason, rule, np.uint8(self._deny))
+            _finish(
+                np.ascontiguousarray(idx, np.int32),
+                self._act,
+                out_pkt,
+                out_kind,
+                m,
+                verdict,
+                reason,
+                rule,
+                np.uint8(self._deny),
+            )
         if detail:
             return Decision(verdict, rule, reason, src_w, dst_w)
         return verdict, rule, reason
 
     # ---- connection revalidation --------------------------------------------------------------
-    def allows_connections(self, tenant, src_hi, src_lo, dst_hi, dst_lo, proto, sport=None,
-                           dport=None, icmp_type=None, icmp_code=None) -> np.ndarray:
+    def allows_connections(
+        self,
+        tenant,
+        src_hi,
+        src_lo,
+        dst_hi,
+        dst_lo,
+        proto,
+        sport=None,
+        dport=None,
+        icmp_type=None,
+        icmp_code=None,
+    ) -> np.ndarray:
         """Would a NEW packet of each connection's original direction be allowed? (bool array)
 
         Columns are arrays of one length: ``tenant`` is the VNI (-1 untunnelled), addresses
@@ -475,11 +597,11 @@ class CompiledPolicy:
         cols = [tenant, src_hi, src_lo, dst_hi, dst_lo, proto, sport, dport, icmp_type, icmp_code]
         n = np.asarray(tenant).shape[0]
         out = np.zeros(n, bool)
-        for s in range(0, n, _REVALIDATE_CHUNK):       # bounded scratch for big tables
-            part = [None if c is None else np.asarray(c)[s:s + _REVALIDATE_CHUNK] for c in cols]
+        for s in range(0, n, _REVALIDATE_CHUNK):  # bounded scratch for big tables
+            part = [None if c is None else np.asarray(c)[s : s + _REVALIDATE_CHUNK] for c in cols]
             keys = connection_keys(*part)
             verdict, _, _ = self.decide(keys, np.full(keys.n, ctstate.NEW, np.uint8))
-            out[s:s + keys.n] = verdict == V.ALLOW
+            out[s : s + keys.n] = verdict == V.ALLOW
         return out
 
 
@@ -489,8 +611,19 @@ def _ro(a: np.ndarray) -> np.ndarray:
     return a
 
 
-def connection_keys(tenant, src_hi, src_lo, dst_hi, dst_lo, proto, sport=None, dport=None,
-                    icmp_type=None, icmp_code=None, eth_src=None) -> FlowKeys:
+def connection_keys(
+    tenant,
+    src_hi,
+    src_lo,
+    dst_hi,
+    dst_lo,
+    proto,
+    sport=None,
+    dport=None,
+    icmp_type=None,
+    icmp_code=None,
+    eth_src=None,
+) -> FlowKeys:
     """A FlowKeys holding one packet per connection's original direction (see above).
 
     ``eth_src`` (48-bit integers) adds an Ethernet source; without it the packets have no L2
@@ -522,8 +655,9 @@ def connection_keys(tenant, src_hi, src_lo, dst_hi, dst_lo, proto, sport=None, d
     k.u16[B.DPORT, :n] = np.where(has_ports, col(dport, np.uint16), 0)
     default_type = np.where(v4, 8, 128)
     k.u8[B.ICMP_TYPE, :n] = np.where(icmp, col(icmp_type, np.int64, -1), 0)
-    k.u8[B.ICMP_TYPE, :n] = np.where(icmp & (col(icmp_type, np.int64, -1) < 0), default_type,
-                                     k.u8[B.ICMP_TYPE, :n])
+    k.u8[B.ICMP_TYPE, :n] = np.where(
+        icmp & (col(icmp_type, np.int64, -1) < 0), default_type, k.u8[B.ICMP_TYPE, :n]
+    )
     k.u8[B.ICMP_CODE, :n] = np.where(icmp, col(icmp_code, np.uint8), 0)
     k.u8[B.FLAGS, :n] = np.where(has_ports, B.F_PORTS, 0) | np.where(icmp, B.F_ICMP, 0)
     if eth_src is None:
@@ -536,9 +670,20 @@ def connection_keys(tenant, src_hi, src_lo, dst_hi, dst_lo, proto, sport=None, d
     return k
 
 
-def revoked_connections(old: CompiledPolicy | None, new: CompiledPolicy, tenant, src_hi,
-                        src_lo, dst_hi, dst_lo, proto, sport=None, dport=None, icmp_type=None,
-                        icmp_code=None) -> np.ndarray:
+def revoked_connections(
+    old: CompiledPolicy | None,
+    new: CompiledPolicy,
+    tenant,
+    src_hi,
+    src_lo,
+    dst_hi,
+    dst_lo,
+    proto,
+    sport=None,
+    dport=None,
+    icmp_type=None,
+    icmp_code=None,
+) -> np.ndarray:
     """Connections (arrays as in :meth:`CompiledPolicy.allows_connections`) that ``new``
     forbids. With ``old`` given, only those ``old`` allowed (what the policy change revoked);
     connections neither allows are not reported again.
@@ -638,8 +783,9 @@ def _flatten(policy: Policy, version: int):
             prefixes[x] = p
         return p
 
-    def emit(kind, w, local, remote, proto, dport, icmp_type, icmp_code, origin, priority=0,
-             action=V.A_ALLOW):
+    def emit(
+        kind, w, local, remote, proto, dport, icmp_type, icmp_code, origin, priority=0, action=V.A_ALLOW
+    ):
         """remote: ipaddress network, address or None (any address of local's family).
         Within a check the highest ``priority`` matching rule decides (admin rules' order)."""
         if remote is not None and remote.version != local.version:
@@ -649,17 +795,27 @@ def _flatten(policy: Policy, version: int):
         egress = V.is_egress(kind)
         key = (kind, vni[w.tenant], lp, rp, proto, dport, icmp_type, icmp_code)
         if key in seen:
-            return                      # an earlier rule with the same match decides it
+            return  # an earlier rule with the same match decides it
         seen.add(key)
-        rules.append(Rule(priority=priority, action=Action.ALLOW, rule_id=oid(origin),
-                          tenant=vni[w.tenant], in_port=kind,
-                          src=lp if egress else rp, dst=rp if egress else lp,
-                          proto=proto, dport=dport or (0, 65535), icmp_type=icmp_type,
-                          icmp_code=icmp_code))
+        rules.append(
+            Rule(
+                priority=priority,
+                action=Action.ALLOW,
+                rule_id=oid(origin),
+                tenant=vni[w.tenant],
+                in_port=kind,
+                src=lp if egress else rp,
+                dst=rp if egress else lp,
+                proto=proto,
+                dport=dport or (0, 65535),
+                icmp_type=icmp_type,
+                icmp_code=icmp_code,
+            )
+        )
         actions.append(action)
 
     def sg_rule(kind, w, r, origin):
-        if r is None:                                   # default egress allow-all
+        if r is None:  # default egress allow-all
             for a in w.addresses:
                 emit(kind, w, a, None, None, None, None, None, origin)
             return
@@ -682,16 +838,21 @@ def _flatten(policy: Policy, version: int):
 
     def in_nets(x, nets, excepts=()):
         """Does a workload have an address inside ``nets`` (and outside ``excepts``)?"""
-        return any(any(a.version == n.version and a in n for n in nets)
-                   and not any(a.version == e.version and a in e for e in excepts)
-                   for a in x.addresses)
+        return any(
+            any(a.version == n.version and a in n for n in nets)
+            and not any(a.version == e.version and a in e for e in excepts)
+            for a in x.addresses
+        )
 
     def port_rules(kind, w, egress, remotes, ports, origin, priority=0, action=V.A_ALLOW):
         """Emit for each (remote, workload behind it or None) and each port. Numbered ports
         use the remote as given; a named port resolves on the destination workload (the
         local one for ingress, the remote pod for egress), one rule per resolved port."""
-        numbered = [(None, None)] if ports is None else [
-            (p.protocol, None if p.lo is None else (p.lo, p.hi)) for p in ports if p.name is None]
+        numbered = (
+            [(None, None)]
+            if ports is None
+            else [(p.protocol, None if p.lo is None else (p.lo, p.hi)) for p in ports if p.name is None]
+        )
         named = [] if ports is None else [p for p in ports if p.name is not None]
         for a in w.addresses:
             for rem, pods in remotes:
@@ -702,14 +863,17 @@ def _flatten(policy: Policy, version: int):
                 if not egress:
                     targets = [(rem, w)]
                 else:
-                    targets = [(x_addr, x) for x in pods for x_addr in x.addresses
-                               if rem is None or (x_addr.version == rem.version and x_addr in
-                                                  ipaddress.ip_network(rem))]
+                    targets = [
+                        (x_addr, x)
+                        for x in pods
+                        for x_addr in x.addresses
+                        if rem is None
+                        or (x_addr.version == rem.version and x_addr in ipaddress.ip_network(rem))
+                    ]
                 for tgt, dest in targets:
                     for p in named:
                         for proto, port in dest.resolve_port(p.name, p.protocol):
-                            emit(kind, w, a, tgt, proto, (port, port), None, None, origin,
-                                 priority, action)
+                            emit(kind, w, a, tgt, proto, (port, port), None, None, origin, priority, action)
 
     def np_remotes(r, w, egress):
         """[(remote network or None, [workloads it stands for])] of a NetworkPolicy rule."""
@@ -719,13 +883,12 @@ def _flatten(policy: Policy, version: int):
         out = []
         for peer in r.peers:
             if peer.block is not None:
-                pods = [x for x in tenant_pods if in_nets(x, [peer.block], peer.excepts)] \
-                    if egress else []
+                pods = [x for x in tenant_pods if in_nets(x, [peer.block], peer.excepts)] if egress else []
                 nets = _block_prefixes(peer.block, peer.excepts)
                 out.extend((n, pods) for n in nets)
                 continue
             peers = []
-            for x in tenant_pods:                   # peers outside the tenant never share its VNI
+            for x in tenant_pods:  # peers outside the tenant never share its VNI
                 if peer.namespaces is None:
                     ns_ok = x.namespace == w.namespace
                 else:
@@ -757,9 +920,13 @@ def _flatten(policy: Policy, version: int):
             # security groups (Neutron): some rule of the workload's groups allows it
             if w.security_groups:
                 need[base + V.EG_SG, wi] = 1
-                sg = [(("sg", g.tenant, g.name, i), r) for gn in w.security_groups
-                      for g in (groups[(w.tenant, gn)],) for i, r in enumerate(g.rules)
-                      if r.direction == d]
+                sg = [
+                    (("sg", g.tenant, g.name, i), r)
+                    for gn in w.security_groups
+                    for g in (groups[(w.tenant, gn)],)
+                    for i, r in enumerate(g.rules)
+                    if r.direction == d
+                ]
                 for o, r in sg:
                     sg_rule(base + V.EG_SG, w, r, o)
                 if not sg and egress and allow_default:
@@ -771,39 +938,63 @@ def _flatten(policy: Policy, version: int):
                     continue
                 for i, r in enumerate(a.egress if egress else a.ingress):
                     need[base + V.EG_ANP, wi] = 1
-                    port_rules(base + V.EG_ANP, w, egress, admin_remotes(r, w), r.ports,
-                               ("anp", a.tenant, a.name, d, i), priority=_ADMIN_TOP - order,
-                               action=V.ADMIN_ACTIONS[r.action])
+                    port_rules(
+                        base + V.EG_ANP,
+                        w,
+                        egress,
+                        admin_remotes(r, w),
+                        r.ports,
+                        ("anp", a.tenant, a.name, d, i),
+                        priority=_ADMIN_TOP - order,
+                        action=V.ADMIN_ACTIONS[r.action],
+                    )
                     order += 1
-            sel = [p for p in policy.network_policies
-                   if p.tenant == w.tenant and p.namespace == w.namespace
-                   and (p.egress_type if egress else p.ingress_type)
-                   and p.pod_selector.matches(labels)]
+            sel = [
+                p
+                for p in policy.network_policies
+                if p.tenant == w.tenant
+                and p.namespace == w.namespace
+                and (p.egress_type if egress else p.ingress_type)
+                and p.pod_selector.matches(labels)
+            ]
             if sel:
                 need[base + V.EG_NP, wi] = 1
                 for p in sel:
                     for i, r in enumerate(p.egress if egress else p.ingress):
-                        port_rules(base + V.EG_NP, w, egress, np_remotes(r, w, egress), r.ports,
-                                   ("np", p.namespace, p.name, d, i))
-                continue                             # isolated: the baseline is not reached
+                        port_rules(
+                            base + V.EG_NP,
+                            w,
+                            egress,
+                            np_remotes(r, w, egress),
+                            r.ports,
+                            ("np", p.namespace, p.name, d, i),
+                        )
+                continue  # isolated: the baseline is not reached
             order = 0
             for a in admins:
                 if a.tenant != w.tenant or not a.baseline or not a.selects(nsl(w), labels):
                     continue
                 for i, r in enumerate(a.egress if egress else a.ingress):
                     need[base + V.EG_BANP, wi] = 1
-                    port_rules(base + V.EG_BANP, w, egress, admin_remotes(r, w), r.ports,
-                               ("banp", a.tenant, a.name, d, i), priority=_ADMIN_TOP - order,
-                               action=V.ADMIN_ACTIONS[r.action])
+                    port_rules(
+                        base + V.EG_BANP,
+                        w,
+                        egress,
+                        admin_remotes(r, w),
+                        r.ports,
+                        ("banp", a.tenant, a.name, d, i),
+                        priority=_ADMIN_TOP - order,
+                        action=V.ADMIN_ACTIONS[r.action],
+                    )
                     order += 1
             if not w.security_groups and policy.isolation(w) == "deny":
-                need[base + V.EG_DEF, wi] = 1        # zero trust: unselected means denied
+                need[base + V.EG_DEF, wi] = 1  # zero trust: unselected means denied
                 if egress and allow_default:
                     sg_rule(base + V.EG_DEF, w, None, DEFAULT_EGRESS)
     return need, rules, np.array(actions, np.uint8), origins
 
 
-_ADMIN_TOP = 1 << 40         # admin rules: the first in evaluation order has the highest priority
+_ADMIN_TOP = 1 << 40  # admin rules: the first in evaluation order has the highest priority
 
 
 def compile_policy(policy: Policy, algo: str = DEFAULT_ALGO) -> CompiledPolicy:

@@ -14,6 +14,7 @@
   NetworkPolicies. The baseline policy (one, named ``default``) applies after them, to a pod
   no NetworkPolicy isolates in that direction.
 """
+
 from __future__ import annotations
 
 import ipaddress
@@ -34,7 +35,7 @@ ADMIN_ACTIONS = ("Allow", "Deny", "Pass")
 BASELINE_ACTIONS = ("Allow", "Deny")
 MAX_ADMIN_PRIORITY = 1000
 MAX_ADMIN_RULES = 100
-ANY_PROTOCOL = 0        # an admin policy's namedPort: whatever protocol the destination's port has
+ANY_PROTOCOL = 0  # an admin policy's namedPort: whatever protocol the destination's port has
 NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"
 
 
@@ -52,6 +53,7 @@ def valid_label_value(value: str) -> bool:
 @dataclass(frozen=True)
 class Selector:
     """A label selector: matchLabels (pairs) AND every matchExpression (key, op, values)."""
+
     labels: tuple = ()
     exprs: tuple = ()
 
@@ -72,16 +74,18 @@ class Selector:
         return True
 
     def to_dict(self) -> dict:
-        return {"matchLabels": dict(self.labels),
-                "matchExpressions": [{"key": k, "operator": o, "values": list(v)} for k, o, v in self.exprs]}
+        return {
+            "matchLabels": dict(self.labels),
+            "matchExpressions": [{"key": k, "operator": o, "values": list(v)} for k, o, v in self.exprs],
+        }
 
 
 @dataclass(frozen=True)
 class Peer:
-    pods: Selector | None = None        # with ``namespaces`` None: pods of the policy's namespace
+    pods: Selector | None = None  # with ``namespaces`` None: pods of the policy's namespace
     namespaces: Selector | None = None  # with ``pods`` None: every pod of matching namespaces
-    block: object = None                # ipaddress network (ipBlock.cidr)
-    excepts: tuple = ()                 # ipaddress networks inside ``block``
+    block: object = None  # ipaddress network (ipBlock.cidr)
+    excepts: tuple = ()  # ipaddress networks inside ``block``
 
     def to_dict(self) -> dict:
         if self.block is not None:
@@ -96,11 +100,11 @@ class Peer:
 
 @dataclass(frozen=True)
 class Port:
-    protocol: int                       # 6 / 17 / 132
-    lo: int | None = None               # None: every port of the protocol (unless ``name``)
+    protocol: int  # 6 / 17 / 132
+    lo: int | None = None  # None: every port of the protocol (unless ``name``)
     hi: int | None = None
-    name: str | None = None             # named port: resolved per destination workload
-                                        # (protocol ANY_PROTOCOL: the named port's own)
+    name: str | None = None  # named port: resolved per destination workload
+    # (protocol ANY_PROTOCOL: the named port's own)
 
     def to_list(self) -> list:
         return [self.protocol, self.name] if self.name is not None else [self.protocol, self.lo, self.hi]
@@ -108,8 +112,8 @@ class Port:
 
 @dataclass(frozen=True)
 class Rule:
-    peers: tuple | None                 # None: every peer
-    ports: tuple | None                 # None: every port and protocol
+    peers: tuple | None  # None: every peer
+    ports: tuple | None  # None: every port and protocol
     origin: str = ""
 
 
@@ -118,23 +122,34 @@ class NetworkPolicy:
     name: str
     namespace: str
     pod_selector: Selector
-    ingress_type: bool                  # policyTypes contains Ingress
+    ingress_type: bool  # policyTypes contains Ingress
     egress_type: bool
-    ingress: tuple                      # Rule
+    ingress: tuple  # Rule
     egress: tuple
     origin: str = ""
-    tenant: str = ""                    # the tenant whose namespace this is (set by the loader)
+    tenant: str = ""  # the tenant whose namespace this is (set by the loader)
 
     def to_dict(self) -> dict:
         def rules(rs):
-            return [{"peers": None if r.peers is None else [p.to_dict() for p in r.peers],
-                     "ports": None if r.ports is None else [p.to_list() for p in r.ports]}
-                    for r in rs]
-        return {"name": self.name, "namespace": self.namespace, "tenant": self.tenant,
-                "podSelector": self.pod_selector.to_dict(),
-                "policyTypes": [t for t, on in (("Ingress", self.ingress_type),
-                                                ("Egress", self.egress_type)) if on],
-                "ingress": rules(self.ingress), "egress": rules(self.egress)}
+            return [
+                {
+                    "peers": None if r.peers is None else [p.to_dict() for p in r.peers],
+                    "ports": None if r.ports is None else [p.to_list() for p in r.ports],
+                }
+                for r in rs
+            ]
+
+        return {
+            "name": self.name,
+            "namespace": self.namespace,
+            "tenant": self.tenant,
+            "podSelector": self.pod_selector.to_dict(),
+            "policyTypes": [
+                t for t, on in (("Ingress", self.ingress_type), ("Egress", self.egress_type)) if on
+            ],
+            "ingress": rules(self.ingress),
+            "egress": rules(self.egress),
+        }
 
 
 class _P:
@@ -159,8 +174,11 @@ def _line(node, key=None):
 def _check_keys(p: _P, node: Map, allowed, where):
     for k in node:
         if k not in allowed:
-            p.err(node.line_of(k), f"{where}.{k}",
-                  f"unknown field (expected one of: {', '.join(sorted(allowed))})")
+            p.err(
+                node.line_of(k),
+                f"{where}.{k}",
+                f"unknown field (expected one of: {', '.join(sorted(allowed))})",
+            )
 
 
 def _selector(p: _P, node, where) -> Selector | None:
@@ -198,15 +216,22 @@ def _selector(p: _P, node, where) -> Selector | None:
                     p.err(e.line_of("key"), f"{w}.key", f"{key!r} is not a label key")
                     continue
                 if op not in ("In", "NotIn", "Exists", "DoesNotExist"):
-                    p.err(e.line_of("operator"), f"{w}.operator",
-                          f"{op!r} is not one of: In, NotIn, Exists, DoesNotExist")
+                    p.err(
+                        e.line_of("operator"),
+                        f"{w}.operator",
+                        f"{op!r} is not one of: In, NotIn, Exists, DoesNotExist",
+                    )
                     continue
                 if values is not None and not isinstance(values, Seq):
                     p.err(e.line_of("values"), f"{w}.values", "must be a list")
                     continue
-                vals = () if values is None else tuple(
-                    str(values.raw[j] if values.raw[j] is not None else v)
-                    for j, v in enumerate(values))
+                vals = (
+                    ()
+                    if values is None
+                    else tuple(
+                        str(values.raw[j] if values.raw[j] is not None else v) for j, v in enumerate(values)
+                    )
+                )
                 if op in ("In", "NotIn") and not vals:
                     p.err(e.line_of("operator"), f"{w}.values", f"operator {op} needs values")
                     continue
@@ -257,8 +282,11 @@ def _peer(p: _P, node, where) -> Peer | None:
         p.err(node.line, where, "a peer needs podSelector, namespaceSelector or ipBlock")
         return None
     pods = _selector(p, node.get("podSelector"), f"{where}.podSelector") if "podSelector" in node else None
-    nss = (_selector(p, node.get("namespaceSelector"), f"{where}.namespaceSelector")
-           if "namespaceSelector" in node else None)
+    nss = (
+        _selector(p, node.get("namespaceSelector"), f"{where}.namespaceSelector")
+        if "namespaceSelector" in node
+        else None
+    )
     return Peer(pods=pods, namespaces=nss)
 
 
@@ -280,12 +308,20 @@ def _port(p: _P, node, where) -> Port | None:
     if isinstance(port, str):
         text = str(node.raw.get("port", port))
         if text.isdigit():
-            p.err(node.line_of("port"), f"{where}.port", f"{text!r} is a string: a port name "
-                  f"needs a letter (for the port number write {text} without quotes)")
+            p.err(
+                node.line_of("port"),
+                f"{where}.port",
+                f"{text!r} is a string: a port name "
+                f"needs a letter (for the port number write {text} without quotes)",
+            )
             return None
         if not PORT_NAME_RE.match(text):
-            p.err(node.line_of("port"), f"{where}.port", f"{text!r} is neither a port number nor "
-                  "a port name (at most 15 lower-case letters, digits and '-')")
+            p.err(
+                node.line_of("port"),
+                f"{where}.port",
+                f"{text!r} is neither a port number nor "
+                "a port name (at most 15 lower-case letters, digits and '-')",
+            )
         if end is not None:
             p.err(node.line_of("endPort"), f"{where}.endPort", "endPort needs a numeric port")
             return None
@@ -299,7 +335,9 @@ def _port(p: _P, node, where) -> Port | None:
     hi = port
     if end is not None:
         if isinstance(end, bool) or not isinstance(end, int) or not port <= end <= 65535:
-            p.err(node.line_of("endPort"), f"{where}.endPort", f"{end!r} must be a port number >= port ({port})")
+            p.err(
+                node.line_of("endPort"), f"{where}.endPort", f"{end!r} must be a port number >= port ({port})"
+            )
             return None
         hi = end
     return Port(PROTOCOLS[proto], port, hi)
@@ -341,8 +379,9 @@ def _rules(p: _P, spec: Map, key: str, peer_key: str, path: str, where: str) -> 
     return tuple(out)
 
 
-def parse_documents(docs, path: str, rep: Reporter, default_namespace: str | None = None,
-                    where: str = "") -> list:
+def parse_documents(
+    docs, path: str, rep: Reporter, default_namespace: str | None = None, where: str = ""
+) -> list:
     """NetworkPolicies in ``docs`` (NetworkPolicy, NetworkPolicyList or List documents)."""
     out = []
     for d, doc in enumerate(docs):
@@ -359,15 +398,17 @@ def parse_documents(docs, path: str, rep: Reporter, default_namespace: str | Non
             if pol is not None:
                 out.append(pol)
             continue
-        if kind in ("NetworkPolicyList", "List", "AdminNetworkPolicyList",
-                    "BaselineAdminNetworkPolicyList"):
+        if kind in ("NetworkPolicyList", "List", "AdminNetworkPolicyList", "BaselineAdminNetworkPolicyList"):
             items = doc.get("items")
             if not isinstance(items, Seq):
                 p.err(doc.line_of("items"), f"{base}.items" if base else "items", "must be a list")
                 continue
             for i, item in enumerate(items):
-                out.extend(parse_documents([item], path, rep, default_namespace,
-                                           f"{base}.items[{i}]" if base else f"items[{i}]"))
+                out.extend(
+                    parse_documents(
+                        [item], path, rep, default_namespace, f"{base}.items[{i}]" if base else f"items[{i}]"
+                    )
+                )
             continue
         pol = _policy(p, doc, path, default_namespace, base)
         if pol is not None:
@@ -379,8 +420,11 @@ def _policy(p: _P, doc: Map, path: str, default_namespace, where: str):
     pre = f"{where}." if where else ""
     kind = doc.get("kind")
     if kind != "NetworkPolicy":
-        p.err(doc.line_of("kind"), f"{pre}kind", f"{kind!r} is not NetworkPolicy, "
-              "AdminNetworkPolicy or BaselineAdminNetworkPolicy")
+        p.err(
+            doc.line_of("kind"),
+            f"{pre}kind",
+            f"{kind!r} is not NetworkPolicy, AdminNetworkPolicy or BaselineAdminNetworkPolicy",
+        )
         return None
     api = doc.get("apiVersion")
     if api not in ("networking.k8s.io/v1", None):
@@ -396,8 +440,11 @@ def _policy(p: _P, doc: Map, path: str, default_namespace, where: str):
         return None
     ns = meta.get("namespace", default_namespace)
     if ns is None:
-        p.err(meta.line, f"{pre}metadata.namespace",
-              "is required (or give namespace: beside the file in the policy)")
+        p.err(
+            meta.line,
+            f"{pre}metadata.namespace",
+            "is required (or give namespace: beside the file in the policy)",
+        )
         return None
     if not isinstance(ns, str) or not DNS_LABEL_RE.match(ns):
         p.err(meta.line_of("namespace"), f"{pre}metadata.namespace", f"{ns!r} is not a namespace name")
@@ -413,18 +460,22 @@ def _policy(p: _P, doc: Map, path: str, default_namespace, where: str):
     ingress = _rules(p, spec, "ingress", "from", path, f"{pre}spec")
     egress = _rules(p, spec, "egress", "to", path, f"{pre}spec")
     types = spec.get("policyTypes")
-    if not types:                       # absent or empty: defaulted, as the API server does
+    if not types:  # absent or empty: defaulted, as the API server does
         ing_t, eg_t = True, bool(spec.get("egress"))
     elif not isinstance(types, Seq) or any(t not in ("Ingress", "Egress") for t in types):
-        p.err(spec.line_of("policyTypes"), f"{pre}spec.policyTypes",
-              f"{types!r} must be a list of Ingress and/or Egress")
+        p.err(
+            spec.line_of("policyTypes"),
+            f"{pre}spec.policyTypes",
+            f"{types!r} must be a list of Ingress and/or Egress",
+        )
         return None
     else:
         ing_t, eg_t = "Ingress" in types, "Egress" in types
     if not p.ok or sel is None:
         return None
-    return NetworkPolicy(name, ns, sel, ing_t, eg_t, ingress if ing_t else (),
-                         egress if eg_t else (), f"{path}:{doc.line}")
+    return NetworkPolicy(
+        name, ns, sel, ing_t, eg_t, ingress if ing_t else (), egress if eg_t else (), f"{path}:{doc.line}"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -435,39 +486,44 @@ class AdminPeer:
     """Who an admin rule is about: every pod of the namespaces matching ``namespaces``, or the
     pods matching ``pods`` in the namespaces matching ``pod_namespaces``, or (egress) the
     addresses in ``networks``."""
+
     namespaces: Selector | None = None
     pods: Selector | None = None
     pod_namespaces: Selector | None = None
-    networks: tuple = ()                # ipaddress networks
+    networks: tuple = ()  # ipaddress networks
 
     def to_dict(self) -> dict:
         if self.networks:
             return {"networks": [str(n) for n in self.networks]}
         if self.pods is not None and self.pod_namespaces is not None:
-            return {"pods": {"namespaceSelector": self.pod_namespaces.to_dict(),
-                             "podSelector": self.pods.to_dict()}}
+            return {
+                "pods": {
+                    "namespaceSelector": self.pod_namespaces.to_dict(),
+                    "podSelector": self.pods.to_dict(),
+                }
+            }
         return {"namespaces": (self.namespaces or Selector()).to_dict()}
 
 
 @dataclass(frozen=True)
 class AdminRule:
     name: str
-    action: str                         # Allow / Deny / Pass
-    peers: tuple                        # AdminPeer (at least one)
-    ports: tuple | None                 # Port (named ones resolve per destination); None: all
+    action: str  # Allow / Deny / Pass
+    peers: tuple  # AdminPeer (at least one)
+    ports: tuple | None  # Port (named ones resolve per destination); None: all
     origin: str = ""
 
 
 @dataclass(frozen=True)
 class AdminPolicy:
     name: str
-    baseline: bool                      # BaselineAdminNetworkPolicy
-    priority: int                       # lower first; 0 for the baseline
-    subject: AdminPeer                  # namespaces, or pods in namespaces
-    ingress: tuple                      # AdminRule
+    baseline: bool  # BaselineAdminNetworkPolicy
+    priority: int  # lower first; 0 for the baseline
+    subject: AdminPeer  # namespaces, or pods in namespaces
+    ingress: tuple  # AdminRule
     egress: tuple
     origin: str = ""
-    tenant: str = ""                    # the cluster: set by the loader
+    tenant: str = ""  # the cluster: set by the loader
 
     @property
     def kind(self) -> str:
@@ -478,12 +534,25 @@ class AdminPolicy:
 
     def to_dict(self) -> dict:
         def rules(rs):
-            return [{"name": r.name, "action": r.action, "peers": [p.to_dict() for p in r.peers],
-                     "ports": None if r.ports is None else [p.to_list() for p in r.ports]}
-                    for r in rs]
-        return {"kind": self.kind, "name": self.name, "tenant": self.tenant,
-                "priority": self.priority, "subject": self.subject.to_dict(),
-                "ingress": rules(self.ingress), "egress": rules(self.egress)}
+            return [
+                {
+                    "name": r.name,
+                    "action": r.action,
+                    "peers": [p.to_dict() for p in r.peers],
+                    "ports": None if r.ports is None else [p.to_list() for p in r.ports],
+                }
+                for r in rs
+            ]
+
+        return {
+            "kind": self.kind,
+            "name": self.name,
+            "tenant": self.tenant,
+            "priority": self.priority,
+            "subject": self.subject.to_dict(),
+            "ingress": rules(self.ingress),
+            "egress": rules(self.egress),
+        }
 
 
 def _peer_matches(peer: AdminPeer, namespace_labels: dict, pod_labels: dict) -> bool:
@@ -510,8 +579,12 @@ def _admin_peer(p: _P, node, where, egress: bool) -> AdminPeer | None:
         return None
     k = given[0]
     if k == "nodes":
-        p.err(node.line_of(k), f"{where}.nodes", "node peers are not supported (microseg knows "
-              "no Kubernetes nodes): use networks with the nodes' addresses")
+        p.err(
+            node.line_of(k),
+            f"{where}.nodes",
+            "node peers are not supported (microseg knows "
+            "no Kubernetes nodes): use networks with the nodes' addresses",
+        )
         return None
     if k == "networks":
         seq = node.get("networks")
@@ -561,7 +634,7 @@ def _admin_port(p: _P, node, where) -> Port | None:
         if not isinstance(v, str) or not PORT_NAME_RE.match(text):
             p.err(node.line_of(k), f"{where}.namedPort", f"{text!r} is not a port name")
             return None
-        return Port(ANY_PROTOCOL, name=text)     # the destination's port of that name
+        return Port(ANY_PROTOCOL, name=text)  # the destination's port of that name
     w = f"{where}.{k}"
     if not isinstance(v, Map):
         p.err(node.line_of(k), w, "must be a mapping")
@@ -572,7 +645,7 @@ def _admin_port(p: _P, node, where) -> Port | None:
         p.err(v.line_of("protocol"), f"{w}.protocol", f"{proto!r} is not TCP, UDP or SCTP")
         return None
     nums = []
-    for f in (("port",) if k == "portNumber" else ("start", "end")):
+    for f in ("port",) if k == "portNumber" else ("start", "end"):
         x = v.get(f)
         if isinstance(x, bool) or not isinstance(x, int) or not 1 <= x <= 65535:
             p.err(v.line_of(f) or v.line, f"{w}.{f}", f"{x!r} is not a port number 1..65535")
@@ -584,8 +657,9 @@ def _admin_port(p: _P, node, where) -> Port | None:
     return Port(PROTOCOLS[proto], nums[0], nums[-1])
 
 
-def _admin_rules(p: _P, spec: Map, key: str, peer_key: str, path: str, where: str,
-                 actions, egress: bool) -> tuple:
+def _admin_rules(
+    p: _P, spec: Map, key: str, peer_key: str, path: str, where: str, actions, egress: bool
+) -> tuple:
     seq = spec.get(key)
     if seq is None:
         return ()
@@ -604,8 +678,11 @@ def _admin_rules(p: _P, spec: Map, key: str, peer_key: str, path: str, where: st
         _check_keys(p, r, {"name", "action", peer_key, "ports"}, w)
         action = r.get("action")
         if action not in actions:
-            p.err(r.line_of("action") or r.line, f"{w}.action",
-                  f"{action!r} is not one of: {', '.join(actions)}")
+            p.err(
+                r.line_of("action") or r.line,
+                f"{w}.action",
+                f"{action!r} is not one of: {', '.join(actions)}",
+            )
             continue
         peers = r.get(peer_key)
         if not isinstance(peers, Seq) or not peers:
@@ -625,8 +702,15 @@ def _admin_rules(p: _P, spec: Map, key: str, peer_key: str, path: str, where: st
         if any(x is None for x in plist):
             continue
         name = r.get("name")
-        out.append(AdminRule(str(name) if name is not None else f"{key}[{i}]", str(action),
-                             tuple(plist), qlist, f"{path}:{seq.line_of(i)}"))
+        out.append(
+            AdminRule(
+                str(name) if name is not None else f"{key}[{i}]",
+                str(action),
+                tuple(plist),
+                qlist,
+                f"{path}:{seq.line_of(i)}",
+            )
+        )
     return tuple(out)
 
 
@@ -647,26 +731,35 @@ def _admin_policy(p: _P, doc: Map, path: str, where: str):
         p.err(meta.line_of("name") or meta.line, f"{pre}metadata.name", f"{name!r} is not a valid name")
         return None
     if baseline and name != "default":
-        p.err(meta.line_of("name"), f"{pre}metadata.name",
-              f"a BaselineAdminNetworkPolicy must be named default, not {name!r}")
+        p.err(
+            meta.line_of("name"),
+            f"{pre}metadata.name",
+            f"a BaselineAdminNetworkPolicy must be named default, not {name!r}",
+        )
         return None
     if "namespace" in meta:
-        p.err(meta.line_of("namespace"), f"{pre}metadata.namespace",
-              f"{kind} is cluster-scoped: it has no namespace")
+        p.err(
+            meta.line_of("namespace"),
+            f"{pre}metadata.namespace",
+            f"{kind} is cluster-scoped: it has no namespace",
+        )
         return None
     spec = doc.get("spec")
     if not isinstance(spec, Map):
         p.err(doc.line_of("spec") or doc.line, f"{pre}spec", "is required (subject, ingress, egress)")
         return None
-    _check_keys(p, spec, {"subject", "ingress", "egress"} | (set() if baseline else {"priority"}),
-                f"{pre}spec")
+    _check_keys(
+        p, spec, {"subject", "ingress", "egress"} | (set() if baseline else {"priority"}), f"{pre}spec"
+    )
     priority = 0
     if not baseline:
         given = spec.get("priority")
-        if isinstance(given, bool) or not isinstance(given, int) or \
-                not 0 <= given <= MAX_ADMIN_PRIORITY:
-            p.err(spec.line_of("priority") or spec.line, f"{pre}spec.priority",
-                  f"{given!r} is not an integer 0..{MAX_ADMIN_PRIORITY}")
+        if isinstance(given, bool) or not isinstance(given, int) or not 0 <= given <= MAX_ADMIN_PRIORITY:
+            p.err(
+                spec.line_of("priority") or spec.line,
+                f"{pre}spec.priority",
+                f"{given!r} is not an integer 0..{MAX_ADMIN_PRIORITY}",
+            )
             return None
         priority = given
     subj = spec.get("subject")

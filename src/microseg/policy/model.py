@@ -5,6 +5,7 @@ field; a problem is reported as ``file:line: field: message`` (all problems at o
 :class:`~microseg.policy.source.PolicyError`). The model is made of frozen dataclasses and
 tuples, so a loaded policy cannot change under the compiler.
 """
+
 from __future__ import annotations
 
 import ipaddress
@@ -22,16 +23,34 @@ MAX_VNI = (1 << 24) - 1
 
 # Neutron's protocol names (plus the legacy "icmpv6" alias).
 PROTOCOLS = {
-    "ah": 51, "dccp": 33, "egp": 8, "esp": 50, "gre": 47, "icmp": 1, "igmp": 2, "ipip": 4,
-    "ipv6-encap": 41, "ipv6-frag": 44, "ipv6-icmp": 58, "icmpv6": 58, "ipv6-nonxt": 59,
-    "ipv6-opts": 60, "ipv6-route": 43, "ospf": 89, "pgm": 113, "rsvp": 46, "sctp": 132,
-    "tcp": 6, "udp": 17, "udplite": 136, "vrrp": 112,
+    "ah": 51,
+    "dccp": 33,
+    "egp": 8,
+    "esp": 50,
+    "gre": 47,
+    "icmp": 1,
+    "igmp": 2,
+    "ipip": 4,
+    "ipv6-encap": 41,
+    "ipv6-frag": 44,
+    "ipv6-icmp": 58,
+    "icmpv6": 58,
+    "ipv6-nonxt": 59,
+    "ipv6-opts": 60,
+    "ipv6-route": 43,
+    "ospf": 89,
+    "pgm": 113,
+    "rsvp": 46,
+    "sctp": 132,
+    "tcp": 6,
+    "udp": 17,
+    "udplite": 136,
+    "vrrp": 112,
 }
-PROTO_NAMES = {6: "tcp", 17: "udp", 1: "icmp", 58: "ipv6-icmp", 132: "sctp", 33: "dccp",
-               136: "udplite"}
-PORT_PROTOCOLS = frozenset({6, 17, 33, 132, 136})    # protocols whose rules may give ports
+PROTO_NAMES = {6: "tcp", 17: "udp", 1: "icmp", 58: "ipv6-icmp", 132: "sctp", 33: "dccp", 136: "udplite"}
+PORT_PROTOCOLS = frozenset({6, 17, 33, 132, 136})  # protocols whose rules may give ports
 ICMP_PROTOCOLS = frozenset({1, 58})
-IPV6_ONLY_PROTOCOLS = frozenset({43, 44, 58, 59, 60})   # routing, fragment, ICMPv6, no-next, options
+IPV6_ONLY_PROTOCOLS = frozenset({43, 44, 58, 59, 60})  # routing, fragment, ICMPv6, no-next, options
 
 
 ISOLATIONS = ("kubernetes", "deny")
@@ -46,8 +65,9 @@ class Namespace:
     semantics) or ``deny`` (zero trust: denied unless a security group or ``default_egress``
     allows it).
     """
+
     name: str
-    labels: tuple = ()                  # sorted (key, value) pairs, kubernetes.io/metadata.name excluded
+    labels: tuple = ()  # sorted (key, value) pairs, kubernetes.io/metadata.name excluded
     isolation: str = "kubernetes"
 
 
@@ -55,9 +75,9 @@ class Namespace:
 class Tenant:
     name: str
     vni: int
-    labels: tuple = ()                  # sorted (key, value) pairs
-    namespaces: tuple = ()              # Namespace; a tenant without any has one implicit
-    implicit_namespace: bool = True     # no namespaces: declared: one named after the tenant
+    labels: tuple = ()  # sorted (key, value) pairs
+    namespaces: tuple = ()  # Namespace; a tenant without any has one implicit
+    implicit_namespace: bool = True  # no namespaces: declared: one named after the tenant
 
     def namespace(self, name: str) -> Namespace | None:
         for ns in self.namespaces:
@@ -77,12 +97,12 @@ class Workload:
     name: str
     tenant: str
     host: str | None
-    mac: int | None                     # 48-bit integer, None when not given
-    addresses: tuple                    # ipaddress.IPv4Address / IPv6Address, in file order
-    labels: tuple = ()                  # sorted (key, value) pairs
-    security_groups: tuple = ()         # names of security groups of the same tenant
-    namespace: str = ""                 # a namespace of the tenant ("" only before loading)
-    named_ports: tuple = ()             # (name, protocol number, port), as a container's ports
+    mac: int | None  # 48-bit integer, None when not given
+    addresses: tuple  # ipaddress.IPv4Address / IPv6Address, in file order
+    labels: tuple = ()  # sorted (key, value) pairs
+    security_groups: tuple = ()  # names of security groups of the same tenant
+    namespace: str = ""  # a namespace of the tenant ("" only before loading)
+    named_ports: tuple = ()  # (name, protocol number, port), as a container's ports
 
     def label_dict(self) -> dict:
         return dict(self.labels)
@@ -90,8 +110,11 @@ class Workload:
     def resolve_port(self, name: str, protocol: int) -> list:
         """``[(protocol, port)]`` of this workload's named port ``name``: the one of
         ``protocol``, or, for ``k8s.ANY_PROTOCOL``, every protocol's (empty: none)."""
-        return [(proto, port) for n, proto, port in self.named_ports
-                if n == name and (protocol == k8s.ANY_PROTOCOL or proto == protocol)]
+        return [
+            (proto, port)
+            for n, proto, port in self.named_ports
+            if n == name and (protocol == k8s.ANY_PROTOCOL or proto == protocol)
+        ]
 
 
 @dataclass(frozen=True)
@@ -103,14 +126,15 @@ class SGRule:
     code (None = any). Exactly one or none of ``remote_prefix`` / ``remote_group`` is set; with
     none the remote is any address of the rule's ethertype.
     """
-    direction: str                      # "ingress" | "egress"
-    ethertype: int                      # 4 | 6
+
+    direction: str  # "ingress" | "egress"
+    ethertype: int  # 4 | 6
     protocol: int | None
     port_min: int | None
     port_max: int | None
-    remote_prefix: object = None        # ipaddress network or None
-    remote_group: str | None = None     # security-group name (same tenant)
-    origin: str = ""                    # "file:line" it came from
+    remote_prefix: object = None  # ipaddress network or None
+    remote_group: str | None = None  # security-group name (same tenant)
+    origin: str = ""  # "file:line" it came from
 
 
 @dataclass(frozen=True)
@@ -118,22 +142,22 @@ class SecurityGroup:
     name: str
     tenant: str
     id: str | None
-    rules: tuple                        # SGRule
+    rules: tuple  # SGRule
 
 
 @dataclass(frozen=True)
 class Policy:
-    tenants: tuple                      # Tenant
-    hosts: tuple                        # Host
-    security_groups: tuple              # SecurityGroup
-    workloads: tuple                    # Workload
-    network_policies: tuple             # k8s.NetworkPolicy
-    default_egress: str = "deny"        # "allow" | "deny"
-    deny_action: str = "drop"           # "drop" | "reject"
+    tenants: tuple  # Tenant
+    hosts: tuple  # Host
+    security_groups: tuple  # SecurityGroup
+    workloads: tuple  # Workload
+    network_policies: tuple  # k8s.NetworkPolicy
+    default_egress: str = "deny"  # "allow" | "deny"
+    deny_action: str = "drop"  # "drop" | "reject"
     untagged_tenant: str | None = None  # tenant of packets that arrive without a tunnel header
     anti_spoofing: bool = True
     source: str = "<policy>"
-    admin_policies: tuple = ()          # k8s.AdminPolicy (AdminNetworkPolicy and Baseline...)
+    admin_policies: tuple = ()  # k8s.AdminPolicy (AdminNetworkPolicy and Baseline...)
 
     def qualified_name(self, w: Workload) -> str:
         """``tenant/name``, or ``tenant/namespace/name`` where the namespace is not the
@@ -170,31 +194,70 @@ class Policy:
 
     def to_dict(self) -> dict:
         """A canonical, JSON-ready form (the content hash is taken over it)."""
+
         def net(n):
             return None if n is None else str(n)
+
         return {
-            "tenants": [{"name": t.name, "vni": t.vni, "labels": dict(t.labels),
-                         **({} if t.implicit_namespace else {"namespaces": [
-                             {"name": n.name, "labels": dict(n.labels), "isolation": n.isolation}
-                             for n in t.namespaces]})} for t in self.tenants],
+            "tenants": [
+                {
+                    "name": t.name,
+                    "vni": t.vni,
+                    "labels": dict(t.labels),
+                    **(
+                        {}
+                        if t.implicit_namespace
+                        else {
+                            "namespaces": [
+                                {"name": n.name, "labels": dict(n.labels), "isolation": n.isolation}
+                                for n in t.namespaces
+                            ]
+                        }
+                    ),
+                }
+                for t in self.tenants
+            ],
             "hosts": [{"name": h.name, "address": h.address} for h in self.hosts],
-            "security_groups": [{
-                "name": g.name, "tenant": g.tenant, "id": g.id,
-                "rules": [{"direction": r.direction, "ethertype": f"IPv{r.ethertype}",
-                           "protocol": r.protocol, "port_range_min": r.port_min,
-                           "port_range_max": r.port_max, "remote_ip_prefix": net(r.remote_prefix),
-                           "remote_group": r.remote_group} for r in g.rules]}
-                for g in self.security_groups],
-            "workloads": [{
-                "name": w.name, "tenant": w.tenant, "host": w.host,
-                "mac": None if w.mac is None else format_mac(w.mac),
-                "addresses": [str(a) for a in w.addresses], "labels": dict(w.labels),
-                "security_groups": list(w.security_groups), "namespace": w.namespace,
-                "named_ports": [list(p) for p in w.named_ports]} for w in self.workloads],
+            "security_groups": [
+                {
+                    "name": g.name,
+                    "tenant": g.tenant,
+                    "id": g.id,
+                    "rules": [
+                        {
+                            "direction": r.direction,
+                            "ethertype": f"IPv{r.ethertype}",
+                            "protocol": r.protocol,
+                            "port_range_min": r.port_min,
+                            "port_range_max": r.port_max,
+                            "remote_ip_prefix": net(r.remote_prefix),
+                            "remote_group": r.remote_group,
+                        }
+                        for r in g.rules
+                    ],
+                }
+                for g in self.security_groups
+            ],
+            "workloads": [
+                {
+                    "name": w.name,
+                    "tenant": w.tenant,
+                    "host": w.host,
+                    "mac": None if w.mac is None else format_mac(w.mac),
+                    "addresses": [str(a) for a in w.addresses],
+                    "labels": dict(w.labels),
+                    "security_groups": list(w.security_groups),
+                    "namespace": w.namespace,
+                    "named_ports": [list(p) for p in w.named_ports],
+                }
+                for w in self.workloads
+            ],
             "network_policies": [p.to_dict() for p in self.network_policies],
             "admin_policies": [p.to_dict() for p in self.admin_policies],
-            "default_egress": self.default_egress, "deny_action": self.deny_action,
-            "untagged_tenant": self.untagged_tenant, "anti_spoofing": self.anti_spoofing,
+            "default_egress": self.default_egress,
+            "deny_action": self.deny_action,
+            "untagged_tenant": self.untagged_tenant,
+            "anti_spoofing": self.anti_spoofing,
         }
 
 
@@ -233,8 +296,11 @@ class Fields:
             return
         for k in self.node:
             if k not in allowed:
-                self.fail(self.node.line_of(k), str(k),
-                          f"unknown field (expected one of: {', '.join(sorted(allowed))})")
+                self.fail(
+                    self.node.line_of(k),
+                    str(k),
+                    f"unknown field (expected one of: {', '.join(sorted(allowed))})",
+                )
 
     def raw(self, key):
         return self.node.raw.get(key) if self.node is not None else None
@@ -367,23 +433,34 @@ def parse_protocol(value, raw) -> tuple[bool, int | None]:
     return False, None
 
 
-def make_sg_rule(rep, path, f: Fields, direction, ethertype, protocol, pmin, pmax,
-                 prefix_text, remote_group, origin) -> SGRule | None:
+def make_sg_rule(
+    rep, path, f: Fields, direction, ethertype, protocol, pmin, pmax, prefix_text, remote_group, origin
+) -> SGRule | None:
     """Check a rule's fields together as Neutron does and build the normalised rule."""
+
     def line(key=None):
         return f.line(key)
+
     if protocol is not None and ethertype == 6 and protocol == 1:
-        protocol = 58                               # Neutron maps "icmp" in IPv6 rules to ICMPv6
+        protocol = 58  # Neutron maps "icmp" in IPv6 rules to ICMPv6
     if protocol in IPV6_ONLY_PROTOCOLS and ethertype == 4:
         f.fail(line("protocol"), "protocol", f"protocol {protocol} is IPv6-only: it needs ethertype IPv6")
         return None
     if pmin is not None or pmax is not None:
         if protocol is None:
-            f.fail(line("port_range_min"), "port_range_min", "a port range needs a protocol (tcp, udp, sctp, ...)")
+            f.fail(
+                line("port_range_min"),
+                "port_range_min",
+                "a port range needs a protocol (tcp, udp, sctp, ...)",
+            )
             return None
         if protocol in ICMP_PROTOCOLS:
             if pmin is None:
-                f.fail(line("port_range_max"), "port_range_max", "an ICMP code (port_range_max) needs a type (port_range_min)")
+                f.fail(
+                    line("port_range_max"),
+                    "port_range_max",
+                    "an ICMP code (port_range_max) needs a type (port_range_min)",
+                )
                 return None
             if pmin > 255 or (pmax is not None and pmax > 255):
                 f.fail(line("port_range_min"), "port_range_min", "ICMP type and code must be 0..255")
@@ -394,12 +471,19 @@ def make_sg_rule(rep, path, f: Fields, direction, ethertype, protocol, pmin, pma
                 f.fail(line(key), key, "port 0 is not a valid port")
                 return None
             if pmin is None or pmax is None:
-                key, other = ("port_range_min", "port_range_max") if pmax is None else \
-                    ("port_range_max", "port_range_min")
+                key, other = (
+                    ("port_range_min", "port_range_max")
+                    if pmax is None
+                    else ("port_range_max", "port_range_min")
+                )
                 f.fail(line(key), key, f"needs {other} too (equal bounds for one port)")
                 return None
             if pmin > pmax:
-                f.fail(line("port_range_min"), "port_range_min", f"port_range_min {pmin} is above port_range_max {pmax}")
+                f.fail(
+                    line("port_range_min"),
+                    "port_range_min",
+                    f"port_range_min {pmin} is above port_range_max {pmax}",
+                )
                 return None
         else:
             f.fail(line("port_range_min"), "port_range_min", f"protocol {protocol} has no ports")
@@ -407,7 +491,11 @@ def make_sg_rule(rep, path, f: Fields, direction, ethertype, protocol, pmin, pma
     prefix = None
     if prefix_text is not None:
         if remote_group is not None:
-            f.fail(line("remote_ip_prefix"), "remote_ip_prefix", "give remote_ip_prefix or remote_group_id, not both")
+            f.fail(
+                line("remote_ip_prefix"),
+                "remote_ip_prefix",
+                "give remote_ip_prefix or remote_group_id, not both",
+            )
             return None
         try:
             prefix = ipaddress.ip_network(prefix_text.strip(), strict=False)
@@ -415,11 +503,14 @@ def make_sg_rule(rep, path, f: Fields, direction, ethertype, protocol, pmin, pma
             f.fail(f.line("remote_ip_prefix"), "remote_ip_prefix", f"{prefix_text!r} is not an IP prefix")
             return None
         if prefix.version != ethertype:
-            f.fail(f.line("remote_ip_prefix"), "remote_ip_prefix",
-                   f"{prefix} is IPv{prefix.version} but the rule's ethertype is IPv{ethertype}")
+            f.fail(
+                f.line("remote_ip_prefix"),
+                "remote_ip_prefix",
+                f"{prefix} is IPv{prefix.version} but the rule's ethertype is IPv{ethertype}",
+            )
             return None
         if prefix.prefixlen == 0:
-            prefix = None                            # any address of the ethertype
+            prefix = None  # any address of the ethertype
     return SGRule(direction, ethertype, protocol, pmin, pmax, prefix, remote_group, origin)
 
 
@@ -427,21 +518,45 @@ def _sg_rule(rep, path, node, where) -> tuple[SGRule | None, str | None]:
     f = Fields(rep, path, node, where)
     if not f.ok:
         return None, None
-    f.check_keys({"direction", "ethertype", "protocol", "port_range_min", "port_range_max",
-                  "remote_ip_prefix", "remote_group_id", "description", "id"})
+    f.check_keys(
+        {
+            "direction",
+            "ethertype",
+            "protocol",
+            "port_range_min",
+            "port_range_max",
+            "remote_ip_prefix",
+            "remote_group_id",
+            "description",
+            "id",
+        }
+    )
     direction = f.choice("direction", ("ingress", "egress"), required=True)
     eth = f.choice("ethertype", ("IPv4", "IPv6"), default="IPv4")
     ok, proto = parse_protocol(f.get("protocol"), f.raw("protocol"))
     if not ok:
-        f.fail(f.line("protocol"), "protocol", f"{f.get('protocol')!r} is not a protocol name or number 0..255")
+        f.fail(
+            f.line("protocol"), "protocol", f"{f.get('protocol')!r} is not a protocol name or number 0..255"
+        )
     pmin = f.integer("port_range_min", 0, 65535, what="a port number")
     pmax = f.integer("port_range_max", 0, 65535, what="a port number")
     prefix = f.string("remote_ip_prefix", what="an IP prefix")
     group = f.string("remote_group_id", what="a security group")
     if not f.ok or direction is None or eth is None:
         return None, None
-    rule = make_sg_rule(rep, path, f, direction, 4 if eth == "IPv4" else 6, proto, pmin, pmax,
-                        prefix, group, f"{path}:{f.line()}")
+    rule = make_sg_rule(
+        rep,
+        path,
+        f,
+        direction,
+        4 if eth == "IPv4" else 6,
+        proto,
+        pmin,
+        pmax,
+        prefix,
+        group,
+        f"{path}:{f.line()}",
+    )
     return rule, group
 
 
@@ -449,8 +564,18 @@ def _resolve_path(base_dir: str, p: str) -> str:
     return p if os.path.isabs(p) else os.path.join(base_dir, p)
 
 
-TOP_KEYS = {"tenants", "hosts", "security_groups", "workloads", "network_policies",
-            "default_egress", "deny_action", "untagged_tenant", "anti_spoofing", "version"}
+TOP_KEYS = {
+    "tenants",
+    "hosts",
+    "security_groups",
+    "workloads",
+    "network_policies",
+    "default_egress",
+    "deny_action",
+    "untagged_tenant",
+    "anti_spoofing",
+    "version",
+}
 
 
 def load_policy(path: str) -> Policy:
@@ -492,8 +617,12 @@ def parse_policy(text: str, path: str = "<policy>", base_dir: str = ".") -> Poli
             if not nf.ok:
                 continue
             nf.check_keys({"name", "labels", "isolation"})
-            nname = nf.string("name", required=True, pattern=k8s.DNS_LABEL_RE,
-                              what="a namespace name (lower-case DNS label)")
+            nname = nf.string(
+                "name",
+                required=True,
+                pattern=k8s.DNS_LABEL_RE,
+                what="a namespace name (lower-case DNS label)",
+            )
             nlabels = tuple(kv for kv in nf.labels("labels") if kv[0] != k8s.NAMESPACE_NAME_LABEL)
             iso = nf.choice("isolation", ISOLATIONS, default=t_iso)
             if nname is None or iso is None:
@@ -503,8 +632,11 @@ def parse_policy(text: str, path: str = "<policy>", base_dir: str = ".") -> Poli
                 continue
             namespaces.append(Namespace(nname, nlabels, iso))
         if declared and not namespaces and f.ok:
-            f.fail(f.line("namespaces"), "namespaces", "lists no namespace (leave it out for one "
-                   "namespace named after the tenant)")
+            f.fail(
+                f.line("namespaces"),
+                "namespaces",
+                "lists no namespace (leave it out for one namespace named after the tenant)",
+            )
         if name is None or vni is None or t_iso is None:
             continue
         if any(t.name == name for t in tenants):
@@ -552,7 +684,7 @@ def parse_policy(text: str, path: str = "<policy>", base_dir: str = ".") -> Poli
 
     # security groups: names first (rules may refer to groups defined later) ------------------
     sg_nodes = []
-    groups_by_ref: dict = {}                       # (tenant, name or id) -> name
+    groups_by_ref: dict = {}  # (tenant, name or id) -> name
     for i, node in enumerate(top.seq("security_groups")):
         f = Fields(rep, path, node, f"security_groups[{i}]")
         if not f.ok:
@@ -585,11 +717,23 @@ def parse_policy(text: str, path: str = "<policy>", base_dir: str = ".") -> Poli
             if group is not None:
                 target = groups_by_ref.get((tenant, group))
                 if target is None:
-                    rep.error(path, rule_seq.line_of(j), f"{f.where}.rules[{j}].remote_group_id",
-                              f"no security group {group!r} in tenant {tenant!r}")
+                    rep.error(
+                        path,
+                        rule_seq.line_of(j),
+                        f"{f.where}.rules[{j}].remote_group_id",
+                        f"no security group {group!r} in tenant {tenant!r}",
+                    )
                     continue
-                rule = SGRule(rule.direction, rule.ethertype, rule.protocol, rule.port_min,
-                              rule.port_max, None, target, rule.origin)
+                rule = SGRule(
+                    rule.direction,
+                    rule.ethertype,
+                    rule.protocol,
+                    rule.port_min,
+                    rule.port_max,
+                    None,
+                    target,
+                    rule.origin,
+                )
             rules.append(rule)
         rf = f.string("rules_file", what="a file name")
         if rf is not None:
@@ -601,15 +745,27 @@ def parse_policy(text: str, path: str = "<policy>", base_dir: str = ".") -> Poli
                 imported = []
             for rule, owner, group in imported:
                 if owner is not None and owner not in (name, gid):
-                    continue                  # a rule of another group in a full listing
+                    continue  # a rule of another group in a full listing
                 if group is not None:
                     target = groups_by_ref.get((tenant, group))
                     if target is None:
-                        rep.error(fpath, _origin_line(rule.origin), "Remote Security Group",
-                                  f"no security group {group!r} in tenant {tenant!r}")
+                        rep.error(
+                            fpath,
+                            _origin_line(rule.origin),
+                            "Remote Security Group",
+                            f"no security group {group!r} in tenant {tenant!r}",
+                        )
                         continue
-                    rule = SGRule(rule.direction, rule.ethertype, rule.protocol, rule.port_min,
-                                  rule.port_max, None, target, rule.origin)
+                    rule = SGRule(
+                        rule.direction,
+                        rule.ethertype,
+                        rule.protocol,
+                        rule.port_min,
+                        rule.port_max,
+                        None,
+                        target,
+                        rule.origin,
+                    )
                 rules.append(rule)
         groups.append(SecurityGroup(name, tenant, gid, tuple(rules)))
 
@@ -621,8 +777,22 @@ def parse_policy(text: str, path: str = "<policy>", base_dir: str = ".") -> Poli
         f = Fields(rep, path, node, f"workloads[{i}]")
         if not f.ok:
             continue
-        f.check_keys({"name", "tenant", "host", "mac", "ipv4", "ipv6", "addresses", "labels",
-                      "security_groups", "description", "namespace", "named_ports"})
+        f.check_keys(
+            {
+                "name",
+                "tenant",
+                "host",
+                "mac",
+                "ipv4",
+                "ipv6",
+                "addresses",
+                "labels",
+                "security_groups",
+                "description",
+                "namespace",
+                "named_ports",
+            }
+        )
         name = f.string("name", required=True, pattern=NAME_RE)
         tenant = tenant_ref(f)
         namespace = None
@@ -635,12 +805,20 @@ def parse_policy(text: str, path: str = "<policy>", base_dir: str = ".") -> Poli
                 elif tobj.namespace("default") is not None:
                     namespace = "default"
                 else:
-                    f.fail(f.line(), "namespace", f"is required: tenant {tenant!r} declares "
-                           f"namespaces {', '.join(n.name for n in tobj.namespaces)}")
+                    f.fail(
+                        f.line(),
+                        "namespace",
+                        f"is required: tenant {tenant!r} declares "
+                        f"namespaces {', '.join(n.name for n in tobj.namespaces)}",
+                    )
             elif ns_text is not None:
                 if tobj.namespace(ns_text) is None:
-                    f.fail(f.line("namespace"), "namespace", f"no namespace {ns_text!r} in tenant "
-                           f"{tenant!r} (it has: {', '.join(n.name for n in tobj.namespaces)})")
+                    f.fail(
+                        f.line("namespace"),
+                        "namespace",
+                        f"no namespace {ns_text!r} in tenant "
+                        f"{tenant!r} (it has: {', '.join(n.name for n in tobj.namespaces)})",
+                    )
                 else:
                     namespace = ns_text
         named_ports = _named_ports(f)
@@ -661,7 +839,9 @@ def parse_policy(text: str, path: str = "<policy>", base_dir: str = ".") -> Poli
             v = f.get(key)
             if v is None:
                 continue
-            items = list(zip(v, v.raw, v.item_lines)) if isinstance(v, Seq) else [(v, f.raw(key), f.line(key))]
+            items = (
+                list(zip(v, v.raw, v.item_lines)) if isinstance(v, Seq) else [(v, f.raw(key), f.line(key))]
+            )
             for val, raw, line in items:
                 text = str(raw if raw is not None else val).strip()
                 try:
@@ -688,8 +868,11 @@ def parse_policy(text: str, path: str = "<policy>", base_dir: str = ".") -> Poli
                 continue
             target = groups_by_ref.get((tenant, ref_text))
             if target is None:
-                f.fail(sg_seq.line_of(j), f"security_groups[{j}]",
-                       f"no security group {ref_text!r} in tenant {tenant!r}")
+                f.fail(
+                    sg_seq.line_of(j),
+                    f"security_groups[{j}]",
+                    f"no security group {ref_text!r} in tenant {tenant!r}",
+                )
                 continue
             if target not in sgs:
                 sgs.append(target)
@@ -697,15 +880,16 @@ def parse_policy(text: str, path: str = "<policy>", base_dir: str = ".") -> Poli
             continue
         if not addrs and f.ok:
             f.fail(f.line(), "ipv4", "a workload needs at least one address (ipv4, ipv6 or addresses)")
-        if any(w.name == name and w.tenant == tenant and w.namespace == namespace
-               for w in workloads):
+        if any(w.name == name and w.tenant == tenant and w.namespace == namespace for w in workloads):
             where_ns = tenant if namespace == tenant else f"{tenant}/{namespace}"
             f.fail(f.line("name"), "name", f"workload {name!r} is defined twice in {where_ns!r}")
             continue
         for a in addrs:
             other = seen_addr.get((tenant, a))
             if other is not None:
-                f.fail(f.line(), "addresses", f"{a} is already used by workload {other!r} in tenant {tenant!r}")
+                f.fail(
+                    f.line(), "addresses", f"{a} is already used by workload {other!r} in tenant {tenant!r}"
+                )
         if mac is not None:
             other = seen_mac.get((tenant, mac))
             if other is not None:
@@ -718,8 +902,9 @@ def parse_policy(text: str, path: str = "<policy>", base_dir: str = ".") -> Poli
             seen_mac[(tenant, mac)] = name
         if namespace is None:
             continue
-        workloads.append(Workload(name, tenant, host, mac, tuple(addrs), labels, tuple(sgs),
-                                  namespace, named_ports))
+        workloads.append(
+            Workload(name, tenant, host, mac, tuple(addrs), labels, tuple(sgs), namespace, named_ports)
+        )
 
     # network policies ------------------------------------------------------------------------
     nps, admins = [], []
@@ -758,22 +943,34 @@ def parse_policy(text: str, path: str = "<policy>", base_dir: str = ".") -> Poli
     seen_np = set()
     for p in nps:
         if (p.tenant, p.namespace, p.name) in seen_np:
-            rep.error(p.origin.rsplit(":", 1)[0], _origin_line(p.origin), "metadata.name",
-                      f"NetworkPolicy {p.namespace}/{p.name} is defined twice")
+            rep.error(
+                p.origin.rsplit(":", 1)[0],
+                _origin_line(p.origin),
+                "metadata.name",
+                f"NetworkPolicy {p.namespace}/{p.name} is defined twice",
+            )
         seen_np.add((p.tenant, p.namespace, p.name))
     seen_admin = set()
     for adm in admins:
         akey = (adm.tenant, adm.baseline, adm.name)
         if akey in seen_admin:
-            rep.error(adm.origin.rsplit(":", 1)[0], _origin_line(adm.origin), "metadata.name",
-                      f"{adm.kind} {adm.name} is defined twice in tenant {adm.tenant!r}")
+            rep.error(
+                adm.origin.rsplit(":", 1)[0],
+                _origin_line(adm.origin),
+                "metadata.name",
+                f"{adm.kind} {adm.name} is defined twice in tenant {adm.tenant!r}",
+            )
         seen_admin.add(akey)
     for tn in tenants:
         base = [x for x in admins if x.tenant == tn.name and x.baseline]
         if len(base) > 1:
-            rep.error(base[1].origin.rsplit(":", 1)[0], _origin_line(base[1].origin),
-                      "metadata.name", f"tenant {tn.name!r} has more than one "
-                      "BaselineAdminNetworkPolicy (the API allows one, named default)")
+            rep.error(
+                base[1].origin.rsplit(":", 1)[0],
+                _origin_line(base[1].origin),
+                "metadata.name",
+                f"tenant {tn.name!r} has more than one "
+                "BaselineAdminNetworkPolicy (the API allows one, named default)",
+            )
 
     default_egress = top.choice("default_egress", ("allow", "deny"), default="deny")
     deny_action = top.choice("deny_action", ("drop", "reject"), default="drop")
@@ -783,9 +980,19 @@ def parse_policy(text: str, path: str = "<policy>", base_dir: str = ".") -> Poli
     anti_spoofing = top.boolean("anti_spoofing", True)
     rep.raise_if_any()
     admins.sort(key=lambda a: (a.tenant, a.baseline, a.priority, a.name))
-    return Policy(tuple(tenants), tuple(hosts), tuple(groups), tuple(workloads), tuple(nps),
-                  default_egress or "deny", deny_action or "drop", untagged, anti_spoofing, path,
-                  tuple(admins))
+    return Policy(
+        tuple(tenants),
+        tuple(hosts),
+        tuple(groups),
+        tuple(workloads),
+        tuple(nps),
+        default_egress or "deny",
+        deny_action or "drop",
+        untagged,
+        anti_spoofing,
+        path,
+        tuple(admins),
+    )
 
 
 def _named_ports(f: Fields) -> tuple:
@@ -797,9 +1004,13 @@ def _named_ports(f: Fields) -> tuple:
         if not pf.ok:
             continue
         pf.check_keys({"name", "port", "containerPort", "protocol"})
-        name = pf.string("name", required=True, pattern=k8s.PORT_NAME_RE,
-                         what="a port name (IANA service name: at most 15 lower-case letters, "
-                              "digits and '-', with a letter)")
+        name = pf.string(
+            "name",
+            required=True,
+            pattern=k8s.PORT_NAME_RE,
+            what="a port name (IANA service name: at most 15 lower-case letters, "
+            "digits and '-', with a letter)",
+        )
         key = "containerPort" if pf.has("containerPort") else "port"
         port = pf.integer(key, 1, 65535, required=True, what="a port number")
         proto = pf.choice("protocol", tuple(k8s.PROTOCOLS), default="TCP")
@@ -820,8 +1031,11 @@ def _policy_tenant(rep, p, tname, tenants) -> str | None:
     if tname is not None:
         t = next(t for t in tenants if t.name == tname)
         if t.namespace(p.namespace) is None:
-            rep.error(*where, f"namespace {p.namespace!r} is not a namespace of tenant {tname!r} "
-                      f"(it has: {', '.join(n.name for n in t.namespaces)})")
+            rep.error(
+                *where,
+                f"namespace {p.namespace!r} is not a namespace of tenant {tname!r} "
+                f"(it has: {', '.join(n.name for n in t.namespaces)})",
+            )
             return None
         return tname
     owners = [t.name for t in tenants if t.namespace(p.namespace) is not None]
@@ -830,8 +1044,10 @@ def _policy_tenant(rep, p, tname, tenants) -> str | None:
     if not owners:
         rep.error(*where, f"namespace {p.namespace!r} is not a tenant nor a namespace of one")
     else:
-        rep.error(*where, f"namespace {p.namespace!r} exists in tenants {', '.join(owners)}: "
-                  "give tenant: beside the file")
+        rep.error(
+            *where,
+            f"namespace {p.namespace!r} exists in tenants {', '.join(owners)}: give tenant: beside the file",
+        )
     return None
 
 
@@ -844,11 +1060,13 @@ def _admin_tenant(rep, p, tname, tenants, where_line) -> str | None:
     cands = declared if declared else [t.name for t in tenants]
     if len(cands) == 1:
         return cands[0]
-    rep.error(where_line[0], where_line[1], "tenant",
-              f"{p.kind} {p.name} is cluster-scoped: give tenant: beside its file (one of "
-              f"{', '.join(cands)})")
+    rep.error(
+        where_line[0],
+        where_line[1],
+        "tenant",
+        f"{p.kind} {p.name} is cluster-scoped: give tenant: beside its file (one of {', '.join(cands)})",
+    )
     return None
-
 
 
 def _origin_line(origin: str):

@@ -9,6 +9,7 @@ the other endpoint); otherwise it must be unique across tenants, and a name seve
 use is an error that lists the qualified candidates. A value that reads as an IP address is
 an address, never a name.
 """
+
 from __future__ import annotations
 
 import ipaddress
@@ -47,31 +48,46 @@ def _qualified(policy: Policy, text: str, what: str) -> Workload:
         raise InputError(f"{what}: {text!r} is not a workload name ({FORM})")
     tenant, name = parts[0], parts[-1]
     tenants = [t.name for t in policy.tenants]
-    if len(parts) == 2:                     # tenant/name or namespace/name
-        found = [w for w in policy.workloads if w.name == name and (
-            w.tenant == tenant or (workload_namespace(w) == tenant and workload_namespace(w) != w.tenant))]
+    if len(parts) == 2:  # tenant/name or namespace/name
+        found = [
+            w
+            for w in policy.workloads
+            if w.name == name
+            and (
+                w.tenant == tenant or (workload_namespace(w) == tenant and workload_namespace(w) != w.tenant)
+            )
+        ]
         if len(found) == 1:
             return found[0]
         if len(found) > 1:
-            raise InputError(f"{what}: {text!r} names several workloads: "
-                             f"{', '.join(qualified(w) for w in found)}")
+            raise InputError(
+                f"{what}: {text!r} names several workloads: {', '.join(qualified(w) for w in found)}"
+            )
         if tenant not in tenants and not any(workload_namespace(w) == tenant for w in policy.workloads):
-            raise InputError(f"{what}: {text!r}: no tenant or namespace {tenant!r} "
-                             f"(tenants: {', '.join(tenants) or 'none'})")
+            raise InputError(
+                f"{what}: {text!r}: no tenant or namespace {tenant!r} "
+                f"(tenants: {', '.join(tenants) or 'none'})"
+            )
     if tenant not in tenants:
         raise InputError(f"{what}: {text!r}: no tenant {tenant!r} (tenants: {', '.join(tenants) or 'none'})")
     ns = parts[1] if len(parts) == 3 else None
     if ns is not None and ns not in namespaces(policy, tenant):
-        raise InputError(f"{what}: {text!r}: tenant {tenant!r} has no namespace {ns!r} "
-                         f"(its namespaces: {', '.join(namespaces(policy, tenant))})")
-    found = [w for w in policy.workloads if w.tenant == tenant and w.name == name
-             and (ns is None or workload_namespace(w) == ns)]
+        raise InputError(
+            f"{what}: {text!r}: tenant {tenant!r} has no namespace {ns!r} "
+            f"(its namespaces: {', '.join(namespaces(policy, tenant))})"
+        )
+    found = [
+        w
+        for w in policy.workloads
+        if w.tenant == tenant and w.name == name and (ns is None or workload_namespace(w) == ns)
+    ]
     if not found:
         where = f"namespace {tenant}/{ns}" if ns is not None else f"tenant {tenant!r}"
         raise InputError(f"{what}: {text!r}: no workload {name!r} in {where}")
     if len(found) > 1:
-        raise InputError(f"{what}: {text!r} names several workloads: "
-                         f"{', '.join(qualified(w) for w in found)}")
+        raise InputError(
+            f"{what}: {text!r} names several workloads: {', '.join(qualified(w) for w in found)}"
+        )
     return found[0]
 
 
@@ -83,10 +99,13 @@ def _bare(policy: Policy, name: str, tenant: str | None, what: str) -> Workload 
     if len(found) == 1:
         return found[0]
     if not found:
-        raise InputError(f"{what}: no workload {name!r} in tenant {tenant!r}; other tenants have "
-                         f"{', '.join(qualified(w) for w in everywhere)} (write {FORM})")
-    raise InputError(f"{what}: {name!r} is ambiguous: {', '.join(qualified(w) for w in found)} "
-                     f"(write {FORM})")
+        raise InputError(
+            f"{what}: no workload {name!r} in tenant {tenant!r}; other tenants have "
+            f"{', '.join(qualified(w) for w in everywhere)} (write {FORM})"
+        )
+    raise InputError(
+        f"{what}: {name!r} is ambiguous: {', '.join(qualified(w) for w in found)} (write {FORM})"
+    )
 
 
 def resolve_endpoints(policy: Policy, texts, tenant: str | None = None, what=("src", "dst")):
@@ -106,7 +125,7 @@ def resolve_endpoints(policy: Policy, texts, tenant: str | None = None, what=("s
         elif "/" in t:
             out.append(_qualified(policy, t, w))
         else:
-            out.append(t)                      # bare: resolved below
+            out.append(t)  # bare: resolved below
     ctx = tenant
     if ctx is None:
         ctx = next((x.tenant for x in out if isinstance(x, Workload)), None)
@@ -126,18 +145,24 @@ def pick_addresses(src, dst, what=("src", "dst")):
     A workload gives its first address of the other endpoint's family (its first address when
     both are workloads and the destination has that family too).
     """
+
     def addrs(x):
         return list(x.addresses) if isinstance(x, Workload) else [x]
+
     if isinstance(src, Workload) or isinstance(dst, Workload):
         for s in addrs(src):
             for d in addrs(dst):
                 if s.version == d.version:
                     return s, d
+
         def fam(x):
             return "/".join(f"IPv{v}" for v in sorted({a.version for a in addrs(x)}))
+
         name = {id(x): qualified(x) for x in (src, dst) if isinstance(x, Workload)}
-        raise InputError(f"{what[0]} {name.get(id(src), src)} ({fam(src)}) and {what[1]} "
-                         f"{name.get(id(dst), dst)} ({fam(dst)}) share no address family")
+        raise InputError(
+            f"{what[0]} {name.get(id(src), src)} ({fam(src)}) and {what[1]} "
+            f"{name.get(id(dst), dst)} ({fam(dst)}) share no address family"
+        )
     if src.version != dst.version:
         raise InputError(f"{what[0]} and {what[1]} must be of one IP version")
     return src, dst

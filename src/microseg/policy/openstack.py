@@ -19,6 +19,7 @@ Accepted inputs (JSON, read with line numbers):
   ``direction, ethertype, protocol, port_range_min, port_range_max, remote_ip_prefix,
   remote_group_id, security_group_id``), or a bare list of rule objects.
 """
+
 from __future__ import annotations
 
 import json
@@ -40,21 +41,49 @@ _ALIASES = {
     "group": ("Security Group", "security_group_id", "Security Group ID"),
 }
 _KNOWN = {k for names in _ALIASES.values() for k in names} | {
-    "description", "Description", "project_id", "tenant_id", "Project", "created_at",
-    "updated_at", "revision_number", "tags", "name", "normalized_cidr", "belongs_to_default_sg",
-    "Used in default Security Group", "Used in custom Security Group"}
+    "description",
+    "Description",
+    "project_id",
+    "tenant_id",
+    "Project",
+    "created_at",
+    "updated_at",
+    "revision_number",
+    "tags",
+    "name",
+    "normalized_cidr",
+    "belongs_to_default_sg",
+    "Used in default Security Group",
+    "Used in custom Security Group",
+}
 # the keys of a group object: the Neutron API's, and `openstack security group show`'s
 # (which renames security_group_rules to rules and shared to is_shared)
-_GROUP_KEYS = {"id", "name", "description", "project_id", "tenant_id", "created_at",
-               "updated_at", "revision_number", "tags", "stateful", "shared", "is_shared",
-               "belongs_to_default_sg", "rules", "security_group_rules"}
+_GROUP_KEYS = {
+    "id",
+    "name",
+    "description",
+    "project_id",
+    "tenant_id",
+    "created_at",
+    "updated_at",
+    "revision_number",
+    "tags",
+    "stateful",
+    "shared",
+    "is_shared",
+    "belongs_to_default_sg",
+    "rules",
+    "security_group_rules",
+}
 # what the client prints in IP Range (and rule show in remote_ip_prefix) for a rule without one
 _PLACEHOLDER = {4: "0.0.0.0/0", 6: "::/0"}
 
-SHAPES = ("a list of rules (openstack security group rule list -f json, or Neutron API rule "
-          "objects), a rule (openstack security group rule show -f json), a group (openstack "
-          "security group show -f json), or the Neutron API's {\"security_group_rules\": [...]}, "
-          "{\"security_group_rule\": {...}}, {\"security_group\": {...}}, {\"security_groups\": [...]}")
+SHAPES = (
+    "a list of rules (openstack security group rule list -f json, or Neutron API rule "
+    "objects), a rule (openstack security group rule show -f json), a group (openstack "
+    'security group show -f json), or the Neutron API\'s {"security_group_rules": [...]}, '
+    '{"security_group_rule": {...}}, {"security_group": {...}}, {"security_groups": [...]}'
+)
 
 _PORTS_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 _ICMP_RE = re.compile(r"^\s*type=(\d+)(?::code=(\d+))?\s*$")
@@ -65,7 +94,7 @@ def _load(path: str):
     try:
         docs = load_documents(text, path)
     except PolicyError:
-        try:                          # JSON that YAML cannot read (tab indentation): no lines
+        try:  # JSON that YAML cannot read (tab indentation): no lines
             docs = [json.loads(text)]
         except ValueError as exc:
             raise PolicyError([f"{path}:{getattr(exc, 'lineno', '?')}: not JSON: {exc}"]) from None
@@ -87,8 +116,11 @@ def _is_rule(doc) -> bool:
 
 
 def _is_group(doc) -> bool:
-    return isinstance(doc, dict) and ("rules" in doc or "security_group_rules" in doc) and \
-        any(k in doc for k in ("id", "name"))
+    return (
+        isinstance(doc, dict)
+        and ("rules" in doc or "security_group_rules" in doc)
+        and any(k in doc for k in ("id", "name"))
+    )
 
 
 def _rows(doc, path: str, rep: Reporter) -> list:
@@ -106,33 +138,52 @@ def _rows(doc, path: str, rep: Reporter) -> list:
         if "security_group_rules" in doc and keys <= {"security_group_rules", "security_group_rules_links"}:
             seq = doc["security_group_rules"]
             if not isinstance(seq, list):
-                rep.error(path, _key_line(doc, "security_group_rules"), "security_group_rules",
-                          "must be a list of rules")
+                rep.error(
+                    path,
+                    _key_line(doc, "security_group_rules"),
+                    "security_group_rules",
+                    "must be a list of rules",
+                )
                 return []
-            return [(row, f"security_group_rules[{i}]", _item_line(seq, i), False, None, None)
-                    for i, row in enumerate(seq)]
+            return [
+                (row, f"security_group_rules[{i}]", _item_line(seq, i), False, None, None)
+                for i, row in enumerate(seq)
+            ]
         if keys == {"security_group_rule"}:
             row = doc["security_group_rule"]
             return [(row, "security_group_rule", _key_line(doc, "security_group_rule"), False, None, None)]
         if keys == {"security_group"}:
-            return _group_rows(doc["security_group"], "security_group",
-                               _key_line(doc, "security_group"), path, rep, single=True)
+            return _group_rows(
+                doc["security_group"],
+                "security_group",
+                _key_line(doc, "security_group"),
+                path,
+                rep,
+                single=True,
+            )
         if "security_groups" in doc and keys <= {"security_groups", "security_groups_links"}:
             seq = doc["security_groups"]
             if not isinstance(seq, list):
-                rep.error(path, _key_line(doc, "security_groups"), "security_groups",
-                          "must be a list of security groups")
+                rep.error(
+                    path,
+                    _key_line(doc, "security_groups"),
+                    "security_groups",
+                    "must be a list of security groups",
+                )
                 return []
             out = []
             for i, g in enumerate(seq):
-                out.extend(_group_rows(g, f"security_groups[{i}]", _item_line(seq, i), path, rep,
-                                       single=False))
+                out.extend(
+                    _group_rows(g, f"security_groups[{i}]", _item_line(seq, i), path, rep, single=False)
+                )
             return out
         if _is_group(doc):
             return _group_rows(doc, "", getattr(doc, "line", None), path, rep, single=True)
         if _is_rule(doc):
             return [(doc, "", getattr(doc, "line", None), False, None, None)]
-    rep.error(path, getattr(doc, "line", None), "", f"not a security group or rule listing: expected {SHAPES}")
+    rep.error(
+        path, getattr(doc, "line", None), "", f"not a security group or rule listing: expected {SHAPES}"
+    )
     return []
 
 
@@ -151,8 +202,12 @@ def _group_rows(g, where: str, line, path: str, rep: Reporter, single: bool) -> 
     bad = False
     for k in g:
         if k not in _GROUP_KEYS:
-            rep.error(path, _key_line(g, k), f"{gwhere}.{k}",
-                      f"unknown field of a security group (expected one of: {', '.join(sorted(_GROUP_KEYS))})")
+            rep.error(
+                path,
+                _key_line(g, k),
+                f"{gwhere}.{k}",
+                f"unknown field of a security group (expected one of: {', '.join(sorted(_GROUP_KEYS))})",
+            )
             bad = True
     key = "rules" if "rules" in g else "security_group_rules"
     rules = g.get(key)
@@ -160,9 +215,13 @@ def _group_rows(g, where: str, line, path: str, rep: Reporter, single: bool) -> 
         rep.error(path, line, gwhere, "has no rules (rules or security_group_rules)")
         return []
     if isinstance(rules, str):
-        rep.error(path, _key_line(g, key), f"{gwhere}.{key}",
-                  "is text, as clients before python-openstackclient 4.0.0 print it; list the "
-                  "rules with `openstack security group rule list GROUP -f json` instead")
+        rep.error(
+            path,
+            _key_line(g, key),
+            f"{gwhere}.{key}",
+            "is text, as clients before python-openstackclient 4.0.0 print it; list the "
+            "rules with `openstack security group rule list GROUP -f json` instead",
+        )
         return []
     if not isinstance(rules, list):
         rep.error(path, _key_line(g, key), f"{gwhere}.{key}", "must be a list of rules")
@@ -171,8 +230,7 @@ def _group_rows(g, where: str, line, path: str, rep: Reporter, single: bool) -> 
         return []
     owner = None if single else label
     prefix = f"{where}.{key}" if where else key
-    return [(row, f"{prefix}[{i}]", _item_line(rules, i), True, owner, gid)
-            for i, row in enumerate(rules)]
+    return [(row, f"{prefix}[{i}]", _item_line(rules, i), True, owner, gid) for i, row in enumerate(rules)]
 
 
 def load_rules(path: str, rep: Reporter) -> list:
@@ -221,20 +279,27 @@ def _rule(row, where: str, line, nested: bool, owner, container, path: str, rep:
         if k not in _KNOWN:
             f.fail(row.line_of(k), str(k), "unknown column")
     if text("address_group") is not None:
-        f.fail(row.line_of(col("address_group")), col("address_group"),
-               "remote address groups are not supported")
+        f.fail(
+            row.line_of(col("address_group")), col("address_group"), "remote address groups are not supported"
+        )
         return None
     own = text("group")
     if container is not None and own is not None and own != container:
-        f.fail(row.line_of(col("group")), col("group"),
-               f"{own!r} is not the group the rule is listed in ({container!r})")
+        f.fail(
+            row.line_of(col("group")),
+            col("group"),
+            f"{own!r} is not the group the rule is listed in ({container!r})",
+        )
         return None
     if not nested:
         owner = own
     direction = text("direction")
     if direction is None:
-        f.fail(line, "Direction",
-               "missing: list the rules with a client that prints Direction (older clients: --long)")
+        f.fail(
+            line,
+            "Direction",
+            "missing: list the rules with a client that prints Direction (older clients: --long)",
+        )
         return None
     if direction.lower() not in ("ingress", "egress"):
         f.fail(row.line_of(col("direction")), col("direction"), f"{direction!r} is not ingress or egress")
@@ -248,8 +313,7 @@ def _rule(row, where: str, line, nested: bool, owner, container, path: str, rep:
     eth = text("ethertype")
     if eth is None:
         if prefix is None:
-            f.fail(line, "Ethertype",
-                   "missing, and no IP range to infer it from (older clients: --long)")
+            f.fail(line, "Ethertype", "missing, and no IP range to infer it from (older clients: --long)")
             return None
         eth = "IPv6" if ":" in prefix else "IPv4"
     if eth.lower() not in ("ipv4", "ipv6"):
@@ -259,12 +323,15 @@ def _rule(row, where: str, line, nested: bool, owner, container, path: str, rep:
     remote_group = text("remote_group")
     if remote_group is not None and prefix is not None:
         if prefix != _PLACEHOLDER[ethertype]:
-            f.fail(row.line_of(col("prefix")), col("prefix"),
-                   f"{prefix!r} together with {col('remote_group')} {remote_group!r}: a rule has "
-                   f"an IP range or a remote group, not both (only the client's placeholder "
-                   f"{_PLACEHOLDER[ethertype]} for an IPv{ethertype} rule may stand beside a group)")
+            f.fail(
+                row.line_of(col("prefix")),
+                col("prefix"),
+                f"{prefix!r} together with {col('remote_group')} {remote_group!r}: a rule has "
+                f"an IP range or a remote group, not both (only the client's placeholder "
+                f"{_PLACEHOLDER[ethertype]} for an IPv{ethertype} rule may stand beside a group)",
+            )
             return None
-        prefix = None                 # the client's "no prefix" placeholder
+        prefix = None  # the client's "no prefix" placeholder
     pmin = pmax = None
     pr = text("ports")
     if pr is not None:
@@ -275,8 +342,11 @@ def _rule(row, where: str, line, nested: bool, owner, container, path: str, rep:
             pmin = int(m_icmp.group(1))
             pmax = int(m_icmp.group(2)) if m_icmp.group(2) is not None else None
         else:
-            f.fail(row.line_of(col("ports")), "Port Range", f"{pr!r} is not a port range "
-                   "(\"80:80\", \"\", or for ICMP \"type=N[:code=M]\")")
+            f.fail(
+                row.line_of(col("ports")),
+                "Port Range",
+                f'{pr!r} is not a port range ("80:80", "", or for ICMP "type=N[:code=M]")',
+            )
             return None
         if pmin > 65535 or pmax is not None and pmax > 65535:
             f.fail(row.line_of(col("ports")), "Port Range", f"{pr!r} is out of range")
@@ -296,8 +366,9 @@ def _rule(row, where: str, line, nested: bool, owner, container, path: str, rep:
         if not f.ok:
             return None
     origin = f"{path}:{row.line}" if row.line else f"{path}:{where}"
-    rule = make_sg_rule(rep, path, f, direction.lower(), ethertype, proto, pmin, pmax,
-                        prefix, remote_group, origin)
+    rule = make_sg_rule(
+        rep, path, f, direction.lower(), ethertype, proto, pmin, pmax, prefix, remote_group, origin
+    )
     if rule is None:
         return None
     return rule, owner, remote_group

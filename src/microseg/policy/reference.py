@@ -5,6 +5,7 @@ It shares no code with the compiler: rules are matched as the security-group and
 NetworkPolicy semantics read, one packet at a time. The order of the checks is documented in
 ``docs/policy.md`` and mirrored by :meth:`CompiledPolicy.decide`.
 """
+
 from __future__ import annotations
 
 import ipaddress
@@ -16,22 +17,22 @@ from . import verdict as V
 from .k8s import admin_peer_matches
 from .model import ICMP_PROTOCOLS, PORT_PROTOCOLS, Policy, Workload
 
-ND_TYPES = range(133, 137)          # router/neighbour solicitation/advertisement
+ND_TYPES = range(133, 137)  # router/neighbour solicitation/advertisement
 DEFAULT_EGRESS = ("default_egress",)
 
 
 @dataclass
 class Check:
-    kind: int                       # verdict.EG_SG ... IN_DEF
+    kind: int  # verdict.EG_SG ... IN_DEF
     workload: Workload
-    matches: list                   # origin keys of every rule that matches
+    matches: list  # origin keys of every rule that matches
 
 
 @dataclass
 class RefDecision:
     verdict: int
     reason: int
-    rule_origins: set = field(default_factory=set)   # acceptable origins of the reported rule
+    rule_origins: set = field(default_factory=set)  # acceptable origins of the reported rule
     src: Workload | None = None
     dst: Workload | None = None
     tenant: str | None = None
@@ -60,28 +61,36 @@ class Reference:
     # ---- which policies apply to a workload ---------------------------------------------------
     def _selecting(self, w: Workload, egress: bool) -> list:
         labels = w.label_dict()
-        return [p for p in self.p.network_policies
-                if p.tenant == w.tenant and p.namespace == w.namespace
-                and (p.egress_type if egress else p.ingress_type)
-                and p.pod_selector.matches(labels)]
+        return [
+            p
+            for p in self.p.network_policies
+            if p.tenant == w.tenant
+            and p.namespace == w.namespace
+            and (p.egress_type if egress else p.ingress_type)
+            and p.pod_selector.matches(labels)
+        ]
 
     def _admins(self, w: Workload, baseline: bool) -> list:
         """Admin policies of ``w``'s tenant whose subject is ``w``, in evaluation order."""
         nsl, labels = self.ns_labels(w), w.label_dict()
-        return [a for a in self.p.admin_policies
-                if a.tenant == w.tenant and a.baseline == baseline and a.selects(nsl, labels)]
+        return [
+            a
+            for a in self.p.admin_policies
+            if a.tenant == w.tenant and a.baseline == baseline and a.selects(nsl, labels)
+        ]
 
     def _sg_rules(self, w: Workload, direction: str) -> list:
         out: list = []
         for gname in w.security_groups:
             g = self.groups[(w.tenant, gname)]
-            out.extend(((("sg", g.tenant, g.name, i), r) for i, r in enumerate(g.rules)
-                        if r.direction == direction))
+            out.extend(
+                ((("sg", g.tenant, g.name, i), r) for i, r in enumerate(g.rules) if r.direction == direction)
+            )
         return out
 
     # ---- rule matching ------------------------------------------------------------------------
     def _sg_match(self, r, w: Workload, remote, pkt) -> bool:
-        if r is None:                                   # default egress allow
+        if r is None:  # default egress allow
             return True
         if r.ethertype != pkt["ver"]:
             return False
@@ -110,8 +119,11 @@ class Reference:
             return True
         for port in ports:
             if port.name is not None:
-                if dest is not None and pkt["ports"] and \
-                        (pkt["proto"], pkt["dport"]) in dest.resolve_port(port.name, port.protocol):
+                if (
+                    dest is not None
+                    and pkt["ports"]
+                    and (pkt["proto"], pkt["dport"]) in dest.resolve_port(port.name, port.protocol)
+                ):
                     return True
                 continue
             if port.protocol != pkt["proto"]:
@@ -128,14 +140,17 @@ class Reference:
             return True
         for peer in r.peers:
             if peer.block is not None:
-                if remote.version == peer.block.version and remote in peer.block and \
-                        not any(remote in e for e in peer.excepts):
+                if (
+                    remote.version == peer.block.version
+                    and remote in peer.block
+                    and not any(remote in e for e in peer.excepts)
+                ):
                     return True
                 continue
             if other is None:
                 continue
             if peer.namespaces is None:
-                ns_ok = other.namespace == w.namespace        # the policy's own namespace
+                ns_ok = other.namespace == w.namespace  # the policy's own namespace
             else:
                 ns_ok = peer.namespaces.matches(self.ns_labels(other))
             if ns_ok and (peer.pods is None or peer.pods.matches(other.label_dict())):
@@ -150,13 +165,12 @@ class Reference:
             if peer.networks:
                 if any(remote.version == n.version and remote in n for n in peer.networks):
                     return True
-            elif other is not None and admin_peer_matches(peer, self.ns_labels(other),
-                                                          other.label_dict()):
+            elif other is not None and admin_peer_matches(peer, self.ns_labels(other), other.label_dict()):
                 return True
         return False
 
     # ---- one side: the sender's egress or the receiver's ingress -----------------------------
-    def _side(self, w: Workload, egress: bool, remote, pkt, dec: "RefDecision") -> bool:
+    def _side(self, w: Workload, egress: bool, remote, pkt, dec: RefDecision) -> bool:
         """Security groups AND the Kubernetes chain (admin, NetworkPolicies, baseline,
         default), as ``docs/policy.md`` orders them. Records the checks that count."""
         base = 0 if egress else V.SIDE
@@ -178,28 +192,41 @@ class Reference:
             for i, r in enumerate(a.egress if egress else a.ingress):
                 if self._admin_match(r, w, egress, remote, pkt):
                     if r.action == "Pass":
-                        break                       # on to the NetworkPolicies
-                    dec.checks.append(Check(base + V.EG_ANP, w, [("anp", a.tenant, a.name, d, i)]
-                                            if r.action == "Allow" else []))
+                        break  # on to the NetworkPolicies
+                    dec.checks.append(
+                        Check(
+                            base + V.EG_ANP,
+                            w,
+                            [("anp", a.tenant, a.name, d, i)] if r.action == "Allow" else [],
+                        )
+                    )
                     return r.action == "Allow"
             else:
                 continue
-            break                                   # Pass: skip the remaining admin policies
+            break  # Pass: skip the remaining admin policies
         sel = self._selecting(w, egress)
         if sel:
-            m = [("np", p.namespace, p.name, d, i) for p in sel
-                 for i, r in enumerate(p.egress if egress else p.ingress)
-                 if self._np_match(r, w, egress, remote, pkt)]
+            m = [
+                ("np", p.namespace, p.name, d, i)
+                for p in sel
+                for i, r in enumerate(p.egress if egress else p.ingress)
+                if self._np_match(r, w, egress, remote, pkt)
+            ]
             dec.checks.append(Check(base + V.EG_NP, w, m))
             return bool(m)
         for a in self._admins(w, baseline=True):
             for i, r in enumerate(a.egress if egress else a.ingress):
                 if self._admin_match(r, w, egress, remote, pkt):
-                    dec.checks.append(Check(base + V.EG_BANP, w, [("banp", a.tenant, a.name, d, i)]
-                                            if r.action == "Allow" else []))
+                    dec.checks.append(
+                        Check(
+                            base + V.EG_BANP,
+                            w,
+                            [("banp", a.tenant, a.name, d, i)] if r.action == "Allow" else [],
+                        )
+                    )
                     return r.action == "Allow"
         if w.security_groups or self.p.isolation(w) == "kubernetes":
-            return True                             # non-isolated (or the groups decide)
+            return True  # non-isolated (or the groups decide)
         # a zero-trust namespace: unselected pods are denied, egress unless default_egress
         dm: list = [DEFAULT_EGRESS] if egress and self.p.default_egress == "allow" else []
         dec.checks.append(Check(base + V.EG_DEF, w, dm))
@@ -224,8 +251,9 @@ class Reference:
             if row["flags"] & B.F_ARP:
                 return RefDecision(V.ALLOW, V.R_ARP, tenant=tenant)
             return RefDecision(V.DROP, V.R_NON_IP, tenant=tenant)
-        if row["ip_ver"] == 6 and any(row[h] == 0 and row[l] >> 32 == 0xFFFF for h, l in
-                                      (("src_hi", "src_lo"), ("dst_hi", "dst_lo"))):
+        if row["ip_ver"] == 6 and any(
+            row[h] == 0 and row[l] >> 32 == 0xFFFF for h, l in (("src_hi", "src_lo"), ("dst_hi", "dst_lo"))
+        ):
             return RefDecision(V.DROP, V.R_MAPPED_ADDRESS, tenant=tenant)
         src = _addr(row["src_hi"], row["src_lo"])
         dst = _addr(row["dst_hi"], row["dst_lo"])
@@ -235,14 +263,20 @@ class Reference:
         if self.p.anti_spoofing and row["l2_off"] >= 0:
             mac = row["eth_src"]
             owner = self.by_mac.get((tenant, mac))
-            if (sw is not None and sw.mac is not None and sw.mac != mac) or \
-                    (owner is not None and owner is not sw):
+            if (sw is not None and sw.mac is not None and sw.mac != mac) or (
+                owner is not None and owner is not sw
+            ):
                 dec.reason = V.R_SPOOFED
                 return dec
-        pkt = {"ver": 4 if isinstance(src, ipaddress.IPv4Address) else 6, "proto": row["proto"],
-               "ports": bool(row["flags"] & B.F_PORTS), "dport": row["dport"],
-               "icmp": bool(row["flags"] & B.F_ICMP), "icmp_type": row["icmp_type"],
-               "icmp_code": row["icmp_code"]}
+        pkt = {
+            "ver": 4 if isinstance(src, ipaddress.IPv4Address) else 6,
+            "proto": row["proto"],
+            "ports": bool(row["flags"] & B.F_PORTS),
+            "dport": row["dport"],
+            "icmp": bool(row["flags"] & B.F_ICMP),
+            "icmp_type": row["icmp_type"],
+            "icmp_code": row["icmp_code"],
+        }
         if pkt["ver"] == 6 and pkt["proto"] == 58 and pkt["icmp"] and pkt["icmp_type"] in ND_TYPES:
             dec.verdict, dec.reason = V.ALLOW, V.R_ND
             return dec
@@ -268,7 +302,7 @@ class Reference:
         dec.verdict = V.ALLOW
         counted = [c for c in dec.checks if c.matches]
         if not counted:
-            dec.reason = V.R_NON_ISOLATED           # no rule had to allow it
+            dec.reason = V.R_NON_ISOLATED  # no rule had to allow it
             return dec
         dec.reason = V.R_POLICY
         ing = [c for c in counted if not V.is_egress(c.kind)]
@@ -304,17 +338,23 @@ def explain(ref: Reference, row: dict, ct: int) -> list[str]:
     vni = row["tenant"]
     lines.append(f"tenant: {d.tenant or '-'} (VNI {vni if vni >= 0 else 'none'})")
     if row["ip_ver"] in (4, 6) and not row["error"]:
+
         def who(w):
             return f" = {ref.p.qualified_name(w)}" if w is not None else " (not a workload)"
-        lines.append(f"src {_addr(row['src_hi'], row['src_lo'])}{who(d.src)}, "
-                     f"dst {_addr(row['dst_hi'], row['dst_lo'])}{who(d.dst)}")
+
+        lines.append(
+            f"src {_addr(row['src_hi'], row['src_lo'])}{who(d.src)}, "
+            f"dst {_addr(row['dst_hi'], row['dst_lo'])}{who(d.dst)}"
+        )
         lines.append(f"conntrack: {ctstate.state_name(ct)}")
     for c in d.checks:
         side, _, what = V.CHECKS[c.kind].partition(" ")
         name = ref.p.qualified_name(c.workload)
         if c.matches:
-            lines.append(f"{side} of {name}, {what}: allowed by "
-                         + "; ".join(_check_text(c.kind, o) for o in c.matches))
+            lines.append(
+                f"{side} of {name}, {what}: allowed by "
+                + "; ".join(_check_text(c.kind, o) for o in c.matches)
+            )
         else:
             lines.append(f"{side} of {name}, {what}: no rule allows it")
     if d.reason == V.R_NON_ISOLATED:

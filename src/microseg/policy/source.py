@@ -6,6 +6,7 @@ Plain scalars keep their source text too, so a MAC such as ``12:34:56:00:01:01``
 1.1 reads as a base-60 integer) is still available as typed. :class:`Reporter` collects errors
 as ``file:line: field: message``.
 """
+
 from __future__ import annotations
 
 import yaml
@@ -67,8 +68,8 @@ class Reporter:
             raise PolicyError(self.errors)
 
 
-_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)   # libyaml when present: same marks, faster
-MAX_NODES = 2_000_000      # aliases can expand a small file enormously ("billion laughs")
+_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when present: same marks, faster
+MAX_NODES = 2_000_000  # aliases can expand a small file enormously ("billion laughs")
 
 
 def _convert(loader: yaml.SafeLoader, node, depth: int = 0, budget=None):
@@ -81,7 +82,7 @@ def _convert(loader: yaml.SafeLoader, node, depth: int = 0, budget=None):
         raise _MarkedError(node.start_mark.line + 1, "nesting deeper than 64 levels (or a recursive alias)")
     line = node.start_mark.line + 1
     if isinstance(node, yaml.MappingNode):
-        loader.flatten_mapping(node)          # resolves '<<' merge keys
+        loader.flatten_mapping(node)  # resolves '<<' merge keys
         out = Map(line)
         for knode, vnode in node.value:
             if not isinstance(knode, yaml.ScalarNode):
@@ -90,8 +91,11 @@ def _convert(loader: yaml.SafeLoader, node, depth: int = 0, budget=None):
             if key in out:
                 raise _MarkedError(knode.start_mark.line + 1, f"duplicate key {key!r}")
             out[key] = _convert(loader, vnode, depth + 1, budget)
-            out.key_lines[key] = vnode.start_mark.line + 1 if not isinstance(
-                vnode, (yaml.MappingNode, yaml.SequenceNode)) else knode.start_mark.line + 1
+            out.key_lines[key] = (
+                vnode.start_mark.line + 1
+                if not isinstance(vnode, (yaml.MappingNode, yaml.SequenceNode))
+                else knode.start_mark.line + 1
+            )
             if isinstance(vnode, yaml.ScalarNode):
                 out.raw[key] = vnode.value
         return out
