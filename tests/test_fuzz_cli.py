@@ -3,6 +3,7 @@ SA, snapshot or ClassBench file gets mutated inputs (tools/fuzz.py's mutators an
 fixed seeds, a few seconds of it), in process through `microseg.cli.main` and a handful as
 real processes. Each run must exit 0 or 2 (or a code the verb documents), print at most one
 error line and never a traceback. `make fuzz` runs the long version (docs/fuzzing.md)."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -26,7 +27,6 @@ _spec.loader.exec_module(fuzz)
 TCPDUMP = ROOT / "tests" / "vectors" / "tcpdump"
 
 
-
 def _unknown(failures):
     """Failures other than the known ones (fuzz.KNOWN: bugs outside the capture reader, each
     reproduced by an xfail test below, matched on stderr so that anything else still fails)."""
@@ -34,8 +34,9 @@ def _unknown(failures):
 
 
 def _report(failures):
-    return "\n".join(f"{f['verb']}: {f['reason']}: microseg {' '.join(f['argv'])}\n"
-                     f"{f['stderr'][-600:]}" for f in failures)
+    return "\n".join(
+        f"{f['verb']}: {f['reason']}: microseg {' '.join(f['argv'])}\n{f['stderr'][-600:]}" for f in failures
+    )
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +47,7 @@ def seeds(tmp_path_factory):
 def _leaf_verbs(parser, prefix=()):
     """Every runnable verb of the command line, as a tuple of words."""
     import argparse
+
     out = []
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
@@ -58,18 +60,16 @@ def test_the_table_covers_every_verb_that_reads_a_file(seeds):
     covered = {tuple(b("F", "O")[:3]) for _, _, b in fuzz.verbs(seeds)}
     covered = {v for argv in covered for v in (argv[:1], argv[:2], argv[:3])}
     missing = [v for v in _leaf_verbs(build_parser()) if v not in covered]
-    assert missing == [("demo",)]          # demo reads nothing but its built-in data
+    assert missing == [("demo",)]  # demo reads nothing but its built-in data
 
 
 def test_judge_catches_what_it_must():
     ok = "microseg parse: error: f.pcap: record 3 at byte 99: ... (after 2 good packets)\n"
     assert fuzz.judge(2, "", ok) is None
     assert fuzz.judge(0, "x\n", "microseg parse: warning: f.pcap: cut short\n") is None
-    assert fuzz.judge(2, "", "Traceback (most recent call last):\n  ...\n" + ok) == \
-        "printed a traceback"
+    assert fuzz.judge(2, "", "Traceback (most recent call last):\n  ...\n" + ok) == "printed a traceback"
     assert fuzz.judge(2, "", ok + ok) == "2 error lines"
-    assert fuzz.judge(2, "", ok + "  in \"<unicode string>\", position 3\n").startswith(
-        "exit code 2 without")
+    assert fuzz.judge(2, "", ok + '  in "<unicode string>", position 3\n').startswith("exit code 2 without")
     assert fuzz.judge(1, "", "") == "exit code 1"
     assert fuzz.judge(1, "", "", verb="policy query") is None
     assert fuzz.judge(None, "", "", ValueError("boom")) == "raised ValueError: boom"
@@ -92,12 +92,11 @@ def test_cli_fuzz_in_process(seeds):
     counts, failures = fuzz.fuzz_cli(seeds, per_verb=6, seed=20240607)
     bad = _unknown(failures)
     assert not bad, _report(bad)
-    assert sum(c["0"] for c in counts.values()) >= 15     # many inputs still read ...
-    assert sum(c["2"] for c in counts.values()) >= 15     # ... and many are refused
+    assert sum(c["0"] for c in counts.values()) >= 15  # many inputs still read ...
+    assert sum(c["2"] for c in counts.values()) >= 15  # ... and many are refused
 
 
-@pytest.mark.parametrize("verb", ["parse --json", "run --policy P", "policy check",
-                                  "ipsec decrypt"])
+@pytest.mark.parametrize("verb", ["parse --json", "run --policy P", "policy check", "ipsec decrypt"])
 def test_cli_fuzz_as_a_process(seeds, tmp_path, verb):
     name, kind, build = next(v for v in fuzz.verbs(seeds) if v[0] == verb)
     rng = np.random.default_rng([11, len(verb)])
@@ -116,8 +115,10 @@ def test_datapath_fuzz_a_little(seeds):
     assert stats["packets"] == 8192 and stats["forwarded"] > 0
 
 
-@pytest.mark.parametrize("name", ["vxlan.pcap", "mptcp-v1.pcap", "quic_handshake.pcap",
-                                  "LINKTYPE_RAW_ipv6.pcap", "various_gre.pcap"])
+@pytest.mark.parametrize(
+    "name",
+    ["vxlan.pcap", "mptcp-v1.pcap", "quic_handshake.pcap", "LINKTYPE_RAW_ipv6.pcap", "various_gre.pcap"],
+)
 def test_a_bad_record_never_loses_the_packets_before_it(tmp_path, name):
     """Each record of a corpus capture in turn gets an impossible length: the reader must
     deliver exactly the records before it, and name the bad one."""
@@ -127,7 +128,7 @@ def test_a_bad_record_never_loses_the_packets_before_it(tmp_path, name):
     path = tmp_path / "x.pcap"
     for k, (pos, _) in enumerate(recs[:40]):
         bad = bytearray(data)
-        bad[pos + 8:pos + 12] = struct.pack(e + "I", 0xFFFFFFFF)
+        bad[pos + 8 : pos + 12] = struct.pack(e + "I", 0xFFFFFFFF)
         path.write_bytes(bytes(bad))
         with pytest.raises(CaptureError, match=rf"record {k + 1} at byte {pos}: ") as ei:
             read_capture(path)
@@ -157,9 +158,12 @@ def test_reader_on_many_mutated_corpus_files(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # what the fuzzer found outside the reader (fuzz.KNOWN)
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.xfail(strict=False, reason="policy/source.py passes PyYAML's reader error through "
-                   "whole, and its text has a second line ('  in \"<unicode string>\", "
-                   "position N'): a control character in a policy file gives a two-line error")
+@pytest.mark.xfail(
+    strict=False,
+    reason="policy/source.py passes PyYAML's reader error through "
+    'whole, and its text has a second line (\'  in "<unicode string>", '
+    "position N'): a control character in a policy file gives a two-line error",
+)
 @pytest.mark.parametrize("verb", [["policy", "check"], ["policy", "compile"]])
 def test_policy_with_a_control_character_gives_one_error_line(tmp_path, capsys, verb):
     p = tmp_path / "ctl.yaml"
@@ -181,9 +185,12 @@ policies:
 """
 
 
-@pytest.mark.xfail(strict=False, reason="ipsec/sa.py parse_policy looks the policy's `sa:` up "
-                   "in a set without checking it is a name: a mapping or a list there raises "
-                   "TypeError (unhashable type) and the CLI prints a traceback")
+@pytest.mark.xfail(
+    strict=False,
+    reason="ipsec/sa.py parse_policy looks the policy's `sa:` up "
+    "in a set without checking it is a name: a mapping or a list there raises "
+    "TypeError (unhashable type) and the CLI prints a traceback",
+)
 @pytest.mark.parametrize("value", ["{name: a}", "[a]"])
 def test_sa_file_policy_naming_a_mapping_or_list_as_sa(tmp_path, capsys, value):
     p = tmp_path / "sa.yaml"

@@ -1,4 +1,5 @@
 """Our reader against tshark's reading of captures written by tcpdump, editcap, mergecap."""
+
 import json
 from pathlib import Path
 
@@ -30,9 +31,12 @@ def test_mixed_linktypes_refused_after_the_packets_of_the_first():
     """mergecap put Ethernet packets (interface 0) before raw IP ones (interface 1): the first
     are read, the file stops at the first raw IP packet with a message that says what to do."""
     want = EXPECTED["src.pcap"]
-    with pytest.raises(CaptureError, match=r"interface 1 is link type 101 \(raw IP\) but the "
-                       r"packets before it are link type 1 \(Ethernet\); .*split it per "
-                       r"interface first") as ei:
+    with pytest.raises(
+        CaptureError,
+        match=r"interface 1 is link type 101 \(raw IP\) but the "
+        r"packets before it are link type 1 \(Ethernet\); .*split it per "
+        r"interface first",
+    ) as ei:
         read_capture(D / "mixed.pcapng")
     b = ei.value.batch
     assert b.linktype == LINK_ETHERNET and len(b) >= 1
@@ -58,6 +62,7 @@ def test_every_cut_is_clean(name, tmp_path):
 def test_corrupted_files_never_crash(tmp_path):
     """Random byte flips in real captures: a batch or an InputError, nothing else."""
     import numpy as np
+
     rng = np.random.default_rng(7)
     path = tmp_path / "bad"
     for name in ("src.pcap", "tshark.pcapng", "be.pcapng", "sections.pcapng", "nsec.pcap"):
@@ -79,7 +84,9 @@ def test_corrupted_files_never_crash(tmp_path):
 def test_compiled_walk_equals_reference_on_damaged_pcaps(tmp_path):
     """The compiled record walk against the one-record-at-a-time reference, byte flips and cuts."""
     import numpy as np
+
     from microseg.io.pcap import TruncatedCaptureError, read_pcap_ref
+
     rng = np.random.default_rng(11)
     path = tmp_path / "d.pcap"
     for name in ("src.pcap", "nsec.pcap", "snap60.pcap", "raw.pcap"):
@@ -103,7 +110,7 @@ def test_compiled_walk_equals_reference_on_damaged_pcaps(tmp_path):
             except TruncatedCaptureError as exc:
                 assert status == "truncated"
                 b = exc.batch
-            except CaptureError as exc:          # the packets before the error come with it
+            except CaptureError as exc:  # the packets before the error come with it
                 assert status in ("caplen", "wirelen")
                 b = exc.batch
             assert b.linktype == lt

@@ -1,4 +1,5 @@
 """pcap / pcapng reading and writing, checked against scapy and dpkt as independent peers."""
+
 import struct
 
 import numpy as np
@@ -6,8 +7,16 @@ import pytest
 from scapy.all import IP, TCP, UDP, Ether, IPv6, PcapNgWriter, Raw, rdpcap, wrpcap
 
 from microseg.errors import InputError
-from microseg.io.pcap import (MAX_SNAPLEN, CaptureError, CaptureReader, PcapWriter,
-                              TruncatedCaptureError, iter_capture, read_capture, write_pcap)
+from microseg.io.pcap import (
+    MAX_SNAPLEN,
+    CaptureError,
+    CaptureReader,
+    PcapWriter,
+    TruncatedCaptureError,
+    iter_capture,
+    read_capture,
+    write_pcap,
+)
 from microseg.packet.batch import LINK_ETHERNET, LINK_RAW, Batch
 
 
@@ -15,9 +24,17 @@ def _pkts(n=40):
     out = []
     for i in range(n):
         if i % 3 == 0:
-            p = Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / IPv6(src="2001:db8::1", dst="2001:db8::2") / UDP(sport=i, dport=53)
+            p = (
+                Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
+                / IPv6(src="2001:db8::1", dst="2001:db8::2")
+                / UDP(sport=i, dport=53)
+            )
         else:
-            p = Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / IP(src=f"10.0.0.{i}", dst="10.0.1.1") / TCP(sport=1000 + i, dport=80)
+            p = (
+                Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
+                / IP(src=f"10.0.0.{i}", dst="10.0.1.1")
+                / TCP(sport=1000 + i, dport=80)
+            )
         p = p / Raw(b"x" * (i * 7 % 300))
         p.time = 1_700_000_000 + i * 0.25 + 0.000123
         out.append(p)
@@ -52,6 +69,7 @@ def test_read_scapy_pcapng(tmp_path):
 
 def test_write_read_back_by_scapy_and_dpkt(tmp_path):
     import dpkt
+
     pkts = _pkts()
     ts = [1_700_000_000_123_456_789 + i * 1001 for i in range(len(pkts))]
     b = Batch.from_packets([bytes(p) for p in pkts], ts=ts)
@@ -95,8 +113,9 @@ def test_raw_ip_linktype(tmp_path):
 def test_big_endian_pcap(tmp_path):
     pkts = [bytes(p) for p in _pkts(5)]
     hdr = struct.pack(">IHHiIII", 0xA1B23C4D, 2, 4, 0, 0, 65535, 1)
-    recs = b"".join(struct.pack(">IIII", 100 + i, 999_999_999 - i, len(p), len(p) + 4) + p
-                    for i, p in enumerate(pkts))
+    recs = b"".join(
+        struct.pack(">IIII", 100 + i, 999_999_999 - i, len(p), len(p) + 4) + p for i, p in enumerate(pkts)
+    )
     (tmp_path / "be.pcap").write_bytes(hdr + recs)
     b = read_capture(tmp_path / "be.pcap")
     assert list(b.packets()) == pkts
@@ -104,12 +123,15 @@ def test_big_endian_pcap(tmp_path):
     assert (b.wire_len == b.length + 4).all()
 
 
-@pytest.mark.parametrize("content,msg", [
-    (b"", "empty"),
-    (b"\xd4\xc3", "too short"),
-    (b"hello world, this is not a capture file at all", "not a pcap"),
-    (struct.pack("<IHH", 0xA1B2C3D4, 2, 4), "header cut short"),
-])
+@pytest.mark.parametrize(
+    "content,msg",
+    [
+        (b"", "empty"),
+        (b"\xd4\xc3", "too short"),
+        (b"hello world, this is not a capture file at all", "not a pcap"),
+        (struct.pack("<IHH", 0xA1B2C3D4, 2, 4), "header cut short"),
+    ],
+)
 def test_not_a_capture(tmp_path, content, msg):
     (tmp_path / "x").write_bytes(content)
     with pytest.raises(InputError, match=msg):
@@ -127,7 +149,7 @@ def test_truncated_last_record(tmp_path):
     pkts = _pkts(10)
     wrpcap(str(tmp_path / "t.pcap"), pkts)
     raw = (tmp_path / "t.pcap").read_bytes()
-    for cut in (5, 20):            # inside the record data, inside the record header
+    for cut in (5, 20):  # inside the record data, inside the record header
         path = tmp_path / f"cut{cut}.pcap"
         last = len(bytes(pkts[-1]))
         path.write_bytes(raw[: len(raw) - last - 16 + cut])
@@ -152,12 +174,13 @@ def test_record_beyond_snaplen_is_read_in_full_and_flagged(tmp_path):
     seen = []
     b = read_capture(tmp_path / "s.pcap", warn=seen.append)
     assert list(b.packets()) == recs
-    assert seen == [f"{tmp_path / 's.pcap'}: 2 records longer than the snap length 64, read in "
-                    "full (first: record 2)"]
+    assert seen == [
+        f"{tmp_path / 's.pcap'}: 2 records longer than the snap length 64, read in full (first: record 2)"
+    ]
     with CaptureReader(tmp_path / "s.pcap") as r:
         assert sum(len(x) for x in r.batches(3)) == 4
         assert (r.beyond_snaplen, r.first_beyond) == (2, 2)
-    assert read_capture(tmp_path / "s.pcap").length.tolist() == [60, 100, 64, 70]   # silent
+    assert read_capture(tmp_path / "s.pcap").length.tolist() == [60, 100, 64, 70]  # silent
 
 
 def test_record_beyond_libpcap_limit_keeps_the_packets_before(tmp_path):
@@ -167,8 +190,11 @@ def test_record_beyond_libpcap_limit_keeps_the_packets_before(tmp_path):
     bad_at = len(raw)
     raw += struct.pack("<IIII", 0, 0, MAX_SNAPLEN + 1, MAX_SNAPLEN + 1) + bytes(MAX_SNAPLEN + 1)
     (tmp_path / "h.pcap").write_bytes(raw)
-    with pytest.raises(CaptureError, match=f"record 4 at byte {bad_at}: captured length 262145 "
-                       r"beyond libpcap's limit of 262144 bytes \(after 3 good packets\)") as ei:
+    with pytest.raises(
+        CaptureError,
+        match=f"record 4 at byte {bad_at}: captured length 262145 "
+        r"beyond libpcap's limit of 262144 bytes \(after 3 good packets\)",
+    ) as ei:
         read_capture(tmp_path / "h.pcap")
     assert list(ei.value.batch.packets()) == ok and ei.value.n_read == 3
     got = []
@@ -181,8 +207,11 @@ def test_record_beyond_libpcap_limit_keeps_the_packets_before(tmp_path):
 def test_unsupported_linktype(tmp_path):
     hdr = struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 105)
     (tmp_path / "w.pcap").write_bytes(hdr)
-    with pytest.raises(InputError, match=r"link type 105 \(IEEE 802.11\) is not read by "
-                       r"microseg .*capture on the wired side"):
+    with pytest.raises(
+        InputError,
+        match=r"link type 105 \(IEEE 802.11\) is not read by "
+        r"microseg .*capture on the wired side",
+    ):
         read_capture(tmp_path / "w.pcap")
     (tmp_path / "p.pcap").write_bytes(hdr[:20] + struct.pack("<I", 9))
     with pytest.raises(InputError, match=r"link type 9 \(PPP\) .*`editcap -T ether IN OUT`"):
@@ -208,22 +237,28 @@ def _idb(lt=1, snap=0):
 
 
 def _epb(ifc, data, caplen=None):
-    return _block(6, struct.pack("<IIIII", ifc, 0, 0, len(data) if caplen is None else caplen,
-                                 len(data)) + data)
+    return _block(
+        6, struct.pack("<IIIII", ifc, 0, 0, len(data) if caplen is None else caplen, len(data)) + data
+    )
 
 
-@pytest.mark.parametrize("content,msg", [
-    (_SHB + _epb(0, bytes(60)), "no interface description"),
-    (_SHB + _idb() + _epb(1, bytes(60)), "no interface description"),
-    (_SHB + _idb() + _epb(0, bytes(60), caplen=200), "runs past its block"),
-    (_SHB + _idb() + _epb(0, bytes(60))[:-4] + b"\x01\x02\x03\x04", "trailing block length"),
-    (_SHB + _idb() + struct.pack("<II", 6, 13) + bytes(8), "block length"),
-    (_SHB + _idb(lt=105) + _epb(0, bytes(60)), r"link type 105 \(IEEE 802.11\) is not read"),
-    (_SHB[:8] + b"\x11\x22\x33\x44" + _SHB[12:], "byte-order magic"),
-    (_SHB + _idb() + _idb(lt=101) + _epb(0, bytes(60)) + _epb(1, bytes(20)),
-     r"interface 1 is link type 101 \(raw IP\) but the packets before it are link type 1 "
-     r"\(Ethernet\); microseg reads one link type per capture"),
-])
+@pytest.mark.parametrize(
+    "content,msg",
+    [
+        (_SHB + _epb(0, bytes(60)), "no interface description"),
+        (_SHB + _idb() + _epb(1, bytes(60)), "no interface description"),
+        (_SHB + _idb() + _epb(0, bytes(60), caplen=200), "runs past its block"),
+        (_SHB + _idb() + _epb(0, bytes(60))[:-4] + b"\x01\x02\x03\x04", "trailing block length"),
+        (_SHB + _idb() + struct.pack("<II", 6, 13) + bytes(8), "block length"),
+        (_SHB + _idb(lt=105) + _epb(0, bytes(60)), r"link type 105 \(IEEE 802.11\) is not read"),
+        (_SHB[:8] + b"\x11\x22\x33\x44" + _SHB[12:], "byte-order magic"),
+        (
+            _SHB + _idb() + _idb(lt=101) + _epb(0, bytes(60)) + _epb(1, bytes(20)),
+            r"interface 1 is link type 101 \(raw IP\) but the packets before it are link type 1 "
+            r"\(Ethernet\); microseg reads one link type per capture",
+        ),
+    ],
+)
 def test_pcapng_malformed(tmp_path, content, msg):
     (tmp_path / "x.pcapng").write_bytes(content)
     with pytest.raises(InputError, match=msg):
@@ -252,8 +287,9 @@ def test_pcapng_record_beyond_interface_snaplen(tmp_path):
     assert list(b.packets()) == [bytes(range(50)), bytes(20), bytes(range(32))]
     assert b.wire_len.tolist() == [50, 20, 60]
     assert (r.beyond_snaplen, r.first_beyond) == (1, 1)
-    assert seen == [f"{tmp_path / 's.pcapng'}: 1 record longer than the snap length 32, read in "
-                    "full (first: record 1)"]
+    assert seen == [
+        f"{tmp_path / 's.pcapng'}: 1 record longer than the snap length 32, read in full (first: record 1)"
+    ]
 
 
 def test_pcapng_cut_inside_a_block_header_block(tmp_path):
@@ -263,5 +299,4 @@ def test_pcapng_cut_inside_a_block_header_block(tmp_path):
     with pytest.raises(TruncatedCaptureError, match="1 complete packets read") as ei:
         read_capture(tmp_path / "c.pcapng")
     assert list(ei.value.batch.packets()) == [b"abcd"]
-    assert list(read_capture(tmp_path / "c.pcapng", lenient=True,
-                             warn=lambda m: None).packets()) == [b"abcd"]
+    assert list(read_capture(tmp_path / "c.pcapng", lenient=True, warn=lambda m: None).packets()) == [b"abcd"]

@@ -38,6 +38,7 @@ What is read the way libpcap reads it, and where it differs:
 Every other malformed file is an :class:`~microseg.errors.InputError` that names the file and
 the record and byte where it went wrong. Timestamps come out in nanoseconds since the epoch.
 """
+
 from __future__ import annotations
 
 import mmap
@@ -50,7 +51,13 @@ from numba import njit
 
 from ..errors import InputError
 from ..packet.batch import (
-    LINK_ETHERNET, LINK_LINUX_SLL, LINK_LINUX_SLL2, LINK_LOOP, LINK_NULL, LINK_RAW, Batch,
+    LINK_ETHERNET,
+    LINK_LINUX_SLL,
+    LINK_LINUX_SLL2,
+    LINK_LOOP,
+    LINK_NULL,
+    LINK_RAW,
+    Batch,
 )
 
 PCAP_MAGIC_US = 0xA1B2C3D4
@@ -64,84 +71,200 @@ PCAPNG_EPB = 6
 
 # Link types a capture may have (pcap LINKTYPE_* numbers), and what the batch calls them.
 LINKTYPES = {
-    0: LINK_NULL,            # BSD loopback: 4-byte address family, writer's byte order
+    0: LINK_NULL,  # BSD loopback: 4-byte address family, writer's byte order
     1: LINK_ETHERNET,
-    12: LINK_RAW,            # DLT_RAW of most BSDs; libpcap reads it as raw IP
-    14: LINK_RAW,            # DLT_RAW of OpenBSD
+    12: LINK_RAW,  # DLT_RAW of most BSDs; libpcap reads it as raw IP
+    14: LINK_RAW,  # DLT_RAW of OpenBSD
     101: LINK_RAW,
-    108: LINK_LOOP,          # OpenBSD loopback: address family in network byte order
-    113: LINK_LINUX_SLL,     # Linux cooked v1 (tcpdump -i any before libpcap 1.10)
-    228: LINK_RAW,           # raw IPv4
-    229: LINK_RAW,           # raw IPv6
-    276: LINK_LINUX_SLL2,    # Linux cooked v2 (tcpdump -i any)
+    108: LINK_LOOP,  # OpenBSD loopback: address family in network byte order
+    113: LINK_LINUX_SLL,  # Linux cooked v1 (tcpdump -i any before libpcap 1.10)
+    228: LINK_RAW,  # raw IPv4
+    229: LINK_RAW,  # raw IPv6
+    276: LINK_LINUX_SLL2,  # Linux cooked v2 (tcpdump -i any)
 }
-MAX_SNAPLEN = 262144        # libpcap's limit on a record's captured length
-DEFAULT_CHUNK = 1 << 16     # records per walk call
+MAX_SNAPLEN = 262144  # libpcap's limit on a record's captured length
+DEFAULT_CHUNK = 1 << 16  # records per walk call
 
 # Names of link types, for messages (from the tcpdump.org LINKTYPE_ registry).
 LINKTYPE_WORDS = {
-    0: "BSD loopback", 1: "Ethernet", 2: "3Mb experimental Ethernet", 3: "AX.25 amateur radio",
-    4: "ProNET token ring", 5: "Chaos", 6: "IEEE 802.5 Token Ring", 7: "ARCNET", 8: "SLIP",
-    9: "PPP", 10: "FDDI", 12: "raw IP", 14: "raw IP", 15: "BSD/OS SLIP", 16: "BSD/OS PPP",
-    18: "OpenBSD pfsync", 19: "Linux classical IP over ATM", 50: "PPP in HDLC-like framing",
-    51: "PPPoE", 99: "Symantec firewall", 100: "LLC/SNAP-encapsulated ATM", 101: "raw IP",
-    104: "Cisco HDLC", 105: "IEEE 802.11", 106: "Linux classical IP over ATM",
-    107: "Frame Relay", 108: "OpenBSD loopback", 109: "OpenBSD IPsec encapsulation",
-    112: "NetBSD HDLC", 113: "Linux cooked v1", 114: "Apple LocalTalk",
-    117: "OpenBSD pflog", 119: "IEEE 802.11 with Prism header",
-    122: "IP over Fibre Channel", 123: "SunATM", 127: "IEEE 802.11 with radiotap header",
-    129: "Linux ARCNET", 138: "Apple IP over IEEE 1394", 139: "SS7 MTP2 with pseudo-header",
-    140: "SS7 MTP2", 141: "SS7 MTP3", 142: "SS7 SCCP", 143: "DOCSIS", 144: "Linux IrDA",
+    0: "BSD loopback",
+    1: "Ethernet",
+    2: "3Mb experimental Ethernet",
+    3: "AX.25 amateur radio",
+    4: "ProNET token ring",
+    5: "Chaos",
+    6: "IEEE 802.5 Token Ring",
+    7: "ARCNET",
+    8: "SLIP",
+    9: "PPP",
+    10: "FDDI",
+    12: "raw IP",
+    14: "raw IP",
+    15: "BSD/OS SLIP",
+    16: "BSD/OS PPP",
+    18: "OpenBSD pfsync",
+    19: "Linux classical IP over ATM",
+    50: "PPP in HDLC-like framing",
+    51: "PPPoE",
+    99: "Symantec firewall",
+    100: "LLC/SNAP-encapsulated ATM",
+    101: "raw IP",
+    104: "Cisco HDLC",
+    105: "IEEE 802.11",
+    106: "Linux classical IP over ATM",
+    107: "Frame Relay",
+    108: "OpenBSD loopback",
+    109: "OpenBSD IPsec encapsulation",
+    112: "NetBSD HDLC",
+    113: "Linux cooked v1",
+    114: "Apple LocalTalk",
+    117: "OpenBSD pflog",
+    119: "IEEE 802.11 with Prism header",
+    122: "IP over Fibre Channel",
+    123: "SunATM",
+    127: "IEEE 802.11 with radiotap header",
+    129: "Linux ARCNET",
+    138: "Apple IP over IEEE 1394",
+    139: "SS7 MTP2 with pseudo-header",
+    140: "SS7 MTP2",
+    141: "SS7 MTP3",
+    142: "SS7 SCCP",
+    143: "DOCSIS",
+    144: "Linux IrDA",
     **{147 + k: f"user-defined {k}" for k in range(16)},
-    163: "IEEE 802.11 with AVS header", 165: "BACnet MS/TP", 166: "PPP with pppd direction",
-    169: "GPRS LLC", 177: "Linux LAPD", 187: "Bluetooth HCI UART (H4)",
-    189: "Linux USB", 192: "Per-Packet Information (PPI)", 195: "IEEE 802.15.4 with FCS",
-    196: "SITA", 197: "Endace ERF", 201: "Bluetooth HCI H4 with pseudo-header",
-    202: "AX.25 with KISS header", 203: "LAPD", 204: "PPP with direction",
-    205: "Cisco HDLC with direction", 206: "Frame Relay with direction",
-    209: "Linux IPMB", 215: "IEEE 802.15.4 non-ASK PHY", 220: "Linux USB (memory-mapped)",
-    224: "Fibre Channel FC-2", 225: "Fibre Channel FC-2 with frame delimiters",
-    226: "Solaris ipnet", 227: "CAN (SocketCAN)", 228: "raw IPv4", 229: "raw IPv6",
-    230: "IEEE 802.15.4 without FCS", 231: "D-Bus", 235: "DVB-CI", 236: "MUX27010",
-    237: "STANAG 5066 D_PDU", 239: "Linux netfilter log (NFLOG)", 240: "netANALYZER",
-    241: "netANALYZER transparent", 242: "IP over InfiniBand", 243: "MPEG-2 transport stream",
-    244: "ng40", 245: "NFC LLCP", 247: "InfiniBand", 248: "SCTP", 249: "Windows USB (USBPcap)",
-    250: "RTAC serial", 251: "Bluetooth LE link layer", 253: "Linux netlink",
-    254: "Bluetooth Linux monitor", 255: "Bluetooth BR/EDR baseband",
-    256: "Bluetooth LE with pseudo-header", 257: "PROFIBUS data link", 258: "Apple PKTAP",
-    259: "Ethernet passive optical network", 260: "IPMI HPM.2", 261: "Z-Wave R1/R2",
-    262: "Z-Wave R3", 263: "WattStopper DLM", 264: "ISO 14443", 265: "IEC 62106 RDS",
-    266: "Darwin USB", 268: "SDLC", 270: "LoRaTap", 271: "Linux vsock",
-    272: "Nordic BLE sniffer", 273: "DOCSIS 3.1 XRA-31", 274: "Ethernet mPackets",
-    275: "DisplayPort AUX", 276: "Linux cooked v2", 278: "OpenVizsla",
-    279: "Elektrobit EBHSCR", 280: "VPP graph dispatch", 281: "Broadcom DSA tag",
-    282: "Broadcom DSA tag (prepended)", 283: "IEEE 802.15.4 TAP", 284: "Marvell DSA tag",
-    285: "Marvell EDSA tag", 286: "ELEE lawful intercept", 287: "Z-Wave serial",
-    288: "USB 2.0", 289: "ATSC ALP", 290: "Event Tracing for Windows",
-    11: "RFC 1483 LLC-encapsulated ATM", 102: "BSD/OS SLIP", 103: "BSD/OS PPP",
-    130: "Juniper multi-link PPP", 131: "Juniper multi-link Frame Relay",
-    132: "Juniper encryption services PIC", 133: "Juniper GGSN PIC",
-    134: "Juniper FRF.16 Frame Relay", 135: "Juniper ATM2 PIC",
-    136: "Juniper advanced services PIC", 137: "Juniper ATM1 PIC",
-    164: "Juniper passive monitor PIC", 167: "Juniper PPPoE", 168: "Juniper PPPoE/ATM",
-    170: "GPF-T", 171: "GPF-F", 174: "Juniper PIC peer", 175: "Ethernet with Endace ERF header",
-    176: "Packet-over-SONET with Endace ERF header", 178: "Juniper Ethernet", 179: "Juniper PPP",
-    180: "Juniper Frame Relay", 181: "Juniper Cisco HDLC", 182: "FRF.16 Frame Relay",
-    183: "Juniper voice PIC", 184: "ARINC 429", 185: "ARINC 653 interpartition communication",
-    186: "USB with FreeBSD header", 188: "IEEE 802.16 MAC common part sublayer",
-    190: "CAN 2.0B", 191: "IEEE 802.15.4 with Linux padding",
+    163: "IEEE 802.11 with AVS header",
+    165: "BACnet MS/TP",
+    166: "PPP with pppd direction",
+    169: "GPRS LLC",
+    177: "Linux LAPD",
+    187: "Bluetooth HCI UART (H4)",
+    189: "Linux USB",
+    192: "Per-Packet Information (PPI)",
+    195: "IEEE 802.15.4 with FCS",
+    196: "SITA",
+    197: "Endace ERF",
+    201: "Bluetooth HCI H4 with pseudo-header",
+    202: "AX.25 with KISS header",
+    203: "LAPD",
+    204: "PPP with direction",
+    205: "Cisco HDLC with direction",
+    206: "Frame Relay with direction",
+    209: "Linux IPMB",
+    215: "IEEE 802.15.4 non-ASK PHY",
+    220: "Linux USB (memory-mapped)",
+    224: "Fibre Channel FC-2",
+    225: "Fibre Channel FC-2 with frame delimiters",
+    226: "Solaris ipnet",
+    227: "CAN (SocketCAN)",
+    228: "raw IPv4",
+    229: "raw IPv6",
+    230: "IEEE 802.15.4 without FCS",
+    231: "D-Bus",
+    235: "DVB-CI",
+    236: "MUX27010",
+    237: "STANAG 5066 D_PDU",
+    239: "Linux netfilter log (NFLOG)",
+    240: "netANALYZER",
+    241: "netANALYZER transparent",
+    242: "IP over InfiniBand",
+    243: "MPEG-2 transport stream",
+    244: "ng40",
+    245: "NFC LLCP",
+    247: "InfiniBand",
+    248: "SCTP",
+    249: "Windows USB (USBPcap)",
+    250: "RTAC serial",
+    251: "Bluetooth LE link layer",
+    253: "Linux netlink",
+    254: "Bluetooth Linux monitor",
+    255: "Bluetooth BR/EDR baseband",
+    256: "Bluetooth LE with pseudo-header",
+    257: "PROFIBUS data link",
+    258: "Apple PKTAP",
+    259: "Ethernet passive optical network",
+    260: "IPMI HPM.2",
+    261: "Z-Wave R1/R2",
+    262: "Z-Wave R3",
+    263: "WattStopper DLM",
+    264: "ISO 14443",
+    265: "IEC 62106 RDS",
+    266: "Darwin USB",
+    268: "SDLC",
+    270: "LoRaTap",
+    271: "Linux vsock",
+    272: "Nordic BLE sniffer",
+    273: "DOCSIS 3.1 XRA-31",
+    274: "Ethernet mPackets",
+    275: "DisplayPort AUX",
+    276: "Linux cooked v2",
+    278: "OpenVizsla",
+    279: "Elektrobit EBHSCR",
+    280: "VPP graph dispatch",
+    281: "Broadcom DSA tag",
+    282: "Broadcom DSA tag (prepended)",
+    283: "IEEE 802.15.4 TAP",
+    284: "Marvell DSA tag",
+    285: "Marvell EDSA tag",
+    286: "ELEE lawful intercept",
+    287: "Z-Wave serial",
+    288: "USB 2.0",
+    289: "ATSC ALP",
+    290: "Event Tracing for Windows",
+    11: "RFC 1483 LLC-encapsulated ATM",
+    102: "BSD/OS SLIP",
+    103: "BSD/OS PPP",
+    130: "Juniper multi-link PPP",
+    131: "Juniper multi-link Frame Relay",
+    132: "Juniper encryption services PIC",
+    133: "Juniper GGSN PIC",
+    134: "Juniper FRF.16 Frame Relay",
+    135: "Juniper ATM2 PIC",
+    136: "Juniper advanced services PIC",
+    137: "Juniper ATM1 PIC",
+    164: "Juniper passive monitor PIC",
+    167: "Juniper PPPoE",
+    168: "Juniper PPPoE/ATM",
+    170: "GPF-T",
+    171: "GPF-F",
+    174: "Juniper PIC peer",
+    175: "Ethernet with Endace ERF header",
+    176: "Packet-over-SONET with Endace ERF header",
+    178: "Juniper Ethernet",
+    179: "Juniper PPP",
+    180: "Juniper Frame Relay",
+    181: "Juniper Cisco HDLC",
+    182: "FRF.16 Frame Relay",
+    183: "Juniper voice PIC",
+    184: "ARINC 429",
+    185: "ARINC 653 interpartition communication",
+    186: "USB with FreeBSD header",
+    188: "IEEE 802.16 MAC common part sublayer",
+    190: "CAN 2.0B",
+    191: "IEEE 802.15.4 with Linux padding",
     193: "IEEE 802.16 MAC common part sublayer with radiotap header",
-    194: "Juniper integrated service module", 198: "Ethernet with u10 Networks pseudo-header",
-    199: "IPMB with Kontron pseudo-header", 200: "Juniper secure tunnel",
-    216: "Linux evdev events", 219: "MPLS with label as link-layer header", 221: "DECT",
-    222: "AOS space data link protocol", 223: "WirelessHART", 232: "Juniper virtual server",
-    233: "Juniper SRX E2E", 234: "Juniper Fibre Channel", 238: "Juniper ATM CEMIC",
-    246: "pfsync", 267: "OpenBSD OpenFlow", 269: "TI LLN sniffer",
+    194: "Juniper integrated service module",
+    198: "Ethernet with u10 Networks pseudo-header",
+    199: "IPMB with Kontron pseudo-header",
+    200: "Juniper secure tunnel",
+    216: "Linux evdev events",
+    219: "MPLS with label as link-layer header",
+    221: "DECT",
+    222: "AOS space data link protocol",
+    223: "WirelessHART",
+    232: "Juniper virtual server",
+    233: "Juniper SRX E2E",
+    234: "Juniper Fibre Channel",
+    238: "Juniper ATM CEMIC",
+    246: "pfsync",
+    267: "OpenBSD OpenFlow",
+    269: "TI LLN sniffer",
 }
 # Link types whose frames are 802.11 or other radio: no relabelling makes them Ethernet.
 _RADIO = {105, 119, 127, 163, 188, 191, 192, 193, 195, 215, 230, 251, 256, 272, 283}
-_ACCEPTED_WORDS = ("Ethernet, Linux cooked v1/v2, BSD and OpenBSD loopback, raw IP "
-                   "(link types 1, 113, 276, 0, 108, 101, 12, 14, 228, 229)")
+_ACCEPTED_WORDS = (
+    "Ethernet, Linux cooked v1/v2, BSD and OpenBSD loopback, raw IP "
+    "(link types 1, 113, 276, 0, 108, 101, 12, 14, 228, 229)"
+)
 
 
 def linktype_words(lt: int) -> str:
@@ -152,27 +275,31 @@ def linktype_words(lt: int) -> str:
 def linktype_refusal(lt: int) -> str:
     """Why a link type is refused and what to do, as one sentence."""
     if lt in _RADIO:
-        todo = ("capture on the wired side instead (an Ethernet interface, or Linux `any`, "
-                "which gives Linux cooked frames)")
+        todo = (
+            "capture on the wired side instead (an Ethernet interface, or Linux `any`, "
+            "which gives Linux cooked frames)"
+        )
     else:
-        todo = ("if its frames are really Ethernet, relabel them with `editcap -T ether IN "
-                "OUT`; otherwise capture on an Ethernet interface or on Linux `any`")
+        todo = (
+            "if its frames are really Ethernet, relabel them with `editcap -T ether IN "
+            "OUT`; otherwise capture on an Ethernet interface or on Linux `any`"
+        )
     return f"{linktype_words(lt)} is not read by microseg (it reads {_ACCEPTED_WORDS}); {todo}"
 
 
 # walk status codes
-_DONE = 0            # reached the end of the file or the record limit
-_STOP = 1            # pcapng: a block Python must handle (SHB or IDB) starts at pos
-_E_TRUNC_HDR = -1    # record / block header cut short
-_E_TRUNC_DATA = -2   # record data cut short
-_E_CAPLEN_MAX = -3   # captured length beyond libpcap's limit (MAX_SNAPLEN)
-_E_BLOCK_LEN = -4    # pcapng block length malformed
-_E_TRAILER = -5      # pcapng trailing block length differs from the leading one
-_E_IFACE = -6        # EPB / OPB names an interface with no IDB
-_E_CAPLEN = -7       # EPB / OPB captured length beyond the block
-_E_WIRELEN = -8      # original length beyond 2^31 - 1: not a real packet
+_DONE = 0  # reached the end of the file or the record limit
+_STOP = 1  # pcapng: a block Python must handle (SHB or IDB) starts at pos
+_E_TRUNC_HDR = -1  # record / block header cut short
+_E_TRUNC_DATA = -2  # record data cut short
+_E_CAPLEN_MAX = -3  # captured length beyond libpcap's limit (MAX_SNAPLEN)
+_E_BLOCK_LEN = -4  # pcapng block length malformed
+_E_TRAILER = -5  # pcapng trailing block length differs from the leading one
+_E_IFACE = -6  # EPB / OPB names an interface with no IDB
+_E_CAPLEN = -7  # EPB / OPB captured length beyond the block
+_E_WIRELEN = -8  # original length beyond 2^31 - 1: not a real packet
 _INT32_MAX = 0x7FFFFFFF
-_MAX_TS_S = (2**63 - 1) // 1_000_000_000 - 1   # latest second an int64 ns timestamp holds
+_MAX_TS_S = (2**63 - 1) // 1_000_000_000 - 1  # latest second an int64 ns timestamp holds
 
 
 class CaptureError(InputError):
@@ -202,10 +329,18 @@ def _u16(buf, p, big):
 @njit(cache=True, inline="always")
 def _u32(buf, p, big):
     if big:
-        return ((np.int64(buf[p]) << 24) | (np.int64(buf[p + 1]) << 16)
-                | (np.int64(buf[p + 2]) << 8) | np.int64(buf[p + 3]))
-    return (np.int64(buf[p]) | (np.int64(buf[p + 1]) << 8)
-            | (np.int64(buf[p + 2]) << 16) | (np.int64(buf[p + 3]) << 24))
+        return (
+            (np.int64(buf[p]) << 24)
+            | (np.int64(buf[p + 1]) << 16)
+            | (np.int64(buf[p + 2]) << 8)
+            | np.int64(buf[p + 3])
+        )
+    return (
+        np.int64(buf[p])
+        | (np.int64(buf[p + 1]) << 8)
+        | (np.int64(buf[p + 2]) << 16)
+        | (np.int64(buf[p + 3]) << 24)
+    )
 
 
 @njit(cache=True)
@@ -240,8 +375,23 @@ def _walk_pcap(buf, pos, end, big, ts_mult, maxlen, max_n, off, caplen, wirelen,
 
 
 @njit(cache=True)
-def _walk_pcapng(buf, pos, end, big, n_ifaces, snaplens, iface_base, maxlen, max_n,
-                 start, off, caplen, wirelen, tsraw, iface):
+def _walk_pcapng(
+    buf,
+    pos,
+    end,
+    big,
+    n_ifaces,
+    snaplens,
+    iface_base,
+    maxlen,
+    max_n,
+    start,
+    off,
+    caplen,
+    wirelen,
+    tsraw,
+    iface,
+):
     """Walk pcapng blocks from ``pos`` (inside a section whose byte order is ``big``).
 
     Packet blocks (EPB, SPB, OPB) fill the output arrays (``start``: where the block begins);
@@ -266,7 +416,7 @@ def _walk_pcapng(buf, pos, end, big, n_ifaces, snaplens, iface_base, maxlen, max
             return _E_TRAILER, pos, n
         body = pos + 8
         body_len = blen - 12
-        if btype == 6 or btype == 2:          # enhanced / obsolete packet block
+        if btype == 6 or btype == 2:  # enhanced / obsolete packet block
             if body_len < 20:
                 return _E_BLOCK_LEN, pos, n
             if btype == 6:
@@ -288,10 +438,11 @@ def _walk_pcapng(buf, pos, end, big, n_ifaces, snaplens, iface_base, maxlen, max
             caplen[n] = incl
             wirelen[n] = orig if orig > incl else incl
             tsraw[n] = (np.uint64(_u32(buf, body + 4, big)) << np.uint64(32)) | np.uint64(
-                _u32(buf, body + 8, big))
+                _u32(buf, body + 8, big)
+            )
             iface[n] = iface_base + ifc
             n += 1
-        elif btype == 3:                      # simple packet block: interface 0, no timestamp
+        elif btype == 3:  # simple packet block: interface 0, no timestamp
             if body_len < 4:
                 return _E_BLOCK_LEN, pos, n
             if n_ifaces < 1:
@@ -324,7 +475,7 @@ def _gather(buf, src_off, length, out, dst_off):
         s = src_off[i]
         d = dst_off[i]
         ln = length[i]
-        out[d:d + ln] = buf[s:s + ln]
+        out[d : d + ln] = buf[s : s + ln]
 
 
 @njit(cache=True)
@@ -342,7 +493,7 @@ def _emit_pcap(data, offset, length, wire_len, sec, frac, out, pos0):
             pos += 4
         o = offset[i]
         ln = length[i]
-        out[pos:pos + ln] = data[o:o + ln]
+        out[pos : pos + ln] = data[o : o + ln]
         pos += ln
     return pos
 
@@ -378,8 +529,9 @@ class CaptureReader:
     to nothing otherwise.
     """
 
-    def __init__(self, path, *, lenient: bool = False, allow_truncated: bool = False,
-                 warn=None, populate: bool = False):
+    def __init__(
+        self, path, *, lenient: bool = False, allow_truncated: bool = False, warn=None, populate: bool = False
+    ):
         self.path = os.fspath(path)
         self.allow_truncated = bool(allow_truncated or lenient)
         self.warn = warn if warn is not None else (_stderr_warning if lenient else None)
@@ -388,9 +540,9 @@ class CaptureReader:
         self.linktype: int | None = None
         self.beyond_snaplen = 0
         self.first_beyond: int | None = None
-        self._beyond_snap = 0            # the snap length the first such record exceeded
-        self._error: str | None = None   # an error met after the records returned so far
-        self._done_error: str | None = None   # that error, once raised
+        self._beyond_snap = 0  # the snap length the first such record exceeded
+        self._error: str | None = None  # an error met after the records returned so far
+        self._done_error: str | None = None  # that error, once raised
         self._warned = False
         try:
             with open(self.path, "rb") as f:
@@ -399,7 +551,7 @@ class CaptureReader:
                     raise InputError("empty file, not a capture", self.path)
                 flags = mmap.MAP_SHARED
                 if populate and hasattr(mmap, "MAP_POPULATE"):
-                    flags |= mmap.MAP_POPULATE     # fault the whole file in at once
+                    flags |= mmap.MAP_POPULATE  # fault the whole file in at once
                 self._mm = mmap.mmap(f.fileno(), 0, flags=flags, prot=mmap.PROT_READ)
         except InputError:
             raise
@@ -428,7 +580,7 @@ class CaptureReader:
         else:
             raise InputError(f"not a pcap or pcapng file (starts with 0x{magic_be:08x})", self.path)
 
-    def __enter__(self) -> "CaptureReader":
+    def __enter__(self) -> CaptureReader:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -443,13 +595,12 @@ class CaptureReader:
         if self.size < 24:
             raise InputError(f"pcap file header cut short ({self.size} of 24 bytes)", self.path)
         e = ">" if self.big else "<"
-        major, minor, _zone, _sigfigs, snaplen, network = struct.unpack_from(e + "HHiIII",
-                                                                              self._mm, 4)
+        major, minor, _zone, _sigfigs, snaplen, network = struct.unpack_from(e + "HHiIII", self._mm, 4)
         if major != 2:
             raise InputError(f"unsupported pcap version {major}.{minor}", self.path)
         # libpcap takes a snap length of 0 or beyond its limit as its limit
         self.snaplen = snaplen if 0 < snaplen < MAX_SNAPLEN else MAX_SNAPLEN
-        lt = network & 0xFFFF        # the upper bits carry FCS information, not the type
+        lt = network & 0xFFFF  # the upper bits carry FCS information, not the type
         if lt not in LINKTYPES:
             raise InputError(linktype_refusal(lt), self.path)
         self.raw_linktype = lt
@@ -464,7 +615,7 @@ class CaptureReader:
         # per interface, over all sections: raw link type, snap length, if_tsresol code (None
         # if unsupported), if_tsoffset in seconds
         self.ifaces: list[tuple[int, int, int | None, int]] = []
-        self.section_ifaces: list[int] = []                  # snaplens of this section's interfaces
+        self.section_ifaces: list[int] = []  # snaplens of this section's interfaces
         self.iface_base = 0
         self._first_raw_lt: int | None = None
         self._iface_arrays()
@@ -476,8 +627,7 @@ class CaptureReader:
             raise InputError(str(m), self.path) from None
 
     def _iface_arrays(self):
-        self._kind = np.array([LINKTYPES.get(lt, -1) for lt, _, _, _ in self.ifaces] or [-1],
-                              np.int64)
+        self._kind = np.array([LINKTYPES.get(lt, -1) for lt, _, _, _ in self.ifaces] or [-1], np.int64)
         self._snap = np.array([s for _, s, _, _ in self.ifaces] or [0], np.int64)
         self._badres = np.array([r is None for _, _, r, _ in self.ifaces] or [False], bool)
 
@@ -497,13 +647,15 @@ class CaptureReader:
                     elif bom == 0x4D3C2B1A:
                         self.big = True
                     else:
-                        raise _Malformed(f"pcapng section header at byte {self.pos} has a bad "
-                                         "byte-order magic")
+                        raise _Malformed(
+                            f"pcapng section header at byte {self.pos} has a bad byte-order magic"
+                        )
                     e = ">" if self.big else "<"
                     blen, _, major = struct.unpack_from(e + "IIH", mm, self.pos + 4)
                     if major != 1:
-                        raise _Malformed(f"unsupported pcapng version {major} in the section "
-                                         f"header at byte {self.pos}")
+                        raise _Malformed(
+                            f"unsupported pcapng version {major} in the section header at byte {self.pos}"
+                        )
                     self._check_block(blen, e)
                     self.iface_base = len(self.ifaces)
                     self.section_ifaces = []
@@ -598,9 +750,19 @@ class CaptureReader:
         caplen = np.empty(max_n, np.int32)
         wirelen = np.empty(max_n, np.int32)
         ts = np.empty(max_n, np.int64)
-        status, pos, n = _walk_pcap(self.buf, self.pos, self.size, self.big,
-                                    1 if self.nanosecond else 1000, MAX_SNAPLEN, max_n,
-                                    off, caplen, wirelen, ts)
+        status, pos, n = _walk_pcap(
+            self.buf,
+            self.pos,
+            self.size,
+            self.big,
+            1 if self.nanosecond else 1000,
+            MAX_SNAPLEN,
+            max_n,
+            off,
+            caplen,
+            wirelen,
+            ts,
+        )
         self.pos = pos
         self._status(status, n)
         self._flag(caplen[:n], self.snaplen)
@@ -616,10 +778,23 @@ class CaptureReader:
         n = 0
         while n < max_n and self.pos < self.size:
             snaplens = np.array(self.section_ifaces or [0], dtype=np.int64)
-            status, pos, k = _walk_pcapng(self.buf, self.pos, self.size, self.big,
-                                          len(self.section_ifaces), snaplens, self.iface_base,
-                                          MAX_SNAPLEN, max_n - n, start[n:], off[n:],
-                                          caplen[n:], wirelen[n:], tsraw[n:], iface[n:])
+            status, pos, k = _walk_pcapng(
+                self.buf,
+                self.pos,
+                self.size,
+                self.big,
+                len(self.section_ifaces),
+                snaplens,
+                self.iface_base,
+                MAX_SNAPLEN,
+                max_n - n,
+                start[n:],
+                off[n:],
+                caplen[n:],
+                wirelen[n:],
+                tsraw[n:],
+                iface[n:],
+            )
             self.pos = pos
             n += k
             if status == _STOP:
@@ -646,8 +821,7 @@ class CaptureReader:
         ifc = iface[:n]
         kinds = self._kind[ifc]
         want = self.linktype if self.linktype is not None else int(kinds[0])
-        first_lt = (self._first_raw_lt if self.linktype is not None
-                    else self.ifaces[int(ifc[0])][0])
+        first_lt = self._first_raw_lt if self.linktype is not None else self.ifaces[int(ifc[0])][0]
         bad = (kinds != want) | (kinds < 0) | self._badres[ifc]
         if bad.any():
             j = int(np.argmax(bad))
@@ -658,10 +832,12 @@ class CaptureReader:
             elif res is None:
                 msg = f"interface {i} has an unsupported if_tsresol"
             else:
-                msg = (f"interface {i} is {linktype_words(lt)} but the packets before it are "
-                       f"{linktype_words(first_lt)}; microseg reads one link type "
-                       "per capture: split it per interface first, e.g. `tshark -r IN -Y "
-                       f"'frame.interface_id == {i}' -w OUT`")
+                msg = (
+                    f"interface {i} is {linktype_words(lt)} but the packets before it are "
+                    f"{linktype_words(first_lt)}; microseg reads one link type "
+                    "per capture: split it per interface first, e.g. `tshark -r IN -Y "
+                    f"'frame.interface_id == {i}' -w OUT`"
+                )
             n = self._fail_at(j, int(start[j]), msg)
         if n and self.linktype is None:
             self.linktype = want
@@ -677,29 +853,28 @@ class CaptureReader:
             sel = iface == i
             _, _, res, offset_s = self.ifaces[i]
             raw = tsraw[sel]
-            if res & 0x80:                     # 2^-k units
+            if res & 0x80:  # 2^-k units
                 k = res & 0x7F
                 sec = raw >> np.uint64(k)
                 frac = (raw & np.uint64((1 << k) - 1)).astype(np.float64)
                 ns_frac = np.floor(frac * (1e9 / (1 << k))).astype(np.int64)
-            else:                              # 10^-k units
-                unit = np.uint64(10 ** res)
+            else:  # 10^-k units
+                unit = np.uint64(10**res)
                 sec = raw // unit
                 rem = raw % unit
-                ns_frac = ((rem * np.uint64(10 ** (9 - res))) if res <= 9
-                           else (rem // np.uint64(10 ** (res - 9)))).astype(np.int64)
+                ns_frac = (
+                    (rem * np.uint64(10 ** (9 - res))) if res <= 9 else (rem // np.uint64(10 ** (res - 9)))
+                ).astype(np.int64)
             limit = _MAX_TS_S - offset_s
             if offset_s < -_MAX_TS_S or limit < 0:
                 out = np.ones(sec.shape[0], bool)
             else:
                 out = sec > np.uint64(limit)
             bad[sel] = out
-            ts[sel] = np.where(out, 0, (sec.astype(np.int64) + offset_s) * 1_000_000_000
-                               + ns_frac)
+            ts[sel] = np.where(out, 0, (sec.astype(np.int64) + offset_s) * 1_000_000_000 + ns_frac)
         if bad.any():
             j = int(np.argmax(bad))
-            n = self._fail_at(j, int(start[j]), f"interface {int(iface[j])}: timestamp out "
-                              "of range")
+            n = self._fail_at(j, int(start[j]), f"interface {int(iface[j])}: timestamp out of range")
         return ts[:n], n
 
     def _caplen_at(self, pos):
@@ -720,8 +895,9 @@ class CaptureReader:
             self.truncated = f"file cut short inside {where}"
             return
         if status == _E_CAPLEN_MAX:
-            what = (f"captured length {self._caplen_at(self.pos)} beyond libpcap's limit of "
-                    f"{MAX_SNAPLEN} bytes")
+            what = (
+                f"captured length {self._caplen_at(self.pos)} beyond libpcap's limit of {MAX_SNAPLEN} bytes"
+            )
         else:
             what = {
                 _E_BLOCK_LEN: "malformed block length",
@@ -740,9 +916,11 @@ class CaptureReader:
         notes = []
         if self.beyond_snaplen:
             k = self.beyond_snaplen
-            notes.append(f"{k} record{'s' if k > 1 else ''} longer than the snap length "
-                         f"{self._beyond_snap}, read in full (first: record "
-                         f"{self.first_beyond})")
+            notes.append(
+                f"{k} record{'s' if k > 1 else ''} longer than the snap length "
+                f"{self._beyond_snap}, read in full (first: record "
+                f"{self.first_beyond})"
+            )
         if self.truncated is not None and self.allow_truncated:
             notes.append(f"{self.truncated}; {self.n_read} complete packets read")
         if notes:
@@ -760,16 +938,20 @@ class CaptureReader:
                     rec = self.next_records(batch_size)
                 except InputError as exc:
                     self._warnings()
-                    raise CaptureError(self._done_error, self.path, self._batch(_empty_rec()),
-                                       self.n_read) from exc
+                    raise CaptureError(
+                        self._done_error, self.path, self._batch(_empty_rec()), self.n_read
+                    ) from exc
                 if rec[0].shape[0] == 0:
                     break
                 yield self._batch(rec)
             self._warnings()
             if self.truncated is not None and not self.allow_truncated:
-                raise TruncatedCaptureError(f"{self.truncated}; {self.n_read} complete packets "
-                                            "read", self.path, self._batch(_empty_rec()),
-                                            self.n_read)
+                raise TruncatedCaptureError(
+                    f"{self.truncated}; {self.n_read} complete packets read",
+                    self.path,
+                    self._batch(_empty_rec()),
+                    self.n_read,
+                )
         finally:
             self.close()
 
@@ -794,8 +976,9 @@ class CaptureReader:
         if err is not None:
             raise CaptureError(err, self.path, batch)
         if self.truncated is not None and not self.allow_truncated:
-            raise TruncatedCaptureError(f"{self.truncated}; {len(batch)} complete packets read",
-                                        self.path, batch)
+            raise TruncatedCaptureError(
+                f"{self.truncated}; {len(batch)} complete packets read", self.path, batch
+            )
         return batch
 
     def close(self):
@@ -805,7 +988,7 @@ class CaptureReader:
             try:
                 mm.close()
             except BufferError:
-                pass   # a view is still alive; the mapping goes away with it
+                pass  # a view is still alive; the mapping goes away with it
 
 
 def _copy_batch(reader: CaptureReader, off, caplen, wirelen, ts) -> Batch:
@@ -818,11 +1001,18 @@ def _copy_batch(reader: CaptureReader, off, caplen, wirelen, ts) -> Batch:
     if n:
         _gather(reader.buf, off, caplen, data, dst)
     lt = reader.linktype
-    if lt is None:                 # a pcapng file with no packet: its first readable interface
+    if lt is None:  # a pcapng file with no packet: its first readable interface
         kinds = [LINKTYPES[i[0]] for i in getattr(reader, "ifaces", []) if i[0] in LINKTYPES]
         lt = kinds[0] if kinds else LINK_ETHERNET
-    return Batch(data=data, offset=dst, length=caplen.copy(), wire_len=wirelen.copy(),
-                 port=np.zeros(n, np.uint16), ts=ts.copy(), linktype=lt)
+    return Batch(
+        data=data,
+        offset=dst,
+        length=caplen.copy(),
+        wire_len=wirelen.copy(),
+        port=np.zeros(n, np.uint16),
+        ts=ts.copy(),
+        linktype=lt,
+    )
 
 
 def _concat(parts):
@@ -831,20 +1021,21 @@ def _concat(parts):
     return tuple(np.concatenate([p[i] for p in parts]) for i in range(4))
 
 
-def read_capture(path, allow_truncated: bool = False, *, lenient: bool = False,
-                 warn=None) -> Batch:
+def read_capture(path, allow_truncated: bool = False, *, lenient: bool = False, warn=None) -> Batch:
     """Read a whole pcap or pcapng file into one batch (see the module docstring).
 
     An error after some packets raises :class:`CaptureError` carrying them; a file cut inside
     its last record raises :class:`TruncatedCaptureError`, unless ``lenient`` (warns) or
     ``allow_truncated`` (silent). ``warn`` is as for :class:`CaptureReader`.
     """
-    return CaptureReader(path, lenient=lenient, allow_truncated=allow_truncated, warn=warn,
-                         populate=True).read_all()
+    return CaptureReader(
+        path, lenient=lenient, allow_truncated=allow_truncated, warn=warn, populate=True
+    ).read_all()
 
 
-def iter_capture(path, batch_size: int = 256, allow_truncated: bool = False, *,
-                 lenient: bool = False, warn=None):
+def iter_capture(
+    path, batch_size: int = 256, allow_truncated: bool = False, *, lenient: bool = False, warn=None
+):
     """Yield the capture as consecutive batches of at most ``batch_size`` packets.
 
     Only the current chunk's records are indexed at a time, so the file may be larger than
@@ -859,8 +1050,7 @@ def iter_capture(path, batch_size: int = 256, allow_truncated: bool = False, *,
 
 
 def _empty_rec():
-    return (np.zeros(0, np.int64), np.zeros(0, np.int32), np.zeros(0, np.int32),
-            np.zeros(0, np.int64))
+    return (np.zeros(0, np.int64), np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0, np.int64))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -873,8 +1063,9 @@ class PcapWriter:
     Timestamps are written in microseconds, or nanoseconds with ``nanosecond=True``.
     """
 
-    def __init__(self, path, linktype: int | None = None, nanosecond: bool = False,
-                 snaplen: int = MAX_SNAPLEN):
+    def __init__(
+        self, path, linktype: int | None = None, nanosecond: bool = False, snaplen: int = MAX_SNAPLEN
+    ):
         self.path = os.fspath(path)
         self.nanosecond = bool(nanosecond)
         self.snaplen = int(snaplen)
@@ -896,15 +1087,17 @@ class PcapWriter:
         if self.linktype is None:
             self._header(batch.linktype)
         elif batch.linktype != self.linktype:
-            raise InputError(f"batch link type {batch.linktype} differs from the file's "
-                             f"{self.linktype}", self.path)
+            raise InputError(
+                f"batch link type {batch.linktype} differs from the file's {self.linktype}", self.path
+            )
         n = len(batch)
         if n == 0:
             return
         length = np.asarray(batch.length, np.int32)
         if int(length.max()) > self.snaplen:
-            raise InputError(f"a packet of {int(length.max())} bytes exceeds the snap length "
-                             f"{self.snaplen}", self.path)
+            raise InputError(
+                f"a packet of {int(length.max())} bytes exceeds the snap length {self.snaplen}", self.path
+            )
         ts = np.asarray(batch.ts, np.int64)
         if int(ts.min()) < 0 or int(ts.max()) // 1_000_000_000 > 0xFFFFFFFF:
             raise InputError("timestamps out of the range pcap can store", self.path)
@@ -914,8 +1107,7 @@ class PcapWriter:
             frac //= 1000
         wire = np.maximum(np.asarray(batch.wire_len, np.int32), length)
         out = np.empty(16 * n + int(length.sum(dtype=np.int64)), np.uint8)
-        _emit_pcap(batch.data, np.asarray(batch.offset, np.int64), length, wire, sec, frac,
-                   out, 0)
+        _emit_pcap(batch.data, np.asarray(batch.offset, np.int64), length, wire, sec, frac, out, 0)
         self._f.write(out.data)
         self.count += n
 
@@ -925,7 +1117,7 @@ class PcapWriter:
                 self._header(LINK_ETHERNET)
             self._f.close()
 
-    def __enter__(self) -> "PcapWriter":
+    def __enter__(self) -> PcapWriter:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -972,7 +1164,8 @@ def read_pcap_ref(data: bytes):
             return lt, out, "truncated"
         if orig > _INT32_MAX:
             return lt, out, "wirelen"
-        out.append((sec * 1_000_000_000 + frac * mult, max(orig, incl),
-                    bytes(data[pos + 16:pos + 16 + incl])))
+        out.append(
+            (sec * 1_000_000_000 + frac * mult, max(orig, incl), bytes(data[pos + 16 : pos + 16 + incl]))
+        )
         pos += 16 + incl
     return lt, out, None

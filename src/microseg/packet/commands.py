@@ -247,7 +247,7 @@ def _console(out):
     return c
 
 
-def _parsed(path, reading: "_Reading | None" = None):
+def _parsed(path, reading: _Reading | None = None):
     """(batch, parsed keys) of each chunk of the capture. With ``reading``, an error after
     some packets is kept there (raised by ``reading.done()`` once those packets are out)
     instead of stopping the caller's output."""

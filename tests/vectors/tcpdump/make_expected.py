@@ -7,6 +7,7 @@ snap length, each packet's timestamp (ns), captured and original length and the 
 its bytes (first 16 hex digits), and the last line tcpdump printed if it failed.
 Run it here with tcpdump on the PATH: `python make_expected.py`.
 """
+
 import hashlib
 import json
 import os
@@ -26,9 +27,8 @@ def read_pcap(path):
     pos, out = 24, []
     while pos + 16 <= len(data):
         sec, frac, incl, orig = struct.unpack_from(e + "IIII", data, pos)
-        pkt = data[pos + 16:pos + 16 + incl]
-        out.append([sec * 1_000_000_000 + frac * mult, incl, orig,
-                    hashlib.sha256(pkt).hexdigest()[:16]])
+        pkt = data[pos + 16 : pos + 16 + incl]
+        out.append([sec * 1_000_000_000 + frac * mult, incl, orig, hashlib.sha256(pkt).hexdigest()[:16]])
         pos += 16 + incl
     return network & 0xFFFF, snaplen, out
 
@@ -40,13 +40,14 @@ def main():
             if not name.endswith((".pcap", ".pcapng")):
                 continue
             out = os.path.join(tmp, "out.pcap")
-            p = subprocess.run(["tcpdump", "--time-stamp-precision=nano", "-r",
-                                os.path.join(HERE, name), "-w", out],
-                               capture_output=True, text=True)
+            p = subprocess.run(
+                ["tcpdump", "--time-stamp-precision=nano", "-r", os.path.join(HERE, name), "-w", out],
+                capture_output=True,
+                text=True,
+            )
             lt, snaplen, packets = read_pcap(out)
             err = p.stderr.strip().splitlines()[-1] if p.returncode else None
-            expected[name] = {"linktype": lt, "snaplen": snaplen, "packets": packets,
-                              "libpcap_error": err}
+            expected[name] = {"linktype": lt, "snaplen": snaplen, "packets": packets, "libpcap_error": err}
     with open(os.path.join(HERE, "expected_libpcap.json"), "w") as f:
         json.dump(expected, f, indent=1, sort_keys=True)
         f.write("\n")
