@@ -29,7 +29,7 @@ TCPDUMP = ROOT / "tests" / "vectors" / "tcpdump"
 
 def _unknown(failures):
     """Failures other than the known ones (fuzz.KNOWN: bugs outside the capture reader, each
-    reproduced by an xfail test below, matched on stderr so that anything else still fails)."""
+    reproduced by an expected-failure test, matched on stderr so that anything else still fails)."""
     return [f for f in failures if not fuzz.known(f)]
 
 
@@ -158,12 +158,6 @@ def test_reader_on_many_mutated_corpus_files(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # what the fuzzer found outside the reader (fuzz.KNOWN)
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.xfail(
-    strict=False,
-    reason="policy/source.py passes PyYAML's reader error through "
-    'whole, and its text has a second line (\'  in "<unicode string>", '
-    "position N'): a control character in a policy file gives a two-line error",
-)
 @pytest.mark.parametrize("verb", [["policy", "check"], ["policy", "compile"]])
 def test_policy_with_a_control_character_gives_one_error_line(tmp_path, capsys, verb):
     p = tmp_path / "ctl.yaml"
@@ -185,12 +179,6 @@ policies:
 """
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="ipsec/sa.py parse_policy looks the policy's `sa:` up "
-    "in a set without checking it is a name: a mapping or a list there raises "
-    "TypeError (unhashable type) and the CLI prints a traceback",
-)
 @pytest.mark.parametrize("value", ["{name: a}", "[a]"])
 def test_sa_file_policy_naming_a_mapping_or_list_as_sa(tmp_path, capsys, value):
     p = tmp_path / "sa.yaml"

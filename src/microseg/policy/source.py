@@ -135,8 +135,16 @@ def load_documents(text: str, path: str) -> list:
         if exc.context:
             msg = f"{exc.context}, {msg}"
         raise PolicyError([f"{path}:{line}: YAML syntax error: {msg}"]) from None
+    except yaml.reader.ReaderError as exc:
+        # a character YAML refuses (control characters, bad UTF-8): name the line it is on
+        line = text.count("\n", 0, exc.position) + 1 if isinstance(text, str) else None
+        char = exc.character if isinstance(exc.character, int) else ord(exc.character)
+        where = f"{path}:{line}" if line is not None else path
+        raise PolicyError([f"{where}: YAML error: unacceptable character #x{char:04x}: "
+                           f"{exc.reason}"]) from None
     except (yaml.YAMLError, ValueError, TypeError) as exc:
-        raise PolicyError([f"{path}: YAML error: {exc}"]) from None
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise PolicyError([f"{path}: YAML error: {first}"]) from None
     finally:
         loader.dispose()
     return docs
