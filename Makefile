@@ -26,10 +26,12 @@ $(VENV)/.lint-installed: $(STAMP)
 	$(PY) -m pip install -q -e '.[test,bench,lint]'
 	touch $@
 
-# Style and mistakes (ruff) over the sources, tests and benchmarks.
+# Style and mistakes (ruff) over the sources, tests and benchmarks; types (mypy) over the
+# packages listed in pyproject.toml.
 lint: $(VENV)/.lint-installed
-	$(VENV)/bin/ruff check src tests bench
-	$(VENV)/bin/ruff format --check src tests bench
+	$(VENV)/bin/ruff check src tests bench tools
+	$(VENV)/bin/ruff format --check src tests bench tools
+	$(VENV)/bin/mypy
 
 bench: $(STAMP)
 	$(PY) bench/run_all.py
