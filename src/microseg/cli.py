@@ -24,6 +24,8 @@ COMMAND_MODULES = [
     "microseg.packet.commands",
     "microseg.offload.commands",
     "microseg.conntrack.commands",
+    "microseg.agent.agent",
+    "microseg.agent.lab",
 ]
 
 

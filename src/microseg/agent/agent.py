@@ -1,0 +1,696 @@
+"""``microseg agent``: the enforcement point of one host of the policy, on live interfaces.
+
+The agent owns the host's workload-facing ports (one interface per workload, e.g. the host end
+of its veth or tap) and one underlay port, all AF_PACKET ports (:mod:`microseg.io.afpacket`).
+Nothing is bridged or routed by the host's kernel between them, so when the agent is not
+running nothing is forwarded (it fails closed).
+
+* **From a workload port**: frames whose source MAC is not the port's workload are dropped
+  (port binding, as Neutron's port security). ARP requests and IPv6 neighbour solicitations
+  for an address of a workload of the port's tenant are answered by the agent with that
+  workload's MAC (Neutron's ARP responder); no broadcast crosses the overlay. Every other
+  frame is encapsulated in the tenant's VNI, so the datapath judges it in that tenant, and
+  the allowed ones leave in the tenant's overlay towards the destination workload's host on
+  the underlay, or are decapsulated and delivered when that workload is on this host.
+* **From the underlay**: tunnel packets to this host's address from another host of the
+  policy are judged (the tenant is their VNI) and delivered, decapsulated, to the port of the
+  destination workload; nothing received from the underlay is sent back onto it. The agent
+  answers ARP for its host's address there and resolves the other hosts' MACs itself.
+* **Control**: a Unix socket (:mod:`microseg.agent.control`) serves ``status``, ``stats``
+  and ``reload``; SIGHUP reloads the policy file, SIGTERM and SIGINT stop the agent.
+
+Everything runs in one thread: a ``poll`` over the ports, the control socket and a signal
+wake-up socket, so a reload or a control request always falls between two batches.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import ipaddress
+import logging
+import os
+import resource
+import select
+import signal
+import socket
+import time
+
+import numpy as np
+
+from ..errors import InputError, MicrosegError
+from ..io.afpacket import AfPacketPort, complete_l4_checksums, walk_blocks
+from ..overlay import decap, encap
+from ..packet import build as PB
+from ..packet.batch import Batch
+from ..packet.parse import parse
+from ..policy import verdict as V
+from ..policy.compiler import compile_policy
+from ..policy.model import load_policy
+from ..policy.names import qualified, resolve_endpoints
+from . import control
+from .engine import REASONS, Datapath, DatapathConfig, Forwarder
+
+log = logging.getLogger("microseg.agent")
+
+TUNNELS = ("vxlan", "geneve", "nvgre")
+ETH_ARP, ETH_IPV4, ETH_IPV6 = 0x0806, 0x0800, 0x86DD
+BROADCAST = b"\xff" * 6
+ARP_RETRY_S = 0.5          # while a peer host is unresolved
+ARP_REFRESH_S = 30.0
+
+# what the agent itself drops or answers before the datapath (the datapath counts its own)
+AGENT_REASONS = ("port_mac", "oversize", "vlan_tagged", "arp_unanswered", "nd_unanswered",
+                 "no_route", "not_local", "underlay_unresolved", "underlay_other")
+
+
+class AgentError(MicrosegError):
+    pass
+
+
+def _mac48(data: np.ndarray, off: np.ndarray) -> np.ndarray:
+    """The 48-bit MAC at ``data[off : off + 6]`` per row, as uint64."""
+    idx = np.asarray(off, np.int64)[:, None] + np.arange(6)
+    b = data[idx].astype(np.uint64)
+    out = np.zeros(idx.shape[0], np.uint64)
+    for k in range(6):
+        out = (out << np.uint64(8)) | b[:, k]
+    return out
+
+
+def _bytes_at(data: np.ndarray, off: np.ndarray, length: np.ndarray, pos: int, width: int) -> np.ndarray:
+    """Big-endian integer of ``width`` bytes at ``pos`` in each frame (0 where the frame is
+    shorter)."""
+    off = np.asarray(off, np.int64)
+    ok = np.asarray(length) >= pos + width
+    idx = np.where(ok, off + pos, 0)[:, None] + np.arange(width)
+    idx = np.minimum(idx, data.shape[0] - 1)
+    b = data[idx].astype(np.uint64)
+    out = np.zeros(off.shape[0], np.uint64)
+    for k in range(width):
+        out = (out << np.uint64(8)) | b[:, k]
+    out[~ok] = 0
+    return out
+
+
+def _view(batch: Batch, rows) -> Batch:
+    """The frames ``rows`` of ``batch`` as a batch over the same buffer (no copy)."""
+    return Batch(batch.data, batch.offset[rows], batch.length[rows], batch.wire_len[rows],
+                 batch.port[rows], batch.ts[rows], batch.linktype)
+
+
+@dataclasses.dataclass
+class WorkloadPort:
+    port: AfPacketPort
+    index: int                   # into policy.workloads
+    name: str                    # tenant/name
+    tenant: str
+    vni: int
+    mac: int
+
+
+class Agent:
+    """One host's enforcement point (see the module doc)."""
+
+    def __init__(self, policy_path: str, host: str, ports: dict, underlay: str, *,
+                 tunnel: str = "vxlan", control_path: str | None = None,
+                 config: DatapathConfig | None = None):
+        if tunnel not in TUNNELS:
+            raise InputError(f"--tunnel must be one of {', '.join(TUNNELS)}")
+        self.tunnel = tunnel
+        self.host = host
+        self.policy_path = os.path.abspath(policy_path)
+        self.control_path = control_path
+        self.started = time.time()
+        self.ready = False
+        self._ctl = None
+        self.reloads = 0
+        self.reload_refused = 0
+        model = load_policy(self.policy_path)
+        self._check_host(model)
+        specs = self._resolve_ports(model, ports)
+        compiled = compile_policy(model)
+        cfg = config or DatapathConfig(tunnel=tunnel)
+        cfg.tunnel = tunnel
+        self._warm_up(compiled, cfg, specs)
+        self.dp = Datapath(compiled, cfg)
+        self._set_policy(compiled)
+        self.counters = {"packets": 0, "bytes": 0, "arp_replies": 0, "nd_replies": 0,
+                         "csum_completed": 0, "delivered": 0, "to_underlay": 0}
+        self.drops = np.zeros(256, np.int64)                 # datapath reasons of non-allowed
+        self.agent_drops = dict.fromkeys(AGENT_REASONS, 0)
+        self.underlay = None
+        self.wports: list[WorkloadPort] = []
+        self._by_fd = {}
+        try:
+            self.underlay = AfPacketPort(underlay, 0)
+            self._offloads(self.underlay)
+            for i, (w_index, ifname) in enumerate(specs, start=1):
+                w = model.workloads[w_index]
+                p = AfPacketPort(ifname, i)
+                self._offloads(p)
+                self.wports.append(WorkloadPort(p, w_index, qualified(w), w.tenant,
+                                                self._vni[w.tenant], int(w.mac)))
+        except OSError as exc:
+            self.close()
+            raise AgentError(f"cannot open port: {exc.strerror or exc}") from None
+        self._by_fd = {p.port.fileno(): p for p in self.wports}
+        self._by_fd[self.underlay.fileno()] = None
+        self._local = {(p.vni, p.mac): p for p in self.wports}
+        self.neighbours: dict[int, bytes] = {}
+        self._next_arp = 0.0
+        self._last_full_arp = 0.0
+        self._stop = False
+        self._reload_requested = False
+
+    # -- policy ---------------------------------------------------------------------------------
+    def _check_host(self, model) -> None:
+        hosts = {h.name: h for h in model.hosts}
+        if self.host not in hosts:
+            raise InputError(f"host {self.host!r} is not in the policy (hosts: {', '.join(hosts) or 'none'})")
+        addr = ipaddress.ip_address(str(hosts[self.host].address))
+        if addr.version != 4:
+            raise InputError(f"host {self.host!r}: only IPv4 underlay addresses are supported yet")
+        self.address = str(addr)
+
+    def _resolve_ports(self, model, ports: dict) -> list:
+        out = []
+        for text, ifname in ports.items():
+            found = resolve_endpoints(model, [text], what=("--port",))[0]
+            if found is None or isinstance(found, (ipaddress.IPv4Address, ipaddress.IPv6Address)):
+                raise InputError(f"--port: no workload {text!r} in the policy")
+            idx = next(i for i, w in enumerate(model.workloads) if w is found)
+            if found.host != self.host:
+                raise InputError(f"--port: workload {qualified(found)} is on host {found.host}, not {self.host}")
+            if found.mac is None:
+                raise InputError(f"--port: workload {qualified(found)} has no MAC in the policy")
+            out.append((idx, ifname))
+        return out
+
+    def _set_policy(self, compiled) -> None:
+        model = compiled.policy
+        self.compiled = compiled
+        self.model = model
+        self._vni = {t.name: int(t.vni) for t in model.tenants}
+        self.fwd = Forwarder(compiled, self.tunnel, local_address=self.address)
+        host_index = {h.name: i for i, h in enumerate(model.hosts)}
+        self._me = host_index[self.host]
+        self._w_host = np.array([host_index.get(w.host, -1) for w in model.workloads] + [-1], np.int32)
+        # peers: every other host, by IPv4 address
+        peers = [(int(ipaddress.IPv4Address(str(h.address))), h.name) for h in model.hosts
+                 if h.name != self.host and ipaddress.ip_address(str(h.address)).version == 4]
+        peers.sort()
+        self._peer_ip = np.array([p[0] for p in peers], np.uint64)
+        self._peer_name = [p[1] for p in peers]
+        self._host_ip = {h.name: int(ipaddress.ip_address(str(h.address))) for h in model.hosts}
+        self._own_ip = int(ipaddress.IPv4Address(self.address))
+        # ARP / ND answers per tenant: address -> MAC of the workload that owns it
+        self._arp: dict[tuple, int] = {}
+        self._nd: dict[tuple, int] = {}
+        for w in model.workloads:
+            if w.mac is None:
+                continue
+            v = self._vni[w.tenant]
+            for a in w.addresses:
+                (self._arp if a.version == 4 else self._nd)[(v, int(a))] = int(w.mac)
+
+    def load(self, path: str):
+        """Load, validate and compile ``path``; raise MicrosegError when it cannot replace the
+        running policy (bad file, or this host's topology changed)."""
+        model = load_policy(path)
+        hosts = {h.name: h for h in model.hosts}
+        if self.host not in hosts or str(hosts[self.host].address) != self.address:
+            raise InputError(f"{path}: host {self.host} missing or its address changed")
+        for p in self.wports:
+            ws = [w for w in model.workloads if qualified(w) == p.name]
+            if len(ws) != 1 or ws[0].host != self.host or ws[0].mac is None or int(ws[0].mac) != p.mac:
+                raise InputError(f"{path}: workload {p.name} missing, moved or its MAC changed")
+            if {t.name: t.vni for t in model.tenants}.get(p.tenant) != p.vni:
+                raise InputError(f"{path}: tenant {p.tenant} missing or its VNI changed")
+        compiled = compile_policy(model)
+        # workload indices may move in the new file
+        return compiled, {p.name: next(i for i, w in enumerate(model.workloads) if qualified(w) == p.name)
+                          for p in self.wports}
+
+    def reload(self, path: str | None = None) -> dict:
+        path = os.path.abspath(path) if path else self.policy_path
+        try:
+            compiled, index = self.load(path)
+        except (MicrosegError, OSError, ValueError) as exc:
+            self.reload_refused += 1
+            log.error("reload refused, the running policy stays: %s", exc)
+            return {"ok": False, "error": str(exc)}
+        out = self.dp.swap_policy(compiled)
+        self._set_policy(compiled)
+        for p in self.wports:
+            p.index = index[p.name]
+        self.policy_path = path
+        self.reloads += 1
+        log.info("policy reloaded from %s: version %s, %d connections cut", path,
+                 out["new_version"], out["cut"])
+        return {"ok": True, "version": out["new_version"], "cut": int(out["cut"]),
+                "hash": compiled.content_hash}
+
+    # -- start-up -------------------------------------------------------------------------------
+    def _offloads(self, port: AfPacketPort) -> None:
+        bad = {k: v for k, v in port.disable_offloads().items() if v}
+        if bad:
+            log.warning("%s: could not turn off %s (%s); super-frames larger than the MTU will be "
+                        "dropped", port.ifname, ", ".join(bad), "; ".join(set(bad.values())))
+        else:
+            log.debug("%s: tso, gso and gro off", port.ifname)
+
+    def _warm_up(self, compiled, cfg, specs) -> None:
+        """Run one frame through every compiled stage on a throwaway datapath, so that the
+        first live packet does not wait for kernels to load."""
+        t0 = time.perf_counter()
+        model = compiled.policy
+        w = model.workloads[specs[0][0]] if specs else next((x for x in model.workloads if x.addresses), None)
+        if w is None or not w.addresses:
+            return
+        a = str(w.addresses[0])
+        frame = PB.tcp_packet(a, a, 40000, 80, b"x", eth_src=int(w.mac or 2), eth_dst=int(w.mac or 2))
+        b = Batch.from_packets([frame])
+        vni = int(next(t.vni for t in model.tenants if t.name == w.tenant))
+        enc = encap(b, self.tunnel, vni, self.address, self.address)
+        dp = Datapath(compiled, dataclasses.replace(cfg, conntrack_capacity=1024, emc_entries=1024,
+                                                    megaflow_entries=1024, offload_capacity=1024))
+        res = dp.process(enc)
+        Forwarder(compiled, self.tunnel, local_address=self.address).output(enc, res)
+        decap(enc)
+        complete_l4_checksums(enc, parse(enc), np.zeros(1, np.int64))
+        ring = np.zeros(4096, np.uint8)
+        cols = [np.zeros(4, t) for t in (np.int64, np.int32, np.int32, np.int64, np.uint32, np.uint32)]
+        walk_blocks(ring, np.zeros(1, np.int64), *cols)
+        log.debug("kernels ready in %.1f s", time.perf_counter() - t0)
+
+    # -- the loop -------------------------------------------------------------------------------
+    def run(self) -> None:
+        rsock, wsock = socket.socketpair()
+        rsock.setblocking(False)
+        wsock.setblocking(False)
+        old_wakeup = signal.set_wakeup_fd(wsock.fileno())
+        handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+        poller = select.poll()
+        for fd in self._by_fd:
+            poller.register(fd, select.POLLIN | select.POLLERR)
+        poller.register(rsock.fileno(), select.POLLIN)
+        if self.control_path:
+            self._ctl = control.listen(self.control_path)
+            poller.register(self._ctl.fileno(), select.POLLIN)
+        self.ready = True
+        log.info("host %s (%s) enforcing on %s; underlay %s (%s)", self.host, self.address,
+                 ", ".join(f"{p.name}={p.port.ifname}" for p in self.wports) or "no workload ports",
+                 self.underlay.ifname, self.tunnel)
+        try:
+            while not self._stop:
+                self._arp_timer()
+                events = poller.poll(200 if self.neighbours_complete() else 100)
+                for fd, _ev in events:
+                    if fd == rsock.fileno():
+                        try:
+                            while rsock.recv(512):
+                                pass
+                        except BlockingIOError:
+                            pass
+                    elif self._ctl is not None and fd == self._ctl.fileno():
+                        self._serve_control()
+                # read every port that has a block ready, whatever poll said
+                self._service_ports()
+                if self._reload_requested:
+                    self._reload_requested = False
+                    self.reload()
+        finally:
+            signal.set_wakeup_fd(old_wakeup)
+            for s, h in handlers.items():
+                signal.signal(s, h)
+            rsock.close()
+            wsock.close()
+            log.info("stopping")
+
+    def _on_signal(self, signum, _frame) -> None:
+        if signum == signal.SIGHUP:
+            self._reload_requested = True
+        else:
+            self._stop = True
+
+    def stop(self) -> None:
+        self._stop = True
+
+    def _service_ports(self) -> None:
+        for _ in range(64):                   # bounded, so control and signals get a turn
+            busy = False
+            for p in self.wports:
+                if p.port.ready():
+                    busy = True
+                    self._from_workload(p)
+            if self.underlay.ready():
+                busy = True
+                self._from_underlay()
+            if not busy:
+                return
+
+    # -- workload side --------------------------------------------------------------------------
+    def _from_workload(self, wp: WorkloadPort) -> None:
+        burst = wp.port.recv(max_blocks=4)
+        if burst is None:
+            return
+        try:
+            b = burst.batch
+            n = len(b)
+            if n == 0:
+                return
+            d, off, ln = b.data, b.offset, b.length
+            src_ok = _mac48(d, off + 6) == np.uint64(wp.mac)
+            et = _bytes_at(d, off, ln, 12, 2)
+            vlan = burst.vlan_stripped | (et == 0x8100) | (et == 0x88A8)
+            big = burst.oversize
+            arp = et == ETH_ARP
+            ns = ((et == ETH_IPV6) & (_bytes_at(d, off, ln, 20, 1) == 58)
+                  & (_bytes_at(d, off, ln, 54, 1) == 135) & (np.asarray(ln) >= 78))
+            self.agent_drops["port_mac"] += int(np.count_nonzero(~src_ok))
+            self.agent_drops["oversize"] += int(np.count_nonzero(src_ok & big))
+            self.agent_drops["vlan_tagged"] += int(np.count_nonzero(src_ok & ~big & vlan))
+            ok = src_ok & ~big & ~vlan
+            special = np.flatnonzero(ok & (arp | ns))
+            if special.size:
+                self._respond(wp, b, special, arp)
+            rows = np.flatnonzero(ok & ~arp & ~ns)
+            if rows.size:
+                sub = _view(b, rows)
+                self.counters["packets"] += rows.size
+                self.counters["bytes"] += int(sub.wire_len.sum(dtype=np.int64))
+                enc = encap(sub, self.tunnel, wp.vni, self.address, self.address)
+                keys = parse(enc)
+                # the sender's stack left these checksums to an offload that never comes:
+                # finish them now, so conntrack finds them valid (as Linux treats
+                # CHECKSUM_PARTIAL) and the frame leaves the host complete
+                partial = np.flatnonzero(burst.csum_partial[rows])
+                if partial.size:
+                    self.counters["csum_completed"] += complete_l4_checksums(enc, keys, partial)
+                self._judge(enc, keys, from_underlay=False)
+        finally:
+            wp.port.release()
+
+    def _respond(self, wp: WorkloadPort, b: Batch, rows, arp_mask) -> None:
+        """Answer ARP requests and neighbour solicitations for the tenant's workload
+        addresses (a few frames; per frame in Python)."""
+        replies = []
+        for i in rows.tolist():
+            pkt = b.packet(i)
+            if arp_mask[i]:
+                r = self._arp_reply(wp, pkt)
+                key = "arp"
+            else:
+                r = self._na_reply(wp, pkt)
+                key = "nd"
+            if r is None:
+                self.agent_drops[f"{key}_unanswered"] += 1
+            else:
+                replies.append(r)
+                self.counters[f"{key}_replies"] += 1
+        if replies:
+            wp.port.send(Batch.from_packets(replies))
+
+    def _arp_reply(self, wp: WorkloadPort, pkt: bytes):
+        if len(pkt) < 42 or pkt[14:22] != b"\x00\x01\x08\x00\x06\x04\x00\x01":
+            return None
+        sha, spa, tpa = pkt[22:28], pkt[28:32], pkt[38:42]
+        if int.from_bytes(sha, "big") != wp.mac or spa == tpa:
+            return None          # not the port's own MAC, or a gratuitous ARP
+        mac = self._arp.get((wp.vni, int.from_bytes(tpa, "big")))
+        if mac is None or mac == wp.mac:
+            return None
+        t = str(ipaddress.IPv4Address(tpa))
+        s = str(ipaddress.IPv4Address(spa))
+        return PB.ethernet(PB.arp(2, mac, t, sha, s), ETH_ARP, src=mac, dst=sha)
+
+    def _na_reply(self, wp: WorkloadPort, pkt: bytes):
+        src, target = pkt[22:38], pkt[62:78]
+        if src == b"\0" * 16 or pkt[55] != 0:          # duplicate address detection: stay silent
+            return None
+        mac = self._nd.get((wp.vni, int.from_bytes(target, "big")))
+        if mac is None or mac == wp.mac:
+            return None
+        t = str(ipaddress.IPv6Address(target))
+        s = str(ipaddress.IPv6Address(src))
+        body = PB.icmpv6(136, 0, b"\x60\x00\x00\x00", target + b"\x02\x01" + mac.to_bytes(6, "big"),
+                         src=t, dst=s)
+        return PB.ethernet(PB.ipv6(t, s, 58, body, hlim=255), src=mac, dst=pkt[6:12])
+
+    # -- underlay side --------------------------------------------------------------------------
+    def _from_underlay(self) -> None:
+        burst = self.underlay.recv(max_blocks=4)
+        if burst is None:
+            return
+        try:
+            b = burst.batch
+            n = len(b)
+            if n == 0:
+                return
+            d, off, ln = b.data, b.offset, b.length
+            et = _bytes_at(d, off, ln, 12, 2)
+            arp = np.flatnonzero(et == ETH_ARP)
+            if arp.size:
+                self._underlay_arp(b, arp)
+            ihl_ok = (_bytes_at(d, off, ln, 14, 1) >> np.uint64(4)) == 4
+            dst = _bytes_at(d, off, ln, 30, 4)
+            src = _bytes_at(d, off, ln, 26, 4)
+            proto = _bytes_at(d, off, ln, 23, 1)
+            from_peer = np.isin(src, self._peer_ip) if self._peer_ip.size else np.zeros(n, bool)
+            mine = ((et == ETH_IPV4) & ihl_ok & (dst == np.uint64(self._own_ip)) & from_peer
+                    & ((proto == 17) | (proto == 47)))
+            self.agent_drops["underlay_other"] += int(np.count_nonzero(~mine & (et != ETH_ARP)))
+            rows = np.flatnonzero(mine)
+            if rows.size:
+                part = _view(b, rows)
+                self.counters["packets"] += rows.size
+                self.counters["bytes"] += int(part.wire_len.sum(dtype=np.int64))
+                self._judge(part, parse(part), from_underlay=True)
+        finally:
+            self.underlay.release()
+
+    def _underlay_arp(self, b: Batch, rows) -> None:
+        replies = []
+        for i in rows.tolist():
+            pkt = b.packet(i)
+            if len(pkt) < 42 or pkt[14:20] != b"\x00\x01\x08\x00\x06\x04":
+                continue
+            op = int.from_bytes(pkt[20:22], "big")
+            sha, spa, tpa = pkt[22:28], int.from_bytes(pkt[28:32], "big"), int.from_bytes(pkt[38:42], "big")
+            if self._peer_ip.size and np.any(self._peer_ip == np.uint64(spa)):
+                if self.neighbours.get(spa) != sha:
+                    log.debug("underlay: %s is at %s", ipaddress.IPv4Address(spa), sha.hex(":"))
+                self.neighbours[spa] = sha
+            if op == 1 and tpa == self._own_ip:
+                replies.append(PB.arp_packet(2, self.underlay.mac, self.address, sha,
+                                             str(ipaddress.IPv4Address(spa))))
+        if replies:
+            self.underlay.send(Batch.from_packets(replies))
+
+    def neighbours_complete(self) -> bool:
+        return all(int(ip) in self.neighbours for ip in self._peer_ip.tolist())
+
+    def _arp_timer(self) -> None:
+        now = time.monotonic()
+        if now < self._next_arp:
+            return
+        full = now - self._last_full_arp >= ARP_REFRESH_S
+        want = [ip for ip in self._peer_ip.tolist() if full or ip not in self.neighbours]
+        if full:
+            self._last_full_arp = now
+        if want:
+            reqs = [PB.arp_packet(1, self.underlay.mac, self.address, b"\0" * 6,
+                                  str(ipaddress.IPv4Address(ip))) for ip in want]
+            self.underlay.send(Batch.from_packets(reqs))
+        self._next_arp = now + (ARP_RETRY_S if not self.neighbours_complete() else ARP_REFRESH_S)
+
+    # -- judging and output ---------------------------------------------------------------------
+    def _judge(self, batch: Batch, keys, from_underlay: bool) -> None:
+        """``batch``: tunnelled frames (the tenant is their VNI), ``keys`` their parsed
+        headers. Judge, then send the allowed ones (and reject answers) on."""
+        res = self.dp.process(batch, keys)
+        v = res.verdict
+        bad = v != V.ALLOW
+        if bad.any():
+            self.drops += np.bincount(res.reason[bad], minlength=256)[:256]
+        allowed = ~bad
+        d_host = self._w_host[np.where(res.dst_workload >= 0, res.dst_workload, -1)]
+        s_host = self._w_host[np.where(res.src_workload >= 0, res.src_workload, -1)]
+        out_v = v.copy()
+        noroute = allowed & (d_host < 0)
+        out_v[noroute] = V.DROP
+        self.agent_drops["no_route"] += int(np.count_nonzero(noroute))
+        if from_underlay:
+            away = allowed & (d_host >= 0) & (d_host != self._me)
+            out_v[away] = V.DROP
+            self.agent_drops["not_local"] += int(np.count_nonzero(away))
+        out_v[(v == V.REJECT) & (s_host < 0)] = V.DROP        # no one to answer
+        if not np.any(out_v != V.DROP):
+            return
+        out = self.fwd.output(batch, dataclasses.replace(res, verdict=out_v))
+        if len(out):
+            self._route(out)
+
+    def _route(self, out: Batch) -> None:
+        """Frames the Forwarder built (tunnelled, outer IPv4): to this host -> decapsulate
+        and deliver to the workload's port; to another host -> the underlay."""
+        d, off, ln = out.data, out.offset, out.length
+        dst = _bytes_at(d, off, ln, 30, 4)
+        local = dst == np.uint64(self._own_ip)
+        remote = np.flatnonzero(~local)
+        if remote.size:
+            dips = dst[remote]
+            macs = np.zeros((remote.size, 12), np.uint8)
+            known = np.zeros(remote.size, bool)
+            for ip in np.unique(dips).tolist():
+                m = self.neighbours.get(int(ip))
+                if m is not None:
+                    sel = dips == ip
+                    macs[sel, :6] = np.frombuffer(m, np.uint8)
+                    known |= sel
+            macs[:, 6:] = np.frombuffer(self.underlay.mac, np.uint8)
+            if not known.all():
+                self.agent_drops["underlay_unresolved"] += int(np.count_nonzero(~known))
+                self._next_arp = 0.0
+            rows = remote[known]
+            if rows.size:
+                idx = np.asarray(off, np.int64)[rows, None] + np.arange(12)
+                d[idx] = macs[known]
+                self.counters["to_underlay"] += self.underlay.send(out, rows)
+        loc = np.flatnonzero(local)
+        if loc.size:
+            inner, tenant, err = decap(_view(out, loc))
+            ok = np.flatnonzero(err == 0)
+            if ok.size == 0:
+                return
+            dmac = _mac48(inner.data, np.asarray(inner.offset)[ok])
+            ten = np.asarray(tenant)[ok]
+            for p in self.wports:
+                sel = ok[(dmac == np.uint64(p.mac)) & (ten == p.vni)]
+                if sel.size:
+                    self.counters["delivered"] += p.port.send(inner, sel)
+
+    # -- control --------------------------------------------------------------------------------
+    def _serve_control(self) -> None:
+        for _ in range(8):
+            try:
+                conn, _ = self._ctl.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            with conn:
+                try:
+                    if not control.peer_allowed(conn):
+                        control.send_reply(conn, {"ok": False, "error": "permission denied"})
+                        continue
+                    req = control.read_request(conn)
+                    control.send_reply(conn, self.handle(req))
+                except (OSError, ValueError) as exc:
+                    log.warning("control request failed: %s", exc)
+
+    def handle(self, req: dict) -> dict:
+        cmd = req.get("cmd")
+        if cmd == "status":
+            return {"ok": True, **self.status()}
+        if cmd == "stats":
+            return {"ok": True, **self.stats()}
+        if cmd == "reload":
+            return self.reload(req.get("policy"))
+        return {"ok": False, "error": f"unknown command {cmd!r} (status, stats, reload)"}
+
+    def status(self) -> dict:
+        pol = self.compiled
+        return {
+            "host": self.host, "address": self.address, "pid": os.getpid(), "ready": self.ready,
+            "uptime_s": round(time.time() - self.started, 3), "tunnel": self.tunnel,
+            "policy": {"path": self.policy_path, "version": pol.version, "hash": pol.content_hash},
+            "ports": {p.name: p.port.ifname for p in self.wports},
+            "underlay": {"ifname": self.underlay.ifname, "mac": self.underlay.mac.hex(":"),
+                         "peers": {name: (self.neighbours[int(ip)].hex(":") if int(ip) in self.neighbours else None)
+                                   for ip, name in zip(self._peer_ip.tolist(), self._peer_name)},
+                         "resolved": self.neighbours_complete()},
+            "reloads": self.reloads, "reloads_refused": self.reload_refused,
+        }
+
+    def stats(self) -> dict:
+        ru = resource.getrusage(resource.RUSAGE_SELF)
+        dps = self.dp.counters.as_dict()
+        drops = {REASONS.get(i, str(i)): int(c) for i, c in enumerate(self.drops) if c}
+        drops.update({k: v for k, v in self.agent_drops.items() if v})
+        ports = {p.name: dict(p.port.counters, ifname=p.port.ifname) for p in self.wports}
+        ports["underlay"] = dict(self.underlay.counters, ifname=self.underlay.ifname)
+        return {
+            "host": self.host, "pid": os.getpid(),
+            "cpu_seconds": round(ru.ru_utime + ru.ru_stime, 3),
+            "packets": self.counters["packets"], "bytes": self.counters["bytes"],
+            "verdicts": dps["verdicts"], "drops": drops,
+            "conntrack": {"entries": len(self.dp.conntrack), "revoked": dps["revoked_connections"]},
+            "datapath": {"packets": dps["packets"], "levels": dps["levels"],
+                         "conntrack_states": dps["conntrack_states"], "seconds": round(dps["seconds"], 6)},
+            "agent": {k: v for k, v in self.counters.items() if k not in ("packets", "bytes")},
+            "ports": ports,
+            "policy": {"version": self.compiled.version, "hash": self.compiled.content_hash,
+                       "reloads": self.reloads},
+        }
+
+    def close(self) -> None:
+        if self._ctl is not None:
+            self._ctl.close()
+            self._ctl = None
+            if self.control_path:
+                try:
+                    os.unlink(self.control_path)
+                except FileNotFoundError:
+                    pass
+        for p in self.wports:
+            p.port.close()
+        if self.underlay is not None:
+            self.underlay.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# command line
+# ---------------------------------------------------------------------------------------------
+def _port_arg(text: str):
+    name, sep, ifname = text.rpartition("=")
+    if not sep or not name or not ifname:
+        raise argparse.ArgumentTypeError(f"{text!r}: write WORKLOAD=IFNAME")
+    return name, ifname
+
+
+def register(sub) -> None:
+    p = sub.add_parser("agent", help="enforce a policy on live interfaces (one host)",
+                       description="Run the enforcement point of one host of the policy on its "
+                                   "interfaces (AF_PACKET): workload ports in, the tenant's "
+                                   "overlay out on the underlay. Needs CAP_NET_RAW and "
+                                   "CAP_NET_ADMIN. See docs/agent.md.")
+    p.add_argument("--policy", required=True, metavar="P.yaml", help="the policy file")
+    p.add_argument("--host", required=True, metavar="NAME", help="this host, as the policy names it")
+    p.add_argument("--port", action="append", type=_port_arg, default=[], metavar="WORKLOAD=IFNAME",
+                   help="a workload of this host ([tenant/]name) and its interface; repeatable")
+    p.add_argument("--underlay", required=True, metavar="IFNAME", help="the interface towards the other hosts")
+    p.add_argument("--tunnel", choices=TUNNELS, default="vxlan", help="overlay encapsulation (default vxlan)")
+    p.add_argument("--control", metavar="PATH", help="Unix control socket (status, stats, reload)")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
+                   help="operational messages on stderr (default info)")
+    p.set_defaults(func=run_agent)
+
+
+def run_agent(args) -> int:
+    logging.basicConfig(level=logging.WARNING,
+                        format="%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s")
+    logging.getLogger("microseg").setLevel(args.log_level.upper())
+    ports = {}
+    for name, ifname in args.port:
+        if name in ports:
+            raise InputError(f"--port: workload {name} given twice")
+        ports[name] = ifname
+    try:
+        agent = Agent(args.policy, args.host, ports, args.underlay, tunnel=args.tunnel,
+                      control_path=args.control)
+    except PermissionError:
+        raise AgentError("AF_PACKET ports need root (CAP_NET_RAW, CAP_NET_ADMIN)") from None
+    try:
+        agent.run()
+    finally:
+        agent.close()
+    return 0

@@ -1,0 +1,627 @@
+"""``microseg lab``: a policy's data centre in network namespaces, one agent per host.
+
+``lab up`` makes, for a policy:
+
+* one namespace for the underlay, with a bridge (``br0``) joining the hosts;
+* one namespace per host, joined to the bridge by a veth (``ul`` on the host's side) and
+  running ``microseg agent`` for that host, which owns ``ul`` and the host's workload ports;
+* one namespace per workload, with a veth (``eth0``) into its host's namespace (``w0``,
+  ``w1``, ... there) carrying the workload's MAC and addresses, an MTU that leaves room for
+  the overlay (1450 for VXLAN and GENEVE, 1458 for NVGRE) and an on-link default route, so
+  that every destination is resolved by ARP / neighbour discovery, which the agent answers.
+
+The host namespaces forward nothing by themselves (no bridge, no addresses, no forwarding):
+only the agent moves frames between a workload and the underlay. Every namespace is named
+``PREFIX-...``; the lab keeps a state file (``STATE_DIR/state.json``) that lists what it made,
+written before each step, so ``lab down`` removes exactly that, also after a crash of ``up``
+or of an agent. Nothing is created in, or changed on, the machine's own network namespace.
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import ipaddress
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+from ..errors import InputError, MicrosegError
+from ..policy.model import load_policy
+from ..policy.names import qualified
+from . import control
+
+DEFAULT_STATE_DIR = "/run/microseg-lab"
+DEFAULT_PREFIX = "mslab"
+STATE_FILE = "state.json"
+OVERHEAD = {"vxlan": 50, "geneve": 50, "nvgre": 42}     # outer Ethernet + IPv4 + tunnel header
+UNDERLAY_MTU = 1500
+CLONE_NEWNET = 0x40000000
+
+
+class LabError(MicrosegError):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------
+# small helpers
+# ---------------------------------------------------------------------------------------------
+def _need_root() -> None:
+    if os.geteuid() != 0:
+        raise LabError("the lab needs root (it creates network namespaces); run it as root")
+    if shutil.which("ip") is None:
+        raise LabError("the lab needs the `ip` command (iproute2)")
+
+
+def _ip(*args: str) -> str:
+    r = subprocess.run(["ip", *args], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise LabError(f"ip {' '.join(args)}: {r.stderr.strip() or 'failed'}")
+    return r.stdout
+
+
+def _sysctl(ns: str, *settings: str) -> None:
+    for s in settings:
+        key, value = s.split("=")
+        path = "/proc/sys/" + key.replace(".", "/")
+        r = subprocess.run(["ip", "netns", "exec", ns, "sh", "-c", f"echo {value} > {path}"],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            raise LabError(f"{ns}: cannot set {key}: {r.stderr.strip()}")
+
+
+def _safe(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", text)
+
+
+def _netns_exists(name: str) -> bool:
+    return os.path.exists(os.path.join("/run/netns", name))
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class _InNetns:
+    """Run the calling (single-threaded) process inside a named namespace for a moment."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __enter__(self):
+        self._home = os.open("/proc/self/ns/net", os.O_RDONLY)
+        fd = os.open(os.path.join("/run/netns", self.name), os.O_RDONLY)
+        try:
+            if _libc.setns(fd, CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), f"setns {self.name}")
+        finally:
+            os.close(fd)
+        return self
+
+    def __exit__(self, *exc):
+        _libc.setns(self._home, CLONE_NEWNET)
+        os.close(self._home)
+
+
+def _alive(pid: int, marker: str | None = None) -> bool:
+    """Is ``pid`` running (and, with ``marker``, is it the process whose command line holds
+    it: pids are reused)?"""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmd = f.read()
+        with open(f"/proc/{pid}/stat") as f:
+            if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                return False
+    except OSError:
+        return False
+    return marker is None or marker.encode() in cmd
+
+
+class State:
+    """The lab's state file: what ``up`` made, written before each step."""
+
+    def __init__(self, state_dir: str):
+        self.dir = os.path.abspath(state_dir)
+        self.path = os.path.join(self.dir, STATE_FILE)
+        self.data: dict = {}
+
+    def exists(self) -> bool:
+        return os.path.exists(self.path)
+
+    def create(self, data: dict) -> None:
+        made_dir = not os.path.isdir(self.dir)
+        os.makedirs(self.dir, mode=0o700, exist_ok=True)
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            raise LabError(f"a lab is already up (state in {self.path}); run `microseg lab down` "
+                           f"first") from None
+        os.close(fd)
+        self.data = dict(data, made_dir=made_dir)
+        self.save()
+
+    def load(self) -> dict:
+        try:
+            with open(self.path) as f:
+                self.data = json.load(f)
+        except FileNotFoundError:
+            raise LabError(f"no lab is up (no {self.path})") from None
+        except ValueError as exc:
+            raise LabError(f"{self.path}: unreadable state file ({exc}); remove the lab's "
+                           f"namespaces by hand (`ip netns list`)") from None
+        return self.data
+
+    def save(self) -> None:
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.data, f, indent=1, sort_keys=True)
+        os.replace(tmp, self.path)
+
+    def add_namespace(self, name: str) -> None:
+        self.data.setdefault("namespaces", []).append(name)
+        self.save()
+
+
+# ---------------------------------------------------------------------------------------------
+# up
+# ---------------------------------------------------------------------------------------------
+def plan(policy_path: str, prefix: str, tunnel: str) -> dict:
+    """The lab a policy gives: hosts, workloads and names (no side effects)."""
+    model = load_policy(policy_path)
+    hosts, workloads, skipped = {}, {}, []
+    for h in model.hosts:
+        a = ipaddress.ip_address(str(h.address))
+        if a.version != 4:
+            skipped.append(f"host {h.name} (IPv6 underlay address)")
+            continue
+        hosts[h.name] = {"ns": f"{prefix}-host-{_safe(h.name)}", "address": str(a), "ports": {}}
+    vni = {t.name: int(t.vni) for t in model.tenants}
+    mtu = UNDERLAY_MTU - OVERHEAD[tunnel]
+    for w in model.workloads:
+        q = qualified(w)
+        if w.host not in hosts:
+            skipped.append(f"workload {q} (no host in the lab)")
+            continue
+        if w.mac is None:
+            skipped.append(f"workload {q} (no MAC in the policy)")
+            continue
+        host = hosts[w.host]
+        port = f"w{len(host['ports'])}"
+        host["ports"][q] = port
+        workloads[q] = {"ns": f"{prefix}-wl-{_safe(q.replace('/', '-'))}", "host": w.host,
+                        "tenant": w.tenant, "name": w.name, "vni": vni[w.tenant],
+                        "mac": w.mac.to_bytes(6, "big").hex(":"), "port": port,
+                        "addresses": [str(a) for a in w.addresses], "mtu": mtu}
+    if not hosts:
+        raise LabError(f"{policy_path}: no host the lab can build")
+    return {"hosts": hosts, "workloads": workloads, "skipped": skipped, "mtu": mtu}
+
+
+def up(policy_path: str | None, state_dir: str = DEFAULT_STATE_DIR, prefix: str = DEFAULT_PREFIX,
+       tunnel: str = "vxlan", log_level: str = "info", timeout: float = 180.0, echo=print) -> dict:
+    """Build the lab and start its agents; returns the state. On any failure everything made
+    so far is removed again and LabError raised."""
+    _need_root()
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,20}", prefix):
+        raise InputError(f"--prefix {prefix!r}: letters, digits, '_', '.', '-', at most 21")
+    if tunnel not in OVERHEAD:
+        raise InputError(f"--tunnel must be one of {', '.join(OVERHEAD)}")
+    if policy_path is None:
+        from importlib.resources import files
+        policy_path = str(files("microseg") / "data" / "datacenter.yaml")
+    policy_path = os.path.abspath(policy_path)
+    p = plan(policy_path, prefix, tunnel)
+    for ns in [f"{prefix}-underlay"] + [h["ns"] for h in p["hosts"].values()] + \
+              [w["ns"] for w in p["workloads"].values()]:
+        if _netns_exists(ns):
+            raise LabError(f"namespace {ns} exists already (another lab with prefix {prefix}?)")
+    st = State(state_dir)
+    st.create({"prefix": prefix, "policy": policy_path, "tunnel": tunnel, "mtu": p["mtu"],
+               "underlay": f"{prefix}-underlay", "hosts": p["hosts"], "workloads": p["workloads"],
+               "namespaces": [], "files": [], "started": time.time(), "ready": False})
+    for s in p["skipped"]:
+        echo(f"lab: skipping {s}")
+    try:
+        _build(st)
+        _start_agents(st, log_level)
+        _wait_ready(st, timeout)
+    except BaseException:
+        try:
+            down(state_dir, echo=lambda *_: None)
+        finally:
+            pass
+        raise
+    st.data["ready"] = True
+    st.save()
+    return st.data
+
+
+def _make_ns(st: State, name: str) -> None:
+    st.add_namespace(name)
+    _ip("netns", "add", name)
+    _sysctl(name, "net.ipv6.conf.default.disable_ipv6=1", "net.ipv6.conf.all.disable_ipv6=1")
+    _ip("-n", name, "link", "set", "lo", "up")
+
+
+def _build(st: State) -> None:
+    d = st.data
+    u = d["underlay"]
+    _make_ns(st, u)
+    _ip("-n", u, "link", "add", "br0", "type", "bridge")
+    _ip("-n", u, "link", "set", "br0", "up")
+    for i, (name, h) in enumerate(sorted(d["hosts"].items())):
+        ns = h["ns"]
+        _make_ns(st, ns)
+        _ip("-n", u, "link", "add", f"h{i}", "type", "veth", "peer", "name", "ul", "netns", ns)
+        _ip("-n", u, "link", "set", f"h{i}", "master", "br0", "up")
+        _ip("-n", ns, "link", "set", "ul", "mtu", str(UNDERLAY_MTU), "up")
+    for q, w in sorted(d["workloads"].items()):
+        ns, hns = w["ns"], d["hosts"][w["host"]]["ns"]
+        v6 = any(":" in a for a in w["addresses"])
+        st.add_namespace(ns)
+        _ip("netns", "add", ns)
+        _ip("-n", ns, "link", "set", "lo", "up")
+        _ip("-n", hns, "link", "add", w["port"], "type", "veth", "peer", "name", "eth0", "netns", ns)
+        _ip("-n", hns, "link", "set", w["port"], "mtu", str(w["mtu"]), "up")
+        _ip("-n", ns, "link", "set", "eth0", "address", w["mac"], "mtu", str(w["mtu"]),
+            "addrgenmode", "none")
+        if not v6:
+            _sysctl(ns, "net.ipv6.conf.eth0.disable_ipv6=1")
+        _workload_offloads(ns)
+        _ip("-n", ns, "link", "set", "eth0", "up")
+        for a in w["addresses"]:
+            if ":" in a:
+                _ip("-n", ns, "addr", "add", f"{a}/128", "dev", "eth0", "nodad")
+            else:
+                _ip("-n", ns, "addr", "add", f"{a}/32", "dev", "eth0")
+        if any(":" not in a for a in w["addresses"]):
+            _ip("-n", ns, "route", "add", "default", "dev", "eth0")
+        if v6:
+            _ip("-n", ns, "-6", "route", "add", "default", "dev", "eth0")
+
+
+def _workload_offloads(ns: str) -> None:
+    """TSO and GSO off on the workload's side of its veth: a veth hands its peer the sender's
+    super-frames unsegmented, so only the sending side can keep frames within the MTU (the
+    hypervisor's choice for a VM's NIC, here the lab's). Checksum offload stays on: the agent
+    must handle unfinished checksums."""
+    from ..io.afpacket import set_offload
+    with _InNetns(ns):
+        for what in ("tso", "gso"):
+            try:
+                set_offload("eth0", what, False)
+            except OSError as exc:
+                raise LabError(f"{ns}: cannot turn {what} off on eth0: {exc.strerror}") from None
+
+
+def _start_agents(st: State, log_level: str) -> None:
+    d = st.data
+    for name, h in sorted(d["hosts"].items()):
+        sock = os.path.join(st.dir, f"{_safe(name)}.sock")
+        logf = os.path.join(st.dir, f"{_safe(name)}.log")
+        h["control"], h["log"] = sock, logf
+        d["files"] += [sock, logf]
+        cmd = ["ip", "netns", "exec", h["ns"], sys.executable, "-m", "microseg", "agent",
+               "--policy", d["policy"], "--host", name, "--underlay", "ul", "--tunnel", d["tunnel"],
+               "--control", sock, "--log-level", log_level]
+        for q, port in sorted(h["ports"].items()):
+            cmd += ["--port", f"{q}={port}"]
+        with open(logf, "ab") as out:
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                    start_new_session=True, close_fds=True)
+        h["pid"] = proc.pid
+        st.save()
+        _children[proc.pid] = proc
+
+
+_children: dict = {}      # agents this process started (reaped on wait, for exit codes)
+
+
+def _tail(path: str, lines: int = 15) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            return "".join(f.readlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def _wait_ready(st: State, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    todo = set(st.data["hosts"])
+    while todo:
+        for name in sorted(todo):
+            h = st.data["hosts"][name]
+            proc = _children.get(h["pid"])
+            if proc is not None and proc.poll() is not None:
+                raise LabError(f"the agent of {name} exited ({proc.returncode}):\n{_tail(h['log'])}")
+            try:
+                s = control.request(h["control"], "status", timeout=2.0)
+            except control.ControlError:
+                continue
+            if s.get("ready") and s.get("underlay", {}).get("resolved"):
+                todo.discard(name)
+        if todo and time.monotonic() > deadline:
+            raise LabError(f"agents not ready after {timeout:.0f} s: {', '.join(sorted(todo))}\n"
+                           + "".join(_tail(st.data["hosts"][n]["log"]) for n in sorted(todo)))
+        if todo:
+            time.sleep(0.2)
+
+
+# ---------------------------------------------------------------------------------------------
+# down
+# ---------------------------------------------------------------------------------------------
+def _netns_pids(ns: str) -> list[int]:
+    r = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True)
+    return [int(x) for x in r.stdout.split()] if r.returncode == 0 else []
+
+
+def _kill_wait(pids, sig, deadline: float) -> list[int]:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+    left = list(pids)
+    while left and time.monotonic() < deadline:
+        for pid in list(left):
+            proc = _children.pop(pid, None)
+            if proc is not None:
+                try:
+                    proc.wait(timeout=0.05)
+                except subprocess.TimeoutExpired:
+                    _children[pid] = proc
+            if not _alive(pid):
+                left.remove(pid)
+        if left:
+            time.sleep(0.05)
+    return left
+
+
+def down(state_dir: str = DEFAULT_STATE_DIR, echo=print) -> int:
+    """Stop the agents, kill every process left in the lab's namespaces, delete the
+    namespaces (their veths and the bridge go with them) and the lab's files."""
+    _need_root()
+    st = State(state_dir)
+    if not st.exists():
+        echo(f"lab: nothing to take down (no {st.path})")
+        return 0
+    d = st.load()
+    agents = [h["pid"] for h in d.get("hosts", {}).values()
+              if h.get("pid") and _alive(h["pid"], h.get("control"))]
+    left = _kill_wait(agents, signal.SIGTERM, time.monotonic() + 10)
+    _kill_wait(left, signal.SIGKILL, time.monotonic() + 5)
+    problems = []
+    for ns in reversed(d.get("namespaces", [])):
+        if not _netns_exists(ns):
+            continue
+        pids = _netns_pids(ns)
+        if pids:
+            rest = _kill_wait(pids, signal.SIGKILL, time.monotonic() + 5)
+            if rest:
+                problems.append(f"{ns}: processes {rest} would not die")
+        r = subprocess.run(["ip", "netns", "del", ns], capture_output=True, text=True)
+        if r.returncode != 0 and _netns_exists(ns):
+            problems.append(f"{ns}: {r.stderr.strip()}")
+    if problems:
+        raise LabError("lab down left: " + "; ".join(problems))
+    for f in d.get("files", []):
+        try:
+            os.unlink(f)
+        except FileNotFoundError:
+            pass
+    os.unlink(st.path)
+    if d.get("made_dir"):
+        try:
+            os.rmdir(st.dir)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.ENOENT):
+                raise
+    echo(f"lab: down ({len(d.get('namespaces', []))} namespaces removed)")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# exec, status, stats, reload
+# ---------------------------------------------------------------------------------------------
+def find_workload(d: dict, text: str) -> dict:
+    ws = d["workloads"]
+    if text in ws:
+        return ws[text]
+    found = [q for q, w in ws.items() if w["name"] == text]
+    if len(found) == 1:
+        return ws[found[0]]
+    if found:
+        raise InputError(f"{text!r} is ambiguous: {', '.join(sorted(found))} (write TENANT/WORKLOAD)")
+    raise InputError(f"no workload {text!r} in the lab (workloads: {', '.join(sorted(ws))})")
+
+
+def _host_query(h: dict, cmd: str, **args) -> dict:
+    if not (h.get("pid") and _alive(h["pid"], h.get("control"))):
+        return {"ok": False, "error": "agent not running"}
+    try:
+        return control.request(h["control"], cmd, **args)
+    except control.ControlError as exc:
+        return {"ok": False, "error": str(exc)}
+
+
+def status(state_dir: str = DEFAULT_STATE_DIR) -> dict:
+    d = State(state_dir).load()
+    hosts = {}
+    for name, h in sorted(d["hosts"].items()):
+        s = _host_query(h, "status", timeout=5.0)
+        hosts[name] = {"namespace": h["ns"], "address": h["address"], "pid": h.get("pid"),
+                       "running": bool(s.get("ok")), "ready": bool(s.get("ready")),
+                       "policy": s.get("policy"), "peers": s.get("underlay", {}).get("peers"),
+                       "workloads": sorted(h["ports"]),
+                       **({"error": s["error"]} if not s.get("ok") else {})}
+    return {"prefix": d["prefix"], "policy": d["policy"], "tunnel": d["tunnel"], "mtu": d["mtu"],
+            "ready": d.get("ready", False), "hosts": hosts,
+            "workloads": {q: {"namespace": w["ns"], "host": w["host"], "addresses": w["addresses"],
+                              "mac": w["mac"]} for q, w in sorted(d["workloads"].items())},
+            "namespaces": len(d.get("namespaces", []))}
+
+
+def stats(state_dir: str = DEFAULT_STATE_DIR) -> dict:
+    d = State(state_dir).load()
+    out = {}
+    for name, h in sorted(d["hosts"].items()):
+        s = _host_query(h, "stats", timeout=10.0)
+        if not s.get("ok"):
+            out[name] = {"agent": {"pid": h.get("pid"), "running": False, "error": s.get("error")},
+                         "fastpath": _no_fastpath()}
+            continue
+        out[name] = {
+            "agent": {"pid": s["pid"], "running": True, "cpu_seconds": s["cpu_seconds"],
+                      "packets": s["packets"], "bytes": s["bytes"]},
+            "fastpath": _no_fastpath(),
+            "verdicts": s["verdicts"], "drops": s["drops"], "conntrack": s["conntrack"],
+            "ports": s["ports"], "policy": s["policy"],
+        }
+    return {"hosts": out}
+
+
+def _no_fastpath() -> dict:
+    # no datapath below the agent yet: it judges every packet itself
+    return {"kind": "none", "flows": 0, "packets": 0, "bytes": 0}
+
+
+def reload(policy_path: str, state_dir: str = DEFAULT_STATE_DIR) -> dict:
+    st = State(state_dir)
+    d = st.load()
+    policy_path = os.path.abspath(policy_path)
+    p = plan(policy_path, d["prefix"], d["tunnel"])        # validates the file
+    same = ({n: (h["address"], sorted(h["ports"])) for n, h in p["hosts"].items()}
+            == {n: (h["address"], sorted(h["ports"])) for n, h in d["hosts"].items()}
+            and {q: w["mac"] for q, w in p["workloads"].items()}
+            == {q: w["mac"] for q, w in d["workloads"].items()})
+    if not same:
+        raise LabError(f"{policy_path}: hosts or workloads differ from the lab's; a reload changes "
+                       f"rules, groups and network policies only (lab down, then up)")
+    out = {}
+    for name, h in sorted(d["hosts"].items()):
+        out[name] = _host_query(h, "reload", policy=policy_path, timeout=60.0)
+    if all(r.get("ok") for r in out.values()):
+        d["policy"] = policy_path
+        st.save()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# command line
+# ---------------------------------------------------------------------------------------------
+def _common(p) -> None:
+    p.add_argument("--state-dir", default=os.environ.get("MICROSEG_LAB_STATE", DEFAULT_STATE_DIR),
+                   metavar="DIR", help=f"where the lab keeps its state (default {DEFAULT_STATE_DIR}, "
+                                       f"or $MICROSEG_LAB_STATE)")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("lab", help="a data centre in network namespaces, one agent per host",
+                       description="Build a policy's hosts and workloads in network namespaces "
+                                   "(root), one `microseg agent` per host, and drive it. See "
+                                   "docs/agent.md.")
+    verbs = p.add_subparsers(dest="lab_verb", metavar="VERB")
+    verbs.required = True
+    u = verbs.add_parser("up", help="build the lab and start its agents")
+    u.add_argument("--policy", metavar="P.yaml", help="default: the built-in data centre")
+    u.add_argument("--prefix", default=DEFAULT_PREFIX, help=f"namespace name prefix (default {DEFAULT_PREFIX})")
+    u.add_argument("--tunnel", choices=tuple(OVERHEAD), default="vxlan")
+    u.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
+                   help="the agents' log level (their logs are in the state directory)")
+    u.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for the agents")
+    _common(u)
+    u.set_defaults(func=_cli_up)
+    e = verbs.add_parser("exec", help="run a command in a workload",
+                         description="Run CMD inside the workload's namespace; its exit status is "
+                                     "passed through.")
+    e.add_argument("workload", metavar="[TENANT/]WORKLOAD")
+    e.add_argument("command", nargs="+", metavar="-- CMD")
+    _common(e)
+    e.set_defaults(func=_cli_exec)
+    s = verbs.add_parser("status", help="hosts, agents, workloads")
+    s.add_argument("--json", action="store_true")
+    _common(s)
+    s.set_defaults(func=_cli_status)
+    t = verbs.add_parser("stats", help="what each agent judged")
+    t.add_argument("--json", action="store_true")
+    _common(t)
+    t.set_defaults(func=_cli_stats)
+    r = verbs.add_parser("reload", help="every agent swaps to another policy")
+    r.add_argument("--policy", required=True, metavar="P2.yaml")
+    _common(r)
+    r.set_defaults(func=_cli_reload)
+    dn = verbs.add_parser("down", help="remove everything the lab made")
+    _common(dn)
+    dn.set_defaults(func=_cli_down)
+
+
+def _cli_up(args) -> int:
+    d = up(args.policy, args.state_dir, args.prefix, args.tunnel, args.log_level, args.timeout)
+    print(f"lab: up: {len(d['hosts'])} hosts, {len(d['workloads'])} workloads, "
+          f"{len(d['namespaces'])} namespaces (prefix {d['prefix']}, {d['tunnel']}, MTU {d['mtu']})")
+    return 0
+
+
+def _cli_exec(args) -> int:
+    cmd = list(args.command)
+    if cmd and cmd[0] == "--":
+        cmd = cmd[1:]
+    if not cmd:
+        raise InputError("lab exec: no command (lab exec WORKLOAD -- CMD ...)")
+    _need_root()
+    w = find_workload(State(args.state_dir).load(), args.workload)
+    sys.stdout.flush()
+    os.execvp("ip", ["ip", "netns", "exec", w["ns"], *cmd])
+    return 127      # not reached
+
+
+def _cli_status(args) -> int:
+    s = status(args.state_dir)
+    if args.json:
+        print(json.dumps(s, indent=2, sort_keys=True))
+        return 0
+    print(f"lab {s['prefix']}: {s['tunnel']}, MTU {s['mtu']}, policy {s['policy']}")
+    for name, h in s["hosts"].items():
+        state = "ready" if h["ready"] else ("running" if h["running"] else f"DOWN ({h.get('error')})")
+        ver = (h.get("policy") or {}).get("version", "-")
+        print(f"  {name:<14} {h['address']:<16} agent {h['pid']} {state}, policy v{ver}, "
+              f"{len(h['workloads'])} workloads")
+    for q, w in s["workloads"].items():
+        print(f"  {q:<24} on {w['host']:<12} {w['mac']}  {' '.join(w['addresses'])}")
+    return 0 if all(h["running"] for h in s["hosts"].values()) else 1
+
+
+def _cli_stats(args) -> int:
+    s = stats(args.state_dir)
+    if args.json:
+        print(json.dumps(s, indent=2, sort_keys=True))
+        return 0
+    for name, h in s["hosts"].items():
+        a = h["agent"]
+        if not a.get("running"):
+            print(f"{name}: agent not running ({a.get('error')})")
+            continue
+        print(f"{name}: agent {a['pid']}: {a['packets']} packets, {a['bytes']} bytes, "
+              f"{a['cpu_seconds']:.2f} CPU s; conntrack {h['conntrack']['entries']} entries")
+        print(f"  verdicts: {', '.join(f'{k} {v}' for k, v in h['verdicts'].items()) or '-'}")
+        print(f"  drops: {', '.join(f'{k} {v}' for k, v in sorted(h['drops'].items())) or '-'}")
+    return 0
+
+
+def _cli_reload(args) -> int:
+    out = reload(args.policy, args.state_dir)
+    rc = 0
+    for name, r in out.items():
+        if r.get("ok"):
+            print(f"{name}: policy v{r['version']} installed, {r['cut']} connections cut")
+        else:
+            print(f"{name}: refused: {r.get('error')}")
+            rc = 1
+    return rc
+
+
+def _cli_down(args) -> int:
+    return down(args.state_dir)
