@@ -72,42 +72,56 @@ def hash_masked(k, i, masks, m, seed):
     return _fmix(h)
 
 
+@njit(cache=True, inline="always")
+def _key_row(u64, i32, u16, u8, i, j, port, ct, out, hashes, valid):
+    """Row ``j`` of the keys from packet ``i`` (ingress port / in_port field ``port``,
+    conntrack bits ``ct``)."""
+    ver = u8[B.IP_VER, i]
+    ok = u8[B.ERROR, i] == 0 and (ver == 4 or ver == 6)
+    valid[j] = ok
+    if not ok:
+        for w in range(W):
+            out[j, w] = 0
+        hashes[j] = 0
+        return
+    flags = u8[B.FLAGS, i]
+    kind = 0
+    if flags & B.F_PORTS:
+        kind |= KIND_PORTS
+    if flags & B.F_ICMP:
+        kind |= KIND_ICMP
+    if flags & B.F_FRAG:
+        kind |= KIND_FRAG
+    out[j, K_SRC_HI] = u64[B.SRC_HI, i]
+    out[j, K_SRC_LO] = u64[B.SRC_LO, i]
+    out[j, K_DST_HI] = u64[B.DST_HI, i]
+    out[j, K_DST_LO] = u64[B.DST_LO, i]
+    out[j, K_L4] = (np.uint64(u16[B.SPORT, i]) << np.uint64(SH_SPORT)) \
+        | (np.uint64(u16[B.DPORT, i]) << np.uint64(SH_DPORT)) \
+        | (np.uint64(u8[B.PROTO, i]) << np.uint64(SH_PROTO)) \
+        | (np.uint64(u8[B.ICMP_TYPE, i]) << np.uint64(SH_ICMP_TYPE)) \
+        | (np.uint64(u8[B.ICMP_CODE, i]) << np.uint64(SH_ICMP_CODE)) \
+        | (np.uint64(u8[B.TCP_FLAGS, i]) << np.uint64(SH_TCP_FLAGS))
+    out[j, K_META] = (np.uint64(np.uint32(i32[B.TENANT, i])) << np.uint64(SH_TENANT)) \
+        | (np.uint64(port) << np.uint64(SH_IN_PORT)) \
+        | (np.uint64(u16[B.ETHERTYPE, i]) << np.uint64(SH_ETHERTYPE))
+    icmp_id = np.uint64(u16[B.ICMP_ID, i]) if flags & B.F_ICMP else np.uint64(0)
+    out[j, K_CT] = np.uint64(ct) | (np.uint64(kind) << np.uint64(SH_KIND)) \
+        | (icmp_id << np.uint64(SH_ICMP_ID))
+    hashes[j] = hash_row(out, j, 0)
+
+
 @njit(cache=True)
 def _build_keys(u64, i32, u16, u8, n, port, ct, out, hashes, valid):
     for i in range(n):
-        ver = u8[B.IP_VER, i]
-        ok = u8[B.ERROR, i] == 0 and (ver == 4 or ver == 6)
-        valid[i] = ok
-        if not ok:
-            for w in range(W):
-                out[i, w] = 0
-            hashes[i] = 0
-            continue
-        flags = u8[B.FLAGS, i]
-        kind = 0
-        if flags & B.F_PORTS:
-            kind |= KIND_PORTS
-        if flags & B.F_ICMP:
-            kind |= KIND_ICMP
-        if flags & B.F_FRAG:
-            kind |= KIND_FRAG
-        out[i, K_SRC_HI] = u64[B.SRC_HI, i]
-        out[i, K_SRC_LO] = u64[B.SRC_LO, i]
-        out[i, K_DST_HI] = u64[B.DST_HI, i]
-        out[i, K_DST_LO] = u64[B.DST_LO, i]
-        out[i, K_L4] = (np.uint64(u16[B.SPORT, i]) << np.uint64(SH_SPORT)) \
-            | (np.uint64(u16[B.DPORT, i]) << np.uint64(SH_DPORT)) \
-            | (np.uint64(u8[B.PROTO, i]) << np.uint64(SH_PROTO)) \
-            | (np.uint64(u8[B.ICMP_TYPE, i]) << np.uint64(SH_ICMP_TYPE)) \
-            | (np.uint64(u8[B.ICMP_CODE, i]) << np.uint64(SH_ICMP_CODE)) \
-            | (np.uint64(u8[B.TCP_FLAGS, i]) << np.uint64(SH_TCP_FLAGS))
-        out[i, K_META] = (np.uint64(np.uint32(i32[B.TENANT, i])) << np.uint64(SH_TENANT)) \
-            | (np.uint64(port[i]) << np.uint64(SH_IN_PORT)) \
-            | (np.uint64(u16[B.ETHERTYPE, i]) << np.uint64(SH_ETHERTYPE))
-        icmp_id = np.uint64(u16[B.ICMP_ID, i]) if flags & B.F_ICMP else np.uint64(0)
-        out[i, K_CT] = np.uint64(ct[i]) | (np.uint64(kind) << np.uint64(SH_KIND)) \
-            | (icmp_id << np.uint64(SH_ICMP_ID))
-        hashes[i] = hash_row(out, i, 0)
+        _key_row(u64, i32, u16, u8, i, i, port[i], ct[i], out, hashes, valid)
+
+
+@njit(cache=True)
+def _build_keys_at(u64, i32, u16, u8, rows, port, ct, out, hashes, valid):
+    for j in range(rows.shape[0]):
+        i = rows[j]
+        _key_row(u64, i32, u16, u8, i, j, port[i], ct[j], out, hashes, valid)
 
 
 def build_keys(keys, port=None, ct_state=None, out=None):
@@ -127,6 +141,20 @@ def build_keys(keys, port=None, ct_state=None, out=None):
     hashes = np.empty(n, np.uint64)
     valid = np.empty(n, np.bool_)
     _build_keys(keys.u64, keys.i32, keys.u16, keys.u8, n, port, ct, kmat, hashes, valid)
+    return kmat, hashes, valid
+
+
+def build_keys_at(keys, rows, port, ct_state):
+    """Cache keys of the packets ``rows`` (indices) only, one key row per index: as
+    :func:`build_keys`, with ``port`` indexed by packet and ``ct_state`` by row."""
+    rows = np.ascontiguousarray(rows, np.int64)
+    m = rows.shape[0]
+    kmat = np.empty((m, W), np.uint64)
+    hashes = np.empty(m, np.uint64)
+    valid = np.empty(m, np.bool_)
+    _build_keys_at(keys.u64, keys.i32, keys.u16, keys.u8, rows,
+                   np.ascontiguousarray(port, np.uint16), np.ascontiguousarray(ct_state, np.uint8),
+                   kmat, hashes, valid)
     return kmat, hashes, valid
 
 

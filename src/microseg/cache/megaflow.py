@@ -201,6 +201,25 @@ class MegaflowCache:
         self._clock += 1
         self._refresh()
 
+    def insert_masked(self, kmat, mask, rows, verdict, rule, version=None) -> None:
+        """As :meth:`insert` for rows that share one wildcard ``mask`` (``W`` words): the mask
+        is interned once, not per row. ``verdict``/``rule`` are indexed like ``kmat``."""
+        rows = _rows(rows, kmat.shape[0])
+        if rows.size == 0:
+            return
+        mid = self._intern_one(np.ascontiguousarray(mask, np.uint64))
+        if mid < 0:
+            self.counters[C_MASK_FULL] += int(rows.size)
+            return
+        t = self.t
+        ver = self.version if version is None else int(version)
+        _mf_insert(kmat, rows, np.full(rows.shape[0], mid, np.int32),
+                   _per_row(verdict, rows, np.uint8), _per_row(rule, rows, np.int32, -1),
+                   np.uint32(ver), self.masks, self.refs, *t.arrays(), t.n_buckets, t.ways,
+                   np.uint32(self.version), np.uint64(self._clock), self.counters)
+        self._clock += 1
+        self._refresh()
+
     def revalidate(self, new_version: int, changed=None, rule_map=None) -> tuple[int, int]:
         """As :meth:`ExactMatchCache.revalidate`, over each entry's wildcarded region."""
         old, self.version = self.version, int(new_version)

@@ -745,8 +745,10 @@ def process_batch(ents, ents_bytes, slot_ent, slot_hash, free, params, u64, u32,
     prm = params[0]
     mask = prm.meta[M_MASK]
     seed = prm.meta[M_SEED]
-    hs = np.empty(n, dtype=np.uint64)
-    has = np.zeros(n, dtype=np.bool_)
+    # per-packet hashes of packets start..n-1 (index i - start): the arrays may describe a
+    # larger batch of which this call tracks one part
+    hs = np.empty(max(n - start, 0), dtype=np.uint64)
+    has = np.zeros(max(n - start, 0), dtype=np.bool_)
     esz = ents_bytes.shape[0] // ents.shape[0]
     for c0 in range(start, n, PREFETCH_CHUNK):
         c1 = min(n, c0 + PREFETCH_CHUNK)
@@ -777,15 +779,15 @@ def process_batch(ents, ents_bytes, slot_ent, slot_hash, free, params, u64, u32,
             zone = tenant if tenant >= 0 else prm.cfg[K.CFG_DEFAULT_ZONE]
             h = conn_hash(seed, zone, proto, u64[B.SRC_HI, i], u64[B.SRC_LO, i], u64[B.DST_HI, i],
                           u64[B.DST_LO, i], sp, dp, ntype, ic)
-            hs[i] = h
-            has[i] = True
+            hs[i - start] = h
+            has[i - start] = True
             pos = np.int64(np.uint32(h & np.uint64(M32))) & mask
             _prefetch(slot_ent, pos)
             _prefetch(slot_hash, pos)
         # pass 2: prefetch the entry the home slot points to
         for i in range(c0, c1):
-            if has[i]:
-                pos = np.int64(np.uint32(hs[i] & np.uint64(M32))) & mask
+            if has[i - start]:
+                pos = np.int64(np.uint32(hs[i - start] & np.uint64(M32))) & mask
                 f = slot_ent[pos]
                 if f >= 0:
                     _prefetch(ents_bytes, f * esz)
@@ -879,8 +881,8 @@ def process_batch(ents, ents_bytes, slot_ent, slot_hash, free, params, u64, u32,
                     continue
             hsp = sp
             hdp = sp if is_icmp else dp
-            if has[i]:
-                h = hs[i]                   # pass 1 hashed the same fields
+            if has[i - start]:
+                h = hs[i - start]           # pass 1 hashed the same fields
             else:
                 h = conn_hash(seed, zone, proto, shi, slo, dhi, dlo, hsp, hdp, ntype, ic)
             scratch = prm.meta[M_CAPACITY]

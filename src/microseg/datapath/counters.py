@@ -2,8 +2,8 @@
 workload and tenant, as arrays indexed by code (cheap per batch); :meth:`Counters.as_dict`
 names them for reports.
 
-:func:`count_one` is the per-packet update, inlined into the fast kernel (which counts the
-packets it answers) and into :func:`count_rows` (the packets the slow path answered).
+:func:`count_rows` counts the packets the slow path answered; the fast kernel counts the
+packets it answers with the same code written out in its loop.
 """
 from __future__ import annotations
 
@@ -15,29 +15,6 @@ from ..policy.compiler import tenant_index
 from . import reasons as R
 
 
-@njit(cache=True, inline="always")
-def count_one(i, t, verdict, reason, level, ct, rule, src_w, dst_w, c_verdict, c_reason, c_level,
-              c_ct, c_rule, w_tx, w_rx, w_drop, c_tenant):
-    """Count packet ``i`` of tenant row ``t`` (the tenant's index, or the last row)."""
-    v = verdict[i]
-    c_verdict[v] += 1
-    c_reason[reason[i]] += 1
-    c_level[level[i]] += 1
-    c_ct[ct[i] & 15] += 1
-    r = rule[i]
-    if 0 <= r < c_rule.shape[0]:
-        c_rule[r] += 1
-    s, d = src_w[i], dst_w[i]
-    if v == 1:
-        if 0 <= s < w_tx.shape[0]:
-            w_tx[s] += 1
-        if 0 <= d < w_rx.shape[0]:
-            w_rx[d] += 1
-    elif 0 <= s < w_drop.shape[0]:
-        w_drop[s] += 1
-    c_tenant[t, v] += 1
-
-
 @njit(cache=True)
 def count_rows(rows, verdict, reason, level, ct, rule, src_w, dst_w, tenant, vnis, c_verdict,
                c_reason, c_level, c_ct, c_rule, w_tx, w_rx, w_drop, c_tenant):
@@ -46,8 +23,23 @@ def count_rows(rows, verdict, reason, level, ct, rule, src_w, dst_w, tenant, vni
     for j in range(rows.shape[0]):
         i = rows[j]
         t = tenant_index(vnis, np.int64(tenant[i])) if nv else -1
-        count_one(i, t if t >= 0 else nv, verdict, reason, level, ct, rule, src_w, dst_w,
-                  c_verdict, c_reason, c_level, c_ct, c_rule, w_tx, w_rx, w_drop, c_tenant)
+        v = verdict[i]
+        c_verdict[v] += 1
+        c_reason[reason[i]] += 1
+        c_level[level[i]] += 1
+        c_ct[ct[i] & 15] += 1
+        r = rule[i]
+        if 0 <= r < c_rule.shape[0]:
+            c_rule[r] += 1
+        s, d = src_w[i], dst_w[i]
+        if v == 1:
+            if 0 <= s < w_tx.shape[0]:
+                w_tx[s] += 1
+            if 0 <= d < w_rx.shape[0]:
+                w_rx[d] += 1
+        elif 0 <= s < w_drop.shape[0]:
+            w_drop[s] += 1
+        c_tenant[t if t >= 0 else nv, v] += 1
 
 
 class Counters:

@@ -1,5 +1,6 @@
-"""The datapath end to end: the stages wired together over batches (see the package
-docstring for the order)."""
+"""The datapath end to end: :class:`Datapath` wires the stages together over batches (the
+package docstring gives the order), :class:`DatapathConfig` its settings,
+:class:`BatchResult` what it says about each packet."""
 from __future__ import annotations
 
 import time
@@ -8,57 +9,66 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import ctstate
-from ..cache.emc import ExactMatchCache
-from ..cache.key import W, build_keys
-from ..cache.megaflow import MegaflowCache
-from ..conntrack.table import ConntrackTable
+from ..cache.key import build_keys_at
+from ..conntrack import const as CK
+from ..conntrack.table import ConntrackTable, checksum_ok
 from ..offload.handoff import FlowInspector
 from ..offload.inspect import SignatureSet
 from ..offload.table import FastPathTable
 from ..packet.batch import Batch, FlowKeys
 from ..packet.parse import parse
 from ..policy.compiler import CompiledPolicy, revoked_connections
+from . import fast as F
 from . import reasons as V
 from .counters import Counters
-from .fast import source_identity
-from .reasons import L_EMC, L_FAST, L_MEGAFLOW, L_SLOW, L_STATE, R_SIGNATURE
-from .slow import _unpack, megaflow_mask
-from .slow import subset as _subset
+from .reasons import L_FAST, L_SLOW, R_SIGNATURE
+from .slow import SlowPath, subset
+
+_NEW = ctstate.TRACKED | ctstate.NEW
 
 
 @dataclass
 class DatapathConfig:
-    """Settings of one enforcement point. Sizes are entries; rates per second of packet time."""
+    """Settings of one enforcement point. Sizes are entries; rates per second of packet time.
 
-    batch_size: int = 1024           # per-batch Python costs amortise over more packets (256 in benchmarks too)
+    The defaults are the fastest configuration that gives the same verdicts (measured in
+    ``bench/pipeline.py``, see docs/benchmarks.md): the flow caches and the software offload
+    model cost more than they save on this design and are off unless asked for."""
+
+    batch_size: int = 1024           # per-batch Python costs amortise over more packets
     conntrack_capacity: int = 1 << 20
     conntrack_timeouts: dict | None = None
-    caches: bool = True
+    caches: bool = False             # exact-match + megaflow caches in front of the policy
     emc_entries: int = 65536         # one entry per direction and TCP-flag variant of a flow
     megaflow_entries: int = 65536
-    offload: bool = True
+    offload: bool = False            # inspection hand-off and the fast-path (SmartNIC) model
     offload_capacity: int = 500_000
     offload_rate: float = 7000.0
     inspect_packets: int = 8
     elephant_bytes: int = 1 << 20
-    signatures: SignatureSet | None = None
+    signatures: SignatureSet | None = None   # inspected only with ``offload``
     cut_revoked: bool = True          # a new policy cuts established connections it forbids
     tunnel: str = "vxlan"             # encapsulation of forwarded frames: vxlan | geneve | nvgre
     checksum: bool = True             # conntrack verifies L4 checksums (Linux's default)
 
 
+_ARRAYS = ("verdict", "reason", "rule", "ct", "level", "sid", "src_workload", "dst_workload")
+
+
 @dataclass
 class BatchResult:
-    """Per-packet results of :meth:`Datapath.process`, in input order."""
+    """Per-packet results of :meth:`Datapath.process`, in input order, and the parsed headers
+    of the batch (``keys``), which travel on to output and reports."""
 
     verdict: np.ndarray     # uint8 V.ALLOW / V.DROP / V.REJECT
-    reason: np.ndarray      # uint8, REASONS
+    reason: np.ndarray      # uint8, reasons.REASONS
     rule: np.ndarray        # int32 rule-set index of the deciding rule (-1 none)
     ct: np.ndarray          # uint8 conntrack bits (microseg.ctstate), every packet
     level: np.ndarray       # uint8 L_* (which level answered)
     sid: np.ndarray         # int64 signature id that alerted or dropped (0 none)
     src_workload: np.ndarray  # int32 index into policy.workloads (-1 none)
     dst_workload: np.ndarray  # int32
+    keys: FlowKeys | None = None   # the batch's parsed headers (None where not kept)
 
     @classmethod
     def empty(cls, n: int) -> "BatchResult":
@@ -68,39 +78,56 @@ class BatchResult:
 
     def __getitem__(self, idx) -> "BatchResult":
         """The results of packets ``idx`` (a slice gives views, for writing in place)."""
-        return BatchResult(*(getattr(self, f)[idx] for f in _FIELDS))
+        keys = None
+        if self.keys is not None:
+            rows = np.arange(self.keys.n)[idx]
+            keys = subset(self.keys, np.atleast_1d(rows), FlowKeys(max(np.size(rows), 1)))
+        return BatchResult(*(getattr(self, f)[idx] for f in _ARRAYS), keys=keys)
 
     @classmethod
     def concat(cls, parts) -> "BatchResult":
         parts = list(parts)
         if not parts:
             return cls.empty(0)
-        return cls(*(np.concatenate([getattr(p, f) for p in parts]) for f in cls.__dataclass_fields__))
-
-
-_FIELDS = tuple(BatchResult.__dataclass_fields__)
+        out = cls(*(np.concatenate([getattr(p, f) for p in parts]) for f in _ARRAYS))
+        if all(p.keys is not None for p in parts):
+            n = sum(p.keys.n for p in parts)
+            k = FlowKeys(max(n, 1))
+            k.n = n
+            for t in ("u64", "u32", "i32", "u16", "u8"):
+                np.concatenate([getattr(p.keys, t)[:, : p.keys.n] for p in parts], axis=1,
+                               out=getattr(k, t)[:, :n])
+            out.keys = k
+        return out
 
 
 class Datapath:
-    """One enforcement point: a compiled policy plus the stateful stages (see module doc)."""
+    """One enforcement point: a compiled policy plus the stateful stages (see the package
+    docstring)."""
 
     def __init__(self, policy: CompiledPolicy, config: DatapathConfig | None = None):
         self.config = cfg = config or DatapathConfig()
         self.policy = policy
         self.conntrack = ConntrackTable(capacity=cfg.conntrack_capacity,
                                         timeouts=cfg.conntrack_timeouts, checksum=cfg.checksum)
-        self.emc = ExactMatchCache(cfg.emc_entries, version=policy.version) if cfg.caches else None
-        self.megaflow = MegaflowCache(cfg.megaflow_entries, version=policy.version) if cfg.caches else None
+        self.slow = SlowPath(policy, cfg.caches, cfg.emc_entries, cfg.megaflow_entries,
+                             cfg.batch_size)
         self.fastpath = FastPathTable(cfg.offload_capacity, cfg.offload_rate, version=policy.version)
         self.inspector = FlowInspector(cfg.signatures, self.fastpath, n_inspect=cfg.inspect_packets,
                                        elephant_bytes=cfg.elephant_bytes)
-        self._mf_mask = megaflow_mask(policy)
-        self._mf_rows = np.zeros((0, W), np.uint64)
-        self._keys = FlowKeys(cfg.batch_size)
-        self._miss = FlowKeys(cfg.batch_size)
+        self._chunk_keys = FlowKeys(cfg.batch_size)
+        self._ctl = np.zeros(F.N_CTL, np.int64)
         self.counters = Counters(len(policy.ruleset), len(policy.workload_names),
                                  [t.vni for t in policy.policy.tenants])
         self.policy_swaps = 0
+
+    @property
+    def emc(self):
+        return self.slow.emc
+
+    @property
+    def megaflow(self):
+        return self.slow.megaflow
 
     # -- policy -----------------------------------------------------------------------------------
     def swap_policy(self, new: CompiledPolicy) -> dict:
@@ -109,13 +136,9 @@ class Datapath:
         next packets are judged as new ones. Per-rule, per-workload and per-tenant counters
         restart with the new policy (rule indices are its own); the others run on."""
         old, self.policy = self.policy, new
-        self._mf_mask = megaflow_mask(new)
-        self._mf_rows = np.zeros((0, W), np.uint64)
+        self.slow.swap_policy(new)
         self.counters.resize(len(new.ruleset), len(new.workload_names), [t.vni for t in new.policy.tenants])
         out = {"old_version": old.version, "new_version": new.version, "cut": 0}
-        if self.emc is not None:
-            self.emc.revalidate(new.version)
-            self.megaflow.revalidate(new.version)
         self.fastpath.revalidate(new.version)
         self.inspector.reset()
         if self.config.cut_revoked:
@@ -132,129 +155,125 @@ class Datapath:
         return out
 
     # -- packets ----------------------------------------------------------------------------------
-    def process(self, batch: Batch) -> BatchResult:
-        """Run every packet of ``batch`` through the datapath (in chunks of ``batch_size``)."""
+    def process(self, batch: Batch, keys: FlowKeys | None = None) -> BatchResult:
+        """Run every packet of ``batch`` through the datapath (in batches of ``batch_size``).
+
+        ``keys``: the batch's parsed headers if the caller has them (``parse(batch)``), else
+        the batch is parsed here; either way once, and ``result.keys`` carries them on."""
         t0 = time.perf_counter()
         n = len(batch)
-        out = BatchResult.empty(n)
-        size = self.config.batch_size
-        for s in range(0, n, size):
-            e = min(s + size, n)
-            self._chunk(batch.slice(s, e), out[s:e])
-        self.counters.seconds += time.perf_counter() - t0
-        return out
+        res = BatchResult.empty(n)
+        if keys is None:
+            keys = parse(batch)
+        elif keys.n != n:
+            raise ValueError(f"keys describe {keys.n} packets, the batch has {n}")
+        res.keys = keys
+        if n:
+            self._run(batch, keys, res)
+        c = self.counters
+        c.packets += n
+        c.bytes += int(np.asarray(batch.wire_len, np.int64).sum())
+        c.seconds += time.perf_counter() - t0
+        return res
 
-    def _chunk(self, batch: Batch, res: BatchResult) -> None:
-        """One batch through every stage, results written into ``res`` (views of the caller's
-        arrays, zeroed). Stages take the whole batch plus a row mask, so the common path copies
-        nothing; only the slow path's misses are gathered.
+    def _run(self, batch: Batch, keys: FlowKeys, res: BatchResult) -> None:
+        """The fast kernel over the whole batch; the slow path for what it hands back.
 
-        Conntrack commits on allow: when a packet would open a connection, the policy judges
-        it (and every later packet of the batch that has no connection yet) as NEW first, and
-        only an allowed packet creates the entry. So a denied SYN leaves nothing that a reply
-        later in the same batch could ride on, and every packet's verdict and state are the
-        ones it gets when packets come one at a time."""
-        pol = self.policy
+        Conntrack commits on allow: when a packet would open a connection, the kernel stops
+        and the packet (with every later packet of its chunk that has no connection yet) is
+        judged as NEW first; only an allowed packet creates the entry. So a denied SYN leaves
+        nothing that a reply later in the same batch could ride on, and every packet's
+        verdict and state are the ones it gets when packets come one at a time."""
         cfg = self.config
+        ctt = self.conntrack
+        tab = self.policy.endpoint_tables
         n = len(batch)
-        keys = parse(batch, self._keys)
-        src_w, dst_w, src_id = source_identity(pol, keys)
-        res.src_workload[:] = src_w
-        res.dst_workload[:] = dst_w
-        verdict, reason, rule, level = res.verdict, res.reason, res.rule, res.level
-        pre = np.zeros(n, np.bool_)          # rows judged as NEW while conntrack ran
+        now = np.ascontiguousarray(batch.ts, np.int64)
+        ok = (checksum_ok(batch, keys) if ctt.cfg[CK.CFG_CHECKSUM]
+              else np.ones(n, np.bool_))
+        commit = np.full(n, -1, np.int8)
+        tix = np.empty(n, np.int32)
+        owner = np.empty(n, np.int32)
+        src_id = np.empty(n, np.uint16)
+        ent_tmp = np.empty(n, np.int64)
+        dir_tmp = np.empty(n, np.uint8)
+        pending = np.empty(n, np.int64)
+        slow = np.empty(n, np.int64)
+        offload = cfg.offload
+        ctl = self._ctl
+        ctl[:] = 0
+        ctl[F.C_N] = n
+        ctl[F.C_BATCH] = max(1, int(cfg.batch_size))
+        ctl[F.C_FIRST] = 1
+        ctl[F.C_UNTAGGED] = tab.untagged
+        ctl[F.C_ANTI_SPOOF] = int(tab.anti_spoofing)
+        ctl[F.C_COUNT] = 0 if offload else 1
+        ctl[F.C_ONE_CHUNK] = 1 if offload else 0
+        ctl[F.C_EXPIRE] = ctt.expire_budget
+        ctl[F.C_LAST_NOW] = ctt.last_now
+        c = self.counters
+        if not np.array_equal(c.vnis, tab.tenant_vnis):     # the kernel's tenant rows
+            raise ValueError("counters and policy disagree on the tenants")
+        args = (ctt.ents, ctt.ents_bytes, ctt.slot_ent, ctt.slot_hash, ctt.free, ctt.params,
+                *keys.arrays(), batch.data, batch.offset, batch.length, batch.wire_len, now, ok,
+                tab.tenant_vnis, *tab.addresses, *tab.macs, tab.workload_mac,
+                commit, res.ct, tix, owner, res.src_workload, res.dst_workload, src_id,
+                res.verdict, res.reason, res.rule, res.level, ent_tmp, dir_tmp, pending, slow,
+                c.vnis, *c.arrays(), ctl)
+        tenant = keys.tenant
+        while True:
+            F.fast_kernel(*args)
+            status = ctl[F.C_STATUS]
+            if status == F.STOP:
+                rows = pending[: ctl[F.C_N_PENDING]].copy()
+                self.slow.decide(keys, rows, np.full(rows.shape[0], _NEW, np.uint8), src_id,
+                                 res, L_SLOW)
+                commit[rows] = res.verdict[rows] == V.ALLOW
+                continue
+            ns = int(ctl[F.C_N_SLOW])
+            if ns:
+                rows = slow[:ns].copy()
+                ctl[F.C_N_SLOW] = 0
+                self.slow.decide(keys, rows, res.ct[rows], src_id, res, L_SLOW)
+                if not offload:
+                    c.add_rows(rows, res, tenant)
+            if offload:
+                cs, ce = int(ctl[F.C_CHUNK_START]), int(ctl[F.C_CHUNK_END])
+                self._offload(batch, keys, res, cs, ce, src_id)
+                c.add_rows(np.arange(cs, ce), res, tenant)
+            if status == F.DONE:
+                break
+        ctt.last_now = int(ctl[F.C_LAST_NOW])
 
-        def decide_new(rows):
-            ct_new = np.full(n, ctstate.TRACKED | ctstate.NEW, np.uint8)
-            kmat, hashes, valid = build_keys(keys, src_id, ct_new)
-            todo = np.zeros(n, np.bool_)
-            todo[rows] = True
-            level[rows] = L_SLOW
-            self._decide(keys, ct_new, todo, valid & todo, kmat, hashes, res)
-            pre[rows] = True
-            return verdict[rows] == V.ALLOW
-
-        # conntrack sees every packet (the fast path stands for a flow table with hardware
-        # connection tracking: window checks stay strict for offloaded flows)
-        ct = self.conntrack.process(batch, keys, decide=decide_new)
-        res.ct[:] = ct
-        kmat, hashes, valid = build_keys(keys, src_id, ct)        # in_port := source identity
-        # a row judged as NEW keeps that answer if NEW is what conntrack made of it
-        todo = ~(pre & (ct == (ctstate.TRACKED | ctstate.NEW)))
-
-        # fast path: an offloaded flow's ESTABLISHED packets (never SYN/FIN/RST)
+    def _offload(self, batch, keys, res, cs, ce, src_id) -> None:
+        """Packets ``cs..ce-1``: the fast path answers an offloaded flow's ESTABLISHED
+        packets (never SYN/FIN/RST), then inspection of allowed flows' first packets and the
+        offer of clean, passed, encrypted and elephant flows to the fast path."""
+        rows = np.arange(cs, ce)
+        ct = res.ct[cs:ce]
+        verdict, reason, level = res.verdict[cs:ce], res.reason[cs:ce], res.level[cs:ce]
+        kmat, _, valid = build_keys_at(keys, rows, src_id, ct)
+        chunk = batch.slice(cs, ce)
         fast = None
-        if cfg.offload and self.fastpath.used:
+        if self.fastpath.used:
             est = valid & ((ct & ctstate.STATE_MASK) == ctstate.ESTABLISHED)
-            fast, fverdict, _ = self.fastpath.lookup(kmat, est, batch.wire_len, batch.ts)
+            fast, fverdict, _ = self.fastpath.lookup(kmat, est, chunk.wire_len, chunk.ts)
             if fast.any():
                 verdict[fast] = fverdict[fast]
                 reason[fast] = V.R_ESTABLISHED
                 level[fast] = L_FAST
-                todo &= ~fast
-
-        # A tracked packet that is not NEW (ESTABLISHED, RELATED, INVALID) is answered by port
-        # security and its state alone: no rule is consulted, so no cache is worth its lookup.
-        # The caches sit in front of the classifier: NEW (and untracked) packets only.
-        st = ct & ctstate.STATE_MASK
-        by_state = todo & (st != 0) & (st != ctstate.NEW)
-        if todo.any():
-            level[todo] = L_SLOW
-            level[by_state] = L_STATE
-            self._decide(keys, ct, todo, valid & todo & ~by_state, kmat, hashes, res)
-
-        # inspection, then offload, for allowed packets the fast path did not carry
         allowed = verdict == V.ALLOW
-        if cfg.offload and allowed.any():
+        if allowed.any():
             insp = allowed if fast is None else allowed & ~fast
-            h = self.inspector.process(batch, keys, kmat, valid, insp, ct)
+            ck = subset(keys, rows, self._chunk_keys)
+            h = self.inspector.process(chunk, ck, kmat, valid, insp, ct)
             if h.drop.any():
                 verdict[h.drop] = V.DROP
                 reason[h.drop] = R_SIGNATURE
-            res.sid[:] = h.sid
-            ends = valid & insp & ((keys.tcp_flags & 0x05) != 0)        # FIN or RST
+            res.sid[cs:ce] = h.sid
+            ends = valid & insp & ((ck.tcp_flags & 0x05) != 0)        # FIN or RST
             if ends.any():
                 self.inspector.remove(kmat, valid, np.flatnonzero(ends))
-        self.counters.add(batch, keys, res)
-
-    def _decide(self, keys, ct, todo, cacheable, kmat, hashes, res) -> None:
-        """Answer the rows ``todo`` (a mask over the batch) from the caches, for the
-        ``cacheable`` ones, then from the compiled policy (one call for every miss); the
-        policy's answers to cacheable rows are cached. ``level`` of the policy's rows is left
-        as the caller set it (slow path or conntrack state)."""
-        n = keys.n
-        verdict, reason, rule, level = res.verdict, res.reason, res.rule, res.level
-        if self.emc is not None and cacheable.any():
-            todo = todo.copy()
-            cacheable = cacheable.copy()
-            e = self.emc.lookup(kmat, hashes, cacheable)
-            if e.hit.any():
-                _unpack(e.hit, e.verdict, e.rule, L_EMC, verdict, reason, rule, level)
-                todo &= ~e.hit
-                cacheable &= ~e.hit
-            mf = self.megaflow.lookup(kmat, cacheable) if cacheable.any() else None
-            if mf is not None and mf.hit.any():
-                _unpack(mf.hit, mf.verdict, mf.rule, L_MEGAFLOW, verdict, reason, rule, level)
-                todo &= ~mf.hit
-                cacheable &= ~mf.hit
-                self.emc.insert(kmat, hashes, mf.hit, mf.verdict, mf.rule)
-        miss = np.flatnonzero(todo)
-        if miss.size == 0:
-            return
-        mk = keys if miss.size == n else _subset(keys, miss, self._miss)
-        v, r, why = self.policy.decide(mk, ct[miss] if miss.size < n else ct)
-        verdict[miss], rule[miss], reason[miss] = v, r, why
-        if self.emc is not None:
-            ins = np.flatnonzero(cacheable)
-            if ins.size:
-                packed = (verdict | (reason << 2)).astype(np.uint8)
-                self.emc.insert(kmat, hashes, ins, packed, rule)
-                self.megaflow.insert(kmat, self._mf_masks(n), ins, packed, rule)
-
-    def _mf_masks(self, n: int) -> np.ndarray:
-        if self._mf_rows.shape[0] < n:
-            self._mf_rows = np.ascontiguousarray(np.broadcast_to(self._mf_mask, (max(n, 256), W)))
-        return self._mf_rows[:n]
 
     # -- reporting --------------------------------------------------------------------------------
     def stats(self) -> dict:
