@@ -1,0 +1,416 @@
+"""Live tests: a small lab in network namespaces, real sockets through the agents.
+
+Two hosts, two tenants whose workloads use the same addresses, one security group per tenant
+that allows TCP 7000-7999 only (so 8080 is denied) and ICMP in red only. Everything is driven
+with real sockets inside the workloads' namespaces. Every wait is a condition with a deadline;
+the only waits that run to their end are the ones that prove something does *not* arrive.
+
+Needs root and ``ip netns``; skipped otherwise. The lab is always taken down (fixture
+finalizer, and at interpreter exit should the run be interrupted).
+"""
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+PREFIX = f"mst{os.getpid() % 100000}"
+
+POLICY = """\
+version: 1
+default_egress: deny
+deny_action: drop
+tenants:
+  - {name: red, vni: 7001}
+  - {name: blue, vni: 7002}
+hosts:
+  - {name: h1, address: 198.18.0.1}
+  - {name: h2, address: 198.18.0.2}
+security_groups:
+  - name: svc
+    tenant: red
+    rules:
+      - {direction: ingress, ethertype: IPv4, protocol: tcp, port_range_min: 7000, port_range_max: RED_MAX}
+      - {direction: ingress, ethertype: IPv4, protocol: icmp}
+      - {direction: egress, ethertype: IPv4}
+  - name: svc
+    tenant: blue
+    rules:
+      - {direction: ingress, ethertype: IPv4, protocol: tcp, port_range_min: 7000, port_range_max: 7999}
+      - {direction: egress, ethertype: IPv4}
+workloads:
+  - {name: a, tenant: red, host: h1, mac: "02:00:00:01:00:01", ipv4: 10.1.0.1, security_groups: [svc]}
+  - {name: b, tenant: red, host: h1, mac: "02:00:00:01:00:02", ipv4: 10.1.0.2, security_groups: [svc]}
+  - {name: c, tenant: red, host: h2, mac: "02:00:00:01:00:03", ipv4: 10.1.0.3, security_groups: [svc]}
+  - {name: a, tenant: blue, host: h2, mac: "02:00:00:02:00:01", ipv4: 10.1.0.1, security_groups: [svc]}
+  - {name: c, tenant: blue, host: h1, mac: "02:00:00:02:00:03", ipv4: 10.1.0.3, security_groups: [svc]}
+"""
+
+# a TCP server per workload on several ports; each reply is "<tenant/name>:<data>"
+SERVER = textwrap.dedent("""\
+    import socket, sys, threading
+    ident = sys.argv[1].encode()
+    def conn(c):
+        with c:
+            for d in iter(lambda: c.recv(65536), b""):
+                c.sendall(ident + b":" + d)
+    def serve(port):
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("0.0.0.0", port))
+        s.listen(64)
+        while True:
+            c, _ = s.accept()
+            threading.Thread(target=conn, args=(c,), daemon=True).start()
+    for p in sys.argv[2:]:
+        threading.Thread(target=serve, args=(int(p),), daemon=True).start()
+    print("READY", flush=True)
+    threading.Event().wait()
+""")
+
+# one connection, one message; exit 0 with the reply, 3 on timeout, 4 on any other error
+CLIENT = textwrap.dedent("""\
+    import socket, sys
+    addr, port, timeout, msg = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
+    s = socket.socket()
+    s.settimeout(timeout)
+    try:
+        s.connect((addr, port))
+        s.sendall(msg.encode())
+        print(s.recv(65536).decode())
+    except socket.timeout:
+        print("TIMEOUT"); sys.exit(3)
+    except OSError as e:
+        print("ERROR", e); sys.exit(4)
+""")
+
+# a long-lived connection: each stdin line is sent, the reply (or TIMEOUT) printed
+SESSION = textwrap.dedent("""\
+    import socket, sys
+    s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=float(sys.argv[3]))
+    print("CONNECTED", flush=True)
+    for line in sys.stdin:
+        try:
+            s.sendall(line.strip().encode())
+            print(s.recv(65536).decode() or "CLOSED", flush=True)
+        except socket.timeout:
+            print("TIMEOUT", flush=True)
+        except OSError as e:
+            print("ERROR", e, flush=True)
+""")
+
+# ICMP echo with a raw socket: exit 0 on a reply from the address, 3 without one
+PING = textwrap.dedent("""\
+    import os, socket, struct, sys, time
+    def csum(b):
+        s = sum(struct.unpack("!%dH" % (len(b) // 2), b))
+        s = (s >> 16) + (s & 0xFFFF); s += s >> 16
+        return ~s & 0xFFFF
+    addr, timeout = sys.argv[1], float(sys.argv[2])
+    s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+    ident = os.getpid() & 0xFFFF
+    body = struct.pack("!BBHHH", 8, 0, 0, ident, 1) + b"microseg"
+    s.sendto(body[:2] + struct.pack("!H", csum(body)) + body[4:], (addr, 0))
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        s.settimeout(max(0.01, end - time.monotonic()))
+        try:
+            d, a = s.recvfrom(2048)
+        except socket.timeout:
+            break
+        ihl = (d[0] & 15) * 4
+        t, _, _, i, _ = struct.unpack("!BBHHH", d[ihl:ihl + 8])
+        if t == 0 and i == ident and a[0] == addr:
+            print("REPLY"); sys.exit(0)
+    print("TIMEOUT"); sys.exit(3)
+""")
+
+UP_TIMEOUT = 150          # agents import and load their kernels; generous on a loaded machine
+ANSWER_DEADLINE = 30      # an allowed path must answer within this (retries included)
+SILENCE = 4.0             # how long a denied connection is given to (wrongly) get through
+
+
+def _skip_reason() -> str | None:
+    if not sys.platform.startswith("linux"):
+        return "network namespaces are Linux only"
+    if os.geteuid() != 0:
+        return "needs root (network namespaces, AF_PACKET)"
+    if shutil.which("ip") is None:
+        return "needs iproute2's ip"
+    probe = f"{PREFIX}-probe"
+    r = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
+    if r.returncode != 0:
+        return f"ip netns unavailable: {r.stderr.strip()}"
+    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+    return None
+
+
+_REASON = _skip_reason()
+pytestmark = pytest.mark.skipif(_REASON is not None, reason=_REASON or "")
+
+
+def _netns_list() -> list[str]:
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    return [line.split()[0] for line in out.splitlines() if line.strip()]
+
+
+def _root_links() -> list[str]:
+    out = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
+    return sorted(line.split(":")[1].strip().split("@")[0] for line in out.splitlines())
+
+
+class Lab:
+    def __init__(self, root):
+        self.root = root
+        self.state_dir = str(root / "state")
+        self.p1 = root / "p1.yaml"
+        self.p2 = root / "p2.yaml"
+        self.bad = root / "bad.yaml"
+        self.p1.write_text(POLICY.replace("RED_MAX", "7999"))
+        # P2 forbids red's port 7001 (7000 stays allowed)
+        self.p2.write_text(POLICY.replace("port_range_min: 7000, port_range_max: RED_MAX}",
+                                          "port_range_min: 7000, port_range_max: 7000}\n"
+                                          "      - {direction: ingress, ethertype: IPv4, protocol: tcp, "
+                                          "port_range_min: 7002, port_range_max: 7999}"))
+        self.bad.write_text(POLICY.replace("RED_MAX", "7999").replace("tenant: blue, host: h2",
+                                                                      "tenant: nosuch, host: h2"))
+        self.servers: list[subprocess.Popen] = []
+        self.down_done = False
+
+    @property
+    def state(self) -> dict:
+        with open(os.path.join(self.state_dir, "state.json")) as f:
+            return json.load(f)
+
+    def ns(self, workload: str) -> str:
+        return self.state["workloads"][workload]["ns"]
+
+    def py(self, workload: str, code: str, *args, timeout: float = 60) -> subprocess.CompletedProcess:
+        return subprocess.run(["ip", "netns", "exec", self.ns(workload), sys.executable, "-I", "-c",
+                               code, *map(str, args)], capture_output=True, text=True, timeout=timeout)
+
+    def tcp(self, workload: str, addr: str, port: int, msg: str, timeout: float = 3.0):
+        r = self.py(workload, CLIENT, addr, port, timeout, msg, timeout=timeout + 30)
+        return r.returncode, r.stdout.strip()
+
+    def answers(self, workload, addr, port, msg, deadline=ANSWER_DEADLINE) -> str:
+        """The reply of the first attempt that gets one, retrying until ``deadline``."""
+        end = time.monotonic() + deadline
+        last = None
+        while time.monotonic() < end:
+            last = self.tcp(workload, addr, port, msg, timeout=min(3.0, max(0.5, end - time.monotonic())))
+            if last[0] == 0:
+                return last[1]
+            time.sleep(0.1)
+        raise AssertionError(f"{workload} -> {addr}:{port}: no answer within {deadline} s (last: {last})")
+
+    def cli(self, verb: str, *args, timeout: float = 120) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "microseg", "lab", verb, "--state-dir",
+                               self.state_dir, *args], capture_output=True, text=True, timeout=timeout)
+
+    def start_server(self, workload: str, *ports: int) -> None:
+        p = subprocess.Popen(["ip", "netns", "exec", self.ns(workload), sys.executable, "-I", "-c",
+                              SERVER, workload, *map(str, ports)],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.servers.append(p)
+        line = p.stdout.readline()            # blocks until the server listens (or dies)
+        assert line.strip() == "READY", f"server in {workload} did not start: {line!r}"
+
+    def session(self, workload: str, addr: str, port: int, timeout: float):
+        p = subprocess.Popen(["ip", "netns", "exec", self.ns(workload), sys.executable, "-I", "-c",
+                              SESSION, addr, str(port), str(timeout)],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True, bufsize=1)
+        self.servers.append(p)
+        assert p.stdout.readline().strip() == "CONNECTED"
+        return p
+
+    def teardown(self) -> None:
+        if self.down_done:
+            return
+        self.down_done = True
+        from microseg.agent import lab as L
+        for name in ("h1", "h2"):
+            log = os.path.join(self.state_dir, f"{name}.log")
+            if os.path.exists(log):
+                with open(log, errors="replace") as f:
+                    print(f"--- agent log {name} (tail)\n" + "".join(f.readlines()[-20:]))
+        try:
+            L.down(self.state_dir, echo=lambda *_: None)
+        finally:
+            for p in self.servers:
+                if p.poll() is None:
+                    p.kill()
+                p.wait(timeout=10)
+
+
+def _say(p: subprocess.Popen, text: str) -> str:
+    p.stdin.write(text + "\n")
+    p.stdin.flush()
+    return p.stdout.readline().strip()
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory, request):
+    from microseg.agent import lab as L
+    lab = Lab(tmp_path_factory.mktemp("lab"))
+    lab.links_before = _root_links()
+    request.addfinalizer(lab.teardown)
+    atexit.register(lab.teardown)              # also when the run is interrupted
+    L.up(str(lab.p1), lab.state_dir, PREFIX, "vxlan", "info", UP_TIMEOUT, echo=lambda *_: None)
+    for w in ("red/b", "red/c", "blue/c"):
+        lab.start_server(w, 7000, 7001, 8080)
+    return lab
+
+
+# ---------------------------------------------------------------------------------------------
+def test_lab_is_up(lab):
+    r = lab.cli("status", "--json")
+    assert r.returncode == 0, r.stderr
+    s = json.loads(r.stdout)
+    assert set(s["hosts"]) == {"h1", "h2"}
+    assert all(h["ready"] for h in s["hosts"].values())
+    assert set(s["workloads"]) == {"red/a", "red/b", "red/c", "blue/a", "blue/c"}
+    assert all(ns.startswith(PREFIX + "-") for ns in lab.state["namespaces"])
+    assert set(lab.state["namespaces"]) <= set(_netns_list())
+
+
+def test_up_twice_is_refused(lab):
+    from microseg.agent import lab as L
+    with pytest.raises(L.LabError, match="already up"):
+        L.up(str(lab.p1), lab.state_dir, PREFIX + "x")
+
+
+def test_tcp_same_host(lab):
+    assert lab.answers("red/a", "10.1.0.2", 7000, "hello") == "red/b:hello"
+
+
+def test_tcp_across_hosts(lab):
+    assert lab.answers("red/a", "10.1.0.3", 7000, "over the underlay") == "red/c:over the underlay"
+    assert lab.answers("red/c", "10.1.0.2", 7001, "and back") == "red/b:and back"
+
+
+def test_denied_port_times_out(lab):
+    lab.answers("red/a", "10.1.0.3", 7000, "path works")           # the path itself is fine
+    rc, out = lab.tcp("red/a", "10.1.0.3", 8080, "denied", timeout=SILENCE)
+    assert (rc, out) == (3, "TIMEOUT")
+    rc, out = lab.tcp("red/a", "10.1.0.2", 8080, "denied", timeout=SILENCE)   # same host too
+    assert (rc, out) == (3, "TIMEOUT")
+
+
+def test_overlapping_tenants_stay_apart(lab):
+    # 10.1.0.3 is red/c (on h2) in red and blue/c (on h1) in blue: each tenant reaches its own
+    assert lab.answers("red/a", "10.1.0.3", 7000, "who") == "red/c:who"
+    assert lab.answers("blue/a", "10.1.0.3", 7000, "who") == "blue/c:who"
+    # 10.1.0.2 exists only in red: blue/a gets no ARP answer for it ...
+    rc, out = lab.tcp("blue/a", "10.1.0.2", 7000, "cross", timeout=SILENCE)
+    assert rc != 0, out
+    # ... and with red/b's MAC forced into its neighbour table, the frame is still not red's
+    subprocess.run(["ip", "-n", lab.ns("blue/a"), "neigh", "replace", "10.1.0.2", "lladdr",
+                    "02:00:00:01:00:02", "dev", "eth0", "nud", "permanent"], check=True)
+    rc, out = lab.tcp("blue/a", "10.1.0.2", 7000, "cross", timeout=SILENCE)
+    assert (rc, out) == (3, "TIMEOUT")
+
+
+def test_ping_where_icmp_is_allowed(lab):
+    r = lab.py("red/a", PING, "10.1.0.3", 3.0)                     # red allows ICMP in
+    for _ in range(5):
+        if r.returncode == 0:
+            break
+        r = lab.py("red/a", PING, "10.1.0.3", 3.0)
+    assert r.returncode == 0, r.stdout
+    assert lab.py("blue/a", PING, "10.1.0.3", 3.0).returncode == 3   # blue does not
+
+
+def test_lab_exec_passes_the_exit_status(lab):
+    r = lab.cli("exec", "red/a", "--", "sh", "-c", "ip -o addr show dev eth0; exit 7")
+    assert r.returncode == 7
+    assert "10.1.0.1/32" in r.stdout
+    r = lab.cli("exec", "a", "--", "true")
+    assert r.returncode == 2 and "ambiguous" in r.stderr
+
+
+def test_stats(lab):
+    lab.answers("red/a", "10.1.0.3", 7000, "count me")
+    r = lab.cli("stats", "--json")
+    assert r.returncode == 0, r.stderr
+    hosts = json.loads(r.stdout)["hosts"]
+    pids = {n: h["pid"] for n, h in lab.state["hosts"].items()}
+    for name in ("h1", "h2"):
+        h = hosts[name]
+        assert h["agent"]["pid"] == pids[name]
+        assert h["agent"]["packets"] > 0 and h["agent"]["bytes"] > 0
+        assert h["agent"]["cpu_seconds"] > 0
+        assert h["fastpath"] == {"kind": "none", "flows": 0, "packets": 0, "bytes": 0}
+        assert h["verdicts"]["allow"] > 0
+        assert h["conntrack"]["entries"] >= 0
+    # the denied connections were dropped by the destination's ingress rules (on h2 and h1)
+    assert hosts["h2"]["drops"].get("ingress_denied", 0) > 0
+
+
+def test_invalid_reload_is_refused_and_the_policy_kept(lab):
+    from microseg.agent import control
+    h1 = lab.state["hosts"]["h1"]
+    before = control.request(h1["control"], "status")["policy"]
+    r = control.request(h1["control"], "reload", policy=str(lab.bad))
+    assert r["ok"] is False and "nosuch" in r["error"]
+    assert control.request(h1["control"], "status")["policy"] == before
+    assert lab.answers("red/a", "10.1.0.3", 7000, "still") == "red/c:still"
+
+
+def test_reload_cuts_a_forbidden_established_flow(lab):
+    kept = lab.session("red/a", "10.1.0.3", 7000, timeout=10)
+    cut = lab.session("red/a", "10.1.0.3", 7001, timeout=SILENCE)
+    assert _say(kept, "one") == "red/c:one"
+    assert _say(cut, "one") == "red/c:one"
+    r = lab.cli("reload", "--policy", str(lab.p2))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "h1: policy" in r.stdout and "h2: policy" in r.stdout
+    assert _say(kept, "two") == "red/c:two"          # 7000 is still allowed: it carries on
+    assert _say(cut, "two") == "TIMEOUT"             # 7001 is not any more: cut
+    rc, out = lab.tcp("red/a", "10.1.0.3", 7001, "new", timeout=SILENCE)
+    assert (rc, out) == (3, "TIMEOUT")
+    for p in (kept, cut):
+        p.stdin.close()
+        p.wait(timeout=10)
+
+
+def test_killing_an_agent_stops_its_traffic(lab):
+    lab.answers("red/a", "10.1.0.3", 7000, "before")
+    pid = lab.state["hosts"]["h2"]["pid"]
+    os.kill(pid, signal.SIGKILL)
+    end = time.monotonic() + 20
+    while time.monotonic() < end and os.path.exists(f"/proc/{pid}/cmdline") and \
+            open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z":
+        time.sleep(0.05)
+    rc, out = lab.tcp("red/a", "10.1.0.3", 7000, "after", timeout=SILENCE)    # to h2
+    assert (rc, out) == (3, "TIMEOUT")
+    rc, out = lab.tcp("blue/a", "10.1.0.3", 7000, "local", timeout=SILENCE)   # on h2 itself
+    assert rc != 0, out
+    assert lab.answers("red/a", "10.1.0.2", 7000, "h1 alone") == "red/b:h1 alone"   # h1 goes on
+
+
+def test_down_leaves_nothing(lab):
+    from microseg.agent import lab as L
+    state = lab.state
+    pids = [h["pid"] for h in state["hosts"].values()]
+    assert L.down(lab.state_dir, echo=lambda *_: None) == 0
+    lab.down_done = True
+    assert not [ns for ns in _netns_list() if ns.startswith(PREFIX)]
+    assert not any(os.path.exists(f"/run/netns/{ns}") for ns in state["namespaces"])
+    assert _root_links() == lab.links_before
+    for pid in pids:
+        assert not os.path.exists(f"/proc/{pid}/cmdline") or \
+            open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z"
+    for p in lab.servers:
+        assert p.wait(timeout=10) is not None            # killed with their namespaces
+    assert not os.path.exists(os.path.join(lab.state_dir, "state.json"))
+    assert not os.listdir(lab.state_dir) if os.path.isdir(lab.state_dir) else True
