@@ -106,6 +106,7 @@ class WorkloadPort:
     tenant: str
     vni: int
     mac: int
+    warned_oversize: bool = False
 
 
 class Agent:
@@ -369,6 +370,12 @@ class Agent:
                   & (_bytes_at(d, off, ln, 54, 1) == 135) & (np.asarray(ln) >= 78))
             self.agent_drops["port_mac"] += int(np.count_nonzero(~src_ok))
             self.agent_drops["oversize"] += int(np.count_nonzero(src_ok & big))
+            if big.any() and not wp.warned_oversize:
+                wp.warned_oversize = True
+                log.warning("%s (%s): frames of up to %d bytes on a port of MTU %d are dropped: "
+                            "segmentation offload (TSO/GSO) is on at the workload's side of the "
+                            "link; turn it off there", wp.name, wp.port.ifname,
+                            int(b.wire_len.max()), wp.port.mtu)
             self.agent_drops["vlan_tagged"] += int(np.count_nonzero(src_ok & ~big & vlan))
             ok = src_ok & ~big & ~vlan
             special = np.flatnonzero(ok & (arp | ns))
