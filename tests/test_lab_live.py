@@ -258,6 +258,10 @@ def _say(p: subprocess.Popen, text: str) -> str:
     return p.stdout.readline().strip()
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory, request):
     from microseg.agent import lab as L
@@ -265,6 +269,9 @@ def lab(tmp_path_factory, request):
     lab.links_before = _root_links()
     request.addfinalizer(lab.teardown)
     atexit.register(lab.teardown)              # also when the run is interrupted
+    # a CI job's SIGTERM becomes an interrupt, so that the finalizer still runs
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    request.addfinalizer(lambda: signal.signal(signal.SIGTERM, previous))
     L.up(str(lab.p1), lab.state_dir, PREFIX, "vxlan", "info", UP_TIMEOUT, echo=lambda *_: None)
     for w in ("red/b", "red/c", "blue/c"):
         lab.start_server(w, 7000, 7001, 8080)
@@ -368,7 +375,7 @@ def test_invalid_reload_is_refused_and_the_policy_kept(lab):
 
 def test_reload_cuts_a_forbidden_established_flow(lab):
     kept = lab.session("red/a", "10.1.0.3", 7000, timeout=10)
-    cut = lab.session("red/a", "10.1.0.3", 7001, timeout=SILENCE)
+    cut = lab.session("red/a", "10.1.0.3", 7001, timeout=SILENCE + 2)
     assert _say(kept, "one") == "red/c:one"
     assert _say(cut, "one") == "red/c:one"
     r = lab.cli("reload", "--policy", str(lab.p2))

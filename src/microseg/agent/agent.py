@@ -181,7 +181,8 @@ class Agent:
                 raise InputError(f"--port: no workload {text!r} in the policy")
             idx = next(i for i, w in enumerate(model.workloads) if w is found)
             if found.host != self.host:
-                raise InputError(f"--port: workload {qualified(found)} is on host {found.host}, not {self.host}")
+                raise InputError(f"--port: workload {qualified(found)} is on host {found.host}, "
+                                 f"not {self.host}")
             if found.mac is None:
                 raise InputError(f"--port: workload {qualified(found)} has no MAC in the policy")
             out.append((idx, ifname))
@@ -290,7 +291,8 @@ class Agent:
         rsock.setblocking(False)
         wsock.setblocking(False)
         old_wakeup = signal.set_wakeup_fd(wsock.fileno())
-        handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+        handlers = {s: signal.signal(s, self._on_signal)
+                    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
         poller = select.poll()
         for fd in self._by_fd:
             poller.register(fd, select.POLLIN | select.POLLERR)
@@ -612,7 +614,7 @@ class Agent:
             "policy": {"path": self.policy_path, "version": pol.version, "hash": pol.content_hash},
             "ports": {p.name: p.port.ifname for p in self.wports},
             "underlay": {"ifname": self.underlay.ifname, "mac": self.underlay.mac.hex(":"),
-                         "peers": {name: (self.neighbours[int(ip)].hex(":") if int(ip) in self.neighbours else None)
+                         "peers": {name: (self.neighbours[ip].hex(":") if ip in self.neighbours else None)
                                    for ip, name in zip(self._peer_ip.tolist(), self._peer_name)},
                          "resolved": self.neighbours_complete()},
             "reloads": self.reloads, "reloads_refused": self.reload_refused,
@@ -674,7 +676,8 @@ def register(sub) -> None:
     p.add_argument("--host", required=True, metavar="NAME", help="this host, as the policy names it")
     p.add_argument("--port", action="append", type=_port_arg, default=[], metavar="WORKLOAD=IFNAME",
                    help="a workload of this host ([tenant/]name) and its interface; repeatable")
-    p.add_argument("--underlay", required=True, metavar="IFNAME", help="the interface towards the other hosts")
+    p.add_argument("--underlay", required=True, metavar="IFNAME",
+                   help="the interface towards the other hosts")
     p.add_argument("--tunnel", choices=TUNNELS, default="vxlan", help="overlay encapsulation (default vxlan)")
     p.add_argument("--control", metavar="PATH", help="Unix control socket (status, stats, reload)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),

@@ -252,13 +252,13 @@ def _build(st: State) -> None:
     _make_ns(st, u)
     _ip("-n", u, "link", "add", "br0", "type", "bridge")
     _ip("-n", u, "link", "set", "br0", "up")
-    for i, (name, h) in enumerate(sorted(d["hosts"].items())):
+    for i, (_name, h) in enumerate(sorted(d["hosts"].items())):
         ns = h["ns"]
         _make_ns(st, ns)
         _ip("-n", u, "link", "add", f"h{i}", "type", "veth", "peer", "name", "ul", "netns", ns)
         _ip("-n", u, "link", "set", f"h{i}", "master", "br0", "up")
         _ip("-n", ns, "link", "set", "ul", "mtu", str(UNDERLAY_MTU), "up")
-    for q, w in sorted(d["workloads"].items()):
+    for _q, w in sorted(d["workloads"].items()):
         ns, hns = w["ns"], d["hosts"][w["host"]]["ns"]
         v6 = any(":" in a for a in w["addresses"])
         st.add_namespace(ns)
@@ -527,7 +527,8 @@ def register(sub) -> None:
     verbs.required = True
     u = verbs.add_parser("up", help="build the lab and start its agents")
     u.add_argument("--policy", metavar="P.yaml", help="default: the built-in data centre")
-    u.add_argument("--prefix", default=DEFAULT_PREFIX, help=f"namespace name prefix (default {DEFAULT_PREFIX})")
+    u.add_argument("--prefix", default=DEFAULT_PREFIX,
+                   help=f"namespace name prefix (default {DEFAULT_PREFIX})")
     u.add_argument("--tunnel", choices=tuple(OVERHEAD), default="vxlan")
     u.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
                    help="the agents' log level (their logs are in the state directory)")

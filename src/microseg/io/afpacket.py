@@ -54,7 +54,17 @@ import numpy as np
 from numba import njit
 
 from ..packet.batch import (
-    F_FRAG, F_MF, FLAGS, FRAG_OFF, IP_LEN, IP_VER, L3_OFF, L4_OFF, LINK_ETHERNET, PROTO, Batch,
+    F_FRAG,
+    F_MF,
+    FLAGS,
+    FRAG_OFF,
+    IP_LEN,
+    IP_VER,
+    L3_OFF,
+    L4_OFF,
+    LINK_ETHERNET,
+    PROTO,
+    Batch,
 )
 from ..packet.checksum import csum_fold, csum_partial
 
@@ -316,7 +326,8 @@ class AfPacketPort:
         iov["base"] = np.uint64(data.ctypes.data) + off.astype(np.uint64)
         iov["len"] = ln.astype(np.uint64)
         msgs = np.zeros(n, _MMSG_DT)
-        msgs["hdr"]["iov"] = np.uint64(iov.ctypes.data) + np.arange(n, dtype=np.uint64) * np.uint64(_IOV_DT.itemsize)
+        step = np.uint64(_IOV_DT.itemsize)
+        msgs["hdr"]["iov"] = np.uint64(iov.ctypes.data) + np.arange(n, dtype=np.uint64) * step
         msgs["hdr"]["iovlen"] = 1
         fd = self.sock.fileno()
         base = msgs.ctypes.data
