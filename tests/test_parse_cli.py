@@ -45,7 +45,7 @@ def scapy_view(raw: bytes, linktype: int = 1) -> dict:
             out = dict.fromkeys(out) | {"tenant": layer.vni}
         elif isinstance(layer, GRE):
             if fragment or not ((layer.proto == 0x6558 and layer.key_present)
-                                or layer.proto in (0x0800, 0x86DD)):
+                                or (layer.proto in (0x0800, 0x86DD) and out["tenant"] is None)):
                 break                               # NVGRE and GRE carrying IP are followed
             vni = layer.key >> 8 if layer.proto == 0x6558 else out["tenant"]
             out = dict.fromkeys(out) | {"tenant": vni}
@@ -55,8 +55,8 @@ def scapy_view(raw: bytes, linktype: int = 1) -> dict:
             out.update(src=layer.psrc, dst=layer.pdst)
         elif type(layer) in (IP, IPv6):
             if out["proto"] is not None:            # IP in IP: a tunnel, the inner one counts
-                if fragment:
-                    break
+                if fragment or out["tenant"] is not None:
+                    break                           # ... unless it is a tenant's own packet
                 out = dict.fromkeys(out) | {"tenant": out["tenant"]}
             if type(layer) is IP:
                 out.update(src=layer.src, dst=layer.dst, proto=layer.proto)

@@ -76,14 +76,24 @@ def test_ip_in_ip_and_gre_report_the_inner_packet(outer, inner, how):
     assert r["flow_hash"] == alone["flow_hash"]      # same tenant (-1), same 5-tuple
 
 
-def test_ip_in_ip_inside_vxlan_keeps_the_vni():
-    r = one(Ether(dst=M) / OUT4 / UDP(sport=5555, dport=4789) / VXLAN(vni=777) / Ether(dst=M)
-            / IP(src="172.16.0.1", dst="172.16.0.2") / IN4)
-    assert (r["tenant"], r["tun_type"], r["outer_l3_off"], r["error"]) == (777, B.TUN_IPIP, 14, 0)
-    assert B.addr_to_text(r["src_hi"], r["src_lo"]) == "10.0.0.1" and r["dport"] == 443
+def test_ip_in_ip_inside_an_overlay_is_the_tenants_packet():
+    """Inside VXLAN the tenant's own IP-in-IP or GRE packet is what policy judges (its MAC
+    and addresses are the tenant's): named, not followed, the VNI kept."""
+    vx = Ether(dst=M) / OUT4 / UDP(sport=5555, dport=4789) / VXLAN(vni=777) / Ether(src=M, dst=M)
+    for carried, tun in ((IP(src="172.16.0.1", dst="172.16.0.2") / IN4, B.TUN_IPIP),
+                         (IPv6(src="2001:db8:1::1", dst="2001:db8:1::2") / IN6, B.TUN_IPIP),
+                         (IP(src="172.16.0.1", dst="172.16.0.2") / GRE(proto=0x0800) / IN4, B.TUN_GRE)):
+        r = one(vx / carried)
+        assert (r["tenant"], r["tun_type"], r["tun_unfollowed"], r["error"]) == (777, B.TUN_VXLAN, tun, 0)
+        assert B.addr_to_text(r["src_hi"], r["src_lo"]) in ("172.16.0.1", "2001:db8:1::1")
+        assert r["eth_src"] == 0x020000000001 and r["l2_off"] == 14 + 20 + 8 + 8
+    # a host-level IP-in-IP carrying an overlay is followed through both
+    r = one(Ether(dst=M) / OUT4 / IP(src="198.51.100.1", dst="198.51.100.2") / UDP(sport=5, dport=4789)
+            / VXLAN(vni=5) / Ether(dst=M) / IN4)
+    assert (r["tenant"], r["tun_type"], r["outer_l3_off"], r["dport"]) == (5, B.TUN_VXLAN, 14, 443)
     # two tunnels followed, a third is too deep
-    r = one(Ether(dst=M) / OUT4 / UDP(sport=5555, dport=4789) / VXLAN(vni=7) / Ether(dst=M)
-            / IP() / GRE(proto=0x0800) / IP() / IN4)
+    r = one(Ether(dst=M) / OUT4 / IP() / UDP(sport=5, dport=4789) / VXLAN(vni=7) / Ether(dst=M)
+            / IP() / UDP(sport=5, dport=4789) / VXLAN(vni=8) / Ether() / IN4)
     assert r["error"] == E.TUNNEL_DEPTH
 
 

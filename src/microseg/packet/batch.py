@@ -98,8 +98,8 @@ F2_ARP_HW = 8        # ARP with 6-byte hardware addresses: ARP_SHA / ARP_THA mea
 
 # tunnel types. Followed (TUN_TYPE: the tunnel that carried the reported packet):
 TUN_NONE, TUN_VXLAN, TUN_GENEVE, TUN_NVGRE = 0, 1, 2, 3
-TUN_IPIP = 4         # IPv4/IPv6 in IPv4/IPv6 (IP protocol 4 or 41)
-TUN_GRE = 5          # GRE carrying IPv4 or IPv6 (protocol 0x0800 / 0x86DD)
+TUN_IPIP = 4         # IPv4/IPv6 in IPv4/IPv6 (IP protocol 4 or 41), outside any overlay
+TUN_GRE = 5          # GRE carrying IPv4 or IPv6 (protocol 0x0800 / 0x86DD), outside any overlay
 # not followed (TUN_UNFOLLOWED: the reported packet is the carrier):
 TUN_ERSPAN = 16      # GRE 0x88BE (ERSPAN type I/II), 0x22EB (type III)
 TUN_MPLS = 17        # MPLS over UDP (port 6635), over GRE (0x8847 / 0x8848), in IP (proto 137)

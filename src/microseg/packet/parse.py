@@ -31,16 +31,18 @@ What it reads, outermost first:
 * Tunnels, followed into the inner packet: VXLAN (UDP port 4789, I flag required), GENEVE (UDP
   port 6081, version 0, options skipped, inner Ethernet, IPv4 or IPv6), NVGRE (GRE protocol
   0x6558 with a key; VSID = key >> 8), IP in IP (IPv4 or IPv6 protocol 4 or 41: ``TUN_IPIP``)
-  and GRE carrying IPv4 / IPv6 (0x0800 / 0x86DD: ``TUN_GRE``). ``tenant`` is the VNI/VSID of
-  the innermost tunnel that has one (IP in IP and GRE have none: they keep the tenant of the
-  tunnel around them, -1 when there is none), ``tun_type`` the innermost tunnel's type,
-  ``outer_l3_off`` the outermost IP header; every other field describes the innermost packet.
-  At most two tunnels are followed; a third is a ``TUNNEL_DEPTH`` error.
+  and GRE carrying IPv4 / IPv6 (0x0800 / 0x86DD: ``TUN_GRE``) as hosts use them between
+  each other (Calico's IPIP mode): these have no VNI, ``tenant`` stays -1. ``tenant`` is the
+  VNI/VSID of the innermost tunnel, ``tun_type`` its type, ``outer_l3_off`` the outermost IP
+  header; every other field describes the innermost packet. At most two tunnels are
+  followed; a third is a ``TUNNEL_DEPTH`` error.
 * Tunnels recognised but not followed: the reported packet is the carrier, and
   ``tun_unfollowed`` names the tunnel: ERSPAN (GRE 0x88BE, 0x22EB), MPLS (UDP port 6635, GRE
   0x8847 / 0x8848, IP protocol 137), VXLAN-GPE (UDP port 4790), GTP-U (UDP port 2152), EtherIP
-  (IP protocol 97), and the followed kinds when they ride in the first fragment of a
-  fragmented packet.
+  (IP protocol 97), the followed kinds when they ride in the first fragment of a fragmented
+  packet, and IP in IP or GRE inside an overlay that gave a tenant: that is the tenant's own
+  packet (its addresses and MAC are the ones policy and port security can vouch for), not
+  something to look through.
 
 Snapped packets (captured length < wire length): the headers that were captured are decoded;
 lengths (``ip_len``, ``payload_len``) come from the headers, which are checked against the
@@ -751,8 +753,11 @@ def _parse_kernel(data, offset, length, wire_len, linktype, u64, u32, i32, u16, 
                     vni = key >> 8
                 elif gproto == 0x0800 or gproto == 0x86DD:
                     tun = TUN_GRE
-                    vni = i32[TENANT, i]
+                    vni = -1
                     nkind = _K_V4 if gproto == 0x0800 else _K_V6
+                    if i32[TENANT, i] >= 0:          # a tenant's own tunnel: theirs to open
+                        u8[TUN_UNFOLLOWED, i] = tun
+                        break
                 elif gproto == 0x88BE or gproto == 0x22EB:
                     u8[TUN_UNFOLLOWED, i] = TUN_ERSPAN
                     break
@@ -768,11 +773,11 @@ def _parse_kernel(data, offset, length, wire_len, linktype, u64, u32, i32, u16, 
             elif proto == 4 or proto == 41:
                 i32[PAYLOAD_OFF, i] = pos
                 i32[PAYLOAD_LEN, i] = end - pos
-                if partial:
+                if partial or i32[TENANT, i] >= 0:
                     u8[TUN_UNFOLLOWED, i] = TUN_IPIP
                     break
                 tun = TUN_IPIP
-                vni = i32[TENANT, i]
+                vni = -1
                 nkind = _K_V4 if proto == 4 else _K_V6
             else:
                 i32[PAYLOAD_OFF, i] = pos

@@ -430,10 +430,10 @@ class _Parser:
             return self.gre(pos, end, partial)
         self.opaque(pos, end)
         if proto in (IPPROTO_IPIP, IPPROTO_IPV6):
-            if partial:
+            if partial or f["tenant"] >= 0:      # a fragment, or a tenant's own tunnel
                 f["tun_unfollowed"] = B.TUN_IPIP
                 return None
-            return ("ipv4" if proto == IPPROTO_IPIP else "ipv6", pos, end, B.TUN_IPIP, f["tenant"])
+            return ("ipv4" if proto == IPPROTO_IPIP else "ipv6", pos, end, B.TUN_IPIP, -1)
         f["tun_unfollowed"] = IP_UNFOLLOWED.get(proto, B.TUN_NONE)
         return None
 
@@ -539,12 +539,11 @@ class _Parser:
         if proto == ETH_TEB and has_key:
             tunnel = ("eth", pos + hlen, end, B.TUN_NVGRE, f["gre_key"] >> 8)
         elif proto in (ETH_IPV4, ETH_IPV6):
-            tunnel = ("ipv4" if proto == ETH_IPV4 else "ipv6", pos + hlen, end, B.TUN_GRE,
-                      f["tenant"])
+            tunnel = ("ipv4" if proto == ETH_IPV4 else "ipv6", pos + hlen, end, B.TUN_GRE, -1)
         else:
             f["tun_unfollowed"] = GRE_UNFOLLOWED.get(proto, B.TUN_NONE)
             return None
-        if partial:
+        if partial or (tunnel[3] == B.TUN_GRE and f["tenant"] >= 0):   # inside a tenant's packet
             f["tun_unfollowed"] = tunnel[3]
             return None
         return tunnel
