@@ -1,9 +1,13 @@
-"""Benchmark: the whole datapath (parse -> conntrack -> fast path -> EMC -> megaflow -> policy
-slow path -> inspection/offload), one core, 256-packet batches.
+"""Benchmark: the whole datapath (parse -> fast kernel: identities, conntrack, state verdicts,
+counters -> slow path: caches, policy -> inspection/offload), one core, 1024-packet batches.
 
-* the demo's traffic mix, with and without the caches and the offload;
-* established traffic alone (the packets conntrack called ESTABLISHED in a first pass,
-  replayed through the warm datapath: in-window retransmissions, still ESTABLISHED);
+* the demo's traffic mix: the default configuration, the fast path disabled (every packet
+  decided by the compiled policy, as the previous design did), caches and offload on;
+* the demo's established traffic alone (replayed through the warm datapath);
+* 10K and 1M connections (``--connections``): established traffic (one in-window data
+  segment per connection, random order), new connections per second (the SYNs, each judged
+  by the policy and committed) and a SYN flood towards a denied port, each beside bare
+  conntrack on the same parsed packets and beside the fast path disabled;
 * sweeps the seed papers use: 1, 10, 100 and 1000 tunnels (one VNI per tenant) and 1K, 10K,
   24K, 36K, 48K and 64K rules, caches on and off.
 
@@ -34,7 +38,10 @@ from microseg import ctstate  # noqa: E402
 from microseg.io.generator import generate, load_policy  # noqa: E402
 from microseg.io.scenario import ScenarioConfig  # noqa: E402
 from microseg.packet.batch import Batch  # noqa: E402
+from microseg.conntrack.table import ConntrackTable, checksum_ok  # noqa: E402
 from microseg.datapath import Datapath, DatapathConfig  # noqa: E402
+from microseg.packet import build as PB  # noqa: E402
+from microseg.packet.parse import parse  # noqa: E402
 from microseg.policy.compiler import compile_policy  # noqa: E402
 from microseg.policy.model import load_policy as load_policy_file  # noqa: E402
 
@@ -88,6 +95,146 @@ def established_replay(compiled, batch, cfg: DatapathConfig, repeat: int) -> dic
         stats = dp.stats()
     return {"mpps": statistics.median(rates), "runs": rates, "packets": int(est.size),
             "levels": stats["levels"]}
+
+
+# ---------------------------------------------------------------------------------------------
+# many connections: established traffic, new connections, the SYN flood
+# ---------------------------------------------------------------------------------------------
+PORTS = 60000           # connections per client workload (source ports 1024..)
+
+
+def conn_policy_yaml(clients: int) -> str:
+    """One tenant (untunnelled traffic is its own), ``clients`` client workloads and one
+    server that admits TCP 443 from them; port 22 is denied (the SYN flood's target)."""
+    lines = ["version: 1", "default_egress: allow", "untagged_tenant: t0",
+             "tenants: [{name: t0, vni: 10000}]", "hosts: [{name: h0, address: 192.168.100.11}]",
+             "security_groups:",
+             "  - {name: srv, tenant: t0, rules: [{direction: ingress, protocol: tcp, port_range_min: 443, "
+             "port_range_max: 443, remote_group_id: cli}]}",
+             "  - {name: cli, tenant: t0, rules: [{direction: egress}]}", "workloads:",
+             "  - {name: s, tenant: t0, host: h0, mac: '02:00:00:01:00:01', ipv4: 10.1.0.1, "
+             "security_groups: [srv]}"]
+    for c in range(clients):
+        lines.append(f"  - {{name: c{c}, tenant: t0, host: h0, mac: '02:00:00:02:{c >> 8 & 255:02x}:{c & 255:02x}', "
+                     f"ipv4: {_client_addr(c)}, security_groups: [cli]}}")
+    return "\n".join(lines) + "\n"
+
+
+def _client_addr(c: int) -> str:
+    return f"10.2.{c // 200}.{c % 200 + 1}"
+
+
+def conn_batches(conns: int, payload: int = 64, dport: int = 443):
+    """(setup, data): the three-way handshakes of ``conns`` connections (SYNs, then SYN-ACKs,
+    then ACKs), and one in-window data segment per connection in a random order."""
+    clients = -(-conns // PORTS)
+    syn, synack, ack, data = [], [], [], []
+    for c in range(clients):
+        k = min(PORTS, conns - c * PORTS)
+        sp = 1024 + np.arange(k)
+        cm, sm = f"02:00:00:02:{c >> 8 & 255:02x}:{c & 255:02x}", "02:00:00:01:00:01"
+        ca = _client_addr(c)
+        syn.append(PB.build_batch(k, ca, "10.1.0.1", 6, sp, dport, 0, tcp_flags_=0x02, seq=1000,
+                                  eth_src=cm, eth_dst=sm))
+        synack.append(PB.build_batch(k, "10.1.0.1", ca, 6, dport, sp, 0, tcp_flags_=0x12, seq=5000,
+                                     ack=1001, eth_src=sm, eth_dst=cm))
+        ack.append(PB.build_batch(k, ca, "10.1.0.1", 6, sp, dport, 0, tcp_flags_=0x10, seq=1001,
+                                  ack=5001, eth_src=cm, eth_dst=sm))
+        data.append(PB.build_batch(k, ca, "10.1.0.1", 6, sp, dport, payload, tcp_flags_=0x18,
+                                   seq=1001, ack=5001, eth_src=cm, eth_dst=sm, fill=0x61))
+    setup = [Batch.concat(p, order=None) for p in (syn, synack, ack)]
+    d = Batch.concat(data, order=None)
+    d = d.select(np.random.default_rng(5).permutation(len(d)))
+    t = 1_000_000_000
+    for b in setup + [d]:
+        b.ts[:] = t + np.arange(len(b), dtype=np.int64) * 100
+        t += len(b) * 100 + 1000
+    return setup, d
+
+
+def _cpu(f):
+    t = time.process_time()
+    out = f()
+    return time.process_time() - t, out
+
+
+def connections_case(conns: int, repeat: int, tmp: str) -> dict:
+    """Through the whole datapath (default configuration), against bare conntrack and the
+    fast path disabled on the same packets: new connections/s (the SYNs, each judged by the
+    policy and committed), established traffic (data segments of every connection, random
+    order), and a SYN flood towards a denied port (nothing committed)."""
+    path = os.path.join(tmp, f"conns_{conns}.yaml")
+    clients = -(-conns // PORTS)
+    with open(path, "w") as f:
+        f.write(conn_policy_yaml(clients))
+    compiled = compile_policy(load_policy_file(path))
+    setup, data = conn_batches(conns)
+    flood = conn_batches(min(conns, 200_000), dport=22)[0][0]
+    cap = max(1 << 16, 2 * conns)
+    out = {"connections": conns, "packets": len(data)}
+    rows = {}
+    for name, cfg in (("datapath", DatapathConfig(conntrack_capacity=cap)),
+                      ("fast_path_off", DatapathConfig(conntrack_capacity=cap, fast_path=False))):
+        est, new, fl = [], [], []
+        for _ in range(repeat):
+            dp = Datapath(compiled, cfg)
+            el, r = _cpu(lambda: dp.process(setup[0]))
+            assert np.all(r.verdict == 1) and len(dp.conntrack) == conns
+            new.append(conns / el)
+            dp.process(setup[1])
+            dp.process(setup[2])
+            dp.process(data)                       # first data segment: ESTABLISHED
+            el, r = _cpu(lambda: dp.process(data))  # again: an in-window retransmission
+            assert np.all(r.verdict == 1) and np.all(r.ct & 2)
+            est.append(len(data) / el)
+            before = len(dp.conntrack)
+            el, r = _cpu(lambda: dp.process(flood))
+            assert np.all(r.verdict != 1) and len(dp.conntrack) == before
+            fl.append(len(flood) / el)
+        rows[name] = {"established_mpps": statistics.median(est) / 1e6,
+                      "new_per_s": statistics.median(new), "synflood_mpps": statistics.median(fl) / 1e6}
+    # bare conntrack: the table alone on the same parsed packets in the same 1024-packet
+    # batches, checksums verified beforehand (the limit of this design: the datapath adds
+    # parse, the checksum pass, identities and verdicts)
+    def chunks(b):
+        k = parse(b)
+        return [(b.slice(s, min(s + 1024, len(b))), _sl(k, s, 1024), np.ones(min(1024, len(b) - s), np.bool_))
+                for s in range(0, len(b), 1024)]
+    parts = [chunks(b) for b in setup]
+    dparts = chunks(data)
+    dkeys = parse(data)
+    est, new = [], []
+    for _ in range(repeat):
+        t = ConntrackTable(capacity=cap)
+        el, _ = _cpu(lambda: [t.process(b, k, csum_ok=o) for b, k, o in parts[0]])
+        new.append(conns / el)
+        for p in parts[1:] + [dparts]:
+            for b, k, o in p:
+                t.process(b, k, csum_ok=o)
+        el, _ = _cpu(lambda: [t.process(b, k, csum_ok=o) for b, k, o in dparts])
+        est.append(len(data) / el)
+    rows["bare_conntrack"] = {"established_mpps": statistics.median(est) / 1e6,
+                              "new_per_s": statistics.median(new)}
+    # what the datapath spends outside conntrack, per packet: parse and the checksum pass
+    from microseg.datapath.datapath import SEGMENT
+    from microseg.packet.batch import FlowKeys
+    buf = FlowKeys(SEGMENT)
+    el, _ = _cpu(lambda: [parse(data.slice(s, min(s + SEGMENT, len(data))), buf)
+                          for s in range(0, len(data), SEGMENT)])
+    out["parse_ns"] = el / len(data) * 1e9
+    el, _ = _cpu(lambda: checksum_ok(data, dkeys))
+    out["checksum_ns"] = el / len(data) * 1e9
+    out.update(rows)
+    out["ratio_to_bare"] = rows["datapath"]["established_mpps"] / rows["bare_conntrack"]["established_mpps"]
+    return out
+
+
+def _sl(keys, s, size):
+    """The keys of packets s..s+size-1 as a compact FlowKeys (bare conntrack's batches)."""
+    from microseg.datapath.slow import subset
+    from microseg.packet.batch import FlowKeys
+    idx = np.arange(s, min(s + size, keys.n))
+    return subset(keys, idx, FlowKeys(size))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -160,6 +307,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small sizes, one repeat")
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--connections", type=int, nargs="+", default=[10_000, 1_000_000],
+                    help="table sizes of the established / new-connection rows")
+    ap.add_argument("--no-sweeps", action="store_true", help="skip the tunnel and rule sweeps")
     args = ap.parse_args()
     repeat = 1 if args.quick else args.repeat
     flows = 600 if args.quick else 3000
@@ -168,23 +318,38 @@ def main() -> int:
     policy = load_policy()
     compiled = compile_policy(policy)
     gen = generate(policy, ScenarioConfig(seed=1, flows=flows))
-    mix = {}
+    mix = {"default": timed(compiled, gen.batch, DatapathConfig(), repeat)}
+    print(f"demo mix default: {mix['default']['mpps']:.3f} Mpps", flush=True)
+    mix["fast_path_off"] = timed(compiled, gen.batch, DatapathConfig(fast_path=False), repeat)
+    print(f"demo mix fast path off: {mix['fast_path_off']['mpps']:.3f} Mpps", flush=True)
     for caches in (True, False):
         for offload in (True, False):
+            if not caches and not offload:
+                continue                      # the default
             name = f"caches_{'on' if caches else 'off'}_offload_{'on' if offload else 'off'}"
             mix[name] = timed(compiled, gen.batch, DatapathConfig(caches=caches, offload=offload), repeat)
             print(f"demo mix {name}: {mix[name]['mpps']:.3f} Mpps", flush=True)
     results["demo_mix"] = {"packets": len(gen.batch), "configs": mix}
-    results["established"] = {}
-    for bs in (256, 1024):
-        for offload in (False, True):
-            name = f"batch_{bs}_offload_{'on' if offload else 'off'}"
-            est = established_replay(compiled, gen.batch, DatapathConfig(batch_size=bs, offload=offload), repeat)
-            results["established"][name] = est
-            print(f"established replay {name}: {est['mpps']:.3f} Mpps over {est['packets']} packets", flush=True)
+    results["established_replay"] = {}
+    for offload in (False, True):
+        name = f"offload_{'on' if offload else 'off'}"
+        est = established_replay(compiled, gen.batch, DatapathConfig(offload=offload), repeat)
+        results["established_replay"][name] = est
+        print(f"demo established replay {name}: {est['mpps']:.3f} Mpps over {est['packets']} packets", flush=True)
+    results["connections"] = []
+    sizes = (10_000, 100_000) if args.quick else tuple(args.connections)
+    with tempfile.TemporaryDirectory() as tmp:
+        for conns in sizes:
+            r = connections_case(conns, 1 if conns > 2_000_000 else repeat, tmp)
+            results["connections"].append(r)
+            print(f"{conns:,} connections: established {r['datapath']['established_mpps']:.2f} Mpps "
+                  f"(bare conntrack {r['bare_conntrack']['established_mpps']:.2f}, fast path off "
+                  f"{r['fast_path_off']['established_mpps']:.2f}), new {r['datapath']['new_per_s'] / 1e6:.2f} M/s "
+                  f"(bare {r['bare_conntrack']['new_per_s'] / 1e6:.2f}), SYN flood "
+                  f"{r['datapath']['synflood_mpps']:.2f} Mpps", flush=True)
 
-    tunnels = (1, 10, 100) if args.quick else (1, 10, 100, 1000)
-    rule_counts = (1000, 10000) if args.quick else (1000, 10000, 24000, 36000, 48000, 64000)
+    tunnels = () if args.no_sweeps else (1, 10, 100) if args.quick else (1, 10, 100, 1000)
+    rule_counts = () if args.no_sweeps else (1000, 10000) if args.quick else (1000, 10000, 24000, 36000, 48000, 64000)
     sweep_flows = 300 if args.quick else 2000
     results["tunnels"] = []
     results["rules"] = []
@@ -200,6 +365,8 @@ def main() -> int:
                   f"(policy built in {r['policy_build_s']:.1f} s)", flush=True)
 
     def drop(rows, key):
+        if not rows:
+            return 0.0
         a, b = rows[0][key], rows[-1][key]
         return (a - b) / a if a else 0.0
     results["loss"] = {"tunnels_caches_on": drop(results["tunnels"], "caches_on"),
@@ -207,7 +374,8 @@ def main() -> int:
     os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
     with open(RESULTS, "w") as f:
         json.dump(results, f, indent=2)
-    plot(results)
+    if results["tunnels"]:
+        plot(results)
     print_markdown(results)
     return 0
 
@@ -239,22 +407,32 @@ def plot(results) -> None:
 
 
 def print_markdown(r) -> None:
-    print(f"\nMachine: {r['machine']}; 1024-packet batches unless stated; CPU time; median of {r['repeat']} run(s).\n")
-    print("| traffic | caches | offload | Mpps |\n| --- | --- | --- | --- |")
+    print(f"\nMachine: {r['machine']}; 1024-packet batches; CPU time; median of {r['repeat']} run(s).\n")
+    print("| traffic | configuration | Mpps |\n| --- | --- | ---: |")
     for name, v in r["demo_mix"]["configs"].items():
-        parts = name.split("_")
-        print(f"| demo mix ({r['demo_mix']['packets']} pkts) | {parts[1]} | {parts[3]} | {v['mpps']:.3f} |")
-    for name, v in r["established"].items():
-        parts = name.split("_")
-        print(f"| established only ({v['packets']} pkts), batch {parts[1]} | on | {parts[3]} | {v['mpps']:.3f} |")
-    print("\n| tunnels | rules | caches on Mpps | caches off Mpps |\n| --- | --- | --- | --- |")
-    for x in r["tunnels"]:
-        print(f"| {x['tenants']} | {x['rules']} | {x['caches_on']:.3f} | {x['caches_off']:.3f} |")
-    print("\n| rules | policy build s | caches on Mpps | caches off Mpps |\n| --- | --- | --- | --- |")
-    for x in r["rules"]:
-        print(f"| {x['rules']} | {x['policy_build_s']:.1f} | {x['caches_on']:.3f} | {x['caches_off']:.3f} |")
-    print(f"\nLoss with caches on: {r['loss']['tunnels_caches_on']:.1%} from 1 to {r['tunnels'][-1]['tenants']} "
-          f"tunnels, {r['loss']['rules_caches_on']:.1%} from {r['rules'][0]['rules']} to {r['rules'][-1]['rules']} rules.")
+        print(f"| demo mix ({r['demo_mix']['packets']:,} pkts) | {name.replace('_', ' ')} | {v['mpps']:.2f} |")
+    for name, v in r["established_replay"].items():
+        print(f"| demo, established only ({v['packets']:,} pkts) | {name.replace('_', ' ')} | {v['mpps']:.2f} |")
+    print("\n| connections | datapath est. Mpps | bare conntrack | ratio | fast path off | new conns/s "
+          "(datapath / bare) | SYN flood Mpps | parse ns/pkt | checksum ns/pkt |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for x in r["connections"]:
+        d, b, o = x["datapath"], x["bare_conntrack"], x["fast_path_off"]
+        print(f"| {x['connections']:,} | {d['established_mpps']:.2f} | {b['established_mpps']:.2f} | "
+              f"{x['ratio_to_bare']:.2f} | {o['established_mpps']:.2f} | {d['new_per_s'] / 1e6:.2f} M / "
+              f"{b['new_per_s'] / 1e6:.2f} M | {d['synflood_mpps']:.2f} | {x['parse_ns']:.0f} | "
+              f"{x['checksum_ns']:.0f} |")
+    if r["tunnels"]:
+        print("\n| tunnels | rules | caches on Mpps | caches off Mpps |\n| --- | --- | --- | --- |")
+        for x in r["tunnels"]:
+            print(f"| {x['tenants']} | {x['rules']} | {x['caches_on']:.3f} | {x['caches_off']:.3f} |")
+    if r["rules"]:
+        print("\n| rules | policy build s | caches on Mpps | caches off Mpps |\n| --- | --- | --- | --- |")
+        for x in r["rules"]:
+            print(f"| {x['rules']} | {x['policy_build_s']:.1f} | {x['caches_on']:.3f} | {x['caches_off']:.3f} |")
+    if r["tunnels"] and r["rules"]:
+        print(f"\nLoss with caches on: {r['loss']['tunnels_caches_on']:.1%} from 1 to {r['tunnels'][-1]['tenants']} "
+              f"tunnels, {r['loss']['rules_caches_on']:.1%} from {r['rules'][0]['rules']} to {r['rules'][-1]['rules']} rules.")
 
 
 if __name__ == "__main__":

@@ -340,3 +340,13 @@ def test_fast_kernel_on_mutated_traffic_matches_the_policy(demo):
     mutated = Batch(data, off, length.astype(np.int32), length.astype(np.int32), base.port, base.ts)
     both = Batch.concat([base, mutated], order="ts")
     assert _fast_rows_match_policy(compiled, both, DatapathConfig()) > 1000
+
+
+def test_fast_path_off_gives_the_same_results(demo):
+    """With the fast kernel's verdicts turned off every packet is decided by the compiled
+    policy in the slow path: the same verdicts, reasons, rules and states."""
+    _, compiled, gen = demo
+    a = Datapath(compiled, DatapathConfig()).process(gen.batch)
+    b = Datapath(compiled, DatapathConfig(fast_path=False)).process(gen.batch)
+    for f in ("verdict", "reason", "rule", "ct", "level"):
+        assert np.array_equal(getattr(a, f), getattr(b, f)), f

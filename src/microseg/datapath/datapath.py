@@ -21,10 +21,11 @@ from ..policy.compiler import CompiledPolicy, revoked_connections
 from . import fast as F
 from . import reasons as V
 from .counters import Counters
-from .reasons import L_FAST, L_SLOW, R_SIGNATURE
+from .reasons import L_FAST, L_SLOW, L_STATE, R_SIGNATURE
 from .slow import SlowPath, subset
 
 _NEW = ctstate.TRACKED | ctstate.NEW
+SEGMENT = 16384         # packets parsed at a time when the caller gives no keys (see process)
 
 
 @dataclass
@@ -50,6 +51,8 @@ class DatapathConfig:
     cut_revoked: bool = True          # a new policy cuts established connections it forbids
     tunnel: str = "vxlan"             # encapsulation of forwarded frames: vxlan | geneve | nvgre
     checksum: bool = True             # conntrack verifies L4 checksums (Linux's default)
+    fast_path: bool = True            # False: tracked packets too are decided by the compiled
+                                      # policy in the slow path (for comparison; same verdicts)
 
 
 _ARRAYS = ("verdict", "reason", "rule", "ct", "level", "sid", "src_workload", "dst_workload")
@@ -116,6 +119,7 @@ class Datapath:
         self.inspector = FlowInspector(cfg.signatures, self.fastpath, n_inspect=cfg.inspect_packets,
                                        elephant_bytes=cfg.elephant_bytes)
         self._chunk_keys = FlowKeys(cfg.batch_size)
+        self._segment_keys = FlowKeys(SEGMENT)
         self._ctl = np.zeros(F.N_CTL, np.int64)
         self.counters = Counters(len(policy.ruleset), len(policy.workload_names),
                                  [t.vni for t in policy.policy.tenants])
@@ -159,17 +163,29 @@ class Datapath:
         """Run every packet of ``batch`` through the datapath (in batches of ``batch_size``).
 
         ``keys``: the batch's parsed headers if the caller has them (``parse(batch)``), else
-        the batch is parsed here; either way once, and ``result.keys`` carries them on."""
+        the batch is parsed here; either way once, and ``result.keys`` carries them on
+        (except for a batch of more than ``SEGMENT`` packets parsed here: see below)."""
         t0 = time.perf_counter()
         n = len(batch)
         res = BatchResult.empty(n)
-        if keys is None:
-            keys = parse(batch)
-        elif keys.n != n:
+        if keys is not None and keys.n != n:
             raise ValueError(f"keys describe {keys.n} packets, the batch has {n}")
-        res.keys = keys
-        if n:
-            self._run(batch, keys, res)
+        if keys is None and n > SEGMENT:
+            # A large batch is parsed and run a segment at a time into one reused buffer, so
+            # its keys stay in cache between the parser and the fast kernel (a million
+            # packets' keys are 190 MB); the keys of such a batch are not kept.
+            seg = self._segment_keys
+            for s in range(0, n, SEGMENT):
+                e = min(s + SEGMENT, n)
+                part = batch.slice(s, e)
+                view = BatchResult(*(getattr(res, f)[s:e] for f in _ARRAYS))
+                self._run(part, parse(part, seg), view)
+        else:
+            if keys is None:
+                keys = parse(batch)
+            res.keys = keys
+            if n:
+                self._run(batch, keys, res)
         c = self.counters
         c.packets += n
         c.bytes += int(np.asarray(batch.wire_len, np.int64).sum())
@@ -211,6 +227,7 @@ class Datapath:
         ctl[F.C_ONE_CHUNK] = 1 if offload else 0
         ctl[F.C_EXPIRE] = ctt.expire_budget
         ctl[F.C_LAST_NOW] = ctt.last_now
+        ctl[F.C_FAST] = int(cfg.fast_path)
         c = self.counters
         if not np.array_equal(c.vnis, tab.tenant_vnis):     # the kernel's tenant rows
             raise ValueError("counters and policy disagree on the tenants")
@@ -235,6 +252,9 @@ class Datapath:
                 rows = slow[:ns].copy()
                 ctl[F.C_N_SLOW] = 0
                 self.slow.decide(keys, rows, res.ct[rows], src_id, res, L_SLOW)
+                if not cfg.fast_path:
+                    st = res.ct[rows] & ctstate.STATE_MASK
+                    res.level[rows[(st != 0) & (st != ctstate.NEW)]] = L_STATE
                 if not offload:
                     c.add_rows(rows, res, tenant)
             if offload:

@@ -70,8 +70,8 @@ def source_identity(policy: CompiledPolicy, keys: FlowKeys):
 # ---------------------------------------------------------------------------------------------
 # control words (an int64 array shared by the kernel and its caller)
 (C_POS, C_N, C_BATCH, C_FIRST, C_UNTAGGED, C_ANTI_SPOOF, C_COUNT, C_ONE_CHUNK, C_EXPIRE,
- C_LAST_NOW, C_STATUS, C_N_PENDING, C_N_SLOW, C_CHUNK_START, C_CHUNK_END) = range(15)
-N_CTL = 15
+ C_LAST_NOW, C_STATUS, C_N_PENDING, C_N_SLOW, C_CHUNK_START, C_CHUNK_END, C_FAST) = range(16)
+N_CTL = 16
 # C_STATUS after a call
 DONE, STOP, CHUNK_DONE = 0, 1, 2
 
@@ -134,6 +134,7 @@ def fast_kernel(ents, ents_bytes, slot_ent, slot_hash, free, params,
     anti_spoof = ctl[C_ANTI_SPOOF] != 0
     count = ctl[C_COUNT] != 0
     nv = vnis.shape[0]
+    fast_on = ctl[C_FAST] != 0          # 0: every packet to the slow path (for comparison)
     pos = ctl[C_POS]
     ns = ctl[C_N_SLOW]
     while pos < n:
@@ -168,7 +169,7 @@ def fast_kernel(ents, ents_bytes, slot_ent, slot_hash, free, params,
         for i in range(cs, ce):
             c = ct[i]
             st = c & CS.STATE_MASK
-            if c != 0 and st != CS.NEW:
+            if c != 0 and st != CS.NEW and fast_on:
                 # a tracked packet that is not NEW: the policy's checks before its rules
                 # (CompiledPolicy.decide) settle it; written out here, not called, because a
                 # per-packet call taking arrays costs reference counting on each of them
