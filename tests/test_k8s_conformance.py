@@ -33,7 +33,7 @@ from microseg.overlay import encap
 from microseg.packet import build as PB
 from microseg.packet.batch import Batch
 from microseg.packet.parse import parse
-from microseg.pipeline import Datapath, DatapathConfig
+from microseg.datapath import Datapath, DatapathConfig
 from microseg.policy import verdict as V
 from microseg.policy.compiler import compile_policy
 from microseg.policy.model import load_policy, parse_policy

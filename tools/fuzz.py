@@ -701,7 +701,7 @@ def fuzz_datapath(
     from microseg.io.pcap import write_pcap
     from microseg.packet.batch import LINK_ETHERNET as LINK_ETH
     from microseg.packet.batch import SUPPORTED_LINKTYPES
-    from microseg.pipeline import Datapath, DatapathConfig, Forwarder
+    from microseg.datapath import Datapath, DatapathConfig, Forwarder
     from microseg.policy.compiler import compile_policy
     from microseg.policy.model import load_policy
 

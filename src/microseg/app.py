@@ -82,8 +82,14 @@ def register(sub) -> None:
 def _datapath_args(p) -> None:
     p.add_argument("--signatures", help="inspection rules (Suricata subset, see docs/inspection.md; "
                    "default for demo: the built-in set)")
-    p.add_argument("--no-caches", action="store_true", help="no exact-match or megaflow cache")
-    p.add_argument("--no-offload", action="store_true", help="no inspection hand-off or fast path")
+    p.add_argument("--caches", action="store_true",
+                   help="put the exact-match and megaflow caches in front of the policy (off by "
+                   "default: they cost more than they save, see docs/benchmarks.md)")
+    p.add_argument("--offload", action="store_true",
+                   help="inspect each flow's first packets and offload the flows that need no more "
+                   "to the finite fast-path table (on by default only where --signatures can drop)")
+    p.add_argument("--no-offload", action="store_true",
+                   help="no inspection or offload even where the signatures can drop")
     p.add_argument("--offload-capacity", type=int, default=500_000, help="fast-path flows (default: %(default)s)")
     p.add_argument("--offload-rate", type=float, default=7000.0,
                    help="fast-path inserts per second of packet time (default: %(default)s)")
@@ -110,11 +116,14 @@ def _config(args):
         sig_path = builtin_path("signatures.rules")
     sigs = SignatureSet.load(sig_path) if sig_path else None
     # The fastest configuration that gives the same verdicts: the flow caches never change a
-    # verdict and cost more than they save, so they stay off; inspection (and the offload
-    # model it feeds) runs when signatures can drop packets -- the demo's built-in set only
-    # alerts, so the demo runs without it.
+    # verdict and cost more than they save, so they stay off unless asked for; inspection (and
+    # the offload model it feeds) runs when asked for or when signatures can drop packets --
+    # the demo's built-in set only alerts, so the demo inspects only with --offload.
     drops = sigs is not None and any(s.action == SIG_DROP for s in sigs.signatures)
-    return DatapathConfig(caches=False, offload=drops and not args.no_offload,
+    if args.offload and args.no_offload:
+        raise InputError("--offload and --no-offload contradict each other")
+    offload = (args.offload or drops) and not args.no_offload
+    return DatapathConfig(caches=args.caches, offload=offload,
                           offload_capacity=args.offload_capacity, offload_rate=args.offload_rate,
                           inspect_packets=args.inspect, conntrack_capacity=args.conntrack_size,
                           signatures=sigs, tunnel=getattr(args, "tunnel", "vxlan"))
@@ -254,6 +263,8 @@ def build_report(dp, forwarder, res, seconds: float, truth_check: dict | None) -
         "inspection": {k: v for k, v in insp.items() if k != "table"},
         "output": dict(forwarder.counters) if forwarder is not None else None,
         "revoked_connections": st["revoked_connections"],
+        "configuration": {"caches": bool(dp.config.caches), "offload": bool(dp.config.offload),
+                          "fast_path": bool(dp.config.fast_path)},
     }
     # every packet not allowed, by the reason it was stopped
     from .datapath.reasons import REASONS
@@ -352,14 +363,20 @@ def print_report(report: dict, console=None) -> None:
           [(k, v, f"{report['cache_hit_rates'][k]:.1%}") for k, v in lv.items()])
     off = report["offload"]
     ref = off["refused"]
-    con.print(f"[bold]Offload[/bold]: {off['packet_share']:.1%} of packets and {off['byte_share']:.1%} "
-              f"of bytes on the fast path; table {off['occupancy']:,}/{off['capacity']:,} flows; "
-              f"{off['inserts']:,} inserts, refused: {ref['rate']:,} by rate "
-              f"({off['rate']:,.0f}/s), {ref['capacity']:,} by capacity, {ref['collision']:,} by collision")
-    insp = report["inspection"]
-    flows = insp.get("flows", {})
-    con.print(f"[bold]Inspection[/bold]: {insp.get('inspected', 0):,} packets inspected; flows: "
-              + ", ".join(f"{k} {v:,}" for k, v in flows.items() if v))
+    if not report.get("configuration", {}).get("offload", True):
+        con.print("[bold]Inspection and offload[/bold]: off, the fastest configuration with the "
+                  "same verdicts (--offload inspects each flow's first packets and offloads the "
+                  "flows that need no more)")
+    else:
+        con.print(f"[bold]Offload[/bold]: {off['packet_share']:.1%} of packets and "
+                  f"{off['byte_share']:.1%} of bytes on the fast path; table "
+                  f"{off['occupancy']:,}/{off['capacity']:,} flows; {off['inserts']:,} inserts, "
+                  f"refused: {ref['rate']:,} by rate ({off['rate']:,.0f}/s), {ref['capacity']:,} "
+                  f"by capacity, {ref['collision']:,} by collision")
+        insp = report["inspection"]
+        flows = insp.get("flows", {})
+        con.print(f"[bold]Inspection[/bold]: {insp.get('inspected', 0):,} packets inspected; "
+                  "flows: " + ", ".join(f"{k} {v:,}" for k, v in flows.items() if v))
     out = report.get("output") or {}
     con.print(f"[bold]Output[/bold]: {out.get('forwarded', 0):,} frames re-encapsulated towards their "
               f"workload's host, {out.get('forwarded_plain', 0):,} leaving the overlay, "
