@@ -48,3 +48,37 @@ def test_no_note_when_most_packets_pass(tmp_path, capsys):
     assert main(["run", "--policy", str(pol), str(_capture(tmp_path)), "--report", str(rep), "--quiet"]) == 0
     assert capsys.readouterr().err == ""
     assert json.loads(rep.read_text())["explanation"] == []
+
+
+def test_report_counts_tunnels_followed_and_not_and_snapped_packets(tmp_path):
+    """IP-in-IP is followed (its inner packet judged), ERSPAN is not (the outer packet is
+    judged and the report says so), and a packet snapped by the capture is counted."""
+    from scapy.layers.inet import GRE, IP, TCP
+    from scapy.layers.l2 import Ether
+
+    eth = dict(src="02:00:00:00:aa:01", dst="02:00:00:00:aa:02")
+    inner = IP(src="10.0.0.1", dst="10.0.0.2") / TCP(sport=40000, dport=80, flags="S")
+    frames = [
+        bytes(Ether(**eth) / IP(src="198.51.100.1", dst="198.51.100.2") / inner),  # IP in IP
+        bytes(
+            Ether(**eth)
+            / IP(src="198.51.100.1", dst="198.51.100.2")
+            / GRE(proto=0x88BE)
+            / (b"\0" * 8)
+            / Ether(**eth)
+            / inner
+        ),  # ERSPAN type II
+        bytes(Ether(**eth) / inner / (b"x" * 200)),
+    ]
+    wire = [len(f) for f in frames]
+    frames[2] = frames[2][:60]  # snapped, as by tcpdump -s 60
+    cap = tmp_path / "mix.pcap"
+    write_pcap(str(cap), Batch.from_packets(frames, ts=[10**9 + i for i in range(3)], wire_len=wire))
+    pol = tmp_path / "p.yaml"
+    pol.write_text(POLICY + "untagged_tenant: acme\n")
+    rep = tmp_path / "r.json"
+    assert main(["run", "--policy", str(pol), str(cap), "--report", str(rep), "--quiet"]) == 0
+    r = json.loads(rep.read_text())
+    assert r["tunnels"] == {"ipip": 1}
+    assert r["tunnels_not_followed"] == {"erspan": 1}
+    assert r["truncated_packets"] == 1

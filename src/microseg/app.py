@@ -263,6 +263,8 @@ def build_report(dp, forwarder, res, seconds: float, truth_check: dict | None) -
         "inspection": {k: v for k, v in insp.items() if k != "table"},
         "output": dict(forwarder.counters) if forwarder is not None else None,
         "revoked_connections": st["revoked_connections"],
+        "tunnels": st["tunnels"], "tunnels_not_followed": st["tunnels_not_followed"],
+        "truncated_packets": st["truncated_packets"],
         "configuration": {"caches": bool(dp.config.caches), "offload": bool(dp.config.offload),
                           "fast_path": bool(dp.config.fast_path)},
     }
@@ -387,6 +389,15 @@ def print_report(report: dict, console=None) -> None:
         drops = {k: v for k, v in report["ipsec"]["drops"].items() if v}
         if drops:
             con.print(f"[bold]IPsec drops[/bold]: {drops}")
+    tun, nf = report.get("tunnels") or {}, report.get("tunnels_not_followed") or {}
+    if tun or nf or report.get("truncated_packets"):
+        parts = [", ".join(f"{k} {v:,}" for k, v in tun.items()) or "none"]
+        if nf:
+            parts.append("not followed (judged as the outer packet): "
+                         + ", ".join(f"{k} {v:,}" for k, v in nf.items()))
+        if report.get("truncated_packets"):
+            parts.append(f"{report['truncated_packets']:,} packets snapped short by the capture")
+        con.print("[bold]Tunnels[/bold]: " + "; ".join(parts))
     for line in report.get("explanation") or ():
         con.print(f"[bold yellow]Note[/bold yellow]: {line}")
     gt = report.get("ground_truth")

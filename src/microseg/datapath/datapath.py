@@ -1,6 +1,7 @@
 """The datapath end to end: :class:`Datapath` wires the stages together over batches (the
 package docstring gives the order), :class:`DatapathConfig` its settings,
 :class:`BatchResult` what it says about each packet."""
+
 from __future__ import annotations
 
 import time
@@ -25,7 +26,7 @@ from .reasons import L_FAST, L_SLOW, L_STATE, R_SIGNATURE
 from .slow import SlowPath, subset
 
 _NEW = ctstate.TRACKED | ctstate.NEW
-SEGMENT = 16384         # packets parsed at a time when the caller gives no keys (see process)
+SEGMENT = 16384  # packets parsed at a time when the caller gives no keys (see process)
 
 
 @dataclass
@@ -36,23 +37,23 @@ class DatapathConfig:
     ``bench/pipeline.py``, see docs/benchmarks.md): the flow caches and the software offload
     model cost more than they save on this design and are off unless asked for."""
 
-    batch_size: int = 1024           # per-batch Python costs amortise over more packets
+    batch_size: int = 1024  # per-batch Python costs amortise over more packets
     conntrack_capacity: int = 1 << 20
     conntrack_timeouts: dict | None = None
-    caches: bool = False             # exact-match + megaflow caches in front of the policy
-    emc_entries: int = 65536         # one entry per direction and TCP-flag variant of a flow
+    caches: bool = False  # exact-match + megaflow caches in front of the policy
+    emc_entries: int = 65536  # one entry per direction and TCP-flag variant of a flow
     megaflow_entries: int = 65536
-    offload: bool = False            # inspection hand-off and the fast-path (SmartNIC) model
+    offload: bool = False  # inspection hand-off and the fast-path (SmartNIC) model
     offload_capacity: int = 500_000
     offload_rate: float = 7000.0
     inspect_packets: int = 8
     elephant_bytes: int = 1 << 20
-    signatures: SignatureSet | None = None   # inspected only with ``offload``
-    cut_revoked: bool = True          # a new policy cuts established connections it forbids
-    tunnel: str = "vxlan"             # encapsulation of forwarded frames: vxlan | geneve | nvgre
-    checksum: bool = True             # conntrack verifies L4 checksums (Linux's default)
-    fast_path: bool = True            # False: tracked packets too are decided by the compiled
-                                      # policy in the slow path (for comparison; same verdicts)
+    signatures: SignatureSet | None = None  # inspected only with ``offload``
+    cut_revoked: bool = True  # a new policy cuts established connections it forbids
+    tunnel: str = "vxlan"  # encapsulation of forwarded frames: vxlan | geneve | nvgre
+    checksum: bool = True  # conntrack verifies L4 checksums (Linux's default)
+    fast_path: bool = True  # False: tracked packets too are decided by the compiled
+    # policy in the slow path (for comparison; same verdicts)
 
 
 _ARRAYS = ("verdict", "reason", "rule", "ct", "level", "sid", "src_workload", "dst_workload")
@@ -63,21 +64,28 @@ class BatchResult:
     """Per-packet results of :meth:`Datapath.process`, in input order, and the parsed headers
     of the batch (``keys``), which travel on to output and reports."""
 
-    verdict: np.ndarray     # uint8 V.ALLOW / V.DROP / V.REJECT
-    reason: np.ndarray      # uint8, reasons.REASONS
-    rule: np.ndarray        # int32 rule-set index of the deciding rule (-1 none)
-    ct: np.ndarray          # uint8 conntrack bits (microseg.ctstate), every packet
-    level: np.ndarray       # uint8 L_* (which level answered)
-    sid: np.ndarray         # int64 signature id that alerted or dropped (0 none)
+    verdict: np.ndarray  # uint8 V.ALLOW / V.DROP / V.REJECT
+    reason: np.ndarray  # uint8, reasons.REASONS
+    rule: np.ndarray  # int32 rule-set index of the deciding rule (-1 none)
+    ct: np.ndarray  # uint8 conntrack bits (microseg.ctstate), every packet
+    level: np.ndarray  # uint8 L_* (which level answered)
+    sid: np.ndarray  # int64 signature id that alerted or dropped (0 none)
     src_workload: np.ndarray  # int32 index into policy.workloads (-1 none)
     dst_workload: np.ndarray  # int32
-    keys: FlowKeys | None = None   # the batch's parsed headers (None where not kept)
+    keys: FlowKeys | None = None  # the batch's parsed headers (None where not kept)
 
     @classmethod
     def empty(cls, n: int) -> "BatchResult":
-        return cls(np.zeros(n, np.uint8), np.zeros(n, np.uint8), np.full(n, -1, np.int32),
-                   np.zeros(n, np.uint8), np.zeros(n, np.uint8), np.zeros(n, np.int64),
-                   np.full(n, -1, np.int32), np.full(n, -1, np.int32))
+        return cls(
+            np.zeros(n, np.uint8),
+            np.zeros(n, np.uint8),
+            np.full(n, -1, np.int32),
+            np.zeros(n, np.uint8),
+            np.zeros(n, np.uint8),
+            np.zeros(n, np.int64),
+            np.full(n, -1, np.int32),
+            np.full(n, -1, np.int32),
+        )
 
     def __getitem__(self, idx) -> "BatchResult":
         """The results of packets ``idx`` (a slice gives views, for writing in place)."""
@@ -98,8 +106,9 @@ class BatchResult:
             k = FlowKeys(max(n, 1))
             k.n = n
             for t in ("u64", "u32", "i32", "u16", "u8"):
-                np.concatenate([getattr(p.keys, t)[:, : p.keys.n] for p in parts], axis=1,
-                               out=getattr(k, t)[:, :n])
+                np.concatenate(
+                    [getattr(p.keys, t)[:, : p.keys.n] for p in parts], axis=1, out=getattr(k, t)[:, :n]
+                )
             out.keys = k
         return out
 
@@ -111,18 +120,20 @@ class Datapath:
     def __init__(self, policy: CompiledPolicy, config: DatapathConfig | None = None):
         self.config = cfg = config or DatapathConfig()
         self.policy = policy
-        self.conntrack = ConntrackTable(capacity=cfg.conntrack_capacity,
-                                        timeouts=cfg.conntrack_timeouts, checksum=cfg.checksum)
-        self.slow = SlowPath(policy, cfg.caches, cfg.emc_entries, cfg.megaflow_entries,
-                             cfg.batch_size)
+        self.conntrack = ConntrackTable(
+            capacity=cfg.conntrack_capacity, timeouts=cfg.conntrack_timeouts, checksum=cfg.checksum
+        )
+        self.slow = SlowPath(policy, cfg.caches, cfg.emc_entries, cfg.megaflow_entries, cfg.batch_size)
         self.fastpath = FastPathTable(cfg.offload_capacity, cfg.offload_rate, version=policy.version)
-        self.inspector = FlowInspector(cfg.signatures, self.fastpath, n_inspect=cfg.inspect_packets,
-                                       elephant_bytes=cfg.elephant_bytes)
+        self.inspector = FlowInspector(
+            cfg.signatures, self.fastpath, n_inspect=cfg.inspect_packets, elephant_bytes=cfg.elephant_bytes
+        )
         self._chunk_keys = FlowKeys(cfg.batch_size)
         self._segment_keys = FlowKeys(SEGMENT)
         self._ctl = np.zeros(F.N_CTL, np.int64)
-        self.counters = Counters(len(policy.ruleset), len(policy.workload_names),
-                                 [t.vni for t in policy.policy.tenants])
+        self.counters = Counters(
+            len(policy.ruleset), len(policy.workload_names), [t.vni for t in policy.policy.tenants]
+        )
         self.policy_swaps = 0
 
     @property
@@ -146,13 +157,25 @@ class Datapath:
         self.fastpath.revalidate(new.version)
         self.inspector.reset()
         if self.config.cut_revoked:
+
             def forbidden(e):
-                zone = e["zone"].astype(np.int64)          # the VNI; the default zone: untunnelled
+                zone = e["zone"].astype(np.int64)  # the VNI; the default zone: untunnelled
                 tenant = np.where(zone == self.conntrack.default_zone, -1, zone)
                 sport = np.where(np.isin(e["proto"], (1, 58)), e["icmp_type"], e["sport"])
                 dport = np.where(np.isin(e["proto"], (1, 58)), e["icmp_code"], e["dport"])
-                return revoked_connections(old, new, tenant, e["src_hi"], e["src_lo"], e["dst_hi"],
-                                           e["dst_lo"], e["proto"], sport, dport)
+                return revoked_connections(
+                    old,
+                    new,
+                    tenant,
+                    e["src_hi"],
+                    e["src_lo"],
+                    e["dst_hi"],
+                    e["dst_lo"],
+                    e["proto"],
+                    sport,
+                    dport,
+                )
+
             out["cut"] = self.conntrack.delete_where(forbidden)
             self.counters.revoked_connections += out["cut"]
         self.policy_swaps += 1
@@ -179,7 +202,9 @@ class Datapath:
                 e = min(s + SEGMENT, n)
                 part = batch.slice(s, e)
                 view = BatchResult(*(getattr(res, f)[s:e] for f in _ARRAYS))
-                self._run(part, parse(part, seg), view)
+                pk = parse(part, seg)
+                self._run(part, pk, view)
+                self.counters.add_parsed(pk)
         else:
             if keys is None:
                 keys = parse(batch)
@@ -189,6 +214,8 @@ class Datapath:
         c = self.counters
         c.packets += n
         c.bytes += int(np.asarray(batch.wire_len, np.int64).sum())
+        if res.keys is not None:
+            c.add_parsed(res.keys)
         c.seconds += time.perf_counter() - t0
         return res
 
@@ -205,8 +232,7 @@ class Datapath:
         tab = self.policy.endpoint_tables
         n = len(batch)
         now = np.ascontiguousarray(batch.ts, np.int64)
-        ok = (checksum_ok(batch, keys) if ctt.cfg[CK.CFG_CHECKSUM]
-              else np.ones(n, np.bool_))
+        ok = checksum_ok(batch, keys) if ctt.cfg[CK.CFG_CHECKSUM] else np.ones(n, np.bool_)
         commit = np.full(n, -1, np.int8)
         tix = np.empty(n, np.int32)
         owner = np.empty(n, np.int32)
@@ -229,22 +255,52 @@ class Datapath:
         ctl[F.C_LAST_NOW] = ctt.last_now
         ctl[F.C_FAST] = int(cfg.fast_path)
         c = self.counters
-        if not np.array_equal(c.vnis, tab.tenant_vnis):     # the kernel's tenant rows
+        if not np.array_equal(c.vnis, tab.tenant_vnis):  # the kernel's tenant rows
             raise ValueError("counters and policy disagree on the tenants")
-        args = (ctt.ents, ctt.ents_bytes, ctt.slot_ent, ctt.slot_hash, ctt.free, ctt.params,
-                *keys.arrays(), batch.data, batch.offset, batch.length, batch.wire_len, now, ok,
-                tab.tenant_vnis, *tab.addresses, *tab.macs, tab.workload_mac,
-                commit, res.ct, tix, owner, res.src_workload, res.dst_workload, src_id,
-                res.verdict, res.reason, res.rule, res.level, ent_tmp, dir_tmp, pending, slow,
-                c.vnis, *c.arrays(), ctl)
+        args = (
+            ctt.ents,
+            ctt.ents_bytes,
+            ctt.slot_ent,
+            ctt.slot_hash,
+            ctt.free,
+            ctt.params,
+            *keys.arrays(),
+            batch.data,
+            batch.offset,
+            batch.length,
+            batch.wire_len,
+            now,
+            ok,
+            tab.tenant_vnis,
+            *tab.addresses,
+            *tab.macs,
+            tab.workload_mac,
+            commit,
+            res.ct,
+            tix,
+            owner,
+            res.src_workload,
+            res.dst_workload,
+            src_id,
+            res.verdict,
+            res.reason,
+            res.rule,
+            res.level,
+            ent_tmp,
+            dir_tmp,
+            pending,
+            slow,
+            c.vnis,
+            *c.arrays(),
+            ctl,
+        )
         tenant = keys.tenant
         while True:
             F.fast_kernel(*args)
             status = ctl[F.C_STATUS]
             if status == F.STOP:
                 rows = pending[: ctl[F.C_N_PENDING]].copy()
-                self.slow.decide(keys, rows, np.full(rows.shape[0], _NEW, np.uint8), src_id,
-                                 res, L_SLOW)
+                self.slow.decide(keys, rows, np.full(rows.shape[0], _NEW, np.uint8), src_id, res, L_SLOW)
                 commit[rows] = res.verdict[rows] == V.ALLOW
                 continue
             ns = int(ctl[F.C_N_SLOW])
@@ -291,7 +347,7 @@ class Datapath:
                 verdict[h.drop] = V.DROP
                 reason[h.drop] = R_SIGNATURE
             res.sid[cs:ce] = h.sid
-            ends = valid & insp & ((ck.tcp_flags & 0x05) != 0)        # FIN or RST
+            ends = valid & insp & ((ck.tcp_flags & 0x05) != 0)  # FIN or RST
             if ends.any():
                 self.inspector.remove(kmat, valid, np.flatnonzero(ends))
 
@@ -301,24 +357,32 @@ class Datapath:
         c = self.counters
         pol = self.policy
         out = c.as_dict()
-        rules = [{"index": int(i), "rule": pol.describe_rule(int(i)), "packets": int(p)}
-                 for i, p in enumerate(c.rule) if p]
+        rules = [
+            {"index": int(i), "rule": pol.describe_rule(int(i)), "packets": int(p)}
+            for i, p in enumerate(c.rule)
+            if p
+        ]
         rules.sort(key=lambda d: -d["packets"])
         looked = sum(out["levels"].values())
-        out.update({
-            "policy": {"version": pol.version, "hash": pol.content_hash, "rules": len(pol.ruleset)},
-            "mpps": c.packets / c.seconds / 1e6 if c.seconds else 0.0,
-            "hit_rates": {k: (v / looked if looked else 0.0) for k, v in out["levels"].items()},
-            "rules": rules,
-            "workloads": {name: {"tx": int(c.workload_tx[i]), "rx": int(c.workload_rx[i]),
-                                 "dropped": int(c.workload_dropped[i])}
-                          for i, name in enumerate(pol.workload_names)},
-            "conntrack": {"entries": len(self.conntrack), **self.conntrack.counters},
-            "inspection": self.inspector.stats(),
-        })
+        out.update(
+            {
+                "policy": {"version": pol.version, "hash": pol.content_hash, "rules": len(pol.ruleset)},
+                "mpps": c.packets / c.seconds / 1e6 if c.seconds else 0.0,
+                "hit_rates": {k: (v / looked if looked else 0.0) for k, v in out["levels"].items()},
+                "rules": rules,
+                "workloads": {
+                    name: {
+                        "tx": int(c.workload_tx[i]),
+                        "rx": int(c.workload_rx[i]),
+                        "dropped": int(c.workload_dropped[i]),
+                    }
+                    for i, name in enumerate(pol.workload_names)
+                },
+                "conntrack": {"entries": len(self.conntrack), **self.conntrack.counters},
+                "inspection": self.inspector.stats(),
+            }
+        )
         if self.emc is not None:
             out["emc"] = self.emc.stats()
             out["megaflow"] = self.megaflow.stats()
         return out
-
-
