@@ -146,6 +146,13 @@ def _rd32(d, o):
 
 
 @njit(cache=True)
+def _rd32_le(d, o):
+    u = np.uint64(o)
+    return ((np.int64(d[u + _U[3]]) << 24) | (np.int64(d[u + _U[2]]) << 16)
+            | (np.int64(d[u + _U[1]]) << 8) | np.int64(d[u]))
+
+
+@njit(cache=True)
 def _rd48(d, o):
     u = np.uint64(o)
     return ((np.int64(d[u]) << 40) | (np.int64(d[u + _U[1]]) << 32)
@@ -381,11 +388,11 @@ def _parse_kernel(data, offset, length, wire_len, linktype, u64, u32, i32, u16, 
             else:
                 fam = _rd32(d, b)
                 if linktype == LINK_NULL:
-                    # the writer's byte order: a family needs 16 bits, so a value with its low
-                    # half zero was written the other way round
-                    fam = ((fam & 0xFF) << 24) | ((fam & 0xFF00) << 8) | ((fam >> 8) & 0xFF00) | (fam >> 24)
-                    if fam & 0xFFFF0000:
-                        fam = ((fam & 0xFF) << 24) | ((fam & 0xFF00) << 8) | ((fam >> 8) & 0xFF00) | (fam >> 24)
+                    # the writer's byte order: read little-endian, and a family needs 16 bits,
+                    # so a value above that was written big-endian
+                    le = _rd32_le(d, b)
+                    if le <= 0xFFFF:
+                        fam = le
                 pos = 4
                 if fam == AF_INET:
                     kind = _K_V4
