@@ -26,6 +26,7 @@ COMMAND_MODULES = [
     "microseg.conntrack.commands",
     "microseg.agent.agent",
     "microseg.agent.lab",
+    "microseg.store.commands",
 ]
 
 
