@@ -832,3 +832,29 @@ def test_failover_on_a_three_member_cluster(prefix):
             w.stop()
     finally:
         cluster.close()
+
+
+def test_sa_files_ride_along(etcd, prefix, capsys):
+    client = etcd.client()
+    sites = os.path.join(DATA, "sites.yaml")
+    path = os.path.join(DATA, "datacenter.yaml")
+    assert main(["store", "apply", path, "--sa", sites, "--endpoint", etcd.url, "--prefix", prefix]) == 0
+    capsys.readouterr()
+    assert client.get(prefix + "ipsec/sites").value == open(sites, "rb").read()
+    w = PolicyWatcher(etcd.url, prefix, host="compute-1")
+    rec = Recorder()
+    try:
+        w.load()
+        assert [sa.name for sa in w.sa_configs["sites"].sas] == ["site-a-to-b"]
+        w.start(rec)
+        bad = client.get(prefix + "ipsec/sites").value.replace(b'salt: "5ea7c0de"', b'salt: "5ea7"')
+        client.put(prefix + "ipsec/sites", bad)
+        wait_for(lambda: w.status()["state"] == "invalid", what="the SA file to be refused")
+        assert w.status()["errors"][0].startswith(prefix + "ipsec/sites:")
+        assert "salt" in w.status()["errors"][0] and b"7b3c0c8f" not in w.status()["errors"][0].encode()
+        assert [sa.name for sa in w.sa_configs["sites"].sas] == ["site-a-to-b"]
+    finally:
+        w.stop()
+    # an apply without the SA file removes it, as any resource that vanished
+    assert main(["store", "apply", path, "--endpoint", etcd.url, "--prefix", prefix, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["deleted"] == ["ipsec/sites"]
