@@ -9,6 +9,7 @@ docs/img/classify.png.
 
     python bench/classify.py [--quick] [--sizes 1000,10000,65536] [--families acl,fw,ipc]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,15 +32,17 @@ from microseg.classify.linear import classify_linear
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-DPDK_ALGS = ("scalar", "sse", "avx2", "avx512x16")   # avx512 fails fast where unsupported
+DPDK_ALGS = ("scalar", "sse", "avx2", "avx512x16")  # avx512 fails fast where unsupported
 CORE = 1 if (os.cpu_count() or 1) > 1 else 0
 
 
 def gen(family: str, n: int, ntrace: int, d: str) -> str:
     prefix = os.path.join(d, f"{family}_{n}")
     if not os.path.exists(prefix + ".rules"):
-        subprocess.run([sys.executable, os.path.join(HERE, "gen_rules.py"), family, str(n),
-                        str(ntrace), str(n), prefix], check=True)
+        subprocess.run(
+            [sys.executable, os.path.join(HERE, "gen_rules.py"), family, str(n), str(ntrace), str(n), prefix],
+            check=True,
+        )
     return prefix
 
 
@@ -66,7 +69,7 @@ class _Bursts:
     def classify_keys(self, K):
         out = np.empty(K.shape[0], np.int32)
         for s in range(0, K.shape[0], self.size):
-            out[s:s + self.size] = self.clf.classify_keys(K[s:s + self.size])
+            out[s : s + self.size] = self.clf.classify_keys(K[s : s + self.size])
         return out
 
 
@@ -74,10 +77,23 @@ def run_dpdk(prefix: str, ntrace: int, alg: str, iters: int) -> dict:
     exe = shutil.which("dpdk-test-acl")
     if exe is None:
         return {"available": False, "why": "dpdk-test-acl not installed"}
-    cmd = [exe, "--no-huge", "--no-pci", "-l", str(CORE), "-m", "2048",
-           "--log-level=lib.eal:error", "--", f"--rulesf={prefix}.rules",
-           f"--tracef={prefix}.trace", f"--tracenum={ntrace}", f"--iter={iters}", f"--alg={alg}",
-           "--verbose=1"]
+    cmd = [
+        exe,
+        "--no-huge",
+        "--no-pci",
+        "-l",
+        str(CORE),
+        "-m",
+        "2048",
+        "--log-level=lib.eal:error",
+        "--",
+        f"--rulesf={prefix}.rules",
+        f"--tracef={prefix}.trace",
+        f"--tracenum={ntrace}",
+        f"--iter={iters}",
+        f"--alg={alg}",
+        "--verbose=1",
+    ]
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     except subprocess.TimeoutExpired:
@@ -116,17 +132,22 @@ def main(argv=None) -> int:
                 rs = load_rules(prefix + ".rules")
                 K = load_trace(prefix + ".trace")
                 row = {"family": fam, "rules": n, "headers": int(K.shape[0]), "ours": {}, "dpdk": {}}
-                if not results:   # compile the kernels outside the timed builds
+                if not results:  # compile the kernels outside the timed builds
                     for algo in ("tree", "tss"):
-                        build(RuleSet.from_arrays(rs.val[:64], rs.mask[:64], rs.ports[:64]),
-                              algo).classify_keys(K[:64])
+                        build(
+                            RuleSet.from_arrays(rs.val[:64], rs.mask[:64], rs.ports[:64]), algo
+                        ).classify_keys(K[:64])
                 # oracle answers on a sample (linear scan cost grows with the rule count)
                 nlin = int(min(K.shape[0], max(500, 4_000_000 // n)))
                 lin = build(rs, "linear")
                 ref = classify_linear(rs, K[:nlin])
                 row["ours"]["linear"] = {
-                    "build_s": 0.0, "bytes": lin.nbytes(), "checked": nlin, "correct": True,
-                    "mpps": time_lookup(lin, K[:nlin], 1) / 1e6}
+                    "build_s": 0.0,
+                    "bytes": lin.nbytes(),
+                    "checked": nlin,
+                    "correct": True,
+                    "mpps": time_lookup(lin, K[:nlin], 1) / 1e6,
+                }
                 for algo in ("tree", "tss"):
                     t = time.perf_counter()
                     clf = build(rs, algo)
@@ -135,8 +156,14 @@ def main(argv=None) -> int:
                     Kt = K if algo == "tree" or n < 65536 else K[:20000]
                     pps = time_lookup(clf, Kt, args.repeats)
                     ok = bool(np.array_equal(clf.classify_keys(K[:nlin]), ref))
-                    row["ours"][algo] = {"build_s": bt, "bytes": clf.nbytes(), "mpps": pps / 1e6,
-                                         "checked": nlin, "correct": ok, "headers": int(Kt.shape[0])}
+                    row["ours"][algo] = {
+                        "build_s": bt,
+                        "bytes": clf.nbytes(),
+                        "mpps": pps / 1e6,
+                        "checked": nlin,
+                        "correct": ok,
+                        "headers": int(Kt.shape[0]),
+                    }
                     if algo == "tree":
                         # the way dpdk-test-acl calls rte_acl: bursts of 256 headers
                         row["ours"]["tree_b256"] = {"mpps": time_lookup(_Bursts(clf), K, args.repeats) / 1e6}
@@ -146,19 +173,31 @@ def main(argv=None) -> int:
                 results.append(row)
                 d = {k: v["mpps"] for k, v in row["ours"].items()}
                 dd = {k: v["mpps"] for k, v in row["dpdk"].items() if v.get("available")}
-                print(f"{fam:4s} {n:6d}  " + "  ".join(f"{k} {v:7.3f}" for k, v in d.items())
-                      + "  | rte_acl " + "  ".join(f"{k} {v:6.2f}" for k, v in dd.items())
-                      + f"  | tree build {row['ours']['tree']['build_s']:.2f}s "
-                      f"{row['ours']['tree']['bytes'] / 2**20:.1f} MiB", flush=True)
+                print(
+                    f"{fam:4s} {n:6d}  "
+                    + "  ".join(f"{k} {v:7.3f}" for k, v in d.items())
+                    + "  | rte_acl "
+                    + "  ".join(f"{k} {v:6.2f}" for k, v in dd.items())
+                    + f"  | tree build {row['ours']['tree']['build_s']:.2f}s "
+                    f"{row['ours']['tree']['bytes'] / 2**20:.1f} MiB",
+                    flush=True,
+                )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     out = {
         "benchmark": "classify",
-        "machine": {"cpu": _cpu(), "cores": os.cpu_count(), "python": platform.python_version(),
-                    "load_avg_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None},
-        "pinned_core": CORE, "headers": ntrace, "quick": args.quick,
+        "machine": {
+            "cpu": _cpu(),
+            "cores": os.cpu_count(),
+            "python": platform.python_version(),
+            "load_avg_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        },
+        "pinned_core": CORE,
+        "headers": ntrace,
+        "quick": args.quick,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "wall_s": time.time() - t_start, "results": results,
+        "wall_s": time.time() - t_start,
+        "results": results,
     }
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
@@ -180,8 +219,10 @@ def _cpu() -> str:
 
 def plot(out: dict, path: str) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     fams = sorted({r["family"] for r in out["results"]}, key=["acl", "fw", "ipc"].index)
     fig, axes = plt.subplots(1, len(fams), figsize=(4.2 * len(fams), 3.6), sharey=True, squeeze=False)
     for ax, fam in zip(axes[0], fams):

@@ -10,6 +10,7 @@ whenever another process holds the core) and per wall second.
     python bench/conntrack.py            # 10K, 1M and 10M connections (about 3 minutes)
     python bench/conntrack.py --quick    # 10K and 100K
 """
+
 from __future__ import annotations
 
 import argparse
@@ -97,8 +98,14 @@ class Runner:
         self.bs = batch_size
         self.keys = FlowKeys(batch_size).resize(batch_size)
         n = batch_size
-        self.batch = Batch(np.zeros(64, np.uint8), np.zeros(n, np.int64), np.full(n, 54, np.int32),
-                           np.full(n, 54, np.int32), np.zeros(n, np.uint16), np.zeros(n, np.int64))
+        self.batch = Batch(
+            np.zeros(64, np.uint8),
+            np.zeros(n, np.int64),
+            np.full(n, 54, np.int32),
+            np.full(n, 54, np.int32),
+            np.zeros(n, np.uint16),
+            np.zeros(n, np.int64),
+        )
         self.ok = np.ones(n, np.bool_)
 
     def run(self, tracker, flows, kind, now, rnd=0):
@@ -124,7 +131,7 @@ def bench_size(n: int, batch_size: int, lookups: int, seed: int = 1) -> dict:
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t = ConntrackTable(capacity=n, expire_budget=64)
     flows = np.arange(n, dtype=np.int64)
-    warm = ConntrackTable(capacity=1024)                  # compile outside the timed runs
+    warm = ConntrackTable(capacity=1024)  # compile outside the timed runs
     r.run(warm, flows[:1024], SYN, NS)
     cpu_new, wall_new, st = r.run(t, flows, SYN, NS)
     assert st[33] == n and len(t) == n, "every SYN opens a connection"
@@ -135,10 +142,15 @@ def bench_size(n: int, batch_size: int, lookups: int, seed: int = 1) -> dict:
     assert st[34] == lookups, "every data packet is ESTABLISHED"
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {
-        "connections": n, "batch": batch_size, "lookups": int(lookups),
-        "new_per_s_cpu": n / cpu_new, "new_per_s_wall": n / wall_new,
-        "established_per_s_cpu": lookups / cpu_est, "established_per_s_wall": lookups / wall_est,
-        "table_bytes": t.nbytes, "bytes_per_connection": t.nbytes / n,
+        "connections": n,
+        "batch": batch_size,
+        "lookups": int(lookups),
+        "new_per_s_cpu": n / cpu_new,
+        "new_per_s_wall": n / wall_new,
+        "established_per_s_cpu": lookups / cpu_est,
+        "established_per_s_wall": lookups / wall_est,
+        "table_bytes": t.nbytes,
+        "bytes_per_connection": t.nbytes / n,
         "rss_growth_bytes": (rss - rss0) * 1024,
     }
 
@@ -153,9 +165,13 @@ def bench_baseline(n: int, batch_size: int, lookups: int, seed: int = 1) -> dict
     r.run(ref, flows, ACK, NS)
     cpu_est, wall_est, st = r.run(ref, rng.integers(0, n, lookups), DATA, 2 * NS, rnd=1)
     assert st[34] == lookups
-    return {"connections": n, "new_per_s_cpu": n / cpu_new, "new_per_s_wall": n / wall_new,
-            "established_per_s_cpu": lookups / cpu_est,
-            "established_per_s_wall": lookups / wall_est}
+    return {
+        "connections": n,
+        "new_per_s_cpu": n / cpu_new,
+        "new_per_s_wall": n / wall_new,
+        "established_per_s_cpu": lookups / cpu_est,
+        "established_per_s_wall": lookups / wall_est,
+    }
 
 
 def main(argv=None) -> int:
@@ -168,24 +184,32 @@ def main(argv=None) -> int:
     res = {"machine": machine(), "batch": args.batch, "sizes": [], "baseline": None}
     base_n = 10_000
     res["baseline"] = bench_baseline(base_n, args.batch, base_n)
-    print(f"python dict baseline, {base_n} connections: "
-          f"{res['baseline']['new_per_s_cpu']:,.0f} new/s, "
-          f"{res['baseline']['established_per_s_cpu']:,.0f} established pkts/s (CPU time)")
+    print(
+        f"python dict baseline, {base_n} connections: "
+        f"{res['baseline']['new_per_s_cpu']:,.0f} new/s, "
+        f"{res['baseline']['established_per_s_cpu']:,.0f} established pkts/s (CPU time)"
+    )
     for n in sizes:
         row = bench_size(n, args.batch, min(n, 2_000_000) if n > 10_000 else 10 * n)
         res["sizes"].append(row)
-        print(f"{n:>11,} connections: {row['new_per_s_cpu'] / 1e6:6.2f} M new/s "
-              f"({row['new_per_s_wall'] / 1e6:.2f} wall), "
-              f"{row['established_per_s_cpu'] / 1e6:6.2f} M established pkts/s "
-              f"({row['established_per_s_wall'] / 1e6:.2f} wall), "
-              f"{row['bytes_per_connection']:.0f} B/connection", flush=True)
+        print(
+            f"{n:>11,} connections: {row['new_per_s_cpu'] / 1e6:6.2f} M new/s "
+            f"({row['new_per_s_wall'] / 1e6:.2f} wall), "
+            f"{row['established_per_s_cpu'] / 1e6:6.2f} M established pkts/s "
+            f"({row['established_per_s_wall'] / 1e6:.2f} wall), "
+            f"{row['bytes_per_connection']:.0f} B/connection",
+            flush=True,
+        )
     small = res["sizes"][0]
     res["speedup_vs_baseline_at_10k"] = {
         "new": small["new_per_s_cpu"] / res["baseline"]["new_per_s_cpu"],
-        "established": small["established_per_s_cpu"] / res["baseline"]["established_per_s_cpu"]}
-    print("speed-up over the dict baseline at 10K: "
-          f"{res['speedup_vs_baseline_at_10k']['new']:.0f}x new, "
-          f"{res['speedup_vs_baseline_at_10k']['established']:.0f}x established")
+        "established": small["established_per_s_cpu"] / res["baseline"]["established_per_s_cpu"],
+    }
+    print(
+        "speed-up over the dict baseline at 10K: "
+        f"{res['speedup_vs_baseline_at_10k']['new']:.0f}x new, "
+        f"{res['speedup_vs_baseline_at_10k']['established']:.0f}x established"
+    )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
     return 0

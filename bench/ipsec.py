@@ -17,6 +17,7 @@ bench/results/ipsec.json and docs/img/ipsec.png.
 
     python bench/ipsec.py [--quick]      (--quick: a few seconds, prints only)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,10 +41,16 @@ from microseg.packet.batch import LINK_RAW, Batch
 ROOT = Path(__file__).resolve().parent.parent
 SIZES = [64, 128, 256, 512, 1024, 1400]
 BATCH = 256
-KERNEL_GBPS = {"small": 0.94, "large": 4.32}    # seed paper: Linux kernel ESP, one core, AES-NI
-SA = {"name": "bench", "spi": 0x1000, "key": "00112233445566778899aabbccddeeff",
-      "salt": "cafebabe", "tunnel_src": "192.0.2.1", "tunnel_dst": "192.0.2.2",
-      "replay_window": 1024}
+KERNEL_GBPS = {"small": 0.94, "large": 4.32}  # seed paper: Linux kernel ESP, one core, AES-NI
+SA = {
+    "name": "bench",
+    "spi": 0x1000,
+    "key": "00112233445566778899aabbccddeeff",
+    "salt": "cafebabe",
+    "tunnel_src": "192.0.2.1",
+    "tunnel_dst": "192.0.2.2",
+    "replay_window": 1024,
+}
 
 
 def cpu_hz() -> float:
@@ -69,9 +76,23 @@ def inner_packets(size: int, n: int) -> list[bytes]:
     out = []
     for i in range(n):
         payload = bytes([i & 0xFF]) * (size - 28)
-        ip = struct.pack("!BBHHHBBH4s4sHHHH", 0x45, 0, size, i & 0xFFFF, 0, 64, 17, 0,
-                         bytes([10, 1, i >> 8 & 0xFF, i & 0xFF]), bytes([10, 2, 0, 1]),
-                         5000, 6000, size - 20, 0)
+        ip = struct.pack(
+            "!BBHHHBBH4s4sHHHH",
+            0x45,
+            0,
+            size,
+            i & 0xFFFF,
+            0,
+            64,
+            17,
+            0,
+            bytes([10, 1, i >> 8 & 0xFF, i & 0xFF]),
+            bytes([10, 2, 0, 1]),
+            5000,
+            6000,
+            size - 20,
+            0,
+        )
         out.append(ip + payload)
     return out
 
@@ -117,6 +138,7 @@ def gateway_runs(batches, backend: str):
 def naive_runs(pkts):
     """Per-packet Python ESP with one cryptography call each: the naive baseline."""
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
     key, salt, spi = bytes.fromhex(SA["key"]), bytes.fromhex(SA["salt"]), SA["spi"]
     aead = AESGCM(key)
     src, dst = bytes([192, 0, 2, 1]), bytes([192, 0, 2, 2])
@@ -130,8 +152,7 @@ def naive_runs(pkts):
             iv = struct.pack("!Q", seq)
             hdr = struct.pack("!II", spi, seq)
             ct = aead.encrypt(salt + iv, p + bytes(range(1, pad + 1)) + bytes([pad, 4]), hdr)
-            ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 36 + len(ct), seq & 0xFFFF, 0, 64, 50, 0,
-                             src, dst)
+            ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 36 + len(ct), seq & 0xFFFF, 0, 64, 50, 0, src, dst)
             out.append(ip + hdr + iv + ct)
         return out
 
@@ -142,7 +163,7 @@ def naive_runs(pkts):
         for e in encrypted:
             body = e[20:]
             pt = aead.decrypt(salt + body[8:16], body[16:], body[:8])
-            out.append(pt[:len(pt) - 2 - pt[-2]])
+            out.append(pt[: len(pt) - 2 - pt[-2]])
         return out
 
     assert dec() == pkts
@@ -167,7 +188,7 @@ def raw_evp_run(size: int, n: int):
     def run():
         esp.seal_evp(ptrs, sa_of, buf, off, ln, nonce, aad, aad_len, scratch)
 
-    run.ctx = ctx                       # keep the context alive as long as the callable
+    run.ctx = ctx  # keep the context alive as long as the callable
     run()
     return run
 
@@ -177,9 +198,14 @@ def ctypes_evp_run(size: int, n: int):
     if not evp.AVAILABLE:
         return None
     import ctypes
+
     lib = evp._lib
-    init, upd, fin, ctrl = (lib.EVP_EncryptInit_ex, lib.EVP_EncryptUpdate, lib.EVP_EncryptFinal_ex,
-                            lib.EVP_CIPHER_CTX_ctrl)
+    init, upd, fin, ctrl = (
+        lib.EVP_EncryptInit_ex,
+        lib.EVP_EncryptUpdate,
+        lib.EVP_EncryptFinal_ex,
+        lib.EVP_CIPHER_CTX_ctrl,
+    )
     vp, ci = ctypes.c_void_p, ctypes.c_int
     upd.argtypes = [vp, vp, vp, vp, ci]
     fin.argtypes = [vp, vp, vp]
@@ -204,7 +230,7 @@ def ctypes_evp_run(size: int, n: int):
             fin(c, p + size, po)
             ctrl(c, 0x10, 16, p + size)
 
-    run.keep = (ctx, buf, nonces, aad)   # the loop holds raw addresses: keep their owners alive
+    run.keep = (ctx, buf, nonces, aad)  # the loop holds raw addresses: keep their owners alive
     run()
     return run
 
@@ -214,8 +240,12 @@ def openssl_speed(size: int):
     if tool is None:
         return None
     try:
-        r = subprocess.run([tool, "speed", "-evp", "aes-128-gcm", "-bytes", str(size), "-seconds",
-                            "1"], capture_output=True, text=True, timeout=30)
+        r = subprocess.run(
+            [tool, "speed", "-evp", "aes-128-gcm", "-bytes", str(size), "-seconds", "1"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     for line in r.stdout.splitlines():
@@ -224,7 +254,7 @@ def openssl_speed(size: int):
             mult = 1000.0
             if val.endswith("k"):
                 val = val[:-1]
-            return float(val) * mult            # bytes/s
+            return float(val) * mult  # bytes/s
     return None
 
 
@@ -233,9 +263,27 @@ def breakdown_64(reps: int):
     cfg = parse_config({"sas": [SA]})
     gw = EspGateway(cfg, "evp")
     batch = Batch.from_packets(inner_packets(64, BATCH), linktype=LINK_RAW)
-    args = (batch.data, batch.offset, batch.length, LINK_RAW, 0, gw.pol_src, gw.pol_smask,
-            gw.pol_dst, gw.pol_dmask, gw.pol_proto, gw.pol_action, gw.pol_sa, gw.sa_spi,
-            gw.sa_ver, gw.sa_esn, gw.sa_salt, gw.sa_src, gw.sa_dst, gw.sa_limits)
+    args = (
+        batch.data,
+        batch.offset,
+        batch.length,
+        LINK_RAW,
+        0,
+        gw.pol_src,
+        gw.pol_smask,
+        gw.pol_dst,
+        gw.pol_dmask,
+        gw.pol_proto,
+        gw.pol_action,
+        gw.pol_sa,
+        gw.sa_spi,
+        gw.sa_ver,
+        gw.sa_esn,
+        gw.sa_salt,
+        gw.sa_src,
+        gw.sa_dst,
+        gw.sa_limits,
+    )
     res = esp.encap_prepare(*args, gw.tx_seq, gw.iv_base, gw.life, gw.dead)
     loops = 50
 
@@ -258,8 +306,12 @@ def breakdown_64(reps: int):
             gw.encrypt_batch(batch, sa=0)
 
     per = loops * BATCH
-    return {k: v / per * 1e9 for k, v in interleaved(
-        {"prepare_ns": prep, "aead_ns": seal, "encrypt_batch_ns": whole}, reps).items()}
+    return {
+        k: v / per * 1e9
+        for k, v in interleaved(
+            {"prepare_ns": prep, "aead_ns": seal, "encrypt_batch_ns": whole}, reps
+        ).items()
+    }
 
 
 def evp_call_costs(reps: int):
@@ -267,6 +319,7 @@ def evp_call_costs(reps: int):
     if not evp.AVAILABLE:
         return None
     from numba import njit
+
     e_init, e_upd, e_fin, ctrl = evp.encrypt_init, evp.encrypt_update, evp.encrypt_final, evp.cipher_ctrl
 
     @njit
@@ -275,15 +328,15 @@ def evp_call_costs(reps: int):
         p = buf.ctypes.data
         for _ in range(n):
             if mode == 0:
-                e_init(ctx, 0, 0, 0, p)                 # set the 12-byte nonce
+                e_init(ctx, 0, 0, 0, p)  # set the 12-byte nonce
             elif mode == 1:
-                e_upd(ctx, 0, outl, p + 16, 8)          # AAD
+                e_upd(ctx, 0, outl, p + 16, 8)  # AAD
             elif mode == 2:
-                e_upd(ctx, p + 64, outl, p + 64, 64)    # 64 bytes of data
+                e_upd(ctx, p + 64, outl, p + 64, 64)  # 64 bytes of data
             elif mode == 3:
                 e_fin(ctx, p + 128, outl)
             else:
-                ctrl(ctx, 0x10, 16, p + 200)            # read the tag
+                ctrl(ctx, 0x10, 16, p + 200)  # read the tag
         return 0
 
     ctx = evp.Context(bytes.fromhex(SA["key"]), True)
@@ -308,39 +361,53 @@ def main():
     results = []
     for size in SIZES:
         pkts = inner_packets(size, n_pkts)
-        batches = [Batch.from_packets(pkts[i:i + BATCH], linktype=LINK_RAW)
-                   for i in range(0, n_pkts, BATCH)]
+        batches = [
+            Batch.from_packets(pkts[i : i + BATCH], linktype=LINK_RAW) for i in range(0, n_pkts, BATCH)
+        ]
         row = {"size": size, "packets": n_pkts}
         runs = {}
         if evp.AVAILABLE:
             runs["evp_encrypt"], runs["evp_decrypt"] = gateway_runs(batches, "evp")
             runs["raw_evp"] = raw_evp_run(size, n_pkts)
             runs["ctypes_evp"] = ctypes_evp_run(size, n_pkts)
-        runs["cryptography_encrypt"], runs["cryptography_decrypt"] = \
-            gateway_runs(batches, "cryptography")
+        runs["cryptography_encrypt"], runs["cryptography_decrypt"] = gateway_runs(batches, "cryptography")
         runs["naive_encrypt"], runs["naive_decrypt"] = naive_runs(pkts)
         for k, t in interleaved(runs, reps).items():
             bps = n_pkts * size / t
             row[k] = {"gbps": bps * 8 / 1e9, "mpps": n_pkts / t / 1e6, "cycles_per_byte": hz / bps}
         sp = openssl_speed(size)
         if sp is not None:
-            row["openssl_speed"] = {"gbps": sp * 8 / 1e9, "mpps": sp / size / 1e6,
-                                    "cycles_per_byte": hz / sp}
+            row["openssl_speed"] = {"gbps": sp * 8 / 1e9, "mpps": sp / size / 1e6, "cycles_per_byte": hz / sp}
         results.append(row)
         best = row.get("evp_encrypt", row["cryptography_encrypt"])
-        print(f"{size:5d} B  enc {best['gbps']:6.2f} Gbit/s {best['mpps']:5.2f} Mpps  "
-              f"dec {row.get('evp_decrypt', row['cryptography_decrypt'])['gbps']:6.2f} Gbit/s  "
-              f"naive enc {row['naive_encrypt']['gbps']:5.2f}  "
-              f"raw {row.get('raw_evp', {}).get('gbps', float('nan')):6.2f}  "
-              f"ctypes {row.get('ctypes_evp', {}).get('mpps', float('nan')):5.2f} Mpps  "
-              f"openssl {row.get('openssl_speed', {}).get('gbps', float('nan')):6.2f}", flush=True)
-    doc = {"machine": {"cpu": cpu_model(), "cpu_hz": hz, "cores": os.cpu_count(),
-                       "python": platform.python_version(), "evp": evp.AVAILABLE},
-           "setup": {"aead": "AES-128-GCM (RFC 4106), 16-byte ICV", "mode": "tunnel, IPv4 in IPv4",
-                     "batch": BATCH, "repetitions": reps, "statistic": "best of repetitions",
-                     "gbps_counts": "inner packet bytes"},
-           "kernel_reference_gbps": KERNEL_GBPS,
-           "results": results}
+        print(
+            f"{size:5d} B  enc {best['gbps']:6.2f} Gbit/s {best['mpps']:5.2f} Mpps  "
+            f"dec {row.get('evp_decrypt', row['cryptography_decrypt'])['gbps']:6.2f} Gbit/s  "
+            f"naive enc {row['naive_encrypt']['gbps']:5.2f}  "
+            f"raw {row.get('raw_evp', {}).get('gbps', float('nan')):6.2f}  "
+            f"ctypes {row.get('ctypes_evp', {}).get('mpps', float('nan')):5.2f} Mpps  "
+            f"openssl {row.get('openssl_speed', {}).get('gbps', float('nan')):6.2f}",
+            flush=True,
+        )
+    doc = {
+        "machine": {
+            "cpu": cpu_model(),
+            "cpu_hz": hz,
+            "cores": os.cpu_count(),
+            "python": platform.python_version(),
+            "evp": evp.AVAILABLE,
+        },
+        "setup": {
+            "aead": "AES-128-GCM (RFC 4106), 16-byte ICV",
+            "mode": "tunnel, IPv4 in IPv4",
+            "batch": BATCH,
+            "repetitions": reps,
+            "statistic": "best of repetitions",
+            "gbps_counts": "inner packet bytes",
+        },
+        "kernel_reference_gbps": KERNEL_GBPS,
+        "results": results,
+    }
     if evp.AVAILABLE:
         doc["breakdown_64B"] = breakdown_64(2 * reps)
         print("64 B breakdown (ns/packet):", {k: round(v, 1) for k, v in doc["breakdown_64B"].items()})
@@ -358,22 +425,31 @@ def main():
 
 def plot(doc, path: Path):
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     rows = doc["results"]
     x = [r["size"] for r in rows]
     fig, ax = plt.subplots(figsize=(8, 4.8))
-    series = [("raw_evp", "raw EVP AES-GCM (limit)", "k--"),
-              ("openssl_speed", "openssl speed", "k:"),
-              ("evp_encrypt", "microseg encrypt (EVP)", "C0-o"),
-              ("evp_decrypt", "microseg decrypt (EVP)", "C1-o"),
-              ("cryptography_encrypt", "microseg encrypt (cryptography)", "C2-s"),
-              ("naive_encrypt", "naive per-packet loop", "C3-^")]
+    series = [
+        ("raw_evp", "raw EVP AES-GCM (limit)", "k--"),
+        ("openssl_speed", "openssl speed", "k:"),
+        ("evp_encrypt", "microseg encrypt (EVP)", "C0-o"),
+        ("evp_decrypt", "microseg decrypt (EVP)", "C1-o"),
+        ("cryptography_encrypt", "microseg encrypt (cryptography)", "C2-s"),
+        ("naive_encrypt", "naive per-packet loop", "C3-^"),
+    ]
     for key, label, style in series:
         if all(key in r for r in rows):
             ax.plot(x, [r[key]["gbps"] for r in rows], style, label=label)
-    ax.plot([64, 1400], [KERNEL_GBPS["small"], KERNEL_GBPS["large"]], "C7x", markersize=10,
-            label="Linux kernel (seed paper)")
+    ax.plot(
+        [64, 1400],
+        [KERNEL_GBPS["small"], KERNEL_GBPS["large"]],
+        "C7x",
+        markersize=10,
+        label="Linux kernel (seed paper)",
+    )
     ax.set_xscale("log", base=2)
     ax.set_xticks(x)
     ax.set_xticklabels([str(s) for s in x])

@@ -6,6 +6,7 @@ Traffic kinds: 64-byte IPv4/TCP, 1514-byte IPv4/TCP, IPv6/UDP, and VXLAN-encapsu
 (read + parse). Both wall-clock and this thread's CPU time are reported: the CPU-time rate is
 what one core does when the machine is shared. Writes ``bench/results/parse.json``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,9 +42,14 @@ def _frame(kind: str, sport: int) -> bytes:
     if kind == "vxlan_ipv4_tcp_114":
         inner = PB.ethernet(PB.ipv4(a4, b4, 6, PB.tcp(sport, 443, b"\0" * 10, src=a4, dst=b4)))
         vx = bytes((0x08, 0, 0, 0)) + (1000 + sport % 16).to_bytes(3, "big") + b"\0"
-        return PB.ethernet(PB.ipv4("192.0.2.1", "192.0.2.2", 17,
-                                   PB.udp(49152 + sport % 16384, 4789, vx + inner, src="192.0.2.1",
-                                          dst="192.0.2.2")))
+        return PB.ethernet(
+            PB.ipv4(
+                "192.0.2.1",
+                "192.0.2.2",
+                17,
+                PB.udp(49152 + sport % 16384, 4789, vx + inner, src="192.0.2.1", dst="192.0.2.2"),
+            )
+        )
     raise ValueError(kind)
 
 
@@ -70,6 +76,7 @@ def timed(fn, repeat: int):
 def dpkt_parse(packets, vxlan: bool):
     """What a per-packet Python parser does for the same fields (dpkt decodes, we pick fields)."""
     import dpkt
+
     out = 0
     for buf in packets:
         eth = dpkt.ethernet.Ethernet(buf)
@@ -106,8 +113,14 @@ def main() -> None:
     n_slow = 2_000 if args.quick else 20_000
     repeat = 3 if args.quick else 7
     keys = FlowKeys(BATCH)
-    res = {"machine": machine(), "batch": BATCH, "packets": n, "flows": FLOWS,
-           "timer": "best of %d runs; *_cpu uses this thread's CPU time" % repeat, "rows": []}
+    res = {
+        "machine": machine(),
+        "batch": BATCH,
+        "packets": n,
+        "flows": FLOWS,
+        "timer": "best of %d runs; *_cpu uses this thread's CPU time" % repeat,
+        "rows": [],
+    }
 
     # per-call cost: parse() of an empty batch (Python wrapper + Numba dispatch, no packets)
     empty = Batch.from_packets([])
@@ -116,11 +129,15 @@ def main() -> None:
     w, c = timed(lambda: [parse(empty, keys) for _ in range(calls)], repeat)
     res["call_overhead_us"] = {"wall": w / calls * 1e6, "cpu": c / calls * 1e6}
     a = keys.arrays()
-    w, c = timed(lambda: [_parse_kernel(empty.data, empty.offset, empty.length, 1, *a)
-                          for _ in range(calls)], repeat)
+    w, c = timed(
+        lambda: [_parse_kernel(empty.data, empty.offset, empty.length, 1, *a) for _ in range(calls)], repeat
+    )
     res["kernel_dispatch_us"] = {"wall": w / calls * 1e6, "cpu": c / calls * 1e6}
-    print(f"per call: parse() {res['call_overhead_us']['cpu']:.2f} us, bare kernel dispatch "
-          f"{res['kernel_dispatch_us']['cpu']:.2f} us (CPU time)", flush=True)
+    print(
+        f"per call: parse() {res['call_overhead_us']['cpu']:.2f} us, bare kernel dispatch "
+        f"{res['kernel_dispatch_us']['cpu']:.2f} us (CPU time)",
+        flush=True,
+    )
 
     with tempfile.TemporaryDirectory() as tmp:
         for kind in KINDS:
@@ -132,6 +149,7 @@ def main() -> None:
             def mem():
                 for ch in chunks:
                     parse(ch, keys)
+
             mw, mc = timed(mem, repeat)
 
             big = FlowKeys(4096)
@@ -140,6 +158,7 @@ def main() -> None:
             def mem4096():
                 for ch in big_chunks:
                     parse(ch, big)
+
             bw, bc = timed(mem4096, repeat)
 
             path = Path(tmp) / f"{kind}.pcap"
@@ -150,11 +169,13 @@ def main() -> None:
                 b = read_capture(path)
                 for ch in b.chunks(BATCH):
                     parse(ch, keys)
+
             fw, fc = timed(from_file, max(2, repeat // 2))
 
             def streamed():
                 for b in iter_capture(path, batch_size=BATCH):
                     parse(b, keys)
+
             sw, sc = timed(streamed, max(2, repeat // 2))
 
             pk = [batch.packet(i) for i in range(n_slow)]
@@ -162,22 +183,29 @@ def main() -> None:
             rw, rc = timed(lambda: [parse_packet_ref(p) for p in pk], 1)
 
             row = {
-                "kind": kind, "frame_bytes": int(batch.length[0]),
-                "mem_mpps": n / mw / 1e6, "mem_mpps_cpu": n / mc / 1e6,
+                "kind": kind,
+                "frame_bytes": int(batch.length[0]),
+                "mem_mpps": n / mw / 1e6,
+                "mem_mpps_cpu": n / mc / 1e6,
                 "mem_batch4096_mpps_cpu": n / bc / 1e6,
-                "pcap_read_parse_mpps": n / fw / 1e6, "pcap_read_parse_mpps_cpu": n / fc / 1e6,
+                "pcap_read_parse_mpps": n / fw / 1e6,
+                "pcap_read_parse_mpps_cpu": n / fc / 1e6,
                 "pcap_stream256_mpps_cpu": n / sc / 1e6,
-                "dpkt_mpps": n_slow / dw / 1e6, "dpkt_mpps_cpu": n_slow / dc / 1e6,
+                "dpkt_mpps": n_slow / dw / 1e6,
+                "dpkt_mpps_cpu": n_slow / dc / 1e6,
                 "python_ref_mpps_cpu": n_slow / rc / 1e6,
             }
             row["speedup_vs_dpkt_cpu"] = row["mem_mpps_cpu"] / row["dpkt_mpps_cpu"]
             res["rows"].append(row)
-            print(f"{kind:20s} memory {row['mem_mpps_cpu']:6.1f} Mpps cpu ({row['mem_mpps']:5.1f} wall)"
-                  f" | 4096-batches {row['mem_batch4096_mpps_cpu']:6.1f}"
-                  f" | pcap read+parse {row['pcap_read_parse_mpps_cpu']:5.1f}"
-                  f" (streamed {row['pcap_stream256_mpps_cpu']:4.1f})"
-                  f" | dpkt {row['dpkt_mpps_cpu']:5.3f} | ref {row['python_ref_mpps_cpu']:5.3f}"
-                  f" | x{row['speedup_vs_dpkt_cpu']:.0f} vs dpkt", flush=True)
+            print(
+                f"{kind:20s} memory {row['mem_mpps_cpu']:6.1f} Mpps cpu ({row['mem_mpps']:5.1f} wall)"
+                f" | 4096-batches {row['mem_batch4096_mpps_cpu']:6.1f}"
+                f" | pcap read+parse {row['pcap_read_parse_mpps_cpu']:5.1f}"
+                f" (streamed {row['pcap_stream256_mpps_cpu']:4.1f})"
+                f" | dpkt {row['dpkt_mpps_cpu']:5.3f} | ref {row['python_ref_mpps_cpu']:5.3f}"
+                f" | x{row['speedup_vs_dpkt_cpu']:.0f} vs dpkt",
+                flush=True,
+            )
 
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:

@@ -18,6 +18,7 @@ printed in markdown for docs/benchmarks.md.
 
 Usage: python bench/pipeline.py [--quick] [--repeat N]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,12 +36,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "src"))
 
 from microseg import ctstate  # noqa: E402
-from microseg.io.generator import generate, load_policy  # noqa: E402
-from microseg.io.scenario import ScenarioConfig  # noqa: E402
-from microseg.packet.batch import Batch  # noqa: E402
 from microseg.conntrack.table import ConntrackTable, checksum_ok  # noqa: E402
 from microseg.datapath import Datapath, DatapathConfig  # noqa: E402
+from microseg.io.generator import generate, load_policy  # noqa: E402
+from microseg.io.scenario import ScenarioConfig  # noqa: E402
 from microseg.packet import build as PB  # noqa: E402
+from microseg.packet.batch import Batch  # noqa: E402
 from microseg.packet.parse import parse  # noqa: E402
 from microseg.policy.compiler import compile_policy  # noqa: E402
 from microseg.policy.model import load_policy as load_policy_file  # noqa: E402
@@ -75,8 +76,13 @@ def timed(compiled, batch, cfg: DatapathConfig, repeat: int, warm=True) -> dict:
         el = time.process_time() - t
         rates.append(len(batch) / el / 1e6)
         stats = dp.stats()
-    return {"mpps": statistics.median(rates), "runs": rates, "packets": len(batch),
-            "levels": stats["levels"], "offload_share": stats["inspection"]["table"]["packet_share"]}
+    return {
+        "mpps": statistics.median(rates),
+        "runs": rates,
+        "packets": len(batch),
+        "levels": stats["levels"],
+        "offload_share": stats["inspection"]["table"]["packet_share"],
+    }
 
 
 def established_replay(compiled, batch, cfg: DatapathConfig, repeat: int) -> dict:
@@ -93,30 +99,42 @@ def established_replay(compiled, batch, cfg: DatapathConfig, repeat: int) -> dic
         assert np.all(r2.verdict == 1), "established replay: every packet should pass"
         rates.append(len(again) / el / 1e6)
         stats = dp.stats()
-    return {"mpps": statistics.median(rates), "runs": rates, "packets": int(est.size),
-            "levels": stats["levels"]}
+    return {
+        "mpps": statistics.median(rates),
+        "runs": rates,
+        "packets": int(est.size),
+        "levels": stats["levels"],
+    }
 
 
 # ---------------------------------------------------------------------------------------------
 # many connections: established traffic, new connections, the SYN flood
 # ---------------------------------------------------------------------------------------------
-PORTS = 60000           # connections per client workload (source ports 1024..)
+PORTS = 60000  # connections per client workload (source ports 1024..)
 
 
 def conn_policy_yaml(clients: int) -> str:
     """One tenant (untunnelled traffic is its own), ``clients`` client workloads and one
     server that admits TCP 443 from them; port 22 is denied (the SYN flood's target)."""
-    lines = ["version: 1", "default_egress: allow", "untagged_tenant: t0",
-             "tenants: [{name: t0, vni: 10000}]", "hosts: [{name: h0, address: 192.168.100.11}]",
-             "security_groups:",
-             "  - {name: srv, tenant: t0, rules: [{direction: ingress, protocol: tcp, port_range_min: 443, "
-             "port_range_max: 443, remote_group_id: cli}]}",
-             "  - {name: cli, tenant: t0, rules: [{direction: egress}]}", "workloads:",
-             "  - {name: s, tenant: t0, host: h0, mac: '02:00:00:01:00:01', ipv4: 10.1.0.1, "
-             "security_groups: [srv]}"]
+    lines = [
+        "version: 1",
+        "default_egress: allow",
+        "untagged_tenant: t0",
+        "tenants: [{name: t0, vni: 10000}]",
+        "hosts: [{name: h0, address: 192.168.100.11}]",
+        "security_groups:",
+        "  - {name: srv, tenant: t0, rules: [{direction: ingress, protocol: tcp, port_range_min: 443, "
+        "port_range_max: 443, remote_group_id: cli}]}",
+        "  - {name: cli, tenant: t0, rules: [{direction: egress}]}",
+        "workloads:",
+        "  - {name: s, tenant: t0, host: h0, mac: '02:00:00:01:00:01', ipv4: 10.1.0.1, "
+        "security_groups: [srv]}",
+    ]
     for c in range(clients):
-        lines.append(f"  - {{name: c{c}, tenant: t0, host: h0, mac: '02:00:00:02:{c >> 8 & 255:02x}:{c & 255:02x}', "
-                     f"ipv4: {_client_addr(c)}, security_groups: [cli]}}")
+        lines.append(
+            f"  - {{name: c{c}, tenant: t0, host: h0, mac: '02:00:00:02:{c >> 8 & 255:02x}:{c & 255:02x}', "
+            f"ipv4: {_client_addr(c)}, security_groups: [cli]}}"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -134,14 +152,60 @@ def conn_batches(conns: int, payload: int = 64, dport: int = 443):
         sp = 1024 + np.arange(k)
         cm, sm = f"02:00:00:02:{c >> 8 & 255:02x}:{c & 255:02x}", "02:00:00:01:00:01"
         ca = _client_addr(c)
-        syn.append(PB.build_batch(k, ca, "10.1.0.1", 6, sp, dport, 0, tcp_flags_=0x02, seq=1000,
-                                  eth_src=cm, eth_dst=sm))
-        synack.append(PB.build_batch(k, "10.1.0.1", ca, 6, dport, sp, 0, tcp_flags_=0x12, seq=5000,
-                                     ack=1001, eth_src=sm, eth_dst=cm))
-        ack.append(PB.build_batch(k, ca, "10.1.0.1", 6, sp, dport, 0, tcp_flags_=0x10, seq=1001,
-                                  ack=5001, eth_src=cm, eth_dst=sm))
-        data.append(PB.build_batch(k, ca, "10.1.0.1", 6, sp, dport, payload, tcp_flags_=0x18,
-                                   seq=1001, ack=5001, eth_src=cm, eth_dst=sm, fill=0x61))
+        syn.append(
+            PB.build_batch(
+                k, ca, "10.1.0.1", 6, sp, dport, 0, tcp_flags_=0x02, seq=1000, eth_src=cm, eth_dst=sm
+            )
+        )
+        synack.append(
+            PB.build_batch(
+                k,
+                "10.1.0.1",
+                ca,
+                6,
+                dport,
+                sp,
+                0,
+                tcp_flags_=0x12,
+                seq=5000,
+                ack=1001,
+                eth_src=sm,
+                eth_dst=cm,
+            )
+        )
+        ack.append(
+            PB.build_batch(
+                k,
+                ca,
+                "10.1.0.1",
+                6,
+                sp,
+                dport,
+                0,
+                tcp_flags_=0x10,
+                seq=1001,
+                ack=5001,
+                eth_src=cm,
+                eth_dst=sm,
+            )
+        )
+        data.append(
+            PB.build_batch(
+                k,
+                ca,
+                "10.1.0.1",
+                6,
+                sp,
+                dport,
+                payload,
+                tcp_flags_=0x18,
+                seq=1001,
+                ack=5001,
+                eth_src=cm,
+                eth_dst=sm,
+                fill=0x61,
+            )
+        )
     setup = [Batch.concat(p, order=None) for p in (syn, synack, ack)]
     d = Batch.concat(data, order=None)
     d = d.select(np.random.default_rng(5).permutation(len(d)))
@@ -173,8 +237,10 @@ def connections_case(conns: int, repeat: int, tmp: str) -> dict:
     cap = max(1 << 16, 2 * conns)
     out = {"connections": conns, "packets": len(data)}
     rows = {}
-    for name, cfg in (("datapath", DatapathConfig(conntrack_capacity=cap)),
-                      ("fast_path_off", DatapathConfig(conntrack_capacity=cap, fast_path=False))):
+    for name, cfg in (
+        ("datapath", DatapathConfig(conntrack_capacity=cap)),
+        ("fast_path_off", DatapathConfig(conntrack_capacity=cap, fast_path=False)),
+    ):
         est, new, fl = [], [], []
         for _ in range(repeat):
             dp = Datapath(compiled, cfg)
@@ -183,7 +249,7 @@ def connections_case(conns: int, repeat: int, tmp: str) -> dict:
             new.append(conns / el)
             dp.process(setup[1])
             dp.process(setup[2])
-            dp.process(data)                       # first data segment: ESTABLISHED
+            dp.process(data)  # first data segment: ESTABLISHED
             el, r = _cpu(lambda: dp.process(data))  # again: an in-window retransmission
             assert np.all(r.verdict == 1) and np.all(r.ct & 2)
             est.append(len(data) / el)
@@ -191,15 +257,22 @@ def connections_case(conns: int, repeat: int, tmp: str) -> dict:
             el, r = _cpu(lambda: dp.process(flood))
             assert np.all(r.verdict != 1) and len(dp.conntrack) == before
             fl.append(len(flood) / el)
-        rows[name] = {"established_mpps": statistics.median(est) / 1e6,
-                      "new_per_s": statistics.median(new), "synflood_mpps": statistics.median(fl) / 1e6}
+        rows[name] = {
+            "established_mpps": statistics.median(est) / 1e6,
+            "new_per_s": statistics.median(new),
+            "synflood_mpps": statistics.median(fl) / 1e6,
+        }
+
     # bare conntrack: the table alone on the same parsed packets in the same 1024-packet
     # batches, checksums verified beforehand (the limit of this design: the datapath adds
     # parse, the checksum pass, identities and verdicts)
     def chunks(b):
         k = parse(b)
-        return [(b.slice(s, min(s + 1024, len(b))), _sl(k, s, 1024), np.ones(min(1024, len(b) - s), np.bool_))
-                for s in range(0, len(b), 1024)]
+        return [
+            (b.slice(s, min(s + 1024, len(b))), _sl(k, s, 1024), np.ones(min(1024, len(b) - s), np.bool_))
+            for s in range(0, len(b), 1024)
+        ]
+
     parts = [chunks(b) for b in setup]
     dparts = chunks(data)
     dkeys = parse(data)
@@ -213,14 +286,18 @@ def connections_case(conns: int, repeat: int, tmp: str) -> dict:
                 t.process(b, k, csum_ok=o)
         el, _ = _cpu(lambda: [t.process(b, k, csum_ok=o) for b, k, o in dparts])
         est.append(len(data) / el)
-    rows["bare_conntrack"] = {"established_mpps": statistics.median(est) / 1e6,
-                              "new_per_s": statistics.median(new)}
+    rows["bare_conntrack"] = {
+        "established_mpps": statistics.median(est) / 1e6,
+        "new_per_s": statistics.median(new),
+    }
     # what the datapath spends outside conntrack, per packet: parse and the checksum pass
     from microseg.datapath.datapath import SEGMENT
     from microseg.packet.batch import FlowKeys
+
     buf = FlowKeys(SEGMENT)
-    el, _ = _cpu(lambda: [parse(data.slice(s, min(s + SEGMENT, len(data))), buf)
-                          for s in range(0, len(data), SEGMENT)])
+    el, _ = _cpu(
+        lambda: [parse(data.slice(s, min(s + SEGMENT, len(data))), buf) for s in range(0, len(data), SEGMENT)]
+    )
     out["parse_ns"] = el / len(data) * 1e9
     el, _ = _cpu(lambda: checksum_ok(data, dkeys))
     out["checksum_ns"] = el / len(data) * 1e9
@@ -233,6 +310,7 @@ def _sl(keys, s, size):
     """The keys of packets s..s+size-1 as a compact FlowKeys (bare conntrack's batches)."""
     from microseg.datapath.slow import subset
     from microseg.packet.batch import FlowKeys
+
     idx = np.arange(s, min(s + size, keys.n))
     return subset(keys, idx, FlowKeys(size))
 
@@ -256,21 +334,29 @@ def policy_yaml(tenants: int, rules: int) -> str:
     rng = np.random.default_rng(rules * 7 + tenants)
     for t in range(tenants):
         lines.append(f"  - name: srv\n    tenant: t{t}\n    rules:")
-        lines.append("      - {direction: ingress, protocol: tcp, port_range_min: 443, port_range_max: 443, remote_group_id: cli}")
+        lines.append(
+            "      - {direction: ingress, protocol: tcp, port_range_min: 443, port_range_max: 443, remote_group_id: cli}"
+        )
         for k in range(per[t]):
             a = rng.integers(0, 1 << 24)
             plen = int(rng.choice([32, 28, 24, 20]))
             addr = f"172.{16 + (a >> 20 & 15)}.{a >> 8 & 255}.{a & 255}"
             p = int(rng.integers(1024, 60000))
-            lines.append(f"      - {{direction: ingress, protocol: {'tcp' if k % 3 else 'udp'}, port_range_min: {p}, "
-                         f"port_range_max: {p + int(rng.choice([0, 0, 7, 63]))}, remote_ip_prefix: {addr}/{plen}}}")
+            lines.append(
+                f"      - {{direction: ingress, protocol: {'tcp' if k % 3 else 'udp'}, port_range_min: {p}, "
+                f"port_range_max: {p + int(rng.choice([0, 0, 7, 63]))}, remote_ip_prefix: {addr}/{plen}}}"
+            )
         lines.append(f"  - {{name: cli, tenant: t{t}, rules: [{{direction: egress}}]}}")
     lines.append("workloads:")
     for t in range(tenants):
-        lines.append(f"  - {{name: c, tenant: t{t}, host: h{t % 4}, mac: '02:00:00:{t >> 8 & 255:02x}:{t & 255:02x}:01', "
-                     f"ipv4: 10.0.0.1, security_groups: [cli]}}")
-        lines.append(f"  - {{name: s, tenant: t{t}, host: h{(t + 1) % 4}, mac: '02:00:00:{t >> 8 & 255:02x}:{t & 255:02x}:02', "
-                     f"ipv4: 10.0.0.2, security_groups: [srv]}}")
+        lines.append(
+            f"  - {{name: c, tenant: t{t}, host: h{t % 4}, mac: '02:00:00:{t >> 8 & 255:02x}:{t & 255:02x}:01', "
+            f"ipv4: 10.0.0.1, security_groups: [cli]}}"
+        )
+        lines.append(
+            f"  - {{name: s, tenant: t{t}, host: h{(t + 1) % 4}, mac: '02:00:00:{t >> 8 & 255:02x}:{t & 255:02x}:02', "
+            f"ipv4: 10.0.0.2, security_groups: [srv]}}"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -289,14 +375,31 @@ def sweep_case(tenants: int, rules: int, flows: int, repeat: int, tmp: str) -> d
     # reasons about every rule in Python): the flows it draws are allowed by the one rule per
     # tenant both policies share, so the traffic and its verdicts are the same.
     policy = _load(tmp, tenants, tenants)
-    cfg = ScenarioConfig(seed=3, flows=flows, tls_share=0.0, dns_share=0.0, icmp_share=0.0,
-                         denied_share=0.0, ipv6_share=0.0, scan_share=0.0, spoof_share=0.0,
-                         invalid_share=0.0, synflood_share=0.0, size_min=4000, size_max=60000)
+    cfg = ScenarioConfig(
+        seed=3,
+        flows=flows,
+        tls_share=0.0,
+        dns_share=0.0,
+        icmp_share=0.0,
+        denied_share=0.0,
+        ipv6_share=0.0,
+        scan_share=0.0,
+        spoof_share=0.0,
+        invalid_share=0.0,
+        synflood_share=0.0,
+        size_min=4000,
+        size_max=60000,
+    )
     gen = generate(policy, cfg)
     check = Datapath(compiled, DatapathConfig(offload=False)).process(gen.batch)
     assert np.array_equal(check.verdict, gen.truth.verdict), "sweep traffic: verdicts differ"
-    out = {"tenants": tenants, "rules": len(compiled.ruleset), "rules_asked": rules,
-           "policy_build_s": build, "packets": len(gen.batch)}
+    out = {
+        "tenants": tenants,
+        "rules": len(compiled.ruleset),
+        "rules_asked": rules,
+        "policy_build_s": build,
+        "packets": len(gen.batch),
+    }
     for caches in (True, False):
         r = timed(compiled, gen.batch, DatapathConfig(caches=caches, offload=False), repeat)
         out["caches_on" if caches else "caches_off"] = r["mpps"]
@@ -307,13 +410,24 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small sizes, one repeat")
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--connections", type=int, nargs="+", default=[10_000, 1_000_000],
-                    help="table sizes of the established / new-connection rows")
+    ap.add_argument(
+        "--connections",
+        type=int,
+        nargs="+",
+        default=[10_000, 1_000_000],
+        help="table sizes of the established / new-connection rows",
+    )
     ap.add_argument("--no-sweeps", action="store_true", help="skip the tunnel and rule sweeps")
     args = ap.parse_args()
     repeat = 1 if args.quick else args.repeat
     flows = 600 if args.quick else 3000
-    results = {"machine": machine(), "batch_size": 1024, "timing": "process CPU time", "repeat": repeat, "date": time.strftime("%Y-%m-%d")}
+    results = {
+        "machine": machine(),
+        "batch_size": 1024,
+        "timing": "process CPU time",
+        "repeat": repeat,
+        "date": time.strftime("%Y-%m-%d"),
+    }
 
     policy = load_policy()
     compiled = compile_policy(policy)
@@ -325,7 +439,7 @@ def main() -> int:
     for caches in (True, False):
         for offload in (True, False):
             if not caches and not offload:
-                continue                      # the default
+                continue  # the default
             name = f"caches_{'on' if caches else 'off'}_offload_{'on' if offload else 'off'}"
             mix[name] = timed(compiled, gen.batch, DatapathConfig(caches=caches, offload=offload), repeat)
             print(f"demo mix {name}: {mix[name]['mpps']:.3f} Mpps", flush=True)
@@ -335,21 +449,29 @@ def main() -> int:
         name = f"offload_{'on' if offload else 'off'}"
         est = established_replay(compiled, gen.batch, DatapathConfig(offload=offload), repeat)
         results["established_replay"][name] = est
-        print(f"demo established replay {name}: {est['mpps']:.3f} Mpps over {est['packets']} packets", flush=True)
+        print(
+            f"demo established replay {name}: {est['mpps']:.3f} Mpps over {est['packets']} packets",
+            flush=True,
+        )
     results["connections"] = []
     sizes = (10_000, 100_000) if args.quick else tuple(args.connections)
     with tempfile.TemporaryDirectory() as tmp:
         for conns in sizes:
             r = connections_case(conns, 1 if conns > 2_000_000 else repeat, tmp)
             results["connections"].append(r)
-            print(f"{conns:,} connections: established {r['datapath']['established_mpps']:.2f} Mpps "
-                  f"(bare conntrack {r['bare_conntrack']['established_mpps']:.2f}, fast path off "
-                  f"{r['fast_path_off']['established_mpps']:.2f}), new {r['datapath']['new_per_s'] / 1e6:.2f} M/s "
-                  f"(bare {r['bare_conntrack']['new_per_s'] / 1e6:.2f}), SYN flood "
-                  f"{r['datapath']['synflood_mpps']:.2f} Mpps", flush=True)
+            print(
+                f"{conns:,} connections: established {r['datapath']['established_mpps']:.2f} Mpps "
+                f"(bare conntrack {r['bare_conntrack']['established_mpps']:.2f}, fast path off "
+                f"{r['fast_path_off']['established_mpps']:.2f}), new {r['datapath']['new_per_s'] / 1e6:.2f} M/s "
+                f"(bare {r['bare_conntrack']['new_per_s'] / 1e6:.2f}), SYN flood "
+                f"{r['datapath']['synflood_mpps']:.2f} Mpps",
+                flush=True,
+            )
 
     tunnels = () if args.no_sweeps else (1, 10, 100) if args.quick else (1, 10, 100, 1000)
-    rule_counts = () if args.no_sweeps else (1000, 10000) if args.quick else (1000, 10000, 24000, 36000, 48000, 64000)
+    rule_counts = (
+        () if args.no_sweeps else (1000, 10000) if args.quick else (1000, 10000, 24000, 36000, 48000, 64000)
+    )
     sweep_flows = 300 if args.quick else 2000
     results["tunnels"] = []
     results["rules"] = []
@@ -361,16 +483,22 @@ def main() -> int:
         for n in rule_counts:
             r = sweep_case(4, n, sweep_flows, repeat, tmp)
             results["rules"].append(r)
-            print(f"rules {r['rules']}: caches on {r['caches_on']:.3f}, off {r['caches_off']:.3f} Mpps "
-                  f"(policy built in {r['policy_build_s']:.1f} s)", flush=True)
+            print(
+                f"rules {r['rules']}: caches on {r['caches_on']:.3f}, off {r['caches_off']:.3f} Mpps "
+                f"(policy built in {r['policy_build_s']:.1f} s)",
+                flush=True,
+            )
 
     def drop(rows, key):
         if not rows:
             return 0.0
         a, b = rows[0][key], rows[-1][key]
         return (a - b) / a if a else 0.0
-    results["loss"] = {"tunnels_caches_on": drop(results["tunnels"], "caches_on"),
-                       "rules_caches_on": drop(results["rules"], "caches_on")}
+
+    results["loss"] = {
+        "tunnels_caches_on": drop(results["tunnels"], "caches_on"),
+        "rules_caches_on": drop(results["rules"], "caches_on"),
+    }
     os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
     with open(RESULTS, "w") as f:
         json.dump(results, f, indent=2)
@@ -383,6 +511,7 @@ def main() -> int:
 def plot(results) -> None:
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
@@ -410,18 +539,26 @@ def print_markdown(r) -> None:
     print(f"\nMachine: {r['machine']}; 1024-packet batches; CPU time; median of {r['repeat']} run(s).\n")
     print("| traffic | configuration | Mpps |\n| --- | --- | ---: |")
     for name, v in r["demo_mix"]["configs"].items():
-        print(f"| demo mix ({r['demo_mix']['packets']:,} pkts) | {name.replace('_', ' ')} | {v['mpps']:.2f} |")
+        print(
+            f"| demo mix ({r['demo_mix']['packets']:,} pkts) | {name.replace('_', ' ')} | {v['mpps']:.2f} |"
+        )
     for name, v in r["established_replay"].items():
-        print(f"| demo, established only ({v['packets']:,} pkts) | {name.replace('_', ' ')} | {v['mpps']:.2f} |")
-    print("\n| connections | datapath est. Mpps | bare conntrack | ratio | fast path off | new conns/s "
-          "(datapath / bare) | SYN flood Mpps | parse ns/pkt | checksum ns/pkt |")
+        print(
+            f"| demo, established only ({v['packets']:,} pkts) | {name.replace('_', ' ')} | {v['mpps']:.2f} |"
+        )
+    print(
+        "\n| connections | datapath est. Mpps | bare conntrack | ratio | fast path off | new conns/s "
+        "(datapath / bare) | SYN flood Mpps | parse ns/pkt | checksum ns/pkt |"
+    )
     print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for x in r["connections"]:
         d, b, o = x["datapath"], x["bare_conntrack"], x["fast_path_off"]
-        print(f"| {x['connections']:,} | {d['established_mpps']:.2f} | {b['established_mpps']:.2f} | "
-              f"{x['ratio_to_bare']:.2f} | {o['established_mpps']:.2f} | {d['new_per_s'] / 1e6:.2f} M / "
-              f"{b['new_per_s'] / 1e6:.2f} M | {d['synflood_mpps']:.2f} | {x['parse_ns']:.0f} | "
-              f"{x['checksum_ns']:.0f} |")
+        print(
+            f"| {x['connections']:,} | {d['established_mpps']:.2f} | {b['established_mpps']:.2f} | "
+            f"{x['ratio_to_bare']:.2f} | {o['established_mpps']:.2f} | {d['new_per_s'] / 1e6:.2f} M / "
+            f"{b['new_per_s'] / 1e6:.2f} M | {d['synflood_mpps']:.2f} | {x['parse_ns']:.0f} | "
+            f"{x['checksum_ns']:.0f} |"
+        )
     if r["tunnels"]:
         print("\n| tunnels | rules | caches on Mpps | caches off Mpps |\n| --- | --- | --- | --- |")
         for x in r["tunnels"]:
@@ -429,10 +566,14 @@ def print_markdown(r) -> None:
     if r["rules"]:
         print("\n| rules | policy build s | caches on Mpps | caches off Mpps |\n| --- | --- | --- | --- |")
         for x in r["rules"]:
-            print(f"| {x['rules']} | {x['policy_build_s']:.1f} | {x['caches_on']:.3f} | {x['caches_off']:.3f} |")
+            print(
+                f"| {x['rules']} | {x['policy_build_s']:.1f} | {x['caches_on']:.3f} | {x['caches_off']:.3f} |"
+            )
     if r["tunnels"] and r["rules"]:
-        print(f"\nLoss with caches on: {r['loss']['tunnels_caches_on']:.1%} from 1 to {r['tunnels'][-1]['tenants']} "
-              f"tunnels, {r['loss']['rules_caches_on']:.1%} from {r['rules'][0]['rules']} to {r['rules'][-1]['rules']} rules.")
+        print(
+            f"\nLoss with caches on: {r['loss']['tunnels_caches_on']:.1%} from 1 to {r['tunnels'][-1]['tenants']} "
+            f"tunnels, {r['loss']['rules_caches_on']:.1%} from {r['rules'][0]['rules']} to {r['rules'][-1]['rules']} rules."
+        )
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ against the plain-Python reference measured in the same run, plus compile time. 
 
     python bench/policy.py [--quick]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,36 +30,90 @@ from microseg.policy.reference import Reference
 
 def make_policy(tenants: int, per_tenant: int) -> dict:
     roles = ["web", "web", "api", "db", "bastion"]
-    doc = {"tenants": [], "hosts": [{"name": f"h{i}", "address": f"10.255.0.{i + 1}"} for i in range(4)],
-           "security_groups": [], "workloads": [], "network_policies": [], "default_egress": "allow"}
+    doc = {
+        "tenants": [],
+        "hosts": [{"name": f"h{i}", "address": f"10.255.0.{i + 1}"} for i in range(4)],
+        "security_groups": [],
+        "workloads": [],
+        "network_policies": [],
+        "default_egress": "allow",
+    }
     for t in range(tenants):
         tn = f"t{t}"
         doc["tenants"].append({"name": tn, "vni": 5000 + t})
         doc["security_groups"] += [
-            {"name": "web", "tenant": tn, "rules": [
-                {"direction": "ingress", "protocol": "tcp", "port_range_min": 80, "port_range_max": 80},
-                {"direction": "ingress", "protocol": "tcp", "port_range_min": 443, "port_range_max": 443},
-                {"direction": "ingress", "ethertype": "IPv6", "protocol": "tcp", "port_range_min": 443, "port_range_max": 443},
-                {"direction": "ingress", "protocol": "tcp", "port_range_min": 22, "port_range_max": 22, "remote_group_id": "bastion"},
-                {"direction": "ingress", "protocol": "icmp", "remote_ip_prefix": "10.0.0.0/8"}]},
-            {"name": "db", "tenant": tn, "rules": [
-                {"direction": "ingress", "protocol": "tcp", "port_range_min": 5432, "port_range_max": 5432, "remote_group_id": "web"}]},
-            {"name": "bastion", "tenant": tn, "rules": [{"direction": "egress"}, {"direction": "egress", "ethertype": "IPv6"}]},
+            {
+                "name": "web",
+                "tenant": tn,
+                "rules": [
+                    {"direction": "ingress", "protocol": "tcp", "port_range_min": 80, "port_range_max": 80},
+                    {"direction": "ingress", "protocol": "tcp", "port_range_min": 443, "port_range_max": 443},
+                    {
+                        "direction": "ingress",
+                        "ethertype": "IPv6",
+                        "protocol": "tcp",
+                        "port_range_min": 443,
+                        "port_range_max": 443,
+                    },
+                    {
+                        "direction": "ingress",
+                        "protocol": "tcp",
+                        "port_range_min": 22,
+                        "port_range_max": 22,
+                        "remote_group_id": "bastion",
+                    },
+                    {"direction": "ingress", "protocol": "icmp", "remote_ip_prefix": "10.0.0.0/8"},
+                ],
+            },
+            {
+                "name": "db",
+                "tenant": tn,
+                "rules": [
+                    {
+                        "direction": "ingress",
+                        "protocol": "tcp",
+                        "port_range_min": 5432,
+                        "port_range_max": 5432,
+                        "remote_group_id": "web",
+                    }
+                ],
+            },
+            {
+                "name": "bastion",
+                "tenant": tn,
+                "rules": [{"direction": "egress"}, {"direction": "egress", "ethertype": "IPv6"}],
+            },
         ]
         for w in range(per_tenant):
             role = roles[w % len(roles)]
-            wl = {"name": f"w{w}", "tenant": tn, "host": f"h{w % 4}",
-                  "mac": "02:%02x:%02x:%02x:00:01" % (t, w >> 8, w & 0xFF),
-                  "ipv4": f"10.{w >> 8}.{w & 0xFF}.1", "ipv6": f"fd00::{w + 1:x}", "labels": {"app": role}}
+            wl = {
+                "name": f"w{w}",
+                "tenant": tn,
+                "host": f"h{w % 4}",
+                "mac": "02:%02x:%02x:%02x:00:01" % (t, w >> 8, w & 0xFF),
+                "ipv4": f"10.{w >> 8}.{w & 0xFF}.1",
+                "ipv6": f"fd00::{w + 1:x}",
+                "labels": {"app": role},
+            }
             if role != "api":
                 wl["security_groups"] = [role]
             doc["workloads"].append(wl)
-        doc["network_policies"].append({
-            "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
-            "metadata": {"name": "api", "namespace": tn},
-            "spec": {"podSelector": {"matchLabels": {"app": "api"}},
-                     "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "web"}}}],
-                                  "ports": [{"port": 8080}]}]}})
+        doc["network_policies"].append(
+            {
+                "apiVersion": "networking.k8s.io/v1",
+                "kind": "NetworkPolicy",
+                "metadata": {"name": "api", "namespace": tn},
+                "spec": {
+                    "podSelector": {"matchLabels": {"app": "api"}},
+                    "ingress": [
+                        {
+                            "from": [{"podSelector": {"matchLabels": {"app": "web"}}}],
+                            "ports": [{"port": 8080}],
+                        }
+                    ],
+                },
+            }
+        )
     return doc
 
 
@@ -78,7 +133,7 @@ def make_traffic(policy, n: int, rng, established_share: float):
         v6 = rng.random() < 0.2
         sa = [x for x in a.addresses if x.version == (6 if v6 else 4)][0]
         da = [x for x in b.addresses if x.version == (6 if v6 else 4)][0]
-        if rng.random() < 0.1:                      # from outside
+        if rng.random() < 0.1:  # from outside
             sa = type(sa)(int(sa) ^ 0x0F000000) if not v6 else type(sa)(int(sa) + (1 << 100))
         k.i32[B.TENANT, i] = vni[t]
         k.u64[B.SRC_HI, i], k.u64[B.SRC_LO, i] = B.text_to_addr(str(sa))
@@ -121,7 +176,7 @@ def run(quick: bool) -> dict:
         ref = Reference(policy)
         compiled, compile_s = {}, {}
         for algo in algos:
-            compile_policy(policy, algo)                       # warm the kernels' caches
+            compile_policy(policy, algo)  # warm the kernels' caches
             t0 = time.perf_counter()
             compiled[algo] = compile_policy(policy, algo)
             compile_s[algo] = time.perf_counter() - t0
@@ -129,15 +184,22 @@ def run(quick: bool) -> dict:
             keys, ct = make_traffic(policy, n, rng, est)
             m = 2000
             sub = _slice(keys, 0, m)
-            cases = {a: {"workloads": 4 * per, "rules": len(compiled[a].ruleset), "algo": a,
-                         "compile_s": round(compile_s[a], 3), "traffic": mix, "packets": n}
-                     for a in algos}
+            cases = {
+                a: {
+                    "workloads": 4 * per,
+                    "rules": len(compiled[a].ruleset),
+                    "algo": a,
+                    "compile_s": round(compile_s[a], 3),
+                    "traffic": mix,
+                    "packets": n,
+                }
+                for a in algos
+            }
             for bs in (256, 4096):
-                chunks = [(_slice(keys, s, min(s + bs, n)), ct[s:min(s + bs, n)])
-                          for s in range(0, n, bs)]
+                chunks = [(_slice(keys, s, min(s + bs, n)), ct[s : min(s + bs, n)]) for s in range(0, n, bs)]
                 best = {a: float("inf") for a in algos}
                 best_ref = float("inf")
-                for _ in range(reps):       # interleaved, so load changes hit every contender
+                for _ in range(reps):  # interleaved, so load changes hit every contender
                     for a in algos:
                         c = compiled[a]
                         c.decide(*chunks[0])
@@ -158,7 +220,8 @@ def run(quick: bool) -> dict:
             for a in algos:
                 cases[a]["reference_pps"] = round(ref_pps)
                 cases[a]["tss_over_tree_batch256"] = round(
-                    cases["tss"]["decide_pps_batch256"] / cases["tree"]["decide_pps_batch256"], 2)
+                    cases["tss"]["decide_pps_batch256"] / cases["tree"]["decide_pps_batch256"], 2
+                )
                 results["cases"].append(cases[a])
                 print(json.dumps(cases[a]), flush=True)
     return results

@@ -4,14 +4,24 @@ Each benchmark writes its own JSON to bench/results/ and prints its table; the t
 docs/benchmarks.md are copied from those runs. A benchmark that fails is reported and the
 others still run; the exit code says whether all of them succeeded.
 """
+
 import os
 import subprocess
 import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ORDER = ["parse", "io_overlay", "generator", "classify", "conntrack", "policy", "cache_offload",
-         "ipsec", "pipeline"]
+ORDER = [
+    "parse",
+    "io_overlay",
+    "generator",
+    "classify",
+    "conntrack",
+    "policy",
+    "cache_offload",
+    "ipsec",
+    "pipeline",
+]
 
 
 def main(argv) -> int:

@@ -1,4 +1,5 @@
 """Packet builders checked against scapy's dissection (fields and recomputed checksums)."""
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -26,8 +27,20 @@ def test_checksum_rfc1071_example():
 
 
 def test_tcp_ipv4_vlan():
-    raw = B.tcp_packet("10.1.2.3", "10.4.5.6", 43210, 443, b"hello", flags="PA", seq=1000,
-                       ack=2000, win=512, options=bytes.fromhex("020405b4"), vlans=[100], ttl=33)
+    raw = B.tcp_packet(
+        "10.1.2.3",
+        "10.4.5.6",
+        43210,
+        443,
+        b"hello",
+        flags="PA",
+        seq=1000,
+        ack=2000,
+        win=512,
+        options=bytes.fromhex("020405b4"),
+        vlans=[100],
+        ttl=33,
+    )
     p = Ether(raw)
     assert p[Dot1Q].vlan == 100
     ip, t = p[IP], p[TCP]
@@ -42,13 +55,22 @@ def test_tcp_ipv4_vlan():
 def test_qinq_tags():
     raw = B.udp_packet("10.0.0.1", "10.0.0.2", 1, 2, vlans=[7, 8])
     # with two tags the outer one is 802.1Q unless 802.1ad is asked for
-    p = Ether(B.ethernet(raw[14 + 8:], vlans=[7, 8], vlan_tpid=B.ETH_QINQ))
+    p = Ether(B.ethernet(raw[14 + 8 :], vlans=[7, 8], vlan_tpid=B.ETH_QINQ))
     assert p[Dot1AD].vlan == 7 and p[Dot1Q].vlan == 8 and p[UDP].dport == 2
 
 
 def test_ipv4_options_and_fragment_fields():
-    raw = B.ipv4("1.1.1.1", "2.2.2.2", 17, b"x" * 16, options=b"\x94\x04\x00\x00", ident=77,
-                 mf=True, frag_off=3, df=False)
+    raw = B.ipv4(
+        "1.1.1.1",
+        "2.2.2.2",
+        17,
+        b"x" * 16,
+        options=b"\x94\x04\x00\x00",
+        ident=77,
+        mf=True,
+        frag_off=3,
+        df=False,
+    )
     p = IP(raw)
     assert p.ihl == 6 and p.options[0].option == 20  # router alert
     assert p.id == 77 and p.frag == 3 and p.flags.MF
@@ -91,14 +113,21 @@ def test_icmpv6_echo_and_errors():
     del q[ICMPv6EchoRequest].cksum
     assert Ether(bytes(q))[ICMPv6EchoRequest].cksum == c
     quoted = bytes(p[IPv6])
-    e = IPv6(B.ipv6("2001:db8::ff", "fe80::1", 58,
-                    B.icmpv6_error(2, 0, quoted, src="2001:db8::ff", dst="fe80::1", param=1280)))
+    e = IPv6(
+        B.ipv6(
+            "2001:db8::ff",
+            "fe80::1",
+            58,
+            B.icmpv6_error(2, 0, quoted, src="2001:db8::ff", dst="fe80::1", param=1280),
+        )
+    )
     assert e[ICMPv6PacketTooBig].mtu == 1280
     c = e[ICMPv6PacketTooBig].cksum
     del e[ICMPv6PacketTooBig].cksum
     assert IPv6(bytes(e))[ICMPv6PacketTooBig].cksum == c
-    u = IPv6(B.ipv6("2001:db8::ff", "fe80::1", 58,
-                    B.icmpv6_error(1, 4, quoted, src="2001:db8::ff", dst="fe80::1")))
+    u = IPv6(
+        B.ipv6("2001:db8::ff", "fe80::1", 58, B.icmpv6_error(1, 4, quoted, src="2001:db8::ff", dst="fe80::1"))
+    )
     assert u[ICMPv6DestUnreach].code == 4
 
 
@@ -160,16 +189,56 @@ def test_build_batch_equals_single_builders(data):
         dsts = [f"192.168.1.{data.draw(st.integers(0, 255))}" for _ in range(n)]
     ints = lambda lo, hi: [data.draw(st.integers(lo, hi)) for _ in range(n)]
     sport, dport, plen = ints(0, 65535), ints(0, 65535), ints(0, 300)
-    seq, ack, flags, win, ttl = ints(0, 2**32 - 1), ints(0, 2**32 - 1), ints(0, 255), ints(0, 65535), ints(1, 255)
+    seq, ack, flags, win, ttl = (
+        ints(0, 2**32 - 1),
+        ints(0, 2**32 - 1),
+        ints(0, 255),
+        ints(0, 65535),
+        ints(1, 255),
+    )
     ident = list(range(n))
-    b = B.build_batch(n, srcs or "10.0.0.1" if not v6 else (srcs or "::1"),
-                      dsts or ("10.0.0.2" if not v6 else "::2"), proto, sport, dport, plen,
-                      tcp_flags_=flags, seq=seq, ack=ack, win=win, ttl=ttl, ident=ident, l2=l2,
-                      vlan=vlan) if n else None
+    b = (
+        B.build_batch(
+            n,
+            srcs or "10.0.0.1" if not v6 else (srcs or "::1"),
+            dsts or ("10.0.0.2" if not v6 else "::2"),
+            proto,
+            sport,
+            dport,
+            plen,
+            tcp_flags_=flags,
+            seq=seq,
+            ack=ack,
+            win=win,
+            ttl=ttl,
+            ident=ident,
+            l2=l2,
+            vlan=vlan,
+        )
+        if n
+        else None
+    )
     if n == 0:
         return
-    want = [_one(i, proto, srcs[i], dsts[i], sport[i], dport[i], plen[i], seq[i], ack[i],
-                 flags[i], win[i], ttl[i], vlan, l2) for i in range(n)]
+    want = [
+        _one(
+            i,
+            proto,
+            srcs[i],
+            dsts[i],
+            sport[i],
+            dport[i],
+            plen[i],
+            seq[i],
+            ack[i],
+            flags[i],
+            win[i],
+            ttl[i],
+            vlan,
+            l2,
+        )
+        for i in range(n)
+    ]
     assert list(b.packets()) == want
     assert b.linktype == (1 if l2 else LINK_RAW)
 
@@ -178,8 +247,9 @@ def test_build_batch_large_and_scapy():
     n = 2000
     rng = np.random.default_rng(1)
     src = rng.integers(0x0A000000, 0x0AFFFFFF, n, dtype=np.uint64)
-    b = B.build_batch(n, src, "10.9.9.9", 17, rng.integers(1024, 65535, n), 4789,
-                      rng.integers(0, 1400, n), ts=np.arange(n))
+    b = B.build_batch(
+        n, src, "10.9.9.9", 17, rng.integers(1024, 65535, n), 4789, rng.integers(0, 1400, n), ts=np.arange(n)
+    )
     assert len(b) == n and b.ts[-1] == n - 1
     for i in (0, 17, 1999):
         p = Ether(b.packet(i))

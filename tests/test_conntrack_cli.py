@@ -1,4 +1,5 @@
 """`microseg conntrack states|list`."""
+
 import json
 from pathlib import Path
 
@@ -25,8 +26,7 @@ def test_list_filters_and_formats(capsys):
     cap = str(VEC / "mixed_random.pcap")
     assert main(["conntrack", "list", "--capture", cap]) == 0
     everything = capsys.readouterr().out.strip().split("\n")
-    assert main(["conntrack", "list", "--capture", cap, "--proto", "tcp", "--state",
-                 "time_wait"]) == 0
+    assert main(["conntrack", "list", "--capture", cap, "--proto", "tcp", "--state", "time_wait"]) == 0
     tw = capsys.readouterr().out.strip().split("\n")
     assert 0 < len(tw) < len(everything)
     assert all(line.startswith("tcp      6 ") and " TIME_WAIT src=" in line for line in tw)
@@ -57,16 +57,21 @@ def test_snapshot_round_trip(tmp_path, capsys):
     assert capsys.readouterr().out.split()[0] == "new"
 
 
-@pytest.mark.parametrize("argv,msg", [
-    (["conntrack", "list", "--snapshot", "/nonexistent/x"], "no such file"),
-    (["conntrack", "list", "--capture", str(VEC / "tcp_basic.csv")], "not a pcap"),
-    (["conntrack", "list", "--capture", str(VEC / "tcp_basic.pcap"), "--dst", "x"], "--dst"),
-    (["conntrack", "list", "--capture", str(VEC / "tcp_basic.pcap"), "--proto", "foo"], "--proto"),
-    (["conntrack", "list", "--capture", str(VEC / "tcp_basic.pcap"), "--state", "up"], "--state"),
-    (["conntrack", "states", str(VEC / "tcp_basic.pcap"), "--capacity", "0"], "capacity"),
-    (["conntrack", "states", str(VEC / "tcp_basic.pcap"), "--restore", str(VEC / "README.md")],
-     "snapshot"),
-])
+@pytest.mark.parametrize(
+    "argv,msg",
+    [
+        (["conntrack", "list", "--snapshot", "/nonexistent/x"], "no such file"),
+        (["conntrack", "list", "--capture", str(VEC / "tcp_basic.csv")], "not a pcap"),
+        (["conntrack", "list", "--capture", str(VEC / "tcp_basic.pcap"), "--dst", "x"], "--dst"),
+        (["conntrack", "list", "--capture", str(VEC / "tcp_basic.pcap"), "--proto", "foo"], "--proto"),
+        (["conntrack", "list", "--capture", str(VEC / "tcp_basic.pcap"), "--state", "up"], "--state"),
+        (["conntrack", "states", str(VEC / "tcp_basic.pcap"), "--capacity", "0"], "capacity"),
+        (
+            ["conntrack", "states", str(VEC / "tcp_basic.pcap"), "--restore", str(VEC / "README.md")],
+            "snapshot",
+        ),
+    ],
+)
 def test_bad_input_is_one_line_exit_2(argv, msg, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err

@@ -1,8 +1,10 @@
 """The Numba table agrees with the plain-Python reference, packet by packet, on random traces
 and on damaged inputs."""
+
 import numpy as np
 import pytest
 
+from conntrack_traces import random_trace
 from microseg import ctstate as CS
 from microseg.conntrack import ConntrackTable
 from microseg.conntrack import const as K
@@ -10,8 +12,6 @@ from microseg.conntrack.reference import ReferenceConntrack, after, before
 from microseg.conntrack.table import checksum_ok
 from microseg.packet import batch as B
 from microseg.packet.batch import Batch, FlowKeys
-
-from conntrack_traces import random_trace
 
 COMPARED = [i for i, n in enumerate(K.REASONS) if n not in ("expired", "early_drop")]
 
@@ -23,9 +23,16 @@ def _run_both(batch, keys, chunk=None, **kw):
     tab = ConntrackTable(capacity=4096, **kw)
     n = len(keys)
     chunk = chunk or n
-    got = np.concatenate([tab.process(batch.slice(s, min(n, s + chunk)),
-                                      _slice_keys(keys, s, min(n, s + chunk)),
-                                      csum_ok=ok[s:s + chunk]) for s in range(0, n, chunk)])
+    got = np.concatenate(
+        [
+            tab.process(
+                batch.slice(s, min(n, s + chunk)),
+                _slice_keys(keys, s, min(n, s + chunk)),
+                csum_ok=ok[s : s + chunk],
+            )
+            for s in range(0, n, chunk)
+        ]
+    )
     return ref, want, tab, got
 
 
@@ -42,9 +49,19 @@ def _compare_entries(ref, tab, now):
     ents = tab.entries()
     ents = ents[ents["deadline"] - now > 0]
     assert len(live) == len(ents)
-    by_key = {(int(e["zone"]), int(e["proto"]), (int(e["src_hi"]), int(e["src_lo"])),
-               (int(e["dst_hi"]), int(e["dst_lo"])), int(e["sport"]), int(e["dport"]),
-               int(e["icmp_type"]), int(e["icmp_code"])): e for e in ents}
+    by_key = {
+        (
+            int(e["zone"]),
+            int(e["proto"]),
+            (int(e["src_hi"]), int(e["src_lo"])),
+            (int(e["dst_hi"]), int(e["dst_lo"])),
+            int(e["sport"]),
+            int(e["dport"]),
+            int(e["icmp_type"]),
+            int(e["icmp_code"]),
+        ): e
+        for e in ents
+    }
     for c in live:
         e = by_key[(c.zone, c.proto, c.src, c.dst, c.sport, c.dport, c.icmp_type, c.icmp_code)]
         assert int(e["deadline"]) == c.deadline
@@ -53,11 +70,18 @@ def _compare_entries(ref, tab, now):
             assert int(e["tcp_state"]) == c.state
             for d in (0, 1):
                 s = c.seen[d]
-                assert (int(e["td_end"][d]), int(e["td_maxend"][d]), int(e["td_maxwin"][d]),
-                        int(e["td_scale"][d]), int(e["tcp_flags"][d])) == \
-                    (s.td_end, s.td_maxend, s.td_maxwin, s.td_scale, s.flags)
-            assert (int(e["last_index"]), int(e["last_dir"]), int(e["retrans"])) == \
-                (c.last_index, c.last_dir, c.retrans)
+                assert (
+                    int(e["td_end"][d]),
+                    int(e["td_maxend"][d]),
+                    int(e["td_maxwin"][d]),
+                    int(e["td_scale"][d]),
+                    int(e["tcp_flags"][d]),
+                ) == (s.td_end, s.td_maxend, s.td_maxwin, s.td_scale, s.flags)
+            assert (int(e["last_index"]), int(e["last_dir"]), int(e["retrans"])) == (
+                c.last_index,
+                c.last_dir,
+                c.retrans,
+            )
 
 
 @pytest.mark.parametrize("seed", range(24))
@@ -78,8 +102,16 @@ def test_random_traces_exercise_every_state():
         seen |= {CS.state_name(s) for s in tab.process(batch, keys)}
         reasons += tab.ctr
     assert {"new", "established", "related", "invalid"} <= seen
-    for name in ("checksum", "tcp_flags", "tcp_new", "tcp_state", "tcp_window", "icmp_orphan",
-                 "created", "ignored"):
+    for name in (
+        "checksum",
+        "tcp_flags",
+        "tcp_new",
+        "tcp_state",
+        "tcp_window",
+        "icmp_orphan",
+        "created",
+        "ignored",
+    ):
         assert reasons[K.R[name]] > 0, name
 
 
@@ -97,8 +129,7 @@ def test_damaged_keys_never_crash_and_agree():
         a = getattr(keys, t)
         mask = rng.random(a[:, : keys.n].shape) < 0.05
         a[:, : keys.n][mask] = rng.integers(0, 255, mask.sum()).astype(a.dtype)
-    keys.i32[B.L4_OFF, : keys.n] = np.where(rng.random(keys.n) < 0.1, -1,
-                                            keys.i32[B.L4_OFF, : keys.n])
+    keys.i32[B.L4_OFF, : keys.n] = np.where(rng.random(keys.n) < 0.1, -1, keys.i32[B.L4_OFF, : keys.n])
     ok = rng.random(keys.n) < 0.9
     want = ReferenceConntrack().process(batch, keys, csum_ok=ok)
     got = ConntrackTable(512).process(batch, keys, csum_ok=ok)

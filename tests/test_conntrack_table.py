@@ -1,14 +1,17 @@
 """Table behaviour: pressure and early drop, expiry, timeouts, zones, lookup, deletion,
 snapshot / restore (workload migration)."""
+
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from microseg import ctstate as CS
 from microseg.conntrack import ConntrackTable
 from microseg.conntrack import const as K
 from microseg.errors import InputError
-from microseg.packet import build as PB
 from microseg.packet import batch as B
+from microseg.packet import build as PB
 from microseg.packet.batch import Batch
 from microseg.packet.parse import parse
 
@@ -19,8 +22,17 @@ T0 = 1_000 * NS
 def syns(n, base, ts=T0, dst=0xC6336414, dport=80):
     """``n`` SYNs from distinct sources (10.x.y.z, port 1000 + ...) to one server."""
     src = (0x0A000000 + base + np.arange(n)).astype(np.uint32)
-    return PB.build_batch(n, src, np.full(n, dst, np.uint32), 6, 1000 + (np.arange(n) % 50000),
-                          dport, tcp_flags_=0x02, seq=1000, ts=np.full(n, ts, np.int64))
+    return PB.build_batch(
+        n,
+        src,
+        np.full(n, dst, np.uint32),
+        6,
+        1000 + (np.arange(n) % 50000),
+        dport,
+        tcp_flags_=0x02,
+        seq=1000,
+        ts=np.full(n, ts, np.int64),
+    )
 
 
 def handshakes(n, base, ts=T0):
@@ -56,17 +68,17 @@ def test_syn_flood_keeps_assured_and_admits_new():
     track(t, handshakes(500, 0))
     assert len(t) == 500
     established = 0
-    for k in range(10):     # ten times the capacity in SYNs, legitimate handshakes in between
+    for k in range(10):  # ten times the capacity in SYNs, legitimate handshakes in between
         track(t, syns(cap, 100_000 + k * cap, ts=T0 + k))
         st = track(t, handshakes(20, 50_000 + 20 * k, ts=T0 + k))
         established += int(np.sum(st[2::3] == (CS.TRACKED | CS.ESTABLISHED)))
         assert len(t) <= cap and t.nbytes == nbytes
     c = t.counters
     assert c["early_drop"] >= 9 * cap
-    assert established == 200                   # every legitimate connection came up
+    assert established == 200  # every legitimate connection came up
     assert np.sum(t.entries()["status"] & K.ST_ASSURED != 0) == 700
     ent, _ = t.lookup(handshakes(500, 0), parse(handshakes(500, 0)), now_ns=T0 + 10)
-    assert np.all(ent >= 0)                     # none of the first 500 was evicted
+    assert np.all(ent >= 0)  # none of the first 500 was evicted
     dropped = c["table_full"]
     assert c["created"] == 500 + 10 * cap - dropped + 200
 
@@ -81,14 +93,14 @@ def test_full_of_assured_refuses_new_and_counts():
 
 def test_expiry_is_incremental_and_lookups_ignore_expired():
     t = ConntrackTable(4096, expire_budget=0)
-    track(t, syns(1000, 0))                     # SYN_SENT: 120 s
+    track(t, syns(1000, 0))  # SYN_SENT: 120 s
     assert len(t) == 1000
     later = T0 + 121 * NS
     ent, _ = t.lookup(syns(1000, 0), parse(syns(1000, 0)), now_ns=later)
-    assert np.all(ent < 0)                      # dead to lookups at once
-    assert len(t) == 1000                       # reclaimed lazily
+    assert np.all(ent < 0)  # dead to lookups at once
+    assert len(t) == 1000  # reclaimed lazily
     removed = t.expire(100, later)
-    assert removed <= 100 and len(t) >= 900     # bounded work per call
+    assert removed <= 100 and len(t) >= 900  # bounded work per call
     while t.expire(512, later):
         pass
     t.expire(4096, later)
@@ -107,9 +119,10 @@ def test_expired_connection_starts_over():
     t = ConntrackTable(64)
     b = handshakes(1, 0)
     track(t, b)
-    late = PB.build_batch(1, [0x0A000000], [0xC6336415], 6, 1000, 443, tcp_flags_=0x10, seq=101,
-                          ack=901, ts=[T0 + 432_001 * NS])
-    assert CS.state_name(track(t, late)[0]) == "new"       # picked up again mid-stream
+    late = PB.build_batch(
+        1, [0x0A000000], [0xC6336415], 6, 1000, 443, tcp_flags_=0x10, seq=101, ack=901, ts=[T0 + 432_001 * NS]
+    )
+    assert CS.state_name(track(t, late)[0]) == "new"  # picked up again mid-stream
 
 
 def test_timeouts_are_settings():
@@ -125,8 +138,12 @@ def test_timeouts_are_settings():
 def test_udp_assured_only_after_two_seconds_of_replies():
     t = ConntrackTable(64)
     a, b = "192.0.2.1", "192.0.2.2"
-    pk = [PB.udp_packet(a, b, 5000, 53, b"q"), PB.udp_packet(b, a, 53, 5000, b"r"),
-          PB.udp_packet(a, b, 5000, 53, b"q"), PB.udp_packet(a, b, 5000, 53, b"q")]
+    pk = [
+        PB.udp_packet(a, b, 5000, 53, b"q"),
+        PB.udp_packet(b, a, 53, 5000, b"r"),
+        PB.udp_packet(a, b, 5000, 53, b"q"),
+        PB.udp_packet(a, b, 5000, 53, b"q"),
+    ]
     batch = Batch.from_packets(pk, ts=[T0, T0 + NS, T0 + NS, T0 + 3 * NS])
     st = track(t, batch.slice(0, 3))
     assert [CS.state_name(s) for s in st] == ["new", "established", "established"]
@@ -141,10 +158,10 @@ def test_zones_separate_tenants():
     b = handshakes(1, 0)
     keys = parse(b)
     t = ConntrackTable(64, default_zone=9)
-    keys.i32[B.TENANT, :3] = [5, 6, 5]             # TENANT row: SYN and ACK in 5, SYN/ACK in 6
+    keys.i32[B.TENANT, :3] = [5, 6, 5]  # TENANT row: SYN and ACK in 5, SYN/ACK in 6
     st = t.process(b, keys)
     assert [CS.state_name(s) for s in st] == ["new", "invalid", "invalid"]
-    keys.i32[B.TENANT, :3] = [-1, -1, -1]              # untunnelled: the default zone
+    keys.i32[B.TENANT, :3] = [-1, -1, -1]  # untunnelled: the default zone
     st = t.process(b, keys)
     assert [CS.state_name(s) for s in st] == ["new", "established", "established"]
     assert sorted(t.entries()["zone"].tolist()) == [5, 9]
@@ -168,7 +185,7 @@ def test_delete_where_cuts_connections():
     assert gone == 25 and len(t) == 25 and t.counters["deleted"] == 25
     # a deleted connection's next mid-stream segment is picked up as new
     b = handshakes(50, 0)
-    st = track(t, b.slice(2, 3))                # ACK of flow 0 (even port 1000)
+    st = track(t, b.slice(2, 3))  # ACK of flow 0 (even port 1000)
     assert CS.state_name(st[0]) == "new"
     with pytest.raises(ValueError):
         t.delete_where(lambda e: np.ones(3, bool))
@@ -183,12 +200,11 @@ def test_snapshot_restore_continues_mid_connection(tmp_path):
         p = PB.tcp_packet(src, dst, sp, dp, data, flags=flags, seq=seq[d], ack=seq[1 - d])
         seq[d] += len(data) + ("S" in flags) + ("F" in flags)
         return p
+
     first = [seg(0, "S"), seg(1, "SA"), seg(0, "A"), seg(0, "PA", b"x" * 100), seg(1, "A")]
-    rest = [seg(1, "PA", b"y" * 50), seg(0, "A"), seg(0, "FA"), seg(1, "A"), seg(1, "FA"),
-            seg(0, "A")]
+    rest = [seg(1, "PA", b"y" * 50), seg(0, "A"), seg(0, "FA"), seg(1, "A"), seg(1, "FA"), seg(0, "A")]
     # out-of-window segment: the restored table must still know the window
-    bogus = PB.tcp_packet(a, b, 40000, 80, b"w", flags="PA", seq=seq[0] + 50_000_000,
-                          ack=seq[1])
+    bogus = PB.tcp_packet(a, b, 40000, 80, b"w", flags="PA", seq=seq[0] + 50_000_000, ack=seq[1])
     ts = [T0 + k * NS for k in range(len(first) + len(rest) + 1)]
     whole = Batch.from_packets(first + rest + [bogus], ts=ts)
     ref = ConntrackTable(64)
@@ -201,7 +217,7 @@ def test_snapshot_restore_continues_mid_connection(tmp_path):
     dst = ConntrackTable.restore(path)
     assert len(dst) == 1 and dst.timeouts[K.TIME_WAIT] == 77 * NS
     got = track(dst, whole.slice(len(first), len(whole)))
-    assert np.array_equal(got, want[len(first):])
+    assert np.array_equal(got, want[len(first) :])
     assert CS.state_name(got[-1]) == "invalid"
     e = dst.entries()[0]
     assert e["tcp_state"] == K.TIME_WAIT
@@ -230,13 +246,15 @@ def test_bad_settings():
             ConntrackTable(**({"capacity": 8} | kw))
 
 
-from hypothesis import given, settings, strategies as st  # noqa: E402
-
-
 @settings(max_examples=100, deadline=None)
-@given(st.lists(st.tuples(st.sampled_from(["open", "open", "open", "close", "close", "expire"]),
-                          st.integers(0, 11)), min_size=30, max_size=80),
-       st.integers(0, 2**62))
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(["open", "open", "open", "close", "close", "expire"]), st.integers(0, 11)),
+        min_size=30,
+        max_size=80,
+    ),
+    st.integers(0, 2**62),
+)
 def test_index_survives_churn(ops, seed):
     """Open, delete and expire connections in a tiny table whose index wraps around: every
     open connection stays findable, no closed or expired one is found, counts add up."""
@@ -248,6 +266,7 @@ def test_index_survives_churn(ops, seed):
 
     def found(f):
         return t.lookup(probes[f], keys[f], now_ns=now)[0][0] >= 0
+
     for op, f in ops:
         if op == "open" and f not in live and len(t) < 8:
             assert track(t, syns(1, f, ts=now))[0] == CS.TRACKED | CS.NEW
@@ -258,10 +277,10 @@ def test_index_survives_churn(ops, seed):
             t.delete(ent[ent >= 0])
             live.discard(f)
         elif op == "expire":
-            now += 121 * NS                    # SYN_SENT lasts 120 s: everything expires
+            now += 121 * NS  # SYN_SENT lasts 120 s: everything expires
             t.expire(3, now)
             live.clear()
         assert all(found(f) == (f in live) for f in probes)
     t.expire(8, now)
     assert len(t) == len(live)
-    assert int(t.meta[1]) + len(t) == 8               # free stack + used == capacity
+    assert int(t.meta[1]) + len(t) == 8  # free stack + used == capacity

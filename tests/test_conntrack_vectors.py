@@ -1,4 +1,5 @@
 """Per-packet states agree exactly with the Linux kernel's (tests/vectors/conntrack/*.csv)."""
+
 from pathlib import Path
 
 import numpy as np
@@ -21,11 +22,24 @@ def kernel_states(name):
 
 
 def test_all_listed_vectors_present():
-    listed = {"tcp_basic", "tcp_rst", "tcp_midstream", "tcp_out_of_window", "tcp_bad_flags",
-              "tcp_synack_first", "tcp_retransmit", "tcp_bad_checksum", "udp_basic", "icmp_echo",
-              "icmp_error_related", "v6_tcp_basic", "v6_icmp", "mixed_random"}
+    listed = {
+        "tcp_basic",
+        "tcp_rst",
+        "tcp_midstream",
+        "tcp_out_of_window",
+        "tcp_bad_flags",
+        "tcp_synack_first",
+        "tcp_retransmit",
+        "tcp_bad_checksum",
+        "udp_basic",
+        "icmp_echo",
+        "icmp_error_related",
+        "v6_tcp_basic",
+        "v6_icmp",
+        "mixed_random",
+    }
     assert listed <= set(CASES)
-    assert len(CASES) > len(listed)          # plus the cases added here
+    assert len(CASES) > len(listed)  # plus the cases added here
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -64,17 +78,26 @@ def test_reply_bit_marks_reply_direction():
 def _denier(seed):
     """A decide() that denies a pseudo-random half of the connections, by 5-tuple (so the
     same connection is denied whoever asks, whichever batch it is in)."""
+
     def decide_for(keys):
         def decide(rows):
-            h = (keys.sport[rows].astype(np.int64) * 31 + keys.dport[rows].astype(np.int64)
-                 + keys.src_lo[rows].astype(np.int64) % 1009 + keys.proto[rows] + seed)
+            h = (
+                keys.sport[rows].astype(np.int64) * 31
+                + keys.dport[rows].astype(np.int64)
+                + keys.src_lo[rows].astype(np.int64) % 1009
+                + keys.proto[rows]
+                + seed
+            )
             return (h % 2) == 0
+
         return decide
+
     return decide_for
 
 
-@pytest.mark.parametrize("name", ["mixed_random", "mixed_random_s23", "tcp_timewait_reopen",
-                                  "icmp_echo", "udp_generic"])
+@pytest.mark.parametrize(
+    "name", ["mixed_random", "mixed_random_s23", "tcp_timewait_reopen", "icmp_echo", "udp_generic"]
+)
 @pytest.mark.parametrize("size", [1, 2, 5, 64, 4096])
 @pytest.mark.parametrize("seed", [0, 1])
 def test_commit_on_allow_matches_the_reference_in_any_batching(name, size, seed):

@@ -60,7 +60,33 @@ def test_the_table_covers_every_verb_that_reads_a_file(seeds):
     covered = {tuple(b("F", "O")[:3]) for _, _, b in fuzz.verbs(seeds)}
     covered = {v for argv in covered for v in (argv[:1], argv[:2], argv[:3])}
     missing = [v for v in _leaf_verbs(build_parser()) if v not in covered]
-    assert missing == [("demo",)]  # demo reads nothing but its built-in data
+    # demo reads nothing but its built-in data; the live verbs (agent, lab, store) act on
+    # interfaces, namespaces or a server, so a mutated file that happens to be valid would
+    # start real work: they get the broken policies of the test below instead.
+    assert [v for v in missing if v[0] not in LIVE] == [("demo",)]
+
+
+LIVE = ("agent", "lab", "store")
+BROKEN = sorted((Path(__file__).parent / "vectors" / "policy" / "invalid").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", BROKEN[::3], ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["agent", "--policy", "{}", "--host", "h1", "--underlay", "lo"],
+        ["lab", "up", "--policy", "{}"],
+        ["store", "apply", "{}", "--endpoint", "http://127.0.0.1:9"],
+    ],
+    ids=lambda a: " ".join(a[:2]),
+)
+def test_live_verbs_refuse_a_broken_policy_before_acting(path, argv, capsys):
+    """The policy is validated before any interface, namespace or server is touched: exit
+    2, one error line, no traceback."""
+    rc = main([a.replace("{}", str(path)) for a in argv])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") >= 1 and "Traceback" not in err, err
+    assert all(line.startswith("microseg ") for line in err.strip().splitlines()), err
 
 
 def test_judge_catches_what_it_must():

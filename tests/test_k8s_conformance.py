@@ -29,11 +29,11 @@ import pytest
 import yaml
 
 from microseg import ctstate
+from microseg.datapath import Datapath, DatapathConfig
 from microseg.overlay import encap
 from microseg.packet import build as PB
 from microseg.packet.batch import Batch
 from microseg.packet.parse import parse
-from microseg.datapath import Datapath, DatapathConfig
 from microseg.policy import verdict as V
 from microseg.policy.compiler import compile_policy
 from microseg.policy.model import load_policy, parse_policy

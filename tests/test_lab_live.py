@@ -8,6 +8,7 @@ the only waits that run to their end are the ones that prove something does *not
 Needs root and ``ip netns``; skipped otherwise. The lab is always taken down (fixture
 finalizer, and at interpreter exit should the run be interrupted).
 """
+
 from __future__ import annotations
 
 import atexit
@@ -133,9 +134,9 @@ PING = textwrap.dedent("""\
     print("TIMEOUT"); sys.exit(3)
 """)
 
-UP_TIMEOUT = 150          # agents import and load their kernels; generous on a loaded machine
-ANSWER_DEADLINE = 30      # an allowed path must answer within this (retries included)
-SILENCE = 4.0             # how long a denied connection is given to (wrongly) get through
+UP_TIMEOUT = 150  # agents import and load their kernels; generous on a loaded machine
+ANSWER_DEADLINE = 30  # an allowed path must answer within this (retries included)
+SILENCE = 4.0  # how long a denied connection is given to (wrongly) get through
 
 
 def _skip_reason() -> str | None:
@@ -176,12 +177,17 @@ class Lab:
         self.bad = root / "bad.yaml"
         self.p1.write_text(POLICY.replace("RED_MAX", "7999"))
         # P2 forbids red's port 7001 (7000 stays allowed)
-        self.p2.write_text(POLICY.replace("port_range_min: 7000, port_range_max: RED_MAX}",
-                                          "port_range_min: 7000, port_range_max: 7000}\n"
-                                          "      - {direction: ingress, ethertype: IPv4, protocol: tcp, "
-                                          "port_range_min: 7002, port_range_max: 7999}"))
-        self.bad.write_text(POLICY.replace("RED_MAX", "7999").replace("tenant: blue, host: h2",
-                                                                      "tenant: nosuch, host: h2"))
+        self.p2.write_text(
+            POLICY.replace(
+                "port_range_min: 7000, port_range_max: RED_MAX}",
+                "port_range_min: 7000, port_range_max: 7000}\n"
+                "      - {direction: ingress, ethertype: IPv4, protocol: tcp, "
+                "port_range_min: 7002, port_range_max: 7999}",
+            )
+        )
+        self.bad.write_text(
+            POLICY.replace("RED_MAX", "7999").replace("tenant: blue, host: h2", "tenant: nosuch, host: h2")
+        )
         self.servers: list[subprocess.Popen] = []
         self.down_done = False
 
@@ -194,8 +200,12 @@ class Lab:
         return self.state["workloads"][workload]["ns"]
 
     def py(self, workload: str, code: str, *args, timeout: float = 60) -> subprocess.CompletedProcess:
-        return subprocess.run(["ip", "netns", "exec", self.ns(workload), sys.executable, "-I", "-c",
-                               code, *map(str, args)], capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(
+            ["ip", "netns", "exec", self.ns(workload), sys.executable, "-I", "-c", code, *map(str, args)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
 
     def tcp(self, workload: str, addr: str, port: int, msg: str, timeout: float = 3.0):
         r = self.py(workload, CLIENT, addr, port, timeout, msg, timeout=timeout + 30)
@@ -213,22 +223,56 @@ class Lab:
         raise AssertionError(f"{workload} -> {addr}:{port}: no answer within {deadline} s (last: {last})")
 
     def cli(self, verb: str, *args, timeout: float = 120) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "microseg", "lab", verb, "--state-dir",
-                               self.state_dir, *args], capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(
+            [sys.executable, "-m", "microseg", "lab", verb, "--state-dir", self.state_dir, *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
 
     def start_server(self, workload: str, *ports: int) -> None:
-        p = subprocess.Popen(["ip", "netns", "exec", self.ns(workload), sys.executable, "-I", "-c",
-                              SERVER, workload, *map(str, ports)],
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        p = subprocess.Popen(
+            [
+                "ip",
+                "netns",
+                "exec",
+                self.ns(workload),
+                sys.executable,
+                "-I",
+                "-c",
+                SERVER,
+                workload,
+                *map(str, ports),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         self.servers.append(p)
-        line = p.stdout.readline()            # blocks until the server listens (or dies)
+        line = p.stdout.readline()  # blocks until the server listens (or dies)
         assert line.strip() == "READY", f"server in {workload} did not start: {line!r}"
 
     def session(self, workload: str, addr: str, port: int, timeout: float):
-        p = subprocess.Popen(["ip", "netns", "exec", self.ns(workload), sys.executable, "-I", "-c",
-                              SESSION, addr, str(port), str(timeout)],
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             text=True, bufsize=1)
+        p = subprocess.Popen(
+            [
+                "ip",
+                "netns",
+                "exec",
+                self.ns(workload),
+                sys.executable,
+                "-I",
+                "-c",
+                SESSION,
+                addr,
+                str(port),
+                str(timeout),
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
+        )
         self.servers.append(p)
         assert p.stdout.readline().strip() == "CONNECTED"
         return p
@@ -238,6 +282,7 @@ class Lab:
             return
         self.down_done = True
         from microseg.agent import lab as L
+
         for name in ("h1", "h2"):
             log = os.path.join(self.state_dir, f"{name}.log")
             if os.path.exists(log):
@@ -265,10 +310,11 @@ def _interrupt(signum, frame):
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory, request):
     from microseg.agent import lab as L
+
     lab = Lab(tmp_path_factory.mktemp("lab"))
     lab.links_before = _root_links()
     request.addfinalizer(lab.teardown)
-    atexit.register(lab.teardown)              # also when the run is interrupted
+    atexit.register(lab.teardown)  # also when the run is interrupted
     # a CI job's SIGTERM becomes an interrupt, so that the finalizer still runs
     previous = signal.signal(signal.SIGTERM, _interrupt)
     request.addfinalizer(lambda: signal.signal(signal.SIGTERM, previous))
@@ -292,6 +338,7 @@ def test_lab_is_up(lab):
 
 def test_up_twice_is_refused(lab):
     from microseg.agent import lab as L
+
     with pytest.raises(L.LabError, match="already up"):
         L.up(str(lab.p1), lab.state_dir, PREFIX + "x")
 
@@ -306,10 +353,10 @@ def test_tcp_across_hosts(lab):
 
 
 def test_denied_port_times_out(lab):
-    lab.answers("red/a", "10.1.0.3", 7000, "path works")           # the path itself is fine
+    lab.answers("red/a", "10.1.0.3", 7000, "path works")  # the path itself is fine
     rc, out = lab.tcp("red/a", "10.1.0.3", 8080, "denied", timeout=SILENCE)
     assert (rc, out) == (3, "TIMEOUT")
-    rc, out = lab.tcp("red/a", "10.1.0.2", 8080, "denied", timeout=SILENCE)   # same host too
+    rc, out = lab.tcp("red/a", "10.1.0.2", 8080, "denied", timeout=SILENCE)  # same host too
     assert (rc, out) == (3, "TIMEOUT")
 
 
@@ -321,20 +368,35 @@ def test_overlapping_tenants_stay_apart(lab):
     rc, out = lab.tcp("blue/a", "10.1.0.2", 7000, "cross", timeout=SILENCE)
     assert rc != 0, out
     # ... and with red/b's MAC forced into its neighbour table, the frame is still not red's
-    subprocess.run(["ip", "-n", lab.ns("blue/a"), "neigh", "replace", "10.1.0.2", "lladdr",
-                    "02:00:00:01:00:02", "dev", "eth0", "nud", "permanent"], check=True)
+    subprocess.run(
+        [
+            "ip",
+            "-n",
+            lab.ns("blue/a"),
+            "neigh",
+            "replace",
+            "10.1.0.2",
+            "lladdr",
+            "02:00:00:01:00:02",
+            "dev",
+            "eth0",
+            "nud",
+            "permanent",
+        ],
+        check=True,
+    )
     rc, out = lab.tcp("blue/a", "10.1.0.2", 7000, "cross", timeout=SILENCE)
     assert (rc, out) == (3, "TIMEOUT")
 
 
 def test_ping_where_icmp_is_allowed(lab):
-    r = lab.py("red/a", PING, "10.1.0.3", 3.0)                     # red allows ICMP in
+    r = lab.py("red/a", PING, "10.1.0.3", 3.0)  # red allows ICMP in
     for _ in range(5):
         if r.returncode == 0:
             break
         r = lab.py("red/a", PING, "10.1.0.3", 3.0)
     assert r.returncode == 0, r.stdout
-    assert lab.py("blue/a", PING, "10.1.0.3", 3.0).returncode == 3   # blue does not
+    assert lab.py("blue/a", PING, "10.1.0.3", 3.0).returncode == 3  # blue does not
 
 
 def test_lab_exec_passes_the_exit_status(lab):
@@ -365,6 +427,7 @@ def test_stats(lab):
 
 def test_invalid_reload_is_refused_and_the_policy_kept(lab):
     from microseg.agent import control
+
     h1 = lab.state["hosts"]["h1"]
     before = control.request(h1["control"], "status")["policy"]
     r = control.request(h1["control"], "reload", policy=str(lab.bad))
@@ -381,8 +444,8 @@ def test_reload_cuts_a_forbidden_established_flow(lab):
     r = lab.cli("reload", "--policy", str(lab.p2))
     assert r.returncode == 0, r.stdout + r.stderr
     assert "h1: policy" in r.stdout and "h2: policy" in r.stdout
-    assert _say(kept, "two") == "red/c:two"          # 7000 is still allowed: it carries on
-    assert _say(cut, "two") == "TIMEOUT"             # 7001 is not any more: cut
+    assert _say(kept, "two") == "red/c:two"  # 7000 is still allowed: it carries on
+    assert _say(cut, "two") == "TIMEOUT"  # 7001 is not any more: cut
     rc, out = lab.tcp("red/a", "10.1.0.3", 7001, "new", timeout=SILENCE)
     assert (rc, out) == (3, "TIMEOUT")
     for p in (kept, cut):
@@ -395,18 +458,22 @@ def test_killing_an_agent_stops_its_traffic(lab):
     pid = lab.state["hosts"]["h2"]["pid"]
     os.kill(pid, signal.SIGKILL)
     end = time.monotonic() + 20
-    while time.monotonic() < end and os.path.exists(f"/proc/{pid}/cmdline") and \
-            open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z":
+    while (
+        time.monotonic() < end
+        and os.path.exists(f"/proc/{pid}/cmdline")
+        and open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+    ):
         time.sleep(0.05)
-    rc, out = lab.tcp("red/a", "10.1.0.3", 7000, "after", timeout=SILENCE)    # to h2
+    rc, out = lab.tcp("red/a", "10.1.0.3", 7000, "after", timeout=SILENCE)  # to h2
     assert (rc, out) == (3, "TIMEOUT")
-    rc, out = lab.tcp("blue/a", "10.1.0.3", 7000, "local", timeout=SILENCE)   # on h2 itself
+    rc, out = lab.tcp("blue/a", "10.1.0.3", 7000, "local", timeout=SILENCE)  # on h2 itself
     assert rc != 0, out
-    assert lab.answers("red/a", "10.1.0.2", 7000, "h1 alone") == "red/b:h1 alone"   # h1 goes on
+    assert lab.answers("red/a", "10.1.0.2", 7000, "h1 alone") == "red/b:h1 alone"  # h1 goes on
 
 
 def test_down_leaves_nothing(lab):
     from microseg.agent import lab as L
+
     state = lab.state
     pids = [h["pid"] for h in state["hosts"].values()]
     assert L.down(lab.state_dir, echo=lambda *_: None) == 0
@@ -415,9 +482,11 @@ def test_down_leaves_nothing(lab):
     assert not any(os.path.exists(f"/run/netns/{ns}") for ns in state["namespaces"])
     assert _root_links() == lab.links_before
     for pid in pids:
-        assert not os.path.exists(f"/proc/{pid}/cmdline") or \
-            open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z"
+        assert (
+            not os.path.exists(f"/proc/{pid}/cmdline")
+            or open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z"
+        )
     for p in lab.servers:
-        assert p.wait(timeout=10) is not None            # killed with their namespaces
+        assert p.wait(timeout=10) is not None  # killed with their namespaces
     assert not os.path.exists(os.path.join(lab.state_dir, "state.json"))
     assert not os.listdir(lab.state_dir) if os.path.isdir(lab.state_dir) else True

@@ -1,13 +1,14 @@
 """Fast-path table: token-bucket and capacity limits against a plain-Python model, lookup
 accounting, exception packets, removal, expiry and policy revalidation."""
+
 import numpy as np
 import pytest
 
-from test_cache_util import random_keys
 from microseg.cache import key as K
 from microseg.cache import match as M
 from microseg.classify.rules import Prefix, Rule, RuleSet
 from microseg.offload import table as T
+from test_cache_util import random_keys
 
 
 def unique_keys(rng, n):
@@ -47,13 +48,14 @@ def test_rate_and_capacity_match_the_model(seed):
     rng = np.random.default_rng(seed)
     n = 3000
     keys = unique_keys(rng, 1500)
-    pick = rng.integers(0, keys.shape[0], n)              # repeats: re-offers of present flows
+    pick = rng.integers(0, keys.shape[0], n)  # repeats: re-offers of present flows
     k = keys[pick]
     ts = np.cumsum(rng.exponential(1e9 / 20000, n)).astype(np.int64)  # ~20000 offers/s
     tab = T.FastPathTable(capacity=900, rate=7000, burst=50)
     valid = np.ones(n, bool)
-    out = np.concatenate([tab.offer(k, valid, np.arange(s, min(s + 256, n)), 1, pick, ts)
-                          for s in range(0, n, 256)])
+    out = np.concatenate(
+        [tab.offer(k, valid, np.arange(s, min(s + 256, n)), 1, pick, ts) for s in range(0, n, 256)]
+    )
     _, fh = tab.flow_keys(k, valid)
     bucket = (fh & np.uint64(tab.t.n_buckets - 1)).tolist()
     want = model(ts.tolist(), pick.tolist(), 7000.0, 50.0, 900, bucket, tab.t.ways)

@@ -1,5 +1,6 @@
 """Checksum helpers and the per-batch L4 checksum verdict, against scapy-computed checksums and
 the Linux conntrack vector with a bad TCP checksum."""
+
 from __future__ import annotations
 
 import csv
@@ -16,11 +17,16 @@ from scapy.utils import checksum as scapy_checksum
 
 from microseg.packet.batch import Batch
 from microseg.packet.checksum import (
-    csum_fold, csum_partial, inet_checksum, inet_sum, ipv4_header_checksum, l4_checksum_ok,
-    l4_checksum_ok_ref, pseudo_header_sum,
+    csum_fold,
+    csum_partial,
+    inet_checksum,
+    inet_sum,
+    ipv4_header_checksum,
+    l4_checksum_ok,
+    l4_checksum_ok_ref,
+    pseudo_header_sum,
 )
 from microseg.packet.parse import parse
-
 from test_parse_corpus import mutate, templates
 
 VECTORS = os.path.join(os.path.dirname(__file__), "vectors", "conntrack")
@@ -43,8 +49,13 @@ def test_ipv4_header_checksum_matches_scapy():
     r = random.Random(6)
     for _ in range(50):
         opts = b"\x01" * (4 * r.randrange(0, 10))
-        pkt = IP(src=f"10.{r.randrange(256)}.0.{r.randrange(256)}", dst="192.0.2.7", ttl=r.randrange(256),
-                 id=r.randrange(65536), options=opts) / (b"x" * r.randrange(40))
+        pkt = IP(
+            src=f"10.{r.randrange(256)}.0.{r.randrange(256)}",
+            dst="192.0.2.7",
+            ttl=r.randrange(256),
+            id=r.randrange(65536),
+            options=opts,
+        ) / (b"x" * r.randrange(40))
         raw = bytes(pkt)
         ihl = (raw[0] & 15) * 4
         assert ipv4_header_checksum(raw[:ihl]) == IP(raw).chksum
@@ -63,8 +74,14 @@ def _good_packets():
         Ether(dst=M) / IPv6(src=a6, dst=b6) / IPv6ExtHdrDestOpt() / UDP(sport=7, dport=8) / pay(),
         Ether(dst=M) / IPv6(src=a6, dst=b6) / ICMPv6EchoRequest(id=3) / pay(),
         Ether(dst=M) / IPv6(src=a6, dst=b6) / IPv6ExtHdrFragment(offset=0, m=0) / TCP() / pay(),
-        Ether(dst=M) / IP(src=a4, dst=b4) / UDP(sport=9, dport=4789) / VXLAN(vni=5)
-        / Ether(dst=M) / IP(src="172.16.0.1", dst="172.16.0.2") / TCP(sport=10, dport=11) / pay(),
+        Ether(dst=M)
+        / IP(src=a4, dst=b4)
+        / UDP(sport=9, dport=4789)
+        / VXLAN(vni=5)
+        / Ether(dst=M)
+        / IP(src="172.16.0.1", dst="172.16.0.2")
+        / TCP(sport=10, dport=11)
+        / pay(),
         Ether(dst=M) / IP(src=a4, dst=b4) / UDP(sport=9, dport=53) / pay() / (b"\0" * 3),
     ]
 
@@ -84,10 +101,10 @@ def test_l4_checksum_ok_on_scapy_packets_and_their_damage():
     for i, raw in enumerate(pk):
         at = _check_field(raw, keys, i)
         b = bytearray(raw)
-        b[at + 1] ^= 0x01                                # wrong checksum
+        b[at + 1] ^= 0x01  # wrong checksum
         bad.append(bytes(b))
         b = bytearray(raw)
-        b[int(keys.l4_off[i]) + 1] ^= 0x40               # damaged header byte, checksum kept
+        b[int(keys.l4_off[i]) + 1] ^= 0x40  # damaged header byte, checksum kept
         bad.append(bytes(b))
     batch = Batch.from_packets(bad)
     k2 = parse(batch)
@@ -104,36 +121,42 @@ def test_value_agrees_with_scapy_pseudo_header_checksum():
         l3, l4, proto = int(keys.l3_off[0]), int(keys.l4_off[0]), int(keys.proto[0])
         at = _check_field(raw, keys, 0)
         ver = int(keys.ip_ver[0])
-        end = l3 + (int(keys.ip_len[0]) if ver == 4 else 40 + int.from_bytes(raw[l3 + 4:l3 + 6], "big"))
+        end = l3 + (int(keys.ip_len[0]) if ver == 4 else 40 + int.from_bytes(raw[l3 + 4 : l3 + 6], "big"))
         if proto == 17:
-            end = l4 + int.from_bytes(raw[l4 + 4:l4 + 6], "big")
+            end = l4 + int.from_bytes(raw[l4 + 4 : l4 + 6], "big")
         seg = bytearray(raw[l4:end])
-        seg[at - l4:at - l4 + 2] = b"\0\0"
+        seg[at - l4 : at - l4 + 2] = b"\0\0"
         if ver == 4 and proto == 1:
             ours = inet_checksum(seg)
         elif ver == 4:
-            ours = inet_checksum(seg, pseudo_header_sum(raw[l3 + 12:l3 + 16], raw[l3 + 16:l3 + 20], proto, len(seg)))
+            ours = inet_checksum(
+                seg, pseudo_header_sum(raw[l3 + 12 : l3 + 16], raw[l3 + 16 : l3 + 20], proto, len(seg))
+            )
         else:
-            ours = inet_checksum(seg, pseudo_header_sum(raw[l3 + 8:l3 + 24], raw[l3 + 24:l3 + 40], proto, len(seg)))
+            ours = inet_checksum(
+                seg, pseudo_header_sum(raw[l3 + 8 : l3 + 24], raw[l3 + 24 : l3 + 40], proto, len(seg))
+            )
         if proto == 17 and ours == 0:
             ours = 0xFFFF
-        assert ours == int.from_bytes(raw[at:at + 2], "big"), p.summary()
+        assert ours == int.from_bytes(raw[at : at + 2], "big"), p.summary()
 
 
 def test_udp_zero_checksum_ok_over_ipv4_only():
     v4 = bytearray(bytes(Ether(dst=M) / IP() / UDP(sport=1, dport=2) / b"abc"))
     v6 = bytearray(bytes(Ether(dst=M) / IPv6() / UDP(sport=1, dport=2) / b"abc"))
-    v4[14 + 20 + 6:14 + 20 + 8] = b"\0\0"
-    v6[14 + 40 + 6:14 + 40 + 8] = b"\0\0"
+    v4[14 + 20 + 6 : 14 + 20 + 8] = b"\0\0"
+    v6[14 + 40 + 6 : 14 + 40 + 8] = b"\0\0"
     batch = Batch.from_packets([bytes(v4), bytes(v6)])
     assert l4_checksum_ok(batch, parse(batch)).tolist() == [True, False]
 
 
 def test_fragments_and_non_ip_have_nothing_to_fail_and_errors_never_pass():
-    pk = [bytes(Ether(dst=M) / IP(flags="MF") / UDP() / (b"x" * 30)),
-          bytes(Ether(dst=M) / IP(frag=3) / (b"x" * 30)),
-          bytes(Ether(dst=M, type=0x88CC) / (b"x" * 30)),
-          bytes(Ether(dst=M) / IP() / TCP())[:40]]           # truncated: parse error
+    pk = [
+        bytes(Ether(dst=M) / IP(flags="MF") / UDP() / (b"x" * 30)),
+        bytes(Ether(dst=M) / IP(frag=3) / (b"x" * 30)),
+        bytes(Ether(dst=M, type=0x88CC) / (b"x" * 30)),
+        bytes(Ether(dst=M) / IP() / TCP())[:40],
+    ]  # truncated: parse error
     batch = Batch.from_packets(pk)
     assert l4_checksum_ok(batch, parse(batch)).tolist() == [True, True, True, False]
 
@@ -154,11 +177,12 @@ def test_keys_from_another_batch_are_refused_or_bounded():
     b = Batch.from_packets([bytes(Ether(dst=M) / IP() / TCP())])
     with pytest.raises(ValueError):
         l4_checksum_ok(Batch.from_packets([]), parse(a))
-    assert l4_checksum_ok(b, parse(a)).tolist() == [False]    # offsets beyond b: no overread
+    assert l4_checksum_ok(b, parse(a)).tolist() == [False]  # offsets beyond b: no overread
 
 
 def test_linux_conntrack_vector_bad_checksum():
     from microseg.io.pcap import read_capture
+
     batch = read_capture(os.path.join(VECTORS, "tcp_bad_checksum.pcap"))
     with open(os.path.join(VECTORS, "tcp_bad_checksum.csv")) as f:
         states = [row["state"] for row in csv.DictReader(f)]

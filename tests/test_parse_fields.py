@@ -1,5 +1,6 @@
 """Field-level checks of the kernel against scapy's view of the same bytes, the ESP vectors, and
 crafted malformed packets (error codes); hypothesis drives kernel == reference on damage."""
+
 from __future__ import annotations
 
 import ipaddress
@@ -12,7 +13,11 @@ from hypothesis import strategies as st
 from scapy.contrib.geneve import GENEVE
 from scapy.layers.inet import GRE, ICMP, IP, TCP, UDP
 from scapy.layers.inet6 import (
-    ICMPv6DestUnreach, ICMPv6EchoRequest, IPv6, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop,
+    ICMPv6DestUnreach,
+    ICMPv6EchoRequest,
+    IPv6,
+    IPv6ExtHdrFragment,
+    IPv6ExtHdrHopByHop,
     IPv6ExtHdrRouting,
 )
 from scapy.layers.l2 import ARP, Dot1AD, Dot1Q, Ether
@@ -23,7 +28,6 @@ from microseg.packet import errors as E
 from microseg.packet.batch import Batch, FlowKeys, text_to_addr
 from microseg.packet.parse import parse
 from microseg.packet.parse_ref import parse_batch_ref, parse_packet_ref
-
 from test_parse_corpus import assert_same, mutate, templates
 
 M1, M2 = "02:00:00:00:00:01", "02:00:00:00:00:02"
@@ -47,9 +51,20 @@ def mac_int(m):
 
 
 def test_tcp_over_ipv4_every_field():
-    p = (Ether(src=M1, dst=M2) / IP(src="10.1.1.1", dst="10.2.2.2", ttl=33, options=b"\x01" * 8)
-         / TCP(sport=40000, dport=443, seq=0xDEADBEEF, ack=0x01020304, flags="SECU", window=4321,
-               options=[("MSS", 1400), ("NOP", None), ("NOP", None)]) / (b"p" * 17))
+    p = (
+        Ether(src=M1, dst=M2)
+        / IP(src="10.1.1.1", dst="10.2.2.2", ttl=33, options=b"\x01" * 8)
+        / TCP(
+            sport=40000,
+            dport=443,
+            seq=0xDEADBEEF,
+            ack=0x01020304,
+            flags="SECU",
+            window=4321,
+            options=[("MSS", 1400), ("NOP", None), ("NOP", None)],
+        )
+        / (b"p" * 17)
+    )
     r = one(p)
     s = Ether(bytes(p))
     assert r["error"] == 0 and r["ip_ver"] == 4 and r["ethertype"] == 0x0800
@@ -67,7 +82,7 @@ def test_tcp_over_ipv4_every_field():
 
 def test_ethernet_padding_is_not_payload():
     p = Ether(dst=M1) / IP(src="1.1.1.1", dst="2.2.2.2") / UDP(sport=1, dport=2) / b"ab"
-    raw = bytes(p) + b"\0" * 16          # padded to the 60-byte minimum
+    raw = bytes(p) + b"\0" * 16  # padded to the 60-byte minimum
     r = parse_packet_ref(raw)
     k = parse(Batch.from_packets([raw])).row(0)
     assert k == r and r["payload_len"] == 2 and r["error"] == 0
@@ -103,9 +118,14 @@ def test_ipv4_fragments():
 
 
 def test_ipv6_extension_chain_and_fragments():
-    p = (Ether(dst=M1) / IPv6(src="2001:db8::1", dst="2001:db8::2", hlim=9) / IPv6ExtHdrHopByHop()
-         / IPv6ExtHdrRouting(addresses=["2001:db8::3"]) / IPv6ExtHdrFragment(m=1, offset=0, id=1)
-         / TCP(sport=1, dport=2))
+    p = (
+        Ether(dst=M1)
+        / IPv6(src="2001:db8::1", dst="2001:db8::2", hlim=9)
+        / IPv6ExtHdrHopByHop()
+        / IPv6ExtHdrRouting(addresses=["2001:db8::3"])
+        / IPv6ExtHdrFragment(m=1, offset=0, id=1)
+        / TCP(sport=1, dport=2)
+    )
     r = one(p)
     s = Ether(bytes(p))
     assert (r["proto"], r["ttl"], r["error"]) == (6, 9, 0)
@@ -113,7 +133,10 @@ def test_ipv6_extension_chain_and_fragments():
     assert r["flags"] == B.F_FRAG | B.F_MF | B.F_PORTS and r["ip_len"] == s[IPv6].plen + 40
     later = one(Ether(dst=M1) / IPv6() / IPv6ExtHdrFragment(nh=17, offset=100) / (b"y" * 40))
     assert (later["frag_off"], later["proto"], later["l4_off"], later["payload_len"]) == (100, 17, -1, 40)
-    assert one(Ether(dst=M1) / IPv6() / IPv6ExtHdrRouting() / IPv6ExtHdrHopByHop() / UDP())["error"] == E.BAD_IPV6_EXT
+    assert (
+        one(Ether(dst=M1) / IPv6() / IPv6ExtHdrRouting() / IPv6ExtHdrHopByHop() / UDP())["error"]
+        == E.BAD_IPV6_EXT
+    )
     deep = Ether(dst=M1) / IPv6()
     for _ in range(9):
         deep = deep / IPv6ExtHdrRouting()
@@ -123,17 +146,33 @@ def test_ipv6_extension_chain_and_fragments():
 def test_icmp_echo_and_errors():
     r = one(Ether(dst=M1) / IP() / ICMP(type=8, code=0, id=0x1234, seq=9))
     assert (r["icmp_type"], r["icmp_code"], r["icmp_id"], r["flags"]) == (8, 0, 0x1234, B.F_ICMP)
-    q = Ether(dst=M1) / IP(src="9.9.9.9", dst="1.1.1.1") / ICMP(type=3, code=3) / IP(src="1.1.1.1", dst="8.8.8.8") / UDP(sport=5353, dport=53)
+    q = (
+        Ether(dst=M1)
+        / IP(src="9.9.9.9", dst="1.1.1.1")
+        / ICMP(type=3, code=3)
+        / IP(src="1.1.1.1", dst="8.8.8.8")
+        / UDP(sport=5353, dport=53)
+    )
     r = one(q)
     assert r["flags"] == B.F_ICMP | B.F_ICMP_ERR and r["inner_proto"] == 17
     assert (addr(r, "inner_src"), addr(r, "inner_dst")) == ("1.1.1.1", "8.8.8.8")
     assert (r["inner_sport"], r["inner_dport"]) == (5353, 53)
     r = one(Ether(dst=M1) / IP() / ICMP(type=11) / IP() / ICMP(type=8, id=77))
     assert (r["inner_proto"], r["inner_icmp_type"], r["inner_sport"]) == (1, 8, 77)
-    r = one(Ether(dst=M1) / IPv6(src="2001:db8::9") / ICMPv6DestUnreach(code=4)
-            / IPv6(src="2001:db8::1", dst="2001:db8::2") / TCP(sport=80, dport=9999))
+    r = one(
+        Ether(dst=M1)
+        / IPv6(src="2001:db8::9")
+        / ICMPv6DestUnreach(code=4)
+        / IPv6(src="2001:db8::1", dst="2001:db8::2")
+        / TCP(sport=80, dport=9999)
+    )
     assert r["flags"] == B.F_ICMP | B.F_ICMP_ERR and (r["icmp_type"], r["icmp_code"]) == (1, 4)
-    assert (addr(r, "inner_src"), r["inner_proto"], r["inner_sport"], r["inner_dport"]) == ("2001:db8::1", 6, 80, 9999)
+    assert (addr(r, "inner_src"), r["inner_proto"], r["inner_sport"], r["inner_dport"]) == (
+        "2001:db8::1",
+        6,
+        80,
+        9999,
+    )
     r = one(Ether(dst=M1) / IPv6() / ICMPv6EchoRequest(id=5))
     assert (r["icmp_type"], r["icmp_id"]) == (128, 5)
     quoted = bytes(IP(src="1.1.1.1", dst="8.8.8.8") / UDP(sport=5353, dport=53))[:24]
@@ -143,7 +182,9 @@ def test_icmp_echo_and_errors():
 
 
 def test_esp_and_gre():
-    r = one(Ether(dst=M1) / IP() / GRE(key_present=1, key=0xAABBCCDD, seqnum_present=1, proto=0x1234) / (b"x" * 9))
+    r = one(
+        Ether(dst=M1) / IP() / GRE(key_present=1, key=0xAABBCCDD, seqnum_present=1, proto=0x1234) / (b"x" * 9)
+    )
     assert r["flags"] == B.F_GRE and (r["gre_proto"], r["gre_key"]) == (0x1234, 0xAABBCCDD)
     assert r["payload_off"] == 14 + 20 + 12 and r["payload_len"] == 9 and r["tun_type"] == 0
     assert r["tun_unfollowed"] == 0
@@ -154,6 +195,7 @@ def test_esp_and_gre():
 def test_esp_vectors():
     """SPI and sequence number of every frame of the shared ESP vectors (scapy + tshark made)."""
     from microseg.io.pcap import read_capture
+
     with open(os.path.join(VECTORS, "ipsec", "vectors.json")) as f:
         vec = json.load(f)
     spi = {sa["name"]: int(sa["spi"], 0) if isinstance(sa["spi"], str) else sa["spi"] for sa in vec["sas"]}
@@ -177,17 +219,47 @@ def test_esp_vectors():
 
 def test_tunnels():
     inner = Ether(src=M1, dst=M2) / IP(src="172.16.0.1", dst="172.16.0.2") / TCP(sport=7, dport=8)
-    r = one(Ether(dst=M1) / IP(src="192.0.2.1", dst="192.0.2.2") / UDP(sport=999, dport=4789) / VXLAN(vni=0xABCDE) / inner)
-    assert (r["tun_type"], r["tenant"], r["outer_l3_off"], r["l2_off"], r["l3_off"]) == (B.TUN_VXLAN, 0xABCDE, 14, 50, 64)
+    r = one(
+        Ether(dst=M1)
+        / IP(src="192.0.2.1", dst="192.0.2.2")
+        / UDP(sport=999, dport=4789)
+        / VXLAN(vni=0xABCDE)
+        / inner
+    )
+    assert (r["tun_type"], r["tenant"], r["outer_l3_off"], r["l2_off"], r["l3_off"]) == (
+        B.TUN_VXLAN,
+        0xABCDE,
+        14,
+        50,
+        64,
+    )
     assert (addr(r), r["sport"], r["dport"], r["eth_src"]) == ("172.16.0.1", 7, 8, mac_int(M1))
-    r = one(Ether(dst=M1) / IPv6() / UDP(dport=6081) / GENEVE(vni=77, options=b"\x00\x01\x02\x02" + b"o" * 8) / inner)
-    assert (r["tun_type"], r["tenant"], r["outer_l3_off"], r["l2_off"]) == (B.TUN_GENEVE, 77, 14, 14 + 40 + 8 + 8 + 12)
-    r = one(Ether(dst=M1) / IP() / UDP(dport=6081) / GENEVE(vni=78, proto=0x86DD) / IPv6(src="2001:db8::7") / UDP(sport=1, dport=2))
+    r = one(
+        Ether(dst=M1)
+        / IPv6()
+        / UDP(dport=6081)
+        / GENEVE(vni=77, options=b"\x00\x01\x02\x02" + b"o" * 8)
+        / inner
+    )
+    assert (r["tun_type"], r["tenant"], r["outer_l3_off"], r["l2_off"]) == (
+        B.TUN_GENEVE,
+        77,
+        14,
+        14 + 40 + 8 + 8 + 12,
+    )
+    r = one(
+        Ether(dst=M1)
+        / IP()
+        / UDP(dport=6081)
+        / GENEVE(vni=78, proto=0x86DD)
+        / IPv6(src="2001:db8::7")
+        / UDP(sport=1, dport=2)
+    )
     assert (r["tenant"], r["l2_off"], r["ethertype"], addr(r)) == (78, -1, 0x86DD, "2001:db8::7")
     r = one(Ether(dst=M1) / IP() / GRE(key_present=1, key=(5000 << 8) | 0x2A, proto=0x6558) / inner)
     assert (r["tun_type"], r["tenant"], r["gre_key"], r["flags"]) == (B.TUN_NVGRE, 5000, 0, B.F_PORTS)
     # VXLAN without the I flag, GENEVE version 1, unknown GENEVE protocol: error, outer kept
-    for bad in (VXLAN(flags=0, vni=1), ):
+    for bad in (VXLAN(flags=0, vni=1),):
         r = one(Ether(dst=M1) / IP() / UDP(dport=4789) / bad / inner)
         assert (r["error"], r["tenant"], r["dport"]) == (E.BAD_TUNNEL, -1, 4789)
     r = one(Ether(dst=M1) / IP() / UDP(dport=6081) / GENEVE(version=1) / inner)
@@ -200,7 +272,17 @@ def test_tunnels():
     lvl2 = Ether(dst=M1) / IP(src="10.0.0.1") / UDP(dport=4789) / VXLAN(vni=2) / inner
     r = one(Ether(dst=M1) / IP() / UDP(dport=4789) / VXLAN(vni=1) / lvl2)
     assert (r["tenant"], r["outer_l3_off"], addr(r), r["error"]) == (2, 14, "172.16.0.1", 0)
-    r = one(Ether(dst=M1) / IP() / UDP(dport=4789) / VXLAN(vni=1) / Ether(dst=M1) / IP() / UDP(dport=4789) / VXLAN(vni=2) / lvl2)
+    r = one(
+        Ether(dst=M1)
+        / IP()
+        / UDP(dport=4789)
+        / VXLAN(vni=1)
+        / Ether(dst=M1)
+        / IP()
+        / UDP(dport=4789)
+        / VXLAN(vni=2)
+        / lvl2
+    )
     assert (r["error"], r["tenant"], addr(r)) == (E.TUNNEL_DEPTH, 2, "10.0.0.1")
 
 
@@ -211,6 +293,7 @@ def test_error_codes_for_crafted_headers():
         b = bytearray(good)
         b[at] = val
         return bytes(b)
+
     assert parse_packet_ref(good[:13])["error"] == E.TRUNC_ETH
     assert parse_packet_ref(patched(14, 0x55))["error"] == E.BAD_IPV4_VER
     assert parse_packet_ref(patched(14, 0x44))["error"] == E.BAD_IPV4_IHL
@@ -228,8 +311,14 @@ def test_error_codes_for_crafted_headers():
 def test_flow_hash_properties():
     def h(p):
         return one(p)["flow_hash"]
+
     a = Ether(dst=M1) / IP(src="10.0.0.1", dst="10.0.0.2") / TCP(sport=1000, dport=80)
-    same = Ether(dst=M2) / IP(src="10.0.0.1", dst="10.0.0.2", ttl=3) / TCP(sport=1000, dport=80, flags="A") / b"x"
+    same = (
+        Ether(dst=M2)
+        / IP(src="10.0.0.1", dst="10.0.0.2", ttl=3)
+        / TCP(sport=1000, dport=80, flags="A")
+        / b"x"
+    )
     assert h(a) == h(same)
     assert h(a) != h(Ether(dst=M1) / IP(src="10.0.0.2", dst="10.0.0.1") / TCP(sport=80, dport=1000))
     assert h(a) != h(Ether(dst=M1) / IP(src="10.0.0.1", dst="10.0.0.2") / TCP(sport=1001, dport=80))
@@ -240,7 +329,7 @@ def test_flow_hash_properties():
     rows = [base[:34] + s.to_bytes(2, "big") + base[36:] for s in range(1024, 3072)]
     keys = parse(Batch.from_packets(rows))
     assert (keys.error == 0).all()
-    assert len(np.unique(keys.flow_hash & 0xFFF)) > 1200     # 2048 flows into 4096 buckets
+    assert len(np.unique(keys.flow_hash & 0xFFF)) > 1200  # 2048 flows into 4096 buckets
 
 
 def test_raw_ip_linktype():
@@ -256,7 +345,8 @@ def test_unsupported_linktype_is_input_error():
     import pytest
 
     from microseg.errors import InputError
-    for lt in (105, 127, 9):             # 802.11, radiotap, PPP
+
+    for lt in (105, 127, 9):  # 802.11, radiotap, PPP
         batch = Batch.from_packets([b"\0" * 20], linktype=lt)
         with pytest.raises(InputError):
             parse(batch)
@@ -266,9 +356,12 @@ _CORPUS = [p for p, lt in templates(seed=21, rounds=1) if lt == 1]
 
 
 @settings(max_examples=300, deadline=None)
-@given(idx=st.integers(0, len(_CORPUS) - 1), seed=st.integers(0, 2**32 - 1),
-       cuts=st.lists(st.tuples(st.integers(0, 200), st.integers(0, 255)), max_size=6),
-       trunc=st.one_of(st.none(), st.integers(0, 300)))
+@given(
+    idx=st.integers(0, len(_CORPUS) - 1),
+    seed=st.integers(0, 2**32 - 1),
+    cuts=st.lists(st.tuples(st.integers(0, 200), st.integers(0, 255)), max_size=6),
+    trunc=st.one_of(st.none(), st.integers(0, 300)),
+)
 def test_hypothesis_kernel_equals_reference(idx, seed, cuts, trunc):
     buf = bytearray(mutate(_CORPUS[idx], 1, np.random.default_rng(seed)))
     for pos, val in cuts:

@@ -2,6 +2,7 @@
 raw IP under all its numbers. The packet behind the link header parses exactly as the same
 packet does in raw IP (offsets shifted, no L2), the kernel equals the reference, and tshark's
 dissectors agree on what they carry."""
+
 from __future__ import annotations
 
 import csv
@@ -24,7 +25,6 @@ from microseg.packet import errors as E
 from microseg.packet.batch import Batch
 from microseg.packet.parse import parse
 from microseg.packet.parse_ref import parse_batch_ref, parse_packet_ref
-
 from test_parse_corpus import _ip, assert_same, sll, sll2, templates
 from test_parse_tshark import our_view, tshark_view
 
@@ -115,8 +115,9 @@ def test_cooked_headers():
         assert (r["ip_ver"], r["sport"], r["l3_off"], r["l2_off"]) == (4, 53, hl, -1)
         r = one(make(bytes(Dot1Q(vlan=12, prio=3) / ip), 0x8100), lt)
         assert (r["n_vlans"], r["vlan0"] & 0xFFF, r["ethertype"], r["l3_off"]) == (1, 12, 0x0800, hl + 4)
-        arp = ARP(op=2, hwsrc="02:00:00:00:00:05", hwdst="02:00:00:00:00:06", psrc="10.1.1.1",
-                  pdst="10.1.1.2")
+        arp = ARP(
+            op=2, hwsrc="02:00:00:00:00:05", hwdst="02:00:00:00:00:06", psrc="10.1.1.1", pdst="10.1.1.2"
+        )
         r = one(make(bytes(arp), 0x0806), lt)
         assert r["flags"] == B.F_ARP and r["arp_op"] == 2 and r["l3_off"] == hl
         assert B.addr_to_text(r["src_hi"], r["src_lo"]) == "10.1.1.1"
@@ -134,9 +135,12 @@ def test_unknown_link_type_is_refused():
 
 
 @settings(max_examples=300, deadline=None)
-@given(lt=st.sampled_from(LINKED + (B.LINK_IPV4, B.LINK_IPV6)),
-       head=st.binary(min_size=0, max_size=24), body=st.binary(min_size=0, max_size=80),
-       proto=st.sampled_from([0x0800, 0x86DD, 0x0806, 0x8100, 0x88A8, 2, 24, 30]))
+@given(
+    lt=st.sampled_from(LINKED + (B.LINK_IPV4, B.LINK_IPV6)),
+    head=st.binary(min_size=0, max_size=24),
+    body=st.binary(min_size=0, max_size=80),
+    proto=st.sampled_from([0x0800, 0x86DD, 0x0806, 0x8100, 0x88A8, 2, 24, 30]),
+)
 def test_kernel_matches_reference_on_random_link_headers(lt, head, body, proto):
     """Random link headers (with a plausible protocol / family placed where it is read)."""
     hdr = bytearray(head)
@@ -148,8 +152,9 @@ def test_kernel_matches_reference_on_random_link_headers(lt, head, body, proto):
         hdr[0:4] = proto.to_bytes(4, "little" if len(hdr) & 1 else "big")
         hdr = hdr[:4]
     pkt = bytes(hdr) + body
-    batch = Batch.from_packets([pkt, pkt[: len(pkt) // 2]], linktype=lt,
-                               wire_len=[len(pkt) + len(body), len(pkt)])
+    batch = Batch.from_packets(
+        [pkt, pkt[: len(pkt) // 2]], linktype=lt, wire_len=[len(pkt) + len(body), len(pkt)]
+    )
     assert_same(parse(batch), parse_batch_ref(batch), [pkt, pkt[: len(pkt) // 2]])
 
 
@@ -165,21 +170,68 @@ def write_pcap(path, frames, linktype, wire_len=None):
             f.write(struct.pack("<IIII", i, 0, len(p), orig) + p)
 
 
-FIELDS = ["frame.number", "frame.protocols", "ip.src", "ip.dst", "ip.proto", "ipv6.src",
-          "ipv6.dst", "ipv6.nxt", "tcp.srcport", "tcp.dstport", "udp.srcport", "udp.dstport",
-          "sctp.srcport", "sctp.dstport", "icmp.type", "icmp.code", "icmpv6.type", "icmpv6.code",
-          "vxlan.vni", "geneve.vni", "gre.key", "arp.src.proto_ipv4", "arp.dst.proto_ipv4",
-          "esp.spi", "esp.sequence", "ipv6.hopopts.nxt", "ipv6.routing.nxt",
-          "ipv6.fraghdr.nxt", "ipv6.dstopts.nxt"]
+FIELDS = [
+    "frame.number",
+    "frame.protocols",
+    "ip.src",
+    "ip.dst",
+    "ip.proto",
+    "ipv6.src",
+    "ipv6.dst",
+    "ipv6.nxt",
+    "tcp.srcport",
+    "tcp.dstport",
+    "udp.srcport",
+    "udp.dstport",
+    "sctp.srcport",
+    "sctp.dstport",
+    "icmp.type",
+    "icmp.code",
+    "icmpv6.type",
+    "icmpv6.code",
+    "vxlan.vni",
+    "geneve.vni",
+    "gre.key",
+    "arp.src.proto_ipv4",
+    "arp.dst.proto_ipv4",
+    "esp.spi",
+    "esp.sequence",
+    "ipv6.hopopts.nxt",
+    "ipv6.routing.nxt",
+    "ipv6.fraghdr.nxt",
+    "ipv6.dstopts.nxt",
+]
 
 
 def tshark_rows(path) -> list[dict]:
     out = subprocess.run(
-        ["tshark", "-n", "-r", str(path), "-o", "ip.defragment:FALSE", "-o", "ipv6.defragment:FALSE",
-         "-o", "udp.try_heuristic_first:FALSE", "-T", "fields", "-E", "header=y",
-         "-E", "separator=/t", "-E", "occurrence=a", "-E", "aggregator=,"]
+        [
+            "tshark",
+            "-n",
+            "-r",
+            str(path),
+            "-o",
+            "ip.defragment:FALSE",
+            "-o",
+            "ipv6.defragment:FALSE",
+            "-o",
+            "udp.try_heuristic_first:FALSE",
+            "-T",
+            "fields",
+            "-E",
+            "header=y",
+            "-E",
+            "separator=/t",
+            "-E",
+            "occurrence=a",
+            "-E",
+            "aggregator=,",
+        ]
         + sum((["-e", f] for f in FIELDS), []),
-        check=True, capture_output=True, text=True).stdout
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     return list(csv.DictReader(io.StringIO(out), delimiter="\t"))
 
 
@@ -190,11 +242,15 @@ needs_tshark = pytest.mark.skipif(shutil.which("tshark") is None, reason="tshark
 @pytest.mark.parametrize("linktype", sorted(B.SUPPORTED_LINKTYPES))
 def test_link_types_agree_with_tshark(tmp_path, linktype):
     frames = [p for p, lt in templates(seed=41, rounds=3) if lt == linktype]
-    if linktype == B.LINK_ETHERNET:          # plenty in test_parse_tshark: the tunnels only
+    if linktype == B.LINK_ETHERNET:  # plenty in test_parse_tshark: the tunnels only
         frames = [p for p in frames if parse_packet_ref(p)["tun_type"]][:40]
     # tshark opens every tunnel; the ones the parser leaves closed are checked elsewhere
-    frames = [p for p in frames if parse_packet_ref(p, linktype)["error"] == 0
-              and parse_packet_ref(p, linktype)["tun_unfollowed"] == 0]
+    frames = [
+        p
+        for p in frames
+        if parse_packet_ref(p, linktype)["error"] == 0
+        and parse_packet_ref(p, linktype)["tun_unfollowed"] == 0
+    ]
     assert frames
     path = tmp_path / "lt.pcap"
     write_pcap(path, frames, linktype)
@@ -206,9 +262,8 @@ def test_link_types_agree_with_tshark(tmp_path, linktype):
         layers = row["frame.protocols"].split(":")
         assert layers[0] in link_names or layers[0] in ("ip", "ipv6"), layers
         if any(x in layers for x in ("udpencap", "llc")):
-            continue            # ESP over UDP 4500 (we stop at UDP), LLC: not IP at all
+            continue  # ESP over UDP 4500 (we stop at UDP), LLC: not IP at all
         want, got = tshark_view(row), our_view(keys, i)
         if got["spi"] is None and want["spi"] is not None:
             want["spi"] = None
         assert got == want, (linktype, i + 1, row["frame.protocols"])
-

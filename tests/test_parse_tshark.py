@@ -1,6 +1,7 @@
 """The parser against Wireshark: `tests/vectors/parse/mixed.pcap` (every protocol the parser
 knows, tunnels included) and what tshark 4.0's dissectors printed for it (`mixed_tshark.tsv`,
 made by `make_vectors.py` in that folder)."""
+
 from __future__ import annotations
 
 import csv
@@ -25,35 +26,45 @@ def _nth(row: dict, field: str, layers: list, layer: str):
 
 
 def _int(text: str) -> int:
-    return int(text, 0)          # tshark prints some fields in hex ("0x00df25d5")
+    return int(text, 0)  # tshark prints some fields in hex ("0x00df25d5")
 
 
 def tshark_view(row: dict) -> dict:
     layers = row["frame.protocols"].split(":")
     for stop in ("icmp", "icmpv6"):
         if stop in layers:
-            layers = layers[:layers.index(stop) + 1]       # what follows is a quoted header
-    out = dict(tenant=None, src=None, dst=None, proto=None, sport=None, dport=None,
-               icmp_type=None, icmp_code=None, spi=None)
+            layers = layers[: layers.index(stop) + 1]  # what follows is a quoted header
+    out = dict(
+        tenant=None,
+        src=None,
+        dst=None,
+        proto=None,
+        sport=None,
+        dport=None,
+        icmp_type=None,
+        icmp_code=None,
+        spi=None,
+    )
     start = 0
     for i, name in enumerate(layers):
         if name in ("vxlan", "geneve"):
-            out["tenant"], start = _int(_nth(row, f"{name}.vni", layers[:i + 1], name)), i + 1
+            out["tenant"], start = _int(_nth(row, f"{name}.vni", layers[: i + 1], name)), i + 1
         elif name == "gre" and i + 1 < len(layers) and layers[i + 1] == "eth":
-            out["tenant"], start = _int(_nth(row, "gre.key", layers[:i + 1], "gre")) >> 8, i + 1
+            out["tenant"], start = _int(_nth(row, "gre.key", layers[: i + 1], "gre")) >> 8, i + 1
     inner = layers[start:]
     l3 = [(i, n) for i, n in enumerate(inner) if n in ("ip", "ipv6", "arp")]
     if not l3:
         return out
     at, kind = l3[-1]
-    upto = layers[:start + at + 1]
+    upto = layers[: start + at + 1]
     if kind == "arp":
-        out.update(src=_nth(row, "arp.src.proto_ipv4", upto, "arp"),
-                   dst=_nth(row, "arp.dst.proto_ipv4", upto, "arp"))
+        out.update(
+            src=_nth(row, "arp.src.proto_ipv4", upto, "arp"), dst=_nth(row, "arp.dst.proto_ipv4", upto, "arp")
+        )
         return out
     out["src"] = str(ipaddress.ip_address(_nth(row, f"{kind}.src", upto, kind)))
     out["dst"] = str(ipaddress.ip_address(_nth(row, f"{kind}.dst", upto, kind)))
-    rest = inner[at + 1:]
+    rest = inner[at + 1 :]
     if kind == "ip":
         out["proto"] = _int(_nth(row, "ip.proto", upto, "ip"))
     else:
@@ -66,7 +77,7 @@ def tshark_view(row: dict) -> dict:
             out["proto"] = _int(_nth(row, f"{name}.nxt", seen, name))
         rest = [n for n in rest if n not in V6_EXT]
     nxt = rest[0] if rest else None
-    upto_l4 = layers[:start + at + 1] + rest[:1]
+    upto_l4 = layers[: start + at + 1] + rest[:1]
     if nxt in ("tcp", "udp", "sctp") and PROTO[nxt] == out["proto"]:
         out["sport"] = _int(_nth(row, f"{nxt}.srcport", upto_l4, nxt))
         out["dport"] = _int(_nth(row, f"{nxt}.dstport", upto_l4, nxt))
@@ -106,7 +117,7 @@ def test_parser_agrees_with_tshark():
         assert keys.error[i] == 0
         want, got = tshark_view(row), our_view(keys, i)
         if got["spi"] is None and want["spi"] is not None:
-            want["spi"] = None        # ESP in UDP 4500 (NAT traversal): we stop at UDP
+            want["spi"] = None  # ESP in UDP 4500 (NAT traversal): we stop at UDP
         assert got == want, (i + 1, row["frame.protocols"])
         tunnels.add(int(keys.tun_type[i]))
     assert tunnels == {0, B.TUN_VXLAN, B.TUN_GENEVE, B.TUN_NVGRE}

@@ -1,28 +1,39 @@
 """The datapath end to end: every verdict and conntrack state against the generator's ground
 truth (derived from the scenario, not from our stages), in every cache/offload configuration;
 policy swaps; rejects; port security under caching; forwarding; the demo/run/trace verbs."""
+
 import json
 import textwrap
 
 import numpy as np
 import pytest
-from scapy.layers.inet import ICMP, IP, TCP, UDP
+from scapy.layers.inet import ICMP, IP, TCP
 from scapy.layers.l2 import Ether
 from scapy.layers.vxlan import VXLAN
 
 from microseg import ctstate
 from microseg.cli import main
+from microseg.datapath import (
+    L_EMC,
+    L_FAST,
+    L_MEGAFLOW,
+    L_SLOW,
+    L_STATE,
+    R_SIGNATURE,
+    Datapath,
+    DatapathConfig,
+    Forwarder,
+    megaflow_mask,
+)
 from microseg.io.generator import generate, load_policy
 from microseg.io.pcap import read_capture, write_pcap
 from microseg.io.scenario import ScenarioConfig
+from microseg.offload.inspect import SignatureSet
 from microseg.packet import build as PB
 from microseg.packet.batch import Batch
-from microseg.datapath import (L_EMC, L_FAST, L_MEGAFLOW, L_SLOW, L_STATE, R_SIGNATURE, Datapath,
-                               DatapathConfig, Forwarder, megaflow_mask)
 from microseg.policy import verdict as V
 from microseg.policy.compiler import compile_policy
 from microseg.policy.model import load_policy as load_policy_file
-from microseg.offload.inspect import SignatureSet
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +46,9 @@ def demo():
 @pytest.mark.parametrize("offload", [True, False])
 def test_every_verdict_and_state_matches_ground_truth(demo, caches, offload):
     _, compiled, gen = demo
-    dp = Datapath(compiled, DatapathConfig(caches=caches, offload=offload,
-                                           offload_rate=1e6 if offload else 7000.0))
+    dp = Datapath(
+        compiled, DatapathConfig(caches=caches, offload=offload, offload_rate=1e6 if offload else 7000.0)
+    )
     res = dp.process(gen.batch)
     truth = gen.truth
     assert np.array_equal(res.verdict, truth.verdict)
@@ -46,7 +58,7 @@ def test_every_verdict_and_state_matches_ground_truth(demo, caches, offload):
     levels = np.bincount(res.level, minlength=5)
     assert levels[L_SLOW] > 0 and levels[L_STATE] > 0
     new = (res.ct & ctstate.STATE_MASK) == ctstate.NEW
-    assert not np.any(np.isin(res.level[~new], [L_EMC, L_MEGAFLOW]))     # caches front the rules
+    assert not np.any(np.isin(res.level[~new], [L_EMC, L_MEGAFLOW]))  # caches front the rules
     assert (levels[L_EMC] + levels[L_MEGAFLOW] > 0) == caches
     assert (levels[L_FAST] > 0) == offload
     st = dp.stats()
@@ -67,8 +79,9 @@ def test_results_do_not_depend_on_batch_size(demo):
 def test_megaflow_mask_wildcards_only_what_no_rule_reads(demo):
     _, compiled, _ = demo
     m = megaflow_mask(compiled)
-    from microseg.cache.key import K_L4, SH_SPORT, SH_DPORT
-    assert int(m[K_L4]) >> SH_SPORT & 0xFFFF == 0          # no security group matches source ports
+    from microseg.cache.key import K_L4, SH_DPORT, SH_SPORT
+
+    assert int(m[K_L4]) >> SH_SPORT & 0xFFFF == 0  # no security group matches source ports
     assert int(m[K_L4]) >> SH_DPORT & 0xFFFF == 0xFFFF
 
 
@@ -99,19 +112,27 @@ def _policy(tmp_path, text=POLICY, deny="drop", name="p.yaml"):
 
 def _vx(frames, vni=5001, ts0=1_000_000_000, src="192.168.100.1", dst="192.168.100.2"):
     from microseg.overlay import encap
+
     b = Batch.from_packets(frames, ts=[ts0 + 1000 * i for i in range(len(frames))])
     return encap(b, "vxlan", vni, src, dst)
 
 
 def _handshake(sport=40000):
-    return [PB.tcp_packet("10.0.0.1", "10.0.0.2", sport, 80, flags="S", seq=100, eth_src=C_MAC, eth_dst=W_MAC),
-            PB.tcp_packet("10.0.0.2", "10.0.0.1", 80, sport, flags="SA", seq=900, ack=101, eth_src=W_MAC, eth_dst=C_MAC),
-            PB.tcp_packet("10.0.0.1", "10.0.0.2", sport, 80, flags="A", seq=101, ack=901, eth_src=C_MAC, eth_dst=W_MAC)]
+    return [
+        PB.tcp_packet("10.0.0.1", "10.0.0.2", sport, 80, flags="S", seq=100, eth_src=C_MAC, eth_dst=W_MAC),
+        PB.tcp_packet(
+            "10.0.0.2", "10.0.0.1", 80, sport, flags="SA", seq=900, ack=101, eth_src=W_MAC, eth_dst=C_MAC
+        ),
+        PB.tcp_packet(
+            "10.0.0.1", "10.0.0.2", sport, 80, flags="A", seq=101, ack=901, eth_src=C_MAC, eth_dst=W_MAC
+        ),
+    ]
 
 
 def _data(sport=40000, seq=101, ack=901, payload=b"GET / HTTP/1.1\r\n\r\n"):
-    return PB.tcp_packet("10.0.0.1", "10.0.0.2", sport, 80, payload, flags="PA", seq=seq, ack=ack,
-                         eth_src=C_MAC, eth_dst=W_MAC)
+    return PB.tcp_packet(
+        "10.0.0.1", "10.0.0.2", sport, 80, payload, flags="PA", seq=seq, ack=ack, eth_src=C_MAC, eth_dst=W_MAC
+    )
 
 
 @pytest.mark.parametrize("cut", [True, False])
@@ -136,14 +157,18 @@ def test_cached_answers_never_outlive_a_policy_swap(tmp_path):
     old = _policy(tmp_path)
     new = _policy(tmp_path, NO_WEB, name="q.yaml")
     dp = Datapath(old, DatapathConfig(caches=True, offload=False))
-    syns = [PB.tcp_packet("10.0.0.1", "10.0.0.2", 40000 + i, 80, flags="S", seq=1, eth_src=C_MAC, eth_dst=W_MAC)
-            for i in range(4)]
+    syns = [
+        PB.tcp_packet("10.0.0.1", "10.0.0.2", 40000 + i, 80, flags="S", seq=1, eth_src=C_MAC, eth_dst=W_MAC)
+        for i in range(4)
+    ]
     assert dp.process(_vx(syns[:1])).verdict[0] == V.ALLOW
     r = dp.process(_vx(syns[1:], ts0=1_500_000_000))
-    assert list(r.verdict) == [V.ALLOW] * 3 and list(r.level) == [L_MEGAFLOW] * 3   # source port wildcarded
+    assert list(r.verdict) == [V.ALLOW] * 3 and list(r.level) == [L_MEGAFLOW] * 3  # source port wildcarded
     dp.swap_policy(new)
-    syns2 = [PB.tcp_packet("10.0.0.1", "10.0.0.2", 41000 + i, 80, flags="S", seq=1, eth_src=C_MAC, eth_dst=W_MAC)
-             for i in range(4)]
+    syns2 = [
+        PB.tcp_packet("10.0.0.1", "10.0.0.2", 41000 + i, 80, flags="S", seq=1, eth_src=C_MAC, eth_dst=W_MAC)
+        for i in range(4)
+    ]
     r = dp.process(_vx(syns2, ts0=3_000_000_000))
     assert list(r.verdict) == [V.DROP] * 4
 
@@ -151,8 +176,9 @@ def test_cached_answers_never_outlive_a_policy_swap(tmp_path):
 def test_spoofed_source_mac_is_not_served_from_the_cache(tmp_path):
     dp = Datapath(_policy(tmp_path), DatapathConfig(caches=True))
     ok = PB.tcp_packet("10.0.0.1", "10.0.0.2", 40000, 80, flags="S", seq=1, eth_src=C_MAC, eth_dst=W_MAC)
-    spoof = PB.tcp_packet("10.0.0.1", "10.0.0.2", 40000, 80, flags="S", seq=1, eth_src="02:00:00:00:00:99",
-                          eth_dst=W_MAC)
+    spoof = PB.tcp_packet(
+        "10.0.0.1", "10.0.0.2", 40000, 80, flags="S", seq=1, eth_src="02:00:00:00:00:99", eth_dst=W_MAC
+    )
     r = dp.process(_vx([ok, ok, spoof]))
     assert list(r.verdict) == [V.ALLOW, V.ALLOW, V.DROP]
     assert r.reason[2] == V.R_SPOOFED
@@ -176,14 +202,15 @@ def test_rejects_are_answered_towards_the_sender(tmp_path):
     out = Forwarder(compiled).output(b, r)
     assert len(out) == 2
     rst = Ether(out.packet(0))
-    assert rst[IP].dst == "192.168.100.1" and rst[VXLAN].vni == 5001      # back to the sender's host
+    assert rst[IP].dst == "192.168.100.1" and rst[VXLAN].vni == 5001  # back to the sender's host
     inner = rst[VXLAN].payload
     assert inner[IP].src == "10.0.0.2" and inner[IP].dst == "10.0.0.1"
     assert inner[TCP].flags == "RA" and inner[TCP].ack == 1001 and inner[TCP].dport == 40000
     icmp = Ether(out.packet(1))[VXLAN].payload
     assert icmp[ICMP].type == 3 and icmp[ICMP].code == 13
     from scapy.layers.inet import UDPerror
-    assert icmp[ICMP].payload[UDPerror].sport == 5353     # the quoted datagram
+
+    assert icmp[ICMP].payload[UDPerror].sport == 5353  # the quoted datagram
 
 
 def test_allowed_frames_leave_towards_the_destination_host(demo):
@@ -216,14 +243,15 @@ def test_allowed_frames_leave_towards_the_destination_host(demo):
 def test_signature_drop_blocks_a_flow(tmp_path):
     rules = tmp_path / "s.rules"
     rules.write_text('drop tcp any any -> any 80 (msg:"bad"; content:"evil"; sid:7;)\n')
-    dp = Datapath(_policy(tmp_path), DatapathConfig(offload=True,
-                                                    signatures=SignatureSet.load(str(rules))))
-    frames = _handshake() + [_data(payload=b"GET /evil HTTP/1.1\r\n\r\n"),
-                             _data(seq=101 + 23, payload=b"more")]
+    dp = Datapath(_policy(tmp_path), DatapathConfig(offload=True, signatures=SignatureSet.load(str(rules))))
+    frames = _handshake() + [
+        _data(payload=b"GET /evil HTTP/1.1\r\n\r\n"),
+        _data(seq=101 + 23, payload=b"more"),
+    ]
     r = dp.process(_vx(frames))
     assert list(r.verdict[:3]) == [V.ALLOW] * 3
     assert r.verdict[3] == V.DROP and r.reason[3] == R_SIGNATURE and r.sid[3] == 7
-    assert r.verdict[4] == V.DROP                       # the flow stays blocked
+    assert r.verdict[4] == V.DROP  # the flow stays blocked
 
 
 # -- command line ---------------------------------------------------------------------------------
@@ -231,8 +259,22 @@ def test_run_verb_writes_output_and_report_and_checks_truth(demo, tmp_path, caps
     _, _, gen = demo
     paths = gen.write(str(tmp_path / "in.pcap"))
     from microseg.io.generator import builtin_policy_path
-    rc = main(["run", "--policy", builtin_policy_path(), paths["pcap"], "-w", str(tmp_path / "out.pcap"),
-               "--report", str(tmp_path / "r.json"), "--truth", paths["truth_npz"], "--quiet"])
+
+    rc = main(
+        [
+            "run",
+            "--policy",
+            builtin_policy_path(),
+            paths["pcap"],
+            "-w",
+            str(tmp_path / "out.pcap"),
+            "--report",
+            str(tmp_path / "r.json"),
+            "--truth",
+            paths["truth_npz"],
+            "--quiet",
+        ]
+    )
     assert rc == 0
     rep = json.loads((tmp_path / "r.json").read_text())
     assert rep["packets"] == len(gen.batch)
@@ -244,6 +286,7 @@ def test_run_verb_rejects_bad_inputs_with_one_line(tmp_path, capsys):
     bad = tmp_path / "bad.pcap"
     bad.write_bytes(b"this is not a capture at all")
     from microseg.io.generator import builtin_policy_path
+
     assert main(["run", "--policy", builtin_policy_path(), str(bad)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "error" in err[0]
@@ -264,11 +307,15 @@ def test_trace_explains_each_stage(tmp_path, capsys):
     for s in ("parse", "tenant", "conntrack", "slow path", "verdict", "output"):
         assert s in stages
     assert out["verdict"] == "allow" and out["ct"] == "new"
-    assert main(["trace", "--policy", str(p), "--json", "--state", "established",
-                 "src=c1 dst=w1 tcp dport=80"]) == 0
+    assert (
+        main(["trace", "--policy", str(p), "--json", "--state", "established", "src=c1 dst=w1 tcp dport=80"])
+        == 0
+    )
     out = json.loads(capsys.readouterr().out)
     assert out["verdict"] == "allow" and out["ct"] == "established"
-    assert main(["trace", "--policy", str(p), "--json", "src=c1 dst=w1 tcp dport=22"]) == 1      # not allowed: exit 1
+    assert (
+        main(["trace", "--policy", str(p), "--json", "src=c1 dst=w1 tcp dport=22"]) == 1
+    )  # not allowed: exit 1
     out = json.loads(capsys.readouterr().out)
     assert out["verdict"] == "drop"
     assert main(["trace", "--policy", str(p), "src=c1 dst=nowhere"]) == 2
@@ -279,6 +326,7 @@ def test_frames_to_the_other_site_leave_in_esp_and_decrypt_back(demo):
     from microseg.app import builtin_path
     from microseg.ipsec.gateway import EspGateway
     from microseg.ipsec.sa import load_config
+
     policy, compiled, gen = demo
     sub = gen.batch.slice(0, 2000)
     r = Datapath(compiled, DatapathConfig()).process(sub)
@@ -288,11 +336,12 @@ def test_frames_to_the_other_site_leave_in_esp_and_decrypt_back(demo):
     sealed = fw.output(sub, r)
     assert len(sealed) == len(plain)
     from microseg.packet.parse import parse
+
     k = parse(sealed)
     esp = np.flatnonzero(k.proto == 50)
     assert esp.size == fw.counters["esp_sent"] > 0
     site_b = {"192.168.100.13", "192.168.100.14"}
-    for i in range(len(plain)):                      # exactly the frames towards site B are sealed
+    for i in range(len(plain)):  # exactly the frames towards site B are sealed
         to_b = Ether(plain.packet(i))[IP].dst in site_b
         assert (i in set(esp.tolist())) == to_b
     opened, why = EspGateway(cfg).decrypt_batch(sealed.select(esp))

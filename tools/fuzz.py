@@ -698,10 +698,10 @@ def fuzz_datapath(
 ):
     """``packets`` mutated packets through ``Datapath.process`` and ``Forwarder.output`` under
     the data centre's policy. Returns (stats, failures)."""
+    from microseg.datapath import Datapath, DatapathConfig, Forwarder
     from microseg.io.pcap import write_pcap
     from microseg.packet.batch import LINK_ETHERNET as LINK_ETH
     from microseg.packet.batch import SUPPORTED_LINKTYPES
-    from microseg.datapath import Datapath, DatapathConfig, Forwarder
     from microseg.policy.compiler import compile_policy
     from microseg.policy.model import load_policy
 

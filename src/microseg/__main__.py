@@ -1,4 +1,5 @@
 """`python -m microseg` runs the command line."""
+
 import sys
 
 from .cli import main

@@ -22,6 +22,7 @@ running nothing is forwarded (it fails closed).
 Everything runs in one thread: a ``poll`` over the ports, the control socket and a signal
 wake-up socket, so a reload or a control request always falls between two batches.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,12 +56,21 @@ log = logging.getLogger("microseg.agent")
 TUNNELS = ("vxlan", "geneve", "nvgre")
 ETH_ARP, ETH_IPV4, ETH_IPV6 = 0x0806, 0x0800, 0x86DD
 BROADCAST = b"\xff" * 6
-ARP_RETRY_S = 0.5          # while a peer host is unresolved
+ARP_RETRY_S = 0.5  # while a peer host is unresolved
 ARP_REFRESH_S = 30.0
 
 # what the agent itself drops or answers before the datapath (the datapath counts its own)
-AGENT_REASONS = ("port_mac", "oversize", "vlan_tagged", "arp_unanswered", "nd_unanswered",
-                 "no_route", "not_local", "underlay_unresolved", "underlay_other")
+AGENT_REASONS = (
+    "port_mac",
+    "oversize",
+    "vlan_tagged",
+    "arp_unanswered",
+    "nd_unanswered",
+    "no_route",
+    "not_local",
+    "underlay_unresolved",
+    "underlay_other",
+)
 
 
 class AgentError(MicrosegError):
@@ -94,15 +104,22 @@ def _bytes_at(data: np.ndarray, off: np.ndarray, length: np.ndarray, pos: int, w
 
 def _view(batch: Batch, rows) -> Batch:
     """The frames ``rows`` of ``batch`` as a batch over the same buffer (no copy)."""
-    return Batch(batch.data, batch.offset[rows], batch.length[rows], batch.wire_len[rows],
-                 batch.port[rows], batch.ts[rows], batch.linktype)
+    return Batch(
+        batch.data,
+        batch.offset[rows],
+        batch.length[rows],
+        batch.wire_len[rows],
+        batch.port[rows],
+        batch.ts[rows],
+        batch.linktype,
+    )
 
 
 @dataclasses.dataclass
 class WorkloadPort:
     port: AfPacketPort
-    index: int                   # into policy.workloads
-    name: str                    # tenant/name
+    index: int  # into policy.workloads
+    name: str  # tenant/name
     tenant: str
     vni: int
     mac: int
@@ -112,9 +129,17 @@ class WorkloadPort:
 class Agent:
     """One host's enforcement point (see the module doc)."""
 
-    def __init__(self, policy_path: str, host: str, ports: dict, underlay: str, *,
-                 tunnel: str = "vxlan", control_path: str | None = None,
-                 config: DatapathConfig | None = None):
+    def __init__(
+        self,
+        policy_path: str,
+        host: str,
+        ports: dict,
+        underlay: str,
+        *,
+        tunnel: str = "vxlan",
+        control_path: str | None = None,
+        config: DatapathConfig | None = None,
+    ):
         if tunnel not in TUNNELS:
             raise InputError(f"--tunnel must be one of {', '.join(TUNNELS)}")
         self.tunnel = tunnel
@@ -135,9 +160,16 @@ class Agent:
         self._warm_up(compiled, cfg, specs)
         self.dp = Datapath(compiled, cfg)
         self._set_policy(compiled)
-        self.counters = {"packets": 0, "bytes": 0, "arp_replies": 0, "nd_replies": 0,
-                         "csum_completed": 0, "delivered": 0, "to_underlay": 0}
-        self.drops = np.zeros(256, np.int64)                 # datapath reasons of non-allowed
+        self.counters = {
+            "packets": 0,
+            "bytes": 0,
+            "arp_replies": 0,
+            "nd_replies": 0,
+            "csum_completed": 0,
+            "delivered": 0,
+            "to_underlay": 0,
+        }
+        self.drops = np.zeros(256, np.int64)  # datapath reasons of non-allowed
         self.agent_drops = dict.fromkeys(AGENT_REASONS, 0)
         self.underlay = None
         self.wports: list[WorkloadPort] = []
@@ -149,8 +181,9 @@ class Agent:
                 w = model.workloads[w_index]
                 p = AfPacketPort(ifname, i)
                 self._offloads(p)
-                self.wports.append(WorkloadPort(p, w_index, qualified(w), w.tenant,
-                                                self._vni[w.tenant], int(w.mac)))
+                self.wports.append(
+                    WorkloadPort(p, w_index, qualified(w), w.tenant, self._vni[w.tenant], int(w.mac))
+                )
         except OSError as exc:
             self.close()
             raise AgentError(f"cannot open port: {exc.strerror or exc}") from None
@@ -181,8 +214,9 @@ class Agent:
                 raise InputError(f"--port: no workload {text!r} in the policy")
             idx = next(i for i, w in enumerate(model.workloads) if w is found)
             if found.host != self.host:
-                raise InputError(f"--port: workload {qualified(found)} is on host {found.host}, "
-                                 f"not {self.host}")
+                raise InputError(
+                    f"--port: workload {qualified(found)} is on host {found.host}, not {self.host}"
+                )
             if found.mac is None:
                 raise InputError(f"--port: workload {qualified(found)} has no MAC in the policy")
             out.append((idx, ifname))
@@ -198,8 +232,11 @@ class Agent:
         self._me = host_index[self.host]
         self._w_host = np.array([host_index.get(w.host, -1) for w in model.workloads] + [-1], np.int32)
         # peers: every other host, by IPv4 address
-        peers = [(int(ipaddress.IPv4Address(str(h.address))), h.name) for h in model.hosts
-                 if h.name != self.host and ipaddress.ip_address(str(h.address)).version == 4]
+        peers = [
+            (int(ipaddress.IPv4Address(str(h.address))), h.name)
+            for h in model.hosts
+            if h.name != self.host and ipaddress.ip_address(str(h.address)).version == 4
+        ]
         peers.sort()
         self._peer_ip = np.array([p[0] for p in peers], np.uint64)
         self._peer_name = [p[1] for p in peers]
@@ -230,8 +267,10 @@ class Agent:
                 raise InputError(f"{path}: tenant {p.tenant} missing or its VNI changed")
         compiled = compile_policy(model)
         # workload indices may move in the new file
-        return compiled, {p.name: next(i for i, w in enumerate(model.workloads) if qualified(w) == p.name)
-                          for p in self.wports}
+        return compiled, {
+            p.name: next(i for i, w in enumerate(model.workloads) if qualified(w) == p.name)
+            for p in self.wports
+        }
 
     def reload(self, path: str | None = None) -> dict:
         path = os.path.abspath(path) if path else self.policy_path
@@ -247,17 +286,26 @@ class Agent:
             p.index = index[p.name]
         self.policy_path = path
         self.reloads += 1
-        log.info("policy reloaded from %s: version %s, %d connections cut", path,
-                 out["new_version"], out["cut"])
-        return {"ok": True, "version": out["new_version"], "cut": int(out["cut"]),
-                "hash": compiled.content_hash}
+        log.info(
+            "policy reloaded from %s: version %s, %d connections cut", path, out["new_version"], out["cut"]
+        )
+        return {
+            "ok": True,
+            "version": out["new_version"],
+            "cut": int(out["cut"]),
+            "hash": compiled.content_hash,
+        }
 
     # -- start-up -------------------------------------------------------------------------------
     def _offloads(self, port: AfPacketPort) -> None:
         bad = {k: v for k, v in port.disable_offloads().items() if v}
         if bad:
-            log.warning("%s: could not turn off %s (%s); super-frames larger than the MTU will be "
-                        "dropped", port.ifname, ", ".join(bad), "; ".join(set(bad.values())))
+            log.warning(
+                "%s: could not turn off %s (%s); super-frames larger than the MTU will be dropped",
+                port.ifname,
+                ", ".join(bad),
+                "; ".join(set(bad.values())),
+            )
         else:
             log.debug("%s: tso, gso and gro off", port.ifname)
 
@@ -274,8 +322,12 @@ class Agent:
         b = Batch.from_packets([frame])
         vni = int(next(t.vni for t in model.tenants if t.name == w.tenant))
         enc = encap(b, self.tunnel, vni, self.address, self.address)
-        dp = Datapath(compiled, dataclasses.replace(cfg, conntrack_capacity=1024, emc_entries=1024,
-                                                    megaflow_entries=1024, offload_capacity=1024))
+        dp = Datapath(
+            compiled,
+            dataclasses.replace(
+                cfg, conntrack_capacity=1024, emc_entries=1024, megaflow_entries=1024, offload_capacity=1024
+            ),
+        )
         res = dp.process(enc)
         Forwarder(compiled, self.tunnel, local_address=self.address).output(enc, res)
         decap(enc)
@@ -291,8 +343,9 @@ class Agent:
         rsock.setblocking(False)
         wsock.setblocking(False)
         old_wakeup = signal.set_wakeup_fd(wsock.fileno())
-        handlers = {s: signal.signal(s, self._on_signal)
-                    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+        handlers = {
+            s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+        }
         poller = select.poll()
         for fd in self._by_fd:
             poller.register(fd, select.POLLIN | select.POLLERR)
@@ -301,9 +354,14 @@ class Agent:
             self._ctl = control.listen(self.control_path)
             poller.register(self._ctl.fileno(), select.POLLIN)
         self.ready = True
-        log.info("host %s (%s) enforcing on %s; underlay %s (%s)", self.host, self.address,
-                 ", ".join(f"{p.name}={p.port.ifname}" for p in self.wports) or "no workload ports",
-                 self.underlay.ifname, self.tunnel)
+        log.info(
+            "host %s (%s) enforcing on %s; underlay %s (%s)",
+            self.host,
+            self.address,
+            ", ".join(f"{p.name}={p.port.ifname}" for p in self.wports) or "no workload ports",
+            self.underlay.ifname,
+            self.tunnel,
+        )
         try:
             while not self._stop:
                 self._arp_timer()
@@ -340,7 +398,7 @@ class Agent:
         self._stop = True
 
     def _service_ports(self) -> None:
-        for _ in range(64):                   # bounded, so control and signals get a turn
+        for _ in range(64):  # bounded, so control and signals get a turn
             busy = False
             for p in self.wports:
                 if p.port.ready():
@@ -368,16 +426,25 @@ class Agent:
             vlan = burst.vlan_stripped | (et == 0x8100) | (et == 0x88A8)
             big = burst.oversize
             arp = et == ETH_ARP
-            ns = ((et == ETH_IPV6) & (_bytes_at(d, off, ln, 20, 1) == 58)
-                  & (_bytes_at(d, off, ln, 54, 1) == 135) & (np.asarray(ln) >= 78))
+            ns = (
+                (et == ETH_IPV6)
+                & (_bytes_at(d, off, ln, 20, 1) == 58)
+                & (_bytes_at(d, off, ln, 54, 1) == 135)
+                & (np.asarray(ln) >= 78)
+            )
             self.agent_drops["port_mac"] += int(np.count_nonzero(~src_ok))
             self.agent_drops["oversize"] += int(np.count_nonzero(src_ok & big))
             if big.any() and not wp.warned_oversize:
                 wp.warned_oversize = True
-                log.warning("%s (%s): frames of up to %d bytes on a port of MTU %d are dropped: "
-                            "segmentation offload (TSO/GSO) is on at the workload's side of the "
-                            "link; turn it off there", wp.name, wp.port.ifname,
-                            int(b.wire_len.max()), wp.port.mtu)
+                log.warning(
+                    "%s (%s): frames of up to %d bytes on a port of MTU %d are dropped: "
+                    "segmentation offload (TSO/GSO) is on at the workload's side of the "
+                    "link; turn it off there",
+                    wp.name,
+                    wp.port.ifname,
+                    int(b.wire_len.max()),
+                    wp.port.mtu,
+                )
             self.agent_drops["vlan_tagged"] += int(np.count_nonzero(src_ok & ~big & vlan))
             ok = src_ok & ~big & ~vlan
             special = np.flatnonzero(ok & (arp | ns))
@@ -425,7 +492,7 @@ class Agent:
             return None
         sha, spa, tpa = pkt[22:28], pkt[28:32], pkt[38:42]
         if int.from_bytes(sha, "big") != wp.mac or spa == tpa:
-            return None          # not the port's own MAC, or a gratuitous ARP
+            return None  # not the port's own MAC, or a gratuitous ARP
         mac = self._arp.get((wp.vni, int.from_bytes(tpa, "big")))
         if mac is None or mac == wp.mac:
             return None
@@ -435,15 +502,16 @@ class Agent:
 
     def _na_reply(self, wp: WorkloadPort, pkt: bytes):
         src, target = pkt[22:38], pkt[62:78]
-        if src == b"\0" * 16 or pkt[55] != 0:          # duplicate address detection: stay silent
+        if src == b"\0" * 16 or pkt[55] != 0:  # duplicate address detection: stay silent
             return None
         mac = self._nd.get((wp.vni, int.from_bytes(target, "big")))
         if mac is None or mac == wp.mac:
             return None
         t = str(ipaddress.IPv6Address(target))
         s = str(ipaddress.IPv6Address(src))
-        body = PB.icmpv6(136, 0, b"\x60\x00\x00\x00", target + b"\x02\x01" + mac.to_bytes(6, "big"),
-                         src=t, dst=s)
+        body = PB.icmpv6(
+            136, 0, b"\x60\x00\x00\x00", target + b"\x02\x01" + mac.to_bytes(6, "big"), src=t, dst=s
+        )
         return PB.ethernet(PB.ipv6(t, s, 58, body, hlim=255), src=mac, dst=pkt[6:12])
 
     # -- underlay side --------------------------------------------------------------------------
@@ -466,8 +534,13 @@ class Agent:
             src = _bytes_at(d, off, ln, 26, 4)
             proto = _bytes_at(d, off, ln, 23, 1)
             from_peer = np.isin(src, self._peer_ip) if self._peer_ip.size else np.zeros(n, bool)
-            mine = ((et == ETH_IPV4) & ihl_ok & (dst == np.uint64(self._own_ip)) & from_peer
-                    & ((proto == 17) | (proto == 47)))
+            mine = (
+                (et == ETH_IPV4)
+                & ihl_ok
+                & (dst == np.uint64(self._own_ip))
+                & from_peer
+                & ((proto == 17) | (proto == 47))
+            )
             self.agent_drops["underlay_other"] += int(np.count_nonzero(~mine & (et != ETH_ARP)))
             rows = np.flatnonzero(mine)
             if rows.size:
@@ -491,8 +564,9 @@ class Agent:
                     log.debug("underlay: %s is at %s", ipaddress.IPv4Address(spa), sha.hex(":"))
                 self.neighbours[spa] = sha
             if op == 1 and tpa == self._own_ip:
-                replies.append(PB.arp_packet(2, self.underlay.mac, self.address, sha,
-                                             str(ipaddress.IPv4Address(spa))))
+                replies.append(
+                    PB.arp_packet(2, self.underlay.mac, self.address, sha, str(ipaddress.IPv4Address(spa)))
+                )
         if replies:
             self.underlay.send(Batch.from_packets(replies))
 
@@ -508,8 +582,10 @@ class Agent:
         if full:
             self._last_full_arp = now
         if want:
-            reqs = [PB.arp_packet(1, self.underlay.mac, self.address, b"\0" * 6,
-                                  str(ipaddress.IPv4Address(ip))) for ip in want]
+            reqs = [
+                PB.arp_packet(1, self.underlay.mac, self.address, b"\0" * 6, str(ipaddress.IPv4Address(ip)))
+                for ip in want
+            ]
             self.underlay.send(Batch.from_packets(reqs))
         self._next_arp = now + (ARP_RETRY_S if not self.neighbours_complete() else ARP_REFRESH_S)
 
@@ -533,7 +609,7 @@ class Agent:
             away = allowed & (d_host >= 0) & (d_host != self._me)
             out_v[away] = V.DROP
             self.agent_drops["not_local"] += int(np.count_nonzero(away))
-        out_v[(v == V.REJECT) & (s_host < 0)] = V.DROP        # no one to answer
+        out_v[(v == V.REJECT) & (s_host < 0)] = V.DROP  # no one to answer
         if not np.any(out_v != V.DROP):
             return
         out = self.fwd.output(batch, dataclasses.replace(res, verdict=out_v))
@@ -609,15 +685,25 @@ class Agent:
     def status(self) -> dict:
         pol = self.compiled
         return {
-            "host": self.host, "address": self.address, "pid": os.getpid(), "ready": self.ready,
-            "uptime_s": round(time.time() - self.started, 3), "tunnel": self.tunnel,
+            "host": self.host,
+            "address": self.address,
+            "pid": os.getpid(),
+            "ready": self.ready,
+            "uptime_s": round(time.time() - self.started, 3),
+            "tunnel": self.tunnel,
             "policy": {"path": self.policy_path, "version": pol.version, "hash": pol.content_hash},
             "ports": {p.name: p.port.ifname for p in self.wports},
-            "underlay": {"ifname": self.underlay.ifname, "mac": self.underlay.mac.hex(":"),
-                         "peers": {name: (self.neighbours[ip].hex(":") if ip in self.neighbours else None)
-                                   for ip, name in zip(self._peer_ip.tolist(), self._peer_name)},
-                         "resolved": self.neighbours_complete()},
-            "reloads": self.reloads, "reloads_refused": self.reload_refused,
+            "underlay": {
+                "ifname": self.underlay.ifname,
+                "mac": self.underlay.mac.hex(":"),
+                "peers": {
+                    name: (self.neighbours[ip].hex(":") if ip in self.neighbours else None)
+                    for ip, name in zip(self._peer_ip.tolist(), self._peer_name)
+                },
+                "resolved": self.neighbours_complete(),
+            },
+            "reloads": self.reloads,
+            "reloads_refused": self.reload_refused,
         }
 
     def stats(self) -> dict:
@@ -628,17 +714,27 @@ class Agent:
         ports = {p.name: dict(p.port.counters, ifname=p.port.ifname) for p in self.wports}
         ports["underlay"] = dict(self.underlay.counters, ifname=self.underlay.ifname)
         return {
-            "host": self.host, "pid": os.getpid(),
+            "host": self.host,
+            "pid": os.getpid(),
             "cpu_seconds": round(ru.ru_utime + ru.ru_stime, 3),
-            "packets": self.counters["packets"], "bytes": self.counters["bytes"],
-            "verdicts": dps["verdicts"], "drops": drops,
+            "packets": self.counters["packets"],
+            "bytes": self.counters["bytes"],
+            "verdicts": dps["verdicts"],
+            "drops": drops,
             "conntrack": {"entries": len(self.dp.conntrack), "revoked": dps["revoked_connections"]},
-            "datapath": {"packets": dps["packets"], "levels": dps["levels"],
-                         "conntrack_states": dps["conntrack_states"], "seconds": round(dps["seconds"], 6)},
+            "datapath": {
+                "packets": dps["packets"],
+                "levels": dps["levels"],
+                "conntrack_states": dps["conntrack_states"],
+                "seconds": round(dps["seconds"], 6),
+            },
             "agent": {k: v for k, v in self.counters.items() if k not in ("packets", "bytes")},
             "ports": ports,
-            "policy": {"version": self.compiled.version, "hash": self.compiled.content_hash,
-                       "reloads": self.reloads},
+            "policy": {
+                "version": self.compiled.version,
+                "hash": self.compiled.content_hash,
+                "reloads": self.reloads,
+            },
         }
 
     def close(self) -> None:
@@ -667,27 +763,42 @@ def _port_arg(text: str):
 
 
 def register(sub) -> None:
-    p = sub.add_parser("agent", help="enforce a policy on live interfaces (one host)",
-                       description="Run the enforcement point of one host of the policy on its "
-                                   "interfaces (AF_PACKET): workload ports in, the tenant's "
-                                   "overlay out on the underlay. Needs CAP_NET_RAW and "
-                                   "CAP_NET_ADMIN. See docs/agent.md.")
+    p = sub.add_parser(
+        "agent",
+        help="enforce a policy on live interfaces (one host)",
+        description="Run the enforcement point of one host of the policy on its "
+        "interfaces (AF_PACKET): workload ports in, the tenant's "
+        "overlay out on the underlay. Needs CAP_NET_RAW and "
+        "CAP_NET_ADMIN. See docs/agent.md.",
+    )
     p.add_argument("--policy", required=True, metavar="P.yaml", help="the policy file")
     p.add_argument("--host", required=True, metavar="NAME", help="this host, as the policy names it")
-    p.add_argument("--port", action="append", type=_port_arg, default=[], metavar="WORKLOAD=IFNAME",
-                   help="a workload of this host ([tenant/]name) and its interface; repeatable")
-    p.add_argument("--underlay", required=True, metavar="IFNAME",
-                   help="the interface towards the other hosts")
+    p.add_argument(
+        "--port",
+        action="append",
+        type=_port_arg,
+        default=[],
+        metavar="WORKLOAD=IFNAME",
+        help="a workload of this host ([tenant/]name) and its interface; repeatable",
+    )
+    p.add_argument(
+        "--underlay", required=True, metavar="IFNAME", help="the interface towards the other hosts"
+    )
     p.add_argument("--tunnel", choices=TUNNELS, default="vxlan", help="overlay encapsulation (default vxlan)")
     p.add_argument("--control", metavar="PATH", help="Unix control socket (status, stats, reload)")
-    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
-                   help="operational messages on stderr (default info)")
+    p.add_argument(
+        "--log-level",
+        default="info",
+        choices=("debug", "info", "warning", "error"),
+        help="operational messages on stderr (default info)",
+    )
     p.set_defaults(func=run_agent)
 
 
 def run_agent(args) -> int:
-    logging.basicConfig(level=logging.WARNING,
-                        format="%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.WARNING, format="%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s"
+    )
     logging.getLogger("microseg").setLevel(args.log_level.upper())
     ports = {}
     for name, ifname in args.port:
@@ -695,8 +806,9 @@ def run_agent(args) -> int:
             raise InputError(f"--port: workload {name} given twice")
         ports[name] = ifname
     try:
-        agent = Agent(args.policy, args.host, ports, args.underlay, tunnel=args.tunnel,
-                      control_path=args.control)
+        agent = Agent(
+            args.policy, args.host, ports, args.underlay, tunnel=args.tunnel, control_path=args.control
+        )
     except PermissionError:
         raise AgentError("AF_PACKET ports need root (CAP_NET_RAW, CAP_NET_ADMIN)") from None
     try:

@@ -6,6 +6,7 @@ PATH}`` (``policy`` optional: the file the agent runs). The socket file is creat
 and the server also checks the peer's credentials (``SO_PEERCRED``): only root and the
 agent's own user are answered.
 """
+
 from __future__ import annotations
 
 import json
@@ -63,7 +64,7 @@ def read_request(conn: socket.socket, timeout: float = 2.0) -> dict:
         if not isinstance(req, dict) or not isinstance(req.get("cmd"), str):
             raise ValueError('a request is {"cmd": "..."}')
         return req
-    words = line.decode().split()                 # also accept "status", "reload P.yaml"
+    words = line.decode().split()  # also accept "status", "reload P.yaml"
     req = {"cmd": words[0]}
     if len(words) > 1:
         req["policy"] = words[1]

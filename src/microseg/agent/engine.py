@@ -4,6 +4,7 @@ The sans-IO datapath (``Datapath``, ``DatapathConfig``, ``BatchResult``, ``Forwa
 verdict reasons ``REASONS``) lives in :mod:`microseg.datapath`; every module of the agent
 imports it from here, so that where it lives is written in one place.
 """
+
 from __future__ import annotations
 
 from ..datapath import REASONS, BatchResult, Datapath, DatapathConfig, Forwarder  # noqa: F401

@@ -16,6 +16,7 @@ only the agent moves frames between a workload and the underlay. Every namespace
 written before each step, so ``lab down`` removes exactly that, also after a crash of ``up``
 or of an agent. Nothing is created in, or changed on, the machine's own network namespace.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -38,7 +39,7 @@ from . import control
 DEFAULT_STATE_DIR = "/run/microseg-lab"
 DEFAULT_PREFIX = "mslab"
 STATE_FILE = "state.json"
-OVERHEAD = {"vxlan": 50, "geneve": 50, "nvgre": 42}     # outer Ethernet + IPv4 + tunnel header
+OVERHEAD = {"vxlan": 50, "geneve": 50, "nvgre": 42}  # outer Ethernet + IPv4 + tunnel header
 UNDERLAY_MTU = 1500
 CLONE_NEWNET = 0x40000000
 
@@ -68,8 +69,9 @@ def _sysctl(ns: str, *settings: str) -> None:
     for s in settings:
         key, value = s.split("=")
         path = "/proc/sys/" + key.replace(".", "/")
-        r = subprocess.run(["ip", "netns", "exec", ns, "sh", "-c", f"echo {value} > {path}"],
-                           capture_output=True, text=True)
+        r = subprocess.run(
+            ["ip", "netns", "exec", ns, "sh", "-c", f"echo {value} > {path}"], capture_output=True, text=True
+        )
         if r.returncode != 0:
             raise LabError(f"{ns}: cannot set {key}: {r.stderr.strip()}")
 
@@ -137,8 +139,9 @@ class State:
         try:
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         except FileExistsError:
-            raise LabError(f"a lab is already up (state in {self.path}); run `microseg lab down` "
-                           f"first") from None
+            raise LabError(
+                f"a lab is already up (state in {self.path}); run `microseg lab down` first"
+            ) from None
         os.close(fd)
         self.data = dict(data, made_dir=made_dir)
         self.save()
@@ -150,8 +153,10 @@ class State:
         except FileNotFoundError:
             raise LabError(f"no lab is up (no {self.path})") from None
         except ValueError as exc:
-            raise LabError(f"{self.path}: unreadable state file ({exc}); remove the lab's "
-                           f"namespaces by hand (`ip netns list`)") from None
+            raise LabError(
+                f"{self.path}: unreadable state file ({exc}); remove the lab's "
+                f"namespaces by hand (`ip netns list`)"
+            ) from None
         return self.data
 
     def save(self) -> None:
@@ -191,17 +196,31 @@ def plan(policy_path: str, prefix: str, tunnel: str) -> dict:
         host = hosts[w.host]
         port = f"w{len(host['ports'])}"
         host["ports"][q] = port
-        workloads[q] = {"ns": f"{prefix}-wl-{_safe(q.replace('/', '-'))}", "host": w.host,
-                        "tenant": w.tenant, "name": w.name, "vni": vni[w.tenant],
-                        "mac": w.mac.to_bytes(6, "big").hex(":"), "port": port,
-                        "addresses": [str(a) for a in w.addresses], "mtu": mtu}
+        workloads[q] = {
+            "ns": f"{prefix}-wl-{_safe(q.replace('/', '-'))}",
+            "host": w.host,
+            "tenant": w.tenant,
+            "name": w.name,
+            "vni": vni[w.tenant],
+            "mac": w.mac.to_bytes(6, "big").hex(":"),
+            "port": port,
+            "addresses": [str(a) for a in w.addresses],
+            "mtu": mtu,
+        }
     if not hosts:
         raise LabError(f"{policy_path}: no host the lab can build")
     return {"hosts": hosts, "workloads": workloads, "skipped": skipped, "mtu": mtu}
 
 
-def up(policy_path: str | None, state_dir: str = DEFAULT_STATE_DIR, prefix: str = DEFAULT_PREFIX,
-       tunnel: str = "vxlan", log_level: str = "info", timeout: float = 180.0, echo=print) -> dict:
+def up(
+    policy_path: str | None,
+    state_dir: str = DEFAULT_STATE_DIR,
+    prefix: str = DEFAULT_PREFIX,
+    tunnel: str = "vxlan",
+    log_level: str = "info",
+    timeout: float = 180.0,
+    echo=print,
+) -> dict:
     """Build the lab and start its agents; returns the state. On any failure everything made
     so far is removed again and LabError raised."""
     _need_root()
@@ -211,17 +230,33 @@ def up(policy_path: str | None, state_dir: str = DEFAULT_STATE_DIR, prefix: str 
         raise InputError(f"--tunnel must be one of {', '.join(OVERHEAD)}")
     if policy_path is None:
         from importlib.resources import files
+
         policy_path = str(files("microseg") / "data" / "datacenter.yaml")
     policy_path = os.path.abspath(policy_path)
     p = plan(policy_path, prefix, tunnel)
-    for ns in [f"{prefix}-underlay"] + [h["ns"] for h in p["hosts"].values()] + \
-              [w["ns"] for w in p["workloads"].values()]:
+    for ns in (
+        [f"{prefix}-underlay"]
+        + [h["ns"] for h in p["hosts"].values()]
+        + [w["ns"] for w in p["workloads"].values()]
+    ):
         if _netns_exists(ns):
             raise LabError(f"namespace {ns} exists already (another lab with prefix {prefix}?)")
     st = State(state_dir)
-    st.create({"prefix": prefix, "policy": policy_path, "tunnel": tunnel, "mtu": p["mtu"],
-               "underlay": f"{prefix}-underlay", "hosts": p["hosts"], "workloads": p["workloads"],
-               "namespaces": [], "files": [], "started": time.time(), "ready": False})
+    st.create(
+        {
+            "prefix": prefix,
+            "policy": policy_path,
+            "tunnel": tunnel,
+            "mtu": p["mtu"],
+            "underlay": f"{prefix}-underlay",
+            "hosts": p["hosts"],
+            "workloads": p["workloads"],
+            "namespaces": [],
+            "files": [],
+            "started": time.time(),
+            "ready": False,
+        }
+    )
     for s in p["skipped"]:
         echo(f"lab: skipping {s}")
     try:
@@ -266,8 +301,7 @@ def _build(st: State) -> None:
         _ip("-n", ns, "link", "set", "lo", "up")
         _ip("-n", hns, "link", "add", w["port"], "type", "veth", "peer", "name", "eth0", "netns", ns)
         _ip("-n", hns, "link", "set", w["port"], "mtu", str(w["mtu"]), "up")
-        _ip("-n", ns, "link", "set", "eth0", "address", w["mac"], "mtu", str(w["mtu"]),
-            "addrgenmode", "none")
+        _ip("-n", ns, "link", "set", "eth0", "address", w["mac"], "mtu", str(w["mtu"]), "addrgenmode", "none")
         if not v6:
             _sysctl(ns, "net.ipv6.conf.eth0.disable_ipv6=1")
         _workload_offloads(ns)
@@ -289,6 +323,7 @@ def _workload_offloads(ns: str) -> None:
     hypervisor's choice for a VM's NIC, here the lab's). Checksum offload stays on: the agent
     must handle unfinished checksums."""
     from ..io.afpacket import set_offload
+
     with _InNetns(ns):
         for what in ("tso", "gso"):
             try:
@@ -304,20 +339,45 @@ def _start_agents(st: State, log_level: str) -> None:
         logf = os.path.join(st.dir, f"{_safe(name)}.log")
         h["control"], h["log"] = sock, logf
         d["files"] += [sock, logf]
-        cmd = ["ip", "netns", "exec", h["ns"], sys.executable, "-m", "microseg", "agent",
-               "--policy", d["policy"], "--host", name, "--underlay", "ul", "--tunnel", d["tunnel"],
-               "--control", sock, "--log-level", log_level]
+        cmd = [
+            "ip",
+            "netns",
+            "exec",
+            h["ns"],
+            sys.executable,
+            "-m",
+            "microseg",
+            "agent",
+            "--policy",
+            d["policy"],
+            "--host",
+            name,
+            "--underlay",
+            "ul",
+            "--tunnel",
+            d["tunnel"],
+            "--control",
+            sock,
+            "--log-level",
+            log_level,
+        ]
         for q, port in sorted(h["ports"].items()):
             cmd += ["--port", f"{q}={port}"]
         with open(logf, "ab") as out:
-            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                    start_new_session=True, close_fds=True)
+            proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                close_fds=True,
+            )
         h["pid"] = proc.pid
         st.save()
         _children[proc.pid] = proc
 
 
-_children: dict = {}      # agents this process started (reaped on wait, for exit codes)
+_children: dict = {}  # agents this process started (reaped on wait, for exit codes)
 
 
 def _tail(path: str, lines: int = 15) -> str:
@@ -344,8 +404,10 @@ def _wait_ready(st: State, timeout: float) -> None:
             if s.get("ready") and s.get("underlay", {}).get("resolved"):
                 todo.discard(name)
         if todo and time.monotonic() > deadline:
-            raise LabError(f"agents not ready after {timeout:.0f} s: {', '.join(sorted(todo))}\n"
-                           + "".join(_tail(st.data["hosts"][n]["log"]) for n in sorted(todo)))
+            raise LabError(
+                f"agents not ready after {timeout:.0f} s: {', '.join(sorted(todo))}\n"
+                + "".join(_tail(st.data["hosts"][n]["log"]) for n in sorted(todo))
+            )
         if todo:
             time.sleep(0.2)
 
@@ -389,8 +451,9 @@ def down(state_dir: str = DEFAULT_STATE_DIR, echo=print) -> int:
         echo(f"lab: nothing to take down (no {st.path})")
         return 0
     d = st.load()
-    agents = [h["pid"] for h in d.get("hosts", {}).values()
-              if h.get("pid") and _alive(h["pid"], h.get("control"))]
+    agents = [
+        h["pid"] for h in d.get("hosts", {}).values() if h.get("pid") and _alive(h["pid"], h.get("control"))
+    ]
     left = _kill_wait(agents, signal.SIGTERM, time.monotonic() + 10)
     _kill_wait(left, signal.SIGKILL, time.monotonic() + 5)
     problems = []
@@ -452,16 +515,30 @@ def status(state_dir: str = DEFAULT_STATE_DIR) -> dict:
     hosts = {}
     for name, h in sorted(d["hosts"].items()):
         s = _host_query(h, "status", timeout=5.0)
-        hosts[name] = {"namespace": h["ns"], "address": h["address"], "pid": h.get("pid"),
-                       "running": bool(s.get("ok")), "ready": bool(s.get("ready")),
-                       "policy": s.get("policy"), "peers": s.get("underlay", {}).get("peers"),
-                       "workloads": sorted(h["ports"]),
-                       **({"error": s["error"]} if not s.get("ok") else {})}
-    return {"prefix": d["prefix"], "policy": d["policy"], "tunnel": d["tunnel"], "mtu": d["mtu"],
-            "ready": d.get("ready", False), "hosts": hosts,
-            "workloads": {q: {"namespace": w["ns"], "host": w["host"], "addresses": w["addresses"],
-                              "mac": w["mac"]} for q, w in sorted(d["workloads"].items())},
-            "namespaces": len(d.get("namespaces", []))}
+        hosts[name] = {
+            "namespace": h["ns"],
+            "address": h["address"],
+            "pid": h.get("pid"),
+            "running": bool(s.get("ok")),
+            "ready": bool(s.get("ready")),
+            "policy": s.get("policy"),
+            "peers": s.get("underlay", {}).get("peers"),
+            "workloads": sorted(h["ports"]),
+            **({"error": s["error"]} if not s.get("ok") else {}),
+        }
+    return {
+        "prefix": d["prefix"],
+        "policy": d["policy"],
+        "tunnel": d["tunnel"],
+        "mtu": d["mtu"],
+        "ready": d.get("ready", False),
+        "hosts": hosts,
+        "workloads": {
+            q: {"namespace": w["ns"], "host": w["host"], "addresses": w["addresses"], "mac": w["mac"]}
+            for q, w in sorted(d["workloads"].items())
+        },
+        "namespaces": len(d.get("namespaces", [])),
+    }
 
 
 def stats(state_dir: str = DEFAULT_STATE_DIR) -> dict:
@@ -470,15 +547,25 @@ def stats(state_dir: str = DEFAULT_STATE_DIR) -> dict:
     for name, h in sorted(d["hosts"].items()):
         s = _host_query(h, "stats", timeout=10.0)
         if not s.get("ok"):
-            out[name] = {"agent": {"pid": h.get("pid"), "running": False, "error": s.get("error")},
-                         "fastpath": _no_fastpath()}
+            out[name] = {
+                "agent": {"pid": h.get("pid"), "running": False, "error": s.get("error")},
+                "fastpath": _no_fastpath(),
+            }
             continue
         out[name] = {
-            "agent": {"pid": s["pid"], "running": True, "cpu_seconds": s["cpu_seconds"],
-                      "packets": s["packets"], "bytes": s["bytes"]},
+            "agent": {
+                "pid": s["pid"],
+                "running": True,
+                "cpu_seconds": s["cpu_seconds"],
+                "packets": s["packets"],
+                "bytes": s["bytes"],
+            },
             "fastpath": _no_fastpath(),
-            "verdicts": s["verdicts"], "drops": s["drops"], "conntrack": s["conntrack"],
-            "ports": s["ports"], "policy": s["policy"],
+            "verdicts": s["verdicts"],
+            "drops": s["drops"],
+            "conntrack": s["conntrack"],
+            "ports": s["ports"],
+            "policy": s["policy"],
         }
     return {"hosts": out}
 
@@ -492,14 +579,15 @@ def reload(policy_path: str, state_dir: str = DEFAULT_STATE_DIR) -> dict:
     st = State(state_dir)
     d = st.load()
     policy_path = os.path.abspath(policy_path)
-    p = plan(policy_path, d["prefix"], d["tunnel"])        # validates the file
-    same = ({n: (h["address"], sorted(h["ports"])) for n, h in p["hosts"].items()}
-            == {n: (h["address"], sorted(h["ports"])) for n, h in d["hosts"].items()}
-            and {q: w["mac"] for q, w in p["workloads"].items()}
-            == {q: w["mac"] for q, w in d["workloads"].items()})
+    p = plan(policy_path, d["prefix"], d["tunnel"])  # validates the file
+    same = {n: (h["address"], sorted(h["ports"])) for n, h in p["hosts"].items()} == {
+        n: (h["address"], sorted(h["ports"])) for n, h in d["hosts"].items()
+    } and {q: w["mac"] for q, w in p["workloads"].items()} == {q: w["mac"] for q, w in d["workloads"].items()}
     if not same:
-        raise LabError(f"{policy_path}: hosts or workloads differ from the lab's; a reload changes "
-                       f"rules, groups and network policies only (lab down, then up)")
+        raise LabError(
+            f"{policy_path}: hosts or workloads differ from the lab's; a reload changes "
+            f"rules, groups and network policies only (lab down, then up)"
+        )
     out = {}
     for name, h in sorted(d["hosts"].items()):
         out[name] = _host_query(h, "reload", policy=policy_path, timeout=60.0)
@@ -513,31 +601,44 @@ def reload(policy_path: str, state_dir: str = DEFAULT_STATE_DIR) -> dict:
 # command line
 # ---------------------------------------------------------------------------------------------
 def _common(p) -> None:
-    p.add_argument("--state-dir", default=os.environ.get("MICROSEG_LAB_STATE", DEFAULT_STATE_DIR),
-                   metavar="DIR", help=f"where the lab keeps its state (default {DEFAULT_STATE_DIR}, "
-                                       f"or $MICROSEG_LAB_STATE)")
+    p.add_argument(
+        "--state-dir",
+        default=os.environ.get("MICROSEG_LAB_STATE", DEFAULT_STATE_DIR),
+        metavar="DIR",
+        help=f"where the lab keeps its state (default {DEFAULT_STATE_DIR}, or $MICROSEG_LAB_STATE)",
+    )
 
 
 def register(sub) -> None:
-    p = sub.add_parser("lab", help="a data centre in network namespaces, one agent per host",
-                       description="Build a policy's hosts and workloads in network namespaces "
-                                   "(root), one `microseg agent` per host, and drive it. See "
-                                   "docs/agent.md.")
+    p = sub.add_parser(
+        "lab",
+        help="a data centre in network namespaces, one agent per host",
+        description="Build a policy's hosts and workloads in network namespaces "
+        "(root), one `microseg agent` per host, and drive it. See "
+        "docs/agent.md.",
+    )
     verbs = p.add_subparsers(dest="lab_verb", metavar="VERB")
     verbs.required = True
     u = verbs.add_parser("up", help="build the lab and start its agents")
     u.add_argument("--policy", metavar="P.yaml", help="default: the built-in data centre")
-    u.add_argument("--prefix", default=DEFAULT_PREFIX,
-                   help=f"namespace name prefix (default {DEFAULT_PREFIX})")
+    u.add_argument(
+        "--prefix", default=DEFAULT_PREFIX, help=f"namespace name prefix (default {DEFAULT_PREFIX})"
+    )
     u.add_argument("--tunnel", choices=tuple(OVERHEAD), default="vxlan")
-    u.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
-                   help="the agents' log level (their logs are in the state directory)")
+    u.add_argument(
+        "--log-level",
+        default="info",
+        choices=("debug", "info", "warning", "error"),
+        help="the agents' log level (their logs are in the state directory)",
+    )
     u.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for the agents")
     _common(u)
     u.set_defaults(func=_cli_up)
-    e = verbs.add_parser("exec", help="run a command in a workload",
-                         description="Run CMD inside the workload's namespace; its exit status is "
-                                     "passed through.")
+    e = verbs.add_parser(
+        "exec",
+        help="run a command in a workload",
+        description="Run CMD inside the workload's namespace; its exit status is passed through.",
+    )
     e.add_argument("workload", metavar="[TENANT/]WORKLOAD")
     e.add_argument("command", nargs="+", metavar="-- CMD")
     _common(e)
@@ -561,8 +662,10 @@ def register(sub) -> None:
 
 def _cli_up(args) -> int:
     d = up(args.policy, args.state_dir, args.prefix, args.tunnel, args.log_level, args.timeout)
-    print(f"lab: up: {len(d['hosts'])} hosts, {len(d['workloads'])} workloads, "
-          f"{len(d['namespaces'])} namespaces (prefix {d['prefix']}, {d['tunnel']}, MTU {d['mtu']})")
+    print(
+        f"lab: up: {len(d['hosts'])} hosts, {len(d['workloads'])} workloads, "
+        f"{len(d['namespaces'])} namespaces (prefix {d['prefix']}, {d['tunnel']}, MTU {d['mtu']})"
+    )
     return 0
 
 
@@ -576,7 +679,7 @@ def _cli_exec(args) -> int:
     w = find_workload(State(args.state_dir).load(), args.workload)
     sys.stdout.flush()
     os.execvp("ip", ["ip", "netns", "exec", w["ns"], *cmd])
-    return 127      # not reached
+    return 127  # not reached
 
 
 def _cli_status(args) -> int:
@@ -588,8 +691,10 @@ def _cli_status(args) -> int:
     for name, h in s["hosts"].items():
         state = "ready" if h["ready"] else ("running" if h["running"] else f"DOWN ({h.get('error')})")
         ver = (h.get("policy") or {}).get("version", "-")
-        print(f"  {name:<14} {h['address']:<16} agent {h['pid']} {state}, policy v{ver}, "
-              f"{len(h['workloads'])} workloads")
+        print(
+            f"  {name:<14} {h['address']:<16} agent {h['pid']} {state}, policy v{ver}, "
+            f"{len(h['workloads'])} workloads"
+        )
     for q, w in s["workloads"].items():
         print(f"  {q:<24} on {w['host']:<12} {w['mac']}  {' '.join(w['addresses'])}")
     return 0 if all(h["running"] for h in s["hosts"].values()) else 1
@@ -605,8 +710,10 @@ def _cli_stats(args) -> int:
         if not a.get("running"):
             print(f"{name}: agent not running ({a.get('error')})")
             continue
-        print(f"{name}: agent {a['pid']}: {a['packets']} packets, {a['bytes']} bytes, "
-              f"{a['cpu_seconds']:.2f} CPU s; conntrack {h['conntrack']['entries']} entries")
+        print(
+            f"{name}: agent {a['pid']}: {a['packets']} packets, {a['bytes']} bytes, "
+            f"{a['cpu_seconds']:.2f} CPU s; conntrack {h['conntrack']['entries']} entries"
+        )
         print(f"  verdicts: {', '.join(f'{k} {v}' for k, v in h['verdicts'].items()) or '-'}")
         print(f"  drops: {', '.join(f'{k} {v}' for k, v in sorted(h['drops'].items())) or '-'}")
     return 0

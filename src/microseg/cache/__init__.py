@@ -15,10 +15,20 @@ Typical use per batch (sans-IO; the pipeline owns the order)::
     megaflow.insert(kmat, masks, miss, ruleset.actions(best), best)
     emc.insert(kmat, h, valid & ~e.hit, verdict, rule, flow_id)
 """
+
 from .emc import ExactMatchCache
 from .key import W, build_keys, hash_keys
 from .match import RuleMatchTable, changed_rules, megaflow_masks, rule_index_map
 from .megaflow import MegaflowCache
 
-__all__ = ["ExactMatchCache", "MegaflowCache", "RuleMatchTable", "W", "build_keys", "changed_rules",
-           "hash_keys", "megaflow_masks", "rule_index_map"]
+__all__ = [
+    "ExactMatchCache",
+    "MegaflowCache",
+    "RuleMatchTable",
+    "W",
+    "build_keys",
+    "changed_rules",
+    "hash_keys",
+    "megaflow_masks",
+    "rule_index_map",
+]

@@ -7,6 +7,7 @@ Insertion updates an equal entry in place, else fills an empty slot, else replac
 one (older policy version), else evicts the least recently used one. No tombstones: removal
 just clears the slot, so a table never degrades with churn.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -50,8 +51,7 @@ class SlotTable:
         return int(self.tag.shape[0])
 
     def arrays(self):
-        return (self.keys, self.tag, self.mid, self.verdict, self.rule, self.version, self.aux,
-                self.stamp)
+        return (self.keys, self.tag, self.mid, self.verdict, self.rule, self.version, self.aux, self.stamp)
 
     def used(self) -> int:
         return int(np.count_nonzero(self.tag))
@@ -91,8 +91,9 @@ def remove_slots(kmat, hashes, rows, keys, tag, mid, nb, ways):
 
 
 @njit(cache=True)
-def insert_slot(keys, tag, mid, verdict, rule, version, aux, stamp, nb, ways,
-                h, m, krow, v, r, ver, a, clock, cur_version):
+def insert_slot(
+    keys, tag, mid, verdict, rule, version, aux, stamp, nb, ways, h, m, krow, v, r, ver, a, clock, cur_version
+):
     """Insert or update; returns (slot, outcome, previous mask id of a replaced entry)."""
     base = np.int64(h & np.uint64(nb - 1)) * ways
     s = find_slot(keys, tag, mid, nb, ways, h, m, krow)
@@ -130,8 +131,22 @@ def insert_slot(keys, tag, mid, verdict, rule, version, aux, stamp, nb, ways,
 
 
 @njit(cache=True)
-def revalidate_slots(keys, tag, mid, version, rule, masks, old_version, new_version,
-                     value, mask, sport, dport, rule_map, dropped_mid_count):
+def revalidate_slots(
+    keys,
+    tag,
+    mid,
+    version,
+    rule,
+    masks,
+    old_version,
+    new_version,
+    value,
+    mask,
+    sport,
+    dport,
+    rule_map,
+    dropped_mid_count,
+):
     """Re-stamp entries of ``old_version`` whose region no changed rule can touch (and map
     their rule index through ``rule_map`` when it is not empty); clear the others, counting
     them per mask id. Returns (kept, dropped)."""

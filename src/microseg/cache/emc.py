@@ -14,6 +14,7 @@ another version as a miss (counted ``stale``). :meth:`ExactMatchCache.revalidate
 new version, either dropping everything or, given the rules that changed, dropping only the
 entries those rules can match and re-stamping the rest.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -21,29 +22,79 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit
 
-from .core import INS_EVICTED, INS_STALE, INS_UPDATED, SlotTable, find_slot, insert_slot, remove_slots, \
-    revalidate_slots
-from .key import W, M64
+from .core import (
+    INS_EVICTED,
+    INS_STALE,
+    INS_UPDATED,
+    SlotTable,
+    find_slot,
+    insert_slot,
+    remove_slots,
+    revalidate_slots,
+)
+from .key import M64, W
 
-COUNTERS = ("hits", "misses", "stale", "uncacheable", "inserts", "updates", "evictions",
-            "stale_replaced", "revalidated_kept", "revalidated_dropped", "flushes")
-(C_HITS, C_MISSES, C_STALE, C_UNCACHEABLE, C_INSERTS, C_UPDATES, C_EVICTIONS, C_STALE_REPLACED,
- C_KEPT, C_DROPPED, C_FLUSHES) = range(len(COUNTERS))
+COUNTERS = (
+    "hits",
+    "misses",
+    "stale",
+    "uncacheable",
+    "inserts",
+    "updates",
+    "evictions",
+    "stale_replaced",
+    "revalidated_kept",
+    "revalidated_dropped",
+    "flushes",
+)
+(
+    C_HITS,
+    C_MISSES,
+    C_STALE,
+    C_UNCACHEABLE,
+    C_INSERTS,
+    C_UPDATES,
+    C_EVICTIONS,
+    C_STALE_REPLACED,
+    C_KEPT,
+    C_DROPPED,
+    C_FLUSHES,
+) = range(len(COUNTERS))
 
 
 @dataclass
 class CacheResult:
     """Per-packet lookup results (arrays of the batch's length)."""
 
-    hit: np.ndarray       # bool
-    verdict: np.ndarray   # uint8 (valid where hit)
-    rule: np.ndarray      # int32 (valid where hit)
-    flow: np.ndarray      # int64 (valid where hit; megaflow: -1)
+    hit: np.ndarray  # bool
+    verdict: np.ndarray  # uint8 (valid where hit)
+    rule: np.ndarray  # int32 (valid where hit)
+    flow: np.ndarray  # int64 (valid where hit; megaflow: -1)
 
 
 @njit(cache=True)
-def _emc_lookup(kmat, hashes, valid, keys, tag, mid, verdict, rule, version, aux, stamp,
-                nb, ways, cur, clock, hit, o_v, o_r, o_f, ctr):
+def _emc_lookup(
+    kmat,
+    hashes,
+    valid,
+    keys,
+    tag,
+    mid,
+    verdict,
+    rule,
+    version,
+    aux,
+    stamp,
+    nb,
+    ways,
+    cur,
+    clock,
+    hit,
+    o_v,
+    o_r,
+    o_f,
+    ctr,
+):
     for i in range(kmat.shape[0]):
         hit[i] = False
         o_v[i] = 0
@@ -67,13 +118,52 @@ def _emc_lookup(kmat, hashes, valid, keys, tag, mid, verdict, rule, version, aux
 
 
 @njit(cache=True)
-def _emc_insert(kmat, hashes, sel, v, r, f, ver, keys, tag, mid, verdict, rule, version, aux,
-                stamp, nb, ways, cur, clock, ctr):
+def _emc_insert(
+    kmat,
+    hashes,
+    sel,
+    v,
+    r,
+    f,
+    ver,
+    keys,
+    tag,
+    mid,
+    verdict,
+    rule,
+    version,
+    aux,
+    stamp,
+    nb,
+    ways,
+    cur,
+    clock,
+    ctr,
+):
     for i in range(kmat.shape[0]):
         if not sel[i]:
             continue
-        _, outcome, _ = insert_slot(keys, tag, mid, verdict, rule, version, aux, stamp, nb, ways,
-                                    hashes[i], 0, kmat[i], v[i], r[i], ver, f[i], clock, cur)
+        _, outcome, _ = insert_slot(
+            keys,
+            tag,
+            mid,
+            verdict,
+            rule,
+            version,
+            aux,
+            stamp,
+            nb,
+            ways,
+            hashes[i],
+            0,
+            kmat[i],
+            v[i],
+            r[i],
+            ver,
+            f[i],
+            clock,
+            cur,
+        )
         if outcome == INS_UPDATED:
             ctr[C_UPDATES] += 1
         else:
@@ -142,11 +232,25 @@ class ExactMatchCache:
 
     def lookup(self, kmat, hashes, valid) -> CacheResult:
         n = kmat.shape[0]
-        res = CacheResult(np.empty(n, np.bool_), np.empty(n, np.uint8), np.empty(n, np.int32),
-                          np.empty(n, np.int64))
+        res = CacheResult(
+            np.empty(n, np.bool_), np.empty(n, np.uint8), np.empty(n, np.int32), np.empty(n, np.int64)
+        )
         t = self.t
-        _emc_lookup(kmat, hashes, valid, *t.arrays(), t.n_buckets, t.ways, np.uint32(self.version),
-                    np.uint64(self._clock), res.hit, res.verdict, res.rule, res.flow, self.counters)
+        _emc_lookup(
+            kmat,
+            hashes,
+            valid,
+            *t.arrays(),
+            t.n_buckets,
+            t.ways,
+            np.uint32(self.version),
+            np.uint64(self._clock),
+            res.hit,
+            res.verdict,
+            res.rule,
+            res.flow,
+            self.counters,
+        )
         self._clock += 1
         return res
 
@@ -160,9 +264,21 @@ class ExactMatchCache:
             sel = sel & np.asarray(valid[:n], np.bool_)
         t = self.t
         ver = self.version if version is None else int(version)
-        _emc_insert(kmat, hashes, sel, _col(verdict, n, np.uint8), _col(rule, n, np.int32, -1),
-                    _col(flow, n, np.int64, -1), np.uint32(ver), *t.arrays(), t.n_buckets, t.ways,
-                    np.uint32(self.version), np.uint64(self._clock), self.counters)
+        _emc_insert(
+            kmat,
+            hashes,
+            sel,
+            _col(verdict, n, np.uint8),
+            _col(rule, n, np.int32, -1),
+            _col(flow, n, np.int64, -1),
+            np.uint32(ver),
+            *t.arrays(),
+            t.n_buckets,
+            t.ways,
+            np.uint32(self.version),
+            np.uint64(self._clock),
+            self.counters,
+        )
         self._clock += 1
 
     def revalidate(self, new_version: int, changed=None, rule_map=None) -> tuple[int, int]:
@@ -181,8 +297,19 @@ class ExactMatchCache:
             self.counters[C_DROPPED] += dropped
             return 0, dropped
         per_mid = np.zeros(1, np.int64)
-        kept, dropped = revalidate_slots(t.keys, t.tag, t.mid, t.version, t.rule, self._full_mask, np.uint32(old),
-                                         np.uint32(self.version), *changed.arrays(), _rule_map(rule_map), per_mid)
+        kept, dropped = revalidate_slots(
+            t.keys,
+            t.tag,
+            t.mid,
+            t.version,
+            t.rule,
+            self._full_mask,
+            np.uint32(old),
+            np.uint32(self.version),
+            *changed.arrays(),
+            _rule_map(rule_map),
+            per_mid,
+        )
         self.counters[C_KEPT] += kept
         self.counters[C_DROPPED] += dropped
         return int(kept), int(dropped)
@@ -190,7 +317,11 @@ class ExactMatchCache:
     def remove(self, kmat, hashes, rows=None) -> int:
         """Drop the entries of the given keys (e.g. a flow conntrack ended); returns how many."""
         rows = np.arange(kmat.shape[0]) if rows is None else _rows(rows, kmat.shape[0])
-        return int(remove_slots(kmat, hashes, rows, self.t.keys, self.t.tag, self.t.mid, self.t.n_buckets, self.t.ways))
+        return int(
+            remove_slots(
+                kmat, hashes, rows, self.t.keys, self.t.tag, self.t.mid, self.t.n_buckets, self.t.ways
+            )
+        )
 
     def stats(self) -> dict:
         d = {name: int(v) for name, v in zip(COUNTERS, self.counters)}
@@ -206,7 +337,7 @@ class EMCRef:
     def __init__(self, entries: int = 8192, ways: int = 4, version: int = 0):
         t = SlotTable(entries, ways)
         self.nb, self.ways, self.version = t.n_buckets, t.ways, version
-        self.buckets = [[None] * ways for _ in range(self.nb)]   # slot: [key, h, v, r, f, ver, stamp]
+        self.buckets = [[None] * ways for _ in range(self.nb)]  # slot: [key, h, v, r, f, ver, stamp]
         self.clock = 1
 
     def _bucket(self, h):

@@ -13,6 +13,7 @@ for what an exact flow key needs beyond that, in the ``CT`` word:
 pass: a packet is cacheable when it parsed cleanly as IPv4 or IPv6; others never hit or enter
 a cache and go to the slow path.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -27,12 +28,12 @@ K_L4, K_META, K_CT = R.K_L4, R.K_META, R.K_CT
 SH_SPORT, SH_DPORT, SH_PROTO = R.SH_SPORT, R.SH_DPORT, R.SH_PROTO
 SH_ICMP_TYPE, SH_ICMP_CODE, SH_TCP_FLAGS = R.SH_ICMP_TYPE, R.SH_ICMP_CODE, R.SH_TCP_FLAGS
 SH_TENANT, SH_IN_PORT, SH_ETHERTYPE = R.SH_TENANT, R.SH_IN_PORT, R.SH_ETHERTYPE
-SH_KIND, SH_ICMP_ID = 8, 16            # in the CT word, above the conntrack state byte
+SH_KIND, SH_ICMP_ID = 8, 16  # in the CT word, above the conntrack state byte
 
 KIND_PORTS, KIND_ICMP, KIND_FRAG = 1, 2, 4
 
 M64 = 0xFFFFFFFFFFFFFFFF
-_P = np.uint64(0x9E3779B97F4A7C15)         # odd multiplier (golden ratio)
+_P = np.uint64(0x9E3779B97F4A7C15)  # odd multiplier (golden ratio)
 _F1 = np.uint64(0xFF51AFD7ED558CCD)
 _F2 = np.uint64(0xC4CEB9FE1A85EC53)
 _S29 = np.uint64(29)
@@ -96,18 +97,23 @@ def _key_row(u64, i32, u16, u8, i, j, port, ct, out, hashes, valid):
     out[j, K_SRC_LO] = u64[B.SRC_LO, i]
     out[j, K_DST_HI] = u64[B.DST_HI, i]
     out[j, K_DST_LO] = u64[B.DST_LO, i]
-    out[j, K_L4] = (np.uint64(u16[B.SPORT, i]) << np.uint64(SH_SPORT)) \
-        | (np.uint64(u16[B.DPORT, i]) << np.uint64(SH_DPORT)) \
-        | (np.uint64(u8[B.PROTO, i]) << np.uint64(SH_PROTO)) \
-        | (np.uint64(u8[B.ICMP_TYPE, i]) << np.uint64(SH_ICMP_TYPE)) \
-        | (np.uint64(u8[B.ICMP_CODE, i]) << np.uint64(SH_ICMP_CODE)) \
+    out[j, K_L4] = (
+        (np.uint64(u16[B.SPORT, i]) << np.uint64(SH_SPORT))
+        | (np.uint64(u16[B.DPORT, i]) << np.uint64(SH_DPORT))
+        | (np.uint64(u8[B.PROTO, i]) << np.uint64(SH_PROTO))
+        | (np.uint64(u8[B.ICMP_TYPE, i]) << np.uint64(SH_ICMP_TYPE))
+        | (np.uint64(u8[B.ICMP_CODE, i]) << np.uint64(SH_ICMP_CODE))
         | (np.uint64(u8[B.TCP_FLAGS, i]) << np.uint64(SH_TCP_FLAGS))
-    out[j, K_META] = (np.uint64(np.uint32(i32[B.TENANT, i])) << np.uint64(SH_TENANT)) \
-        | (np.uint64(port) << np.uint64(SH_IN_PORT)) \
+    )
+    out[j, K_META] = (
+        (np.uint64(np.uint32(i32[B.TENANT, i])) << np.uint64(SH_TENANT))
+        | (np.uint64(port) << np.uint64(SH_IN_PORT))
         | (np.uint64(u16[B.ETHERTYPE, i]) << np.uint64(SH_ETHERTYPE))
+    )
     icmp_id = np.uint64(u16[B.ICMP_ID, i]) if flags & B.F_ICMP else np.uint64(0)
-    out[j, K_CT] = np.uint64(ct) | (np.uint64(kind) << np.uint64(SH_KIND)) \
-        | (icmp_id << np.uint64(SH_ICMP_ID))
+    out[j, K_CT] = (
+        np.uint64(ct) | (np.uint64(kind) << np.uint64(SH_KIND)) | (icmp_id << np.uint64(SH_ICMP_ID))
+    )
     hashes[j] = hash_row(out, j, 0)
 
 
@@ -152,9 +158,18 @@ def build_keys_at(keys, rows, port, ct_state):
     kmat = np.empty((m, W), np.uint64)
     hashes = np.empty(m, np.uint64)
     valid = np.empty(m, np.bool_)
-    _build_keys_at(keys.u64, keys.i32, keys.u16, keys.u8, rows,
-                   np.ascontiguousarray(port, np.uint16), np.ascontiguousarray(ct_state, np.uint8),
-                   kmat, hashes, valid)
+    _build_keys_at(
+        keys.u64,
+        keys.i32,
+        keys.u16,
+        keys.u8,
+        rows,
+        np.ascontiguousarray(port, np.uint16),
+        np.ascontiguousarray(ct_state, np.uint8),
+        kmat,
+        hashes,
+        valid,
+    )
     return kmat, hashes, valid
 
 
@@ -198,9 +213,14 @@ def key_ref(row: dict, port: int = 0, ct: int = 0):
     kind |= KIND_PORTS if flags & B.F_PORTS else 0
     kind |= KIND_ICMP if flags & B.F_ICMP else 0
     kind |= KIND_FRAG if flags & B.F_FRAG else 0
-    l4 = row["sport"] << SH_SPORT | row["dport"] << SH_DPORT | row["proto"] << SH_PROTO \
-        | row["icmp_type"] << SH_ICMP_TYPE | row["icmp_code"] << SH_ICMP_CODE \
+    l4 = (
+        row["sport"] << SH_SPORT
+        | row["dport"] << SH_DPORT
+        | row["proto"] << SH_PROTO
+        | row["icmp_type"] << SH_ICMP_TYPE
+        | row["icmp_code"] << SH_ICMP_CODE
         | row["tcp_flags"] << SH_TCP_FLAGS
+    )
     meta = (row["tenant"] & 0xFFFFFFFF) << SH_TENANT | port << SH_IN_PORT | row["ethertype"] << SH_ETHERTYPE
     icmp_id = row["icmp_id"] if flags & B.F_ICMP else 0
     ctw = ct | kind << SH_KIND | icmp_id << SH_ICMP_ID

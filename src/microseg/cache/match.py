@@ -21,6 +21,7 @@ those arrays in priority order (row 0 wins), which is what the kernels here scan
 
 Each kernel has a plain-Python reference (``*_ref``).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -33,11 +34,20 @@ from . import key as K
 from .key import M64, W
 
 # Sub-fields chosen as a unit to prove that a rule misses (word, bits).
-_SUB_WORD = np.array([K.K_L4, K.K_L4, K.K_L4, K.K_L4, K.K_META, K.K_META, K.K_META, K.K_CT],
-                     np.int64)
-_SUB_BITS = np.array([0xFF << K.SH_PROTO, 0xFF << K.SH_ICMP_TYPE, 0xFF << K.SH_ICMP_CODE,
-                      0xFF << K.SH_TCP_FLAGS, 0xFFFFFFFF << K.SH_TENANT, 0xFFFF << K.SH_IN_PORT,
-                      0xFFFF << K.SH_ETHERTYPE, M64], np.uint64)
+_SUB_WORD = np.array([K.K_L4, K.K_L4, K.K_L4, K.K_L4, K.K_META, K.K_META, K.K_META, K.K_CT], np.int64)
+_SUB_BITS = np.array(
+    [
+        0xFF << K.SH_PROTO,
+        0xFF << K.SH_ICMP_TYPE,
+        0xFF << K.SH_ICMP_CODE,
+        0xFF << K.SH_TCP_FLAGS,
+        0xFFFFFFFF << K.SH_TENANT,
+        0xFFFF << K.SH_IN_PORT,
+        0xFFFF << K.SH_ETHERTYPE,
+        M64,
+    ],
+    np.uint64,
+)
 M64_U = np.uint64(M64)
 
 
@@ -50,16 +60,16 @@ def _popcount_arr(x: np.ndarray) -> np.ndarray:
 class RuleMatchTable:
     """A rule set's match arrays in priority order; ``rule_id[row]`` is the RuleSet index."""
 
-    value: np.ndarray      # (R, W) uint64
-    mask: np.ndarray       # (R, W) uint64 (port bits never set: ports are ranges)
-    sport: np.ndarray      # (R, 2) int64 inclusive range
-    dport: np.ndarray      # (R, 2) int64 inclusive range
-    rule_id: np.ndarray    # (R,) int32
-    src_lens: np.ndarray   # sorted distinct source prefix lengths (0-128)
+    value: np.ndarray  # (R, W) uint64
+    mask: np.ndarray  # (R, W) uint64 (port bits never set: ports are ranges)
+    sport: np.ndarray  # (R, 2) int64 inclusive range
+    dport: np.ndarray  # (R, 2) int64 inclusive range
+    rule_id: np.ndarray  # (R,) int32
+    src_lens: np.ndarray  # sorted distinct source prefix lengths (0-128)
     dst_lens: np.ndarray
 
     @classmethod
-    def from_ruleset(cls, rs: RuleSet, rows=None) -> "RuleMatchTable":
+    def from_ruleset(cls, rs: RuleSet, rows=None) -> RuleMatchTable:
         """Priority-ordered table of ``rs`` (optionally only the rule indices ``rows``)."""
         order = np.asarray(rs.order, np.int64)
         if rows is not None:
@@ -69,11 +79,21 @@ class RuleMatchTable:
         ports = rs.ports[order]
         lens = []
         for wh in (K.K_SRC_HI, K.K_DST_HI):
-            plen = _popcount_arr(rs.mask[:, wh]) + _popcount_arr(rs.mask[:, wh + 1]) if len(rs) else np.zeros(0, np.int64)
+            plen = (
+                _popcount_arr(rs.mask[:, wh]) + _popcount_arr(rs.mask[:, wh + 1])
+                if len(rs)
+                else np.zeros(0, np.int64)
+            )
             lens.append(np.unique(plen).astype(np.int64))
-        return cls(value, mask, np.ascontiguousarray(ports[:, [P_SPORT_LO, P_SPORT_HI]]),
-                   np.ascontiguousarray(ports[:, [P_DPORT_LO, P_DPORT_HI]]), order.astype(np.int32),
-                   lens[0], lens[1])
+        return cls(
+            value,
+            mask,
+            np.ascontiguousarray(ports[:, [P_SPORT_LO, P_SPORT_HI]]),
+            np.ascontiguousarray(ports[:, [P_DPORT_LO, P_DPORT_HI]]),
+            order.astype(np.int32),
+            lens[0],
+            lens[1],
+        )
 
     def __len__(self) -> int:
         return int(self.value.shape[0])
@@ -86,13 +106,20 @@ def changed_rules(old: RuleSet, new: RuleSet) -> RuleMatchTable:
     """The rules that differ between two rule sets (removed, added or changed, both forms),
     as a table for ``revalidate``. Rules are compared by their match arrays and action;
     priority changes count as changes."""
+
     def sig(rs):
         rows = {}
         for i in range(len(rs)):
-            s = (rs.val[i].tobytes(), rs.mask[i].tobytes(), rs.ports[i].tobytes(), int(rs.priority[i]),
-                 int(rs.action[i]))
+            s = (
+                rs.val[i].tobytes(),
+                rs.mask[i].tobytes(),
+                rs.ports[i].tobytes(),
+                int(rs.priority[i]),
+                int(rs.action[i]),
+            )
             rows[s] = rows.get(s, 0) + 1
         return rows
+
     a, b = sig(old), sig(new)
     diff = [s for s in set(a) | set(b) if a.get(s, 0) != b.get(s, 0)]
     n = len(diff)
@@ -107,13 +134,23 @@ def rule_index_map(old: RuleSet, new: RuleSet) -> np.ndarray:
     priority and action (-1 when it is gone or changed); duplicates pair up in order."""
     pos: dict = {}
     for j in range(len(new)):
-        s = (new.val[j].tobytes(), new.mask[j].tobytes(), new.ports[j].tobytes(), int(new.priority[j]),
-             int(new.action[j]))
+        s = (
+            new.val[j].tobytes(),
+            new.mask[j].tobytes(),
+            new.ports[j].tobytes(),
+            int(new.priority[j]),
+            int(new.action[j]),
+        )
         pos.setdefault(s, []).append(j)
     out = np.full(len(old), -1, np.int32)
     for i in range(len(old)):
-        s = (old.val[i].tobytes(), old.mask[i].tobytes(), old.ports[i].tobytes(), int(old.priority[i]),
-             int(old.action[i]))
+        s = (
+            old.val[i].tobytes(),
+            old.mask[i].tobytes(),
+            old.ports[i].tobytes(),
+            int(old.priority[i]),
+            int(old.action[i]),
+        )
         if pos.get(s):
             out[i] = pos[s].pop(0)
     return out
@@ -234,8 +271,9 @@ def _addr_miss_bits(khi, klo, vhi, vlo, mhi, mlo, lens):
 
 
 @njit(cache=True)
-def derive_masks(k, valid, value, mask, sport, dport, sub_word, sub_bits, src_lens, dst_lens,
-                 port_lens, winner, out):
+def derive_masks(
+    k, valid, value, mask, sport, dport, sub_word, sub_bits, src_lens, dst_lens, port_lens, winner, out
+):
     """Winning row (``winner``, -1 none) and safe megaflow mask (``out``) per key."""
     n = k.shape[0]
     R = value.shape[0]
@@ -264,9 +302,13 @@ def derive_masks(k, valid, value, mask, sport, dport, sub_word, sub_bits, src_le
                 for w in range(W):
                     m[w] |= mask[r, w]
                 if sport[r, 0] != 0 or sport[r, 1] != 0xFFFF:
-                    m[K.K_L4] |= np.uint64(_port_block_bits(sp, sport[r, 0], sport[r, 1], True, port_lens)) << np.uint64(K.SH_SPORT)
+                    m[K.K_L4] |= np.uint64(
+                        _port_block_bits(sp, sport[r, 0], sport[r, 1], True, port_lens)
+                    ) << np.uint64(K.SH_SPORT)
                 if dport[r, 0] != 0 or dport[r, 1] != 0xFFFF:
-                    m[K.K_L4] |= np.uint64(_port_block_bits(dp, dport[r, 0], dport[r, 1], True, port_lens)) << np.uint64(K.SH_DPORT)
+                    m[K.K_L4] |= np.uint64(
+                        _port_block_bits(dp, dport[r, 0], dport[r, 1], True, port_lens)
+                    ) << np.uint64(K.SH_DPORT)
                 break
             best_cost = 1 << 30
             best_w0 = -1
@@ -277,8 +319,15 @@ def derive_masks(k, valid, value, mask, sport, dport, sub_word, sub_bits, src_le
                 if best_cost == 0:
                     break
                 wh = 2 * a
-                bh, bl = _addr_miss_bits(k[i, wh], k[i, wh + 1], value[r, wh], value[r, wh + 1],
-                                         mask[r, wh], mask[r, wh + 1], src_lens if a == 0 else dst_lens)
+                bh, bl = _addr_miss_bits(
+                    k[i, wh],
+                    k[i, wh + 1],
+                    value[r, wh],
+                    value[r, wh + 1],
+                    mask[r, wh],
+                    mask[r, wh + 1],
+                    src_lens if a == 0 else dst_lens,
+                )
                 if bh | bl:
                     c = _popcount(bh & ~m[wh]) + _popcount(bl & ~m[wh + 1])
                     if c < best_cost:
@@ -293,16 +342,20 @@ def derive_masks(k, valid, value, mask, sport, dport, sub_word, sub_bits, src_le
                     if c < best_cost:
                         best_cost, best_w0, best_b0, best_w1, best_b1 = c, w, rb, -1, np.uint64(0)
             if best_cost > 0 and (sp < sport[r, 0] or sp > sport[r, 1]):
-                b = np.uint64(_port_block_bits(sp, sport[r, 0], sport[r, 1], False, port_lens)) << np.uint64(K.SH_SPORT)
+                b = np.uint64(_port_block_bits(sp, sport[r, 0], sport[r, 1], False, port_lens)) << np.uint64(
+                    K.SH_SPORT
+                )
                 c = _popcount(b & ~m[K.K_L4])
                 if c < best_cost:
                     best_cost, best_w0, best_b0, best_w1, best_b1 = c, K.K_L4, b, -1, np.uint64(0)
             if best_cost > 0 and (dp < dport[r, 0] or dp > dport[r, 1]):
-                b = np.uint64(_port_block_bits(dp, dport[r, 0], dport[r, 1], False, port_lens)) << np.uint64(K.SH_DPORT)
+                b = np.uint64(_port_block_bits(dp, dport[r, 0], dport[r, 1], False, port_lens)) << np.uint64(
+                    K.SH_DPORT
+                )
                 c = _popcount(b & ~m[K.K_L4])
                 if c < best_cost:
                     best_cost, best_w0, best_b0, best_w1, best_b1 = c, K.K_L4, b, -1, np.uint64(0)
-            if best_w0 < 0:          # a miss on bits no field covers: fall back to exact
+            if best_w0 < 0:  # a miss on bits no field covers: fall back to exact
                 for w in range(W):
                     m[w] = M64_U
                 continue
@@ -424,7 +477,7 @@ def derive_mask_ref(table, key, port_lens=(16,)):
         rv = [int(x) for x in t.value[r]]
         rm = [int(x) for x in t.mask[r]]
         if any((key[w] ^ rv[w]) & rm[w] & m[w] for w in range(W)):
-            continue          # the mask so far already proves this rule misses
+            continue  # the mask so far already proves this rule misses
         (slo, shi), (dlo, dhi) = (int(x) for x in t.sport[r]), (int(x) for x in t.dport[r])
         if row_matches_ref(t, key, r):
             for w in range(W):
@@ -434,11 +487,12 @@ def derive_mask_ref(table, key, port_lens=(16,)):
             if (dlo, dhi) != (0, 0xFFFF):
                 m[K.K_L4] |= _block_ref(dp, dlo, dhi, True, port_lens) << K.SH_DPORT
             return r, tuple(m)
-        cands = []   # (cost, [(word, bits)]), in the kernel's order
+        cands = []  # (cost, [(word, bits)]), in the kernel's order
         for a, lens in ((0, t.src_lens), (1, t.dst_lens)):
             wh = 2 * a
-            bits = _addr_bits_ref(key[wh] << 64 | key[wh + 1], rv[wh] << 64 | rv[wh + 1],
-                                  rm[wh] << 64 | rm[wh + 1], lens)
+            bits = _addr_bits_ref(
+                key[wh] << 64 | key[wh + 1], rv[wh] << 64 | rv[wh + 1], rm[wh] << 64 | rm[wh + 1], lens
+            )
             if bits:
                 parts = [(wh, bits >> 64), (wh + 1, bits & M64)]
                 cands.append((sum(bin(b & ~m[w] & M64).count("1") for w, b in parts), parts))

@@ -17,6 +17,7 @@ the classifier's own wildcard tracking) and passes the masks to :meth:`MegaflowC
 Versioning and revalidation work as in :mod:`microseg.cache.emc`; revalidation tests each
 entry's whole region ``{q : q & M == k}`` against the changed rules.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -26,16 +27,63 @@ from .core import INS_EVICTED, INS_STALE, INS_UPDATED, SlotTable, find_slot, ins
 from .emc import CacheResult, _per_row, _rows, _rule_map
 from .key import W, hash_keys, hash_masked
 
-COUNTERS = ("hits", "misses", "stale", "uncacheable", "inserts", "updates", "evictions",
-            "stale_replaced", "mask_probes", "mask_table_full", "revalidated_kept",
-            "revalidated_dropped", "flushes")
-(C_HITS, C_MISSES, C_STALE, C_UNCACHEABLE, C_INSERTS, C_UPDATES, C_EVICTIONS, C_STALE_REPLACED,
- C_PROBES, C_MASK_FULL, C_KEPT, C_DROPPED, C_FLUSHES) = range(len(COUNTERS))
+COUNTERS = (
+    "hits",
+    "misses",
+    "stale",
+    "uncacheable",
+    "inserts",
+    "updates",
+    "evictions",
+    "stale_replaced",
+    "mask_probes",
+    "mask_table_full",
+    "revalidated_kept",
+    "revalidated_dropped",
+    "flushes",
+)
+(
+    C_HITS,
+    C_MISSES,
+    C_STALE,
+    C_UNCACHEABLE,
+    C_INSERTS,
+    C_UPDATES,
+    C_EVICTIONS,
+    C_STALE_REPLACED,
+    C_PROBES,
+    C_MASK_FULL,
+    C_KEPT,
+    C_DROPPED,
+    C_FLUSHES,
+) = range(len(COUNTERS))
 
 
 @njit(cache=True)
-def _mf_lookup(kmat, valid, masks, order, n_active, mask_hits, keys, tag, mid, verdict, rule,
-               version, aux, stamp, nb, ways, cur, clock, hit, o_v, o_r, ctr):
+def _mf_lookup(
+    kmat,
+    valid,
+    masks,
+    order,
+    n_active,
+    mask_hits,
+    keys,
+    tag,
+    mid,
+    verdict,
+    rule,
+    version,
+    aux,
+    stamp,
+    nb,
+    ways,
+    cur,
+    clock,
+    hit,
+    o_v,
+    o_r,
+    ctr,
+):
     tmp = np.empty(W, np.uint64)
     for i in range(kmat.shape[0]):
         hit[i] = False
@@ -65,8 +113,29 @@ def _mf_lookup(kmat, valid, masks, order, n_active, mask_hits, keys, tag, mid, v
 
 
 @njit(cache=True)
-def _mf_insert(kmat, rows, row_mid, v, r, ver, masks, refs, keys, tag, mid, verdict, rule, version,
-               aux, stamp, nb, ways, cur, clock, ctr):
+def _mf_insert(
+    kmat,
+    rows,
+    row_mid,
+    v,
+    r,
+    ver,
+    masks,
+    refs,
+    keys,
+    tag,
+    mid,
+    verdict,
+    rule,
+    version,
+    aux,
+    stamp,
+    nb,
+    ways,
+    cur,
+    clock,
+    ctr,
+):
     tmp = np.empty(W, np.uint64)
     for j in range(rows.shape[0]):
         i = rows[j]
@@ -76,8 +145,27 @@ def _mf_insert(kmat, rows, row_mid, v, r, ver, masks, refs, keys, tag, mid, verd
         for w in range(W):
             tmp[w] = kmat[i, w] & masks[m, w]
         h = hash_masked(kmat, i, masks, m, m)
-        _, outcome, prev = insert_slot(keys, tag, mid, verdict, rule, version, aux, stamp, nb, ways,
-                                       h, m, tmp, v[j], r[j], ver, -1, clock, cur)
+        _, outcome, prev = insert_slot(
+            keys,
+            tag,
+            mid,
+            verdict,
+            rule,
+            version,
+            aux,
+            stamp,
+            nb,
+            ways,
+            h,
+            m,
+            tmp,
+            v[j],
+            r[j],
+            ver,
+            -1,
+            clock,
+            cur,
+        )
         if outcome == INS_UPDATED:
             ctr[C_UPDATES] += 1
             continue
@@ -115,12 +203,27 @@ class MegaflowCache:
 
     def lookup(self, kmat, valid) -> CacheResult:
         n = kmat.shape[0]
-        res = CacheResult(np.empty(n, np.bool_), np.zeros(n, np.uint8), np.full(n, -1, np.int32),
-                          np.full(n, -1, np.int64))
+        res = CacheResult(
+            np.empty(n, np.bool_), np.zeros(n, np.uint8), np.full(n, -1, np.int32), np.full(n, -1, np.int64)
+        )
         t = self.t
-        _mf_lookup(kmat, valid, self.masks, self.order, self.n_active, self.mask_hits, *t.arrays(),
-                   t.n_buckets, t.ways, np.uint32(self.version), np.uint64(self._clock),
-                   res.hit, res.verdict, res.rule, self.counters)
+        _mf_lookup(
+            kmat,
+            valid,
+            self.masks,
+            self.order,
+            self.n_active,
+            self.mask_hits,
+            *t.arrays(),
+            t.n_buckets,
+            t.ways,
+            np.uint32(self.version),
+            np.uint64(self._clock),
+            res.hit,
+            res.verdict,
+            res.rule,
+            self.counters,
+        )
         self._clock += 1
         return res
 
@@ -168,8 +271,12 @@ class MegaflowCache:
         """Forget masks without entries; order the rest by hit count (most hit first). Runs
         when the mask set changed, and every 32 calls to keep the order current."""
         self._since_sort += 1
-        if not (force or self._dirty or self._since_sort >= 32
-                or np.any(self.refs[self.order[: self.n_active]] <= 0)):
+        if not (
+            force
+            or self._dirty
+            or self._since_sort >= 32
+            or np.any(self.refs[self.order[: self.n_active]] <= 0)
+        ):
             return
         self._dirty = False
         self._since_sort = 0
@@ -195,9 +302,22 @@ class MegaflowCache:
         self.counters[C_MASK_FULL] += int(np.count_nonzero(row_mid < 0))
         t = self.t
         ver = self.version if version is None else int(version)
-        _mf_insert(kmat, rows, row_mid, _per_row(verdict, rows, np.uint8), _per_row(rule, rows, np.int32, -1),
-                   np.uint32(ver), self.masks, self.refs, *t.arrays(), t.n_buckets, t.ways,
-                   np.uint32(self.version), np.uint64(self._clock), self.counters)
+        _mf_insert(
+            kmat,
+            rows,
+            row_mid,
+            _per_row(verdict, rows, np.uint8),
+            _per_row(rule, rows, np.int32, -1),
+            np.uint32(ver),
+            self.masks,
+            self.refs,
+            *t.arrays(),
+            t.n_buckets,
+            t.ways,
+            np.uint32(self.version),
+            np.uint64(self._clock),
+            self.counters,
+        )
         self._clock += 1
         self._refresh()
 
@@ -213,10 +333,22 @@ class MegaflowCache:
             return
         t = self.t
         ver = self.version if version is None else int(version)
-        _mf_insert(kmat, rows, np.full(rows.shape[0], mid, np.int32),
-                   _per_row(verdict, rows, np.uint8), _per_row(rule, rows, np.int32, -1),
-                   np.uint32(ver), self.masks, self.refs, *t.arrays(), t.n_buckets, t.ways,
-                   np.uint32(self.version), np.uint64(self._clock), self.counters)
+        _mf_insert(
+            kmat,
+            rows,
+            np.full(rows.shape[0], mid, np.int32),
+            _per_row(verdict, rows, np.uint8),
+            _per_row(rule, rows, np.int32, -1),
+            np.uint32(ver),
+            self.masks,
+            self.refs,
+            *t.arrays(),
+            t.n_buckets,
+            t.ways,
+            np.uint32(self.version),
+            np.uint64(self._clock),
+            self.counters,
+        )
         self._clock += 1
         self._refresh()
 
@@ -233,8 +365,19 @@ class MegaflowCache:
             self.counters[C_DROPPED] += dropped
             return 0, dropped
         per_mid = np.zeros(self.max_masks, np.int64)
-        kept, dropped = revalidate_slots(t.keys, t.tag, t.mid, t.version, t.rule, self.masks, np.uint32(old),
-                                         np.uint32(self.version), *changed.arrays(), _rule_map(rule_map), per_mid)
+        kept, dropped = revalidate_slots(
+            t.keys,
+            t.tag,
+            t.mid,
+            t.version,
+            t.rule,
+            self.masks,
+            np.uint32(old),
+            np.uint32(self.version),
+            *changed.arrays(),
+            _rule_map(rule_map),
+            per_mid,
+        )
         self.refs -= per_mid
         self._refresh(force=True)
         self.counters[C_KEPT] += kept

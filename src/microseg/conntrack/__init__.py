@@ -40,6 +40,7 @@ Interface used by the pipeline::
   of 2-4 slots of 8 bytes, a 4-byte free-list slot: at most 164 bytes per connection
   (``ConntrackTable.nbytes``).
 """
+
 from .const import DEFAULT_TIMEOUTS, REASONS
 from .table import ConntrackTable
 

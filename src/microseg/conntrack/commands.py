@@ -6,6 +6,7 @@ two can be diffed. ``list`` prints the table the way ``conntrack -L`` does, from
 after processing a capture, filtered by zone, address, protocol or TCP state; ``--save`` writes
 a snapshot that ``--restore`` (or ``list --snapshot``) reads back.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,31 +21,47 @@ from . import const as K
 from .table import ConntrackTable
 
 PROTO_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6"}
-PROTO_NUMBERS = {"icmp": 1, "tcp": 6, "udp": 17, "icmpv6": 58, "ipv6-icmp": 58, "esp": 50,
-                 "gre": 47, "sctp": 132}
+PROTO_NUMBERS = {
+    "icmp": 1,
+    "tcp": 6,
+    "udp": 17,
+    "icmpv6": 58,
+    "ipv6-icmp": 58,
+    "esp": 50,
+    "gre": 47,
+    "sctp": 132,
+}
 CHUNK = 4096
 
 
 def register(sub) -> None:
-    p = sub.add_parser("conntrack", help="connection tracking: per-packet states, the table",
-                       description="Track the connections of a capture with Linux nf_conntrack "
-                                   "semantics.")
+    p = sub.add_parser(
+        "conntrack",
+        help="connection tracking: per-packet states, the table",
+        description="Track the connections of a capture with Linux nf_conntrack semantics.",
+    )
     verbs = p.add_subparsers(dest="ct_verb", metavar="VERB")
     verbs.required = True
 
-    s = verbs.add_parser("states", help="one state per packet of a capture",
-                         description="Print the conntrack state of every packet of FILE: new, "
-                                     "established, related, invalid (or untracked), as nftables "
-                                     "spells them.")
+    s = verbs.add_parser(
+        "states",
+        help="one state per packet of a capture",
+        description="Print the conntrack state of every packet of FILE: new, "
+        "established, related, invalid (or untracked), as nftables "
+        "spells them.",
+    )
     s.add_argument("file", metavar="FILE", help="pcap or pcapng capture")
     s.add_argument("--csv", action="store_true", help="print 'index,state' lines with a header")
     s.add_argument("--reply", action="store_true", help="append ' reply' to reply-direction lines")
     _table_args(s)
     s.set_defaults(func=run_states)
 
-    ls = verbs.add_parser("list", help="list tracked connections (like conntrack -L)",
-                          description="List connections from a snapshot or after tracking a "
-                                      "capture, one per line in conntrack -L's format.")
+    ls = verbs.add_parser(
+        "list",
+        help="list tracked connections (like conntrack -L)",
+        description="List connections from a snapshot or after tracking a "
+        "capture, one per line in conntrack -L's format.",
+    )
     src = ls.add_mutually_exclusive_group(required=True)
     src.add_argument("--snapshot", metavar="SNAP", help="a snapshot written by --save")
     src.add_argument("--capture", metavar="FILE", help="track this capture first")
@@ -52,20 +69,23 @@ def register(sub) -> None:
     ls.add_argument("--src", metavar="ADDR", help="original source address")
     ls.add_argument("--dst", metavar="ADDR", help="original destination address")
     ls.add_argument("--proto", metavar="PROTO", help="tcp, udp, icmp, icmpv6 or a number")
-    ls.add_argument("--state", metavar="STATE",
-                    help="TCP state (ESTABLISHED, SYN_SENT, TIME_WAIT, ...)")
+    ls.add_argument("--state", metavar="STATE", help="TCP state (ESTABLISHED, SYN_SENT, TIME_WAIT, ...)")
     ls.add_argument("--json", action="store_true", help="one JSON object per connection")
-    ls.add_argument("--counters", action="store_true",
-                    help="print the drop and event counters after the list")
+    ls.add_argument(
+        "--counters", action="store_true", help="print the drop and event counters after the list"
+    )
     _table_args(ls, restore=False)
     ls.set_defaults(func=run_list)
 
 
 def _table_args(p, restore: bool = True) -> None:
     p.add_argument("--capacity", type=int, default=1 << 16, help="table size (default 65536)")
-    p.add_argument("--default-zone", type=int, default=K.UNTAGGED_ZONE,
-                   help="zone of untunnelled packets (default 2**24, just past the 24-bit VNIs, so "
-                        "no tenant shares it)")
+    p.add_argument(
+        "--default-zone",
+        type=int,
+        default=K.UNTAGGED_ZONE,
+        help="zone of untunnelled packets (default 2**24, just past the 24-bit VNIs, so no tenant shares it)",
+    )
     if restore:
         p.add_argument("--restore", metavar="SNAP", help="start from this snapshot")
     p.add_argument("--save", metavar="SNAP", help="write a snapshot of the table at the end")
@@ -84,6 +104,7 @@ def _track(args, table: ConntrackTable, path: str):
     from ..io.pcap import iter_capture
     from ..packet.batch import FlowKeys
     from ..packet.parse import parse
+
     keys = FlowKeys(CHUNK)
     for batch in iter_capture(path, batch_size=CHUNK):
         parse(batch, keys)
@@ -134,8 +155,9 @@ def _proto_filter(text: str) -> int:
     raise InputError(f"--proto: unknown protocol {text!r}")
 
 
-def select(entries: np.ndarray, now: int, zone=None, src=None, dst=None, proto=None,
-           state=None) -> np.ndarray:
+def select(
+    entries: np.ndarray, now: int, zone=None, src=None, dst=None, proto=None, state=None
+) -> np.ndarray:
     """Entries alive at ``now`` matching the filters (conntrack -L's -s/-d/-p/--state/-w)."""
     m = entries["deadline"] - now > 0
     if zone is not None:
@@ -154,14 +176,21 @@ def select(entries: np.ndarray, now: int, zone=None, src=None, dst=None, proto=N
 def describe(e, now: int) -> dict:
     """One connection as a dict (the fields conntrack -L prints)."""
     proto = int(e["proto"])
-    src, dst = addr_to_text(int(e["src_hi"]), int(e["src_lo"])), addr_to_text(int(e["dst_hi"]),
-                                                                               int(e["dst_lo"]))
-    d = {"proto": PROTO_NAMES.get(proto, "unknown"), "protonum": proto,
-         "timeout": max(0, (int(e["deadline"]) - now) // K.NS), "zone": int(e["zone"]),
-         "src": src, "dst": dst,
-         "assured": bool(e["status"] & K.ST_ASSURED),
-         "unreplied": not (e["status"] & K.ST_SEEN_REPLY),
-         "bytes": [int(e["bytes"][0]), int(e["bytes"][1])]}
+    src, dst = (
+        addr_to_text(int(e["src_hi"]), int(e["src_lo"])),
+        addr_to_text(int(e["dst_hi"]), int(e["dst_lo"])),
+    )
+    d = {
+        "proto": PROTO_NAMES.get(proto, "unknown"),
+        "protonum": proto,
+        "timeout": max(0, (int(e["deadline"]) - now) // K.NS),
+        "zone": int(e["zone"]),
+        "src": src,
+        "dst": dst,
+        "assured": bool(e["status"] & K.ST_ASSURED),
+        "unreplied": not (e["status"] & K.ST_SEEN_REPLY),
+        "bytes": [int(e["bytes"][0]), int(e["bytes"][1])],
+    }
     if proto == K.IPPROTO_TCP:
         d["state"] = K.TCP_STATE_NAMES[int(e["tcp_state"])]
     if proto in (K.IPPROTO_TCP, K.IPPROTO_UDP):
@@ -187,6 +216,7 @@ def format_line(d: dict) -> str:
         elif "type" in d:
             s += f"type={d['reply_type'] if rev else d['type']} code={d['code']} id={d['id']} "
         return s
+
     line = head + tup(d["src"], d["dst"], False) + f"bytes={d['bytes'][0]} "
     if d["unreplied"]:
         line += "[UNREPLIED] "
@@ -207,8 +237,9 @@ def run_list(args) -> int:
     if args.state:
         name = args.state.upper()
         if name not in K.TCP_STATE_NAMES:
-            raise InputError(f"--state: unknown TCP state {args.state!r}; known: "
-                             + ", ".join(K.TCP_STATE_NAMES[1:]))
+            raise InputError(
+                f"--state: unknown TCP state {args.state!r}; known: " + ", ".join(K.TCP_STATE_NAMES[1:])
+            )
         state = K.TCP_STATE_NAMES.index(name)
     if args.snapshot:
         table = ConntrackTable.restore(args.snapshot, capacity=args.capacity)
@@ -225,8 +256,14 @@ def run_list(args) -> int:
         out.write((json.dumps(d) if args.json else format_line(d)) + "\n")
     if args.counters:
         c = table.counters
-        out.write(("counters " + json.dumps(c) if args.json else
-                   "counters: " + " ".join(f"{k}={v}" for k, v in c.items() if v)) + "\n")
+        out.write(
+            (
+                "counters " + json.dumps(c)
+                if args.json
+                else "counters: " + " ".join(f"{k}={v}" for k, v in c.items() if v)
+            )
+            + "\n"
+        )
     print(f"conntrack: {len(rows)} flow entries have been shown.", file=sys.stderr)
     return 0
 

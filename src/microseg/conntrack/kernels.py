@@ -15,6 +15,7 @@ real entry (evicting an unassured one when the table is full).
 
 The logic mirrors :mod:`.reference` line for line; tests check both give the same states.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -28,27 +29,55 @@ from ..packet import batch as B
 from ..packet import errors as PE
 from . import const as K
 
-ENTRY_DTYPE = np.dtype([
-    ("src_hi", np.uint64), ("src_lo", np.uint64), ("dst_hi", np.uint64), ("dst_lo", np.uint64),
-    ("deadline", np.int64), ("bytes", np.uint64, (2,)), ("zone", np.uint32),
-    ("td_end", np.uint32, (2,)), ("td_maxend", np.uint32, (2,)),
-    ("td_maxwin", np.uint32, (2,)), ("td_maxack", np.uint32, (2,)),
-    ("last_seq", np.uint32), ("last_ack", np.uint32), ("last_end", np.uint32),
-    ("sport", np.uint16), ("dport", np.uint16), ("last_win", np.uint16),
-    ("proto", np.uint8), ("icmp_type", np.uint8), ("icmp_code", np.uint8), ("status", np.uint8),
-    ("tcp_state", np.uint8), ("last_index", np.uint8), ("last_dir", np.uint8),
-    ("retrans", np.uint8), ("last_flags", np.uint8), ("last_wscale", np.uint8),
-    ("td_scale", np.uint8, (2,)), ("tcp_flags", np.uint8, (2,)),
-], align=True)
+ENTRY_DTYPE = np.dtype(
+    [
+        ("src_hi", np.uint64),
+        ("src_lo", np.uint64),
+        ("dst_hi", np.uint64),
+        ("dst_lo", np.uint64),
+        ("deadline", np.int64),
+        ("bytes", np.uint64, (2,)),
+        ("zone", np.uint32),
+        ("td_end", np.uint32, (2,)),
+        ("td_maxend", np.uint32, (2,)),
+        ("td_maxwin", np.uint32, (2,)),
+        ("td_maxack", np.uint32, (2,)),
+        ("last_seq", np.uint32),
+        ("last_ack", np.uint32),
+        ("last_end", np.uint32),
+        ("sport", np.uint16),
+        ("dport", np.uint16),
+        ("last_win", np.uint16),
+        ("proto", np.uint8),
+        ("icmp_type", np.uint8),
+        ("icmp_code", np.uint8),
+        ("status", np.uint8),
+        ("tcp_state", np.uint8),
+        ("last_index", np.uint8),
+        ("last_dir", np.uint8),
+        ("retrans", np.uint8),
+        ("last_flags", np.uint8),
+        ("last_wscale", np.uint8),
+        ("td_scale", np.uint8, (2,)),
+        ("tcp_flags", np.uint8, (2,)),
+    ],
+    align=True,
+)
 
 # meta slots
 M_COUNT, M_FREE_TOP, M_CURSOR, M_MASK, M_SEED, M_CAPACITY = range(6)
 N_META = 6
 # Settings, timeouts, counters and table bookkeeping travel as one record: kernels pass it to
 # their helpers by pointer, with none of the reference counting that array arguments cost.
-PARAM_DTYPE = np.dtype([("T", np.int64, (K.N_TIMEOUTS,)), ("cfg", np.int64, (K.N_CFG,)),
-                        ("ctr", np.int64, (K.N_COUNTERS,)), ("meta", np.int64, (N_META,))],
-                       align=True)
+PARAM_DTYPE = np.dtype(
+    [
+        ("T", np.int64, (K.N_TIMEOUTS,)),
+        ("cfg", np.int64, (K.N_CFG,)),
+        ("ctr", np.int64, (K.N_COUNTERS,)),
+        ("meta", np.int64, (N_META,)),
+    ],
+    align=True,
+)
 
 M32 = 0xFFFFFFFF
 _U30, _U27, _U31, _U32 = np.uint64(30), np.uint64(27), np.uint64(31), np.uint64(32)
@@ -79,9 +108,11 @@ def _prefetch(typingctx, arr, idx):
         i32 = ir.IntType(32)
         fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
         fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
-        builder.call(fn, [builder.bitcast(ptr, i8p), ir.Constant(i32, 0), ir.Constant(i32, 3),
-                          ir.Constant(i32, 1)])
+        builder.call(
+            fn, [builder.bitcast(ptr, i8p), ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)]
+        )
         return context.get_dummy_value()
+
     return sig, codegen
 
 
@@ -120,8 +151,13 @@ def conn_hash(seed, zone, proto, shi, slo, dhi, dlo, sp, dp, ntype, code):
         swap = sp > dp
     if swap:
         shi, slo, dhi, dlo, sp, dp = dhi, dlo, shi, slo, dp, sp
-    h = (np.uint64(seed) ^ (np.uint64(zone) << _U16) ^ np.uint64(proto)
-         ^ (np.uint64(ntype) << _U40) ^ (np.uint64(code) << _U48))
+    h = (
+        np.uint64(seed)
+        ^ (np.uint64(zone) << _U16)
+        ^ np.uint64(proto)
+        ^ (np.uint64(ntype) << _U40)
+        ^ (np.uint64(code) << _U48)
+    )
     h = _mix(h ^ np.uint64(shi))
     h = _mix(h ^ np.uint64(slo))
     h = _mix(h ^ np.uint64(dhi))
@@ -145,18 +181,34 @@ def _match(c, zone, proto, shi, slo, dhi, dlo, sp, dp, it, ic):
     if proto == K.IPPROTO_ICMP or proto == K.IPPROTO_ICMPV6:
         if c.sport != sp or c.icmp_code != ic:
             return -1
-        if (c.src_hi == shi and c.src_lo == slo and c.dst_hi == dhi and c.dst_lo == dlo
-                and c.icmp_type == it):
+        if c.src_hi == shi and c.src_lo == slo and c.dst_hi == dhi and c.dst_lo == dlo and c.icmp_type == it:
             return 0
-        if (c.src_hi == dhi and c.src_lo == dlo and c.dst_hi == shi and c.dst_lo == slo
-                and _icmp_inv(proto, c.icmp_type) == it):
+        if (
+            c.src_hi == dhi
+            and c.src_lo == dlo
+            and c.dst_hi == shi
+            and c.dst_lo == slo
+            and _icmp_inv(proto, c.icmp_type) == it
+        ):
             return 1
         return -1
-    if (c.src_hi == shi and c.src_lo == slo and c.dst_hi == dhi and c.dst_lo == dlo
-            and c.sport == sp and c.dport == dp):
+    if (
+        c.src_hi == shi
+        and c.src_lo == slo
+        and c.dst_hi == dhi
+        and c.dst_lo == dlo
+        and c.sport == sp
+        and c.dport == dp
+    ):
         return 0
-    if (c.src_hi == dhi and c.src_lo == dlo and c.dst_hi == shi and c.dst_lo == slo
-            and c.sport == dp and c.dport == sp):
+    if (
+        c.src_hi == dhi
+        and c.src_lo == dlo
+        and c.dst_hi == shi
+        and c.dst_lo == slo
+        and c.sport == dp
+        and c.dport == sp
+    ):
         return 1
     return -1
 
@@ -195,8 +247,19 @@ def _entry_hash(c, seed):
     if c.proto == K.IPPROTO_ICMP or c.proto == K.IPPROTO_ICMPV6:
         ntype = min(np.int64(c.icmp_type), _icmp_inv(c.proto, c.icmp_type))
         hdp = np.int64(c.sport)
-    return conn_hash(seed, c.zone, c.proto, c.src_hi, c.src_lo, c.dst_hi, c.dst_lo,
-                     np.int64(c.sport), hdp, ntype, np.int64(c.icmp_code))
+    return conn_hash(
+        seed,
+        c.zone,
+        c.proto,
+        c.src_hi,
+        c.src_lo,
+        c.dst_hi,
+        c.dst_lo,
+        np.int64(c.sport),
+        hdp,
+        ntype,
+        np.int64(c.icmp_code),
+    )
 
 
 @njit(cache=True, inline="always")
@@ -340,8 +403,7 @@ def _apply_options(c, d, olen, ws, scale, sackp):
 def _sack(data, p, length, sack):
     if length == 0:
         return sack
-    if (length == 12 and data[p] == 1 and data[p + 1] == 1 and data[p + 2] == 8
-            and data[p + 3] == 10):
+    if length == 12 and data[p] == 1 and data[p + 1] == 1 and data[p + 2] == 8 and data[p + 3] == 10:
         return sack
     while length > 0:
         op = data[p]
@@ -360,8 +422,12 @@ def _sack(data, p, length, sack):
         if op == 5 and size >= 10 and (size - 2) % 8 == 0:
             for i in range(0, size - 2, 8):
                 q = p + i + 4
-                tmp = ((np.int64(data[q]) << 24) | (np.int64(data[q + 1]) << 16)
-                       | (np.int64(data[q + 2]) << 8) | np.int64(data[q + 3]))
+                tmp = (
+                    (np.int64(data[q]) << 24)
+                    | (np.int64(data[q + 1]) << 16)
+                    | (np.int64(data[q + 2]) << 8)
+                    | np.int64(data[q + 3])
+                )
                 if _after(tmp, sack):
                     sack = tmp
             return sack
@@ -408,8 +474,11 @@ def _in_window(c, prm, d, idx, flags, seq, ack, win, end, olen, ws, scale, sackp
                 c.td_maxend[r] = sack
             elif sack == ((np.int64(c.td_end[r]) + 1) & M32):
                 c.td_end[r] = (np.int64(c.td_end[r]) + 1) & M32
-    elif syn and _after(end, np.int64(c.td_end[d])) and (
-            c.tcp_state == K.SYN_SENT or c.tcp_state == K.SYN_RECV):
+    elif (
+        syn
+        and _after(end, np.int64(c.td_end[d]))
+        and (c.tcp_state == K.SYN_SENT or c.tcp_state == K.SYN_RECV)
+    ):
         _init_sender(c, d, olen, ws, scale, sackp, end, win)
         if d == 1 and not ackf:
             return 1
@@ -468,8 +537,13 @@ def _in_window(c, prm, d, idx, flags, seq, ack, win, end, olen, ws, scale, sackp
     if ack == r_end:
         c.tcp_flags[r] &= ~K.DATA_UNACKNOWLEDGED & 0xFF
     if idx == K.ACK_SET:
-        if (c.last_dir == d and c.last_seq == seq and c.last_ack == ack and c.last_end == end
-                and c.last_win == win_raw):
+        if (
+            c.last_dir == d
+            and c.last_seq == seq
+            and c.last_ack == ack
+            and c.last_end == end
+            and c.last_win == win_raw
+        ):
             if c.retrans < 255:
                 c.retrans += 1
         else:
@@ -522,12 +596,12 @@ def _tcp(c, prm, new, d, flags, seq, ack, win, seglen, olen, ws, scale, sackp, s
     skip_window = False
     if ns == K.SYN_SENT and old >= K.TIME_WAIT:
         if ((c.tcp_flags[0] | c.tcp_flags[1]) & K.CLOSE_INIT) != 0 or (
-                c.last_dir == d and c.last_index == K.RST_SET):
+            c.last_dir == d and c.last_index == K.RST_SET
+        ):
             return -2
         ns = K.S_IGNORE
     if ns == K.S_IGNORE:
-        if (idx == K.SYNACK_SET and c.last_index == K.SYN_SET and c.last_dir != d
-                and ack == c.last_end):
+        if idx == K.SYNACK_SET and c.last_index == K.SYN_SET and c.last_dir != d and ack == c.last_end:
             old = K.SYN_SENT
             ns = K.SYN_RECV
             ld = np.int64(c.last_dir)
@@ -567,8 +641,13 @@ def _tcp(c, prm, new, d, flags, seq, ack, win, seglen, olen, ws, scale, sackp, s
     elif ns == K.S_MAX:
         return 100 + K.C_TCP_STATE
     elif ns == K.TIME_WAIT:
-        if (old == K.LAST_ACK and idx == K.ACK_SET and c.last_dir != d
-                and c.last_index == K.SYN_SET and (c.last_flags & K.EXP_CHALLENGE_ACK) != 0):
+        if (
+            old == K.LAST_ACK
+            and idx == K.ACK_SET
+            and c.last_dir != d
+            and c.last_index == K.SYN_SET
+            and (c.last_flags & K.EXP_CHALLENGE_ACK) != 0
+        ):
             c.last_flags &= ~K.EXP_CHALLENGE_ACK & 0xFF
             prm.ctr[K.C_IGNORED] += 1
             return 0
@@ -579,8 +658,7 @@ def _tcp(c, prm, new, d, flags, seq, ack, win, seglen, olen, ws, scale, sackp, s
             ns = K.ESTABLISHED
     elif ns == K.CLOSE and idx == K.RST_SET:
         st = c.tcp_state
-        if (st == K.FIN_WAIT or st == K.LAST_ACK or st == K.TIME_WAIT or st == K.CLOSE
-                or st == K.CLOSE_WAIT):
+        if st == K.FIN_WAIT or st == K.LAST_ACK or st == K.TIME_WAIT or st == K.CLOSE or st == K.CLOSE_WAIT:
             skip_window = True
         else:
             r = 1 - d
@@ -598,12 +676,14 @@ def _tcp(c, prm, new, d, flags, seq, ack, win, seglen, olen, ws, scale, sackp, s
                 else:
                     ns = old
             if not done:
-                if ((((c.status & K.ST_SEEN_REPLY) != 0 and c.last_index == K.SYN_SET)
-                     or ((c.status & K.ST_ASSURED) == 0 and c.last_index == K.ACK_SET))
-                        and ack == c.last_end):
+                if (
+                    ((c.status & K.ST_SEEN_REPLY) != 0 and c.last_index == K.SYN_SET)
+                    or ((c.status & K.ST_ASSURED) == 0 and c.last_index == K.ACK_SET)
+                ) and ack == c.last_end:
                     skip_window = True
-                elif (old == K.SYN_SENT and c.last_index == K.ACK_SET and c.last_dir == 1
-                      and seq == c.last_ack):
+                elif (
+                    old == K.SYN_SENT and c.last_index == K.ACK_SET and c.last_dir == 1 and seq == c.last_ack
+                ):
                     skip_window = True
     if not skip_window:
         res = _in_window(c, prm, d, idx, flags, seq, ack, win, end, olen, ws, scale, sackp, sackv)
@@ -631,8 +711,7 @@ def _tcp(c, prm, new, d, flags, seq, ack, win, seglen, olen, ws, scale, sackp, s
         timeout = prm.T[K.T_RETRANS]
     elif idx == K.RST_SET:
         timeout = prm.T[K.CLOSE]
-    elif (((c.tcp_flags[0] | c.tcp_flags[1]) & K.DATA_UNACKNOWLEDGED) != 0
-          and prm.T[ns] > prm.T[K.T_UNACK]):
+    elif ((c.tcp_flags[0] | c.tcp_flags[1]) & K.DATA_UNACKNOWLEDGED) != 0 and prm.T[ns] > prm.T[K.T_UNACK]:
         timeout = prm.T[K.T_UNACK]
     elif c.last_win == 0 and prm.T[ns] > prm.T[K.T_RETRANS]:
         timeout = prm.T[K.T_RETRANS]
@@ -645,8 +724,9 @@ def _tcp(c, prm, new, d, flags, seq, ack, win, seglen, olen, ws, scale, sackp, s
             return 1
         if ns == K.ESTABLISHED and timeout > prm.T[K.T_UNACK]:
             timeout = prm.T[K.T_UNACK]
-    elif (c.status & K.ST_ASSURED) == 0 and (old == K.SYN_RECV or old == K.ESTABLISHED) \
-            and ns == K.ESTABLISHED:
+    elif (
+        (c.status & K.ST_ASSURED) == 0 and (old == K.SYN_RECV or old == K.ESTABLISHED) and ns == K.ESTABLISHED
+    ):
         c.status |= K.ST_ASSURED
     c.deadline = now + timeout
     return 1
@@ -654,8 +734,9 @@ def _tcp(c, prm, new, d, flags, seq, ack, win, seglen, olen, ws, scale, sackp, s
 
 # --- one packet ----------------------------------------------------------------------------------
 @njit(cache=True)
-def _related(ents, slot_ent, slot_hash, free, prm, zone, ver, dhi, dlo, i, u64, u16, u8,
-             data, pstart, plen, l4, now):
+def _related(
+    ents, slot_ent, slot_hash, free, prm, zone, ver, dhi, dlo, i, u64, u16, u8, data, pstart, plen, l4, now
+):
     if (u8[B.FLAGS, i] & B.F_ICMP_ERR) == 0:
         prm.ctr[K.C_ICMP_ORPHAN] += 1
         return ST_INVALID
@@ -684,17 +765,46 @@ def _related(ents, slot_ent, slot_hash, free, prm, zone, ver, dhi, dlo, i, u64, 
         idp = 0
         ntype = min(rt, ityp)
         # target: the inverted quoted tuple
-        h = conn_hash(prm.meta[M_SEED], zone, iproto, idhi, idlo, ishi, islo, isp, isp, ntype,
-                      icode)
-        e, d = _find(ents, slot_ent, slot_hash, prm.meta[M_MASK], h, zone, iproto, idhi, idlo,
-                     ishi, islo, isp, 0, rt, icode)
+        h = conn_hash(prm.meta[M_SEED], zone, iproto, idhi, idlo, ishi, islo, isp, isp, ntype, icode)
+        e, d = _find(
+            ents,
+            slot_ent,
+            slot_hash,
+            prm.meta[M_MASK],
+            h,
+            zone,
+            iproto,
+            idhi,
+            idlo,
+            ishi,
+            islo,
+            isp,
+            0,
+            rt,
+            icode,
+        )
     else:
         if iproto != K.IPPROTO_TCP and iproto != K.IPPROTO_UDP:
             isp = 0
             idp = 0
         h = conn_hash(prm.meta[M_SEED], zone, iproto, idhi, idlo, ishi, islo, idp, isp, 0, 0)
-        e, d = _find(ents, slot_ent, slot_hash, prm.meta[M_MASK], h, zone, iproto, idhi, idlo,
-                     ishi, islo, idp, isp, 0, 0)
+        e, d = _find(
+            ents,
+            slot_ent,
+            slot_hash,
+            prm.meta[M_MASK],
+            h,
+            zone,
+            iproto,
+            idhi,
+            idlo,
+            ishi,
+            islo,
+            idp,
+            isp,
+            0,
+            0,
+        )
     if e >= 0 and ents[e].deadline - now <= 0:
         _remove(ents, slot_ent, slot_hash, free, prm, e)
         prm.ctr[K.C_EXPIRED] += 1
@@ -724,8 +834,29 @@ PREFETCH_CHUNK = 64
 
 
 @njit(cache=True)
-def process_batch(ents, ents_bytes, slot_ent, slot_hash, free, params, u64, u32, i32, u16, u8,
-                  data, offset, length, wire_len, ok_arr, now_arr, commit, start, n, out):
+def process_batch(
+    ents,
+    ents_bytes,
+    slot_ent,
+    slot_hash,
+    free,
+    params,
+    u64,
+    u32,
+    i32,
+    u16,
+    u8,
+    data,
+    offset,
+    length,
+    wire_len,
+    ok_arr,
+    now_arr,
+    commit,
+    start,
+    n,
+    out,
+):
     """Track packets ``start..n-1`` in order; ``out[i]`` gets the ctstate bits of packet ``i``.
 
     Commit on allow: a packet that would open a connection takes an entry only where
@@ -777,8 +908,19 @@ def process_batch(ents, ents_bytes, slot_ent, slot_hash, free, params, u64, u32,
                 dp = 0
             tenant = np.int64(i32[B.TENANT, i])
             zone = tenant if tenant >= 0 else prm.cfg[K.CFG_DEFAULT_ZONE]
-            h = conn_hash(seed, zone, proto, u64[B.SRC_HI, i], u64[B.SRC_LO, i], u64[B.DST_HI, i],
-                          u64[B.DST_LO, i], sp, dp, ntype, ic)
+            h = conn_hash(
+                seed,
+                zone,
+                proto,
+                u64[B.SRC_HI, i],
+                u64[B.SRC_LO, i],
+                u64[B.DST_HI, i],
+                u64[B.DST_LO, i],
+                sp,
+                dp,
+                ntype,
+                ic,
+            )
             hs[i - start] = h
             has[i - start] = True
             pos = np.int64(np.uint32(h & np.uint64(M32))) & mask
@@ -815,15 +957,17 @@ def process_batch(ents, ents_bytes, slot_ent, slot_hash, free, params, u64, u32,
                 out[i] = ST_INVALID
                 continue
             proto = np.int64(u8[B.PROTO, i])
-            is_icmp = ((proto == K.IPPROTO_ICMP and ver == 4)
-                       or (proto == K.IPPROTO_ICMPV6 and ver == 6))
+            is_icmp = (proto == K.IPPROTO_ICMP and ver == 4) or (proto == K.IPPROTO_ICMPV6 and ver == 6)
             if proto == K.IPPROTO_ICMP or proto == K.IPPROTO_ICMPV6:
                 if not is_icmp:
                     prm.ctr[K.C_ICMP_NEW] += 1
                     out[i] = ST_INVALID
                     continue
-            if prm.cfg[K.CFG_CHECKSUM] != 0 and not ok and (
-                    proto == K.IPPROTO_TCP or proto == K.IPPROTO_UDP or is_icmp):
+            if (
+                prm.cfg[K.CFG_CHECKSUM] != 0
+                and not ok
+                and (proto == K.IPPROTO_TCP or proto == K.IPPROTO_UDP or is_icmp)
+            ):
                 prm.ctr[K.C_CHECKSUM] += 1
                 out[i] = ST_INVALID
                 continue
@@ -846,18 +990,52 @@ def process_batch(ents, ents_bytes, slot_ent, slot_hash, free, params, u64, u32,
                         out[i] = ST_INVALID
                         continue
                     if ICMP4_ERRORS[t]:
-                        out[i] = _related(ents, slot_ent, slot_hash, free, prm, zone, ver, dhi,
-                                          dlo, i,
-                                          u64, u16, u8, data, pstart, plen, l4, now)
+                        out[i] = _related(
+                            ents,
+                            slot_ent,
+                            slot_hash,
+                            free,
+                            prm,
+                            zone,
+                            ver,
+                            dhi,
+                            dlo,
+                            i,
+                            u64,
+                            u16,
+                            u8,
+                            data,
+                            pstart,
+                            plen,
+                            l4,
+                            now,
+                        )
                         continue
                 else:
                     if ICMP6_UNTRACKED[t]:
                         out[i] = 0
                         continue
                     if t < 128:
-                        out[i] = _related(ents, slot_ent, slot_hash, free, prm, zone, ver, dhi,
-                                          dlo, i,
-                                          u64, u16, u8, data, pstart, plen, l4, now)
+                        out[i] = _related(
+                            ents,
+                            slot_ent,
+                            slot_hash,
+                            free,
+                            prm,
+                            zone,
+                            ver,
+                            dhi,
+                            dlo,
+                            i,
+                            u64,
+                            u16,
+                            u8,
+                            data,
+                            pstart,
+                            plen,
+                            l4,
+                            now,
+                        )
                         continue
                 inv = _icmp_inv(proto, t)
                 if inv < 0:
@@ -882,7 +1060,7 @@ def process_batch(ents, ents_bytes, slot_ent, slot_hash, free, params, u64, u32,
             hsp = sp
             hdp = sp if is_icmp else dp
             if has[i - start]:
-                h = hs[i - start]           # pass 1 hashed the same fields
+                h = hs[i - start]  # pass 1 hashed the same fields
             else:
                 h = conn_hash(seed, zone, proto, shi, slo, dhi, dlo, hsp, hdp, ntype, ic)
             scratch = prm.meta[M_CAPACITY]
@@ -908,10 +1086,10 @@ def process_batch(ents, ents_bytes, slot_ent, slot_hash, free, params, u64, u32,
                     e = -1
                 new = e < 0
                 if new and commit[i] < 0:
-                    return i                    # the caller decides this packet first
+                    return i  # the caller decides this packet first
                 if new:
                     e = scratch
-                    ents[e] = ents[scratch + 1]          # all-zero template
+                    ents[e] = ents[scratch + 1]  # all-zero template
                     c = ents[e]
                     c.zone = zone
                     c.proto = proto
@@ -949,8 +1127,9 @@ def process_batch(ents, ents_bytes, slot_ent, slot_hash, free, params, u64, u32,
                     if olen > 0:
                         ws, scale, sackp = _options(data, op, olen)
                         sackv = _sack(data, op, olen, ack)
-                    res = _tcp(c, prm, new, d, flags, seq, ack, win, seglen, olen, ws, scale, sackp,
-                               sackv, now)
+                    res = _tcp(
+                        c, prm, new, d, flags, seq, ack, win, seglen, olen, ws, scale, sackp, sackv, now
+                    )
                     if res == -2:
                         _remove(ents, slot_ent, slot_hash, free, prm, e)
                         prm.ctr[K.C_DELETED] += 1
@@ -996,7 +1175,7 @@ def process_batch(ents, ents_bytes, slot_ent, slot_hash, free, params, u64, u32,
                     out[i] = CS.TRACKED | info
                     break
                 if new and commit[i] == 0:
-                    out[i] = CS.TRACKED | info          # denied: nothing is committed
+                    out[i] = CS.TRACKED | info  # denied: nothing is committed
                     break
                 if new:
                     f = _alloc(ents, slot_ent, slot_hash, free, prm, h, now)
@@ -1057,8 +1236,24 @@ def delete_entries(ents, slot_ent, slot_hash, free, params, idx):
 
 
 @njit(cache=True)
-def lookup_batch(ents, slot_ent, slot_hash, params, u64, i32, u16, u8, data, offset, length,
-                 now, start, n, ent_out, dir_out):
+def lookup_batch(
+    ents,
+    slot_ent,
+    slot_hash,
+    params,
+    u64,
+    i32,
+    u16,
+    u8,
+    data,
+    offset,
+    length,
+    now,
+    start,
+    n,
+    ent_out,
+    dir_out,
+):
     """Entry and direction of the connection of packets ``start..n-1``, changing nothing
     (-1: none)."""
     prm = params[0]
@@ -1094,11 +1289,10 @@ def lookup_batch(ents, slot_ent, slot_hash, params, u64, i32, u16, u8, data, off
             dp = 0
         shi, slo = u64[B.SRC_HI, i], u64[B.SRC_LO, i]
         dhi, dlo = u64[B.DST_HI, i], u64[B.DST_LO, i]
-        h = conn_hash(prm.meta[M_SEED], zone, proto, shi, slo, dhi, dlo, sp, sp if is_icmp else dp,
-                      ntype, ic)
-        e, d = _find(ents, slot_ent, slot_hash, prm.meta[M_MASK], h, zone, proto, shi, slo, dhi,
-                     dlo,
-                     sp, dp, it, ic)
+        h = conn_hash(prm.meta[M_SEED], zone, proto, shi, slo, dhi, dlo, sp, sp if is_icmp else dp, ntype, ic)
+        e, d = _find(
+            ents, slot_ent, slot_hash, prm.meta[M_MASK], h, zone, proto, shi, slo, dhi, dlo, sp, dp, it, ic
+        )
         if e >= 0 and ents[e].deadline - now[i] > 0:
             ent_out[i] = e
             dir_out[i] = d

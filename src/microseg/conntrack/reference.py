@@ -7,6 +7,7 @@ It has no capacity limit and no early drop; expiry happens on lookup (the kernel
 for a connection that is looked up after its deadline). Also the dict-based baseline of the
 benchmark.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -57,10 +58,32 @@ class Seen:
 
 
 class Conn:
-    __slots__ = ("zone", "proto", "src", "dst", "sport", "dport", "icmp_type", "icmp_code",
-                 "status", "deadline", "stream_ts", "state", "seen", "last_index", "last_dir",
-                 "last_seq", "last_ack", "last_end", "last_win", "last_wscale", "last_flags",
-                 "retrans", "packets", "bytes")
+    __slots__ = (
+        "zone",
+        "proto",
+        "src",
+        "dst",
+        "sport",
+        "dport",
+        "icmp_type",
+        "icmp_code",
+        "status",
+        "deadline",
+        "stream_ts",
+        "state",
+        "seen",
+        "last_index",
+        "last_dir",
+        "last_seq",
+        "last_ack",
+        "last_end",
+        "last_win",
+        "last_wscale",
+        "last_flags",
+        "retrans",
+        "packets",
+        "bytes",
+    )
     zone: int
     proto: int
     src: tuple
@@ -84,9 +107,31 @@ class Conn:
 
 class Pkt:
     """The fields of one packet the tracker reads."""
-    __slots__ = ("zone", "ver", "proto", "src", "dst", "sport", "dport", "flags", "seq", "ack",
-                 "win", "seglen", "opts", "itype", "icode", "icmp_id", "ok", "err", "pflags",
-                 "inner", "wire", "tenant")
+
+    __slots__ = (
+        "zone",
+        "ver",
+        "proto",
+        "src",
+        "dst",
+        "sport",
+        "dport",
+        "flags",
+        "seq",
+        "ack",
+        "win",
+        "seglen",
+        "opts",
+        "itype",
+        "icode",
+        "icmp_id",
+        "ok",
+        "err",
+        "pflags",
+        "inner",
+        "wire",
+        "tenant",
+    )
     zone: int
     ver: int
     proto: int
@@ -166,7 +211,7 @@ def tcp_sack(opts: bytes, sack: int) -> int:
             return sack
         if op == 5 and size >= 10 and (size - 2) % 8 == 0:
             for i in range(0, size - 2, 8):
-                tmp = int.from_bytes(opts[p + i + 4:p + i + 8], "big")
+                tmp = int.from_bytes(opts[p + i + 4 : p + i + 8], "big")
                 if after(tmp, sack):
                     sack = tmp
             return sack
@@ -178,8 +223,15 @@ def tcp_sack(opts: bytes, sack: int) -> int:
 class ReferenceConntrack:
     """Dict-of-objects tracker with the same observable behaviour as the Numba table."""
 
-    def __init__(self, timeouts: dict | None = None, default_zone: int = K.UNTAGGED_ZONE, tcp_loose: bool = True,
-                 tcp_be_liberal: bool = False, tcp_max_retrans: int = 3, checksum: bool = True):
+    def __init__(
+        self,
+        timeouts: dict | None = None,
+        default_zone: int = K.UNTAGGED_ZONE,
+        tcp_loose: bool = True,
+        tcp_be_liberal: bool = False,
+        tcp_max_retrans: int = 3,
+        checksum: bool = True,
+    ):
         self.t = [int(x) for x in K.timeout_array(timeouts)]
         self.default_zone = default_zone
         self.loose, self.liberal, self.max_retrans = tcp_loose, tcp_be_liberal, tcp_max_retrans
@@ -193,10 +245,14 @@ class ReferenceConntrack:
         if c.proto in (K.IPPROTO_ICMP, K.IPPROTO_ICMPV6):
             inv = K.ICMP4_INV if c.proto == K.IPPROTO_ICMP else K.ICMP6_INV
             rt = int(inv[c.icmp_type]) - 1
-            return ((c.zone, c.proto, c.src, c.dst, c.sport, 0, c.icmp_type, c.icmp_code),
-                    (c.zone, c.proto, c.dst, c.src, c.sport, 0, rt, c.icmp_code))
-        return ((c.zone, c.proto, c.src, c.dst, c.sport, c.dport, 0, 0),
-                (c.zone, c.proto, c.dst, c.src, c.dport, c.sport, 0, 0))
+            return (
+                (c.zone, c.proto, c.src, c.dst, c.sport, 0, c.icmp_type, c.icmp_code),
+                (c.zone, c.proto, c.dst, c.src, c.sport, 0, rt, c.icmp_code),
+            )
+        return (
+            (c.zone, c.proto, c.src, c.dst, c.sport, c.dport, 0, 0),
+            (c.zone, c.proto, c.dst, c.src, c.dport, c.sport, 0, 0),
+        )
 
     def _find(self, tup, now):
         hit = self.conns.get(tup)
@@ -228,8 +284,12 @@ class ReferenceConntrack:
         tenant = int(i32[B.TENANT, i])
         p.tenant = tenant
         p.zone = tenant if tenant >= 0 else self.default_zone
-        p.ver, p.proto, p.err, p.pflags = (int(u8[B.IP_VER, i]), int(u8[B.PROTO, i]),
-                                           int(u8[B.ERROR, i]), int(u8[B.FLAGS, i]))
+        p.ver, p.proto, p.err, p.pflags = (
+            int(u8[B.IP_VER, i]),
+            int(u8[B.PROTO, i]),
+            int(u8[B.ERROR, i]),
+            int(u8[B.FLAGS, i]),
+        )
         p.src = (int(u64[B.SRC_HI, i]), int(u64[B.SRC_LO, i]))
         p.dst = (int(u64[B.DST_HI, i]), int(u64[B.DST_LO, i]))
         p.sport, p.dport = int(u16[B.SPORT, i]), int(u16[B.DPORT, i])
@@ -245,9 +305,9 @@ class ReferenceConntrack:
         p.icmp_id = 0
         if p.proto == K.IPPROTO_TCP and l4 >= 0:
             doff = int(u8[B.TCP_DOFF, i])
-            p.opts = pkt[l4 + 20:l4 + doff] if doff > 20 else b""
+            p.opts = pkt[l4 + 20 : l4 + doff] if doff > 20 else b""
         if p.proto in (K.IPPROTO_ICMP, K.IPPROTO_ICMPV6) and l4 >= 0 and len(pkt) >= l4 + 6:
-            p.icmp_id = int.from_bytes(pkt[l4 + 4:l4 + 6], "big")
+            p.icmp_id = int.from_bytes(pkt[l4 + 4 : l4 + 6], "big")
         p.inner = None
         if p.pflags & B.F_ICMP_ERR:
             iproto = int(u8[B.INNER_PROTO, i])
@@ -282,8 +342,9 @@ class ReferenceConntrack:
             csum_ok = np.ones(n, dtype=bool)
         out = np.zeros(n, dtype=np.uint8)
         for i in range(n):
-            allow = None if decide is None else (
-                lambda i=i: bool(np.asarray(decide(np.array([i], np.int64)))[0]))
+            allow = (
+                None if decide is None else (lambda i=i: bool(np.asarray(decide(np.array([i], np.int64)))[0]))
+            )
             out[i] = self._one(self._pkt(batch, keys, i, csum_ok), int(now[i]), allow)
         return out
 
@@ -299,8 +360,7 @@ class ReferenceConntrack:
         if p.pflags & B.F_FRAG:
             return self._invalid(K.C_FRAGMENT)
         proto = p.proto
-        icmp = proto in (K.IPPROTO_ICMP, K.IPPROTO_ICMPV6) and (
-            (proto == K.IPPROTO_ICMP) == (p.ver == 4))
+        icmp = proto in (K.IPPROTO_ICMP, K.IPPROTO_ICMPV6) and ((proto == K.IPPROTO_ICMP) == (p.ver == 4))
         if self.checksum and not p.ok and (proto in (K.IPPROTO_TCP, K.IPPROTO_UDP) or icmp):
             return self._invalid(K.C_CHECKSUM)
         itype = icode = 0
@@ -326,7 +386,7 @@ class ReferenceConntrack:
             if not K.TCP_VALID_FLAGS[p.flags & ~(K.TH_ECE | K.TH_CWR | K.TH_PSH) & 0x3F]:
                 return self._invalid(K.C_TCP_FLAGS)
         tup = (p.zone, proto, p.src, p.dst, sport, dport, itype, icode)
-        while True:     # a TCP reopen deletes the connection and looks up again
+        while True:  # a TCP reopen deletes the connection and looks up again
             c, d = self._find(tup, now)
             new = c is None
             if new:
@@ -360,12 +420,12 @@ class ReferenceConntrack:
                 r = 1
             if r >= 100:
                 return self._invalid(r - 100)
-            if r == -3:          # killed (RST with no reply seen): the packet still passes
+            if r == -3:  # killed (RST with no reply seen): the packet still passes
                 self._delete(c)
                 self.counters[K.C_CLOSED] += 1
             elif new:
                 if allow is not None and not allow():
-                    return CS.TRACKED | info        # denied first packet: nothing committed
+                    return CS.TRACKED | info  # denied first packet: nothing committed
                 for t in self._tuples(c):
                     self.conns[t] = c
                 self.counters[K.C_CREATED] += 1
@@ -438,8 +498,7 @@ class ReferenceConntrack:
 
     @staticmethod
     def _end(p: Pkt) -> int:
-        return (p.seq + p.seglen + (1 if p.flags & K.TH_SYN else 0)
-                + (1 if p.flags & K.TH_FIN else 0)) & M32
+        return (p.seq + p.seglen + (1 if p.flags & K.TH_SYN else 0) + (1 if p.flags & K.TH_FIN else 0)) & M32
 
     def _established(self, c: Conn) -> bool:
         return c.state == K.ESTABLISHED and bool(c.status & K.ST_ASSURED)
@@ -456,12 +515,12 @@ class ReferenceConntrack:
         skip_window = False
         if ns == K.SYN_SENT and old >= K.TIME_WAIT:
             if ((c.seen[d].flags | c.seen[1 - d].flags) & K.CLOSE_INIT) or (
-                    c.last_dir == d and c.last_index == K.RST_SET):
+                c.last_dir == d and c.last_index == K.RST_SET
+            ):
                 return -2
             ns = K.S_IGNORE
         if ns == K.S_IGNORE:
-            if (idx == K.SYNACK_SET and c.last_index == K.SYN_SET and c.last_dir != d
-                    and ackv == c.last_end):
+            if idx == K.SYNACK_SET and c.last_index == K.SYN_SET and c.last_dir != d and ackv == c.last_end:
                 old, ns = K.SYN_SENT, K.SYN_RECV
                 ld = c.seen[c.last_dir]
                 ld.td_end = ld.td_maxend = c.last_end
@@ -492,8 +551,13 @@ class ReferenceConntrack:
         elif ns == K.S_MAX:
             return 100 + K.C_TCP_STATE
         elif ns == K.TIME_WAIT:
-            if (old == K.LAST_ACK and idx == K.ACK_SET and c.last_dir != d
-                    and c.last_index == K.SYN_SET and c.last_flags & K.EXP_CHALLENGE_ACK):
+            if (
+                old == K.LAST_ACK
+                and idx == K.ACK_SET
+                and c.last_dir != d
+                and c.last_index == K.SYN_SET
+                and c.last_flags & K.EXP_CHALLENGE_ACK
+            ):
                 c.last_flags &= ~K.EXP_CHALLENGE_ACK
                 self.counters[K.C_IGNORED] += 1
                 return 0
@@ -520,12 +584,17 @@ class ReferenceConntrack:
                     else:
                         ns = old
                 if not done:
-                    if ((((c.status & K.ST_SEEN_REPLY) and c.last_index == K.SYN_SET)
-                         or (not (c.status & K.ST_ASSURED) and c.last_index == K.ACK_SET))
-                            and ackv == c.last_end):
+                    if (
+                        ((c.status & K.ST_SEEN_REPLY) and c.last_index == K.SYN_SET)
+                        or (not (c.status & K.ST_ASSURED) and c.last_index == K.ACK_SET)
+                    ) and ackv == c.last_end:
                         skip_window = True
-                    elif (old == K.SYN_SENT and c.last_index == K.ACK_SET and c.last_dir == 1
-                          and seq == c.last_ack):
+                    elif (
+                        old == K.SYN_SENT
+                        and c.last_index == K.ACK_SET
+                        and c.last_dir == 1
+                        and seq == c.last_ack
+                    ):
                         skip_window = True
         if not skip_window:
             res = self._in_window(c, d, idx, p)
@@ -543,8 +612,7 @@ class ReferenceConntrack:
             timeout = t[K.T_RETRANS]
         elif idx == K.RST_SET:
             timeout = t[K.CLOSE]
-        elif ((c.seen[0].flags | c.seen[1].flags) & K.DATA_UNACKNOWLEDGED
-              and t[ns] > t[K.T_UNACK]):
+        elif (c.seen[0].flags | c.seen[1].flags) & K.DATA_UNACKNOWLEDGED and t[ns] > t[K.T_UNACK]:
             timeout = t[K.T_UNACK]
         elif c.last_win == 0 and t[ns] > t[K.T_RETRANS]:
             timeout = t[K.T_RETRANS]
@@ -557,8 +625,7 @@ class ReferenceConntrack:
                 return 1
             if ns == K.ESTABLISHED and timeout > t[K.T_UNACK]:
                 timeout = t[K.T_UNACK]
-        elif (not (c.status & K.ST_ASSURED) and old in (K.SYN_RECV, K.ESTABLISHED)
-              and ns == K.ESTABLISHED):
+        elif not (c.status & K.ST_ASSURED) and old in (K.SYN_RECV, K.ESTABLISHED) and ns == K.ESTABLISHED:
             c.status |= K.ST_ASSURED
         c.deadline = now + timeout
         return 1
@@ -618,17 +685,21 @@ class ReferenceConntrack:
             overshot = (end - sender.td_maxend + 1) & M32
             ack_ok = after(sack, (receiver.td_end - maxack_win - 1) & M32)
             in_recv_win = bool(receiver.td_maxwin) and after(
-                end, (sender.td_end - receiver.td_maxwin - 1) & M32)
-            if (in_recv_win and ack_ok and overshot <= receiver.td_maxwin
-                    and before(sack, (receiver.td_end + 1) & M32)):
+                end, (sender.td_end - receiver.td_maxwin - 1) & M32
+            )
+            if (
+                in_recv_win
+                and ack_ok
+                and overshot <= receiver.td_maxwin
+                and before(sack, (receiver.td_end + 1) & M32)
+            ):
                 sender.td_end = end
                 sender.flags |= K.DATA_UNACKNOWLEDGED
                 return 1 if liberal else 0
             return 1 if liberal else -1
         if not before(sack, (receiver.td_end + 1) & M32):
             return 1 if liberal else -1
-        in_recv_win = (not receiver.td_maxwin) or after(
-            end, (sender.td_end - receiver.td_maxwin - 1) & M32)
+        in_recv_win = (not receiver.td_maxwin) or after(end, (sender.td_end - receiver.td_maxwin - 1) & M32)
         if not in_recv_win:
             return 1 if liberal else 0
         if not after(sack, (receiver.td_end - maxack_win - 1) & M32):
@@ -656,8 +727,13 @@ class ReferenceConntrack:
         if ack == receiver.td_end:
             receiver.flags &= ~K.DATA_UNACKNOWLEDGED
         if idx == K.ACK_SET:
-            if (c.last_dir == d and c.last_seq == seq and c.last_ack == ack
-                    and c.last_end == end and c.last_win == win_raw):
+            if (
+                c.last_dir == d
+                and c.last_seq == seq
+                and c.last_ack == ack
+                and c.last_end == end
+                and c.last_win == win_raw
+            ):
                 c.retrans = min(c.retrans + 1, 255)
             else:
                 c.last_dir, c.last_seq, c.last_ack = d, seq, ack

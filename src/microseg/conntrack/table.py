@@ -1,4 +1,5 @@
 """`ConntrackTable`: the connection table the pipeline calls, a batch at a time."""
+
 from __future__ import annotations
 
 import os
@@ -45,10 +46,20 @@ def checksum_ok(batch, keys) -> np.ndarray:
 class ConntrackTable:
     """Connections in NumPy arrays, tracked by Numba kernels (see the package docstring)."""
 
-    def __init__(self, capacity: int = 65536, timeouts: dict | None = None, *,
-                 default_zone: int = K.UNTAGGED_ZONE, tcp_loose: bool = True, tcp_be_liberal: bool = False,
-                 tcp_max_retrans: int = 3, checksum: bool = True, evict_range: int = 64,
-                 expire_budget: int = 512, seed: int | None = None):
+    def __init__(
+        self,
+        capacity: int = 65536,
+        timeouts: dict | None = None,
+        *,
+        default_zone: int = K.UNTAGGED_ZONE,
+        tcp_loose: bool = True,
+        tcp_be_liberal: bool = False,
+        tcp_max_retrans: int = 3,
+        checksum: bool = True,
+        evict_range: int = 64,
+        expire_budget: int = 512,
+        seed: int | None = None,
+    ):
         capacity = int(capacity)
         if capacity < 1 or capacity > (1 << 30):
             raise ValueError("capacity must be between 1 and 2**30 connections")
@@ -73,7 +84,7 @@ class ConntrackTable:
         size = (capacity + 2) * KN.ENTRY_DTYPE.itemsize
         raw = np.zeros(size + 64, dtype=np.uint8)
         off = (-raw.ctypes.data) % 64
-        self.ents = raw[off: off + size].view(KN.ENTRY_DTYPE)
+        self.ents = raw[off : off + size].view(KN.ENTRY_DTYPE)
         self.ents_bytes = self.ents.view(np.uint8)
         # index slots: entry number and 32 hash bits side by side, one cache line for both
         self.slots = np.zeros(slots, dtype=np.dtype([("ent", np.int32), ("hash", np.uint32)]))
@@ -113,7 +124,7 @@ class ConntrackTable:
     @property
     def drops(self) -> dict:
         """Only the per-packet INVALID / drop reasons."""
-        return {name: int(self.ctr[i]) for i, name in enumerate(K.REASONS[:K.N_REASONS])}
+        return {name: int(self.ctr[i]) for i, name in enumerate(K.REASONS[: K.N_REASONS])}
 
     # -- the hot path ----------------------------------------------------------------------------
     def process(self, batch, keys, now_ns=None, csum_ok=None, decide=None) -> np.ndarray:
@@ -144,10 +155,29 @@ class ConntrackTable:
         commit = np.full(n, 1 if decide is None else -1, dtype=np.int8)
         start = 0
         while True:
-            stop = KN.process_batch(self.ents, self.ents_bytes, self.slot_ent, self.slot_hash,
-                                    self.free, self.params, u64, u32, i32, u16, u8, batch.data,
-                                    batch.offset, batch.length, batch.wire_len, ok, now, commit,
-                                    start, n, out)
+            stop = KN.process_batch(
+                self.ents,
+                self.ents_bytes,
+                self.slot_ent,
+                self.slot_hash,
+                self.free,
+                self.params,
+                u64,
+                u32,
+                i32,
+                u16,
+                u8,
+                batch.data,
+                batch.offset,
+                batch.length,
+                batch.wire_len,
+                ok,
+                now,
+                commit,
+                start,
+                n,
+                out,
+            )
             if stop >= n:
                 break
             # Packet ``stop`` would open a connection. Decide it together with every later
@@ -155,8 +185,24 @@ class ConntrackTable:
             # batch); a packet whose entry an earlier one removes stops the kernel again.
             ent = np.empty(n, dtype=np.int64)
             rep = np.empty(n, dtype=np.uint8)
-            KN.lookup_batch(self.ents, self.slot_ent, self.slot_hash, self.params, u64, i32, u16,
-                            u8, batch.data, batch.offset, batch.length, now, stop, n, ent, rep)
+            KN.lookup_batch(
+                self.ents,
+                self.slot_ent,
+                self.slot_hash,
+                self.params,
+                u64,
+                i32,
+                u16,
+                u8,
+                batch.data,
+                batch.offset,
+                batch.length,
+                now,
+                stop,
+                n,
+                ent,
+                rep,
+            )
             rows = stop + np.flatnonzero((commit[stop:] < 0) & (ent[stop:] < 0))
             if rows.size == 0 or rows[0] != stop:
                 rows = np.concatenate(([stop], rows)).astype(np.int64)
@@ -188,16 +234,32 @@ class ConntrackTable:
         if n:
             now = self._now(batch, n, now_ns)
             u64, u32, i32, u16, u8 = keys.arrays()
-            KN.lookup_batch(self.ents, self.slot_ent, self.slot_hash, self.params, u64,
-                            i32, u16, u8, batch.data, batch.offset, batch.length, now, 0, n, ent,
-                            rep)
+            KN.lookup_batch(
+                self.ents,
+                self.slot_ent,
+                self.slot_hash,
+                self.params,
+                u64,
+                i32,
+                u16,
+                u8,
+                batch.data,
+                batch.offset,
+                batch.length,
+                now,
+                0,
+                n,
+                ent,
+                rep,
+            )
         return ent, rep.astype(bool)
 
     def expire(self, budget: int, now_ns: int | None = None) -> int:
         """Visit ``budget`` entries (round robin) and delete the expired ones; bounded work."""
         now = self.last_now if now_ns is None else int(now_ns)
-        return int(KN.expire(self.ents, self.slot_ent, self.slot_hash, self.free, self.params,
-                             int(budget), now))
+        return int(
+            KN.expire(self.ents, self.slot_ent, self.slot_hash, self.free, self.params, int(budget), now)
+        )
 
     # -- inspection and deletion -----------------------------------------------------------------
     def used(self) -> np.ndarray:
@@ -211,8 +273,7 @@ class ConntrackTable:
     def delete(self, indices) -> int:
         """Delete entries by index (as :meth:`used` / :meth:`lookup` give them)."""
         idx = np.ascontiguousarray(indices, dtype=np.int64)
-        return int(KN.delete_entries(self.ents, self.slot_ent, self.slot_hash, self.free,
-                                     self.params, idx))
+        return int(KN.delete_entries(self.ents, self.slot_ent, self.slot_hash, self.free, self.params, idx))
 
     def delete_where(self, predicate) -> int:
         """Delete every connection for which ``predicate(entries) -> bool mask`` is true.
@@ -234,15 +295,22 @@ class ConntrackTable:
         ents = self.entries()
         tmp = f"{os.fspath(path)}.tmp"
         with open(tmp, "wb") as f:
-            np.savez(f, format=np.int64(SNAPSHOT_FORMAT), entries=ents, cfg=self.cfg,
-                     timeouts=self.timeouts, counters=self.ctr,
-                     capacity=np.int64(self.capacity), last_now=np.int64(self.last_now),
-                     fields=np.array(_ENTRY_FIELDS))
+            np.savez(
+                f,
+                format=np.int64(SNAPSHOT_FORMAT),
+                entries=ents,
+                cfg=self.cfg,
+                timeouts=self.timeouts,
+                counters=self.ctr,
+                capacity=np.int64(self.capacity),
+                last_now=np.int64(self.last_now),
+                fields=np.array(_ENTRY_FIELDS),
+            )
         os.replace(tmp, path)
         return int(ents.shape[0])
 
     @classmethod
-    def restore(cls, path, capacity: int | None = None, **kw) -> "ConntrackTable":
+    def restore(cls, path, capacity: int | None = None, **kw) -> ConntrackTable:
         """A table holding the connections of a snapshot, continuing exactly where they were."""
         try:
             with np.load(path, allow_pickle=False) as z:
@@ -252,10 +320,14 @@ class ConntrackTable:
         except FileNotFoundError:
             raise InputError("no such file", path=str(path)) from None
         except (OSError, KeyError, ValueError, zipfile.BadZipFile, EOFError) as exc:
-            raise InputError(f"not a conntrack snapshot ({exc.__class__.__name__})",
-                             path=str(path)) from None
-        if fmt != SNAPSHOT_FORMAT or ents.dtype != KN.ENTRY_DTYPE or cfg.shape != (K.N_CFG,) \
-                or timeouts.shape != (K.N_TIMEOUTS,) or counters.shape != (K.N_COUNTERS,):
+            raise InputError(f"not a conntrack snapshot ({exc.__class__.__name__})", path=str(path)) from None
+        if (
+            fmt != SNAPSHOT_FORMAT
+            or ents.dtype != KN.ENTRY_DTYPE
+            or cfg.shape != (K.N_CFG,)
+            or timeouts.shape != (K.N_TIMEOUTS,)
+            or counters.shape != (K.N_COUNTERS,)
+        ):
             raise InputError("conntrack snapshot of an unknown format or version", path=str(path))
         cap = max(int(capacity or cap), ents.shape[0], 1)
         t = cls(capacity=cap, **kw)

@@ -16,14 +16,32 @@ Modules: ``datapath`` (Datapath, DatapathConfig, BatchResult), ``fast``, ``slow`
 ``output`` (Forwarder, reject replies), ``counters``, ``reasons`` (every verdict, reason
 and level code), ``reference`` (the whole datapath one packet at a time, the tests' oracle).
 """
+
 from .counters import Counters
 from .datapath import BatchResult, Datapath, DatapathConfig
 from .fast import NO_L2, UNKNOWN_MAC, source_identity
 from .output import Forwarder, reject_reply
-from .reasons import (L_EMC, L_FAST, L_MEGAFLOW, L_NONE, L_SLOW, L_STATE, LEVELS, R_SIGNATURE,
-                      REASONS)
+from .reasons import L_EMC, L_FAST, L_MEGAFLOW, L_NONE, L_SLOW, L_STATE, LEVELS, R_SIGNATURE, REASONS
 from .slow import megaflow_mask
 
-__all__ = ["BatchResult", "Counters", "Datapath", "DatapathConfig", "Forwarder", "LEVELS",
-           "L_EMC", "L_FAST", "L_MEGAFLOW", "L_NONE", "L_SLOW", "L_STATE", "NO_L2", "REASONS",
-           "R_SIGNATURE", "UNKNOWN_MAC", "megaflow_mask", "reject_reply", "source_identity"]
+__all__ = [
+    "BatchResult",
+    "Counters",
+    "Datapath",
+    "DatapathConfig",
+    "Forwarder",
+    "LEVELS",
+    "L_EMC",
+    "L_FAST",
+    "L_MEGAFLOW",
+    "L_NONE",
+    "L_SLOW",
+    "L_STATE",
+    "NO_L2",
+    "REASONS",
+    "R_SIGNATURE",
+    "UNKNOWN_MAC",
+    "megaflow_mask",
+    "reject_reply",
+    "source_identity",
+]

@@ -75,7 +75,7 @@ class BatchResult:
     keys: FlowKeys | None = None  # the batch's parsed headers (None where not kept)
 
     @classmethod
-    def empty(cls, n: int) -> "BatchResult":
+    def empty(cls, n: int) -> BatchResult:
         return cls(
             np.zeros(n, np.uint8),
             np.zeros(n, np.uint8),
@@ -87,7 +87,7 @@ class BatchResult:
             np.full(n, -1, np.int32),
         )
 
-    def __getitem__(self, idx) -> "BatchResult":
+    def __getitem__(self, idx) -> BatchResult:
         """The results of packets ``idx`` (a slice gives views, for writing in place)."""
         keys = None
         if self.keys is not None:
@@ -96,7 +96,7 @@ class BatchResult:
         return BatchResult(*(getattr(self, f)[idx] for f in _ARRAYS), keys=keys)
 
     @classmethod
-    def concat(cls, parts) -> "BatchResult":
+    def concat(cls, parts) -> BatchResult:
         parts = list(parts)
         if not parts:
             return cls.empty(0)

@@ -8,6 +8,7 @@ rules leaves it, gathered once: NEW and untracked packets (:mod:`.slow`), and th
 would open a connection, which the caller judges while the kernel waits.
 :func:`source_identity` is the identity part alone, for traces.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -21,13 +22,14 @@ from ..policy.compiler import CompiledPolicy, lookup_endpoint, tenant_index
 from . import reasons as V
 from .reasons import L_STATE
 
-NO_L2 = 0xFFFF          # source identity of a packet with no Ethernet header (raw IP)
-UNKNOWN_MAC = 0xFFFE    # source MAC that no workload of the tenant owns
+NO_L2 = 0xFFFF  # source identity of a packet with no Ethernet header (raw IP)
+UNKNOWN_MAC = 0xFFFE  # source MAC that no workload of the tenant owns
 
 
 @njit(cache=True)
-def _identities(u64, i32, n, t_vni, untagged, a_t, a_hi, a_lo, a_w, m_t, m_mac, m_lo, m_w,
-                src_w, dst_w, src_id):
+def _identities(
+    u64, i32, n, t_vni, untagged, a_t, a_hi, a_lo, a_w, m_t, m_mac, m_lo, m_w, src_w, dst_w, src_id
+):
     zero = np.uint64(0)
     for i in range(n):
         src_w[i] = -1
@@ -60,8 +62,7 @@ def source_identity(policy: CompiledPolicy, keys: FlowKeys):
     dst_w = np.empty(n, np.int32)
     sid = np.empty(n, np.uint16)
     t = policy.endpoint_tables
-    _identities(keys.u64, keys.i32, n, t.tenant_vnis, t.untagged, *t.addresses, *t.macs,
-                src_w, dst_w, sid)
+    _identities(keys.u64, keys.i32, n, t.tenant_vnis, t.untagged, *t.addresses, *t.macs, src_w, dst_w, sid)
     return src_w, dst_w, sid
 
 
@@ -69,27 +70,91 @@ def source_identity(policy: CompiledPolicy, keys: FlowKeys):
 # The fast kernel: one compiled call per batch for tracked traffic
 # ---------------------------------------------------------------------------------------------
 # control words (an int64 array shared by the kernel and its caller)
-(C_POS, C_N, C_BATCH, C_FIRST, C_UNTAGGED, C_ANTI_SPOOF, C_COUNT, C_ONE_CHUNK, C_EXPIRE,
- C_LAST_NOW, C_STATUS, C_N_PENDING, C_N_SLOW, C_CHUNK_START, C_CHUNK_END, C_FAST) = range(16)
+(
+    C_POS,
+    C_N,
+    C_BATCH,
+    C_FIRST,
+    C_UNTAGGED,
+    C_ANTI_SPOOF,
+    C_COUNT,
+    C_ONE_CHUNK,
+    C_EXPIRE,
+    C_LAST_NOW,
+    C_STATUS,
+    C_N_PENDING,
+    C_N_SLOW,
+    C_CHUNK_START,
+    C_CHUNK_END,
+    C_FAST,
+) = range(16)
 N_CTL = 16
 # C_STATUS after a call
 DONE, STOP, CHUNK_DONE = 0, 1, 2
 
 _NEW = CS.TRACKED | CS.NEW
-NO_TENANT, UNKNOWN_VNI = -1, -2          # tenant row of a packet whose tenant is not known
+NO_TENANT, UNKNOWN_VNI = -1, -2  # tenant row of a packet whose tenant is not known
 
 
 _SH32, _MAPPED = np.uint64(32), np.uint64(0xFFFF)
 
 
 @njit(cache=True)
-def fast_kernel(ents, ents_bytes, slot_ent, slot_hash, free, params,
-                u64, u32, i32, u16, u8, data, offset, length, wire_len, now, csum_ok,
-                t_vni, a_t, a_hi, a_lo, a_w, m_t, m_mac, m_lo, m_w, w_mac,
-                commit, ct, tix, owner, src_w, dst_w, src_id, verdict, reason, rule, level,
-                ent_tmp, dir_tmp, pending, slow,
-                vnis, c_verdict, c_reason, c_level, c_ct, c_rule, w_tx, w_rx, w_drop, c_tenant,
-                ctl):
+def fast_kernel(
+    ents,
+    ents_bytes,
+    slot_ent,
+    slot_hash,
+    free,
+    params,
+    u64,
+    u32,
+    i32,
+    u16,
+    u8,
+    data,
+    offset,
+    length,
+    wire_len,
+    now,
+    csum_ok,
+    t_vni,
+    a_t,
+    a_hi,
+    a_lo,
+    a_w,
+    m_t,
+    m_mac,
+    m_lo,
+    m_w,
+    w_mac,
+    commit,
+    ct,
+    tix,
+    owner,
+    src_w,
+    dst_w,
+    src_id,
+    verdict,
+    reason,
+    rule,
+    level,
+    ent_tmp,
+    dir_tmp,
+    pending,
+    slow,
+    vnis,
+    c_verdict,
+    c_reason,
+    c_level,
+    c_ct,
+    c_rule,
+    w_tx,
+    w_rx,
+    w_drop,
+    c_tenant,
+    ctl,
+):
     """Packets ``ctl[C_POS]..ctl[C_N]-1`` of a parsed batch, in chunks of ``ctl[C_BATCH]``.
 
     First call (``ctl[C_FIRST]``): every packet's tenant, workloads and source-MAC owner.
@@ -134,20 +199,56 @@ def fast_kernel(ents, ents_bytes, slot_ent, slot_hash, free, params,
     anti_spoof = ctl[C_ANTI_SPOOF] != 0
     count = ctl[C_COUNT] != 0
     nv = vnis.shape[0]
-    fast_on = ctl[C_FAST] != 0          # 0: every packet to the slow path (for comparison)
+    fast_on = ctl[C_FAST] != 0  # 0: every packet to the slow path (for comparison)
     pos = ctl[C_POS]
     ns = ctl[C_N_SLOW]
     while pos < n:
         cs = (pos // bs) * bs
         ce = min(cs + bs, n)
-        stop = KN.process_batch(ents, ents_bytes, slot_ent, slot_hash, free, params, u64, u32,
-                                i32, u16, u8, data, offset, length, wire_len, csum_ok, now,
-                                commit, pos, ce, ct)
+        stop = KN.process_batch(
+            ents,
+            ents_bytes,
+            slot_ent,
+            slot_hash,
+            free,
+            params,
+            u64,
+            u32,
+            i32,
+            u16,
+            u8,
+            data,
+            offset,
+            length,
+            wire_len,
+            csum_ok,
+            now,
+            commit,
+            pos,
+            ce,
+            ct,
+        )
         if stop < ce:
             # packet ``stop`` would open a connection: it and every later packet of the chunk
             # that has no connection and no verdict yet are judged as NEW by the caller
-            KN.lookup_batch(ents, slot_ent, slot_hash, params, u64, i32, u16, u8, data, offset,
-                            length, now, stop, ce, ent_tmp, dir_tmp)
+            KN.lookup_batch(
+                ents,
+                slot_ent,
+                slot_hash,
+                params,
+                u64,
+                i32,
+                u16,
+                u8,
+                data,
+                offset,
+                length,
+                now,
+                stop,
+                ce,
+                ent_tmp,
+                dir_tmp,
+            )
             k = 0
             pending[k] = stop
             k += 1
@@ -187,17 +288,31 @@ def fast_kernel(ents, ents_bytes, slot_ent, slot_hash, free, params,
                         r = V.R_ARP
                     else:
                         v, r = V.DROP, V.R_NON_IP
-                elif ipv == 6 and ((u64[B.SRC_HI, i] == 0 and (u64[B.SRC_LO, i] >> _SH32) == _MAPPED)
-                                   or (u64[B.DST_HI, i] == 0
-                                       and (u64[B.DST_LO, i] >> _SH32) == _MAPPED)):
+                elif ipv == 6 and (
+                    (u64[B.SRC_HI, i] == 0 and (u64[B.SRC_LO, i] >> _SH32) == _MAPPED)
+                    or (u64[B.DST_HI, i] == 0 and (u64[B.DST_LO, i] >> _SH32) == _MAPPED)
+                ):
                     v, r = V.DROP, V.R_MAPPED_ADDRESS
-                elif anti_spoof and i32[B.L2_OFF, i] >= 0 and (
-                        (src_w[i] >= 0 and w_mac[src_w[i]] >= 0
-                         and np.uint64(w_mac[src_w[i]]) != u64[B.ETH_SRC, i])
-                        or (owner[i] >= 0 and owner[i] != src_w[i])):
+                elif (
+                    anti_spoof
+                    and i32[B.L2_OFF, i] >= 0
+                    and (
+                        (
+                            src_w[i] >= 0
+                            and w_mac[src_w[i]] >= 0
+                            and np.uint64(w_mac[src_w[i]]) != u64[B.ETH_SRC, i]
+                        )
+                        or (owner[i] >= 0 and owner[i] != src_w[i])
+                    )
+                ):
                     v, r = V.DROP, V.R_SPOOFED
-                elif ipv == 6 and u8[B.PROTO, i] == 58 and (u8[B.FLAGS, i] & B.F_ICMP) and \
-                        u8[B.ICMP_TYPE, i] >= 133 and u8[B.ICMP_TYPE, i] <= 136:
+                elif (
+                    ipv == 6
+                    and u8[B.PROTO, i] == 58
+                    and (u8[B.FLAGS, i] & B.F_ICMP)
+                    and u8[B.ICMP_TYPE, i] >= 133
+                    and u8[B.ICMP_TYPE, i] <= 136
+                ):
                     r = V.R_ND
                 elif c & CS.INVALID:
                     v, r = V.DROP, V.R_INVALID
@@ -210,7 +325,7 @@ def fast_kernel(ents, ents_bytes, slot_ent, slot_hash, free, params,
                 rule[i] = -1
                 level[i] = L_STATE
             elif not (commit[i] >= 0 and c == _NEW):
-                slow[ns] = i            # the policy's rules decide (caches first)
+                slow[ns] = i  # the policy's rules decide (caches first)
                 ns += 1
                 continue
             if count:

@@ -4,6 +4,7 @@ ones answered towards the sender, dropped ones nothing.
 :class:`Forwarder` reads the parsed keys that travel with a :class:`~.datapath.BatchResult`
 (``res.keys``), so no packet is parsed twice.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -21,6 +22,7 @@ def reject_reply(packet: bytes, keys_row: dict) -> bytes | None:
     "administratively prohibited" unreachable (ICMPv6 type 1 code 1) quoting the packet. None
     for what must never be answered (a RST, an ICMP error, a non-first fragment)."""
     from ..packet import build as PB
+
     k = keys_row
     src = B.addr_to_text(k["src_hi"], k["src_lo"])
     dst = B.addr_to_text(k["dst_hi"], k["dst_lo"])
@@ -37,11 +39,12 @@ def reject_reply(packet: bytes, keys_row: dict) -> bytes | None:
         else:
             seglen = max(0, k["payload_len"]) + (1 if flags & 0x02 else 0) + (1 if flags & 0x01 else 0)
             seq, ack, fl = 0, (k["tcp_seq"] + seglen) & 0xFFFFFFFF, "RA"
-        return PB.tcp_packet(dst, src, k["dport"], k["sport"], flags=fl, seq=seq, ack=ack, win=0,
-                             eth_src=mac_b, eth_dst=mac_a)
+        return PB.tcp_packet(
+            dst, src, k["dport"], k["sport"], flags=fl, seq=seq, ack=ack, win=0, eth_src=mac_b, eth_dst=mac_a
+        )
     if k["flags"] & B.F_ICMP_ERR:
         return None
-    ip_pkt = packet[k["l3_off"]:] if k["l3_off"] >= 0 else b""
+    ip_pkt = packet[k["l3_off"] :] if k["l3_off"] >= 0 else b""
     if k["ip_ver"] == 4:
         if k["flags"] & B.F_ICMP and k["icmp_type"] not in (0, 8, 13, 14):
             return None
@@ -68,8 +71,9 @@ class Forwarder:
     (ESP tunnel mode towards the other site), bypass, or discard.
     """
 
-    def __init__(self, policy: CompiledPolicy, tunnel: str = "vxlan", local_address: str | None = None,
-                 gateway=None):
+    def __init__(
+        self, policy: CompiledPolicy, tunnel: str = "vxlan", local_address: str | None = None, gateway=None
+    ):
         model = policy.policy
         self.host_addr = [h.address for h in model.hosts]
         index = {h.name: i for i, h in enumerate(model.hosts)}
@@ -77,9 +81,14 @@ class Forwarder:
         self.vni = {t.name: t.vni for t in model.tenants}
         self.tunnel = tunnel
         self.local = local_address or (self.host_addr[0] if self.host_addr else "192.0.2.1")
-        self.gateway = gateway          # microseg.ipsec EspGateway: its SPD picks what leaves in ESP
-        self.counters = {"forwarded": 0, "forwarded_plain": 0, "rejects_sent": 0, "esp_sent": 0,
-                         "ipsec_dropped": 0}
+        self.gateway = gateway  # microseg.ipsec EspGateway: its SPD picks what leaves in ESP
+        self.counters = {
+            "forwarded": 0,
+            "forwarded_plain": 0,
+            "rejects_sent": 0,
+            "esp_sent": 0,
+            "ipsec_dropped": 0,
+        }
 
     def _host(self, w: np.ndarray) -> np.ndarray:
         out = np.full(w.shape[0], -1, np.int32)
@@ -91,8 +100,10 @@ class Forwarder:
         """The frames that leave for ``batch`` and its results ``res`` (a
         :class:`~.datapath.BatchResult`, whose ``keys`` are the batch's parsed headers)."""
         from ..overlay import encap
-        keys = res.keys if getattr(res, "keys", None) is not None and res.keys.n == len(batch) \
-            else parse(batch)
+
+        keys = (
+            res.keys if getattr(res, "keys", None) is not None and res.keys.n == len(batch) else parse(batch)
+        )
         allowed = np.flatnonzero(res.verdict == V.ALLOW)
         s_host = self._host(res.src_workload)
         d_host = self._host(res.dst_workload)
@@ -101,7 +112,7 @@ class Forwarder:
         inner_len = np.asarray(batch.length) - np.maximum(keys.l2_off, 0)
         tenant = keys.tenant
         # tunnelled towards a workload's host, grouped by (outer source, outer destination)
-        raw = batch.linktype != B.LINK_ETHERNET          # raw IP in, raw IP out (no overlay)
+        raw = batch.linktype != B.LINK_ETHERNET  # raw IP in, raw IP out (no overlay)
         tun = allowed[(d_host[allowed] >= 0) & (keys.l2_off[allowed] >= 0)] if not raw else allowed[:0]
         plain = np.setdiff1d(allowed, tun, assume_unique=True)
         if tun.size:
@@ -109,17 +120,32 @@ class Forwarder:
             host_addr = np.array(self.host_addr + [""], dtype=object)
             for sh in np.unique(s_host[tun]).tolist():
                 rows = tun[s_host[tun] == sh]
-                inner = Batch(batch.data, inner_off[rows], inner_len[rows].astype(np.int32),
-                              inner_len[rows].astype(np.int32), batch.port[rows], batch.ts[rows])
+                inner = Batch(
+                    batch.data,
+                    inner_off[rows],
+                    inner_len[rows].astype(np.int32),
+                    inner_len[rows].astype(np.int32),
+                    batch.port[rows],
+                    batch.ts[rows],
+                )
                 src = self.host_addr[sh] if sh >= 0 else self.local
-                out_parts.append(encap(inner, self.tunnel, np.maximum(tenant[rows], 0), src,
-                                       list(host_addr[d_host[rows]])))
+                out_parts.append(
+                    encap(inner, self.tunnel, np.maximum(tenant[rows], 0), src, list(host_addr[d_host[rows]]))
+                )
             self.counters["forwarded"] += int(tun.size)
         if plain.size:
             rows = plain
-            out_parts.append(Batch(batch.data, inner_off[rows], inner_len[rows].astype(np.int32),
-                                   inner_len[rows].astype(np.int32), batch.port[rows], batch.ts[rows],
-                                   batch.linktype))
+            out_parts.append(
+                Batch(
+                    batch.data,
+                    inner_off[rows],
+                    inner_len[rows].astype(np.int32),
+                    inner_len[rows].astype(np.int32),
+                    batch.port[rows],
+                    batch.ts[rows],
+                    batch.linktype,
+                )
+            )
             self.counters["forwarded_plain"] += int(plain.size)
         rej = np.flatnonzero(res.verdict == V.REJECT)
         if rej.size:
@@ -127,7 +153,7 @@ class Forwarder:
             for i in rej.tolist():
                 pkt = batch.packet(i)
                 k = keys.row(i)
-                inner = pkt[max(k["l2_off"], 0):]
+                inner = pkt[max(k["l2_off"], 0) :]
                 k2 = dict(k)
                 if k["l2_off"] > 0:
                     for f in ("l3_off", "l4_off", "payload_off"):
@@ -148,8 +174,15 @@ class Forwarder:
                     sel = np.flatnonzero(back == h)
                     sub = rb if sel.size == len(rb) else rb.select(sel)
                     if h >= 0 and not raw:
-                        out_parts.append(encap(sub, self.tunnel, np.maximum(tenant[rows[sel]], 0),
-                                               self.local, self.host_addr[h]))
+                        out_parts.append(
+                            encap(
+                                sub,
+                                self.tunnel,
+                                np.maximum(tenant[rows[sel]], 0),
+                                self.local,
+                                self.host_addr[h],
+                            )
+                        )
                     else:
                         out_parts.append(sub)
                 self.counters["rejects_sent"] += len(replies)

@@ -11,6 +11,7 @@ caches and its fast path: the tests feed both the same packets, cut into batches
 places, and compare verdict, reason and conntrack state packet by packet. Inspection
 (signatures) is not modelled: compare with a datapath that has no signatures.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -30,8 +31,9 @@ _NEW = ctstate.TRACKED | ctstate.NEW
 class ReferenceDatapath:
     """Per-packet model of :class:`~microseg.datapath.Datapath` for one compiled policy."""
 
-    def __init__(self, compiled, *, timeouts: dict | None = None, checksum: bool = True,
-                 cut_revoked: bool = True):
+    def __init__(
+        self, compiled, *, timeouts: dict | None = None, checksum: bool = True, cut_revoked: bool = True
+    ):
         self.compiled = compiled
         self.ref = Reference(compiled.policy)
         self.index = {id(w): i for i, w in enumerate(compiled.policy.workloads)}
@@ -45,12 +47,23 @@ class ReferenceDatapath:
         tenant = -1 if c.zone == self.conntrack.default_zone else c.zone
         icmp = c.proto in (K.IPPROTO_ICMP, K.IPPROTO_ICMPV6)
         ver = 4 if c.src[0] == 0 and (c.src[1] >> 32) == 0xFFFF else 6
-        row = {"error": 0, "tenant": tenant, "ip_ver": ver, "l2_off": -1, "eth_src": 0,
-               "src_hi": c.src[0], "src_lo": c.src[1], "dst_hi": c.dst[0], "dst_lo": c.dst[1],
-               "proto": c.proto, "sport": 0 if icmp else c.sport, "dport": 0 if icmp else c.dport,
-               "icmp_type": c.icmp_type if icmp else 0, "icmp_code": c.icmp_code if icmp else 0,
-               "flags": B.F_ICMP if icmp else (B.F_PORTS if c.proto in (6, 17, 132, 33, 136)
-                                               else 0)}
+        row = {
+            "error": 0,
+            "tenant": tenant,
+            "ip_ver": ver,
+            "l2_off": -1,
+            "eth_src": 0,
+            "src_hi": c.src[0],
+            "src_lo": c.src[1],
+            "dst_hi": c.dst[0],
+            "dst_lo": c.dst[1],
+            "proto": c.proto,
+            "sport": 0 if icmp else c.sport,
+            "dport": 0 if icmp else c.dport,
+            "icmp_type": c.icmp_type if icmp else 0,
+            "icmp_code": c.icmp_code if icmp else 0,
+            "flags": B.F_ICMP if icmp else (B.F_PORTS if c.proto in (6, 17, 132, 33, 136) else 0),
+        }
         return ref.decide_row(row, _NEW).verdict == V.ALLOW
 
     def swap_policy(self, new) -> int:
@@ -70,9 +83,13 @@ class ReferenceDatapath:
     def process(self, batch) -> dict:
         """``verdict``, ``reason``, ``ct``, ``src_workload``, ``dst_workload`` per packet."""
         n = len(batch)
-        out = {"verdict": np.zeros(n, np.uint8), "reason": np.zeros(n, np.uint8),
-               "ct": np.zeros(n, np.uint8), "src_workload": np.full(n, -1, np.int32),
-               "dst_workload": np.full(n, -1, np.int32)}
+        out = {
+            "verdict": np.zeros(n, np.uint8),
+            "reason": np.zeros(n, np.uint8),
+            "ct": np.zeros(n, np.uint8),
+            "src_workload": np.full(n, -1, np.int32),
+            "dst_workload": np.full(n, -1, np.int32),
+        }
         for i in range(n):
             one = batch.slice(i, i + 1)
             keys = parse_batch_ref(one)

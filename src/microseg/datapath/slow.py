@@ -9,6 +9,7 @@ MAC, :func:`.fast.source_identity`) in the ``in_port`` field, because port secur
 of the decision and a cached answer must not serve a frame with another source MAC. A cached
 value packs the verdict and its reason in one byte (``verdict | reason << 2``).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -30,8 +31,10 @@ def megaflow_mask(policy: CompiledPolicy) -> np.ndarray:
     rs = policy.ruleset
     m = np.full(W, np.uint64(0xFFFFFFFFFFFFFFFF), np.uint64)
     l4 = int(m[K_L4])
-    sport_used = len(rs) and (bool(np.any(rs.mask[:, K_L4] & np.uint64(0xFFFF << SH_SPORT)))
-                              or bool(np.any((rs.ports[:, 0] > 0) | (rs.ports[:, 1] < 65535))))
+    sport_used = len(rs) and (
+        bool(np.any(rs.mask[:, K_L4] & np.uint64(0xFFFF << SH_SPORT)))
+        or bool(np.any((rs.ports[:, 0] > 0) | (rs.ports[:, 1] < 65535)))
+    )
     flags_used = len(rs) and bool(np.any(rs.mask[:, K_L4] & np.uint64(0xFF << SH_TCP_FLAGS)))
     if not sport_used:
         l4 &= ~(0xFFFF << SH_SPORT)
@@ -80,8 +83,14 @@ def subset(keys: FlowKeys, idx: np.ndarray, out: FlowKeys) -> FlowKeys:
 class SlowPath:
     """Caches (optional) in front of the compiled policy, for rows of a batch."""
 
-    def __init__(self, policy: CompiledPolicy, caches: bool = True, emc_entries: int = 65536,
-                 megaflow_entries: int = 65536, batch_size: int = 1024):
+    def __init__(
+        self,
+        policy: CompiledPolicy,
+        caches: bool = True,
+        emc_entries: int = 65536,
+        megaflow_entries: int = 65536,
+        batch_size: int = 1024,
+    ):
         self.policy = policy
         self.emc = ExactMatchCache(emc_entries, version=policy.version) if caches else None
         self.megaflow = MegaflowCache(megaflow_entries, version=policy.version) if caches else None
@@ -96,8 +105,9 @@ class SlowPath:
             self.emc.revalidate(new.version)
             self.megaflow.revalidate(new.version)
 
-    def decide(self, keys: FlowKeys, rows: np.ndarray, ct_rows: np.ndarray, src_id: np.ndarray,
-               res, level) -> None:
+    def decide(
+        self, keys: FlowKeys, rows: np.ndarray, ct_rows: np.ndarray, src_id: np.ndarray, res, level
+    ) -> None:
         """Answer packets ``rows`` (indices into the batch; conntrack bits ``ct_rows``, one per
         row) into ``res`` (a :class:`~.datapath.BatchResult`): from the caches where they
         hold the answer, else from the policy (one call for every miss), whose answers to

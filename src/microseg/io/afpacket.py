@@ -39,6 +39,7 @@ The traps such a port must handle:
   ring is set up, and only then is it bound to the interface with ``ETH_P_ALL``, so no frame
   of another interface slips in between.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -68,8 +69,16 @@ from ..packet.batch import (
 )
 from ..packet.checksum import csum_fold, csum_partial
 
-__all__ = ["AfPacketPort", "RxBurst", "complete_l4_checksums", "walk_blocks", "interface_mtu",
-           "TP_STATUS_CSUMNOTREADY", "TP_STATUS_CSUM_VALID", "TP_STATUS_VLAN_VALID"]
+__all__ = [
+    "AfPacketPort",
+    "RxBurst",
+    "complete_l4_checksums",
+    "walk_blocks",
+    "interface_mtu",
+    "TP_STATUS_CSUMNOTREADY",
+    "TP_STATUS_CSUM_VALID",
+    "TP_STATUS_VLAN_VALID",
+]
 
 SOL_PACKET = 263
 PACKET_ADD_MEMBERSHIP = 1
@@ -105,8 +114,9 @@ BLK_STATUS, BLK_NUM_PKTS, BLK_FIRST = 8, 12, 16
 # ---------------------------------------------------------------------------------------------
 @njit(cache=True, inline="always")
 def _u32(d, p):
-    return (np.int64(d[p]) | (np.int64(d[p + 1]) << 8) | (np.int64(d[p + 2]) << 16)
-            | (np.int64(d[p + 3]) << 24))
+    return (
+        np.int64(d[p]) | (np.int64(d[p + 1]) << 8) | (np.int64(d[p + 2]) << 16) | (np.int64(d[p + 3]) << 24)
+    )
 
 
 @njit(cache=True)
@@ -148,8 +158,8 @@ class RxBurst:
     the kernel's per-frame status word and what the port makes of it."""
 
     batch: Batch
-    status: np.ndarray          # uint32 tp_status per frame
-    vlan_tci: np.ndarray        # uint32 tp_vlan_tci (meaningful where TP_STATUS_VLAN_VALID)
+    status: np.ndarray  # uint32 tp_status per frame
+    vlan_tci: np.ndarray  # uint32 tp_vlan_tci (meaningful where TP_STATUS_VLAN_VALID)
     mtu: int
 
     @property
@@ -176,10 +186,15 @@ class _IoVec(ctypes.Structure):
 
 
 class _MsgHdr(ctypes.Structure):
-    _fields_ = [("name", ctypes.c_void_p), ("namelen", ctypes.c_uint32),
-                ("iov", ctypes.c_void_p), ("iovlen", ctypes.c_size_t),
-                ("control", ctypes.c_void_p), ("controllen", ctypes.c_size_t),
-                ("flags", ctypes.c_int)]
+    _fields_ = [
+        ("name", ctypes.c_void_p),
+        ("namelen", ctypes.c_uint32),
+        ("iov", ctypes.c_void_p),
+        ("iovlen", ctypes.c_size_t),
+        ("control", ctypes.c_void_p),
+        ("controllen", ctypes.c_size_t),
+        ("flags", ctypes.c_int),
+    ]
 
 
 class _MMsgHdr(ctypes.Structure):
@@ -219,28 +234,54 @@ class AfPacketPort:
     ring adds when traffic is light). Not thread-safe; one reader.
     """
 
-    def __init__(self, ifname: str, port_id: int = 0, *, block_size: int = 1 << 17,
-                 block_count: int = 32, frame_size: int = 2048, retire_ms: int = 1,
-                 promiscuous: bool = True):
+    def __init__(
+        self,
+        ifname: str,
+        port_id: int = 0,
+        *,
+        block_size: int = 1 << 17,
+        block_count: int = 32,
+        frame_size: int = 2048,
+        retire_ms: int = 1,
+        promiscuous: bool = True,
+    ):
         self.ifname = ifname
         self.port_id = int(port_id)
         self.block_size = int(block_size)
         self.block_count = int(block_count)
         self.mtu = interface_mtu(ifname)
-        self.counters = {"rx_packets": 0, "rx_bytes": 0, "tx_packets": 0, "tx_bytes": 0,
-                         "tx_errors": 0, "rx_csum_partial": 0}
-        sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)      # receives nothing yet
+        self.counters = {
+            "rx_packets": 0,
+            "rx_bytes": 0,
+            "tx_packets": 0,
+            "tx_bytes": 0,
+            "tx_errors": 0,
+            "rx_csum_partial": 0,
+        }
+        sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)  # receives nothing yet
         try:
             sock.setsockopt(SOL_PACKET, PACKET_VERSION, TPACKET_V3)
             try:
                 sock.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)
-            except OSError:     # kernels before 4.20; our own frames are then filtered by type
+            except OSError:  # kernels before 4.20; our own frames are then filtered by type
                 pass
-            req = struct.pack("7I", self.block_size, self.block_count, frame_size,
-                              self.block_size * self.block_count // frame_size, int(retire_ms), 0, 0)
+            req = struct.pack(
+                "7I",
+                self.block_size,
+                self.block_count,
+                frame_size,
+                self.block_size * self.block_count // frame_size,
+                int(retire_ms),
+                0,
+                0,
+            )
             sock.setsockopt(SOL_PACKET, PACKET_RX_RING, req)
-            self._mm = mmap.mmap(sock.fileno(), self.block_size * self.block_count,
-                                 mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            self._mm = mmap.mmap(
+                sock.fileno(),
+                self.block_size * self.block_count,
+                mmap.MAP_SHARED,
+                mmap.PROT_READ | mmap.PROT_WRITE,
+            )
             sock.bind((ifname, ETH_P_ALL))
             self.ifindex = socket.if_nametoindex(ifname)
             self.mac = sock.getsockname()[4]
@@ -255,9 +296,15 @@ class AfPacketPort:
         self._ring32 = np.frombuffer(self._mm, dtype=np.uint32)
         self._cur = 0
         self._held: list[int] = []
-        cap = self.block_size * self.block_count // 64 + 1          # more than can ever fit
-        self._cols = (np.empty(cap, np.int64), np.empty(cap, np.int32), np.empty(cap, np.int32),
-                      np.empty(cap, np.int64), np.empty(cap, np.uint32), np.empty(cap, np.uint32))
+        cap = self.block_size * self.block_count // 64 + 1  # more than can ever fit
+        self._cols = (
+            np.empty(cap, np.int64),
+            np.empty(cap, np.int32),
+            np.empty(cap, np.int32),
+            np.empty(cap, np.int64),
+            np.empty(cap, np.uint32),
+            np.empty(cap, np.uint32),
+        )
 
     # -- receive --------------------------------------------------------------------------------
     def fileno(self) -> int:
@@ -287,8 +334,9 @@ class AfPacketPort:
         off, ln, wl, ts, st, vl = self._cols
         n = walk_blocks(self.ring, np.asarray(blocks, np.int64), off, ln, wl, ts, st, vl)
         port = np.full(n, self.port_id, np.uint16)
-        batch = Batch(self.ring, off[:n].copy(), ln[:n].copy(), wl[:n].copy(), port, ts[:n].copy(),
-                      LINK_ETHERNET)
+        batch = Batch(
+            self.ring, off[:n].copy(), ln[:n].copy(), wl[:n].copy(), port, ts[:n].copy(), LINK_ETHERNET
+        )
         burst = RxBurst(batch, st[:n].copy(), vl[:n].copy(), self.mtu)
         self.counters["rx_packets"] += n
         self.counters["rx_bytes"] += int(batch.wire_len.sum(dtype=np.int64))
@@ -340,7 +388,7 @@ class AfPacketPort:
                 if err == errno.EINTR:
                     continue
                 self.counters["tx_errors"] += 1
-                i += 1              # the frame at i was refused: skip it, send the rest
+                i += 1  # the frame at i was refused: skip it, send the rest
                 continue
             sent += r
             i += r
@@ -366,7 +414,7 @@ class AfPacketPort:
         self.ring = self._ring32 = None
         try:
             self._mm.close()
-        except (BufferError, ValueError):     # a batch still references the ring: let GC do it
+        except (BufferError, ValueError):  # a batch still references the ring: let GC do it
             pass
         self.sock.close()
 
@@ -432,5 +480,15 @@ def complete_l4_checksums(batch: Batch, keys, rows) -> int:
     rows = np.asarray(rows, np.int64)
     if rows.size == 0:
         return 0
-    return int(_complete(batch.data, np.asarray(batch.offset, np.int64), np.asarray(batch.length),
-                         rows, keys.u32, keys.u16, keys.i32, keys.u8))
+    return int(
+        _complete(
+            batch.data,
+            np.asarray(batch.offset, np.int64),
+            np.asarray(batch.length),
+            rows,
+            keys.u32,
+            keys.u16,
+            keys.i32,
+            keys.u8,
+        )
+    )

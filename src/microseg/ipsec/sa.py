@@ -355,8 +355,9 @@ def parse_policy(entry, i: int, names: set, path: str | None = None) -> Policy:
         proto = _int(proto, f"{where}.proto", path, 0, 255, at("proto"))
     sa = entry.get("sa")
     if sa is not None and not isinstance(sa, str):
-        raise InputError(f"{where}.sa: must be the name of an SA, not {type(sa).__name__}",
-                         path=path, line=at("sa"))
+        raise InputError(
+            f"{where}.sa: must be the name of an SA, not {type(sa).__name__}", path=path, line=at("sa")
+        )
     action = entry.get("action", "protect" if sa is not None else None)
     if not isinstance(action, str) or action not in _ACTIONS:
         raise InputError(

@@ -13,6 +13,7 @@ Per batch, after the policy verdict (sans-IO)::
     res = inspector.process(batch, flowkeys, kmat, valid, allowed & ~hit, ct_state)
     # res.drop: blocked by a signature; res.offered / res.outcome: offload attempts
 """
+
 from .handoff import FlowInspector, HandoffResult
 from .inspect import SignatureSet, uninspectable
 from .table import FastPathTable

@@ -22,6 +22,7 @@ A flow in an offered state is offered to the :class:`~microseg.offload.table.Fas
 inspected path to be offered again with a later packet. Only packets the policy allowed reach
 this stage; a packet the policy dropped never creates flow state.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -38,28 +39,70 @@ INSPECTING, CLEAN, PASSED, ENCRYPTED, ELEPHANT, ALERTED, BLOCKED = range(7)
 STATE_NAMES = ("inspecting", "clean", "passed", "encrypted", "elephant", "alerted", "blocked")
 _OFFERABLE = (CLEAN, PASSED, ENCRYPTED, ELEPHANT)
 
-COUNTERS = ("packets", "inspected", "dropped", "alerted_packets", "encrypted_packets", "offers",
-            "offers_accepted", "flows_created", "flows_evicted", "flows_removed")
-(C_PKTS, C_INSPECTED, C_DROPPED, C_ALERTED, C_ENCRYPTED, C_OFFERS, C_ACCEPTED, C_CREATED,
- C_EVICTED, C_REMOVED) = range(len(COUNTERS))
+COUNTERS = (
+    "packets",
+    "inspected",
+    "dropped",
+    "alerted_packets",
+    "encrypted_packets",
+    "offers",
+    "offers_accepted",
+    "flows_created",
+    "flows_evicted",
+    "flows_removed",
+)
+(
+    C_PKTS,
+    C_INSPECTED,
+    C_DROPPED,
+    C_ALERTED,
+    C_ENCRYPTED,
+    C_OFFERS,
+    C_ACCEPTED,
+    C_CREATED,
+    C_EVICTED,
+    C_REMOVED,
+) = range(len(COUNTERS))
 
 
 @dataclass
 class HandoffResult:
     """Per-packet results (arrays of the batch's length)."""
 
-    drop: np.ndarray        # bool: dropped here (signature drop, or a blocked flow)
-    inspected: np.ndarray   # bool: payload went through the signatures
-    verdict: np.ndarray     # uint8: inspection verdict (inspect.NONE/PASS/ALERT/DROP)
-    sid: np.ndarray         # int64: deciding rule's sid (0 none)
-    encrypted: np.ndarray   # uint8: inspect.ENC_* reason (inspected rows only)
-    offered: np.ndarray     # bool: this packet offered its flow to the fast path
-    outcome: np.ndarray     # uint8: table.OFFER_* for offered rows, 255 otherwise
+    drop: np.ndarray  # bool: dropped here (signature drop, or a blocked flow)
+    inspected: np.ndarray  # bool: payload went through the signatures
+    verdict: np.ndarray  # uint8: inspection verdict (inspect.NONE/PASS/ALERT/DROP)
+    sid: np.ndarray  # int64: deciding rule's sid (0 none)
+    encrypted: np.ndarray  # uint8: inspect.ENC_* reason (inspected rows only)
+    offered: np.ndarray  # bool: this packet offered its flow to the fast path
+    outcome: np.ndarray  # uint8: table.OFFER_* for offered rows, 255 otherwise
 
 
 @njit(cache=True)
-def _admit(fk, fh, rows, wire_len, n_inspect, keys, tag, mid, stamp, state, n_insp, pkts, byts, sid,
-           nb, ways, clock, slot_of, need, seq, cum, ctr):
+def _admit(
+    fk,
+    fh,
+    rows,
+    wire_len,
+    n_inspect,
+    keys,
+    tag,
+    mid,
+    stamp,
+    state,
+    n_insp,
+    pkts,
+    byts,
+    sid,
+    nb,
+    ways,
+    clock,
+    slot_of,
+    need,
+    seq,
+    cum,
+    ctr,
+):
     for j in range(rows.shape[0]):
         i = rows[j]
         s = find_slot(keys, tag, mid, nb, ways, fh[i], 0, fk[i])
@@ -99,8 +142,25 @@ def _admit(fk, fh, rows, wire_len, n_inspect, keys, tag, mid, stamp, state, n_in
 
 
 @njit(cache=True)
-def _decide(rows, slot_of, need, seq, cum, verdict, enc, sids, n_inspect, elephant_bytes, state, sid,
-            batch_mark, clock, drop, offer, ctr):
+def _decide(
+    rows,
+    slot_of,
+    need,
+    seq,
+    cum,
+    verdict,
+    enc,
+    sids,
+    n_inspect,
+    elephant_bytes,
+    state,
+    sid,
+    batch_mark,
+    clock,
+    drop,
+    offer,
+    ctr,
+):
     for j in range(rows.shape[0]):
         i = rows[j]
         s = slot_of[j]
@@ -152,8 +212,15 @@ class FlowInspector:
     the state table (least recently seen flows are evicted: they start inspection again).
     """
 
-    def __init__(self, signatures: SignatureSet | None = None, table: FastPathTable | None = None,
-                 n_inspect: int = 8, elephant_bytes: int = 1 << 20, flows: int = 1 << 18, ways: int = 8):
+    def __init__(
+        self,
+        signatures: SignatureSet | None = None,
+        table: FastPathTable | None = None,
+        n_inspect: int = 8,
+        elephant_bytes: int = 1 << 20,
+        flows: int = 1 << 18,
+        ways: int = 8,
+    ):
         if n_inspect < 1:
             raise ValueError("n_inspect must be at least 1")
         self.signatures = signatures
@@ -176,9 +243,15 @@ class FlowInspector:
         not served by the fast path). ``flow``: the table's ``flow_keys(kmat, valid)`` if
         already computed. Offers flows to the table with the packets' timestamps."""
         n = keys.n
-        res = HandoffResult(np.zeros(n, np.bool_), np.zeros(n, np.bool_), np.zeros(n, np.uint8),
-                            np.zeros(n, np.int64), np.zeros(n, np.uint8), np.zeros(n, np.bool_),
-                            np.full(n, 255, np.uint8))
+        res = HandoffResult(
+            np.zeros(n, np.bool_),
+            np.zeros(n, np.bool_),
+            np.zeros(n, np.uint8),
+            np.zeros(n, np.int64),
+            np.zeros(n, np.uint8),
+            np.zeros(n, np.bool_),
+            np.full(n, 255, np.uint8),
+        )
         rows = np.flatnonzero(np.asarray(allowed[:n], bool) & np.asarray(valid[:n], bool)).astype(np.int64)
         if rows.size == 0:
             return res
@@ -191,8 +264,30 @@ class FlowInspector:
         t = self.t
         clock = np.uint64(self._clock)
         self._clock += 1
-        _admit(fk, fh, rows, wire, self.n_inspect, t.keys, t.tag, t.mid, t.stamp, self.state, self.n_insp,
-               self.pkts, self.byts, self.sid, t.n_buckets, t.ways, clock, slot_of, need, seq, cum, self.counters)
+        _admit(
+            fk,
+            fh,
+            rows,
+            wire,
+            self.n_inspect,
+            t.keys,
+            t.tag,
+            t.mid,
+            t.stamp,
+            self.state,
+            self.n_insp,
+            self.pkts,
+            self.byts,
+            self.sid,
+            t.n_buckets,
+            t.ways,
+            clock,
+            slot_of,
+            need,
+            seq,
+            cum,
+            self.counters,
+        )
         irows = rows[need]
         if irows.size:
             if self.signatures is not None:
@@ -200,8 +295,25 @@ class FlowInspector:
                 res.verdict[:], res.sid[:], res.encrypted[:] = r.verdict, r.sid, r.encrypted
             else:
                 res.encrypted[:] = uninspectable(batch, keys, irows)
-        _decide(rows, slot_of, need, seq, cum, res.verdict, res.encrypted, res.sid, self.n_inspect,
-                self.elephant_bytes, self.state, self.sid, self.mark, clock, res.drop, res.offered, self.counters)
+        _decide(
+            rows,
+            slot_of,
+            need,
+            seq,
+            cum,
+            res.verdict,
+            res.encrypted,
+            res.sid,
+            self.n_inspect,
+            self.elephant_bytes,
+            self.state,
+            self.sid,
+            self.mark,
+            clock,
+            res.drop,
+            res.offered,
+            self.counters,
+        )
         res.inspected[rows[need]] = True
         self.counters[C_PKTS] += rows.size
         self.counters[C_INSPECTED] += int(np.count_nonzero(need))
@@ -218,8 +330,18 @@ class FlowInspector:
         rows = np.arange(kmat.shape[0]) if rows is None else _rows(rows, kmat.shape[0])
         rows = rows[np.asarray(valid)[rows]]
         fk, fh = self.table.flow_keys(kmat, valid)
-        n = int(remove_slots(fk, fh, rows.astype(np.int64), self.t.keys, self.t.tag, self.t.mid,
-                           self.t.n_buckets, self.t.ways))
+        n = int(
+            remove_slots(
+                fk,
+                fh,
+                rows.astype(np.int64),
+                self.t.keys,
+                self.t.tag,
+                self.t.mid,
+                self.t.n_buckets,
+                self.t.ways,
+            )
+        )
         self.counters[C_REMOVED] += n
         self.table.remove(kmat, valid, rows)
         return n
@@ -231,7 +353,9 @@ class FlowInspector:
     def stats(self) -> dict:
         d = {name: int(v) for name, v in zip(COUNTERS, self.counters)}
         live = self.t.tag != 0
-        d["flows"] = {STATE_NAMES[s]: int(np.count_nonzero(live & (self.state == s))) for s in range(len(STATE_NAMES))}
+        d["flows"] = {
+            STATE_NAMES[s]: int(np.count_nonzero(live & (self.state == s))) for s in range(len(STATE_NAMES))
+        }
         d["table"] = self.table.stats()
         return d
 

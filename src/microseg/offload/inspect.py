@@ -20,6 +20,7 @@ action the rule with the lowest ``priority`` value, then the earliest in the fil
 ``sid``. Rules the parser cannot handle raise :class:`~microseg.errors.InputError` naming file
 and line (or, with ``strict=False``, are skipped and listed in ``SignatureSet.skipped``).
 """
+
 from __future__ import annotations
 
 import ipaddress
@@ -49,14 +50,30 @@ _V4 = 0xFFFF << 32
 DEFAULT_VARS = {
     "HOME_NET": "[192.168.0.0/16,10.0.0.0/8,172.16.0.0/12]",
     "EXTERNAL_NET": "!$HOME_NET",
-    "HTTP_SERVERS": "$HOME_NET", "SMTP_SERVERS": "$HOME_NET", "SQL_SERVERS": "$HOME_NET",
-    "DNS_SERVERS": "$HOME_NET", "TELNET_SERVERS": "$HOME_NET", "AIM_SERVERS": "$EXTERNAL_NET",
-    "DC_SERVERS": "$HOME_NET", "DNP3_SERVER": "$HOME_NET", "DNP3_CLIENT": "$HOME_NET",
-    "MODBUS_CLIENT": "$HOME_NET", "MODBUS_SERVER": "$HOME_NET", "ENIP_CLIENT": "$HOME_NET",
+    "HTTP_SERVERS": "$HOME_NET",
+    "SMTP_SERVERS": "$HOME_NET",
+    "SQL_SERVERS": "$HOME_NET",
+    "DNS_SERVERS": "$HOME_NET",
+    "TELNET_SERVERS": "$HOME_NET",
+    "AIM_SERVERS": "$EXTERNAL_NET",
+    "DC_SERVERS": "$HOME_NET",
+    "DNP3_SERVER": "$HOME_NET",
+    "DNP3_CLIENT": "$HOME_NET",
+    "MODBUS_CLIENT": "$HOME_NET",
+    "MODBUS_SERVER": "$HOME_NET",
+    "ENIP_CLIENT": "$HOME_NET",
     "ENIP_SERVER": "$HOME_NET",
-    "HTTP_PORTS": "80", "SHELLCODE_PORTS": "!80", "ORACLE_PORTS": "1521", "SSH_PORTS": "22",
-    "DNP3_PORTS": "20000", "MODBUS_PORTS": "502", "FILE_DATA_PORTS": "[$HTTP_PORTS,110,143]",
-    "FTP_PORTS": "21", "GENEVE_PORTS": "6081", "VXLAN_PORTS": "4789", "TEREDO_PORTS": "3544",
+    "HTTP_PORTS": "80",
+    "SHELLCODE_PORTS": "!80",
+    "ORACLE_PORTS": "1521",
+    "SSH_PORTS": "22",
+    "DNP3_PORTS": "20000",
+    "MODBUS_PORTS": "502",
+    "FILE_DATA_PORTS": "[$HTTP_PORTS,110,143]",
+    "FTP_PORTS": "21",
+    "GENEVE_PORTS": "6081",
+    "VXLAN_PORTS": "4789",
+    "TEREDO_PORTS": "3544",
 }
 
 # Keywords accepted and kept only as metadata.
@@ -65,9 +82,12 @@ _META_KEYWORDS = {"classtype", "reference", "metadata", "gid", "target", "noaler
 _UNSUPPORTED_HINT = {
     "pcre": "regular expressions are not supported",
     "flowbits": "flowbits (state across rules) are not supported",
-    "byte_test": "byte_test is not supported", "byte_jump": "byte_jump is not supported",
-    "byte_extract": "byte_extract is not supported", "isdataat": "isdataat is not supported",
-    "threshold": "threshold is not supported", "detection_filter": "detection_filter is not supported",
+    "byte_test": "byte_test is not supported",
+    "byte_jump": "byte_jump is not supported",
+    "byte_extract": "byte_extract is not supported",
+    "isdataat": "isdataat is not supported",
+    "threshold": "threshold is not supported",
+    "detection_filter": "detection_filter is not supported",
     "rawbytes": "rawbytes is not supported",
 }
 
@@ -94,8 +114,8 @@ class Signature:
 
     action: int
     protos: tuple | None
-    src: tuple           # (include intervals, exclude intervals) over 128-bit addresses
-    sport: tuple         # (include ranges, exclude ranges) or None = any
+    src: tuple  # (include intervals, exclude intervals) over 128-bit addresses
+    sport: tuple  # (include ranges, exclude ranges) or None = any
     dst: tuple
     dport: tuple
     bidirectional: bool
@@ -104,7 +124,7 @@ class Signature:
     msg: str = ""
     priority: int = 3
     contents: list = field(default_factory=list)
-    flow_dir: int = 0    # 0 any, 1 to_server, 2 to_client
+    flow_dir: int = 0  # 0 any, 1 to_server, 2 to_client
     flow_state: int = 0  # 0 any, 1 established, 2 not_established
     dsize: tuple | None = None
     line: int = 0
@@ -183,7 +203,7 @@ def _parse_addr(text: str, variables: dict, seen=()):
             if i2 is None and not e2:
                 any_pos = True
             elif i2 is None:
-                exc += e2            # [!x, ...]: an item that is a pure negation
+                exc += e2  # [!x, ...]: an item that is a pure negation
             else:
                 inc += i2
                 exc += e2
@@ -203,7 +223,7 @@ def _parse_addr(text: str, variables: dict, seen=()):
     if neg:
         if inc is None and not exc:
             raise _RuleError("'!any' matches nothing")
-        if inc is None:          # !(any except X) = X
+        if inc is None:  # !(any except X) = X
             return list(exc), []
         if exc:
             raise _RuleError(f"negation of a list with exclusions is not supported: !{text}")
@@ -271,14 +291,14 @@ def _content_bytes(text: str) -> bytes:
             j = text.find("|", i + 1)
             if j < 0:
                 raise _RuleError("unterminated |hex| block in content")
-            hx = text[i + 1:j].replace(" ", "")
+            hx = text[i + 1 : j].replace(" ", "")
             if len(hx) % 2 or not re.fullmatch(r"[0-9A-Fa-f]*", hx):
-                raise _RuleError(f"bad hex in content: |{text[i + 1:j]}|")
+                raise _RuleError(f"bad hex in content: |{text[i + 1 : j]}|")
             out += bytes.fromhex(hx)
             i = j + 1
         elif ch == "\\":
             if i + 1 >= n or text[i + 1] not in '\\;":|':
-                raise _RuleError(f"bad escape in content near {text[i:i + 2]!r}")
+                raise _RuleError(f"bad escape in content near {text[i : i + 2]!r}")
             out.append(ord(text[i + 1]))
             i += 2
         elif ch in '";':
@@ -305,7 +325,7 @@ def _split_options(body: str) -> list[tuple[str, str | None]]:
             j += 1
         key = body[i:j].strip()
         if not key:
-            raise _RuleError(f"empty option near {body[i:i + 20]!r}")
+            raise _RuleError(f"empty option near {body[i : i + 20]!r}")
         if j >= n:
             raise _RuleError(f"option {key!r} is not terminated by ';'")
         if body[j] == ";":
@@ -316,7 +336,7 @@ def _split_options(body: str) -> list[tuple[str, str | None]]:
         while k < n:
             ch = body[k]
             if ch == "\\" and k + 1 < n:
-                val.append(body[k:k + 2])
+                val.append(body[k : k + 2])
                 k += 2
                 continue
             if ch == '"':
@@ -326,7 +346,9 @@ def _split_options(body: str) -> list[tuple[str, str | None]]:
             val.append(ch)
             k += 1
         if k >= n:
-            raise _RuleError(f"option {key!r} is not terminated by ';'" + (" (unclosed quote)" if inq else ""))
+            raise _RuleError(
+                f"option {key!r} is not terminated by ';'" + (" (unclosed quote)" if inq else "")
+            )
         opts.append((key, "".join(val).strip()))
         i = k + 1
     return opts
@@ -373,7 +395,7 @@ def parse_rule(text: str, variables: dict | None = None, line: int = 0) -> Signa
     p = text.find("(")
     if p < 0 or not text.endswith(")"):
         raise _RuleError("rule needs an option block '( ... )' at the end")
-    head, body = text[:p], text[p + 1:-1]
+    head, body = text[:p], text[p + 1 : -1]
     t = _header_tokens(head)
     if len(t) != 7:
         raise _RuleError(f"header needs 7 fields (action proto src sport dir dst dport), got {len(t)}")
@@ -381,14 +403,24 @@ def parse_rule(text: str, variables: dict | None = None, line: int = 0) -> Signa
     if action not in _ACTIONS:
         raise _RuleError(f"unsupported action {action!r} (supported: alert, drop, pass)")
     if proto not in _PROTOS:
-        raise _RuleError(f"unsupported protocol {proto!r} (supported: tcp, udp, icmp, ip; "
-                         "application-layer protocols are not)")
+        raise _RuleError(
+            f"unsupported protocol {proto!r} (supported: tcp, udp, icmp, ip; "
+            "application-layer protocols are not)"
+        )
     if direction not in ("->", "<>"):
         raise _RuleError(f"bad direction {direction!r} (use -> or <>)")
-    sig = Signature(action=_ACTIONS[action], protos=_PROTOS[proto],
-                    src=_parse_addr(src, variables), sport=_parse_port(sport, variables),
-                    dst=_parse_addr(dst, variables), dport=_parse_port(dport, variables),
-                    bidirectional=direction == "<>", sid=-1, line=line, text=text)
+    sig = Signature(
+        action=_ACTIONS[action],
+        protos=_PROTOS[proto],
+        src=_parse_addr(src, variables),
+        sport=_parse_port(sport, variables),
+        dst=_parse_addr(dst, variables),
+        dport=_parse_port(dport, variables),
+        bidirectional=direction == "<>",
+        sid=-1,
+        line=line,
+        text=text,
+    )
     if proto in ("icmp", "ip") and (sig.sport != (None, []) or sig.dport != (None, [])):
         raise _RuleError(f"ports given for protocol {proto!r}, which has none")
     last = None
@@ -417,7 +449,9 @@ def parse_rule(text: str, variables: dict | None = None, line: int = 0) -> Signa
                     raise _RuleError(f"{key} cannot be mixed with distance/within on one content")
                 setattr(last, key, _int(val, key, 0))
                 if key == "depth" and last.depth < len(last.pattern):
-                    raise _RuleError(f"depth {last.depth} is shorter than the content ({len(last.pattern)} bytes)")
+                    raise _RuleError(
+                        f"depth {last.depth} is shorter than the content ({len(last.pattern)} bytes)"
+                    )
             else:
                 if last.offset is not None or last.depth is not None:
                     raise _RuleError(f"{key} cannot be mixed with offset/depth on one content")
@@ -425,7 +459,9 @@ def parse_rule(text: str, variables: dict | None = None, line: int = 0) -> Signa
                     raise _RuleError(f"{key} needs a previous content to be relative to")
                 setattr(last, key, _int(val, key, 0 if key == "within" else None))
                 if key == "within" and last.within < len(last.pattern):
-                    raise _RuleError(f"within {last.within} is shorter than the content ({len(last.pattern)} bytes)")
+                    raise _RuleError(
+                        f"within {last.within} is shorter than the content ({len(last.pattern)} bytes)"
+                    )
         elif key == "sid":
             sig.sid = _int(val, "sid", 1)
         elif key == "rev":
@@ -445,7 +481,7 @@ def parse_rule(text: str, variables: dict | None = None, line: int = 0) -> Signa
                 elif f in ("not_established", "stateless"):
                     sig.flow_state = 2 if f == "not_established" else 0
                 elif f in ("no_stream", "only_stream"):
-                    pass             # packets are inspected one by one anyway
+                    pass  # packets are inspected one by one anyway
                 else:
                     raise _RuleError(f"unsupported flow option {f!r}")
         elif key == "dsize":
@@ -461,8 +497,10 @@ def parse_rule(text: str, variables: dict | None = None, line: int = 0) -> Signa
         elif key in _UNSUPPORTED_HINT:
             raise _RuleError(f"unsupported keyword {key!r}: {_UNSUPPORTED_HINT[key]}")
         else:
-            raise _RuleError(f"unsupported keyword {key!r} (sticky buffers, app-layer and "
-                             "other keywords are outside the supported subset)")
+            raise _RuleError(
+                f"unsupported keyword {key!r} (sticky buffers, app-layer and "
+                "other keywords are outside the supported subset)"
+            )
     if sig.sid < 0:
         raise _RuleError("rule has no sid")
     if sig.contents and all(c.negated for c in sig.contents) and any(c.relative for c in sig.contents):
@@ -514,7 +552,7 @@ def contents_match(contents, payload: bytes, lowered: bytes, budget=None) -> boo
         if j == len(contents):
             return True
         steps[0] += 1
-        if steps[0] > 10000:      # pathological rule/payload pair: stop, no match
+        if steps[0] > 10000:  # pathological rule/payload pair: stop, no match
             return False
         c = contents[j]
         hay, pat = (lowered, c.pattern.translate(_LOWER)) if c.nocase else (payload, c.pattern)
@@ -526,8 +564,8 @@ def contents_match(contents, payload: bytes, lowered: bytes, budget=None) -> boo
         for pos in _find_all(hay, pat, lo, hi):
             if rec(j + 1, pos + len(pat)):
                 return True
-            if not any(x.relative for x in contents[j + 1:]):
-                return False   # later contents do not depend on where this one matched
+            if not any(x.relative for x in contents[j + 1 :]):
+                return False  # later contents do not depend on where this one matched
         return False
 
     return rec(0, 0)
@@ -548,10 +586,10 @@ def _dsize_ok(d, n: int) -> bool:
 class InspectionResult:
     """Per-packet results for the inspected rows (arrays of the batch's length)."""
 
-    verdict: np.ndarray       # uint8: NONE / PASS / ALERT / DROP
-    sid: np.ndarray           # int64: sid of the deciding rule, 0 when none
-    alerts: np.ndarray        # int32: number of matching rules
-    encrypted: np.ndarray     # uint8: ENC_* reason the payload is not inspectable
+    verdict: np.ndarray  # uint8: NONE / PASS / ALERT / DROP
+    sid: np.ndarray  # int64: sid of the deciding rule, 0 when none
+    alerts: np.ndarray  # int32: number of matching rules
+    encrypted: np.ndarray  # uint8: ENC_* reason the payload is not inspectable
 
 
 class SignatureSet:
@@ -565,9 +603,10 @@ class SignatureSet:
             if s.sid in seen:
                 raise InputError(f"duplicate sid {s.sid} (first on line {seen[s.sid]})", None, None)
             seen[s.sid] = s.line
-        self._order = sorted(range(len(self.signatures)),
-                             key=lambda i: (_ACTION_ORDER[self.signatures[i].action],
-                                            self.signatures[i].priority, i))
+        self._order = sorted(
+            range(len(self.signatures)),
+            key=lambda i: (_ACTION_ORDER[self.signatures[i].action], self.signatures[i].priority, i),
+        )
         self._rank = {i: r for r, i in enumerate(self._order)}
         self._always = []
         self._ac = ahocorasick.Automaton()
@@ -589,8 +628,9 @@ class SignatureSet:
         return len(self.signatures)
 
     @classmethod
-    def from_text(cls, text: str, path: str = "<rules>", variables: dict | None = None,
-                  strict: bool = True) -> "SignatureSet":
+    def from_text(
+        cls, text: str, path: str = "<rules>", variables: dict | None = None, strict: bool = True
+    ) -> SignatureSet:
         """Parse rules from text: one per line, ``#`` comments, ``\\`` continues a line."""
         vs = dict(DEFAULT_VARS)
         vs.update(variables or {})
@@ -621,7 +661,7 @@ class SignatureSet:
             raise InputError(str(exc), path) from None
 
     @classmethod
-    def load(cls, path, variables: dict | None = None, strict: bool = True) -> "SignatureSet":
+    def load(cls, path, variables: dict | None = None, strict: bool = True) -> SignatureSet:
         try:
             with open(path, encoding="utf-8", errors="strict") as fh:
                 text = fh.read()
@@ -640,15 +680,28 @@ class SignatureSet:
             return False
 
         def one(a_src, a_dst, p_s, p_d):
-            return (_in_set(a_src, s.src) and _in_set(a_dst, s.dst)
-                    and (ports_any or (_in_set(p_s, s.sport) and _in_set(p_d, s.dport))))
+            return (
+                _in_set(a_src, s.src)
+                and _in_set(a_dst, s.dst)
+                and (ports_any or (_in_set(p_s, s.sport) and _in_set(p_d, s.dport)))
+            )
 
         if one(src, dst, sp, dp):
             return True
         return s.bidirectional and one(dst, src, dp, sp)
 
-    def match_packet(self, payload: bytes, proto: int, src: int, dst: int, sport: int, dport: int,
-                     has_ports: bool = True, reply: bool = False, established: bool | None = None):
+    def match_packet(
+        self,
+        payload: bytes,
+        proto: int,
+        src: int,
+        dst: int,
+        sport: int,
+        dport: int,
+        has_ports: bool = True,
+        reply: bool = False,
+        established: bool | None = None,
+    ):
         """Matching signatures' indices in decision order (for one packet's fields)."""
         lowered = payload.translate(_LOWER)
         cand = set(self._always)
@@ -681,8 +734,9 @@ class SignatureSet:
         (conntrack bits per packet) gives direction (``REPLY`` = to_client) and ``established``;
         without it packets count as to_server with unknown state."""
         n = keys.n
-        res = InspectionResult(np.zeros(n, np.uint8), np.zeros(n, np.int64), np.zeros(n, np.int32),
-                               np.zeros(n, np.uint8))
+        res = InspectionResult(
+            np.zeros(n, np.uint8), np.zeros(n, np.int64), np.zeros(n, np.int32), np.zeros(n, np.uint8)
+        )
         rows = _rows(rows, n)
         res.encrypted[:] = uninspectable(batch, keys, rows)
         u64, i32, u16, u8 = keys.u64, keys.i32, keys.u16, keys.u8
@@ -692,17 +746,23 @@ class SignatureSet:
                 continue
             po, pl = int(i32[B.PAYLOAD_OFF, i]), int(i32[B.PAYLOAD_LEN, i])
             o, ln = int(batch.offset[i]), int(batch.length[i])
-            payload = b"" if po < 0 or pl <= 0 else batch.data[o + po: o + min(ln, po + pl)].tobytes()
+            payload = b"" if po < 0 or pl <= 0 else batch.data[o + po : o + min(ln, po + pl)].tobytes()
             reply, est = False, None
             if ct_state is not None:
                 c = int(ct_state[i])
                 reply = bool(c & REPLY)
                 est = bool(c & ESTABLISHED) if c & TRACKED or c & ESTABLISHED else None
-            hits = self.match_packet(payload, int(u8[B.PROTO, i]),
-                                     int(u64[B.SRC_HI, i]) << 64 | int(u64[B.SRC_LO, i]),
-                                     int(u64[B.DST_HI, i]) << 64 | int(u64[B.DST_LO, i]),
-                                     int(u16[B.SPORT, i]), int(u16[B.DPORT, i]),
-                                     bool(u8[B.FLAGS, i] & B.F_PORTS), reply, est)
+            hits = self.match_packet(
+                payload,
+                int(u8[B.PROTO, i]),
+                int(u64[B.SRC_HI, i]) << 64 | int(u64[B.SRC_LO, i]),
+                int(u64[B.DST_HI, i]) << 64 | int(u64[B.DST_LO, i]),
+                int(u16[B.SPORT, i]),
+                int(u16[B.DPORT, i]),
+                bool(u8[B.FLAGS, i] & B.F_PORTS),
+                reply,
+                est,
+            )
             if hits:
                 s = self.signatures[hits[0]]
                 res.verdict[i] = s.action
@@ -725,8 +785,13 @@ def _rows(rows, n):
 # ---------------------------------------------------------------------------------------------
 @njit(cache=True, inline="always")
 def _quic_version_ok(v):
-    return (v == 0 or v == 1 or v == 0x6B3343CF or (v & 0xFFFFFF00) == 0xFF000000
-            or (v & 0x0F0F0F0F) == 0x0A0A0A0A)
+    return (
+        v == 0
+        or v == 1
+        or v == 0x6B3343CF
+        or (v & 0xFFFFFF00) == 0xFF000000
+        or (v & 0x0F0F0F0F) == 0x0A0A0A0A
+    )
 
 
 @njit(cache=True)
@@ -761,14 +826,20 @@ def _uninspectable(data, offset, length, u8, u16, i32, rows, out):
                             out[i] = ENC_TLS
         elif proto == 17:
             if sp == 4500 or dp == 4500:
-                if pl >= 8 and not (data[p] == 0 and data[p + 1] == 0 and data[p + 2] == 0 and data[p + 3] == 0):
+                if pl >= 8 and not (
+                    data[p] == 0 and data[p + 1] == 0 and data[p + 2] == 0 and data[p + 3] == 0
+                ):
                     out[i] = ENC_ESP
             elif sp == 443 or dp == 443:
                 b0 = data[p]
                 if b0 & 0x80:
                     if pl >= 7:
-                        v = (np.int64(data[p + 1]) << 24) | (np.int64(data[p + 2]) << 16) \
-                            | (np.int64(data[p + 3]) << 8) | np.int64(data[p + 4])
+                        v = (
+                            (np.int64(data[p + 1]) << 24)
+                            | (np.int64(data[p + 2]) << 16)
+                            | (np.int64(data[p + 3]) << 8)
+                            | np.int64(data[p + 4])
+                        )
                         if _quic_version_ok(v) and data[p + 5] <= 20 and (b0 & 0x40 or v == 0):
                             out[i] = ENC_QUIC
                 elif b0 & 0x40 and pl >= 21:
@@ -802,7 +873,11 @@ def uninspectable_ref(packet_payload: bytes, proto: int, sport: int, dport: int,
             if p[0] & 0x80:
                 if len(p) >= 7:
                     v = int.from_bytes(p[1:5], "big")
-                    ok = v in (0, 1, 0x6B3343CF) or v & 0xFFFFFF00 == 0xFF000000 or v & 0x0F0F0F0F == 0x0A0A0A0A
+                    ok = (
+                        v in (0, 1, 0x6B3343CF)
+                        or v & 0xFFFFFF00 == 0xFF000000
+                        or v & 0x0F0F0F0F == 0x0A0A0A0A
+                    )
                     if ok and p[5] <= 20 and (p[0] & 0x40 or v == 0):
                         return ENC_QUIC
             elif p[0] & 0x40 and len(p) >= 21:

@@ -15,6 +15,7 @@ offloads do. Entries leave when conntrack ends the flow (:meth:`FastPathTable.re
 an idle time (:meth:`FastPathTable.expire`), or on a policy change
 (:meth:`FastPathTable.revalidate`).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -31,14 +32,39 @@ FLOW_MASK[K.K_L4] = np.uint64(0x00FFFFFFFFFFFFFF)
 FLOW_MASK[K.K_CT] = np.uint64(0xFFFFFFFFFFFFFF00)
 _FLOW_SEED = 0x0FF1
 
-COUNTERS = ("lookups", "hits", "hit_bytes", "bytes", "exceptions", "inserts", "refreshed",
-            "refused_rate", "refused_capacity", "refused_collision", "removed", "expired",
-            "invalidated")
-(C_LOOKUPS, C_HITS, C_HIT_BYTES, C_BYTES, C_EXC, C_INSERTS, C_REFRESHED, C_REF_RATE, C_REF_CAP,
- C_REF_COLL, C_REMOVED, C_EXPIRED, C_INVALIDATED) = range(len(COUNTERS))
+COUNTERS = (
+    "lookups",
+    "hits",
+    "hit_bytes",
+    "bytes",
+    "exceptions",
+    "inserts",
+    "refreshed",
+    "refused_rate",
+    "refused_capacity",
+    "refused_collision",
+    "removed",
+    "expired",
+    "invalidated",
+)
+(
+    C_LOOKUPS,
+    C_HITS,
+    C_HIT_BYTES,
+    C_BYTES,
+    C_EXC,
+    C_INSERTS,
+    C_REFRESHED,
+    C_REF_RATE,
+    C_REF_CAP,
+    C_REF_COLL,
+    C_REMOVED,
+    C_EXPIRED,
+    C_INVALIDATED,
+) = range(len(COUNTERS))
 # offer outcomes
 OFFER_OK, OFFER_PRESENT, OFFER_RATE, OFFER_CAPACITY, OFFER_COLLISION = 0, 1, 2, 3, 4
-_TCP_EXC = np.uint64((0x02 | 0x01 | 0x04) << K.SH_TCP_FLAGS)   # SYN, FIN, RST
+_TCP_EXC = np.uint64((0x02 | 0x01 | 0x04) << K.SH_TCP_FLAGS)  # SYN, FIN, RST
 
 
 @njit(cache=True)
@@ -56,8 +82,30 @@ def flow_hashes(kmat, valid, fmask, out_keys, out_hash):
 
 
 @njit(cache=True)
-def _fp_lookup(fk, fh, valid, l4, wire_len, ts, keys, tag, mid, verdict, version, aux, stamp,
-               pkts, byts, nb, ways, cur, hit, o_v, o_f, ctr):
+def _fp_lookup(
+    fk,
+    fh,
+    valid,
+    l4,
+    wire_len,
+    ts,
+    keys,
+    tag,
+    mid,
+    verdict,
+    version,
+    aux,
+    stamp,
+    pkts,
+    byts,
+    nb,
+    ways,
+    cur,
+    hit,
+    o_v,
+    o_f,
+    ctr,
+):
     for i in range(fk.shape[0]):
         hit[i] = False
         ctr[C_LOOKUPS] += 1
@@ -81,8 +129,33 @@ def _fp_lookup(fk, fh, valid, l4, wire_len, ts, keys, tag, mid, verdict, version
 
 
 @njit(cache=True)
-def _fp_offer(fk, fh, rows, v, f, ts, keys, tag, mid, verdict, version, aux, stamp, pkts, byts, nb, ways,
-              cur, capacity, used, rate, burst, bucket, out, ctr):
+def _fp_offer(
+    fk,
+    fh,
+    rows,
+    v,
+    f,
+    ts,
+    keys,
+    tag,
+    mid,
+    verdict,
+    version,
+    aux,
+    stamp,
+    pkts,
+    byts,
+    nb,
+    ways,
+    cur,
+    capacity,
+    used,
+    rate,
+    burst,
+    bucket,
+    out,
+    ctr,
+):
     """Token bucket state ``bucket`` = [tokens, last_ts]; returns the new live count."""
     for j in range(rows.shape[0]):
         i = rows[j]
@@ -164,8 +237,14 @@ def _fp_revalidate(keys, tag, version, new_version, full, value, mask, sport, dp
 class FastPathTable:
     """Finite fast-path table (see module docstring)."""
 
-    def __init__(self, capacity: int = 500_000, rate: float = 7000.0, burst: float | None = None,
-                 ways: int = 8, version: int = 0):
+    def __init__(
+        self,
+        capacity: int = 500_000,
+        rate: float = 7000.0,
+        burst: float | None = None,
+        ways: int = 8,
+        version: int = 0,
+    ):
         if capacity <= 0 or rate <= 0:
             raise ValueError("capacity and rate must be positive")
         self.capacity = int(capacity)
@@ -196,9 +275,30 @@ class FastPathTable:
         v = np.zeros(n, np.uint8)
         f = np.full(n, -1, np.int64)
         t = self.t
-        _fp_lookup(fk, fh, valid, np.ascontiguousarray(kmat[:, K.K_L4]), np.asarray(wire_len, np.int64),
-                   np.asarray(ts, np.int64), t.keys, t.tag, t.mid, t.verdict, t.version, t.aux, t.stamp,
-                   self.pkts, self.byts, t.n_buckets, t.ways, np.uint32(self.version), hit, v, f, self.counters)
+        _fp_lookup(
+            fk,
+            fh,
+            valid,
+            np.ascontiguousarray(kmat[:, K.K_L4]),
+            np.asarray(wire_len, np.int64),
+            np.asarray(ts, np.int64),
+            t.keys,
+            t.tag,
+            t.mid,
+            t.verdict,
+            t.version,
+            t.aux,
+            t.stamp,
+            self.pkts,
+            self.byts,
+            t.n_buckets,
+            t.ways,
+            np.uint32(self.version),
+            hit,
+            v,
+            f,
+            self.counters,
+        )
         return hit, v, f
 
     def offer(self, kmat, valid, rows, verdict, flow, ts, flowkeys=None) -> np.ndarray:
@@ -211,10 +311,35 @@ class FastPathTable:
         v = _per(verdict, rows, np.uint8)
         f = _per(flow, rows, np.int64)
         t = self.t
-        self.used = int(_fp_offer(fk, fh, rows, v, f, np.asarray(ts, np.int64), t.keys, t.tag, t.mid,
-                                  t.verdict, t.version, t.aux, t.stamp, self.pkts, self.byts, t.n_buckets, t.ways,
-                                  np.uint32(self.version), self.capacity, self.used, self.rate,
-                                  self.burst, self.bucket, out, self.counters))
+        self.used = int(
+            _fp_offer(
+                fk,
+                fh,
+                rows,
+                v,
+                f,
+                np.asarray(ts, np.int64),
+                t.keys,
+                t.tag,
+                t.mid,
+                t.verdict,
+                t.version,
+                t.aux,
+                t.stamp,
+                self.pkts,
+                self.byts,
+                t.n_buckets,
+                t.ways,
+                np.uint32(self.version),
+                self.capacity,
+                self.used,
+                self.rate,
+                self.burst,
+                self.bucket,
+                out,
+                self.counters,
+            )
+        )
         return out
 
     def remove(self, kmat, valid, rows=None) -> int:
@@ -222,7 +347,9 @@ class FastPathTable:
         rows = np.arange(kmat.shape[0]) if rows is None else _rows(rows, kmat.shape[0])
         rows = rows[np.asarray(valid)[rows]]
         fk, fh = self.flow_keys(kmat, valid)
-        n = int(remove_slots(fk, fh, rows, self.t.keys, self.t.tag, self.t.mid, self.t.n_buckets, self.t.ways))
+        n = int(
+            remove_slots(fk, fh, rows, self.t.keys, self.t.tag, self.t.mid, self.t.n_buckets, self.t.ways)
+        )
         self.used -= n
         self.counters[C_REMOVED] += n
         return n
@@ -243,20 +370,36 @@ class FastPathTable:
             n = self.used
             self.t.clear()
         else:
-            n = int(_fp_revalidate(self.t.keys, self.t.tag, self.t.version, np.uint32(self.version),
-                                   FLOW_MASK.reshape(1, K.W), *changed.arrays()))
+            n = int(
+                _fp_revalidate(
+                    self.t.keys,
+                    self.t.tag,
+                    self.t.version,
+                    np.uint32(self.version),
+                    FLOW_MASK.reshape(1, K.W),
+                    *changed.arrays(),
+                )
+            )
         self.used -= n
         self.counters[C_INVALIDATED] += n
         return n
 
     def stats(self) -> dict:
         d = {name: int(v) for name, v in zip(COUNTERS, self.counters)}
-        d.update(occupancy=self.used, capacity=self.capacity,
-                 occupancy_share=self.used / self.capacity, rate=self.rate, burst=self.burst,
-                 packet_share=d["hits"] / d["lookups"] if d["lookups"] else 0.0,
-                 byte_share=d["hit_bytes"] / d["bytes"] if d["bytes"] else 0.0,
-                 refused={"rate": d["refused_rate"], "capacity": d["refused_capacity"],
-                          "collision": d["refused_collision"]})
+        d.update(
+            occupancy=self.used,
+            capacity=self.capacity,
+            occupancy_share=self.used / self.capacity,
+            rate=self.rate,
+            burst=self.burst,
+            packet_share=d["hits"] / d["lookups"] if d["lookups"] else 0.0,
+            byte_share=d["hit_bytes"] / d["bytes"] if d["bytes"] else 0.0,
+            refused={
+                "rate": d["refused_rate"],
+                "capacity": d["refused_capacity"],
+                "collision": d["refused_collision"],
+            },
+        )
         return d
 
 

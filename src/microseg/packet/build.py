@@ -12,6 +12,7 @@ The single-packet builders compose, innermost first::
 UDP or ICMP echo), with per-packet addresses, ports, sizes and TCP fields, straight into a
 :class:`~microseg.packet.batch.Batch` in one compiled pass: what generators and benchmarks use.
 """
+
 from __future__ import annotations
 
 import ipaddress
@@ -26,8 +27,7 @@ from .checksum import csum_fold, csum_partial, inet_checksum, pseudo_header_sum
 ETH_IPV4, ETH_IPV6, ETH_ARP, ETH_VLAN, ETH_QINQ = 0x0800, 0x86DD, 0x0806, 0x8100, 0x88A8
 PROTO_ICMP, PROTO_TCP, PROTO_UDP, PROTO_GRE, PROTO_ICMPV6 = 1, 6, 17, 47, 58
 
-TCP_FLAG_BITS = {"F": 0x01, "S": 0x02, "R": 0x04, "P": 0x08, "A": 0x10, "U": 0x20, "E": 0x40,
-                 "C": 0x80}
+TCP_FLAG_BITS = {"F": 0x01, "S": 0x02, "R": 0x04, "P": 0x08, "A": 0x10, "U": 0x20, "E": 0x40, "C": 0x80}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -75,8 +75,14 @@ def mac(value) -> bytes:
     return bytes(int(p, 16) for p in parts)
 
 
-def ethernet(payload: bytes, ethertype: int | None = None, src="02:00:00:00:00:01",
-             dst="02:00:00:00:00:02", vlans=(), vlan_tpid: int = ETH_VLAN) -> bytes:
+def ethernet(
+    payload: bytes,
+    ethertype: int | None = None,
+    src="02:00:00:00:00:01",
+    dst="02:00:00:00:00:02",
+    vlans=(),
+    vlan_tpid: int = ETH_VLAN,
+) -> bytes:
     """Ethernet II frame. ``ethertype`` defaults from the payload's IP version nibble.
 
     ``vlans`` are VLAN IDs or full TCIs (int), outermost first; with two tags the outer uses
@@ -92,9 +98,19 @@ def ethernet(payload: bytes, ethertype: int | None = None, src="02:00:00:00:00:0
     return hdr + struct.pack("!H", ethertype) + bytes(payload)
 
 
-def ipv4(src: str, dst: str, proto: int, payload: bytes, ttl: int = 64, ident: int = 0,
-         tos: int = 0, df: bool = False, mf: bool = False, frag_off: int = 0,
-         options: bytes = b"") -> bytes:
+def ipv4(
+    src: str,
+    dst: str,
+    proto: int,
+    payload: bytes,
+    ttl: int = 64,
+    ident: int = 0,
+    tos: int = 0,
+    df: bool = False,
+    mf: bool = False,
+    frag_off: int = 0,
+    options: bytes = b"",
+) -> bytes:
     """IPv4 packet with a correct header checksum. ``frag_off`` is in 8-byte units."""
     if len(options) % 4:
         options = bytes(options) + b"\0" * (-len(options) % 4)
@@ -105,21 +121,35 @@ def ipv4(src: str, dst: str, proto: int, payload: bytes, ttl: int = 64, ident: i
     if total > 0xFFFF:
         raise ValueError("IPv4 packet longer than 65535 bytes")
     flags = (0x4000 if df else 0) | (0x2000 if mf else 0) | (frag_off & 0x1FFF)
-    hdr = struct.pack("!BBHHHBBH4s4s", 0x40 | ihl, tos, total, ident, flags, ttl, proto, 0,
-                      ipaddress.IPv4Address(src).packed, ipaddress.IPv4Address(dst).packed)
+    hdr = struct.pack(
+        "!BBHHHBBH4s4s",
+        0x40 | ihl,
+        tos,
+        total,
+        ident,
+        flags,
+        ttl,
+        proto,
+        0,
+        ipaddress.IPv4Address(src).packed,
+        ipaddress.IPv4Address(dst).packed,
+    )
     hdr += options
     c = checksum(hdr)
     return hdr[:10] + struct.pack("!H", c) + hdr[12:] + bytes(payload)
 
 
-def ipv6(src: str, dst: str, nh: int, payload: bytes, hlim: int = 64, tc: int = 0,
-         flow: int = 0) -> bytes:
+def ipv6(src: str, dst: str, nh: int, payload: bytes, hlim: int = 64, tc: int = 0, flow: int = 0) -> bytes:
     """IPv6 packet (``payload`` may start with extension headers; ``nh`` names the first)."""
     if len(payload) > 0xFFFF:
         raise ValueError("IPv6 payload longer than 65535 bytes (no jumbograms)")
     first = (6 << 28) | ((tc & 0xFF) << 20) | (flow & 0xFFFFF)
-    return (struct.pack("!IHBB", first, len(payload), nh, hlim)
-            + ipaddress.IPv6Address(src).packed + ipaddress.IPv6Address(dst).packed + bytes(payload))
+    return (
+        struct.pack("!IHBB", first, len(payload), nh, hlim)
+        + ipaddress.IPv6Address(src).packed
+        + ipaddress.IPv6Address(dst).packed
+        + bytes(payload)
+    )
 
 
 def ip(src: str, dst: str, proto: int, payload: bytes, **kw) -> bytes:
@@ -141,22 +171,49 @@ def tcp_flags(flags) -> int:
     return bits
 
 
-def tcp(sport: int, dport: int, payload: bytes = b"", *, src: str, dst: str, seq: int = 0,
-        ack: int = 0, flags="S", win: int = 65535, urg: int = 0, options: bytes = b"") -> bytes:
+def tcp(
+    sport: int,
+    dport: int,
+    payload: bytes = b"",
+    *,
+    src: str,
+    dst: str,
+    seq: int = 0,
+    ack: int = 0,
+    flags="S",
+    win: int = 65535,
+    urg: int = 0,
+    options: bytes = b"",
+) -> bytes:
     """TCP segment with a correct checksum over the ``src``/``dst`` pseudo-header."""
     if len(options) % 4:
         options = bytes(options) + b"\0" * (-len(options) % 4)
     doff = 5 + len(options) // 4
     if doff > 15:
         raise ValueError("TCP options longer than 40 bytes")
-    seg = struct.pack("!HHIIBBHHH", sport, dport, seq & 0xFFFFFFFF, ack & 0xFFFFFFFF, doff << 4,
-                      tcp_flags(flags), win, 0, urg) + options + bytes(payload)
+    seg = (
+        struct.pack(
+            "!HHIIBBHHH",
+            sport,
+            dport,
+            seq & 0xFFFFFFFF,
+            ack & 0xFFFFFFFF,
+            doff << 4,
+            tcp_flags(flags),
+            win,
+            0,
+            urg,
+        )
+        + options
+        + bytes(payload)
+    )
     c = l4_checksum(src, dst, PROTO_TCP, seg)
     return seg[:16] + struct.pack("!H", c) + seg[18:]
 
 
-def udp(sport: int, dport: int, payload: bytes = b"", *, src: str, dst: str,
-        zero_checksum: bool = False) -> bytes:
+def udp(
+    sport: int, dport: int, payload: bytes = b"", *, src: str, dst: str, zero_checksum: bool = False
+) -> bytes:
     """UDP datagram; checksum computed (0 only when asked, which IPv4 allows)."""
     length = 8 + len(payload)
     seg = struct.pack("!HHHH", sport, dport, length, 0) + bytes(payload)
@@ -194,14 +251,13 @@ def icmpv6(type_: int, code: int, rest: bytes, payload: bytes, *, src: str, dst:
     return msg[:2] + struct.pack("!H", c) + msg[4:]
 
 
-def icmpv6_echo(ident: int, seq: int, payload: bytes = b"", *, src: str, dst: str,
-                reply: bool = False) -> bytes:
-    return icmpv6(129 if reply else 128, 0, struct.pack("!HH", ident, seq), payload,
-                  src=src, dst=dst)
+def icmpv6_echo(
+    ident: int, seq: int, payload: bytes = b"", *, src: str, dst: str, reply: bool = False
+) -> bytes:
+    return icmpv6(129 if reply else 128, 0, struct.pack("!HH", ident, seq), payload, src=src, dst=dst)
 
 
-def icmpv6_error(type_: int, code: int, quoted: bytes, *, src: str, dst: str,
-                 param: int = 0) -> bytes:
+def icmpv6_error(type_: int, code: int, quoted: bytes, *, src: str, dst: str, param: int = 0) -> bytes:
     """ICMPv6 error (1 unreachable, 2 packet too big (param = MTU), 3 time exceeded,
     4 parameter problem (param = pointer)) quoting as much of the packet as fits 1280 bytes."""
     return icmpv6(type_, code, struct.pack("!I", param), bytes(quoted[:1232]), src=src, dst=dst)
@@ -209,40 +265,82 @@ def icmpv6_error(type_: int, code: int, quoted: bytes, *, src: str, dst: str,
 
 def arp(op: int, sha, spa: str, tha, tpa: str) -> bytes:
     """ARP body for Ethernet/IPv4 (op 1 request, 2 reply)."""
-    return (struct.pack("!HHBBH", 1, ETH_IPV4, 6, 4, op) + mac(sha)
-            + ipaddress.IPv4Address(spa).packed + mac(tha) + ipaddress.IPv4Address(tpa).packed)
+    return (
+        struct.pack("!HHBBH", 1, ETH_IPV4, 6, 4, op)
+        + mac(sha)
+        + ipaddress.IPv4Address(spa).packed
+        + mac(tha)
+        + ipaddress.IPv4Address(tpa).packed
+    )
 
 
 def _l2(l3: bytes, l2: bool, eth_src, eth_dst, vlans) -> bytes:
     return ethernet(l3, src=eth_src, dst=eth_dst, vlans=vlans) if l2 else l3
 
 
-def tcp_packet(src: str, dst: str, sport: int, dport: int, payload: bytes = b"", *,
-               flags="S", seq: int = 0, ack: int = 0, win: int = 65535, options: bytes = b"",
-               ttl: int = 64, l2: bool = True, eth_src="02:00:00:00:00:01",
-               eth_dst="02:00:00:00:00:02", vlans=()) -> bytes:
+def tcp_packet(
+    src: str,
+    dst: str,
+    sport: int,
+    dport: int,
+    payload: bytes = b"",
+    *,
+    flags="S",
+    seq: int = 0,
+    ack: int = 0,
+    win: int = 65535,
+    options: bytes = b"",
+    ttl: int = 64,
+    l2: bool = True,
+    eth_src="02:00:00:00:00:01",
+    eth_dst="02:00:00:00:00:02",
+    vlans=(),
+) -> bytes:
     """A whole Ethernet (or raw with ``l2=False``) / IP / TCP packet."""
-    seg = tcp(sport, dport, payload, src=src, dst=dst, seq=seq, ack=ack, flags=flags, win=win,
-              options=options)
+    seg = tcp(
+        sport, dport, payload, src=src, dst=dst, seq=seq, ack=ack, flags=flags, win=win, options=options
+    )
     return _l2(_ip_ttl(src, dst, PROTO_TCP, seg, ttl), l2, eth_src, eth_dst, vlans)
 
 
-def udp_packet(src: str, dst: str, sport: int, dport: int, payload: bytes = b"", *,
-               ttl: int = 64, l2: bool = True, eth_src="02:00:00:00:00:01",
-               eth_dst="02:00:00:00:00:02", vlans=()) -> bytes:
+def udp_packet(
+    src: str,
+    dst: str,
+    sport: int,
+    dport: int,
+    payload: bytes = b"",
+    *,
+    ttl: int = 64,
+    l2: bool = True,
+    eth_src="02:00:00:00:00:01",
+    eth_dst="02:00:00:00:00:02",
+    vlans=(),
+) -> bytes:
     seg = udp(sport, dport, payload, src=src, dst=dst)
     return _l2(_ip_ttl(src, dst, PROTO_UDP, seg, ttl), l2, eth_src, eth_dst, vlans)
 
 
-def icmp_echo_packet(src: str, dst: str, ident: int = 1, seq: int = 1, payload: bytes = b"", *,
-                     reply: bool = False, ttl: int = 64, l2: bool = True,
-                     eth_src="02:00:00:00:00:01", eth_dst="02:00:00:00:00:02", vlans=()) -> bytes:
+def icmp_echo_packet(
+    src: str,
+    dst: str,
+    ident: int = 1,
+    seq: int = 1,
+    payload: bytes = b"",
+    *,
+    reply: bool = False,
+    ttl: int = 64,
+    l2: bool = True,
+    eth_src="02:00:00:00:00:01",
+    eth_dst="02:00:00:00:00:02",
+    vlans=(),
+) -> bytes:
     """ICMP echo over IPv4 or ICMPv6 echo over IPv6, by the address family."""
     if ipaddress.ip_address(src).version == 4:
         l3 = ipv4(src, dst, PROTO_ICMP, icmp_echo(ident, seq, payload, reply), ttl=ttl)
     else:
-        l3 = ipv6(src, dst, PROTO_ICMPV6,
-                  icmpv6_echo(ident, seq, payload, src=src, dst=dst, reply=reply), hlim=ttl)
+        l3 = ipv6(
+            src, dst, PROTO_ICMPV6, icmpv6_echo(ident, seq, payload, src=src, dst=dst, reply=reply), hlim=ttl
+        )
     return _l2(l3, l2, eth_src, eth_dst, vlans)
 
 
@@ -266,8 +364,7 @@ def _addrs(value, n: int, name: str):
     if isinstance(value, str):
         a = ipaddress.ip_address(value)
         v = int(a)
-        return (a.version, np.full(n, v >> 64, np.uint64),
-                np.full(n, v & 0xFFFFFFFFFFFFFFFF, np.uint64))
+        return (a.version, np.full(n, v >> 64, np.uint64), np.full(n, v & 0xFFFFFFFFFFFFFFFF, np.uint64))
     arr = np.asarray(value)
     if arr.dtype.kind in "iu" and arr.ndim == 1:
         if arr.shape[0] != n:
@@ -284,8 +381,11 @@ def _addrs(value, n: int, name: str):
     if len(vers) != 1:
         raise ValueError(f"{name}: mixes IPv4 and IPv6")
     ints = [int(a) for a in addrs]
-    return (vers.pop(), np.array([x >> 64 for x in ints], np.uint64),
-            np.array([x & 0xFFFFFFFFFFFFFFFF for x in ints], np.uint64))
+    return (
+        vers.pop(),
+        np.array([x >> 64 for x in ints], np.uint64),
+        np.array([x & 0xFFFFFFFFFFFFFFFF for x in ints], np.uint64),
+    )
 
 
 def _col(value, n, dtype, name, lo=0, hi=None):
@@ -300,8 +400,29 @@ def _col(value, n, dtype, name, lo=0, hi=None):
 
 
 @njit(cache=True)
-def _build_kernel(out, offset, ver, l2len, proto, eth, vlan, src_hi, src_lo, dst_hi, dst_lo,
-                  sport, dport, plen, seq, ack, flags, win, ttl, ident, fill):
+def _build_kernel(
+    out,
+    offset,
+    ver,
+    l2len,
+    proto,
+    eth,
+    vlan,
+    src_hi,
+    src_lo,
+    dst_hi,
+    dst_lo,
+    sport,
+    dport,
+    plen,
+    seq,
+    ack,
+    flags,
+    win,
+    ttl,
+    ident,
+    fill,
+):
     n = offset.shape[0]
     for i in range(n):
         p = offset[i]
@@ -338,7 +459,7 @@ def _build_kernel(out, offset, ver, l2len, proto, eth, vlan, src_hi, src_lo, dst
             out[h + 3] = tot & 0xFF
             out[h + 4] = (ident[i] >> 8) & 0xFF
             out[h + 5] = ident[i] & 0xFF
-            out[h + 6] = 0x40                      # DF
+            out[h + 6] = 0x40  # DF
             out[h + 7] = 0
             out[h + 8] = ttl[i]
             out[h + 9] = proto
@@ -352,7 +473,7 @@ def _build_kernel(out, offset, ver, l2len, proto, eth, vlan, src_hi, src_lo, dst
             c = csum_final(csum_add(out, h, 20, 0))
             out[h + 10] = c >> 8
             out[h + 11] = c & 0xFF
-            if proto != 1:                         # ICMPv4 has no pseudo-header
+            if proto != 1:  # ICMPv4 has no pseudo-header
                 acc = csum_add(out, h + 12, 8, acc)
             l4 = h + 20
         else:
@@ -401,7 +522,7 @@ def _build_kernel(out, offset, ver, l2len, proto, eth, vlan, src_hi, src_lo, dst
             out[l4 + 6] = 0
             out[l4 + 7] = 0
             ck = l4 + 6
-        else:                                       # ICMP / ICMPv6 echo request: id, seq
+        else:  # ICMP / ICMPv6 echo request: id, seq
             out[l4] = 8 if proto == 1 else 128
             out[l4 + 1] = 0
             out[l4 + 2] = 0
@@ -411,7 +532,7 @@ def _build_kernel(out, offset, ver, l2len, proto, eth, vlan, src_hi, src_lo, dst
             out[l4 + 6] = dport[i] >> 8
             out[l4 + 7] = dport[i] & 0xFF
             ck = l4 + 2
-        out[l4 + l4len:l4 + l4len + plen[i]] = fill
+        out[l4 + l4len : l4 + l4len + plen[i]] = fill
         c = csum_final(csum_add(out, l4, seglen, acc))
         if proto == 17 and c == 0:
             c = np.uint16(0xFFFF)
@@ -419,10 +540,29 @@ def _build_kernel(out, offset, ver, l2len, proto, eth, vlan, src_hi, src_lo, dst
         out[ck + 1] = c & 0xFF
 
 
-def build_batch(n: int, src, dst, proto: int = PROTO_TCP, sport=1024, dport=80, payload_len=0,
-                *, tcp_flags_=0x02, seq=0, ack=0, win=65535, ttl=64, ident=0, l2: bool = True,
-                eth_src="02:00:00:00:00:01", eth_dst="02:00:00:00:00:02", vlan: int | None = None,
-                ts=None, port=None, fill: int = 0) -> Batch:
+def build_batch(
+    n: int,
+    src,
+    dst,
+    proto: int = PROTO_TCP,
+    sport=1024,
+    dport=80,
+    payload_len=0,
+    *,
+    tcp_flags_=0x02,
+    seq=0,
+    ack=0,
+    win=65535,
+    ttl=64,
+    ident=0,
+    l2: bool = True,
+    eth_src="02:00:00:00:00:01",
+    eth_dst="02:00:00:00:00:02",
+    vlan: int | None = None,
+    ts=None,
+    port=None,
+    fill: int = 0,
+) -> Batch:
     """Build ``n`` packets of one shape into a batch in one compiled pass.
 
     ``proto`` is 6 (TCP), 17 (UDP) or ICMP echo request (1 over IPv4, 58 over IPv6; ``sport``
@@ -454,18 +594,42 @@ def build_batch(n: int, src, dst, proto: int = PROTO_TCP, sport=1024, dport=80, 
         np.cumsum(length[:-1], out=offset[1:])
     out = np.empty(int(length.sum(dtype=np.int64)), np.uint8)
     eth = np.frombuffer(mac(eth_dst) + mac(eth_src), np.uint8)
-    _build_kernel(out, offset, ver, l2len, proto, eth, int(vlan or 0) & 0xFFFF,
-                  src_hi, src_lo, dst_hi, dst_lo,
-                  _col(sport, n, np.int64, "sport", 0, 0xFFFF),
-                  _col(dport, n, np.int64, "dport", 0, 0xFFFF), plen,
-                  _col(seq, n, np.int64, "seq", 0, 0xFFFFFFFF),
-                  _col(ack, n, np.int64, "ack", 0, 0xFFFFFFFF),
-                  _col(tcp_flags(tcp_flags_) if isinstance(tcp_flags_, str) else tcp_flags_, n,
-                       np.int64, "tcp_flags", 0, 0xFF),
-                  _col(win, n, np.int64, "win", 0, 0xFFFF),
-                  _col(ttl, n, np.int64, "ttl", 0, 0xFF),
-                  _col(ident, n, np.int64, "ident", 0, 0xFFFF), int(fill) & 0xFF)
-    return Batch(data=out, offset=offset, length=length, wire_len=length.copy(),
-                 port=_col(0 if port is None else port, n, np.uint16, "port", 0, 0xFFFF),
-                 ts=_col(0 if ts is None else ts, n, np.int64, "ts", -(2**63), 2**63 - 1),
-                 linktype=LINK_ETHERNET if l2 else LINK_RAW)
+    _build_kernel(
+        out,
+        offset,
+        ver,
+        l2len,
+        proto,
+        eth,
+        int(vlan or 0) & 0xFFFF,
+        src_hi,
+        src_lo,
+        dst_hi,
+        dst_lo,
+        _col(sport, n, np.int64, "sport", 0, 0xFFFF),
+        _col(dport, n, np.int64, "dport", 0, 0xFFFF),
+        plen,
+        _col(seq, n, np.int64, "seq", 0, 0xFFFFFFFF),
+        _col(ack, n, np.int64, "ack", 0, 0xFFFFFFFF),
+        _col(
+            tcp_flags(tcp_flags_) if isinstance(tcp_flags_, str) else tcp_flags_,
+            n,
+            np.int64,
+            "tcp_flags",
+            0,
+            0xFF,
+        ),
+        _col(win, n, np.int64, "win", 0, 0xFFFF),
+        _col(ttl, n, np.int64, "ttl", 0, 0xFF),
+        _col(ident, n, np.int64, "ident", 0, 0xFFFF),
+        int(fill) & 0xFF,
+    )
+    return Batch(
+        data=out,
+        offset=offset,
+        length=length,
+        wire_len=length.copy(),
+        port=_col(0 if port is None else port, n, np.uint16, "port", 0, 0xFFFF),
+        ts=_col(0 if ts is None else ts, n, np.int64, "ts", -(2**63), 2**63 - 1),
+        linktype=LINK_ETHERNET if l2 else LINK_RAW,
+    )

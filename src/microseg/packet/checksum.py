@@ -12,18 +12,41 @@ super-frames whose IP length field is 0 (``F2_BIG_TCP``: Linux BIG TCP / TSO fra
 offload's partial sum, not a checksum). RFC 2675 jumbograms are verified, with the 32-bit
 upper-layer length in the pseudo-header (and UDP length 0 meaning "the rest of the jumbogram").
 """
+
 from __future__ import annotations
 
 import numpy as np
 from numba import njit
 
 from .batch import (
-    ERROR, F2_BIG_TCP, F2_JUMBO, F2_TRUNCATED, F_FRAG, F_MF, FLAGS, FLAGS2, FRAG_OFF, IP_LEN, IP_VER, L3_OFF,
-    L4_OFF, PROTO, Batch, FlowKeys,
+    ERROR,
+    F2_BIG_TCP,
+    F2_JUMBO,
+    F2_TRUNCATED,
+    F_FRAG,
+    F_MF,
+    FLAGS,
+    FLAGS2,
+    FRAG_OFF,
+    IP_LEN,
+    IP_VER,
+    L3_OFF,
+    L4_OFF,
+    PROTO,
+    Batch,
+    FlowKeys,
 )
 
-__all__ = ["inet_sum", "inet_checksum", "ipv4_header_checksum", "pseudo_header_sum",
-           "csum_partial", "csum_fold", "l4_checksum_ok", "l4_checksum_ok_ref"]
+__all__ = [
+    "inet_sum",
+    "inet_checksum",
+    "ipv4_header_checksum",
+    "pseudo_header_sum",
+    "csum_partial",
+    "csum_fold",
+    "l4_checksum_ok",
+    "l4_checksum_ok_ref",
+]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -72,8 +95,12 @@ def csum_partial(d, start, stop, acc):
     one, two, three, four = np.uint64(1), np.uint64(2), np.uint64(3), np.uint64(4)
     s = np.int64(acc)
     while k + four <= end:
-        s += ((np.int64(d[k]) << 24) | (np.int64(d[k + one]) << 16)
-              | (np.int64(d[k + two]) << 8) | np.int64(d[k + three]))
+        s += (
+            (np.int64(d[k]) << 24)
+            | (np.int64(d[k + one]) << 16)
+            | (np.int64(d[k + two]) << 8)
+            | np.int64(d[k + three])
+        )
         k += four
     if k + two <= end:
         s += (np.int64(d[k]) << 8) | np.int64(d[k + one])
@@ -121,7 +148,7 @@ def _l4_ok_kernel(data, offset, length, u32, u16, i32, u8, out):
         seg = end - l4
         if proto == 17:
             ulen = (np.int64(data[b + l4 + 4]) << 8) | np.int64(data[b + l4 + 5])
-            if ulen != 0 or not (u8[FLAGS2, i] & F2_JUMBO):      # RFC 2675: 0 in a jumbogram
+            if ulen != 0 or not (u8[FLAGS2, i] & F2_JUMBO):  # RFC 2675: 0 in a jumbogram
                 seg = ulen
         if seg < 8 or l4 + seg > ln:
             out[i] = False
@@ -147,8 +174,7 @@ def l4_checksum_ok(batch: Batch, keys: FlowKeys, out: np.ndarray | None = None) 
         raise ValueError(f"keys describe {keys.n} packets, the batch has {n}")
     if out is None:
         out = np.empty(n, dtype=np.bool_)
-    _l4_ok_kernel(batch.data, batch.offset, batch.length, keys.u32, keys.u16, keys.i32, keys.u8,
-                  out[:n])
+    _l4_ok_kernel(batch.data, batch.offset, batch.length, keys.u32, keys.u16, keys.i32, keys.u8, out[:n])
     return out[:n]
 
 
@@ -173,7 +199,7 @@ def l4_checksum_ok_ref(batch: Batch, keys: FlowKeys) -> np.ndarray:
             continue
         end = l3 + f["ip_len"]
         if proto == 17:
-            ulen = int.from_bytes(p[l4 + 4:l4 + 6], "big")
+            ulen = int.from_bytes(p[l4 + 4 : l4 + 6], "big")
             if ulen or not f["flags2"] & F2_JUMBO:
                 end = l4 + ulen
         if end - l4 < 8 or end > len(p):
@@ -187,7 +213,13 @@ def l4_checksum_ok_ref(batch: Batch, keys: FlowKeys) -> np.ndarray:
         if ver == 4 and proto == 1:
             out[i] = inet_sum(seg) == 0xFFFF
         elif ver == 4:
-            out[i] = inet_sum(seg, pseudo_header_sum(p[l3 + 12:l3 + 16], p[l3 + 16:l3 + 20], proto, len(seg))) == 0xFFFF
+            out[i] = (
+                inet_sum(seg, pseudo_header_sum(p[l3 + 12 : l3 + 16], p[l3 + 16 : l3 + 20], proto, len(seg)))
+                == 0xFFFF
+            )
         else:
-            out[i] = inet_sum(seg, pseudo_header_sum(p[l3 + 8:l3 + 24], p[l3 + 24:l3 + 40], proto, len(seg))) == 0xFFFF
+            out[i] = (
+                inet_sum(seg, pseudo_header_sum(p[l3 + 8 : l3 + 24], p[l3 + 24 : l3 + 40], proto, len(seg)))
+                == 0xFFFF
+            )
     return out

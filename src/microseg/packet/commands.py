@@ -9,6 +9,7 @@ tunnel is one the parser does not step into, so the packet shown is its carrier)
 unusual sizes stay null rather than printing as ``::`` or 0). ``--flows`` sums packets and
 bytes per (tenant, addresses, protocol, ports) instead.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,29 +21,43 @@ from ..errors import InputError
 from ..io.pcap import TruncatedCaptureError, iter_capture
 from . import errors as PE
 from .batch import (
-    F2_ARP_HW, F2_TRUNCATED, F_ARP, F_ICMP, F_PORTS, TUN_NAMES, FlowKeys, addr_to_text,
+    F2_ARP_HW,
+    F2_TRUNCATED,
+    F_ARP,
+    F_ICMP,
+    F_PORTS,
+    TUN_NAMES,
+    FlowKeys,
+    addr_to_text,
 )
 from .parse import parse
 
 CHUNK = 4096
-TABLE_ROWS = 1000            # rows per rendered table block (keeps memory flat on big files)
+TABLE_ROWS = 1000  # rows per rendered table block (keeps memory flat on big files)
 PROTO_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 47: "gre", 50: "esp", 58: "icmpv6", 132: "sctp"}
 TCP_FLAG_NAMES = "FSRPAUEC"
 
 
 def register(sub) -> None:
-    p = sub.add_parser("parse", help="show the parsed headers of every packet of a capture",
-                       description="Parse every packet of FILE (pcap or pcapng) down to the "
-                                   "innermost packet of VXLAN / GENEVE / NVGRE tunnels and print "
-                                   "its tenant, addresses, protocol, ports, ICMP type and parse "
-                                   "error, as a table or as JSON lines.")
+    p = sub.add_parser(
+        "parse",
+        help="show the parsed headers of every packet of a capture",
+        description="Parse every packet of FILE (pcap or pcapng) down to the "
+        "innermost packet of VXLAN / GENEVE / NVGRE tunnels and print "
+        "its tenant, addresses, protocol, ports, ICMP type and parse "
+        "error, as a table or as JSON lines.",
+    )
     p.add_argument("file", metavar="FILE", help="pcap or pcapng capture")
     p.add_argument("--json", action="store_true", help="one JSON object per packet (or flow)")
-    p.add_argument("--flows", action="store_true",
-                   help="one line per flow (tenant, 5-tuple) with packet and byte counts")
-    p.add_argument("--lenient", action="store_true",
-                   help="read a capture cut short inside its last record: print its complete "
-                        "packets, warn on stderr and exit 0")
+    p.add_argument(
+        "--flows", action="store_true", help="one line per flow (tenant, 5-tuple) with packet and byte counts"
+    )
+    p.add_argument(
+        "--lenient",
+        action="store_true",
+        help="read a capture cut short inside its last record: print its complete "
+        "packets, warn on stderr and exit 0",
+    )
     p.set_defaults(func=run_parse)
 
 
@@ -64,10 +79,34 @@ class _AddrText:
 
 def _columns(keys: FlowKeys) -> dict:
     n = keys.n
-    return {name: getattr(keys, name)[:n].tolist() for name in (
-        "tenant", "src_hi", "src_lo", "dst_hi", "dst_lo", "proto", "sport", "dport", "icmp_type",
-        "icmp_code", "error", "ip_ver", "flags", "tcp_flags", "tun_type", "arp_op", "vlan0",
-        "n_vlans", "ethertype", "flags2", "tun_unfollowed", "arp_sha", "arp_tha")}
+    return {
+        name: getattr(keys, name)[:n].tolist()
+        for name in (
+            "tenant",
+            "src_hi",
+            "src_lo",
+            "dst_hi",
+            "dst_lo",
+            "proto",
+            "sport",
+            "dport",
+            "icmp_type",
+            "icmp_code",
+            "error",
+            "ip_ver",
+            "flags",
+            "tcp_flags",
+            "tun_type",
+            "arp_op",
+            "vlan0",
+            "n_vlans",
+            "ethertype",
+            "flags2",
+            "tun_unfollowed",
+            "arp_sha",
+            "arp_tha",
+        )
+    }
 
 
 def _mac_text(v: int) -> str:
@@ -103,23 +142,27 @@ def _records(keys: FlowKeys, text: _AddrText):
         ports = bool(fl & F_PORTS)
         icmp = bool(fl & F_ICMP)
         tunnel, not_followed = _tunnel(c, i)
-        yield {
-            "tenant": tenant if tenant >= 0 else None,
-            "src": text(c["src_hi"][i], c["src_lo"][i]) if has_addr else None,
-            "dst": text(c["dst_hi"][i], c["dst_lo"][i]) if has_addr else None,
-            "proto": c["proto"][i] if ver else None,
-            "sport": c["sport"][i] if ports else None,
-            "dport": c["dport"][i] if ports else None,
-            "icmp_type": c["icmp_type"][i] if icmp else None,
-            "icmp_code": c["icmp_code"][i] if icmp else None,
-            "error": PE.name(c["error"][i]),
-            "tunnel": tunnel,
-            "inner_not_followed": not_followed,
-            "truncated": bool(c["flags2"][i] & F2_TRUNCATED),
-            "arp_op": c["arp_op"][i] if arp_op else None,
-            "arp_sha": _mac_text(c["arp_sha"][i]) if arp_hw else None,
-            "arp_tha": _mac_text(c["arp_tha"][i]) if arp_hw else None,
-        }, c, i
+        yield (
+            {
+                "tenant": tenant if tenant >= 0 else None,
+                "src": text(c["src_hi"][i], c["src_lo"][i]) if has_addr else None,
+                "dst": text(c["dst_hi"][i], c["dst_lo"][i]) if has_addr else None,
+                "proto": c["proto"][i] if ver else None,
+                "sport": c["sport"][i] if ports else None,
+                "dport": c["dport"][i] if ports else None,
+                "icmp_type": c["icmp_type"][i] if icmp else None,
+                "icmp_code": c["icmp_code"][i] if icmp else None,
+                "error": PE.name(c["error"][i]),
+                "tunnel": tunnel,
+                "inner_not_followed": not_followed,
+                "truncated": bool(c["flags2"][i] & F2_TRUNCATED),
+                "arp_op": c["arp_op"][i] if arp_op else None,
+                "arp_sha": _mac_text(c["arp_sha"][i]) if arp_hw else None,
+                "arp_tha": _mac_text(c["arp_tha"][i]) if arp_hw else None,
+            },
+            c,
+            i,
+        )
 
 
 def _info(c: dict, i: int) -> str:
@@ -152,14 +195,23 @@ def _info(c: dict, i: int) -> str:
 
 def _print_table(batches, console) -> tuple[int, dict]:
     from rich.table import Table
+
     text = _AddrText()
     total, errors, table, first = 0, {}, None, True
 
     def new_table(header: bool):
         t = Table(show_header=header, box=None, pad_edge=False)
-        for name, width, just in (("#", 7, "right"), ("tenant", 8, "right"), ("src", 24, "left"),
-                                  ("sport", 5, "right"), ("dst", 24, "left"), ("dport", 5, "right"),
-                                  ("proto", 6, "left"), ("info", 28, "left"), ("error", 16, "left")):
+        for name, width, just in (
+            ("#", 7, "right"),
+            ("tenant", 8, "right"),
+            ("src", 24, "left"),
+            ("sport", 5, "right"),
+            ("dst", 24, "left"),
+            ("dport", 5, "right"),
+            ("proto", 6, "left"),
+            ("info", 28, "left"),
+            ("error", 16, "left"),
+        ):
             t.add_column(name, min_width=width, justify=just, no_wrap=True, overflow="fold")
         return t
 
@@ -172,9 +224,17 @@ def _print_table(batches, console) -> tuple[int, dict]:
                 table = new_table(first)
                 first = False
             proto = rec["proto"]
-            table.add_row(str(total), cell(rec["tenant"]), cell(rec["src"]), cell(rec["sport"]),
-                          cell(rec["dst"]), cell(rec["dport"]),
-                          PROTO_NAMES.get(proto, cell(proto)), _info(c, i), cell(rec["error"]))
+            table.add_row(
+                str(total),
+                cell(rec["tenant"]),
+                cell(rec["src"]),
+                cell(rec["sport"]),
+                cell(rec["dst"]),
+                cell(rec["dport"]),
+                PROTO_NAMES.get(proto, cell(proto)),
+                _info(c, i),
+                cell(rec["error"]),
+            )
             if rec["error"]:
                 errors[rec["error"]] = errors.get(rec["error"], 0) + 1
             total += 1
@@ -186,9 +246,20 @@ def _print_table(batches, console) -> tuple[int, dict]:
     return total, errors
 
 
-_FLOW_DTYPE = np.dtype([("tenant", "<i4"), ("src_hi", "<u8"), ("src_lo", "<u8"), ("dst_hi", "<u8"),
-                        ("dst_lo", "<u8"), ("proto", "u1"), ("sport", "<u2"), ("dport", "<u2"),
-                        ("ver", "u1"), ("arp", "u1")])
+_FLOW_DTYPE = np.dtype(
+    [
+        ("tenant", "<i4"),
+        ("src_hi", "<u8"),
+        ("src_lo", "<u8"),
+        ("dst_hi", "<u8"),
+        ("dst_lo", "<u8"),
+        ("proto", "u1"),
+        ("sport", "<u2"),
+        ("dport", "<u2"),
+        ("ver", "u1"),
+        ("arp", "u1"),
+    ]
+)
 
 
 def _flow_keys(keys: FlowKeys) -> np.ndarray:
@@ -197,15 +268,18 @@ def _flow_keys(keys: FlowKeys) -> np.ndarray:
     for name in ("tenant", "src_hi", "src_lo", "dst_hi", "dst_lo", "proto", "sport", "dport"):
         k[name] = getattr(keys, name)[:n]
     k["ver"] = keys.ip_ver[:n]
-    k["arp"] = ((keys.flags[:n] & F_ARP) != 0) & (keys.error[:n] == PE.OK)   # addresses read
+    k["arp"] = ((keys.flags[:n] & F_ARP) != 0) & (keys.error[:n] == PE.OK)  # addresses read
     return k
 
 
 def _reduce(k: np.ndarray, pkts: np.ndarray, nbytes: np.ndarray):
     uniq, inv = np.unique(k, return_inverse=True)
     inv = inv.reshape(-1)
-    return (uniq, np.bincount(inv, weights=pkts, minlength=len(uniq)).astype(np.int64),
-            np.bincount(inv, weights=nbytes, minlength=len(uniq)).astype(np.int64))
+    return (
+        uniq,
+        np.bincount(inv, weights=pkts, minlength=len(uniq)).astype(np.int64),
+        np.bincount(inv, weights=nbytes, minlength=len(uniq)).astype(np.int64),
+    )
 
 
 def _flows(pairs):
@@ -226,23 +300,26 @@ def _flows(pairs):
         u = uniq[j]
         has_addr = u["ver"] != 0 or u["arp"]
         ports = u["ver"] != 0 and int(u["proto"]) in (6, 17, 132)
-        out.append({
-            "tenant": int(u["tenant"]) if u["tenant"] >= 0 else None,
-            "src": text(int(u["src_hi"]), int(u["src_lo"])) if has_addr else None,
-            "dst": text(int(u["dst_hi"]), int(u["dst_lo"])) if has_addr else None,
-            "proto": int(u["proto"]) if u["ver"] else None,
-            "sport": int(u["sport"]) if ports else None,
-            "dport": int(u["dport"]) if ports else None,
-            "packets": int(pk[j]),
-            "bytes": int(by[j]),
-        })
+        out.append(
+            {
+                "tenant": int(u["tenant"]) if u["tenant"] >= 0 else None,
+                "src": text(int(u["src_hi"]), int(u["src_lo"])) if has_addr else None,
+                "dst": text(int(u["dst_hi"]), int(u["dst_lo"])) if has_addr else None,
+                "proto": int(u["proto"]) if u["ver"] else None,
+                "sport": int(u["sport"]) if ports else None,
+                "dport": int(u["dport"]) if ports else None,
+                "packets": int(pk[j]),
+                "bytes": int(by[j]),
+            }
+        )
     return out
 
 
 def _console(out):
     from rich.console import Console
+
     c = Console(file=out)
-    if not c.is_terminal:            # a pipe or file: do not squeeze columns into 80 characters
+    if not c.is_terminal:  # a pipe or file: do not squeeze columns into 80 characters
         c = Console(file=out, width=200)
     return c
 
@@ -261,7 +338,7 @@ def _parsed(path, reading: _Reading | None = None):
         except StopIteration:
             return
         except InputError as exc:
-            if reading is None or first:       # nothing read: no output, just the error
+            if reading is None or first:  # nothing read: no output, just the error
                 raise
             reading.error = exc
             return
@@ -304,13 +381,21 @@ def run_parse(args) -> int:
             reading.done()
             return 0
         from rich.table import Table
+
         t = Table(box=None, pad_edge=False)
         for name in ("tenant", "src", "sport", "dst", "dport", "proto", "packets", "bytes"):
-            t.add_column(name, justify="right" if name in ("tenant", "sport", "dport", "packets", "bytes") else "left",
-                         no_wrap=True)
+            t.add_column(
+                name,
+                justify="right" if name in ("tenant", "sport", "dport", "packets", "bytes") else "left",
+                no_wrap=True,
+            )
         for f in flows:
-            t.add_row(*("" if f[k] is None else str(PROTO_NAMES.get(f[k], f[k]) if k == "proto" else f[k])
-                        for k in ("tenant", "src", "sport", "dst", "dport", "proto", "packets", "bytes")))
+            t.add_row(
+                *(
+                    "" if f[k] is None else str(PROTO_NAMES.get(f[k], f[k]) if k == "proto" else f[k])
+                    for k in ("tenant", "src", "sport", "dst", "dport", "proto", "packets", "bytes")
+                )
+            )
         console = _console(out)
         console.print(t)
         console.print(f"{len(flows)} flows, {sum(f['packets'] for f in flows)} packets")

@@ -57,6 +57,7 @@ protocol and ports (or ICMP id) of the innermost packet.
 
 :mod:`.parse_ref` is the plain-Python statement of the same rules; tests hold the two equal.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -68,18 +69,98 @@ from numba.extending import intrinsic
 from ..errors import InputError
 from . import errors as E
 from .batch import (
-    AF_INET, ARP_OP, ARP_SHA, ARP_THA, DPORT, DST_HI, DST_LO, ESP_SEQ, ESP_SPI, ETH_DST, ETH_SRC,
-    ETHERTYPE, F2_ARP_HW, F2_BIG_TCP, F2_JUMBO, F2_TRUNCATED, F_ARP, F_ESP, F_FRAG, F_GRE, F_ICMP,
-    F_ICMP_ERR, F_MF, F_PORTS, FLAGS, FLAGS2, FLOW_HASH, FRAG_OFF, GRE_KEY, GRE_PROTO, ICMP_CODE,
-    ICMP_ID, ICMP_TYPE, INNER_DPORT, INNER_DST_HI, INNER_DST_LO, INNER_ICMP_TYPE, INNER_PROTO,
-    INNER_SPORT, INNER_SRC_HI, INNER_SRC_LO, IP_LEN, IP_VER, L2_OFF, L3_OFF, L4_OFF,
-    LINK_ETHERNET, LINK_IPV4, LINK_IPV6, LINK_LINUX_SLL, LINK_LOOP, LINK_NULL, LINK_RAW,
-    LINK_RAW_DLT12, LINK_RAW_DLT14, N_I32, N_U8, N_U16, N_U32, N_U64, N_VLANS, OUTER_L3_OFF,
-    PAYLOAD_LEN, PAYLOAD_OFF, PROTO, SPORT, SRC_HI, SRC_LO, SUPPORTED_LINKTYPES, TCP_ACK,
-    TCP_DOFF, TCP_FLAGS, TCP_SEQ, TCP_WIN, TENANT, TTL, TUN_ERSPAN, TUN_ETHERIP, TUN_GENEVE,
-    TUN_GRE, TUN_GTPU, TUN_IPIP, TUN_MPLS, TUN_NVGRE, TUN_TYPE, TUN_UNFOLLOWED, TUN_VXLAN,
-    TUN_VXLAN_GPE, VLAN0, VLAN1,
-    Batch, FlowKeys,
+    AF_INET,
+    ARP_OP,
+    ARP_SHA,
+    ARP_THA,
+    DPORT,
+    DST_HI,
+    DST_LO,
+    ESP_SEQ,
+    ESP_SPI,
+    ETH_DST,
+    ETH_SRC,
+    ETHERTYPE,
+    F2_ARP_HW,
+    F2_BIG_TCP,
+    F2_JUMBO,
+    F2_TRUNCATED,
+    F_ARP,
+    F_ESP,
+    F_FRAG,
+    F_GRE,
+    F_ICMP,
+    F_ICMP_ERR,
+    F_MF,
+    F_PORTS,
+    FLAGS,
+    FLAGS2,
+    FLOW_HASH,
+    FRAG_OFF,
+    GRE_KEY,
+    GRE_PROTO,
+    ICMP_CODE,
+    ICMP_ID,
+    ICMP_TYPE,
+    INNER_DPORT,
+    INNER_DST_HI,
+    INNER_DST_LO,
+    INNER_ICMP_TYPE,
+    INNER_PROTO,
+    INNER_SPORT,
+    INNER_SRC_HI,
+    INNER_SRC_LO,
+    IP_LEN,
+    IP_VER,
+    L2_OFF,
+    L3_OFF,
+    L4_OFF,
+    LINK_ETHERNET,
+    LINK_IPV4,
+    LINK_IPV6,
+    LINK_LINUX_SLL,
+    LINK_LOOP,
+    LINK_NULL,
+    LINK_RAW,
+    LINK_RAW_DLT12,
+    LINK_RAW_DLT14,
+    N_I32,
+    N_U8,
+    N_U16,
+    N_U32,
+    N_U64,
+    N_VLANS,
+    OUTER_L3_OFF,
+    PAYLOAD_LEN,
+    PAYLOAD_OFF,
+    PROTO,
+    SPORT,
+    SRC_HI,
+    SRC_LO,
+    SUPPORTED_LINKTYPES,
+    TCP_ACK,
+    TCP_DOFF,
+    TCP_FLAGS,
+    TCP_SEQ,
+    TCP_WIN,
+    TENANT,
+    TTL,
+    TUN_ERSPAN,
+    TUN_ETHERIP,
+    TUN_GENEVE,
+    TUN_GRE,
+    TUN_GTPU,
+    TUN_IPIP,
+    TUN_MPLS,
+    TUN_NVGRE,
+    TUN_TYPE,
+    TUN_UNFOLLOWED,
+    TUN_VXLAN,
+    TUN_VXLAN_GPE,
+    VLAN0,
+    VLAN1,
+    Batch,
+    FlowKeys,
 )
 
 __all__ = ["parse", "SUPPORTED_LINKTYPES"]
@@ -92,8 +173,17 @@ _MAX_EXT = 8
 _MAX_DEPTH = 2
 _V4_PREFIX = 0x0000FFFF00000000
 
-_H_K = tuple(np.uint64(k) for k in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB,
-                                      0xD6E8FEB86659FD93, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9))
+_H_K = tuple(
+    np.uint64(k)
+    for k in (
+        0x9E3779B97F4A7C15,
+        0xBF58476D1CE4E5B9,
+        0x94D049BB133111EB,
+        0xD6E8FEB86659FD93,
+        0xC2B2AE3D27D4EB4F,
+        0x165667B19E3779F9,
+    )
+)
 _S29 = np.uint64(29)
 _S32 = np.uint64(32)
 _S16 = np.uint64(16)
@@ -118,13 +208,15 @@ def _prefetch(typingctx, arr, idx):
         ptr = builder.bitcast(builder.gep(ary.data, [args[1]]), i8p)
         i32 = ir.IntType(32)
         fn = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]), "llvm.prefetch.p0")
+            builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]), "llvm.prefetch.p0"
+        )
         builder.call(fn, [ptr, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
         return context.get_dummy_value()
+
     return sig, codegen
 
 
-_PREFETCH_AHEAD = 6          # packets; headers of big frames come from memory, not cache
+_PREFETCH_AHEAD = 6  # packets; headers of big frames come from memory, not cache
 
 
 @njit(cache=True)
@@ -141,32 +233,51 @@ def _rd16(d, o):
 @njit(cache=True)
 def _rd32(d, o):
     u = np.uint64(o)
-    return ((np.int64(d[u]) << 24) | (np.int64(d[u + _U[1]]) << 16)
-            | (np.int64(d[u + _U[2]]) << 8) | np.int64(d[u + _U[3]]))
+    return (
+        (np.int64(d[u]) << 24)
+        | (np.int64(d[u + _U[1]]) << 16)
+        | (np.int64(d[u + _U[2]]) << 8)
+        | np.int64(d[u + _U[3]])
+    )
 
 
 @njit(cache=True)
 def _rd32_le(d, o):
     u = np.uint64(o)
-    return ((np.int64(d[u + _U[3]]) << 24) | (np.int64(d[u + _U[2]]) << 16)
-            | (np.int64(d[u + _U[1]]) << 8) | np.int64(d[u]))
+    return (
+        (np.int64(d[u + _U[3]]) << 24)
+        | (np.int64(d[u + _U[2]]) << 16)
+        | (np.int64(d[u + _U[1]]) << 8)
+        | np.int64(d[u])
+    )
 
 
 @njit(cache=True)
 def _rd48(d, o):
     u = np.uint64(o)
-    return ((np.int64(d[u]) << 40) | (np.int64(d[u + _U[1]]) << 32)
-            | (np.int64(d[u + _U[2]]) << 24) | (np.int64(d[u + _U[3]]) << 16)
-            | (np.int64(d[u + _U[4]]) << 8) | np.int64(d[u + _U[5]]))
+    return (
+        (np.int64(d[u]) << 40)
+        | (np.int64(d[u + _U[1]]) << 32)
+        | (np.int64(d[u + _U[2]]) << 24)
+        | (np.int64(d[u + _U[3]]) << 16)
+        | (np.int64(d[u + _U[4]]) << 8)
+        | np.int64(d[u + _U[5]])
+    )
 
 
 @njit(cache=True)
 def _rd64(d, o):
     u = np.uint64(o)
-    return ((np.uint64(d[u]) << _U56) | (np.uint64(d[u + _U[1]]) << _U48)
-            | (np.uint64(d[u + _U[2]]) << _U40) | (np.uint64(d[u + _U[3]]) << _S32)
-            | (np.uint64(d[u + _U[4]]) << _U24) | (np.uint64(d[u + _U[5]]) << _S16)
-            | (np.uint64(d[u + _U[6]]) << _S8) | np.uint64(d[u + _U[7]]))
+    return (
+        (np.uint64(d[u]) << _U56)
+        | (np.uint64(d[u + _U[1]]) << _U48)
+        | (np.uint64(d[u + _U[2]]) << _U40)
+        | (np.uint64(d[u + _U[3]]) << _S32)
+        | (np.uint64(d[u + _U[4]]) << _U24)
+        | (np.uint64(d[u + _U[5]]) << _S16)
+        | (np.uint64(d[u + _U[6]]) << _S8)
+        | np.uint64(d[u + _U[7]])
+    )
 
 
 @njit(cache=True)
@@ -280,9 +391,14 @@ def _icmp_quoted(d, b, q, end, ver, u64, u16, u8, i):
 @njit(cache=True)
 def _flow_hash(src_hi, src_lo, dst_hi, dst_lo, tenant, proto, sport, dport, icmp_id):
     """Six independent multiplies (they overlap in the pipeline), then one finishing round."""
-    x = ((src_hi * _H_K[0]) ^ (src_lo * _H_K[1]) ^ (dst_hi * _H_K[2]) ^ (dst_lo * _H_K[3])
-         ^ ((np.uint64(np.int64(tenant) & 0xFFFFFFFF) | (np.uint64(proto) << _S32)) * _H_K[4])
-         ^ (((np.uint64(sport) << _S16) | np.uint64(dport) | (np.uint64(icmp_id) << _S32)) * _H_K[5]))
+    x = (
+        (src_hi * _H_K[0])
+        ^ (src_lo * _H_K[1])
+        ^ (dst_hi * _H_K[2])
+        ^ (dst_lo * _H_K[3])
+        ^ ((np.uint64(np.int64(tenant) & 0xFFFFFFFF) | (np.uint64(proto) << _S32)) * _H_K[4])
+        ^ (((np.uint64(sport) << _S16) | np.uint64(dport) | (np.uint64(icmp_id) << _S32)) * _H_K[5])
+    )
     x = (x ^ (x >> _S29)) * _H_K[0]
     return (x ^ (x >> _S32)) & _M32
 
@@ -299,7 +415,7 @@ def _jumbo_option(d, b, pos, lim):
     q = pos + 2
     while q < hend:
         t = _rd8(d, b + q)
-        if t == 0:                       # Pad1
+        if t == 0:  # Pad1
             q += 1
             continue
         if hend - q < 2:
@@ -339,7 +455,7 @@ def _parse_kernel(data, offset, length, wire_len, linktype, u64, u32, i32, u16, 
             row8[j] = 0
     size = data.shape[0]
     d = data
-    raw = (linktype == LINK_RAW or linktype == LINK_RAW_DLT12 or linktype == LINK_RAW_DLT14)
+    raw = linktype == LINK_RAW or linktype == LINK_RAW_DLT12 or linktype == LINK_RAW_DLT14
     for i in range(n):
         if i + _PREFETCH_AHEAD < n:
             pb = offset[i + _PREFETCH_AHEAD]
@@ -400,7 +516,7 @@ def _parse_kernel(data, offset, length, wire_len, linktype, u64, u32, i32, u16, 
                 elif fam == 24 or fam == 28 or fam == 30:
                     kind = _K_V6
                     u16[ETHERTYPE, i] = 0x86DD
-        else:                                # Linux cooked capture, v1 or v2
+        else:  # Linux cooked capture, v1 or v2
             hl = 16 if linktype == LINK_LINUX_SLL else 20
             if cap < hl:
                 kind = _K_NONE
@@ -642,7 +758,7 @@ def _parse_kernel(data, offset, length, wire_len, linktype, u64, u32, i32, u16, 
                 u8[FLAGS, i] |= F_PORTS
                 ulen = _rd16(d, o + 4)
                 if ulen == 0 and (u8[FLAGS2, i] & F2_JUMBO) and end - pos > 0xFFFF:
-                    ulen = end - pos             # RFC 2675: a jumbo datagram's UDP length is 0
+                    ulen = end - pos  # RFC 2675: a jumbo datagram's UDP length is 0
                 if ulen < 8 or (not partial and ulen > end - pos):
                     err = E.BAD_UDP_LEN
                     break
@@ -762,7 +878,7 @@ def _parse_kernel(data, offset, length, wire_len, linktype, u64, u32, i32, u16, 
                     tun = TUN_GRE
                     vni = -1
                     nkind = _K_V4 if gproto == 0x0800 else _K_V6
-                    if i32[TENANT, i] >= 0:          # a tenant's own tunnel: theirs to open
+                    if i32[TENANT, i] >= 0:  # a tenant's own tunnel: theirs to open
                         u8[TUN_UNFOLLOWED, i] = tun
                         break
                 elif gproto == 0x88BE or gproto == 0x22EB:
@@ -843,9 +959,17 @@ def _parse_kernel(data, offset, length, wire_len, linktype, u64, u32, i32, u16, 
         if end > cap:
             u8[FLAGS2, i] |= F2_TRUNCATED
         u8[0, i] = err
-        u32[FLOW_HASH, i] = _flow_hash(u64[SRC_HI, i], u64[SRC_LO, i], u64[DST_HI, i],
-                                       u64[DST_LO, i], i32[TENANT, i], u8[PROTO, i],
-                                       u16[SPORT, i], u16[DPORT, i], u16[ICMP_ID, i])
+        u32[FLOW_HASH, i] = _flow_hash(
+            u64[SRC_HI, i],
+            u64[SRC_LO, i],
+            u64[DST_HI, i],
+            u64[DST_LO, i],
+            i32[TENANT, i],
+            u8[PROTO, i],
+            u16[SPORT, i],
+            u16[DPORT, i],
+            u16[ICMP_ID, i],
+        )
 
 
 def parse(batch: Batch, keys: FlowKeys | None = None) -> FlowKeys:
@@ -859,11 +983,11 @@ def parse(batch: Batch, keys: FlowKeys | None = None) -> FlowKeys:
     keys.n = n
     lt = int(batch.linktype)
     if lt not in SUPPORTED_LINKTYPES:
-        raise InputError(f"link type {lt} is not supported (Ethernet, raw IP, BSD loopback or "
-                         f"Linux cooked capture only)")
+        raise InputError(
+            f"link type {lt} is not supported (Ethernet, raw IP, BSD loopback or Linux cooked capture only)"
+        )
     wire = batch.wire_len
     if wire.shape[0] != n:
         raise InputError(f"the batch has {n} packets but {wire.shape[0]} wire lengths")
-    _parse_kernel(batch.data, offset, batch.length, wire, lt, keys.u64, keys.u32, keys.i32,
-                  keys.u16, keys.u8)
+    _parse_kernel(batch.data, offset, batch.length, wire, lt, keys.u64, keys.u32, keys.i32, keys.u16, keys.u8)
     return keys

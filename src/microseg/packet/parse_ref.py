@@ -3,6 +3,7 @@
 One packet at a time, written for reading rather than speed. The rules it implements (and the
 kernel must match field for field) are described in :mod:`microseg.packet.parse`.
 """
+
 from __future__ import annotations
 
 import struct
@@ -17,10 +18,14 @@ IPPROTO_IPIP, IPPROTO_IPV6, IPPROTO_ETHERIP, IPPROTO_MPLS = 4, 41, 97, 137
 V6_HOPOPTS, V6_ROUTING, V6_FRAGMENT, V6_DSTOPTS = 0, 43, 44, 60
 VXLAN_PORT, GENEVE_PORT = 4789, 6081
 # tunnels recognised but not stepped into, by UDP destination port and by GRE protocol
-UDP_TUNNEL_PORTS = {VXLAN_PORT: B.TUN_VXLAN, GENEVE_PORT: B.TUN_GENEVE, 4790: B.TUN_VXLAN_GPE,
-                    6635: B.TUN_MPLS, 2152: B.TUN_GTPU}
-GRE_UNFOLLOWED = {0x88BE: B.TUN_ERSPAN, 0x22EB: B.TUN_ERSPAN, 0x8847: B.TUN_MPLS,
-                  0x8848: B.TUN_MPLS}
+UDP_TUNNEL_PORTS = {
+    VXLAN_PORT: B.TUN_VXLAN,
+    GENEVE_PORT: B.TUN_GENEVE,
+    4790: B.TUN_VXLAN_GPE,
+    6635: B.TUN_MPLS,
+    2152: B.TUN_GTPU,
+}
+GRE_UNFOLLOWED = {0x88BE: B.TUN_ERSPAN, 0x22EB: B.TUN_ERSPAN, 0x8847: B.TUN_MPLS, 0x8848: B.TUN_MPLS}
 IP_UNFOLLOWED = {IPPROTO_MPLS: B.TUN_MPLS, IPPROTO_ETHERIP: B.TUN_ETHERIP}
 JUMBO_OPTION = 0xC2
 LOOPBACK_AF_INET6 = B.AF_INET6_VALUES
@@ -29,12 +34,18 @@ MAX_EXT_HEADERS = 8
 MAX_TUNNEL_DEPTH = 2
 ICMP4_ERRORS = (3, 4, 5, 11, 12)
 ICMP6_ERRORS = (1, 2, 3, 4)
-ICMP4_ID_TYPES = (0, 8, 13, 14, 15, 16, 17, 18)   # echo, timestamp, info, address mask
+ICMP4_ID_TYPES = (0, 8, 13, 14, 15, 16, 17, 18)  # echo, timestamp, info, address mask
 ICMP6_ID_TYPES = (128, 129)
 
 M64 = 0xFFFFFFFFFFFFFFFF
-HASH_K = (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB, 0xD6E8FEB86659FD93,
-          0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9)
+HASH_K = (
+    0x9E3779B97F4A7C15,
+    0xBF58476D1CE4E5B9,
+    0x94D049BB133111EB,
+    0xD6E8FEB86659FD93,
+    0xC2B2AE3D27D4EB4F,
+    0x165667B19E3779F9,
+)
 V4_PREFIX = B.V4_MAPPED_LO_PREFIX
 
 _DEFAULTS = {name: 0 for name in B.FIELDS}
@@ -57,11 +68,11 @@ def _u32(p: bytes, o: int) -> int:
 
 
 def _mac(p: bytes, o: int) -> int:
-    return int.from_bytes(p[o:o + 6], "big")
+    return int.from_bytes(p[o : o + 6], "big")
 
 
 def _v6(p: bytes, o: int) -> tuple[int, int]:
-    return int.from_bytes(p[o:o + 8], "big"), int.from_bytes(p[o + 8:o + 16], "big")
+    return int.from_bytes(p[o : o + 8], "big"), int.from_bytes(p[o + 8 : o + 16], "big")
 
 
 def inet_sum(p: bytes, start: int, stop: int) -> int:
@@ -78,9 +89,14 @@ def inet_sum(p: bytes, start: int, stop: int) -> int:
 
 def flow_hash(f: dict) -> int:
     """The FLOW_HASH of a parsed packet: a 32-bit mix of tenant, addresses, protocol, ports/echo id."""
-    words = (f["src_hi"], f["src_lo"], f["dst_hi"], f["dst_lo"],
-             (f["tenant"] & 0xFFFFFFFF) | (f["proto"] << 32),
-             (f["sport"] << 16) | f["dport"] | (f["icmp_id"] << 32))
+    words = (
+        f["src_hi"],
+        f["src_lo"],
+        f["dst_hi"],
+        f["dst_lo"],
+        (f["tenant"] & 0xFFFFFFFF) | (f["proto"] << 32),
+        (f["sport"] << 16) | f["dport"] | (f["icmp_id"] << 32),
+    )
     x = 0
     for w, k in zip(words, HASH_K):
         x ^= (w * k) & M64
@@ -100,7 +116,7 @@ class _Parser:
         self.linktype = linktype
         self.cap = len(pkt)
         self.wire = max(self.cap, self.cap if wire_len is None else int(wire_len))
-        self.end = self.wire              # the end of the layer parsed last
+        self.end = self.wire  # the end of the layer parsed last
 
     def lim(self, end: int) -> int:
         """How far the layer that ends at ``end`` can be read."""
@@ -115,7 +131,7 @@ class _Parser:
             depth = 0
             while layer is not None:
                 kind, pos, end = layer[:3]
-                if len(layer) == 5:          # a tunnel header was parsed: step into its payload
+                if len(layer) == 5:  # a tunnel header was parsed: step into its payload
                     if depth == MAX_TUNNEL_DEPTH:
                         raise _Stop(E.TUNNEL_DEPTH)
                     outer = f["outer_l3_off"] if depth else f["l3_off"]
@@ -158,7 +174,7 @@ class _Parser:
                 raise _Stop(E.TRUNC_LINK)
             if lt == B.LINK_LOOP:
                 family = int.from_bytes(p[:4], "big")
-            else:                            # the writer's byte order, whichever it was
+            else:  # the writer's byte order, whichever it was
                 family = int.from_bytes(p[:4], "little")
                 if family > 0xFFFF:
                     family = int.from_bytes(p[:4], "big")
@@ -268,7 +284,7 @@ class _Parser:
         if lim - pos < ihl:
             raise _Stop(E.TRUNC_IPV4)
         if total == 0 and proto == IPPROTO_TCP and not (off or mf):
-            total = f["ip_len"] = end - pos      # a TCP super-frame: the frame says how long
+            total = f["ip_len"] = end - pos  # a TCP super-frame: the frame says how long
             f["flags2"] |= B.F2_BIG_TCP
         if total < ihl or total > end - pos:
             raise _Stop(E.BAD_IPV4_LEN)
@@ -289,7 +305,7 @@ class _Parser:
             return None
         q, hend = pos + 2, pos + (p[pos + 1] + 1) * 8
         while q < hend:
-            if p[q] == 0:                    # Pad1
+            if p[q] == 0:  # Pad1
                 q += 1
                 continue
             if hend - q < 2:
@@ -324,7 +340,7 @@ class _Parser:
                     raise _Stop(E.BAD_IPV6_EXT)
                 plen = jumbo
         elif plen == 0 and nh == IPPROTO_TCP and end - pos - 40 >= 20:
-            plen = end - pos - 40                # BIG TCP without a jumbo header
+            plen = end - pos - 40  # BIG TCP without a jumbo header
             f["ip_len"] = plen + 40
             f["flags2"] |= B.F2_BIG_TCP
         if plen > end - pos - 40:
@@ -393,7 +409,7 @@ class _Parser:
             f["sport"], f["dport"] = sport, dport
             f["flags"] |= B.F_PORTS
             if ulen == 0 and f["flags2"] & B.F2_JUMBO and end - pos > 0xFFFF:
-                ulen = end - pos                 # RFC 2675: a jumbo datagram's UDP length is 0
+                ulen = end - pos  # RFC 2675: a jumbo datagram's UDP length is 0
             if ulen < 8 or (not partial and ulen > end - pos):
                 raise _Stop(E.BAD_UDP_LEN)
             if partial:
@@ -430,7 +446,7 @@ class _Parser:
             return self.gre(pos, end, partial)
         self.opaque(pos, end)
         if proto in (IPPROTO_IPIP, IPPROTO_IPV6):
-            if partial or f["tenant"] >= 0:      # a fragment, or a tenant's own tunnel
+            if partial or f["tenant"] >= 0:  # a fragment, or a tenant's own tunnel
                 f["tun_unfollowed"] = B.TUN_IPIP
                 return None
             return ("ipv4" if proto == IPPROTO_IPIP else "ipv6", pos, end, B.TUN_IPIP, -1)
@@ -522,7 +538,7 @@ class _Parser:
         if lim - pos < 4:
             raise _Stop(E.TRUNC_GRE)
         fl = _u16(p, pos)
-        if fl & 0x4007:                      # routing present, or version != 0
+        if fl & 0x4007:  # routing present, or version != 0
             raise _Stop(E.BAD_GRE)
         proto = _u16(p, pos + 2)
         f["gre_proto"] = proto
@@ -543,7 +559,7 @@ class _Parser:
         else:
             f["tun_unfollowed"] = GRE_UNFOLLOWED.get(proto, B.TUN_NONE)
             return None
-        if partial or (tunnel[3] == B.TUN_GRE and f["tenant"] >= 0):   # inside a tenant's packet
+        if partial or (tunnel[3] == B.TUN_GRE and f["tenant"] >= 0):  # inside a tenant's packet
             f["tun_unfollowed"] = tunnel[3]
             return None
         return tunnel

@@ -140,8 +140,9 @@ def load_documents(text: str, path: str) -> list:
         line = text.count("\n", 0, exc.position) + 1 if isinstance(text, str) else None
         char = exc.character if isinstance(exc.character, int) else ord(exc.character)
         where = f"{path}:{line}" if line is not None else path
-        raise PolicyError([f"{where}: YAML error: unacceptable character #x{char:04x}: "
-                           f"{exc.reason}"]) from None
+        raise PolicyError(
+            [f"{where}: YAML error: unacceptable character #x{char:04x}: {exc.reason}"]
+        ) from None
     except (yaml.YAMLError, ValueError, TypeError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise PolicyError([f"{path}: YAML error: {first}"]) from None

@@ -20,7 +20,7 @@ recompilation.
   key, as the policy loader names a file's lines) go into the state ``invalid``; the last good
   policy stays until a valid set arrives.
 * **Silent members.** A probe asks the stream's member for its status every
-  ``probe_interval`` seconds and breaks the stream when it does not answer.
+  ``probe_interval`` seconds (0: never) and breaks the stream when it fails twice running.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ class PolicyWatcher:
         host: str | None = None,
         *,
         backoff: tuple[float, float] = (0.1, 5.0),
-        probe_interval: float = 2.0,
+        probe_interval: float = 5.0,
     ):
         self.client = connect(endpoint)
         self.prefix = layout.normalise_prefix(prefix)
@@ -225,9 +225,10 @@ class PolicyWatcher:
         self._callback, self._on_state = callback, on_state
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, name=f"store-watch {self.host or '*'}", daemon=True)
-        self._prober = threading.Thread(target=self._probe, name="store-probe", daemon=True)
         self._thread.start()
-        self._prober.start()
+        if self.probe_interval > 0:
+            self._prober = threading.Thread(target=self._probe, name="store-probe", daemon=True)
+            self._prober.start()
 
     def stop(self, timeout: float = 10.0) -> None:
         """End the watch and wait for the thread (the last good policy stays readable)."""

@@ -5,12 +5,26 @@ oracle (see README.md) on each capture.
 
 Usage: gen_extra.py OUTDIR
 """
+
 import os
 import sys
 
-from scapy.all import (ICMP, IP, TCP, UDP, Ether, ICMPv6DestUnreach, ICMPv6EchoReply,
-                       ICMPv6EchoRequest, ICMPv6ND_NS, ICMPv6PacketTooBig, ICMPv6TimeExceeded,
-                       IPv6, Raw, wrpcap)
+from scapy.all import (
+    ICMP,
+    IP,
+    TCP,
+    UDP,
+    Ether,
+    ICMPv6DestUnreach,
+    ICMPv6EchoReply,
+    ICMPv6EchoRequest,
+    ICMPv6ND_NS,
+    ICMPv6PacketTooBig,
+    ICMPv6TimeExceeded,
+    IPv6,
+    Raw,
+    wrpcap,
+)
 
 A4, B4, C4, R4 = "192.0.2.10", "198.51.100.20", "198.51.100.77", "203.0.113.1"
 A6, B6, R6 = "2001:db8:a::10", "2001:db8:b::20", "2001:db8:ff::1"
@@ -38,9 +52,19 @@ class Conn:
         a = self.seq[1 - d] if ack is None else ack
         if opts is None:
             opts = self.opts[d] if "S" in flags else []
-        p = eth() / self.ip(d) / TCP(sport=sp, dport=dp, flags=flags, seq=s & 0xFFFFFFFF,
-                                     ack=(a & 0xFFFFFFFF) if "A" in flags else 0, window=win,
-                                     options=opts)
+        p = (
+            eth()
+            / self.ip(d)
+            / TCP(
+                sport=sp,
+                dport=dp,
+                flags=flags,
+                seq=s & 0xFFFFFFFF,
+                ack=(a & 0xFFFFFFFF) if "A" in flags else 0,
+                window=win,
+                options=opts,
+            )
+        )
         if data:
             p = p / Raw(data)
         if seq is None and advance:
@@ -65,23 +89,30 @@ def cases():
     # simultaneous open: both sides send SYN, then both SYN/ACK, then ACKs
     t = Conn(A4, B4, 41000, 41001)
     s0, s1 = t.pkt(0, "S"), t.pkt(1, "S")
-    c["tcp_simultaneous_open"] = [s0, s1, t.pkt(0, "SA", seq=t.seq[0] - 1),
-                                  t.pkt(1, "SA", seq=t.seq[1] - 1), t.pkt(0, "A"), t.pkt(1, "A"),
-                                  t.pkt(0, "PA", b"s" * 10), t.pkt(1, "A")]
+    c["tcp_simultaneous_open"] = [
+        s0,
+        s1,
+        t.pkt(0, "SA", seq=t.seq[0] - 1),
+        t.pkt(1, "SA", seq=t.seq[1] - 1),
+        t.pkt(0, "A"),
+        t.pkt(1, "A"),
+        t.pkt(0, "PA", b"s" * 10),
+        t.pkt(1, "A"),
+    ]
     # window edges with scaling: the receiver's window is 1000 << 7 = 128000 bytes
     ws = [("MSS", 1460), ("WScale", 7), ("SAckOK", b"")]
     t = Conn(A4, B4, 41002, 80, isn=10, risn=900000, opts=ws, ropts=ws)
     edge = t.handshake()
-    edge.append(t.pkt(1, "A", win=1000))                   # server announces 1000 << 7
+    edge.append(t.pkt(1, "A", win=1000))  # server announces 1000 << 7
     right = t.seq[0] + 1000 * 128
-    edge.append(t.pkt(0, "PA", b"e", seq=right))           # starts exactly at the right edge
-    edge.append(t.pkt(0, "PA", b"f", seq=right + 1))       # one past it
+    edge.append(t.pkt(0, "PA", b"e", seq=right))  # starts exactly at the right edge
+    edge.append(t.pkt(0, "PA", b"f", seq=right + 1))  # one past it
     edge.append(t.pkt(0, "PA", b"g" * 100, seq=right - 50))  # overlaps the edge
-    edge.append(t.pkt(0, "A", ack=t.seq[1] + 1))          # ACKs data never sent
-    edge.append(t.pkt(0, "A", ack=t.seq[1] - 70000))       # ACK far below the window
+    edge.append(t.pkt(0, "A", ack=t.seq[1] + 1))  # ACKs data never sent
+    edge.append(t.pkt(0, "A", ack=t.seq[1] - 70000))  # ACK far below the window
     edge.append(t.pkt(0, "PA", b"h" * 20, seq=t.seq[0] - 200000))  # old data, below the window
-    edge.append(t.pkt(1, "A", win=0))                      # zero window
-    edge.append(t.pkt(0, "PA", b"z"))                      # window probe
+    edge.append(t.pkt(1, "A", win=0))  # zero window
+    edge.append(t.pkt(0, "PA", b"z"))  # window probe
     edge.append(t.pkt(0, "A", opts=[("SAck", (t.seq[1] - 10, t.seq[1]))]))  # SACK block
     edge += [t.pkt(0, "PA", b"ok" * 10), t.pkt(1, "A")]
     c["tcp_window_edges"] = edge
@@ -89,8 +120,15 @@ def cases():
     t = Conn(A4, B4, 41003, 80)
     cl = t.handshake() + [t.pkt(0, "PA", b"q" * 30), t.pkt(1, "PA", b"r" * 40)]
     fin = t.pkt(1, "FA")
-    cl += [fin, fin.copy(), t.pkt(0, "A"), t.pkt(0, "FA"), t.pkt(1, "A"), t.pkt(0, "A"),
-           t.pkt(0, "PA", b"late")]
+    cl += [
+        fin,
+        fin.copy(),
+        t.pkt(0, "A"),
+        t.pkt(0, "FA"),
+        t.pkt(1, "A"),
+        t.pkt(0, "A"),
+        t.pkt(0, "PA", b"late"),
+    ]
     c["tcp_close_variants"] = cl
     # TIME_WAIT then a new SYN on the same ports reopens the connection
     t = Conn(A4, B4, 41004, 80)
@@ -101,8 +139,12 @@ def cases():
     # SYN inside an established connection, then a challenge ACK from the server, an RST
     t = Conn(A4, B4, 41005, 80)
     ch = t.handshake() + [t.pkt(0, "PA", b"d" * 10), t.pkt(1, "A")]
-    ch += [t.pkt(0, "S", seq=123456, advance=False), t.pkt(1, "A"),
-           t.pkt(0, "R", seq=t.seq[0]), t.pkt(0, "PA", b"after")]
+    ch += [
+        t.pkt(0, "S", seq=123456, advance=False),
+        t.pkt(1, "A"),
+        t.pkt(0, "R", seq=t.seq[0]),
+        t.pkt(0, "PA", b"after"),
+    ]
     c["tcp_syn_in_established"] = ch
     # RST variants: refused connection (RST+ACK answering a SYN), RST with a stale sequence
     # number on an established connection, RST+ACK with ack 0
@@ -110,13 +152,22 @@ def cases():
     rv = [t.pkt(0, "S"), t.pkt(1, "RA", seq=0, ack=t.seq[0]), t.pkt(0, "A")]
     t = Conn(A4, B4, 41007, 80)
     rv += t.handshake() + [t.pkt(0, "PA", b"x" * 50), t.pkt(1, "A")]
-    rv += [t.pkt(1, "R", seq=t.seq[1] - 100000), t.pkt(0, "PA", b"y"), t.pkt(1, "RA", ack=0),
-           t.pkt(0, "PA", b"w")]
+    rv += [
+        t.pkt(1, "R", seq=t.seq[1] - 100000),
+        t.pkt(0, "PA", b"y"),
+        t.pkt(1, "RA", ack=0),
+        t.pkt(0, "PA", b"w"),
+    ]
     c["tcp_rst_variants"] = rv
     # SYN/ACK before any SYN, answered; ACK-only flow opened mid-stream from the server side
     t = Conn(A4, B4, 41008, 80)
-    c["tcp_pickup_variants"] = [t.pkt(1, "PA", b"m" * 30), t.pkt(0, "A"), t.pkt(1, "FA"),
-                                t.pkt(0, "FA"), t.pkt(1, "A")]
+    c["tcp_pickup_variants"] = [
+        t.pkt(1, "PA", b"m" * 30),
+        t.pkt(0, "A"),
+        t.pkt(1, "FA"),
+        t.pkt(0, "FA"),
+        t.pkt(1, "A"),
+    ]
     # ICMPv4 errors: quoting TCP (related), frag needed, from a router, to the wrong host,
     # quoting an echo request, quoting an ICMP error (never related)
     t = Conn(A4, B4, 41009, 80)
@@ -124,8 +175,11 @@ def cases():
     e = [syn, eth() / IP(src=B4, dst=A4, ttl=64) / ICMP(type=3, code=1) / quote4(syn)]
     e += [t.pkt(1, "SA"), t.pkt(0, "A")]
     data = t.pkt(0, "PA", b"p" * 1400)
-    e += [data, eth() / IP(src=R4, dst=A4, ttl=64) / ICMP(type=3, code=4, nexthopmtu=1280)
-          / quote4(data), eth() / IP(src=R4, dst=A4, ttl=64) / ICMP(type=11) / quote4(data)]
+    e += [
+        data,
+        eth() / IP(src=R4, dst=A4, ttl=64) / ICMP(type=3, code=4, nexthopmtu=1280) / quote4(data),
+        eth() / IP(src=R4, dst=A4, ttl=64) / ICMP(type=11) / quote4(data),
+    ]
     e += [eth() / IP(src=B4, dst=C4, ttl=64) / ICMP(type=3, code=3) / quote4(data)]
     echo = eth() / IP(src=A4, dst=B4, ttl=64) / ICMP(type=8, id=99, seq=1)
     e += [echo, eth() / IP(src=R4, dst=A4, ttl=64) / ICMP(type=11) / quote4(echo)]
@@ -135,14 +189,16 @@ def cases():
     c["icmp_errors"] = e
     # other ICMP messages: timestamp request/reply, address mask, router advertisement (not
     # trackable), an unknown type, echo with a nonzero code
-    o = [eth() / IP(src=A4, dst=B4, ttl=64) / ICMP(type=13, id=5),
-         eth() / IP(src=B4, dst=A4, ttl=64) / ICMP(type=14, id=5),
-         eth() / IP(src=A4, dst=B4, ttl=64) / ICMP(type=17, id=6),
-         eth() / IP(src=A4, dst=B4, ttl=64) / ICMP(type=9),
-         eth() / IP(src=A4, dst=B4, ttl=64) / ICMP(type=42),
-         eth() / IP(src=A4, dst=B4, ttl=64) / ICMP(type=8, code=1, id=7),
-         eth() / IP(src=B4, dst=A4, ttl=64) / ICMP(type=0, code=1, id=7),
-         eth() / IP(src=B4, dst=A4, ttl=64) / ICMP(type=0, code=0, id=7)]
+    o = [
+        eth() / IP(src=A4, dst=B4, ttl=64) / ICMP(type=13, id=5),
+        eth() / IP(src=B4, dst=A4, ttl=64) / ICMP(type=14, id=5),
+        eth() / IP(src=A4, dst=B4, ttl=64) / ICMP(type=17, id=6),
+        eth() / IP(src=A4, dst=B4, ttl=64) / ICMP(type=9),
+        eth() / IP(src=A4, dst=B4, ttl=64) / ICMP(type=42),
+        eth() / IP(src=A4, dst=B4, ttl=64) / ICMP(type=8, code=1, id=7),
+        eth() / IP(src=B4, dst=A4, ttl=64) / ICMP(type=0, code=1, id=7),
+        eth() / IP(src=B4, dst=A4, ttl=64) / ICMP(type=0, code=0, id=7),
+    ]
     bad = eth() / IP(src=A4, dst=B4, ttl=64) / ICMP(type=8, id=8, chksum=0x1234)
     o.append(bad)
     c["icmp_other"] = o
@@ -154,21 +210,18 @@ def cases():
     q6 = udp(A6, B6, 6000, 7000, v6=True)
     ereq = eth() / IPv6(src=A6, dst=B6, hlim=64) / ICMPv6EchoRequest(id=4, seq=1)
     unk = udp(A6, B6, 6001, 7001, v6=True)
-    v = t.handshake() + [big,
-                         eth() / IPv6(src=R6, dst=A6, hlim=64) / ICMPv6PacketTooBig(mtu=1280)
-                         / bytes(big[IPv6])[:1232],
-                         q6,
-                         eth() / IPv6(src=R6, dst=A6, hlim=64) / ICMPv6TimeExceeded()
-                         / bytes(q6[IPv6])[:48],
-                         ereq,
-                         eth() / IPv6(src=B6, dst=A6, hlim=64) / ICMPv6DestUnreach(code=1)
-                         / bytes(ereq[IPv6])[:48],
-                         eth() / IPv6(src=B6, dst=A6, hlim=64) / ICMPv6DestUnreach(code=4)
-                         / bytes(unk[IPv6])[:48],
-                         eth() / IPv6(src=B6, dst=A6, hlim=64) / ICMPv6EchoReply(id=77, seq=1),
-                         eth() / IPv6(src=B6, dst="ff02::1:ff00:10", hlim=255)
-                         / ICMPv6ND_NS(tgt=A6),
-                         eth() / IPv6(src=B6, dst=A6, hlim=64) / ICMPv6EchoReply(id=4, seq=1)]
+    v = t.handshake() + [
+        big,
+        eth() / IPv6(src=R6, dst=A6, hlim=64) / ICMPv6PacketTooBig(mtu=1280) / bytes(big[IPv6])[:1232],
+        q6,
+        eth() / IPv6(src=R6, dst=A6, hlim=64) / ICMPv6TimeExceeded() / bytes(q6[IPv6])[:48],
+        ereq,
+        eth() / IPv6(src=B6, dst=A6, hlim=64) / ICMPv6DestUnreach(code=1) / bytes(ereq[IPv6])[:48],
+        eth() / IPv6(src=B6, dst=A6, hlim=64) / ICMPv6DestUnreach(code=4) / bytes(unk[IPv6])[:48],
+        eth() / IPv6(src=B6, dst=A6, hlim=64) / ICMPv6EchoReply(id=77, seq=1),
+        eth() / IPv6(src=B6, dst="ff02::1:ff00:10", hlim=255) / ICMPv6ND_NS(tgt=A6),
+        eth() / IPv6(src=B6, dst=A6, hlim=64) / ICMPv6EchoReply(id=4, seq=1),
+    ]
     c["v6_icmp_errors"] = v
     # UDP corner cases and a protocol conntrack tracks generically (ESP)
     good = udp(A4, B4, 7100, 7200)
@@ -176,14 +229,26 @@ def cases():
     zero[UDP].chksum = 0
     badc = udp(A4, B4, 7102, 7200)
     badc[UDP].chksum = 0xBEEF
-    esp = lambda s, d, spi: eth() / IP(src=s, dst=d, ttl=64, proto=50) / Raw(
-        spi.to_bytes(4, "big") + b"\0\0\0\1" + b"e" * 32)
-    esp6 = lambda s, d, spi: eth() / IPv6(src=s, dst=d, hlim=64, nh=50) / Raw(
-        spi.to_bytes(4, "big") + b"\0\0\0\1" + b"e" * 32)
-    c["udp_generic"] = [good, udp(B4, A4, 7200, 7100), zero, badc, udp(B4, A4, 7200, 7102),
-                        udp(A4, B4, 7103, 4789, n=30), udp(B4, A4, 4789, 7103, n=30),
-                        esp(A4, B4, 0x100), esp(B4, A4, 0x200), esp(A4, B4, 0x101),
-                        esp6(A6, B6, 0x300), esp6(B6, A6, 0x301)]
+    esp = lambda s, d, spi: (
+        eth() / IP(src=s, dst=d, ttl=64, proto=50) / Raw(spi.to_bytes(4, "big") + b"\0\0\0\1" + b"e" * 32)
+    )
+    esp6 = lambda s, d, spi: (
+        eth() / IPv6(src=s, dst=d, hlim=64, nh=50) / Raw(spi.to_bytes(4, "big") + b"\0\0\0\1" + b"e" * 32)
+    )
+    c["udp_generic"] = [
+        good,
+        udp(B4, A4, 7200, 7100),
+        zero,
+        badc,
+        udp(B4, A4, 7200, 7102),
+        udp(A4, B4, 7103, 4789, n=30),
+        udp(B4, A4, 4789, 7103, n=30),
+        esp(A4, B4, 0x100),
+        esp(B4, A4, 0x200),
+        esp(A4, B4, 0x101),
+        esp6(A6, B6, 0x300),
+        esp6(B6, A6, 0x301),
+    ]
     return c
 
 
