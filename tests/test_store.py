@@ -742,7 +742,7 @@ def test_fail_static_through_a_partition_and_catch_up(etcd, proxy, prefix):
     try:
         good, _ = w.load()
         w.start(rec, on_state=states.append)
-        wait_for(lambda: w.status()["connected"], what="the watch")
+        wait_for(lambda: w.status()["watching"], what="the watch")
         proxy.cut()
         wait_for(lambda: w.status()["state"] == "unreachable", what="the watcher to notice the partition")
         assert w.health().startswith("unreachable: ")
@@ -768,7 +768,7 @@ def test_compaction_forces_a_resync(etcd, proxy, prefix):
     try:
         w.load()
         w.start(rec)
-        wait_for(lambda: w.status()["connected"], what="the watch")
+        wait_for(lambda: w.status()["watching"], what="the watch")
         proxy.cut()
         wait_for(lambda: w.status()["state"] == "unreachable", what="the partition")
         apply_policy(client, policy(**{"vni: 5001": "vni: 7001"}), prefix)
@@ -794,7 +794,7 @@ def test_fail_static_while_etcd_is_stopped(own_etcd, prefix):
     try:
         good, _ = w.load()
         w.start(rec)
-        wait_for(lambda: w.status()["connected"], what="the watch")
+        wait_for(lambda: w.status()["watching"], what="the watch")
         member = own_etcd.members[0]
         member.kill()
         wait_for(lambda: w.status()["state"] == "unreachable", what="the watcher to notice")
@@ -824,7 +824,7 @@ def test_failover_on_a_three_member_cluster(prefix):
         try:
             w.load()
             w.start(rec)
-            wait_for(lambda: w.status()["connected"], what="the watch")
+            wait_for(lambda: w.status()["watching"], what="the watch")
             cluster.members[0].kill()  # the member both the watcher and the writer use
             revisions = []
             for i in range(5):
@@ -883,7 +883,7 @@ def test_a_silent_member_is_noticed(own_etcd, prefix):
     try:
         good, _ = w.load()
         w.start(Recorder())
-        wait_for(lambda: w.status()["connected"], what="the watch")
+        wait_for(lambda: w.status()["watching"], what="the watch")
         proc.send_signal(signal.SIGSTOP)
         try:
             wait_for(lambda: w.status()["state"] == "unreachable", 20, "the probe to break the stream")

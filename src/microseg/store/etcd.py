@@ -276,7 +276,7 @@ class WatchStream:
     thread.
     """
 
-    def __init__(self, client: StoreClient, prefix: str, start_revision: int, connect_timeout: float = 3.0):
+    def __init__(self, client: StoreClient, prefix: str, start_revision: int, timeout: float = 5.0):
         self.client = client
         c = client.current()
         self.url = c.base_url
@@ -296,7 +296,9 @@ class WatchStream:
                 # watch instead of leaving it silent (the gateway passes Grpc-Metadata-*)
                 headers={"Grpc-Metadata-hasleader": "true"},
                 stream=True,
-                timeout=(connect_timeout, None),
+                # etcd answers a watch's creation at once: a member that accepts the
+                # connection and then says nothing is as good as down
+                timeout=(timeout, timeout),
             )
         except requests.exceptions.RequestException as exc:
             raise StoreUnavailable(f"etcd at {self.url} does not answer: {type(exc).__name__}") from None
@@ -304,6 +306,12 @@ class WatchStream:
             text = self._resp.text
             self._resp.close()
             raise StoreUnavailable(f"etcd at {self.url} refused the watch: {text.strip()[:200]}")
+        try:
+            # from now on the stream may rightly be idle for hours: no read timeout (the
+            # watcher's probe notices a silent member instead)
+            self._resp.raw._fp.fp.raw._sock.settimeout(None)
+        except AttributeError:
+            pass  # another transport: idle streams then break after `timeout` and resume
         self._lines = self._resp.iter_lines(chunk_size=None)
 
     def _messages(self):

@@ -74,6 +74,7 @@ class PolicyWatcher:
         self._policy_revision = 0
         self._sa: dict = {}
         self._connected = False
+        self._watching = False  # a watch stream is open
         self._errors: list[str] = []  # the invalid resources, when the last input was refused
         self._error = ""  # why the store is unreachable
         self._since = time.time()
@@ -108,12 +109,14 @@ class PolicyWatcher:
         return self._sa
 
     def status(self) -> dict:
-        """``state`` (``starting``, ``ok``, ``invalid``, ``unreachable``, ``stopped``), the
-        revisions, the errors and since when, for the agent's status key."""
+        """``state`` (``starting``, ``ok``, ``invalid``, ``unreachable``, ``stopped``),
+        ``connected`` (the last request to etcd succeeded), ``watching`` (a watch stream is
+        open), the revisions, the errors and since when, for the agent's status key."""
         with self._lock:
             return {
                 "state": self._state,
                 "connected": self._connected,
+                "watching": self._watching,
                 "revision": self._revision,
                 "policy_revision": self._policy_revision,
                 "errors": list(self._errors),
@@ -261,7 +264,7 @@ class PolicyWatcher:
                 stream = WatchStream(self.client, self.prefix, self._revision + 1)
                 with self._lock:
                     self._stream = stream
-                    self._connected = True
+                    self._connected = self._watching = True
                     self._error = ""
                 if self._stop.is_set():
                     break
@@ -289,6 +292,7 @@ class PolicyWatcher:
             finally:
                 with self._lock:
                     self._stream = None
+                    self._watching = False
                 if stream is not None:
                     stream.close()
 
