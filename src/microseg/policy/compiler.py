@@ -911,7 +911,31 @@ def _flatten(policy: Policy, version: int):
         return out
 
     allow_default = policy.default_egress == "allow"
-    admins = policy.admin_policies
+
+    def admin_rules(wi, w, labels, egress, baseline):
+        """The rules of the (baseline) admin policies whose subject is ``w``, in evaluation
+        order: the first has the highest priority, so the first match decides."""
+        kind = (0 if egress else V.SIDE) + (V.EG_BANP if baseline else V.EG_ANP)
+        d = "egress" if egress else "ingress"
+        order = 0
+        for a in policy.admin_policies:
+            if a.tenant != w.tenant or a.baseline != baseline or not a.selects(nsl(w), labels):
+                continue
+            for i, r in enumerate(a.egress if egress else a.ingress):
+                need[kind, wi] = 1
+                origin = ("banp" if baseline else "anp", a.tenant, a.name, d, i)
+                port_rules(
+                    kind,
+                    w,
+                    egress,
+                    admin_remotes(r, w),
+                    r.ports,
+                    origin,
+                    priority=_ADMIN_TOP - order,
+                    action=V.ADMIN_ACTIONS[r.action],
+                )
+                order += 1
+
     for wi, w in enumerate(wl):
         labels = w.label_dict()
         for egress in (True, False):
@@ -932,23 +956,7 @@ def _flatten(policy: Policy, version: int):
                 if not sg and egress and allow_default:
                     sg_rule(base + V.EG_SG, w, None, DEFAULT_EGRESS)
             # the Kubernetes chain: admin policies, NetworkPolicies, baseline, default
-            order = 0
-            for a in admins:
-                if a.tenant != w.tenant or a.baseline or not a.selects(nsl(w), labels):
-                    continue
-                for i, r in enumerate(a.egress if egress else a.ingress):
-                    need[base + V.EG_ANP, wi] = 1
-                    port_rules(
-                        base + V.EG_ANP,
-                        w,
-                        egress,
-                        admin_remotes(r, w),
-                        r.ports,
-                        ("anp", a.tenant, a.name, d, i),
-                        priority=_ADMIN_TOP - order,
-                        action=V.ADMIN_ACTIONS[r.action],
-                    )
-                    order += 1
+            admin_rules(wi, w, labels, egress, baseline=False)
             sel = [
                 p
                 for p in policy.network_policies
@@ -970,23 +978,7 @@ def _flatten(policy: Policy, version: int):
                             ("np", p.namespace, p.name, d, i),
                         )
                 continue  # isolated: the baseline is not reached
-            order = 0
-            for a in admins:
-                if a.tenant != w.tenant or not a.baseline or not a.selects(nsl(w), labels):
-                    continue
-                for i, r in enumerate(a.egress if egress else a.ingress):
-                    need[base + V.EG_BANP, wi] = 1
-                    port_rules(
-                        base + V.EG_BANP,
-                        w,
-                        egress,
-                        admin_remotes(r, w),
-                        r.ports,
-                        ("banp", a.tenant, a.name, d, i),
-                        priority=_ADMIN_TOP - order,
-                        action=V.ADMIN_ACTIONS[r.action],
-                    )
-                    order += 1
+            admin_rules(wi, w, labels, egress, baseline=True)
             if not w.security_groups and policy.isolation(w) == "deny":
                 need[base + V.EG_DEF, wi] = 1  # zero trust: unselected means denied
                 if egress and allow_default:

@@ -724,16 +724,7 @@ def parse_policy(text: str, path: str = "<policy>", base_dir: str = ".") -> Poli
                         f"no security group {group!r} in tenant {tenant!r}",
                     )
                     continue
-                rule = SGRule(
-                    rule.direction,
-                    rule.ethertype,
-                    rule.protocol,
-                    rule.port_min,
-                    rule.port_max,
-                    None,
-                    target,
-                    rule.origin,
-                )
+                rule = replace(rule, remote_prefix=None, remote_group=target)
             rules.append(rule)
         rf = f.string("rules_file", what="a file name")
         if rf is not None:
@@ -756,16 +747,7 @@ def parse_policy(text: str, path: str = "<policy>", base_dir: str = ".") -> Poli
                             f"no security group {group!r} in tenant {tenant!r}",
                         )
                         continue
-                    rule = SGRule(
-                        rule.direction,
-                        rule.ethertype,
-                        rule.protocol,
-                        rule.port_min,
-                        rule.port_max,
-                        None,
-                        target,
-                        rule.origin,
-                    )
+                    rule = replace(rule, remote_prefix=None, remote_group=target)
                 rules.append(rule)
         groups.append(SecurityGroup(name, tenant, gid, tuple(rules)))
 
