@@ -453,6 +453,23 @@ def test_reload_cuts_a_forbidden_established_flow(lab):
         p.wait(timeout=10)
 
 
+def test_a_connection_survives_an_agent_restart(lab):
+    kept = lab.session("red/a", "10.1.0.3", 7000, timeout=ANSWER_DEADLINE)  # h1 -> h2
+    assert _say(kept, "before") == "red/c:before"
+    old_pid = lab.state["hosts"]["h2"]["pid"]
+    r = lab.cli("restart", "h2", "--timeout", str(UP_TIMEOUT), timeout=UP_TIMEOUT + 60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    new_pid = lab.state["hosts"]["h2"]["pid"]
+    assert new_pid != old_pid
+    restored = int(r.stdout.split(" connections restored")[0].rsplit(" ", 1)[1])
+    assert restored >= 1, r.stdout
+    # the same socket, after the restart: the new agent knows the connection
+    assert _say(kept, "after") == "red/c:after"
+    assert lab.answers("red/a", "10.1.0.3", 7000, "new one") == "red/c:new one"
+    kept.stdin.close()
+    kept.wait(timeout=10)
+
+
 def test_killing_an_agent_stops_its_traffic(lab):
     lab.answers("red/a", "10.1.0.3", 7000, "before")
     pid = lab.state["hosts"]["h2"]["pid"]

@@ -30,6 +30,7 @@ import dataclasses
 import ipaddress
 import logging
 import os
+import re
 import resource
 import select
 import signal
@@ -38,6 +39,7 @@ import time
 
 import numpy as np
 
+from ..conntrack.table import ConntrackTable
 from ..errors import InputError, MicrosegError
 from ..io.afpacket import AfPacketPort, complete_l4_checksums, walk_blocks
 from ..overlay import decap, encap
@@ -45,7 +47,7 @@ from ..packet import build as PB
 from ..packet.batch import Batch
 from ..packet.parse import parse
 from ..policy import verdict as V
-from ..policy.compiler import compile_policy
+from ..policy.compiler import compile_policy, revoked_connections
 from ..policy.model import load_policy
 from ..policy.names import qualified, resolve_endpoints
 from . import control
@@ -75,6 +77,22 @@ AGENT_REASONS = (
 
 class AgentError(MicrosegError):
     pass
+
+
+def _file_name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", text)
+
+
+def _forbidden(compiled, table, e) -> np.ndarray:
+    """Which conntrack entries ``e`` the policy ``compiled`` forbids (as a reload judges them)."""
+    zone = e["zone"].astype(np.int64)  # the VNI; the default zone: untunnelled
+    tenant = np.where(zone == table.default_zone, -1, zone)
+    icmp = np.isin(e["proto"], (1, 58))
+    sport = np.where(icmp, e["icmp_type"], e["sport"])
+    dport = np.where(icmp, e["icmp_code"], e["dport"])
+    return revoked_connections(
+        None, compiled, tenant, e["src_hi"], e["src_lo"], e["dst_hi"], e["dst_lo"], e["proto"], sport, dport
+    )
 
 
 def _mac48(data: np.ndarray, off: np.ndarray) -> np.ndarray:
@@ -139,6 +157,7 @@ class Agent:
         tunnel: str = "vxlan",
         control_path: str | None = None,
         config: DatapathConfig | None = None,
+        state_dir: str | None = None,
     ):
         if tunnel not in TUNNELS:
             raise InputError(f"--tunnel must be one of {', '.join(TUNNELS)}")
@@ -159,6 +178,10 @@ class Agent:
         cfg.tunnel = tunnel
         self._warm_up(compiled, cfg, specs)
         self.dp = Datapath(compiled, cfg)
+        self.snapshot_path = None
+        if state_dir:
+            self.snapshot_path = os.path.join(os.path.abspath(state_dir), f"{_file_name(host)}.conntrack.npz")
+        self.restored = self._restore_conntrack(compiled, cfg)
         self._set_policy(compiled)
         self.counters = {
             "packets": 0,
@@ -295,6 +318,49 @@ class Agent:
             "cut": int(out["cut"]),
             "hash": compiled.content_hash,
         }
+
+    # -- conntrack across a restart -------------------------------------------------------------
+    def _restore_conntrack(self, compiled, cfg) -> int:
+        """Take over the connections of the snapshot a clean stop left (then remove it: a
+        snapshot is used once), cutting those the policy now running forbids."""
+        path = self.snapshot_path
+        if not path or not os.path.exists(path):
+            return 0
+        try:
+            table = ConntrackTable.restore(
+                path,
+                capacity=cfg.conntrack_capacity,
+                timeouts=cfg.conntrack_timeouts,
+                checksum=cfg.checksum,
+            )
+        except MicrosegError as exc:
+            log.warning("conntrack snapshot %s not restored: %s", path, exc)
+            table = None
+        finally:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+        if table is None:
+            return 0
+        self.dp.conntrack = table
+        cut = table.delete_where(lambda e: _forbidden(compiled, table, e))
+        n = len(table)
+        log.info("conntrack restored from %s: %d connections (%d the policy forbids cut)", path, n, cut)
+        return n
+
+    def save_conntrack(self) -> int | None:
+        """Snapshot the conntrack table into the state directory (on a clean stop)."""
+        if not self.snapshot_path:
+            return None
+        try:
+            os.makedirs(os.path.dirname(self.snapshot_path), mode=0o700, exist_ok=True)
+            n = self.dp.conntrack.snapshot(self.snapshot_path)
+        except OSError as exc:
+            log.error("conntrack snapshot %s failed: %s", self.snapshot_path, exc)
+            return None
+        log.info("conntrack: %d connections saved to %s", n, self.snapshot_path)
+        return n
 
     # -- start-up -------------------------------------------------------------------------------
     def _offloads(self, port: AfPacketPort) -> None:
@@ -704,6 +770,7 @@ class Agent:
             },
             "reloads": self.reloads,
             "reloads_refused": self.reload_refused,
+            "conntrack_restored": self.restored,
         }
 
     def stats(self) -> dict:
@@ -787,6 +854,12 @@ def register(sub) -> None:
     p.add_argument("--tunnel", choices=TUNNELS, default="vxlan", help="overlay encapsulation (default vxlan)")
     p.add_argument("--control", metavar="PATH", help="Unix control socket (status, stats, reload)")
     p.add_argument(
+        "--state-dir",
+        metavar="DIR",
+        help="where a clean stop snapshots conntrack (HOST.conntrack.npz) and the next start "
+        "takes it over (default: no snapshot)",
+    )
+    p.add_argument(
         "--log-level",
         default="info",
         choices=("debug", "info", "warning", "error"),
@@ -807,12 +880,19 @@ def run_agent(args) -> int:
         ports[name] = ifname
     try:
         agent = Agent(
-            args.policy, args.host, ports, args.underlay, tunnel=args.tunnel, control_path=args.control
+            args.policy,
+            args.host,
+            ports,
+            args.underlay,
+            tunnel=args.tunnel,
+            control_path=args.control,
+            state_dir=args.state_dir,
         )
     except PermissionError:
         raise AgentError("AF_PACKET ports need root (CAP_NET_RAW, CAP_NET_ADMIN)") from None
     try:
         agent.run()
+        agent.save_conntrack()  # a clean stop: the next start carries the connections on
     finally:
         agent.close()
     return 0

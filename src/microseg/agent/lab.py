@@ -333,48 +333,59 @@ def _workload_offloads(ns: str) -> None:
 
 
 def _start_agents(st: State, log_level: str) -> None:
+    st.data["log_level"] = log_level
+    for name in sorted(st.data["hosts"]):
+        _start_agent(st, name)
+
+
+def _start_agent(st: State, name: str) -> None:
     d = st.data
-    for name, h in sorted(d["hosts"].items()):
-        sock = os.path.join(st.dir, f"{_safe(name)}.sock")
-        logf = os.path.join(st.dir, f"{_safe(name)}.log")
-        h["control"], h["log"] = sock, logf
-        d["files"] += [sock, logf]
-        cmd = [
-            "ip",
-            "netns",
-            "exec",
-            h["ns"],
-            sys.executable,
-            "-m",
-            "microseg",
-            "agent",
-            "--policy",
-            d["policy"],
-            "--host",
-            name,
-            "--underlay",
-            "ul",
-            "--tunnel",
-            d["tunnel"],
-            "--control",
-            sock,
-            "--log-level",
-            log_level,
-        ]
-        for q, port in sorted(h["ports"].items()):
-            cmd += ["--port", f"{q}={port}"]
-        with open(logf, "ab") as out:
-            proc = subprocess.Popen(
-                cmd,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                close_fds=True,
-            )
-        h["pid"] = proc.pid
-        st.save()
-        _children[proc.pid] = proc
+    h = d["hosts"][name]
+    sock = os.path.join(st.dir, f"{_safe(name)}.sock")
+    logf = os.path.join(st.dir, f"{_safe(name)}.log")
+    snap = os.path.join(st.dir, f"{_safe(name)}.conntrack.npz")
+    h["control"], h["log"] = sock, logf
+    for f in (sock, logf, snap):
+        if f not in d["files"]:
+            d["files"].append(f)
+    cmd = [
+        "ip",
+        "netns",
+        "exec",
+        h["ns"],
+        sys.executable,
+        "-m",
+        "microseg",
+        "agent",
+        "--policy",
+        d["policy"],
+        "--host",
+        name,
+        "--underlay",
+        "ul",
+        "--tunnel",
+        d["tunnel"],
+        "--control",
+        sock,
+        "--state-dir",
+        st.dir,
+        "--log-level",
+        d.get("log_level", "info"),
+    ]
+    for q, port in sorted(h["ports"].items()):
+        cmd += ["--port", f"{q}={port}"]
+    with open(logf, "ab") as out:
+        proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            close_fds=True,
+        )
+    h["pid"] = proc.pid
+    st.save()
+    _children[proc.pid] = proc
 
 
 _children: dict = {}  # agents this process started (reaped on wait, for exit codes)
@@ -388,9 +399,9 @@ def _tail(path: str, lines: int = 15) -> str:
         return ""
 
 
-def _wait_ready(st: State, timeout: float) -> None:
+def _wait_ready(st: State, timeout: float, hosts=None) -> None:
     deadline = time.monotonic() + timeout
-    todo = set(st.data["hosts"])
+    todo = set(st.data["hosts"] if hosts is None else hosts)
     while todo:
         for name in sorted(todo):
             h = st.data["hosts"][name]
@@ -597,6 +608,26 @@ def reload(policy_path: str, state_dir: str = DEFAULT_STATE_DIR) -> dict:
     return out
 
 
+def restart(host: str, state_dir: str = DEFAULT_STATE_DIR, timeout: float = 180.0) -> dict:
+    """Stop one host's agent cleanly (SIGTERM: it snapshots its conntrack table into the
+    state directory), start it again (it takes the snapshot over, so established connections
+    carry on) and wait until it is ready; the new agent's status."""
+    _need_root()
+    st = State(state_dir)
+    d = st.load()
+    if host not in d["hosts"]:
+        raise InputError(f"no host {host!r} in the lab (hosts: {', '.join(sorted(d['hosts']))})")
+    h = d["hosts"][host]
+    if h.get("pid") and _alive(h["pid"], h.get("control")):
+        left = _kill_wait([h["pid"]], signal.SIGTERM, time.monotonic() + 30)
+        if left:
+            _kill_wait(left, signal.SIGKILL, time.monotonic() + 5)
+            raise LabError(f"the agent of {host} did not stop within 30 s (killed; no snapshot)")
+    _start_agent(st, host)
+    _wait_ready(st, timeout, [host])
+    return control.request(h["control"], "status", timeout=5.0)
+
+
 # ---------------------------------------------------------------------------------------------
 # command line
 # ---------------------------------------------------------------------------------------------
@@ -655,6 +686,16 @@ def register(sub) -> None:
     r.add_argument("--policy", required=True, metavar="P2.yaml")
     _common(r)
     r.set_defaults(func=_cli_reload)
+    rs = verbs.add_parser(
+        "restart",
+        help="restart one host's agent (its connections carry on)",
+        description="Stop HOST's agent cleanly (it snapshots conntrack), start it again "
+        "(it restores the snapshot) and wait until it is ready.",
+    )
+    rs.add_argument("host", metavar="HOST")
+    rs.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for the agent")
+    _common(rs)
+    rs.set_defaults(func=_cli_restart)
     dn = verbs.add_parser("down", help="remove everything the lab made")
     _common(dn)
     dn.set_defaults(func=_cli_down)
@@ -729,6 +770,12 @@ def _cli_reload(args) -> int:
             print(f"{name}: refused: {r.get('error')}")
             rc = 1
     return rc
+
+
+def _cli_restart(args) -> int:
+    s = restart(args.host, args.state_dir, args.timeout)
+    print(f"{args.host}: agent {s['pid']} ready, {s.get('conntrack_restored', 0)} connections restored")
+    return 0
 
 
 def _cli_down(args) -> int:
