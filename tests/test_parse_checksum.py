@@ -9,6 +9,8 @@ import random
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.inet6 import ICMPv6EchoRequest, IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrFragment
 from scapy.layers.l2 import Dot1Q, Ether
@@ -28,6 +30,7 @@ from microseg.packet.checksum import (
 )
 from microseg.packet.parse import parse
 from test_parse_corpus import mutate, templates
+from test_parse_tunnels import jumbogram
 
 VECTORS = os.path.join(os.path.dirname(__file__), "vectors", "conntrack")
 M = "02:00:00:00:00:01"
@@ -188,3 +191,91 @@ def test_linux_conntrack_vector_bad_checksum():
         states = [row["state"] for row in csv.DictReader(f)]
     ok = l4_checksum_ok(batch, parse(batch))
     assert [not x for x in ok.tolist()] == [s == "invalid" for s in states]
+
+
+# ---------------------------------------------------------------------------------------------
+# the 8-byte summation against a plain statement of RFC 1071
+# ---------------------------------------------------------------------------------------------
+def rfc1071_sum(data: bytes, initial: int = 0) -> int:
+    """RFC 1071 section 4.1, word by word: big-endian 16-bit words, an odd last byte padded
+    with zero, carries folded back in."""
+    s = initial
+    for j in range(0, len(data) - 1, 2):
+        s += (data[j] << 8) | data[j + 1]
+    if len(data) & 1:
+        s += data[-1] << 8
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return s
+
+
+_bytes = st.one_of(
+    st.binary(max_size=9000),
+    st.integers(0, 9000).map(lambda n: b"\xff" * n),  # every step carries
+    st.integers(0, 9000).map(lambda n: b"\0" * n),
+    st.tuples(st.integers(0, 9000), st.integers(0, 2**32 - 1)).map(
+        lambda t: np.random.default_rng(t[1]).integers(0, 256, t[0], dtype=np.uint8).tobytes()
+    ),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_bytes, st.integers(0, 15), st.integers(0, 23), st.sampled_from([0, 1, 0xFFFF, 0x1234567, 2**40 + 5]))
+def test_csum_partial_matches_rfc1071_at_any_length_and_alignment(data, shift, pad, acc):
+    """Lengths 0..9000 at every start offset modulo 8 and every buffer alignment; the sum
+    continued from a partial one, as the pseudo-header's is."""
+    buf = np.zeros(shift + pad + len(data) + 16, np.uint8)[shift:]  # start off the allocation's alignment
+    buf[pad : pad + len(data)] = np.frombuffer(data, np.uint8)
+    buf[pad + len(data) :] = 0xA5  # bytes past the end must not be read
+    assert csum_fold(csum_partial(buf, pad, pad + len(data), acc)) == rfc1071_sum(data, acc)
+    assert inet_sum(data, acc) == rfc1071_sum(data, acc)
+
+
+def _segments(rng, n_bytes: int):
+    """Well-formed packets of every kind the verdict checks, ``n_bytes`` of payload."""
+    pay = rng.integers(0, 256, n_bytes, dtype=np.uint8).tobytes()
+    a4, b4, a6, b6 = "10.1.2.3", "192.0.2.99", "2001:db8::1", "2001:db8:ff::2"
+    pay4 = pay[: 65535 - 60]
+    return [
+        Ether(dst=M) / IP(src=a4, dst=b4) / TCP(sport=1, dport=2, flags="PA") / pay4,
+        Ether(dst=M) / IP(src=a4, dst=b4) / UDP(sport=3, dport=4) / pay4,
+        Ether(dst=M) / IP(src=a4, dst=b4) / ICMP(type=8, id=4) / pay4,
+        Ether(dst=M) / IPv6(src=a6, dst=b6) / TCP(sport=5, dport=6) / pay4,
+        Ether(dst=M) / IPv6(src=a6, dst=b6) / UDP(sport=7, dport=8) / pay4,
+        Ether(dst=M) / IPv6(src=a6, dst=b6) / ICMPv6EchoRequest(id=3) / pay4,
+    ]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.integers(0, 9000), st.integers(0, 7))
+def test_l4_checksum_ok_matches_reference_on_random_lengths_truncations_and_jumbograms(seed, n_bytes, lead):
+    """Packets of 0..9000 payload bytes at every alignment in the batch's buffer, whole,
+    damaged (one flipped bit: never ok) and snapped (F2_TRUNCATED: not judged), and RFC 2675
+    jumbograms beside them, against the plain-Python verdict and the expected one."""
+    rng = np.random.default_rng(seed)
+    filler = bytes(Ether(dst=M, type=0x88CC)) + b"\0" * lead  # shifts every later packet's offset
+    pk, wl, want = [filler], [len(filler)], [True]  # not IP: nothing to verify
+    jumbo_pay = 65_536 + int(rng.integers(0, 3000))
+    for raw in [bytes(p) for p in _segments(rng, n_bytes)] + [
+        jumbogram(jumbo_pay),
+        jumbogram(jumbo_pay, True),
+    ]:
+        pk.append(raw)
+        wl.append(len(raw))
+        want.append(True)
+        bad = bytearray(raw)
+        at = 14 + 40 + 8 if len(raw) > 65_000 else len(raw) - 1 - int(rng.integers(0, max(1, n_bytes)))
+        bad[at] ^= 1 << int(rng.integers(0, 8))
+        pk.append(bytes(bad))
+        wl.append(len(bad))
+        want.append(False)
+        cut = int(rng.integers(14 + 60 + 8, len(raw))) if len(raw) > 14 + 60 + 9 else None
+        if cut is not None:
+            pk.append(raw[:cut])
+            wl.append(len(raw))
+            want.append(True)
+    batch = Batch.from_packets(pk, wire_len=np.array(wl))
+    keys = parse(batch)
+    ok = l4_checksum_ok(batch, keys)
+    assert ok.tolist() == l4_checksum_ok_ref(batch, keys).tolist()
+    assert ok.tolist() == want
