@@ -484,6 +484,11 @@ def verbs(s: Seeds):
         ("policy check", "policy", lambda f, o: ["policy", "check", f]),
         ("policy compile", "policy", lambda f, o: ["policy", "compile", "--json", f]),
         ("policy query", "policy", lambda f, o: ["policy", "query", f, *q]),
+        (
+            "policy export",
+            "policy",
+            lambda f, o: ["policy", "export", "--tenant", "acme", "-o", o + ".nft", f],
+        ),
         ("policy apply (policy)", "policy", lambda f, o: ["policy", "apply", f, cap]),
         ("run --policy (policy)", "policy", lambda f, o: ["run", "--policy", f, "--quiet", cap]),
         (

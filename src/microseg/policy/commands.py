@@ -84,6 +84,19 @@ def register(sub) -> None:
     c.add_argument("--json", action="store_true", help="machine-readable output")
     c.set_defaults(func=run_apply)
 
+    c = verbs.add_parser(
+        "export",
+        help="write the policy of one tenant in another enforcement point's format",
+        description="Write the policy of one tenant as an nftables ruleset (table inet microseg, "
+        "for a router's forward hook; load it with nft -f). What nftables cannot express is "
+        "refused with an error (exit 2).",
+    )
+    c.add_argument("policy", help="policy YAML file")
+    c.add_argument("--format", choices=["nftables"], default="nftables", help="output format")
+    c.add_argument("--tenant", help="the tenant to export (required when the policy has several)")
+    c.add_argument("-o", "--output", metavar="FILE", help="write here instead of standard output")
+    c.set_defaults(func=run_export)
+
 
 def _load(path):
     return load_policy(path)
@@ -305,4 +318,19 @@ def run_apply(args) -> int:
         print("per rule:")
         for k, n in rules.most_common():
             print(f"{n:10d}  {k}")
+    return 0
+
+
+def run_export(args) -> int:
+    from .nft import export_nftables
+
+    text = export_nftables(_load(args.policy), args.tenant)
+    if args.output is None:
+        sys.stdout.write(text)
+    else:
+        try:
+            with open(args.output, "w", encoding="utf-8") as fh:
+                fh.write(text)
+        except OSError as exc:
+            raise InputError(f"cannot write {args.output}: {exc.strerror}") from None
     return 0
