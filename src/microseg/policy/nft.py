@@ -329,8 +329,9 @@ class _Export:
             if self.p.deny_action == "reject"
             else ["drop"]
         )
+        source = " ".join(self.p.source.split())
         out = [
-            f"# microseg policy {' '.join(self.p.source.split())}, tenant {self.t}: deny_action {self.p.deny_action}, "
+            f"# microseg policy {source}, tenant {self.t}: deny_action {self.p.deny_action}, "
             f"default_egress {self.p.default_egress}",
             f"table inet {TABLE}",
             f"delete table inet {TABLE}",
