@@ -216,7 +216,7 @@ class _Export:
         return name
 
     def admin_remotes(self, r) -> list:
-        out = []
+        out: list[tuple] = []
         for peer in r.peers:
             if peer.networks:
                 out += [("net", n, ()) for n in peer.networks]
@@ -228,7 +228,7 @@ class _Export:
     def np_remotes(self, w: Workload, r) -> list:
         if r.peers is None:
             return [("any",)]
-        out = []
+        out: list[tuple] = []
         for peer in r.peers:
             if peer.block is not None:
                 out.append(("net", peer.block, peer.excepts))
@@ -288,8 +288,8 @@ class _Export:
 
     # ---- the whole table ------------------------------------------------------------------
     def text(self) -> str:
-        eg = {4: [], 6: []}
-        ing = {4: [], 6: []}
+        eg: dict[int, list] = {4: [], 6: []}
+        ing: dict[int, list] = {4: [], 6: []}
         for w in self.wls:
             e, i = self.side(w, True), self.side(w, False)
             for a in w.addresses:
