@@ -50,7 +50,11 @@ class SlotTable:
     def capacity(self) -> int:
         return int(self.tag.shape[0])
 
-    def arrays(self):
+    def arrays(
+        self,
+    ) -> tuple[
+        np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray
+    ]:
         return (self.keys, self.tag, self.mid, self.verdict, self.rule, self.version, self.aux, self.stamp)
 
     def used(self) -> int:

@@ -18,6 +18,7 @@ entries those rules can match and re-stamping the rest.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from numba import njit
@@ -33,6 +34,9 @@ from .core import (
     revalidate_slots,
 )
 from .key import M64, W
+
+if TYPE_CHECKING:
+    from .match import RuleMatchTable
 
 COUNTERS = (
     "hits",
@@ -281,7 +285,9 @@ class ExactMatchCache:
         )
         self._clock += 1
 
-    def revalidate(self, new_version: int, changed=None, rule_map=None) -> tuple[int, int]:
+    def revalidate(
+        self, new_version: int, changed: RuleMatchTable | None = None, rule_map=None
+    ) -> tuple[int, int]:
         """Move to ``new_version``. Without ``changed`` every entry is dropped. With
         ``changed`` (a :class:`~microseg.cache.match.RuleMatchTable` of the rules added, removed
         or modified, old and new forms: :func:`~microseg.cache.match.changed_rules`), entries no
@@ -324,7 +330,7 @@ class ExactMatchCache:
         )
 
     def stats(self) -> dict:
-        d = {name: int(v) for name, v in zip(COUNTERS, self.counters)}
+        d: dict[str, int | float] = {name: int(v) for name, v in zip(COUNTERS, self.counters)}
         d.update(entries=self.t.used(), capacity=self.capacity, version=self.version)
         looked = d["hits"] + d["misses"]
         d["hit_rate"] = d["hits"] / looked if looked else 0.0

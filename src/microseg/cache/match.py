@@ -98,7 +98,7 @@ class RuleMatchTable:
     def __len__(self) -> int:
         return int(self.value.shape[0])
 
-    def arrays(self):
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         return self.value, self.mask, self.sport, self.dport
 
 

@@ -20,12 +20,17 @@ entry's whole region ``{q : q & M == k}`` against the changed rules.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 from numba import njit
 
 from .core import INS_EVICTED, INS_STALE, INS_UPDATED, SlotTable, find_slot, insert_slot, revalidate_slots
 from .emc import CacheResult, _per_row, _rows, _rule_map
 from .key import W, hash_keys, hash_masked
+
+if TYPE_CHECKING:
+    from .match import RuleMatchTable
 
 COUNTERS = (
     "hits",
@@ -352,7 +357,9 @@ class MegaflowCache:
         self._clock += 1
         self._refresh()
 
-    def revalidate(self, new_version: int, changed=None, rule_map=None) -> tuple[int, int]:
+    def revalidate(
+        self, new_version: int, changed: RuleMatchTable | None = None, rule_map=None
+    ) -> tuple[int, int]:
         """As :meth:`ExactMatchCache.revalidate`, over each entry's wildcarded region."""
         old, self.version = self.version, int(new_version)
         t = self.t
@@ -385,7 +392,7 @@ class MegaflowCache:
         return int(kept), int(dropped)
 
     def stats(self) -> dict:
-        d = {name: int(v) for name, v in zip(COUNTERS, self.counters)}
+        d: dict[str, int | float] = {name: int(v) for name, v in zip(COUNTERS, self.counters)}
         d.update(entries=self.t.used(), capacity=self.capacity, masks=self.n_active, version=self.version)
         looked = d["hits"] + d["misses"]
         d["hit_rate"] = d["hits"] / looked if looked else 0.0

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -93,14 +94,15 @@ class BatchResult:
         if self.keys is not None:
             rows = np.arange(self.keys.n)[idx]
             keys = subset(self.keys, np.atleast_1d(rows), FlowKeys(max(np.size(rows), 1)))
-        return BatchResult(*(getattr(self, f)[idx] for f in _ARRAYS), keys=keys)
+        return BatchResult(**{f: getattr(self, f)[idx] for f in _ARRAYS}, keys=keys)
 
     @classmethod
     def concat(cls, parts) -> BatchResult:
         parts = list(parts)
         if not parts:
             return cls.empty(0)
-        out = cls(*(np.concatenate([getattr(p, f) for p in parts]) for f in _ARRAYS))
+        cols: dict[str, Any] = {f: np.concatenate([getattr(p, f) for p in parts]) for f in _ARRAYS}
+        out = cls(**cols)
         if all(p.keys is not None for p in parts):
             n = sum(p.keys.n for p in parts)
             k = FlowKeys(max(n, 1))
@@ -357,7 +359,7 @@ class Datapath:
         c = self.counters
         pol = self.policy
         out = c.as_dict()
-        rules = [
+        rules: list[dict[str, Any]] = [
             {"index": int(i), "rule": pol.describe_rule(int(i)), "packets": int(p)}
             for i, p in enumerate(c.rule)
             if p

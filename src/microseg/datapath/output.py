@@ -153,14 +153,14 @@ class Forwarder:
             for i in rej.tolist():
                 pkt = batch.packet(i)
                 k = keys.row(i)
-                inner = pkt[max(k["l2_off"], 0) :]
+                frame = pkt[max(k["l2_off"], 0) :]
                 k2 = dict(k)
                 if k["l2_off"] > 0:
                     for f in ("l3_off", "l4_off", "payload_off"):
                         if k2[f] >= 0:
                             k2[f] -= k["l2_off"]
                     k2["l2_off"] = 0
-                rep = reject_reply(inner, k2)
+                rep = reject_reply(frame, k2)
                 if rep is None:
                     continue
                 replies.append(rep)

@@ -83,7 +83,7 @@ class ReferenceDatapath:
     def process(self, batch) -> dict:
         """``verdict``, ``reason``, ``ct``, ``src_workload``, ``dst_workload`` per packet."""
         n = len(batch)
-        out = {
+        out: dict[str, np.ndarray] = {
             "verdict": np.zeros(n, np.uint8),
             "reason": np.zeros(n, np.uint8),
             "ct": np.zeros(n, np.uint8),

@@ -103,6 +103,7 @@ class SlowPath:
         self.mask = megaflow_mask(new)
         if self.emc is not None:
             self.emc.revalidate(new.version)
+        if self.megaflow is not None:
             self.megaflow.revalidate(new.version)
 
     def decide(
@@ -120,6 +121,7 @@ class SlowPath:
         rule = np.full(m, -1, np.int32)
         lvl = np.full(m, level, np.uint8)
         if self.emc is not None:
+            assert self.megaflow is not None  # the two caches are built together
             kmat, hashes, valid = build_keys_at(keys, rows, src_id, ct_rows)
             e = self.emc.lookup(kmat, hashes, valid)
             hit = e.hit
@@ -142,6 +144,7 @@ class SlowPath:
             v, r, why = self.policy.decide(sub, ct_rows[miss])
             verdict[miss], rule[miss], reason[miss] = v, r, why
             if self.emc is not None:
+                assert self.megaflow is not None
                 ins = miss[valid[miss]]
                 if ins.size:
                     packed = (verdict | (reason << 2)).astype(np.uint8)

@@ -282,7 +282,7 @@ class FlowKeys:
         self.n = int(n)
         return self
 
-    def arrays(self):
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """The five backing arrays, in the order kernels take them."""
         return self.u64, self.u32, self.i32, self.u16, self.u8
 

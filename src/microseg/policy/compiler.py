@@ -130,7 +130,11 @@ def _fill3(ht, hh, hl, hv, kt, kh, kl, kv):
         ht[s], hh[s], hl[s], hv[s] = kt[i], kh[i], kl[i], kv[i]
 
 
-def _table3(rows) -> tuple:
+# The columns (tenant, hi, lo, value) of a :func:`_table3` hash table.
+Table3 = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+
+
+def _table3(rows) -> Table3:
     """Read-only hash table (keys t >= 0, hi, lo -> int32 value) for (t, hi, lo, value) rows."""
     cap = 2
     while cap < 2 * len(rows):
@@ -142,7 +146,7 @@ def _table3(rows) -> tuple:
         for c, dt in ((0, np.int64), (1, np.uint64), (2, np.uint64), (3, np.int32))
     ]
     _fill3(ht, hh, hl, hv, *cols)
-    return tuple(_ro(a) for a in (ht, hh, hl, hv))
+    return _ro(ht), _ro(hh), _ro(hl), _ro(hv)
 
 
 @njit(cache=True)
@@ -179,8 +183,8 @@ class EndpointTables(NamedTuple):
 
     tenant_vnis: np.ndarray
     untagged: int
-    addresses: tuple
-    macs: tuple
+    addresses: Table3
+    macs: Table3
     workload_mac: np.ndarray
     anti_spoofing: bool
 
@@ -439,8 +443,8 @@ class CompiledPolicy:
     classifier: Classifier
     _t_vni: np.ndarray
     _untagged: int
-    _a: tuple
-    _m: tuple
+    _a: Table3
+    _m: Table3
     _w_mac: np.ndarray
     _need: np.ndarray
     _act: np.ndarray
