@@ -43,7 +43,8 @@ def infer_esn(top: int, seql: int, w: int) -> int | None:
 
 class RefWindow:
     def __init__(self, size: int):
-        self.size, self.top, self.seen = size, 0, set()
+        self.size, self.top = size, 0
+        self.seen: set[int] = set()
 
     def ok(self, seq: int) -> bool:
         if seq == 0:
@@ -88,7 +89,8 @@ class RefLife:
         self.sa = sa
         self.count = {"encrypt": [0, 0], "decrypt": [0, 0]}  # packets, bytes
         self.start = now
-        self.soft = self.hard = None  # (limit, direction, at)
+        self.soft: tuple[str, str, int] | None = None  # (limit, direction, at)
+        self.hard: tuple[str, str, int] | None = None
 
     def _end(self, limit, d, t, events):
         self.hard = (limit, d, t)
@@ -206,14 +208,14 @@ class RefGateway:
         raise KeyError(name)
 
     def expire(self, now: int) -> list:
-        new = []
+        new: list[tuple] = []
         for k, lt in enumerate(self.lt):
             if not self.removed[k]:
                 lt.clock(now, new)
         self.events += new
         return new
 
-    def _policy(self, src, dst, proto):
+    def _policy(self, src, dst, proto) -> tuple[int | None, int]:
         for p in self.config.policies:
             if p.src is not None and (src.version != p.src.version or src not in p.src):
                 continue
@@ -221,7 +223,10 @@ class RefGateway:
                 continue
             if p.proto >= 0 and p.proto != proto:
                 continue
-            return p.action, (self._outbound(p.sa) if p.action == ACTION_PROTECT else -1)
+            if p.action != ACTION_PROTECT:
+                return p.action, -1
+            assert p.sa is not None  # a protect policy names its SA (checked on load)
+            return p.action, self._outbound(p.sa)
         return None, -1
 
     def encrypt(
@@ -277,6 +282,7 @@ class RefGateway:
         )
         ct = self.aead[sa].encrypt(s.salt + ivb, plain, aad)
         body = struct.pack("!II", s.spi, seq & M32) + ivb + ct
+        hdr: bytes | bytearray
         if s.ip_version == 4:
             hdr = bytearray(
                 struct.pack(
@@ -345,12 +351,12 @@ class RefGateway:
         if len(esp) < MIN_ESP:
             return MALFORMED, None
         spi, seql = struct.unpack_from("!II", esp)
-        dst = str(ipaddress.ip_address(dst))
+        dst_text = str(ipaddress.ip_address(dst))
         sa = next(
             (
                 k
                 for k, s in enumerate(self.sas)
-                if s.spi == spi and s.tunnel_dst == dst and not self.removed[k]
+                if s.spi == spi and s.tunnel_dst == dst_text and not self.removed[k]
             ),
             None,
         )

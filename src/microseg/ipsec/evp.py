@@ -103,6 +103,7 @@ class Context:
     def __init__(self, key: bytes, encrypt: bool):
         if not AVAILABLE:
             raise RuntimeError(REASON)
+        assert _lib is not None  # AVAILABLE: the library loaded
         cipher = {16: _lib.EVP_aes_128_gcm, 24: _lib.EVP_aes_192_gcm, 32: _lib.EVP_aes_256_gcm}[len(key)]()
         ptr = _lib.EVP_CIPHER_CTX_new()
         if not ptr:

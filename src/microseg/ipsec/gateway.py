@@ -136,6 +136,15 @@ class EspGateway:
     after the batch (or :meth:`expire` call) that caused it; ``events`` keeps them all.
     """
 
+    # per-SA arrays, laid out by _build
+    sa_window: np.ndarray
+    tx_seq: np.ndarray
+    iv_base: np.ndarray
+    dead: np.ndarray
+    life: np.ndarray
+    rx_top: np.ndarray
+    rx_bitmap: np.ndarray
+
     def __init__(self, config: SAConfig, backend: str = "auto", now: int | None = None, on_event=None):
         if backend == "auto":
             backend = "evp" if evp.AVAILABLE else "cryptography"
@@ -177,7 +186,7 @@ class EspGateway:
         """Lay out the SA arrays for ``sas``; ``rows[k]`` is the current index whose state SA k
         keeps, or -1 for a new SA (fresh counters, clock started at ``now`` if given)."""
         n = len(sas)
-        old = None
+        old: tuple[np.ndarray, ...] | None = None
         if self.sas:
             old = (
                 self.tx_seq,
@@ -222,6 +231,7 @@ class EspGateway:
                     self.life[k, L_START] = np.int64(now).astype(np.uint64)
                     self.life[k, L_FLAGS] = F_STARTED
                 continue
+            assert old is not None  # rows >= 0 name SAs of the previous layout
             o_seq, o_iv, o_dead, o_life, o_top, o_bm, o_win = old
             self.tx_seq[k], self.iv_base[k], self.dead[k] = o_seq[r], o_iv[r], o_dead[r]
             self.life[k] = o_life[r]

@@ -390,7 +390,8 @@ def parse_config(doc, path: str | None = None) -> SAConfig:
         raise InputError("'sas' must be a non-empty list", path=path, line=_line(doc, "sas"))
     entries = doc["sas"]
     sas = [parse_sa(e, i, path) for i, e in enumerate(entries)]
-    seen_names, seen_spi = set(), {}
+    seen_names: set[str] = set()
+    seen_spi: dict[tuple[str, int], str] = {}
     for i, sa in enumerate(sas):
         line = entries.line_of(i) if hasattr(entries, "line_of") else None
         if sa.name in seen_names:

@@ -92,7 +92,8 @@ def run_inspect(args) -> int:
         return 0
     batch, keys = _capture(args.capture)
     by_sid = {s.sid: s for s in sigs.signatures}
-    counts, enc = Counter(), Counter()
+    counts: Counter[tuple[str, int]] = Counter()
+    enc: Counter[str | None] = Counter()  # e != 0: never None
     for lo in range(0, len(batch), 4096):
         hi = min(lo + 4096, len(batch))
         sub = batch.slice(lo, hi)

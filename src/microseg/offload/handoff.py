@@ -26,6 +26,7 @@ this stage; a packet the policy dropped never creates flow state.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from numba import njit
@@ -351,7 +352,7 @@ class FlowInspector:
         self.t.clear()
 
     def stats(self) -> dict:
-        d = {name: int(v) for name, v in zip(COUNTERS, self.counters)}
+        d: dict[str, Any] = {name: int(v) for name, v in zip(COUNTERS, self.counters)}
         live = self.t.tag != 0
         d["flows"] = {
             STATE_NAMES[s]: int(np.count_nonzero(live & (self.state == s))) for s in range(len(STATE_NAMES))

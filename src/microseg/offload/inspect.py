@@ -140,7 +140,9 @@ class _RuleError(Exception):
 
 def _split_list(text: str) -> list[str]:
     """Top-level comma-separated items of a ``[...]`` body (nested brackets kept whole)."""
-    items, depth, cur = [], 0, []
+    items: list[str] = []
+    cur: list[str] = []
+    depth = 0
     for ch in text:
         if ch == "[":
             depth += 1
@@ -314,7 +316,8 @@ def _content_bytes(text: str) -> bytes:
 
 def _split_options(body: str) -> list[tuple[str, str | None]]:
     """``key:value;`` pairs of the option block; quoted values keep escaped ``;``/``"``."""
-    opts, i, n = [], 0, len(body)
+    opts: list[tuple[str, str | None]] = []
+    i, n = 0, len(body)
     while i < n:
         while i < n and body[i] in " \t":
             i += 1
@@ -354,7 +357,7 @@ def _split_options(body: str) -> list[tuple[str, str | None]]:
     return opts
 
 
-def _unquote(v: str, key: str) -> str:
+def _unquote(v: str | None, key: str) -> str:
     if v is None or len(v) < 2 or not (v.startswith('"') and v.endswith('"')):
         raise _RuleError(f"{key} needs a quoted string")
     return v[1:-1]
@@ -371,7 +374,9 @@ def _int(v, key, lo=None):
 
 
 def _header_tokens(head: str) -> list[str]:
-    toks, depth, cur = [], 0, []
+    toks: list[str] = []
+    cur: list[str] = []
+    depth = 0
     for ch in head:
         if ch == "[":
             depth += 1
@@ -447,8 +452,9 @@ def parse_rule(text: str, variables: dict | None = None, line: int = 0) -> Signa
             elif key in ("offset", "depth"):
                 if last.relative:
                     raise _RuleError(f"{key} cannot be mixed with distance/within on one content")
-                setattr(last, key, _int(val, key, 0))
-                if key == "depth" and last.depth < len(last.pattern):
+                x = _int(val, key, 0)
+                setattr(last, key, x)
+                if key == "depth" and x < len(last.pattern):
                     raise _RuleError(
                         f"depth {last.depth} is shorter than the content ({len(last.pattern)} bytes)"
                     )
@@ -457,8 +463,9 @@ def parse_rule(text: str, variables: dict | None = None, line: int = 0) -> Signa
                     raise _RuleError(f"{key} cannot be mixed with offset/depth on one content")
                 if last is sig.contents[0]:
                     raise _RuleError(f"{key} needs a previous content to be relative to")
-                setattr(last, key, _int(val, key, 0 if key == "within" else None))
-                if key == "within" and last.within < len(last.pattern):
+                x = _int(val, key, 0 if key == "within" else None)
+                setattr(last, key, x)
+                if key == "within" and x < len(last.pattern):
                     raise _RuleError(
                         f"within {last.within} is shorter than the content ({len(last.pattern)} bytes)"
                     )

@@ -18,6 +18,8 @@ an idle time (:meth:`FastPathTable.expire`), or on a policy change
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 from numba import njit
 
@@ -385,7 +387,7 @@ class FastPathTable:
         return n
 
     def stats(self) -> dict:
-        d = {name: int(v) for name, v in zip(COUNTERS, self.counters)}
+        d: dict[str, Any] = {name: int(v) for name, v in zip(COUNTERS, self.counters)}
         d.update(
             occupancy=self.used,
             capacity=self.capacity,

@@ -22,6 +22,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit
 
 import etcd3gw
@@ -132,7 +133,8 @@ class StoreClient:
         deadline = time.monotonic() + self.timeout
         delay = 0.05
         while True:
-            last, leaderless = None, False
+            last: Exception | None = None
+            leaderless = False
             for i in self._order():
                 c = self._clients[i]
                 try:
@@ -176,7 +178,7 @@ class StoreClient:
         return _kv(kvs[0]) if kvs else None
 
     def put(self, key: str, value: bytes | str, lease: int = 0) -> int:
-        payload = {"key": _encode(key), "value": _encode(value)}
+        payload: dict[str, str | int] = {"key": _encode(key), "value": _encode(value)}
         if lease:
             payload["lease"] = lease
         return int(self.call("/kv/put", payload)["header"]["revision"])
@@ -242,7 +244,7 @@ def _kv(x: dict) -> KV:
 
 
 def op_put(key: str, value: bytes | str, lease: int = 0) -> dict:
-    req = {"key": _encode(key), "value": _encode(value)}
+    req: dict[str, str | int] = {"key": _encode(key), "value": _encode(value)}
     if lease:
         req["lease"] = lease
     return {"request_put": req}
@@ -280,7 +282,7 @@ class WatchStream:
         self.client = client
         c = client.current()
         self.url = c.base_url
-        create = {
+        create: dict[str, Any] = {
             "key": _encode(prefix),
             "range_end": _encode(prefix_end(prefix)),
             "start_revision": start_revision,
@@ -312,7 +314,8 @@ class WatchStream:
             self._resp.raw._fp.fp.raw._sock.settimeout(None)
         except AttributeError:
             pass  # another transport: idle streams then break after `timeout` and resume
-        self._lines = self._resp.iter_lines(chunk_size=None)
+        # requests reads what has arrived for chunk_size=None; its stubs allow only an int
+        self._lines = self._resp.iter_lines(chunk_size=None)  # type: ignore[call-overload]
 
     def _messages(self):
         try:
