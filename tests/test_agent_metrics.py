@@ -294,3 +294,100 @@ def _live_skip() -> str | None:
         return "cannot create network namespaces"
     subprocess.run(["ip", "netns", "del", probe], capture_output=True)
     return None
+
+
+def _wait(cond, deadline: float, what: str):
+    end = time.monotonic() + deadline
+    last = None
+    while time.monotonic() < end:
+        try:
+            last = cond()
+        except (OSError, ValueError, KeyError) as exc:
+            last = exc
+        else:
+            if last:
+                return last
+        time.sleep(0.2)
+    raise AssertionError(f"{what}: not within {deadline} s (last: {last!r})")
+
+
+def test_live_agent_metrics_and_flow_log(tmp_path):
+    """One host namespace with one workload port and a bare underlay; the agent serves its
+    metrics on a Unix socket and logs a denied connection attempt."""
+    reason = _live_skip()
+    if reason:
+        pytest.skip(reason)
+    from microseg.agent import control
+
+    pre = f"msm{os.getpid() % 100000}"
+    host_ns, wl_ns = f"{pre}-h", f"{pre}-w"
+    policy = tmp_path / "p.yaml"
+    policy.write_text(POLICY)
+    sock, msock, flows = tmp_path / "agent.sock", tmp_path / "metrics.sock", tmp_path / "flows.jsonl"
+    logf = open(tmp_path / "agent.log", "wb")
+    proc = None
+
+    def ip(*args, ns=None):
+        cmd = (["ip", "netns", "exec", ns] if ns else []) + ["ip", *args]
+        subprocess.run(cmd, check=True, capture_output=True)
+
+    try:
+        ip("netns", "add", host_ns)
+        ip("netns", "add", wl_ns)
+        ip("link", "add", "w0", "type", "veth", "peer", "name", "eth0", "netns", wl_ns, ns=host_ns)
+        ip("link", "add", "ul", "type", "veth", "peer", "name", "ulp", ns=host_ns)  # a bare underlay
+        for dev in ("w0", "ul", "ulp", "lo"):
+            ip("link", "set", dev, "up", ns=host_ns)
+        ip("link", "set", "eth0", "address", A_MAC, ns=wl_ns)
+        ip("addr", "add", "10.1.0.1/32", "dev", "eth0", ns=wl_ns)
+        ip("link", "set", "eth0", "up", ns=wl_ns)
+        ip("link", "set", "lo", "up", ns=wl_ns)
+        ip("route", "add", "default", "dev", "eth0", ns=wl_ns)
+        cmd = ["ip", "netns", "exec", host_ns, sys.executable, "-m", "microseg", "agent"]
+        cmd += ["--policy", str(policy), "--host", "h1", "--port", "red/a=w0", "--underlay", "ul"]
+        cmd += ["--control", str(sock), "--metrics", f"unix:{msock}", "--flow-log", str(flows)]
+        proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
+
+        def ready():
+            if proc.poll() is not None:
+                raise AssertionError(
+                    f"agent exited {proc.returncode}: {(tmp_path / 'agent.log').read_text()}"
+                )
+            try:
+                return control.request(str(sock), "status", timeout=5.0).get("ready")
+            except control.ControlError:
+                return False
+
+        _wait(ready, 150, "agent ready")
+        st = control.request(str(sock), "status", timeout=5.0)
+        assert st["metrics_url"] == f"unix:{msock}" and st["flow_log"] == str(flows)
+        assert os.stat(msock).st_mode & 0o777 == 0o600
+        m = _samples(scrape_unix(str(msock)))
+        assert m[("microseg_agent_ready", frozenset())] == 1
+        # a connection attempt the policy denies (red/b accepts 7000-7999 only)
+        attempt = "import socket; s = socket.socket(); s.settimeout(1.0)\ntry: s.connect(('10.1.0.2', 8080))\nexcept OSError: pass"
+
+        def denied_logged():
+            subprocess.run(["ip", "netns", "exec", wl_ns, sys.executable, "-c", attempt], capture_output=True)
+            lines = flows.read_text().splitlines() if flows.exists() else []
+            return [r for r in map(json.loads, lines) if r["event"] == "denied" and r["dport"] == 8080]
+
+        recs = _wait(denied_logged, 60, "a denied flow in the flow log")
+        assert recs[0]["reason"] == "ingress_denied" and recs[0]["src_workload"] == "red/a"
+        m = _samples(scrape_unix(str(msock)))
+        drops = _by(m, "microseg_drops_total", "reason", source="datapath")
+        assert drops.get("ingress_denied", 0) >= 1
+        stats = control.request(str(sock), "stats", timeout=5.0)
+        assert m[("microseg_datapath_packets_total", frozenset())] <= stats["datapath"]["packets"]
+    finally:
+        if proc is not None and proc.poll() is None:
+            os.killpg(proc.pid, 15)
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, 9)
+                proc.wait(10)
+        logf.close()
+        for ns in (wl_ns, host_ns):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+    assert not msock.exists()

@@ -172,6 +172,10 @@ class Agent:
         store: str | None = None,
         store_prefix: str | None = None,
         netns: str | None = None,
+        metrics: str | None = None,
+        flow_log: str | None = None,
+        flow_log_max_bytes: int = 64 << 20,
+        flow_log_backups: int = 5,
     ):
         if tunnel not in TUNNELS:
             raise InputError(f"--tunnel must be one of {', '.join(TUNNELS)}")
@@ -197,6 +201,14 @@ class Agent:
         self._status_stop = threading.Event()
         self._status_thread = None
         self._wsock = None
+        self.metrics_address = metrics
+        self.metrics_server = None
+        self.flow_log_path = os.path.abspath(flow_log) if flow_log else None
+        self.flowlog = None
+        if metrics is not None:
+            from .metrics import parse_address
+
+            parse_address(metrics)  # refused before anything opens
         if store is not None:
             from ..store import DEFAULT_PREFIX, PolicyWatcher
 
@@ -231,6 +243,20 @@ class Agent:
         self.underlay = None
         self.wports: list[WorkloadPort] = []
         self._by_fd = {}
+        self.observer = None
+        if metrics is not None:
+            from .metrics import BatchObserver
+
+            self.observer = BatchObserver()
+        if self.flow_log_path:
+            from .flowlog import FlowLog
+
+            try:
+                self.flowlog = FlowLog(
+                    self.flow_log_path, max_bytes=flow_log_max_bytes, backups=flow_log_backups
+                )
+            except OSError as exc:
+                raise AgentError(f"--flow-log {flow_log}: {exc.strerror or exc}") from None
         try:
             with InNetns(netns) if netns else contextlib.nullcontext():
                 self.underlay = AfPacketPort(underlay, 0)
@@ -578,6 +604,7 @@ class Agent:
             self._ctl = control.listen(self.control_path)
             poller.register(self._ctl.fileno(), select.POLLIN)
         self._start_store()
+        self._start_metrics()
         self.ready = True
         log.info(
             "host %s (%s) enforcing on %s; underlay %s (%s)",
@@ -619,6 +646,20 @@ class Agent:
             rsock.close()
             wsock.close()
             log.info("stopping")
+
+    def _start_metrics(self) -> None:
+        """Serve the Prometheus collector (in the agent's own namespace: ``127.0.0.1`` is its
+        loopback) on a thread; a scrape reads the counters as they stand."""
+        if self.metrics_address is None or self.metrics_server is not None:
+            return
+        from .metrics import DatapathCollector, MetricsServer, registry_for
+
+        reg = registry_for(DatapathCollector(agent=self, observer=self.observer))
+        try:
+            self.metrics_server = MetricsServer(self.metrics_address, reg)
+        except OSError as exc:
+            raise AgentError(f"--metrics {self.metrics_address}: {exc.strerror or exc}") from None
+        log.info("metrics on %s", self.metrics_server.url)
 
     def _on_signal(self, signum, _frame) -> None:
         if signum == signal.SIGHUP:
@@ -825,7 +866,12 @@ class Agent:
     def _judge(self, batch: Batch, keys, from_underlay: bool) -> None:
         """``batch``: tunnelled frames (the tenant is their VNI), ``keys`` their parsed
         headers. Judge, then send the allowed ones (and reject answers) on."""
+        t0 = time.perf_counter()
         res = self.dp.process(batch, keys)
+        if self.observer is not None:
+            self.observer.observe(batch, res, time.perf_counter() - t0)
+        if self.flowlog is not None:
+            self.flowlog.observe(batch, res.keys, res, self.dp)
         v = res.verdict
         bad = v != V.ALLOW
         if bad.any():
@@ -938,6 +984,8 @@ class Agent:
             "reloads_refused": self.reload_refused,
             "conntrack_restored": self.restored,
             "policy_revision": self.policy_revision,
+            "metrics_url": self.metrics_server.url if self.metrics_server is not None else None,
+            "flow_log": self.flow_log_path,
             **({"store": self._store_status()} if self.watcher is not None else {}),
         }
 
@@ -986,6 +1034,12 @@ class Agent:
         }
 
     def close(self) -> None:
+        if self.metrics_server is not None:
+            self.metrics_server.close()
+            self.metrics_server = None
+        if self.flowlog is not None:
+            self.flowlog.close()
+            self.flowlog = None
         if self._ctl is not None:
             self._ctl.close()
             self._ctl = None
@@ -1055,6 +1109,27 @@ def register(sub) -> None:
         "takes it over (default: no snapshot)",
     )
     p.add_argument(
+        "--metrics",
+        metavar="ADDR",
+        help="serve Prometheus metrics on [127.0.0.1:]PORT (HTTP, loopback only, in the agent's "
+        "own namespace) or unix:PATH (a Unix socket, mode 0600); default: off",
+    )
+    p.add_argument(
+        "--flow-log",
+        metavar="PATH",
+        help="write JSON flow records (one line per connection end or denied new flow) to PATH",
+    )
+    p.add_argument(
+        "--flow-log-max-bytes",
+        type=int,
+        default=64 << 20,
+        metavar="N",
+        help="rotate the flow log at N bytes (default 64 MiB)",
+    )
+    p.add_argument(
+        "--flow-log-backups", type=int, default=5, metavar="K", help="rotated flow logs kept (default 5)"
+    )
+    p.add_argument(
         "--log-level",
         default="info",
         choices=("debug", "info", "warning", "error"),
@@ -1085,6 +1160,10 @@ def run_agent(args) -> int:
             store=args.store,
             store_prefix=args.prefix,
             netns=args.netns,
+            metrics=args.metrics,
+            flow_log=args.flow_log,
+            flow_log_max_bytes=args.flow_log_max_bytes,
+            flow_log_backups=args.flow_log_backups,
         )
     except PermissionError:
         raise AgentError("AF_PACKET ports need root (CAP_NET_RAW, CAP_NET_ADMIN)") from None

@@ -117,7 +117,7 @@ class DatapathCollector:
         if self.agent is not None:
             for name, v in _named(self.agent.drops, R.REASONS):
                 m.add_metric([name, "datapath"], v)
-            for name, v in self.agent.agent_drops.items():
+            for name, v in list(self.agent.agent_drops.items()):
                 m.add_metric([name, "agent"], int(v))
         else:
             for i, v in enumerate(reason.tolist()):
@@ -169,7 +169,7 @@ class DatapathCollector:
         )
         yield GaugeMetricFamily("microseg_conntrack_capacity", "Conntrack table capacity", value=ctt.capacity)
         m = CounterMetricFamily("microseg_conntrack_events", "Conntrack counters, by event", labels=["event"])
-        for name, v in ctt.counters.items():
+        for name, v in list(ctt.counters.items()):
             m.add_metric([name], int(v))
         yield m
         yield CounterMetricFamily(
@@ -215,7 +215,7 @@ class DatapathCollector:
             "microseg_policy_reloads_refused", "Policy reloads refused", value=a.reload_refused
         )
         m = CounterMetricFamily("microseg_agent_events", "The agent's own counters", labels=["event"])
-        for k, v in a.counters.items():
+        for k, v in list(a.counters.items()):
             m.add_metric([k], int(v))
         yield m
         ports = [(p.name, p.port) for p in a.wports]
@@ -223,7 +223,7 @@ class DatapathCollector:
             ports.append(("underlay", a.underlay))
         m = CounterMetricFamily("microseg_port", "Per-port counters", labels=["port", "ifname", "counter"])
         for name, port in ports:
-            for k, v in port.counters.items():
+            for k, v in list(port.counters.items()):
                 if isinstance(v, (int, np.integer)):
                     m.add_metric([name, port.ifname, k], int(v))
         yield m
