@@ -145,6 +145,29 @@ def test_per_workload_and_tenant_counters(generated):
     assert tenants == st["tenants"]
 
 
+def test_cache_offload_and_conntrack_state_metrics(generated):
+    compiled, gen = generated
+    dp = Datapath(compiled, DatapathConfig(caches=True, offload=True, offload_rate=1e6))
+    dp.process(gen.batch)
+    st = dp.stats()
+    m = _samples(generate_latest(registry_for(DatapathCollector(dp))).decode())
+    for cache, key in (("exact_match", "emc"), ("megaflow", "megaflow")):
+        ev = _by(m, f"microseg_cache_{cache}_events_total", "event")
+        assert ev["hits"] == st[key]["hits"] and ev["misses"] == st[key]["misses"]
+        assert m[(f"microseg_cache_{cache}_entries", frozenset())] == st[key]["entries"]
+    off = _by(m, "microseg_offload_events_total", "event")
+    assert off["inserts"] == st["inspection"]["table"]["inserts"] > 0
+    ins = _by(m, "microseg_inspection_events_total", "event")
+    assert ins["inspected"] == st["inspection"]["inspected"]
+    by_state = {
+        dict(k)["proto"] + "/" + dict(k)["state"]: v
+        for (n, k), v in m.items()
+        if n == "microseg_conntrack_entries_by_state"
+    }
+    assert sum(by_state.values()) == st["conntrack"]["entries"] > 0
+    assert any(k.startswith("tcp/") and not k.endswith("/-") for k in by_state)
+
+
 def test_metrics_address_is_loopback_or_unix(tmp_path):
     assert parse_address("9464") == ("tcp", "127.0.0.1", 9464)
     assert parse_address("127.0.0.1:0") == ("tcp", "127.0.0.1", 0)

@@ -25,8 +25,10 @@ from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from .. import ctstate
+from ..conntrack import const as CK
 from ..datapath import reasons as R
 from ..errors import InputError
+from .flowlog import PROTOS
 
 # batch latency buckets, seconds (a batch of up to a few thousand frames)
 BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 1.0)
@@ -51,6 +53,38 @@ class BatchObserver:
         self.hist[int(np.searchsorted(self.buckets, seconds, side="left"))] += 1
         self.seconds += seconds
         self.batches += 1
+
+
+_CACHE_EVENTS = (
+    "hits",
+    "misses",
+    "stale",
+    "uncacheable",
+    "inserts",
+    "updates",
+    "evictions",
+    "stale_replaced",
+    "revalidated_kept",
+    "revalidated_dropped",
+    "flushes",
+    "mask_probes",
+    "mask_table_full",
+)
+_OFFLOAD_EVENTS = (
+    "lookups",
+    "hits",
+    "hit_bytes",
+    "bytes",
+    "exceptions",
+    "inserts",
+    "refreshed",
+    "refused_rate",
+    "refused_capacity",
+    "refused_collision",
+    "removed",
+    "expired",
+    "invalidated",
+)
 
 
 def _named(arr, names: dict, skip_zero: bool = True):
@@ -172,6 +206,8 @@ class DatapathCollector:
         for name, v in list(ctt.counters.items()):
             m.add_metric([name], int(v))
         yield m
+        yield self._conntrack_states(ctt)
+        yield from self._caches(dp)
         yield CounterMetricFamily(
             "microseg_revoked_connections", "Connections cut by a policy swap", value=c.revoked_connections
         )
@@ -202,6 +238,66 @@ class DatapathCollector:
         a = self.agent
         if a is not None:
             yield from self._agent(a)
+
+    @staticmethod
+    def _conntrack_states(ctt):
+        """Entries by protocol and TCP state: one vectorised pass over the table's entries."""
+        m = GaugeMetricFamily(
+            "microseg_conntrack_entries_by_state",
+            "Connections in the conntrack table by protocol and TCP state",
+            labels=["proto", "state"],
+        )
+        idx = ctt.used()
+        if idx.size:
+            e = ctt.ents[idx]
+            code = e["proto"].astype(np.int64) * 16 + np.minimum(e["tcp_state"], 15)
+            counts = np.bincount(code, minlength=256 * 16)
+            for c in np.flatnonzero(counts).tolist():
+                proto, st = divmod(c, 16)
+                name = PROTOS.get(proto, str(proto))
+                state = CK.TCP_STATE_NAMES[st] if proto == 6 and st < len(CK.TCP_STATE_NAMES) else "-"
+                m.add_metric([name, state], int(counts[c]))
+        return m
+
+    @staticmethod
+    def _caches(dp):
+        """The flow caches' and the offload model's counters, where they are on."""
+        for cname, cache in (("exact_match", dp.emc), ("megaflow", dp.megaflow)):
+            if cache is None:
+                continue
+            st = cache.stats()
+            ev = CounterMetricFamily(
+                f"microseg_cache_{cname}_events", f"The {cname} cache's counters", labels=["event"]
+            )
+            for k in _CACHE_EVENTS:
+                if k in st:
+                    ev.add_metric([k], int(st[k]))
+            yield ev
+            yield GaugeMetricFamily(f"microseg_cache_{cname}_entries", "Entries in use", value=st["entries"])
+        if dp.config.offload:
+            ft = dp.fastpath.stats()
+            ev = CounterMetricFamily(
+                "microseg_offload_events", "The fast-path table's counters", labels=["event"]
+            )
+            for k in _OFFLOAD_EVENTS:
+                if k in ft:
+                    ev.add_metric([k], int(ft[k]))
+            yield ev
+            yield GaugeMetricFamily(
+                "microseg_offload_entries", "Flows in the fast path", value=ft["occupancy"]
+            )
+            ins = dp.inspector.stats()
+            ev = CounterMetricFamily("microseg_inspection_events", "Inspection counters", labels=["event"])
+            for k, v in ins.items():
+                if isinstance(v, (int, np.integer)):
+                    ev.add_metric([k], int(v))
+            yield ev
+            g = GaugeMetricFamily(
+                "microseg_inspection_flows", "Flows under inspection by state", labels=["state"]
+            )
+            for k, v in ins.get("flows", {}).items():
+                g.add_metric([k], int(v))
+            yield g
 
     def _agent(self, a):
         if a.policy_revision is not None:
