@@ -458,7 +458,7 @@ def print_report(report: dict, console=None) -> None:
             sorted(report["drop_reasons"].items(), key=lambda kv: -kv[1]),
         )
     if report["rules"]:
-        by_origin = {}
+        by_origin: dict[str, int] = {}
         for r in report["rules"]:
             by_origin[r["rule"]] = by_origin.get(r["rule"], 0) + r["packets"]
         table(
@@ -730,7 +730,7 @@ def parse_packet_spec(text: str, policy) -> dict:
     s, d = resolve_endpoints(
         policy,
         [spec["src"], spec["dst"]],
-        tenant.name if hasattr(tenant, "name") else None,
+        getattr(tenant, "name", None),
         ("packet description: src", "packet description: dst"),
     )
     for x, what in ((s, "src"), (d, "dst")):
@@ -781,7 +781,7 @@ def parse_packet_spec(text: str, policy) -> dict:
     }
     if out["tunnel"] not in ("vxlan", "geneve", "nvgre", "none"):
         raise InputError(f"packet description: tunnel: {out['tunnel']!r} (vxlan, geneve, nvgre, none)")
-    out["vni"] = tenant.vni if hasattr(tenant, "vni") else tenant
+    out["vni"] = getattr(tenant, "vni", tenant)
     sw = out["src_workload"]
     out["smac"] = spec.get("smac") or (
         sw.mac if sw is not None and sw.mac is not None else "02:00:00:00:00:01"

@@ -320,7 +320,7 @@ class AfPacketPort:
         None when there is none. The blocks stay ours until :meth:`release`."""
         if self._held:
             raise RuntimeError("release() the previous burst first")
-        blocks = []
+        blocks: list[int] = []
         limit = self.block_count if max_blocks is None else min(max_blocks, self.block_count)
         while len(blocks) < limit:
             base = self._cur * self.block_size
@@ -400,7 +400,7 @@ class AfPacketPort:
     # -- offloads, lifetime ---------------------------------------------------------------------
     def disable_offloads(self) -> dict:
         """Turn TSO, GSO and GRO off on this interface; returns ``{name: error or None}``."""
-        out = {}
+        out: dict[str, str | None] = {}
         for what in OFFLOADS:
             try:
                 set_offload(self.ifname, what, False)
@@ -411,7 +411,9 @@ class AfPacketPort:
 
     def close(self) -> None:
         self._held = []
-        self.ring = self._ring32 = None
+        # drop the views of the ring so that the mapping can close
+        self.ring = np.empty(0, np.uint8)
+        self._ring32 = np.empty(0, np.uint32)
         try:
             self._mm.close()
         except (BufferError, ValueError):  # a batch still references the ring: let GC do it

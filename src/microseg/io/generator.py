@@ -30,6 +30,7 @@ import ipaddress
 import json
 import os
 import struct
+from typing import Any
 
 import numpy as np
 from numba import njit
@@ -150,12 +151,15 @@ class GroundTruth:
 
     def select(self, idx) -> GroundTruth:
         return GroundTruth(
-            *(getattr(self, k)[idx] for k in self.FIELDS), self.reasons, self.labels, self.causes
+            **{k: getattr(self, k)[idx] for k in self.FIELDS},
+            reasons=self.reasons,
+            labels=self.labels,
+            causes=self.causes,
         )
 
     def summary(self) -> dict:
         """Packet counts by label, verdict and conntrack state."""
-        out = {"packets": len(self), "by_label": {}, "by_verdict": {}, "by_ct": {}}
+        out: dict[str, Any] = {"packets": len(self), "by_label": {}, "by_verdict": {}, "by_ct": {}}
         for i, name in enumerate(self.labels):
             c = int(np.count_nonzero(self.label == i))
             if c:
@@ -749,17 +753,17 @@ class _Planner:
             "related",
         )
         self.deny = REJECT if self.intent.deny_verdict == "reject" else DROP
-        self.ports_used = {}
-        self.F = []  # template pairs: the columns of two header templates
-        self.flow_pair = []  # per flow: its template pair
-        self.a16_cache = {}
+        self.ports_used: dict[tuple, list[int]] = {}
+        self.F: list[tuple] = []  # template pairs: the columns of two header templates
+        self.flow_pair: list[int] = []  # per flow: its template pair
+        self.a16_cache: dict[Any, bytes] = {}
         self.host_ix = {h.name: i for i, h in enumerate(policy.hosts)}
         self.addr = {(w.tenant, w.name, fam): address_of(w, fam) for w in policy.workloads for fam in (4, 6)}
-        self.flow_meta = []
-        self.flow_msgs = []  # per flow: list of message tuples
-        self.blobs = []
+        self.flow_meta: list[tuple] = []
+        self.flow_msgs: list[list[tuple]] = []  # per flow: list of message tuples
+        self.blobs: list[bytes] = []
         self.blob_len = 0
-        self.blob_index = {}
+        self.blob_index: dict[bytes, tuple[int, int]] = {}
         self._candidates()
 
     # -- helpers ---------------------------------------------------------------------------------
@@ -1112,12 +1116,12 @@ class _Planner:
                 resp = self.pareto()
                 total += resp
                 if http:
-                    req = (
+                    request = (
                         f"GET /api/v1/items/{self.R.int(1, 100000)} HTTP/1.1\r\n"
                         f"Host: {d.name}.{t.name}.internal\r\nUser-Agent: curl/8.5.0\r\n"
                         f"Accept: */*\r\n\r\n"
                     ).encode()
-                    self.msg(f, M_DATA, 0, blob=self.blob(req), **kw)
+                    self.msg(f, M_DATA, 0, blob=self.blob(request), **kw)
                     hdr = (
                         f"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
                         f"Content-Length: {resp}\r\n\r\n"
@@ -1339,7 +1343,7 @@ class _Planner:
         """SYN probes over ports 1..1024 (then higher) from a workload to another; a probe
         the policy allows gets the target's SYN/ACK and the scanner's RST (half-open scan)."""
         label = self.labels("port scan")
-        pairs = {}
+        pairs: dict[tuple[str, str, str], tuple] = {}
         for t, s, d, _fam, _proto, _port, _dec in self.tcp_pairs:
             pairs.setdefault((t.name, s.name, d.name), (t, s, d))
         keys = sorted(pairs)
@@ -1418,7 +1422,7 @@ class _Planner:
         """Packets in tenant A's VNI from A's workload with another tenant's source address
         (anti-spoofing drop), and, where A's egress rules refuse it, to another tenant's address."""
         label = self.labels("cross-tenant")
-        all_addrs = {}
+        all_addrs: dict[Any, set[str]] = {}
         for w in self.p.workloads:
             for a in w.addresses:
                 all_addrs.setdefault(a, set()).add(w.tenant)

@@ -938,6 +938,7 @@ class CaptureReader:
                     rec = self.next_records(batch_size)
                 except InputError as exc:
                     self._warnings()
+                    assert self._done_error is not None  # next_records sets it as it raises
                     raise CaptureError(
                         self._done_error, self.path, self._batch(_empty_rec()), self.n_read
                     ) from exc
@@ -1153,7 +1154,8 @@ def read_pcap_ref(data: bytes):
         raise InputError(linktype_refusal(network & 0xFFFF))
     lt = LINKTYPES[network & 0xFFFF]
     mult = 1 if magic == PCAP_MAGIC_NS else 1000
-    pos, out = 24, []
+    pos = 24
+    out: list[tuple[int, int, bytes]] = []
     while pos < len(data):
         if len(data) - pos < 16:
             return lt, out, "truncated"

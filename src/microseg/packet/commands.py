@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import sys
+from typing import Literal
 
 import numpy as np
 
@@ -197,10 +198,12 @@ def _print_table(batches, console) -> tuple[int, dict]:
     from rich.table import Table
 
     text = _AddrText()
-    total, errors, table, first = 0, {}, None, True
+    total, table, first = 0, None, True
+    errors: dict[str, int] = {}
 
     def new_table(header: bool):
         t = Table(show_header=header, box=None, pad_edge=False)
+        just: Literal["left", "right"]
         for name, width, just in (
             ("#", 7, "right"),
             ("tenant", 8, "right"),
