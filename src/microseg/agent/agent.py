@@ -44,6 +44,7 @@ import signal
 import socket
 import threading
 import time
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -61,6 +62,11 @@ from ..policy.names import qualified, resolve_endpoints
 from . import control
 from .engine import REASONS, Datapath, DatapathConfig, Forwarder
 from .netns import InNetns
+
+if TYPE_CHECKING:
+    from ..store import PolicyWatcher
+    from .flowlog import FlowLog
+    from .metrics import MetricsServer
 
 log = logging.getLogger("microseg.agent")
 
@@ -188,23 +194,25 @@ class Agent:
         self.control_path = control_path
         self.started = time.time()
         self.ready = False
-        self._ctl = None
+        self._ctl: socket.socket | None = None
         self.reloads = 0
         self.reload_refused = 0
-        self.watcher = None
+        self.watcher: PolicyWatcher | None = None
         self.store_url = store
         self.policy_revision = None  # the store revision of the running policy
         self._store_lock = threading.Lock()
-        self._pending = None  # (compiled, index, revision) compiled by the watcher thread
-        self.store_refused = None  # (revision, error) of the last store policy refused
+        # (compiled, index, revision) compiled by the watcher thread
+        self._pending: tuple[Any, Any, int] | None = None
+        # (revision, error) of the last store policy refused
+        self.store_refused: tuple[int, str] | None = None
         self._status_wake = threading.Event()
         self._status_stop = threading.Event()
-        self._status_thread = None
-        self._wsock = None
+        self._status_thread: threading.Thread | None = None
+        self._wsock: socket.socket | None = None
         self.metrics_address = metrics
-        self.metrics_server = None
+        self.metrics_server: MetricsServer | None = None
         self.flow_log_path = os.path.abspath(flow_log) if flow_log else None
-        self.flowlog = None
+        self.flowlog: FlowLog | None = None
         if metrics is not None:
             from .metrics import parse_address
 
@@ -242,7 +250,7 @@ class Agent:
         self.agent_drops = dict.fromkeys(AGENT_REASONS, 0)
         self.underlay = None
         self.wports: list[WorkloadPort] = []
-        self._by_fd = {}
+        self._by_fd: dict[int, WorkloadPort | None] = {}
         self.observer = None
         if metrics is not None:
             from .metrics import BatchObserver

@@ -405,6 +405,7 @@ class MetricsServer:
     def __init__(self, address, registry: CollectorRegistry):
         spec = parse_address(address) if isinstance(address, str) else address
         app = make_wsgi_app(registry)
+        self.httpd: _ThreadingWSGIServer
         if spec[0] == "unix":
             self.path = spec[1]
             self.httpd = _UnixWSGIServer(self.path, _Quiet)
