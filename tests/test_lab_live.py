@@ -470,6 +470,44 @@ def test_a_connection_survives_an_agent_restart(lab):
     kept.wait(timeout=10)
 
 
+def test_every_agent_serves_metrics_and_writes_flow_logs(lab):
+    """`lab status --json` names each host's metrics socket and flow log; the socket answers
+    Prometheus text from the machine's own namespace."""
+    import http.client
+    import socket as _socket
+
+    class _Conn(http.client.HTTPConnection):
+        def __init__(self, path):
+            super().__init__("localhost")
+            self.path = path
+
+        def connect(self):
+            self.sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+            self.sock.settimeout(10)
+            self.sock.connect(self.path)
+
+    r = lab.cli("status", "--json")
+    assert r.returncode == 0, r.stderr
+    for name, h in json.loads(r.stdout)["hosts"].items():
+        assert h["metrics_url"].startswith("unix:"), h
+        assert h["flow_log"].endswith(".flows.jsonl"), h
+        path = h["metrics_url"][len("unix:") :]
+        end = time.monotonic() + ANSWER_DEADLINE
+        body = b""
+        while time.monotonic() < end:
+            try:
+                c = _Conn(path)
+                c.request("GET", "/metrics")
+                resp = c.getresponse()
+                body = resp.read()
+                if resp.status == 200 and b"microseg_" in body:
+                    break
+            except OSError:
+                pass
+            time.sleep(0.2)
+        assert b"microseg_" in body, f"{name}: no metrics from {path}"
+
+
 def test_killing_an_agent_stops_its_traffic(lab):
     lab.answers("red/a", "10.1.0.3", 7000, "before")
     pid = lab.state["hosts"]["h2"]["pid"]
