@@ -435,8 +435,11 @@ def _start_agent(st: State, name: str) -> None:
     sock = os.path.join(st.dir, f"{_safe(name)}.sock")
     logf = os.path.join(st.dir, f"{_safe(name)}.log")
     snap = os.path.join(st.dir, f"{_safe(name)}.conntrack.npz")
+    metrics = os.path.join(st.dir, f"{_safe(name)}.metrics.sock")
+    flows = os.path.join(st.dir, f"{_safe(name)}.flows.jsonl")
     h["control"], h["log"] = sock, logf
-    for f in (sock, logf, snap):
+    h["metrics_url"], h["flow_log"] = f"unix:{metrics}", flows
+    for f in (sock, logf, snap, metrics, flows):
         if f not in d["files"]:
             d["files"].append(f)
     if d.get("store"):
@@ -460,6 +463,10 @@ def _start_agent(st: State, name: str) -> None:
         st.dir,
         "--log-level",
         d.get("log_level", "info"),
+        "--metrics",
+        f"unix:{metrics}",
+        "--flow-log",
+        flows,
     ]
     for q, port in sorted(h["ports"].items()):
         cmd += ["--port", f"{q}={port}"]
@@ -625,6 +632,8 @@ def status(state_dir: str = DEFAULT_STATE_DIR) -> dict:
             "peers": s.get("underlay", {}).get("peers"),
             "workloads": sorted(h["ports"]),
             "policy_revision": s.get("policy_revision"),
+            "metrics_url": h.get("metrics_url"),  # a Unix socket: reachable from any namespace
+            "flow_log": h.get("flow_log"),
             **({"store_health": s.get("store", {}).get("health")} if d.get("store") else {}),
             **({"error": s["error"]} if not s.get("ok") else {}),
         }
