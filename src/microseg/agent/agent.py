@@ -224,6 +224,8 @@ class Agent:
             self.watcher = PolicyWatcher(store, self.store_prefix, host=host)
             model, self.policy_revision = self.watcher.load()
         else:
+            if self.policy_path is None:
+                raise AgentError("give --policy FILE or --store URL")
             model = load_policy(self.policy_path)
         self._check_host(model)
         specs = self._resolve_ports(model, ports)
@@ -248,7 +250,7 @@ class Agent:
         }
         self.drops = np.zeros(256, np.int64)  # datapath reasons of non-allowed
         self.agent_drops = dict.fromkeys(AGENT_REASONS, 0)
-        self.underlay = None
+        self._ul: AfPacketPort | None = None  # the underlay port, open until close()
         self.wports: list[WorkloadPort] = []
         self._by_fd: dict[int, WorkloadPort | None] = {}
         self.observer = None
@@ -267,8 +269,8 @@ class Agent:
                 raise AgentError(f"--flow-log {flow_log}: {exc.strerror or exc}") from None
         try:
             with InNetns(netns) if netns else contextlib.nullcontext():
-                self.underlay = AfPacketPort(underlay, 0)
-                self._offloads(self.underlay)
+                self._ul = AfPacketPort(underlay, 0)
+                self._offloads(self._ul)
                 for i, (w_index, ifname) in enumerate(specs, start=1):
                     w = model.workloads[w_index]
                     p = AfPacketPort(ifname, i)
@@ -373,6 +375,8 @@ class Agent:
             where = self.store_url
             return {"ok": False, "error": f"this agent follows the store at {where}: change the policy there"}
         path = os.path.abspath(path) if path else self.policy_path
+        if path is None:
+            return {"ok": False, "error": "no policy file to reload"}
         try:
             compiled, index = self.load(path)
         except (MicrosegError, OSError, ValueError) as exc:
@@ -461,11 +465,13 @@ class Agent:
         in between. Failures (the store unreachable) are retried on the next turn."""
         from ..store import StoreClient, publish_status
 
+        if self.store_url is None:
+            return
         client = StoreClient(self.store_url)
         lease, last, next_full = 0, None, 0.0
         while not self._status_stop.is_set():
             now = time.monotonic()
-            doc = (self.policy_revision, self.store_health())
+            doc = (int(self.policy_revision or 0), self.store_health())
             try:
                 if doc != last or now >= next_full or not lease:
                     lease = publish_status(
@@ -943,9 +949,12 @@ class Agent:
 
     # -- control --------------------------------------------------------------------------------
     def _serve_control(self) -> None:
+        ctl = self._ctl
+        if ctl is None:
+            return
         for _ in range(8):
             try:
-                conn, _ = self._ctl.accept()
+                conn, _ = ctl.accept()
             except (BlockingIOError, InterruptedError):
                 return
             with conn:
@@ -998,6 +1007,8 @@ class Agent:
         }
 
     def _store_status(self) -> dict:
+        if self.watcher is None:
+            return {}
         w = self.watcher.status()
         return {
             "endpoint": self.store_url,
@@ -1041,6 +1052,17 @@ class Agent:
             },
         }
 
+    @property
+    def underlay_open(self) -> bool:
+        return self._ul is not None
+
+    @property
+    def underlay(self) -> AfPacketPort:
+        """The underlay port (open from construction to :meth:`close`)."""
+        if self._ul is None:
+            raise AgentError("the underlay port is not open")
+        return self._ul
+
     def close(self) -> None:
         if self.metrics_server is not None:
             self.metrics_server.close()
@@ -1058,8 +1080,9 @@ class Agent:
                     pass
         for p in self.wports:
             p.port.close()
-        if self.underlay is not None:
-            self.underlay.close()
+        if self._ul is not None:
+            self._ul.close()
+            self._ul = None
 
 
 # ---------------------------------------------------------------------------------------------

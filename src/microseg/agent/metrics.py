@@ -315,7 +315,7 @@ class DatapathCollector:
             m.add_metric([k], int(v))
         yield m
         ports = [(p.name, p.port) for p in a.wports]
-        if a.underlay is not None:
+        if a.underlay_open:
             ports.append(("underlay", a.underlay))
         m = CounterMetricFamily("microseg_port", "Per-port counters", labels=["port", "ifname", "counter"])
         for name, port in ports:
