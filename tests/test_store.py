@@ -894,3 +894,22 @@ def test_a_silent_member_is_noticed(own_etcd, prefix):
         wait_for(lambda: w.status()["state"] == "ok", 60, "the watcher to come back")
     finally:
         w.stop()
+
+
+def test_log_level_puts_the_store_clients_operational_messages_on_stderr(etcd, prefix, capsys):
+    """`microseg --log-level info` shows what the store client did, one line each; by
+    default (warning) nothing but the result is printed."""
+    import logging
+
+    path = os.path.join(DATA, "datacenter.yaml")
+    try:
+        assert (
+            main(["--log-level", "info", "store", "apply", path, "--endpoint", etcd.url, "--prefix", prefix])
+            == 0
+        )
+        err = capsys.readouterr().err
+        assert f"microseg: INFO: microseg.store: store {prefix}: revision" in err and "written" in err
+        assert main(["store", "apply", path, "--endpoint", etcd.url, "--prefix", prefix]) == 0
+        assert capsys.readouterr().err == ""
+    finally:
+        logging.getLogger("microseg").setLevel(logging.WARNING)

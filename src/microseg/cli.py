@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 
 from . import __version__
@@ -36,6 +37,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Zero-trust micro-segmentation datapath: parse, classify, track, offload, encrypt.",
     )
     parser.add_argument("--version", action="version", version=f"microseg {__version__}")
+    parser.add_argument(
+        "--log-level",
+        dest="global_log_level",
+        default="warning",
+        choices=("debug", "info", "warning", "error"),
+        help="operational messages (lab, store, agent) to stderr at this level and above "
+        "(default: %(default)s; user errors are always one line)",
+    )
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     sub.required = True
     for name in COMMAND_MODULES:
@@ -43,9 +52,44 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+CLI_LOG_FORMAT = "microseg: %(levelname)s: %(name)s: %(message)s"
+
+
+class _Stderr(logging.StreamHandler):
+    """A handler that writes to whatever ``sys.stderr`` is when a message comes."""
+
+    @property  # type: ignore[override]
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+def log_handler() -> logging.Handler:
+    """The one stderr handler of the ``microseg`` loggers (made on first use)."""
+    lg = logging.getLogger("microseg")
+    for h in lg.handlers:
+        if isinstance(h, _Stderr):
+            return h
+    h = _Stderr()
+    h.setFormatter(logging.Formatter(CLI_LOG_FORMAT))
+    lg.addHandler(h)
+    lg.propagate = False
+    return h
+
+
+def _logging(level: str) -> None:
+    """The ``microseg`` loggers go to stderr, one line per message, keys never in them."""
+    log_handler().setFormatter(logging.Formatter(CLI_LOG_FORMAT))
+    logging.getLogger("microseg").setLevel(level.upper())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _logging(args.global_log_level)
     try:
         return int(args.func(args) or 0)
     except MicrosegError as exc:

@@ -1170,8 +1170,11 @@ def register(sub) -> None:
 
 
 def run_agent(args) -> int:
-    logging.basicConfig(
-        level=logging.WARNING, format="%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s"
+    # a long-running process: its lines carry time and pid (on the CLI's stderr handler)
+    from ..cli import log_handler
+
+    log_handler().setFormatter(
+        logging.Formatter("%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s")
     )
     logging.getLogger("microseg").setLevel(args.log_level.upper())
     ports = {}

@@ -26,6 +26,7 @@ from __future__ import annotations
 import errno
 import ipaddress
 import json
+import logging
 import os
 import re
 import shutil
@@ -61,7 +62,11 @@ def _need_root() -> None:
         raise LabError("the lab needs the `ip` command (iproute2)")
 
 
+log = logging.getLogger("microseg.lab")
+
+
 def _ip(*args: str) -> str:
+    log.debug("ip %s", " ".join(args))
     r = subprocess.run(["ip", *args], capture_output=True, text=True)
     if r.returncode != 0:
         raise LabError(f"ip {' '.join(args)}: {r.stderr.strip() or 'failed'}")
@@ -366,6 +371,7 @@ def _stop_store(d: dict, state_dir: str) -> list[str]:
 
 
 def _make_ns(st: State, name: str) -> None:
+    log.info("namespace %s", name)
     st.add_namespace(name)
     _ip("netns", "add", name)
     _sysctl(name, "net.ipv6.conf.default.disable_ipv6=1", "net.ipv6.conf.all.disable_ipv6=1")
@@ -482,6 +488,7 @@ def _start_agent(st: State, name: str) -> None:
     h["pid"] = proc.pid
     st.save()
     _children[proc.pid] = proc
+    log.info("agent of host %s started (pid %d, log %s)", name, proc.pid, logf)
 
 
 _children: dict = {}  # agents this process started (reaped on wait, for exit codes)
@@ -558,6 +565,7 @@ def down(state_dir: str = DEFAULT_STATE_DIR, echo=print) -> int:
         echo(f"lab: nothing to take down (no {st.path})")
         return 0
     d = st.load()
+    log.info("taking down lab %s: %d namespaces", d.get("prefix"), len(d.get("namespaces", ())))
     agents = [
         h["pid"] for h in d.get("hosts", {}).values() if h.get("pid") and _alive(h["pid"], h.get("control"))
     ]

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -29,6 +30,8 @@ from .etcd import (
     op_put,
     prefix_end,
 )
+
+log = logging.getLogger("microseg.store")
 
 
 def connect(client: StoreClient | str) -> StoreClient:
@@ -90,6 +93,7 @@ def commit(client: StoreClient, plan: Plan, source: str = "", content_hash: str 
 
     Raises :class:`Conflict` when the store changed after the plan's read."""
     if plan.empty:
+        log.info("store %s: nothing changed since revision %d", plan.prefix, plan.base_revision)
         return plan.base_revision
     p = plan.prefix
     guard = plan.base_revision + 1
@@ -136,6 +140,7 @@ def commit(client: StoreClient, plan: Plan, source: str = "", content_hash: str 
             f"the store changed after it was read at revision {plan.base_revision} "
             f"(now {revision}); nothing was written: apply again"
         )
+    log.info("store %s: revision %d: %d written, %d deleted", p, revision, len(plan.puts), len(plan.deletes))
     return revision
 
 
