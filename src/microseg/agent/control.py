@@ -13,6 +13,7 @@ import json
 import os
 import socket
 import struct
+from typing import Any
 
 from ..errors import MicrosegError
 
@@ -75,7 +76,7 @@ def send_reply(conn: socket.socket, reply: dict) -> None:
     conn.sendall(json.dumps(reply, sort_keys=True).encode() + b"\n")
 
 
-def request(path: str, cmd: str, timeout: float = 10.0, **args) -> dict:
+def request(path: str, cmd: str, timeout: float = 10.0, **args: Any) -> dict:
     """Send one request to the agent at ``path`` and return its reply."""
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(timeout)

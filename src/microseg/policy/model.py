@@ -11,7 +11,9 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
+from typing import Any
 
 from ..errors import InputError
 from . import k8s, openstack
@@ -195,7 +197,7 @@ class Policy:
     def to_dict(self) -> dict:
         """A canonical, JSON-ready form (the content hash is taken over it)."""
 
-        def net(n):
+        def net(n: object) -> str | None:
             return None if n is None else str(n)
 
         return {
@@ -271,27 +273,27 @@ def format_mac(v: int) -> str:
 class Fields:
     """Reads the fields of one mapping, reporting problems with file, line and field path."""
 
-    def __init__(self, rep: Reporter, path: str, node, where: str):
+    def __init__(self, rep: Reporter, path: str, node: Any, where: str) -> None:
         self.rep, self.path, self.where = rep, path, where
         self.node = node if isinstance(node, Map) else None
         self.ok = True
         if self.node is None:
             self.fail(getattr(node, "line", None), "", f"must be a mapping, not {_kind(node)}")
 
-    def fail(self, line, key, message) -> None:
+    def fail(self, line: int | None, key: str, message: str) -> None:
         self.ok = False
         name = f"{self.where}.{key}" if key and self.where else (key or self.where)
         self.rep.error(self.path, line, name, message)
 
-    def line(self, key=None) -> int | None:
+    def line(self, key: Any = None) -> int | None:
         if self.node is None:
             return None
         return self.node.line_of(key) if key is not None else self.node.line
 
-    def has(self, key) -> bool:
+    def has(self, key: str) -> bool:
         return self.node is not None and key in self.node and self.node[key] is not None
 
-    def check_keys(self, allowed) -> None:
+    def check_keys(self, allowed: Iterable[str]) -> None:
         if self.node is None:
             return
         for k in self.node:
@@ -302,15 +304,17 @@ class Fields:
                     f"unknown field (expected one of: {', '.join(sorted(allowed))})",
                 )
 
-    def raw(self, key):
+    def raw(self, key: str) -> Any:
         return self.node.raw.get(key) if self.node is not None else None
 
-    def get(self, key, default=None):
+    def get(self, key: str, default: Any = None) -> Any:
         if self.node is None or key not in self.node or self.node[key] is None:
             return default
         return self.node[key]
 
-    def string(self, key, required=False, pattern=None, what="a name"):
+    def string(
+        self, key: str, required: bool = False, pattern: re.Pattern | None = None, what: str = "a name"
+    ) -> str | None:
         v = self.get(key)
         if v is None:
             if required:
@@ -325,7 +329,9 @@ class Fields:
             return None
         return s
 
-    def integer(self, key, lo, hi, required=False, what="an integer"):
+    def integer(
+        self, key: str, lo: int, hi: int, required: bool = False, what: str = "an integer"
+    ) -> int | None:
         v = self.get(key)
         if v is None:
             if required:
@@ -346,7 +352,9 @@ class Fields:
             return None
         return v
 
-    def choice(self, key, choices, default=None, required=False):
+    def choice(
+        self, key: str, choices: Iterable[str], default: str | None = None, required: bool = False
+    ) -> str | None:
         v = self.get(key)
         if v is None:
             if required:
@@ -359,7 +367,7 @@ class Fields:
         self.fail(self.line(key), key, f"{s!r} is not one of: {', '.join(choices)}")
         return None
 
-    def boolean(self, key, default):
+    def boolean(self, key: str, default: bool) -> bool:
         v = self.get(key)
         if v is None:
             return default
@@ -368,7 +376,7 @@ class Fields:
             return default
         return v
 
-    def seq(self, key, required=False):
+    def seq(self, key: str, required: bool = False) -> Seq:
         v = self.get(key)
         if v is None:
             if required:
@@ -379,7 +387,7 @@ class Fields:
             return Seq(self.line() or 0)
         return v
 
-    def labels(self, key):
+    def labels(self, key: str) -> tuple:
         v = self.get(key)
         if v is None:
             return ()
@@ -402,7 +410,7 @@ class Fields:
         return tuple(sorted(out))
 
 
-def _kind(v) -> str:
+def _kind(v: Any) -> str:
     if isinstance(v, Map):
         return "a mapping"
     if isinstance(v, Seq):
@@ -418,7 +426,7 @@ def parse_mac(text: str) -> int | None:
     return int(text.replace(":", "").replace("-", ""), 16)
 
 
-def parse_protocol(value, raw) -> tuple[bool, int | None]:
+def parse_protocol(value: Any, raw: Any) -> tuple[bool, int | None]:
     """(ok, number) of a Neutron protocol field: a name, a number 0-255, 'any' or empty."""
     if value is None:
         return True, None
@@ -434,11 +442,21 @@ def parse_protocol(value, raw) -> tuple[bool, int | None]:
 
 
 def make_sg_rule(
-    rep, path, f: Fields, direction, ethertype, protocol, pmin, pmax, prefix_text, remote_group, origin
+    rep: Reporter,
+    path: str,
+    f: Fields,
+    direction: str,
+    ethertype: int,
+    protocol: int | None,
+    pmin: int | None,
+    pmax: int | None,
+    prefix_text: str | None,
+    remote_group: str | None,
+    origin: str,
 ) -> SGRule | None:
     """Check a rule's fields together as Neutron does and build the normalised rule."""
 
-    def line(key=None):
+    def line(key: str | None = None) -> int | None:
         return f.line(key)
 
     if protocol is not None and ethertype == 6 and protocol == 1:
@@ -514,7 +532,7 @@ def make_sg_rule(
     return SGRule(direction, ethertype, protocol, pmin, pmax, prefix, remote_group, origin)
 
 
-def _sg_rule(rep, path, node, where) -> tuple[SGRule | None, str | None]:
+def _sg_rule(rep: Reporter, path: str, node: Any, where: str) -> tuple[SGRule | None, str | None]:
     f = Fields(rep, path, node, where)
     if not f.ok:
         return None, None
@@ -652,7 +670,7 @@ def parse_policy(text: str, path: str = "<policy>", base_dir: str = ".") -> Poli
     tenant_names = {t.name for t in tenants}
     tenants_by_name = {t.name: t for t in tenants}
 
-    def tenant_ref(f: Fields, key="tenant"):
+    def tenant_ref(f: Fields, key: str = "tenant") -> str | None:
         t = f.string(key, required=True, pattern=NAME_RE)
         if t is not None and t not in tenant_names:
             f.fail(f.line(key), key, f"no tenant named {t!r}")
@@ -1006,7 +1024,9 @@ def _named_ports(f: Fields) -> tuple:
     return tuple(out)
 
 
-def _policy_tenant(rep, p, tname, tenants) -> str | None:
+def _policy_tenant(
+    rep: Reporter, p: k8s.NetworkPolicy, tname: str | None, tenants: list[Tenant]
+) -> str | None:
     """The tenant a NetworkPolicy belongs to: the one named beside its file, else the only
     tenant with a namespace of that name."""
     where = (p.origin.rsplit(":", 1)[0], _origin_line(p.origin), "metadata.namespace")
@@ -1033,7 +1053,9 @@ def _policy_tenant(rep, p, tname, tenants) -> str | None:
     return None
 
 
-def _admin_tenant(rep, p, tname, tenants, where_line) -> str | None:
+def _admin_tenant(
+    rep: Reporter, p: k8s.AdminPolicy, tname: str | None, tenants: list[Tenant], where_line: tuple
+) -> str | None:
     """Admin policies are cluster-scoped: the cluster is the tenant named beside the file, or
     the only tenant that declares namespaces, or the only tenant."""
     if tname is not None:
@@ -1051,6 +1073,6 @@ def _admin_tenant(rep, p, tname, tenants, where_line) -> str | None:
     return None
 
 
-def _origin_line(origin: str):
+def _origin_line(origin: str) -> int | None:
     tail = origin.rsplit(":", 1)[-1]
     return int(tail) if tail.isdigit() else None

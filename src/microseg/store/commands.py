@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
 import sys
 import time
+from typing import Any
 
 from ..errors import InputError
+from ..policy.model import Policy
 from ..policy.source import PolicyError
 from . import layout
 from .etcd import DEFAULT_ENDPOINT, StoreClient, StoreError
@@ -16,7 +19,7 @@ from .etcd import DEFAULT_ENDPOINT, StoreClient, StoreError
 ENV_ENDPOINT = "MICROSEG_STORE"
 
 
-def register(sub) -> None:
+def register(sub: Any) -> None:
     p = sub.add_parser(
         "store",
         help="write, read and watch over the policy in etcd",
@@ -26,7 +29,7 @@ def register(sub) -> None:
     verbs = p.add_subparsers(dest="store_verb", metavar="ACTION")
     verbs.required = True
 
-    def common(c):
+    def common(c: argparse.ArgumentParser) -> None:
         c.add_argument(
             "--endpoint",
             default=os.environ.get(ENV_ENDPOINT, DEFAULT_ENDPOINT),
@@ -74,13 +77,13 @@ def _store_error(verb: str, exc: StoreError) -> int:
     return 1
 
 
-def content_hash(policy) -> str:
+def content_hash(policy: Policy) -> str:
     """The hash a compiled policy from the store carries (the canonical order's)."""
     canon = json.dumps(layout.canonical(policy).to_dict(), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canon.encode()).hexdigest()
 
 
-def run_apply(args) -> int:
+def run_apply(args: argparse.Namespace) -> int:
     from ..ipsec import sa as sa_mod
     from ..policy.model import load_policy
     from .ops import commit, plan_apply, resource_values
@@ -130,7 +133,7 @@ def run_apply(args) -> int:
     return 0
 
 
-def policy_document(policy) -> dict:
+def policy_document(policy: Policy) -> dict:
     """The policy as one policy-file document (the stored values, put together)."""
     res = layout.policy_resources(policy)
     doc: dict = dict(res.pop(layout.SETTINGS))
@@ -142,7 +145,7 @@ def policy_document(policy) -> dict:
     return doc
 
 
-def run_get(args) -> int:
+def run_get(args: argparse.Namespace) -> int:
     from .ops import read_policy
 
     prefix = layout.normalise_prefix(args.prefix)
@@ -166,7 +169,7 @@ def run_get(args) -> int:
     return 0
 
 
-def run_status(args) -> int:
+def run_status(args: argparse.Namespace) -> int:
     from .ops import read_status
 
     try:

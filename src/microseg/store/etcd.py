@@ -21,6 +21,7 @@ import re
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -118,7 +119,7 @@ class StoreClient:
     def urls(self) -> list[str]:
         return [c.base_url for c in self._clients]
 
-    def _order(self):
+    def _order(self) -> list:
         with self._lock:
             start = self._current
         n = len(self._clients)
@@ -212,7 +213,7 @@ class StoreClient:
         self.call("/kv/lease/revoke", {"ID": lease})
 
 
-def _short(exc) -> str:
+def _short(exc: BaseException | None) -> str:
     """The gist of a connection failure ("connection refused", "timed out")."""
     if exc is None:
         return "no endpoint"
@@ -317,7 +318,7 @@ class WatchStream:
         # requests reads what has arrived for chunk_size=None; its stubs allow only an int
         self._lines = self._resp.iter_lines(chunk_size=None)  # type: ignore[call-overload]
 
-    def _messages(self):
+    def _messages(self) -> Iterator[dict]:
         try:
             for line in self._lines:
                 if not line.strip():
@@ -337,13 +338,13 @@ class WatchStream:
         if self._broken:
             raise StoreUnavailable(self._broken)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[tuple[int, list]]:
         for msg in self._messages():
             yield from self._batch(msg)
         if not self._closed:
             raise StoreUnavailable(f"the watch stream from {self.url} ended")
 
-    def _batch(self, msg):
+    def _batch(self, msg: dict) -> Iterator[tuple[int, list]]:
         if msg.get("canceled"):
             compact = int(msg.get("compact_revision", 0))
             if compact:

@@ -30,7 +30,9 @@ import json
 import os
 import re
 import tempfile
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from ..ipsec import sa as sa_mod
 from ..policy import k8s
@@ -144,7 +146,7 @@ def _np_peer(p: k8s.Peer) -> dict:
 def network_policy_document(p: k8s.NetworkPolicy) -> dict:
     """A NetworkPolicy of the model as its Kubernetes document."""
 
-    def rules(rs, peer_key):
+    def rules(rs: tuple, peer_key: str) -> list:
         out = []
         for r in rs:
             d = {}
@@ -191,7 +193,7 @@ def _admin_port(p: k8s.Port) -> dict:
 def admin_policy_document(p: k8s.AdminPolicy) -> dict:
     """An AdminNetworkPolicy or BaselineAdminNetworkPolicy of the model as its document."""
 
-    def rules(rs, peer_key):
+    def rules(rs: tuple, peer_key: str) -> list:
         out = []
         for r in rs:
             d = {"name": r.name, "action": r.action, peer_key: [_admin_peer(x) for x in r.peers]}
@@ -211,7 +213,7 @@ def admin_policy_document(p: k8s.AdminPolicy) -> dict:
     return {"apiVersion": k8s.ADMIN_API, "kind": p.kind, "metadata": {"name": p.name}, "spec": spec}
 
 
-def _sg_rule(r) -> dict:
+def _sg_rule(r: Any) -> dict:
     d: dict = {"direction": r.direction, "ethertype": f"IPv{r.ethertype}"}
     if r.protocol is not None:
         d["protocol"] = r.protocol
@@ -295,7 +297,7 @@ def canonical(policy: Policy) -> Policy:
     """``policy`` with every section in the store's order (by key), as :func:`assemble` gives
     it back: a store holds a set of resources, so the order of a file's lists is not kept."""
 
-    def by(items, key):
+    def by(items: Iterable[Any], key: Callable[[Any], Any]) -> tuple:
         return tuple(sorted(items, key=key))
 
     return replace(
@@ -352,7 +354,7 @@ def _identity_errors(prefix: str, p: Parsed) -> list[str]:
     s, parts = p.key.section, p.key.parts
     errs = []
 
-    def check(node: Map, fieldname: str, want: str, shown: str | None = None):
+    def check(node: Map, fieldname: str, want: str, shown: str | None = None) -> None:
         got = node.raw.get(fieldname) if node.raw.get(fieldname) is not None else node.get(fieldname)
         if got is None:
             errs.append(f"{name}:{node.line}: {shown or fieldname}: is required (the key says {want!r})")
@@ -418,7 +420,7 @@ def assemble(prefix: str, values: dict[str, bytes], source: str | None = None) -
     lines: list[str] = []
     where: list[tuple[str, int]] = []  # per assembled line: (key, line in the value)
 
-    def emit(text: str, key: str, line: int):
+    def emit(text: str, key: str, line: int) -> None:
         lines.append(text)
         where.append((key, line))
 
@@ -479,7 +481,7 @@ def _scalar(doc: Map, k: str) -> str:
     return json.dumps(v)
 
 
-def _rewrite(msg: str, source: str, where, files) -> str:
+def _rewrite(msg: str, source: str, where: Any, files: Any) -> str:
     """An error of the assembled document as an error of the key it came from."""
     for fname, key in files.items():
         if msg.startswith(fname + ":"):
@@ -537,7 +539,7 @@ def sa_configs(prefix: str, values: dict[str, bytes]) -> dict:
 # ---------------------------------------------------------------------------------------------
 # What one host needs
 # ---------------------------------------------------------------------------------------------
-def value_field(value: bytes, name: str):
+def value_field(value: bytes, name: str) -> Any:
     """One top-level field of a stored value, read cheaply (None when absent or unreadable)."""
     try:
         doc = json.loads(value)

@@ -246,10 +246,10 @@ class PolicyWatcher:
         self._thread = self._prober = None
         self._set_state("stopped")
 
-    def __enter__(self):
+    def __enter__(self) -> PolicyWatcher:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.stop()
 
     def _run(self) -> None:
@@ -311,7 +311,7 @@ class PolicyWatcher:
             )
         self._set_state("unreachable")
 
-    def _apply(self, events) -> None:
+    def _apply(self, events: list) -> None:
         for e in events:
             rel = e.kv.key[len(self.prefix) :]
             if not e.kv.key.startswith(self.prefix) or layout.parse_key(rel) is None:
