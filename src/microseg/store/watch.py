@@ -159,7 +159,17 @@ class PolicyWatcher:
         with self._lock:
             self._connected = True
             self._error = ""
-        return self._evaluate(revision)
+        return self._evaluate(self._content_revision(kvs, revision))
+
+    def _content_revision(self, kvs: dict, read_revision: int) -> int:
+        """The revision a fresh read's policy stands for: the last apply's (the meta key every
+        apply writes) or a later write of one of this host's keys -- not the read's own, which
+        other hosts' status keys move on."""
+        meta = self.client.get(self.prefix + layout.META)
+        mods = [kvs[k].mod_revision for k in self._relevant() if k in kvs]
+        if meta is not None:
+            mods.append(meta.mod_revision)
+        return min(max(mods, default=read_revision), read_revision)
 
     def _relevant(self) -> dict[str, bytes]:
         if self.host is None:
