@@ -44,3 +44,11 @@ fuzz: $(STAMP)
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
+
+# The kernel fast path's XDP object (docs/kernel-fastpath.md), committed beside its source so
+# that installing needs no compiler. Built where it lies with its path mapped to ".", debug
+# info stripped (BTF kept): the same clang gives the same bytes anywhere.
+.PHONY: bpf
+bpf:
+	cd src/microseg/bpf && clang -O2 -g -target bpf -Wall -Werror -fdebug-prefix-map="$$(pwd)"=. \
+		-c fastpath.bpf.c -o fastpath.bpf.o && llvm-strip -g fastpath.bpf.o
