@@ -195,38 +195,6 @@ def _gateway(args):
     return EspGateway(load_config(path)) if path else None
 
 
-def _decrypt_inbound(gateway, batch):
-    """Replace the ESP packets of ``batch`` by their decrypted inner frames (in place in the
-    packet order); packets that fail (bad ICV, replay, unknown SPI...) are dropped and
-    counted by the gateway. Returns the batch and its parsed keys: the keys of the packets
-    that were not ESP are reused, only the decrypted frames are parsed (they are new
-    packets), so the datapath parses nothing again."""
-    from .datapath.slow import subset
-    from .packet.batch import FlowKeys
-    from .packet.parse import parse
-
-    keys = parse(batch)
-    if gateway is None:
-        return batch, keys
-    esp = np.flatnonzero((keys.proto == 50) & ((keys.flags & B.F_ESP) != 0))
-    if esp.size == 0:
-        return batch, keys
-    inner, why = gateway.decrypt_batch(batch.select(esp))
-    ok = esp[why == 0]
-    keep = np.setdiff1d(np.arange(len(batch)), esp)
-    order = np.argsort(np.concatenate([keep, ok]), kind="stable")
-    both = B.Batch.concat([batch.select(keep), inner], order=None)
-    ikeys = parse(inner)
-    n = len(both)
-    merged = FlowKeys(max(n, 1))
-    merged.n = n
-    kept = subset(keys, keep, FlowKeys(max(keep.size, 1)))
-    for t in ("u64", "u32", "i32", "u16", "u8"):
-        whole = np.concatenate([getattr(kept, t)[:, : keep.size], getattr(ikeys, t)[:, : ikeys.n]], axis=1)
-        getattr(merged, t)[:, :n] = whole[:, order]
-    return both.select(order), merged
-
-
 def builtin_path(name: str) -> str:
     return os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", name)
 
@@ -254,6 +222,8 @@ def _process(dp, forwarder, chunks, total: int, writer=None, quiet=False, gatewa
     from .datapath import BatchResult
 
     results = []
+    from .ipsec.gateway import decrypt_inbound
+
     with Progress(
         TextColumn("[bold]datapath"),
         BarColumn(),
@@ -265,7 +235,7 @@ def _process(dp, forwarder, chunks, total: int, writer=None, quiet=False, gatewa
     ) as prog:
         task = prog.add_task("run", total=total)
         for b in chunks:
-            b, keys = _decrypt_inbound(gateway, b)  # the one parse of these packets
+            b, keys = decrypt_inbound(gateway, b)  # the one parse of these packets
             r = dp.process(b, keys=keys)
             results.append(r)
             if writer is not None:

@@ -35,6 +35,7 @@ import argparse
 import contextlib
 import dataclasses
 import ipaddress
+import json
 import logging
 import os
 import re
@@ -71,6 +72,13 @@ if TYPE_CHECKING:
 log = logging.getLogger("microseg.agent")
 
 TUNNELS = ("vxlan", "geneve", "nvgre")
+# what the overlay adds in front of a workload's IP packet on the underlay: the inner Ethernet
+# header, the tunnel header, UDP (VXLAN, GENEVE) and the outer IPv4 header
+TUNNEL_OVERHEAD = {"vxlan": 14 + 8 + 8 + 20, "geneve": 14 + 8 + 8 + 20, "nvgre": 14 + 8 + 20}
+# ESP tunnel mode (AES-GCM) around an overlay packet of L bytes: outer IPv4, SPI and sequence
+# number, the 8-byte IV, the payload and its trailer (pad length, next header) padded to 4
+# bytes, the 16-byte ICV
+ESP_FIXED = 20 + 8 + 8 + 16
 ETH_ARP, ETH_IPV4, ETH_IPV6 = 0x0806, 0x0800, 0x86DD
 BROADCAST = b"\xff" * 6
 ARP_RETRY_S = 0.5  # while a peer host is unresolved
@@ -82,6 +90,7 @@ STATUS_REFRESH_S = 30.0  # the status key is rewritten at least this often
 AGENT_REASONS = (
     "port_mac",
     "oversize",
+    "too_big",
     "vlan_tagged",
     "arp_unanswered",
     "nd_unanswered",
@@ -89,6 +98,7 @@ AGENT_REASONS = (
     "not_local",
     "underlay_unresolved",
     "underlay_other",
+    "esp_required",
 )
 
 
@@ -182,6 +192,7 @@ class Agent:
         flow_log: str | None = None,
         flow_log_max_bytes: int = 64 << 20,
         flow_log_backups: int = 5,
+        ipsec: str | None = None,
     ):
         if tunnel not in TUNNELS:
             raise InputError(f"--tunnel must be one of {', '.join(TUNNELS)}")
@@ -228,6 +239,13 @@ class Agent:
                 raise AgentError("give --policy FILE or --store URL")
             model = load_policy(self.policy_path)
         self._check_host(model)
+        self.ipsec_path = os.path.abspath(ipsec) if ipsec else None
+        self.gateway = None
+        if ipsec:
+            from ..ipsec.gateway import EspGateway
+            from ..ipsec.sa import load_config
+
+            self.gateway = EspGateway(load_config(ipsec))
         specs = self._resolve_ports(model, ports)
         compiled = compile_policy(model)
         cfg = config or DatapathConfig(tunnel=tunnel)
@@ -247,7 +265,10 @@ class Agent:
             "csum_completed": 0,
             "delivered": 0,
             "to_underlay": 0,
+            "icmp_too_big": 0,
+            "esp_received": 0,
         }
+        self.ipsec_counts = {"esp_sent": 0, "dropped_out": 0}
         self.drops = np.zeros(256, np.int64)  # datapath reasons of non-allowed
         self.agent_drops = dict.fromkeys(AGENT_REASONS, 0)
         self._ul: AfPacketPort | None = None  # the underlay port, open until close()
@@ -281,6 +302,7 @@ class Agent:
         except OSError as exc:
             self.close()
             raise AgentError(f"cannot open port: {exc.strerror or exc}") from None
+        self._set_paths()
         self._by_fd = {p.port.fileno(): p for p in self.wports}
         self._by_fd[self.underlay.fileno()] = None
         self._local = {(p.vni, p.mac): p for p in self.wports}
@@ -321,6 +343,7 @@ class Agent:
         self.compiled = compiled
         self.model = model
         self._vni = {t.name: int(t.vni) for t in model.tenants}
+        # the gateway protects only what leaves on the underlay (see _route)
         self.fwd = Forwarder(compiled, self.tunnel, local_address=self.address)
         host_index = {h.name: i for i, h in enumerate(model.hosts)}
         self._me = host_index[self.host]
@@ -336,6 +359,14 @@ class Agent:
         self._peer_name = [p[1] for p in peers]
         self._host_ip = {h.name: int(ipaddress.ip_address(str(h.address))) for h in model.hosts}
         self._own_ip = int(ipaddress.IPv4Address(self.address))
+        # the host of each workload MAC per tenant (where a workload's frame will go)
+        self._mac_host = {
+            (self._vni[w.tenant], int(w.mac)): host_index.get(w.host or "", -1)
+            for w in model.workloads
+            if w.mac is not None
+        }
+        if getattr(self, "_ul", None) is not None:
+            self._set_paths()
         # ARP / ND answers per tenant: address -> MAC of the workload that owns it
         self._arp: dict[tuple, int] = {}
         self._nd: dict[tuple, int] = {}
@@ -345,6 +376,52 @@ class Agent:
             v = self._vni[w.tenant]
             for a in w.addresses:
                 (self._arp if a.version == 4 else self._nd)[(v, int(a))] = int(w.mac)
+
+    def _set_paths(self) -> None:
+        """Per host of the policy: whether this host's overlay packets to it leave in ESP (the
+        IPsec policies protect them) and the largest workload IP packet that fits the
+        underlay's MTU on the way there (bigger ones are answered ICMP too-big). Index -1 (an
+        unknown host) keeps the plain overlay's limit."""
+        from ..ipsec.sa import ACTION_PROTECT
+
+        mtu = self.underlay.mtu
+        base = mtu - TUNNEL_OVERHEAD[self.tunnel]
+        # ESP packet: ESP_FIXED + roundup4(L + 2) <= mtu for an overlay packet of L bytes
+        esp_room = ((mtu - ESP_FIXED) // 4 * 4 - 2) - (TUNNEL_OVERHEAD[self.tunnel] - 14)
+        proto = 47 if self.tunnel == "nvgre" else 17
+        hosts = self.model.hosts
+        self._h_room = np.full(len(hosts) + 1, base, np.int64)
+        self._h_esp = np.zeros(len(hosts) + 1, bool)
+        for i, h in enumerate(hosts):
+            if h.name == self.host:
+                self._h_room[i] = 1 << 30  # delivered here: no underlay on the way
+            elif self.gateway is not None and ipaddress.ip_address(str(h.address)).version == 4:
+                action, _sa = self.gateway.action_for(self.address, str(h.address), proto)
+                if action == ACTION_PROTECT:
+                    self._h_esp[i] = True
+                    self._h_room[i] = esp_room - 14
+        self._esp_peers = np.array(
+            sorted(self._host_ip[h.name] for i, h in enumerate(hosts) if self._h_esp[i]), np.uint64
+        )
+        # per tenant: sorted workload MACs and their host
+        by_vni: dict[int, list] = {}
+        for (vni, mac), hi in self._mac_host.items():
+            by_vni.setdefault(vni, []).append((mac, hi))
+        self._macs = {}
+        for vni, pairs in by_vni.items():
+            pairs.sort()
+            self._macs[vni] = (
+                np.array([m for m, _ in pairs], np.uint64),
+                np.array([h for _, h in pairs], np.int64),
+            )
+
+    def _dest_host(self, vni: int, dmac: np.ndarray) -> np.ndarray:
+        """The host index of each destination MAC in tenant ``vni`` (-1: no workload's)."""
+        macs, hosts = self._macs.get(vni, (np.zeros(0, np.uint64), np.zeros(0, np.int64)))
+        if macs.size == 0:
+            return np.full(dmac.shape[0], -1, np.int64)
+        i = np.minimum(np.searchsorted(macs, dmac), macs.size - 1)
+        return np.where(macs[i] == dmac, hosts[i], -1)
 
     def load(self, path: str):
         """Load, validate and compile ``path``; raise MicrosegError when it cannot replace the
@@ -595,6 +672,11 @@ class Agent:
         Forwarder(compiled, self.tunnel, local_address=self.address).output(enc, res)
         decap(enc)
         complete_l4_checksums(enc, parse(enc), np.zeros(1, np.int64))
+        if self.gateway is not None and self.gateway.sas:
+            from ..ipsec.gateway import EspGateway, decrypt_inbound
+
+            gw = EspGateway(self.gateway.config)
+            decrypt_inbound(gw, gw.encrypt_batch(enc, sa=0))
         ring = np.zeros(4096, np.uint8)
         cols = [np.zeros(4, t) for t in (np.int64, np.int32, np.int32, np.int64, np.uint32, np.uint32)]
         walk_blocks(ring, np.zeros(1, np.int64), *cols)
@@ -739,6 +821,13 @@ class Agent:
                 self._respond(wp, b, special, arp)
             rows = np.flatnonzero(ok & ~arp & ~ns)
             if rows.size:
+                # a packet too big for the way to its destination's host is answered, not sent
+                room = self._h_room[self._dest_host(wp.vni, _mac48(d, np.asarray(off)[rows]))]
+                too_big = np.asarray(b.wire_len)[rows] - 14 > room
+                if too_big.any():
+                    self._too_big(wp, b, rows[too_big], room[too_big])
+                    rows = rows[~too_big]
+            if rows.size:
                 sub = _view(b, rows)
                 self.counters["packets"] += rows.size
                 self.counters["bytes"] += int(sub.wire_len.sum(dtype=np.int64))
@@ -753,6 +842,18 @@ class Agent:
                 self._judge(enc, keys, from_underlay=False)
         finally:
             wp.port.release()
+
+    def _too_big(self, wp: WorkloadPort, b: Batch, rows, room) -> None:
+        """Answer frames too big for the underlay with ICMP "fragmentation needed" / "packet
+        too big" carrying the MTU that fits (so the sender's path MTU discovery adapts), and
+        drop them; IPv4 packets without DF and ICMP errors are dropped unanswered."""
+        from ..datapath.output import too_big_reply
+
+        self.agent_drops["too_big"] += int(rows.size)
+        replies = [r for i, m in zip(rows.tolist(), room.tolist()) if (r := too_big_reply(b.packet(i), m))]
+        if replies:
+            self.counters["icmp_too_big"] += len(replies)
+            wp.port.send(Batch.from_packets(replies))
 
     def _respond(self, wp: WorkloadPort, b: Batch, rows, arp_mask) -> None:
         """Answer ARP requests and neighbour solicitations for the tenant's workload
@@ -821,22 +922,52 @@ class Agent:
             src = _bytes_at(d, off, ln, 26, 4)
             proto = _bytes_at(d, off, ln, 23, 1)
             from_peer = np.isin(src, self._peer_ip) if self._peer_ip.size else np.zeros(n, bool)
-            mine = (
-                (et == ETH_IPV4)
-                & ihl_ok
-                & (dst == np.uint64(self._own_ip))
-                & from_peer
-                & ((proto == 17) | (proto == 47))
-            )
+            to_me = (et == ETH_IPV4) & ihl_ok & (dst == np.uint64(self._own_ip)) & from_peer
+            tunnel = to_me & ((proto == 17) | (proto == 47))
+            esp = to_me & (proto == 50) if self.gateway is not None else np.zeros(n, bool)
+            if self._esp_peers.size:
+                # the IPsec policies protect what comes from these hosts: plain is refused
+                plain = tunnel & np.isin(src, self._esp_peers)
+                self.agent_drops["esp_required"] += int(np.count_nonzero(plain))
+                tunnel &= ~plain
+            mine = tunnel | esp
             self.agent_drops["underlay_other"] += int(np.count_nonzero(~mine & (et != ETH_ARP)))
             rows = np.flatnonzero(mine)
             if rows.size:
                 part = _view(b, rows)
                 self.counters["packets"] += rows.size
                 self.counters["bytes"] += int(part.wire_len.sum(dtype=np.int64))
-                self._judge(part, parse(part), from_underlay=True)
+                if esp.any():
+                    self.counters["esp_received"] += int(np.count_nonzero(esp))
+                    part, keys = self._decrypted(part)
+                else:
+                    keys = parse(part)
+                if len(part):
+                    self._judge(part, keys, from_underlay=True)
         finally:
             self.underlay.release()
+
+    def _decrypted(self, part: Batch):
+        """``part`` with its ESP packets replaced by what they carry (those that fail
+        authentication, replay or SA checks are dropped and counted by the gateway), keeping
+        only the decrypted overlay packets that come from a peer host to this host."""
+        from ..ipsec.gateway import decrypt_inbound
+
+        both, keys = decrypt_inbound(self.gateway, part)
+        d, off, ln = both.data, both.offset, both.length
+        src = _bytes_at(d, off, ln, 26, 4)
+        ok = (
+            (_bytes_at(d, off, ln, 12, 2) == ETH_IPV4)
+            & (_bytes_at(d, off, ln, 30, 4) == np.uint64(self._own_ip))
+            & (np.isin(src, self._peer_ip) if self._peer_ip.size else False)
+            & np.isin(_bytes_at(d, off, ln, 23, 1), (17, 47))
+        )
+        if ok.all():
+            return both, keys
+        self.agent_drops["underlay_other"] += int(np.count_nonzero(~ok))
+        rows = np.flatnonzero(ok)
+        kept = both.select(rows)
+        return kept, parse(kept)
 
     def _underlay_arp(self, b: Batch, rows) -> None:
         replies = []
@@ -915,25 +1046,44 @@ class Agent:
         dst = _bytes_at(d, off, ln, 30, 4)
         local = dst == np.uint64(self._own_ip)
         remote = np.flatnonzero(~local)
-        if remote.size:
-            dips = dst[remote]
-            macs = np.zeros((remote.size, 12), np.uint8)
-            known = np.zeros(remote.size, bool)
-            for ip in np.unique(dips).tolist():
-                m = self.neighbours.get(int(ip))
-                if m is not None:
-                    sel = dips == ip
-                    macs[sel, :6] = np.frombuffer(m, np.uint8)
-                    known |= sel
-            macs[:, 6:] = np.frombuffer(self.underlay.mac, np.uint8)
-            if not known.all():
-                self.agent_drops["underlay_unresolved"] += int(np.count_nonzero(~known))
-                self._next_arp = 0.0
-            rows = remote[known]
-            if rows.size:
-                idx = np.asarray(off, np.int64)[rows, None] + np.arange(12)
-                d[idx] = macs[known]
-                self.counters["to_underlay"] += self.underlay.send(out, rows)
+        if remote.size and self.gateway is not None:
+            # the IPsec policies decide per frame: ESP towards the other site, bypass, discard
+            sent, why = self.gateway.encrypt_batch(_view(out, remote), return_reasons=True)
+            self.ipsec_counts["dropped_out"] += int(np.count_nonzero(why != 0))
+            self.ipsec_counts["esp_sent"] += int(
+                np.count_nonzero(_bytes_at(sent.data, sent.offset, sent.length, 23, 1) == 50)
+            )
+            self._send_underlay(sent, np.arange(len(sent)))
+        elif remote.size:
+            self._send_underlay(out, remote)
+        self._deliver(out, local)
+
+    def _send_underlay(self, out: Batch, remote: np.ndarray) -> None:
+        """Frames ``remote`` of ``out`` (outer IPv4) onto the underlay, with the MAC of the
+        host of their outer destination (unresolved: dropped, and that host asked again)."""
+        d, off, ln = out.data, out.offset, out.length
+        if remote.size == 0:
+            return
+        dips = _bytes_at(d, off, ln, 30, 4)[remote]
+        macs = np.zeros((remote.size, 12), np.uint8)
+        known = np.zeros(remote.size, bool)
+        for ip in np.unique(dips).tolist():
+            m = self.neighbours.get(int(ip))
+            if m is not None:
+                sel = dips == ip
+                macs[sel, :6] = np.frombuffer(m, np.uint8)
+                known |= sel
+        macs[:, 6:] = np.frombuffer(self.underlay.mac, np.uint8)
+        if not known.all():
+            self.agent_drops["underlay_unresolved"] += int(np.count_nonzero(~known))
+            self._next_arp = 0.0
+        rows = remote[known]
+        if rows.size:
+            idx = np.asarray(off, np.int64)[rows, None] + np.arange(12)
+            d[idx] = macs[known]
+            self.counters["to_underlay"] += self.underlay.send(out, rows)
+
+    def _deliver(self, out: Batch, local) -> None:
         loc = np.flatnonzero(local)
         if loc.size:
             inner, tenant, err = decap(_view(out, loc))
@@ -975,7 +1125,76 @@ class Agent:
             return {"ok": True, **self.stats()}
         if cmd == "reload":
             return self.reload(req.get("policy"))
-        return {"ok": False, "error": f"unknown command {cmd!r} (status, stats, reload)"}
+        if cmd == "conntrack":
+            return self.conntrack_list(req)
+        if cmd == "trace":
+            return self.trace(req)
+        return {"ok": False, "error": f"unknown command {cmd!r} (status, stats, reload, conntrack, trace)"}
+
+    def conntrack_list(self, req: dict) -> dict:
+        """The live connections (``conntrack -L``'s fields), optionally filtered by ``zone``
+        (a tenant's VNI), ``src``, ``dst``, ``proto`` and TCP ``state``; at most ``limit``."""
+        from ..conntrack import const as K
+        from ..conntrack.commands import describe, select
+        from ..packet.batch import text_to_addr
+
+        try:
+            src = text_to_addr(str(req["src"])) if req.get("src") else None
+            dst = text_to_addr(str(req["dst"])) if req.get("dst") else None
+            proto = req.get("proto")
+            if isinstance(proto, str):
+                proto = {"tcp": 6, "udp": 17, "icmp": 1, "icmpv6": 58}.get(proto.lower(), proto)
+            proto = int(proto) if proto is not None else None
+            state = req.get("state")
+            if state is not None:
+                state = K.TCP_STATE_NAMES.index(str(state).upper())
+            zone = int(req["zone"]) if req.get("zone") is not None else None
+            limit = int(req.get("limit", 10000))
+        except (ValueError, TypeError) as exc:
+            return {"ok": False, "error": f"conntrack: bad filter: {exc}"}
+        table = self.dp.conntrack
+        now = time.time_ns()
+        rows = select(table.entries(), now, zone, src, dst, proto, state)
+        return {
+            "ok": True,
+            "count": int(len(rows)),
+            "entries": [describe(e, now) for e in rows[:limit]],
+            "truncated": bool(len(rows) > limit),
+        }
+
+    def trace(self, req: dict) -> dict:
+        """What the running datapath does with one packet (``microseg trace``'s description,
+        e.g. ``src=acme/web-1 dst=acme/db-1 proto=tcp dport=5432``), run on a copy of the live
+        state (the running policy, a copy of conntrack): nothing live changes."""
+        import tempfile
+
+        from ..app import parse_packet_spec, trace_packet
+
+        text = req.get("packet")
+        if not isinstance(text, str) or not text.strip():
+            return {"ok": False, "error": 'trace: give "packet": "src=... dst=... proto=... dport=..."'}
+        state = req.get("state", "live")
+        if state not in ("live", "new", "established"):
+            return {"ok": False, "error": "trace: state is live, new or established"}
+        try:
+            spec = parse_packet_spec(text, self.model)
+        except MicrosegError as exc:
+            return {"ok": False, "error": str(exc)}
+        cfg = dataclasses.replace(self.dp.config, emc_entries=64, megaflow_entries=64, offload_capacity=64)
+        dp = Datapath(self.compiled, cfg)
+        if state == "live":
+            with tempfile.TemporaryDirectory() as tmp:
+                path = os.path.join(tmp, "ct.npz")
+                self.dp.conntrack.snapshot(path)
+                dp.conntrack = ConntrackTable.restore(
+                    path,
+                    capacity=cfg.conntrack_capacity,
+                    timeouts=cfg.conntrack_timeouts,
+                    checksum=cfg.checksum,
+                )
+        fwd = Forwarder(self.compiled, self.tunnel, local_address=self.address)
+        out = trace_packet(dp, fwd, spec, "established" if state == "established" else "new")
+        return {"ok": True, **json.loads(json.dumps(out, default=str))}
 
     def status(self) -> dict:
         pol = self.compiled
@@ -1003,6 +1222,12 @@ class Agent:
             "policy_revision": self.policy_revision,
             "metrics_url": self.metrics_server.url if self.metrics_server is not None else None,
             "flow_log": self.flow_log_path,
+            "ipsec": None
+            if self.gateway is None
+            else {
+                "file": self.ipsec_path,
+                "esp_peers": [h.name for i, h in enumerate(self.model.hosts) if self._h_esp[i]],
+            },
             **({"store": self._store_status()} if self.watcher is not None else {}),
         }
 
@@ -1050,6 +1275,18 @@ class Agent:
                 "hash": self.compiled.content_hash,
                 "reloads": self.reloads,
             },
+            **({"ipsec": self._ipsec_stats()} if self.gateway is not None else {}),
+        }
+
+    def _ipsec_stats(self) -> dict:
+        gw = self.gateway
+        if gw is None:
+            return {}
+        return {
+            **self.ipsec_counts,
+            "esp_received": self.counters["esp_received"],
+            "drops": {k: v for k, v in gw.drop_counts().items() if v},
+            "sas": gw.sa_stats(),
         }
 
     @property
@@ -1132,7 +1369,16 @@ def register(sub) -> None:
         "--underlay", required=True, metavar="IFNAME", help="the interface towards the other hosts"
     )
     p.add_argument("--tunnel", choices=TUNNELS, default="vxlan", help="overlay encapsulation (default vxlan)")
-    p.add_argument("--control", metavar="PATH", help="Unix control socket (status, stats, reload)")
+    p.add_argument(
+        "--control", metavar="PATH", help="Unix control socket (status, stats, reload, conntrack, trace)"
+    )
+    p.add_argument(
+        "--ipsec",
+        metavar="SA.yaml",
+        help="IPsec SAs and policies (docs/ipsec.md): overlay packets the policies protect leave "
+        "in ESP, ESP from the other hosts is decrypted before it is judged, and plain overlay "
+        "packets from a host the policies protect are refused",
+    )
     p.add_argument(
         "--state-dir",
         metavar="DIR",
@@ -1198,6 +1444,7 @@ def run_agent(args) -> int:
             flow_log=args.flow_log,
             flow_log_max_bytes=args.flow_log_max_bytes,
             flow_log_backups=args.flow_log_backups,
+            ipsec=args.ipsec,
         )
     except PermissionError:
         raise AgentError("AF_PACKET ports need root (CAP_NET_RAW, CAP_NET_ADMIN)") from None

@@ -60,6 +60,50 @@ def reject_reply(packet: bytes, keys_row: dict) -> bytes | None:
     return PB.ethernet(l3, src=mac_b, dst=mac_a) if l2 >= 0 else l3
 
 
+def too_big_reply(frame: bytes, mtu: int) -> bytes | None:
+    """The answer to an Ethernet ``frame`` whose IP packet does not fit a path of ``mtu``
+    bytes: ICMP "fragmentation needed" (type 3 code 4, RFC 1191) with the next-hop MTU for an
+    IPv4 packet with DF set, ICMPv6 "packet too big" (RFC 8201) for IPv6, from the packet's
+    own destination address and MAC back to its sender. None where no answer is due: an IPv4
+    packet without DF (RFC 1191 answers only DF packets), a non-first fragment, an ICMP error
+    (RFC 1122 3.2.2, RFC 4443 2.4), a multicast destination, or a header too short to quote."""
+    from ..packet import build as PB
+
+    if len(frame) < 14:
+        return None
+    et = int.from_bytes(frame[12:14], "big")
+    ip_pkt = frame[14:]
+    if et == 0x0800 and len(ip_pkt) >= 20 and ip_pkt[0] >> 4 == 4:
+        ihl = (ip_pkt[0] & 0x0F) * 4
+        flags = int.from_bytes(ip_pkt[6:8], "big")
+        if ihl < 20 or len(ip_pkt) < ihl + 8 or not flags & 0x4000 or flags & 0x1FFF:
+            return None
+        if ip_pkt[9] == 1 and ip_pkt[ihl] not in (0, 8, 13, 14):
+            return None  # never answer an ICMP error
+        if ip_pkt[16] >= 224:
+            return None
+        src, dst = ip_pkt[12:16], ip_pkt[16:20]
+        body = PB.icmp_error(3, 4, ip_pkt[: ihl + 8], param=mtu)
+        l3 = PB.ipv4(_ip_text(dst), _ip_text(src), 1, body)
+    elif et == 0x86DD and len(ip_pkt) >= 48 and ip_pkt[0] >> 4 == 6:
+        if ip_pkt[24] == 0xFF or ip_pkt[8:24] == bytes(16):
+            return None  # multicast destination, or the unspecified source
+        if ip_pkt[6] == 58 and ip_pkt[40] < 128:
+            return None
+        src, dst = ip_pkt[8:24], ip_pkt[24:40]
+        s, d = _ip_text(dst), _ip_text(src)
+        l3 = PB.ipv6(s, d, 58, PB.icmpv6_error(2, 0, ip_pkt, src=s, dst=d, param=max(mtu, 1280)))
+    else:
+        return None
+    return PB.ethernet(l3, src=frame[0:6], dst=frame[6:12])
+
+
+def _ip_text(raw: bytes) -> str:
+    import ipaddress
+
+    return str(ipaddress.ip_address(bytes(raw)))
+
+
 class Forwarder:
     """Builds the datapath's output frames for a processed batch.
 

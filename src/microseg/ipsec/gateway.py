@@ -181,6 +181,23 @@ class EspGateway:
     def __repr__(self) -> str:
         return f"<EspGateway {len(self.names)} SAs, {len(self.config.policies)} policies, {self.backend}>"
 
+    def action_for(self, src: str, dst: str, proto: int) -> tuple[int, str | None]:
+        """The security policy database's answer for an outbound packet ``src`` -> ``dst`` of
+        protocol ``proto``, as :meth:`encrypt_batch` finds it (first match wins, no match:
+        discard): ``(action, SA name)`` with the ``ACTION_*`` codes of :mod:`.sa`."""
+        from .sa import ACTION_DISCARD
+
+        s, d = ipaddress.ip_address(src), ipaddress.ip_address(dst)
+        for p in self.config.policies:
+            if p.src is not None and (p.src.version != s.version or s not in p.src):
+                continue
+            if p.dst is not None and (p.dst.version != d.version or d not in p.dst):
+                continue
+            if p.proto >= 0 and p.proto != proto:
+                continue
+            return p.action, p.sa
+        return ACTION_DISCARD, None
+
     # -- the SA table ---------------------------------------------------------------------------
     def _build(self, sas: list, rows: list, now) -> None:
         """Lay out the SA arrays for ``sas``; ``rows[k]`` is the current index whose state SA k
@@ -751,3 +768,36 @@ def encrypt_batch(batch: Batch, gateway: EspGateway, sa=None) -> Batch:
 def decrypt_batch(batch: Batch, gateway: EspGateway):
     """Pipeline stage: ESP-decapsulate ``batch``; returns (inner batch, reason per packet)."""
     return gateway.decrypt_batch(batch)
+
+
+def decrypt_inbound(gateway: EspGateway | None, batch: Batch):
+    """Replace the ESP packets of ``batch`` by their decrypted inner frames (in place in the
+    packet order); packets that fail (bad ICV, replay, unknown SPI...) are dropped and
+    counted by the gateway. Returns the batch and its parsed keys: the keys of the packets
+    that were not ESP are reused, only the decrypted frames are parsed (they are new
+    packets), so the datapath parses nothing again."""
+    from ..datapath.slow import subset
+    from ..packet import batch as B
+    from ..packet.batch import FlowKeys
+    from ..packet.parse import parse
+
+    keys = parse(batch)
+    if gateway is None:
+        return batch, keys
+    esp = np.flatnonzero((keys.proto == 50) & ((keys.flags & B.F_ESP) != 0))
+    if esp.size == 0:
+        return batch, keys
+    inner, why = gateway.decrypt_batch(batch.select(esp))
+    ok = esp[why == 0]
+    keep = np.setdiff1d(np.arange(len(batch)), esp)
+    order = np.argsort(np.concatenate([keep, ok]), kind="stable")
+    both = B.Batch.concat([batch.select(keep), inner], order=None)
+    ikeys = parse(inner)
+    n = len(both)
+    merged = FlowKeys(max(n, 1))
+    merged.n = n
+    kept = subset(keys, keep, FlowKeys(max(keep.size, 1)))
+    for t in ("u64", "u32", "i32", "u16", "u8"):
+        whole = np.concatenate([getattr(kept, t)[:, : keep.size], getattr(ikeys, t)[:, : ikeys.n]], axis=1)
+        getattr(merged, t)[:, :n] = whole[:, order]
+    return both.select(order), merged
