@@ -220,23 +220,24 @@ PROBE = textwrap.dedent("""\
         out(result="error", error="unknown probe kind " + kind)
 """)
 
-# watches eth0 for a frame holding a token: "READY", then one JSON line (seen or not)
+# "READY", then one JSON line: {"result": "seen" | "unseen"}
 SNIFF = textwrap.dedent("""\
-    import json, socket, sys, time
+    # watches eth0 for a frame holding a token until it comes, stdin closes or the time is up
+    import json, select, socket, sys, time
     token, timeout = bytes.fromhex(sys.argv[1]), float(sys.argv[2])
     s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))
     s.bind(("eth0", 0))
     print("READY", flush=True)
     end = time.monotonic() + timeout
     while time.monotonic() < end:
-        s.settimeout(max(0.01, end - time.monotonic()))
-        try:
+        r, _, _ = select.select([s, sys.stdin], [], [], max(0.01, end - time.monotonic()))
+        if s in r:
             f = s.recv(65536)
-        except socket.timeout:
+            if token in f:
+                print(json.dumps({"result": "seen", "src_mac": f[6:12].hex(":")}), flush=True)
+                sys.exit(0)
+        elif sys.stdin in r and not sys.stdin.readline():
             break
-        if token in f:
-            print(json.dumps({"result": "seen", "src_mac": f[6:12].hex(":")}), flush=True)
-            sys.exit(0)
     print(json.dumps({"result": "unseen"}), flush=True)
 """)
 
@@ -524,6 +525,78 @@ def probe_script(ns: str, spec: dict, timeout: float) -> dict:
         return {"result": "error", "error": (r.stderr or r.stdout).strip()[-300:]}
 
 
+def forged_frame(
+    d: dict,
+    sender: str,
+    watch: str,
+    *,
+    src_mac: str,
+    src: str,
+    port: int,
+    proto: int = 17,
+    wait: float = SILENCE,
+    count: int = 3,
+    track: list | None = None,
+) -> dict:
+    """Send ``count`` raw frames from workload ``sender`` to workload ``watch`` (its MAC and
+    IPv4 address) claiming source MAC ``src_mac`` and address ``src``, while ``watch``'s
+    interface is watched for them; after the last one is sent, wait up to ``wait`` seconds for
+    one to show up. ``{"verdict": "allow" | "drop" | "error", "result": "seen" | "unseen", ...}``
+    (``track``: a list the watcher's process is added to, for whoever stops stragglers)."""
+    w = d["workloads"][watch]
+    token = os.urandom(8).hex()
+    sniff = subprocess.Popen(
+        _netns_py(w["ns"], SNIFF, token.encode().hex(), str(wait + 120.0)),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    if track is not None:
+        track.append(sniff)
+    try:
+        assert sniff.stdout is not None and sniff.stdin is not None
+        line = sniff.stdout.readline().strip()
+        if line != "READY":
+            return {
+                "verdict": "error",
+                "result": "error",
+                "error": f"the watcher in {watch} did not start: {line}",
+            }
+        spec = {
+            "kind": "raw",
+            "addr": next(a for a in w["addresses"] if ":" not in a),
+            "port": port,
+            "proto": proto,
+            "src": src,
+            "src_mac": src_mac,
+            "dst_mac": w["mac"],
+            "payload": ("microseg-" + token).encode().hex(),
+            "count": count,
+            "gap": 0.3,
+        }
+        sent = probe_script(d["workloads"][sender]["ns"], spec, 10.0)
+        end = time.monotonic() + wait
+        while sniff.poll() is None and time.monotonic() < end:
+            time.sleep(0.05)
+        try:
+            out, _ = sniff.communicate(timeout=30)  # closes its stdin: it stops watching
+            seen = json.loads(out.strip().splitlines()[-1])
+        except (subprocess.TimeoutExpired, ValueError, IndexError):
+            seen = {"result": "error"}
+    finally:
+        if sniff.poll() is None:
+            sniff.kill()
+            sniff.wait(timeout=10)
+    ok = sent.get("result") == "sent"
+    return {
+        "verdict": _VERDICT_OF.get(seen.get("result", ""), "error") if ok else "error",
+        "sent": sent,
+        "at": watch,
+        **seen,
+    }
+
+
 _VERDICT_OF = {
     "reply": "allow",
     "open": "allow",
@@ -632,48 +705,19 @@ class Runner:
         p.observed = {"verdict": _VERDICT_OF.get(r.get("result", ""), "error"), **r}
 
     def _run_raw(self, p: Probe) -> None:
-        assert p.watch is not None
-        token = os.urandom(8).hex()
-        sniff = subprocess.Popen(
-            _netns_py(self.ns(p.watch), SNIFF, token.encode().hex(), str(SILENCE + 2.0)),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
+        assert p.watch is not None and p.src_addr is not None and p.src_mac is not None
+        wait = ANSWER_DEADLINE if p.expected.get("verdict") == "allow" else SILENCE
+        p.observed = forged_frame(
+            self.d,
+            p.src,
+            p.watch,
+            src_mac=p.src_mac,
+            src=p.src_addr,
+            port=p.port,
+            proto=p.proto,
+            wait=wait,
+            track=self.servers,
         )
-        with self.lock:
-            self.servers.append(sniff)
-        assert sniff.stdout is not None
-        line = sniff.stdout.readline().strip()
-        if line != "READY":
-            raise L.LabError(f"the watcher in {p.watch} did not start: {line}")
-        dst_mac = self.d["workloads"][p.watch]["mac"]
-        spec = {
-            "kind": "raw",
-            "addr": p.dst,
-            "port": p.port,
-            "proto": p.proto,
-            "src": p.src_addr,
-            "src_mac": p.src_mac,
-            "dst_mac": dst_mac,
-            "payload": ("microseg-" + token).encode().hex(),
-            "count": 3,
-            "gap": 0.3,
-        }
-        sent = probe_script(self.ns(p.src), spec, 10.0)
-        try:
-            out, _ = sniff.communicate(timeout=SILENCE + 30)
-            seen = json.loads(out.strip().splitlines()[-1])
-        except (subprocess.TimeoutExpired, ValueError, IndexError):
-            sniff.kill()
-            seen = {"result": "error"}
-        p.observed = {
-            "verdict": _VERDICT_OF.get(seen.get("result", ""), "error")
-            if sent.get("result") == "sent"
-            else "error",
-            "sent": sent,
-            "at": p.watch,
-            **seen,
-        }
 
     def _judge(self, p: Probe) -> None:
         o, e = p.observed, p.expected
