@@ -13,15 +13,14 @@ import socket
 import struct
 import subprocess
 import sys
-import tempfile
 import threading
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from livelab import netns_skip_reason, wait_for
 
+from livelab import netns_skip_reason, wait_for
 from microseg.bpf import loader as L
 from microseg.bpf import model as M
 from microseg.bpf.loader import FlowAction, FlowKey, KernelFastPath, vxlan_template
@@ -43,7 +42,10 @@ def test_layouts_match_the_object():
     assert (ports.key_size, ports.value_size) == (4, L.PORT_VALUE.size)
     assert stats.max_entries == len(L.STATS)
     assert all(m in {"ms_flows", "ms_ports", "ms_stats"} for p in obj.progs.values() for _, m in p.relocs)
-    for k in (FlowKey(3, 7, "10.0.0.1", "10.0.0.2", 17, 1000, 53), FlowKey(9, 9, "fd00::1", "fd00::2", 58, 5, 0x8000, True)):
+    for k in (
+        FlowKey(3, 7, "10.0.0.1", "10.0.0.2", 17, 1000, 53),
+        FlowKey(9, 9, "fd00::1", "fd00::2", 58, 5, 0x8000, True),
+    ):
         assert FlowKey.unpack(k.pack()) == k
 
 
@@ -127,7 +129,9 @@ def _sh(*cmd: str) -> None:
 
 
 def _ifindex(ns: str, dev: str) -> int:
-    out = subprocess.run(["ip", "-n", ns, "-o", "link", "show", "dev", dev], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        ["ip", "-n", ns, "-o", "link", "show", "dev", dev], capture_output=True, text=True, check=True
+    )
     return int(out.stdout.split(":", 1)[0])
 
 
@@ -202,9 +206,16 @@ def _build_rig(fp: KernelFastPath, worker: NetnsWorker, idx: dict[str, int]) -> 
             kind = rng.choice(("encap", "encap", "local", "local", "drop", "decap"))
         out = rng.choice((w0, w1, u0, 4242))
         tmpl = vxlan_template(
-            "02:00:00:00:00:55", "02:00:00:00:00:66", LOCAL_IP, PEER_IP, key.zone, sport=rng.choice((0, 0, 50000))
+            "02:00:00:00:00:55",
+            "02:00:00:00:00:66",
+            LOCAL_IP,
+            PEER_IP,
+            key.zone,
+            sport=rng.choice((0, 0, 50000)),
         )
-        action = FlowAction(kind, ifindex=out, mac=dmac, peer_ip=PEER_IP, template=tmpl if kind == "encap" else b"")
+        action = FlowAction(
+            kind, ifindex=out, mac=dmac, peer_ip=PEER_IP, template=tmpl if kind == "encap" else b""
+        )
         rig.flow(key, action, {"key": key, "kind": kind, "dmac": dmac, "i": i})
     return rig
 
@@ -250,21 +261,34 @@ def _inner(spec: dict, d: dict) -> bytes:
     elif key.proto == 1:
         seg = B.icmp(key.dport >> 8, key.dport & 0xFF, struct.pack("!HH", key.sport, 1), payload)
     else:
-        seg = B.icmpv6(key.dport >> 8, key.dport & 0xFF, struct.pack("!HH", key.sport, 1), payload, src=src, dst=dst)
+        seg = B.icmpv6(
+            key.dport >> 8, key.dport & 0xFF, struct.pack("!HH", key.sport, 1), payload, src=src, dst=dst
+        )
     if ":" in src:
         nh = key.proto if not d["v6ext"] else 0
         body = seg if not d["v6ext"] else bytes([key.proto, 0]) + b"\x01\x04\0\0\0\0" + seg
         l3 = B.ipv6(src, dst, nh, body)
     else:
-        l3 = B.ipv4(src, dst, key.proto, seg, mf=d["frag"] == "mf", frag_off=5 if d["frag"] == "off" else 0,
-                    options=b"\x01\x01\x01\x00" if d["ipopt"] else b"")
-    return B.ethernet(l3, 0x86DD if ":" in src else 0x0800, src=smac, dst=dmac, vlans=[5] if d["vlan"] else [])
+        l3 = B.ipv4(
+            src,
+            dst,
+            key.proto,
+            seg,
+            mf=d["frag"] == "mf",
+            frag_off=5 if d["frag"] == "off" else 0,
+            options=b"\x01\x01\x01\x00" if d["ipopt"] else b"",
+        )
+    return B.ethernet(
+        l3, 0x86DD if ":" in src else 0x0800, src=smac, dst=dmac, vlans=[5] if d["vlan"] else []
+    )
 
 
 def _outer(inner: bytes, vni: int, d: dict) -> bytes:
     flags = d["vx_flags"]
     vx = bytes([flags, 0, 0, 0]) + vni.to_bytes(3, "big") + b"\0"
-    udp = B.udp(d["vx_sport"], d["vx_dport"], vx + inner, src=d["outer_src"], dst=d["outer_dst"], zero_checksum=True)
+    udp = B.udp(
+        d["vx_sport"], d["vx_dport"], vx + inner, src=d["outer_src"], dst=d["outer_dst"], zero_checksum=True
+    )
     l3 = B.ipv4(d["outer_src"], d["outer_dst"], 17, udp, df=True, mf=d["outer_frag"])
     return B.ethernet(l3, 0x0800, src="02:00:00:00:00:66", dst="02:00:00:00:00:55")
 
@@ -330,7 +354,9 @@ def _check(rig: Rig, frame: bytes, ingress: int) -> M.Result:
     after, fa = rig.counters(want.flow_key)
     what = f"frame {frame.hex()} on ifindex {ingress}: model {L.XDP_NAMES[want.verdict]} ({want.reason})"
     assert got.retval == want.verdict, what + f", kernel {L.XDP_NAMES.get(got.retval, got.retval)}"
-    assert got.data == want.frame, what + f": output differs\nkernel {got.data.hex()}\nmodel  {want.frame.hex()}"
+    assert got.data == want.frame, (
+        what + f": output differs\nkernel {got.data.hex()}\nmodel  {want.frame.hex()}"
+    )
     moved = {k: after[k] - before[k] for k in after if after[k] != before[k]}
     assert moved == {want.reason: 1}, what + f": counters moved {moved}"
     if want.flow_key is not None:
@@ -339,7 +365,11 @@ def _check(rig: Rig, frame: bytes, ingress: int) -> M.Result:
     return want
 
 
-@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(
+    max_examples=600,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 @given(d=frame_desc)
 def test_kernel_matches_model_on_random_frames(rig, d):
     frame, ingress = _frame(rig, d)
@@ -351,10 +381,27 @@ def test_kernel_matches_model_on_random_frames(rig, d):
 
 def _clean(**over) -> dict:
     d = {
-        "hit": True, "other_src": "10.1.2.3", "smac": None, "dmac": None, "payload": b"p" * 18,
-        "tcp_flags": "PA", "frag": None, "ipopt": False, "v6ext": False, "vlan": False, "ingress": "auto",
-        "vx_flags": 0x08, "vx_dport": 4789, "vx_sport": 51000, "vni_delta": 0, "outer_src": PEER_IP,
-        "outer_dst": LOCAL_IP, "outer_frag": False, "cut": None, "flip": None, "pad": 0,
+        "hit": True,
+        "other_src": "10.1.2.3",
+        "smac": None,
+        "dmac": None,
+        "payload": b"p" * 18,
+        "tcp_flags": "PA",
+        "frag": None,
+        "ipopt": False,
+        "v6ext": False,
+        "vlan": False,
+        "ingress": "auto",
+        "vx_flags": 0x08,
+        "vx_dport": 4789,
+        "vx_sport": 51000,
+        "vni_delta": 0,
+        "outer_src": PEER_IP,
+        "outer_dst": LOCAL_IP,
+        "outer_frag": False,
+        "cut": None,
+        "flip": None,
+        "pad": 0,
     }
     d.update(over)
     return d
@@ -415,7 +462,9 @@ def test_failed_load_leaves_nothing(tmp_path):
     fp = KernelFastPath(bytes(data))
     with pytest.raises(L.BpfError, match="verifier refused program xdp_fastpath"):
         fp.load(name=pname)
-    assert not os.path.exists(f"{L.DEFAULT_PIN_ROOT}/{pname}") or not os.listdir(f"{L.DEFAULT_PIN_ROOT}/{pname}")
+    assert not os.path.exists(f"{L.DEFAULT_PIN_ROOT}/{pname}") or not os.listdir(
+        f"{L.DEFAULT_PIN_ROOT}/{pname}"
+    )
     assert not fp.maps and not fp.prog_fds
 
 
@@ -424,8 +473,15 @@ def test_bench_prog_test_run(rig):
     repeat hits) and a miss, as the kernel's BPF_PROG_TEST_RUN times them."""
     w0, w1 = rig.idx["w0"], rig.idx["w1"]
     key = FlowKey(w0, Z0, "10.0.0.1", "10.0.0.2", 17, 1000, 2000)
-    rig.flow(key, FlowAction("local", ifindex=w1, mac=MAC_W1), {"key": key, "kind": "local", "dmac": MAC_W1, "i": -1})
-    frame, ingress = B.udp_packet("10.0.0.1", "10.0.0.2", 1000, 2000, b"x" * 18, eth_src=MAC_W0, eth_dst=MAC_W1), w0
+    rig.flow(
+        key,
+        FlowAction("local", ifindex=w1, mac=MAC_W1),
+        {"key": key, "kind": "local", "dmac": MAC_W1, "i": -1},
+    )
+    frame, ingress = (
+        B.udp_packet("10.0.0.1", "10.0.0.2", 1000, 2000, b"x" * 18, eth_src=MAC_W0, eth_dst=MAC_W1),
+        w0,
+    )
     assert len(frame) == 60
     frame += b"\0" * 4  # 64 bytes on the wire less the FCS... as received: 60 + padding
     assert M.run(rig.flows, rig.ports, frame, ingress).reason == "redirect"
@@ -434,7 +490,9 @@ def test_bench_prog_test_run(rig):
     n = int(os.environ.get("MICROSEG_BPF_BENCH_REPEAT", "100000"))
     hit = rig.worker.call(lambda: rig.fp.test_run(frame, ingress, repeat=n))
     mis = rig.worker.call(lambda: rig.fp.test_run(bytes(miss), ingress, repeat=n))
-    print(f"\nBPF_PROG_TEST_RUN x{n}: {len(frame)}-byte hit {hit.duration_ns} ns/packet, miss {mis.duration_ns} ns/packet")
+    print(
+        f"\nBPF_PROG_TEST_RUN x{n}: {len(frame)}-byte hit {hit.duration_ns} ns/packet, miss {mis.duration_ns} ns/packet"
+    )
     assert hit.retval in (L.XDP_REDIRECT, L.XDP_TX) and mis.retval == L.XDP_PASS
 
 
@@ -518,15 +576,55 @@ def lab():
             _sh("ip", "netns", "add", ns)
         h = names["host"]
         for w, ip, mac in (("a", "10.9.0.1", "02:00:00:00:0a:01"), ("b", "10.9.0.2", "02:00:00:00:0b:01")):
-            _sh("ip", "-n", h, "link", "add", f"h{w}", "type", "veth", "peer", "name", "eth0", "netns", names[w])
+            _sh(
+                "ip",
+                "-n",
+                h,
+                "link",
+                "add",
+                f"h{w}",
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                names[w],
+            )
             _sh("ip", "-n", names[w], "link", "set", "eth0", "address", mac)
             _sh("ip", "-n", names[w], "addr", "add", f"{ip}/24", "dev", "eth0")
             _sh("ip", "-n", names[w], "link", "set", "eth0", "up")
             _sh("ip", "-n", names[w], "link", "set", "lo", "up")
             _sh("ip", "-n", h, "link", "set", f"h{w}", "up")
             _nsrun(names[w], "ethtool", "-K", "eth0", "tx", "off")
-        _sh("ip", "-n", names["a"], "neigh", "add", "10.9.0.2", "lladdr", "02:00:00:00:0b:01", "dev", "eth0", "nud", "permanent")
-        _sh("ip", "-n", names["b"], "neigh", "add", "10.9.0.1", "lladdr", "02:00:00:00:0a:01", "dev", "eth0", "nud", "permanent")
+        _sh(
+            "ip",
+            "-n",
+            names["a"],
+            "neigh",
+            "add",
+            "10.9.0.2",
+            "lladdr",
+            "02:00:00:00:0b:01",
+            "dev",
+            "eth0",
+            "nud",
+            "permanent",
+        )
+        _sh(
+            "ip",
+            "-n",
+            names["b"],
+            "neigh",
+            "add",
+            "10.9.0.1",
+            "lladdr",
+            "02:00:00:00:0a:01",
+            "dev",
+            "eth0",
+            "nud",
+            "permanent",
+        )
         fp.load(name=f"live-{tag}")
         yield state
     finally:
@@ -541,7 +639,9 @@ def lab():
 
 
 def _start(state, ns: str, code: str, *args) -> subprocess.Popen:
-    p = subprocess.Popen(_nsenter(ns, sys.executable, "-I", "-c", code, *map(str, args)), stdout=subprocess.PIPE, text=True)
+    p = subprocess.Popen(
+        _nsenter(ns, sys.executable, "-I", "-c", code, *map(str, args)), stdout=subprocess.PIPE, text=True
+    )
     state["procs"].append(p)
     line = p.stdout.readline()
     assert line.strip() == "READY", line
@@ -571,15 +671,27 @@ def test_live_offloaded_udp_bypasses_the_host_and_misses_pass(lab):
     # the host side sniffs ha: it must see the miss (port 7001) and never the offloaded flow
     sniff = _start(lab, h, SNIFF, "ha", 7001, 7000, 60)
     _start(lab, b, UDP_ECHO, 7000)
-    client = subprocess.run(_nsenter(a, sys.executable, "-I", "-c", UDP_CLIENT, "10.9.0.2", "40000", "7000", "20", "60"),
-                            capture_output=True, text=True, timeout=120)
+    client = subprocess.run(
+        _nsenter(a, sys.executable, "-I", "-c", UDP_CLIENT, "10.9.0.2", "40000", "7000", "20", "60"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert client.stdout.split() == ["GOT", "20"], client.stdout + client.stderr
-    flows = wait_for(lambda: (f := fp.read_flows()) and f[fwd].packets >= 20 and f[rev].packets >= 20 and f,
-                     30, "the offloaded flow's counters")
+    flows = wait_for(
+        lambda: (f := fp.read_flows()) and f[fwd].packets >= 20 and f[rev].packets >= 20 and f,
+        30,
+        "the offloaded flow's counters",
+    )
     assert flows[fwd].bytes >= 20 * 42 and flows[fwd].last_seen_ns > 0
     # a miss: UDP to port 7001 is no installed flow, so XDP_PASS hands it to the host's stack
-    _nsrun(a, sys.executable, "-I", "-c",
-           "import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.sendto(b'miss', ('10.9.0.2', 7001))")
+    _nsrun(
+        a,
+        sys.executable,
+        "-I",
+        "-c",
+        "import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.sendto(b'miss', ('10.9.0.2', 7001))",
+    )
     out_line = sniff.stdout.readline().split()
     assert out_line[:2] == ["SEEN", "1"] and out_line[3] == "0", out_line
     assert fp.stats()["pass_miss"] >= 1 and fp.stats()["redirect"] >= 40

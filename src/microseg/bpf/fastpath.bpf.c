@@ -30,7 +30,7 @@ enum { XDP_ABORTED = 0, XDP_DROP = 1, XDP_PASS = 2, XDP_TX = 3, XDP_REDIRECT = 4
 
 /* helper numbers from the kernel's UAPI */
 static void *(*bpf_map_lookup_elem)(void *map, const void *key) = (void *)1;
-static __u64 (*bpf_ktime_get_ns)(void) = (void *)5;
+static __u64 (*bpf_ktime_get_coarse_ns)(void) = (void *)160;
 static long (*bpf_redirect)(__u32 ifindex, __u64 flags) = (void *)23;
 static long (*bpf_xdp_adjust_head)(struct xdp_md *ctx, int delta) = (void *)44;
 
@@ -44,6 +44,7 @@ struct ms_map_def {
 };
 
 #define MAP_HASH 1
+#define MAP_ARRAY 2
 #define MAP_PERCPU_ARRAY 6
 
 /* flow key: both directions of a flow are two entries */
@@ -76,10 +77,11 @@ struct ms_flow {
 	__u32 pad1;
 	__u64 packets;  /* counters: written by the program, read by the agent */
 	__u64 bytes;
-	__u64 last_seen; /* bpf_ktime_get_ns() of the last hit */
+	__u64 last_seen; /* CLOCK_MONOTONIC_COARSE (ns) of the last hit */
 	__u8 tmpl[56];  /* ENCAP: outer headers, the first TMPL_LEN bytes used */
 };
 
+#define ROLE_NONE 0 /* not a port of ours */
 #define ROLE_WORKLOAD 1
 #define ROLE_UNDERLAY 2
 
@@ -122,11 +124,13 @@ struct ms_map_def ms_flows SEC("maps") = {
 	.max_entries = 65536,
 };
 
+/* indexed by ifindex: an array lookup is inlined by the verifier, a hash lookup is not */
+#define MAX_PORTS 65536
 struct ms_map_def ms_ports SEC("maps") = {
-	.type = MAP_HASH,
+	.type = MAP_ARRAY,
 	.key_size = sizeof(__u32),
 	.value_size = sizeof(struct ms_port),
-	.max_entries = 1024,
+	.max_entries = MAX_PORTS,
 };
 
 struct ms_map_def ms_stats SEC("maps") = {
@@ -289,7 +293,7 @@ INLINE void hit(struct ms_flow *f, __u64 len)
 {
 	__sync_fetch_and_add(&f->packets, 1);
 	__sync_fetch_and_add(&f->bytes, len);
-	f->last_seen = bpf_ktime_get_ns();
+	f->last_seen = bpf_ktime_get_coarse_ns();
 }
 
 INLINE int forward(struct xdp_md *ctx, struct ms_flow *f)

@@ -45,6 +45,7 @@ TMPL_LEN = 50
 
 ACT_ENCAP, ACT_LOCAL, ACT_DECAP, ACT_DROP = 1, 2, 3, 4
 ROLE_WORKLOAD, ROLE_UNDERLAY = 1, 2
+MAX_PORTS = 65536  # ms_ports is an array indexed by ifindex
 
 #: per-CPU counters (ms_stats), in the C enum's order
 STATS = (
@@ -177,7 +178,13 @@ class FlowAction:
 
 
 def vxlan_template(
-    src_mac: bytes | str, dst_mac: bytes | str, src_ip: str, dst_ip: str, vni: int, *, ttl: int = 64,
+    src_mac: bytes | str,
+    dst_mac: bytes | str,
+    src_ip: str,
+    dst_ip: str,
+    vni: int,
+    *,
+    ttl: int = 64,
     sport: int = 0,
 ) -> bytes:
     """Outer Ethernet / IPv4 (DF) / UDP 4789 / VXLAN headers for an encap action; lengths and
@@ -205,7 +212,9 @@ def vxlan_template(
 class FlowStats:
     packets: int
     bytes: int
-    last_seen_ns: int  # CLOCK_MONOTONIC (bpf_ktime_get_ns); 0: never hit
+    #: CLOCK_MONOTONIC_COARSE in ns (bpf_ktime_get_coarse_ns; compare with
+    #: ``time.clock_gettime_ns(time.CLOCK_MONOTONIC_COARSE)``); 0: never hit
+    last_seen_ns: int
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,7 +278,7 @@ class Map:
     def create(cls, name: str, mtype: int, key_size: int, value_size: int, max_entries: int, flags: int = 0):
         a = _attr()
         struct.pack_into("<IIIII", a, 0, mtype, key_size, value_size, max_entries, flags)
-        a[28 : 28 + min(15, len(name))] = name.encode()[:15]
+        struct.pack_into("16s", a, 28, name.encode()[:15])
         try:
             fd = _bpf(BPF_MAP_CREATE, a)
         except OSError as exc:
@@ -393,7 +402,7 @@ def read_object(data: bytes, where: str = OBJECT_NAME) -> BpfObject:
     (e_machine,) = struct.unpack_from("<H", data, 18)
     if e_machine != 247:
         raise bad(f"not a BPF object (e_machine {e_machine})")
-    e_shoff, = struct.unpack_from("<Q", data, 40)
+    (e_shoff,) = struct.unpack_from("<Q", data, 40)
     e_shentsize, e_shnum, e_shstrndx = struct.unpack_from("<HHH", data, 58)
     if e_shentsize != 64 or e_shoff + e_shnum * 64 > len(data):
         raise bad("section table out of bounds")
@@ -451,7 +460,12 @@ def read_object(data: bytes, where: str = OBJECT_NAME) -> BpfObject:
             r_off, r_info = struct.unpack_from("<QQ", body[rel], k * 16)
             sname, _stt, shndx, value, _sz = syms[r_info >> 32]
             target = next(
-                (p for p in progs.values() if p.section == names[i] and _start(syms, p, i) <= r_off < _start(syms, p, i) + len(p.insns)),
+                (
+                    p
+                    for p in progs.values()
+                    if p.section == names[i]
+                    and _start(syms, p, i) <= r_off < _start(syms, p, i) + len(p.insns)
+                ),
                 None,
             )
             if target is None:
@@ -502,11 +516,11 @@ def load_program(prog: ProgDef, license_: str, map_fds: dict[str, int], log_size
             log_size if level else 0,
             _addr(logbuf) if level else 0,
         )
-        a[48 : 48 + min(15, len(prog.name))] = prog.name.encode()[:15]
+        struct.pack_into("16s", a, 48, prog.name.encode()[:15])
         try:
             return _bpf(BPF_PROG_LOAD, a), ""
         except OSError as exc:
-            return -exc.errno, logbuf.value.decode("utf-8", "replace")
+            return -(exc.errno or errno.EINVAL), logbuf.value.decode("utf-8", "replace")
 
     fd, _ = attempt(0)
     if fd >= 0:
@@ -634,7 +648,9 @@ def set_link_xdp(ifindex: int, fd: int, flags: int = XDP_FLAGS_DRV_MODE, netns: 
         try:
             s.bind((0, 0))
             xdp = _nla(IFLA_XDP_FD, struct.pack("<i", fd)) + _nla(IFLA_XDP_FLAGS, struct.pack("<I", flags))
-            body = struct.pack("<BxHiII", socket.AF_UNSPEC, 0, ifindex, 0, 0) + _nla(IFLA_XDP | NLA_F_NESTED, xdp)
+            body = struct.pack("<BxHiII", socket.AF_UNSPEC, 0, ifindex, 0, 0) + _nla(
+                IFLA_XDP | NLA_F_NESTED, xdp
+            )
             msg = struct.pack("<IHHII", 16 + len(body), RTM_SETLINK, 1 | 4, 1, 0) + body  # REQUEST|ACK
             s.settimeout(5.0)
             s.send(msg)
@@ -647,9 +663,7 @@ def set_link_xdp(ifindex: int, fd: int, flags: int = XDP_FLAGS_DRV_MODE, netns: 
                         (err,) = struct.unpack_from("<i", reply, off + 16)
                         if err:
                             what = "attach" if fd >= 0 else "detach"
-                            raise BpfError(
-                                f"cannot {what} XDP on ifindex {ifindex}: {os.strerror(-err)}"
-                            )
+                            raise BpfError(f"cannot {what} XDP on ifindex {ifindex}: {os.strerror(-err)}")
                         return
                     off += max(16, (ln + 3) & ~3)
         except OSError as exc:
@@ -739,7 +753,9 @@ class KernelFastPath:
         pin_dir = pin_dir or f"{DEFAULT_PIN_ROOT}/{name}"
         try:
             for m in obj.maps.values():
-                self.maps[m.name] = Map.create(m.name, m.type, m.key_size, m.value_size, m.max_entries, m.flags)
+                self.maps[m.name] = Map.create(
+                    m.name, m.type, m.key_size, m.value_size, m.max_entries, m.flags
+                )
             fds = {n: m.fd for n, m in self.maps.items()}
             for pname in ("xdp_fastpath", "xdp_pass"):
                 self.prog_fds[pname] = load_program(obj.progs[pname], obj.license, fds)
@@ -776,28 +792,44 @@ class KernelFastPath:
         return self.prog_fds["xdp_fastpath"]
 
     # -- ports ----------------------------------------------------------------------------
+    def _port_index(self, ifindex: int) -> bytes:
+        self._need()
+        if not 0 < ifindex < MAX_PORTS:
+            raise BpfError(
+                f"ifindex {ifindex} is beyond the fast path's port table ({MAX_PORTS}): "
+                "its traffic stays on the agent's path"
+            )
+        return struct.pack("<I", ifindex)
+
     def add_workload_port(self, ifindex: int, zone: int, mac: bytes | str) -> None:
         """Declare ``ifindex`` a workload port of ``zone``, whose workload has MAC ``mac``."""
-        self._need()
+        self._port_index(ifindex)
         self.maps["ms_ports"].update(
             struct.pack("<I", ifindex), PORT_VALUE.pack(ROLE_WORKLOAD, zone, _mac(mac), b"\0" * 4)
         )
 
     def add_underlay_port(self, ifindex: int, local_ip: str) -> None:
         """Declare ``ifindex`` the underlay, this host's tunnel address ``local_ip``."""
-        self._need()
+        self._port_index(ifindex)
         self.maps["ms_ports"].update(
             struct.pack("<I", ifindex),
             PORT_VALUE.pack(ROLE_UNDERLAY, 0, b"\0" * 6, ipaddress.IPv4Address(local_ip).packed),
         )
 
     def remove_port(self, ifindex: int) -> None:
-        self._need()
-        self.maps["ms_ports"].delete(struct.pack("<I", ifindex))
+        """Its frames pass to the agent again (role none)."""
+        self.maps["ms_ports"].update(self._port_index(ifindex), bytes(PORT_VALUE.size))
 
     # -- attach ---------------------------------------------------------------------------
-    def attach(self, ifindex: int, ifname: str = "", *, program: str = "xdp_fastpath",
-               netns: str | None = None, mode: int = XDP_FLAGS_DRV_MODE) -> None:
+    def attach(
+        self,
+        ifindex: int,
+        ifname: str = "",
+        *,
+        program: str = "xdp_fastpath",
+        netns: str | None = None,
+        mode: int = XDP_FLAGS_DRV_MODE,
+    ) -> None:
         """Attach (native mode) to ``ifindex`` (in network namespace path ``netns``, default
         this process's); ``program="xdp_pass"`` for the workload-side end of a veth."""
         self._need()

@@ -18,6 +18,7 @@ from .loader import (
     ACT_LOCAL,
     FLOW_KEY,
     FLOW_VALUE,
+    MAX_PORTS,
     PORT_VALUE,
     ROLE_UNDERLAY,
     ROLE_WORKLOAD,
@@ -43,7 +44,7 @@ class Result:
     extra: dict = field(default_factory=dict)
 
 
-def _be16(b: bytes, o: int) -> int:
+def _be16(b: bytes | bytearray, o: int) -> int:
     return (b[o] << 8) | b[o + 1]
 
 
@@ -111,7 +112,14 @@ def parse(frame: bytes, off: int) -> tuple[str, dict]:
         if (proto == 1 and t not in (8, 0)) or (proto == 58 and t not in (128, 129)):
             return "pass_icmp_other", {}
         sp, dp = frame[l4 + 4 : l4 + 6], frame[l4 : l4 + 2]
-    return "", {"family": fam, "saddr": bytes(s), "daddr": bytes(d), "sport": bytes(sp), "dport": bytes(dp), "proto": proto}
+    return "", {
+        "family": fam,
+        "saddr": bytes(s),
+        "daddr": bytes(d),
+        "sport": bytes(sp),
+        "dport": bytes(dp),
+        "proto": proto,
+    }
 
 
 def key_bytes(port: int, zone: int, f: dict, tunnel: int) -> bytes:
@@ -168,6 +176,8 @@ def run(
         return passed("pass_port")
     role, zone, pmac, local_ip = PORT_VALUE.unpack(pv)
     n = len(frame)
+    if ingress >= MAX_PORTS:
+        return passed("pass_port")
     if role == ROLE_WORKLOAD:
         why, f = parse(frame, 0)
         if why:
