@@ -60,13 +60,13 @@ def test_the_table_covers_every_verb_that_reads_a_file(seeds):
     covered = {tuple(b("F", "O")[:3]) for _, _, b in fuzz.verbs(seeds)}
     covered = {v for argv in covered for v in (argv[:1], argv[:2], argv[:3])}
     missing = [v for v in _leaf_verbs(build_parser()) if v not in covered]
-    # demo reads nothing but its built-in data; the live verbs (agent, lab, store) act on
-    # interfaces, namespaces or a server, so a mutated file that happens to be valid would
+    # demo reads nothing but its built-in data; the live verbs (agent, lab, store, ctl) act on
+    # interfaces, namespaces, a server or a running agent, so a mutated file that happens to be valid would
     # start real work: they get the broken policies of the test below instead.
     assert [v for v in missing if v[0] not in LIVE] == [("demo",)]
 
 
-LIVE = ("agent", "lab", "store")
+LIVE = ("agent", "lab", "store", "ctl")
 BROKEN = sorted((Path(__file__).parent / "vectors" / "policy" / "invalid").glob("*.yaml"))
 
 

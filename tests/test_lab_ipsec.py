@@ -300,6 +300,18 @@ def test_conntrack_list_and_trace_on_the_control_socket(lab):
         live = lab.control("h1", "conntrack", proto="tcp", dst="10.7.0.3")["entries"]
         assert [e for e in live if e["dport"] == 22] == []
         assert control.request(lab.state["hosts"]["h1"]["control"], "nosuch")["ok"] is False
+        # the same through the command-line client
+        ctl = ("ctl", "--lab", "h1", "--state-dir", lab.state_dir)
+        r = lab.microseg(*ctl, "conntrack", "--proto", "tcp", "--state", "ESTABLISHED")
+        assert r.returncode == 0, r.stderr
+        assert "src=10.7.0.1 dst=10.7.0.3 sport=" in r.stdout and "dport=7000" in r.stdout
+        assert "zone=7101" in r.stdout
+        r = lab.microseg(*ctl, "trace", "src=red/a dst=red/c proto=tcp dport=7000")
+        assert r.returncode == 0 and r.stdout.strip().endswith("verdict: allow"), r.stdout + r.stderr
+        r = lab.microseg(*ctl, "trace", "src=nosuch")
+        assert r.returncode == 1 and "the agent refused" in r.stderr
+        r = lab.microseg("ctl", "--control", lab.state_dir + "/nosuch.sock", "status")
+        assert r.returncode == 2 and "nosuch.sock" in r.stderr
     finally:
         sess.stdin.close()
         sess.wait(timeout=30)

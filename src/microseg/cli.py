@@ -27,6 +27,7 @@ COMMAND_MODULES = [
     "microseg.conntrack.commands",
     "microseg.agent.agent",
     "microseg.agent.lab",
+    "microseg.agent.control",
     "microseg.store.commands",
 ]
 
