@@ -758,8 +758,10 @@ def _path(d: dict, p: Probe) -> dict:
     return out
 
 
-def _host_stats(state_dir: str) -> dict:
-    out = {}
+def _host_stats(state_dir: str, d: dict) -> dict:
+    from . import control
+
+    out: dict[str, Any] = {}
     for name, h in L.stats(state_dir)["hosts"].items():
         a = h["agent"]
         if not a.get("running"):
@@ -774,6 +776,14 @@ def _host_stats(state_dir: str) -> dict:
             "drops": dict(sorted(h["drops"].items())),
             "conntrack_entries": h["conntrack"]["entries"],
         }
+        try:  # the agent's own stats: IPsec between the sites, where it runs it
+            ipsec = control.request(d["hosts"][name]["control"], "stats", timeout=10.0).get("ipsec")
+        except control.ControlError:
+            ipsec = None
+        if ipsec:
+            out[name]["ipsec"] = {
+                k: ipsec[k] for k in ("esp_sent", "esp_received", "dropped_out", "drops") if k in ipsec
+            }
     return out
 
 
@@ -786,12 +796,10 @@ def run_demo(
     echo: Callable[[str], None] = print,
 ) -> dict:
     """Up, probe, stats, down (always); the report."""
-    from importlib.resources import files
-
-    policy_path = str(files("microseg") / "data" / "datacenter.yaml")
     t0 = time.monotonic()
     echo(f"lab demo: bringing the built-in data centre up (prefix {prefix}, {tunnel})")
-    d = L.up(policy_path, state_dir, prefix, tunnel, log_level, timeout, echo=echo)
+    # no policy file: the built-in data centre, with whatever `lab up` gives it by default
+    d = L.up(None, state_dir, prefix, tunnel, log_level, timeout, echo=echo)
     report: dict[str, Any] = {}
     runner = Runner(d)
     try:
@@ -807,7 +815,7 @@ def run_demo(
         finally:  # on Ctrl-C: no probe starts any more, the running ones end within seconds
             ex.shutdown(wait=True, cancel_futures=True)
         t_probes = time.monotonic() - t1
-        stats = _host_stats(state_dir)
+        stats = _host_stats(state_dir, d)
         report = _report(d, done, stats, t_up, t_probes)
     finally:
         runner.stop_servers()
@@ -871,7 +879,9 @@ def _report(d: dict, probes: list[Probe], stats: dict, t_up: float, t_probes: fl
             "sites": {s: sorted(h for h, x in SITES.items() if x == s) for s in sorted(set(SITES.values()))},
             "probes": cross,
             "underlay": underlay_between_sites(d),
-            "ipsec": d.get("ipsec"),
+            "ipsec": d.get("ipsec"),  # the SA file the agents run with (None: none)
+            "esp_sent": sum(h.get("ipsec", {}).get("esp_sent", 0) for h in stats.values()),
+            "esp_received": sum(h.get("ipsec", {}).get("esp_received", 0) for h in stats.values()),
             "note": (
                 "the agents carry their underlay leg in IPsec ESP"
                 if d.get("ipsec")
@@ -932,6 +942,8 @@ def print_report(report: dict, out: Callable[[str], None] = print) -> None:
     cs = report["cross_site"]
     sites = "; ".join(f"site {k}: {', '.join(v)}" for k, v in cs["sites"].items())
     out(f"cross-site probes ({sites}): {len(cs['probes'])}, underlay {cs['underlay']} ({cs['note']})")
+    if cs["underlay"] == "esp":
+        out(f"  ESP packets: {cs['esp_sent']} sent, {cs['esp_received']} received by the agents")
     out("")
     out("agents:")
     for name, h in report["hosts"].items():
@@ -943,6 +955,13 @@ def print_report(report: dict, out: Callable[[str], None] = print) -> None:
             f"  {name}: {h['packets']} packets judged ({h['bytes']} bytes), "
             f"conntrack {h['conntrack_entries']} entries; drops: {drops}"
         )
+        if h.get("ipsec"):
+            x = h["ipsec"]
+            out(
+                f"    ESP: {x.get('esp_sent', 0)} sent, {x.get('esp_received', 0)} received, "
+                f"{x.get('dropped_out', 0)} not sent; drops: "
+                + (", ".join(f"{k} {v}" for k, v in sorted(x.get("drops", {}).items())) or "-")
+            )
     t = report["seconds"]
     out(f"lab up {t['up']:.1f} s, probes {t['probes']:.1f} s, total {t.get('total', 0):.1f} s")
 
