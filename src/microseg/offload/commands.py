@@ -32,7 +32,12 @@ def register(sub) -> None:
     p.add_argument(
         "--lenient", action="store_true", help="skip rules outside the subset (listed) instead of failing"
     )
-    p.add_argument("--json", action="store_true", help="one JSON object per matching packet")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="one JSON object per matching packet ('sid': the deciding rule, 'sids': every rule "
+        "that took effect)",
+    )
     p.set_defaults(func=run_inspect)
 
     o = sub.add_parser(
@@ -103,8 +108,9 @@ def run_inspect(args) -> int:
         r = sigs.inspect(sub, k)
         for i in np.flatnonzero((r.verdict != 0) | (r.encrypted != 0)):
             v, sid, e = int(r.verdict[i]), int(r.sid[i]), int(r.encrypted[i])
-            if v:
-                counts[(VERDICT_NAMES[v], sid)] += 1
+            sids = [int(x) for x in r.sids.get(int(i), ())]
+            for x in sids:  # every rule that took effect, as Suricata logs every alert
+                counts[(VERDICT_NAMES[by_sid[x].action], x)] += 1
             if e:
                 enc[ENC_NAMES[e]] += 1
             if args.json:
@@ -116,6 +122,7 @@ def run_inspect(args) -> int:
                             "sid": sid or None,
                             "msg": by_sid[sid].msg if sid in by_sid else None,
                             "matches": int(r.alerts[i]),
+                            "sids": sids,
                             "uninspectable": ENC_NAMES[e],
                         }
                     )

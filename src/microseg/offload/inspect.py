@@ -14,11 +14,15 @@ Two parts, both batch functions over ``(Batch, FlowKeys)`` and a selection of ro
   content with its modifiers (``nocase``, ``offset``, ``depth``, ``distance``, ``within``,
   negation), with backtracking over earlier matches as Suricata does.
 
-Verdict per packet, Suricata's default action order: a matching ``pass`` rule wins (``PASS``),
-then ``drop`` (``DROP``), then ``alert`` (``ALERT``); ``NONE`` when no rule matched. Within an
-action the rule with the lowest ``priority`` value, then the earliest in the file, gives the
-``sid``. Rules the parser cannot handle raise :class:`~microseg.errors.InputError` naming file
-and line (or, with ``strict=False``, are skipped and listed in ``SignatureSet.skipped``).
+Addresses are resolved per family as Suricata does (a negation only removes addresses of its
+own family; a family with only negations starts from the whole family), ports likewise; a rule
+with content needs a payload. Verdict per packet, Suricata's default action order: a matching
+``pass`` rule wins (``PASS``), then ``drop`` (``DROP``), then ``alert`` (``ALERT``); ``NONE``
+when no rule matched. Within an action the rule with the lowest ``priority`` value (explicit,
+else its ``classtype``'s), then the earliest in the file, gives the ``sid``; ``sids`` lists
+every rule that took effect, as Suricata logs every alert. Rules the parser cannot handle
+raise :class:`~microseg.errors.InputError` naming file and line (or, with ``strict=False``, are
+skipped and listed in ``SignatureSet.skipped``).
 """
 
 from __future__ import annotations
@@ -76,8 +80,55 @@ DEFAULT_VARS = {
     "TEREDO_PORTS": "3544",
 }
 
-# Keywords accepted and kept only as metadata.
-_META_KEYWORDS = {"classtype", "reference", "metadata", "gid", "target", "noalert"}
+# Keywords that only describe a rule (its alert record), in Suricata as here: kept as metadata.
+_META_KEYWORDS = {"reference", "metadata", "gid", "target"}
+# ``classtype`` gives a rule its priority unless ``priority`` is set: the classtypes and
+# priorities of the classification.config that Suricata ships.
+CLASSTYPE_PRIORITY = {
+    "not-suspicious": 3,
+    "unknown": 3,
+    "bad-unknown": 2,
+    "attempted-recon": 2,
+    "successful-recon-limited": 2,
+    "successful-recon-largescale": 2,
+    "attempted-dos": 2,
+    "successful-dos": 2,
+    "attempted-user": 1,
+    "unsuccessful-user": 1,
+    "successful-user": 1,
+    "attempted-admin": 1,
+    "successful-admin": 1,
+    "rpc-portmap-decode": 2,
+    "shellcode-detect": 1,
+    "string-detect": 3,
+    "suspicious-filename-detect": 2,
+    "suspicious-login": 2,
+    "system-call-detect": 2,
+    "tcp-connection": 4,
+    "trojan-activity": 1,
+    "unusual-client-port-connection": 2,
+    "network-scan": 3,
+    "denial-of-service": 2,
+    "non-standard-protocol": 2,
+    "protocol-command-decode": 3,
+    "web-application-activity": 2,
+    "web-application-attack": 1,
+    "misc-activity": 3,
+    "misc-attack": 2,
+    "icmp-event": 3,
+    "inappropriate-content": 1,
+    "policy-violation": 1,
+    "default-login-attempt": 2,
+    "targeted-activity": 1,
+    "exploit-kit": 1,
+    "external-ip-check": 2,
+    "domain-c2": 1,
+    "pup-activity": 2,
+    "credential-theft": 1,
+    "social-engineering": 2,
+    "coin-mining": 2,
+    "command-and-control": 1,
+}
 # Content modifiers and keywords the subset does not implement, with a hint.
 _UNSUPPORTED_HINT = {
     "pcre": "regular expressions are not supported",
@@ -89,6 +140,7 @@ _UNSUPPORTED_HINT = {
     "threshold": "threshold is not supported",
     "detection_filter": "detection_filter is not supported",
     "rawbytes": "rawbytes is not supported",
+    "noalert": "noalert only makes sense with flowbits, which are not supported",
 }
 
 
@@ -114,10 +166,10 @@ class Signature:
 
     action: int
     protos: tuple | None
-    src: tuple  # (include intervals, exclude intervals) over 128-bit addresses
-    sport: tuple  # (include ranges, exclude ranges) or None = any
+    src: tuple  # (IPv4 intervals, IPv6 intervals): what the address matches, per family
+    sport: tuple | None  # port ranges, None = any port
     dst: tuple
-    dport: tuple
+    dport: tuple | None
     bidirectional: bool
     sid: int
     rev: int = 0
@@ -127,6 +179,7 @@ class Signature:
     flow_dir: int = 0  # 0 any, 1 to_server, 2 to_client
     flow_state: int = 0  # 0 any, 1 established, 2 not_established
     dsize: tuple | None = None
+    classtype: str | None = None
     line: int = 0
     text: str = ""
 
@@ -163,104 +216,149 @@ def _split_list(text: str) -> list[str]:
     return items
 
 
-def _expand(text: str, variables: dict, seen=()) -> str:
-    text = text.strip()
-    neg = ""
-    while text.startswith("!"):
-        neg = "!" if not neg else ""
-        text = text[1:].strip()
-    if text.startswith("$"):
-        name = text[1:]
-        if name not in variables:
-            raise _RuleError(f"undefined variable ${name}")
-        if name in seen:
-            raise _RuleError(f"variable ${name} refers to itself")
-        inner = _expand(variables[name], variables, seen + (name,))
-        return f"{neg}[{inner}]" if neg else inner
-    return neg + text
+_FULL4 = ((0, (1 << 32) - 1),)
+_FULL6 = ((0, _FULL),)
+_FULL_PORTS = ((0, 65535),)
 
 
-def _parse_addr(text: str, variables: dict, seen=()):
-    """(include, exclude) lists of (lo, hi) 128-bit intervals; include None = everything."""
+def _norm(ivs) -> tuple:
+    """Sorted, merged, disjoint ``(lo, hi)`` intervals."""
+    out: list[list[int]] = []
+    for lo, hi in sorted(ivs):
+        if out and lo <= out[-1][1] + 1:
+            out[-1][1] = max(out[-1][1], hi)
+        else:
+            out.append([lo, hi])
+    return tuple((lo, hi) for lo, hi in out)
+
+
+def _subtract(a, b) -> tuple:
+    """Intervals ``a`` minus intervals ``b`` (both normalised)."""
+    out = []
+    for lo, hi in a:
+        cur = lo
+        for blo, bhi in b:
+            if bhi < cur or blo > hi:
+                continue
+            if blo > cur:
+                out.append((cur, blo - 1))
+            cur = max(cur, bhi + 1)
+            if cur > hi:
+                break
+        if cur <= hi:
+            out.append((cur, hi))
+    return tuple(out)
+
+
+def _strip_neg(text: str) -> tuple[bool, str]:
     text = text.strip()
-    neg = False
-    while text.startswith("!"):
-        neg, text = not neg, text[1:].strip()
+    if not text.startswith("!"):
+        return False, text
+    text = text[1:].strip()
+    if text.startswith("!"):
+        raise _RuleError(f"double negation '!!{text[1:]}' is not supported")
+    return True, text
+
+
+def _var(text: str, variables: dict, seen: tuple, kind: str) -> tuple[str, tuple]:
+    name = text[1:]
+    if name not in variables:
+        raise _RuleError(f"undefined {kind} variable ${name}")
+    if name in seen:
+        raise _RuleError(f"variable ${name} refers to itself")
+    return variables[name], seen + (name,)
+
+
+def _addr_collect(text: str, variables: dict, seen: tuple, acc: dict) -> None:
+    """Flatten an address expression into positive and negated blocks per family, the way
+    Suricata's address parser does: an item or variable is positive or negated; a negated list
+    ``![...]`` (or ``!$VAR``) is first resolved on its own, and what it covers is negated."""
+    neg, text = _strip_neg(text)
     if text.startswith("$"):
-        name = text[1:]
-        if name not in variables:
-            raise _RuleError(f"undefined address variable ${name}")
-        if name in seen:
-            raise _RuleError(f"variable ${name} refers to itself")
-        inc, exc = _parse_addr(variables[name], variables, seen + (name,))
+        body, seen2 = _var(text, variables, seen, "address")
+        if neg:
+            v4, v6 = _addr_merge(_addr_acc(body, variables, seen2))
+            acc["n4"] += v4
+            acc["n6"] += v6
+        else:
+            _addr_collect(body, variables, seen2, acc)
     elif text == "any":
-        inc, exc = None, []
+        if neg:
+            raise _RuleError("'!any' matches nothing (the complete address space is negated)")
+        acc["p4"] += _FULL4
+        acc["p6"] += _FULL6
     elif text.startswith("["):
         if not text.endswith("]"):
             raise _RuleError(f"unbalanced address list {text!r}")
-        inc, exc = [], []
-        any_pos = False
-        for item in _split_list(text[1:-1]):
-            i2, e2 = _parse_addr(item, variables, seen)
-            if i2 is None and not e2:
-                any_pos = True
-            elif i2 is None:
-                exc += e2  # [!x, ...]: an item that is a pure negation
-            else:
-                inc += i2
-                exc += e2
-        if any_pos or (not inc and exc):
-            inc = None
+        if neg:
+            v4, v6 = _addr_merge(_addr_acc(text, variables, seen))
+            acc["n4"] += v4
+            acc["n6"] += v6
+        else:
+            for item in _split_list(text[1:-1]):
+                _addr_collect(item, variables, seen, acc)
     else:
         try:
             net = ipaddress.ip_network(text, strict=False)
         except ValueError:
             raise _RuleError(f"bad address {text!r}") from None
-        if net.version == 4:
-            lo = _V4 | int(net.network_address)
-            hi = _V4 | int(net.broadcast_address)
-        else:
-            lo, hi = int(net.network_address), int(net.broadcast_address)
-        inc, exc = [(lo, hi)], []
-    if neg:
-        if inc is None and not exc:
-            raise _RuleError("'!any' matches nothing")
-        if inc is None:  # !(any except X) = X
-            return list(exc), []
-        if exc:
-            raise _RuleError(f"negation of a list with exclusions is not supported: !{text}")
-        return None, list(inc)
-    return inc, exc
+        fam = "4" if net.version == 4 else "6"
+        acc[("n" if neg else "p") + fam].append((int(net.network_address), int(net.broadcast_address)))
 
 
-def _parse_port(text: str, variables: dict, seen=()):
-    """(include ranges or None for any, exclude ranges)."""
-    text = text.strip()
-    neg = False
-    while text.startswith("!"):
-        neg, text = not neg, text[1:].strip()
+def _addr_acc(text: str, variables: dict, seen: tuple) -> dict:
+    acc: dict = {"p4": [], "p6": [], "n4": [], "n6": []}
+    _addr_collect(text, variables, seen, acc)
+    return acc
+
+
+def _addr_merge(acc: dict) -> tuple[tuple, tuple]:
+    """Positive minus negated blocks, per family. A family with negated blocks but no positive
+    ones starts from the whole family (``!1.2.3.4`` is every IPv4 address but 1.2.3.4, and no
+    IPv6 address); a family with neither is empty."""
+    n4, n6 = _norm(acc["n4"]), _norm(acc["n6"])
+    if n4 == _FULL4:
+        raise _RuleError("the complete IPv4 address space is negated: the address matches nothing")
+    p4 = _norm(acc["p4"]) or (_FULL4 if n4 else ())
+    p6 = _norm(acc["p6"]) or (_FULL6 if n6 else ())
+    v4, v6 = _subtract(p4, n4), _subtract(p6, n6)
+    if not v4 and not v6:
+        raise _RuleError("no addresses left after merging addresses and negated addresses")
+    return v4, v6
+
+
+def _parse_addr(text: str, variables: dict, seen=()) -> tuple[tuple, tuple]:
+    """``(ipv4 intervals, ipv6 intervals)``: sorted disjoint ``(lo, hi)`` per address family
+    (IPv4 as 32-bit numbers, IPv6 as 128-bit ones)."""
+    return _addr_merge(_addr_acc(text, variables, seen))
+
+
+def _port_collect(text: str, variables: dict, seen: tuple, acc: dict, negated: bool, alone: bool) -> None:
+    """Flatten a port expression into positive and negated ranges. Inside a negated list every
+    item is negated; a negated item there is refused unless it is the list's only item (then
+    the two negations cancel), because Suricata's answer for it depends on the items' order."""
+    neg, text = _strip_neg(text)
+    if neg and negated:
+        if not alone:
+            raise _RuleError(
+                f"negated port !{text} inside a negated port list is not supported "
+                "(its meaning depends on the order of the list's items)"
+            )
+        neg, negated = False, False
+    neg = neg or negated
     if text.startswith("$"):
-        name = text[1:]
-        if name not in variables:
-            raise _RuleError(f"undefined port variable ${name}")
-        if name in seen:
-            raise _RuleError(f"variable ${name} refers to itself")
-        inc, exc = _parse_port(variables[name], variables, seen + (name,))
+        body, seen2 = _var(text, variables, seen, "port")
+        _port_collect(body, variables, seen2, acc, neg, True)
     elif text == "any":
-        inc, exc = None, []
+        if neg:
+            raise _RuleError("'!any' matches no port (the complete port space is negated)")
+        acc["p"] += _FULL_PORTS
     elif text.startswith("["):
         if not text.endswith("]"):
             raise _RuleError(f"unbalanced port list {text!r}")
-        inc, exc, any_pos = [], [], False
-        for item in _split_list(text[1:-1]):
-            i2, e2 = _parse_port(item, variables, seen)
-            if i2 is None and not e2:
-                any_pos = True
-            elif i2 is not None:
-                inc += i2
-            exc += e2
-        if any_pos or (not inc and exc):
-            inc = None
+        items = _split_list(text[1:-1])
+        for item in items:
+            _port_collect(item, variables, seen, acc, neg, len(items) == 1)
     else:
         m = re.fullmatch(r"(\d*)\s*:\s*(\d*)|(\d+)", text)
         if not m or (m.group(3) is None and not (m.group(1) or m.group(2))):
@@ -272,16 +370,22 @@ def _parse_port(text: str, variables: dict, seen=()):
             hi = int(m.group(2)) if m.group(2) else 65535
         if not 0 <= lo <= hi <= 65535:
             raise _RuleError(f"bad port range {text!r}")
-        inc, exc = [(lo, hi)], []
-    if neg:
-        if inc is None and not exc:
-            raise _RuleError("'!any' matches no port")
-        if inc is None:
-            return list(exc), []
-        if exc:
-            raise _RuleError(f"negation of a port list with exclusions is not supported: !{text}")
-        return None, list(inc)
-    return inc, exc
+        acc["n" if neg else "p"].append((lo, hi))
+
+
+def _parse_port(text: str, variables: dict, seen=()) -> tuple | None:
+    """Sorted disjoint ``(lo, hi)`` port ranges, or None for any port: the positive ranges (all
+    ports when there are only negated ones) minus the negated ones."""
+    acc: dict = {"p": [], "n": []}
+    _port_collect(text, variables, seen, acc, False, True)
+    n = _norm(acc["n"])
+    if n == _FULL_PORTS:
+        raise _RuleError("the complete port space is negated: the port matches nothing")
+    p = _norm(acc["p"]) or _FULL_PORTS
+    out = _subtract(p, n)
+    if not out:
+        raise _RuleError("no ports left after merging ports with negated ports")
+    return None if out == _FULL_PORTS else out
 
 
 def _content_bytes(text: str) -> bytes:
@@ -426,9 +530,11 @@ def parse_rule(text: str, variables: dict | None = None, line: int = 0) -> Signa
         line=line,
         text=text,
     )
-    if proto in ("icmp", "ip") and (sig.sport != (None, []) or sig.dport != (None, [])):
+    if proto in ("icmp", "ip") and (sig.sport is not None or sig.dport is not None):
         raise _RuleError(f"ports given for protocol {proto!r}, which has none")
     last = None
+    priority_set = False
+    fast_patterns = 0
     for key, val in _split_options(body):
         key = key.lower()
         if key == "msg":
@@ -444,11 +550,20 @@ def parse_rule(text: str, variables: dict | None = None, line: int = 0) -> Signa
             if last is None:
                 raise _RuleError(f"{key} needs a preceding content")
             if key == "nocase":
+                if last.nocase:
+                    raise _RuleError("nocase given twice for one content")
                 last.nocase = True
             elif key == "fast_pattern":
                 if val is not None and val.strip() != "only":
                     raise _RuleError("fast_pattern with a chop range is not supported")
+                if last.fast_pattern:
+                    raise _RuleError("fast_pattern given twice for one content")
+                fast_patterns += 1
+                if fast_patterns > 1:
+                    raise _RuleError("fast_pattern can be used on only one content in a rule")
                 last.fast_pattern = True
+            elif getattr(last, key) is not None:
+                raise _RuleError(f"{key} given twice for one content")
             elif key in ("offset", "depth"):
                 if last.relative:
                     raise _RuleError(f"{key} cannot be mixed with distance/within on one content")
@@ -475,28 +590,52 @@ def parse_rule(text: str, variables: dict | None = None, line: int = 0) -> Signa
             sig.rev = _int(val, "rev", 0)
         elif key == "priority":
             sig.priority = _int(val, "priority", 1)
+            priority_set = True
+        elif key == "classtype":
+            name = (val or "").strip()
+            if name not in CLASSTYPE_PRIORITY:
+                raise _RuleError(
+                    f"unknown classtype {name!r} (known: those of Suricata's stock classification.config)"
+                )
+            sig.classtype = name
         elif key == "flow":
             if val is None:
                 raise _RuleError("flow needs options")
+            dirs, states = set(), set()
             for f in (x.strip() for x in val.split(",")):
                 if f in ("to_server", "from_client"):
-                    sig.flow_dir = 1
+                    dirs.add(1)
                 elif f in ("to_client", "from_server"):
-                    sig.flow_dir = 2
-                elif f == "established":
-                    sig.flow_state = 1
-                elif f in ("not_established", "stateless"):
-                    sig.flow_state = 2 if f == "not_established" else 0
-                elif f in ("no_stream", "only_stream"):
-                    pass  # packets are inspected one by one anyway
+                    dirs.add(2)
+                elif f in ("established", "not_established", "stateless"):
+                    states.add(f)
+                elif f == "no_stream":
+                    pass  # match packets, not the reassembled stream: what is done anyway
+                elif f == "only_stream":
+                    raise _RuleError(
+                        "unsupported flow option 'only_stream': packets are inspected one by one, "
+                        "there is no reassembled stream to match"
+                    )
                 else:
                     raise _RuleError(f"unsupported flow option {f!r}")
+            if len(dirs) > 1:
+                raise _RuleError("flow cannot be both to_server and to_client")
+            if len(states) > 1:
+                raise _RuleError("flow options " + ", ".join(sorted(states)) + " cannot be combined")
+            sig.flow_dir = dirs.pop() if dirs else 0
+            st = states.pop() if states else "stateless"
+            sig.flow_state = {"established": 1, "not_established": 2, "stateless": 0}[st]
         elif key == "dsize":
+            if sig.dsize is not None:
+                raise _RuleError("dsize given twice in one rule")
             m = re.fullmatch(r"\s*(<|>)?\s*(\d+)\s*(?:<>\s*(\d+))?\s*", val or "")
-            if not m:
+            if not m or (m.group(1) and m.group(3) is not None):
                 raise _RuleError(f"bad dsize {val!r} (N, <N, >N or N<>M)")
             if m.group(3) is not None:
-                sig.dsize = ("<>", int(m.group(2)), int(m.group(3)))
+                lo, hi = int(m.group(2)), int(m.group(3))
+                if lo >= hi:
+                    raise _RuleError(f"bad dsize range {val!r} (N<>M needs N < M)")
+                sig.dsize = ("<>", lo, hi)
             else:
                 sig.dsize = (m.group(1) or "=", int(m.group(2)), 0)
         elif key in _META_KEYWORDS:
@@ -512,7 +651,28 @@ def parse_rule(text: str, variables: dict | None = None, line: int = 0) -> Signa
         raise _RuleError("rule has no sid")
     if sig.contents and all(c.negated for c in sig.contents) and any(c.relative for c in sig.contents):
         raise _RuleError("relative modifiers need a positive content before them")
+    if not priority_set and sig.classtype is not None:
+        sig.priority = CLASSTYPE_PRIORITY[sig.classtype]
+    _check_dsize(sig)
     return sig
+
+
+def _check_dsize(sig: Signature) -> None:
+    """Refuse contents that cannot fit in the payload sizes ``dsize`` allows, as Suricata does:
+    the contents' lengths plus their distances, plus the largest offset, must not exceed the
+    largest size (N for ``N`` and ``<N``, M for ``N<>M``); a negated content whose ``within``
+    is its own length does not count."""
+    if sig.dsize is None or not sig.contents or sig.dsize[0] == ">":
+        return
+    edge = sig.dsize[2] if sig.dsize[0] == "<>" else sig.dsize[1]
+    total = sum(
+        len(c.pattern) + (c.distance or 0)
+        for c in sig.contents
+        if not (c.negated and c.within == len(c.pattern))
+    )
+    need = total + max((c.offset or 0) for c in sig.contents)
+    if need > edge:
+        raise _RuleError(f"the contents need {need} bytes of payload, more than dsize allows ({edge})")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -521,11 +681,21 @@ def parse_rule(text: str, variables: dict | None = None, line: int = 0) -> Signa
 _LOWER = bytes.maketrans(bytes(range(65, 91)), bytes(range(97, 123)))
 
 
-def _in_set(x: int, spec) -> bool:
-    inc, exc = spec
-    if inc is not None and not any(lo <= x <= hi for lo, hi in inc):
-        return False
-    return not any(lo <= x <= hi for lo, hi in exc)
+def port_in(port: int, spec: tuple | None) -> bool:
+    """Is the port in a parsed port spec (None: any port)?"""
+    return spec is None or any(lo <= port <= hi for lo, hi in spec)
+
+
+def addr_in(addr: int, spec: tuple, ipv6: bool | None = None) -> bool:
+    """Is the address in a parsed address spec? ``addr`` is 128 bits, IPv4 as ``::ffff:a.b.c.d``
+    (as the parser stores it); ``ipv6`` says the family (default: IPv4 when IPv4-mapped). An
+    address is only ever matched against its own family's part of the spec."""
+    if ipv6 is None:
+        ipv6 = addr >> 32 != 0xFFFF
+    if ipv6:
+        return any(lo <= addr <= hi for lo, hi in spec[1])
+    a = addr & 0xFFFFFFFF
+    return any(lo <= a <= hi for lo, hi in spec[0])
 
 
 def _find_all(hay: bytes, pat: bytes, start: int, stop: int):
@@ -597,6 +767,7 @@ class InspectionResult:
     sid: np.ndarray  # int64: sid of the deciding rule, 0 when none
     alerts: np.ndarray  # int32: number of matching rules
     encrypted: np.ndarray  # uint8: ENC_* reason the payload is not inspectable
+    sids: dict = field(default_factory=dict)  # row -> sids of every rule that took effect
 
 
 class SignatureSet:
@@ -679,18 +850,18 @@ class SignatureSet:
         return cls.from_text(text, str(path), variables, strict)
 
     # -- per packet --------------------------------------------------------------------------
-    def _header_ok(self, s: Signature, proto, src, dst, sp, dp, has_ports) -> bool:
+    def _header_ok(self, s: Signature, proto, src, dst, sp, dp, has_ports, ipv6) -> bool:
         if s.protos is not None and proto not in s.protos:
             return False
-        ports_any = s.sport == (None, []) and s.dport == (None, [])
+        ports_any = s.sport is None and s.dport is None
         if not has_ports and not ports_any:
             return False
 
         def one(a_src, a_dst, p_s, p_d):
             return (
-                _in_set(a_src, s.src)
-                and _in_set(a_dst, s.dst)
-                and (ports_any or (_in_set(p_s, s.sport) and _in_set(p_d, s.dport)))
+                addr_in(a_src, s.src, ipv6)
+                and addr_in(a_dst, s.dst, ipv6)
+                and (ports_any or (port_in(p_s, s.sport) and port_in(p_d, s.dport)))
             )
 
         if one(src, dst, sp, dp):
@@ -708,8 +879,10 @@ class SignatureSet:
         has_ports: bool = True,
         reply: bool = False,
         established: bool | None = None,
+        ipv6: bool | None = None,
     ):
-        """Matching signatures' indices in decision order (for one packet's fields)."""
+        """Matching signatures' indices in decision order (for one packet's fields; ``ipv6``:
+        the packet's family, by default IPv6 unless the addresses are IPv4-mapped)."""
         lowered = payload.translate(_LOWER)
         cand = set(self._always)
         if self._has_words and payload:
@@ -718,7 +891,7 @@ class SignatureSet:
         out = []
         for i in sorted(cand, key=self._rank.__getitem__):
             s = self.signatures[i]
-            if not self._header_ok(s, proto, src, dst, sport, dport, has_ports):
+            if not self._header_ok(s, proto, src, dst, sport, dport, has_ports, ipv6):
                 continue
             if s.flow_dir and (s.flow_dir == 2) != reply:
                 continue
@@ -731,8 +904,8 @@ class SignatureSet:
                     continue
             if s.dsize is not None and not _dsize_ok(s.dsize, len(payload)):
                 continue
-            if s.contents and not contents_match(s.contents, payload, lowered):
-                continue
+            if s.contents and (not payload or not contents_match(s.contents, payload, lowered)):
+                continue  # payload keywords (negated contents too) need a payload
             out.append(i)
         return out
 
@@ -769,13 +942,24 @@ class SignatureSet:
                 bool(u8[B.FLAGS, i] & B.F_PORTS),
                 reply,
                 est,
+                int(u8[B.IP_VER, i]) == 6,
             )
             if hits:
                 s = self.signatures[hits[0]]
                 res.verdict[i] = s.action
                 res.sid[i] = s.sid
                 res.alerts[i] = len(hits)
+                res.sids[i] = self.logged_sids(hits)
         return res
+
+    def logged_sids(self, hits) -> tuple[int, ...]:
+        """The sids Suricata would log for a packet whose matching rules are ``hits`` (decision
+        order): every matching drop and alert rule, or nothing but the first when that is a
+        ``pass`` rule (a pass match ends the packet's inspection, and is reported here only so
+        the verdict has a sid)."""
+        if hits and self.signatures[hits[0]].action == PASS:
+            return (self.signatures[hits[0]].sid,)
+        return tuple(self.signatures[h].sid for h in hits)
 
 
 def _rows(rows, n):
