@@ -1,9 +1,12 @@
 """Inspection hand-off: the first packets of each allowed flow are inspected, then the flow is
 offloaded to the fast path, kept on the inspected path, or blocked.
 
-Per flow (keyed like the fast path: the flow key, one entry per direction) a small state
-machine runs in a Numba kernel over the batch, with a Python step between for the signature
-scan (:class:`~microseg.offload.inspect.SignatureSet`; pyahocorasick is a Python API):
+Per flow (one entry for both directions: the fast path's flow key with the ingress port left
+out and the two endpoints in a fixed order, see :func:`flow_pair_keys`) a small state machine
+runs in a Numba kernel over the batch, with a Python step between for the signature scan
+(:class:`~microseg.offload.inspect.SignatureSet`; pyahocorasick is a Python API). As in
+Suricata, a verdict is the flow's, not one direction's: a ``pass`` match passes both
+directions, a ``drop`` match blocks both.
 
 =============  ==================================================================  ==========
 state          entered when                                                        offered?
@@ -13,7 +16,9 @@ CLEAN          ``n_inspect`` packets inspected with no rule matching            
 PASSED         a ``pass`` rule matched (Suricata passes the whole flow)              yes
 ENCRYPTED      the payload cannot be inspected (TLS, QUIC, ESP) and policy allows   yes
 ELEPHANT       the flow carried ``elephant_bytes`` while still being inspected      yes
-ALERTED        an ``alert`` rule matched: stays on the inspected path, logged        no
+ALERTED        an ``alert`` rule matched: the rest of its first ``n_inspect``        no
+               packets are still inspected (a later ``drop`` blocks it, a later
+               ``pass`` passes it), and it stays on the inspected path
 BLOCKED        a ``drop`` rule matched: this and every later packet is dropped       no
 =============  ==================================================================  ==========
 
@@ -33,6 +38,7 @@ from numba import njit
 
 from ..cache import key as K
 from ..cache.core import SlotTable, find_slot, remove_slots
+from ..classify import rules as R
 from .inspect import ALERT, DROP, ENC_NAMES, ENC_NONE, PASS, SignatureSet, uninspectable
 from .table import OFFER_OK, OFFER_PRESENT, FastPathTable, _rows
 
@@ -77,6 +83,62 @@ class HandoffResult:
     encrypted: np.ndarray  # uint8: inspect.ENC_* reason (inspected rows only)
     offered: np.ndarray  # bool: this packet offered its flow to the fast path
     outcome: np.ndarray  # uint8: table.OFFER_* for offered rows, 255 otherwise
+
+
+_IN_PORT_MASK = np.uint64(~(0xFFFF << R.SH_IN_PORT) & 0xFFFFFFFFFFFFFFFF)
+_PAIR_SEED = 0x0FF2
+
+
+@njit(cache=True)
+def _pair_keys(fk, valid, out, hashes, rev):
+    """One key for both directions of a flow: the ingress port cleared, the endpoints (address,
+    port) in ascending order, ICMP echo replies as requests; ``rev``: the endpoints were swapped."""
+    m16 = np.uint64(0xFFFF)
+    for i in range(fk.shape[0]):
+        for w in range(K.W):
+            out[i, w] = fk[i, w]
+        rev[i] = False
+        if not valid[i]:
+            hashes[i] = 0
+            continue
+        out[i, K.K_META] = fk[i, K.K_META] & _IN_PORT_MASK
+        l4 = fk[i, K.K_L4]
+        kind = (fk[i, K.K_CT] >> np.uint64(K.SH_KIND)) & np.uint64(0xF)
+        sp = (l4 >> np.uint64(K.SH_SPORT)) & m16
+        dp = (l4 >> np.uint64(K.SH_DPORT)) & m16
+        if kind & np.uint64(K.KIND_ICMP):
+            t = (l4 >> np.uint64(K.SH_ICMP_TYPE)) & np.uint64(0xFF)
+            nt = t
+            if t == np.uint64(0):
+                nt = np.uint64(8)
+            elif t == np.uint64(129):
+                nt = np.uint64(128)
+            l4 = (l4 & ~(np.uint64(0xFF) << np.uint64(K.SH_ICMP_TYPE))) | (nt << np.uint64(K.SH_ICMP_TYPE))
+        a0, a1 = fk[i, K.K_SRC_HI], fk[i, K.K_SRC_LO]
+        b0, b1 = fk[i, K.K_DST_HI], fk[i, K.K_DST_LO]
+        if a0 > b0 or (a0 == b0 and (a1 > b1 or (a1 == b1 and sp > dp))):
+            rev[i] = True
+            out[i, K.K_SRC_HI], out[i, K.K_SRC_LO] = b0, b1
+            out[i, K.K_DST_HI], out[i, K.K_DST_LO] = a0, a1
+            if kind & np.uint64(K.KIND_PORTS):
+                l4 = (
+                    (l4 & ~((m16 << np.uint64(K.SH_SPORT)) | (m16 << np.uint64(K.SH_DPORT))))
+                    | (dp << np.uint64(K.SH_SPORT))
+                    | (sp << np.uint64(K.SH_DPORT))
+                )
+        out[i, K.K_L4] = l4
+        hashes[i] = K.hash_row(out, i, _PAIR_SEED)
+
+
+def flow_pair_keys(fk, valid):
+    """``(keys, hashes, reversed)``: the inspection state's key of each packet's flow, the same
+    for both directions (from the fast path's flow keys ``fk``)."""
+    n = fk.shape[0]
+    out = np.empty((n, K.W), np.uint64)
+    h = np.empty(n, np.uint64)
+    rev = np.empty(n, np.bool_)
+    _pair_keys(fk, np.asarray(valid[:n], np.bool_), out, h, rev)
+    return out, h, rev
 
 
 @njit(cache=True)
@@ -135,7 +197,7 @@ def _admit(
         pkts[s] += 1
         byts[s] += wire_len[i]
         need[j] = False
-        if state[s] == INSPECTING and n_insp[s] < n_inspect:
+        if (state[s] == INSPECTING or state[s] == ALERTED) and n_insp[s] < n_inspect:
             need[j] = True
             n_insp[s] += 1
         seq[j] = n_insp[s]
@@ -145,6 +207,7 @@ def _admit(
 @njit(cache=True)
 def _decide(
     rows,
+    rev,
     slot_of,
     need,
     seq,
@@ -165,7 +228,7 @@ def _decide(
     for j in range(rows.shape[0]):
         i = rows[j]
         s = slot_of[j]
-        if need[j] and state[s] != INSPECTING:
+        if need[j] and state[s] != INSPECTING and state[s] != ALERTED:
             # an earlier packet of this batch ended the flow's inspection: as if never scanned
             need[j] = False
             verdict[i] = 0
@@ -177,15 +240,16 @@ def _decide(
                 state[s] = BLOCKED
                 sid[s] = sids[i]
             elif state[s] != BLOCKED:
-                if v == ALERT:
-                    state[s] = ALERTED
+                if v == PASS:
+                    state[s] = PASSED
                     sid[s] = sids[i]
+                elif v == ALERT:
+                    if state[s] != ALERTED:
+                        sid[s] = sids[i]
+                    state[s] = ALERTED
                     ctr[C_ALERTED] += 1
                 elif state[s] == INSPECTING:
-                    if v == PASS:
-                        state[s] = PASSED
-                        sid[s] = sids[i]
-                    elif enc[i] != ENC_NONE:
+                    if enc[i] != ENC_NONE:
                         state[s] = ENCRYPTED
                     elif seq[j] >= n_inspect:
                         state[s] = CLEAN
@@ -198,8 +262,9 @@ def _decide(
             ctr[C_DROPPED] += 1
             continue
         st = state[s]
-        if (st == CLEAN or st == PASSED or st == ENCRYPTED or st == ELEPHANT) and batch_mark[s] != clock:
-            batch_mark[s] = clock
+        d = 1 if rev[j] else 0
+        if (st == CLEAN or st == PASSED or st == ENCRYPTED or st == ELEPHANT) and batch_mark[s, d] != clock:
+            batch_mark[s, d] = clock  # each direction is its own fast-path entry
             offer[i] = True
 
 
@@ -235,7 +300,7 @@ class FlowInspector:
         self.pkts = np.zeros(cap, np.int64)
         self.byts = np.zeros(cap, np.int64)
         self.sid = np.zeros(cap, np.int64)
-        self.mark = np.zeros(cap, np.uint64)
+        self.mark = np.zeros((cap, 2), np.uint64)
         self.counters = np.zeros(len(COUNTERS), np.int64)
         self._clock = 1
 
@@ -257,6 +322,8 @@ class FlowInspector:
         if rows.size == 0:
             return res
         fk, fh = self.table.flow_keys(kmat, valid) if flow is None else flow
+        pk, ph, prev = flow_pair_keys(fk, valid)
+        rrev = prev[rows]
         wire = np.asarray(batch.wire_len, np.int64)
         slot_of = np.empty(rows.shape[0], np.int64)
         need = np.empty(rows.shape[0], np.bool_)
@@ -266,8 +333,8 @@ class FlowInspector:
         clock = np.uint64(self._clock)
         self._clock += 1
         _admit(
-            fk,
-            fh,
+            pk,
+            ph,
             rows,
             wire,
             self.n_inspect,
@@ -298,6 +365,7 @@ class FlowInspector:
                 res.encrypted[:] = uninspectable(batch, keys, irows)
         _decide(
             rows,
+            rrev,
             slot_of,
             need,
             seq,
@@ -331,10 +399,11 @@ class FlowInspector:
         rows = np.arange(kmat.shape[0]) if rows is None else _rows(rows, kmat.shape[0])
         rows = rows[np.asarray(valid)[rows]]
         fk, fh = self.table.flow_keys(kmat, valid)
+        pk, ph, _ = flow_pair_keys(fk, valid)
         n = int(
             remove_slots(
-                fk,
-                fh,
+                pk,
+                ph,
                 rows.astype(np.int64),
                 self.t.keys,
                 self.t.tag,
@@ -364,12 +433,16 @@ class FlowInspector:
 __all__ = ["FlowInspector", "HandoffResult", "STATE_NAMES", "ENC_NAMES"]
 
 
-def handoff_ref(flows, wire_len, eligible, verdict, enc, sid, batch_of, n_inspect, elephant_bytes):
+def handoff_ref(
+    flows, wire_len, eligible, verdict, enc, sid, batch_of, n_inspect, elephant_bytes, direction=None
+):
     """Plain-Python reference of the per-flow state machine, for tests.
 
-    Per packet: ``flows[i]`` a hashable flow key, ``eligible[i]`` allowed and cacheable,
-    ``verdict/enc/sid[i]`` what inspection would say, ``batch_of[i]`` its batch number. Every
-    offer is assumed accepted. Returns ``(drop, inspected, offered, states)``.
+    Per packet: ``flows[i]`` a hashable flow key, the same for both directions of a flow;
+    ``direction[i]`` (default all 0) which direction the packet goes (each direction is offered
+    at most once per batch, being its own fast-path entry); ``eligible[i]`` allowed and
+    cacheable, ``verdict/enc/sid[i]`` what inspection would say, ``batch_of[i]`` its batch
+    number. Every offer is assumed accepted. Returns ``(drop, inspected, offered, states)``.
     """
     st = {}
     n = len(flows)
@@ -377,31 +450,31 @@ def handoff_ref(flows, wire_len, eligible, verdict, enc, sid, batch_of, n_inspec
     for i in range(n):
         if not eligible[i]:
             continue
-        f = st.setdefault(flows[i], {"state": INSPECTING, "n": 0, "bytes": 0, "mark": None})
+        f = st.setdefault(flows[i], {"state": INSPECTING, "n": 0, "bytes": 0, "mark": {}})
         f["bytes"] += int(wire_len[i])
-        need = f["state"] == INSPECTING and f["n"] < n_inspect
+        need = f["state"] in (INSPECTING, ALERTED) and f["n"] < n_inspect
         if need:
             f["n"] += 1
             inspected[i] = True
             v = verdict[i]
             if v == DROP:
-                f["state"] = BLOCKED
-            elif f["state"] != BLOCKED:
-                if v == ALERT:
-                    f["state"] = ALERTED
-                elif f["state"] == INSPECTING:
-                    if v == PASS:
-                        f["state"] = PASSED
-                    elif enc[i] != ENC_NONE:
-                        f["state"] = ENCRYPTED
-                    elif f["n"] >= n_inspect:
-                        f["state"] = CLEAN
+                f["state"] = BLOCKED  # Suricata drops the rest of the flow
+            elif v == PASS:
+                f["state"] = PASSED  # Suricata passes the rest of the flow, both directions
+            elif v == ALERT:
+                f["state"] = ALERTED  # logged; the flow's first packets are still inspected
+            elif f["state"] == INSPECTING:
+                if enc[i] != ENC_NONE:
+                    f["state"] = ENCRYPTED
+                elif f["n"] >= n_inspect:
+                    f["state"] = CLEAN
         if f["state"] == INSPECTING and elephant_bytes > 0 and f["bytes"] >= elephant_bytes:
             f["state"] = ELEPHANT
         if f["state"] == BLOCKED:
             drop[i] = True
             continue
-        if f["state"] in _OFFERABLE and f["mark"] != batch_of[i]:
-            f["mark"] = batch_of[i]
+        d = 0 if direction is None else int(direction[i])
+        if f["state"] in _OFFERABLE and f["mark"].get(d) != batch_of[i]:
+            f["mark"][d] = batch_of[i]
             offered[i] = True
     return drop, inspected, offered, {k: v["state"] for k, v in st.items()}
