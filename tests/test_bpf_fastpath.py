@@ -698,3 +698,187 @@ def test_live_offloaded_udp_bypasses_the_host_and_misses_pass(lab):
     fp.close()
     out = subprocess.run(["ip", "-n", h, "link", "show", "dev", "ha"], capture_output=True, text=True).stdout
     assert "xdp" not in out, out
+
+
+@pytest.fixture
+def vxlab():
+    """Two hosts (namespaces) joined by an underlay veth, one workload behind each."""
+    why = _bpf_skip_reason()
+    if why:
+        pytest.skip(why)
+    for tool in ("nsenter", "ethtool"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"needs {tool}")
+    tag = str(os.getpid())[-5:]
+    names = {k: f"{PREFIX}v{k}{tag}" for k in ("h1", "h2", "a", "b")}
+    procs: list[subprocess.Popen] = []
+    fps = {"h1": KernelFastPath(), "h2": KernelFastPath()}
+    state = {"names": names, "procs": procs, "fps": fps}
+    try:
+        for ns in names.values():
+            _sh("ip", "netns", "add", ns)
+        _sh(
+            "ip",
+            "-n",
+            names["h1"],
+            "link",
+            "add",
+            "u1",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "u2",
+            "netns",
+            names["h2"],
+        )
+        _sh("ip", "-n", names["h1"], "link", "set", "u1", "address", "02:00:00:00:01:01", "up")
+        _sh("ip", "-n", names["h2"], "link", "set", "u2", "address", "02:00:00:00:02:02", "up")
+        for w, host, ip, mac in (
+            ("a", "h1", "10.8.0.1", "02:00:00:00:0a:01"),
+            ("b", "h2", "10.8.0.2", "02:00:00:00:0b:01"),
+        ):
+            _sh(
+                "ip",
+                "-n",
+                names[host],
+                "link",
+                "add",
+                f"h{w}",
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                names[w],
+            )
+            _sh("ip", "-n", names[w], "link", "set", "eth0", "address", mac)
+            _sh("ip", "-n", names[w], "addr", "add", f"{ip}/24", "dev", "eth0")
+            _sh("ip", "-n", names[w], "link", "set", "eth0", "up")
+            _sh("ip", "-n", names[host], "link", "set", f"h{w}", "up")
+            _nsrun(names[w], "ethtool", "-K", "eth0", "tx", "off")
+        _sh(
+            "ip",
+            "-n",
+            names["a"],
+            "neigh",
+            "add",
+            "10.8.0.2",
+            "lladdr",
+            "02:00:00:00:0b:01",
+            "dev",
+            "eth0",
+            "nud",
+            "permanent",
+        )
+        _sh(
+            "ip",
+            "-n",
+            names["b"],
+            "neigh",
+            "add",
+            "10.8.0.1",
+            "lladdr",
+            "02:00:00:00:0a:01",
+            "dev",
+            "eth0",
+            "nud",
+            "permanent",
+        )
+        fps["h1"].load(name=f"vx1-{tag}")
+        fps["h2"].load(name=f"vx2-{tag}")
+        yield state
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait(timeout=10)
+        try:
+            for fp in fps.values():
+                fp.close()
+        finally:
+            for ns in names.values():
+                subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+def test_live_vxlan_encap_and_decap_between_two_hosts(vxlab):
+    names, fps = vxlab["names"], vxlab["fps"]
+    vni, ip1, ip2 = 7, "192.0.2.1", "192.0.2.2"
+    mac_a, mac_b, mu1, mu2 = (
+        "02:00:00:00:0a:01",
+        "02:00:00:00:0b:01",
+        "02:00:00:00:01:01",
+        "02:00:00:00:02:02",
+    )
+    side = {
+        "h1": {
+            "wl": "ha",
+            "wmac": mac_a,
+            "u": "u1",
+            "me": ip1,
+            "peer": ip2,
+            "umac": mu1,
+            "pmac": mu2,
+            "src": "10.8.0.1",
+            "dst": "10.8.0.2",
+            "sp": 41000,
+            "dp": 7100,
+        },
+        "h2": {
+            "wl": "hb",
+            "wmac": mac_b,
+            "u": "u2",
+            "me": ip2,
+            "peer": ip1,
+            "umac": mu2,
+            "pmac": mu1,
+            "src": "10.8.0.2",
+            "dst": "10.8.0.1",
+            "sp": 7100,
+            "dp": 41000,
+        },
+    }
+    keys = {}
+    for h, s in side.items():
+        fp, ns = fps[h], names[h]
+        wl, u = _ifindex(ns, s["wl"]), _ifindex(ns, s["u"])
+        fp.attach(wl, s["wl"], netns=f"/run/netns/{ns}")
+        fp.attach(u, s["u"], netns=f"/run/netns/{ns}")
+        fp.add_workload_port(wl, vni, s["wmac"])
+        fp.add_underlay_port(u, s["me"])
+        out = FlowKey(wl, vni, s["src"], s["dst"], 17, s["sp"], s["dp"])
+        inn = FlowKey(vni, vni, s["dst"], s["src"], 17, s["dp"], s["sp"], tunnel=True)
+        fp.install(
+            out,
+            FlowAction(
+                "encap", ifindex=u, template=vxlan_template(s["umac"], s["pmac"], s["me"], s["peer"], vni)
+            ),
+        )
+        fp.install(inn, FlowAction("decap", ifindex=wl, mac=s["wmac"], peer_ip=s["peer"]))
+        keys[h] = (out, inn)
+    for w in ("a", "b"):
+        fps["h1" if w == "a" else "h2"].attach(
+            _ifindex(names[w], "eth0"), "eth0", program="xdp_pass", netns=f"/run/netns/{names[w]}"
+        )
+    _start(vxlab, names["b"], UDP_ECHO, 7100)
+    client = subprocess.run(
+        _nsenter(names["a"], sys.executable, "-I", "-c", UDP_CLIENT, "10.8.0.2", "41000", "7100", "10", "60"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert client.stdout.split() == ["GOT", "10"], (
+        client.stdout + client.stderr + str({h: fp.stats() for h, fp in fps.items()})
+    )
+    for h in ("h1", "h2"):
+        flows = wait_for(
+            lambda h=h: (f := fps[h].read_flows()) and all(f[k].packets >= 10 for k in keys[h]) and f,
+            30,
+            f"{h}'s offloaded counters",
+        )
+        out, inn = keys[h]
+        # a decapsulated frame counts as received: outer headers (50) + Ethernet/IPv4/UDP (42) + payload
+        assert flows[inn].bytes >= flows[inn].packets * (50 + 42), flows[inn]
+        assert flows[out].bytes >= flows[out].packets * 42, flows[out]
+        st_ = fps[h].stats()
+        assert st_["redirect"] >= 20, st_

@@ -706,7 +706,7 @@ class KernelFastPath:
         self.prog_fds: dict[str, int] = {}
         self.pin_dir: str | None = None
         self._pins: list[str] = []
-        self._attached: dict[tuple[str | None, int], str] = {}
+        self._attached: dict[tuple[str | None, int], tuple[str, int]] = {}
 
     # -- can we? --------------------------------------------------------------------------
     @staticmethod
@@ -839,12 +839,12 @@ class KernelFastPath:
             set_link_xdp(ifindex, self.prog_fds[program], mode, netns)
         except BpfError as exc:
             raise BpfError(f"{ifname or ifindex}: {exc}") from None
-        self._attached[(netns, ifindex)] = ifname or str(ifindex)
+        self._attached[(netns, ifindex)] = (ifname or str(ifindex), mode)
 
     def detach(self, ifindex: int, *, netns: str | None = None) -> None:
-        name = self._attached.pop((netns, ifindex), str(ifindex))
+        name, mode = self._attached.pop((netns, ifindex), (str(ifindex), XDP_FLAGS_DRV_MODE))
         try:
-            set_link_xdp(ifindex, -1, XDP_FLAGS_DRV_MODE, netns)
+            set_link_xdp(ifindex, -1, mode, netns)
         except BpfError as exc:
             if "No such device" not in str(exc):
                 raise BpfError(f"{name}: {exc}") from None
