@@ -882,3 +882,86 @@ def test_live_vxlan_encap_and_decap_between_two_hosts(vxlab):
         assert flows[out].bytes >= flows[out].packets * 42, flows[out]
         st_ = fps[h].stats()
         assert st_["redirect"] >= 20, st_
+
+
+def _frames(batch) -> list[bytes]:
+    return [bytes(batch.data[o : o + n]) for o, n in zip(batch.offset, batch.length)]
+
+
+def test_encap_and_decap_equal_the_agents_own_vxlan(rig):
+    """With the template the agent would build (its outer header, its flow-hash source port),
+    the program's encapsulation is byte for byte the overlay module's; and decapsulating the
+    overlay module's frame gives back the inner frame."""
+    from microseg.overlay.tunnel import _entropy, encap, outer_template
+    from microseg.packet.batch import Batch
+
+    w0, w1, u0 = rig.idx["w0"], rig.idx["w1"], rig.idx["u0"]
+    umac, nmac = "02:00:00:00:00:55", "02:00:00:00:00:66"
+    for n, (src, dst, proto) in enumerate(
+        [("10.7.0.1", "10.7.0.2", 17), ("10.7.0.1", "10.7.0.3", 6), ("fd07::1", "fd07::2", 17)]
+    ):
+        sport, dport = 30000 + n, 443
+        if proto == 6:
+            inner = B.tcp_packet(
+                src, dst, sport, dport, b"data" * n, flags="A", eth_src=MAC_W0, eth_dst=MAC_W1
+            )
+        else:
+            inner = B.udp_packet(src, dst, sport, dport, b"u" * (10 + n), eth_src=MAC_W0, eth_dst=MAC_W1)
+        batch = Batch.from_packets([inner])
+        agent = _frames(encap(batch, "vxlan", Z0, LOCAL_IP, PEER_IP, src_mac=umac, dst_mac=nmac))[0]
+        tmpl = bytearray(outer_template("vxlan", LOCAL_IP, PEER_IP, src_mac=umac, dst_mac=nmac)[0])
+        struct.pack_into("!H", tmpl, 34, 49152 + (int(_entropy(batch)[0]) & 0x3FFF))
+        tmpl[46:49] = Z0.to_bytes(3, "big")
+        key = FlowKey(w0, Z0, src, dst, proto, sport, dport)
+        rig.flow(
+            key,
+            FlowAction("encap", ifindex=u0, template=bytes(tmpl)),
+            {"key": key, "kind": "encap", "dmac": MAC_W1, "i": -1},
+        )
+        want = _check(rig, inner, w0)
+        assert want.reason == "redirect" and want.redirect_ifindex == u0
+        assert want.frame == agent, f"\nfast path {want.frame.hex()}\nagent     {agent.hex()}"
+        # the peer's view: the agent's VXLAN frame arriving on our underlay, addressed to us
+        back = _frames(encap(batch, "vxlan", Z1, PEER_IP, LOCAL_IP, src_mac=nmac, dst_mac=umac))[0]
+        tkey = FlowKey(Z1, Z1, src, dst, proto, sport, dport, tunnel=True)
+        rig.flow(
+            tkey,
+            FlowAction("decap", ifindex=w1, mac=MAC_W1, peer_ip=PEER_IP),
+            {"key": tkey, "kind": "decap", "dmac": MAC_W1, "i": -1},
+        )
+        want = _check(rig, back, u0)
+        assert (want.reason, want.redirect_ifindex, want.frame) == ("redirect", w1, inner)
+
+
+def test_what_the_agent_must_see_passes(rig):
+    """ARP, neighbour discovery, ICMP errors, GENEVE, NVGRE and IPv6 underlay traffic: never
+    offloaded, always XDP_PASS unchanged, on every port."""
+    from microseg.overlay.tunnel import encap
+    from microseg.packet.batch import Batch
+
+    inner = B.udp_packet("10.7.0.1", "10.7.0.2", 1, 2, b"x", eth_src=MAC_W0, eth_dst=MAC_W1)
+    quoted = B.ipv4("10.7.0.2", "10.7.0.1", 17, B.udp(2, 1, b"x", src="10.7.0.2", dst="10.7.0.1"))
+    frames = [
+        B.arp_packet(1, MAC_W0, "10.7.0.1", "00:00:00:00:00:00", "10.7.0.2"),
+        B.arp_packet(2, MAC_W0, "10.7.0.1", MAC_W1, "10.7.0.2"),
+        B.ethernet(
+            B.ipv6(
+                "fe80::1",
+                "ff02::1:ff00:2",
+                58,
+                B.icmpv6(135, 0, b"\0" * 4, b"\0" * 16, src="fe80::1", dst="ff02::1:ff00:2"),
+            ),
+            0x86DD,
+            src=MAC_W0,
+        ),
+        B.ethernet(B.ipv4("10.7.0.1", "10.7.0.2", 1, B.icmp_error(3, 3, quoted)), src=MAC_W0, dst=MAC_W1),
+        B.ethernet(B.ipv4("10.7.0.1", "10.7.0.2", 47, b"\0" * 8), src=MAC_W0, dst=MAC_W1),
+        *_frames(encap(Batch.from_packets([inner]), "geneve", Z0, PEER_IP, LOCAL_IP)),
+        *_frames(encap(Batch.from_packets([inner]), "nvgre", Z0, PEER_IP, LOCAL_IP)),
+        *_frames(encap(Batch.from_packets([inner]), "vxlan", Z0, "2001:db8::2", "2001:db8::1")),
+        *_frames(encap(Batch.from_packets([inner]), "vxlan", Z0, PEER_IP, LOCAL_IP, dport=4790)),
+    ]
+    for frame in frames:
+        for ingress in (1, rig.idx["w0"], rig.idx["w1"], rig.idx["u0"]):
+            want = _check(rig, frame, ingress)
+            assert want.verdict == L.XDP_PASS and want.frame == frame
