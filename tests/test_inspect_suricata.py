@@ -119,6 +119,24 @@ def test_addresses_that_match_nothing_are_errors():
     assert "double negation" in rejected("alert tcp !!1.2.3.4 any -> any any (sid:1;)")
 
 
+def test_deep_nesting_is_an_error_not_a_traceback():
+    """Suricata stops address and port parsing at 64 levels of recursion ("address block
+    recursion limit reached (max 64)"); here too, with an error rather than a crash, for lists
+    and for chains of variables."""
+    deep = "[" * 70 + "1.2.3.4" + "]" * 70
+    assert "nested more than 64 deep" in rejected(f"alert tcp {deep} any -> any any (sid:1;)")
+    assert "nested more than 64 deep" in rejected(
+        f"alert tcp any {deep.replace('1.2.3.4', '80')} -> any any (sid:1;)"
+    )
+    chain = {f"V{i}": f"[$V{i + 1}]" for i in range(3000)}
+    with pytest.raises(InputError, match="nested too deep"):
+        I.SignatureSet.from_text(
+            "alert tcp $V0 any -> any any (sid:1;)", variables={**chain, "V3000": "1.2.3.4"}
+        )
+    with pytest.raises(InputError, match="nested too deep"):
+        I.SignatureSet.from_text("alert tcp any $V0 -> any any (sid:1;)", variables={**chain, "V3000": "80"})
+
+
 # ------------------------------------------------------------------ ports -------------------
 def test_port_lists_with_exclusions():
     """Port syntax ("Rules format" page, ports): ``[1:100,!50]`` is 1 to 100 except 50;

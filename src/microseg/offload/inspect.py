@@ -191,6 +191,9 @@ class _RuleError(Exception):
     pass
 
 
+_MAX_NESTING = 64  # Suricata's limit on address and port list recursion
+
+
 def _split_list(text: str) -> list[str]:
     """Top-level comma-separated items of a ``[...]`` body (nested brackets kept whole)."""
     items: list[str] = []
@@ -199,6 +202,8 @@ def _split_list(text: str) -> list[str]:
     for ch in text:
         if ch == "[":
             depth += 1
+            if depth >= _MAX_NESTING:
+                raise _RuleError(f"lists nested more than {_MAX_NESTING} deep")
         elif ch == "]":
             depth -= 1
             if depth < 0:
@@ -330,7 +335,10 @@ def _addr_merge(acc: dict) -> tuple[tuple, tuple]:
 def _parse_addr(text: str, variables: dict, seen=()) -> tuple[tuple, tuple]:
     """``(ipv4 intervals, ipv6 intervals)``: sorted disjoint ``(lo, hi)`` per address family
     (IPv4 as 32-bit numbers, IPv6 as 128-bit ones)."""
-    return _addr_merge(_addr_acc(text, variables, seen))
+    try:
+        return _addr_merge(_addr_acc(text, variables, seen))
+    except RecursionError:
+        raise _RuleError("address lists and variables nested too deep") from None
 
 
 def _port_collect(text: str, variables: dict, seen: tuple, acc: dict, negated: bool, alone: bool) -> None:
@@ -377,7 +385,10 @@ def _parse_port(text: str, variables: dict, seen=()) -> tuple | None:
     """Sorted disjoint ``(lo, hi)`` port ranges, or None for any port: the positive ranges (all
     ports when there are only negated ones) minus the negated ones."""
     acc: dict = {"p": [], "n": []}
-    _port_collect(text, variables, seen, acc, False, True)
+    try:
+        _port_collect(text, variables, seen, acc, False, True)
+    except RecursionError:
+        raise _RuleError("port lists and variables nested too deep") from None
     n = _norm(acc["n"])
     if n == _FULL_PORTS:
         raise _RuleError("the complete port space is negated: the port matches nothing")
