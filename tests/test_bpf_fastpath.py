@@ -38,7 +38,7 @@ def test_layouts_match_the_object():
     assert obj.license == "Dual BSD/GPL"
     assert set(obj.progs) == {"xdp_fastpath", "xdp_pass"}
     flows, ports, stats = obj.maps["ms_flows"], obj.maps["ms_ports"], obj.maps["ms_stats"]
-    assert (flows.key_size, flows.value_size) == (L.FLOW_KEY.size, L.FLOW_VALUE.size) == (48, 104)
+    assert (flows.key_size, flows.value_size) == (L.FLOW_KEY.size, L.FLOW_VALUE.size) == (48, 112)
     assert (ports.key_size, ports.value_size) == (4, L.PORT_VALUE.size)
     assert stats.max_entries == len(L.STATS)
     assert all(m in {"ms_flows", "ms_ports", "ms_stats"} for p in obj.progs.values() for _, m in p.relocs)
@@ -430,7 +430,7 @@ def test_encap_source_port_from_flow_hash(rig):
             continue
         frame, ingress = _frame(rig, _clean(flow=i))
         want = _check(rig, frame, ingress)
-        tmpl_sport = M.FLOW_VALUE.unpack(rig.flows[want.flow_key])[7][34:36]
+        tmpl_sport = M.FLOW_VALUE.unpack(rig.flows[want.flow_key])[8][34:36]
         sport = struct.unpack("!H", want.frame[34:36])[0]
         if tmpl_sport == b"\0\0":
             assert sport == M.flow_port(want.flow_key) and sport >= 49152

@@ -30,6 +30,7 @@ enum { XDP_ABORTED = 0, XDP_DROP = 1, XDP_PASS = 2, XDP_TX = 3, XDP_REDIRECT = 4
 
 /* helper numbers from the kernel's UAPI */
 static void *(*bpf_map_lookup_elem)(void *map, const void *key) = (void *)1;
+static __u64 (*bpf_jiffies64)(void) = (void *)118;
 static __u64 (*bpf_ktime_get_coarse_ns)(void) = (void *)160;
 static long (*bpf_redirect)(__u32 ifindex, __u64 flags) = (void *)23;
 static long (*bpf_xdp_adjust_head)(struct xdp_md *ctx, int delta) = (void *)44;
@@ -78,6 +79,7 @@ struct ms_flow {
 	__u64 packets;  /* counters: written by the program, read by the agent */
 	__u64 bytes;
 	__u64 last_seen; /* CLOCK_MONOTONIC_COARSE (ns) of the last hit */
+	__u64 last_tick; /* jiffies at that hit: the clock is read once per flow per tick */
 	__u8 tmpl[56];  /* ENCAP: outer headers, the first TMPL_LEN bytes used */
 };
 
@@ -293,7 +295,14 @@ INLINE void hit(struct ms_flow *f, __u64 len)
 {
 	__sync_fetch_and_add(&f->packets, 1);
 	__sync_fetch_and_add(&f->bytes, len);
-	f->last_seen = bpf_ktime_get_coarse_ns();
+	__u64 tick = bpf_jiffies64();
+
+	/* the coarse clock moves once a tick: read it only when the tick moved (a read costs
+	 * about as much as the rest of a hit) */
+	if (tick != f->last_tick) {
+		f->last_tick = tick;
+		f->last_seen = bpf_ktime_get_coarse_ns();
+	}
 }
 
 INLINE int forward(struct xdp_md *ctx, struct ms_flow *f)

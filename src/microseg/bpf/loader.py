@@ -36,8 +36,8 @@ BPFFS_MAGIC = 0xCAFE4A11
 #: family, tunnel, pad
 FLOW_KEY = struct.Struct("<II16s16s2s2sBBBx")
 #: struct ms_flow: action, ifindex, mac[6], pad, peer_ip (wire order), pad, packets, bytes,
-#: last_seen, tmpl[56]
-FLOW_VALUE = struct.Struct("<II6s2x4s4xQQQ56s")
+#: last_seen, last_tick, tmpl[56]
+FLOW_VALUE = struct.Struct("<II6s2x4s4xQQQQ56s")
 #: struct ms_port: role, zone, mac[6], pad, local_ip (wire order)
 PORT_VALUE = struct.Struct("<II6s2x4s")
 COUNTERS_OFFSET = 24  # packets, bytes, last_seen inside struct ms_flow
@@ -170,6 +170,7 @@ class FlowAction:
             self.ifindex,
             _mac(self.mac),
             ipaddress.IPv4Address(self.peer_ip).packed,
+            0,
             0,
             0,
             0,

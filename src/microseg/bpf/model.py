@@ -188,7 +188,7 @@ def run(
         val = flows.get(key)
         if val is None:
             return passed("pass_miss")
-        action, ifindex, mac, _peer, _p, _b, _l, tmpl = FLOW_VALUE.unpack(val)
+        action, ifindex, mac, _peer, _p, _b, _l, _j, tmpl = FLOW_VALUE.unpack(val)
         if action == ACT_DROP:
             return Result(XDP_DROP, frame, reason="drop", flow_key=key, nbytes=n)
         if action == ACT_ENCAP:
@@ -248,7 +248,7 @@ def run(
     val = flows.get(key)
     if val is None:
         return passed("pass_miss")
-    action, ifindex, mac, peer, _p, _b, _l, _t = FLOW_VALUE.unpack(val)
+    action, ifindex, mac, peer, _p, _b, _l, _j, _t = FLOW_VALUE.unpack(val)
     if action == ACT_DROP:
         return Result(XDP_DROP, frame, reason="drop", flow_key=key, nbytes=n)
     if action != ACT_DECAP:
