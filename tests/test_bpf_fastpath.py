@@ -965,3 +965,24 @@ def test_what_the_agent_must_see_passes(rig):
         for ingress in (1, rig.idx["w0"], rig.idx["w1"], rig.idx["u0"]):
             want = _check(rig, frame, ingress)
             assert want.verdict == L.XDP_PASS and want.frame == frame
+
+
+def test_last_seen_is_the_coarse_monotonic_clock(rig):
+    w0, w1 = rig.idx["w0"], rig.idx["w1"]
+    key = FlowKey(w0, Z0, "10.6.0.1", "10.6.0.2", 17, 5, 6)
+    rig.flow(
+        key,
+        FlowAction("local", ifindex=w1, mac=MAC_W1),
+        {"key": key, "kind": "local", "dmac": MAC_W1, "i": -1},
+    )
+    frame = B.udp_packet("10.6.0.1", "10.6.0.2", 5, 6, b"t", eth_src=MAC_W0, eth_dst=MAC_W1)
+    assert rig.fp.read_flows()[key].last_seen_ns == 0
+    t0 = L.clock_ns()
+    assert _check(rig, frame, w0).reason == "redirect"
+    t1 = L.clock_ns()
+    seen = rig.fp.read_flows()[key].last_seen_ns
+    tick = 20_000_000  # a jiffy or two at any HZ
+    assert t0 - tick <= seen <= t1 + tick, (t0, seen, t1)
+    stats = rig.fp.remove(key)
+    assert stats is not None and stats.packets == 1 and key not in rig.fp.read_flows()
+    del rig.flows[key.pack()]

@@ -6,7 +6,8 @@ from .loader import (
     FlowKey,
     FlowStats,
     KernelFastPath,
+    clock_ns,
     vxlan_template,
 )
 
-__all__ = ["BpfError", "FlowAction", "FlowKey", "FlowStats", "KernelFastPath", "vxlan_template"]
+__all__ = ["BpfError", "FlowAction", "FlowKey", "FlowStats", "KernelFastPath", "clock_ns", "vxlan_template"]

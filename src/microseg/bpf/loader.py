@@ -18,6 +18,7 @@ import platform
 import socket
 import struct
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
@@ -214,8 +215,16 @@ class FlowStats:
     packets: int
     bytes: int
     #: CLOCK_MONOTONIC_COARSE in ns (bpf_ktime_get_coarse_ns; compare with
-    #: ``time.clock_gettime_ns(time.CLOCK_MONOTONIC_COARSE)``); 0: never hit
+    #: :func:`clock_ns`); 0: never hit
     last_seen_ns: int
+
+
+CLOCK_MONOTONIC_COARSE = 6  # Linux's clock id (the time module does not name it)
+
+
+def clock_ns() -> int:
+    """Now on the clock the program stamps ``last_seen`` with (CLOCK_MONOTONIC_COARSE)."""
+    return time.clock_gettime_ns(CLOCK_MONOTONIC_COARSE)
 
 
 # ---------------------------------------------------------------------------------------------
