@@ -19,16 +19,18 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import TypeVar
 
 from ..errors import MicrosegError
 
 OBJECT_NAME = "fastpath.bpf.o"
 DEFAULT_PIN_ROOT = "/sys/fs/bpf/microseg"
 BPFFS_MAGIC = 0xCAFE4A11
+T = TypeVar("T")
 
 # ---------------------------------------------------------------------------------------------
 # the C structs (fastpath.bpf.c), once
@@ -622,7 +624,7 @@ def _nla(atype: int, payload: bytes) -> bytes:
 _CLONE_NEWNET = 0x40000000
 
 
-def _in_netns(netns: str | None, fn):  # type: ignore[no-untyped-def]
+def _in_netns(netns: str | None, fn: Callable[[], T]) -> T:
     """Run ``fn()`` in the network namespace at path ``netns`` (a helper thread setns()es;
     sockets it opens stay in that namespace), or here when ``netns`` is None."""
     if netns is None:
@@ -647,7 +649,7 @@ def _in_netns(netns: str | None, fn):  # type: ignore[no-untyped-def]
     t.join()
     if "e" in box:
         raise box["e"]
-    return box.get("r")
+    return box["r"]
 
 
 def set_link_xdp(ifindex: int, fd: int, flags: int = XDP_FLAGS_DRV_MODE, netns: str | None = None) -> None:
