@@ -28,6 +28,7 @@ from microseg.packet import build as B
 
 BPF_DIR = Path(L.__file__).parent
 PREFIX = "msbpf-"
+BUILT_WITH = "Debian clang version 14."  # what built the committed fastpath.bpf.o
 
 
 # ---------------------------------------------------------------------------------------------
@@ -55,6 +56,9 @@ def test_object_rebuilds_byte_for_byte(tmp_path):
         pytest.skip("clang and llvm-strip not installed (apt-get install clang llvm)")
     if shutil.which("make") is None:
         pytest.skip("make not installed")
+    version = subprocess.run([clang, "--version"], capture_output=True, text=True).stdout.splitlines()[0]
+    if not version.startswith(BUILT_WITH):
+        pytest.skip(f"{version} is not the compiler of the committed object ({BUILT_WITH}): other bytes")
     # the Makefile's own recipe, in a copy of the tree's layout somewhere else
     root = BPF_DIR.parents[2]
     if not (root / "Makefile").exists():
