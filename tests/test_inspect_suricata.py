@@ -156,18 +156,27 @@ def test_port_lists_with_exclusions():
 
 def test_ports_that_match_nothing_are_errors():
     """Suricata refuses "Complete port space is negated" (``!any``, ``!0:65535``) and "no ports
-    left after merging ports with negated ports" (``[80,!80]``). A negated port inside a negated
-    list with several items is refused here: Suricata's result for it depends on the order of
-    the items (``![1:100,!50]`` leaves no port, ``![!50,1:100]`` leaves 0 and 101-65535)."""
-    assert "matches no port" in rejected("alert tcp any !any -> any any (sid:1;)")
+    left after merging ports with negated ports" (``[80,!80]``)."""
+    assert "complete port space is negated" in rejected("alert tcp any !any -> any any (sid:1;)")
     assert "complete port space" in rejected("alert tcp any !0: -> any any (sid:1;)")
     assert "no ports left" in rejected("alert tcp any [80,!80] -> any any (sid:1;)")
-    assert "inside a negated port list" in rejected("alert tcp any ![1:100,!50] -> any any (sid:1;)")
-    # a single negated item inside a negated list: the negations cancel (80 only)
-    s = I.parse_rule("alert tcp any any -> any ![!80] (sid:1;)")
-    assert s.dport == ((80, 80),)
-    s = I.parse_rule("alert tcp any any -> any !$SHELLCODE_PORTS (sid:1;)")
-    assert s.dport == ((80, 80),)
+
+
+def test_negation_inside_a_negated_port_list():
+    """Suricata's port parser (detect-engine-port.c, DetectPortParseDo, 7.0): inside a
+    negated list every item goes to the negated ports, except that the last item's own ``!``
+    is combined with the list's and cancels it. Hence ``![1:100,!50]`` keeps only 50 as a
+    positive port, which 1:100 then removes ("no ports left", refused), while ``![!50,1:100]``
+    is every port but 1-100; ``![!80]`` and ``!$SHELLCODE_PORTS`` (``!80``) are port 80."""
+    assert "no ports left" in rejected("alert tcp any ![1:100,!50] -> any any (sid:1;)")
+    for spec, want in [
+        ("![!50,1:100]", ((0, 0), (101, 65535))),
+        ("![!80]", ((80, 80),)),
+        ("!$SHELLCODE_PORTS", ((80, 80),)),
+        ("[$SHELLCODE_PORTS,22]", ((22, 22),)),
+        ("[any,!80]", ((0, 79), (81, 65535))),
+    ]:
+        assert I.parse_rule(f"alert tcp any any -> any {spec} (sid:1;)").dport == want, spec
 
 
 def test_ip_rules_with_any_ports_are_accepted_and_match_every_protocol():
@@ -216,6 +225,7 @@ def test_negated_content_needs_a_payload():
         ('dsize:1<>3; content:"abcd";', "more than dsize allows (3)"),
         ('dsize:5; content:"ab"; offset:4;', "need 6 bytes"),
         ('dsize:5; content:"ab"; content:"cd"; distance:2;', "need 6 bytes"),
+        ('dsize:4; content:"ab"; content:!"cd"; distance:1; within:4;', "need 7 bytes"),
         ("dsize:5; dsize:6;", "dsize given twice"),
         ("dsize:5<>5;", "bad dsize range"),
         ("flow:to_server,to_client;", "both to_server and to_client"),
@@ -227,9 +237,11 @@ def test_rules_suricata_rejects_are_rejected(opts, why):
     ("Payload keywords" page; Suricata errors "can't use multiple depths for the same content"
     and the like), one fast_pattern per rule ("fast_pattern can be used on only one content in
     a rule"), contents that cannot fit the payload sizes dsize allows ("signature can't match
-    as required content length exceeds dsize value": content lengths plus distances plus the
-    largest offset, against N for ``N`` and ``<N``, M for ``N<>M``), one dsize per rule, and
-    flow options that contradict each other."""
+    as required content length exceeds dsize value", Suricata 7.0's SigParseRequiredContentSize:
+    the first content's length plus distance, plus each later relative positive content's, and
+    with the largest offset, against N for ``N`` and ``<N``, M for ``N<>M``; a later relative
+    negated content must end inside it), one dsize per rule, and flow options that contradict
+    each other."""
     assert why in rejected(f"alert tcp any any -> any any ({opts} sid:1;)")
 
 
@@ -240,13 +252,15 @@ def test_rules_suricata_rejects_are_rejected(opts, why):
         'dsize:<4; content:"abcd";',  # the edge is N itself, as in Suricata
         'dsize:>3; content:"abcdef";',
         'dsize:2<>9; content:"ab"; content:!"cd"; within:2;',
+        'dsize:3; content:"ab"; content:"cd";',  # later non-relative contents do not count
         'content:"ab"; fast_pattern; content:"cd"; nocase;',
         "flow:established,to_server,no_stream;",
     ],
 )
 def test_rules_suricata_accepts_are_accepted(opts):
-    """The same checks let through what Suricata loads (a negated content whose within is its
-    own length does not count towards the dsize check, as in Suricata)."""
+    """The same checks let through what Suricata loads (the dsize check counts only the first
+    content and later relative ones, as Suricata's does, so it lets through some rules that
+    can never match)."""
     I.SignatureSet.from_text(f"alert tcp any any -> any any ({opts} sid:1;)")
 
 

@@ -341,32 +341,25 @@ def _parse_addr(text: str, variables: dict, seen=()) -> tuple[tuple, tuple]:
         raise _RuleError("address lists and variables nested too deep") from None
 
 
-def _port_collect(text: str, variables: dict, seen: tuple, acc: dict, negated: bool, alone: bool) -> None:
-    """Flatten a port expression into positive and negated ranges. Inside a negated list every
-    item is negated; a negated item there is refused unless it is the list's only item (then
-    the two negations cancel), because Suricata's answer for it depends on the items' order."""
+def _port_collect(text: str, variables: dict, seen: tuple, acc: dict, negated: bool, last: bool) -> None:
+    """Flatten a port expression into positive and negated ranges the way Suricata's port
+    parser does: outside a negated list ``!x`` is negated; inside one (``![...]``) every item is
+    negated, and an item's own ``!`` only counts on the list's last item, where it cancels the
+    list's (``![!80]`` is port 80, ``![1:100,!50]`` leaves nothing, ``![!50,1:100]`` is every
+    port but 1-100). A variable is negated when exactly one of its ``!`` and the list's is."""
     neg, text = _strip_neg(text)
-    if neg and negated:
-        if not alone:
-            raise _RuleError(
-                f"negated port !{text} inside a negated port list is not supported "
-                "(its meaning depends on the order of the list's items)"
-            )
-        neg, negated = False, False
-    neg = neg or negated
+    negative = neg if not negated else (not neg or not last)
     if text.startswith("$"):
         body, seen2 = _var(text, variables, seen, "port")
-        _port_collect(body, variables, seen2, acc, neg, True)
-    elif text == "any":
-        if neg:
-            raise _RuleError("'!any' matches no port (the complete port space is negated)")
-        acc["p"] += _FULL_PORTS
+        _port_collect(body, variables, seen2, acc, negated != neg, True)
     elif text.startswith("["):
         if not text.endswith("]"):
             raise _RuleError(f"unbalanced port list {text!r}")
         items = _split_list(text[1:-1])
-        for item in items:
-            _port_collect(item, variables, seen, acc, neg, len(items) == 1)
+        for k, item in enumerate(items):
+            _port_collect(item, variables, seen, acc, negated or neg, k == len(items) - 1)
+    elif text == "any":
+        acc["n" if negative else "p"].append(_FULL_PORTS[0])
     else:
         m = re.fullmatch(r"(\d*)\s*:\s*(\d*)|(\d+)", text)
         if not m or (m.group(3) is None and not (m.group(1) or m.group(2))):
@@ -378,7 +371,7 @@ def _port_collect(text: str, variables: dict, seen: tuple, acc: dict, negated: b
             hi = int(m.group(2)) if m.group(2) else 65535
         if not 0 <= lo <= hi <= 65535:
             raise _RuleError(f"bad port range {text!r}")
-        acc["n" if neg else "p"].append((lo, hi))
+        acc["n" if negative else "p"].append((lo, hi))
 
 
 def _parse_port(text: str, variables: dict, seen=()) -> tuple | None:
@@ -391,7 +384,7 @@ def _parse_port(text: str, variables: dict, seen=()) -> tuple | None:
         raise _RuleError("port lists and variables nested too deep") from None
     n = _norm(acc["n"])
     if n == _FULL_PORTS:
-        raise _RuleError("the complete port space is negated: the port matches nothing")
+        raise _RuleError("the complete port space is negated (e.g. '!any'): the port matches nothing")
     p = _norm(acc["p"]) or _FULL_PORTS
     out = _subtract(p, n)
     if not out:
@@ -669,19 +662,30 @@ def parse_rule(text: str, variables: dict | None = None, line: int = 0) -> Signa
 
 
 def _check_dsize(sig: Signature) -> None:
-    """Refuse contents that cannot fit in the payload sizes ``dsize`` allows, as Suricata does:
-    the contents' lengths plus their distances, plus the largest offset, must not exceed the
-    largest size (N for ``N`` and ``<N``, M for ``N<>M``); a negated content whose ``within``
-    is its own length does not count."""
+    """Refuse contents that cannot fit in the payload sizes ``dsize`` allows, by Suricata's
+    rule: the largest size is N for ``N`` and ``<N``, M for ``N<>M`` (none for ``>N``); the
+    first content counts its length plus distance, and each later relative positive content
+    adds its length plus distance; a later relative negated content must end (distance plus
+    within after the counted bytes) inside it; the counted bytes, and with the largest offset,
+    may not exceed it. Later contents without distance/within are not counted."""
     if sig.dsize is None or not sig.contents or sig.dsize[0] == ">":
         return
     edge = sig.dsize[2] if sig.dsize[0] == "<>" else sig.dsize[1]
-    total = sum(
-        len(c.pattern) + (c.distance or 0)
-        for c in sig.contents
-        if not (c.negated and c.within == len(c.pattern))
-    )
-    need = total + max((c.offset or 0) for c in sig.contents)
+    total = max_off = 0
+    for j, c in enumerate(sig.contents):
+        if j > 0:
+            if not c.relative:
+                continue
+            if c.negated:
+                check = total + (c.distance or 0) + (c.within or 0)
+                if check > edge:
+                    raise _RuleError(
+                        f"the contents need {check} bytes of payload, more than dsize allows ({edge})"
+                    )
+                continue
+        total += len(c.pattern) + (c.distance or 0)
+        max_off = max(max_off, c.offset or 0)
+    need = total if total > edge else total + max_off
     if need > edge:
         raise _RuleError(f"the contents need {need} bytes of payload, more than dsize allows ({edge})")
 
