@@ -75,7 +75,8 @@ struct ms_flow {
 	__u8 mac[6];    /* LOCAL / DECAP: the (inner) destination MAC the frame must carry */
 	__u8 pad0[2];
 	__u32 peer_ip;  /* DECAP: the outer IPv4 source it must come from (network order) */
-	__u32 pad1;
+	__u32 mtu;      /* the target's MTU: a frame whose IP packet would exceed it passes
+			 * (the agent answers it: too big); 0: no limit */
 	__u64 packets;  /* counters: written by the program, read by the agent */
 	__u64 bytes;
 	__u64 last_seen; /* CLOCK_MONOTONIC_COARSE (ns) of the last hit */
@@ -113,6 +114,7 @@ enum {
 	ST_PASS_PEER,
 	ST_PASS_ACTION,
 	ST_PASS_HEADROOM,
+	ST_PASS_TOO_BIG,
 	ST_REDIRECT,
 	ST_TX,
 	ST_DROP,
@@ -319,6 +321,8 @@ INLINE int encap(struct xdp_md *ctx, struct ms_flow *f, struct ms_flow_key *key,
 	__u32 sum = 0, inner;
 	__u16 sport;
 
+	if (f->mtu && len + TMPL_LEN - 14 > f->mtu)
+		return count(ST_PASS_TOO_BIG, XDP_PASS);
 	if (bpf_xdp_adjust_head(ctx, -TMPL_LEN))
 		return count(ST_PASS_HEADROOM, XDP_PASS);
 	data = (void *)(long)ctx->data;
@@ -386,6 +390,8 @@ INLINE int from_workload(struct xdp_md *ctx, struct ms_port *port, __u32 ifindex
 		return count(ST_PASS_ACTION, XDP_PASS);
 	if (!mac_eq(eth, f->mac))
 		return count(ST_PASS_MAC, XDP_PASS);
+	if (f->mtu && len - 14 > f->mtu)
+		return count(ST_PASS_TOO_BIG, XDP_PASS);
 	hit(f, len);
 	return forward(ctx, f);
 }
@@ -455,6 +461,8 @@ INLINE int from_underlay(struct xdp_md *ctx, struct ms_port *port)
 		return count(ST_PASS_MALFORMED, XDP_PASS);
 	if (!mac_eq(o + TMPL_LEN, f->mac))
 		return count(ST_PASS_MAC, XDP_PASS);
+	if (f->mtu && len - TMPL_LEN - 14 > f->mtu)
+		return count(ST_PASS_TOO_BIG, XDP_PASS);
 	if (bpf_xdp_adjust_head(ctx, TMPL_LEN))
 		return count(ST_PASS_HEADROOM, XDP_PASS);
 	hit(f, len);

@@ -38,9 +38,9 @@ T = TypeVar("T")
 #: struct ms_flow_key: port, zone, saddr[16], daddr[16], sport, dport (wire order), proto,
 #: family, tunnel, pad
 FLOW_KEY = struct.Struct("<II16s16s2s2sBBBx")
-#: struct ms_flow: action, ifindex, mac[6], pad, peer_ip (wire order), pad, packets, bytes,
+#: struct ms_flow: action, ifindex, mac[6], pad, peer_ip (wire order), mtu, packets, bytes,
 #: last_seen, last_tick, tmpl[56]
-FLOW_VALUE = struct.Struct("<II6s2x4s4xQQQQ56s")
+FLOW_VALUE = struct.Struct("<II6s2x4sIQQQQ56s")
 #: struct ms_port: role, zone, mac[6], pad, local_ip (wire order)
 PORT_VALUE = struct.Struct("<II6s2x4s")
 COUNTERS_OFFSET = 24  # packets, bytes, last_seen inside struct ms_flow
@@ -69,6 +69,7 @@ STATS = (
     "pass_peer",
     "pass_action",
     "pass_headroom",
+    "pass_too_big",
     "redirect",
     "tx",
     "drop",
@@ -154,13 +155,15 @@ class FlowAction:
     """What a hit does: ``kind`` is ``encap`` (VXLAN headers ``template``, 50 bytes, the UDP
     source port 0 to take it from the flow hash), ``local`` (to workload ``ifindex`` whose
     MAC ``mac`` the frame must be addressed to), ``decap`` (from tunnel peer ``peer_ip`` to
-    workload ``ifindex``/``mac``) or ``drop``."""
+    workload ``ifindex``/``mac``) or ``drop``. ``mtu``: the target's MTU; a frame whose IP
+    packet would exceed it there passes to the agent (which answers too big); 0: no limit."""
 
     kind: str
     ifindex: int = 0
     mac: bytes | str = b"\0" * 6
     peer_ip: str = "0.0.0.0"
     template: bytes = b""
+    mtu: int = 0
 
     def pack(self) -> bytes:
         codes = {"encap": ACT_ENCAP, "local": ACT_LOCAL, "decap": ACT_DECAP, "drop": ACT_DROP}
@@ -173,6 +176,7 @@ class FlowAction:
             self.ifindex,
             _mac(self.mac),
             ipaddress.IPv4Address(self.peer_ip).packed,
+            self.mtu,
             0,
             0,
             0,

@@ -188,10 +188,12 @@ def run(
         val = flows.get(key)
         if val is None:
             return passed("pass_miss")
-        action, ifindex, mac, _peer, _p, _b, _l, _j, tmpl = FLOW_VALUE.unpack(val)
+        action, ifindex, mac, _peer, mtu, _p, _b, _l, _j, tmpl = FLOW_VALUE.unpack(val)
         if action == ACT_DROP:
             return Result(XDP_DROP, frame, reason="drop", flow_key=key, nbytes=n)
         if action == ACT_ENCAP:
+            if mtu and n + TMPL_LEN - 14 > mtu:
+                return passed("pass_too_big")
             if headroom < TMPL_LEN:
                 return passed("pass_headroom")
             h = bytearray(tmpl[:TMPL_LEN])
@@ -208,6 +210,8 @@ def run(
             return passed("pass_action")
         if frame[0:6] != mac:
             return passed("pass_mac")
+        if mtu and n - 14 > mtu:
+            return passed("pass_too_big")
         return _forward(Result(XDP_PASS, frame, flow_key=key, nbytes=n), ingress, ifindex)
     if role != ROLE_UNDERLAY:
         return passed("pass_port")
@@ -248,7 +252,7 @@ def run(
     val = flows.get(key)
     if val is None:
         return passed("pass_miss")
-    action, ifindex, mac, peer, _p, _b, _l, _j, _t = FLOW_VALUE.unpack(val)
+    action, ifindex, mac, peer, mtu, _p, _b, _l, _j, _t = FLOW_VALUE.unpack(val)
     if action == ACT_DROP:
         return Result(XDP_DROP, frame, reason="drop", flow_key=key, nbytes=n)
     if action != ACT_DECAP:
@@ -259,6 +263,8 @@ def run(
         return passed("pass_malformed")
     if o[TMPL_LEN : TMPL_LEN + 6] != mac:
         return passed("pass_mac")
+    if mtu and n - TMPL_LEN - 14 > mtu:
+        return passed("pass_too_big")
     return _forward(Result(XDP_PASS, frame[TMPL_LEN:], flow_key=key, nbytes=n), ingress, ifindex)
 
 
