@@ -110,7 +110,9 @@ class TrafficLab(LiveLab):
             v = v.get(k, {}) if isinstance(v, dict) else {}
         return int(v) if isinstance(v, int) else 0
 
-    def frame(self, workload: str, watch: str, *, src_mac: str, src: str, port: int, expect_seen: bool):
+    def frame(
+        self, workload: str, watch: str, *, src_mac: str, src: str, port: int, expect_seen: bool, family=4
+    ):
         """Send forged frames from ``workload`` towards ``watch`` (its MAC and IPv4 address)
         while ``watch``'s interface is watched: "seen" or "unseen". Frames that should arrive
         are waited for until the deadline, ones that should not for SILENCE seconds."""
@@ -125,6 +127,7 @@ class TrafficLab(LiveLab):
             port=port,
             wait=ANSWER_DEADLINE if expect_seen else SILENCE,
             track=self.servers,
+            family=family,
         )
         assert r["sent"].get("result") == "sent", r
         return r["result"]
@@ -259,6 +262,18 @@ class TestDataCentre:
             "compute-1's spoofed_source drops to move by the 3 frames",
         )
 
+    def test_spoofed_ipv6_source_is_dropped(self, dc):
+        w = dc.state["workloads"]["acme/web-1"]
+        kw = dict(src_mac=w["mac"], port=53, family=6)
+        assert dc.frame("acme/web-1", "acme/dns", src="fd00:10::1:11", expect_seen=True, **kw) == "seen"
+        before = dc.counter("compute-1", "drops", "spoofed_source")
+        assert dc.frame("acme/web-1", "acme/dns", src="fd00:10::1:12", expect_seen=False, **kw) == "unseen"
+        wait_for(
+            lambda: dc.counter("compute-1", "drops", "spoofed_source") >= before + 3,
+            ANSWER_DEADLINE,
+            "compute-1's spoofed_source drops to move by the 3 IPv6 frames",
+        )
+
     def test_spoofed_source_mac_is_dropped(self, dc):
         # acme/web-1 sends as acme/web-2 (its MAC and address): the port is web-1's
         web2 = dc.state["workloads"]["acme/web-2"]
@@ -330,6 +345,14 @@ class TestReject:
         rj.reply("red/a", "udp", addr, 7000, b"path")
         r = self._quick(rj, "red/a", kind="udp", addr=addr, port=8080, payload=b"denied")
         assert r["result"] == result, r
+
+    @pytest.mark.parametrize("addr", ["10.7.0.3", "fd00:7::3"])
+    def test_denied_ping_gets_an_icmp_unreachable(self, rj, addr):
+        rj.reply("red/a", "udp", addr, 7000, b"path")
+        r = self._quick(rj, "red/a", kind="ping", addr=addr)
+        assert r["result"] == "unreachable", r
+        # administratively prohibited: ICMP type 3 code 13, ICMPv6 type 1 code 1
+        assert (r["icmp_type"], r["icmp_code"]) == ((1, 1) if ":" in addr else (3, 13)), r
 
     def test_rejects_are_counted(self, rj):
         r = rj.microseg("lab", "stats", "--state-dir", rj.state_dir, "--json")

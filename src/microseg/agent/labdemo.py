@@ -195,7 +195,8 @@ PROBE = textwrap.dedent("""\
     elif kind == "raw":
         # one Ethernet frame with whatever source MAC and address the spec says
         mac = lambda m: bytes.fromhex(m.replace(":", ""))
-        src, dst = socket.inet_aton(spec["src"]), socket.inet_aton(addr)
+        v6 = fam == socket.AF_INET6
+        src, dst = socket.inet_pton(fam, spec["src"]), socket.inet_pton(fam, addr)
         payload = bytes.fromhex(spec["payload"])
         proto, sport, dport = spec["proto"], spec.get("sport", 40000), spec["port"]
         if proto == 17:
@@ -204,12 +205,20 @@ PROBE = textwrap.dedent("""\
         else:  # a TCP SYN carrying data
             l4 = struct.pack("!HHIIBBHHH", sport, dport, 1, 0, 5 << 4, 0x02, 64240, 0, 0) + payload
             at = 16
-        pseudo = src + dst + struct.pack("!BBH", 0, proto, len(l4))
+        if v6:
+            pseudo = src + dst + struct.pack("!IxxxB", len(l4), proto)
+        else:
+            pseudo = src + dst + struct.pack("!BBH", 0, proto, len(l4))
         c = csum(pseudo + l4) or (0xFFFF if proto == 17 else 0)
         l4 = l4[:at] + struct.pack("!H", c) + l4[at + 2:]
-        ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(l4), 1, 0x4000, 64, proto, 0, src, dst)
-        ip = ip[:10] + struct.pack("!H", csum(ip)) + ip[12:]
-        frame = mac(spec["dst_mac"]) + mac(spec["src_mac"]) + b"\\x08\\x00" + ip + l4
+        if v6:
+            ip = struct.pack("!IHBB16s16s", 6 << 28, len(l4), proto, 64, src, dst)
+            etype = b"\\x86\\xdd"
+        else:
+            ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(l4), 1, 0x4000, 64, proto, 0, src, dst)
+            ip = ip[:10] + struct.pack("!H", csum(ip)) + ip[12:]
+            etype = b"\\x08\\x00"
+        frame = mac(spec["dst_mac"]) + mac(spec["src_mac"]) + etype + ip + l4
         s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
         s.bind(("eth0", 0))
         for i in range(int(spec.get("count", 3))):
@@ -392,6 +401,10 @@ def builtin_probes(d: dict) -> list[Probe]:
     # that such a frame gets through when nothing is forged)
     P.append(_raw("raw", "acme/web-1", "acme/dns", 17, 53, W, W["acme/web-1"]["mac"], a("acme/web-1")))
     P.append(_raw("spoof-ip", "acme/web-1", "acme/dns", 17, 53, W, W["acme/web-1"]["mac"], a("acme/web-2")))
+    P.append(_raw("raw", "acme/web-1", "acme/dns", 17, 53, W, W["acme/web-1"]["mac"], a("acme/web-1", 6)))
+    P.append(
+        _raw("spoof-ip", "acme/web-1", "acme/dns", 17, 53, W, W["acme/web-1"]["mac"], a("acme/web-2", 6))
+    )
     P.append(
         _raw(
             "spoof-ip",
@@ -425,13 +438,16 @@ def builtin_probes(d: dict) -> list[Probe]:
 
 
 def _raw(kind: str, s: str, t: str, proto: int, port: int, W: dict, mac: str, src_addr: str) -> Probe:
-    dst = next(x for x in W[t]["addresses"] if ":" not in x)
+    v = ipaddress.ip_address(src_addr).version
+    dst = next(x for x in W[t]["addresses"] if ipaddress.ip_address(x).version == v)
+    if v == 6:
+        dst = f"[{dst}]"
     what = {"raw": "own addresses", "spoof-ip": f"as {src_addr}", "spoof-mac": f"as {mac}"}.get(kind, "")
     return Probe(
         f"{kind} {s} -> {t} {dst}:{port}" + (f" ({what})" if what else ""),
         kind,
         s,
-        dst,
+        dst.strip("[]"),
         proto,
         port,
         src_addr=src_addr,
@@ -537,9 +553,10 @@ def forged_frame(
     wait: float = SILENCE,
     count: int = 3,
     track: list | None = None,
+    family: int = 4,
 ) -> dict:
     """Send ``count`` raw frames from workload ``sender`` to workload ``watch`` (its MAC and
-    IPv4 address) claiming source MAC ``src_mac`` and address ``src``, while ``watch``'s
+    address of ``family``) claiming source MAC ``src_mac`` and address ``src``, while ``watch``'s
     interface is watched for them; after the last one is sent, wait up to ``wait`` seconds for
     one to show up. ``{"verdict": "allow" | "drop" | "error", "result": "seen" | "unseen", ...}``
     (``track``: a list the watcher's process is added to, for whoever stops stragglers)."""
@@ -565,7 +582,7 @@ def forged_frame(
             }
         spec = {
             "kind": "raw",
-            "addr": next(a for a in w["addresses"] if ":" not in a),
+            "addr": next(a for a in w["addresses"] if ipaddress.ip_address(a).version == family),
             "port": port,
             "proto": proto,
             "src": src,
@@ -717,6 +734,7 @@ class Runner:
             proto=p.proto,
             wait=wait,
             track=self.servers,
+            family=p.family,
         )
 
     def _judge(self, p: Probe) -> None:
