@@ -3,7 +3,10 @@ batches with it, and swap compiled policies atomically.
 
 Compilation flattens every security-group rule, admin-policy rule, NetworkPolicy rule and the
 default-egress allowance into classifier :class:`~microseg.classify.rules.Rule` objects, one
-per (local address, remote prefix or peer address, port/protocol; named ports resolved). A
+per (local address, remote prefix, port/protocol; named ports resolved); a rule whose remote
+is a set of workloads (a ``remote_group_id``, a pod or namespace selector peer, the pods a
+named port resolves on) becomes one *set rule* per local address instead, matched after the
+classifier with a membership test (:mod:`.addrsets`). A
 rule's ``tenant`` is the tenant's VNI and its ``in_port`` field carries the *check* it belongs
 to (``verdict.EG_SG`` ... ``IN_DEF``): the decision builds, for each NEW packet, one classifier
 key per check that applies to its sender and receiver, with the check number in the in-port
@@ -20,6 +23,7 @@ conntrack state, unknown endpoints) runs in one Numba kernel over the batch.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import ipaddress
 import itertools
@@ -51,8 +55,9 @@ from ..errors import InputError, MicrosegError
 from ..packet import batch as B
 from ..packet.batch import FlowKeys
 from . import verdict as V
+from .addrsets import SetTables, build_tables, set_pass
 from .k8s import admin_peer_matches
-from .model import ICMP_PROTOCOLS, PORT_PROTOCOLS, Policy, load_policy
+from .model import ICMP_PROTOCOLS, PORT_PROTOCOLS, Policy, Workload, load_policy
 from .reference import DEFAULT_EGRESS
 
 # The classifier's own default (the decision tree); bench/policy.py compares it with tuple
@@ -432,6 +437,10 @@ class CompiledPolicy:
         "_act",
         "_anti_spoof",
         "_deny",
+        "n_classifier_rules",
+        "shares_classifier",
+        "address_sets",
+        "sets",
         "_frozen",
     )
     policy: Policy
@@ -450,8 +459,18 @@ class CompiledPolicy:
     _act: np.ndarray
     _anti_spoof: bool
     _deny: int
+    n_classifier_rules: int
+    shares_classifier: bool
+    address_sets: bool
+    sets: SetTables
 
-    def __init__(self, policy: Policy, algo: str = DEFAULT_ALGO):
+    def __init__(
+        self,
+        policy: Policy,
+        algo: str = DEFAULT_ALGO,
+        address_sets: bool = True,
+        reuse: CompiledPolicy | None = None,
+    ):
         s = object.__setattr__
         s(self, "policy", policy)
         canon = json.dumps(policy.to_dict(), sort_keys=True, separators=(",", ":"))
@@ -477,13 +496,51 @@ class CompiledPolicy:
         s(self, "_w_mac", _ro(np.array([-1 if w.mac is None else w.mac for w in wl], np.int64)))
         s(self, "_anti_spoof", bool(policy.anti_spoofing))
         s(self, "_deny", V.REJECT if policy.deny_action == "reject" else V.DROP)
-        need, rules, actions, origins = _flatten(policy, self.version)
-        s(self, "_need", _ro(need))
-        s(self, "_act", _ro(actions if actions.size else np.zeros(1, np.uint8)))
-        s(self, "origins", tuple(origins))
-        rs = RuleSet(rules, version=self.version)
+        s(self, "address_sets", bool(address_sets))
+        flat = _flatten(policy, address_sets)
+        s(self, "_need", _ro(flat.need))
+        s(self, "_act", _ro(flat.actions if flat.actions.size else np.zeros(1, np.uint8)))
+        s(self, "origins", tuple(flat.origins))
+        nc = flat.n_classifier
+        # set rules follow the classifier's rules; the rule set's copy of a set rule asks for
+        # conntrack INVALID, which no packet reaching the rules has, so a consumer that
+        # matches the rule set alone never takes it for "any remote" (it fails closed)
+        never = {"ct_state": ctstate.INVALID, "ct_state_mask": ctstate.INVALID}
+        rs = RuleSet(
+            flat.rules[:nc] + [dataclasses.replace(r, **never) for r in flat.rules[nc:]],
+            version=self.version,
+        )
         s(self, "ruleset", rs)
-        s(self, "classifier", build_classifier(rs, algo))
+        s(self, "n_classifier_rules", nc)
+        if nc == len(rs):
+            crs = rs
+        else:
+            crs = RuleSet.from_arrays(
+                rs.val[:nc],
+                rs.mask[:nc],
+                rs.ports[:nc],
+                rs.priority[:nc],
+                rs.action[:nc],
+                rs.rule_id[:nc],
+                version=self.version,
+            )
+        shared = (
+            reuse is not None
+            and reuse.classifier.algo == algo
+            and reuse.n_classifier_rules == nc
+            and reuse.ruleset.rules[: reuse.n_classifier_rules] == rs.rules[:nc]
+        )
+        if shared:
+            assert reuse is not None
+            s(self, "classifier", reuse.classifier)
+        else:
+            s(self, "classifier", build_classifier(crs, algo))
+        s(self, "shares_classifier", bool(shared))
+        s(
+            self,
+            "sets",
+            build_tables(rs, nc, flat.set_kind, flat.set_local, flat.set_of, flat.sets, len(wl)),
+        )
         s(self, "_frozen", True)
 
     def __setattr__(self, name, value):
@@ -506,6 +563,49 @@ class CompiledPolicy:
         if idx < 0:
             return "-"
         return origin_text(self.origins[int(self.ruleset.rule_id[idx])])
+
+    def updated(self, policy: Policy) -> CompiledPolicy:
+        """``policy`` compiled as a new version that shares this one's classifier when its
+        classifier rules are the same (what a change of memberships or labels leaves); the
+        set rules and membership bits are rebuilt, in time and memory linear in the
+        workloads."""
+        return CompiledPolicy(policy, self.classifier.algo, self.address_sets, self)
+
+    def with_members(self, tenant: str, group: str, workloads) -> CompiledPolicy:
+        """A new version in which exactly ``workloads`` (names as ``[tenant/][namespace/]name``
+        or the workload itself, of ``tenant``) carry security group ``group`` of ``tenant``,
+        and every other workload of the tenant does not. The rules of every group are
+        unchanged, so the remote-group sets change and, where the joining or leaving
+        workloads' own rules are set rules, nothing else: the classifier is shared
+        (:attr:`shares_classifier`). Conntrack revalidation sees a new version."""
+        p = self.policy
+        try:
+            p.group(tenant, group)
+        except KeyError:
+            raise InputError(f"tenant {tenant!r} has no security group {group!r}") from None
+        want = set()
+        for x in workloads:
+            if isinstance(x, Workload):
+                want.add(id(x))
+                continue
+            hits = [
+                w
+                for w in p.workloads
+                if w.tenant == tenant and str(x) in (w.name, p.qualified_name(w), f"{w.namespace}/{w.name}")
+            ]
+            if len(hits) != 1:
+                raise InputError(f"{x!r} names {len(hits)} workloads of tenant {tenant!r}")
+            want.add(id(hits[0]))
+        new_wl = []
+        for w in p.workloads:
+            if w.tenant != tenant:
+                new_wl.append(w)
+                continue
+            sgs = tuple(g for g in w.security_groups if g != group)
+            if id(w) in want:
+                sgs = sgs + (group,)
+            new_wl.append(w if sgs == w.security_groups else dataclasses.replace(w, security_groups=sgs))
+        return self.updated(dataclasses.replace(p, workloads=tuple(new_wl)))
 
     def decide(self, keys: FlowKeys, ct_state=None, detail: bool = False):
         """(verdict uint8, rule int32, reason uint8) for each packet of ``keys``.
@@ -561,9 +661,30 @@ class CompiledPolicy:
             )
         )
         if m:
-            idx = self.classifier.classify_keys(out_k[:m])
+            idx = np.array(self.classifier.classify_keys(out_k[:m]), np.int32)
+            st = self.sets
+            if st.n_rules:
+                set_pass(
+                    out_k,
+                    out_pkt,
+                    out_kind,
+                    m,
+                    idx,
+                    src_w,
+                    dst_w,
+                    max(st.n_workloads, 1),
+                    st.start,
+                    st.val,
+                    st.mask,
+                    st.ports,
+                    st.prio,
+                    st.set,
+                    st.index,
+                    st.bits,
+                    self.ruleset.priority,
+                )
             _finish(
-                np.ascontiguousarray(idx, np.int32),
+                idx,
                 self._act,
                 out_pkt,
                 out_kind,
@@ -741,18 +862,58 @@ def _block_prefixes(block, excepts) -> list:
     return nets
 
 
-def _flatten(policy: Policy, version: int):
-    """need[N_CHECKS, n_workloads] (uint8), the classifier rules, the action of each rule
-    (verdict.A_*), and the origin of each rule_id."""
+class _Flat(NamedTuple):
+    """What :func:`_flatten` returns: ``need[N_CHECKS, n_workloads]`` (uint8), the classifier
+    rules then the set rules (one list, classifier rules first), the action of each rule
+    (verdict.A_*), the origins (``rule_id`` indexes them), the number of classifier rules, and
+    per set rule its check, local workload and set (index into ``sets``, tuples of workload
+    indices)."""
+
+    need: np.ndarray
+    rules: list
+    actions: np.ndarray
+    origins: list
+    n_classifier: int
+    set_kind: list
+    set_local: list
+    set_of: list
+    sets: list
+
+
+def _origins(policy: Policy) -> list:
+    """Every rule origin of the model, in model order: a rule's ``rule_id`` (its index here)
+    depends on the model's rules only, not on who is a member of what."""
+    out: list = [DEFAULT_EGRESS]
+    for g in policy.security_groups:
+        out.extend(("sg", g.tenant, g.name, i) for i in range(len(g.rules)))
+    for p in policy.network_policies:
+        for d in ("egress", "ingress"):
+            out.extend(
+                ("np", p.namespace, p.name, d, i)
+                for i in range(len(p.egress if d == "egress" else p.ingress))
+            )
+    for a in policy.admin_policies:
+        kind = "banp" if a.baseline else "anp"
+        for d in ("egress", "ingress"):
+            out.extend(
+                (kind, a.tenant, a.name, d, i) for i in range(len(a.egress if d == "egress" else a.ingress))
+            )
+    return out
+
+
+def _flatten(policy: Policy, address_sets: bool = True) -> _Flat:
+    """Flatten ``policy`` into classifier rules and set rules (see :mod:`.addrsets`); with
+    ``address_sets`` false, remote groups and selector peers expand into one classifier rule
+    per (local address, remote prefix of the members), as before address sets."""
     wl = policy.workloads
     need = np.zeros((V.N_CHECKS, max(len(wl), 1)), np.uint8)
     vni = {t.name: t.vni for t in policy.tenants}
     groups = {(g.tenant, g.name): g for g in policy.security_groups}
+    w_index = {id(w): i for i, w in enumerate(wl)}
     members: dict = {}
     for w in wl:
         for g in w.security_groups:
-            members.setdefault((w.tenant, g), []).extend(w.addresses)
-    members = {k: _cover(v) for k, v in members.items()}
+            members.setdefault((w.tenant, g), []).append(w)
     by_tenant: dict = {}
     for w in wl:
         by_tenant.setdefault(w.tenant, []).append(w)
@@ -764,17 +925,19 @@ def _flatten(policy: Policy, version: int):
             ns_labels[key] = policy.namespace_labels(*key)
         return ns_labels[key]
 
-    origins: list = []
-    origin_id: dict = {}
+    origins = _origins(policy)
+    origin_id = {o: i for i, o in enumerate(origins)}
     rules: list = []
     actions: list = []
     seen: set = set()
-
-    def oid(o):
-        if o not in origin_id:
-            origin_id[o] = len(origins)
-            origins.append(o)
-        return origin_id[o]
+    s_rules: list = []
+    s_actions: list = []
+    s_kind: list = []
+    s_local: list = []
+    s_of: list = []
+    s_seen: set = set()
+    sets: list = []
+    set_id: dict = {}
 
     prefixes: dict = {}
 
@@ -787,6 +950,22 @@ def _flatten(policy: Policy, version: int):
             prefixes[x] = p
         return p
 
+    def make_rule(kind, w, lp, rp, proto, dport, icmp_type, icmp_code, origin, priority):
+        egress = V.is_egress(kind)
+        return Rule(
+            priority=priority,
+            action=Action.ALLOW,
+            rule_id=origin_id[origin],
+            tenant=vni[w.tenant],
+            in_port=kind,
+            src=lp if egress else rp,
+            dst=rp if egress else lp,
+            proto=proto,
+            dport=dport or (0, 65535),
+            icmp_type=icmp_type,
+            icmp_code=icmp_code,
+        )
+
     def emit(
         kind, w, local, remote, proto, dport, icmp_type, icmp_code, origin, priority=0, action=V.A_ALLOW
     ):
@@ -796,27 +975,49 @@ def _flatten(policy: Policy, version: int):
             return
         lp = prefix(local)
         rp = None if remote is None else prefix(remote)
-        egress = V.is_egress(kind)
         key = (kind, vni[w.tenant], lp, rp, proto, dport, icmp_type, icmp_code)
         if key in seen:
             return  # an earlier rule with the same match decides it
         seen.add(key)
-        rules.append(
-            Rule(
-                priority=priority,
-                action=Action.ALLOW,
-                rule_id=oid(origin),
-                tenant=vni[w.tenant],
-                in_port=kind,
-                src=lp if egress else rp,
-                dst=rp if egress else lp,
-                proto=proto,
-                dport=dport or (0, 65535),
-                icmp_type=icmp_type,
-                icmp_code=icmp_code,
-            )
-        )
+        rules.append(make_rule(kind, w, lp, rp, proto, dport, icmp_type, icmp_code, origin, priority))
         actions.append(action)
+
+    def emit_set(
+        kind, w, local, remote, pods, proto, dport, icmp_type, icmp_code, origin, priority=0, action=V.A_ALLOW
+    ):
+        """Like :func:`emit`, the remote being an address of one of ``pods`` (workloads of
+        ``w``'s tenant; inside ``remote`` when that is given): one set rule."""
+        if remote is not None and remote.version != local.version:
+            return
+        if not address_sets:
+            net = None if remote is None else ipaddress.ip_network(remote)
+            addrs = [
+                a
+                for x in pods
+                for a in x.addresses
+                if a.version == local.version and (net is None or a in net)
+            ]
+            for rem in _cover(addrs):
+                emit(kind, w, local, rem, proto, dport, icmp_type, icmp_code, origin, priority, action)
+            return
+        content = tuple(sorted({w_index[id(x)] for x in pods}))
+        if not content:
+            return  # nobody to admit: the rule matches nothing
+        sid = set_id.get(content)
+        if sid is None:
+            sid = set_id[content] = len(sets)
+            sets.append(content)
+        lp = prefix(local)
+        rp = None if remote is None else prefix(remote)
+        key = (kind, vni[w.tenant], lp, rp, sid, proto, dport, icmp_type, icmp_code)
+        if key in s_seen:
+            return
+        s_seen.add(key)
+        s_rules.append(make_rule(kind, w, lp, rp, proto, dport, icmp_type, icmp_code, origin, priority))
+        s_actions.append(action)
+        s_kind.append(kind)
+        s_local.append(w_index[id(w)])
+        s_of.append(sid)
 
     def sg_rule(kind, w, r, origin):
         if r is None:  # default egress allow-all
@@ -828,17 +1029,14 @@ def _flatten(policy: Policy, version: int):
             dport = (r.port_min, r.port_max)
         if r.protocol in ICMP_PROTOCOLS:
             icmp_type, icmp_code = r.port_min, r.port_max
-        if r.remote_prefix is not None:
-            remotes = [r.remote_prefix]
-        elif r.remote_group is not None:
-            remotes = members.get((w.tenant, r.remote_group), [])
-        else:
-            remotes = [None]
         for a in w.addresses:
             if a.version != r.ethertype:
                 continue
-            for rem in remotes:
-                emit(kind, w, a, rem, r.protocol, dport, icmp_type, icmp_code, origin)
+            if r.remote_group is not None:
+                pods = members.get((w.tenant, r.remote_group), ())
+                emit_set(kind, w, a, None, pods, r.protocol, dport, icmp_type, icmp_code, origin)
+            else:
+                emit(kind, w, a, r.remote_prefix, r.protocol, dport, icmp_type, icmp_code, origin)
 
     def in_nets(x, nets, excepts=()):
         """Does a workload have an address inside ``nets`` (and outside ``excepts``)?"""
@@ -849,9 +1047,10 @@ def _flatten(policy: Policy, version: int):
         )
 
     def port_rules(kind, w, egress, remotes, ports, origin, priority=0, action=V.A_ALLOW):
-        """Emit for each (remote, workload behind it or None) and each port. Numbered ports
-        use the remote as given; a named port resolves on the destination workload (the
-        local one for ingress, the remote pod for egress), one rule per resolved port."""
+        """Emit for each remote ``(network or None, workloads behind it, is a set)`` and each
+        port. A set remote (a selector peer) admits the addresses of its workloads. Numbered
+        ports use the remote as given; a named port resolves on the destination workload
+        (the local one for ingress, the remote pod for egress)."""
         numbered = (
             [(None, None)]
             if ports is None
@@ -859,59 +1058,96 @@ def _flatten(policy: Policy, version: int):
         )
         named = [] if ports is None else [p for p in ports if p.name is not None]
         for a in w.addresses:
-            for rem, pods in remotes:
+            for rem, pods, is_set in remotes:
                 for proto, dport in numbered:
-                    emit(kind, w, a, rem, proto, dport, None, None, origin, priority, action)
-                if not named:
-                    continue
-                if not egress:
-                    targets = [(rem, w)]
-                else:
-                    targets = [
-                        (x_addr, x)
-                        for x in pods
-                        for x_addr in x.addresses
-                        if rem is None
-                        or (x_addr.version == rem.version and x_addr in ipaddress.ip_network(rem))
-                    ]
-                for tgt, dest in targets:
-                    for p in named:
-                        for proto, port in dest.resolve_port(p.name, p.protocol):
-                            emit(kind, w, a, tgt, proto, (port, port), None, None, origin, priority, action)
+                    if is_set:
+                        emit_set(kind, w, a, rem, pods, proto, dport, None, None, origin, priority, action)
+                    else:
+                        emit(kind, w, a, rem, proto, dport, None, None, origin, priority, action)
+                for p in named:
+                    if not egress:
+                        for proto, port in w.resolve_port(p.name, p.protocol):
+                            if is_set:
+                                emit_set(
+                                    kind,
+                                    w,
+                                    a,
+                                    rem,
+                                    pods,
+                                    proto,
+                                    (port, port),
+                                    None,
+                                    None,
+                                    origin,
+                                    priority,
+                                    action,
+                                )
+                            else:
+                                emit(
+                                    kind, w, a, rem, proto, (port, port), None, None, origin, priority, action
+                                )
+                        continue
+                    # egress: the destination pods grouped by what the name resolves to
+                    by_port: dict = {}
+                    for x in pods:
+                        for pp in x.resolve_port(p.name, p.protocol):
+                            by_port.setdefault(pp, []).append(x)
+                    for (proto, port), xs in by_port.items():
+                        emit_set(
+                            kind, w, a, rem, xs, proto, (port, port), None, None, origin, priority, action
+                        )
+
+    np_cache: dict = {}
 
     def np_remotes(r, w, egress):
-        """[(remote network or None, [workloads it stands for])] of a NetworkPolicy rule."""
+        """[(remote network or None, [workloads it stands for], is a set)] of a
+        NetworkPolicy rule (the same for every pod of one namespace)."""
+        ck = (id(r), w.tenant, w.namespace, egress)
+        got = np_cache.get(ck)
+        if got is not None:
+            return got
         tenant_pods = by_tenant.get(w.tenant, ())
+        out: list = []
         if r.peers is None:
-            return [(None, list(tenant_pods) if egress else [])]
-        out = []
-        for peer in r.peers:
-            if peer.block is not None:
-                pods = [x for x in tenant_pods if in_nets(x, [peer.block], peer.excepts)] if egress else []
-                nets = _block_prefixes(peer.block, peer.excepts)
-                out.extend((n, pods) for n in nets)
-                continue
-            peers = []
-            for x in tenant_pods:  # peers outside the tenant never share its VNI
-                if peer.namespaces is None:
-                    ns_ok = x.namespace == w.namespace
-                else:
-                    ns_ok = peer.namespaces.matches(nsl(x))
-                if ns_ok and (peer.pods is None or peer.pods.matches(x.label_dict())):
-                    peers.append(x)
-            out.extend((n, peers) for n in _cover([a for x in peers for a in x.addresses]))
+            out = [(None, list(tenant_pods) if egress else [], False)]
+        else:
+            for peer in r.peers:
+                if peer.block is not None:
+                    pods = (
+                        [x for x in tenant_pods if in_nets(x, [peer.block], peer.excepts)] if egress else []
+                    )
+                    nets = _block_prefixes(peer.block, peer.excepts)
+                    out.extend((n, pods, False) for n in nets)
+                    continue
+                peers = []
+                for x in tenant_pods:  # peers outside the tenant never share its VNI
+                    if peer.namespaces is None:
+                        ns_ok = x.namespace == w.namespace
+                    else:
+                        ns_ok = peer.namespaces.matches(nsl(x))
+                    if ns_ok and (peer.pods is None or peer.pods.matches(x.label_dict())):
+                        peers.append(x)
+                out.append((None, peers, True))
+        np_cache[ck] = out
         return out
 
+    admin_cache: dict = {}
+
     def admin_remotes(r, w):
+        ck = (id(r), w.tenant)
+        got = admin_cache.get(ck)
+        if got is not None:
+            return got
         tenant_pods = by_tenant.get(w.tenant, ())
-        out = []
+        out: list = []
         for peer in r.peers:
             if peer.networks:
                 pods = [x for x in tenant_pods if in_nets(x, peer.networks)]
-                out.extend((n, pods) for n in peer.networks)
+                out.extend((n, pods, False) for n in peer.networks)
                 continue
             pods = [x for x in tenant_pods if admin_peer_matches(peer, nsl(x), x.label_dict())]
-            out.extend((n, pods) for n in _cover([a for x in pods for a in x.addresses]))
+            out.append((None, pods, True))
+        admin_cache[ck] = out
         return out
 
     allow_default = policy.default_egress == "allow"
@@ -987,15 +1223,36 @@ def _flatten(policy: Policy, version: int):
                 need[base + V.EG_DEF, wi] = 1  # zero trust: unselected means denied
                 if egress and allow_default:
                     sg_rule(base + V.EG_DEF, w, None, DEFAULT_EGRESS)
-    return need, rules, np.array(actions, np.uint8), origins
+    return _Flat(
+        need,
+        rules + s_rules,
+        np.array(actions + s_actions, np.uint8),
+        origins,
+        len(rules),
+        s_kind,
+        s_local,
+        s_of,
+        sets,
+    )
 
 
 _ADMIN_TOP = 1 << 40  # admin rules: the first in evaluation order has the highest priority
 
 
-def compile_policy(policy: Policy, algo: str = DEFAULT_ALGO) -> CompiledPolicy:
-    """Compile ``policy`` (a new, higher version each call) for classifier ``algo``."""
-    return CompiledPolicy(policy, algo)
+def compile_policy(
+    policy: Policy,
+    algo: str = DEFAULT_ALGO,
+    address_sets: bool = True,
+    previous: CompiledPolicy | None = None,
+) -> CompiledPolicy:
+    """Compile ``policy`` (a new, higher version each call) for classifier ``algo``.
+
+    Remote groups and selector peers compile to address sets (:mod:`.addrsets`); with
+    ``address_sets=False`` they expand into one classifier rule per (local address, remote
+    prefix), the older form (for comparisons). With ``previous`` given, its classifier is
+    shared when the new classifier rules are the same (a change of memberships only moves set
+    bits and set rules, see :meth:`CompiledPolicy.with_members`)."""
+    return CompiledPolicy(policy, algo, address_sets, previous)
 
 
 class PolicyHolder:
@@ -1027,5 +1284,7 @@ class PolicyHolder:
         return old
 
     def load(self, path: str, algo: str | None = None) -> CompiledPolicy | None:
-        """Load, validate and compile ``path``, then swap it in (the old one stays on error)."""
-        return self.swap(compile_policy(load_policy(path), algo or DEFAULT_ALGO))
+        """Load, validate and compile ``path``, then swap it in (the old one stays on error).
+        The running policy's classifier is shared when the new classifier rules are the same
+        (a reload that only changes memberships or labels rebuilds the address sets only)."""
+        return self.swap(compile_policy(load_policy(path), algo or DEFAULT_ALGO, previous=self._current))
