@@ -43,6 +43,7 @@ def test_inspect_capture(tmp_path, capsys):
         "packet": 0,
         "verdict": "alert",
         "sid": 9000004,
+        "sids": [9000004],
         "msg": "Shell command in payload",
         "matches": 1,
         "uninspectable": None,
