@@ -371,6 +371,26 @@ class TestReject:
         r = self._quick(rj, "red/a", kind="udp", addr=addr, port=8080, payload=b"denied")
         assert r["result"] == result, r
 
+    @pytest.mark.parametrize("addr", ["10.7.0.3", "10.7.0.2", "fd00:7::3", "fd00:7::2"])
+    def test_the_destinations_port_unreachable_is_related_not_rejected(self, rj, addr):
+        """UDP 7001 is allowed and closed: the answer is the destination kernel's ICMP(v6)
+        port unreachable, passed as RELATED (ECONNREFUSED), not the agent's reject
+        (administratively prohibited: EHOSTUNREACH / EACCES)."""
+        host = "h2" if addr.endswith("3") else "h1"
+        before = rj.counter(host, "datapath", "conntrack_states", "related")
+
+        def answered():
+            r = rj.probe("red/a", kind="udp", addr=addr, port=7001, payload=b"anyone?")
+            return r if r["result"] != "timeout" else None
+
+        r = wait_for(answered, ANSWER_DEADLINE, f"an answer from {addr}:7001")
+        assert r["result"] == "refused", r
+        wait_for(
+            lambda: rj.counter(host, "datapath", "conntrack_states", "related") > before,
+            ANSWER_DEADLINE,
+            f"{host} to count a RELATED packet",
+        )
+
     @pytest.mark.parametrize("addr", ["10.7.0.3", "fd00:7::3"])
     def test_denied_ping_gets_an_icmp_unreachable(self, rj, addr):
         rj.reply("red/a", "udp", addr, 7000, b"path")
