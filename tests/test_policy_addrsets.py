@@ -429,6 +429,8 @@ def test_a_large_self_admitting_group_is_linear():
     assert v[500] == V.DROP and why[500] == V.R_EGRESS_DENIED
     assert v[501] == V.DROP and why[501] == V.R_INGRESS_DENIED
     assert c.describe_rule(int(rule[0])) == "security group t/self rule 0"
+    assert c.rule_members(int(rule[0])) == tuple(f"t/w{i}" for i in range(n))
+    assert c.rule_members(0) is None
     check(c, Reference(policy), keys, np.full(keys.n, ctstate.NEW, np.uint8))
 
 

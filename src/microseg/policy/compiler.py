@@ -564,6 +564,16 @@ class CompiledPolicy:
             return "-"
         return origin_text(self.origins[int(self.ruleset.rule_id[idx])])
 
+    def rule_members(self, idx: int) -> tuple | None:
+        """The qualified names of the workloads whose addresses rule-set index ``idx`` admits
+        as its remote, when it is a set rule (None for a classifier rule: its remote is the
+        prefix in the rule set)."""
+        st = self.sets
+        if idx < self.n_classifier_rules or idx >= len(self.ruleset):
+            return None
+        row = int(np.flatnonzero(st.index == idx)[0])
+        return tuple(self.workload_names[w] for w in st.members(int(st.set[row])))
+
     def updated(self, policy: Policy) -> CompiledPolicy:
         """``policy`` compiled as a new version that shares this one's classifier when its
         classifier rules are the same (what a change of memberships or labels leaves); the
@@ -583,16 +593,17 @@ class CompiledPolicy:
             p.group(tenant, group)
         except KeyError:
             raise InputError(f"tenant {tenant!r} has no security group {group!r}") from None
+        names: dict = {}
+        for w in p.workloads:
+            if w.tenant == tenant:
+                for name in {w.name, p.qualified_name(w), f"{w.namespace}/{w.name}"}:
+                    names.setdefault(name, []).append(w)
         want = set()
         for x in workloads:
             if isinstance(x, Workload):
                 want.add(id(x))
                 continue
-            hits = [
-                w
-                for w in p.workloads
-                if w.tenant == tenant and str(x) in (w.name, p.qualified_name(w), f"{w.namespace}/{w.name}")
-            ]
+            hits = names.get(str(x), [])
             if len(hits) != 1:
                 raise InputError(f"{x!r} names {len(hits)} workloads of tenant {tenant!r}")
             want.add(id(hits[0]))
@@ -938,6 +949,8 @@ def _flatten(policy: Policy, address_sets: bool = True) -> _Flat:
     s_seen: set = set()
     sets: list = []
     set_id: dict = {}
+    pods_set: dict = {}  # id(list of workloads) -> (that list, its set id or -1)
+    resolved: dict = {}  # (id(list of workloads), port name, protocol) -> (list, {port: pods})
 
     prefixes: dict = {}
 
@@ -1000,13 +1013,18 @@ def _flatten(policy: Policy, address_sets: bool = True) -> _Flat:
             for rem in _cover(addrs):
                 emit(kind, w, local, rem, proto, dport, icmp_type, icmp_code, origin, priority, action)
             return
-        content = tuple(sorted({w_index[id(x)] for x in pods}))
-        if not content:
+        got = pods_set.get(id(pods))
+        if got is not None and got[0] is pods:
+            sid = got[1]
+        else:
+            content = tuple(sorted({w_index[id(x)] for x in pods}))
+            sid = set_id.get(content, -1) if content else -1
+            if sid < 0 and content:
+                sid = set_id[content] = len(sets)
+                sets.append(content)
+            pods_set[id(pods)] = (pods, sid)  # the list is kept: its id is not reused
+        if sid < 0:
             return  # nobody to admit: the rule matches nothing
-        sid = set_id.get(content)
-        if sid is None:
-            sid = set_id[content] = len(sets)
-            sets.append(content)
         lp = prefix(local)
         rp = None if remote is None else prefix(remote)
         key = (kind, vni[w.tenant], lp, rp, sid, proto, dport, icmp_type, icmp_code)
@@ -1088,10 +1106,16 @@ def _flatten(policy: Policy, address_sets: bool = True) -> _Flat:
                                 )
                         continue
                     # egress: the destination pods grouped by what the name resolves to
-                    by_port: dict = {}
-                    for x in pods:
-                        for pp in x.resolve_port(p.name, p.protocol):
-                            by_port.setdefault(pp, []).append(x)
+                    rk = (id(pods), p.name, p.protocol)
+                    got = resolved.get(rk)
+                    if got is not None and got[0] is pods:
+                        by_port = got[1]
+                    else:
+                        by_port = {}
+                        for x in pods:
+                            for pp in x.resolve_port(p.name, p.protocol):
+                                by_port.setdefault(pp, []).append(x)
+                        resolved[rk] = (pods, by_port)
                     for (proto, port), xs in by_port.items():
                         emit_set(
                             kind, w, a, rem, xs, proto, (port, port), None, None, origin, priority, action
