@@ -62,6 +62,7 @@ from ..policy.model import load_policy
 from ..policy.names import qualified, resolve_endpoints
 from . import control
 from .engine import REASONS, Datapath, DatapathConfig, Forwarder
+from .kfast import KernelOffload, OffloadConfig
 from .netns import InNetns
 
 if TYPE_CHECKING:
@@ -193,6 +194,7 @@ class Agent:
         flow_log_max_bytes: int = 64 << 20,
         flow_log_backups: int = 5,
         ipsec: str | None = None,
+        offload: OffloadConfig | None = None,
     ):
         if tunnel not in TUNNELS:
             raise InputError(f"--tunnel must be one of {', '.join(TUNNELS)}")
@@ -303,6 +305,12 @@ class Agent:
             self.close()
             raise AgentError(f"cannot open port: {exc.strerror or exc}") from None
         self._set_paths()
+        self.kfast = KernelOffload(self, offload)
+        try:
+            self.kfast.start(netns)
+        except MicrosegError:
+            self.close()
+            raise
         self._by_fd = {p.port.fileno(): p for p in self.wports}
         self._by_fd[self.underlay.fileno()] = None
         self._local = {(p.vni, p.mac): p for p in self.wports}
@@ -473,7 +481,9 @@ class Agent:
         }
 
     def _install(self, compiled, index) -> dict:
-        """Swap to ``compiled`` (between two batches); connections it forbids are cut."""
+        """Swap to ``compiled`` (between two batches); connections it forbids are cut, first
+        from the kernel's flow map, then from conntrack as the new policy goes live."""
+        self.kfast.before_swap(compiled)
         out = self.dp.swap_policy(compiled)
         self._set_policy(compiled)
         for p in self.wports:
@@ -725,6 +735,7 @@ class Agent:
                         self._serve_control()
                 # read every port that has a block ready, whatever poll said
                 self._service_ports()
+                self.kfast.tick()
                 if self._pending is not None:
                     self._swap_pending()
                 if self._reload_requested:
@@ -1017,6 +1028,7 @@ class Agent:
             self.observer.observe(batch, res, time.perf_counter() - t0)
         if self.flowlog is not None:
             self.flowlog.observe(batch, res.keys, res, self.dp)
+        self.kfast.observe(batch, res)
         v = res.verdict
         bad = v != V.ALLOW
         if bad.any():
@@ -1222,6 +1234,7 @@ class Agent:
             "policy_revision": self.policy_revision,
             "metrics_url": self.metrics_server.url if self.metrics_server is not None else None,
             "flow_log": self.flow_log_path,
+            "fastpath": {"kind": self.kfast.kind, "reason": self.kfast.reason or None},
             "ipsec": None
             if self.gateway is None
             else {
@@ -1276,6 +1289,7 @@ class Agent:
                 "reloads": self.reloads,
             },
             **({"ipsec": self._ipsec_stats()} if self.gateway is not None else {}),
+            "fastpath": self.kfast.stats(),
         }
 
     def _ipsec_stats(self) -> dict:
@@ -1301,6 +1315,12 @@ class Agent:
         return self._ul
 
     def close(self) -> None:
+        kfast = getattr(self, "kfast", None)
+        if kfast is not None:
+            try:
+                kfast.close()  # detach first: nothing forwards once the agent stops
+            except MicrosegError as exc:
+                log.error("kernel fast path: %s", exc)
         if self.metrics_server is not None:
             self.metrics_server.close()
             self.metrics_server = None
@@ -1373,6 +1393,42 @@ def register(sub) -> None:
         "--control", metavar="PATH", help="Unix control socket (status, stats, reload, conntrack, trace)"
     )
     p.add_argument(
+        "--offload",
+        choices=("auto", "xdp", "off"),
+        default="auto",
+        help="established flows into the kernel's XDP program on the agent's ports: auto "
+        "(where BPF allows it, else the agent forwards everything, and status says why), xdp "
+        "(or refuse to start), off (default auto)",
+    )
+    p.add_argument(
+        "--offload-after",
+        type=int,
+        default=8,
+        metavar="N",
+        help="packets of an established connection the agent sees before offloading it (default 8)",
+    )
+    p.add_argument(
+        "--offload-capacity",
+        type=int,
+        default=500_000,
+        metavar="N",
+        help="connections in the kernel's flow map at most (default 500000)",
+    )
+    p.add_argument(
+        "--offload-rate",
+        type=float,
+        default=7000.0,
+        metavar="R",
+        help="connections offloaded per second at most (default 7000)",
+    )
+    p.add_argument(
+        "--offload-idle",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="a connection idle this many seconds leaves the kernel's map (default 10)",
+    )
+    p.add_argument(
         "--ipsec",
         metavar="SA.yaml",
         help="IPsec SAs and policies (docs/ipsec.md): overlay packets the policies protect leave "
@@ -1415,6 +1471,21 @@ def register(sub) -> None:
     p.set_defaults(func=run_agent)
 
 
+def _offload_config(args) -> OffloadConfig:
+    for name, low in (("offload_after", 1), ("offload_capacity", 1)):
+        if getattr(args, name) < low:
+            raise InputError(f"--{name.replace('_', '-')} must be at least {low}")
+    if args.offload_rate <= 0 or args.offload_idle <= 0:
+        raise InputError("--offload-rate and --offload-idle must be positive")
+    return OffloadConfig(
+        mode=args.offload,
+        after_packets=args.offload_after,
+        capacity=args.offload_capacity,
+        insert_rate=args.offload_rate,
+        idle_s=args.offload_idle,
+    )
+
+
 def run_agent(args) -> int:
     # a long-running process: its lines carry time and pid (on the CLI's stderr handler)
     from ..cli import log_handler
@@ -1445,6 +1516,7 @@ def run_agent(args) -> int:
             flow_log_max_bytes=args.flow_log_max_bytes,
             flow_log_backups=args.flow_log_backups,
             ipsec=args.ipsec,
+            offload=_offload_config(args),
         )
     except PermissionError:
         raise AgentError("AF_PACKET ports need root (CAP_NET_RAW, CAP_NET_ADMIN)") from None

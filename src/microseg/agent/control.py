@@ -11,6 +11,7 @@ agent's own user are answered.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import socket
@@ -121,18 +122,23 @@ def register(sub: Any) -> None:
     p.add_argument("--json", action="store_true", help="print the agent's JSON answer as it is")
     verbs = p.add_subparsers(dest="ctl_cmd", metavar="CMD")
     verbs.required = True
-    verbs.add_parser("status", help="host, ports, policy, underlay peers")
-    verbs.add_parser("stats", help="counters, drops by reason, CPU seconds")
-    r = verbs.add_parser("reload", help="load a policy file (default: the one it runs)")
+    # --json also after the command (the value given before it stays unless repeated)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    verbs.add_parser("status", help="host, ports, policy, underlay peers", parents=[common])
+    verbs.add_parser("stats", help="counters, drops by reason, CPU seconds", parents=[common])
+    r = verbs.add_parser("reload", help="load a policy file (default: the one it runs)", parents=[common])
     r.add_argument("policy", nargs="?", metavar="P.yaml")
-    c = verbs.add_parser("conntrack", help="the live connections, as conntrack -L prints them")
+    c = verbs.add_parser(
+        "conntrack", help="the live connections, as conntrack -L prints them", parents=[common]
+    )
     c.add_argument("--zone", type=int, help="a tenant's VNI")
     c.add_argument("--src", help="original source address")
     c.add_argument("--dst", help="original destination address")
     c.add_argument("--proto", help="tcp, udp, icmp, icmpv6 or a number")
     c.add_argument("--state", help="TCP state (ESTABLISHED, TIME_WAIT, ...)")
     c.add_argument("--limit", type=int, default=10000, help="at most this many (default 10000)")
-    t = verbs.add_parser("trace", help="what the running datapath does with one packet")
+    t = verbs.add_parser("trace", help="what the running datapath does with one packet", parents=[common])
     t.add_argument("packet", help='as `microseg trace` takes it, e.g. "src=web-1 dst=db-1 tcp dport=5432"')
     t.add_argument(
         "--state",

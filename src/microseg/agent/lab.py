@@ -31,6 +31,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -209,6 +210,8 @@ def up(
     store: bool = False,
     ipsec: str | None = None,
     no_ipsec: bool = False,
+    offload: bool = True,
+    offload_args: tuple = (),
 ) -> dict:
     """Build the lab and start its agents; returns the state. With ``store``, a one-member
     etcd is started first (data in the state directory), the policy written to it, and the
@@ -257,6 +260,8 @@ def up(
             "started": time.time(),
             "ready": False,
             "ipsec": ipsec,
+            "offload": "auto" if offload else "off",
+            "offload_args": list(offload_args),
         }
     )
     for s in p["skipped"]:
@@ -268,6 +273,8 @@ def up(
         if etcd:
             _start_store(st, etcd, timeout)
         _build(st)
+        if offload:
+            _prepare_offload(st)
         _start_agents(st, log_level)
         _wait_ready(st, timeout)
     except BaseException:
@@ -492,6 +499,46 @@ def _workload_offloads(ns: str) -> None:
                 raise LabError(f"{ns}: cannot turn {what} off on eth0: {exc.strerror}") from None
 
 
+def _prepare_offload(st: State) -> None:
+    """What the agents' XDP program needs from the ends of their links, which the lab owns:
+    the workloads' transmit checksum offload off (a frame the program forwards is never seen
+    by a socket that could finish its checksum) and, on every peer end (each workload's
+    ``eth0``, each host's port on the underlay bridge), the pass-through program ``xdp_pass``,
+    since a veth takes frames redirected into it in native mode only when its peer runs XDP.
+    Where BPF is not available nothing is done: the agents then forward everything themselves
+    and say why."""
+    from ..bpf import BpfError, KernelFastPath
+    from ..bpf.loader import load_program, object_bytes, read_object, set_link_xdp
+    from ..io.afpacket import set_offload
+
+    ok, why = KernelFastPath.available()
+    st.data["offload_prepared"] = ok
+    if not ok:
+        log.info("lab: no kernel fast path (%s); the agents forward everything", why)
+        return
+    d = st.data
+    ends = [(w["ns"], "eth0") for w in d["workloads"].values()]
+    ends += [(d["underlay"], f"h{i}") for i in range(len(d["hosts"]))]
+    for ns, _ in ends[: len(d["workloads"])]:
+        with _InNetns(ns):
+            try:
+                set_offload("eth0", "tx", False)
+            except OSError as exc:
+                raise LabError(f"{ns}: cannot turn checksum offload off on eth0: {exc.strerror}") from None
+    obj = read_object(object_bytes())
+    fd = load_program(obj.progs["xdp_pass"], obj.license, {})
+    try:
+        for ns, ifname in ends:
+            with _InNetns(ns):
+                ifindex = socket.if_nametoindex(ifname)
+            try:
+                set_link_xdp(ifindex, fd, netns=f"/run/netns/{ns}")
+            except BpfError as exc:
+                raise LabError(f"{ns}: {ifname}: cannot attach xdp_pass: {exc}") from None
+    finally:
+        os.close(fd)  # the links keep the program; it goes with the namespaces
+
+
 def _start_agents(st: State, log_level: str) -> None:
     st.data["log_level"] = log_level
     for name in sorted(st.data["hosts"]):
@@ -511,14 +558,15 @@ def _start_agent(st: State, name: str) -> None:
     for f in (sock, logf, snap, metrics, flows):
         if f not in d["files"]:
             d["files"].append(f)
+    # the agent runs in the machine's namespace (where etcd listens on loopback, and where
+    # /sys/fs/bpf is mounted: `ip netns exec` would remount /sys and hide it) and opens its
+    # ports, and attaches its XDP program, in the host's namespace
+    cmd = [sys.executable, "-m", "microseg", "agent"]
     if d.get("store"):
-        # the agent runs in the machine's namespace, where etcd listens on loopback, and
-        # opens its ports in the host's namespace
-        cmd = [sys.executable, "-m", "microseg", "agent", "--store", d["store"]["endpoint"]]
-        cmd += ["--netns", h["ns"]]
+        cmd += ["--store", d["store"]["endpoint"]]
     else:
-        cmd = ["ip", "netns", "exec", h["ns"], sys.executable, "-m", "microseg", "agent"]
         cmd += ["--policy", d["policy"]]
+    cmd += ["--netns", h["ns"], "--offload", d.get("offload", "auto"), *d.get("offload_args", [])]
     cmd += [
         "--host",
         name,
@@ -637,6 +685,10 @@ def down(state_dir: str = DEFAULT_STATE_DIR, echo=print) -> int:
     left = _kill_wait(agents, signal.SIGTERM, time.monotonic() + 10)
     _kill_wait(left, signal.SIGKILL, time.monotonic() + 5)
     problems = _stop_store(d, st.dir)
+    from .kfast import clear_stale_pins, pin_name
+
+    for name, h in d.get("hosts", {}).items():
+        clear_stale_pins(pin_name(name, h["ns"]))
     for ns in reversed(d.get("namespaces", [])):
         if not _netns_exists(ns):
             continue
@@ -754,7 +806,7 @@ def stats(state_dir: str = DEFAULT_STATE_DIR) -> dict:
                 "packets": s["packets"],
                 "bytes": s["bytes"],
             },
-            "fastpath": _no_fastpath(),
+            "fastpath": _fastpath(s.get("fastpath")),
             "verdicts": s["verdicts"],
             "drops": s["drops"],
             "conntrack": s["conntrack"],
@@ -765,8 +817,16 @@ def stats(state_dir: str = DEFAULT_STATE_DIR) -> dict:
 
 
 def _no_fastpath() -> dict:
-    # no datapath below the agent yet: it judges every packet itself
+    # the agent did not answer: nothing is known of a datapath below it
     return {"kind": "none", "flows": 0, "packets": 0, "bytes": 0}
+
+
+def _fastpath(block: dict | None) -> dict:
+    """What a lower datapath carried without the agent: ``kind`` "xdp" (the kernel program)
+    or "software" (none: the agent forwards everything, ``reason`` says why)."""
+    if not block:
+        return _no_fastpath()
+    return {"kind": block["kind"], "flows": block["flows"], "packets": block["packets"], **block}
 
 
 def reload(policy_path: str, state_dir: str = DEFAULT_STATE_DIR) -> dict:
@@ -864,6 +924,18 @@ def register(sub) -> None:
         "built-in data centre: fresh SAs between its two sites",
     )
     ip.add_argument("--no-ipsec", action="store_true", help="no IPsec between sites")
+    u.add_argument(
+        "--no-offload",
+        action="store_true",
+        help="the agents forward everything themselves (no kernel XDP fast path)",
+    )
+    for opt, kind, what in (
+        ("--offload-after", int, "packets an agent sees of a connection before offloading it"),
+        ("--offload-capacity", int, "connections in each agent's kernel flow map at most"),
+        ("--offload-rate", float, "connections each agent offloads per second at most"),
+        ("--offload-idle", float, "seconds idle before a connection leaves the map"),
+    ):
+        u.add_argument(opt, type=kind, metavar="N", help=f"{what} (the agent's default if not given)")
     _common(u)
     u.set_defaults(func=_cli_up)
     e = verbs.add_parser(
@@ -930,6 +1002,13 @@ def _cli_up(args) -> int:
         store=args.store,
         ipsec=args.ipsec,
         no_ipsec=args.no_ipsec,
+        offload=not args.no_offload,
+        offload_args=tuple(
+            x
+            for opt in ("offload_after", "offload_capacity", "offload_rate", "offload_idle")
+            if getattr(args, opt) is not None
+            for x in ("--" + opt.replace("_", "-"), str(getattr(args, opt)))
+        ),
     )
     print(
         f"lab: up: {len(d['hosts'])} hosts, {len(d['workloads'])} workloads, "

@@ -656,6 +656,27 @@ def _in_netns(netns: str | None, fn: Callable[[], T]) -> T:
     return box["r"]
 
 
+BPF_LINK_CREATE = 28
+BPF_XDP = 37  # enum bpf_attach_type
+
+
+def link_xdp(ifindex: int, fd: int, flags: int = XDP_FLAGS_DRV_MODE, netns: str | None = None) -> int:
+    """Attach program ``fd`` to ``ifindex`` as a BPF link (``BPF_LINK_CREATE``); returns the
+    link's fd. Unlike an rtnetlink attachment, a link that is not pinned lives only as long as
+    its fd: when the process that holds it exits, crashed or killed included, the kernel
+    detaches the program."""
+
+    def go() -> int:
+        attr = _attr()
+        struct.pack_into("<IIII", attr, 0, fd, ifindex, BPF_XDP, flags)
+        try:
+            return _bpf(BPF_LINK_CREATE, attr)
+        except OSError as exc:
+            raise BpfError(f"cannot attach XDP to ifindex {ifindex}: {exc.strerror or exc}") from None
+
+    return _in_netns(netns, go)
+
+
 def set_link_xdp(ifindex: int, fd: int, flags: int = XDP_FLAGS_DRV_MODE, netns: str | None = None) -> None:
     """Attach program ``fd`` to ``ifindex`` (``fd`` -1: detach) over rtnetlink."""
 
@@ -723,6 +744,7 @@ class KernelFastPath:
         self.pin_dir: str | None = None
         self._pins: list[str] = []
         self._attached: dict[tuple[str | None, int], tuple[str, int]] = {}
+        self._links: dict[tuple[str | None, int], int] = {}
 
     # -- can we? --------------------------------------------------------------------------
     @staticmethod
@@ -845,20 +867,30 @@ class KernelFastPath:
         program: str = "xdp_fastpath",
         netns: str | None = None,
         mode: int = XDP_FLAGS_DRV_MODE,
+        link: bool = False,
     ) -> None:
         """Attach (native mode) to ``ifindex`` (in network namespace path ``netns``, default
-        this process's); ``program="xdp_pass"`` for the workload-side end of a veth."""
+        this process's); ``program="xdp_pass"`` for the workload-side end of a veth. With
+        ``link``, as a BPF link held by this process (:func:`link_xdp`): the program then
+        leaves the interface when the process ends, however it ends (fail closed)."""
         self._need()
         if program not in self.prog_fds:
             raise BpfError(f"no program {program!r}")
         try:
-            set_link_xdp(ifindex, self.prog_fds[program], mode, netns)
+            if link:
+                self._links[(netns, ifindex)] = link_xdp(ifindex, self.prog_fds[program], mode, netns)
+            else:
+                set_link_xdp(ifindex, self.prog_fds[program], mode, netns)
         except BpfError as exc:
             raise BpfError(f"{ifname or ifindex}: {exc}") from None
         self._attached[(netns, ifindex)] = (ifname or str(ifindex), mode)
 
     def detach(self, ifindex: int, *, netns: str | None = None) -> None:
         name, mode = self._attached.pop((netns, ifindex), (str(ifindex), XDP_FLAGS_DRV_MODE))
+        lfd = self._links.pop((netns, ifindex), None)
+        if lfd is not None:
+            os.close(lfd)  # the link's last reference: the kernel detaches the program
+            return
         try:
             set_link_xdp(ifindex, -1, mode, netns)
         except BpfError as exc:

@@ -103,7 +103,10 @@ SIOCGIFMTU = 0x8921
 ETHTOOL_STSO = 0x1F
 ETHTOOL_SGSO = 0x24
 ETHTOOL_SGRO = 0x2C
-OFFLOADS = {"tso": ETHTOOL_STSO, "gso": ETHTOOL_SGSO, "gro": ETHTOOL_SGRO}
+ETHTOOL_STXCSUM = 0x17  # transmit checksum offload
+OFFLOADS = {"tso": ETHTOOL_STSO, "gso": ETHTOOL_SGSO, "gro": ETHTOOL_SGRO, "tx": ETHTOOL_STXCSUM}
+# each legacy "set" command's "get" is the number before it
+SEGMENTATION = ("tso", "gso", "gro")
 
 # struct tpacket_block_desc: version, offset_to_priv, then tpacket_hdr_v1
 BLK_STATUS, BLK_NUM_PKTS, BLK_FIRST = 8, 12, 16
@@ -215,14 +218,23 @@ def interface_mtu(ifname: str) -> int:
         return struct.unpack("16si12x", fcntl.ioctl(s.fileno(), SIOCGIFMTU, req))[1]
 
 
-def set_offload(ifname: str, what: str, on: bool) -> None:
-    """``ethtool -K IFNAME WHAT on|off`` through the ``SIOCETHTOOL`` ioctl (OSError if the
-    driver refuses)."""
-    value = struct.pack("II", OFFLOADS[what], int(on))
-    buf = ctypes.create_string_buffer(value)
+def _ethtool_value(ifname: str, cmd: int, value: int) -> int:
+    buf = ctypes.create_string_buffer(struct.pack("II", cmd, value))
     ifr = struct.pack("16sP", ifname.encode(), ctypes.addressof(buf)) + b"\0" * 16
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         fcntl.ioctl(s.fileno(), SIOCETHTOOL, ifr)
+    return struct.unpack("II", buf.raw[:8])[1]
+
+
+def set_offload(ifname: str, what: str, on: bool) -> None:
+    """``ethtool -K IFNAME WHAT on|off`` through the ``SIOCETHTOOL`` ioctl (OSError if the
+    driver refuses)."""
+    _ethtool_value(ifname, OFFLOADS[what], int(on))
+
+
+def get_offload(ifname: str, what: str) -> bool:
+    """Is offload ``what`` on (``ethtool -k``)?"""
+    return bool(_ethtool_value(ifname, OFFLOADS[what] - 1, 0))
 
 
 class AfPacketPort:
@@ -399,14 +411,20 @@ class AfPacketPort:
 
     # -- offloads, lifetime ---------------------------------------------------------------------
     def disable_offloads(self) -> dict:
-        """Turn TSO, GSO and GRO off on this interface; returns ``{name: error or None}``."""
+        """Turn TSO, GSO and GRO off on this interface; returns ``{name: error or None}`` (no
+        error where the driver refuses the change but the offload is off already, as on a veth
+        whose peer runs XDP)."""
         out: dict[str, str | None] = {}
-        for what in OFFLOADS:
+        for what in SEGMENTATION:
             try:
                 set_offload(self.ifname, what, False)
                 out[what] = None
             except OSError as exc:
-                out[what] = os.strerror(exc.errno) if exc.errno else str(exc)
+                try:
+                    off = not get_offload(self.ifname, what)
+                except OSError:
+                    off = False
+                out[what] = None if off else (os.strerror(exc.errno) if exc.errno else str(exc))
         return out
 
     def close(self) -> None:
