@@ -819,28 +819,58 @@ def measure(peer: Peer, test: str, seconds: float) -> dict:
     return row
 
 
-def smoke(peer: Peer) -> None:
-    """One connection on each port the tests use, so a broken peer is skipped, not measured."""
-    code = (
-        "import socket,sys\n"
-        "s=socket.create_connection((sys.argv[1],int(sys.argv[2])),timeout=5)\n"
-        "print('ok' if s.recv(1)==b'' else 'data')\n"
-    )
-    server = Proc(peer.server_ns, [sys.executable, "-c", CONN_SERVER, SERVER["ip"], str(CONN_PORT)])
+DENIED_PORT = 5302  # not allowed by bench/live_policy.yaml
+
+SMOKE_CLIENT = r"""
+import socket, sys
+try:
+    s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=float(sys.argv[3]))
+    print("ok" if s.recv(1) == b"" else "data")
+except socket.timeout:
+    print("timeout")
+except OSError as exc:
+    print("error", exc)
+"""
+
+
+def smoke(peer: Peer) -> str:
+    """One connection to the allowed port, so a broken peer is skipped, not measured, and one
+    to a port the policy denies (a server listens there too): an enforcing peer must drop it.
+    Returns what the denied connection got ("timeout": dropped)."""
+    servers = [
+        Proc(peer.server_ns, [sys.executable, "-c", CONN_SERVER, SERVER["ip"], str(port)])
+        for port in (CONN_PORT, DENIED_PORT)
+    ]
     path = os.path.join(WORK, f"{peer.name}-smoke.out")
-    out = ""
+
+    def attempt(port: int, timeout: float) -> str:
+        c = Proc(
+            peer.client_ns,
+            [sys.executable, "-c", SMOKE_CLIENT, SERVER["ip"], str(port), str(timeout)],
+            out=path,
+        )
+        c.wait(timeout + 15.0)
+        return " ".join(c.output()).strip()
+
     try:
-        server.wait_line("ready", 10.0)
+        for srv in servers:
+            srv.wait_line("ready", 10.0)
         for _attempt in range(10):
-            c = Proc(peer.client_ns, [sys.executable, "-c", code, SERVER["ip"], str(CONN_PORT)], out=path)
-            c.wait(15.0)
-            out = " ".join(c.output())
-            if "ok" in out:
-                return
+            out = attempt(CONN_PORT, 5.0)
+            if out == "ok":
+                break
             time.sleep(0.5)
-        raise RuntimeError(f"no TCP connection from client to server: {out.strip()}")
+        else:
+            raise RuntimeError(f"no TCP connection from client to server: {out}")
+        denied = attempt(DENIED_PORT, 2.0)
+        if peer.name != "none" and denied != "timeout":
+            raise RuntimeError(
+                f"port {DENIED_PORT}, which the policy denies, answered ({denied}): not enforced"
+            )
+        return "dropped" if denied == "timeout" else denied
     finally:
-        server.stop()
+        for srv in servers:
+            srv.stop()
 
 
 def idle_cpu(seconds: float) -> dict:
@@ -945,7 +975,7 @@ def run(args) -> dict:
                     peer = KernelPeer(name, kt)
                 peer.build()
                 peer.prepare()
-                smoke(peer)
+                info["denied_port"] = f"{DENIED_PORT}/tcp: {smoke(peer)}"
                 peers[name] = peer
                 if isinstance(peer, AgentPeer):
                     info["fastpath"] = peer.fastpath
