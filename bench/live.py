@@ -1,6 +1,7 @@
-"""Benchmark: live enforcement between two workloads on two hosts, four enforcement points.
+"""Benchmark: live enforcement between two workloads on two hosts, five enforcement points.
 
-One run builds, in network namespaces, the same shape of topology four times over: an underlay
+One run builds, in network namespaces, the same shape of topology for each enforcement point
+(the two kernel peers share one): an underlay
 namespace with a bridge joining two host namespaces, a VXLAN overlay (VNI 7001) between the
 hosts, and one workload namespace behind each host on a veth (MTU 1450, TSO and GSO off on the
 workload's side, as ``microseg lab`` sets them). The policy is ``bench/live_policy.yaml``: the
@@ -42,7 +43,13 @@ which for the agent and OVS adds the kernel's work on their veths and sockets, a
 "softirq" the machine's softirq time per million of them. This kernel has no
 CONFIG_IRQ_TIME_ACCOUNTING (the run records it): softirq work done on the way out of a
 system call is then also charged to the calling process, so the load generators' rusage holds
-part of the forwarding work and "machine minus load generators" undercounts the kernel peers.
+part of the forwarding work and "machine minus load generators" undercounts the kernel peers;
+and when other work keeps the machine's cores busy, the machine's busy time is simply its
+cores times the test's length, so that figure then says little (the softirq one says more).
+
+Before a peer is measured, one connection to the allowed port must pass and one to a port the
+policy denies (5302/tcp, a server listening there too) must be dropped (the kernel without a
+ruleset must let it through); a peer that fails either is skipped.
 
 The machine is shared, so every figure is the median of ``--rounds`` rounds, the peers
 interleaved within each test of each round (their order rotating), and the run records the
