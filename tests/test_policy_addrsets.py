@@ -512,3 +512,39 @@ def test_empty_group_and_selector_admit_nothing_and_fill_on_update(tmp_path):
     c2 = c.with_members("t", "app", ["a"])
     v = check(c2, Reference(c2.policy), keys, ct)
     assert (v == V.ALLOW).all()  # both families: a's addresses are the set's
+
+
+def test_datapath_with_caches_follows_a_membership_update():
+    """Through the whole datapath with its caches on: NEW connections between members are
+    allowed and cached (megaflow entries wildcard only the source port); after a member leaves
+    the group, its new connections are judged by the new sets, never by a cached answer of
+    the old version, and its tracked connections are cut."""
+    from microseg.datapath import Datapath, DatapathConfig
+    from microseg.packet import build as PB
+    from microseg.packet.batch import Batch
+
+    policy = _self_admitting(30)
+    policy = type(policy)(**{**policy.__dict__, "untagged_tenant": "t"})
+    c = compile_policy(policy)
+    ip = [str(w.addresses[0]) for w in policy.workloads]
+
+    def syns(pairs, sport0):
+        frames = [
+            PB.tcp_packet(ip[i], ip[j], sport0 + k, 22, flags="S", seq=1) for k, (i, j) in enumerate(pairs)
+        ]
+        return Batch.from_packets(frames, ts=[10**9 + 1000 * k for k in range(len(frames))])
+
+    dp = Datapath(c, DatapathConfig(caches=True))
+    pairs = [(0, 1), (2, 0), (3, 4)]
+    r = dp.process(syns(pairs, 40000))
+    assert (r.verdict == V.ALLOW).all() and (r.level == L_SLOW).all()
+    r = dp.process(syns(pairs, 41000))  # other source ports: the megaflow entries answer
+    assert (r.verdict == V.ALLOW).all() and (r.level == L_MEGAFLOW).all()
+    new = c.with_members("t", "self", [f"w{i}" for i in range(1, 30)])
+    out = dp.swap_policy(new)
+    assert out["cut"] == 4  # w0's connections: (0, 1) and (2, 0), two each
+    for sport in (50000, 51000):
+        r = dp.process(syns(pairs, sport))
+        assert list(r.verdict) == [V.DROP, V.DROP, V.ALLOW]
+        assert list(r.reason[:2]) == [V.R_EGRESS_DENIED, V.R_EGRESS_DENIED]  # w2 -> w0: w2 egress
+    assert r.level[2] == L_MEGAFLOW  # the new version's own entry
