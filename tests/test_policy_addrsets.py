@@ -154,50 +154,52 @@ def random_set_policy(rng) -> tuple[dict, dict]:
                 }
             )
         if k8s and rng.random() < 0.8:
+
+            def admin_peer(egress):
+                peers = [
+                    {"pods": {"namespaceSelector": {}, "podSelector": _sel(rng, pick)}},
+                    {"namespaces": pick([{}, {"matchLabels": {"purpose": "prod"}}])},
+                ]
+                if egress:  # classifier rules among the set rules of one check
+                    peers.append({"networks": [pick(["10.0.0.0/22", "fd00::/116", "0.0.0.0/0"])]})
+                return pick(peers)
+
+            def admin_rules(key, pk, actions):
+                out = []
+                for i in range(int(rng.integers(1, 4))):
+                    r = {
+                        "name": f"r{i}",
+                        "action": pick(actions),
+                        pk: [admin_peer(key == "egress") for _ in range(int(rng.integers(1, 3)))],
+                    }
+                    if rng.random() < 0.4:
+                        r["ports"] = [{"portNumber": {"protocol": "TCP", "port": int(rng.integers(20, 90))}}]
+                    out.append(r)
+                return out
+
             docs = []
             for j in range(int(rng.integers(1, 4))):
                 spec = {"priority": int(rng.integers(0, 4)), "subject": {"namespaces": {}}}
                 for key, pk in (("ingress", "from"), ("egress", "to")):
                     if rng.random() < 0.8:
-                        spec[key] = [
-                            {
-                                "name": f"r{i}",
-                                "action": pick(["Allow", "Deny", "Pass"]),
-                                pk: [
-                                    pick(
-                                        [
-                                            {
-                                                "pods": {
-                                                    "namespaceSelector": {},
-                                                    "podSelector": _sel(rng, pick),
-                                                }
-                                            },
-                                            {"namespaces": pick([{}, {"matchLabels": {"purpose": "prod"}}])},
-                                        ]
-                                    )
-                                ],
-                                **(
-                                    {
-                                        "ports": [
-                                            {
-                                                "portNumber": {
-                                                    "protocol": "TCP",
-                                                    "port": int(rng.integers(20, 90)),
-                                                }
-                                            }
-                                        ]
-                                    }
-                                    if rng.random() < 0.4
-                                    else {}
-                                ),
-                            }
-                            for i in range(int(rng.integers(1, 4)))
-                        ]
+                        spec[key] = admin_rules(key, pk, ["Allow", "Deny", "Pass"])
                 docs.append(
                     {
                         "apiVersion": "policy.networking.k8s.io/v1alpha1",
                         "kind": "AdminNetworkPolicy",
                         "metadata": {"name": f"anp{j}"},
+                        "spec": spec,
+                    }
+                )
+            if rng.random() < 0.5:
+                spec = {"subject": {"namespaces": {}}}
+                for key, pk in (("ingress", "from"), ("egress", "to")):
+                    spec[key] = admin_rules(key, pk, ["Allow", "Deny"])
+                docs.append(
+                    {
+                        "apiVersion": "policy.networking.k8s.io/v1alpha1",
+                        "kind": "BaselineAdminNetworkPolicy",
+                        "metadata": {"name": "default"},
                         "spec": spec,
                     }
                 )
