@@ -793,6 +793,11 @@ def _host_stats(state_dir: str, d: dict) -> dict:
             "verdicts": h["verdicts"],
             "drops": dict(sorted(h["drops"].items())),
             "conntrack_entries": h["conntrack"]["entries"],
+            "fastpath": {
+                k: h["fastpath"][k]
+                for k in ("kind", "flows", "packets", "bytes", "offloaded", "reason")
+                if k in h["fastpath"]
+            },
         }
         try:  # the agent's own stats: IPsec between the sites, where it runs it
             ipsec = control.request(d["hosts"][name]["control"], "stats", timeout=10.0).get("ipsec")
@@ -907,7 +912,26 @@ def _report(d: dict, probes: list[Probe], stats: dict, t_up: float, t_probes: fl
             ),
         },
         "hosts": stats,
+        "offload": _offload_share(stats),
         "seconds": {"up": round(t_up, 2), "probes": round(t_probes, 2)},
+    }
+
+
+def _offload_share(stats: dict) -> dict:
+    """How much of the traffic the kernel fast path carried without the agents."""
+    up = [h for h in stats.values() if h.get("running")]
+    kernel_p = sum(h["fastpath"].get("packets", 0) for h in up)
+    kernel_b = sum(h["fastpath"].get("bytes", 0) for h in up)
+    agent_p = sum(h["packets"] for h in up)
+    agent_b = sum(h["bytes"] for h in up)
+    kinds = sorted({h["fastpath"].get("kind", "none") for h in up})
+    return {
+        "kinds": kinds,
+        "offloaded_connections": sum(h["fastpath"].get("offloaded", 0) for h in up),
+        "kernel_packets": kernel_p,
+        "agent_packets": agent_p,
+        "packet_share": round(kernel_p / (kernel_p + agent_p), 4) if kernel_p + agent_p else 0.0,
+        "byte_share": round(kernel_b / (kernel_b + agent_b), 4) if kernel_b + agent_b else 0.0,
     }
 
 
@@ -980,6 +1004,14 @@ def print_report(report: dict, out: Callable[[str], None] = print) -> None:
                 f"{x.get('dropped_out', 0)} not sent; drops: "
                 + (", ".join(f"{k} {v}" for k, v in sorted(x.get("drops", {}).items())) or "-")
             )
+    o = report.get("offload")
+    if o:
+        out(
+            f"offload ({', '.join(o['kinds'])}): {o['offloaded_connections']} connections offloaded; "
+            f"the kernel carried {o['kernel_packets']} packets ({o['packet_share']:.1%} of packets, "
+            f"{o['byte_share']:.1%} of bytes), the agents judged {o['agent_packets']} (probes are "
+            "short: a connection is offloaded after its first packets, so elephants gain most)"
+        )
     t = report["seconds"]
     out(f"lab up {t['up']:.1f} s, probes {t['probes']:.1f} s, total {t.get('total', 0):.1f} s")
 
