@@ -443,6 +443,7 @@ def test_membership_change_shares_the_classifier():
     members = [w.name for w in policy.workloads if "self" in w.security_groups]
     smaller = c.with_members("t", "self", members[1:] + ["outsider"])
     assert smaller.shares_classifier and smaller.classifier is c.classifier
+    assert smaller.ruleset.rules[0] is c.ruleset.rules[0]  # rule objects lent, not rebuilt
     assert smaller.version > c.version
     pairs = [(0, 1), (1, 2), (n, 1), (1, n), (0, n)]
     keys = _pair_keys(policy, pairs)

@@ -497,19 +497,13 @@ class CompiledPolicy:
         s(self, "_anti_spoof", bool(policy.anti_spoofing))
         s(self, "_deny", V.REJECT if policy.deny_action == "reject" else V.DROP)
         s(self, "address_sets", bool(address_sets))
-        flat = _flatten(policy, address_sets)
+        known = None if reuse is None else {_rule_key(r): r for r in reuse.ruleset.rules}
+        flat = _flatten(policy, address_sets, known)
         s(self, "_need", _ro(flat.need))
         s(self, "_act", _ro(flat.actions if flat.actions.size else np.zeros(1, np.uint8)))
         s(self, "origins", tuple(flat.origins))
         nc = flat.n_classifier
-        # set rules follow the classifier's rules; the rule set's copy of a set rule asks for
-        # conntrack INVALID, which no packet reaching the rules has, so a consumer that
-        # matches the rule set alone never takes it for "any remote" (it fails closed)
-        never = {"ct_state": ctstate.INVALID, "ct_state_mask": ctstate.INVALID}
-        rs = RuleSet(
-            flat.rules[:nc] + [dataclasses.replace(r, **never) for r in flat.rules[nc:]],
-            version=self.version,
-        )
+        rs = RuleSet(flat.rules, version=self.version)  # set rules after the classifier's
         s(self, "ruleset", rs)
         s(self, "n_classifier_rules", nc)
         if nc == len(rs):
@@ -912,10 +906,30 @@ def _origins(policy: Policy) -> list:
     return out
 
 
-def _flatten(policy: Policy, address_sets: bool = True) -> _Flat:
+def _rule_key(r: Rule) -> tuple:
+    """What :func:`_flatten` knows a rule by (its ``make_rule`` arguments)."""
+    return (
+        r.in_port,
+        r.tenant,
+        r.src,
+        r.dst,
+        r.proto,
+        r.dport,
+        r.icmp_type,
+        r.icmp_code,
+        r.rule_id,
+        r.priority,
+        r.ct_state_mask,
+    )
+
+
+def _flatten(policy: Policy, address_sets: bool = True, known: dict | None = None) -> _Flat:
     """Flatten ``policy`` into classifier rules and set rules (see :mod:`.addrsets`); with
     ``address_sets`` false, remote groups and selector peers expand into one classifier rule
-    per (local address, remote prefix of the members), as before address sets."""
+    per (local address, remote prefix of the members), as before address sets. ``known``
+    (:func:`_rule_key` -> rule, an earlier compile's) lends rule objects that are equal to
+    the ones this flattening would build."""
+    known = known or {}
     wl = policy.workloads
     need = np.zeros((V.N_CHECKS, max(len(wl), 1)), np.uint8)
     vni = {t.name: t.vni for t in policy.tenants}
@@ -963,21 +977,47 @@ def _flatten(policy: Policy, address_sets: bool = True) -> _Flat:
             prefixes[x] = p
         return p
 
-    def make_rule(kind, w, lp, rp, proto, dport, icmp_type, icmp_code, origin, priority):
+    def make_rule(kind, w, lp, rp, proto, dport, icmp_type, icmp_code, origin, priority, is_set=False):
+        """The rule object (an equal one of ``known`` when there is one: building and
+        validating rules is most of the cost of a compile). A set rule's copy in the rule set
+        asks for conntrack INVALID, which no packet reaching the rules has, so a consumer that
+        matches the rule set alone never takes it for "any remote" (it fails closed); the set
+        pass ignores the conntrack word."""
         egress = V.is_egress(kind)
-        return Rule(
-            priority=priority,
-            action=Action.ALLOW,
-            rule_id=origin_id[origin],
-            tenant=vni[w.tenant],
-            in_port=kind,
-            src=lp if egress else rp,
-            dst=rp if egress else lp,
-            proto=proto,
-            dport=dport or (0, 65535),
-            icmp_type=icmp_type,
-            icmp_code=icmp_code,
+        src, dst = (lp, rp) if egress else (rp, lp)
+        dp = dport or (0, 65535)
+        ct = ctstate.INVALID if is_set else 0
+        key = (
+            kind,
+            vni[w.tenant],
+            src,
+            dst,
+            proto,
+            dp,
+            icmp_type,
+            icmp_code,
+            origin_id[origin],
+            priority,
+            ct,
         )
+        r = known.get(key)
+        if r is None:
+            r = Rule(
+                priority=priority,
+                action=Action.ALLOW,
+                rule_id=origin_id[origin],
+                tenant=vni[w.tenant],
+                in_port=kind,
+                src=src,
+                dst=dst,
+                proto=proto,
+                dport=dp,
+                icmp_type=icmp_type,
+                icmp_code=icmp_code,
+                ct_state=ct,
+                ct_state_mask=ct,
+            )
+        return r
 
     def emit(
         kind, w, local, remote, proto, dport, icmp_type, icmp_code, origin, priority=0, action=V.A_ALLOW
@@ -1031,7 +1071,7 @@ def _flatten(policy: Policy, address_sets: bool = True) -> _Flat:
         if key in s_seen:
             return
         s_seen.add(key)
-        s_rules.append(make_rule(kind, w, lp, rp, proto, dport, icmp_type, icmp_code, origin, priority))
+        s_rules.append(make_rule(kind, w, lp, rp, proto, dport, icmp_type, icmp_code, origin, priority, True))
         s_actions.append(action)
         s_kind.append(kind)
         s_local.append(w_index[id(w)])
