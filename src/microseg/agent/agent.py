@@ -17,7 +17,8 @@ running nothing is forwarded (it fails closed).
   destination workload; nothing received from the underlay is sent back onto it. The agent
   answers ARP for its host's address there and resolves the other hosts' MACs itself.
 * **Control**: a Unix socket (:mod:`microseg.agent.control`) serves ``status``, ``stats``
-  and ``reload``; SIGHUP reloads the policy file, SIGTERM and SIGINT stop the agent.
+  and ``reload``; SIGHUP reloads the policy file, SIGTERM and SIGINT stop the agent. The
+  same requests are served as a REST API (:mod:`microseg.agent.api`) beside ``--metrics``.
 * **Store** (``--store URL``): the policy comes from etcd (:class:`~microseg.store.PolicyWatcher`);
   the watcher's thread compiles each relevant change, the loop swaps it between batches, the
   last good policy stays while etcd is unreachable or a change is invalid (fail static), and
@@ -196,6 +197,7 @@ class Agent:
         flow_log_backups: int = 5,
         ipsec: str | None = None,
         offload: OffloadConfig | None = None,
+        api_token_file: str | None = None,
     ):
         if tunnel not in TUNNELS:
             raise InputError(f"--tunnel must be one of {', '.join(TUNNELS)}")
@@ -231,6 +233,16 @@ class Agent:
             from .metrics import parse_address
 
             parse_address(metrics)  # refused before anything opens
+        self.api_token: str | None = None
+        if api_token_file is not None:
+            from .api import load_token
+
+            if metrics is None:
+                raise InputError("--api-token-file: the REST API is served beside --metrics: give it")
+            self.api_token = load_token(api_token_file)
+        # REST API requests waiting for the loop: (request, done, reply box)
+        self._api_lock = threading.Lock()
+        self._api_queue: list[tuple[dict, threading.Event, dict]] = []
         if store is not None:
             from ..store import DEFAULT_PREFIX, PolicyWatcher
 
@@ -743,6 +755,8 @@ class Agent:
                     self.defrag.expire(time.monotonic())
                 if self._pending is not None:
                     self._swap_pending()
+                if self._api_queue:
+                    self._serve_api()
                 if self._reload_requested:
                     self._reload_requested = False
                     if self.watcher is None:
@@ -752,6 +766,7 @@ class Agent:
         finally:
             self._stop_store()
             self._wsock = None
+            self._serve_api(stopping=True)
             signal.set_wakeup_fd(old_wakeup)
             for s, h in handlers.items():
                 signal.signal(s, h)
@@ -764,11 +779,14 @@ class Agent:
         loopback) on a thread; a scrape reads the counters as they stand."""
         if self.metrics_address is None or self.metrics_server is not None:
             return
+        from .api import ApiApp
         from .metrics import DatapathCollector, MetricsServer, registry_for
 
         reg = registry_for(DatapathCollector(agent=self, observer=self.observer))
         try:
-            self.metrics_server = MetricsServer(self.metrics_address, reg)
+            self.metrics_server = MetricsServer(
+                self.metrics_address, reg, wrap=lambda app: ApiApp(self.call, self.api_token, fallback=app)
+            )
         except OSError as exc:
             raise AgentError(f"--metrics {self.metrics_address}: {exc.strerror or exc}") from None
         log.info("metrics on %s", self.metrics_server.url)
@@ -1216,6 +1234,33 @@ class Agent:
                 except (OSError, ValueError) as exc:
                     log.warning("control request failed: %s", exc)
 
+    def call(self, req: dict, timeout: float = 30.0) -> dict:
+        """Answer a control request from another thread (the REST API's): it is handed to the
+        packet loop and answered between two batches, as a control-socket request is."""
+        done, box = threading.Event(), dict[str, dict]()
+        with self._api_lock:
+            self._api_queue.append((req, done, box))
+        self._wake()
+        if not done.wait(timeout):
+            with self._api_lock:
+                self._api_queue = [q for q in self._api_queue if q[1] is not done]
+            raise TimeoutError(f"the agent's loop did not answer within {timeout:.0f} s")
+        return box["reply"]
+
+    def _serve_api(self, stopping: bool = False) -> None:
+        with self._api_lock:
+            todo, self._api_queue = self._api_queue, []
+        for req, done, box in todo:
+            if stopping:
+                box["reply"] = {"ok": False, "error": "the agent is stopping"}
+            else:
+                try:
+                    box["reply"] = self.handle(req)
+                except Exception as exc:  # noqa: BLE001 - a request never stops the loop
+                    log.exception("API request %s failed", req.get("cmd"))
+                    box["reply"] = {"ok": False, "error": f"{req.get('cmd')}: {exc}"}
+            done.set()
+
     def handle(self, req: dict) -> dict:
         cmd = req.get("cmd")
         if cmd == "status":
@@ -1534,7 +1579,14 @@ def register(sub) -> None:
         "--metrics",
         metavar="ADDR",
         help="serve Prometheus metrics on [127.0.0.1:]PORT (HTTP, loopback only, in the agent's "
-        "own namespace) or unix:PATH (a Unix socket, mode 0600); default: off",
+        "own namespace) or unix:PATH (a Unix socket, mode 0600), with the REST control API under "
+        "/v1/ beside it; default: off",
+    )
+    p.add_argument(
+        "--api-token-file",
+        metavar="PATH",
+        help="the bearer token (a file of mode 0600) the REST API beside --metrics asks of "
+        "mutating calls (POST /v1/reload); without it they are refused (docs/agent.md)",
     )
     p.add_argument(
         "--flow-log",
@@ -1606,6 +1658,7 @@ def run_agent(args) -> int:
             flow_log_backups=args.flow_log_backups,
             ipsec=args.ipsec,
             offload=_offload_config(args),
+            api_token_file=args.api_token_file,
         )
     except PermissionError:
         raise AgentError("AF_PACKET ports need root (CAP_NET_RAW, CAP_NET_ADMIN)") from None

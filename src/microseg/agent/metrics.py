@@ -402,9 +402,14 @@ class _UnixWSGIServer(_ThreadingWSGIServer):
 class MetricsServer:
     """A registry served on a thread; ``url`` says where (``unix:PATH`` or ``http://...``)."""
 
-    def __init__(self, address, registry: CollectorRegistry):
+    def __init__(self, address, registry: CollectorRegistry, wrap=None):
+        """``wrap``: a callable taking the metrics WSGI app and returning the app to serve
+        (the agent's REST API, :class:`microseg.agent.api.ApiApp`, which hands every path
+        outside ``/v1/`` to it)."""
         spec = parse_address(address) if isinstance(address, str) else address
         app = make_wsgi_app(registry)
+        if wrap is not None:
+            app = wrap(app)
         self.httpd: _ThreadingWSGIServer
         if spec[0] == "unix":
             self.path = spec[1]
