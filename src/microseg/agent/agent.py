@@ -88,6 +88,8 @@ ARP_RETRY_S = 0.5  # while a peer host is unresolved
 ARP_REFRESH_S = 30.0
 STATUS_TTL_S = 10  # the lease of the agent's status key in the store
 STATUS_REFRESH_S = 30.0  # the status key is rewritten at least this often
+ARRIVAL_RETRY_S = 0.25  # a workload that moved here: how often its interface is looked for
+HANDOFF_WAIT_S = 30  # how long a handoff is written for, or waited for
 
 # what the agent itself drops or answers before the datapath (the datapath counts its own)
 AGENT_REASONS = (
@@ -123,6 +125,22 @@ def _forbidden(compiled, table, e) -> np.ndarray:
     return revoked_connections(
         None, compiled, tenant, e["src_hi"], e["src_lo"], e["dst_hi"], e["dst_lo"], e["proto"], sport, dport
     )
+
+
+def _conn_hash(e, reverse: bool) -> np.ndarray:
+    """A 64-bit hash of each entry's connection (zone, protocol, addresses, ports), of its
+    reply direction with ``reverse``: the same connection picked up from either side."""
+    a, b = ("dst", "src") if reverse else ("src", "dst")
+    pa, pb = ("dport", "sport") if reverse else ("sport", "dport")
+    cols = (
+        e["zone"], e["proto"], e[f"{a}_hi"], e[f"{a}_lo"], e[f"{b}_hi"], e[f"{b}_lo"], e[pa], e[pb]
+    )  # fmt: skip
+    h = np.full(e.shape[0], 0xCBF29CE484222325, np.uint64)
+    with np.errstate(over="ignore"):
+        for c in cols:
+            h = (h ^ np.asarray(c, np.uint64)) * np.uint64(0x100000001B3)
+            h ^= h >> np.uint64(29)
+    return h
 
 
 def _mac48(data: np.ndarray, off: np.ndarray) -> np.ndarray:
@@ -267,6 +285,27 @@ class Agent:
         cfg.tunnel = tunnel
         self._warm_up(compiled, cfg, specs)
         self.dp = Datapath(compiled, cfg)
+        # workload moves (store mode): --port interfaces of workloads not (yet) on this host,
+        # arrivals waiting for their interface, handoffs fetched by their threads
+        self.standby: dict[str, str] = dict(self._standby)
+        self._arriving: dict[str, int] = {}
+        self._waiting: set[str] = set()
+        self._next_open = 0.0
+        self._handoff_lock = threading.Lock()
+        self._handoff_in: list[tuple[str, dict, np.ndarray]] = []
+        self._poller: Any = None
+        self.moves = {
+            "departed": 0,
+            "arrived": 0,
+            "handoff_written": 0,
+            "handoff_write_failed": 0,
+            "handoff_imported": 0,
+            "handoff_entries": 0,
+            "handoff_cut": 0,
+            "handoff_refused": 0,
+            "handoff_missing": 0,
+        }
+        self.handoffs: dict[str, str] = {}  # workload -> its last handoff's fate
         self.snapshot_path = None
         if state_dir:
             self.snapshot_path = os.path.join(os.path.abspath(state_dir), f"{_file_name(host)}.conntrack.npz")
@@ -347,11 +386,24 @@ class Agent:
 
     def _resolve_ports(self, model, ports: dict) -> list:
         out = []
+        self._standby: dict[str, str] = {}
         for text, ifname in ports.items():
+            if (
+                self.watcher is not None
+                and text.count("/") in (1, 2)
+                and not any(qualified(w) == text for w in model.workloads)
+            ):
+                # on the store, a workload of another tenant may move here later
+                self._standby[text] = ifname
+                continue
             found = resolve_endpoints(model, [text], what=("--port",))[0]
             if found is None or isinstance(found, (ipaddress.IPv4Address, ipaddress.IPv6Address)):
                 raise InputError(f"--port: no workload {text!r} in the policy")
             idx = next(i for i, w in enumerate(model.workloads) if w is found)
+            if found.host != self.host and self.watcher is not None:
+                # on the store a workload may move here: its port opens when it does
+                self._standby[qualified(found)] = ifname
+                continue
             if found.host != self.host:
                 raise InputError(
                     f"--port: workload {qualified(found)} is on host {found.host}, not {self.host}"
@@ -457,18 +509,35 @@ class Agent:
         hosts = {h.name: h for h in model.hosts}
         if self.host not in hosts or str(hosts[self.host].address) != self.address:
             raise InputError(f"{path}: host {self.host} missing or its address changed")
+        moves = self.watcher is not None  # on the store, workloads may leave and arrive
+        vnis = {t.name: t.vni for t in model.tenants}
+        by_name: dict[str, list[int]] = {}
+        for i, w in enumerate(model.workloads):
+            by_name.setdefault(qualified(w), []).append(i)
+        # port name -> workload index in the new policy; None: the workload left this host
+        index: dict[str, int | None] = {}
         for p in self.wports:
-            ws = [w for w in model.workloads if qualified(w) == p.name]
-            if len(ws) != 1 or ws[0].host != self.host or ws[0].mac is None or int(ws[0].mac) != p.mac:
+            found = by_name.get(p.name, [])
+            w = model.workloads[found[0]] if len(found) == 1 else None
+            if moves and (w is None or w.host != self.host):
+                index[p.name] = None  # moved away (or deleted): its port closes
+                continue
+            if w is None or w.host != self.host or w.mac is None or int(w.mac) != p.mac:
                 raise InputError(f"{path}: workload {p.name} missing, moved or its MAC changed")
-            if {t.name: t.vni for t in model.tenants}.get(p.tenant) != p.vni:
+            if vnis.get(p.tenant) != p.vni:
                 raise InputError(f"{path}: tenant {p.tenant} missing or its VNI changed")
+            index[p.name] = found[0]
+        if moves:
+            open_names = {p.name for p in self.wports}
+            for name in self.standby:
+                found = by_name.get(name, [])
+                if name in open_names or len(found) != 1:
+                    continue
+                w = model.workloads[found[0]]
+                if w.host == self.host and w.mac is not None and w.tenant in vnis:
+                    index[name] = found[0]  # arrives: its port opens
         compiled = compile_policy(model)
-        # workload indices may move in the new file
-        return compiled, {
-            p.name: next(i for i, w in enumerate(model.workloads) if qualified(w) == p.name)
-            for p in self.wports
-        }
+        return compiled, index
 
     def reload(self, path: str | None = None) -> dict:
         if self.watcher is not None:
@@ -498,13 +567,268 @@ class Agent:
     def _install(self, compiled, index) -> dict:
         """Swap to ``compiled`` (between two batches); connections it forbids are cut, first
         from the kernel's flow map, then from conntrack as the new policy goes live."""
+        old = self.model
+        old_host = {qualified(w): w.host for w in old.workloads}
+        moved = any(old_host.get(qualified(w), w.host) != w.host for w in compiled.policy.workloads)
+        departing = [p for p in self.wports if index.get(p.name) is None]
+        arriving = {
+            n: i for n, i in index.items() if i is not None and n not in {p.name for p in self.wports}
+        }
+        if moved or departing or arriving:
+            self._fastpath_moved(bool(departing or arriving))
         self.kfast.before_swap(compiled)
+        # what leaves with each departing workload: its addresses, and where it went
+        leaving = []
+        for p in departing:
+            w = old.workloads[p.index]
+            new = [x for x in compiled.policy.workloads if qualified(x) == p.name]
+            to_host = new[0].host if len(new) == 1 else None
+            if to_host is None and self.watcher is not None:
+                # its tenant may have left this host's view with it: the store knows where
+                to_host = self.watcher.workload_host(p.name)
+            addrs = [str(a) for a in w.addresses]
+            # its connections, taken before the swap (which may cut them: its tenant may
+            # leave this host's policy with it)
+            ents = self.dp.conntrack.entries()
+            mine = ents[self._workload_mask(ents, p.vni, addrs)]
+            self.dp.conntrack.delete_where(lambda e, p=p, addrs=addrs: self._workload_mask(e, p.vni, addrs))
+            leaving.append((p, mine, to_host if to_host != self.host else None))
         out = self.dp.swap_policy(compiled)
         self._set_policy(compiled)
         for p in self.wports:
-            p.index = index[p.name]
+            if index.get(p.name) is not None:
+                p.index = index[p.name]
+        for p, mine, to_host in leaving:
+            self._depart(p, mine, to_host)
+        self._arriving = arriving
+        if arriving:
+            self._next_open = 0.0
+            self._open_arrivals()
         self.reloads += 1
         return out
+
+    # -- workload moves (store mode) ------------------------------------------------------------
+    def _fastpath_moved(self, ports_change: bool) -> None:
+        """A workload moved: the kernel's flows may point at a port or host it left. All of
+        them leave the map (offloaded again after a few packets); when this host's own ports
+        change, the kernel program (attached to the ports it was started with) goes off."""
+        k = self.kfast
+        if k.fp is None:
+            return
+        for f in list(k.flows.values()):
+            k._remove(f, "removed_revoked")
+        if ports_change:
+            k.close()
+            k.kind = "software"
+            k.reason = (
+                "a workload moved to or from this host: the kernel fast path is off until the agent restarts"
+            )
+            log.info("kernel fast path off: %s", k.reason)
+
+    def _workload_mask(self, e, vni: int, addrs: list[str]) -> np.ndarray:
+        from ..packet.batch import text_to_addr
+
+        m = np.zeros(e.shape[0], bool)
+        for a in addrs:
+            hi, lo = text_to_addr(a)
+            for side in ("src", "dst"):
+                m |= (e[f"{side}_hi"] == np.uint64(hi)) & (e[f"{side}_lo"] == np.uint64(lo))
+        return m & (e["zone"].astype(np.int64) == vni)
+
+    def _depart(self, p: WorkloadPort, mine: np.ndarray, to_host: str | None) -> None:
+        """The workload of port ``p`` left this host: its port closes (nothing of it is
+        forwarded here any more); its connections ``mine`` (out of the table already) are
+        handed off, when it moved to another host, to that host through the store."""
+        self.standby.setdefault(p.name, p.port.ifname)  # it may come back
+        self._close_port(p)
+        self.moves["departed"] += 1
+        log.info(
+            "workload %s left this host (now on %s): port %s closed, %d connections %s",
+            p.name,
+            to_host or "no host",
+            p.port.ifname,
+            mine.shape[0],
+            "handed off" if to_host else "dropped",
+        )
+        if to_host and self.watcher is not None:
+            self.handoffs[p.name] = f"writing for {to_host}"
+            threading.Thread(
+                target=self._write_handoff, args=(p.name, mine, to_host), name="handoff-out", daemon=True
+            ).start()
+
+    def _write_handoff(self, name: str, entries: np.ndarray, to_host: str) -> None:
+        from ..store import StoreClient
+        from ..store import handoff as H
+
+        value = H.encode(entries, workload=name, from_host=self.host, to_host=to_host)
+        client = StoreClient(str(self.store_url))
+        end = time.monotonic() + HANDOFF_WAIT_S
+        while True:
+            try:
+                H.write(client, self.store_prefix, name, value)
+                self.moves["handoff_written"] += 1
+                self.handoffs[name] = f"written for {to_host}"
+                log.info("handoff of %s for %s: %d connections written", name, to_host, entries.shape[0])
+                return
+            except MicrosegError as exc:
+                if time.monotonic() > end or self._status_stop.is_set():
+                    self.moves["handoff_write_failed"] += 1
+                    self.handoffs[name] = f"not written: {exc}"
+                    log.error(
+                        "handoff of %s not written (its connections restart at %s): %s", name, to_host, exc
+                    )
+                    return
+                client.rotate()
+                time.sleep(0.5)
+
+    def _close_port(self, p: WorkloadPort) -> None:
+        fd = p.port.fileno()
+        if self._poller is not None:
+            with contextlib.suppress(KeyError, ValueError, OSError):
+                self._poller.unregister(fd)
+        self._by_fd.pop(fd, None)
+        self.wports = [x for x in self.wports if x is not p]
+        self._local = {(x.vni, x.mac): x for x in self.wports}
+        p.port.close()
+
+    def _open_arrivals(self) -> None:
+        """Open the ports of workloads that moved here, once their interfaces exist (retried
+        every ``ARRIVAL_RETRY_S``); each one opened starts fetching its handoff."""
+        now = time.monotonic()
+        if now < self._next_open:
+            return
+        self._next_open = now + ARRIVAL_RETRY_S
+        for name, w_index in list(self._arriving.items()):
+            ifname = self.standby.get(name)
+            if ifname is None:
+                del self._arriving[name]
+                continue
+            w = self.model.workloads[w_index]
+            number = max([p.port.port_id for p in self.wports] + [0]) + 1
+            try:
+                with InNetns(self.netns) if self.netns else contextlib.nullcontext():
+                    port = AfPacketPort(ifname, number)
+            except OSError as exc:
+                if name not in self._waiting:
+                    self._waiting.add(name)
+                    log.info(
+                        "workload %s moved here: waiting for its interface %s (%s)",
+                        name,
+                        ifname,
+                        exc.strerror or exc,
+                    )
+                continue
+            self._waiting.discard(name)
+            self._offloads(port)
+            wp = WorkloadPort(port, w_index, name, w.tenant, self._vni[w.tenant], int(w.mac))
+            self.wports.append(wp)
+            self._by_fd[port.fileno()] = wp
+            self._local = {(x.vni, x.mac): x for x in self.wports}
+            if self._poller is not None:
+                self._poller.register(port.fileno(), select.POLLIN | select.POLLERR)
+            del self._arriving[name]
+            self.moves["arrived"] += 1
+            self.handoffs[name] = "waiting"
+            log.info("workload %s moved here: enforcing on %s", name, ifname)
+            if self.watcher is not None:
+                threading.Thread(
+                    target=self._fetch_handoff, args=(name,), name="handoff-in", daemon=True
+                ).start()
+
+    def _fetch_handoff(self, name: str) -> None:
+        """Wait up to ``HANDOFF_WAIT_S`` for the workload's handoff, take it (read and delete)
+        and hand it to the loop; a handoff that does not decode is refused, with why."""
+        from ..store import StoreClient
+        from ..store import handoff as H
+
+        client = StoreClient(str(self.store_url))
+        end = time.monotonic() + HANDOFF_WAIT_S
+        while not self._status_stop.is_set():
+            try:
+                value = H.take(client, self.store_prefix, name)
+            except MicrosegError as exc:
+                log.debug("handoff of %s: %s", name, exc)
+                client.rotate()
+                value = None
+            if value is not None:
+                try:
+                    meta, entries = H.decode(value, name)
+                except InputError as exc:
+                    self.moves["handoff_refused"] += 1
+                    self.handoffs[name] = f"refused: {exc}"
+                    log.error("handoff of %s refused (its connections restart here): %s", name, exc)
+                    return
+                with self._handoff_lock:
+                    self._handoff_in.append((name, meta, entries))
+                self._wake()
+                return
+            if time.monotonic() > end:
+                self.moves["handoff_missing"] += 1
+                self.handoffs[name] = "none"
+                log.info("no handoff of %s within %d s: its connections restart here", name, HANDOFF_WAIT_S)
+                return
+            time.sleep(0.2)
+
+    def _import_handoffs(self) -> None:
+        """Merge the handed-off connections into the table (between two batches): only those
+        of the workload in its tenant's zone, those the running policy forbids cut, each
+        replacing an entry of the same connection picked up here in the meantime."""
+        from ..conntrack import const as CK
+        from ..conntrack import kernels as KN
+
+        with self._handoff_lock:
+            todo, self._handoff_in = self._handoff_in, []
+        for name, meta, entries in todo:
+            wp = next((p for p in self.wports if p.name == name), None)
+            if wp is None:
+                self.handoffs[name] = "dropped: the workload left again"
+                continue
+            w = self.model.workloads[wp.index]
+            ents = entries[self._workload_mask(entries, wp.vni, [str(a) for a in w.addresses])]
+            t = self.dp.conntrack
+            now = time.time_ns()
+            ents = ents[ents["deadline"] > now]  # expired on the way
+            if ents.shape[0]:
+                bad = np.asarray(_forbidden(self.compiled, t, ents), bool)
+            else:
+                bad = np.zeros(0, bool)
+            cut = int(bad.sum())
+            ents = ents[~bad]
+            if ents.shape[0] and self.kfast.fp is not None:
+                self._fastpath_moved(False)  # entry numbers change below
+            if ents.shape[0]:
+                cur = t.entries()
+                taken = np.isin(
+                    _conn_hash(cur, False), np.concatenate([_conn_hash(ents, False), _conn_hash(ents, True)])
+                )
+                keep = cur[~taken]
+                room = t.capacity - keep.shape[0]
+                ents = ents[:room]
+                new = ConntrackTable(capacity=t.capacity, default_zone=t.default_zone)
+                new.cfg[:] = t.cfg
+                new.timeouts[:] = t.timeouts
+                new.ctr[:] = t.ctr
+                new.expire_budget = t.expire_budget
+                new.last_now = t.last_now
+                rows = np.concatenate([keep, ents])
+                n = rows.shape[0]
+                new.ents[:n] = rows
+                new.ents["status"][:n] |= CK.ST_USED
+                KN.rebuild_index(new.ents, new.slot_ent, new.slot_hash, new.free, new.params)
+                self.dp.conntrack = new
+            self.moves["handoff_imported"] += 1
+            self.moves["handoff_entries"] += int(ents.shape[0])
+            self.moves["handoff_cut"] += cut
+            self.handoffs[name] = (
+                f"imported from {meta.get('from')}: {int(ents.shape[0])} connections, {cut} cut"
+            )
+            log.info(
+                "handoff of %s from %s imported: %d connections (%d the policy forbids cut)",
+                name,
+                meta.get("from"),
+                ents.shape[0],
+                cut,
+            )
 
     # -- the store ------------------------------------------------------------------------------
     def _on_store_policy(self, model, revision: int) -> None:
@@ -718,6 +1042,7 @@ class Agent:
             s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
         }
         poller = select.poll()
+        self._poller = poller
         for fd in self._by_fd:
             poller.register(fd, select.POLLIN | select.POLLERR)
         poller.register(rsock.fileno(), select.POLLIN)
@@ -757,6 +1082,10 @@ class Agent:
                     self._swap_pending()
                 if self._api_queue:
                     self._serve_api()
+                if self._arriving:
+                    self._open_arrivals()
+                if self._handoff_in:
+                    self._import_handoffs()
                 if self._reload_requested:
                     self._reload_requested = False
                     if self.watcher is None:
@@ -1363,6 +1692,9 @@ class Agent:
             "reloads": self.reloads,
             "reloads_refused": self.reload_refused,
             "conntrack_restored": self.restored,
+            "moves": dict(self.moves),
+            "handoffs": dict(self.handoffs),
+            "arriving": {n: self.standby.get(n) for n in self._arriving},
             "policy_revision": self.policy_revision,
             "metrics_url": self.metrics_server.url if self.metrics_server is not None else None,
             "flow_log": self.flow_log_path,
@@ -1416,6 +1748,7 @@ class Agent:
             },
             "agent": {k: v for k, v in self.counters.items() if k not in ("packets", "bytes")},
             "defrag": self.defrag.stats(),
+            "moves": dict(self.moves),
             "ports": ports,
             "policy": {
                 "version": self.compiled.version,

@@ -587,7 +587,13 @@ def _start_agent(st: State, name: str) -> None:
     ]
     if d.get("ipsec"):
         cmd += ["--ipsec", d["ipsec"]]
-    for q, port in sorted(h["ports"].items()):
+    names = dict(h["ports"])
+    if d.get("store"):
+        # every other workload may move here (lab move): the name its interface gets then
+        for k, q in enumerate(sorted(d["workloads"])):
+            names.setdefault(q, f"m{k}")
+    h["names"] = names
+    for q, port in sorted(names.items()):
         cmd += ["--port", f"{q}={port}"]
     with open(logf, "ab") as out:
         proc = subprocess.Popen(
@@ -876,6 +882,97 @@ def restart(host: str, state_dir: str = DEFAULT_STATE_DIR, timeout: float = 180.
     return control.request(h["control"], "status", timeout=5.0)
 
 
+def move(workload: str, host: str, state_dir: str = DEFAULT_STATE_DIR, timeout: float = 60.0) -> dict:
+    """Move a workload to another host of a store lab, as a live migration would: its
+    ``host`` key changes in the store (the old host's agent closes its port and hands its
+    connections off through the store), the host end of its veth moves into the new host's
+    namespace, and the new host's agent opens it and imports the handoff. Returns the new
+    agent's status once it enforces on the port and the handoff is settled."""
+    from ..store import StoreClient, StoreError
+    from ..store.etcd import cmp_mod, op_put
+    from ..store.layout import DEFAULT_PREFIX, encode_value
+
+    _need_root()
+    st = State(state_dir)
+    d = st.load()
+    if not d.get("store"):
+        raise LabError("lab move needs a lab on the store (lab up --store)")
+    w = find_workload(d, workload)
+    q = next(k for k, v in d["workloads"].items() if v is w)
+    if host not in d["hosts"]:
+        raise InputError(f"no host {host!r} in the lab (hosts: {', '.join(sorted(d['hosts']))})")
+    old = w["host"]
+    if old == host:
+        raise InputError(f"{q} is on {host} already")
+    src, dst = d["hosts"][old], d["hosts"][host]
+    new_if = dst.get("names", {}).get(q)
+    if new_if is None:
+        raise LabError(f"the agent of {host} was not started with a port for {q} (restart it)")
+    # 1. the store: the workload's host key, guarded by the revision read
+    parts = q.split("/")
+    tenant, name = parts[0], parts[-1]
+    ns = parts[1] if len(parts) == 3 else tenant
+    key = f"{DEFAULT_PREFIX}workloads/{tenant}/{ns}/{name}"
+    client = StoreClient(d["store"]["endpoint"])
+    try:
+        kv = client.get(key)
+        if kv is None:
+            raise LabError(f"{key}: not in the store")
+        try:
+            doc = json.loads(kv.value)
+        except ValueError:
+            import yaml
+
+            doc = yaml.safe_load(kv.value)
+        if not isinstance(doc, dict):
+            raise LabError(f"{key}: not a workload")
+        doc["host"] = host
+        ok, revision = client.txn([cmp_mod(key, "EQUAL", kv.mod_revision)], [op_put(key, encode_value(doc))])
+    except StoreError as exc:
+        raise LabError(f"the store at {d['store']['endpoint']}: {exc}") from None
+    if not ok:
+        raise LabError(f"{key} changed while it was read: move again")
+    log.info("%s: host %s -> %s at revision %d", q, old, host, revision)
+    # 2. the old host's agent lets go of the port (it stops forwarding for it)
+    deadline = time.monotonic() + timeout
+
+    def released() -> bool:
+        s = _host_query(src, "status", timeout=5.0)
+        return not s.get("ok") or q not in s.get("ports", {})
+
+    while not released():
+        if time.monotonic() > deadline:
+            raise LabError(
+                f"the agent of {old} still holds {q}'s port after {timeout:.0f} s:\n{_tail(src['log'])}"
+            )
+        time.sleep(0.1)
+    # 3. the link moves: the host end of the workload's veth into the new host's namespace
+    old_if = w["port"]
+    # (renamed as it moves: the new host may have a link of the old name)
+    _ip("-n", src["ns"], "link", "set", "dev", old_if, "netns", dst["ns"], "name", new_if)
+    _ip("-n", dst["ns"], "link", "set", new_if, "mtu", str(w["mtu"]), "up")
+    src["ports"].pop(q, None)
+    dst["ports"][q] = new_if
+    w["host"], w["port"] = host, new_if
+    st.save()
+    # 4. the new host's agent opens it and settles the handoff
+    while True:
+        s = _host_query(dst, "status", timeout=5.0)
+        fate = (s.get("handoffs") or {}).get(q, "")
+        if (
+            s.get("ok")
+            and q in s.get("ports", {})
+            and s.get("policy_revision", 0) >= revision
+            and fate != "waiting"
+        ):
+            return s
+        if time.monotonic() > deadline:
+            raise LabError(
+                f"the agent of {host} does not enforce on {q} after {timeout:.0f} s:\n{_tail(dst['log'])}"
+            )
+        time.sleep(0.1)
+
+
 # ---------------------------------------------------------------------------------------------
 # command line
 # ---------------------------------------------------------------------------------------------
@@ -969,6 +1066,18 @@ def register(sub) -> None:
     rs.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for the agent")
     _common(rs)
     rs.set_defaults(func=_cli_restart)
+    mv = verbs.add_parser(
+        "move",
+        help="move a workload to another host (store labs; its connections carry on)",
+        description="Change WORKLOAD's host in the store, move its link into HOST's namespace "
+        "and wait until HOST's agent enforces on it with the connections the old host handed "
+        "off through the store.",
+    )
+    mv.add_argument("workload", metavar="TENANT/WORKLOAD")
+    mv.add_argument("host", metavar="HOST")
+    mv.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the agents")
+    _common(mv)
+    mv.set_defaults(func=_cli_move)
     dn = verbs.add_parser("down", help="remove everything the lab made")
     _common(dn)
     dn.set_defaults(func=_cli_down)
@@ -1087,6 +1196,16 @@ def _cli_reload(args) -> int:
 def _cli_restart(args) -> int:
     s = restart(args.host, args.state_dir, args.timeout)
     print(f"{args.host}: agent {s['pid']} ready, {s.get('conntrack_restored', 0)} connections restored")
+    return 0
+
+
+def _cli_move(args) -> int:
+    s = move(args.workload, args.host, args.state_dir, args.timeout)
+    q = next(
+        (n for n in s.get("ports", {}) if n == args.workload or n.endswith("/" + args.workload)),
+        args.workload,
+    )
+    print(f"{q}: on {args.host} (port {s['ports'].get(q)}), handoff {s.get('handoffs', {}).get(q, 'none')}")
     return 0
 
 

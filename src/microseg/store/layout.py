@@ -44,6 +44,7 @@ DEFAULT_PREFIX = "/microseg/v1/"
 SETTINGS = "settings"
 META = "meta"
 STATUS = "status/"
+HANDOFF = "handoff/"  # conntrack handoffs of moving workloads (store.handoff)
 IPSEC = "ipsec/"
 # section -> (number of name parts after it, policy-file section)
 SECTIONS = {

@@ -99,8 +99,10 @@ def commit(client: StoreClient, plan: Plan, source: str = "", content_hash: str 
     guard = plan.base_revision + 1
     compare = [
         cmp_mod(p + layout.META, "EQUAL", plan.meta_revision),
-        # nothing under the prefix changed since the read, the agents' status keys aside
-        cmp_mod(p, "LESS", guard, range_end=p + layout.STATUS),
+        # nothing under the prefix changed since the read, the agents' status keys and
+        # conntrack handoffs aside
+        cmp_mod(p, "LESS", guard, range_end=p + layout.HANDOFF),
+        cmp_mod(prefix_end(p + layout.HANDOFF), "LESS", guard, range_end=p + layout.STATUS),
         cmp_mod(prefix_end(p + layout.STATUS), "LESS", guard, range_end=prefix_end(p)),
     ]
     nonce = uuid.uuid4().hex

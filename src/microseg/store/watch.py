@@ -108,6 +108,21 @@ class PolicyWatcher:
         """The SA files of the last good read: name -> SAConfig."""
         return self._sa
 
+    def workload_host(self, workload: str) -> str | None:
+        """The ``host`` the store gives workload ``workload`` (``tenant/name`` or
+        ``tenant/namespace/name``, as ``qualified`` names it) at the last revision processed,
+        whichever host's it is: the agent a workload leaves learns where it went. None when
+        there is no such workload or it has no host."""
+        tenant, _, rest = workload.partition("/")
+        ns, _, name = rest.rpartition("/")
+        rel = f"workloads/{tenant}/{ns or tenant}/{name}"
+        with self._lock:
+            value = self._values.get(rel)
+        if value is None:
+            return None
+        host = layout.value_field(value, "host")
+        return host if isinstance(host, str) and host else None
+
     def status(self) -> dict:
         """``state`` (``starting``, ``ok``, ``invalid``, ``unreachable``, ``stopped``),
         ``connected`` (the last request to etcd succeeded), ``watching`` (a watch stream is
