@@ -174,7 +174,14 @@ class Forwarder:
                 )
                 src = self.host_addr[sh] if sh >= 0 else self.local
                 out_parts.append(
-                    encap(inner, self.tunnel, np.maximum(tenant[rows], 0), src, list(host_addr[d_host[rows]]))
+                    encap(
+                        inner,
+                        self.tunnel,
+                        np.maximum(tenant[rows], 0),
+                        src,
+                        list(host_addr[d_host[rows]]),
+                        entropy=keys.flow_hash[rows].astype(np.int64),  # parsed once already
+                    )
                 )
             self.counters["forwarded"] += int(tun.size)
         if plain.size:
@@ -241,4 +248,9 @@ class Forwarder:
 
 def _merge(parts) -> Batch:
     """One Ethernet batch from several, in timestamp order."""
+    parts = [p for p in parts if len(p)]
+    if len(parts) == 1 and parts[0].linktype == B.LINK_ETHERNET:
+        ts = np.asarray(parts[0].ts)
+        if ts.size < 2 or bool(np.all(ts[1:] >= ts[:-1])):
+            return parts[0]  # one part already in order: no copy
     return Batch.concat(parts, order="ts")

@@ -27,6 +27,7 @@ own checksums, which later stages check.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 
 import numpy as np
@@ -198,6 +199,29 @@ def _encap_kernel(data, offset, length, tmpl, tidx, ver, l3, l4, tun, kind, vni,
                 out[p + l4 + 7] = c & 0xFF
 
 
+@functools.lru_cache(maxsize=4096)
+def _templates(kind, outer_src, pairs, inner_ip, src_mac, ttl, dport, geneve_options):
+    """The stacked header templates of ``pairs`` and their patch offsets (cached: a host
+    sends towards the same few endpoints batch after batch). Read-only results."""
+    tmpls = [
+        outer_template(
+            kind,
+            outer_src,
+            dst,
+            inner_ip=inner_ip,
+            src_mac=src_mac,
+            dst_mac=dmac,
+            ttl=ttl,
+            dport=dport,
+            geneve_options=geneve_options,
+        )
+        for dst, dmac in pairs
+    ]
+    stack = np.stack([np.frombuffer(t, np.uint8) for t, _ in tmpls])
+    stack.setflags(write=False)
+    return stack, tmpls[0][1]
+
+
 def _vni_array(vni, n: int, kind: str) -> np.ndarray:
     arr = np.asarray(vni)
     if arr.ndim == 0:
@@ -213,6 +237,14 @@ def _vni_array(vni, n: int, kind: str) -> np.ndarray:
 def _endpoint_pairs(outer_dst, dst_mac, n: int):
     """Distinct (remote address, next-hop MAC) pairs and each packet's index into them."""
     single = lambda v: isinstance(v, (str, bytes, int))  # noqa: E731
+    if (
+        isinstance(outer_dst, (list, tuple))
+        and len(outer_dst) == n
+        and n
+        and all(isinstance(v, str) for v in outer_dst)
+        and len(set(outer_dst)) == 1
+    ):
+        outer_dst = outer_dst[0]  # one remote for every packet (the common case): no sorting
     if single(outer_dst) and single(dst_mac):
         return [(outer_dst, dst_mac)], np.zeros(n, np.int64)
     cols = []
@@ -268,22 +300,11 @@ def encap(
     elif batch.linktype != LINK_ETHERNET:
         raise InputError(f"link type {batch.linktype} cannot be encapsulated")
     pairs, tidx = _endpoint_pairs(outer_dst, dst_mac, n)
-    tmpls = []
-    for dst, dmac in pairs:
-        t, w = outer_template(
-            kind,
-            outer_src,
-            dst,
-            inner_ip=inner_ip,
-            src_mac=src_mac,
-            dst_mac=dmac,
-            ttl=ttl,
-            dport=dport,
-            geneve_options=geneve_options,
-        )
-        tmpls.append((t, w))
-    w = tmpls[0][1]
-    tmpl = np.stack([np.frombuffer(t, np.uint8) for t, _ in tmpls])
+    args = (kind, outer_src, tuple(pairs), inner_ip, src_mac, ttl, dport, bytes(geneve_options))
+    try:
+        tmpl, w = _templates(*args)
+    except TypeError:  # an unhashable argument (a MAC as a list, say): build it uncached
+        tmpl, w = _templates.__wrapped__(*args)
     vnis = _vni_array(vni, n, kind)
     length = np.asarray(batch.length, np.int64)
     hl = w["len"]
