@@ -145,6 +145,12 @@ def test_connection_survives_a_move(lab):
     assert "red/b" not in h2["ports"] and h2["moves"]["departed"] == 1, h2
     assert h2["moves"]["handoff_written"] == 1
     assert not _conn(lab, "h2")
+    # the handoff was taken: its key is gone
+    from microseg.store import StoreClient
+    from microseg.store import handoff as H
+
+    client = StoreClient(lab.state["store"]["endpoint"])
+    assert client.get(H.handoff_key("/microseg/v1/", "red/b")) is None
     # the same socket carries on
     for i in range(3):
         assert say(f"after{i}") == f"red/b:after{i}"
