@@ -20,7 +20,7 @@ demo: $(STAMP)
 	$(VENV)/bin/microseg demo
 
 test: $(STAMP)
-	$(PY) -m pytest -n 2 tests
+	$(PY) -m pytest -n 2 --dist loadfile tests
 
 $(VENV)/.lint-installed: $(STAMP)
 	$(PY) -m pip install -q -e '.[test,bench,lint]'

@@ -74,6 +74,7 @@ __all__ = [
     "RxBurst",
     "complete_l4_checksums",
     "walk_blocks",
+    "walk_frames",
     "interface_mtu",
     "TP_STATUS_CSUMNOTREADY",
     "TP_STATUS_CSUM_VALID",
@@ -87,7 +88,8 @@ PACKET_STATISTICS = 6
 PACKET_VERSION = 10
 PACKET_IGNORE_OUTGOING = 23
 PACKET_MR_PROMISC = 1
-TPACKET_V3 = 2
+TPACKET_V2, TPACKET_V3 = 1, 2
+TPACKET2_HDRLEN = 52  # struct tpacket2_hdr + struct sockaddr_ll, as the kernel aligns it
 ETH_P_ALL = 0x0003
 
 TP_STATUS_KERNEL = 0
@@ -152,6 +154,37 @@ def walk_blocks(ring, blocks, offset, length, wire_len, ts, status, vlan):
             if nxt == 0:
                 break
             p += nxt
+    return k
+
+
+@njit(cache=True)
+def walk_frames(
+    ring, start, nframes, per_block, block_size, frame_size, offset, length, wire_len, ts, status, vlan, slots
+):
+    """Walk a ``TPACKET_V2`` ring from frame ``start`` while the frames are the user's
+    (``TP_STATUS_USER``) into the per-packet arrays (``slots``: each frame's byte offset, to
+    give it back); returns how many."""
+    k = 0
+    cap = offset.shape[0]
+    i = start
+    while k < cap and k < nframes:
+        base = (i // per_block) * block_size + (i % per_block) * frame_size
+        st = _u32(ring, base)
+        if not st & 1:
+            break
+        snap = _u32(ring, base + 8)
+        mac = np.int64(ring[base + 12]) | (np.int64(ring[base + 13]) << 8)
+        if mac + snap > frame_size:  # never from a sane kernel: keep what lies in the slot
+            snap = max(0, frame_size - mac)
+        offset[k] = base + mac
+        length[k] = snap
+        wire_len[k] = _u32(ring, base + 4)
+        ts[k] = _u32(ring, base + 16) * np.int64(1_000_000_000) + _u32(ring, base + 20)
+        status[k] = st
+        vlan[k] = np.int64(ring[base + 24]) | (np.int64(ring[base + 25]) << 8)
+        slots[k] = base
+        k += 1
+        i = (i + 1) % nframes
     return k
 
 
@@ -238,12 +271,16 @@ def get_offload(ifname: str, what: str) -> bool:
 
 
 class AfPacketPort:
-    """One interface: a ``TPACKET_V3`` RX ring and ``sendmmsg`` transmit (see module doc).
+    """One interface: an RX ring and ``sendmmsg`` transmit (see module doc).
 
     ``port_id`` goes into every received frame's ``Batch.port``. ``block_size`` x
-    ``block_count`` is the ring (it must hold what arrives while the caller is busy);
-    ``retire_ms`` bounds how long a frame waits in a block that is not full (the latency the
-    ring adds when traffic is light). Not thread-safe; one reader.
+    ``block_count`` is the ring (it must hold what arrives while the caller is busy).
+    ``ring_version`` 2 (the default) is a ``TPACKET_V2`` ring: every frame is the user's as
+    soon as the kernel has written it, so a frame waits for nothing; 3 is ``TPACKET_V3``,
+    whose blocks are handed over when full or when ``retire_ms`` expires -- fewer wake-ups
+    under load, but the kernel's timer counts in ticks (4 ms at HZ=250), which every frame of
+    light traffic then waits: measured in the lab, TCP connection set-up through two agents fell
+    to a few dozen a second. Not thread-safe; one reader.
     """
 
     def __init__(
@@ -256,6 +293,7 @@ class AfPacketPort:
         frame_size: int = 2048,
         retire_ms: int = 1,
         promiscuous: bool = True,
+        ring_version: int = 2,
     ):
         self.ifname = ifname
         self.port_id = int(port_id)
@@ -270,23 +308,37 @@ class AfPacketPort:
             "tx_errors": 0,
             "rx_csum_partial": 0,
         }
+        if ring_version not in (2, 3):
+            raise ValueError("ring_version is 2 (TPACKET_V2) or 3 (TPACKET_V3)")
+        self.ring_version = ring_version
+        if ring_version == 2:
+            # a slot holds a whole frame of the MTU (VLAN tag included) behind its header
+            need = TPACKET2_HDRLEN + 16 + self.mtu + 18
+            frame_size = max(int(frame_size), 1 << (need - 1).bit_length())
+            self.block_size = max(self.block_size, frame_size)
+        self.frame_size = int(frame_size)
+        self.per_block = self.block_size // self.frame_size
+        self.frame_count = self.per_block * self.block_count
         sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)  # receives nothing yet
         try:
-            sock.setsockopt(SOL_PACKET, PACKET_VERSION, TPACKET_V3)
+            sock.setsockopt(SOL_PACKET, PACKET_VERSION, TPACKET_V2 if ring_version == 2 else TPACKET_V3)
             try:
                 sock.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)
             except OSError:  # kernels before 4.20; our own frames are then filtered by type
                 pass
-            req = struct.pack(
-                "7I",
-                self.block_size,
-                self.block_count,
-                frame_size,
-                self.block_size * self.block_count // frame_size,
-                int(retire_ms),
-                0,
-                0,
-            )
+            if ring_version == 2:
+                req = struct.pack("4I", self.block_size, self.block_count, self.frame_size, self.frame_count)
+            else:
+                req = struct.pack(
+                    "7I",
+                    self.block_size,
+                    self.block_count,
+                    frame_size,
+                    self.block_size * self.block_count // frame_size,
+                    int(retire_ms),
+                    0,
+                    0,
+                )
             sock.setsockopt(SOL_PACKET, PACKET_RX_RING, req)
             self._mm = mmap.mmap(
                 sock.fileno(),
@@ -308,7 +360,9 @@ class AfPacketPort:
         self._ring32 = np.frombuffer(self._mm, dtype=np.uint32)
         self._cur = 0
         self._held: list[int] = []
+        self._held_slots = np.zeros(0, np.int64)
         cap = self.block_size * self.block_count // 64 + 1  # more than can ever fit
+        self._slots = np.empty(cap, np.int64)
         self._cols = (
             np.empty(cap, np.int64),
             np.empty(cap, np.int32),
@@ -322,16 +376,23 @@ class AfPacketPort:
     def fileno(self) -> int:
         return self.sock.fileno()
 
+    def _frame_base(self, i: int) -> int:
+        return (i // self.per_block) * self.block_size + (i % self.per_block) * self.frame_size
+
     def ready(self) -> bool:
-        """True when the kernel has handed over the next block."""
+        """True when the kernel has handed over the next frame (V2) or block (V3)."""
+        if self.ring_version == 2:
+            return bool(self._ring32[self._frame_base(self._cur) // 4] & TP_STATUS_USER)
         off = (self._cur * self.block_size + BLK_STATUS) // 4
         return bool(self._ring32[off] & TP_STATUS_USER)
 
     def recv(self, max_blocks: int | None = None) -> RxBurst | None:
         """Every block the kernel has handed over (up to ``max_blocks``), as one burst, or
         None when there is none. The blocks stay ours until :meth:`release`."""
-        if self._held:
+        if self._held or self._held_slots.size:
             raise RuntimeError("release() the previous burst first")
+        if self.ring_version == 2:
+            return self._recv_frames(max_blocks)
         blocks: list[int] = []
         limit = self.block_count if max_blocks is None else min(max_blocks, self.block_count)
         while len(blocks) < limit:
@@ -345,6 +406,34 @@ class AfPacketPort:
         self._held = blocks
         off, ln, wl, ts, st, vl = self._cols
         n = walk_blocks(self.ring, np.asarray(blocks, np.int64), off, ln, wl, ts, st, vl)
+        return self._burst(n)
+
+    def _recv_frames(self, max_blocks: int | None) -> RxBurst | None:
+        off, ln, wl, ts, st, vl = self._cols
+        limit = self.frame_count if max_blocks is None else min(self.frame_count, max_blocks * self.per_block)
+        n = walk_frames(
+            self.ring,
+            self._cur,
+            limit,
+            self.per_block,
+            self.block_size,
+            self.frame_size,
+            off,
+            ln,
+            wl,
+            ts,
+            st,
+            vl,
+            self._slots,
+        )
+        if n == 0:
+            return None
+        self._held_slots = self._slots[:n].copy()
+        self._cur = (self._cur + n) % self.frame_count
+        return self._burst(n)
+
+    def _burst(self, n: int) -> RxBurst:
+        off, ln, wl, ts, st, vl = self._cols
         port = np.full(n, self.port_id, np.uint16)
         batch = Batch(
             self.ring, off[:n].copy(), ln[:n].copy(), wl[:n].copy(), port, ts[:n].copy(), LINK_ETHERNET
@@ -361,6 +450,9 @@ class AfPacketPort:
         for base in self._held:
             self._ring32[(base + BLK_STATUS) // 4] = TP_STATUS_KERNEL
         self._held = []
+        if self._held_slots.size:
+            self._ring32[self._held_slots // 4] = TP_STATUS_KERNEL
+            self._held_slots = np.zeros(0, np.int64)
 
     def kernel_stats(self) -> dict:
         """The socket's ``PACKET_STATISTICS`` (packets, drops, queue freezes) since the last
