@@ -1008,10 +1008,38 @@ def _outer(out, keys):
 
 
 def _explain(policy, keys, res) -> str:
-    """The policy reference's account of the decision (which checks, which rules)."""
+    """How the compiled policy decided the traced packet, check by check, as its kernels ran
+    (``CompiledPolicy.decide(detail=True)``: every check the rule set was consulted for and
+    the rule that settled it), then whether the per-packet reference agrees."""
+    from .policy import verdict as PV
+
+    d = policy.decide(keys, res.ct[:1], detail=True)
+    names = policy.workload_names
+    parts = []
+    for kind, rule in d.checks(0):
+        w = int(d.src_workload[0] if kind < PV.SIDE else d.dst_workload[0])
+        who = names[w] if w >= 0 else "an address outside the tenant's workloads"
+        what = PV.CHECKS[kind]
+        side, _, check = what.partition(" ")
+        if rule >= 0:
+            parts.append(f"{side} of {who}, {check}: rule {rule} ({policy.describe_rule(rule)})")
+        else:
+            parts.append(f"{side} of {who}, {check}: no rule matches")
+    if not parts:
+        parts.append("no check needed a rule (decided before the rule set)")
+    ref = _reference_account(policy, keys, res)
+    return "; ".join(parts) + f"; {ref}"
+
+
+def _reference_account(policy, keys, res) -> str:
+    """Whether the per-packet policy reference reaches the same verdict (its account when not)."""
     from .policy.reference import Reference, explain
 
-    return "; ".join(explain(Reference(policy.policy), keys.row(0), int(res.ct[0])))
+    ref = Reference(policy.policy)
+    d = ref.decide_row(keys.row(0), int(res.ct[0]))
+    if int(d.verdict) == int(res.verdict[0]):
+        return "the reference model agrees"
+    return "the reference model differs: " + " / ".join(explain(ref, keys.row(0), int(res.ct[0])))
 
 
 def run_trace(args) -> int:

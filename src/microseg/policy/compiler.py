@@ -408,6 +408,18 @@ class Decision:
     reason: np.ndarray  # uint8: verdict.R_*
     src_workload: np.ndarray  # int32: index into policy.workloads, -1 unknown
     dst_workload: np.ndarray  # int32
+    # the checks the rule set was consulted for, as the code ran them: packet, check kind
+    # (verdict.CHECKS), the rule that decided it (-1: none matched)
+    check_packet: np.ndarray | None = None
+    check_kind: np.ndarray | None = None
+    check_rule: np.ndarray | None = None
+
+    def checks(self, i: int) -> list[tuple[int, int]]:
+        """(check kind, deciding rule or -1) of every check packet ``i`` went through."""
+        if self.check_packet is None or self.check_kind is None or self.check_rule is None:
+            return []
+        sel = np.flatnonzero(self.check_packet == i)
+        return [(int(self.check_kind[j]), int(self.check_rule[j])) for j in sel]
 
 
 class CompiledPolicy:
@@ -665,6 +677,7 @@ class CompiledPolicy:
                 dst_w,
             )
         )
+        idx = np.zeros(0, np.int32)
         if m:
             idx = np.array(self.classifier.classify_keys(out_k[:m]), np.int32)
             st = self.sets
@@ -700,7 +713,16 @@ class CompiledPolicy:
                 np.uint8(self._deny),
             )
         if detail:
-            return Decision(verdict, rule, reason, src_w, dst_w)
+            return Decision(
+                verdict,
+                rule,
+                reason,
+                src_w,
+                dst_w,
+                out_pkt[:m].copy(),
+                out_kind[:m].copy(),
+                np.where(idx[:m] >= 0, idx[:m], -1).astype(np.int32),
+            )
         return verdict, rule, reason
 
     # ---- connection revalidation --------------------------------------------------------------
