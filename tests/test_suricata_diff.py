@@ -137,6 +137,11 @@ def flow_level(sig) -> bool:
     return not sig.contents and sig.dsize is None and not sig.flow_dir and not sig.flow_state
 
 
+def _prefiltered(sig) -> bool:
+    """A rule with a positive content (one Suricata's multi-pattern matcher can select it by)."""
+    return any(not c.negated for c in sig.contents)
+
+
 def microseg_alerts(rules: Path, pcap: Path) -> set[tuple]:
     """(flow, sid) for every rule microseg logs, with Suricata's flow view: the first packet
     of a flow is to_server, the others of its direction too, the reverse ones to_client; a
@@ -161,13 +166,21 @@ def microseg_alerts(rules: Path, pcap: Path) -> set[tuple]:
         if f in both:
             ct[i] |= ESTABLISHED
     r = sigs.inspect(batch, keys, None, ct)
+    # DOCUMENTED (ICMP direction): on ICMP packets Suricata matches a rule with a positive
+    # content whatever its flow:to_server/to_client, so such a packet also gets those rules
+    # of the other direction.
+    icmp = np.isin(keys.u8[B.PROTO, : keys.n], (1, 58))
+    r_other = sigs.inspect(batch, keys, icmp, ct ^ REPLY) if icmp.any() else None
     by_sid = {s.sid: s for s in sigs.signatures}
     done: set[tuple] = set()
     out: set[tuple] = set()
     for i, f in enumerate(flows):
         if f is None or f in done:
             continue
-        hits = [by_sid[x] for x in r.sids.get(i, ())]
+        sids = list(r.sids.get(i, ()))
+        if r_other is not None and icmp[i]:
+            sids += [x for x in r_other.sids.get(i, ()) if x not in sids and _prefiltered(by_sid[x])]
+        hits = [by_sid[x] for x in sids]
         if hits and hits[0].action == I.PASS:
             if flow_level(hits[0]):
                 done.add(f)
@@ -423,10 +436,10 @@ def _payload(rng: random.Random) -> bytes:
 
 
 def random_packets(rng: random.Random, n: int) -> list:
-    """TCP (picked up mid-flow, no handshake: no stream reassembly in Suricata) and UDP
-    flows of 1-6 packets, both directions, over IPv4 and IPv6."""
-    from scapy.layers.inet import IP, TCP, UDP
-    from scapy.layers.inet6 import IPv6
+    """TCP (picked up mid-flow, no handshake: no stream reassembly in Suricata), UDP and
+    ICMP echo flows of 1-6 packets, both directions, over IPv4 and IPv6."""
+    from scapy.layers.inet import ICMP, IP, TCP, UDP
+    from scapy.layers.inet6 import ICMPv6EchoReply, ICMPv6EchoRequest, IPv6
     from scapy.layers.l2 import Ether
     from scapy.packet import Packet
 
@@ -437,11 +450,13 @@ def random_packets(rng: random.Random, n: int) -> list:
     while len(pkts) < n:
         fam = 4 if rng.random() < 0.75 else 6
         a, b = rng.sample(V4 if fam == 4 else V6, 2)
-        proto = rng.choice(["tcp", "tcp", "udp"])  # DOCUMENTED: no ICMP packets
+        proto = rng.choice(["tcp", "tcp", "udp", "icmp"])
         sp = rng.choice(PORTS + [rng.randint(1025, 65000)])
         dp = rng.choice(PORTS)
-        key = (proto, frozenset([(a, sp), (b, dp)]))
-        if key in used or sp == dp:
+        ident = rng.randint(1, 65000)
+        # one ICMP flow per pair of hosts: flows are compared without the echo identifier
+        key = (proto, frozenset([a, b]) if proto == "icmp" else frozenset([(a, sp), (b, dp)]))
+        if key in used or (sp == dp and proto != "icmp"):
             continue
         used.add(key)
         seq = {a: 1000, b: 5000}
@@ -455,8 +470,12 @@ def random_packets(rng: random.Random, n: int) -> list:
             if proto == "tcp":
                 l4 = TCP(sport=ps, dport=pd, flags="PA" if data else "A", seq=seq[s], ack=seq[d])
                 seq[s] += len(data)
-            else:
+            elif proto == "udp":
                 l4 = UDP(sport=ps, dport=pd)
+            elif fam == 4:
+                l4 = ICMP(type=8 if fwd else 0, id=ident, seq=k)
+            else:
+                l4 = (ICMPv6EchoRequest if fwd else ICMPv6EchoReply)(id=ident, seq=k)
             p = eth / ip / l4 / data
             t += 0.0005
             p.time = t
@@ -467,9 +486,9 @@ def random_packets(rng: random.Random, n: int) -> list:
 # What the generator leaves out (``DOCUMENTED`` above), each in docs/inspection.md,
 # "Differences from Suricata, measured": pass rules and drop rules without content (the scope
 # of actions, IP-only rules), established/not_established (flow state from conntrack), TCP
-# handshakes (stream reassembly), ICMP packets (ICMP echo flows, open) and a leading negated
-# content followed by other contents (open).
-GENERATOR_LEAVES_OUT = ("pass", "flow-level drop", "established", "tcp handshake", "icmp", "leading negation")
+# handshakes (stream reassembly) and a leading negated content followed by other contents
+# (open).
+GENERATOR_LEAVES_OUT = ("pass", "flow-level drop", "established", "tcp handshake", "leading negation")
 BATCHES, RULES_PER_BATCH, PACKETS_PER_BATCH = 5, 300, 500
 
 
