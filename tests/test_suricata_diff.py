@@ -487,7 +487,7 @@ def random_packets(rng: random.Random, n: int) -> list:
 # "Differences from Suricata, measured": pass rules and drop rules without content (the scope
 # of actions, IP-only rules), established/not_established (flow state from conntrack), TCP
 # handshakes (stream reassembly) and a leading negated content followed by other contents
-# (open).
+# (Suricata's limit propagation).
 GENERATOR_LEAVES_OUT = ("pass", "flow-level drop", "established", "tcp handshake", "leading negation")
 BATCHES, RULES_PER_BATCH, PACKETS_PER_BATCH = 5, 300, 500
 
@@ -512,3 +512,57 @@ def test_generated_batch(batch, tmp_path):
     assert not diff, "\n".join(
         f"{'suricata only' if d in theirs else 'microseg only'}: {d[0]} {by_sid[d[1]]}" for d in diff[:20]
     )
+
+
+def _write_pcap(path: Path, pkts) -> Path:
+    from scapy.utils import wrpcap
+
+    for k, p in enumerate(pkts):
+        p.time = 1_700_000_000 + k / 1000
+    wrpcap(str(path), pkts)
+    return path
+
+
+def test_documented_negated_content_propagation_still_holds(tmp_path):
+    """Suricata counts a leading negated content's length before a relative content."""
+    from scapy.layers.inet import IP, UDP
+    from scapy.layers.l2 import Ether
+
+    pcap = _write_pcap(
+        tmp_path / "c.pcap", [Ether() / IP(src="10.0.0.1", dst="10.0.0.2") / UDP() / b"0123456789admin"]
+    )
+    rules = tmp_path / "r.rules"
+    rules.write_text(
+        'alert udp any any -> any any (content:!"zzz"; content:"admin"; distance:7; sid:1;)\n'
+        'alert udp any any -> any any (content:!"zzz"; content:"admin"; distance:8; sid:2;)\n'
+    )
+    theirs = {sid for _, sid in suricata_alerts(run_suricata(pcap, rules, tmp_path / "s"))}
+    ours = {sid for _, sid in microseg_alerts(rules, pcap)}
+    assert (theirs, ours) == ({1}, {1, 2})
+
+
+def test_documented_icmp_direction_still_holds(tmp_path):
+    """On ICMP, with content rules for both directions in the set, Suricata matches a
+    to_client rule with a positive content on a request (and honours the direction of a rule
+    without content)."""
+    from scapy.layers.inet import ICMP, IP
+    from scapy.layers.l2 import Ether
+
+    pkts = [
+        Ether() / IP(src="10.5.0.1", dst="10.5.0.2") / ICMP(type=8, id=5, seq=1) / b"REQ",
+        Ether() / IP(src="10.5.0.2", dst="10.5.0.1") / ICMP(type=0, id=5, seq=1) / b"REP",
+    ]
+    pcap = _write_pcap(tmp_path / "c.pcap", pkts)
+    rules = tmp_path / "r.rules"
+    rules.write_text(
+        'alert icmp any any -> any any (content:"REQ"; flow:to_client; sid:1;)\n'
+        "alert icmp any any -> any any (dsize:3; flow:to_client; sid:2;)\n"
+        'alert icmp any any -> any any (content:"XYZ"; flow:to_server; sid:3;)\n'
+    )
+    events = run_suricata(pcap, rules, tmp_path / "s")
+    by_packet = {(e["pcap_cnt"], e["alert"]["signature_id"]) for e in events if e["event_type"] == "alert"}
+    assert by_packet == {(1, 1), (2, 2)}  # the request matches a to_client content rule
+    sigs = I.SignatureSet.load(rules)
+    batch = read_capture(pcap)
+    r = sigs.inspect(batch, parse(batch), None, np.array([TRACKED, TRACKED | REPLY], np.uint8))
+    assert {i: tuple(v) for i, v in r.sids.items() if v} == {1: (2,)}  # microseg: the reply only
