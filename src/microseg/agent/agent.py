@@ -1032,7 +1032,7 @@ class Agent:
         cols = [np.zeros(4, t) for t in (np.int64, np.int32, np.int32, np.int64, np.uint32, np.uint32)]
         walk_blocks(ring, np.zeros(1, np.int64), *cols)
         o, ln_, wl, ts, st, vl = cols
-        walk_frames(ring, 0, 1, 1, 4096, 4096, o, ln_, wl, ts, st, vl, np.zeros(4, np.int64))
+        walk_frames(ring, 0, 1, 1, 1, 4096, 4096, o, ln_, wl, ts, st, vl, np.zeros(4, np.int64))
         log.debug("kernels ready in %.1f s", time.perf_counter() - t0)
 
     # -- the loop -------------------------------------------------------------------------------

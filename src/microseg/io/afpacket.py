@@ -159,15 +159,28 @@ def walk_blocks(ring, blocks, offset, length, wire_len, ts, status, vlan):
 
 @njit(cache=True)
 def walk_frames(
-    ring, start, nframes, per_block, block_size, frame_size, offset, length, wire_len, ts, status, vlan, slots
+    ring,
+    start,
+    nframes,
+    limit,
+    per_block,
+    block_size,
+    frame_size,
+    offset,
+    length,
+    wire_len,
+    ts,
+    status,
+    vlan,
+    slots,
 ):
-    """Walk a ``TPACKET_V2`` ring from frame ``start`` while the frames are the user's
-    (``TP_STATUS_USER``) into the per-packet arrays (``slots``: each frame's byte offset, to
-    give it back); returns how many."""
+    """Walk a ``TPACKET_V2`` ring of ``nframes`` frames from frame ``start`` while the frames
+    are the user's (``TP_STATUS_USER``), at most ``limit`` of them, into the per-packet arrays
+    (``slots``: each frame's byte offset, to give it back); returns how many."""
     k = 0
-    cap = offset.shape[0]
+    cap = min(offset.shape[0], limit, nframes)
     i = start
-    while k < cap and k < nframes:
+    while k < cap:
         base = (i // per_block) * block_size + (i % per_block) * frame_size
         st = _u32(ring, base)
         if not st & 1:
@@ -414,6 +427,7 @@ class AfPacketPort:
         n = walk_frames(
             self.ring,
             self._cur,
+            self.frame_count,
             limit,
             self.per_block,
             self.block_size,
