@@ -268,7 +268,9 @@ def test_reload_cuts_an_offloaded_connection(lab):
 
 
 def _xdp_on(ns: str, ifname: str) -> bool:
-    out = subprocess.run(["ip", "-n", ns, "-d", "link", "show", ifname], capture_output=True, text=True).stdout
+    out = subprocess.run(
+        ["ip", "-n", ns, "-d", "link", "show", ifname], capture_output=True, text=True
+    ).stdout
     return "prog/xdp" in out or " xdp" in out
 
 
