@@ -51,6 +51,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..conntrack.table import ConntrackTable
+from ..datapath.datapath import forbidden_connections
 from ..errors import InputError, MicrosegError
 from ..io.afpacket import AfPacketPort, complete_l4_checksums, walk_blocks, walk_frames
 from ..overlay import decap, encap
@@ -58,7 +59,7 @@ from ..packet import build as PB
 from ..packet.batch import F_FRAG, Batch
 from ..packet.parse import parse
 from ..policy import verdict as V
-from ..policy.compiler import compile_policy, revoked_connections
+from ..policy.compiler import compile_policy
 from ..policy.model import load_policy
 from ..policy.names import qualified, resolve_endpoints
 from . import control
@@ -117,14 +118,7 @@ def _file_name(text: str) -> str:
 
 def _forbidden(compiled, table, e) -> np.ndarray:
     """Which conntrack entries ``e`` the policy ``compiled`` forbids (as a reload judges them)."""
-    zone = e["zone"].astype(np.int64)  # the VNI; the default zone: untunnelled
-    tenant = np.where(zone == table.default_zone, -1, zone)
-    icmp = np.isin(e["proto"], (1, 58))
-    sport = np.where(icmp, e["icmp_type"], e["sport"])
-    dport = np.where(icmp, e["icmp_code"], e["dport"])
-    return revoked_connections(
-        None, compiled, tenant, e["src_hi"], e["src_lo"], e["dst_hi"], e["dst_lo"], e["proto"], sport, dport
-    )
+    return forbidden_connections(compiled, table, e)
 
 
 def _conn_hash(e, reverse: bool) -> np.ndarray:

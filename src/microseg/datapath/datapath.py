@@ -60,6 +60,20 @@ class DatapathConfig:
 _ARRAYS = ("verdict", "reason", "rule", "ct", "level", "sid", "src_workload", "dst_workload")
 
 
+def forbidden_connections(new, table, e, old=None) -> np.ndarray:
+    """Which conntrack entries ``e`` (records of ``table``) policy ``new`` forbids as NEW
+    connections (and ``old``, when given, allowed): what a policy swap cuts. The zone is the
+    tenant's VNI; the table's default zone is untunnelled traffic."""
+    zone = e["zone"].astype(np.int64)
+    tenant = np.where(zone == table.default_zone, -1, zone)
+    icmp = np.isin(e["proto"], (1, 58))
+    sport = np.where(icmp, e["icmp_type"], e["sport"])
+    dport = np.where(icmp, e["icmp_code"], e["dport"])
+    return revoked_connections(
+        old, new, tenant, e["src_hi"], e["src_lo"], e["dst_hi"], e["dst_lo"], e["proto"], sport, dport
+    )
+
+
 @dataclass
 class BatchResult:
     """Per-packet results of :meth:`Datapath.process`, in input order, and the parsed headers
@@ -159,26 +173,8 @@ class Datapath:
         self.fastpath.revalidate(new.version)
         self.inspector.reset()
         if self.config.cut_revoked:
-
-            def forbidden(e):
-                zone = e["zone"].astype(np.int64)  # the VNI; the default zone: untunnelled
-                tenant = np.where(zone == self.conntrack.default_zone, -1, zone)
-                sport = np.where(np.isin(e["proto"], (1, 58)), e["icmp_type"], e["sport"])
-                dport = np.where(np.isin(e["proto"], (1, 58)), e["icmp_code"], e["dport"])
-                return revoked_connections(
-                    old,
-                    new,
-                    tenant,
-                    e["src_hi"],
-                    e["src_lo"],
-                    e["dst_hi"],
-                    e["dst_lo"],
-                    e["proto"],
-                    sport,
-                    dport,
-                )
-
-            out["cut"] = self.conntrack.delete_where(forbidden)
+            table = self.conntrack
+            out["cut"] = table.delete_where(lambda e: forbidden_connections(new, table, e, old))
             self.counters.revoked_connections += out["cut"]
         self.policy_swaps += 1
         return out
