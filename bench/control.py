@@ -291,16 +291,577 @@ def run(args) -> dict:
         etcd.close()
 
 
+# ---------------------------------------------------------------------------------------------
+# --fleet: a three-member cluster, the issue's policy, agents in worker processes
+# ---------------------------------------------------------------------------------------------
+def fleet_policy_text(
+    tenants: int = 100,
+    hosts: int = 1000,
+    workloads: int = 10000,
+    rules: int = 50000,
+    groups: int = 5,
+    port_max: int = 7999,
+    moved: tuple[int, int] | None = None,
+    extra_port: int | None = None,
+    upto: int | None = None,
+) -> str:
+    """``tenants`` tenants of ``groups`` security groups each, ``rules`` rules in all, and
+    ``workloads`` workloads, ``workloads // hosts`` per host, a tenant's workloads on hosts of
+    their own (workload ``i``: tenant ``i // (workloads / tenants)``, host ``i // (workloads /
+    hosts)``). ``port_max`` changes one rule of ``t0``'s ``sg0``; ``moved = (i, h)`` places
+    workload ``i`` on host ``h``; ``extra_port`` changes one rule of ``t1``'s ``sg0``; ``upto``
+    leaves out the groups and workloads of tenants from ``t<upto>`` on (the first apply's steps)."""
+    per_group = max(2, rules // (tenants * groups))
+    per_tenant = max(1, workloads // tenants)
+    per_host = max(1, workloads // hosts)
+    out = ["version: 1", "default_egress: deny", "deny_action: drop", "tenants:"]
+    out += [f"  - {{name: t{t}, vni: {5000 + t}}}" for t in range(tenants)]
+    out.append("hosts:")
+    out += [
+        f"  - {{name: h{i}, address: 10.{200 + i // 65536}.{i // 256 % 256}.{i % 256}}}" for i in range(hosts)
+    ]
+    out.append("security_groups:")
+    for t in range(tenants if upto is None else min(upto, tenants)):
+        for g in range(groups):
+            pm = port_max if (t, g) == (0, 0) else 7999
+            if (t, g) == (1, 0) and extra_port is not None:
+                pm = extra_port
+            out += [
+                f"  - name: sg{g}",
+                f"    tenant: t{t}",
+                "    rules:",
+                "      - {direction: ingress, ethertype: IPv4, protocol: tcp, port_range_min: 7000, "
+                f"port_range_max: {pm}}}",
+                "      - {direction: ingress, ethertype: IPv4, protocol: tcp, port_range_min: 5432, "
+                f"port_range_max: 5432, remote_group_id: sg{(g + 1) % groups}}}",
+            ]
+            for r in range(per_group - 2):
+                port = 1000 + r * 7 % 60000
+                proto = "tcp" if r % 3 else "udp"
+                out.append(
+                    f"      - {{direction: ingress, ethertype: IPv4, protocol: {proto}, port_range_min: {port}, "
+                    f"port_range_max: {port + r % 5}, remote_ip_prefix: 172.{16 + r % 16}.{r // 16 % 256}.0/24}}"
+                )
+    out.append("workloads:")
+    for i in range(workloads if upto is None else min(workloads, upto * per_tenant)):
+        h = moved[1] if moved is not None and i == moved[0] else i // per_host
+        mac = f"02:00:{i >> 24 & 255:02x}:{i >> 16 & 255:02x}:{i >> 8 & 255:02x}:{i & 255:02x}"
+        out.append(
+            f"  - {{name: w{i}, tenant: t{i // per_tenant}, host: h{h}, mac: '{mac}', "
+            f"ipv4: 10.{i // 65536}.{i // 256 % 256}.{i % 256}, security_groups: [sg{i % groups}]}}"
+        )
+    return "\n".join(out) + "\n"
+
+
+def etcd_extra_flags() -> list[str]:
+    text = subprocess.run([etcd_binary(), "--help"], capture_output=True, text=True, timeout=30).stdout
+    return ["--unsafe-no-fsync"] if "unsafe-no-fsync" in text else []
+
+
+class Member:
+    """One member of a loopback cluster (as tests/test_store.py starts them)."""
+
+    def __init__(self, name: str, root: str, cport: int, pport: int, cluster: str, extra: list[str]):
+        self.name, self.cluster, self.extra = name, cluster, extra
+        self.data = os.path.join(root, name)
+        self.url = f"http://127.0.0.1:{cport}"
+        self.peer = f"http://127.0.0.1:{pport}"
+        self.logpath = os.path.join(root, f"{name}.log")
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, state: str = "new") -> None:
+        args = [
+            etcd_binary(),
+            "--name", self.name,
+            "--data-dir", self.data,
+            "--listen-client-urls", self.url,
+            "--advertise-client-urls", self.url,
+            "--listen-peer-urls", self.peer,
+            "--initial-advertise-peer-urls", self.peer,
+            "--initial-cluster", self.cluster,
+            "--initial-cluster-state", state,
+            "--initial-cluster-token", "microseg-bench",
+            "--heartbeat-interval", "100",
+            "--election-timeout", "1000",
+            "--max-txn-ops", "100000",
+            "--max-request-bytes", str(32 << 20),
+            "--quota-backend-bytes", str(4 << 30),
+            "--log-level", "error",
+            *self.extra,
+        ]  # fmt: skip
+        with open(self.logpath, "ab") as log:
+            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+
+    def ready(self) -> bool:
+        if self.proc is None:
+            return False
+        if self.proc.poll() is not None:
+            with open(self.logpath, errors="replace") as f:
+                tail = f.read()[-3000:]
+            raise SystemExit(f"etcd {self.name} exited with {self.proc.returncode}:\n{tail}")
+        try:
+            StoreClient(self.url, timeout=1.0).revision()
+            return True
+        except Exception:  # noqa: BLE001 - not up yet
+            return False
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self.proc = None
+
+    def cpu(self) -> float:
+        return proc_cpu(self.proc.pid) if self.proc is not None else 0.0
+
+    def rss(self) -> float:
+        return proc_rss_mib(self.proc.pid) if self.proc is not None else 0.0
+
+
+class Cluster:
+    def __init__(self, n: int):
+        self.root = tempfile.mkdtemp(prefix="microseg-bench-etcd-")
+        ports = free_ports(2 * n)
+        names = [f"m{i}" for i in range(n)]
+        cluster = ",".join(f"{nm}=http://127.0.0.1:{ports[2 * i + 1]}" for i, nm in enumerate(names))
+        extra = etcd_extra_flags()
+        self.members = [
+            Member(nm, self.root, ports[2 * i], ports[2 * i + 1], cluster, extra)
+            for i, nm in enumerate(names)
+        ]
+        for m in self.members:
+            m.start()
+        self.wait_ready()
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        end = time.monotonic() + timeout
+        for m in self.members:
+            while not m.ready():
+                if time.monotonic() > end:
+                    with open(m.logpath, errors="replace") as f:
+                        tail = f.read()[-3000:]
+                    raise SystemExit(f"etcd {m.name} did not answer within {timeout:.0f} s:\n{tail}")
+                time.sleep(0.2)
+
+    def endpoints(self, k: int = 0) -> str:
+        """All members, starting at the ``k``-th (agents spread over the members)."""
+        urls = [m.url for m in self.members]
+        k %= len(urls)
+        return ",".join(urls[k:] + urls[:k])
+
+    def usage(self) -> dict:
+        return {m.name: {"cpu_s": m.cpu(), "rss_mib": m.rss()} for m in self.members}
+
+    def close(self) -> None:
+        for m in self.members:
+            m.kill()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def usage_delta(before: dict, after: dict) -> dict:
+    return {
+        "cpu_s": round(sum(a["cpu_s"] - before.get(n, {"cpu_s": 0.0})["cpu_s"] for n, a in after.items()), 2),
+        "cpu_s_per_member": {
+            n: round(a["cpu_s"] - before.get(n, {"cpu_s": 0.0})["cpu_s"], 2) for n, a in after.items()
+        },
+        "rss_mib_per_member": {n: round(a["rss_mib"], 1) for n, a in after.items()},
+    }
+
+
+class TimedWatcher(PolicyWatcher):
+    """A PolicyWatcher that notes when it has processed each revision (wall clock)."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.seen: dict[int, float] = {}
+        self.work: dict[int, float] = {}  # CPU seconds of _evaluate (host keys, assemble, validate)
+
+    def _evaluate(self, revision: int):
+        t = time.thread_time()
+        out = super()._evaluate(revision)
+        self.seen[revision] = time.time()
+        self.work[revision] = time.thread_time() - t
+        return out
+
+
+def agent_worker(conn) -> None:
+    """One worker process: a TimedWatcher per host; commands from the parent over ``conn``
+    (forked before the parent builds the policy, so its memory is the agents' own)."""
+    from microseg.policy.compiler import compile_policy
+
+    hosts, endpoints, compile_hosts = conn.recv()
+    watchers: dict[str, TimedWatcher] = {}
+    applied: dict[str, dict[int, float]] = {h: {} for h in hosts}  # callback: policy assembled
+    compiled: dict[str, dict[int, float]] = {h: {} for h in hosts}  # compile_policy done
+    compile_s: list[float] = []
+    lock = threading.Lock()
+
+    def make_cb(h: str):
+        def cb(policy, revision: int) -> None:
+            with lock:
+                applied[h][revision] = time.time()
+            if h in compile_hosts:
+                t = time.perf_counter()
+                compile_policy(policy)
+                with lock:
+                    compile_s.append(time.perf_counter() - t)
+                    compiled[h][revision] = time.time()
+
+        return cb
+
+    def start_all() -> dict:
+        t0 = time.time()
+        for k, h in enumerate(hosts):
+            w = TimedWatcher(endpoints[k], host=h, backoff=(0.05, 1.0), probe_interval=0)
+            w.load()
+            cb = make_cb(h)
+            if h in compile_hosts:
+                cb(w.policy, w.policy_revision)
+            w.start(cb)
+            watchers[h] = w
+        return {"loaded_s": time.time() - t0, "end": time.time()}
+
+    def stop_all() -> None:
+        for w in watchers.values():
+            w.stop(timeout=5.0)
+        watchers.clear()
+
+    try:
+        while True:
+            cmd, arg = conn.recv()
+            if cmd == "start":
+                conn.send(start_all())
+            elif cmd == "wait":
+                rev, relevant, timeout = arg
+                end = time.monotonic() + timeout
+
+                def first(d: dict, rev: int = rev):
+                    with lock:
+                        items = list(d.items())
+                    return min((t for r, t in items if r >= rev), default=None)
+
+                want_compiled = [h for h in relevant if h in compiled and h in compile_hosts]
+                while time.monotonic() < end:
+                    if (
+                        all(first(w.seen) is not None for w in watchers.values())
+                        and all(first(applied[h]) is not None for h in relevant if h in applied)
+                        and all(first(compiled[h]) is not None for h in want_compiled)
+                    ):
+                        break
+                    time.sleep(0.01)
+                conn.send(
+                    {
+                        "seen": {h: first(w.seen) for h, w in watchers.items()},
+                        "applied": {h: first(applied[h]) for h in relevant if h in applied},
+                        "compiled": {h: first(compiled[h]) for h in want_compiled},
+                        "stats": {h: dict(w.stats) for h, w in watchers.items()},
+                        "work": {
+                            h: max((s for r, s in list(w.work.items()) if r >= rev), default=None)
+                            for h, w in watchers.items()
+                        },
+                    }
+                )
+            elif cmd == "restart":
+                stop_all()
+                conn.send(start_all())
+            elif cmd == "rss":
+                with lock:
+                    cs = list(compile_s)
+                conn.send({"rss_mib": proc_rss_mib(os.getpid()), "compile_s": cs})
+            elif cmd == "stop":
+                stop_all()
+                conn.send("stopped")
+                return
+    except (EOFError, KeyboardInterrupt):
+        pass
+    finally:
+        stop_all()
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, max(0, int(round(q * (len(xs) - 1)))))]
+
+
+def summary(xs: list[float | None]) -> dict:
+    got = [x for x in xs if x is not None]
+    if not got:
+        return {"n": 0, "missing": len(xs)}
+    return {
+        "n": len(got),
+        "missing": len(xs) - len(got),
+        "p50_s": round(pct(got, 0.5), 3),
+        "p99_s": round(pct(got, 0.99), 3),
+        "max_s": round(max(got), 3),
+    }
+
+
+def say(text: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+
+def run_fleet(args) -> dict:
+    import multiprocessing as mp
+
+    procs, conns = [], []
+    for _ in range(args.workers):
+        a, b = mp.get_context("fork").Pipe()
+        p = mp.get_context("fork").Process(target=agent_worker, args=(b,), daemon=True)
+        p.start()
+        procs.append(p)
+        conns.append(a)
+    try:
+        return _run_fleet(args, procs, conns)
+    finally:
+        for c in conns:
+            c.close()
+        for p in procs:
+            p.join(10)
+            if p.is_alive():
+                p.kill()
+                p.join(5)
+
+
+def _run_fleet(args, procs: list, conns: list) -> dict:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, 4 * args.agents + 256)), hard))
+    spec = {"tenants": args.tenants, "hosts": args.hosts, "workloads": args.workloads, "rules": args.rules}
+    per_host = max(1, args.workloads // args.hosts)
+    t0 = time.perf_counter()
+    base = parse_policy(fleet_policy_text(**spec), "fleet.yaml")
+    parse_s = time.perf_counter() - t0
+    n_rules = sum(len(g.rules) for g in base.security_groups)
+    tenant_of_host = {
+        f"h{i}": i * per_host // max(1, args.workloads // args.tenants) for i in range(args.hosts)
+    }
+    mv_to = f"h{min(args.hosts - 1, max(1, args.workloads // args.tenants // per_host))}"
+    # the agents: every host of t0 and t1 (the changes' hosts, the move's target among them),
+    # then hosts spread over the rest
+    must = [h for h in tenant_of_host if tenant_of_host[h] in (0, 1)] + [mv_to]
+    hosts = list(dict.fromkeys(must))[: args.agents]
+    rest = [h for h in tenant_of_host if h not in set(hosts)]
+    want = args.agents - len(hosts)
+    hosts += [rest[int(k * len(rest) / want)] for k in range(want)] if want > 0 and rest else []
+    hosts += [f"h{i % args.hosts}" for i in range(args.agents - len(hosts))]
+    t0_hosts = {h for h in hosts if tenant_of_host[h] == 0}
+    t1_hosts = {h for h in hosts if tenant_of_host[h] == 1}
+    step = max(1, len(hosts) // max(1, args.compile_sample)) if args.compile_sample else 0
+    compile_hosts = set(hosts[::step][: args.compile_sample]) if step else set()
+    compile_hosts |= set(sorted(t0_hosts)[:2]) if args.compile_sample else set()
+    cluster = Cluster(args.cluster)
+    streams: list = []
+    try:
+        client = StoreClient(cluster.endpoints(), timeout=60.0)
+        # The first policy in steps of ``--first-step`` tenants: one transaction of the whole
+        # policy (10 MiB) is over etcd's request limit (1.5 MiB by default), and etcd 3.5.1
+        # cannot replay a WAL entry over 10 MiB ("wal: max entry size limit exceeded"), so a
+        # member killed after such an apply does not start again.
+        t0 = time.perf_counter()
+        for upto in range(args.first_step, args.tenants, args.first_step):
+            apply_policy(client, parse_policy(fleet_policy_text(**spec, upto=upto), "fleet.yaml"))
+        rev0, _ = apply_policy(client, base)
+        first_apply = time.perf_counter() - t0
+        time.sleep(0.5)
+        keys, _ = client.range_prefix("/microseg/v1/")
+        store_bytes = sum(len(kv.value) for kv in keys)
+        for i, c in enumerate(conns):
+            idx = list(range(i, len(hosts), args.workers))
+            mine = [hosts[k] for k in idx]
+            c.send((mine, [cluster.endpoints(k) for k in idx], compile_hosts & set(mine)))
+        stream_seen: list[dict] = [{} for _ in range(args.streams_n)]
+
+        def follow(k: int, st: WatchStream) -> None:
+            try:
+                for rev, _events in st:
+                    stream_seen[k][rev] = time.time()
+            except Exception:  # noqa: BLE001 - closed at the end
+                return
+
+        for k in range(args.streams_n):
+            st = WatchStream(StoreClient(cluster.endpoints(k)), "/microseg/v1/", rev0 + 1)
+            streams.append(st)
+            threading.Thread(target=follow, args=(k, st), daemon=True).start()
+
+        def ask(cmd: str, arg=None) -> list:
+            for c in conns:
+                c.send((cmd, arg))
+            return [c.recv() for c in conns]
+
+        phases: dict = {}
+        u0 = cluster.usage()
+        t0 = time.time()
+        say(f"policy applied ({first_apply:.1f} s, {len(keys)} keys); starting {args.agents} agents")
+        got = ask("start")
+        phases["start"] = {
+            "all_loaded_s": round(max(g["end"] for g in got) - t0, 2),
+            "etcd": usage_delta(u0, cluster.usage()),
+        }
+        rss = ask("rss")
+        phases["start"]["agents_rss_mib_per_process"] = [round(r["rss_mib"], 1) for r in rss]
+        time.sleep(1.0)
+
+        def change(name: str, text: str, relevant: set[str], note: str) -> dict:
+            pol = parse_policy(text, "fleet.yaml")
+            u1 = cluster.usage()
+            t1 = time.time()
+            rev, _ = apply_policy(client, pol)
+            applied = time.time() - t1
+            say(f"{name}: applied revision {rev} in {applied:.2f} s; waiting for the agents")
+            res = ask("wait", (rev, sorted(relevant), args.timeout))
+            seen = [t - t1 if t is not None else None for r in res for t in r["seen"].values()]
+            app = [t - t1 if t is not None else None for r in res for t in r["applied"].values()]
+            comp = [t - t1 if t is not None else None for r in res for t in r["compiled"].values()]
+            work = [s for r in res for s in r["work"].values() if s is not None]
+            sts = [min((t for r, t in list(d.items()) if r >= rev), default=None) for d in stream_seen]
+            stats = [s for r in res for s in r["stats"].values()]
+            return {
+                "change": name,
+                "note": note,
+                "revision": rev,
+                "apply_s": round(applied, 3),
+                "all_have_revision": summary(seen),
+                "affected_applied": summary(app),
+                "sampled_compiled": summary(comp),
+                "one_agent_work_s": {"p50": round(pct(work, 0.5), 3), "max": round(max(work), 3)}
+                if work
+                else None,
+                "bare_streams_have_it": summary([t - t1 if t is not None else None for t in sts])
+                if streams
+                else None,
+                "affected_agents": len(relevant),
+                "reconnects": sum(s["reconnects"] for s in stats),
+                "etcd": usage_delta(u1, cluster.usage()),
+            }
+
+        changes = []
+        changes.append(
+            change(
+                "one rule",
+                fleet_policy_text(**spec, port_max=7500),
+                t0_hosts,
+                "a rule of t0's sg0; t0's hosts recompile (callback, and compile_policy where sampled)",
+            )
+        )
+        mv_from = 0
+        changes.append(
+            change(
+                "workload move",
+                fleet_policy_text(**spec, port_max=7500, moved=(mv_from, int(mv_to[1:]))),
+                {mv_to},
+                f"w{mv_from} from h0 to {mv_to}: time until {mv_to}'s watcher calls back with it",
+            )
+        )
+        for st in streams:  # bare streams do not fail over: closed before the kill
+            st.close()
+        streams.clear()
+        stream_seen.clear()
+        # failover: SIGKILL one member (the one a third of the agents use first), then a change
+        victim = cluster.members[0]
+        victim.kill()
+        time.sleep(0.2)
+        client_rest = StoreClient(cluster.endpoints(1), timeout=60.0)
+        client_saved, client = client, client_rest
+        ch = change(
+            "one rule, one member killed",
+            fleet_policy_text(**spec, port_max=7500, moved=(mv_from, int(mv_to[1:])), extra_port=7400),
+            t1_hosts,
+            f"{victim.name} SIGKILLed 0.2 s before the apply; a rule of t1's sg0",
+        )
+        ch["lost_updates"] = ch["all_have_revision"]["missing"] + ch["affected_applied"]["missing"]
+        changes.append(ch)
+        t2 = time.time()
+        say(f"restarting {victim.name}")
+        victim.start(state="existing")
+        cluster.wait_ready(180.0)
+        changes.append({"change": "member restarted", "ready_s": round(time.time() - t2, 2)})
+        client = client_saved
+        u2 = cluster.usage()
+        t0 = time.time()
+        say("restarting every agent")
+        got = ask("restart")
+        phases["all agents restart"] = {
+            "all_loaded_s": round(max(g["end"] for g in got) - t0, 2),
+            "etcd": usage_delta(u2, cluster.usage()),
+        }
+        ch = change(
+            "one rule, after restart",
+            fleet_policy_text(**spec, port_max=7600, moved=(mv_from, int(mv_to[1:])), extra_port=7400),
+            t0_hosts,
+            "a rule of t0's sg0 again, to the restarted agents",
+        )
+        changes.append(ch)
+        rss = ask("rss")
+        phases["end"] = {
+            "agents_rss_mib_per_process": [round(r["rss_mib"], 1) for r in rss],
+            "etcd": {n: round(u["rss_mib"], 1) for n, u in cluster.usage().items()},
+        }
+        compile_s = [x for r in rss for x in r["compile_s"]]
+        ask("stop")
+        return {
+            "mode": "fleet",
+            "cluster": args.cluster,
+            "agents": args.agents,
+            "workers": args.workers,
+            "bare_streams": args.streams_n,
+            "policy": {
+                **spec,
+                "rules": n_rules,
+                "workloads_per_host": per_host,
+                "keys": len(keys),
+                "store_mib": round(store_bytes / (1 << 20), 1),
+                "parse_s": round(parse_s, 2),
+                "first_apply_s": round(first_apply, 2),
+            },
+            "compile": {
+                "agents_compiling": len(compile_hosts),
+                "compiles": len(compile_s),
+                "mean_s": round(sum(compile_s) / len(compile_s), 3) if compile_s else None,
+                "max_s": round(max(compile_s), 3) if compile_s else None,
+            },
+            "phases": phases,
+            "changes": changes,
+            "machine": {
+                "cpus": os.cpu_count(),
+                "python": platform.python_version(),
+                "system": platform.system(),
+                "loadavg_end": [round(x, 2) for x in os.getloadavg()],
+            },
+        }
+    finally:
+        for st in streams:
+            st.close()
+        cluster.close()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--agents", type=int, default=1000)
     ap.add_argument("--hosts", type=int, default=1000)
-    ap.add_argument("--tenants", type=int, default=50)
+    ap.add_argument("--tenants", type=int, default=None, help="default 50 (100 with --fleet)")
     ap.add_argument("--streams", action="store_true", help="bare watch streams instead of PolicyWatchers")
+    ap.add_argument(
+        "--fleet", action="store_true", help="agents in worker processes, a cluster, the issue's policy"
+    )
+    ap.add_argument("--cluster", type=int, default=3, help="etcd members with --fleet")
+    ap.add_argument("--workers", type=int, default=2, help="agent processes with --fleet")
+    ap.add_argument("--workloads", type=int, default=10000)
+    ap.add_argument(
+        "--streams-n", type=int, default=1000, help="bare watch streams beside the agents (--fleet)"
+    )
+    ap.add_argument("--rules", type=int, default=50000)
+    ap.add_argument(
+        "--compile-sample", type=int, default=20, help="agents that also run compile_policy (0: none)"
+    )
+    ap.add_argument(
+        "--first-step", type=int, default=10, help="tenants per transaction of the first apply (--fleet)"
+    )
     ap.add_argument("--timeout", type=float, default=600.0)
     ap.add_argument("--json", metavar="OUT", help="also write the results there")
     args = ap.parse_args()
-    out = run(args)
+    if args.tenants is None:
+        args.tenants = 100 if args.fleet else 50
+    out = run_fleet(args) if args.fleet else run(args)
+    out["command"] = "python bench/control.py " + " ".join(sys.argv[1:])
     print(json.dumps(out, indent=2))
     if args.json:
         with open(args.json, "w") as f:
