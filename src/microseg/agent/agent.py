@@ -211,6 +211,9 @@ class Agent:
         offload: OffloadConfig | None = None,
         api_token_file: str | None = None,
         rx_ring: str = "auto",
+        ids: str | None = None,
+        ids_rules: str | None = None,
+        ids_packets: int = 16,
     ):
         if tunnel not in TUNNELS:
             raise InputError(f"--tunnel must be one of {', '.join(TUNNELS)}")
@@ -356,6 +359,9 @@ class Agent:
             raise AgentError(f"cannot open port: {exc.strerror or exc}") from None
         self._set_paths()
         self.kfast = KernelOffload(self, offload)
+        self.ids: Any = None
+        if ids is not None:
+            self._ids_start(ids, ids_rules, ids_packets, state_dir, netns, model)
         try:
             self.kfast.start(netns)
         except MicrosegError:
@@ -1044,6 +1050,8 @@ class Agent:
         for fd in self._by_fd:
             poller.register(fd, select.POLLIN | select.POLLERR)
         poller.register(rsock.fileno(), select.POLLIN)
+        if self.ids is not None and self.ids.fileno() is not None:
+            poller.register(self.ids.fileno(), select.POLLIN)  # frames back from Suricata
         if self.control_path:
             self._ctl = control.listen(self.control_path)
             poller.register(self._ctl.fileno(), select.POLLIN)
@@ -1074,6 +1082,8 @@ class Agent:
                 # read every port that has a block ready, whatever poll said
                 self._service_ports()
                 self.kfast.tick()
+                if self.ids is not None:
+                    self._ids_tick()
                 if self.defrag.pending:
                     self.defrag.expire(time.monotonic())
                 if self._pending is not None:
@@ -1480,11 +1490,75 @@ class Agent:
             out_v[away] = V.DROP
             self.agent_drops["not_local"] += int(np.count_nonzero(away))
         out_v[(v == V.REJECT) & (s_host < 0)] = V.DROP  # no one to answer
+        if self.ids is not None and res.keys is not None:
+            rows = np.flatnonzero(out_v == V.ALLOW)
+            if rows.size:
+                out_v[rows[~self.ids.divert(batch, res.keys, rows)]] = V.DROP
         if not np.any(out_v != V.DROP):
             return
         out = self.fwd.output(batch, dataclasses.replace(res, verdict=out_v))
         if len(out):
             self._route(out)
+
+    # -- IDS (--ids suricata: .ids) ---------------------------------------------------------
+    def _ids_start(self, ids, rules, packets, state_dir, netns, model) -> None:
+        from subprocess import SubprocessError
+
+        from .ids import ENGINES, SuricataIds
+
+        if ids not in ENGINES:
+            self.close()
+            raise InputError(f"--ids must be one of {', '.join(ENGINES)}")
+        if not rules:
+            self.close()
+            raise InputError("--ids suricata needs --ids-rules R.rules")
+        try:
+            self.ids = SuricataIds(
+                rules, packets, state_dir or ".", self.host, netns, [t.vni for t in model.tenants]
+            )
+            self.ids.start()
+        except (OSError, SubprocessError) as exc:
+            self.close()
+            raise AgentError(f"--ids: {exc}") from None
+        if self.ids.active:
+            # the kernel fast path takes a connection only once the IDS has had its packets
+            self.kfast.cfg.after_packets = max(self.kfast.cfg.after_packets, self.ids.packets + 2)
+
+    def _ids_tick(self) -> None:
+        ids = self.ids
+        ids.tick()
+        if ids.events:
+            if self.flowlog is not None:
+                for rec in ids.events:
+                    self.flowlog.emit(dict(rec, host=self.host))
+            for rec in ids.events:
+                log.warning(
+                    "IDS alert sid %s (%s) %s: %s:%s -> %s:%s",
+                    rec["sid"],
+                    rec["action"],
+                    rec["msg"],
+                    rec["src"],
+                    rec["sport"],
+                    rec["dst"],
+                    rec["dport"],
+                )
+            ids.events.clear()
+        back = ids.returned()
+        if not back:
+            return
+        hosts = self.model.hosts
+        by_vni: dict[int, list[bytes]] = {}
+        for vni, fr in back:
+            by_vni.setdefault(vni, []).append(fr)
+        for vni, frames in by_vni.items():
+            b = Batch.from_packets(frames)
+            hi = self._dest_host(vni, _mac48(b.data, np.asarray(b.offset) + 0))
+            ok = np.flatnonzero(hi >= 0)
+            if ok.size == 0:
+                continue
+            b = _view(b, ok)
+            dst = [str(hosts[int(h)].address) for h in hi[ok].tolist()]
+            self._route(encap(b, self.tunnel, vni, self.address, dst))
 
     def _route(self, out: Batch) -> None:
         """Frames the Forwarder built (tunnelled, outer IPv4): to this host -> decapsulate
@@ -1708,6 +1782,7 @@ class Agent:
                 "esp_peers": [h.name for i, h in enumerate(self.model.hosts) if self._h_esp[i]],
             },
             **({"store": self._store_status()} if self.watcher is not None else {}),
+            **({"ids": self.ids.status()} if self.ids is not None else {}),
         }
 
     def _store_status(self) -> dict:
@@ -1759,6 +1834,7 @@ class Agent:
             },
             **({"ipsec": self._ipsec_stats()} if self.gateway is not None else {}),
             "fastpath": self.kfast.stats(),
+            **({"ids": self.ids.stats()} if self.ids is not None else {}),
         }
 
     def _ipsec_stats(self) -> dict:
@@ -1784,6 +1860,10 @@ class Agent:
         return self._ul
 
     def close(self) -> None:
+        ids = getattr(self, "ids", None)
+        if ids is not None:
+            ids.stop()
+            self.ids = None
         kfast = getattr(self, "kfast", None)
         if kfast is not None:
             try:
@@ -1932,6 +2012,21 @@ def register(sub) -> None:
         "mutating calls (POST /v1/reload); without it they are refused (docs/agent.md)",
     )
     p.add_argument(
+        "--ids",
+        choices=("suricata",),
+        help="chain each connection's first packets through Suricata in AF_PACKET IPS copy mode "
+        "(docs/inspection.md); default: off",
+    )
+    p.add_argument("--ids-rules", metavar="R.rules", help="the rule file Suricata loads (--ids)")
+    p.add_argument(
+        "--ids-packets",
+        type=int,
+        default=16,
+        metavar="N",
+        help="packets of a connection (both directions) Suricata sees before it leaves the IDS "
+        "path (default 16)",
+    )
+    p.add_argument(
         "--flow-log",
         metavar="PATH",
         help="write JSON flow records (one line per connection end or denied new flow) to PATH",
@@ -2022,6 +2117,9 @@ def run_agent(args) -> int:
             offload=_offload_config(args),
             rx_ring=args.rx_ring,
             api_token_file=args.api_token_file,
+            ids=args.ids,
+            ids_rules=args.ids_rules,
+            ids_packets=args.ids_packets,
         )
     except PermissionError:
         raise AgentError("AF_PACKET ports need root (CAP_NET_RAW, CAP_NET_ADMIN)") from None

@@ -212,6 +212,8 @@ def up(
     no_ipsec: bool = False,
     offload: bool = True,
     offload_args: tuple = (),
+    ids_rules: str | None = None,
+    ids_packets: int | None = None,
 ) -> dict:
     """Build the lab and start its agents; returns the state. With ``store``, a one-member
     etcd is started first (data in the state directory), the policy written to it, and the
@@ -237,6 +239,10 @@ def up(
             raise InputError("--ipsec and --no-ipsec: give one of them")
         ipsec = os.path.abspath(ipsec)
         load_config(ipsec)  # refused before anything is made
+    if ids_rules is not None:
+        ids_rules = os.path.abspath(ids_rules)
+        if not os.path.isfile(ids_rules):
+            raise InputError(f"--ids-rules {ids_rules}: no such file")
     p = plan(policy_path, prefix, tunnel)
     for ns in (
         [f"{prefix}-underlay"]
@@ -262,6 +268,8 @@ def up(
             "ipsec": ipsec,
             "offload": "auto" if offload else "off",
             "offload_args": list(offload_args),
+            "ids": None if ids_rules is None else {"rules": ids_rules, "packets": ids_packets},
+            "ids_dirs": [],
         }
     )
     for s in p["skipped"]:
@@ -587,6 +595,13 @@ def _start_agent(st: State, name: str) -> None:
     ]
     if d.get("ipsec"):
         cmd += ["--ipsec", d["ipsec"]]
+    if d.get("ids"):
+        cmd += ["--ids", "suricata", "--ids-rules", d["ids"]["rules"]]
+        if d["ids"].get("packets"):
+            cmd += ["--ids-packets", str(d["ids"]["packets"])]
+        ids_dir = os.path.join(st.dir, f"ids-{name.replace('/', '_')}")
+        if ids_dir not in d.setdefault("ids_dirs", []):
+            d["ids_dirs"].append(ids_dir)
     names = dict(h["ports"])
     if d.get("store"):
         # every other workload may move here (lab move): the name its interface gets then
@@ -708,6 +723,8 @@ def down(state_dir: str = DEFAULT_STATE_DIR, echo=print) -> int:
             problems.append(f"{ns}: {r.stderr.strip()}")
     if problems:
         raise LabError("lab down left: " + "; ".join(problems))
+    for x in d.get("ids_dirs", []):
+        shutil.rmtree(x, ignore_errors=True)
     for f in d.get("files", []):
         try:
             os.unlink(f)
@@ -819,6 +836,8 @@ def stats(state_dir: str = DEFAULT_STATE_DIR) -> dict:
             "ports": s["ports"],
             "policy": s["policy"],
         }
+        if s.get("ids") is not None:
+            out[name]["ids"] = s["ids"]
     return {"hosts": out}
 
 
@@ -1033,6 +1052,13 @@ def register(sub) -> None:
         ("--offload-idle", float, "seconds idle before a connection leaves the map"),
     ):
         u.add_argument(opt, type=kind, metavar="N", help=f"{what} (the agent's default if not given)")
+    u.add_argument(
+        "--ids-rules",
+        metavar="R.rules",
+        help="every agent chains connections' first packets through Suricata with these rules "
+        "(the agent's --ids suricata; docs/inspection.md)",
+    )
+    u.add_argument("--ids-packets", type=int, metavar="N", help="the agents' --ids-packets")
     _common(u)
     u.set_defaults(func=_cli_up)
     e = verbs.add_parser(
@@ -1112,6 +1138,8 @@ def _cli_up(args) -> int:
         ipsec=args.ipsec,
         no_ipsec=args.no_ipsec,
         offload=not args.no_offload,
+        ids_rules=args.ids_rules,
+        ids_packets=args.ids_packets,
         offload_args=tuple(
             x
             for opt in ("offload_after", "offload_capacity", "offload_rate", "offload_idle")
@@ -1178,6 +1206,12 @@ def _cli_stats(args) -> int:
         )
         print(f"  verdicts: {', '.join(f'{k} {v}' for k, v in h['verdicts'].items()) or '-'}")
         print(f"  drops: {', '.join(f'{k} {v}' for k, v in sorted(h['drops'].items())) or '-'}")
+        if h.get("ids"):
+            i = h["ids"]
+            print(
+                f"  ids: {i['engine']}: {i['packets_to_ids']} packets inspected, {i['alerts']} alerts, "
+                f"{i['ids_drop']} dropped, {i['blocked_flows']} flows blocked"
+            )
     return 0
 
 

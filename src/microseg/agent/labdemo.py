@@ -26,9 +26,11 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
@@ -43,6 +45,21 @@ from . import lab as L
 SILENCE = 2.0  # how long a probe that should be stopped is given to (wrongly) get through
 ANSWER_DEADLINE = 15.0  # an expected answer may take this long, retries included
 WORKERS = 8
+
+# the IDS probe (Suricata in the datapath, `lab up --ids-rules`): an attack only an ET-style
+# HTTP rule catches -- a scanner's User-Agent header, a keyword (http.user_agent) the
+# built-in signature matcher does not take
+IDS_SID = 9200001
+IDS_RULES = (
+    'alert http any any -> any any (msg:"microseg demo: SQL injection scanner user agent"; '
+    'flow:established,to_server; http.user_agent; content:"sqlmap"; nocase; '
+    f"classtype:web-application-attack; sid:{IDS_SID}; rev:1;)\n"
+)
+IDS_REQUEST = (
+    b"GET /products?id=1 HTTP/1.1\r\nHost: shop.internal\r\n"
+    b"User-Agent: sqlmap/1.7.2#stable (https://sqlmap.org)\r\nAccept: */*\r\n\r\n"
+)
+IDS_DEADLINE = 30.0
 
 # the built-in data centre's two sites (microseg/data/sites.yaml): traffic between them is
 # what the IPsec gateway protects
@@ -821,8 +838,21 @@ def run_demo(
     """Up, probe, stats, down (always); the report."""
     t0 = time.monotonic()
     echo(f"lab demo: bringing the built-in data centre up (prefix {prefix}, {tunnel})")
-    # no policy file: the built-in data centre, with whatever `lab up` gives it by default
-    d = L.up(None, state_dir, prefix, tunnel, log_level, timeout, echo=echo)
+    # no policy file: the built-in data centre, with whatever `lab up` gives it by default;
+    # Suricata in the datapath where it is installed
+    rules_dir = None
+    ids_rules = None
+    if shutil.which("suricata"):
+        rules_dir = tempfile.mkdtemp(prefix="microseg-demo-ids-")
+        ids_rules = os.path.join(rules_dir, "demo.rules")
+        with open(ids_rules, "w") as f:
+            f.write(IDS_RULES)
+    try:
+        d = L.up(None, state_dir, prefix, tunnel, log_level, timeout, echo=echo, ids_rules=ids_rules)
+    except BaseException:
+        if rules_dir:
+            shutil.rmtree(rules_dir, ignore_errors=True)
+        raise
     report: dict[str, Any] = {}
     runner = Runner(d)
     try:
@@ -838,14 +868,67 @@ def run_demo(
         finally:  # on Ctrl-C: no probe starts any more, the running ones end within seconds
             ex.shutdown(wait=True, cancel_futures=True)
         t_probes = time.monotonic() - t1
+        ids = ids_probe(d, done) if ids_rules else {"skipped": "suricata is not installed"}
         stats = _host_stats(state_dir, d)
         report = _report(d, done, stats, t_up, t_probes)
+        report["ids"] = ids
     finally:
         runner.stop_servers()
         L.down(state_dir, echo=lambda *_: None)
+        if rules_dir:
+            shutil.rmtree(rules_dir, ignore_errors=True)
         echo("lab demo: lab down")
     report["seconds"]["total"] = round(time.monotonic() - t0, 2)
     return report
+
+
+def _ids_alerts(d: dict, host: str) -> list[dict]:
+    try:
+        with open(d["hosts"][host]["flow_log"]) as f:
+            recs = [json.loads(x) for x in f if '"ids"' in x]
+    except (OSError, ValueError):
+        return []
+    return [r for r in recs if r.get("event") == "ids" and r.get("sid") == IDS_SID]
+
+
+def ids_probe(d: dict, done: list[Probe]) -> dict:
+    """An HTTP request with a scanner's User-Agent along a TCP probe that got through: caught
+    (alerted) by Suricata in the agents' datapath, which the agents' flow logs show."""
+    from . import control
+
+    cand = [
+        p
+        for p in done
+        if p.kind == "tcp" and p.match and p.expected.get("verdict") == "allow" and p.family == 4
+    ]
+    if not cand:
+        return {"skipped": "no allowed TCP probe to carry the request"}
+    p = cand[0]
+    src_host = d["workloads"][p.src]["host"]
+    try:
+        engine = control.request(d["hosts"][src_host]["control"], "status", timeout=10.0)["ids"]["engine"]
+    except (control.ControlError, KeyError):
+        engine = "?"
+    if not engine.startswith("suricata"):
+        return {"skipped": f"the agents run {engine}, not Suricata"}
+    name = f"http {p.src} -> {p.dst}:{p.port} User-Agent: sqlmap (an ET-style http.user_agent rule)"
+    spec = {"kind": "tcp", "addr": p.dst, "port": p.port, "payload": IDS_REQUEST.hex(), "timeout": 3.0}
+    got = probe_script(d["workloads"][p.src]["ns"], spec, 5.0)
+    end = time.monotonic() + IDS_DEADLINE
+    alerts: list[dict] = []
+    while time.monotonic() < end and not alerts:
+        alerts = _ids_alerts(d, src_host)
+        if not alerts:
+            time.sleep(0.3)
+    return {
+        "probe": name,
+        "engine": engine,
+        "sid": IDS_SID,
+        "result": got.get("result"),
+        "caught": bool(alerts),
+        "by": f"{engine} on {src_host}" if alerts else None,
+        "msg": alerts[0].get("msg") if alerts else None,
+    }
 
 
 def _report(d: dict, probes: list[Probe], stats: dict, t_up: float, t_probes: float) -> dict:
@@ -1012,6 +1095,19 @@ def print_report(report: dict, out: Callable[[str], None] = print) -> None:
             f"{o['byte_share']:.1%} of bytes), the agents judged {o['agent_packets']} (probes are "
             "short: a connection is offloaded after its first packets, so elephants gain most)"
         )
+    ids = report.get("ids")
+    if ids:
+        if ids.get("skipped"):
+            out(f"IDS probe: skipped ({ids['skipped']})")
+        else:
+            out(
+                f"IDS probe: {ids['probe']}: "
+                + (
+                    f"caught by {ids['by']}: sid {ids['sid']} {ids['msg']!r}"
+                    if ids["caught"]
+                    else "NOT caught"
+                )
+            )
     t = report["seconds"]
     out(f"lab up {t['up']:.1f} s, probes {t['probes']:.1f} s, total {t.get('total', 0):.1f} s")
 
@@ -1044,7 +1140,8 @@ def main(
         print(json.dumps(report, indent=1, sort_keys=True))
     else:
         print_report(report)
-    return 0 if report["summary"]["mismatched"] == 0 else 1
+    ids_missed = bool(report.get("ids")) and not report["ids"].get("skipped") and not report["ids"]["caught"]
+    return 0 if report["summary"]["mismatched"] == 0 and not ids_missed else 1
 
 
 __all__ = ["PROBE", "SERVE", "SNIFF", "Probe", "builtin_probes", "expectations", "main", "run_demo"]
