@@ -25,8 +25,8 @@ from __future__ import annotations
 import os
 import sys
 
-# This file is named like the standard library's ``inspect``: run as a script, its folder is
-# first on sys.path and would shadow it for every module imported below.
+# Run as a script, this folder is first on sys.path; keep it off, so that no file here can
+# shadow a standard-library module for the imports below.
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 
