@@ -485,21 +485,16 @@ def clear_stale_pins(name: str) -> None:
     longer attached anywhere: the links went with the process)."""
     import os
 
-    from ..bpf.loader import DEFAULT_PIN_ROOT
+    from ..bpf.loader import DEFAULT_PIN_ROOT, remove_pin_dir
 
     d = os.path.join(DEFAULT_PIN_ROOT, name)
     if not os.path.isdir(d):
         return
-    for f in os.listdir(d):
-        try:
-            os.unlink(os.path.join(d, f))
-        except OSError:
-            pass
-    try:
-        os.rmdir(d)
-    except OSError:
-        pass
-    log.info("removed the pins %s left by an earlier agent", d)
+    errors = remove_pin_dir(d)
+    if errors:
+        log.warning("pins %s left by an earlier agent not all removed: %s", d, "; ".join(errors))
+    else:
+        log.info("removed the pins %s left by an earlier agent", d)
 
 
 def pin_name(host: str, netns: str | None) -> str:

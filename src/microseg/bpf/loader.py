@@ -730,6 +730,33 @@ def _is_bpffs(path: str) -> bool:
     return (ftype & 0xFFFFFFFF) == BPFFS_MAGIC
 
 
+def remove_pin_dir(pin_dir: str) -> list[str]:
+    """Unpin everything in ``pin_dir`` and remove it, and the pin root above it when that is
+    left empty (pins are files in bpffs: an unpinned object lives on only while someone holds
+    it). Returns the errors, as text."""
+    errors: list[str] = []
+    try:
+        names = os.listdir(pin_dir)
+    except FileNotFoundError:
+        return errors
+    for name in names:
+        path = os.path.join(pin_dir, name)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            errors.append(f"cannot unpin {path}: {exc.strerror}")
+    for d in (pin_dir, os.path.dirname(pin_dir)):
+        if d != pin_dir and d != DEFAULT_PIN_ROOT:
+            break
+        try:
+            os.rmdir(d)
+        except OSError:  # not empty (another fast path's pins), or gone already
+            break
+    return errors
+
+
 class KernelFastPath:
     """The XDP fast path: load once, attach to ports, install and remove flows.
 
@@ -742,7 +769,6 @@ class KernelFastPath:
         self.maps: dict[str, Map] = {}
         self.prog_fds: dict[str, int] = {}
         self.pin_dir: str | None = None
-        self._pins: list[str] = []
         self._attached: dict[tuple[str | None, int], tuple[str, int]] = {}
         self._links: dict[tuple[str | None, int], int] = {}
 
@@ -806,9 +832,7 @@ class KernelFastPath:
                 raise BpfError(f"{pin_dir} already holds pins (another fast path loaded? close it first)")
             self.pin_dir = pin_dir
             for n, fd in [*self.prog_fds.items(), *((n, m.fd) for n, m in self.maps.items())]:
-                path = os.path.join(pin_dir, n)
-                obj_pin(fd, path)
-                self._pins.append(path)
+                obj_pin(fd, os.path.join(pin_dir, n))
         except BaseException:
             self.close()
             raise
@@ -948,19 +972,8 @@ class KernelFastPath:
         """Detach everywhere, unpin, close every fd. Safe to call twice; raises at the end if
         something would not detach (the rest is still torn down)."""
         errors = self.detach_all()
-        for path in reversed(self._pins):
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
-            except OSError as exc:
-                errors.append(f"cannot unpin {path}: {exc.strerror}")
-        self._pins.clear()
-        if self.pin_dir is not None:
-            try:
-                os.rmdir(self.pin_dir)
-            except OSError:
-                pass
+        if self.pin_dir is not None:  # load() made it and refuses one that is not empty: all ours
+            errors += remove_pin_dir(self.pin_dir)
             self.pin_dir = None
         for fd in self.prog_fds.values():
             os.close(fd)
