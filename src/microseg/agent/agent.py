@@ -1332,12 +1332,7 @@ class Agent:
             arp = np.flatnonzero(et == ETH_ARP)
             if arp.size:
                 self._underlay_arp(b, arp)
-            ihl_ok = (_bytes_at(d, off, ln, 14, 1) >> np.uint64(4)) == 4
-            dst = _bytes_at(d, off, ln, 30, 4)
-            src = _bytes_at(d, off, ln, 26, 4)
-            proto = _bytes_at(d, off, ln, 23, 1)
-            from_peer = np.isin(src, self._peer_ip) if self._peer_ip.size else np.zeros(n, bool)
-            to_me = (et == ETH_IPV4) & ihl_ok & (dst == np.uint64(self._own_ip)) & from_peer
+            src, proto, to_me = self._from_peer_to_me(b, et)
             tunnel = to_me & ((proto == 17) | (proto == 47))
             esp = to_me & (proto == 50) if self.gateway is not None else np.zeros(n, bool)
             if self._esp_peers.size:
@@ -1362,6 +1357,23 @@ class Agent:
         finally:
             self.underlay.release()
 
+    def _from_peer_to_me(self, b: Batch, et: np.ndarray | None = None):
+        """Per frame of ``b``: its outer IPv4 source and protocol, and whether it is an IPv4
+        packet from another host of the policy to this host (``et``: the ethertypes, when the
+        caller has them)."""
+        d, off, ln = b.data, b.offset, b.length
+        if et is None:
+            et = _bytes_at(d, off, ln, 12, 2)
+        src = _bytes_at(d, off, ln, 26, 4)
+        proto = _bytes_at(d, off, ln, 23, 1)
+        to_me = (
+            (et == ETH_IPV4)
+            & ((_bytes_at(d, off, ln, 14, 1) >> np.uint64(4)) == 4)
+            & (_bytes_at(d, off, ln, 30, 4) == np.uint64(self._own_ip))
+            & (np.isin(src, self._peer_ip) if self._peer_ip.size else np.zeros(len(b), bool))
+        )
+        return src, proto, to_me
+
     def _decrypted(self, part: Batch):
         """``part`` with its ESP packets replaced by what they carry (those that fail
         authentication, replay or SA checks are dropped and counted by the gateway), keeping
@@ -1369,14 +1381,8 @@ class Agent:
         from ..ipsec.gateway import decrypt_inbound
 
         both, keys = decrypt_inbound(self.gateway, part)
-        d, off, ln = both.data, both.offset, both.length
-        src = _bytes_at(d, off, ln, 26, 4)
-        ok = (
-            (_bytes_at(d, off, ln, 12, 2) == ETH_IPV4)
-            & (_bytes_at(d, off, ln, 30, 4) == np.uint64(self._own_ip))
-            & (np.isin(src, self._peer_ip) if self._peer_ip.size else False)
-            & np.isin(_bytes_at(d, off, ln, 23, 1), (17, 47))
-        )
+        _src, proto, to_me = self._from_peer_to_me(both)
+        ok = to_me & ((proto == 17) | (proto == 47))
         if ok.all():
             return both, keys
         self.agent_drops["underlay_other"] += int(np.count_nonzero(~ok))
