@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -92,6 +93,48 @@ PING = textwrap.dedent("""\
             print("REPLY"); sys.exit(0)
     print("TIMEOUT"); sys.exit(3)
 """)
+
+
+# a sink: reads a connection to its end, then answers the byte count
+SINK = textwrap.dedent("""\
+    import socket, sys, threading
+    def conn(c):
+        n = 0
+        with c:
+            for d in iter(lambda: c.recv(1 << 16), b""):
+                n += len(d)
+            c.sendall(str(n).encode())
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("0.0.0.0", int(sys.argv[1])))
+    s.listen(16)
+    print("READY", flush=True)
+    while True:
+        c, _ = s.accept()
+        threading.Thread(target=conn, args=(c,), daemon=True).start()
+""")
+
+# one connection sending N bytes to a sink, then printing the sink's count
+BULK = textwrap.dedent("""\
+    import socket, sys
+    s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=60)
+    chunk = b"m" * 65536
+    for _ in range(int(sys.argv[3]) // len(chunk)):
+        s.sendall(chunk)
+    s.shutdown(socket.SHUT_WR)
+    print(s.recv(100).decode())
+""")
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def sigterm_interrupts(request) -> None:
+    """Turn a CI job's SIGTERM into an interrupt for the rest of the fixture's scope, so that
+    the lab's finalizer still runs (the previous handler comes back at the end)."""
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    request.addfinalizer(lambda: signal.signal(signal.SIGTERM, previous))
 
 
 def netns_skip_reason(prefix: str) -> str | None:
@@ -179,6 +222,12 @@ class LiveLab:
         self.servers.append(p)
         line = p.stdout.readline()  # blocks until the server listens (or dies)
         assert line.strip() == "READY", f"server in {workload} did not start: {line!r}"
+
+    def serve(self, workload: str, code: str, *args) -> None:
+        """Start script ``code`` in ``workload``; it prints READY once it listens."""
+        p = subprocess.Popen(self._in(workload, code, *args), stdout=subprocess.PIPE, text=True)
+        self.servers.append(p)
+        assert p.stdout.readline().strip() == "READY", f"{workload}: the server did not start"
 
     def session(self, workload: str, addr: str, port: int, timeout: float):
         p = subprocess.Popen(

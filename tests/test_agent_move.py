@@ -17,11 +17,10 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
-import signal
 
 import pytest
 
-from livelab import LiveLab, netns_skip_reason, wait_for
+from livelab import LiveLab, netns_skip_reason, sigterm_interrupts, wait_for
 
 PREFIX = f"msmv{os.getpid() % 100000}"
 
@@ -82,10 +81,6 @@ class MoveLab(LiveLab):
         return control.request(self.state["hosts"][host]["control"], cmd, timeout=10.0, **args)
 
 
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 needs_lab = pytest.mark.skipif(_REASON is not None, reason=_REASON or "")
 
 
@@ -97,8 +92,7 @@ def lab(tmp_path_factory, request):
     lab = MoveLab(root)
     request.addfinalizer(lab.teardown)
     atexit.register(lab.teardown)
-    previous = signal.signal(signal.SIGTERM, _interrupt)
-    request.addfinalizer(lambda: signal.signal(signal.SIGTERM, previous))
+    sigterm_interrupts(request)  # a CI job\'s SIGTERM: finalizers still run
     policy = root / "p.yaml"
     policy.write_text(POLICY)
     L.up(str(policy), lab.state_dir, PREFIX, "vxlan", "info", UP_TIMEOUT, echo=lambda *_: None, store=True)

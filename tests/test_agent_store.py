@@ -21,7 +21,7 @@ import subprocess
 
 import pytest
 
-from livelab import LiveLab, netns_skip_reason, wait_for
+from livelab import LiveLab, netns_skip_reason, sigterm_interrupts, wait_for
 
 PREFIX = f"mss{os.getpid() % 100000}"
 
@@ -95,10 +95,6 @@ class StoreLab(LiveLab):
         return super().answers(workload, addr, port, msg, deadline)
 
 
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory, request):
     from microseg.agent import lab as L
@@ -106,8 +102,7 @@ def lab(tmp_path_factory, request):
     lab = StoreLab(tmp_path_factory.mktemp("storelab"))
     request.addfinalizer(lab.teardown)
     atexit.register(lab.teardown)
-    previous = signal.signal(signal.SIGTERM, _interrupt)
-    request.addfinalizer(lambda: signal.signal(signal.SIGTERM, previous))
+    sigterm_interrupts(request)  # a CI job\'s SIGTERM: finalizers still run
     L.up(str(lab.p1), lab.state_dir, PREFIX, "vxlan", "info", UP_TIMEOUT, echo=lambda *_: None, store=True)
     lab.start_server("red/b", 7000, 7001)
     return lab

@@ -17,12 +17,11 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import textwrap
 
 import pytest
 
-from livelab import LiveLab, netns_skip_reason, wait_for
+from livelab import BULK, SINK, LiveLab, netns_skip_reason, sigterm_interrupts, wait_for
 
 PREFIX = f"msids{os.getpid() % 100000}"
 
@@ -89,34 +88,6 @@ GET = textwrap.dedent("""\
         sys.exit(2)
 """)
 
-SINK = textwrap.dedent("""\
-    import socket, sys, threading
-    def conn(c):
-        n = 0
-        with c:
-            for d in iter(lambda: c.recv(1 << 16), b""):
-                n += len(d)
-            c.sendall(str(n).encode())
-    s = socket.socket()
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind(("0.0.0.0", int(sys.argv[1])))
-    s.listen(16)
-    print("READY", flush=True)
-    while True:
-        c, _ = s.accept()
-        threading.Thread(target=conn, args=(c,), daemon=True).start()
-""")
-
-BULK = textwrap.dedent("""\
-    import socket, sys
-    s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=60)
-    chunk = b"m" * 65536
-    for _ in range(int(sys.argv[3]) // len(chunk)):
-        s.sendall(chunk)
-    s.shutdown(socket.SHUT_WR)
-    print(s.recv(100).decode())
-""")
-
 UP_TIMEOUT = 150
 IDS_PACKETS = 16
 READY_DEADLINE = 90
@@ -172,11 +143,6 @@ class Lab(LiveLab):
 
         return control.request(self.state["hosts"][host]["control"], "status")
 
-    def serve(self, workload: str, code: str, port: int) -> None:
-        p = subprocess.Popen(self._in(workload, code, port), stdout=subprocess.PIPE, text=True)
-        self.servers.append(p)
-        assert p.stdout.readline().strip() == "READY"
-
     def get(self, path: str, timeout: float = 5.0) -> tuple[int, str]:
         r = self.py("red/a", GET, "10.9.0.3", 8080, path, timeout, timeout=timeout + 30)
         return r.returncode, r.stdout.strip()
@@ -203,10 +169,6 @@ class Lab(LiveLab):
         return out
 
 
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory, request):
     from microseg.agent import lab as L
@@ -214,8 +176,7 @@ def lab(tmp_path_factory, request):
     lab = Lab(tmp_path_factory.mktemp("lab"))
     request.addfinalizer(lab.teardown)
     atexit.register(lab.teardown)
-    previous = signal.signal(signal.SIGTERM, _interrupt)
-    request.addfinalizer(lambda: signal.signal(signal.SIGTERM, previous))
+    sigterm_interrupts(request)  # a CI job\'s SIGTERM: finalizers still run
     L.up(
         str(lab.policy),
         lab.state_dir,

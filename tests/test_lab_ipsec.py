@@ -17,14 +17,13 @@ from __future__ import annotations
 import atexit
 import json
 import os
-import signal
 import subprocess
 import sys
 import textwrap
 
 import pytest
 
-from livelab import LiveLab, netns_skip_reason, wait_for
+from livelab import LiveLab, netns_skip_reason, sigterm_interrupts, wait_for
 
 PREFIX = f"msip{os.getpid() % 100000}"
 
@@ -140,10 +139,6 @@ class Lab(LiveLab):
         return p
 
 
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory, request):
     from microseg.agent import lab as L
@@ -151,8 +146,7 @@ def lab(tmp_path_factory, request):
     lab = Lab(tmp_path_factory.mktemp("lab"))
     request.addfinalizer(lab.teardown)
     atexit.register(lab.teardown)
-    previous = signal.signal(signal.SIGTERM, _interrupt)
-    request.addfinalizer(lambda: signal.signal(signal.SIGTERM, previous))
+    sigterm_interrupts(request)  # a CI job\'s SIGTERM: finalizers still run
     L.up(
         str(lab.policy),
         lab.state_dir,

@@ -20,7 +20,7 @@ import time
 
 import pytest
 
-from livelab import PING, LiveLab, netns_skip_reason
+from livelab import PING, LiveLab, netns_skip_reason, sigterm_interrupts
 
 PREFIX = f"mst{os.getpid() % 100000}"
 
@@ -106,10 +106,6 @@ def _say(p: subprocess.Popen, text: str) -> str:
     return p.stdout.readline().strip()
 
 
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory, request):
     from microseg.agent import lab as L
@@ -118,9 +114,7 @@ def lab(tmp_path_factory, request):
     lab.links_before = _root_links()
     request.addfinalizer(lab.teardown)
     atexit.register(lab.teardown)  # also when the run is interrupted
-    # a CI job's SIGTERM becomes an interrupt, so that the finalizer still runs
-    previous = signal.signal(signal.SIGTERM, _interrupt)
-    request.addfinalizer(lambda: signal.signal(signal.SIGTERM, previous))
+    sigterm_interrupts(request)  # a CI job\'s SIGTERM: finalizers still run
     L.up(str(lab.p1), lab.state_dir, PREFIX, "vxlan", "info", UP_TIMEOUT, echo=lambda *_: None)
     for w in ("red/b", "red/c", "blue/c"):
         lab.start_server(w, 7000, 7001, 8080)

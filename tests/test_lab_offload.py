@@ -19,11 +19,10 @@ import json
 import os
 import signal
 import subprocess
-import textwrap
 
 import pytest
 
-from livelab import LiveLab, netns_skip_reason, wait_for
+from livelab import BULK, SINK, LiveLab, netns_skip_reason, sigterm_interrupts, wait_for
 
 PREFIX = f"msof{os.getpid() % 100000}"
 
@@ -47,35 +46,6 @@ workloads:
   - {name: b, tenant: red, host: h1, mac: "02:00:00:21:00:02", ipv4: 10.8.0.2, security_groups: [svc]}
   - {name: c, tenant: red, host: h2, mac: "02:00:00:21:00:03", ipv4: 10.8.0.3, security_groups: [svc]}
 """
-
-# a sink: reads everything, answers the byte count when the client half-closes
-SINK = textwrap.dedent("""\
-    import socket, sys, threading
-    def conn(c):
-        n = 0
-        with c:
-            for d in iter(lambda: c.recv(1 << 16), b""):
-                n += len(d)
-            c.sendall(str(n).encode())
-    s = socket.socket()
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind(("0.0.0.0", int(sys.argv[1])))
-    s.listen(16)
-    print("READY", flush=True)
-    while True:
-        c, _ = s.accept()
-        threading.Thread(target=conn, args=(c,), daemon=True).start()
-""")
-
-BULK = textwrap.dedent("""\
-    import socket, sys
-    s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=60)
-    chunk = b"m" * 65536
-    for _ in range(int(sys.argv[3]) // len(chunk)):
-        s.sendall(chunk)
-    s.shutdown(socket.SHUT_WR)
-    print(s.recv(100).decode())
-""")
 
 UP_TIMEOUT = 150
 ANSWER_DEADLINE = 30
@@ -118,20 +88,11 @@ class Lab(LiveLab):
     def fastpath(self, host: str) -> dict:
         return self.stats(host)["fastpath"]
 
-    def sink(self, workload: str, port: int) -> None:
-        p = subprocess.Popen(self._in(workload, SINK, port), stdout=subprocess.PIPE, text=True)
-        self.servers.append(p)
-        assert p.stdout.readline().strip() == "READY"
-
 
 def _say(p, text: str) -> str:
     p.stdin.write(text + "\n")
     p.stdin.flush()
     return p.stdout.readline().strip()
-
-
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
 
 
 @pytest.fixture(scope="module")
@@ -141,8 +102,7 @@ def lab(tmp_path_factory, request):
     lab = Lab(tmp_path_factory.mktemp("lab"))
     request.addfinalizer(lab.teardown)
     atexit.register(lab.teardown)
-    previous = signal.signal(signal.SIGTERM, _interrupt)
-    request.addfinalizer(lambda: signal.signal(signal.SIGTERM, previous))
+    sigterm_interrupts(request)  # a CI job\'s SIGTERM: finalizers still run
     L.up(
         str(lab.p1),
         lab.state_dir,
@@ -155,7 +115,7 @@ def lab(tmp_path_factory, request):
     )
     lab.start_server("red/c", 7000, 7001, 7002)
     lab.start_server("red/b", 7000)
-    lab.sink("red/c", 7100)
+    lab.serve("red/c", SINK, 7100)
     return lab
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import atexit
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -25,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from livelab import LiveLab, netns_skip_reason, wait_for
+from livelab import LiveLab, netns_skip_reason, sigterm_interrupts, wait_for
 
 # per process: under pytest-xdist each worker that gets a class's tests builds its own lab
 PREFIX = f"mstf{os.getpid() % 100000}"
@@ -44,10 +43,6 @@ pytestmark = pytest.mark.skipif(_REASON is not None, reason=_REASON or "")
 def _netns_list() -> list[str]:
     out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     return [line.split()[0] for line in out.splitlines() if line.strip()]
-
-
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
 
 
 class TrafficLab(LiveLab):
@@ -141,8 +136,7 @@ def _lab_fixture(request, tmp_path_factory, policy, prefix, name, log_names):
     lab = TrafficLab(tmp_path_factory.mktemp(name), log_names)
     request.addfinalizer(lab.teardown)
     atexit.register(lab.teardown)  # also when the run is interrupted
-    previous = signal.signal(signal.SIGTERM, _interrupt)  # a CI job's SIGTERM: finalizers still run
-    request.addfinalizer(lambda: signal.signal(signal.SIGTERM, previous))
+    sigterm_interrupts(request)  # a CI job\'s SIGTERM: finalizers still run
     L.up(policy, lab.state_dir, prefix, "vxlan", "info", UP_TIMEOUT, echo=lambda *_: None)
     return lab
 
