@@ -153,13 +153,19 @@ def netns_skip_reason(prefix: str) -> str | None:
     return None
 
 
-def wait_for(cond, timeout: float, what: str):
+def wait_for(cond, timeout: float, what: str, tolerate: tuple = ()):
+    """``cond()``'s first truthy value within ``timeout`` seconds; exceptions of the types in
+    ``tolerate`` count as not yet (a socket not there yet, a half-written file)."""
     end = time.monotonic() + timeout
     last = None
     while time.monotonic() < end:
-        last = cond()
-        if last:
-            return last
+        try:
+            last = cond()
+        except tolerate as exc:
+            last = exc
+        else:
+            if last:
+                return last
         time.sleep(0.2)
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} (last: {last!r})")
 

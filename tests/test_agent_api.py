@@ -9,17 +9,18 @@ import http.client
 import io
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
+from livelab import netns_skip_reason, wait_for
 from microseg.agent.api import ApiApp, load_token, openapi
 from microseg.errors import InputError
+
+_NOT_YET = (OSError, ValueError, KeyError)  # the agent still starting
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "s3cret-token-0123456789"
@@ -192,36 +193,10 @@ def _http(path: str, method: str, url: str, body=None, token=None):
         c.close()
 
 
-def _live_skip() -> str | None:
-    if not sys.platform.startswith("linux") or os.geteuid() != 0 or shutil.which("ip") is None:
-        return "needs root, Linux and iproute2"
-    probe = f"msapi{os.getpid() % 100000}-probe"
-    r = subprocess.run(["ip", "netns", "add", probe], capture_output=True)
-    if r.returncode:
-        return "cannot create network namespaces"
-    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
-    return None
-
-
-def _wait(cond, deadline: float, what: str):
-    end = time.monotonic() + deadline
-    last = None
-    while time.monotonic() < end:
-        try:
-            last = cond()
-        except (OSError, ValueError, KeyError) as exc:
-            last = exc
-        else:
-            if last:
-                return last
-        time.sleep(0.2)
-    raise AssertionError(f"{what}: not within {deadline} s (last: {last!r})")
-
-
 def test_live_agent_every_endpoint(tmp_path):
     """One host namespace, two workload ports, a bare underlay; the agent serves the API on
     its metrics Unix socket. Every endpoint, the errors and the token rule."""
-    reason = _live_skip()
+    reason = netns_skip_reason(f"msapi{os.getpid() % 100000}")
     if reason:
         pytest.skip(reason)
     pre = f"msapi{os.getpid() % 100000}"
@@ -276,7 +251,7 @@ def test_live_agent_every_endpoint(tmp_path):
             code, body = _http(str(msock), "GET", "/v1/status")
             return code == 200 and body.get("ready")
 
-        _wait(ready, 150, "agent ready")
+        wait_for(ready, 150, "agent ready", tolerate=_NOT_YET)
         code, st = _http(str(msock), "GET", "/v1/status")
         assert st["host"] == "h1" and st["ports"] == {"red/a": "w0", "red/b": "w1"}
         code, m = _http(str(msock), "GET", "/metrics")
@@ -298,7 +273,7 @@ def test_live_agent_every_endpoint(tmp_path):
             )
             return r.stdout.strip() == "hi"
 
-        _wait(connected, 60, "a reaches b:7001")
+        wait_for(connected, 60, "a reaches b:7001", tolerate=_NOT_YET)
         code, ct = _http(
             str(msock), "GET", "/v1/conntrack?src=10.5.0.1&dst=10.5.0.2&proto=tcp&zone=7301&limit=10"
         )

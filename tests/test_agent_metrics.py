@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from livelab import netns_skip_reason, wait_for
 from microseg.agent.flowlog import FlowLog
 from microseg.agent.metrics import (
     BatchObserver,
@@ -33,6 +33,8 @@ from microseg.packet import build as PB
 from microseg.packet.batch import Batch
 from microseg.policy.compiler import compile_policy
 from microseg.policy.model import load_policy as load_policy_file
+
+_NOT_YET = (OSError, ValueError, KeyError)  # the agent still starting
 
 POLICY = """\
 version: 1
@@ -308,36 +310,10 @@ def test_flow_log_rst_and_rotation(red, tmp_path):
 
 
 # -- live ------------------------------------------------------------------------------------------
-def _live_skip() -> str | None:
-    if not sys.platform.startswith("linux") or os.geteuid() != 0 or shutil.which("ip") is None:
-        return "needs root, Linux and iproute2"
-    probe = f"msm{os.getpid() % 100000}-probe"
-    r = subprocess.run(["ip", "netns", "add", probe], capture_output=True)
-    if r.returncode:
-        return "cannot create network namespaces"
-    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
-    return None
-
-
-def _wait(cond, deadline: float, what: str):
-    end = time.monotonic() + deadline
-    last = None
-    while time.monotonic() < end:
-        try:
-            last = cond()
-        except (OSError, ValueError, KeyError) as exc:
-            last = exc
-        else:
-            if last:
-                return last
-        time.sleep(0.2)
-    raise AssertionError(f"{what}: not within {deadline} s (last: {last!r})")
-
-
 def test_live_agent_metrics_and_flow_log(tmp_path):
     """One host namespace with one workload port and a bare underlay; the agent serves its
     metrics on a Unix socket and logs a denied connection attempt."""
-    reason = _live_skip()
+    reason = netns_skip_reason(f"msm{os.getpid() % 100000}")
     if reason:
         pytest.skip(reason)
     from microseg.agent import control
@@ -381,7 +357,7 @@ def test_live_agent_metrics_and_flow_log(tmp_path):
             except control.ControlError:
                 return False
 
-        _wait(ready, 150, "agent ready")
+        wait_for(ready, 150, "agent ready", tolerate=_NOT_YET)
         st = control.request(str(sock), "status", timeout=5.0)
         assert st["metrics_url"] == f"unix:{msock}" and st["flow_log"] == str(flows)
         assert os.stat(msock).st_mode & 0o777 == 0o600
@@ -395,7 +371,7 @@ def test_live_agent_metrics_and_flow_log(tmp_path):
             lines = flows.read_text().splitlines() if flows.exists() else []
             return [r for r in map(json.loads, lines) if r["event"] == "denied" and r["dport"] == 8080]
 
-        recs = _wait(denied_logged, 60, "a denied flow in the flow log")
+        recs = wait_for(denied_logged, 60, "a denied flow in the flow log", tolerate=_NOT_YET)
         assert recs[0]["reason"] == "ingress_denied" and recs[0]["src_workload"] == "red/a"
         m = _samples(scrape_unix(str(msock)))
         drops = _by(m, "microseg_drops_total", "reason", source="datapath")
