@@ -4,10 +4,12 @@ counters -> slow path: caches, policy -> inspection/offload), one core, 1024-pac
 * the demo's traffic mix: the default configuration, the fast path disabled (every packet
   decided by the compiled policy, as the previous design did), caches and offload on;
 * the demo's established traffic alone (replayed through the warm datapath);
-* 10K and 1M connections (``--connections``): established traffic (one in-window data
-  segment per connection, random order), new connections per second (the SYNs, each judged
-  by the policy and committed) and a SYN flood towards a denied port, each beside bare
-  conntrack on the same parsed packets and beside the fast path disabled;
+* 10K, 1M and 10M connections (``--connections``): established traffic (one in-window data
+  segment per connection, random order, for at most 2M connections drawn over all of them),
+  new connections per second (the SYNs, each judged by the policy and committed) and a SYN
+  flood towards a denied port, each beside bare conntrack on the same parsed packets and
+  beside the fast path disabled; connections are set up one client's 60,000 at a time, so
+  10M of them fit in a few GB (the tables themselves: 148 bytes per entry of capacity);
 * sweeps the seed papers use: 1, 10, 100 and 1000 tunnels (one VNI per tenant) and 1K, 10K,
   24K, 36K, 48K and 64K rules, caches on and off.
 
@@ -142,61 +144,63 @@ def _client_addr(c: int) -> str:
     return f"10.2.{c // 200}.{c % 200 + 1}"
 
 
-def conn_batches(conns: int, payload: int = 64, dport: int = 443):
-    """(setup, data): the three-way handshakes of ``conns`` connections (SYNs, then SYN-ACKs,
-    then ACKs), and one in-window data segment per connection in a random order."""
-    clients = -(-conns // PORTS)
-    syn, synack, ack, data = [], [], [], []
-    for c in range(clients):
+def _client_macs(c: int) -> tuple[str, str]:
+    return f"02:00:00:02:{c >> 8 & 255:02x}:{c & 255:02x}", "02:00:00:01:00:01"
+
+
+def handshake(c: int, k: int, dport: int = 443) -> list:
+    """The three-way handshakes of client ``c``'s ``k`` connections (source ports 1024..):
+    its SYNs, the server's SYN-ACKs and the ACKs, one batch each."""
+    sp = 1024 + np.arange(k)
+    cm, sm = _client_macs(c)
+    ca = _client_addr(c)
+    kw = {"eth_src": cm, "eth_dst": sm}
+    back = {"eth_src": sm, "eth_dst": cm}
+    return [
+        PB.build_batch(k, ca, "10.1.0.1", 6, sp, dport, 0, tcp_flags_=0x02, seq=1000, **kw),
+        PB.build_batch(k, "10.1.0.1", ca, 6, dport, sp, 0, tcp_flags_=0x12, seq=5000, ack=1001, **back),
+        PB.build_batch(k, ca, "10.1.0.1", 6, sp, dport, 0, tcp_flags_=0x10, seq=1001, ack=5001, **kw),
+    ]
+
+
+class Clock:
+    """Packet timestamps that only move forward: 100 ns apart, 1 us between batches."""
+
+    def __init__(self):
+        self.t = 1_000_000_000
+
+    def stamp(self, b):
+        b.ts[:] = self.t + np.arange(len(b), dtype=np.int64) * 100
+        self.t += len(b) * 100 + 1000
+        return b
+
+
+def setup_chunks(conns: int, clock: Clock, dport: int = 443):
+    """Per client workload (60,000 connections each), its SYNs, SYN-ACKs and ACKs, time-stamped
+    in the order they are yielded. Built one client at a time, so the set-up of 10M
+    connections never holds more than one client's 180,000 packets."""
+    for c in range(-(-conns // PORTS)):
         k = min(PORTS, conns - c * PORTS)
-        sp = 1024 + np.arange(k)
-        cm, sm = f"02:00:00:02:{c >> 8 & 255:02x}:{c & 255:02x}", "02:00:00:01:00:01"
-        ca = _client_addr(c)
-        syn.append(
+        yield [clock.stamp(b) for b in handshake(c, k, dport)]
+
+
+def data_sample(conns: int, sample: int, clock: Clock, payload: int = 64):
+    """One in-window data segment for each of ``sample`` connections drawn at random over all
+    ``conns`` (all of them when ``sample >= conns``), in a random order."""
+    rng = np.random.default_rng(5)
+    pick = np.arange(conns) if sample >= conns else np.sort(rng.choice(conns, sample, replace=False))
+    parts = []
+    for c in np.unique(pick // PORTS):
+        sp = 1024 + pick[pick // PORTS == c] - c * PORTS
+        cm, sm = _client_macs(int(c))
+        parts.append(
             PB.build_batch(
-                k, ca, "10.1.0.1", 6, sp, dport, 0, tcp_flags_=0x02, seq=1000, eth_src=cm, eth_dst=sm
-            )
-        )
-        synack.append(
-            PB.build_batch(
-                k,
-                "10.1.0.1",
-                ca,
-                6,
-                dport,
-                sp,
-                0,
-                tcp_flags_=0x12,
-                seq=5000,
-                ack=1001,
-                eth_src=sm,
-                eth_dst=cm,
-            )
-        )
-        ack.append(
-            PB.build_batch(
-                k,
-                ca,
+                sp.size,
+                _client_addr(int(c)),
                 "10.1.0.1",
                 6,
                 sp,
-                dport,
-                0,
-                tcp_flags_=0x10,
-                seq=1001,
-                ack=5001,
-                eth_src=cm,
-                eth_dst=sm,
-            )
-        )
-        data.append(
-            PB.build_batch(
-                k,
-                ca,
-                "10.1.0.1",
-                6,
-                sp,
-                dport,
+                443,
                 payload,
                 tcp_flags_=0x18,
                 seq=1001,
@@ -206,14 +210,8 @@ def conn_batches(conns: int, payload: int = 64, dport: int = 443):
                 fill=0x61,
             )
         )
-    setup = [Batch.concat(p, order=None) for p in (syn, synack, ack)]
-    d = Batch.concat(data, order=None)
-    d = d.select(np.random.default_rng(5).permutation(len(d)))
-    t = 1_000_000_000
-    for b in setup + [d]:
-        b.ts[:] = t + np.arange(len(b), dtype=np.int64) * 100
-        t += len(b) * 100 + 1000
-    return setup, d
+    d = Batch.concat(parts, order=None)
+    return clock.stamp(d.select(rng.permutation(len(d))))
 
 
 def _cpu(f):
@@ -222,41 +220,72 @@ def _cpu(f):
     return time.process_time() - t, out
 
 
+def _chunks1024(b):
+    """``b`` as the datapath's 1024-packet batches, parsed, with the checksum verdict given."""
+    k = parse(b)
+    return [
+        (b.slice(s, min(s + 1024, len(b))), _sl(k, s, 1024), np.ones(min(1024, len(b) - s), np.bool_))
+        for s in range(0, len(b), 1024)
+    ]
+
+
+EST_SAMPLE = 2_000_000  # established packets replayed at most (drawn over every connection)
+
+
 def connections_case(conns: int, repeat: int, tmp: str) -> dict:
     """Through the whole datapath (default configuration), against bare conntrack and the
     fast path disabled on the same packets: new connections/s (the SYNs, each judged by the
-    policy and committed), established traffic (data segments of every connection, random
-    order), and a SYN flood towards a denied port (nothing committed)."""
+    policy and committed), established traffic (data segments of up to ``EST_SAMPLE``
+    connections drawn over all of them, random order), and a SYN flood towards a denied port
+    (nothing committed). The connections are established a client's 60,000 at a time."""
     path = os.path.join(tmp, f"conns_{conns}.yaml")
     clients = -(-conns // PORTS)
     with open(path, "w") as f:
         f.write(conn_policy_yaml(clients))
     compiled = compile_policy(load_policy_file(path))
-    setup, data = conn_batches(conns)
-    flood = conn_batches(min(conns, 200_000), dport=22)[0][0]
+    sample = min(conns, EST_SAMPLE)
+    flood_n = min(conns, 200_000)
     cap = max(1 << 16, 2 * conns)
-    out = {"connections": conns, "packets": len(data)}
+    out = {"connections": conns, "packets": sample}
     rows = {}
     for name, cfg in (
         ("datapath", DatapathConfig(conntrack_capacity=cap)),
         ("fast_path_off", DatapathConfig(conntrack_capacity=cap, fast_path=False)),
     ):
         est, new, fl = [], [], []
+        warm = Datapath(compiled, cfg)  # compile the kernels on a throwaway datapath
+        for b in handshake(0, 2048):
+            warm.process(b)
         for _ in range(repeat):
             dp = Datapath(compiled, cfg)
-            el, r = _cpu(lambda: dp.process(setup[0]))
-            assert np.all(r.verdict == 1) and len(dp.conntrack) == conns
-            new.append(conns / el)
-            dp.process(setup[1])
-            dp.process(setup[2])
+            clock = Clock()
+            syn_s = 0.0
+            for syn, synack, ack in setup_chunks(conns, clock):
+                el, r = _cpu(lambda: dp.process(syn))
+                assert np.all(r.verdict == 1)
+                syn_s += el
+                dp.process(synack)
+                dp.process(ack)
+            assert len(dp.conntrack) == conns
+            new.append(conns / syn_s)
+            data = data_sample(conns, sample, clock)
             dp.process(data)  # first data segment: ESTABLISHED
+            clock.stamp(data)
             el, r = _cpu(lambda: dp.process(data))  # again: an in-window retransmission
             assert np.all(r.verdict == 1) and np.all(r.ct & 2)
             est.append(len(data) / el)
             before = len(dp.conntrack)
+            flood = Batch.concat(
+                [
+                    clock.stamp(handshake(c, min(PORTS, flood_n - c * PORTS), 22)[0])
+                    for c in range(-(-flood_n // PORTS))
+                ],
+                order=None,
+            )
             el, r = _cpu(lambda: dp.process(flood))
             assert np.all(r.verdict != 1) and len(dp.conntrack) == before
             fl.append(len(flood) / el)
+            dp = data = flood = r = None  # free the table before the next one is built
         rows[name] = {
             "established_mpps": statistics.median(est) / 1e6,
             "new_per_s": statistics.median(new),
@@ -266,26 +295,28 @@ def connections_case(conns: int, repeat: int, tmp: str) -> dict:
     # bare conntrack: the table alone on the same parsed packets in the same 1024-packet
     # batches, checksums verified beforehand (the limit of this design: the datapath adds
     # parse, the checksum pass, identities and verdicts)
-    def chunks(b):
-        k = parse(b)
-        return [
-            (b.slice(s, min(s + 1024, len(b))), _sl(k, s, 1024), np.ones(min(1024, len(b) - s), np.bool_))
-            for s in range(0, len(b), 1024)
-        ]
-
-    parts = [chunks(b) for b in setup]
-    dparts = chunks(data)
-    dkeys = parse(data)
     est, new = [], []
     for _ in range(repeat):
         t = ConntrackTable(capacity=cap)
-        el, _ = _cpu(lambda: [t.process(b, k, csum_ok=o) for b, k, o in parts[0]])
-        new.append(conns / el)
-        for p in parts[1:] + [dparts]:
-            for b, k, o in p:
-                t.process(b, k, csum_ok=o)
+        clock = Clock()
+        syn_s = 0.0
+        for chunk in setup_chunks(conns, clock):
+            parts = [_chunks1024(b) for b in chunk]
+            el, _ = _cpu(lambda: [t.process(b, k, csum_ok=o) for b, k, o in parts[0]])
+            syn_s += el
+            for p in parts[1:]:
+                for b, k, o in p:
+                    t.process(b, k, csum_ok=o)
+        assert len(t) == conns
+        new.append(conns / syn_s)
+        data = data_sample(conns, sample, clock)
+        for b, k, o in _chunks1024(data):
+            t.process(b, k, csum_ok=o)
+        clock.stamp(data)
+        dparts = _chunks1024(data)
         el, _ = _cpu(lambda: [t.process(b, k, csum_ok=o) for b, k, o in dparts])
         est.append(len(data) / el)
+        t = dparts = None
     rows["bare_conntrack"] = {
         "established_mpps": statistics.median(est) / 1e6,
         "new_per_s": statistics.median(new),
@@ -299,6 +330,7 @@ def connections_case(conns: int, repeat: int, tmp: str) -> dict:
         lambda: [parse(data.slice(s, min(s + SEGMENT, len(data))), buf) for s in range(0, len(data), SEGMENT)]
     )
     out["parse_ns"] = el / len(data) * 1e9
+    dkeys = parse(data)
     el, _ = _cpu(lambda: checksum_ok(data, dkeys))
     out["checksum_ns"] = el / len(data) * 1e9
     out.update(rows)
@@ -414,7 +446,7 @@ def main() -> int:
         "--connections",
         type=int,
         nargs="+",
-        default=[10_000, 1_000_000],
+        default=[10_000, 1_000_000, 10_000_000],
         help="table sizes of the established / new-connection rows",
     )
     ap.add_argument("--no-sweeps", action="store_true", help="skip the tunnel and rule sweeps")
