@@ -15,6 +15,7 @@ from ..policy.model import Policy
 from ..policy.source import PolicyError
 from . import layout
 from .etcd import DEFAULT_ENDPOINT, StoreClient, StoreError
+from .ops import MAX_TXN_BYTES, MAX_TXN_OPS
 
 ENV_ENDPOINT = "MICROSEG_STORE"
 
@@ -38,7 +39,9 @@ def register(sub: Any) -> None:
         c.add_argument("--prefix", default=layout.DEFAULT_PREFIX, help="key prefix (default %(default)s)")
 
     c = verbs.add_parser(
-        "apply", help="validate a policy file and write it as one transaction; print the revision"
+        "apply",
+        help="validate a policy file and write it (one transaction, or batches and a commit); "
+        "print the revision",
     )
     c.add_argument("policy", help="policy YAML file")
     c.add_argument(
@@ -47,6 +50,21 @@ def register(sub: Any) -> None:
         default=[],
         metavar="FILE",
         help="an IPsec SA file to store beside the policy (as ipsec/<file name without extension>)",
+    )
+    c.add_argument(
+        "--txn-ops",
+        type=int,
+        default=MAX_TXN_OPS,
+        metavar="N",
+        help="operations per transaction, at most etcd's --max-txn-ops (default %(default)s)",
+    )
+    c.add_argument(
+        "--txn-bytes",
+        type=int,
+        default=MAX_TXN_BYTES,
+        metavar="N",
+        help="bytes of keys and values per transaction, under etcd's --max-request-bytes "
+        "(default %(default)s)",
     )
     c.add_argument("--json", action="store_true", help="machine-readable output")
     common(c)
@@ -88,6 +106,12 @@ def run_apply(args: argparse.Namespace) -> int:
     from ..policy.model import load_policy
     from .ops import commit, plan_apply, resource_values
 
+    if args.txn_ops < 4 or args.txn_bytes < 4096:
+        print(
+            "microseg store apply: error: --txn-ops is at least 4 and --txn-bytes at least 4096",
+            file=sys.stderr,
+        )
+        return 2
     try:
         policy = load_policy(args.policy)
     except PolicyError as exc:
@@ -110,7 +134,9 @@ def run_apply(args: argparse.Namespace) -> int:
     try:
         client = StoreClient(args.endpoint)
         plan = plan_apply(client, resource_values(policy, sa_files), args.prefix)
-        revision = commit(client, plan, os.path.abspath(args.policy), digest)
+        revision = commit(
+            client, plan, os.path.abspath(args.policy), digest, max_ops=args.txn_ops, max_bytes=args.txn_bytes
+        )
     except StoreError as exc:
         return _store_error("apply", exc)
     if args.json:
@@ -122,13 +148,17 @@ def run_apply(args: argparse.Namespace) -> int:
                     "deleted": plan.deletes,
                     "unchanged": plan.unchanged,
                     "content_hash": digest,
+                    "transactions": plan.transactions,
+                    "read": plan.read,
                 }
             )
         )
     else:
         print(
             f"revision {revision}: {len(plan.puts)} written, {len(plan.deletes)} deleted, "
-            f"{plan.unchanged} unchanged (hash {digest[:16]})"
+            f"{plan.unchanged} unchanged (hash {digest[:16]}"
+            + (f", {plan.transactions} transactions" if plan.transactions > 1 else "")
+            + ")"
         )
     return 0
 

@@ -173,6 +173,40 @@ class StoreClient:
         r = self.call("/kv/range", {"key": _encode(prefix), "range_end": _encode(prefix_end(prefix))})
         return [_kv(x) for x in r.get("kvs", ())], int(r["header"]["revision"])
 
+    def range(
+        self,
+        key: str,
+        range_end: str | None = None,
+        *,
+        revision: int = 0,
+        keys_only: bool = False,
+    ) -> tuple[list[KV], int]:
+        """The keys in ``[key, range_end)`` (``key`` alone without ``range_end``), at
+        ``revision`` (0: now), and the revision of the read. A revision compacted away raises
+        :class:`Compacted`."""
+        payload: dict[str, Any] = {"key": _encode(key)}
+        if range_end is not None:
+            payload["range_end"] = _encode(range_end)
+        if revision:
+            payload["revision"] = int(revision)
+        if keys_only:
+            payload["keys_only"] = True
+        try:
+            r = self.call("/kv/range", payload)
+        except StoreError as exc:
+            if "compacted" in str(exc) and not isinstance(exc, StoreUnavailable):
+                raise Compacted(str(exc), revision) from None
+            raise
+        return [_kv(x) for x in r.get("kvs", ())], int(r["header"]["revision"])
+
+    def txn_responses(
+        self, compare: list, success: list, failure: list | None = None
+    ) -> tuple[bool, int, list]:
+        """One transaction; ``(succeeded, revision, responses)``, each response etcd's
+        (``{"response_range": {...}}`` and so on)."""
+        r = self.call("/kv/txn", {"compare": compare, "success": success, "failure": failure or []})
+        return bool(r.get("succeeded", False)), int(r["header"]["revision"]), list(r.get("responses", ()))
+
     def get(self, key: str) -> KV | None:
         r = self.call("/kv/range", {"key": _encode(key)})
         kvs = r.get("kvs")
@@ -249,6 +283,22 @@ def op_put(key: str, value: bytes | str, lease: int = 0) -> dict:
     if lease:
         req["lease"] = lease
     return {"request_put": req}
+
+
+def op_range(key: str, range_end: str | None = None, *, count_only: bool = False) -> dict:
+    """A read inside a transaction (see :func:`range_result`)."""
+    req: dict[str, Any] = {"key": _encode(key)}
+    if range_end is not None:
+        req["range_end"] = _encode(range_end)
+    if count_only:
+        req["count_only"] = True
+    return {"request_range": req}
+
+
+def range_result(response: dict) -> tuple[list[KV], int]:
+    """The keys and the count of one :func:`op_range`'s response."""
+    r = response.get("response_range", {})
+    return [_kv(x) for x in r.get("kvs", ())], int(r.get("count", 0))
 
 
 def op_delete(key: str) -> dict:

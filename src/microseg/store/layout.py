@@ -38,12 +38,15 @@ from ..ipsec import sa as sa_mod
 from ..policy import k8s
 from ..policy.model import Policy, format_mac, parse_policy
 from ..policy.source import Map, PolicyError, load_documents
+from .etcd import prefix_end
 
 DEFAULT_PREFIX = "/microseg/v1/"
 
 SETTINGS = "settings"
 META = "meta"
 STATUS = "status/"
+PENDING = "pending"  # a chunked apply being written (store.ops: the commit protocol)
+DIGEST = "digest"  # per resource group, the content hash of the last commit (store.ops)
 HANDOFF = "handoff/"  # conntrack handoffs of moving workloads (store.handoff)
 IPSEC = "ipsec/"
 # section -> (number of name parts after it, policy-file section)
@@ -103,6 +106,29 @@ def parse_key(rel: str) -> ResourceKey | None:
     if len(parts) != n or not all(parts):
         return None
     return ResourceKey(section, parts)
+
+
+GLOBAL = ""  # the group of the resources of no tenant: settings, hosts, SA files
+_TENANT_SECTIONS = tuple(s for s in SECTIONS if s not in ("tenants", "hosts"))
+
+
+def group_of(rk: ResourceKey) -> str:
+    """The group a resource belongs to: its tenant, or :data:`GLOBAL`."""
+    t = rk.tenant
+    return GLOBAL if t is None else t
+
+
+def group_ranges(prefix: str, group: str) -> list[tuple[str, str | None]]:
+    """The key ranges ``(key, range_end)`` that hold a group's resources (``range_end``
+    None: the key alone)."""
+    if group == GLOBAL:
+        keys = [prefix + SETTINGS, prefix + "hosts/", prefix + IPSEC]
+        return [(keys[0], None), (keys[1], prefix_end(keys[1])), (keys[2], prefix_end(keys[2]))]
+    out: list[tuple[str, str | None]] = [(f"{prefix}tenants/{group}", None)]
+    for section in _TENANT_SECTIONS:
+        k = f"{prefix}{section}/{group}/"
+        out.append((k, prefix_end(k)))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

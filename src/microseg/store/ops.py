@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -21,6 +22,7 @@ from ..policy.model import Policy
 from . import layout
 from .etcd import (
     KV,
+    Compacted,
     Conflict,
     StoreClient,
     StoreError,
@@ -28,10 +30,16 @@ from .etcd import (
     cmp_mod,
     op_delete,
     op_put,
+    op_range,
     prefix_end,
+    range_result,
 )
 
 log = logging.getLogger("microseg.store")
+
+MAX_TXN_OPS = 128  # etcd's default --max-txn-ops
+MAX_TXN_BYTES = 1 << 20  # under etcd's default --max-request-bytes (1.5 MiB)
+DIGEST_MAX_GROUPS = 16  # an apply changing more groups reads everything
 
 
 def connect(client: StoreClient | str) -> StoreClient:
@@ -57,6 +65,31 @@ def read_values(client: StoreClient, prefix: str) -> tuple[dict[str, KV], int]:
     return out, revision
 
 
+def committed_revision(client: StoreClient, prefix: str) -> tuple[int, KV | None]:
+    """``(revision, pending)``: the revision of the store's last committed state (0: now,
+    no apply is being written) and the ``pending`` key of an apply being written, if any."""
+    pending = client.get(prefix + layout.PENDING)
+    return (pending.create_revision - 1 if pending is not None else 0), pending
+
+
+def read_committed(client: StoreClient, prefix: str) -> tuple[dict[str, KV], int]:
+    """As :func:`read_values`, but while an apply is being written in batches (the
+    ``pending`` key exists), the resources as they were just before its first batch: what
+    the agents run. :class:`StoreError` if that revision has been compacted away."""
+    revision, pending = committed_revision(client, prefix)
+    if pending is None:
+        return read_values(client, prefix)
+    try:
+        kvs, _ = client.range(prefix, prefix_end(prefix), revision=revision)
+    except Compacted:
+        raise StoreError(
+            f"an apply is being written (since revision {revision + 1}) and the revision before it "
+            "has been compacted: read again once the apply has committed"
+        ) from None
+    out = {kv.key[len(prefix) :]: kv for kv in kvs if layout.parse_key(kv.key[len(prefix) :]) is not None}
+    return out, revision
+
+
 @dataclass
 class Plan:
     """What an apply writes: computed from a read at ``base_revision``."""
@@ -67,46 +100,180 @@ class Plan:
     puts: dict = field(default_factory=dict)  # relative key -> value, new or changed
     deletes: list = field(default_factory=list)  # relative keys that vanished
     unchanged: int = 0
+    digests: dict = field(default_factory=dict)  # group -> content hash, once written
+    count: int = 0  # keys in the guarded ranges once written (the digest's check)
+    read: str = "full"  # how the store was read: "digest" (changed groups only) or "full"
+    read_keys: int = 0  # values read to plan
+    transactions: int = 0  # transactions the commit took (set by commit)
 
     @property
     def empty(self) -> bool:
         return not self.puts and not self.deletes
 
 
-def plan_apply(client: StoreClient, values: dict[str, bytes], prefix: str = layout.DEFAULT_PREFIX) -> Plan:
-    prefix = layout.normalise_prefix(prefix)
-    current, revision = read_values(client, prefix)
-    meta = client.get(prefix + layout.META)
-    plan = Plan(prefix, revision, meta.mod_revision if meta is not None else 0)
+def group_digests(values: dict[str, bytes]) -> tuple[dict[str, dict[str, bytes]], dict[str, str]]:
+    """The resources by group (tenant, or :data:`~microseg.store.layout.GLOBAL`) and each
+    group's content hash (BLAKE2b over its keys and values, in key order)."""
+    groups: dict[str, dict[str, bytes]] = {}
+    for rel, value in values.items():
+        rk = layout.parse_key(rel)
+        if rk is None:
+            raise ValueError(f"{rel!r} names no resource")
+        groups.setdefault(layout.group_of(rk), {})[rel] = value
+    digests = {}
+    for g, vs in groups.items():
+        h = hashlib.blake2b(digest_size=16)
+        for rel in sorted(vs):
+            v = vs[rel]
+            h.update(f"{rel}\0{len(v)}\0".encode())
+            h.update(v)
+        digests[g] = h.hexdigest()
+    return groups, digests
+
+
+def _guarded(p: str) -> list[tuple[str, str]]:
+    """The ranges an apply guards: everything under the prefix but the agents' status keys
+    and the conntrack handoffs."""
+    return [
+        (p, p + layout.HANDOFF),
+        (prefix_end(p + layout.HANDOFF), p + layout.STATUS),
+        (prefix_end(p + layout.STATUS), prefix_end(p)),
+    ]
+
+
+def _guard(p: str, revision: int, meta_revision: int) -> list[dict]:
+    """Compares: nothing in the guarded ranges written after ``revision``, ``meta`` as read."""
+    return [cmp_mod(p + layout.META, "EQUAL", meta_revision)] + [
+        cmp_mod(a, "LESS", revision + 1, range_end=b) for a, b in _guarded(p)
+    ]
+
+
+def _diff(plan: Plan, values: dict[str, bytes], current: dict[str, bytes]) -> None:
     for rel, value in sorted(values.items()):
-        kv = current.get(rel)
-        if kv is not None and kv.value == value:
+        if current.get(rel) == value:
             plan.unchanged += 1
         else:
             plan.puts[rel] = value
-    plan.deletes = sorted(rel for rel in current if rel not in values)
+    plan.deletes += sorted(rel for rel in current if rel not in values)
+    plan.read_keys += len(current)
+
+
+def plan_apply(
+    client: StoreClient, values: dict[str, bytes], prefix: str = layout.DEFAULT_PREFIX, *, digest: bool = True
+) -> Plan:
+    """What writing ``values`` (relative key -> value) changes, from a read of the store.
+
+    With ``digest`` (the default) and a store whose last commit recorded its groups' content
+    hashes (the ``digest`` key), only the groups whose hash differs are read, in one
+    transaction that also checks that nothing was written since that commit (no key of the
+    guarded ranges modified after it, and as many keys as it left); otherwise, or when more
+    than :data:`DIGEST_MAX_GROUPS` groups changed, every key is read."""
+    prefix = layout.normalise_prefix(prefix)
+    groups, digests = group_digests(values)
+    if digest:
+        plan = _plan_by_digest(client, prefix, groups, digests)
+        if plan is not None:
+            return plan
+    return _plan_full(client, prefix, values, digests)
+
+
+def _plan_full(client: StoreClient, p: str, values: dict[str, bytes], digests: dict[str, str]) -> Plan:
+    kvs, revision = client.range_prefix(p)
+    current: dict[str, bytes] = {}
+    guarded: set[str] = set()
+    meta_revision = 0
+    for kv in kvs:
+        rel = kv.key[len(p) :]
+        if rel.startswith((layout.HANDOFF, layout.STATUS)):
+            continue
+        guarded.add(rel)
+        if rel == layout.META:
+            meta_revision = kv.mod_revision
+        elif layout.parse_key(rel) is not None:
+            current[rel] = kv.value
+    plan = Plan(p, revision, meta_revision, digests=digests, read="full")
+    _diff(plan, values, current)
+    after = (guarded | set(plan.puts) | {layout.META, layout.DIGEST}) - set(plan.deletes) - {layout.PENDING}
+    plan.count = len(after)
     return plan
 
 
-def commit(client: StoreClient, plan: Plan, source: str = "", content_hash: str = "") -> int:
-    """Write ``plan`` in one transaction; the new revision (the read's when nothing changed).
+def _plan_by_digest(
+    client: StoreClient, p: str, groups: dict[str, dict[str, bytes]], digests: dict[str, str]
+) -> Plan | None:
+    dg = client.get(p + layout.DIGEST)
+    meta = client.get(p + layout.META)
+    if dg is None or meta is None or meta.mod_revision != dg.mod_revision:
+        return None  # no digest, or one an apply of its own did not write
+    try:
+        doc = json.loads(dg.value)
+        recorded = {str(k): str(v) for k, v in doc["groups"].items()}
+        count = int(doc["count"])
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
+    changed = sorted(g for g in recorded.keys() | digests.keys() if recorded.get(g) != digests.get(g))
+    if len(changed) > DIGEST_MAX_GROUPS:
+        return None
+    ranges = _guarded(p)
+    compare = _guard(p, dg.mod_revision, meta.mod_revision)
+    compare.append(cmp_mod(p + layout.DIGEST, "EQUAL", dg.mod_revision))
+    success = [op_range(a, b, count_only=True) for a, b in ranges]
+    for g in changed:
+        success += [op_range(k, e) for k, e in layout.group_ranges(p, g)]
+    ok, revision, responses = client.txn_responses(compare, success)
+    if not ok:
+        return None  # written since that commit: read everything
+    if sum(range_result(r)[1] for r in responses[: len(ranges)]) != count:
+        return None  # a key deleted since (a write would have failed the compare)
+    current: dict[str, bytes] = {}
+    for r in responses[len(ranges) :]:
+        for kv in range_result(r)[0]:
+            rel = kv.key[len(p) :]
+            if layout.parse_key(rel) is not None:
+                current[rel] = kv.value
+    plan = Plan(p, revision, meta.mod_revision, digests=digests, read="digest")
+    _diff(plan, {rel: v for g in changed for rel, v in groups.get(g, {}).items()}, current)
+    plan.unchanged += sum(len(vs) for g, vs in groups.items() if g not in changed)
+    plan.count = count + sum(1 for rel in plan.puts if rel not in current) - len(plan.deletes)
+    return plan
+
+
+def _batches(ops: list[tuple[dict, int]], max_ops: int, max_bytes: int) -> list[list[dict]]:
+    out: list[list[dict]] = [[]]
+    size = 0
+    for op, n in ops:
+        if out[-1] and (len(out[-1]) >= max_ops or size + n > max_bytes):
+            out.append([])
+            size = 0
+        out[-1].append(op)
+        size += n
+    return out
+
+
+def commit(
+    client: StoreClient,
+    plan: Plan,
+    source: str = "",
+    content_hash: str = "",
+    *,
+    max_ops: int = MAX_TXN_OPS,
+    max_bytes: int = MAX_TXN_BYTES,
+) -> int:
+    """Write ``plan``; the revision of its commit (the read's when nothing changed).
+
+    A plan that fits in one transaction of ``max_ops`` operations and ``max_bytes`` bytes is
+    written as one. A larger one is written in batches that fit, under a ``pending`` key, and
+    committed by a last transaction that writes ``meta`` and ``digest`` and deletes
+    ``pending`` (docs/store.md, "Transactions"); agents act on the commit only. Every
+    transaction is guarded by the one before (nothing else written in between).
 
     Raises :class:`Conflict` when the store changed after the plan's read."""
     if plan.empty:
         log.info("store %s: nothing changed since revision %d", plan.prefix, plan.base_revision)
         return plan.base_revision
     p = plan.prefix
-    guard = plan.base_revision + 1
-    compare = [
-        cmp_mod(p + layout.META, "EQUAL", plan.meta_revision),
-        # nothing under the prefix changed since the read, the agents' status keys and
-        # conntrack handoffs aside
-        cmp_mod(p, "LESS", guard, range_end=p + layout.HANDOFF),
-        cmp_mod(prefix_end(p + layout.HANDOFF), "LESS", guard, range_end=p + layout.STATUS),
-        cmp_mod(prefix_end(p + layout.STATUS), "LESS", guard, range_end=prefix_end(p)),
-    ]
     nonce = uuid.uuid4().hex
-    meta = {
+    meta_doc = {
         "apply": nonce,
         "source": source,
         "content_hash": content_hash,
@@ -115,35 +282,95 @@ def commit(client: StoreClient, plan: Plan, source: str = "", content_hash: str 
         "deleted": len(plan.deletes),
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    ops = [op_put(p + rel, v) for rel, v in plan.puts.items()]
-    ops += [op_delete(p + rel) for rel in plan.deletes]
-    ops.append(op_put(p + layout.META, json.dumps(meta, sort_keys=True)))
+    digest = json.dumps({"format": 1, "count": plan.count, "groups": plan.digests}, sort_keys=True)
+    writes = [(op_put(p + rel, v), len(p) + len(rel) + len(v)) for rel, v in plan.puts.items()]
+    writes += [(op_delete(p + rel), len(p) + len(rel)) for rel in plan.deletes]
+    room = max_bytes - len(digest) - 1024  # what the commit's own keys leave
+    batches = _batches(writes, max(1, max_ops - 3), max(1, room))
+    meta_doc["batches"] = plan.transactions = len(batches)
+    finish = [
+        op_put(p + layout.META, json.dumps(meta_doc, sort_keys=True)),
+        op_put(p + layout.DIGEST, digest),
+    ]
+    if len(batches) == 1:
+        revision = _txn(
+            client, p, _guard(p, plan.base_revision, plan.meta_revision), batches[0] + finish, nonce
+        )
+        if revision is None:
+            raise Conflict(
+                f"the store changed after it was read at revision {plan.base_revision}; "
+                "nothing was written: apply again"
+            )
+    else:
+        revision = plan.base_revision
+        n = len(batches)
+        for i, batch in enumerate(batches, start=1):
+            last = i == n
+            ops = list(batch)
+            if last:
+                ops += [*finish, op_delete(p + layout.PENDING)]
+            else:
+                pending = {
+                    "apply": nonce,
+                    "batch": i,
+                    "of": n,
+                    "base_revision": plan.base_revision,
+                    "source": source,
+                    "time": meta_doc["time"],
+                }
+                ops.append(op_put(p + layout.PENDING, json.dumps(pending, sort_keys=True)))
+            got = _txn(client, p, _guard(p, revision, plan.meta_revision), ops, nonce, None if last else i)
+            if got is None:
+                if i == 1:
+                    raise Conflict(
+                        f"the store changed after it was read at revision {plan.base_revision}; "
+                        "nothing was written: apply again"
+                    )
+                raise Conflict(
+                    f"the store changed while the apply was written (before batch {i} of {n}); "
+                    f"{i - 1} batches were written but not committed (agents keep the policy of "
+                    f"revision {plan.meta_revision or plan.base_revision}): apply again"
+                )
+            revision = got
+    log.info(
+        "store %s: revision %d: %d written, %d deleted (read: %s)",
+        p,
+        revision,
+        len(plan.puts),
+        len(plan.deletes),
+        plan.read,
+    )
+    return revision
+
+
+def _txn(
+    client: StoreClient, p: str, compare: list, ops: list, nonce: str, batch: int | None = None
+) -> int | None:
+    """One guarded transaction of an apply: its revision, None when the guard failed. When
+    the answer is lost (a member died mid-request), the ``pending`` key (a batch) or ``meta``
+    (the commit) says whether this transaction landed."""
     try:
         ok, revision = client.txn(compare, ops)
     except StoreUnavailable:
-        # the answer was lost (a member died, an election): the transaction may have been
-        # applied; the meta key says whether it was this one
-        kv = client.get(p + layout.META)
-        if kv is not None and json.loads(kv.value).get("apply") == nonce:
-            return kv.mod_revision
+        kv = client.get(p + (layout.PENDING if batch is not None else layout.META))
+        try:
+            doc = json.loads(kv.value) if kv is not None else {}
+        except ValueError:
+            doc = {}
+        if isinstance(doc, dict) and doc.get("apply") == nonce and doc.get("batch") == batch:
+            return kv.mod_revision  # type: ignore[union-attr]
         raise
     except StoreError as exc:
         msg = str(exc)
         if "too many operations" in msg:
             raise StoreError(
-                f"{msg}: this apply changes {len(ops)} keys in one transaction; "
-                f"start etcd with --max-txn-ops {len(ops)} or more"
+                f"{msg}: this etcd allows fewer than {len(ops)} operations in a transaction; "
+                "apply with a smaller --txn-ops"
             ) from None
         if "too large" in msg:
-            raise StoreError(f"{msg}: start etcd with a larger --max-request-bytes") from None
+            raise StoreError(f"{msg}: apply with a smaller --txn-bytes") from None
         raise
-    if not ok:
-        raise Conflict(
-            f"the store changed after it was read at revision {plan.base_revision} "
-            f"(now {revision}); nothing was written: apply again"
-        )
-    log.info("store %s: revision %d: %d written, %d deleted", p, revision, len(plan.puts), len(plan.deletes))
-    return revision
+    return revision if ok else None
 
 
 def apply_policy(
@@ -152,22 +379,26 @@ def apply_policy(
     prefix: str = layout.DEFAULT_PREFIX,
     sa_files: dict[str, str] | None = None,
     content_hash: str = "",
+    *,
+    max_ops: int = MAX_TXN_OPS,
+    max_bytes: int = MAX_TXN_BYTES,
 ) -> tuple[int, Plan]:
     """Plan and commit ``policy`` (already validated); ``(revision, plan)``."""
     client = connect(client)
     plan = plan_apply(client, resource_values(policy, sa_files), prefix)
-    return commit(client, plan, policy.source, content_hash), plan
+    return commit(client, plan, policy.source, content_hash, max_ops=max_ops, max_bytes=max_bytes), plan
 
 
 def read_policy(
     client: StoreClient | str, prefix: str = layout.DEFAULT_PREFIX, host: str | None = None
 ) -> tuple[Policy, int]:
-    """The stored policy (only what ``host`` needs, if given) and the revision it was read at.
+    """The stored policy as last committed (only what ``host`` needs, if given) and the
+    revision it was read at.
 
     Raises :class:`~microseg.policy.source.PolicyError` naming the keys of invalid resources."""
     client = connect(client)
     prefix = layout.normalise_prefix(prefix)
-    kvs, revision = read_values(client, prefix)
+    kvs, revision = read_committed(client, prefix)
     values = {rel: kv.value for rel, kv in kvs.items()}
     if host is not None:
         values = {k: values[k] for k in layout.host_keys(values, host)}
@@ -178,7 +409,7 @@ def read_sa_configs(client: StoreClient | str, prefix: str = layout.DEFAULT_PREF
     """The SA files in the store: name -> :class:`~microseg.ipsec.sa.SAConfig`."""
     client = connect(client)
     prefix = layout.normalise_prefix(prefix)
-    kvs, _ = read_values(client, prefix)
+    kvs, _ = read_committed(client, prefix)
     return layout.sa_configs(prefix, {rel: kv.value for rel, kv in kvs.items()})
 
 
