@@ -33,12 +33,23 @@ from collections.abc import Callable
 from ..policy.model import Policy
 from ..policy.source import PolicyError
 from . import layout
-from .etcd import Compacted, StoreClient, StoreError, WatchStream
-from .ops import connect, read_values
+from .etcd import Compacted, StoreClient, StoreError, WatchStream, prefix_end
+from .ops import committed_revision, connect
 
 log = logging.getLogger("microseg.store")
 
 Callback = Callable[[Policy, int], None]
+_NONE = object()  # no such workload
+
+
+def _group(rel: str) -> str | None:
+    rk = layout.parse_key(rel)
+    return None if rk is None else layout.group_of(rk)
+
+
+def _untagged(settings: bytes | None) -> str | None:
+    u = layout.value_field(settings, "untagged_tenant") if settings is not None else None
+    return u if isinstance(u, str) else None
 
 
 class PolicyWatcher:
@@ -65,10 +76,17 @@ class PolicyWatcher:
         self.backoff = backoff
         self.probe_interval = probe_interval
         self._lock = threading.RLock()
-        self._values: dict[str, bytes] = {}  # every resource key -> value, at self._revision
+        # the resources held, at self._revision: the settings, hosts and SA files, and every
+        # resource of the tenants held (with host=None: every resource)
+        self._values: dict[str, bytes] = {}
+        self._held: set[str] = set()  # the tenants whose resources are held
+        self._whost: dict[str, str | None] = {}  # every workload's key -> its host field
+        self._on_host: dict[str, int] = {}  # tenant -> its workloads on this host
+        self._untagged: str | None = None  # the settings' untagged_tenant
+        self._pending = False  # an apply is being written in batches: judge at its commit
+        self._dirty = False  # a held value changed since the last judgement
         self._revision = 0  # the last revision processed (the watch resumes after it)
         self._loaded = False
-        self._field_cache: dict = {}
         self._last_input: dict | None = None  # the relevant values last judged
         self._policy: Policy | None = None
         self._policy_revision = 0
@@ -79,7 +97,15 @@ class PolicyWatcher:
         self._error = ""  # why the store is unreachable
         self._since = time.time()
         self._state = "starting"
-        self.stats = {"reconnects": 0, "resyncs": 0, "compactions": 0, "recompiles": 0, "skipped": 0}
+        self.stats = {
+            "reconnects": 0,
+            "resyncs": 0,
+            "compactions": 0,
+            "recompiles": 0,
+            "skipped": 0,
+            "buffered": 0,  # batches of events held back until an apply's commit
+            "tenant_reads": 0,  # tenants read when they became this host's
+        }
         self._callback: Callback | None = None
         self._on_state: Callable[[dict], None] | None = None
         self._stop = threading.Event()
@@ -117,10 +143,7 @@ class PolicyWatcher:
         ns, _, name = rest.rpartition("/")
         rel = f"workloads/{tenant}/{ns or tenant}/{name}"
         with self._lock:
-            value = self._values.get(rel)
-        if value is None:
-            return None
-        host = layout.value_field(value, "host")
+            host = self._whost.get(rel)
         return host if isinstance(host, str) and host else None
 
     def status(self) -> dict:
@@ -134,6 +157,8 @@ class PolicyWatcher:
                 "watching": self._watching,
                 "revision": self._revision,
                 "policy_revision": self._policy_revision,
+                "pending": self._pending,
+                "tenants": len(self._held),
                 "errors": list(self._errors),
                 "error": self._error,
                 "since": self._since,
@@ -166,34 +191,155 @@ class PolicyWatcher:
         return self._policy, self._policy_revision
 
     def _resync(self) -> Policy | None:
-        kvs, revision = read_values(self.client, self.prefix)
-        self._values = {rel: kv.value for rel, kv in kvs.items()}
+        """Read what this host needs afresh: the last committed state (docs/store.md, "The
+        commit"), every workload's host, the settings, hosts and SA files, then the resources
+        of this host's tenants, all at one revision."""
+        p = self.prefix
+        for attempt in range(3):
+            committed, pending = committed_revision(self.client, p)
+            try:
+                kvs, revision = self._read_all(committed)
+                break
+            except Compacted:
+                if pending is not None:
+                    raise StoreError(
+                        f"an apply is being written (since revision {committed + 1}) and the revision "
+                        "before it has been compacted: waiting for its commit"
+                    ) from None
+                if attempt == 2:
+                    raise
         self._revision = revision
         self._loaded = True
         self.stats["resyncs"] += 1
         with self._lock:
             self._connected = True
             self._error = ""
-        return self._evaluate(self._content_revision(kvs, revision))
-
-    def _content_revision(self, kvs: dict, read_revision: int) -> int:
-        """The revision a fresh read's policy stands for: the last apply's (the meta key every
-        apply writes) or a later write of one of this host's keys -- not the read's own, which
-        other hosts' status keys move on."""
-        meta = self.client.get(self.prefix + layout.META)
-        mods = [kvs[k].mod_revision for k in self._relevant() if k in kvs]
+            self._pending = False  # a pending key read at `revision` arrives as an event
+            self._dirty = True
+        relevant = self._relevant()
+        mods = [kvs[k].mod_revision for k in relevant if k in kvs]
+        meta = kvs.get(layout.META)
         if meta is not None:
             mods.append(meta.mod_revision)
-        return min(max(mods, default=read_revision), read_revision)
+        # the revision the policy stands for: the last apply's (the meta key every apply
+        # writes) or a later write of one of this host's keys -- not the read's own, which
+        # other hosts' status keys move on
+        return self._evaluate(min(max(mods, default=revision), revision))
+
+    def _read_all(self, revision: int) -> tuple[dict, int]:
+        """Read at ``revision`` (0: now) and replace the state; the keys read (relative key
+        -> KV) and the revision of the read."""
+        p = self.prefix
+        kvs: dict = {}
+
+        def take(got: list) -> None:
+            for kv in got:
+                kvs[kv.key[len(p) :]] = kv
+
+        if self.host is None:
+            got, rev = self.client.range(p, prefix_end(p), revision=revision)
+            take(got)
+        else:
+            got, rev = self.client.range(p + layout.META, revision=revision)
+            take(got)
+            revision = revision or rev  # the reads below are pinned to the first one's
+            for key, end in layout.group_ranges(p, layout.GLOBAL):
+                take(self.client.range(key, end, revision=revision)[0])
+            w = p + "workloads/"
+            take(self.client.range(w, prefix_end(w), revision=revision)[0])
+            rev = revision
+        values = {rel: kv.value for rel, kv in kvs.items() if layout.parse_key(rel) is not None}
+        with self._lock:
+            self._whost, self._on_host = {}, {}
+            for rel, value in values.items():
+                rk = layout.parse_key(rel)
+                assert rk is not None
+                if rk.section == "workloads":
+                    self._set_workload(rel, rk.parts[0], value)
+            self._untagged = _untagged(values.get(layout.SETTINGS))
+        if self.host is None:
+            held = {g for rel in values if (g := _group(rel)) not in (None, layout.GLOBAL)}
+        else:
+            held = self._wanted()
+            values = {rel: v for rel, v in values.items() if _group(rel) == layout.GLOBAL}
+            read = self._read_tenants(held, rev)
+            values.update({rel: kv.value for rel, kv in read.items()})
+            kvs.update(read)
+        with self._lock:
+            self._values, self._held = values, held
+        return kvs, rev
+
+    def _read_tenants(self, tenants: set[str], revision: int) -> dict:
+        """Every resource of ``tenants`` at ``revision``: relative key -> KV."""
+        p = self.prefix
+        out = {}
+        for t in sorted(tenants):
+            self.stats["tenant_reads"] += 1
+            for key, end in layout.group_ranges(p, t):
+                for kv in self.client.range(key, end, revision=revision)[0]:
+                    rel = kv.key[len(p) :]
+                    if layout.parse_key(rel) is not None:
+                        out[rel] = kv
+        return out
+
+    def _set_workload(self, rel: str, tenant: str, value: bytes | None) -> None:
+        """Note a workload's host (``value`` None: deleted), keeping the count per tenant of
+        the workloads on this host."""
+        old: object = self._whost.pop(rel, _NONE)
+        new: object = _NONE
+        if value is not None:
+            h = layout.value_field(value, "host")
+            self._whost[rel] = h if isinstance(h, str) else None
+            new = self._whost[rel]
+        if self.host is None or old == new:
+            return
+        if old == self.host:
+            n = self._on_host.get(tenant, 0) - 1
+            if n > 0:
+                self._on_host[tenant] = n
+            else:
+                self._on_host.pop(tenant, None)
+        if new == self.host:
+            self._on_host[tenant] = self._on_host.get(tenant, 0) + 1
+
+    def _wanted(self) -> set[str]:
+        """The tenants this host needs: those of its workloads, and the untagged tenant."""
+        out = set(self._on_host)
+        if self._untagged is not None:
+            out.add(self._untagged)
+        return out
 
     def _relevant(self) -> dict[str, bytes]:
+        """The values this host's policy is made of (docs/store.md, "What a host reads")."""
         if self.host is None:
             return dict(self._values)
-        keys = layout.host_keys(self._values, self.host, self._field_cache)
-        return {k: self._values[k] for k in keys}
+        out: dict[str, bytes] = {}
+        hosts = {self.host}
+        for rel, value in self._values.items():
+            rk = layout.parse_key(rel)
+            if rk is None or rk.section == "hosts":
+                continue
+            if rk.section in (layout.SETTINGS, "ipsec"):
+                out[rel] = value
+            elif rk.tenant in self._held:
+                out[rel] = value
+                if rk.section == "workloads":
+                    h = self._whost.get(rel)
+                    if h:
+                        hosts.add(h)
+        for h in hosts:
+            k = f"hosts/{h}"
+            if k in self._values:
+                out[k] = self._values[k]
+        return out
 
     def _evaluate(self, revision: int) -> Policy | None:
         """Judge the relevant values; the new policy when they changed and validate."""
+        if not self._dirty:
+            self.stats["skipped"] += 1
+            self._set_state("invalid" if self._errors else "ok")
+            return None
+        self._dirty = False
         values = self._relevant()
         if values == self._last_input:
             self.stats["skipped"] += 1
@@ -297,7 +443,12 @@ class PolicyWatcher:
                 delay = self.backoff[0]
                 for revision, events in stream:
                     self._apply(events)
+                    self._settle(revision)
                     self._revision = max(self._revision, revision)
+                    if self._pending:
+                        # an apply is being written in batches: its commit is judged whole
+                        self.stats["buffered"] += 1
+                        continue
                     self._deliver(self._evaluate(revision))
             except Compacted as exc:
                 self.stats["compactions"] += 1
@@ -337,14 +488,52 @@ class PolicyWatcher:
         self._set_state("unreachable")
 
     def _apply(self, events: list) -> None:
-        for e in events:
-            rel = e.kv.key[len(self.prefix) :]
-            if not e.kv.key.startswith(self.prefix) or layout.parse_key(rel) is None:
-                continue
-            if e.type == "DELETE":
-                self._values.pop(rel, None)
-            else:
-                self._values[rel] = e.kv.value
+        """Apply one batch of events to what is held: every workload's host, the values of
+        the settings, hosts, SA files and the tenants held; the rest is passed over."""
+        p = self.prefix
+        with self._lock:
+            for e in events:
+                if not e.kv.key.startswith(p):
+                    continue
+                rel = e.kv.key[len(p) :]
+                value = None if e.type == "DELETE" else e.kv.value
+                if rel == layout.PENDING:
+                    self._pending = value is not None
+                    continue
+                rk = layout.parse_key(rel)
+                if rk is None:
+                    continue
+                if rk.section == "workloads":
+                    self._set_workload(rel, rk.parts[0], value)
+                elif rk.section == layout.SETTINGS:
+                    self._untagged = _untagged(value)
+                group = layout.group_of(rk)
+                if self.host is not None and group != layout.GLOBAL and group not in self._held:
+                    continue  # another host's tenant
+                if value is None:
+                    self._dirty |= self._values.pop(rel, None) is not None
+                elif self._values.get(rel) != value:
+                    self._values[rel] = value
+                    self._dirty = True
+
+    def _settle(self, revision: int) -> None:
+        """After a batch: take in the tenants that became this host's (read at ``revision``,
+        the state the batch left), let go of those that are no longer."""
+        if self.host is None:
+            with self._lock:
+                self._held = {g for rel in self._values if (g := _group(rel)) not in (None, layout.GLOBAL)}
+            return
+        wanted = self._wanted()
+        if wanted == self._held:
+            return
+        gone, new = self._held - wanted, wanted - self._held
+        read = self._read_tenants(new, revision) if new else {}
+        with self._lock:
+            if gone:
+                self._values = {rel: v for rel, v in self._values.items() if _group(rel) not in gone}
+            self._values.update({rel: kv.value for rel, kv in read.items()})
+            self._held = wanted
+            self._dirty = True
 
     def _probe(self) -> None:
         """Break the stream when its member stops answering (a silent partition)."""
