@@ -7,17 +7,31 @@ connection end the conntrack entry (its original direction and the bytes each wa
 after the batch; a connection is logged once, when it closes (RST, or FIN seen in both
 directions). Nothing of a packet's payload, nor any key, is written.
 
+A connection that never closes (UDP, ICMP, TCP left idle) ends when conntrack's idle timeout
+removes it: :meth:`FlowLog.expire` runs conntrack's own round-robin sweep (the agent calls it
+between batches instead of the sweep inside each batch) and, just before, reads the entries
+that sweep is about to remove, each written as an ``end`` line with ``"close": "timeout"`` and
+its bytes each way -- for a connection the kernel fast path carried, the bytes its counters
+read back into the entry. An entry removed on the way instead (a packet of the same tuple
+arriving after its deadline, or an expired entry evicted for a new connection in a full
+table) is counted in ``timeouts_unlogged``, not written.
+
 A line (``record``)::
 
     {"time": "2026-01-01T12:00:00.123456Z", "ts_ns": ..., "event": "end" | "denied",
      "tenant": "acme", "vni": 5001, "proto": "tcp", "src": "10.0.1.11", "sport": 40000,
      "dst": "10.0.2.21", "dport": 443, "src_workload": "acme/web-1", "dst_workload": ...,
      "verdict": "allow", "reason": "established", "rule": "...", "tcp_state": "LAST_ACK",
-     "close": "fin" | "rst", "bytes_orig": N, "bytes_reply": N,
+     "close": "fin" | "rst" | "timeout", "bytes_orig": N, "bytes_reply": N,
      "packets_orig": null, "packets_reply": null}
 
 The conntrack entry counts bytes each way but not packets, so ``packets_*`` are null for a
-connection end (a denied flow's line is one packet: ``packets_orig`` 1).
+connection end (a denied flow's line is one packet: ``packets_orig`` 1). A timeout's line has
+``"reason": "timeout"``, ``rule`` null and ``tcp_state`` the state it expired in (null but
+for TCP); its time is the sweep's.
+
+Inspection (``--ids``) adds its own lines: ``"event": "ids"`` per alert and ``"event":
+"ids_end"`` when a connection's inspection ends, with the ``reason`` (docs/inspection.md).
 """
 
 from __future__ import annotations
@@ -59,6 +73,10 @@ class FlowLog:
         self.sink = sink
         self._log = None
         self.lines = 0
+        self.timeouts = 0  # end lines for connections conntrack's idle timeout removed
+        self.timeouts_unlogged = 0  # expired entries removed elsewhere than in expire()
+        self._expired_last: tuple | None = None  # (table, its expired counter after expire())
+        self._names: tuple | None = None  # (policy, {(vni, hi, lo): workload}, {vni: tenant})
         self._ended: dict[tuple, float] = {}
         self._next_prune = 0.0
         if path is not None:
@@ -168,6 +186,93 @@ class FlowLog:
                 bytes_reply=int(rec_e["bytes"][1]),
             )
             self.emit(rec)
+
+    # -- idle timeouts ----------------------------------------------------------------------------
+    def expire(self, table, now_ns: int, budget: int, pol) -> int:
+        """Run conntrack ``table``'s expiry over ``budget`` entries (from its cursor, as
+        :meth:`ConntrackTable.expire` visits them) at ``now_ns``, first writing an ``end``
+        line (``close`` ``timeout``) for each entry that sweep removes. ``pol``: the
+        running compiled policy (tenant and workload names). Returns the entries removed."""
+        from ..conntrack import const as K
+        from ..conntrack import kernels as KN
+
+        cap = int(table.capacity)
+        budget = min(int(budget), cap)
+        if budget <= 0:
+            return 0
+        expired = int(table.ctr[K.C_EXPIRED])
+        if self._expired_last is not None and self._expired_last[0] is table:
+            self.timeouts_unlogged += max(0, expired - self._expired_last[1])
+        cur = int(table.meta[KN.M_CURSOR]) % cap
+        spans = [(cur, min(cap, cur + budget))]
+        if cur + budget > cap:
+            spans.append((0, cur + budget - cap))
+        status, deadline = table.ents["status"], table.ents["deadline"]
+        dead = [
+            a + np.flatnonzero(((status[a:b] & CK.ST_USED) != 0) & ((deadline[a:b] - np.int64(now_ns)) <= 0))
+            for a, b in spans
+        ]
+        idx = np.concatenate(dead) if len(dead) > 1 else dead[0]
+        if idx.size:
+            for e in table.ents[idx]:  # copies: the sweep below frees them
+                rec = self._timeout_record(e, pol, int(now_ns))
+                if rec is not None:
+                    self.timeouts += 1
+                    self.emit(rec)
+        n = int(table.expire(budget, int(now_ns)))
+        self._expired_last = (table, int(table.ctr[K.C_EXPIRED]))
+        return n
+
+    def _names_of(self, pol):
+        if self._names is None or self._names[0] is not pol:
+            tenants = {int(t.vni): t.name for t in pol.policy.tenants}
+            vni_of = {t.name: int(t.vni) for t in pol.policy.tenants}
+            wl = {}
+            for w, qn in zip(pol.policy.workloads, pol.workload_names):
+                for a in w.addresses:
+                    hi, lo = B.text_to_addr(str(a))
+                    wl[(vni_of.get(w.tenant, -1), hi, lo)] = qn
+            self._names = (pol, wl, tenants)
+        return self._names[1], self._names[2]
+
+    def _timeout_record(self, e, pol, now_ns: int) -> dict | None:
+        zone = int(e["zone"])
+        ident = (
+            zone,
+            int(e["src_hi"]),
+            int(e["src_lo"]),
+            int(e["dst_hi"]),
+            int(e["dst_lo"]),
+            int(e["sport"]),
+            int(e["dport"]),
+        )
+        if self._ended.pop(ident, None) is not None:
+            return None  # its close was logged already (an entry in TIME_WAIT, CLOSE ...)
+        wl, tenants = self._names_of(pol)
+        p = int(e["proto"])
+        return {
+            "time": _iso(now_ns),
+            "ts_ns": now_ns,
+            "event": "end",
+            "tenant": tenants.get(zone),
+            "vni": zone if zone in tenants else None,
+            "proto": PROTOS.get(p, str(p)),
+            "verdict": "allow",
+            "reason": "timeout",
+            "rule": None,
+            "src": _addr(e["src_hi"], e["src_lo"]),
+            "sport": int(e["sport"]),
+            "dst": _addr(e["dst_hi"], e["dst_lo"]),
+            "dport": int(e["dport"]),
+            "src_workload": wl.get((zone, ident[1], ident[2])),
+            "dst_workload": wl.get((zone, ident[3], ident[4])),
+            "tcp_state": CK.TCP_STATE_NAMES[int(e["tcp_state"])] if p == 6 else None,
+            "close": "timeout",
+            "packets_orig": None,
+            "bytes_orig": int(e["bytes"][0]),
+            "packets_reply": None,
+            "bytes_reply": int(e["bytes"][1]),
+        }
 
     @staticmethod
     def _wl(pol, idx) -> str | None:
