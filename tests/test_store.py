@@ -31,6 +31,8 @@ from microseg.store import (
     Conflict,
     PolicyWatcher,
     StoreClient,
+    StoreError,
+    StoreUnavailable,
     apply_policy,
     canonical,
     commit,
@@ -105,8 +107,11 @@ def wait_for(cond, timeout: float = 30.0, what: str = "condition"):
 class Member:
     """One etcd member: its own data folder and ports; start, kill, restart."""
 
-    def __init__(self, name: str, root: str, client_port: int, peer_port: int, cluster: str):
+    def __init__(
+        self, name: str, root: str, client_port: int, peer_port: int, cluster: str, limits: bool = False
+    ):
         self.name, self.cluster = name, cluster
+        self.limits = limits  # etcd's default --max-txn-ops and --max-request-bytes
         self.data = os.path.join(root, name)
         self.url = f"http://127.0.0.1:{client_port}"
         self.peer = f"http://127.0.0.1:{peer_port}"
@@ -127,7 +132,7 @@ class Member:
             "--initial-cluster-token", "microseg-test",
             "--heartbeat-interval", "50",
             "--election-timeout", "500",
-            "--max-txn-ops", "10000",
+            *(() if self.limits else ("--max-txn-ops", "10000")),
             "--log-level", "error",
             *EXTRA_FLAGS,
         ]  # fmt: skip
@@ -155,13 +160,14 @@ class Member:
 class Etcd:
     """A cluster of ``n`` members on loopback (``n = 1``: a single server)."""
 
-    def __init__(self, n: int = 1):
+    def __init__(self, n: int = 1, limits: bool = False):
         self.root = tempfile.mkdtemp(prefix="microseg-etcd-")
         ports = free_ports(2 * n)
         names = [f"m{i}" for i in range(n)]
         cluster = ",".join(f"{nm}=http://127.0.0.1:{ports[2 * i + 1]}" for i, nm in enumerate(names))
         self.members = [
-            Member(nm, self.root, ports[2 * i], ports[2 * i + 1], cluster) for i, nm in enumerate(names)
+            Member(nm, self.root, ports[2 * i], ports[2 * i + 1], cluster, limits)
+            for i, nm in enumerate(names)
         ]
         for m in self.members:
             m.start()
@@ -208,6 +214,17 @@ def etcd():
 def own_etcd():
     """A server of the test's own (for tests that stop it)."""
     server = Etcd(1)
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def limited_etcd():
+    """A server of the test's own with etcd's default transaction limits (128 operations,
+    1.5 MiB a request)."""
+    server = Etcd(1, limits=True)
     try:
         yield server
     finally:
@@ -913,3 +930,201 @@ def test_log_level_puts_the_store_clients_operational_messages_on_stderr(etcd, p
         assert capsys.readouterr().err == ""
     finally:
         logging.getLogger("microseg").setLevel(logging.WARNING)
+
+
+# ---------------------------------------------------------------------------------------------
+# Large policies: batches and a commit; reading only what changed; holding only what a host needs
+# ---------------------------------------------------------------------------------------------
+def big_text(tenants: int = 8, rules: int = 1500, workloads: int = 40, port_max: int = 7999) -> str:
+    """``tenants`` tenants with two groups of ``rules`` rules and ``workloads`` workloads
+    each, two hosts a tenant (``port_max``: one rule of ``t0``'s ``sg0``): about 2 MiB in 360 keys, over etcd's default limits for one
+    transaction (128 operations, 1.5 MiB)."""
+    out = ["default_egress: deny", "tenants:"]
+    out += [f"  - {{name: t{t}, vni: {5000 + t}}}" for t in range(tenants)]
+    out += ["hosts:"] + [f"  - {{name: h{i}, address: 10.0.0.{i + 1}}}" for i in range(2 * tenants)]
+    out.append("security_groups:")
+    for t in range(tenants):
+        for g in range(2):
+            out += [f"  - name: sg{g}", f"    tenant: t{t}", "    rules:"]
+            pm = port_max if (t, g) == (0, 0) else 7999
+            out.append(
+                f"      - {{direction: ingress, protocol: tcp, port_range_min: 7000, port_range_max: {pm}}}"
+            )
+            for r in range(rules - 1):
+                out.append(
+                    f"      - {{direction: ingress, protocol: udp, port_range_min: {1000 + r}, "
+                    f"port_range_max: {1000 + r}, remote_ip_prefix: 172.16.{r % 256}.0/24}}"
+                )
+    out.append("workloads:")
+    for t in range(tenants):
+        for i in range(workloads):
+            n = t * workloads + i
+            out.append(
+                f"  - {{name: w{n}, tenant: t{t}, host: h{2 * t + i % 2}, "
+                f"ipv4: 10.{t}.{i // 256}.{i % 256 + 1}, security_groups: [sg{i % 2}]}}"
+            )
+    return "\n".join(out) + "\n"
+
+
+class DiesAfter(StoreClient):
+    """A client whose writer dies after ``n`` transactions (the next one is never sent)."""
+
+    def __init__(self, url: str, n: int):
+        super().__init__(url)
+        self.left = n
+
+    def txn(self, compare, success, failure=None):
+        if self.left <= 0:
+            raise StoreUnavailable("the writer died")
+        self.left -= 1
+        return super().txn(compare, success, failure)
+
+
+def test_a_policy_bigger_than_one_transaction_applies_in_batches(limited_etcd, prefix):
+    client = limited_etcd.client()
+    big = parse_policy(big_text(), "big.yaml")
+    values = resource_values(big)
+    assert len(values) > 128 and sum(len(v) for v in values.values()) > 1.5 * 2**20
+    # as one transaction, etcd's defaults refuse it
+    with pytest.raises(StoreError, match="too many operations|larger than max|too large"):
+        commit(client, plan_apply(client, values, prefix), max_ops=10**6, max_bytes=2**40)
+    assert client.get(prefix + "meta") is None
+    rev, plan = apply_policy(client, big, prefix)
+    assert plan.transactions > 2 and client.get(prefix + "pending") is None
+    got, got_rev = read_policy(client, prefix)
+    assert got_rev == rev and phash(got) == phash(canonical(big))
+    meta = json.loads(client.get(prefix + "meta").value)
+    assert meta["batches"] == plan.transactions and meta["written"] == len(values)
+    # a small change of it is one transaction again
+    small = parse_policy(big_text(port_max=7998), "big.yaml")
+    rev2, plan = apply_policy(client, small, prefix)
+    assert plan.transactions == 1 and len(plan.puts) == 1
+    # the member restarted reads its log back and answers with the same policy
+    m = limited_etcd.members[0]
+    m.kill()
+    m.start()
+    limited_etcd.wait_ready()
+    got, got_rev = read_policy(StoreClient(limited_etcd.url), prefix)
+    assert got_rev >= rev2 and phash(got) == phash(canonical(small))
+
+
+def test_watchers_act_on_commits_only(limited_etcd, prefix):
+    client = limited_etcd.client()
+    before = parse_policy(big_text(tenants=4, workloads=60), "big.yaml")
+    after = parse_policy(
+        big_text(tenants=4, workloads=60, port_max=7001).replace("172.16.", "172.17."), "b2.yaml"
+    )
+    apply_policy(client, before, prefix)
+    everything, h0 = Recorder(), Recorder()
+    w = PolicyWatcher(limited_etcd.url, prefix)
+    wh = PolicyWatcher(limited_etcd.url, prefix, host="h0")
+    try:
+        for watcher, rec in ((w, everything), (wh, h0)):
+            watcher.load()
+            watcher.start(rec)
+            wait_for(lambda watcher=watcher: watcher.status()["watching"], what="the watch")
+        # an apply whose writer dies after two of its batches: the store holds part of it
+        plan = plan_apply(client, resource_values(after), prefix)
+        with pytest.raises(StoreUnavailable):
+            commit(DiesAfter(limited_etcd.url, 2), plan, max_ops=40, max_bytes=200_000)
+        assert client.get(prefix + "pending") is not None
+        now = client.revision()
+        wait_for(lambda: w.revision >= now and wh.revision >= now, what="the watchers to see the batches")
+        assert everything.calls == [] and h0.calls == []
+        assert w.status()["pending"] and w.stats["buffered"] >= 1
+        assert phash(w.policy) == phash(canonical(before))
+        # what a fresh agent loads and what `store get` prints: the last commit
+        fresh, _ = PolicyWatcher(limited_etcd.url, prefix).load()
+        assert phash(fresh) == phash(canonical(before))
+        assert phash(read_policy(client, prefix)[0]) == phash(canonical(before))
+        # the next apply (written behind the digest's back: everything is read) commits it
+        rev, plan = apply_policy(client, after, prefix, max_ops=40, max_bytes=200_000)
+        assert plan.read == "full" and plan.transactions > 2
+        p, r = everything.wait(1)
+        assert r == rev and phash(p) == phash(canonical(after))
+        p, r = h0.wait(1)
+        assert r == rev and phash(p) == phash(read_policy(client, prefix, host="h0")[0])
+        wait_for(lambda: w.revision >= rev and wh.revision >= rev, what="the watchers to reach the commit")
+        assert len(everything.calls) == 1 and len(h0.calls) == 1  # only before and after, ever
+        assert not w.status()["pending"]
+    finally:
+        w.stop()
+        wh.stop()
+
+
+def test_apply_reads_only_the_groups_that_changed(etcd, prefix):
+    client = etcd.client()
+    apply_policy(client, policy(), prefix)
+    changed = policy(**{"vni: 5002": "vni: 6002"})
+    _, plan = apply_policy(client, changed, prefix)
+    # globex's three keys read, the rest known unchanged from the last commit's digest
+    assert plan.read == "digest" and list(plan.puts) == ["tenants/globex"] and plan.read_keys == 3
+    # a write behind microseg's back: the digest is not trusted, everything is read, the
+    # write is undone
+    client.put(prefix + "hosts/h1", b'{"name": "h1", "address": "10.0.0.100"}')
+    _, plan = apply_policy(client, changed, prefix)
+    assert plan.read == "full" and list(plan.puts) == ["hosts/h1"]
+    # a delete behind its back (it leaves no revision on any key: the count says it)
+    client.delete(prefix + "workloads/acme/acme/db-1")
+    _, plan = apply_policy(client, changed, prefix)
+    assert plan.read == "full" and list(plan.puts) == ["workloads/acme/acme/db-1"]
+    # the same file again: known from the digest, nothing read, nothing written
+    rev = client.revision()
+    r, plan = apply_policy(client, changed, prefix)
+    assert plan.read == "digest" and plan.empty and plan.read_keys == 0 and r == rev
+    assert phash(read_policy(client, prefix)[0]) == phash(canonical(changed))
+
+
+def test_a_watcher_holds_only_its_hosts_tenants(etcd, prefix):
+    client = etcd.client()
+    apply_policy(client, policy(), prefix)
+    values = resource_values(policy())
+    acme = {k for k in values if layout.group_of(layout.parse_key(k)) in (layout.GLOBAL, "acme")}
+    rec = Recorder()
+    w = PolicyWatcher(etcd.url, prefix, host="h1")
+    try:
+        w.load()
+        st = w.status()
+        assert st["tenants"] == 1 and st["held_keys"] == len(acme) < len(values)
+        assert w.workload_host("globex/app-1") == "h3"  # every workload's host, all the same
+        w.start(rec)
+        # a workload of another tenant moves here (a write outside any apply): its tenant is
+        # read, the policy has it
+        key = prefix + "workloads/globex/globex/app-1"
+        client.put(key, client.get(key).value.replace(b'"h3"', b'"h1"'))
+        p, _ = rec.wait(1)
+        assert sorted(t.name for t in p.tenants) == ["acme", "globex"]
+        assert w.status()["tenants"] == 2 and w.stats["tenant_reads"] == 2
+        # a change of the tenant now held reaches the host
+        rev, _ = apply_policy(
+            client,
+            policy(
+                **{"vni: 5002": "vni: 6002", "host: h3, ipv4: 192.168.1.10": "host: h1, ipv4: 192.168.1.10"}
+            ),
+            prefix,
+        )
+        p, r = rec.wait(2)
+        assert r == rev and p.tenant("globex").vni == 6002
+        # it moves on: the tenant is let go, the workload's new host known
+        rev, _ = apply_policy(
+            client,
+            policy(
+                **{"vni: 5002": "vni: 6002", "host: h3, ipv4: 192.168.1.10": "host: h2, ipv4: 192.168.1.10"}
+            ),
+            prefix,
+        )
+        p, r = rec.wait(3)
+        assert [t.name for t in p.tenants] == ["acme"] and w.workload_host("globex/app-1") == "h2"
+        assert w.status()["held_keys"] == len(acme)
+        # a change elsewhere only moves the revision on
+        rev, _ = apply_policy(
+            client,
+            policy(
+                **{"vni: 5002": "vni: 6003", "host: h3, ipv4: 192.168.1.10": "host: h2, ipv4: 192.168.1.10"}
+            ),
+            prefix,
+        )
+        wait_for(lambda: w.revision >= rev, what="the watcher to reach the change")
+        assert len(rec.calls) == 3 and w.stats["recompiles"] == 4
+    finally:
+        w.stop()

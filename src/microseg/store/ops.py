@@ -367,8 +367,11 @@ def _txn(
                 f"{msg}: this etcd allows fewer than {len(ops)} operations in a transaction; "
                 "apply with a smaller --txn-ops"
             ) from None
-        if "too large" in msg:
-            raise StoreError(f"{msg}: apply with a smaller --txn-bytes") from None
+        if "too large" in msg or "larger than max" in msg:
+            raise StoreError(
+                f"{msg}: this etcd takes smaller requests than this transaction's; "
+                "apply with a smaller --txn-bytes"
+            ) from None
         raise
     return revision if ok else None
 

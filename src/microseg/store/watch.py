@@ -159,6 +159,7 @@ class PolicyWatcher:
                 "policy_revision": self._policy_revision,
                 "pending": self._pending,
                 "tenants": len(self._held),
+                "held_keys": len(self._values),
                 "errors": list(self._errors),
                 "error": self._error,
                 "since": self._since,
