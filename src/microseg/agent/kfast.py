@@ -21,8 +21,9 @@ to the agent, so conntrack sees every connection start and end.
   flow statistics) into the entry's byte counts and timeout, so an offloaded connection
   neither expires in the agent nor loses its bytes.
 * **Leaving the map**: on the connection's FIN or RST (seen by the agent), when it has been
-  idle ``idle_s`` seconds in the map, and on a policy swap, before the new policy is live,
-  for every connection the new policy forbids.
+  idle ``idle_s`` seconds in the map, on a policy swap, before the new policy is live,
+  for every connection the new policy forbids, and when the inspection service blocks it
+  (:meth:`withhold`; :meth:`offer_now` makes one the service is done with eligible early).
 * **Fail closed**: stopping the agent detaches the program and removes its pins.
 """
 
@@ -92,6 +93,7 @@ class KernelOffload:
             "removed_end": 0,
             "removed_idle": 0,
             "removed_revoked": 0,
+            "removed_blocked": 0,
             "removed_gone": 0,
             "refused_rate": 0,
             "refused_capacity": 0,
@@ -202,6 +204,28 @@ class KernelOffload:
             self._offload(batch, res, ready)
         if len(self._count) > 4 * self.cfg.capacity:
             self._count.clear()  # bounded: counts restart rather than grow without end
+
+    def offer_now(self, ident: tuple) -> None:
+        """Connection ``ident`` (original direction, as :meth:`_ident` keys it) is offered at
+        its next established packet: the inspection service is done with it before
+        ``after_packets``."""
+        if self.fp is None or ident in self.flows:
+            return
+        c = self._count.get(ident, 0)
+        if c >= 0:  # not one refused for good
+            self._count[ident] = max(c, self.cfg.after_packets - 1)
+
+    def withhold(self, ident: tuple) -> bool:
+        """Connection ``ident`` is blocked: out of the map (``removed_blocked``) if it is
+        there, and never offered again. True if it was in the map."""
+        if self.fp is None:
+            return False
+        self._count[ident] = -(1 << 30)
+        f = self.flows.get(ident)
+        if f is None:
+            return False
+        self._remove(f, "removed_blocked")
+        return True
 
     @staticmethod
     def _ident(k, ct, i: int) -> tuple:
