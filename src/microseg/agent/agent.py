@@ -360,6 +360,8 @@ class Agent:
         self._set_paths()
         self.kfast = KernelOffload(self, offload)
         self.ids: Any = None
+        self._ct_budget: int | None = None  # conntrack's expiry budget, run by _expire_logged
+        self._next_expire = 0.0
         if ids is not None:
             self._ids_start(ids, ids_rules, ids_packets, state_dir, netns, model)
         try:
@@ -1084,6 +1086,8 @@ class Agent:
                 self.kfast.tick()
                 if self.ids is not None:
                     self._ids_tick()
+                if self.flowlog is not None:
+                    self._expire_logged()
                 if self.defrag.pending:
                     self.defrag.expire(time.monotonic())
                 if self._pending is not None:
@@ -1499,33 +1503,65 @@ class Agent:
         if self.ids is not None and res.keys is not None:
             rows = np.flatnonzero(out_v == V.ALLOW)
             if rows.size:
-                out_v[rows[~self.ids.divert(batch, res.keys, rows)]] = V.DROP
+                out_v[rows[~self.ids.divert(batch, res.keys, rows, res.ct)]] = V.DROP
         if not np.any(out_v != V.DROP):
             return
         out = self.fwd.output(batch, dataclasses.replace(res, verdict=out_v))
         if len(out):
             self._route(out)
 
-    # -- IDS (--ids suricata: .ids) ---------------------------------------------------------
+    # -- flow log: connections conntrack's idle timeout removes ------------------------------------
+    EXPIRE_INTERVAL_S = 0.25
+
+    def _expire_logged(self) -> None:
+        """With a flow log, conntrack's idle expiry runs here, between batches, instead of in
+        each batch: every connection it removes gets its ``end`` line (``close`` ``timeout``)
+        first (:meth:`FlowLog.expire`). Every ``EXPIRE_INTERVAL_S`` it visits at least
+        1/16 of the table (so an idle table is swept within 4 s), and at least eight of
+        the datapath's per-batch budgets."""
+        t = self.dp.conntrack
+        if self._ct_budget is None:
+            self._ct_budget = int(t.expire_budget)
+        t.expire_budget = 0  # (a table restored or handed over copies it: set again)
+        if not self._ct_budget:
+            return  # the datapath was configured not to expire
+        now = time.monotonic()
+        if now < self._next_expire:
+            return
+        self._next_expire = now + self.EXPIRE_INTERVAL_S
+        budget = min(max(8 * self._ct_budget, t.capacity // 16), 1 << 18)
+        assert self.flowlog is not None
+        self.flowlog.expire(t, time.time_ns(), budget, self.dp.policy)
+
+    def _flowlog_stats(self) -> dict:
+        fl = self.flowlog
+        assert fl is not None
+        return {"lines": fl.lines, "timeouts": fl.timeouts, "timeouts_unlogged": fl.timeouts_unlogged}
+
+    # -- IDS (--ids suricata|builtin|auto: .ids) ---------------------------------------------
     def _ids_start(self, ids, rules, packets, state_dir, netns, model) -> None:
         from subprocess import SubprocessError
 
-        from .ids import ENGINES, SuricataIds
+        from . import ids as I
 
-        if ids not in ENGINES:
+        if ids not in I.ENGINES:
             self.close()
-            raise InputError(f"--ids must be one of {', '.join(ENGINES)}")
+            raise InputError(f"--ids must be one of {', '.join(I.ENGINES)}")
         if not rules:
             self.close()
-            raise InputError("--ids suricata needs --ids-rules R.rules")
+            raise InputError(f"--ids {ids} needs --ids-rules R.rules")
         try:
-            self.ids = SuricataIds(
-                rules, packets, state_dir or ".", self.host, netns, [t.vni for t in model.tenants]
+            self.ids = I.make(
+                ids, rules, packets, state_dir or ".", self.host, netns, [t.vni for t in model.tenants]
             )
             self.ids.start()
+        except InputError as exc:
+            self.close()
+            raise InputError(f"--ids {ids}: the built-in matcher refuses the rules: {exc}") from None
         except (OSError, SubprocessError) as exc:
             self.close()
             raise AgentError(f"--ids: {exc}") from None
+        log.info("IDS: %s (%s)", self.ids.engine, self.ids.note or f"--ids {ids}")
         if self.ids.active:
             # the kernel fast path takes a connection only once the IDS has had its packets
             self.kfast.cfg.after_packets = max(self.kfast.cfg.after_packets, self.ids.packets + 2)
@@ -1533,11 +1569,24 @@ class Agent:
     def _ids_tick(self) -> None:
         ids = self.ids
         ids.tick()
+        if ids.ended:
+            for _f, ident, reason, _n in ids.ended:
+                if reason != "drop" and ident is not None:
+                    self.kfast.offer_now(ident)  # nothing more to inspect: eligible at once
+            ids.ended.clear()
+        if ids.hits:
+            # blocked (also after its inspection ended), or its packets came again: cut it
+            # and what they made
+            for f in ids.hits:
+                self._ids_cut(f)
+            ids.hits.clear()
         if ids.events:
             if self.flowlog is not None:
                 for rec in ids.events:
                     self.flowlog.emit(dict(rec, host=self.host))
             for rec in ids.events:
+                if rec["event"] != "ids":
+                    continue
                 log.warning(
                     "IDS alert sid %s (%s) %s: %s:%s -> %s:%s",
                     rec["sid"],
@@ -1565,6 +1614,36 @@ class Agent:
             b = _view(b, ok)
             dst = [str(hosts[int(h)].address) for h in hi[ok].tolist()]
             self._route(encap(b, self.tunnel, vni, self.address, dst))
+
+    def _ids_cut(self, f: tuple) -> int:
+        """Connection ``f`` (the IDS's key: tenant, proto, lower end, upper end) is blocked:
+        out of the kernel fast path's map and never offered to it again, and its conntrack
+        entry deleted, so nothing forwards its later packets (the IDS drops them, counted
+        ``ids_blocked``). Returns the conntrack entries deleted."""
+        tenant, proto, a_hi, a_lo, a_p, b_hi, b_lo, b_p = f
+        for ident in (
+            (tenant, proto, a_hi, a_lo, b_hi, b_lo, a_p, b_p),
+            (tenant, proto, b_hi, b_lo, a_hi, a_lo, b_p, a_p),
+        ):
+            self.kfast.withhold(ident)
+
+        def match(e):
+            def end(x_hi, x_lo, x_p, y_hi, y_lo, y_p):
+                return (
+                    (e["src_hi"] == x_hi)
+                    & (e["src_lo"] == x_lo)
+                    & (e["sport"] == x_p)
+                    & (e["dst_hi"] == y_hi)
+                    & (e["dst_lo"] == y_lo)
+                    & (e["dport"] == y_p)
+                )
+
+            same = (e["zone"] == tenant) & (e["proto"] == proto)
+            return same & (end(a_hi, a_lo, a_p, b_hi, b_lo, b_p) | end(b_hi, b_lo, b_p, a_hi, a_lo, a_p))
+
+        n = self.dp.conntrack.delete_where(match)
+        self.ids.counts["cut_connections"] += n
+        return n
 
     def _route(self, out: Batch) -> None:
         """Frames the Forwarder built (tunnelled, outer IPv4): to this host -> decapsulate
@@ -1841,6 +1920,7 @@ class Agent:
             **({"ipsec": self._ipsec_stats()} if self.gateway is not None else {}),
             "fastpath": self.kfast.stats(),
             **({"ids": self.ids.stats()} if self.ids is not None else {}),
+            **({"flow_log": self._flowlog_stats()} if self.flowlog is not None else {}),
         }
 
     def _ipsec_stats(self) -> dict:
@@ -2019,18 +2099,20 @@ def register(sub) -> None:
     )
     p.add_argument(
         "--ids",
-        choices=("suricata",),
-        help="chain each connection's first packets through Suricata in AF_PACKET IPS copy mode "
-        "(docs/inspection.md); default: off",
+        choices=("suricata", "builtin", "auto"),
+        help="inspect each connection's first packets: suricata (its own process, AF_PACKET IPS "
+        "copy mode), builtin (the built-in signature matcher, in the agent), auto (Suricata where "
+        "it is installed, else builtin); docs/inspection.md; default: off",
     )
-    p.add_argument("--ids-rules", metavar="R.rules", help="the rule file Suricata loads (--ids)")
+    p.add_argument("--ids-rules", metavar="R.rules", help="the rule file the IDS loads (--ids)")
     p.add_argument(
         "--ids-packets",
         type=int,
         default=16,
         metavar="N",
-        help="packets of a connection (both directions) Suricata sees before it leaves the IDS "
-        "path (default 16)",
+        help="at most this many packets of a connection (both directions) are inspected before it "
+        "leaves the IDS path; the IDS's own decision (encrypted, bypass, drop) may end it sooner "
+        "(default 16)",
     )
     p.add_argument(
         "--flow-log",

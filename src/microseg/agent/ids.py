@@ -1,20 +1,42 @@
-"""Suricata in the live datapath (``microseg agent --ids suricata``; docs/inspection.md).
+"""Inspection in the live datapath (``microseg agent --ids suricata|builtin|auto``;
+docs/inspection.md).
 
-The agent owns two veth pairs in its host's namespace, ``msids0``-``msidsa`` and
-``msidsb``-``msids1``, and runs Suricata as its own process in AF_PACKET IPS copy mode between
-``msidsa`` and ``msidsb``. An allowed frame of a connection still under inspection (its first
-``packets`` packets, both directions counted) is written into ``msids0`` as its inner Ethernet
-frame with an 802.1Q tag that stands for its tenant (tenants may share addresses; Suricata
-tracks flows per VLAN); what Suricata passes comes back on ``msids1`` and is routed as it would
-have been; what it drops never comes back. Suricata's eve.json is tailed between batches: its
-alerts go to the agent's flow log and counters, and a connection Suricata blocked (a ``drop``
-rule) is blocked by the agent too, also after it left the inspected path.
+Suricata (:class:`SuricataIds`): the agent owns two veth pairs in its host's namespace,
+``msids0``-``msidsa`` and ``msidsb``-``msids1``, and runs Suricata as its own process in
+AF_PACKET IPS copy mode between ``msidsa`` and ``msidsb``. An allowed frame of a connection
+still under inspection (at most its first ``packets`` packets, both directions counted) is
+written into ``msids0`` as its inner Ethernet frame with an 802.1Q tag that stands for its
+tenant (tenants may share addresses; Suricata tracks flows per VLAN); what Suricata passes
+comes back on ``msids1`` and is routed as it would have been; what it drops never comes back.
+Suricata's eve.json is tailed between batches, and its own decisions end a connection's
+inspection before ``packets`` where it makes one:
 
-If Suricata is not installed the agent forwards without an IDS (``status`` says engine
-``none`` and why); it does not stop. If Suricata dies
-while the agent runs, frames under inspection are dropped (fail closed) and it is restarted
-with a backoff.
-"""
+* ``encrypted``: a ``tls`` or ``ssh`` record. Suricata logs it once the handshake is complete,
+  which is where ``encryption-handling: bypass`` (written into its configuration) stops
+  inspecting the flow;
+* ``bypass``: an alert of a rule with the ``bypass`` keyword (the sids are read from the rule
+  file);
+* ``drop``: an alert whose action is ``blocked`` (a ``drop`` rule): the connection is blocked
+  by the agent too (:attr:`blocked`), also after it left the inspected path, and the agent
+  cuts its conntrack entry and its kernel fast-path entry;
+* ``packets``: the connection's ``packets`` packets were inspected and Suricata said nothing.
+
+Stream depth (``stream.bypass``) has no eve record at the time Suricata decides (only the
+flow's ``flow`` record, when Suricata forgets the flow, carries ``"bypass": "local"``), so
+there ``packets`` stays the bound. Alerts go to the agent's flow log and counters; so does a
+line per connection whose inspection ended, with the reason (``"event": "ids_end"``).
+
+The built-in matcher (:class:`BuiltinIds`, :class:`microseg.offload.inspect.SignatureSet`):
+the agent matches the same first packets itself, in the batch; a ``drop`` match drops the
+packet and blocks the connection, an ``alert`` is logged, a ``pass`` match ends inspection
+(``bypass``), a payload that cannot be inspected (a TLS record, QUIC, ESP) ends it as
+``encrypted``. It serves where Suricata is not installed (``--ids auto``) or by choice
+(``--ids builtin``); rules outside its subset are refused when the agent starts.
+
+If Suricata is asked for (``--ids suricata``) and not installed the agent forwards without an
+IDS (``status`` says engine ``none`` and why); it does not stop. If Suricata dies while the
+agent runs, frames under inspection are dropped (fail closed) and it is restarted with a
+backoff."""
 
 from __future__ import annotations
 
@@ -23,6 +45,7 @@ import ipaddress
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -33,7 +56,8 @@ from typing import Any
 
 import numpy as np
 
-from ..packet.batch import Batch
+from ..ctstate import REPLY
+from ..packet.batch import Batch, addr_to_text
 from .netns import InNetns
 
 log = logging.getLogger("microseg.agent.ids")
@@ -44,7 +68,11 @@ PACKET_AUXDATA = 8
 PACKET_OUTGOING = 4
 TP_STATUS_VLAN_VALID = 0x10
 BLOCK_SECONDS = 300.0
-ENGINES = ("suricata",)
+ENGINES = ("suricata", "builtin", "auto")
+END_REASONS = ("packets", "bypass", "encrypted", "drop")
+_MAX_FLOWS = 200_000  # connections remembered (their counts restart once it is reached)
+_SID = re.compile(r"\bsid\s*:\s*(\d+)")
+_BYPASS = re.compile(r"(?:^|[;(]\s*)bypass\s*;")
 
 
 def suricata_version(binary: str | None = None) -> str | None:
@@ -70,6 +98,30 @@ def _ip_key(text: str) -> tuple[int, int]:
 def _flow(tenant: int, proto: int, a: tuple, b: tuple) -> tuple:
     """One key for both directions of a connection: (tenant, proto, lower end, upper end)."""
     return (tenant, proto, *min(a, b), *max(a, b))
+
+
+def bypass_sids(path: str) -> frozenset:
+    """The sids of the rules in ``path`` that carry Suricata's ``bypass`` keyword (an alert of
+    one of them means Suricata bypasses the flow from then on)."""
+    out = set()
+    buf = ""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for raw in f:
+                line = raw.rstrip("\n")
+                if line.endswith("\\"):
+                    buf += line[:-1] + " "
+                    continue
+                rule, buf = (buf + line).strip(), ""
+                if not rule or rule.startswith("#") or "(" not in rule:
+                    continue
+                body = rule[rule.index("(") :]
+                m = _SID.search(body)
+                if m and _BYPASS.search(body):
+                    out.add(int(m.group(1)))
+    except OSError:
+        pass
+    return frozenset(out)
 
 
 def write_config(folder: str, rules: str, netns_log: str) -> str:
@@ -100,9 +152,12 @@ def write_config(folder: str, rules: str, netns_log: str) -> str:
         f"default-rule-path: {os.path.dirname(rules)}\n"
         f"rule-files:\n  - {rules}\n"
         f"classification-file: {cls}\nreference-config-file: {ref}\n"
+        # tls and ssh: the records that say a handshake is complete (the agent's "encrypted");
+        # flow: what Suricata did with a flow, logged when it forgets it
         "outputs:\n  - eve-log:\n      enabled: yes\n      filetype: regular\n"
         "      filename: eve.json\n      types:\n        - alert\n        - drop:\n"
-        "            alerts: yes\n            flows: all\n        - flow\n"
+        "            alerts: yes\n            flows: all\n        - tls\n        - ssh\n"
+        "        - flow\n"
         "logging:\n  default-log-level: notice\n  outputs:\n    - console:\n        enabled: no\n"
         f"    - file:\n        enabled: yes\n        filename: {netns_log}\n"
         # Suricata 7 in IPS mode drops a flow on a parser or memcap exception by default
@@ -111,9 +166,14 @@ def write_config(folder: str, rules: str, netns_log: str) -> str:
         "runmode: workers\n"
         f"af-packet:\n{iface(TX_PEER, RX_PEER, 98)}{iface(RX_PEER, TX_PEER, 97)}"
         "vlan:\n  use-for-tracking: true\n"
+        # encrypted traffic: nothing more to inspect once the handshake is seen (Suricata's
+        # own "bypass" handling; SSH bypasses once its keys are exchanged in any case)
         "app-layer:\n  protocols:\n    http:\n      enabled: yes\n    tls:\n      enabled: yes\n"
+        "      encryption-handling: bypass\n    ssh:\n      enabled: yes\n"
         "      encryption-handling: bypass\n"
-        "stream:\n  inline: auto\n  midstream: false\n  reassembly:\n    depth: 1mb\n"
+        # a stream reassembled to its depth is bypassed too (no eve record at that time)
+        "stream:\n  inline: auto\n  midstream: false\n  bypass: yes\n"
+        "  reassembly:\n    depth: 1mb\n"
         "unix-command:\n  enabled: no\n"
     )
     path = os.path.join(folder, "suricata.yaml")
@@ -122,19 +182,214 @@ def write_config(folder: str, rules: str, netns_log: str) -> str:
     return path
 
 
-class SuricataIds:
+def _now_iso() -> str:
+    import datetime
+
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+class _Inspection:
+    """What both engines share: the connections under inspection (at most ``packets`` packets
+    each), why each one's inspection ended, the blocked ones, the records for the flow log.
+
+    ``ended`` collects ``(flow, ident, reason, packets)`` for the agent to act on between
+    batches (``ident``: the connection in its original direction, as conntrack and the kernel
+    fast path key it, None if unknown); ``hits`` the flows the agent is to cut: each one just
+    blocked, and each blocked one whose packets came again."""
+
+    engine = "none"
+    note = ""
+    active = False
+    ready = False
+
+    def __init__(self, packets: int):
+        self.packets = max(1, int(packets))
+        self._seen: dict[tuple, list] = {}  # flow -> [packets inspected, ident, end reason]
+        self.blocked: dict[tuple, float] = {}
+        self.events: list[dict] = []  # records for the flow log, taken by the agent
+        self.ended: list[tuple] = []
+        self.hits: set[tuple] = set()
+        self._blocked_now: dict[tuple, int] = {}  # blocked in the batch being inspected: row
+        self.counts = {
+            "alerts": 0,
+            "drops": 0,
+            "packets_to_ids": 0,
+            "packets_from_ids": 0,
+            "ids_drop": 0,
+            "ids_blocked": 0,
+            "fail_closed": 0,
+            "left_ids": 0,
+            **{f"ended_{r}": 0 for r in END_REASONS},
+            "cut_connections": 0,
+        }
+
+    def _record(self, rec: dict) -> None:
+        self.events.append(rec)
+        if len(self.events) > 10000:
+            del self.events[:-10000]
+
+    def _end(self, f: tuple, reason: str, packets: int | None = None) -> None:
+        """Inspection of flow ``f`` ends (``reason`` one of END_REASONS; ``packets``: how
+        many of its packets it took, if not all counted so far); once per flow."""
+        st = self._seen.get(f)
+        if st is None:
+            if reason != "drop":
+                return  # a record for a flow forgotten here (or not seen yet): nothing to end
+            st = self._seen[f] = [0, None, None]
+        if st[2] is not None:
+            return
+        st[2] = reason
+        if packets is not None:
+            st[0] = packets
+        self.counts[f"ended_{reason}"] += 1
+        if reason != "drop":
+            self.counts["left_ids"] += 1
+        self.ended.append((f, st[1], reason, st[0]))
+        ident = st[1]
+        tenant, proto = f[0], f[1]
+        if ident is not None:
+            src, dst, sport, dport = (
+                addr_to_text(ident[2], ident[3]),
+                addr_to_text(ident[4], ident[5]),
+                ident[6],
+                ident[7],
+            )
+        else:
+            src, dst, sport, dport = addr_to_text(f[2], f[3]), addr_to_text(f[5], f[6]), f[4], f[7]
+        self._record(
+            {
+                "event": "ids_end",
+                "engine": self.engine,
+                "time": _now_iso(),
+                "tenant_vni": tenant,
+                "proto": {6: "TCP", 17: "UDP", 1: "ICMP", 58: "IPv6-ICMP"}.get(proto, str(proto)),
+                "src": src,
+                "sport": sport,
+                "dst": dst,
+                "dport": dport,
+                "reason": reason,
+                "packets": st[0],
+            }
+        )
+
+    def _block(self, f: tuple, pos: int | None = None, packets: int | None = None) -> None:
+        """Block flow ``f``; ``pos``: the row of the batch being inspected that decided it
+        (its later rows of ``f`` are dropped too), ``packets`` its place in the flow."""
+        self.blocked[f] = time.monotonic() + BLOCK_SECONDS
+        self.hits.add(f)  # cut, also where its inspection had ended (it may be offloaded)
+        if pos is not None:
+            self._blocked_now.setdefault(f, pos)
+        self._end(f, "drop", packets)
+
+    def divert(self, batch: Batch, keys, rows: np.ndarray, ct=None) -> np.ndarray:
+        """Of the allowed frames ``rows`` of ``batch`` (tunnelled; ``keys`` parsed; ``ct``
+        their conntrack states): those under inspection are inspected (or dropped: engine
+        down, flow blocked). Returns a mask over ``rows``: True for the frames the agent
+        still forwards itself."""
+        keep = np.ones(rows.size, bool)
+        if not self.active:
+            return keep
+        now = time.monotonic()
+        if self.blocked:
+            for f, t in list(self.blocked.items()):
+                if t < now:
+                    del self.blocked[f]
+        todo: list[int] = []
+        pos: list[int] = []
+        touched: list[tuple] = []
+        k = keys
+        for j, i in enumerate(rows.tolist()):
+            a = (int(k.src_hi[i]), int(k.src_lo[i]), int(k.sport[i]))
+            b = (int(k.dst_hi[i]), int(k.dst_lo[i]), int(k.dport[i]))
+            tenant, proto = int(k.tenant[i]), int(k.proto[i])
+            f = _flow(tenant, proto, a, b)
+            if self.blocked and f in self.blocked:
+                keep[j] = False
+                self.counts["ids_blocked"] += 1
+                self.hits.add(f)
+                continue
+            st = self._seen.get(f)
+            if st is None or st[1] is None:
+                s, d = (b, a) if ct is not None and int(ct[i]) & REPLY else (a, b)
+                ident = (tenant, proto, s[0], s[1], d[0], d[1], s[2], d[2])
+                if st is None:
+                    if len(self._seen) >= _MAX_FLOWS:
+                        self._seen.clear()  # bounded: counts restart rather than grow without end
+                    st = self._seen[f] = [0, ident, None]
+                else:
+                    st[1] = ident
+            if st[2] is not None or st[0] >= self.packets:
+                continue
+            st[0] += 1
+            todo.append(i)
+            pos.append(j)
+            touched.append(f)
+        if todo:
+            self._inspect(batch, keys, np.array(todo, np.int64), np.array(pos, np.int64), keep, ct)
+            for f in touched:
+                st = self._seen.get(f)
+                if st is not None and st[2] is None and st[0] >= self.packets:
+                    self._end(f, "packets")
+        if self._blocked_now:
+            # blocked by a packet of this batch: its later packets in the batch go no further
+            for j, i in enumerate(rows.tolist()):
+                a = (int(k.src_hi[i]), int(k.src_lo[i]), int(k.sport[i]))
+                b = (int(k.dst_hi[i]), int(k.dst_lo[i]), int(k.dport[i]))
+                f = _flow(int(k.tenant[i]), int(k.proto[i]), a, b)
+                p = self._blocked_now.get(f)
+                if p is not None and j > p and keep[j]:
+                    keep[j] = False
+                    self.counts["ids_blocked"] += 1
+                    self.hits.add(f)
+            self._blocked_now.clear()
+        return keep
+
+    def _inspect(self, batch, keys, todo, pos, keep, ct) -> None:
+        raise NotImplementedError
+
+    def tick(self) -> None:
+        pass
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+    def returned(self, limit: int = 4096) -> list[tuple[int, bytes]]:
+        return []
+
+    def fileno(self) -> int | None:
+        return None
+
+    def status(self) -> dict:
+        return {
+            "engine": self.engine,
+            "packets": self.packets,
+            "note": self.note,
+            "ended": {r: self.counts[f"ended_{r}"] for r in END_REASONS},
+        }
+
+    def stats(self) -> dict:
+        return {"engine": self.engine, "ready": self.ready, **self.counts, "blocked_flows": len(self.blocked)}
+
+
+class SuricataIds(_Inspection):
     """The IDS of one agent (see the module doc)."""
 
-    def __init__(self, rules: str, packets: int, state_dir: str, host: str, netns: str | None, vnis):
+    def __init__(
+        self, rules: str, packets: int, state_dir: str, host: str, netns: str | None, vnis, note: str = ""
+    ):
+        super().__init__(packets)
         self.rules = os.path.abspath(rules)
         if not os.path.isfile(self.rules):
             raise OSError(f"--ids-rules {rules}: no such file")
-        self.packets = max(1, int(packets))
         self.netns = netns
         self.dir = os.path.join(os.path.abspath(state_dir), f"ids-{host.replace('/', '_')}")
         self.version = suricata_version()
         self.engine = f"suricata {self.version}" if self.version else "none"
-        self.note = "" if self.version else "--ids suricata: suricata is not installed: no IDS inspects"
+        self.note = note if self.version else "--ids suricata: suricata is not installed: no IDS inspects"
+        self.bypass_sids = bypass_sids(self.rules)
         self.vid = {int(v): i + 1 for i, v in enumerate(sorted(set(int(x) for x in vnis)))}
         self.vni = {i: v for v, i in self.vid.items()}
         self.proc: subprocess.Popen | None = None
@@ -147,19 +402,6 @@ class SuricataIds:
         self._rx: socket.socket | None = None
         self._eve: Any = None
         self._eve_buf = b""
-        self._seen: dict[tuple, int] = {}
-        self.blocked: dict[tuple, float] = {}
-        self.events: list[dict] = []  # alert records for the flow log, taken by the agent
-        self.counts = {
-            "alerts": 0,
-            "drops": 0,
-            "packets_to_ids": 0,
-            "packets_from_ids": 0,
-            "ids_drop": 0,
-            "ids_blocked": 0,
-            "fail_closed": 0,
-            "left_ids": 0,
-        }
         self.active = self.version is not None
 
     # -- process and links -----------------------------------------------------------------
@@ -275,79 +517,66 @@ class SuricataIds:
                 self._alert(ev)
             elif kind == "drop":
                 self.counts["drops"] += 1
+            elif kind in ("tls", "ssh"):
+                # the handshake is complete: with encryption-handling bypass, Suricata
+                # inspects nothing more of this flow
+                f = self._eve_flow(ev)
+                if f is not None:
+                    self._end(f, "encrypted")
+
+    def _eve_flow(self, ev: dict) -> tuple | None:
+        """The agent's key of the flow of eve record ``ev`` (VLAN -> tenant), or None."""
+        vlan = ev.get("vlan") or [0]
+        try:
+            vni = self.vni.get(int(vlan[0]), -1)
+            proto = {"TCP": 6, "UDP": 17}.get(str(ev.get("proto")), 0)
+            a = (*_ip_key(ev["src_ip"]), int(ev.get("src_port", 0)))
+            b = (*_ip_key(ev["dest_ip"]), int(ev.get("dest_port", 0)))
+        except (ValueError, TypeError, KeyError, IndexError):
+            return None
+        return _flow(vni, proto, a, b)
 
     def _alert(self, ev: dict) -> None:
         self.counts["alerts"] += 1
         al = ev.get("alert", {})
         vlan = ev.get("vlan") or [0]
         vni = self.vni.get(int(vlan[0]), -1)
-        rec = {
-            "event": "ids",
-            "engine": self.engine,
-            "time": ev.get("timestamp"),
-            "tenant_vni": vni,
-            "src": ev.get("src_ip"),
-            "sport": ev.get("src_port"),
-            "dst": ev.get("dest_ip"),
-            "dport": ev.get("dest_port"),
-            "proto": ev.get("proto"),
-            "sid": al.get("signature_id"),
-            "rev": al.get("rev"),
-            "msg": al.get("signature"),
-            "action": al.get("action"),
-            "flow_id": ev.get("flow_id"),
-        }
-        self.events.append(rec)
-        if len(self.events) > 10000:
-            del self.events[:-10000]
+        self._record(
+            {
+                "event": "ids",
+                "engine": self.engine,
+                "time": ev.get("timestamp"),
+                "tenant_vni": vni,
+                "src": ev.get("src_ip"),
+                "sport": ev.get("src_port"),
+                "dst": ev.get("dest_ip"),
+                "dport": ev.get("dest_port"),
+                "proto": ev.get("proto"),
+                "sid": al.get("signature_id"),
+                "rev": al.get("rev"),
+                "msg": al.get("signature"),
+                "action": al.get("action"),
+                "flow_id": ev.get("flow_id"),
+            }
+        )
+        f = self._eve_flow(ev)
+        if f is None:
+            return
         if al.get("action") == "blocked":
-            proto = {"TCP": 6, "UDP": 17}.get(str(ev.get("proto")), 0)
-            with contextlib.suppress(ValueError, TypeError):
-                a = (*_ip_key(ev["src_ip"]), int(ev.get("src_port", 0)))
-                b = (*_ip_key(ev["dest_ip"]), int(ev.get("dest_port", 0)))
-                self.blocked[_flow(vni, proto, a, b)] = time.monotonic() + BLOCK_SECONDS
+            self._block(f)
+        elif al.get("signature_id") in self.bypass_sids:
+            self._end(f, "bypass")
 
     # -- the forwarding path -----------------------------------------------------------------
-    def divert(self, batch: Batch, keys, rows: np.ndarray) -> np.ndarray:
-        """Of the allowed frames ``rows`` of ``batch`` (tunnelled; ``keys`` parsed): those
-        under inspection are written to Suricata (or dropped: Suricata down, flow blocked).
-        Returns a mask over ``rows``: True for the frames the agent still forwards itself."""
-        keep = np.ones(rows.size, bool)
-        if not self.active:
-            return keep
+    def _inspect(self, batch, keys, todo, pos, keep, ct) -> None:
+        """Write the frames ``todo`` to Suricata; the agent forwards none of them itself."""
         from ..overlay import decap
 
-        now = time.monotonic()
-        if self.blocked:
-            for f, t in list(self.blocked.items()):
-                if t < now:
-                    del self.blocked[f]
-        todo = []
-        k = keys
-        for j, i in enumerate(rows.tolist()):
-            a = (int(k.src_hi[i]), int(k.src_lo[i]), int(k.sport[i]))
-            b = (int(k.dst_hi[i]), int(k.dst_lo[i]), int(k.dport[i]))
-            f = _flow(int(k.tenant[i]), int(k.proto[i]), a, b)
-            if self.blocked and f in self.blocked:
-                keep[j] = False
-                self.counts["ids_blocked"] += 1
-                continue
-            c = self._seen.get(f, 0)
-            if c >= self.packets:
-                continue
-            self._seen[f] = c + 1
-            if c + 1 == self.packets:
-                self.counts["left_ids"] += 1
-            keep[j] = False
-            todo.append(i)
-        if len(self._seen) > 200_000:
-            self._seen.clear()
-        if not todo:
-            return keep
+        keep[pos] = False
         if not self.ready or self._tx is None:
             self.counts["fail_closed"] += len(todo)
-            return keep
-        sub = Batch.from_packets([batch.packet(i) for i in todo])
+            return
+        sub = Batch.from_packets([batch.packet(int(i)) for i in todo])
         inner, tenant, err = decap(sub)
         for j in range(len(inner)):
             if err[j]:
@@ -362,7 +591,6 @@ class SuricataIds:
                 self.counts["packets_to_ids"] += 1
             except OSError:
                 self.counts["fail_closed"] += 1
-        return keep
 
     def returned(self, limit: int = 4096) -> list[tuple[int, bytes]]:
         """Frames Suricata passed: (vni, inner Ethernet frame without the tag)."""
@@ -401,17 +629,115 @@ class SuricataIds:
 
     def status(self) -> dict:
         return {
-            "engine": self.engine,
+            **super().status(),
             "pid": self.proc.pid if self.proc is not None else None,
             "running": bool(self.proc is not None and self.proc.poll() is None),
             "ready": self.ready,
             "failed_closed": self.failed,
             "restarts": self.restarts,
-            "packets": self.packets,
             "rules": self.rules,
-            "note": self.note,
+            "bypass_sids": len(self.bypass_sids),
             "eve": os.path.join(self.dir, "eve.json") if self.active else None,
         }
 
-    def stats(self) -> dict:
-        return {"engine": self.engine, "ready": self.ready, **self.counts, "blocked_flows": len(self.blocked)}
+
+class BuiltinIds(_Inspection):
+    """The built-in signature matcher on each connection's first packets, in the agent's own
+    batch (see the module doc). Rules outside its subset raise InputError (file and line)."""
+
+    def __init__(self, rules: str, packets: int, note: str = ""):
+        from ..offload.inspect import SignatureSet
+
+        super().__init__(packets)
+        self.rules = os.path.abspath(rules)
+        self.sigs = SignatureSet.load(self.rules)
+        self._by_sid = {s.sid: s for s in self.sigs.signatures}
+        self.engine = "builtin"
+        self.note = note
+        self.ready = True
+        self.active = True
+
+    def _inspect(self, batch, keys, todo, pos, keep, ct) -> None:
+        from ..offload.inspect import ALERT, DROP, PASS
+
+        r = self.sigs.inspect(batch, keys, todo, ct)
+        k = keys
+        rows = []
+        later: dict[tuple, int] = {}  # rows of the flow after this one in the batch
+        for j, i in reversed(list(zip(pos.tolist(), todo.tolist()))):
+            a = (int(k.src_hi[i]), int(k.src_lo[i]), int(k.sport[i]))
+            b = (int(k.dst_hi[i]), int(k.dst_lo[i]), int(k.dport[i]))
+            f = _flow(int(k.tenant[i]), int(k.proto[i]), a, b)
+            rows.append((j, i, a, b, f, later.get(f, 0)))
+            later[f] = later.get(f, 0) + 1
+        for j, i, a, b, f, after in reversed(rows):
+            st = self._seen.get(f)
+            if f in self.blocked or st is None or st[2] is not None:
+                continue  # blocked (divert drops it) or done with by an earlier row of the batch
+            place = st[0] - after  # its place among the flow's inspected packets
+            self.counts["packets_to_ids"] += 1
+            tenant, proto = int(k.tenant[i]), int(k.proto[i])
+            v = int(r.verdict[i])
+            if v in (ALERT, DROP):
+                for sid in r.sids.get(i, (int(r.sid[i]),)):
+                    s = self._by_sid.get(sid)
+                    if s is None or s.action == PASS:
+                        continue
+                    self.counts["alerts"] += 1
+                    self._record(
+                        {
+                            "event": "ids",
+                            "engine": self.engine,
+                            "time": _now_iso(),
+                            "tenant_vni": tenant,
+                            "src": addr_to_text(a[0], a[1]),
+                            "sport": a[2],
+                            "dst": addr_to_text(b[0], b[1]),
+                            "dport": b[2],
+                            "proto": {6: "TCP", 17: "UDP"}.get(proto, str(proto)),
+                            "sid": sid,
+                            "rev": s.rev,
+                            "msg": s.msg,
+                            "action": "blocked" if v == DROP else "allowed",
+                            "flow_id": None,
+                        }
+                    )
+            if v == DROP:
+                keep[j] = False
+                self.counts["ids_drop"] += 1
+                self.counts["drops"] += 1
+                self._block(f, j, place)
+            elif v == PASS:
+                self._end(f, "bypass", place)  # a pass rule: the flow is not inspected further
+            elif int(r.encrypted[i]):
+                self._end(f, "encrypted", place)
+
+    def status(self) -> dict:
+        return {
+            **super().status(),
+            "running": True,
+            "ready": True,
+            "rules": self.rules,
+            "signatures": len(self.sigs),
+        }
+
+
+def make(
+    kind: str, rules: str, packets: int, state_dir: str, host: str, netns: str | None, vnis
+) -> _Inspection:
+    """The engine ``--ids kind`` runs: ``suricata``; ``builtin``; ``auto`` -- Suricata where it
+    is installed, else the built-in matcher. ``status()["note"]`` says why."""
+    if kind not in ENGINES:
+        raise ValueError(f"--ids must be one of {', '.join(ENGINES)}")
+    if kind == "builtin":
+        return BuiltinIds(rules, packets, "--ids builtin")
+    if kind == "auto":
+        v = suricata_version()
+        if v is None:
+            return BuiltinIds(
+                rules, packets, "--ids auto: suricata is not installed: the built-in matcher inspects"
+            )
+        return SuricataIds(
+            rules, packets, state_dir, host, netns, vnis, note=f"--ids auto: suricata {v} is installed"
+        )
+    return SuricataIds(rules, packets, state_dir, host, netns, vnis, note="--ids suricata")

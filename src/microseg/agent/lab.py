@@ -214,6 +214,7 @@ def up(
     offload_args: tuple = (),
     ids_rules: str | None = None,
     ids_packets: int | None = None,
+    ids: str = "auto",
 ) -> dict:
     """Build the lab and start its agents; returns the state. With ``store``, a one-member
     etcd is started first (data in the state directory), the policy written to it, and the
@@ -243,6 +244,15 @@ def up(
         ids_rules = os.path.abspath(ids_rules)
         if not os.path.isfile(ids_rules):
             raise InputError(f"--ids-rules {ids_rules}: no such file")
+        if ids not in ("auto", "suricata", "builtin"):
+            raise InputError("--ids is auto, suricata or builtin")
+        if ids == "builtin" or (ids == "auto" and shutil.which("suricata") is None):
+            from ..offload.inspect import SignatureSet
+
+            try:
+                SignatureSet.load(ids_rules)  # refused before anything is made
+            except InputError as exc:
+                raise InputError(f"--ids {ids}: the built-in matcher refuses the rules: {exc}") from None
     p = plan(policy_path, prefix, tunnel)
     for ns in (
         [f"{prefix}-underlay"]
@@ -268,7 +278,7 @@ def up(
             "ipsec": ipsec,
             "offload": "auto" if offload else "off",
             "offload_args": list(offload_args),
-            "ids": None if ids_rules is None else {"rules": ids_rules, "packets": ids_packets},
+            "ids": None if ids_rules is None else {"rules": ids_rules, "packets": ids_packets, "engine": ids},
             "ids_dirs": [],
         }
     )
@@ -596,7 +606,7 @@ def _start_agent(st: State, name: str) -> None:
     if d.get("ipsec"):
         cmd += ["--ipsec", d["ipsec"]]
     if d.get("ids"):
-        cmd += ["--ids", "suricata", "--ids-rules", d["ids"]["rules"]]
+        cmd += ["--ids", d["ids"].get("engine", "auto"), "--ids-rules", d["ids"]["rules"]]
         if d["ids"].get("packets"):
             cmd += ["--ids-packets", str(d["ids"]["packets"])]
         ids_dir = os.path.join(st.dir, f"ids-{name.replace('/', '_')}")
@@ -1055,10 +1065,16 @@ def register(sub) -> None:
     u.add_argument(
         "--ids-rules",
         metavar="R.rules",
-        help="every agent chains connections' first packets through Suricata with these rules "
-        "(the agent's --ids suricata; docs/inspection.md)",
+        help="every agent inspects connections' first packets with these rules: Suricata where it "
+        "is installed, else the built-in matcher (the agent's --ids auto; docs/inspection.md)",
     )
     u.add_argument("--ids-packets", type=int, metavar="N", help="the agents' --ids-packets")
+    u.add_argument(
+        "--ids",
+        choices=("auto", "suricata", "builtin"),
+        default="auto",
+        help="the engine the agents inspect with (--ids-rules; default auto)",
+    )
     _common(u)
     u.set_defaults(func=_cli_up)
     e = verbs.add_parser(
@@ -1140,6 +1156,7 @@ def _cli_up(args) -> int:
         offload=not args.no_offload,
         ids_rules=args.ids_rules,
         ids_packets=args.ids_packets,
+        ids=args.ids,
         offload_args=tuple(
             x
             for opt in ("offload_after", "offload_capacity", "offload_rate", "offload_idle")
@@ -1210,7 +1227,10 @@ def _cli_stats(args) -> int:
             i = h["ids"]
             print(
                 f"  ids: {i['engine']}: {i['packets_to_ids']} packets inspected, {i['alerts']} alerts, "
-                f"{i['ids_drop']} dropped, {i['blocked_flows']} flows blocked"
+                f"{i['ids_drop']} dropped, {i['blocked_flows']} flows blocked; inspection ended: "
+                + ", ".join(
+                    f"{r} {i.get('ended_' + r, 0)}" for r in ("packets", "bypass", "encrypted", "drop")
+                )
             )
     return 0
 

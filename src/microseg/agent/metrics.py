@@ -323,10 +323,59 @@ class DatapathCollector:
                 if isinstance(v, (int, np.integer)):
                     m.add_metric([name, port.ifname, k], int(v))
         yield m
+        yield from self._ids(a)
         yield GaugeMetricFamily("microseg_agent_ready", "1 once the agent enforces", value=int(bool(a.ready)))
         yield GaugeMetricFamily(
             "microseg_agent_start_time_seconds", "Agent start, Unix time", value=a.started
         )
+
+    @staticmethod
+    def _ids(a):
+        """Inspection (--ids): which engine and why, its counters, why connections left it;
+        and the flow log's lines and timeouts."""
+        ids = getattr(a, "ids", None)
+        if ids is not None:
+            st = ids.stats()
+            g = GaugeMetricFamily(
+                "microseg_ids_engine",
+                "The inspection engine that runs (1) and why",
+                labels=["engine", "note"],
+            )
+            g.add_metric([str(ids.engine), str(ids.note)], 1)
+            yield g
+            yield GaugeMetricFamily(
+                "microseg_ids_ready", "1 while the inspection engine inspects", value=int(bool(st["ready"]))
+            )
+            m = CounterMetricFamily("microseg_ids_events", "Inspection counters (--ids)", labels=["event"])
+            for k, v in st.items():
+                if isinstance(v, int) and not k.startswith("ended_") and k != "blocked_flows":
+                    m.add_metric([k], v)
+            yield m
+            m = CounterMetricFamily(
+                "microseg_ids_inspection_ended",
+                "Connections whose inspection ended, by why (packets, bypass, encrypted, drop)",
+                labels=["reason"],
+            )
+            for k, v in st.items():
+                if k.startswith("ended_"):
+                    m.add_metric([k[len("ended_") :]], int(v))
+            yield m
+            yield GaugeMetricFamily(
+                "microseg_ids_blocked_flows",
+                "Connections the inspection engine blocks now",
+                value=st["blocked_flows"],
+            )
+        fl = getattr(a, "flowlog", None)
+        if fl is not None:
+            yield CounterMetricFamily("microseg_flow_log_lines", "Flow-log lines written", value=fl.lines)
+            m = CounterMetricFamily(
+                "microseg_flow_log_timeouts",
+                "Connections conntrack's idle timeout removed: logged (an end line) or not",
+                labels=["logged"],
+            )
+            m.add_metric(["yes"], fl.timeouts)
+            m.add_metric(["no"], fl.timeouts_unlogged)
+            yield m
 
 
 def registry_for(collector) -> CollectorRegistry:

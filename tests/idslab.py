@@ -1,0 +1,162 @@
+"""What the live inspection tests share (``test_lab_ids_decisions.py``, Suricata's own
+decisions; ``test_lab_ids_builtin.py``, the built-in matcher): a two-host lab with echo
+servers (plain and TLS) in workload ``red/c``, a client that reports its source port, and
+readers for the agents' status, stats, flow logs and conntrack listings.
+
+Not a test module.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import textwrap
+
+from livelab import LiveLab
+
+POLICY = """\
+version: 1
+default_egress: deny
+deny_action: drop
+tenants:
+  - {name: red, vni: 7302}
+hosts:
+  - {name: h1, address: 198.18.4.1}
+  - {name: h2, address: 198.18.4.2}
+security_groups:
+  - name: svc
+    tenant: red
+    rules:
+      - {direction: ingress, ethertype: IPv4, protocol: tcp, port_range_min: 7000, port_range_max: 8999}
+      - {direction: egress, ethertype: IPv4}
+workloads:
+  - {name: a, tenant: red, host: h1, mac: "02:00:00:32:00:01", ipv4: 10.9.1.1, security_groups: [svc]}
+  - {name: c, tenant: red, host: h2, mac: "02:00:00:32:00:03", ipv4: 10.9.1.3, security_groups: [svc]}
+"""
+SERVER_IP = "10.9.1.3"
+DROP_PORT, BYPASS_PORT, ALERT_PORT, TLS_PORT, PLAIN_PORT = 7200, 7300, 7400, 8443, 7500
+
+# an echo server, plain or TLS (argv: port [cert key])
+ECHO = textwrap.dedent("""\
+    import socket, ssl, sys, threading
+    port = int(sys.argv[1])
+    ctx = None
+    if len(sys.argv) > 3:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(sys.argv[2], sys.argv[3])
+    def conn(c):
+        try:
+            if ctx is not None:
+                c = ctx.wrap_socket(c, server_side=True)
+            with c:
+                for d in iter(lambda: c.recv(65536), b""):
+                    c.sendall(d)
+        except OSError:
+            pass
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("0.0.0.0", port))
+    s.listen(16)
+    print("READY", flush=True)
+    while True:
+        c, _ = s.accept()
+        threading.Thread(target=conn, args=(c,), daemon=True).start()
+""")
+
+# one connection: prints its source port, then sends FIRST and N more messages, each echoed
+# back before the next (paced 10 ms); prints "OK k" or "FAIL k <why>" (k: echoes received)
+CLIENT = textwrap.dedent("""\
+    import socket, ssl, sys, time
+    addr, port, tls, first, n, timeout = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "tls", \\
+        sys.argv[4], int(sys.argv[5]), float(sys.argv[6])
+    s = socket.create_connection((addr, port), timeout=timeout)
+    print(s.getsockname()[1], flush=True)
+    ok = 0
+    try:
+        if tls:
+            ctx = ssl.create_default_context()
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+            s = ctx.wrap_socket(s, server_hostname="svc")
+        for i in range(n + 1):
+            msg = (first if i == 0 else "m%04d" % i).encode()
+            s.sendall(msg)
+            got = b""
+            while len(got) < len(msg):
+                d = s.recv(65536)
+                if not d:
+                    raise ConnectionError("closed")
+                got += d
+            ok += 1
+            time.sleep(0.01)
+        print("OK", ok, flush=True)
+    except OSError as exc:
+        print("FAIL", ok, type(exc).__name__, flush=True)
+    s.close()
+""")
+
+
+def make_cert(folder) -> tuple[str, str]:
+    """A self-signed certificate and key (openssl) for the TLS echo server."""
+    cert, key = str(folder / "c.pem"), str(folder / "k.pem")
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert]
+        + ["-days", "2", "-subj", "/CN=svc"],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    return cert, key
+
+
+def openssl_reason() -> str | None:
+    return None if shutil.which("openssl") else "openssl is not installed (the TLS server's certificate)"
+
+
+class IdsLab(LiveLab):
+    def __init__(self, root, rules: str):
+        super().__init__(root)
+        self.policy = root / "p.yaml"
+        self.policy.write_text(POLICY)
+        self.rules = root / "test.rules"
+        self.rules.write_text(rules)
+
+    def stats(self, host: str) -> dict:
+        r = self.microseg("lab", "stats", "--json", "--state-dir", self.state_dir)
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)["hosts"][host]
+
+    def status(self, host: str) -> dict:
+        from microseg.agent import control
+
+        return control.request(self.state["hosts"][host]["control"], "status")
+
+    def conntrack(self, host: str, **filters) -> list[dict]:
+        from microseg.agent import control
+
+        r = control.request(self.state["hosts"][host]["control"], "conntrack", **filters)
+        assert r["ok"], r
+        return r["entries"]
+
+    def flow_log(self, host: str) -> list[dict]:
+        out = []
+        with open(self.state["hosts"][host]["flow_log"]) as f:
+            for line in f:
+                try:
+                    out.append(json.loads(line))
+                except ValueError:
+                    pass
+        return out
+
+    def ids_ends(self, host: str, sport: int) -> list[dict]:
+        return [r for r in self.flow_log(host) if r.get("event") == "ids_end" and r.get("sport") == sport]
+
+    def client(self, port: int, first: str, n: int, tls: bool = False, timeout: float = 5.0):
+        """(source port, last line) of one CLIENT run from red/a to red/c."""
+        r = self.py(
+            "red/a", CLIENT, SERVER_IP, port, "tls" if tls else "plain", first, n, timeout, timeout=120
+        )
+        lines = r.stdout.split()
+        assert lines and lines[0].isdigit(), r.stdout + r.stderr
+        return int(lines[0]), " ".join(lines[1:])
