@@ -190,3 +190,34 @@ def test_an_entry_removed_elsewhere_is_counted_unlogged(red):
     assert t.counters["expired"] == 1 and len(t) == 1
     fl.expire(t, T0 + 31 * S, 64, dp.policy)
     assert out == [] and fl.timeouts_unlogged == 1
+
+
+def test_the_agent_takes_the_sweep_out_of_the_batch_and_runs_it_on_its_clock(red, monkeypatch):
+    import time
+    import types
+
+    from microseg.agent.agent import Agent
+
+    dp = Datapath(red, DatapathConfig(conntrack_capacity=64, conntrack_timeouts=TIMEOUTS))
+    t = dp.conntrack
+    budget = t.expire_budget
+    assert budget > 0
+    out: list = []
+    fl = FlowLog(sink=out.append)
+    _run(dp, fl, [_udp()], T0)
+    fake = types.SimpleNamespace(dp=dp, flowlog=fl, _ct_budget=None, _next_expire=0.0, EXPIRE_INTERVAL_S=0.25)
+    monkeypatch.setattr(time, "time_ns", lambda: T0 + 5 * S)
+    Agent._expire_logged(fake)
+    assert t.expire_budget == 0 and fake._ct_budget == budget  # no sweep inside a batch now
+    assert out == [] and len(t) == 1
+    monkeypatch.setattr(time, "time_ns", lambda: T0 + 21 * S)
+    Agent._expire_logged(fake)  # within its interval: nothing
+    assert out == []
+    fake._next_expire = 0.0
+    Agent._expire_logged(fake)
+    assert [r["close"] for r in out] == ["timeout"] and len(t) == 0
+    # a later batch of packets past every deadline sweeps nothing by itself
+    _run(dp, fl, [_udp(b"again")], T0 + 22 * S)
+    assert len(t) == 1
+    _run(dp, fl, _established(sport=43000)[:3], T0 + 100 * S)
+    assert len(t) == 2  # the UDP entry (expired at T0 + 42 s) is left for the agent's sweep
