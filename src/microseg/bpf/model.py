@@ -11,6 +11,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
+from ..lowlevel import rd16_py
 from .loader import (
     ACT_DECAP,
     ACT_DROP,
@@ -44,17 +45,13 @@ class Result:
     extra: dict = field(default_factory=dict)
 
 
-def _be16(b: bytes | bytearray, o: int) -> int:
-    return (b[o] << 8) | b[o + 1]
-
-
 def parse(frame: bytes, off: int) -> tuple[str, dict]:
     """The program's parse(): ("", fields) for fast-path material, else (reason, {})."""
     n = len(frame)
     e = off
     if e + 14 > n:
         return "pass_malformed", {}
-    et = _be16(frame, e + 12)
+    et = rd16_py(frame, e + 12)
     if et in (0x8100, 0x88A8):
         return "pass_vlan", {}
     avail = n - (e + 14)
@@ -64,10 +61,10 @@ def parse(frame: bytes, off: int) -> tuple[str, dict]:
             return "pass_malformed", {}
         if frame[ip] & 15 != 5:
             return "pass_ip_options", {}
-        tot = _be16(frame, ip + 2)
+        tot = rd16_py(frame, ip + 2)
         if tot < 20 or tot > avail:
             return "pass_malformed", {}
-        if _be16(frame, ip + 6) & 0x3FFF:
+        if rd16_py(frame, ip + 6) & 0x3FFF:
             return "pass_fragment", {}
         proto = frame[ip + 9]
         l4len = tot - 20
@@ -78,7 +75,7 @@ def parse(frame: bytes, off: int) -> tuple[str, dict]:
     elif et == 0x86DD:
         if ip + 40 > n or frame[ip] >> 4 != 6:
             return "pass_malformed", {}
-        plen = _be16(frame, ip + 4)
+        plen = rd16_py(frame, ip + 4)
         if plen > avail - 40:
             return "pass_malformed", {}
         proto = frame[ip + 6]
@@ -101,7 +98,7 @@ def parse(frame: bytes, off: int) -> tuple[str, dict]:
     elif proto == 17:
         if l4len < 8 or l4 + 8 > n:
             return "pass_malformed", {}
-        ulen = _be16(frame, l4 + 4)
+        ulen = rd16_py(frame, l4 + 4)
         if ulen < 8 or ulen > l4len:
             return "pass_malformed", {}
         sp, dp = frame[l4 : l4 + 2], frame[l4 + 2 : l4 + 4]
@@ -199,7 +196,7 @@ def run(
             h = bytearray(tmpl[:TMPL_LEN])
             struct.pack_into("!H", h, 16, n + 36)
             h[24:26] = b"\0\0"
-            sport = _be16(h, 34) or flow_port(key)
+            sport = rd16_py(h, 34) or flow_port(key)
             struct.pack_into("!H", h, 34, sport)
             struct.pack_into("!H", h, 38, n + 16)
             h[40:42] = b"\0\0"
@@ -218,7 +215,7 @@ def run(
     o = frame
     if n < 14:
         return passed("pass_malformed")
-    et = _be16(o, 12)
+    et = rd16_py(o, 12)
     if et in (0x8100, 0x88A8):
         return passed("pass_vlan")
     if et != 0x0800:
@@ -229,18 +226,18 @@ def run(
         return passed("pass_ip_options")
     if o[23] != 17:
         return passed("pass_not_vxlan")
-    tot = _be16(o, 16)
+    tot = rd16_py(o, 16)
     if tot + 14 != n:
         return passed("pass_malformed")
-    if _be16(o, 20) & 0x3FFF:
+    if rd16_py(o, 20) & 0x3FFF:
         return passed("pass_fragment")
     if o[30:34] != local_ip:
         return passed("pass_not_vxlan")
     if n < TMPL_LEN:
         return passed("pass_malformed")
-    if _be16(o, 36) != 4789:
+    if rd16_py(o, 36) != 4789:
         return passed("pass_not_vxlan")
-    if _be16(o, 38) != tot - 20:
+    if rd16_py(o, 38) != tot - 20:
         return passed("pass_malformed")
     if o[42] != 0x08 or o[43] or o[44] or o[45] or o[49]:
         return passed("pass_bad_vxlan")

@@ -13,15 +13,12 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from ..lowlevel import bucket_base, pow2_at_least
 from .key import W
 from .match import region_intersects
 
 # insert outcomes
 INS_UPDATED, INS_EMPTY, INS_STALE, INS_EVICTED = 0, 1, 2, 3
-
-
-def _pow2_at_least(x: int) -> int:
-    return 1 << max(0, int(x - 1).bit_length())
 
 
 class SlotTable:
@@ -35,7 +32,7 @@ class SlotTable:
         if entries <= 0 or ways <= 0:
             raise ValueError("table size and ways must be positive")
         self.ways = int(ways)
-        self.n_buckets = _pow2_at_least(max(1, -(-int(entries) // self.ways)))
+        self.n_buckets = pow2_at_least(max(1, -(-int(entries) // self.ways)))
         cap = self.n_buckets * self.ways
         self.keys = np.zeros((cap, W), np.uint64)
         self.tag = np.zeros(cap, np.uint64)
@@ -67,7 +64,7 @@ class SlotTable:
 @njit(cache=True, inline="always")
 def find_slot(keys, tag, mid, nb, ways, h, m, krow):
     """Slot holding (hash h, mask id m, key krow), or -1."""
-    base = np.int64(h & np.uint64(nb - 1)) * ways
+    base = bucket_base(h, nb, ways)
     for s in range(base, base + ways):
         if tag[s] == h and mid[s] == m:
             same = True
@@ -99,7 +96,7 @@ def insert_slot(
     keys, tag, mid, verdict, rule, version, aux, stamp, nb, ways, h, m, krow, v, r, ver, a, clock, cur_version
 ):
     """Insert or update; returns (slot, outcome, previous mask id of a replaced entry)."""
-    base = np.int64(h & np.uint64(nb - 1)) * ways
+    base = bucket_base(h, nb, ways)
     s = find_slot(keys, tag, mid, nb, ways, h, m, krow)
     outcome = INS_UPDATED
     prev = -1

@@ -20,6 +20,7 @@ import numpy as np
 from numba import njit
 
 from ..classify import rules as R
+from ..lowlevel import GOLDEN, fmix64, fmix64_py, mix_word, mix_word_py
 from ..packet import batch as B
 
 W = R.NW
@@ -33,20 +34,11 @@ SH_KIND, SH_ICMP_ID = 8, 16  # in the CT word, above the conntrack state byte
 KIND_PORTS, KIND_ICMP, KIND_FRAG = 1, 2, 4
 
 M64 = 0xFFFFFFFFFFFFFFFF
-_P = np.uint64(0x9E3779B97F4A7C15)  # odd multiplier (golden ratio)
-_F1 = np.uint64(0xFF51AFD7ED558CCD)
-_F2 = np.uint64(0xC4CEB9FE1A85EC53)
-_S29 = np.uint64(29)
-_S33 = np.uint64(33)
 
 
 @njit(cache=True, inline="always")
 def _fmix(h):
-    h ^= h >> _S33
-    h *= _F1
-    h ^= h >> _S33
-    h *= _F2
-    h ^= h >> _S33
+    h = fmix64(h)
     if h == np.uint64(0):
         h = np.uint64(1)
     return h
@@ -56,20 +48,18 @@ def _fmix(h):
 def hash_row(k, i, seed):
     """Hash of row ``i`` of key matrix ``k``, mixed with ``seed``: per word one multiply and
     one shift-xor, then murmur3's finaliser."""
-    h = np.uint64(seed) * _P + np.uint64(k.shape[1])
+    h = np.uint64(seed) * GOLDEN + np.uint64(k.shape[1])
     for w in range(k.shape[1]):
-        h = (h ^ k[i, w]) * _P
-        h ^= h >> _S29
+        h = mix_word(h, k[i, w])
     return _fmix(h)
 
 
 @njit(cache=True, inline="always")
 def hash_masked(k, i, masks, m, seed):
     """Hash of ``k[i] & masks[m]`` mixed with ``seed`` (the megaflow mask id)."""
-    h = np.uint64(seed) * _P + np.uint64(k.shape[1])
+    h = np.uint64(seed) * GOLDEN + np.uint64(k.shape[1])
     for w in range(k.shape[1]):
-        h = (h ^ (k[i, w] & masks[m, w])) * _P
-        h ^= h >> _S29
+        h = mix_word(h, k[i, w] & masks[m, w])
     return _fmix(h)
 
 
@@ -195,14 +185,8 @@ def hash_words_ref(words, seed=0):
     words = [int(x) for x in words]
     h = (int(seed) * 0x9E3779B97F4A7C15 + len(words)) & M64
     for x in words:
-        h = ((h ^ x) * 0x9E3779B97F4A7C15) & M64
-        h ^= h >> 29
-    h ^= h >> 33
-    h = (h * 0xFF51AFD7ED558CCD) & M64
-    h ^= h >> 33
-    h = (h * 0xC4CEB9FE1A85EC53) & M64
-    h ^= h >> 33
-    return h or 1
+        h = mix_word_py(h, x)
+    return fmix64_py(h) or 1
 
 
 def key_ref(row: dict, port: int = 0, ct: int = 0):

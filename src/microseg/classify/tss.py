@@ -17,10 +17,10 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from ..lowlevel import mix_word
 from .rules import K_L4, NW, Rule, RuleSet
 
 _EMPTY, _LIVE, _TOMB = 0, 1, 2
-_M1 = np.uint64(0x9E3779B97F4A7C15)
 
 
 def range_to_prefixes(lo: int, hi: int, bits: int = 16) -> list[tuple[int, int]]:
@@ -40,8 +40,7 @@ def range_to_prefixes(lo: int, hi: int, bits: int = 16) -> list[tuple[int, int]]
 def _hash(k0, k1, k2, k3, k4, k5, k6):
     h = np.uint64(0x243F6A8885A308D3)
     for x in (k0, k1, k2, k3, k4, k5, k6):
-        h = (h ^ x) * _M1
-        h ^= h >> np.uint64(29)
+        h = mix_word(h, x)
     return h
 
 

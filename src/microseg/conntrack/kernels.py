@@ -19,12 +19,10 @@ The logic mirrors :mod:`.reference` line for line; tests check both give the sam
 from __future__ import annotations
 
 import numpy as np
-from llvmlite import ir
-from numba import njit, types
-from numba.core import cgutils
-from numba.extending import intrinsic
+from numba import njit
 
 from .. import ctstate as CS
+from ..lowlevel import mix64, prefetch
 from ..packet import batch as B
 from ..packet import errors as PE
 from . import const as K
@@ -80,8 +78,7 @@ PARAM_DTYPE = np.dtype(
 )
 
 M32 = 0xFFFFFFFF
-_U30, _U27, _U31, _U32 = np.uint64(30), np.uint64(27), np.uint64(31), np.uint64(32)
-_HK1, _HK2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+_U32 = np.uint64(32)
 _U8, _U16, _U40, _U48 = np.uint64(8), np.uint64(16), np.uint64(40), np.uint64(48)
 
 TRANS = K.TCP_TRANSITIONS
@@ -91,36 +88,6 @@ ICMP4_VALID_NEW, ICMP6_VALID_NEW = K.ICMP4_VALID_NEW, K.ICMP6_VALID_NEW
 ICMP4_ERRORS, ICMP6_UNTRACKED = K.ICMP4_ERRORS, K.ICMP6_UNTRACKED
 
 ST_INVALID = CS.TRACKED | CS.INVALID
-
-
-@intrinsic
-def _prefetch(typingctx, arr, idx):
-    """Hint the CPU to fetch ``arr[idx]`` into cache (LLVM's prefetch; no effect on results)."""
-    if not isinstance(arr, types.Array) or not isinstance(idx, types.Integer):
-        return None
-    sig = types.void(arr, idx)
-
-    def codegen(context, builder, signature, args):
-        aryty = signature.args[0]
-        ary = context.make_array(aryty)(context, builder, args[0])
-        ptr = cgutils.get_item_pointer(context, builder, aryty, ary, [args[1]], wraparound=False)
-        i8p = ir.IntType(8).as_pointer()
-        i32 = ir.IntType(32)
-        fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
-        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
-        builder.call(
-            fn, [builder.bitcast(ptr, i8p), ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)]
-        )
-        return context.get_dummy_value()
-
-    return sig, codegen
-
-
-@njit(cache=True, inline="always")
-def _mix(x):
-    x = (x ^ (x >> _U30)) * _HK1
-    x = (x ^ (x >> _U27)) * _HK2
-    return x ^ (x >> _U31)
 
 
 @njit(cache=True, inline="always")
@@ -158,11 +125,11 @@ def conn_hash(seed, zone, proto, shi, slo, dhi, dlo, sp, dp, ntype, code):
         ^ (np.uint64(ntype) << _U40)
         ^ (np.uint64(code) << _U48)
     )
-    h = _mix(h ^ np.uint64(shi))
-    h = _mix(h ^ np.uint64(slo))
-    h = _mix(h ^ np.uint64(dhi))
-    h = _mix(h ^ np.uint64(dlo))
-    h = _mix(h ^ ((np.uint64(sp) << _U16) | np.uint64(dp)))
+    h = mix64(h ^ np.uint64(shi))
+    h = mix64(h ^ np.uint64(slo))
+    h = mix64(h ^ np.uint64(dhi))
+    h = mix64(h ^ np.uint64(dlo))
+    h = mix64(h ^ ((np.uint64(sp) << _U16) | np.uint64(dp)))
     return h
 
 
@@ -924,17 +891,17 @@ def process_batch(
             hs[i - start] = h
             has[i - start] = True
             pos = np.int64(np.uint32(h & np.uint64(M32))) & mask
-            _prefetch(slot_ent, pos)
-            _prefetch(slot_hash, pos)
+            prefetch(slot_ent, pos)
+            prefetch(slot_hash, pos)
         # pass 2: prefetch the entry the home slot points to
         for i in range(c0, c1):
             if has[i - start]:
                 pos = np.int64(np.uint32(hs[i - start] & np.uint64(M32))) & mask
                 f = slot_ent[pos]
                 if f >= 0:
-                    _prefetch(ents_bytes, f * esz)
-                    _prefetch(ents_bytes, f * esz + 64)
-                    _prefetch(ents_bytes, f * esz + esz - 1)
+                    prefetch(ents_bytes, f * esz)
+                    prefetch(ents_bytes, f * esz + 64)
+                    prefetch(ents_bytes, f * esz + esz - 1)
         # pass 3: track, in order
         for i in range(c0, c1):
             pstart = offset[i]

@@ -54,6 +54,7 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit
 
+from ..lowlevel import rd32_le
 from ..packet.batch import (
     F_FRAG,
     F_MF,
@@ -117,13 +118,6 @@ BLK_STATUS, BLK_NUM_PKTS, BLK_FIRST = 8, 12, 16
 # ---------------------------------------------------------------------------------------------
 # The ring walk
 # ---------------------------------------------------------------------------------------------
-@njit(cache=True, inline="always")
-def _u32(d, p):
-    return (
-        np.int64(d[p]) | (np.int64(d[p + 1]) << 8) | (np.int64(d[p + 2]) << 16) | (np.int64(d[p + 3]) << 24)
-    )
-
-
 @njit(cache=True)
 def walk_blocks(ring, blocks, offset, length, wire_len, ts, status, vlan):
     """Walk the ``tpacket3_hdr`` chain of each block (``blocks``: byte offsets into ``ring``)
@@ -134,22 +128,22 @@ def walk_blocks(ring, blocks, offset, length, wire_len, ts, status, vlan):
     size = ring.shape[0]
     for bi in range(blocks.shape[0]):
         b = blocks[bi]
-        num = _u32(ring, b + BLK_NUM_PKTS)
-        p = b + _u32(ring, b + BLK_FIRST)
+        num = rd32_le(ring, b + BLK_NUM_PKTS)
+        p = b + rd32_le(ring, b + BLK_FIRST)
         for _ in range(num):
             if k >= cap or p + 40 > size:
                 break
-            nxt = _u32(ring, p)
-            snap = _u32(ring, p + 12)
+            nxt = rd32_le(ring, p)
+            snap = rd32_le(ring, p + 12)
             mac = np.int64(ring[p + 24]) | (np.int64(ring[p + 25]) << 8)
             if p + mac + snap > size:
                 break
             offset[k] = p + mac
             length[k] = snap
-            wire_len[k] = _u32(ring, p + 16)
-            ts[k] = _u32(ring, p + 4) * np.int64(1_000_000_000) + _u32(ring, p + 8)
-            status[k] = _u32(ring, p + 20)
-            vlan[k] = _u32(ring, p + 32)
+            wire_len[k] = rd32_le(ring, p + 16)
+            ts[k] = rd32_le(ring, p + 4) * np.int64(1_000_000_000) + rd32_le(ring, p + 8)
+            status[k] = rd32_le(ring, p + 20)
+            vlan[k] = rd32_le(ring, p + 32)
             k += 1
             if nxt == 0:
                 break
@@ -182,17 +176,17 @@ def walk_frames(
     i = start
     while k < cap:
         base = (i // per_block) * block_size + (i % per_block) * frame_size
-        st = _u32(ring, base)
+        st = rd32_le(ring, base)
         if not st & 1:
             break
-        snap = _u32(ring, base + 8)
+        snap = rd32_le(ring, base + 8)
         mac = np.int64(ring[base + 12]) | (np.int64(ring[base + 13]) << 8)
         if mac + snap > frame_size:  # never from a sane kernel: keep what lies in the slot
             snap = max(0, frame_size - mac)
         offset[k] = base + mac
         length[k] = snap
-        wire_len[k] = _u32(ring, base + 4)
-        ts[k] = _u32(ring, base + 16) * np.int64(1_000_000_000) + _u32(ring, base + 20)
+        wire_len[k] = rd32_le(ring, base + 4)
+        ts[k] = rd32_le(ring, base + 16) * np.int64(1_000_000_000) + rd32_le(ring, base + 20)
         status[k] = st
         vlan[k] = np.int64(ring[base + 24]) | (np.int64(ring[base + 25]) << 8)
         slots[k] = base

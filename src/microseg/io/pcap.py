@@ -50,6 +50,7 @@ import numpy as np
 from numba import njit
 
 from ..errors import InputError
+from ..lowlevel import rd16_bo, rd32_bo
 from ..packet.batch import (
     LINK_ETHERNET,
     LINK_LINUX_SLL,
@@ -319,30 +320,6 @@ class TruncatedCaptureError(CaptureError):
 # ---------------------------------------------------------------------------------------------
 # compiled walkers
 # ---------------------------------------------------------------------------------------------
-@njit(cache=True, inline="always")
-def _u16(buf, p, big):
-    if big:
-        return (np.int64(buf[p]) << 8) | np.int64(buf[p + 1])
-    return np.int64(buf[p]) | (np.int64(buf[p + 1]) << 8)
-
-
-@njit(cache=True, inline="always")
-def _u32(buf, p, big):
-    if big:
-        return (
-            (np.int64(buf[p]) << 24)
-            | (np.int64(buf[p + 1]) << 16)
-            | (np.int64(buf[p + 2]) << 8)
-            | np.int64(buf[p + 3])
-        )
-    return (
-        np.int64(buf[p])
-        | (np.int64(buf[p + 1]) << 8)
-        | (np.int64(buf[p + 2]) << 16)
-        | (np.int64(buf[p + 3]) << 24)
-    )
-
-
 @njit(cache=True)
 def _walk_pcap(buf, pos, end, big, ts_mult, maxlen, max_n, off, caplen, wirelen, ts):
     """Walk classic pcap records from ``pos``; fill up to ``max_n`` entries.
@@ -355,10 +332,10 @@ def _walk_pcap(buf, pos, end, big, ts_mult, maxlen, max_n, off, caplen, wirelen,
     while n < max_n and pos < end:
         if end - pos < 16:
             return _E_TRUNC_HDR, pos, n
-        sec = _u32(buf, pos, big)
-        frac = _u32(buf, pos + 4, big)
-        incl = _u32(buf, pos + 8, big)
-        orig = _u32(buf, pos + 12, big)
+        sec = rd32_bo(buf, pos, big)
+        frac = rd32_bo(buf, pos + 4, big)
+        incl = rd32_bo(buf, pos + 8, big)
+        orig = rd32_bo(buf, pos + 12, big)
         if incl > maxlen:
             return _E_CAPLEN_MAX, pos, n
         if end - pos - 16 < incl:
@@ -404,15 +381,15 @@ def _walk_pcapng(
     while n < max_n and pos < end:
         if end - pos < 12:
             return _E_TRUNC_HDR, pos, n
-        btype = _u32(buf, pos, big)
+        btype = rd32_bo(buf, pos, big)
         if btype == 0x0A0D0D0A or btype == 1:
             return _STOP, pos, n
-        blen = _u32(buf, pos + 4, big)
+        blen = rd32_bo(buf, pos + 4, big)
         if blen < 12 or (blen & 3) != 0:
             return _E_BLOCK_LEN, pos, n
         if blen > end - pos:
             return _E_TRUNC_DATA, pos, n
-        if _u32(buf, pos + blen - 4, big) != blen:
+        if rd32_bo(buf, pos + blen - 4, big) != blen:
             return _E_TRAILER, pos, n
         body = pos + 8
         body_len = blen - 12
@@ -420,13 +397,13 @@ def _walk_pcapng(
             if body_len < 20:
                 return _E_BLOCK_LEN, pos, n
             if btype == 6:
-                ifc = _u32(buf, body, big)
+                ifc = rd32_bo(buf, body, big)
             else:
-                ifc = _u16(buf, body, big)
+                ifc = rd16_bo(buf, body, big)
             if ifc >= n_ifaces:
                 return _E_IFACE, pos, n
-            incl = _u32(buf, body + 12, big)
-            orig = _u32(buf, body + 16, big)
+            incl = rd32_bo(buf, body + 12, big)
+            orig = rd32_bo(buf, body + 16, big)
             if incl > body_len - 20:
                 return _E_CAPLEN, pos, n
             if incl > maxlen:
@@ -437,8 +414,8 @@ def _walk_pcapng(
             off[n] = body + 20
             caplen[n] = incl
             wirelen[n] = orig if orig > incl else incl
-            tsraw[n] = (np.uint64(_u32(buf, body + 4, big)) << np.uint64(32)) | np.uint64(
-                _u32(buf, body + 8, big)
+            tsraw[n] = (np.uint64(rd32_bo(buf, body + 4, big)) << np.uint64(32)) | np.uint64(
+                rd32_bo(buf, body + 8, big)
             )
             iface[n] = iface_base + ifc
             n += 1
@@ -447,7 +424,7 @@ def _walk_pcapng(
                 return _E_BLOCK_LEN, pos, n
             if n_ifaces < 1:
                 return _E_IFACE, pos, n
-            orig = _u32(buf, body, big)
+            orig = rd32_bo(buf, body, big)
             if orig > _INT32_MAX:
                 return _E_WIRELEN, pos, n
             incl = body_len - 4

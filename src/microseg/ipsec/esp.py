@@ -29,6 +29,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from ..lowlevel import rd16, rd32u, rd64, wr16, wr32
 from . import evp
 
 
@@ -106,41 +107,6 @@ DIR_ENCRYPT, DIR_DECRYPT, DIR_CLOCK = 16, 32, 48
 ACTION_PROTECT, ACTION_BYPASS, ACTION_DISCARD = 0, 1, 2
 
 
-@njit(cache=True, inline="always")
-def _be16(d, o):
-    return (np.int64(d[o]) << 8) | np.int64(d[o + 1])
-
-
-@njit(cache=True, inline="always")
-def _be32(d, o):
-    return (
-        (np.uint64(d[o]) << np.uint64(24))
-        | (np.uint64(d[o + 1]) << np.uint64(16))
-        | (np.uint64(d[o + 2]) << np.uint64(8))
-        | np.uint64(d[o + 3])
-    )
-
-
-@njit(cache=True, inline="always")
-def _be64(d, o):
-    return (_be32(d, o) << np.uint64(32)) | _be32(d, o + 4)
-
-
-@njit(cache=True, inline="always")
-def _put16(d, o, v):
-    d[o] = (v >> 8) & 0xFF
-    d[o + 1] = v & 0xFF
-
-
-@njit(cache=True, inline="always")
-def _put32(d, o, v):
-    v = np.uint64(v)
-    d[o] = np.uint8((v >> np.uint64(24)) & np.uint64(0xFF))
-    d[o + 1] = np.uint8((v >> np.uint64(16)) & np.uint64(0xFF))
-    d[o + 2] = np.uint8((v >> np.uint64(8)) & np.uint64(0xFF))
-    d[o + 3] = np.uint8(v & np.uint64(0xFF))
-
-
 @njit(cache=True)
 def _l3_start(d, o, n, linktype):
     """Offset (from o) of the IP header and its version, or (-1, 0)."""
@@ -151,11 +117,11 @@ def _l3_start(d, o, n, linktype):
     if n < 14:
         return -1, 0
     l3 = 14
-    et = _be16(d, o + 12)
+    et = rd16(d, o + 12)
     if et == 0x8100 or et == 0x88A8:
         if n < 18:
             return -1, 0
-        et = _be16(d, o + 16)
+        et = rd16(d, o + 16)
         l3 = 18
     if et == 0x0800:
         return l3, 4
@@ -168,7 +134,7 @@ def _l3_start(d, o, n, linktype):
 def _ipv4_csum(d, o, hl=20):
     s = np.int64(0)
     for k in range(0, hl, 2):
-        s += _be16(d, o + k)
+        s += rd16(d, o + k)
     while s >> 16:
         s = (s & 0xFFFF) + (s >> 16)
     return (~s) & 0xFFFF
@@ -178,8 +144,8 @@ def _ipv4_csum(d, o, hl=20):
 def _addr_of(d, o, ver):
     """(hi, lo) of the address at o, IPv4 in the ::ffff:0:0/96 mapped form."""
     if ver == 4:
-        return np.uint64(0), np.uint64(0x0000FFFF00000000) | _be32(d, o)
-    return _be64(d, o), _be64(d, o + 8)
+        return np.uint64(0), np.uint64(0x0000FFFF00000000) | rd32u(d, o)
+    return rd64(d, o), rd64(d, o + 8)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -362,7 +328,7 @@ def encap_prepare(
             if rem < 20 or (data[p] >> 4) != 4 or (data[p] & 0xF) < 5:
                 reason[i] = MALFORMED
                 continue
-            L = _be16(data, p + 2)
+            L = rd16(data, p + 2)
             if L < (data[p] & 0xF) * 4 or L > rem:
                 reason[i] = MALFORMED
                 continue
@@ -373,7 +339,7 @@ def encap_prepare(
             if rem < 40 or (data[p] >> 4) != 6:
                 reason[i] = MALFORMED
                 continue
-            L = _be16(data, p + 4) + 40
+            L = rd16(data, p + 4) + 40
             if L > rem:
                 reason[i] = MALFORMED
                 continue
@@ -460,7 +426,7 @@ def encap_prepare(
         p = o + s3
         if s3 > 0:  # keep the L2 header, retag the ethertype for the outer IP version
             _copy(out, q, data, o, s3)
-            _put16(out, q + s3 - 2, 0x0800 if sa_ver[s] == 4 else 0x86DD)
+            wr16(out, q + s3 - 2, 0x0800 if sa_ver[s] == 4 else 0x86DD)
         h = q + s3
         tos = data[p + 1] if v == 4 else ((data[p] & 0xF) << 4) | (data[p + 1] >> 4)
         pad = (4 - (L + 2) % 4) % 4
@@ -469,8 +435,8 @@ def encap_prepare(
         if sa_ver[s] == 4:
             out[h] = 0x45
             out[h + 1] = tos
-            _put16(out, h + 2, 20 + esp_len)
-            _put16(out, h + 4, np.int64(seq & np.uint64(0xFFFF)))
+            wr16(out, h + 2, 20 + esp_len)
+            wr16(out, h + 4, np.int64(seq & np.uint64(0xFFFF)))
             out[h + 6] = 0
             out[h + 7] = 0
             out[h + 8] = 64
@@ -480,25 +446,25 @@ def encap_prepare(
             for k in range(4):
                 out[h + 12 + k] = sa_src[s, k]
                 out[h + 16 + k] = sa_dst[s, k]
-            _put16(out, h + 10, _ipv4_csum(out, h))
+            wr16(out, h + 10, _ipv4_csum(out, h))
             e = h + 20
         else:
             out[h] = 0x60 | (tos >> 4)
             out[h + 1] = (tos & 0xF) << 4
             out[h + 2] = 0
             out[h + 3] = 0
-            _put16(out, h + 4, esp_len)
+            wr16(out, h + 4, esp_len)
             out[h + 6] = IPPROTO_ESP
             out[h + 7] = 64
             for k in range(16):
                 out[h + 8 + k] = sa_src[s, k]
                 out[h + 24 + k] = sa_dst[s, k]
             e = h + 40
-        _put32(out, e, sa_spi[s])
-        _put32(out, e + 4, seq & np.uint64(U32_MAX))
+        wr32(out, e, sa_spi[s])
+        wr32(out, e + 4, seq & np.uint64(U32_MAX))
         iv = iv_base[s] + seq  # per-SA counter from a random start: never repeats
-        _put32(out, e + 8, iv >> np.uint64(32))
-        _put32(out, e + 12, iv & np.uint64(U32_MAX))
+        wr32(out, e + 8, iv >> np.uint64(32))
+        wr32(out, e + 12, iv & np.uint64(U32_MAX))
         c = e + 16
         _copy(out, c, data, p, L)
         for k in range(pad):
@@ -509,13 +475,13 @@ def encap_prepare(
             nonce[i, k] = sa_salt[s, k]
         for k in range(8):
             nonce[i, 4 + k] = out[e + 8 + k]
-        _put32(aad[i], 0, sa_spi[s])
+        wr32(aad[i], 0, sa_spi[s])
         if sa_esn[s]:
-            _put32(aad[i], 4, seq >> np.uint64(32))
-            _put32(aad[i], 8, seq & np.uint64(U32_MAX))
+            wr32(aad[i], 4, seq >> np.uint64(32))
+            wr32(aad[i], 8, seq & np.uint64(U32_MAX))
             aad_len[i] = 12
         else:
-            _put32(aad[i], 4, seq)
+            wr32(aad[i], 4, seq)
             aad_len[i] = 8
         enc_off[i] = c
         enc_len[i] = L + pad + 2
@@ -654,7 +620,7 @@ def decap_prepare(
                 reason[i] = MALFORMED
                 continue
             ihl = np.int64(data[p] & 0xF) * 4
-            tot = _be16(data, p + 2)
+            tot = rd16(data, p + 2)
             if ihl < 20 or tot < ihl or tot > rem or rem < ihl:
                 reason[i] = MALFORMED
                 continue
@@ -664,7 +630,7 @@ def decap_prepare(
             if _ipv4_csum(data, p, ihl) != 0:
                 reason[i] = MALFORMED
                 continue
-            if (_be16(data, p + 6) & 0x3FFF) != 0:  # a fragment: no reassembly here
+            if (rd16(data, p + 6) & 0x3FFF) != 0:  # a fragment: no reassembly here
                 reason[i] = MALFORMED
                 continue
             dh, dl = _addr_of(data, p + 16, 4)
@@ -674,7 +640,7 @@ def decap_prepare(
             if rem < 40 or (data[p] >> 4) != 6:
                 reason[i] = MALFORMED
                 continue
-            tot = _be16(data, p + 4) + 40
+            tot = rd16(data, p + 4) + 40
             if tot > rem:
                 reason[i] = MALFORMED
                 continue
@@ -702,7 +668,7 @@ def decap_prepare(
         if elen < MIN_ESP:
             reason[i] = MALFORMED
             continue
-        spi = _be32(data, e)
+        spi = rd32u(data, e)
         s = _find_sa(spi_sorted, spi_idx, spi, sa_ver, sa_dhi, sa_dlo, v, dh, dl)
         if s < 0:
             reason[i] = UNKNOWN_SPI
@@ -710,7 +676,7 @@ def decap_prepare(
         if (elen - ESP_HDR - IV_LEN - ICV_LEN) % 4 != 0:
             reason[i] = MALFORMED
             continue
-        seq = infer_seq(rx_top[s], _be32(data, e + 4), sa_window[s], sa_esn[s])
+        seq = infer_seq(rx_top[s], rd32u(data, e + 4), sa_window[s], sa_esn[s])
         if not replay_check(rx_top[s], rx_bitmap[s], seq, sa_window[s]):
             reason[i] = REPLAY
             continue
@@ -744,7 +710,7 @@ def decap_prepare(
             nonce[i, 4 + k] = data[e + 8 + k]
             aad[i, k] = data[e + k]
         if sa_esn[s]:
-            _put32(aad[i], 4, seq64[i] >> np.uint64(32))
+            wr32(aad[i], 4, seq64[i] >> np.uint64(32))
             for k in range(4):
                 aad[i, 8 + k] = data[e + 4 + k]
             aad_len[i] = 12
@@ -835,13 +801,13 @@ def decap_finish(
                     break
         if not bad:
             if nh == 4:
-                bad = L < 20 or (out[q] >> 4) != 4 or _be16(out, q + 2) > L or _be16(out, q + 2) < 20
+                bad = L < 20 or (out[q] >> 4) != 4 or rd16(out, q + 2) > L or rd16(out, q + 2) < 20
                 if not bad:
-                    L = _be16(out, q + 2)  # drops TFC padding, if any
+                    L = rd16(out, q + 2)  # drops TFC padding, if any
             elif nh == 41:
-                bad = L < 40 or (out[q] >> 4) != 6 or _be16(out, q + 4) + 40 > L
+                bad = L < 40 or (out[q] >> 4) != 6 or rd16(out, q + 4) + 40 > L
                 if not bad:
-                    L = _be16(out, q + 4) + 40
+                    L = rd16(out, q + 4) + 40
             else:
                 bad = True  # not tunnel mode (59 = dummy: dropped too)
         # the packet authenticated: it moves the window even if its content is then refused
@@ -861,7 +827,7 @@ def decap_finish(
             reason[i] = EXPIRED
             continue
         if l2len[i] > 0:
-            _put16(out, q - 2, 0x0800 if nh == 4 else 0x86DD)
+            wr16(out, q - 2, 0x0800 if nh == 4 else 0x86DD)
         out_len[i] = l2len[i] + L
     # plaintext of dropped packets (unauthenticated, or refused after) does not stay around
     last = stop + 1 if stop < n else n

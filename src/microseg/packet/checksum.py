@@ -18,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from ..lowlevel import rd32u_le, rd64_le
 from .batch import (
     ERROR,
     F2_BIG_TCP,
@@ -87,24 +88,6 @@ def pseudo_header_sum(src: bytes, dst: bytes, proto: int, length: int) -> int:
 # Numba
 # ---------------------------------------------------------------------------------------------
 @njit(cache=True, inline="always")
-def _le64(d, k):
-    """``d[k:k+8]`` as a little-endian 64-bit word (LLVM makes it one unaligned load)."""
-    w = np.uint64(0)
-    for j in range(8):
-        w |= np.uint64(d[k + np.uint64(j)]) << np.uint64(8 * j)
-    return w
-
-
-@njit(cache=True, inline="always")
-def _le32(d, k):
-    """``d[k:k+4]`` as a little-endian 32-bit word."""
-    w = np.uint64(0)
-    for j in range(4):
-        w |= np.uint64(d[k + np.uint64(j)]) << np.uint64(8 * j)
-    return w
-
-
-@njit(cache=True, inline="always")
 def _fold_swap(s):
     """A sum of little-endian words (64-bit, end-around carry) as the 16-bit sum of the
     big-endian words: folded, then byte-swapped (RFC 1071 2.B: the ones'-complement sum does
@@ -135,8 +118,8 @@ def csum_partial(d, start, stop, acc):
     s0 = np.uint64(0)
     s1 = np.uint64(0)
     while k + sixteen <= end:  # two independent carry chains
-        w0 = _le64(d, k)
-        w1 = _le64(d, k + eight)
+        w0 = rd64_le(d, k)
+        w1 = rd64_le(d, k + eight)
         s0 += w0
         s0 += np.uint64(s0 < w0)
         s1 += w1
@@ -146,11 +129,11 @@ def csum_partial(d, start, stop, acc):
     s0 += np.uint64(s0 < s1)
     t = np.uint64(0)  # the last 15 bytes at most: no carry out
     if k + eight <= end:
-        w0 = _le64(d, k)
+        w0 = rd64_le(d, k)
         t += (w0 & m32) + (w0 >> thirtytwo)
         k += eight
     if k + four <= end:
-        t += _le32(d, k)
+        t += rd32u_le(d, k)
         k += four
     if k + two <= end:
         t += np.uint64(d[k]) | (np.uint64(d[k + one]) << np.uint64(8))
@@ -228,8 +211,8 @@ def _l4_ok_kernel(data, offset, length, u32, u16, i32, u8, out):
             k = np.uint64(lo)
             stop = np.uint64(hi)
             while k + sixteen <= stop:
-                w0 = _le64(data, k)
-                w1 = _le64(data, k + eight)
+                w0 = rd64_le(data, k)
+                w1 = rd64_le(data, k + eight)
                 s += w0
                 s += np.uint64(s < w0)
                 s1 += w1
@@ -237,11 +220,11 @@ def _l4_ok_kernel(data, offset, length, u32, u16, i32, u8, out):
                 k += sixteen
             t = np.uint64(0)  # the last 15 bytes at most
             if k + eight <= stop:
-                w0 = _le64(data, k)
+                w0 = rd64_le(data, k)
                 t += (w0 & m32) + (w0 >> thirtytwo)
                 k += eight
             if k + four <= stop:
-                t += _le32(data, k)
+                t += rd32u_le(data, k)
                 k += four
             if k + two <= stop:
                 t += np.uint64(data[k]) | (np.uint64(data[k + one]) << np.uint64(8))

@@ -61,12 +61,10 @@ protocol and ports (or ICMP id) of the innermost packet.
 from __future__ import annotations
 
 import numpy as np
-from llvmlite import ir
-from numba import njit, types
-from numba.core import cgutils
-from numba.extending import intrinsic
+from numba import njit
 
 from ..errors import InputError
+from ..lowlevel import prefetch, rd8, rd16, rd32, rd32_le, rd48, rd64
 from . import errors as E
 from .batch import (
     AF_INET,
@@ -187,97 +185,10 @@ _H_K = tuple(
 _S29 = np.uint64(29)
 _S32 = np.uint64(32)
 _S16 = np.uint64(16)
-_S8 = np.uint64(8)
 _M32 = np.uint64(0xFFFFFFFF)
-_U24, _U40, _U48, _U56 = np.uint64(24), np.uint64(40), np.uint64(48), np.uint64(56)
-
-
-# Byte reads index with an unsigned offset: callers have bounds-checked it, and an unsigned index
-# spares Numba's negative-index wraparound on every byte (and lets LLVM merge the loads).
-_U = tuple(np.uint64(k) for k in range(8))
-
-
-@intrinsic
-def _prefetch(typingctx, arr, idx):
-    """Hint the CPU to fetch ``arr[idx]``'s cache line (never faults, never changes results)."""
-    sig = types.void(arr, idx)
-
-    def codegen(context, builder, signature, args):
-        ary = context.make_array(signature.args[0])(context, builder, args[0])
-        i8p = ir.IntType(8).as_pointer()
-        ptr = builder.bitcast(builder.gep(ary.data, [args[1]]), i8p)
-        i32 = ir.IntType(32)
-        fn = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]), "llvm.prefetch.p0"
-        )
-        builder.call(fn, [ptr, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
-        return context.get_dummy_value()
-
-    return sig, codegen
 
 
 _PREFETCH_AHEAD = 6  # packets; headers of big frames come from memory, not cache
-
-
-@njit(cache=True)
-def _rd8(d, o):
-    return np.int64(d[np.uint64(o)])
-
-
-@njit(cache=True)
-def _rd16(d, o):
-    u = np.uint64(o)
-    return (np.int64(d[u]) << 8) | np.int64(d[u + _U[1]])
-
-
-@njit(cache=True)
-def _rd32(d, o):
-    u = np.uint64(o)
-    return (
-        (np.int64(d[u]) << 24)
-        | (np.int64(d[u + _U[1]]) << 16)
-        | (np.int64(d[u + _U[2]]) << 8)
-        | np.int64(d[u + _U[3]])
-    )
-
-
-@njit(cache=True)
-def _rd32_le(d, o):
-    u = np.uint64(o)
-    return (
-        (np.int64(d[u + _U[3]]) << 24)
-        | (np.int64(d[u + _U[2]]) << 16)
-        | (np.int64(d[u + _U[1]]) << 8)
-        | np.int64(d[u])
-    )
-
-
-@njit(cache=True)
-def _rd48(d, o):
-    u = np.uint64(o)
-    return (
-        (np.int64(d[u]) << 40)
-        | (np.int64(d[u + _U[1]]) << 32)
-        | (np.int64(d[u + _U[2]]) << 24)
-        | (np.int64(d[u + _U[3]]) << 16)
-        | (np.int64(d[u + _U[4]]) << 8)
-        | np.int64(d[u + _U[5]])
-    )
-
-
-@njit(cache=True)
-def _rd64(d, o):
-    u = np.uint64(o)
-    return (
-        (np.uint64(d[u]) << _U56)
-        | (np.uint64(d[u + _U[1]]) << _U48)
-        | (np.uint64(d[u + _U[2]]) << _U40)
-        | (np.uint64(d[u + _U[3]]) << _S32)
-        | (np.uint64(d[u + _U[4]]) << _U24)
-        | (np.uint64(d[u + _U[5]]) << _S16)
-        | (np.uint64(d[u + _U[6]]) << _S8)
-        | np.uint64(d[u + _U[7]])
-    )
 
 
 @njit(cache=True)
@@ -321,28 +232,28 @@ def _icmp_quoted(d, b, q, end, ver, u64, u16, u8, i):
     if ver == 4:
         if end - q < 20:
             return E.TRUNC_ICMP_INNER
-        ihl = (_rd8(d, b + q) & 15) * 4
-        if (_rd8(d, b + q) >> 4) != 4 or ihl < 20:
+        ihl = (rd8(d, b + q) & 15) * 4
+        if (rd8(d, b + q) >> 4) != 4 or ihl < 20:
             return E.BAD_ICMP_INNER
         if end - q < ihl:
             return E.TRUNC_ICMP_INNER
-        proto = _rd8(d, b + q + 9)
+        proto = rd8(d, b + q + 9)
         s_hi = np.uint64(0)
-        s_lo = np.uint64(_V4_PREFIX | _rd32(d, b + q + 12))
+        s_lo = np.uint64(_V4_PREFIX | rd32(d, b + q + 12))
         d_hi = np.uint64(0)
-        d_lo = np.uint64(_V4_PREFIX | _rd32(d, b + q + 16))
-        later = (_rd16(d, b + q + 6) & 0x1FFF) != 0
+        d_lo = np.uint64(_V4_PREFIX | rd32(d, b + q + 16))
+        later = (rd16(d, b + q + 6) & 0x1FFF) != 0
         r = q + ihl
     else:
         if end - q < 40:
             return E.TRUNC_ICMP_INNER
-        if (_rd8(d, b + q) >> 4) != 6:
+        if (rd8(d, b + q) >> 4) != 6:
             return E.BAD_ICMP_INNER
-        s_hi = _rd64(d, b + q + 8)
-        s_lo = _rd64(d, b + q + 16)
-        d_hi = _rd64(d, b + q + 24)
-        d_lo = _rd64(d, b + q + 32)
-        proto = _rd8(d, b + q + 6)
+        s_hi = rd64(d, b + q + 8)
+        s_lo = rd64(d, b + q + 16)
+        d_hi = rd64(d, b + q + 24)
+        d_lo = rd64(d, b + q + 32)
+        proto = rd8(d, b + q + 6)
         r = q + 40
         count = 0
         later = False
@@ -353,18 +264,18 @@ def _icmp_quoted(d, b, q, end, ver, u64, u16, u8, i):
             if proto == 44:
                 if end - r < 8:
                     return E.TRUNC_ICMP_INNER
-                later = (_rd16(d, b + r + 2) >> 3) != 0
-                proto = _rd8(d, b + r)
+                later = (rd16(d, b + r + 2) >> 3) != 0
+                proto = rd8(d, b + r)
                 r += 8
                 if later:
                     break
             else:
                 if end - r < 2:
                     return E.TRUNC_ICMP_INNER
-                hlen = (_rd8(d, b + r + 1) + 1) * 8
+                hlen = (rd8(d, b + r + 1) + 1) * 8
                 if end - r < hlen:
                     return E.TRUNC_ICMP_INNER
-                proto = _rd8(d, b + r)
+                proto = rd8(d, b + r)
                 r += hlen
     u8[INNER_PROTO, i] = proto
     u64[INNER_SRC_HI, i] = s_hi
@@ -375,15 +286,15 @@ def _icmp_quoted(d, b, q, end, ver, u64, u16, u8, i):
         if proto == 6 or proto == 17 or proto == 132:
             if end - r < 8:
                 return E.TRUNC_ICMP_INNER
-            u16[INNER_SPORT, i] = _rd16(d, b + r)
-            u16[INNER_DPORT, i] = _rd16(d, b + r + 2)
+            u16[INNER_SPORT, i] = rd16(d, b + r)
+            u16[INNER_DPORT, i] = rd16(d, b + r + 2)
         elif (proto == 1 and ver == 4) or (proto == 58 and ver == 6):
             if end - r < 8:
                 return E.TRUNC_ICMP_INNER
-            t = _rd8(d, b + r)
+            t = rd8(d, b + r)
             u8[INNER_ICMP_TYPE, i] = t
             if _icmp_has_id(t, ver):
-                u16[INNER_SPORT, i] = _rd16(d, b + r + 4)
+                u16[INNER_SPORT, i] = rd16(d, b + r + 4)
     u8[FLAGS, i] |= F_ICMP_ERR
     return E.OK
 
@@ -409,22 +320,22 @@ def _jumbo_option(d, b, pos, lim):
     ``pos``, or -1 when the header is not all there or has no such option."""
     if lim - pos < 2:
         return -1
-    hend = pos + (_rd8(d, b + pos + 1) + 1) * 8
+    hend = pos + (rd8(d, b + pos + 1) + 1) * 8
     if hend > lim:
         return -1
     q = pos + 2
     while q < hend:
-        t = _rd8(d, b + q)
+        t = rd8(d, b + q)
         if t == 0:  # Pad1
             q += 1
             continue
         if hend - q < 2:
             return -1
-        olen = _rd8(d, b + q + 1)
+        olen = rd8(d, b + q + 1)
         if t == 0xC2:
             if olen != 4 or hend - q < 6:
                 return -1
-            return _rd32(d, b + q + 2)
+            return rd32(d, b + q + 2)
         q += 2 + olen
     return -1
 
@@ -460,8 +371,8 @@ def _parse_kernel(data, offset, length, wire_len, linktype, u64, u32, i32, u16, 
         if i + _PREFETCH_AHEAD < n:
             pb = offset[i + _PREFETCH_AHEAD]
             if pb >= 0 and pb + 128 <= size:
-                _prefetch(data, pb)
-                _prefetch(data, pb + 64)
+                prefetch(data, pb)
+                prefetch(data, pb + 64)
         b = offset[i]
         ln = np.int64(length[i])
         if b < 0 or b > size or ln < 0:
@@ -485,7 +396,7 @@ def _parse_kernel(data, offset, length, wire_len, linktype, u64, u32, i32, u16, 
         if linktype == LINK_ETHERNET:
             kind = _K_ETH
         elif raw:
-            if cap >= 1 and (_rd8(d, b) >> 4) == 6:
+            if cap >= 1 and (rd8(d, b) >> 4) == 6:
                 kind = _K_V6
                 u16[ETHERTYPE, i] = 0x86DD
             else:
@@ -502,11 +413,11 @@ def _parse_kernel(data, offset, length, wire_len, linktype, u64, u32, i32, u16, 
             if cap < 4:
                 err = E.TRUNC_LINK
             else:
-                fam = _rd32(d, b)
+                fam = rd32(d, b)
                 if linktype == LINK_NULL:
                     # the writer's byte order: read little-endian, and a family needs 16 bits,
                     # so a value above that was written big-endian
-                    le = _rd32_le(d, b)
+                    le = rd32_le(d, b)
                     if le <= 0xFFFF:
                         fam = le
                 pos = 4
@@ -523,7 +434,7 @@ def _parse_kernel(data, offset, length, wire_len, linktype, u64, u32, i32, u16, 
                 err = E.TRUNC_LINK
             else:
                 kind = _K_COOKED
-                etype = _rd16(d, b + 14) if linktype == LINK_LINUX_SLL else _rd16(d, b)
+                etype = rd16(d, b + 14) if linktype == LINK_LINUX_SLL else rd16(d, b)
                 pos = hl
         while kind != _K_NONE:
             # ---- L2 --------------------------------------------------------------------
@@ -534,9 +445,9 @@ def _parse_kernel(data, offset, length, wire_len, linktype, u64, u32, i32, u16, 
                         err = E.TRUNC_ETH
                         break
                     # 14 bytes are there: read each MAC as 8 bytes (two wide loads) and drop 2
-                    u64[ETH_DST, i] = _rd64(d, b + pos) >> _S16
-                    u64[ETH_SRC, i] = _rd64(d, b + pos + 6) >> _S16
-                    etype = _rd16(d, b + pos + 12)
+                    u64[ETH_DST, i] = rd64(d, b + pos) >> _S16
+                    u64[ETH_SRC, i] = rd64(d, b + pos + 6) >> _S16
+                    etype = rd16(d, b + pos + 12)
                     pos += 14
                 nv = 0
                 while (etype == 0x8100 or etype == 0x88A8) and nv < _MAX_VLANS:
@@ -544,10 +455,10 @@ def _parse_kernel(data, offset, length, wire_len, linktype, u64, u32, i32, u16, 
                         u16[ETHERTYPE, i] = etype
                         err = E.TRUNC_VLAN
                         break
-                    u16[VLAN0 + nv, i] = _rd16(d, b + pos)
+                    u16[VLAN0 + nv, i] = rd16(d, b + pos)
                     nv += 1
                     u8[N_VLANS, i] = nv
-                    etype = _rd16(d, b + pos + 2)
+                    etype = rd16(d, b + pos + 2)
                     pos += 4
                 if err:
                     break
@@ -563,20 +474,20 @@ def _parse_kernel(data, offset, length, wire_len, linktype, u64, u32, i32, u16, 
                         err = E.TRUNC_ARP
                         break
                     o = b + pos
-                    hln = _rd8(d, o + 4)
-                    u16[ARP_OP, i] = _rd16(d, o + 6)
-                    if _rd16(d, o + 2) != 0x0800 or _rd8(d, o + 5) != 4:
+                    hln = rd8(d, o + 4)
+                    u16[ARP_OP, i] = rd16(d, o + 6)
+                    if rd16(d, o + 2) != 0x0800 or rd8(d, o + 5) != 4:
                         err = E.BAD_ARP
                         break
                     if lim - pos < 16 + 2 * hln:
                         err = E.TRUNC_ARP
                         break
                     if hln == 6:
-                        u64[ARP_SHA, i] = _rd48(d, o + 8)
-                        u64[ARP_THA, i] = _rd48(d, o + 18)
+                        u64[ARP_SHA, i] = rd48(d, o + 8)
+                        u64[ARP_THA, i] = rd48(d, o + 18)
                         u8[FLAGS2, i] |= F2_ARP_HW
-                    u64[SRC_LO, i] = _V4_PREFIX | _rd32(d, o + 8 + hln)
-                    u64[DST_LO, i] = _V4_PREFIX | _rd32(d, o + 12 + 2 * hln)
+                    u64[SRC_LO, i] = _V4_PREFIX | rd32(d, o + 8 + hln)
+                    u64[DST_LO, i] = _V4_PREFIX | rd32(d, o + 12 + 2 * hln)
                     break
                 else:
                     break
@@ -589,20 +500,20 @@ def _parse_kernel(data, offset, length, wire_len, linktype, u64, u32, i32, u16, 
                     err = E.TRUNC_IPV4
                     break
                 o = b + pos
-                v = _rd8(d, o)
+                v = rd8(d, o)
                 if (v >> 4) != 4:
                     err = E.BAD_IPV4_VER
                     break
                 ihl = (v & 15) * 4
-                total = _rd16(d, o + 2)
-                frag = _rd16(d, o + 6)
-                proto = _rd8(d, o + 9)
+                total = rd16(d, o + 2)
+                frag = rd16(d, o + 6)
+                proto = rd8(d, o + 9)
                 u8[IP_VER, i] = 4
                 u32[IP_LEN, i] = total
-                u8[TTL, i] = _rd8(d, o + 8)
+                u8[TTL, i] = rd8(d, o + 8)
                 u8[PROTO, i] = proto
-                u64[SRC_LO, i] = _V4_PREFIX | _rd32(d, o + 12)
-                u64[DST_LO, i] = _V4_PREFIX | _rd32(d, o + 16)
+                u64[SRC_LO, i] = _V4_PREFIX | rd32(d, o + 12)
+                u64[DST_LO, i] = _V4_PREFIX | rd32(d, o + 16)
                 foff = frag & 0x1FFF
                 if frag & 0x3FFF:
                     partial = True
@@ -627,7 +538,7 @@ def _parse_kernel(data, offset, length, wire_len, linktype, u64, u32, i32, u16, 
                     break
                 s = np.int64(0)
                 for k in range(0, ihl, 4):
-                    s += _rd32(d, o + k)
+                    s += rd32(d, o + k)
                 s = (s & 0xFFFF) + (s >> 16)
                 s = (s & 0xFFFF) + (s >> 16)
                 s = (s & 0xFFFF) + (s >> 16)
@@ -648,18 +559,18 @@ def _parse_kernel(data, offset, length, wire_len, linktype, u64, u32, i32, u16, 
                     err = E.TRUNC_IPV6
                     break
                 o = b + pos
-                if (_rd8(d, o) >> 4) != 6:
+                if (rd8(d, o) >> 4) != 6:
                     err = E.BAD_IPV6_VER
                     break
-                plen = _rd16(d, o + 4)
+                plen = rd16(d, o + 4)
                 u8[IP_VER, i] = 6
                 u32[IP_LEN, i] = plen + 40
-                u8[TTL, i] = _rd8(d, o + 7)
-                u64[SRC_HI, i] = _rd64(d, o + 8)
-                u64[SRC_LO, i] = _rd64(d, o + 16)
-                u64[DST_HI, i] = _rd64(d, o + 24)
-                u64[DST_LO, i] = _rd64(d, o + 32)
-                proto = _rd8(d, o + 6)
+                u8[TTL, i] = rd8(d, o + 7)
+                u64[SRC_HI, i] = rd64(d, o + 8)
+                u64[SRC_LO, i] = rd64(d, o + 16)
+                u64[DST_HI, i] = rd64(d, o + 24)
+                u64[DST_LO, i] = rd64(d, o + 32)
+                proto = rd8(d, o + 6)
                 u8[PROTO, i] = proto
                 if plen == 0 and proto == 0:
                     jumbo = _jumbo_option(d, b, pos + 40, lim)
@@ -693,7 +604,7 @@ def _parse_kernel(data, offset, length, wire_len, linktype, u64, u32, i32, u16, 
                         if lim - pos < 8:
                             err = E.BAD_IPV6_EXT
                             break
-                        fo = _rd16(d, b + pos + 2)
+                        fo = rd16(d, b + pos + 2)
                         foff = fo >> 3
                         fl = F_FRAG
                         partial = (fo & 1) != 0 or foff != 0
@@ -701,17 +612,17 @@ def _parse_kernel(data, offset, length, wire_len, linktype, u64, u32, i32, u16, 
                             fl |= F_MF
                         u8[FLAGS, i] |= fl
                         u16[FRAG_OFF, i] = foff
-                        proto = _rd8(d, b + pos)
+                        proto = rd8(d, b + pos)
                         pos += 8
                     else:
                         if lim - pos < 2:
                             err = E.BAD_IPV6_EXT
                             break
-                        hlen = (_rd8(d, b + pos + 1) + 1) * 8
+                        hlen = (rd8(d, b + pos + 1) + 1) * 8
                         if lim - pos < hlen:
                             err = E.BAD_IPV6_EXT
                             break
-                        proto = _rd8(d, b + pos)
+                        proto = rd8(d, b + pos)
                         pos += hlen
                     u8[PROTO, i] = proto
                     if foff:
@@ -733,15 +644,15 @@ def _parse_kernel(data, offset, length, wire_len, linktype, u64, u32, i32, u16, 
                 if lim - pos < 20:
                     err = E.TRUNC_TCP
                     break
-                u16[SPORT, i] = _rd16(d, o)
-                u16[DPORT, i] = _rd16(d, o + 2)
+                u16[SPORT, i] = rd16(d, o)
+                u16[DPORT, i] = rd16(d, o + 2)
                 u8[FLAGS, i] |= F_PORTS
-                u32[TCP_SEQ, i] = _rd32(d, o + 4)
-                u32[TCP_ACK, i] = _rd32(d, o + 8)
-                doff = (_rd8(d, o + 12) >> 4) * 4
+                u32[TCP_SEQ, i] = rd32(d, o + 4)
+                u32[TCP_ACK, i] = rd32(d, o + 8)
+                doff = (rd8(d, o + 12) >> 4) * 4
                 u8[TCP_DOFF, i] = doff
-                u8[TCP_FLAGS, i] = _rd8(d, o + 13)
-                u16[TCP_WIN, i] = _rd16(d, o + 14)
+                u8[TCP_FLAGS, i] = rd8(d, o + 13)
+                u16[TCP_WIN, i] = rd16(d, o + 14)
                 if doff < 20 or doff > end - pos:
                     err = E.BAD_TCP_DOFF
                     break
@@ -752,11 +663,11 @@ def _parse_kernel(data, offset, length, wire_len, linktype, u64, u32, i32, u16, 
                 if lim - pos < 8:
                     err = E.TRUNC_UDP
                     break
-                dport = _rd16(d, o + 2)
-                u16[SPORT, i] = _rd16(d, o)
+                dport = rd16(d, o + 2)
+                u16[SPORT, i] = rd16(d, o)
                 u16[DPORT, i] = dport
                 u8[FLAGS, i] |= F_PORTS
-                ulen = _rd16(d, o + 4)
+                ulen = rd16(d, o + 4)
                 if ulen == 0 and (u8[FLAGS2, i] & F2_JUMBO) and end - pos > 0xFFFF:
                     ulen = end - pos  # RFC 2675: a jumbo datagram's UDP length is 0
                 if ulen < 8 or (not partial and ulen > end - pos):
@@ -775,19 +686,19 @@ def _parse_kernel(data, offset, length, wire_len, linktype, u64, u32, i32, u16, 
                     if lim - u < 8:
                         err = E.TRUNC_TUNNEL
                         break
-                    if not (_rd8(d, b + u) & 0x08):
+                    if not (rd8(d, b + u) & 0x08):
                         err = E.BAD_TUNNEL
                         break
                     tun = TUN_VXLAN
-                    vni = _rd32(d, b + u + 4) >> 8
+                    vni = rd32(d, b + u + 4) >> 8
                     pos = u + 8
                 elif dport == 6081:
                     if lim - u < 8:
                         err = E.TRUNC_TUNNEL
                         break
-                    g0 = _rd8(d, b + u)
+                    g0 = rd8(d, b + u)
                     optlen = (g0 & 0x3F) * 4
-                    gproto = _rd16(d, b + u + 2)
+                    gproto = rd16(d, b + u + 2)
                     if (g0 >> 6) != 0 or optlen > end - u - 8:
                         err = E.BAD_TUNNEL
                         break
@@ -801,7 +712,7 @@ def _parse_kernel(data, offset, length, wire_len, linktype, u64, u32, i32, u16, 
                         err = E.BAD_TUNNEL
                         break
                     tun = TUN_GENEVE
-                    vni = _rd32(d, b + u + 4) >> 8
+                    vni = rd32(d, b + u + 4) >> 8
                     pos = u + 8 + optlen
                 else:
                     u8[TUN_UNFOLLOWED, i] = _udp_tunnel(dport)
@@ -810,8 +721,8 @@ def _parse_kernel(data, offset, length, wire_len, linktype, u64, u32, i32, u16, 
                 if lim - pos < 12:
                     err = E.TRUNC_SCTP
                     break
-                u16[SPORT, i] = _rd16(d, o)
-                u16[DPORT, i] = _rd16(d, o + 2)
+                u16[SPORT, i] = rd16(d, o)
+                u16[DPORT, i] = rd16(d, o + 2)
                 u8[FLAGS, i] |= F_PORTS
                 i32[PAYLOAD_OFF, i] = pos + 12
                 i32[PAYLOAD_LEN, i] = end - pos - 12
@@ -820,14 +731,14 @@ def _parse_kernel(data, offset, length, wire_len, linktype, u64, u32, i32, u16, 
                 if lim - pos < 8:
                     err = E.TRUNC_ICMP
                     break
-                t = _rd8(d, o)
+                t = rd8(d, o)
                 u8[ICMP_TYPE, i] = t
-                u8[ICMP_CODE, i] = _rd8(d, o + 1)
+                u8[ICMP_CODE, i] = rd8(d, o + 1)
                 u8[FLAGS, i] |= F_ICMP
                 i32[PAYLOAD_OFF, i] = pos + 8
                 i32[PAYLOAD_LEN, i] = end - pos - 8
                 if _icmp_has_id(t, ver):
-                    u16[ICMP_ID, i] = _rd16(d, o + 4)
+                    u16[ICMP_ID, i] = rd16(d, o + 4)
                 elif _icmp_is_error(t, ver) and not partial:
                     err = _icmp_quoted(d, b, pos + 8, lim, ver, u64, u16, u8, i)
                     break
@@ -836,8 +747,8 @@ def _parse_kernel(data, offset, length, wire_len, linktype, u64, u32, i32, u16, 
                 if lim - pos < 8:
                     err = E.TRUNC_ESP
                     break
-                u32[ESP_SPI, i] = _rd32(d, o)
-                u32[ESP_SEQ, i] = _rd32(d, o + 4)
+                u32[ESP_SPI, i] = rd32(d, o)
+                u32[ESP_SEQ, i] = rd32(d, o + 4)
                 u8[FLAGS, i] |= F_ESP
                 i32[PAYLOAD_OFF, i] = pos + 8
                 i32[PAYLOAD_LEN, i] = end - pos - 8
@@ -846,11 +757,11 @@ def _parse_kernel(data, offset, length, wire_len, linktype, u64, u32, i32, u16, 
                 if lim - pos < 4:
                     err = E.TRUNC_GRE
                     break
-                gf = _rd16(d, o)
+                gf = rd16(d, o)
                 if gf & 0x4007:
                     err = E.BAD_GRE
                     break
-                gproto = _rd16(d, o + 2)
+                gproto = rd16(d, o + 2)
                 u16[GRE_PROTO, i] = gproto
                 u8[FLAGS, i] |= F_GRE
                 hlen = 4
@@ -867,7 +778,7 @@ def _parse_kernel(data, offset, length, wire_len, linktype, u64, u32, i32, u16, 
                     break
                 key = 0
                 if has_key:
-                    key = _rd32(d, o + key_at)
+                    key = rd32(d, o + key_at)
                     u32[GRE_KEY, i] = key
                 i32[PAYLOAD_OFF, i] = pos + hlen
                 i32[PAYLOAD_LEN, i] = end - pos - hlen

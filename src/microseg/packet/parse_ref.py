@@ -6,8 +6,7 @@ kernel must match field for field) are described in :mod:`microseg.packet.parse`
 
 from __future__ import annotations
 
-import struct
-
+from ..lowlevel import rd16_py, rd32_py
 from . import batch as B
 from . import errors as E
 
@@ -57,14 +56,6 @@ class _Stop(Exception):
 
     def __init__(self, code: int):
         self.code = code
-
-
-def _u16(p: bytes, o: int) -> int:
-    return (p[o] << 8) | p[o + 1]
-
-
-def _u32(p: bytes, o: int) -> int:
-    return struct.unpack_from("!I", p, o)[0]
 
 
 def _mac(p: bytes, o: int) -> int:
@@ -189,7 +180,7 @@ class _Parser:
         hlen, at = (16, 14) if lt == B.LINK_LINUX_SLL else (20, 0)
         if self.cap < hlen:
             raise _Stop(E.TRUNC_LINK)
-        return ("ethertype", hlen, end, _u16(p, at))
+        return ("ethertype", hlen, end, rd16_py(p, at))
 
     def decap(self, tun: int, vni: int, outer_l3: int) -> None:
         f = self.f
@@ -212,7 +203,7 @@ class _Parser:
             raise _Stop(E.TRUNC_ETH)
         f["eth_dst"] = _mac(p, pos)
         f["eth_src"] = _mac(p, pos + 6)
-        return self.ethertype(_u16(p, pos + 12), pos + 14, end)
+        return self.ethertype(rd16_py(p, pos + 12), pos + 14, end)
 
     def ethertype(self, etype: int, pos: int, end: int):
         """VLAN tags and what the ethertype names, after Ethernet or a cooked header."""
@@ -222,9 +213,9 @@ class _Parser:
             if lim - pos < 4:
                 f["ethertype"] = etype
                 raise _Stop(E.TRUNC_VLAN)
-            f["vlan0" if f["n_vlans"] == 0 else "vlan1"] = _u16(p, pos)
+            f["vlan0" if f["n_vlans"] == 0 else "vlan1"] = rd16_py(p, pos)
             f["n_vlans"] += 1
-            etype = _u16(p, pos + 2)
+            etype = rd16_py(p, pos + 2)
             pos += 4
         f["ethertype"] = etype
         if etype == ETH_IPV4:
@@ -244,8 +235,8 @@ class _Parser:
         if lim - pos < 8:
             raise _Stop(E.TRUNC_ARP)
         hln, pln = p[pos + 4], p[pos + 5]
-        f["arp_op"] = _u16(p, pos + 6)
-        if _u16(p, pos + 2) != ETH_IPV4 or pln != 4:
+        f["arp_op"] = rd16_py(p, pos + 6)
+        if rd16_py(p, pos + 2) != ETH_IPV4 or pln != 4:
             raise _Stop(E.BAD_ARP)
         sha, spa = pos + 8, pos + 8 + hln
         tha, tpa = spa + 4, spa + 4 + hln
@@ -254,8 +245,8 @@ class _Parser:
         if hln == 6:
             f["arp_sha"], f["arp_tha"] = _mac(p, sha), _mac(p, tha)
             f["flags2"] |= B.F2_ARP_HW
-        f["src_lo"] = V4_PREFIX | _u32(p, spa)
-        f["dst_lo"] = V4_PREFIX | _u32(p, tpa)
+        f["src_lo"] = V4_PREFIX | rd32_py(p, spa)
+        f["dst_lo"] = V4_PREFIX | rd32_py(p, tpa)
 
     def ipv4(self, pos: int, end: int):
         p, f = self.p, self.f
@@ -266,14 +257,14 @@ class _Parser:
         if p[pos] >> 4 != 4:
             raise _Stop(E.BAD_IPV4_VER)
         ihl = (p[pos] & 15) * 4
-        total = _u16(p, pos + 2)
-        frag = _u16(p, pos + 6)
+        total = rd16_py(p, pos + 2)
+        frag = rd16_py(p, pos + 6)
         f["ip_ver"] = 4
         f["ip_len"] = total
         f["ttl"] = p[pos + 8]
         f["proto"] = proto = p[pos + 9]
-        f["src_lo"] = V4_PREFIX | _u32(p, pos + 12)
-        f["dst_lo"] = V4_PREFIX | _u32(p, pos + 16)
+        f["src_lo"] = V4_PREFIX | rd32_py(p, pos + 12)
+        f["dst_lo"] = V4_PREFIX | rd32_py(p, pos + 16)
         off = frag & 0x1FFF
         mf = bool(frag & 0x2000)
         if off or mf:
@@ -311,7 +302,7 @@ class _Parser:
             if hend - q < 2:
                 return None
             if p[q] == JUMBO_OPTION:
-                return _u32(p, q + 2) if p[q + 1] == 4 and hend - q >= 6 else None
+                return rd32_py(p, q + 2) if p[q + 1] == 4 and hend - q >= 6 else None
             q += 2 + p[q + 1]
         return None
 
@@ -323,7 +314,7 @@ class _Parser:
             raise _Stop(E.TRUNC_IPV6)
         if p[pos] >> 4 != 6:
             raise _Stop(E.BAD_IPV6_VER)
-        plen = _u16(p, pos + 4)
+        plen = rd16_py(p, pos + 4)
         f["ip_ver"] = 6
         f["ip_len"] = plen + 40
         f["ttl"] = p[pos + 7]
@@ -357,7 +348,7 @@ class _Parser:
             if nh == V6_FRAGMENT:
                 if lim - q < 8:
                     raise _Stop(E.BAD_IPV6_EXT)
-                fo = _u16(p, q + 2)
+                fo = rd16_py(p, q + 2)
                 off, more = fo >> 3, bool(fo & 1)
                 f["flags"] |= B.F_FRAG | (B.F_MF if more else 0)
                 f["frag_off"] = off
@@ -392,12 +383,12 @@ class _Parser:
         if proto == IPPROTO_TCP:
             if lim - pos < 20:
                 raise _Stop(E.TRUNC_TCP)
-            f["sport"], f["dport"] = _u16(p, pos), _u16(p, pos + 2)
+            f["sport"], f["dport"] = rd16_py(p, pos), rd16_py(p, pos + 2)
             f["flags"] |= B.F_PORTS
-            f["tcp_seq"], f["tcp_ack"] = _u32(p, pos + 4), _u32(p, pos + 8)
+            f["tcp_seq"], f["tcp_ack"] = rd32_py(p, pos + 4), rd32_py(p, pos + 8)
             f["tcp_doff"] = doff = (p[pos + 12] >> 4) * 4
             f["tcp_flags"] = p[pos + 13]
-            f["tcp_win"] = _u16(p, pos + 14)
+            f["tcp_win"] = rd16_py(p, pos + 14)
             if doff < 20 or doff > end - pos:
                 raise _Stop(E.BAD_TCP_DOFF)
             self.opaque(pos + doff, end)
@@ -405,7 +396,7 @@ class _Parser:
         if proto == IPPROTO_UDP:
             if lim - pos < 8:
                 raise _Stop(E.TRUNC_UDP)
-            sport, dport, ulen = _u16(p, pos), _u16(p, pos + 2), _u16(p, pos + 4)
+            sport, dport, ulen = rd16_py(p, pos), rd16_py(p, pos + 2), rd16_py(p, pos + 4)
             f["sport"], f["dport"] = sport, dport
             f["flags"] |= B.F_PORTS
             if ulen == 0 and f["flags2"] & B.F2_JUMBO and end - pos > 0xFFFF:
@@ -428,7 +419,7 @@ class _Parser:
         if proto == IPPROTO_SCTP:
             if lim - pos < 12:
                 raise _Stop(E.TRUNC_SCTP)
-            f["sport"], f["dport"] = _u16(p, pos), _u16(p, pos + 2)
+            f["sport"], f["dport"] = rd16_py(p, pos), rd16_py(p, pos + 2)
             f["flags"] |= B.F_PORTS
             self.opaque(pos + 12, end)
             return None
@@ -438,7 +429,7 @@ class _Parser:
         if proto == IPPROTO_ESP:
             if lim - pos < 8:
                 raise _Stop(E.TRUNC_ESP)
-            f["esp_spi"], f["esp_seq"] = _u32(p, pos), _u32(p, pos + 4)
+            f["esp_spi"], f["esp_seq"] = rd32_py(p, pos), rd32_py(p, pos + 4)
             f["flags"] |= B.F_ESP
             self.opaque(pos + 8, end)
             return None
@@ -463,7 +454,7 @@ class _Parser:
         f["flags"] |= B.F_ICMP
         self.opaque(pos + 8, end)
         if t in (ICMP4_ID_TYPES if ver == 4 else ICMP6_ID_TYPES):
-            f["icmp_id"] = _u16(p, pos + 4)
+            f["icmp_id"] = rd16_py(p, pos + 4)
         elif t in (ICMP4_ERRORS if ver == 4 else ICMP6_ERRORS) and not partial:
             self.icmp_quoted(pos + 8, lim, ver)
 
@@ -480,9 +471,9 @@ class _Parser:
             if end - q < ihl:
                 raise _Stop(E.TRUNC_ICMP_INNER)
             proto = p[q + 9]
-            src = (0, V4_PREFIX | _u32(p, q + 12))
-            dst = (0, V4_PREFIX | _u32(p, q + 16))
-            later_fragment = (_u16(p, q + 6) & 0x1FFF) != 0
+            src = (0, V4_PREFIX | rd32_py(p, q + 12))
+            dst = (0, V4_PREFIX | rd32_py(p, q + 16))
+            later_fragment = (rd16_py(p, q + 6) & 0x1FFF) != 0
             r = q + ihl
         else:
             if end - q < 40:
@@ -501,7 +492,7 @@ class _Parser:
                 if proto == V6_FRAGMENT:
                     if end - r < 8:
                         raise _Stop(E.TRUNC_ICMP_INNER)
-                    later_fragment = (_u16(p, r + 2) >> 3) != 0
+                    later_fragment = (rd16_py(p, r + 2) >> 3) != 0
                     proto = p[r]
                     r += 8
                     if later_fragment:
@@ -522,14 +513,14 @@ class _Parser:
             if proto in (IPPROTO_TCP, IPPROTO_UDP, IPPROTO_SCTP):
                 if end - r < 8:
                     raise _Stop(E.TRUNC_ICMP_INNER)
-                f["inner_sport"], f["inner_dport"] = _u16(p, r), _u16(p, r + 2)
+                f["inner_sport"], f["inner_dport"] = rd16_py(p, r), rd16_py(p, r + 2)
             elif proto == icmp:
                 if end - r < 8:
                     raise _Stop(E.TRUNC_ICMP_INNER)
                 t = p[r]
                 f["inner_icmp_type"] = t
                 if t in (ICMP4_ID_TYPES if ver == 4 else ICMP6_ID_TYPES):
-                    f["inner_sport"] = _u16(p, r + 4)
+                    f["inner_sport"] = rd16_py(p, r + 4)
         f["flags"] |= B.F_ICMP_ERR
 
     def gre(self, pos: int, end: int, partial: bool):
@@ -537,10 +528,10 @@ class _Parser:
         lim = min(end, self.cap)
         if lim - pos < 4:
             raise _Stop(E.TRUNC_GRE)
-        fl = _u16(p, pos)
+        fl = rd16_py(p, pos)
         if fl & 0x4007:  # routing present, or version != 0
             raise _Stop(E.BAD_GRE)
-        proto = _u16(p, pos + 2)
+        proto = rd16_py(p, pos + 2)
         f["gre_proto"] = proto
         f["flags"] |= B.F_GRE
         hlen = 4 + (4 if fl & 0x8000 else 0)
@@ -550,7 +541,7 @@ class _Parser:
         if lim - pos < hlen:
             raise _Stop(E.TRUNC_GRE)
         if has_key:
-            f["gre_key"] = _u32(p, key_at)
+            f["gre_key"] = rd32_py(p, key_at)
         self.opaque(pos + hlen, end)
         if proto == ETH_TEB and has_key:
             tunnel = ("eth", pos + hlen, end, B.TUN_NVGRE, f["gre_key"] >> 8)
@@ -570,7 +561,7 @@ class _Parser:
             raise _Stop(E.TRUNC_TUNNEL)
         if not p[pos] & 0x08:
             raise _Stop(E.BAD_TUNNEL)
-        vni = _u32(p, pos + 4) >> 8
+        vni = rd32_py(p, pos + 4) >> 8
         return ("eth", pos + 8, end, B.TUN_VXLAN, vni)
 
     def geneve(self, pos: int, end: int):
@@ -578,10 +569,10 @@ class _Parser:
         if min(end, self.cap) - pos < 8:
             raise _Stop(E.TRUNC_TUNNEL)
         optlen = (p[pos] & 0x3F) * 4
-        proto = _u16(p, pos + 2)
+        proto = rd16_py(p, pos + 2)
         if p[pos] >> 6 != 0 or optlen > end - pos - 8:
             raise _Stop(E.BAD_TUNNEL)
-        vni = _u32(p, pos + 4) >> 8
+        vni = rd32_py(p, pos + 4) >> 8
         inner = pos + 8 + optlen
         if proto == ETH_TEB:
             return ("eth", inner, end, B.TUN_GENEVE, vni)
