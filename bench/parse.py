@@ -130,7 +130,10 @@ def main() -> None:
     res["call_overhead_us"] = {"wall": w / calls * 1e6, "cpu": c / calls * 1e6}
     a = keys.arrays()
     w, c = timed(
-        lambda: [_parse_kernel(empty.data, empty.offset, empty.length, 1, *a) for _ in range(calls)], repeat
+        lambda: [
+            _parse_kernel(empty.data, empty.offset, empty.length, empty.wire_len, 1, *a) for _ in range(calls)
+        ],
+        repeat,
     )
     res["kernel_dispatch_us"] = {"wall": w / calls * 1e6, "cpu": c / calls * 1e6}
     print(
