@@ -32,6 +32,7 @@ import re
 import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
+from json.encoder import encode_basestring  # type: ignore[attr-defined]
 from typing import Any
 
 from ..ipsec import sa as sa_mod
@@ -316,8 +317,49 @@ def policy_resources(policy: Policy) -> dict[str, dict]:
 
 
 def encode_value(value: dict) -> bytes:
-    """A resource's value as stored: JSON, one field per line (errors then name useful lines)."""
-    return (json.dumps(value, indent=1, ensure_ascii=False) + "\n").encode("utf-8")
+    """A resource's value as stored: JSON, one field per line (errors then name useful lines).
+
+    The bytes of ``json.dumps(value, indent=1, ensure_ascii=False) + "\\n"``, built without
+    the standard library's pure-Python indenting encoder (two to three times faster: an apply
+    encodes every resource of the file to compare the groups' hashes)."""
+    out: list[str] = []
+    _encode(value, "", out)
+    out.append("\n")
+    return "".join(out).encode("utf-8")
+
+
+def _encode(v: Any, indent: str, out: list[str]) -> None:
+    t = type(v)
+    if t is str:
+        out.append(encode_basestring(v))
+    elif t is dict or t is list or t is tuple:
+        if not v:
+            out.append("{}" if t is dict else "[]")
+            return
+        inner = indent + " "
+        out.append("{\n" if t is dict else "[\n")
+        first = True
+        for item in v.items() if t is dict else v:
+            if not first:
+                out.append(",\n")
+            first = False
+            out.append(inner)
+            if t is dict:
+                out.append(encode_basestring(item[0]))
+                out.append(": ")
+                item = item[1]
+            _encode(item, inner, out)
+        out.append("\n" + indent + ("}" if t is dict else "]"))
+    elif v is True:
+        out.append("true")
+    elif v is False:
+        out.append("false")
+    elif v is None:
+        out.append("null")
+    elif t is int:
+        out.append(int.__repr__(v))
+    else:
+        out.append(json.dumps(v))  # floats (and anything else) as the standard encoder writes them
 
 
 def canonical(policy: Policy) -> Policy:

@@ -1,12 +1,15 @@
 """The agent's view of the store: load once, then watch, fail static.
 
-:class:`PolicyWatcher` reads every resource under the prefix (:meth:`~PolicyWatcher.load`),
-keeps them, and watches the prefix from the revision it read, in a thread of its own
-(:meth:`~PolicyWatcher.start`). After each batch of events (one gateway message, never part of
-a transaction) it works out the keys its host needs (:func:`~microseg.store.layout.host_keys`;
-every resource without a host); only when their values changed does it assemble and validate
-them and call back with ``(Policy, revision)``, so changes that touch other tenants cost no
-recompilation.
+:class:`PolicyWatcher` reads what its host needs (:meth:`~PolicyWatcher.load`): the settings,
+hosts and SA files, every workload's host (an index, to learn about moves) and every resource
+of the host's tenants, at one revision; it holds only those, and watches the prefix from that
+revision in a thread of its own (:meth:`~PolicyWatcher.start`). Each batch of events (one
+gateway message, never part of a transaction) updates what it holds; a tenant that becomes the
+host's is read at the batch's revision, one that stops being the host's is let go. Only when a
+held value changed does it work out the host's keys, and only when their values changed does
+it assemble and validate them and call back with ``(Policy, revision)``, so changes that touch
+other tenants cost no recompilation. While an apply is being written in batches (the
+``pending`` key exists) it judges nothing; the apply's commit is judged whole.
 
 * **Fail static.** When etcd does not answer, the stream breaks, or the member loses its
   leader, the last good policy stays (the callback is simply not called), the state becomes
