@@ -238,6 +238,9 @@ class Datapath:
         ent_tmp = np.empty(n, np.int64)
         dir_tmp = np.empty(n, np.uint8)
         pending = np.empty(n, np.int64)
+        follow = np.empty(n, np.int64)
+        ckey = np.zeros(n, np.uint64)
+        more = np.empty(n, np.int64)
         slow = np.empty(n, np.int64)
         offload = cfg.offload
         ctl = self._ctl
@@ -287,6 +290,8 @@ class Datapath:
             ent_tmp,
             dir_tmp,
             pending,
+            follow,
+            ckey,
             slow,
             c.vnis,
             *c.arrays(),
@@ -299,7 +304,17 @@ class Datapath:
             if status == F.STOP:
                 rows = pending[: ctl[F.C_N_PENDING]].copy()
                 self.slow.decide(keys, rows, np.full(rows.shape[0], _NEW, np.uint8), src_id, res, L_SLOW)
-                commit[rows] = res.verdict[rows] == V.ALLOW
+                allowed = res.verdict[rows] == V.ALLOW
+                commit[rows] = allowed
+                nf = int(ctl[F.C_N_FOLLOW])
+                if nf and not allowed.all():
+                    # later packets of a connection whose first packet was denied would open
+                    # it themselves: judge them now rather than stop at each
+                    m = F.denied_followers(rows, commit, follow[:nf], ckey, more)
+                    if m:
+                        mr = more[:m].copy()
+                        self.slow.decide(keys, mr, np.full(m, _NEW, np.uint8), src_id, res, L_SLOW)
+                        commit[mr] = res.verdict[mr] == V.ALLOW
                 continue
             ns = int(ctl[F.C_N_SLOW])
             if ns:

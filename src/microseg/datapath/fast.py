@@ -66,6 +66,107 @@ def source_identity(policy: CompiledPolicy, keys: FlowKeys):
     return src_w, dst_w, sid
 
 
+@njit(cache=True)
+def _pending(
+    ents,
+    slot_ent,
+    slot_hash,
+    params,
+    u64,
+    i32,
+    u16,
+    u8,
+    data,
+    offset,
+    length,
+    now,
+    commit,
+    stop,
+    end,
+    ent_tmp,
+    dir_tmp,
+    ckey,
+    pending,
+    follow,
+):
+    """What the caller judges as NEW when packet ``stop`` would open a connection: ``stop``
+    itself and, of the packets ``stop+1..end-1`` that have no connection and no verdict yet,
+    the first of each connection (``pending``; every ICMP or other packet that is not TCP or
+    UDP counts as its own connection). The other packets with no connection (``follow``) find
+    the entry that first packet creates if it is allowed; where it is not, the caller judges
+    them too (:func:`denied_followers`). Returns ``(pending count, follow count)``;
+    ``ckey[i]`` is the key of each such packet's connection (:func:`_conn_key`).
+
+    The guess can only cost time, never a verdict: the kernel stops at any packet that would
+    open a connection while it has no verdict (a packet whose first packet was not an opener,
+    or whose entry ended meanwhile), and the policy's answer to a NEW packet depends on the
+    packet alone, not on when it is asked."""
+    KN.lookup_batch(
+        ents,
+        slot_ent,
+        slot_hash,
+        params,
+        u64,
+        i32,
+        u16,
+        u8,
+        data,
+        offset,
+        length,
+        now,
+        stop,
+        end,
+        ent_tmp,
+        dir_tmp,
+    )
+    size = 16
+    while size < 2 * (end - stop):
+        size <<= 1
+    seen = np.zeros(size, np.uint64)
+    k = 0
+    nf = 0
+    for i in range(stop, end):
+        if i == stop or (commit[i] < 0 and ent_tmp[i] < 0):
+            key = _conn_key(u64, i32, u16, u8, i)
+            ckey[i] = key
+            if key != np.uint64(0) and not _first_sight(seen, key):
+                follow[nf] = i
+                nf += 1
+                continue
+            pending[k] = i
+            k += 1
+    return k, nf
+
+
+@njit(cache=True)
+def denied_followers(rows, commit, follow, ckey, out):
+    """Of ``follow`` (see :func:`_pending`), the packets whose connection's first packet among
+    ``rows`` was denied (``commit`` 0) into ``out``; returns their count."""
+    size = 16
+    while size < 2 * rows.shape[0]:
+        size <<= 1
+    seen = np.zeros(size, np.uint64)
+    any_denied = False
+    for j in range(rows.shape[0]):
+        i = rows[j]
+        if commit[i] == 0 and ckey[i] != np.uint64(0):
+            _first_sight(seen, ckey[i])
+            any_denied = True
+    m = 0
+    if any_denied:
+        mask = size - 1
+        for j in range(follow.shape[0]):
+            key = ckey[follow[j]]
+            h = np.int64(key & np.uint64(mask))
+            while seen[h] != 0:
+                if seen[h] == key:
+                    out[m] = follow[j]
+                    m += 1
+                    break
+                h = (h + 1) & mask
+    return m
+
+
 # ---------------------------------------------------------------------------------------------
 # The fast kernel: one compiled call per batch for tracked traffic
 # ---------------------------------------------------------------------------------------------
@@ -87,16 +188,57 @@ def source_identity(policy: CompiledPolicy, keys: FlowKeys):
     C_CHUNK_START,
     C_CHUNK_END,
     C_FAST,
-) = range(16)
-N_CTL = 16
+    C_N_FOLLOW,
+) = range(17)
+N_CTL = 17
 # C_STATUS after a call
 DONE, STOP, CHUNK_DONE = 0, 1, 2
 
 _NEW = CS.TRACKED | CS.NEW
 NO_TENANT, UNKNOWN_VNI = -1, -2  # tenant row of a packet whose tenant is not known
+LOOKAHEAD = 4  # chunks after a stop whose packets with no connection are judged with it
 
 
 _SH32, _MAPPED = np.uint64(32), np.uint64(0xFFFF)
+_MIX = np.uint64(0x9E3779B97F4A7C15)
+_SH31 = np.uint64(31)
+
+
+@njit(cache=True, inline="always")
+def _mix(h, x):
+    h = (h ^ x) * _MIX
+    return h ^ (h >> _SH31)
+
+
+@njit(cache=True, inline="always")
+def _conn_key(u64, i32, u16, u8, i):
+    """A hash of packet ``i``'s TCP or UDP connection, the same for both directions (never
+    0); 0 for any other packet. Collisions only merge guesses (see the stop in fast_kernel)."""
+    ver = u8[B.IP_VER, i]
+    proto = u8[B.PROTO, i]
+    if ver == 0 or u8[B.ERROR, i] != 0 or (u8[B.FLAGS, i] & B.F_FRAG) or (proto != 6 and proto != 17):
+        return np.uint64(0)
+    a_hi, a_lo, a_p = u64[B.SRC_HI, i], u64[B.SRC_LO, i], np.uint64(u16[B.SPORT, i])
+    b_hi, b_lo, b_p = u64[B.DST_HI, i], u64[B.DST_LO, i], np.uint64(u16[B.DPORT, i])
+    if a_hi > b_hi or (a_hi == b_hi and (a_lo > b_lo or (a_lo == b_lo and a_p > b_p))):
+        a_hi, a_lo, a_p, b_hi, b_lo, b_p = b_hi, b_lo, b_p, a_hi, a_lo, a_p
+    h = _mix(np.uint64(np.int64(i32[B.TENANT, i]) & 0xFFFFFFFF) | (np.uint64(proto) << _SH32), a_hi)
+    h = _mix(_mix(_mix(_mix(_mix(h, a_lo), a_p), b_hi), b_lo), b_p)
+    return h | np.uint64(1)
+
+
+@njit(cache=True, inline="always")
+def _first_sight(seen, key):
+    """Add ``key`` to the open-addressing set ``seen`` (a power of two long, 0 = empty);
+    True when it was not there."""
+    m = seen.shape[0] - 1
+    j = np.int64(key & np.uint64(m))
+    while seen[j] != 0:
+        if seen[j] == key:
+            return False
+        j = (j + 1) & m
+    seen[j] = key
+    return True
 
 
 @njit(cache=True)
@@ -142,6 +284,8 @@ def fast_kernel(
     ent_tmp,
     dir_tmp,
     pending,
+    follow,
+    ckey,
     slow,
     vnis,
     c_verdict,
@@ -165,9 +309,10 @@ def fast_kernel(
     rules -- NEW and untracked packets -- is appended to ``slow`` (``ctl[C_N_SLOW]`` rows).
 
     Returns to the caller with ``ctl[C_STATUS]``: ``STOP`` when a packet would open a
-    connection (``pending[:ctl[C_N_PENDING]]`` are that packet and every later one of its
-    chunk with no connection yet: the caller judges them as NEW, writes ``commit`` and calls
-    again), ``CHUNK_DONE`` after each chunk when ``ctl[C_ONE_CHUNK]``, ``DONE`` at the end.
+    connection (``pending[:ctl[C_N_PENDING]]`` are that packet and the first later one of
+    each connection of its chunk with none yet, ``follow[:ctl[C_N_FOLLOW]]`` the other later
+    ones, ``ckey`` their connections' keys: the caller judges them as NEW, writes ``commit``
+    and calls again), ``CHUNK_DONE`` after each chunk when ``ctl[C_ONE_CHUNK]``, ``DONE`` at the end.
     """
     n = ctl[C_N]
     bs = ctl[C_BATCH]
@@ -229,9 +374,9 @@ def fast_kernel(
             ct,
         )
         if stop < ce:
-            # packet ``stop`` would open a connection: it and every later packet of the chunk
-            # that has no connection and no verdict yet are judged as NEW by the caller
-            KN.lookup_batch(
+            # packet ``stop`` would open a connection: the caller judges it, and the packets
+            # after it that have no connection yet, as NEW (see _pending)
+            k, nf = _pending(
                 ents,
                 slot_ent,
                 slot_hash,
@@ -244,19 +389,17 @@ def fast_kernel(
                 offset,
                 length,
                 now,
+                commit,
                 stop,
-                ce,
+                min(n, stop + LOOKAHEAD * bs),
                 ent_tmp,
                 dir_tmp,
+                ckey,
+                pending,
+                follow,
             )
-            k = 0
-            pending[k] = stop
-            k += 1
-            for i in range(stop + 1, ce):
-                if commit[i] < 0 and ent_tmp[i] < 0:
-                    pending[k] = i
-                    k += 1
             ctl[C_N_PENDING] = k
+            ctl[C_N_FOLLOW] = nf
             ctl[C_POS] = stop
             ctl[C_N_SLOW] = ns
             ctl[C_STATUS] = STOP
