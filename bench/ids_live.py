@@ -16,9 +16,15 @@ port 5201, each an HTTP-like request followed by ``--bytes`` of data, plus two a
 requests (one per rule) at the start of their connections. Measured: bytes moved and the wall
 time, the CPU seconds of both agents and both Suricata processes (``/proc/PID/stat``) and the
 machine's softirq time, per GB moved; the share of the frames the agents sent to Suricata; and
-whether both attacks raised their alerts. Needs root, ``ip netns``, Suricata; what cannot run is
-reported "skipped: reason". Results: ``bench/results/ids_live.json``; the table is in
-docs/benchmarks.md.
+whether both attacks raised their alerts.
+
+Then, in each lab, ``--tls-connections`` TLS connections (python's ``ssl``, TLS 1.3, to an echo
+server on port 5301), each a handshake and ``--tls-echoes`` echoed messages: how many of their
+frames went to Suricata per connection and why their inspection ended (the agents'
+``ended_*`` counts) -- Suricata's ``tls`` record (``encryption-handling: bypass``) ends it
+before N, in the every-packet lab too. Needs root, ``ip netns``, Suricata (and ``openssl`` for
+the TLS probe); what cannot run is reported "skipped: reason". Results:
+``bench/results/ids_live.json``; the table is in docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -82,6 +88,46 @@ CLIENT = textwrap.dedent("""\
 """)
 
 
+TLS_ECHO = textwrap.dedent("""\
+    import socket, ssl, sys, threading
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(sys.argv[1], sys.argv[2])
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("10.77.0.2", 5301)); s.listen(64)
+    print("READY", flush=True)
+    def conn(c):
+        try:
+            with ctx.wrap_socket(c, server_side=True) as t:
+                for d in iter(lambda: t.recv(65536), b""):
+                    t.sendall(d)
+        except OSError:
+            pass
+    while True:
+        c, _ = s.accept()
+        threading.Thread(target=conn, args=(c,), daemon=True).start()
+""")
+
+TLS_CLIENT = textwrap.dedent("""\
+    import json, socket, ssl, sys
+    conns, echoes = int(sys.argv[1]), int(sys.argv[2])
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ok = 0
+    for i in range(conns):
+        with ctx.wrap_socket(socket.create_connection(("10.77.0.2", 5301), timeout=30),
+                             server_hostname="s") as t:
+            for _ in range(echoes):
+                t.sendall(b"x" * 200)
+                got = 0
+                while got < 200:
+                    got += len(t.recv(65536))
+            ok += 1
+    print(json.dumps({"connections": ok}))
+""")
+
+
 def _cpu(pid: int) -> float:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -97,7 +143,76 @@ def _softirq() -> float:
     return int(cpu[7]) / os.sysconf("SC_CLK_TCK")
 
 
-def run_one(mode: str, policy: str, rules: str, conns: int, size: int, tmp: str) -> dict:
+def tls_probe(ns: dict, hosts: dict, tmp: str, conns: int, echoes: int, procs: list) -> dict:
+    """TLS connections through the chain: frames to Suricata per connection, why inspection ended."""
+    from microseg.agent import control
+
+    if shutil.which("openssl") is None:
+        return {"skipped": "openssl is not installed (the TLS server's certificate)"}
+    cert, key = os.path.join(tmp, "c.pem"), os.path.join(tmp, "k.pem")
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert]
+        + ["-days", "2", "-subj", "/CN=s"],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    srv = subprocess.Popen(
+        ["ip", "netns", "exec", ns["bench/server"], sys.executable, "-c", TLS_ECHO, cert, key],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    procs.append(srv)
+    assert srv.stdout.readline().strip() == "READY"
+
+    def ids_stats():
+        return {n: control.request(h["control"], "stats").get("ids", {}) for n, h in hosts.items()}
+
+    keys = ("packets_to_ids", "ended_packets", "ended_bypass", "ended_encrypted", "ended_drop")
+    b = ids_stats()
+    r = subprocess.run(
+        [
+            "ip",
+            "netns",
+            "exec",
+            ns["bench/client"],
+            sys.executable,
+            "-c",
+            TLS_CLIENT,
+            str(conns),
+            str(echoes),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    done = json.loads(r.stdout)["connections"]
+    # the last records may still be on their way through eve.json: wait for every end
+    deadline = time.monotonic() + 30
+    while True:
+        a = ids_stats()
+        d = {n: {k: a[n].get(k, 0) - b[n].get(k, 0) for k in keys} for n in a}
+        if all(sum(v[k] for k in keys[1:]) >= done for v in d.values()) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    return {
+        "connections": done,
+        "echoes": echoes,
+        "per_host": d,
+        "frames_to_suricata_per_connection": {n: v["packets_to_ids"] / done for n, v in d.items()},
+    }
+
+
+def run_one(
+    mode: str,
+    policy: str,
+    rules: str,
+    conns: int,
+    size: int,
+    tmp: str,
+    tls_conns: int = 0,
+    tls_echoes: int = 0,
+) -> dict:
     from microseg.agent import control
     from microseg.agent import lab as L
 
@@ -165,7 +280,12 @@ def run_one(mode: str, policy: str, rules: str, conns: int, size: int, tmp: str)
                     if e.get("event_type") == "alert":
                         sids.add(e["alert"]["signature_id"])
         gb = moved["bytes"] / 1e9
+        tls = tls_probe(ns, hosts, tmp, tls_conns, tls_echoes, procs) if tls_conns else None
         return {
+            "fastpath": {
+                h: {"kind": s1[h]["fastpath"]["kind"], "reason": s1[h]["fastpath"].get("reason")} for h in s1
+            },
+            **({"tls": tls} if tls is not None else {}),
             "bytes": moved["bytes"],
             "seconds": moved["seconds"],
             "gbit_s": moved["bytes"] * 8 / moved["seconds"] / 1e9,
@@ -190,6 +310,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--connections", type=int, default=20)
     ap.add_argument("--bytes", type=int, default=8 << 20, help="per connection (default 8 MiB)")
+    ap.add_argument("--tls-connections", type=int, default=20, help="TLS probe connections (0: none)")
+    ap.add_argument("--tls-echoes", type=int, default=50, help="echoed messages per TLS connection")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "ids_live.json"))
     args = ap.parse_args()
     if os.geteuid() != 0:
@@ -210,7 +332,9 @@ def main() -> int:
         Path(rules).write_text(RULES)
         policy = str(ROOT / "bench" / "live_policy.yaml")
         for mode in ("first", "every"):
-            res[mode] = run_one(mode, policy, rules, args.connections, args.bytes, tmp)
+            res[mode] = run_one(
+                mode, policy, rules, args.connections, args.bytes, tmp, args.tls_connections, args.tls_echoes
+            )
             print(mode, json.dumps(res[mode]), flush=True)
     if "host_cpu_s_per_gb" in res["first"] and "host_cpu_s_per_gb" in res["every"]:
         res["cpu_per_gb_first_over_every"] = (
