@@ -280,11 +280,13 @@ def test_kfast_offer_now_and_withhold(red):
     assert kf.withhold(ident) is False
 
 
-def test_ids_cut_deletes_the_connection_both_ways_and_only_it(red):
-    frames = _conn(7200, [b"x"], sport=41000) + _conn(7200, [b"y"], sport=41001)
+def test_ids_cut_deletes_the_connections_both_ways_and_only_them(red):
+    frames = (
+        _conn(7200, [b"x"], sport=41000) + _conn(7200, [b"y"], sport=41001) + _conn(7300, [b"z"], sport=41002)
+    )
     dp, b, res = _judge(red, frames)
     t = dp.conntrack
-    assert len(t) == 2
+    assert len(t) == 3
     kf = KernelOffload(types.SimpleNamespace(dp=dp), OffloadConfig())
     kf.fp = _FakeMap()
     eng = I.BuiltinIds.__new__(I.BuiltinIds)
@@ -292,11 +294,15 @@ def test_ids_cut_deletes_the_connection_both_ways_and_only_it(red):
     fake = types.SimpleNamespace(kfast=kf, dp=dp, ids=eng)
     a = (*I._ip_key("10.1.0.2"), 7200)  # given from the reply side: the key has no direction
     z = (*I._ip_key("10.1.0.1"), 41000)
-    assert Agent._ids_cut(fake, I._flow(7001, 6, a, z)) == 1
+    c = (*I._ip_key("10.1.0.1"), 41002)
+    d = (*I._ip_key("10.1.0.2"), 7300)
+    other_zone = I._flow(7002, 6, (*I._ip_key("10.1.0.1"), 41001), a)
+    assert Agent._ids_cut(fake, [I._flow(7001, 6, a, z), I._flow(7001, 6, c, d), other_zone]) == 2
     left = t.entries()
     assert len(left) == 1 and int(left[0]["sport"]) == 41001
-    assert eng.counts["cut_connections"] == 1
-    assert all(c < 0 for c in kf._count.values()) and len(kf._count) == 2  # withheld both ways
+    assert eng.counts["cut_connections"] == 2
+    assert all(v < 0 for v in kf._count.values()) and len(kf._count) == 6  # withheld both ways
+    assert Agent._ids_cut(fake, []) == 0
 
 
 def test_a_late_block_is_cut_also_after_inspection_ended(tmp_path, rules, monkeypatch):

@@ -1577,8 +1577,7 @@ class Agent:
         if ids.hits:
             # blocked (also after its inspection ended), or its packets came again: cut it
             # and what they made
-            for f in ids.hits:
-                self._ids_cut(f)
+            self._ids_cut(ids.hits)
             ids.hits.clear()
         if ids.events:
             if self.flowlog is not None:
@@ -1615,31 +1614,43 @@ class Agent:
             dst = [str(hosts[int(h)].address) for h in hi[ok].tolist()]
             self._route(encap(b, self.tunnel, vni, self.address, dst))
 
-    def _ids_cut(self, f: tuple) -> int:
-        """Connection ``f`` (the IDS's key: tenant, proto, lower end, upper end) is blocked:
-        out of the kernel fast path's map and never offered to it again, and its conntrack
-        entry deleted, so nothing forwards its later packets (the IDS drops them, counted
-        ``ids_blocked``). Returns the conntrack entries deleted."""
-        tenant, proto, a_hi, a_lo, a_p, b_hi, b_lo, b_p = f
-        for ident in (
-            (tenant, proto, a_hi, a_lo, b_hi, b_lo, a_p, b_p),
-            (tenant, proto, b_hi, b_lo, a_hi, a_lo, b_p, a_p),
-        ):
-            self.kfast.withhold(ident)
+    def _ids_cut(self, flows) -> int:
+        """Connections ``flows`` (the IDS's keys: tenant, proto, lower end, upper end) are
+        blocked: out of the kernel fast path's map and never offered to it again, and their
+        conntrack entries deleted (one pass over the table for all of them), so nothing
+        forwards their later packets (the IDS drops them, counted ``ids_blocked``). Returns
+        the conntrack entries deleted."""
+        flows = list(flows)
+        for tenant, proto, a_hi, a_lo, a_p, b_hi, b_lo, b_p in flows:
+            self.kfast.withhold((tenant, proto, a_hi, a_lo, b_hi, b_lo, a_p, b_p))
+            self.kfast.withhold((tenant, proto, b_hi, b_lo, a_hi, a_lo, b_p, a_p))
+        if not flows:
+            return 0
+        ports = {f[4] for f in flows} | {f[7] for f in flows}
 
         def match(e):
-            def end(x_hi, x_lo, x_p, y_hi, y_lo, y_p):
-                return (
-                    (e["src_hi"] == x_hi)
-                    & (e["src_lo"] == x_lo)
-                    & (e["sport"] == x_p)
-                    & (e["dst_hi"] == y_hi)
-                    & (e["dst_lo"] == y_lo)
-                    & (e["dport"] == y_p)
-                )
+            out = np.zeros(e.shape[0], bool)
+            near = np.flatnonzero(np.isin(e["sport"], list(ports)) & np.isin(e["dport"], list(ports)))
+            if near.size == 0:
+                return out
+            c = e[near]
+            hit = np.zeros(near.size, bool)
+            for tenant, proto, a_hi, a_lo, a_p, b_hi, b_lo, b_p in flows:
 
-            same = (e["zone"] == tenant) & (e["proto"] == proto)
-            return same & (end(a_hi, a_lo, a_p, b_hi, b_lo, b_p) | end(b_hi, b_lo, b_p, a_hi, a_lo, a_p))
+                def end(x_hi, x_lo, x_p, y_hi, y_lo, y_p):
+                    return (
+                        (c["src_hi"] == x_hi)
+                        & (c["src_lo"] == x_lo)
+                        & (c["sport"] == x_p)
+                        & (c["dst_hi"] == y_hi)
+                        & (c["dst_lo"] == y_lo)
+                        & (c["dport"] == y_p)
+                    )
+
+                same = (c["zone"] == tenant) & (c["proto"] == proto)
+                hit |= same & (end(a_hi, a_lo, a_p, b_hi, b_lo, b_p) | end(b_hi, b_lo, b_p, a_hi, a_lo, a_p))
+            out[near] = hit
+            return out
 
         n = self.dp.conntrack.delete_where(match)
         self.ids.counts["cut_connections"] += n
