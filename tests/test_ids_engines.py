@@ -363,3 +363,18 @@ def test_metrics_name_the_engine_and_why_inspection_ended(red, rules):
     assert got[("microseg_flow_log_lines_total", ())] == 7
     assert got[("microseg_flow_log_timeouts_total", (("logged", "yes"),))] == 3
     assert got[("microseg_flow_log_timeouts_total", (("logged", "no"),))] == 1
+
+
+def test_the_live_suricata_tests_skip_with_a_reason_without_suricata(monkeypatch):
+    import shutil
+
+    import test_lab_ids
+    import test_lab_ids_decisions
+
+    real = shutil.which
+    monkeypatch.setattr(
+        shutil, "which", lambda name, *a, **k: None if name == "suricata" else real(name, *a, **k)
+    )
+    for mod in (test_lab_ids, test_lab_ids_decisions):
+        reason = mod._reason()
+        assert reason is not None and "suricata is not installed" in reason or os.geteuid() != 0, reason
