@@ -163,7 +163,7 @@ def tls_probe(ns: dict, hosts: dict, tmp: str, conns: int, echoes: int, procs: l
         text=True,
     )
     procs.append(srv)
-    assert srv.stdout.readline().strip() == "READY"
+    assert srv.stdout is not None and srv.stdout.readline().strip() == "READY"
 
     def ids_stats():
         return {n: control.request(h["control"], "stats").get("ids", {}) for n, h in hosts.items()}
