@@ -65,27 +65,21 @@ def read_values(client: StoreClient, prefix: str) -> tuple[dict[str, KV], int]:
     return out, revision
 
 
-def committed_revision(client: StoreClient, prefix: str) -> tuple[int, KV | None]:
-    """``(revision, pending)``: the revision of the store's last committed state (0: now,
-    no apply is being written) and the ``pending`` key of an apply being written, if any."""
-    pending = client.get(prefix + layout.PENDING)
-    return (pending.create_revision - 1 if pending is not None else 0), pending
-
-
 def read_committed(client: StoreClient, prefix: str) -> tuple[dict[str, KV], int]:
     """As :func:`read_values`, but while an apply is being written in batches (the
     ``pending`` key exists), the resources as they were just before its first batch: what
     the agents run. :class:`StoreError` if that revision has been compacted away."""
-    revision, pending = committed_revision(client, prefix)
-    if pending is None:
-        return read_values(client, prefix)
-    try:
-        kvs, _ = client.range(prefix, prefix_end(prefix), revision=revision)
-    except Compacted:
-        raise StoreError(
-            f"an apply is being written (since revision {revision + 1}) and the revision before it "
-            "has been compacted: read again once the apply has committed"
-        ) from None
+    kvs, revision = client.range_prefix(prefix)
+    pending = next((kv for kv in kvs if kv.key == prefix + layout.PENDING), None)
+    if pending is not None:
+        revision = pending.create_revision - 1
+        try:
+            kvs, _ = client.range(prefix, prefix_end(prefix), revision=revision)
+        except Compacted:
+            raise StoreError(
+                f"an apply is being written (since revision {revision + 1}) and the revision before "
+                "it has been compacted: read again once the apply has committed"
+            ) from None
     out = {kv.key[len(prefix) :]: kv for kv in kvs if layout.parse_key(kv.key[len(prefix) :]) is not None}
     return out, revision
 

@@ -37,7 +37,7 @@ from ..policy.model import Policy
 from ..policy.source import PolicyError
 from . import layout
 from .etcd import Compacted, StoreClient, StoreError, WatchStream, prefix_end
-from .ops import committed_revision, connect
+from .ops import connect
 
 log = logging.getLogger("microseg.store")
 
@@ -198,20 +198,23 @@ class PolicyWatcher:
         """Read what this host needs afresh: the last committed state (docs/store.md, "The
         commit"), every workload's host, the settings, hosts and SA files, then the resources
         of this host's tenants, all at one revision."""
-        p = self.prefix
-        for attempt in range(3):
-            committed, pending = committed_revision(self.client, p)
+        committed = 0  # read now; the revision before an apply being written, if one is
+        for _attempt in range(3):
             try:
                 kvs, revision = self._read_all(committed)
-                break
             except Compacted:
-                if pending is not None:
+                if committed:
                     raise StoreError(
                         f"an apply is being written (since revision {committed + 1}) and the revision "
                         "before it has been compacted: waiting for its commit"
                     ) from None
-                if attempt == 2:
-                    raise
+                continue  # compacted between reads pinned to one revision: read again
+            pending = kvs.get(layout.PENDING)
+            if pending is None or committed:
+                break
+            committed = pending.create_revision - 1
+        else:
+            raise StoreError("the store was compacted under every fresh read; trying again")
         self._revision = revision
         self._loaded = True
         self.stats["resyncs"] += 1
@@ -247,6 +250,7 @@ class PolicyWatcher:
             got, rev = self.client.range(p + layout.META, revision=revision)
             take(got)
             revision = revision or rev  # the reads below are pinned to the first one's
+            take(self.client.range(p + layout.PENDING, revision=revision)[0])
             for key, end in layout.group_ranges(p, layout.GLOBAL):
                 take(self.client.range(key, end, revision=revision)[0])
             w = p + "workloads/"
