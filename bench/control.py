@@ -883,6 +883,37 @@ def _run_fleet(args, procs: list, conns: list) -> dict:
         cluster.close()
 
 
+def run_plan(args) -> dict:
+    """``--plan``: how ``store apply`` plans a one-rule change of the fleet policy, from the
+    last commit's digest (the changed groups read) and from a read of every key, on one
+    member; median and range of ``--plan-rounds`` plans each (nothing is committed)."""
+    spec = {"tenants": args.tenants, "hosts": args.hosts, "workloads": args.workloads, "rules": args.rules}
+    cluster = Cluster(1)
+    try:
+        client = StoreClient(cluster.endpoints(), timeout=60.0)
+        apply_policy(client, parse_policy(fleet_policy_text(**spec), "fleet.yaml"))
+        values = resource_values(parse_policy(fleet_policy_text(**spec, port_max=7500), "fleet.yaml"))
+        out: dict = {"mode": "plan", "policy": {**spec, "keys": len(values)}}
+        for digest in (True, False):
+            times, plan = [], None
+            for _ in range(args.plan_rounds):
+                t = time.perf_counter()
+                plan = plan_apply(client, values, digest=digest)
+                times.append(time.perf_counter() - t)
+            assert plan is not None and len(plan.puts) == 1
+            out["digest" if digest else "full_read"] = {
+                "read": plan.read,
+                "values_read": plan.read_keys,
+                "median_s": round(sorted(times)[len(times) // 2], 3),
+                "min_s": round(min(times), 3),
+                "max_s": round(max(times), 3),
+            }
+        out["machine"] = {"cpus": os.cpu_count(), "loadavg_end": [round(x, 2) for x in os.getloadavg()]}
+        return out
+    finally:
+        cluster.close()
+
+
 def plot(out: dict, path: str) -> None:
     """p50/p99/max per change and measure of a ``--fleet`` result, as a PNG."""
     import matplotlib
@@ -939,6 +970,10 @@ def main() -> None:
     ap.add_argument(
         "--compile-sample", type=int, default=20, help="agents that also run compile_policy (0: none)"
     )
+    ap.add_argument(
+        "--plan", action="store_true", help="time planning a one-rule change: digest against full read"
+    )
+    ap.add_argument("--plan-rounds", type=int, default=7)
     ap.add_argument("--timeout", type=float, default=600.0)
     ap.add_argument("--json", metavar="OUT", help="also write the results there")
     ap.add_argument("--plot", metavar="PNG", help="with --fleet: plot the propagation times there")
@@ -952,8 +987,8 @@ def main() -> None:
         plot(saved.get("fleet", saved), args.plot or "control.png")
         return
     if args.tenants is None:
-        args.tenants = 100 if args.fleet else 50
-    out = run_fleet(args) if args.fleet else run(args)
+        args.tenants = 100 if args.fleet or args.plan else 50
+    out = run_plan(args) if args.plan else run_fleet(args) if args.fleet else run(args)
     out["command"] = "python bench/control.py " + " ".join(sys.argv[1:])
     print(json.dumps(out, indent=2))
     if args.plot and args.fleet:
