@@ -29,6 +29,7 @@ security_groups:
     tenant: red
     rules:
       - {direction: ingress, ethertype: IPv4, protocol: tcp, port_range_min: 7000, port_range_max: 8999}
+      - {direction: ingress, ethertype: IPv4, protocol: udp, port_range_min: 7000, port_range_max: 8999}
       - {direction: egress, ethertype: IPv4}
 workloads:
   - {name: a, tenant: red, host: h1, mac: "02:00:00:32:00:01", ipv4: 10.9.1.1, security_groups: [svc]}
@@ -94,6 +95,15 @@ CLIENT = textwrap.dedent("""\
     except OSError as exc:
         print("FAIL", ok, type(exc).__name__, flush=True)
     s.close()
+""")
+
+
+# one UDP datagram (argv: addr port payload); prints its source port
+DATAGRAM = textwrap.dedent("""\
+    import socket, sys
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.sendto(sys.argv[3].encode(), (sys.argv[1], int(sys.argv[2])))
+    print(s.getsockname()[1], flush=True)
 """)
 
 

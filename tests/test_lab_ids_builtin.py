@@ -5,7 +5,9 @@ Two hosts, one tenant; echo servers in ``red/c``. Shown with real sockets: a con
 ``alert`` rule is logged (flow log, counters) and the connection goes on; a ``drop`` rule
 drops the packet, blocks the connection and cuts its conntrack entry (the client gets no
 echo, the agent's ``conntrack`` listing no longer holds it); a TLS connection leaves
-inspection as ``encrypted`` at its first TLS record; a plain one after its N packets.
+inspection as ``encrypted`` at its first TLS record; a plain one after its N packets. And
+the flow log's line for a connection conntrack's idle timeout removes (an unanswered UDP
+datagram: 30 s).
 
 Needs root and ``ip netns`` only (not Suricata); skipped otherwise. The lab is always taken
 down.
@@ -20,6 +22,7 @@ import pytest
 
 from idslab import (
     ALERT_PORT,
+    DATAGRAM,
     DROP_PORT,
     ECHO,
     PLAIN_PORT,
@@ -142,3 +145,30 @@ def test_plain_connection_leaves_after_its_n_packets(lab):
     for h in ("h1", "h2"):
         ends = wait_for(lambda h=h: lab.ids_ends(h, sport), 30, f"{h}: the connection's ids_end")
         assert ends[0]["reason"] == "packets" and ends[0]["packets"] == IDS_PACKETS, ends
+
+
+def test_an_idle_udp_flow_gets_a_timeout_end_line(lab):
+    """The agent's between-batch conntrack sweep: an unanswered datagram's entry expires after
+    conntrack's 30 s UDP timeout, and the flow log gets its end line with the bytes sent."""
+    r = lab.py("red/a", DATAGRAM, "10.9.1.3", 7600, "x" * 100)
+    assert r.returncode == 0, r.stderr
+    sport = int(r.stdout.strip())
+
+    def ended():
+        return [
+            x
+            for x in lab.flow_log("h1")
+            if x.get("event") == "end" and x.get("proto") == "udp" and x.get("sport") == sport
+        ]
+
+    assert [e for e in lab.conntrack("h1", proto="udp") if e.get("sport") == sport]
+    recs = wait_for(ended, 90, "h1: the datagram's timeout end line")
+    e = recs[0]
+    assert e["close"] == "timeout" and e["reason"] == "timeout" and e["dport"] == 7600, e
+    assert (e["src_workload"], e["dst_workload"]) == ("red/a", "red/c") and e["tenant"] == "red"
+    assert e["bytes_orig"] >= 100 + 28 and e["bytes_reply"] == 0, e
+    assert not [x for x in lab.conntrack("h1", proto="udp") if x.get("sport") == sport]
+    from microseg.agent import control
+
+    st = control.request(lab.state["hosts"]["h1"]["control"], "stats")
+    assert st["flow_log"]["timeouts"] >= 1, st["flow_log"]
