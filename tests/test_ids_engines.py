@@ -378,3 +378,18 @@ def test_the_live_suricata_tests_skip_with_a_reason_without_suricata(monkeypatch
     for mod in (test_lab_ids, test_lab_ids_decisions):
         reason = mod._reason()
         assert reason is not None and "suricata is not installed" in reason or os.geteuid() != 0, reason
+
+
+def test_the_agent_refuses_such_rules_at_start_with_a_clear_error(tmp_path):
+    p = tmp_path / "http.rules"
+    p.write_text(HTTP_RULE)
+    closed = []
+    fake = types.SimpleNamespace(close=lambda: closed.append(1), host="h1", ids=None)
+    model = types.SimpleNamespace(tenants=[types.SimpleNamespace(vni=7001)])
+    with pytest.raises(
+        InputError, match=r"--ids builtin: the built-in matcher refuses the rules: .*http.rules:1"
+    ):
+        Agent._ids_start(fake, "builtin", str(p), 16, str(tmp_path), None, model)
+    assert closed == [1]
+    with pytest.raises(InputError, match="--ids auto needs --ids-rules"):
+        Agent._ids_start(fake, "auto", None, 16, str(tmp_path), None, model)
