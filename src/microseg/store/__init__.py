@@ -3,9 +3,11 @@
 * :mod:`~microseg.store.layout`: one key per resource under a prefix (default
   ``/microseg/v1/``), values in the policy file's schema, and :func:`assemble`, which validates
   a set of resources exactly as the policy loader validates a file, errors naming keys.
-* :mod:`~microseg.store.ops`: :func:`apply_policy` (one guarded transaction),
+* :mod:`~microseg.store.ops`: :func:`apply_policy` (one guarded transaction, or guarded
+  batches and a commit),
   :func:`read_policy`, :func:`publish_status` / :func:`read_status` for the agents.
-* :class:`PolicyWatcher`: what one host needs, watched, fail static.
+* :class:`PolicyWatcher`: what one host needs (and only that), watched, judged at commits,
+  fail static.
 * :class:`StoreClient`: etcd's HTTP/JSON gateway through ``etcd3gw``, with failover.
 """
 

@@ -1,11 +1,16 @@
 """Writing and reading the whole policy, and the agents' status keys.
 
 * :func:`plan_apply` + :func:`commit` (or :func:`apply_policy`): the resources of a policy
-  written as one etcd transaction, which also deletes the resources that vanished and is
-  guarded by the revision the store was read at: if any resource (or the ``meta`` key) changed
-  after that read, nothing is written and :class:`~microseg.store.etcd.Conflict` is raised, so
-  two applies never interleave. Only resources whose value changed are written.
-* :func:`read_policy`: every resource (or those one host needs), assembled and validated.
+  written as one etcd transaction, or, when they do not fit in one (etcd's default limits:
+  128 operations, 1.5 MiB), as batches under a ``pending`` key and one small commit
+  transaction that agents take as the policy version. Vanished resources are deleted; every
+  transaction is guarded by the revision the store was read at (or by the apply's previous
+  transaction): if anything else was written in between, nothing more is written and
+  :class:`~microseg.store.etcd.Conflict` is raised, so two applies never interleave. Only
+  resources whose value changed are written. The plan reads only the resource groups whose
+  content hash differs from the last commit's ``digest``, when nothing was written since.
+* :func:`read_policy`: the last committed resources (or those one host needs), assembled and
+  validated.
 * :func:`publish_status` / :func:`read_status`: ``<prefix>status/<host>`` under a lease.
 """
 
