@@ -36,7 +36,7 @@ workloads:
   - {name: c, tenant: red, host: h2, mac: "02:00:00:32:00:03", ipv4: 10.9.1.3, security_groups: [svc]}
 """
 SERVER_IP = "10.9.1.3"
-DROP_PORT, BYPASS_PORT, ALERT_PORT, TLS_PORT, PLAIN_PORT = 7200, 7300, 7400, 8443, 7500
+DROP_PORT, BYPASS_PORT, ALERT_PORT, TLS_PORT, PLAIN_PORT, SSH_PORT = 7200, 7300, 7400, 8443, 7500, 7022
 
 # an echo server, plain or TLS (argv: port [cert key])
 ECHO = textwrap.dedent("""\
@@ -104,6 +104,95 @@ DATAGRAM = textwrap.dedent("""\
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     s.sendto(sys.argv[3].encode(), (sys.argv[1], int(sys.argv[2])))
     print(s.getsockname()[1], flush=True)
+""")
+
+
+# an SSH transport's opening as each side sends it (RFC 4253: banner, KEXINIT, a key-exchange
+# message, NEWKEYS), then binary data: what Suricata's SSH parser follows (no real crypto;
+# there is no sshd to rely on). SSH_SERVER argv: port; SSH_CLIENT argv: addr port messages,
+# prints its source port, then "OK k" once k data messages are echoed
+_SSH_COMMON = """\
+import os, socket, struct, sys
+def pkt(payload):
+    pad = 8 - ((len(payload) + 5) % 8)
+    pad += 8 if pad < 4 else 0
+    return struct.pack("!IB", len(payload) + pad + 1, pad) + payload + os.urandom(pad)
+def kexinit():
+    names = [b"curve25519-sha256", b"ssh-ed25519", b"aes128-ctr", b"aes128-ctr",
+             b"hmac-sha2-256", b"hmac-sha2-256", b"none", b"none", b"", b""]
+    return pkt(bytes([20]) + os.urandom(16) + b"".join(struct.pack("!I", len(x)) + x for x in names)
+               + b"\\x00\\x00\\x00\\x00\\x00")
+def recv_packet(s):
+    head = b""
+    while len(head) < 4:
+        d = s.recv(4 - len(head))
+        if not d:
+            raise ConnectionError("closed")
+        head += d
+    n, body = struct.unpack("!I", head)[0], b""
+    while len(body) < n:
+        d = s.recv(n - len(body))
+        if not d:
+            raise ConnectionError("closed")
+        body += d
+    return body
+def recv_line(s):
+    line = b""
+    while not line.endswith(b"\\n"):
+        d = s.recv(1)
+        if not d:
+            raise ConnectionError("closed")
+        line += d
+    return line
+"""
+SSH_SERVER = _SSH_COMMON + textwrap.dedent("""\
+    import threading
+    def conn(c):
+        try:
+            with c:
+                c.sendall(b"SSH-2.0-OpenSSH_9.2p1 Debian-2\\r\\n")
+                recv_line(c)
+                c.sendall(kexinit())
+                recv_packet(c)
+                recv_packet(c)
+                c.sendall(pkt(bytes([31]) + os.urandom(64)))
+                recv_packet(c)
+                c.sendall(pkt(bytes([21])))
+                while True:
+                    c.sendall(recv_packet(c)[:0] + pkt(os.urandom(48)))
+        except OSError:
+            pass
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("0.0.0.0", int(sys.argv[1])))
+    s.listen(16)
+    print("READY", flush=True)
+    while True:
+        c, _ = s.accept()
+        threading.Thread(target=conn, args=(c,), daemon=True).start()
+""")
+SSH_CLIENT = _SSH_COMMON + textwrap.dedent("""\
+    import time
+    s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)
+    print(s.getsockname()[1], flush=True)
+    ok = 0
+    try:
+        s.sendall(b"SSH-2.0-OpenSSH_9.2p1\\r\\n")
+        recv_line(s)
+        s.sendall(kexinit())
+        recv_packet(s)
+        s.sendall(pkt(bytes([30]) + os.urandom(32)))
+        recv_packet(s)
+        s.sendall(pkt(bytes([21])))
+        recv_packet(s)
+        for _ in range(int(sys.argv[3])):
+            s.sendall(pkt(os.urandom(48)))
+            recv_packet(s)
+            ok += 1
+            time.sleep(0.01)
+        print("OK", ok, flush=True)
+    except OSError as exc:
+        print("FAIL", ok, type(exc).__name__, flush=True)
 """)
 
 

@@ -5,7 +5,8 @@ Two hosts, one tenant, echo servers in ``red/c``; the agents inspect at most a c
 first 40 packets. Shown with real sockets and a real TLS handshake (Python's ssl module): once
 Suricata logs the handshake (``encryption-handling: bypass``), the connection leaves the
 inspected path as ``encrypted`` well before 40 packets, while it keeps sending; an alert of a
-rule with the ``bypass`` keyword ends it as ``bypass``; a ``drop`` rule ends it as ``drop``,
+rule with the ``bypass`` keyword ends it as ``bypass``; an SSH transport's opening (banners, key
+exchange, NEWKEYS: Suricata's ``ssh`` record) ends it as ``encrypted`` too; a ``drop`` rule ends it as ``drop``,
 and the agent cuts the connection's conntrack entry. Where the kernel fast path runs (XDP,
 bpffs), the connection that left early is offloaded before it reached the packets the fast
 path otherwise waits for.
@@ -22,7 +23,19 @@ import shutil
 
 import pytest
 
-from idslab import BYPASS_PORT, DROP_PORT, ECHO, PLAIN_PORT, TLS_PORT, IdsLab, make_cert, openssl_reason
+from idslab import (
+    BYPASS_PORT,
+    DROP_PORT,
+    ECHO,
+    PLAIN_PORT,
+    SSH_CLIENT,
+    SSH_PORT,
+    SSH_SERVER,
+    TLS_PORT,
+    IdsLab,
+    make_cert,
+    openssl_reason,
+)
 from livelab import netns_skip_reason, sigterm_interrupts, wait_for
 
 PREFIX = f"msid{os.getpid() % 100000}"
@@ -73,6 +86,7 @@ def lab(tmp_path_factory, request):
     for port in (DROP_PORT, BYPASS_PORT, PLAIN_PORT):
         lab.serve("red/c", ECHO, port)
     lab.serve("red/c", ECHO, TLS_PORT, cert, key)
+    lab.serve("red/c", SSH_SERVER, SSH_PORT)
     return lab
 
 
@@ -101,6 +115,18 @@ def test_tls_handshake_ends_inspection_as_encrypted(lab):
     eve = lab.status("h1")["ids"]["eve"]
     with open(eve) as f:
         assert any('"event_type":"tls"' in line and f'"src_port":{sport}' in line for line in f)
+
+
+def test_ssh_key_exchange_ends_inspection_as_encrypted(lab):
+    r = lab.py("red/a", SSH_CLIENT, "10.9.1.3", SSH_PORT, 60, timeout=120)
+    lines = r.stdout.split()
+    assert lines[1:] == ["OK", "60"], r.stdout + r.stderr
+    sport = int(lines[0])
+    for h in ("h1", "h2"):
+        ends = wait_for(lambda h=h: lab.ids_ends(h, sport), 30, f"{h}: the SSH connection's ids_end")
+        assert ends[0]["reason"] == "encrypted" and 0 < ends[0]["packets"] < IDS_PACKETS, ends
+    with open(lab.status("h1")["ids"]["eve"]) as f:
+        assert any('"event_type":"ssh"' in line and f'"src_port":{sport}' in line for line in f)
 
 
 def test_bypass_keyword_alert_ends_inspection_as_bypass(lab):

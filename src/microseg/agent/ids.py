@@ -12,8 +12,8 @@ Suricata's eve.json is tailed between batches, and its own decisions end a conne
 inspection before ``packets`` where it makes one:
 
 * ``encrypted``: a ``tls`` or ``ssh`` record. Suricata logs it once the handshake is complete,
-  which is where ``encryption-handling: bypass`` (written into its configuration) stops
-  inspecting the flow;
+  which is where it stops inspecting the flow (TLS: ``encryption-handling: bypass``, written
+  into its configuration; SSH: after NEWKEYS, Suricata 7's own behaviour);
 * ``bypass``: an alert of a rule with the ``bypass`` keyword (the sids are read from the rule
   file);
 * ``drop``: an alert whose action is ``blocked`` (a ``drop`` rule): the connection is blocked
