@@ -393,3 +393,16 @@ def test_the_agent_refuses_such_rules_at_start_with_a_clear_error(tmp_path):
     assert closed == [1]
     with pytest.raises(InputError, match="--ids auto needs --ids-rules"):
         Agent._ids_start(fake, "auto", None, 16, str(tmp_path), None, model)
+
+
+def test_suricata_down_drops_and_does_not_count_towards_n(red, rules, tmp_path, monkeypatch):
+    """Fail closed: while Suricata is not ready, frames under inspection are dropped and do not
+    count towards N -- a connection never leaves the inspected path uninspected."""
+    monkeypatch.setattr(I, "suricata_version", lambda binary=None: "7.0.10")
+    eng = I.SuricataIds(rules, 4, str(tmp_path), "h1", None, [7001])
+    assert eng.active and not eng.ready
+    dp, b, res = _judge(red, _conn(7500, [b"p%d" % i for i in range(5)]))
+    keep = eng.divert(b, res.keys, np.arange(len(b)), res.ct)
+    assert not keep.any()  # 13 frames, every one dropped, not only the first 4
+    assert eng.counts["fail_closed"] == len(b) and eng.ended == []
+    assert all(st[0] == 0 for st in eng._seen.values())

@@ -297,6 +297,7 @@ class _Inspection:
         todo: list[int] = []
         pos: list[int] = []
         touched: list[tuple] = []
+        over: list[int] = []
         k = keys
         for j, i in enumerate(rows.tolist()):
             a = (int(k.src_hi[i]), int(k.src_lo[i]), int(k.sport[i]))
@@ -318,14 +319,28 @@ class _Inspection:
                     st = self._seen[f] = [0, ident, None]
                 else:
                     st[1] = ident
-            if st[2] is not None or st[0] >= self.packets:
+            if st[2] is not None:
+                continue
+            if st[0] >= self.packets:
+                over.append(j)  # its N reached in this batch (ends below, if inspected)
                 continue
             st[0] += 1
             todo.append(i)
             pos.append(j)
             touched.append(f)
         if todo:
-            self._inspect(batch, keys, np.array(todo, np.int64), np.array(pos, np.int64), keep, ct)
+            done = self._inspect(batch, keys, np.array(todo, np.int64), np.array(pos, np.int64), keep, ct)
+            if done is False:
+                # not inspected (the engine is down: dropped, fail closed): they do not count
+                # towards N, so no connection leaves the inspected path uninspected
+                for f in touched:
+                    st = self._seen.get(f)
+                    if st is not None and st[2] is None:
+                        st[0] -= 1
+                touched = []
+                if over:
+                    keep[over] = False
+                    self.counts["fail_closed"] += len(over)
             for f in touched:
                 st = self._seen.get(f)
                 if st is not None and st[2] is None and st[0] >= self.packets:
@@ -344,7 +359,8 @@ class _Inspection:
             self._blocked_now.clear()
         return keep
 
-    def _inspect(self, batch, keys, todo, pos, keep, ct) -> None:
+    def _inspect(self, batch, keys, todo, pos, keep, ct) -> bool | None:
+        """Inspect rows ``todo`` (at ``pos`` in ``keep``); False: none was (fail closed)."""
         raise NotImplementedError
 
     def tick(self) -> None:
@@ -568,14 +584,14 @@ class SuricataIds(_Inspection):
             self._end(f, "bypass")
 
     # -- the forwarding path -----------------------------------------------------------------
-    def _inspect(self, batch, keys, todo, pos, keep, ct) -> None:
+    def _inspect(self, batch, keys, todo, pos, keep, ct) -> bool | None:
         """Write the frames ``todo`` to Suricata; the agent forwards none of them itself."""
         from ..overlay import decap
 
         keep[pos] = False
         if not self.ready or self._tx is None:
             self.counts["fail_closed"] += len(todo)
-            return
+            return False
         sub = Batch.from_packets([batch.packet(int(i)) for i in todo])
         inner, tenant, err = decap(sub)
         for j in range(len(inner)):
@@ -591,6 +607,7 @@ class SuricataIds(_Inspection):
                 self.counts["packets_to_ids"] += 1
             except OSError:
                 self.counts["fail_closed"] += 1
+        return None
 
     def returned(self, limit: int = 4096) -> list[tuple[int, bytes]]:
         """Frames Suricata passed: (vni, inner Ethernet frame without the tag)."""
@@ -657,7 +674,7 @@ class BuiltinIds(_Inspection):
         self.ready = True
         self.active = True
 
-    def _inspect(self, batch, keys, todo, pos, keep, ct) -> None:
+    def _inspect(self, batch, keys, todo, pos, keep, ct) -> bool | None:
         from ..offload.inspect import ALERT, DROP, PASS
 
         r = self.sigs.inspect(batch, keys, todo, ct)
@@ -711,6 +728,7 @@ class BuiltinIds(_Inspection):
                 self._end(f, "bypass", place)  # a pass rule: the flow is not inspected further
             elif int(r.encrypted[i]):
                 self._end(f, "encrypted", place)
+        return None
 
     def status(self) -> dict:
         return {
