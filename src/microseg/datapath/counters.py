@@ -63,6 +63,19 @@ def count_rows(
         c_tenant[t if t >= 0 else nv, v] += 1
 
 
+@njit(cache=True)
+def count_parsed(u8, n, tunnel, unfollowed):
+    """Tunnels followed and not followed (by type) of packets ``0..n-1``, in one pass;
+    returns how many were snapped inside their headers or payload."""
+    truncated = 0
+    for i in range(n):
+        tunnel[u8[B.TUN_TYPE, i]] += 1
+        unfollowed[u8[B.TUN_UNFOLLOWED, i]] += 1
+        if u8[B.FLAGS2, i] & B.F2_TRUNCATED:
+            truncated += 1
+    return truncated
+
+
 class Counters:
     """Everything the datapath counts (see the module docstring)."""
 
@@ -112,11 +125,8 @@ class Counters:
 
     def add_parsed(self, keys) -> None:
         """Count what the parser saw in a batch: tunnels followed and not, snapped packets."""
-        n = keys.n
-        if n:
-            self.tunnel += np.bincount(keys.u8[B.TUN_TYPE, :n], minlength=256)
-            self.unfollowed += np.bincount(keys.u8[B.TUN_UNFOLLOWED, :n], minlength=256)
-            self.truncated += int(np.count_nonzero(keys.u8[B.FLAGS2, :n] & B.F2_TRUNCATED))
+        if keys.n:
+            self.truncated += int(count_parsed(keys.u8, keys.n, self.tunnel, self.unfollowed))
 
     def add_rows(self, rows, res, tenant) -> None:
         """Count packets ``rows`` (indices into ``res``, a :class:`BatchResult`)."""
