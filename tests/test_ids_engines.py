@@ -406,3 +406,51 @@ def test_suricata_down_drops_and_does_not_count_towards_n(red, rules, tmp_path, 
     assert not keep.any()  # 13 frames, every one dropped, not only the first 4
     assert eng.counts["fail_closed"] == len(b) and eng.ended == []
     assert all(st[0] == 0 for st in eng._seen.values())
+
+
+class _RecordingMap(_FakeMap):
+    def __init__(self):
+        super().__init__()
+        self.installed = []
+
+    def install(self, key, action):
+        self.installed.append((key, action))
+
+
+def test_a_connection_inspection_is_done_with_is_offloaded_at_its_next_packet(red):
+    """offer_now: the kernel fast path takes the connection at its next established packet,
+    long before its after_packets (a stand-in for the kernel map records the entries)."""
+    dp = Datapath(red, DatapathConfig())
+    frames = _conn(7200, [b"one", b"two", b"three"])
+    t = [T0 + 1000 * i for i in range(len(frames))]
+
+    def run(part, ts):
+        b = encap(
+            Batch.from_packets(part, ts=np.asarray(ts, np.int64)), "vxlan", 7001, "198.18.0.1", "198.18.0.1"
+        )
+        res = dp.process(b)
+        assert (res.verdict == 1).all()
+        kf.observe(b, res)
+
+    port = lambda i, mac: types.SimpleNamespace(  # noqa: E731
+        index=i, port=types.SimpleNamespace(ifindex=10 + i, mtu=1500), mac=mac
+    )
+    agent = types.SimpleNamespace(
+        dp=dp,
+        _w_host=np.array([0, 0]),
+        _me=0,
+        _h_esp=np.array([False]),
+        model=types.SimpleNamespace(workloads=list(red.policy.workloads)),
+        wports=[port(0, 0x020000010001), port(1, 0x020000010002)],
+    )
+    kf = KernelOffload(agent, OffloadConfig(after_packets=18))
+    kf.fp = _RecordingMap()
+    run(frames[:7], t[:7])  # handshake and two echoes: 5 established packets
+    assert kf.counters["offloaded"] == 0 and not kf.fp.installed
+    ident = (7001, 6, *I._ip_key("10.1.0.1"), *I._ip_key("10.1.0.2"), 41000, 7200)
+    assert kf._count[ident] == 5
+    kf.offer_now(ident)
+    run(frames[7:8], t[7:8])  # the next one
+    assert kf.counters["offloaded"] == 1 and ident in kf.flows
+    assert sorted(k.port for k, _a in kf.fp.installed) == [10, 11]  # both directions, local
+    assert {a.kind for _k, a in kf.fp.installed} == {"local"}
