@@ -58,18 +58,24 @@ def _unpack(hit, packed, crule, lvl, verdict, reason, rule, level):
 
 @njit(cache=True)
 def _gather(su64, su32, si32, su16, su8, idx, du64, du32, di32, du16, du8):
-    for j in range(idx.shape[0]):
-        i = idx[j]
-        for r in range(su64.shape[0]):
-            du64[r, j] = su64[r, i]
-        for r in range(su32.shape[0]):
-            du32[r, j] = su32[r, i]
-        for r in range(si32.shape[0]):
-            di32[r, j] = si32[r, i]
-        for r in range(su16.shape[0]):
-            du16[r, j] = su16[r, i]
-        for r in range(su8.shape[0]):
-            du8[r, j] = su8[r, i]
+    # one field (row) at a time: each row of the output is written in order (a packet at a
+    # time would write to every row's stream for each packet)
+    m = idx.shape[0]
+    for r in range(su64.shape[0]):
+        for j in range(m):
+            du64[r, j] = su64[r, idx[j]]
+    for r in range(su32.shape[0]):
+        for j in range(m):
+            du32[r, j] = su32[r, idx[j]]
+    for r in range(si32.shape[0]):
+        for j in range(m):
+            di32[r, j] = si32[r, idx[j]]
+    for r in range(su16.shape[0]):
+        for j in range(m):
+            du16[r, j] = su16[r, idx[j]]
+    for r in range(su8.shape[0]):
+        for j in range(m):
+            du8[r, j] = su8[r, idx[j]]
 
 
 def subset(keys: FlowKeys, idx: np.ndarray, out: FlowKeys) -> FlowKeys:
