@@ -465,16 +465,12 @@ _SECTION_ORDER = ("tenants", "hosts", "security_groups", "workloads")
 _ITEM_RE = re.compile(r"^(tenants|hosts|security_groups|workloads|network_policies)\[\d+\]\.?")
 
 
-def assemble(
-    prefix: str, values: dict[str, bytes], source: str | None = None, cache: dict | None = None
-) -> Policy:
+def assemble(prefix: str, values: dict[str, bytes], source: str | None = None) -> Policy:
     """Validate the resources ``values`` (relative key -> stored value) as one policy.
 
     Raises :class:`PolicyError` with every problem, each naming its key (``prefix + key``).
     Keys that name no resource, ``meta`` and ``status/...`` are ignored; so is ``ipsec/``
-    (:func:`sa_configs` reads those). ``cache`` (relative key -> (value, loaded value)), kept
-    by the caller between calls, saves loading again the values that did not change; keys no
-    longer in ``values`` are dropped from it.
+    (:func:`sa_configs` reads those).
     """
     source = source or f"etcd:{prefix}"
     parsed: list[Parsed] = []
@@ -482,18 +478,7 @@ def assemble(
         rk = parse_key(rel)
         if rk is None or rk.section == "ipsec":
             continue
-        value = values[rel]
-        hit = cache.get(rel) if cache is not None else None
-        if hit is not None and hit[0] == value:
-            parsed.append(hit[1])
-            continue
-        loaded = load_value(prefix, rk, value)
-        parsed.append(loaded)
-        if cache is not None:
-            cache[rel] = (value, loaded)
-    if cache is not None:
-        for rel in [k for k in cache if k not in values]:
-            del cache[rel]
+        parsed.append(load_value(prefix, rk, values[rel]))
     errors = [e for p in parsed for e in p.errors]
     for p in parsed:
         if p.doc is not None:

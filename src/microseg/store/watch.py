@@ -91,7 +91,6 @@ class PolicyWatcher:
         self._revision = 0  # the last revision processed (the watch resumes after it)
         self._loaded = False
         self._last_input: dict | None = None  # the relevant values last judged
-        self._loaded_values: dict = {}  # assemble's cache: key -> (value, loaded value)
         self._policy: Policy | None = None
         self._policy_revision = 0
         self._sa: dict = {}
@@ -356,7 +355,7 @@ class PolicyWatcher:
             return None
         self._last_input = values
         try:
-            policy = layout.assemble(self.prefix, values, cache=self._loaded_values)
+            policy = layout.assemble(self.prefix, values)
             sa = layout.sa_configs(self.prefix, values)
         except PolicyError as exc:
             with self._lock:
