@@ -1068,6 +1068,11 @@ def test_apply_reads_only_the_groups_that_changed(etcd, prefix):
     client.delete(prefix + "workloads/acme/acme/db-1")
     _, plan = apply_policy(client, changed, prefix)
     assert plan.read == "full" and list(plan.puts) == ["workloads/acme/acme/db-1"]
+    # an apply that died half-way left `pending`: a small apply (one transaction) ends it
+    client.put(prefix + "pending", b'{"apply": "gone", "batch": 1, "of": 3}')
+    changed = policy(**{"vni: 5002": "vni: 6003"})
+    _, plan = apply_policy(client, changed, prefix)
+    assert plan.read == "full" and plan.transactions == 1 and client.get(prefix + "pending") is None
     # the same file again: known from the digest, nothing read, nothing written
     rev = client.revision()
     r, plan = apply_policy(client, changed, prefix)

@@ -290,6 +290,9 @@ def commit(
     finish = [
         op_put(p + layout.META, json.dumps(meta_doc, sort_keys=True)),
         op_put(p + layout.DIGEST, digest),
+        # also ends what an apply that died half-way left pending (this plan read its batches
+        # and overwrites them)
+        op_delete(p + layout.PENDING),
     ]
     if len(batches) == 1:
         revision = _txn(
@@ -307,7 +310,7 @@ def commit(
             last = i == n
             ops = list(batch)
             if last:
-                ops += [*finish, op_delete(p + layout.PENDING)]
+                ops += finish
             else:
                 pending = {
                     "apply": nonce,
