@@ -56,8 +56,8 @@ from typing import Any
 
 import numpy as np
 
-from ..ctstate import REPLY
 from ..packet.batch import Batch, addr_to_text
+from .flows import group as flow_groups
 from .netns import InNetns
 
 log = logging.getLogger("microseg.agent.ids")
@@ -294,25 +294,21 @@ class _Inspection:
             for f, t in list(self.blocked.items()):
                 if t < now:
                     del self.blocked[f]
-        todo: list[int] = []
-        pos: list[int] = []
-        touched: list[tuple] = []
-        over: list[int] = []
-        k = keys
-        for j, i in enumerate(rows.tolist()):
-            a = (int(k.src_hi[i]), int(k.src_lo[i]), int(k.sport[i]))
-            b = (int(k.dst_hi[i]), int(k.dst_lo[i]), int(k.dport[i]))
-            tenant, proto = int(k.tenant[i]), int(k.proto[i])
-            f = _flow(tenant, proto, a, b)
+        # one dict probe per connection of the batch, not per packet
+        gr = flow_groups(keys, rows)
+        todo: list[np.ndarray] = []
+        touched: list[tuple[tuple, int]] = []  # (flow, packets of it sent to inspection)
+        over: list[np.ndarray] = []
+        for g, f in enumerate(gr.flows):
+            members = gr.members(g)
             if self.blocked and f in self.blocked:
-                keep[j] = False
-                self.counts["ids_blocked"] += 1
+                keep[members] = False
+                self.counts["ids_blocked"] += int(members.size)
                 self.hits.add(f)
                 continue
             st = self._seen.get(f)
             if st is None or st[1] is None:
-                s, d = (b, a) if ct is not None and int(ct[i]) & REPLY else (a, b)
-                ident = (tenant, proto, s[0], s[1], d[0], d[1], s[2], d[2])
+                ident = gr.ident(g, keys, ct)
                 if st is None:
                     if len(self._seen) >= _MAX_FLOWS:
                         self._seen.clear()  # bounded: counts restart rather than grow without end
@@ -321,40 +317,46 @@ class _Inspection:
                     st[1] = ident
             if st[2] is not None:
                 continue
-            if st[0] >= self.packets:
-                over.append(j)  # its N reached in this batch (ends below, if inspected)
+            room = self.packets - st[0]
+            if room <= 0:
+                over.append(members)  # its N reached in this batch (ends below, if inspected)
                 continue
-            st[0] += 1
-            todo.append(i)
-            pos.append(j)
-            touched.append(f)
+            take = members[:room]
+            st[0] += int(take.size)
+            todo.append(take)
+            touched.append((f, int(take.size)))
+            if members.size > room:
+                over.append(members[room:])
         if todo:
-            done = self._inspect(batch, keys, np.array(todo, np.int64), np.array(pos, np.int64), keep, ct)
+            pos = np.sort(np.concatenate(todo))
+            done = self._inspect(batch, keys, rows[pos], pos, keep, ct)
             if done is False:
                 # not inspected (the engine is down: dropped, fail closed): they do not count
                 # towards N, so no connection leaves the inspected path uninspected
-                for f in touched:
+                for f, m in touched:
                     st = self._seen.get(f)
                     if st is not None and st[2] is None:
-                        st[0] -= 1
+                        st[0] -= m
                 touched = []
                 if over:
-                    keep[over] = False
-                    self.counts["fail_closed"] += len(over)
-            for f in touched:
+                    ov = np.concatenate(over)
+                    keep[ov] = False
+                    self.counts["fail_closed"] += int(ov.size)
+            for f, _m in touched:
                 st = self._seen.get(f)
                 if st is not None and st[2] is None and st[0] >= self.packets:
                     self._end(f, "packets")
         if self._blocked_now:
             # blocked by a packet of this batch: its later packets in the batch go no further
-            for j, i in enumerate(rows.tolist()):
-                a = (int(k.src_hi[i]), int(k.src_lo[i]), int(k.sport[i]))
-                b = (int(k.dst_hi[i]), int(k.dst_lo[i]), int(k.dport[i]))
-                f = _flow(int(k.tenant[i]), int(k.proto[i]), a, b)
+            for g, f in enumerate(gr.flows):
                 p = self._blocked_now.get(f)
-                if p is not None and j > p and keep[j]:
-                    keep[j] = False
-                    self.counts["ids_blocked"] += 1
+                if p is None:
+                    continue
+                members = gr.members(g)
+                late = members[(members > p) & keep[members]]
+                keep[late] = False
+                self.counts["ids_blocked"] += int(late.size)
+                if late.size:
                     self.hits.add(f)
             self._blocked_now.clear()
         return keep

@@ -40,6 +40,7 @@ from .. import ctstate as CS
 from ..conntrack import const as CK
 from ..packet.batch import addr_to_text
 from ..policy import verdict as V
+from .flows import group as flow_groups
 
 if TYPE_CHECKING:
     from .agent import Agent
@@ -192,14 +193,19 @@ class KernelOffload:
         if rows.size == 0:
             return
         ready = []
-        for i in rows.tolist():
-            ident = self._ident(k, ct, i)
+        after = self.cfg.after_packets
+        gr = flow_groups(k, rows)  # one dict probe per connection of the batch, not per packet
+        for g in range(len(gr)):
+            ident = gr.ident(g, k, ct)
             if ident in self.flows:
                 continue
-            c = self._count.get(ident, 0) + 1
-            self._count[ident] = c
-            if c >= self.cfg.after_packets:
-                ready.append((i, ident))
+            had = self._count.get(ident, 0)
+            m = int(gr.sizes[g])
+            self._count[ident] = had + m
+            if had + m >= after:
+                # offered at the packet that reached after_packets (the first, past it)
+                at = gr.members(g)[max(0, after - had - 1)]
+                ready.append((int(rows[at]), ident))
         if ready:
             self._offload(batch, res, ready)
         if len(self._count) > 4 * self.cfg.capacity:
