@@ -54,7 +54,7 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit
 
-from ..lowlevel import rd32_le
+from ..lowlevel import pow2_at_least, rd32_le
 from ..packet.batch import (
     F_FRAG,
     F_MF,
@@ -321,7 +321,7 @@ class AfPacketPort:
         if ring_version == 2:
             # a slot holds a whole frame of the MTU (VLAN tag included) behind its header
             need = TPACKET2_HDRLEN + 16 + self.mtu + 18
-            frame_size = max(int(frame_size), 1 << (need - 1).bit_length())
+            frame_size = max(int(frame_size), pow2_at_least(need))
             self.block_size = max(self.block_size, frame_size)
         self.frame_size = int(frame_size)
         self.per_block = self.block_size // self.frame_size
