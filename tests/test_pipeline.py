@@ -399,3 +399,27 @@ def test_fast_path_off_gives_the_same_results(demo):
     b = Datapath(compiled, DatapathConfig(fast_path=False)).process(gen.batch)
     for f in ("verdict", "reason", "rule", "ct", "level"):
         assert np.array_equal(getattr(a, f), getattr(b, f)), f
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 1000])
+def test_fast_kernel_tenant_table_agrees_with_the_policy_tenant_index(n):
+    """The fast kernel's hashed VNI -> tenant lookup gives what the compiled policy's
+    tenant_index gives, for every tenant and for VNIs no tenant has."""
+    from numba import njit
+
+    from microseg.datapath.fast import _tenant_of, tenant_table
+    from microseg.policy.compiler import tenant_index
+
+    @njit
+    def both(keys, vals, vnis, probe, out):
+        for j in range(probe.shape[0]):
+            out[0, j] = _tenant_of(keys, vals, probe[j])
+            out[1, j] = tenant_index(vnis, probe[j])
+
+    rng = np.random.default_rng(n)
+    vnis = np.sort(rng.choice(1 << 24, n, replace=False)).astype(np.int64)
+    probe = np.concatenate([vnis, rng.integers(0, 1 << 24, 500), [0, (1 << 24) - 1]]).astype(np.int64)
+    out = np.empty((2, probe.shape[0]), np.int64)
+    both(*tenant_table(vnis), vnis, probe, out)
+    assert np.array_equal(out[0], out[1])
+    assert np.array_equal(out[0, :n], np.arange(n))

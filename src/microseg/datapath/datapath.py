@@ -151,6 +151,7 @@ class Datapath:
             len(policy.ruleset), len(policy.workload_names), [t.vni for t in policy.policy.tenants]
         )
         self.policy_swaps = 0
+        self._tenants = F.tenant_table(policy.endpoint_tables.tenant_vnis)
 
     @property
     def emc(self):
@@ -167,6 +168,7 @@ class Datapath:
         next packets are judged as new ones. Per-rule, per-workload and per-tenant counters
         restart with the new policy (rule indices are its own); the others run on."""
         old, self.policy = self.policy, new
+        self._tenants = F.tenant_table(new.endpoint_tables.tenant_vnis)
         self.slow.swap_policy(new)
         self.counters.resize(len(new.ruleset), len(new.workload_names), [t.vni for t in new.policy.tenants])
         out = {"old_version": old.version, "new_version": new.version, "cut": 0}
@@ -272,7 +274,7 @@ class Datapath:
             batch.wire_len,
             now,
             ok,
-            tab.tenant_vnis,
+            *self._tenants,
             *tab.addresses,
             *tab.macs,
             tab.workload_mac,
