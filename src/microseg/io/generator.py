@@ -37,6 +37,7 @@ from numba import njit
 
 from .. import ctstate
 from ..errors import InputError
+from ..lowlevel import wr16, wr32
 from ..packet.batch import LINK_ETHERNET, Batch
 from ..packet.checksum import csum_fold, csum_partial, inet_checksum, ipv4_header_checksum, pseudo_header_sum
 from .scenario import ICMP, ICMP6, TCP, UDP, Flow5, Intent, ScenarioConfig, address_of
@@ -366,20 +367,6 @@ def _csum_fold(acc):
 
 
 @njit(cache=True)
-def _put16(buf, p, v):
-    buf[p] = (v >> 8) & 0xFF
-    buf[p + 1] = v & 0xFF
-
-
-@njit(cache=True)
-def _put32(buf, p, v):
-    buf[p] = (v >> 24) & 0xFF
-    buf[p + 1] = (v >> 16) & 0xFF
-    buf[p + 2] = (v >> 8) & 0xFF
-    buf[p + 3] = v & 0xFF
-
-
-@njit(cache=True)
 def _assemble(
     out,
     p_off,
@@ -461,25 +448,25 @@ def _assemble(
         l4len = total - t_il4[t]
         proto = t_proto[t]
         if proto == 6:
-            _put32(out, il4 + 4, p_seq[i])
-            _put32(out, il4 + 8, p_ack[i])
+            wr32(out, il4 + 4, p_seq[i])
+            wr32(out, il4 + 8, p_ack[i])
             out[il4 + 13] = p_flags[i]
-            _put16(out, il4 + 14, p_win[i])
-            _put16(out, il4 + 16, 0)
+            wr16(out, il4 + 14, p_win[i])
+            wr16(out, il4 + 16, 0)
         elif proto == 17:
-            _put16(out, il4 + 4, l4len)
-            _put16(out, il4 + 6, 0)
+            wr16(out, il4 + 4, l4len)
+            wr16(out, il4 + 6, 0)
         else:
-            _put16(out, il4 + 2, 0)
-            _put16(out, il4 + 6, p_seq[i] & 0xFFFF)
+            wr16(out, il4 + 2, 0)
+            wr16(out, il4 + 6, p_seq[i] & 0xFFFF)
         if t_ver[t] == 4:
-            _put16(out, iip + 2, total - t_iip[t])
-            _put16(out, iip + 4, p_ipid[i])
-            _put16(out, iip + 10, 0)
-            _put16(out, iip + 10, _csum_fold(_csum_add(out, iip, 20, 0)))
+            wr16(out, iip + 2, total - t_iip[t])
+            wr16(out, iip + 4, p_ipid[i])
+            wr16(out, iip + 10, 0)
+            wr16(out, iip + 10, _csum_fold(_csum_add(out, iip, 20, 0)))
             acc = _csum_add(out, iip + 12, 8, 0)
         else:
-            _put16(out, iip + 4, l4len)
+            wr16(out, iip + 4, l4len)
             acc = _csum_add(out, iip + 8, 32, 0)
         if proto == 1:
             acc = 0
@@ -487,19 +474,19 @@ def _assemble(
             acc += proto + l4len
         c = _csum_fold(_csum_add(out, il4, l4len, acc))
         if proto == 6:
-            _put16(out, il4 + 16, c)
+            wr16(out, il4 + 16, c)
         elif proto == 17:
-            _put16(out, il4 + 6, 0xFFFF if c == 0 else c)
+            wr16(out, il4 + 6, 0xFFFF if c == 0 else c)
         else:
-            _put16(out, il4 + 2, c)
+            wr16(out, il4 + 2, c)
         if t_oip[t] >= 0:
             oip = o + t_oip[t]
-            _put16(out, oip + 2, total - t_oip[t])
-            _put16(out, oip + 4, p_oipid[i])
-            _put16(out, oip + 10, 0)
-            _put16(out, oip + 10, _csum_fold(_csum_add(out, oip, 20, 0)))
+            wr16(out, oip + 2, total - t_oip[t])
+            wr16(out, oip + 4, p_oipid[i])
+            wr16(out, oip + 10, 0)
+            wr16(out, oip + 10, _csum_fold(_csum_add(out, oip, 20, 0)))
             if t_oudp[t] >= 0:
-                _put16(out, o + t_oudp[t] + 4, total - t_oudp[t])
+                wr16(out, o + t_oudp[t] + 4, total - t_oudp[t])
 
 
 assemble_ref = _assemble.py_func

@@ -39,6 +39,7 @@ from numba import njit
 from ..cache import key as K
 from ..cache.core import SlotTable, find_slot, remove_slots
 from ..classify import rules as R
+from ..lowlevel import bucket_base
 from .inspect import ALERT, DROP, ENC_NAMES, ENC_NONE, PASS, SignatureSet, uninspectable
 from .table import OFFER_OK, OFFER_PRESENT, FastPathTable, _rows
 
@@ -170,7 +171,7 @@ def _admit(
         i = rows[j]
         s = find_slot(keys, tag, mid, nb, ways, fh[i], 0, fk[i])
         if s < 0:
-            base = np.int64(fh[i] & np.uint64(nb - 1)) * ways
+            base = bucket_base(fh[i], nb, ways)
             s = -1
             lru = base
             for q in range(base, base + ways):

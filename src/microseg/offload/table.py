@@ -27,6 +27,7 @@ from ..cache import key as K
 from ..cache.core import SlotTable, find_slot, remove_slots
 from ..cache.emc import _rows
 from ..cache.match import region_intersects
+from ..lowlevel import bucket_base
 
 # The flow key: everything but TCP flags (L4 bits 56-63) and conntrack state (CT bits 0-7).
 FLOW_MASK = np.full(K.W, 0xFFFFFFFFFFFFFFFF, np.uint64)
@@ -182,7 +183,7 @@ def _fp_offer(
             out[j] = OFFER_CAPACITY
             ctr[C_REF_CAP] += 1
             continue
-        base = np.int64(fh[i] & np.uint64(nb - 1)) * ways
+        base = bucket_base(fh[i], nb, ways)
         s = -1
         for q in range(base, base + ways):
             if tag[q] == np.uint64(0):
