@@ -104,7 +104,7 @@ def content_hash(policy: Policy) -> str:
 def run_apply(args: argparse.Namespace) -> int:
     from ..ipsec import sa as sa_mod
     from ..policy.model import load_policy
-    from .ops import commit, plan_apply, resource_values
+    from .ops import commit, plan_apply, resources
 
     if args.txn_ops < 4 or args.txn_bytes < 4096:
         print(
@@ -133,7 +133,7 @@ def run_apply(args: argparse.Namespace) -> int:
     digest = content_hash(policy)
     try:
         client = StoreClient(args.endpoint)
-        plan = plan_apply(client, resource_values(policy, sa_files), args.prefix)
+        plan = plan_apply(client, resources(policy, sa_files), args.prefix)
         revision = commit(
             client, plan, os.path.abspath(args.policy), digest, max_ops=args.txn_ops, max_bytes=args.txn_bytes
         )
