@@ -26,6 +26,7 @@ document does the same, each document in a file of its own in a temporary folder
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
@@ -241,6 +242,24 @@ def admin_policy_document(p: k8s.AdminPolicy) -> dict:
     return {"apiVersion": k8s.ADMIN_API, "kind": p.kind, "metadata": {"name": p.name}, "spec": spec}
 
 
+_IP_TEXT: dict = {}  # (version, integer, prefix length or -1) -> the address's text
+
+
+def _ip_text(a: Any) -> str:
+    """``str(a)`` of an ipaddress address or network, remembered: the standard library
+    formats in Python, and an apply writes the same rule prefixes and addresses many times."""
+    if isinstance(a, (ipaddress.IPv4Network, ipaddress.IPv6Network)):
+        key = (a.version, int(a.network_address), a.prefixlen)
+    else:
+        key = (a.version, int(a), -1)
+    got = _IP_TEXT.get(key)
+    if got is None:
+        if len(_IP_TEXT) > 1 << 18:
+            _IP_TEXT.clear()
+        got = _IP_TEXT[key] = str(a)
+    return got
+
+
 def _sg_rule(r: Any) -> dict:
     d: dict = {"direction": r.direction, "ethertype": f"IPv{r.ethertype}"}
     if r.protocol is not None:
@@ -250,7 +269,7 @@ def _sg_rule(r: Any) -> dict:
     if r.port_max is not None:
         d["port_range_max"] = r.port_max
     if r.remote_prefix is not None:
-        d["remote_ip_prefix"] = str(r.remote_prefix)
+        d["remote_ip_prefix"] = _ip_text(r.remote_prefix)
     if r.remote_group is not None:
         d["remote_group_id"] = r.remote_group
     return d
@@ -298,7 +317,7 @@ def policy_resources(policy: Policy) -> dict[str, dict]:
             d["host"] = w.host
         if w.mac is not None:
             d["mac"] = format_mac(w.mac)
-        d["addresses"] = [str(a) for a in w.addresses]
+        d["addresses"] = [_ip_text(a) for a in w.addresses]
         if w.labels:
             d["labels"] = dict(w.labels)
         if w.security_groups:
@@ -394,8 +413,21 @@ class Parsed:
     errors: list = field(default_factory=list)
 
 
-def load_value(prefix: str, rk: ResourceKey, value: bytes) -> Parsed:
-    """Load one value as YAML/JSON; errors name ``prefix + key``."""
+def load_value(prefix: str, rk: ResourceKey, value: bytes, fast: bool = False) -> Parsed:
+    """Load one value as YAML/JSON; errors name ``prefix + key``.
+
+    With ``fast``, a value that is a JSON object naming the resource its key names (what
+    ``store apply`` writes) is loaded with the JSON parser alone (``doc`` a dict, without
+    line numbers): :func:`assemble` parses it again as part of the policy anyway. Any other
+    value (YAML, a name that differs, the settings) is loaded as YAML, for the errors' lines."""
+    if fast and rk.section != SETTINGS:
+        try:
+            text = value.decode("utf-8")
+            doc = json.loads(text)
+        except ValueError:  # (UnicodeDecodeError too) loaded below, for its error
+            doc = None
+        if type(doc) is dict and _names_key(rk, doc):
+            return Parsed(rk, text, doc=doc)
     name = prefix + str(rk)
     try:
         text = value.decode("utf-8")
@@ -413,6 +445,32 @@ def load_value(prefix: str, rk: ResourceKey, value: bytes) -> Parsed:
     if any(re.match(r"^(---|\.\.\.|%)", ln) for ln in text.splitlines()):
         return Parsed(rk, text, errors=[f"{name}: write the value without YAML document markers"])
     return Parsed(rk, text, doc=doc)
+
+
+def _names_key(rk: ResourceKey, doc: dict) -> bool:
+    """Does a JSON value name the resource of its key (as :func:`_identity_errors` checks)?
+    False when it does not, or cannot be told without the YAML loader's view."""
+    s, parts = rk.section, rk.parts
+
+    def same(d: dict, k: str, want: str) -> bool:
+        got = d.get(k)
+        return type(got) is str and got == want
+
+    if s in ("tenants", "hosts"):
+        return same(doc, "name", parts[0])
+    if s == "security_groups":
+        return same(doc, "tenant", parts[0]) and same(doc, "name", parts[1])
+    if s == "workloads":
+        return same(doc, "tenant", parts[0]) and same(doc, "name", parts[2])
+    if s in KINDS:
+        meta = doc.get("metadata")
+        return (
+            doc.get("kind") == KINDS[s]
+            and type(meta) is dict
+            and same(meta, "name", parts[-1])
+            and (s != "network_policies" or same(meta, "namespace", parts[1]))
+        )
+    return False
 
 
 def _identity_errors(prefix: str, p: Parsed) -> list[str]:
@@ -478,10 +536,10 @@ def assemble(prefix: str, values: dict[str, bytes], source: str | None = None) -
         rk = parse_key(rel)
         if rk is None or rk.section == "ipsec":
             continue
-        parsed.append(load_value(prefix, rk, values[rel]))
+        parsed.append(load_value(prefix, rk, values[rel], fast=True))
     errors = [e for p in parsed for e in p.errors]
     for p in parsed:
-        if p.doc is not None:
+        if isinstance(p.doc, Map):  # (a dict: JSON that names its key, checked on loading)
             errors.extend(_identity_errors(prefix, p))
     if any(p.errors for p in parsed):
         raise PolicyError(errors)  # a value that does not load cannot be assembled
@@ -576,6 +634,8 @@ def _namespace_errors(prefix: str, policy: Policy, parsed: list[Parsed]) -> list
     for w, p in zip(policy.workloads, keys):
         if w.namespace != p.key.parts[1]:
             doc = p.doc
+            if not isinstance(doc, Map):  # loaded as JSON: load it again for its lines
+                doc = load_value(prefix, p.key, p.text.encode("utf-8")).doc
             assert isinstance(doc, Map)
             errs.append(
                 f"{prefix}{p.key}:{doc.line_of('namespace')}: namespace: the workload is in "
