@@ -42,7 +42,8 @@ from microseg.store import (
     read_policy,
     read_status,
 )
-from microseg.store.ops import resource_values
+from microseg.store.etcd import Compacted
+from microseg.store.ops import group_digests, resource_values, resources
 
 HERE = os.path.dirname(__file__)
 DATA = os.path.join(HERE, "..", "src", "microseg", "data")
@@ -468,6 +469,52 @@ def test_a_value_must_name_its_key():
     assert any(
         "api-in" in e and "metadata.namespace: 'default' does not match" in e for e in info.value.errors
     )
+
+
+def test_fast_json_load_gives_the_yaml_load_s_policy_and_errors():
+    """assemble loads a JSON value naming its key with the JSON parser alone; the policy
+    and the errors are those of loading every value as YAML (the value's own lines)."""
+    values = resource_values(policy())
+    by_json = {}
+    for rel, v in values.items():
+        rk = layout.parse_key(rel)
+        assert rk is not None
+        fast = layout.load_value("/p/", rk, v, fast=True)
+        full = layout.load_value("/p/", rk, v)
+        assert fast.errors == full.errors == [] and fast.doc == full.doc and fast.text == full.text
+        assert isinstance(full.doc, layout.Map)
+        by_json[rel] = type(fast.doc) is dict
+    assert sum(by_json.values()) == len(values) - 1 - sum(1 for k in values if k.startswith("ipsec/"))
+    assert phash(layout.assemble("/p/", values)) == phash(canonical(policy()))
+    # a JSON value whose name is not the key's goes the YAML way: the error has its line
+    values["security_groups/acme/web"] = values["security_groups/acme/web"].replace(
+        b'"name": "web"', b'"name": "webx"', 1
+    )
+    rk = layout.parse_key("security_groups/acme/web")
+    assert rk is not None
+    assert isinstance(
+        layout.load_value("/p/", rk, values["security_groups/acme/web"], fast=True).doc, layout.Map
+    )
+    with pytest.raises(PolicyError) as info:
+        layout.assemble("/p/", values)
+    assert any(
+        e.startswith("/p/security_groups/acme/web:") and "'webx' does not match the key ('web')" in e
+        for e in info.value.errors
+    ), info.value.errors
+
+
+def test_resources_hash_as_the_stored_values_and_encode_lazily():
+    p = policy()
+    res = resources(p)
+    assert res._bytes == {}
+    groups, digests = res.digests()
+    assert res._bytes == {}  # hashed from the documents, nothing encoded
+    values = resource_values(p)
+    assert dict(res.items()) == values
+    assert group_digests(values) == (groups, digests)  # the same hashes from the stored bytes
+    changed = resource_values(policy(**{"vni: 5002": "vni: 6002"}))
+    d2 = group_digests(changed)[1]
+    assert {g for g in digests if digests[g] != d2[g]} == {"globex"}
 
 
 def test_host_keys_follow_the_workloads():
@@ -1078,6 +1125,26 @@ def test_apply_reads_only_the_groups_that_changed(etcd, prefix):
     r, plan = apply_policy(client, changed, prefix)
     assert plan.read == "digest" and plan.empty and plan.read_keys == 0 and r == rev
     assert phash(read_policy(client, prefix)[0]) == phash(canonical(changed))
+
+
+def test_ranges_read_many_ranges_at_one_past_revision(etcd, prefix):
+    client = etcd.client()
+    r1 = client.put(prefix + "a/1", b"one")
+    client.put(prefix + "b/1", b"two")
+    client.put(prefix + "a/1", b"three")
+    client.delete(prefix + "b/1")
+    ranges = [(prefix + "a/", prefix + "a0"), (prefix + "b/1", None)] * 40  # over one transaction's reads
+    got = client.ranges(ranges, r1 + 1)
+    assert len(got) == 80
+    assert [[(kv.key, kv.value) for kv in kvs] for kvs in got[:2]] == [
+        [(prefix + "a/1", b"one")],
+        [(prefix + "b/1", b"two")],
+    ]
+    now = client.ranges(ranges[:2], client.revision())
+    assert [[kv.value for kv in kvs] for kvs in now] == [[b"three"], []]
+    client.compact(client.revision())
+    with pytest.raises(Compacted):
+        client.ranges(ranges[:2], r1)
 
 
 def test_a_watcher_holds_only_its_hosts_tenants(etcd, prefix):

@@ -49,6 +49,9 @@ class Conflict(StoreError):
     """A guarded transaction found the store changed since it was read."""
 
 
+RANGES_PER_TXN = 64  # reads in one transaction of StoreClient.ranges (etcd's default limit: 128)
+
+
 class Compacted(StoreError):
     """A watch asked for a revision that etcd has compacted away."""
 
@@ -207,6 +210,22 @@ class StoreClient:
         r = self.call("/kv/txn", {"compare": compare, "success": success, "failure": failure or []})
         return bool(r.get("succeeded", False)), int(r["header"]["revision"]), list(r.get("responses", ()))
 
+    def ranges(self, ranges: list[tuple[str, str | None]], revision: int) -> list[list[KV]]:
+        """The keys of each ``(key, range_end)`` at ``revision``, in one request (a
+        transaction of reads, each pinned to ``revision``). A revision compacted away raises
+        :class:`Compacted`."""
+        ops = [op_range(k, e, revision=revision) for k, e in ranges]
+        out = []
+        for i in range(0, len(ops), RANGES_PER_TXN):
+            try:
+                _ok, _rev, responses = self.txn_responses([], ops[i : i + RANGES_PER_TXN])
+            except StoreError as exc:
+                if "compacted" in str(exc) and not isinstance(exc, StoreUnavailable):
+                    raise Compacted(str(exc), revision) from None
+                raise
+            out += [range_result(r)[0] for r in responses]
+        return out
+
     def get(self, key: str) -> KV | None:
         r = self.call("/kv/range", {"key": _encode(key)})
         kvs = r.get("kvs")
@@ -285,13 +304,16 @@ def op_put(key: str, value: bytes | str, lease: int = 0) -> dict:
     return {"request_put": req}
 
 
-def op_range(key: str, range_end: str | None = None, *, count_only: bool = False) -> dict:
-    """A read inside a transaction (see :func:`range_result`)."""
+def op_range(key: str, range_end: str | None = None, *, count_only: bool = False, revision: int = 0) -> dict:
+    """A read inside a transaction (see :func:`range_result`), at ``revision`` (0: the
+    transaction's)."""
     req: dict[str, Any] = {"key": _encode(key)}
     if range_end is not None:
         req["range_end"] = _encode(range_end)
     if count_only:
         req["count_only"] = True
+    if revision:
+        req["revision"] = int(revision)
     return {"request_range": req}
 
 
