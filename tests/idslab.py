@@ -8,12 +8,13 @@ Not a test module.
 
 from __future__ import annotations
 
+import atexit
 import json
 import shutil
 import subprocess
 import textwrap
 
-from livelab import LiveLab
+from livelab import LiveLab, sigterm_interrupts
 
 POLICY = """\
 version: 1
@@ -214,6 +215,30 @@ def openssl_reason() -> str | None:
 
 
 class IdsLab(LiveLab):
+    @classmethod
+    def up(cls, tmp_path_factory, request, prefix: str, rules: str, packets: int, **options) -> IdsLab:
+        """The lab up with the IDS on (``options``: more of ``lab.up``'s), torn down after the
+        module also when the test run dies."""
+        from microseg.agent import lab as L
+
+        lab = cls(tmp_path_factory.mktemp("lab"), rules)
+        request.addfinalizer(lab.teardown)
+        atexit.register(lab.teardown)
+        sigterm_interrupts(request)
+        L.up(
+            str(lab.policy),
+            lab.state_dir,
+            prefix,
+            "vxlan",
+            "info",
+            150,
+            echo=lambda *_: None,
+            ids_rules=str(lab.rules),
+            ids_packets=packets,
+            **options,
+        )
+        return lab
+
     def __init__(self, root, rules: str):
         super().__init__(root)
         self.policy = root / "p.yaml"

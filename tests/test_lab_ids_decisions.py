@@ -17,7 +17,6 @@ taken down.
 
 from __future__ import annotations
 
-import atexit
 import os
 import shutil
 
@@ -36,7 +35,7 @@ from idslab import (
     make_cert,
     openssl_reason,
 )
-from livelab import netns_skip_reason, sigterm_interrupts, wait_for
+from livelab import netns_skip_reason, wait_for
 
 PREFIX = f"msid{os.getpid() % 100000}"
 IDS_PACKETS = 40
@@ -62,27 +61,10 @@ pytestmark = pytest.mark.skipif(_REASON is not None, reason=_REASON or "")
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory, request):
-    from microseg.agent import lab as L
-
-    root = tmp_path_factory.mktemp("lab")
-    lab = IdsLab(root, RULES)
-    request.addfinalizer(lab.teardown)
-    atexit.register(lab.teardown)
-    sigterm_interrupts(request)
-    L.up(
-        str(lab.policy),
-        lab.state_dir,
-        PREFIX,
-        "vxlan",
-        "info",
-        150,
-        echo=lambda *_: None,
-        ids_rules=str(lab.rules),
-        ids_packets=IDS_PACKETS,
-    )
+    lab = IdsLab.up(tmp_path_factory, request, PREFIX, RULES, IDS_PACKETS)
     for h in ("h1", "h2"):
         wait_for(lambda h=h: lab.status(h)["ids"]["ready"], READY_DEADLINE, f"{h}: suricata ready")
-    cert, key = make_cert(root)
+    cert, key = make_cert(lab.root)
     for port in (DROP_PORT, BYPASS_PORT, PLAIN_PORT):
         lab.serve("red/c", ECHO, port)
     lab.serve("red/c", ECHO, TLS_PORT, cert, key)
