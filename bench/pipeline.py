@@ -31,6 +31,7 @@ import statistics
 import sys
 import tempfile
 import time
+from typing import Any
 
 import numpy as np
 
@@ -154,8 +155,8 @@ def handshake(c: int, k: int, dport: int = 443) -> list:
     sp = 1024 + np.arange(k)
     cm, sm = _client_macs(c)
     ca = _client_addr(c)
-    kw = {"eth_src": cm, "eth_dst": sm}
-    back = {"eth_src": sm, "eth_dst": cm}
+    kw: dict[str, Any] = {"eth_src": cm, "eth_dst": sm}
+    back: dict[str, Any] = {"eth_src": sm, "eth_dst": cm}
     return [
         PB.build_batch(k, ca, "10.1.0.1", 6, sp, dport, 0, tcp_flags_=0x02, seq=1000, **kw),
         PB.build_batch(k, "10.1.0.1", ca, 6, dport, sp, 0, tcp_flags_=0x12, seq=5000, ack=1001, **back),
@@ -296,10 +297,10 @@ def connections_case(conns: int, repeat: int, tmp: str) -> dict:
     # batches, checksums verified beforehand (the limit of this design: the datapath adds
     # parse, the checksum pass, identities and verdicts)
     est, new = [], []
-    warm = ConntrackTable(capacity=1 << 16)  # compile the table's kernels first
+    warm_table = ConntrackTable(capacity=1 << 16)  # compile the table's kernels first
     for b in handshake(0, 2048):
         for wb, wk, wo in _chunks1024(b):
-            warm.process(wb, wk, csum_ok=wo)
+            warm_table.process(wb, wk, csum_ok=wo)
     for _ in range(repeat):
         t = ConntrackTable(capacity=cap)
         clock = Clock()
