@@ -23,7 +23,7 @@ from .datapath import reasons as V
 from .errors import InputError
 from .packet import batch as B
 
-CHUNK = 16384  # packets per progress step (the datapath works in 256-packet batches)
+CHUNK = 16384  # packets per progress step (the datapath works in batch_size-packet batches, 1024)
 
 
 def register(sub) -> None:
