@@ -26,7 +26,10 @@ own, ``--rules`` 50,000 in 5 security groups a tenant; validated by ``parse_poli
 ``--agents`` agents in ``--workers`` processes forked before the policy is built, each a
 :class:`PolicyWatcher` for its host (the hosts of the changed tenants first, then spread over
 the rest) that notes when it has processed each revision; ``--compile-sample`` of them also
-run ``compile_policy`` on every new policy. ``--streams-n`` bare watch streams (default 1,000)
+run ``compile_policy`` on every new policy (``previous=`` their last compile, whose unchanged
+rules it lends). The changes' hosts (``t0``'s, ``t1``'s, the move's target) run in a worker of
+their own, so that their CPU work does not hold the GIL the other agents' threads wait on
+(``--mixed``: every agent round-robin, as before). ``--streams-n`` bare watch streams (default 1,000)
 follow beside them, for etcd's fan-out to 1,000 watchers. Measured, per change, p50/p99/max
 of the time from the start of ``apply_policy`` to (a) every agent having the revision, (b)
 the affected agents' callback with the new policy, (c) the sampled agents' compile done, (d)
@@ -70,7 +73,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from microseg.policy.model import parse_policy  # noqa: E402
 from microseg.store import PolicyWatcher, StoreClient, apply_policy, commit, plan_apply  # noqa: E402
 from microseg.store.etcd import WatchStream  # noqa: E402
-from microseg.store.ops import resource_values  # noqa: E402
+from microseg.store.layout import policy_resources  # noqa: E402
+from microseg.store.ops import Resources, resource_values, resources  # noqa: E402
 
 
 def etcd_binary() -> str:
@@ -521,6 +525,7 @@ def agent_worker(conn) -> None:
     applied: dict[str, dict[int, float]] = {h: {} for h in hosts}  # callback: policy assembled
     compiled: dict[str, dict[int, float]] = {h: {} for h in hosts}  # compile_policy done
     compile_s: list[float] = []
+    last: dict = {}  # host -> its last compiled policy (lends its unchanged rules: previous=)
     lock = threading.Lock()
 
     def make_cb(h: str):
@@ -529,7 +534,7 @@ def agent_worker(conn) -> None:
                 applied[h][revision] = time.time()
             if h in compile_hosts:
                 t = time.perf_counter()
-                compile_policy(policy)
+                last[h] = compile_policy(policy, previous=last.get(h))
                 with lock:
                     compile_s.append(time.perf_counter() - t)
                     compiled[h][revision] = time.time()
@@ -698,8 +703,16 @@ def _run_fleet(args, procs: list, conns: list) -> dict:
         keys, _ = client.range_prefix("/microseg/v1/")
         store_bytes = sum(len(kv.value) for kv in keys)
         base_rss = [r["rss_mib"] for r in [c.recv() for c in conns]]
-        for i, c in enumerate(conns):
-            idx = list(range(i, len(hosts), args.workers))
+        # the agents the changes concern (every host of t0 and t1, the move's target) in a
+        # worker of their own: their CPU work (assembly, compile) then does not hold the GIL
+        # that the other agents' watch threads wait on (each agent is its own process on a
+        # real host); --mixed spreads every agent round-robin instead
+        own = set(must) if args.workers > 1 and not args.mixed else set()
+        groups = [[k for k, h in enumerate(hosts) if h in own]] if own else []
+        rest_idx = [k for k, h in enumerate(hosts) if h not in own]
+        n_rest = args.workers - len(groups)
+        groups += [rest_idx[i::n_rest] for i in range(n_rest)]
+        for c, idx in zip(conns, groups):
             mine = [hosts[k] for k in idx]
             c.send((mine, [cluster.endpoints(k) for k in idx], compile_hosts & set(mine)))
         stream_seen: list[dict] = [{} for _ in range(args.streams_n)]
@@ -743,7 +756,8 @@ def _run_fleet(args, procs: list, conns: list) -> dict:
             pol = parse_policy(text, "fleet.yaml")
             u1 = cluster.usage()
             t1 = time.time()
-            values = resource_values(pol)
+            values = resources(pol)
+            values.digests()  # the groups' hashes (what the digest plan compares)
             t_enc = time.time() - t1
             plan = plan_apply(client, values)
             t_plan = time.time() - t1 - t_enc
@@ -851,6 +865,7 @@ def _run_fleet(args, procs: list, conns: list) -> dict:
             "cluster": args.cluster,
             "agents": args.agents,
             "workers": args.workers,
+            "agents_per_worker": [len(g) for g in groups],
             "bare_streams": args.streams_n,
             "policy": {
                 **spec,
@@ -892,11 +907,24 @@ def run_plan(args) -> dict:
     try:
         client = StoreClient(cluster.endpoints(), timeout=60.0)
         apply_policy(client, parse_policy(fleet_policy_text(**spec), "fleet.yaml"))
-        values = resource_values(parse_policy(fleet_policy_text(**spec, port_max=7500), "fleet.yaml"))
-        out: dict = {"mode": "plan", "policy": {**spec, "keys": len(values)}}
+        changed = parse_policy(fleet_policy_text(**spec, port_max=7500), "fleet.yaml")
+        docs = policy_resources(changed)
+        out: dict = {"mode": "plan", "policy": {**spec, "keys": len(docs)}}
+        times = []
+        for _ in range(args.plan_rounds):
+            t = time.perf_counter()
+            resources(changed).digests()
+            times.append(time.perf_counter() - t)
+        out["documents_and_hashes"] = {
+            "median_s": round(sorted(times)[len(times) // 2], 3),
+            "min_s": round(min(times), 3),
+            "max_s": round(max(times), 3),
+        }
         for digest in (True, False):
             times, plan = [], None
             for _ in range(args.plan_rounds):
+                values = Resources(docs)  # encoded afresh: only what the plan compares
+                values.digests()
                 t = time.perf_counter()
                 plan = plan_apply(client, values, digest=digest)
                 times.append(time.perf_counter() - t)
@@ -963,6 +991,12 @@ def main() -> None:
     ap.add_argument("--cluster", type=int, default=3, help="etcd members with --fleet")
     ap.add_argument("--workers", type=int, default=2, help="agent processes with --fleet")
     ap.add_argument("--workloads", type=int, default=10000)
+    ap.add_argument(
+        "--mixed",
+        action="store_true",
+        help="--fleet: spread every agent round-robin over the workers (default: the changes' "
+        "hosts in a worker of their own)",
+    )
     ap.add_argument(
         "--streams-n", type=int, default=1000, help="bare watch streams beside the agents (--fleet)"
     )
