@@ -34,6 +34,7 @@ import numpy as np
 from numba import njit
 
 from ..errors import InputError
+from ..lowlevel import rd16, rd32
 from ..packet import build as B
 from ..packet.batch import LINK_ETHERNET, LINK_RAW, TUN_GENEVE, TUN_NVGRE, TUN_VXLAN, Batch
 from ..packet.build import csum_add, csum_final
@@ -351,11 +352,6 @@ def encap(
 # ---------------------------------------------------------------------------------------------
 # decap
 # ---------------------------------------------------------------------------------------------
-@njit(cache=True, inline="always")
-def _r16(d, o):
-    return (np.int64(d[o]) << 8) | np.int64(d[o + 1])
-
-
 @njit(cache=True)
 def decap_one(d, b, ln, linktype):
     """Strip the outermost tunnel of packet ``d[b:b+ln]``.
@@ -377,13 +373,13 @@ def decap_one(d, b, ln, linktype):
     else:
         if end < 14:
             return DECAP_TRUNCATED, 0, -1, 0, 0, 0
-        et = _r16(d, b + 12)
+        et = rd16(d, b + 12)
         pos = 14
         nv = 0
         while (et == 0x8100 or et == 0x88A8) and nv < 2:
             if end - pos < 4:
                 return DECAP_TRUNCATED, 0, -1, 0, 0, 0
-            et = _r16(d, b + pos + 2)
+            et = rd16(d, b + pos + 2)
             pos += 4
             nv += 1
         if et == 0x0800:
@@ -399,7 +395,7 @@ def decap_one(d, b, ln, linktype):
         if (np.int64(d[o]) >> 4) != 4:
             return DECAP_BAD_OUTER, 0, -1, 0, 0, 0
         ihl = (np.int64(d[o]) & 15) * 4
-        tot = _r16(d, o + 2)
+        tot = rd16(d, o + 2)
         if ihl < 20 or tot < ihl:
             return DECAP_BAD_OUTER, 0, -1, 0, 0, 0
         if tot > end - pos:
@@ -407,7 +403,7 @@ def decap_one(d, b, ln, linktype):
         if csum_final(csum_add(d, o, ihl, np.int64(0))) != 0:
             return DECAP_BAD_OUTER, 0, -1, 0, 0, 0
         proto = np.int64(d[o + 9])
-        if (proto == 17 or proto == 47) and (_r16(d, o + 6) & 0x3FFF) != 0:
+        if (proto == 17 or proto == 47) and (rd16(d, o + 6) & 0x3FFF) != 0:
             return DECAP_FRAGMENT, 0, -1, 0, 0, 0
         end = pos + tot
         pos += ihl
@@ -416,7 +412,7 @@ def decap_one(d, b, ln, linktype):
             return DECAP_TRUNCATED, 0, -1, 0, 0, 0
         if (np.int64(d[o]) >> 4) != 6:
             return DECAP_BAD_OUTER, 0, -1, 0, 0, 0
-        plen = _r16(d, o + 4)
+        plen = rd16(d, o + 4)
         if plen > end - pos - 40:
             return DECAP_TRUNCATED, 0, -1, 0, 0, 0
         proto = np.int64(d[o + 6])
@@ -439,10 +435,10 @@ def decap_one(d, b, ln, linktype):
     if proto == 17:
         if end - pos < 8:
             return DECAP_TRUNCATED, 0, -1, 0, 0, 0
-        dport = _r16(d, o + 2)
+        dport = rd16(d, o + 2)
         if dport != VXLAN_PORT and dport != GENEVE_PORT:
             return DECAP_NOT_TUNNEL, 0, -1, 0, 0, 0
-        ulen = _r16(d, o + 4)
+        ulen = rd16(d, o + 4)
         if ulen < 8:
             return DECAP_BAD_OUTER, 0, -1, 0, 0, 0
         if ulen > end - pos:
@@ -455,7 +451,7 @@ def decap_one(d, b, ln, linktype):
             tun = TUN_VXLAN
             if not (d[b + u] & 0x08):
                 return DECAP_BAD_TUNNEL, tun, -1, 0, 0, 0
-            vni = (np.int64(d[b + u + 4]) << 16) | (np.int64(d[b + u + 5]) << 8) | np.int64(d[b + u + 6])
+            vni = rd32(d, b + u + 4) >> 8  # the 24-bit VNI and the reserved byte
             pos = u + 8
         else:
             tun = TUN_GENEVE
@@ -464,7 +460,7 @@ def decap_one(d, b, ln, linktype):
             optlen = (g0 & 0x3F) * 4
             if (g0 >> 6) != 0 or optlen > end - u - 8:
                 return DECAP_BAD_TUNNEL, tun, -1, 0, 0, 0
-            vni = (np.int64(d[b + u + 4]) << 16) | (np.int64(d[b + u + 5]) << 8) | np.int64(d[b + u + 6])
+            vni = rd32(d, b + u + 4) >> 8  # the 24-bit VNI and the reserved byte
             q = u + 8
             qend = q + optlen
             critical = (g1 & 0x40) != 0
@@ -480,7 +476,7 @@ def decap_one(d, b, ln, linktype):
                 return DECAP_OAM, tun, vni, 0, 0, 0
             if critical:
                 return DECAP_CRITICAL_OPTION, tun, vni, 0, 0, 0
-            gptype = _r16(d, b + u + 2)
+            gptype = rd16(d, b + u + 2)
             if gptype == 0x0800 or gptype == 0x86DD:
                 kind = INNER_IP
             elif gptype != ETH_TEB:
@@ -489,8 +485,8 @@ def decap_one(d, b, ln, linktype):
     elif proto == 47:
         if end - pos < 4:
             return DECAP_TRUNCATED, 0, -1, 0, 0, 0
-        gf = _r16(d, o)
-        if _r16(d, o + 2) != ETH_TEB or not (gf & 0x2000):
+        gf = rd16(d, o)
+        if rd16(d, o + 2) != ETH_TEB or not (gf & 0x2000):
             return DECAP_NOT_TUNNEL, 0, -1, 0, 0, 0
         tun = TUN_NVGRE
         if gf & 0x4007:
@@ -504,9 +500,7 @@ def decap_one(d, b, ln, linktype):
             hlen += 4
         if end - pos < hlen:
             return DECAP_TRUNCATED, tun, -1, 0, 0, 0
-        vni = (
-            (np.int64(d[o + key_at]) << 16) | (np.int64(d[o + key_at + 1]) << 8) | np.int64(d[o + key_at + 2])
-        )
+        vni = rd32(d, o + key_at) >> 8  # the 24-bit VSID and the FlowID byte
         pos += hlen
     else:
         return DECAP_NOT_TUNNEL, 0, -1, 0, 0, 0
