@@ -396,9 +396,8 @@ def fast_kernel(
         cs = (pos // bs) * bs
         ce = min(cs + bs, n)
         # the conntrack kernel (software-pipelined prefetch, see its docstring) is compiled
-        # into this one; Numba's cache keys this kernel on this file's text only, so a change
-        # in conntrack/kernels.py reaches the datapath once this file changes too (or its
-        # __pycache__ is cleared)
+        # into this one; the kernel cache follows every source file (microseg.kernelcache),
+        # so a change there recompiles this kernel too
         stop = KN.process_batch(
             ents,
             ents_bytes,
