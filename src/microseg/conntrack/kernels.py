@@ -977,54 +977,34 @@ def process_batch(
                     prm.ctr[K.C_ICMP_TYPE] += 1
                     out[i] = ST_INVALID
                     continue
-                if ICMP4_ERRORS[t]:
-                    out[i] = _related(
-                        ents,
-                        slot_ent,
-                        slot_hash,
-                        free,
-                        prm,
-                        zone,
-                        ver,
-                        dhi,
-                        dlo,
-                        i,
-                        u64,
-                        u16,
-                        u8,
-                        data,
-                        pstart,
-                        plen,
-                        l4,
-                        now,
-                    )
-                    continue
+                error = ICMP4_ERRORS[t]
             else:
                 if ICMP6_UNTRACKED[t]:
                     out[i] = 0
                     continue
-                if t < 128:
-                    out[i] = _related(
-                        ents,
-                        slot_ent,
-                        slot_hash,
-                        free,
-                        prm,
-                        zone,
-                        ver,
-                        dhi,
-                        dlo,
-                        i,
-                        u64,
-                        u16,
-                        u8,
-                        data,
-                        pstart,
-                        plen,
-                        l4,
-                        now,
-                    )
-                    continue
+                error = t < 128  # ICMPv6 errors are the types below 128
+            if error:
+                out[i] = _related(
+                    ents,
+                    slot_ent,
+                    slot_hash,
+                    free,
+                    prm,
+                    zone,
+                    ver,
+                    dhi,
+                    dlo,
+                    i,
+                    u64,
+                    u16,
+                    u8,
+                    data,
+                    pstart,
+                    plen,
+                    l4,
+                    now,
+                )
+                continue
             inv = _icmp_inv(proto, t)
             if inv < 0:
                 prm.ctr[K.C_ICMP_NEW] += 1
