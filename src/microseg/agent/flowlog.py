@@ -61,6 +61,12 @@ def _iso(ts_ns: int) -> str:
     return t.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+def _ident(e) -> tuple:
+    """A conntrack entry's connection, in its original direction: the key under which its
+    logged end is remembered (so the close and the timeout sweep write it once)."""
+    return tuple(int(e[f]) for f in ("zone", "src_hi", "src_lo", "dst_hi", "dst_lo", "sport", "dport"))
+
+
 def _addr(hi, lo) -> str:
     return B.addr_to_text(int(hi), int(lo))
 
@@ -155,15 +161,7 @@ class FlowLog:
             state = int(rec_e["tcp_state"])
             if state not in _CLOSED:
                 continue
-            ident = (
-                int(rec_e["zone"]),
-                int(rec_e["src_hi"]),
-                int(rec_e["src_lo"]),
-                int(rec_e["dst_hi"]),
-                int(rec_e["dst_lo"]),
-                int(rec_e["sport"]),
-                int(rec_e["dport"]),
-            )
+            ident = _ident(rec_e)
             if ident in self._ended:
                 continue
             self._ended[ident] = now
@@ -237,15 +235,7 @@ class FlowLog:
 
     def _timeout_record(self, e, pol, now_ns: int) -> dict | None:
         zone = int(e["zone"])
-        ident = (
-            zone,
-            int(e["src_hi"]),
-            int(e["src_lo"]),
-            int(e["dst_hi"]),
-            int(e["dst_lo"]),
-            int(e["sport"]),
-            int(e["dport"]),
-        )
+        ident = _ident(e)
         if self._ended.pop(ident, None) is not None:
             return None  # its close was logged already (an entry in TIME_WAIT, CLOSE ...)
         wl, tenants = self._names_of(pol)
