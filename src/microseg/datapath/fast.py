@@ -16,6 +16,7 @@ from numba import njit
 
 from .. import ctstate as CS
 from ..conntrack import kernels as KN
+from ..lowlevel import mix_word
 from ..packet import batch as B
 from ..packet.batch import FlowKeys
 from ..policy.compiler import CompiledPolicy, lookup_endpoint, tenant_index
@@ -184,8 +185,7 @@ def tenant_table(tenant_vnis: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 @njit(cache=True, inline="always")
 def _tenant_slot(vni, mask):
-    h = np.uint64(vni) * _MIX
-    return np.int64((h ^ (h >> _SH31)) & np.uint64(mask))
+    return np.int64(mix_word(np.uint64(0), np.uint64(vni)) & np.uint64(mask))
 
 
 @njit(cache=True)
@@ -244,14 +244,6 @@ LOOKAHEAD = 4  # chunks after a stop whose packets with no connection are judged
 
 
 _SH32, _MAPPED = np.uint64(32), np.uint64(0xFFFF)
-_MIX = np.uint64(0x9E3779B97F4A7C15)
-_SH31 = np.uint64(31)
-
-
-@njit(cache=True, inline="always")
-def _mix(h, x):
-    h = (h ^ x) * _MIX
-    return h ^ (h >> _SH31)
 
 
 @njit(cache=True, inline="always")
@@ -266,8 +258,8 @@ def _conn_key(u64, i32, u16, u8, i):
     b_hi, b_lo, b_p = u64[B.DST_HI, i], u64[B.DST_LO, i], np.uint64(u16[B.DPORT, i])
     if a_hi > b_hi or (a_hi == b_hi and (a_lo > b_lo or (a_lo == b_lo and a_p > b_p))):
         a_hi, a_lo, a_p, b_hi, b_lo, b_p = b_hi, b_lo, b_p, a_hi, a_lo, a_p
-    h = _mix(np.uint64(np.int64(i32[B.TENANT, i]) & 0xFFFFFFFF) | (np.uint64(proto) << _SH32), a_hi)
-    h = _mix(_mix(_mix(_mix(_mix(h, a_lo), a_p), b_hi), b_lo), b_p)
+    h = mix_word(np.uint64(np.int64(i32[B.TENANT, i]) & 0xFFFFFFFF) | (np.uint64(proto) << _SH32), a_hi)
+    h = mix_word(mix_word(mix_word(mix_word(mix_word(h, a_lo), a_p), b_hi), b_lo), b_p)
     return h | np.uint64(1)
 
 
