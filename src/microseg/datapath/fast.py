@@ -16,7 +16,7 @@ from numba import njit
 
 from .. import ctstate as CS
 from ..conntrack import kernels as KN
-from ..lowlevel import mix_word
+from ..lowlevel import mix_word, pow2_at_least
 from ..packet import batch as B
 from ..packet.batch import FlowKeys
 from ..policy.compiler import CompiledPolicy, lookup_endpoint, tenant_index
@@ -65,6 +65,16 @@ def source_identity(policy: CompiledPolicy, keys: FlowKeys):
     t = policy.endpoint_tables
     _identities(keys.u64, keys.i32, n, t.tenant_vnis, t.untagged, *t.addresses, *t.macs, src_w, dst_w, sid)
     return src_w, dst_w, sid
+
+
+@njit(cache=True, inline="always")
+def _set_size(n):
+    """The length of an open-addressing set for ``n`` keys: the least power of two that is
+    at least ``2 * n`` and 16."""
+    size = 16
+    while size < 2 * n:
+        size <<= 1
+    return size
 
 
 @njit(cache=True)
@@ -120,10 +130,7 @@ def _pending(
         ent_tmp,
         dir_tmp,
     )
-    size = 16
-    while size < 2 * (end - stop):
-        size <<= 1
-    seen = np.zeros(size, np.uint64)
+    seen = np.zeros(_set_size(end - stop), np.uint64)
     k = 0
     nf = 0
     for i in range(stop, end):
@@ -143,9 +150,7 @@ def _pending(
 def denied_followers(rows, commit, follow, ckey, out):
     """Of ``follow`` (see :func:`_pending`), the packets whose connection's first packet among
     ``rows`` was denied (``commit`` 0) into ``out``; returns their count."""
-    size = 16
-    while size < 2 * rows.shape[0]:
-        size <<= 1
+    size = _set_size(rows.shape[0])
     seen = np.zeros(size, np.uint64)
     any_denied = False
     for j in range(rows.shape[0]):
@@ -174,9 +179,7 @@ def tenant_table(tenant_vnis: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     :func:`_tenant_of` in the fast kernel: one probe instead of a binary search whose ten
     unpredictable steps at 1,000 tenants cost as much as the rest of a packet's identities."""
     vnis = np.asarray(tenant_vnis, np.int64)
-    size = 16
-    while size < 2 * vnis.shape[0]:
-        size <<= 1
+    size = max(16, pow2_at_least(2 * vnis.shape[0]))
     keys = np.full(size, -1, np.int64)
     vals = np.full(size, -1, np.int32)
     _fill_tenants(vnis, keys, vals)
