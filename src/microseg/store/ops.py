@@ -173,21 +173,21 @@ def _digests(items: Iterable[tuple[str, bytes]]) -> tuple[dict[str, list[str]], 
     return keys, digests
 
 
-def read_values(client: StoreClient, prefix: str) -> tuple[dict[str, KV], int]:
-    """The resource keys under ``prefix`` (relative key -> KV) and the revision of the read."""
-    kvs, revision = client.range_prefix(prefix)
+def resource_kvs(prefix: str, kvs: Iterable[KV]) -> dict[str, KV]:
+    """Those of ``kvs`` (keys under ``prefix``) that name a resource: relative key -> KV."""
     out = {}
     for kv in kvs:
         rel = kv.key[len(prefix) :]
         if layout.parse_key(rel) is not None:
             out[rel] = kv
-    return out, revision
+    return out
 
 
 def read_committed(client: StoreClient, prefix: str) -> tuple[dict[str, KV], int]:
-    """As :func:`read_values`, but while an apply is being written in batches (the
-    ``pending`` key exists), the resources as they were just before its first batch: what
-    the agents run. :class:`StoreError` if that revision has been compacted away."""
+    """The resource keys under ``prefix`` (relative key -> KV) and the revision of the read;
+    while an apply is being written in batches (the ``pending`` key exists), the resources
+    as they were just before its first batch: what the agents run. :class:`StoreError` if
+    that revision has been compacted away."""
     kvs, revision = client.range_prefix(prefix)
     pending = next((kv for kv in kvs if kv.key == prefix + layout.PENDING), None)
     if pending is not None:
@@ -199,8 +199,7 @@ def read_committed(client: StoreClient, prefix: str) -> tuple[dict[str, KV], int
                 f"an apply is being written (since revision {revision + 1}) and the revision before "
                 "it has been compacted: read again once the apply has committed"
             ) from None
-    out = {kv.key[len(prefix) :]: kv for kv in kvs if layout.parse_key(kv.key[len(prefix) :]) is not None}
-    return out, revision
+    return resource_kvs(prefix, kvs), revision
 
 
 @dataclass
@@ -342,12 +341,8 @@ def _plan_by_digest(
         return None  # written since that commit: read everything
     if sum(range_result(r)[1] for r in responses[: len(ranges)]) != count:
         return None  # a key deleted since (a write would have failed the compare)
-    current: dict[str, bytes] = {}
-    for r in responses[len(ranges) :]:
-        for kv in range_result(r)[0]:
-            rel = kv.key[len(p) :]
-            if layout.parse_key(rel) is not None:
-                current[rel] = kv.value
+    got = resource_kvs(p, (kv for r in responses[len(ranges) :] for kv in range_result(r)[0]))
+    current = {rel: kv.value for rel, kv in got.items()}
     plan = Plan(p, revision, meta.mod_revision, digests=digests, read="digest")
     _diff(plan, values, [rel for g in changed for rel in groups.get(g, ())], current)
     plan.unchanged += sum(len(rels) for g, rels in groups.items() if g not in changed)

@@ -37,7 +37,7 @@ from ..policy.model import Policy
 from ..policy.source import PolicyError
 from . import layout
 from .etcd import Compacted, StoreClient, StoreError, WatchStream, prefix_end
-from .ops import connect
+from .ops import connect, resource_kvs
 
 log = logging.getLogger("microseg.store")
 
@@ -280,17 +280,12 @@ class PolicyWatcher:
     def _read_tenants(self, tenants: set[str], revision: int) -> dict:
         """Every resource of ``tenants`` at ``revision``: relative key -> KV."""
         p = self.prefix
-        out = {}
         ranges = [r for t in sorted(tenants) for r in layout.group_ranges(p, t)]
         self.stats["tenant_reads"] += len(tenants)
         # one request for them all (a transaction of reads pinned to `revision`): a workload
         # moving in waits for one round trip to etcd, not one per range
-        for kvs in self.client.ranges(ranges, revision) if ranges else ():
-            for kv in kvs:
-                rel = kv.key[len(p) :]
-                if layout.parse_key(rel) is not None:
-                    out[rel] = kv
-        return out
+        got = self.client.ranges(ranges, revision) if ranges else []
+        return resource_kvs(p, (kv for kvs in got for kv in kvs))
 
     def _set_workload(self, rel: str, tenant: str, value: bytes | None) -> None:
         """Note a workload's host (``value`` None: deleted), keeping the count per tenant of
