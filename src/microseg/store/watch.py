@@ -250,20 +250,21 @@ class PolicyWatcher:
             got, rev = self.client.range(p + layout.META, revision=revision)
             take(got)
             revision = revision or rev  # the reads below are pinned to the first one's
-            take(self.client.range(p + layout.PENDING, revision=revision)[0])
-            for key, end in layout.group_ranges(p, layout.GLOBAL):
-                take(self.client.range(key, end, revision=revision)[0])
             w = p + "workloads/"
-            take(self.client.range(w, prefix_end(w), revision=revision)[0])
+            ranges = [(p + layout.PENDING, None), *layout.group_ranges(p, layout.GLOBAL), (w, prefix_end(w))]
+            for got in self.client.ranges(ranges, revision):  # one request for them all
+                take(got)
             rev = revision
-        values = {rel: kv.value for rel, kv in kvs.items() if layout.parse_key(rel) is not None}
+        values: dict[str, bytes] = {}
         with self._lock:
             self._whost, self._on_host = {}, {}
-            for rel, value in values.items():
+            for rel, kv in kvs.items():
                 rk = layout.parse_key(rel)
-                assert rk is not None
+                if rk is None:
+                    continue
+                values[rel] = kv.value
                 if rk.section == "workloads":
-                    self._set_workload(rel, rk.parts[0], value)
+                    self._set_workload(rel, rk.parts[0], kv.value)
             self._untagged = _untagged(values.get(layout.SETTINGS))
         if self.host is None:
             held = {g for rel in values if (g := _group(rel)) not in (None, layout.GLOBAL)}
