@@ -82,7 +82,7 @@ class PolicyWatcher:
         # the resources held, at self._revision: the settings, hosts and SA files, and every
         # resource of the tenants held (with host=None: every resource)
         self._values: dict[str, bytes] = {}
-        self._held: set[str] = set()  # the tenants whose resources are held
+        self._held: set[str] = set()  # the tenants whose resources are held (with a host)
         self._whost: dict[str, str | None] = {}  # every workload's key -> its host field
         self._on_host: dict[str, int] = {}  # tenant -> its workloads on this host
         self._untagged: str | None = None  # the settings' untagged_tenant
@@ -161,7 +161,7 @@ class PolicyWatcher:
                 "revision": self._revision,
                 "policy_revision": self._policy_revision,
                 "pending": self._pending,
-                "tenants": len(self._held),
+                "tenants": len(self._held) if self.host is not None else len(self._groups()),
                 "held_keys": len(self._values),
                 "errors": list(self._errors),
                 "error": self._error,
@@ -266,9 +266,8 @@ class PolicyWatcher:
                 if rk.section == "workloads":
                     self._set_workload(rel, rk.parts[0], kv.value)
             self._untagged = _untagged(values.get(layout.SETTINGS))
-        if self.host is None:
-            held = {g for rel in values if (g := _group(rel)) not in (None, layout.GLOBAL)}
-        else:
+        held: set[str] = set()  # (every resource is held without a host: see _groups)
+        if self.host is not None:
             held = self._wanted()
             values = {rel: v for rel, v in values.items() if _group(rel) == layout.GLOBAL}
             read = self._read_tenants(held, rev)
@@ -307,6 +306,11 @@ class PolicyWatcher:
                 self._on_host.pop(tenant, None)
         if new == self.host:
             self._on_host[tenant] = self._on_host.get(tenant, 0) + 1
+
+    def _groups(self) -> set[str]:
+        """The tenants of the values held (without a host, every tenant in the store): derived
+        when asked for, not after every batch of events."""
+        return {g for rel in self._values if (g := _group(rel)) not in (None, layout.GLOBAL)}
 
     def _wanted(self) -> set[str]:
         """The tenants this host needs: those of its workloads, and the untagged tenant."""
@@ -526,9 +530,7 @@ class PolicyWatcher:
         """After a batch: take in the tenants that became this host's (read at ``revision``,
         the state the batch left), let go of those that are no longer."""
         if self.host is None:
-            with self._lock:
-                self._held = {g for rel in self._values if (g := _group(rel)) not in (None, layout.GLOBAL)}
-            return
+            return  # every resource is held
         wanted = self._wanted()
         if wanted == self._held:
             return
