@@ -681,7 +681,7 @@ def value_field(value: bytes, name: str) -> Any:
     return doc.get(name) if isinstance(doc, dict) else None
 
 
-def host_keys(values: dict[str, bytes], host: str, field_cache: dict | None = None) -> set[str]:
+def host_keys(values: dict[str, bytes], host: str) -> set[str]:
     """The keys host ``host`` needs (see docs/store.md, "What a host reads"):
 
     * the tenants of the workloads placed on ``host`` (its ``host`` field), and the
@@ -690,30 +690,30 @@ def host_keys(values: dict[str, bytes], host: str, field_cache: dict | None = No
       and selectors refer to them), its security groups and its network and admin policies;
     * the settings, ``host`` itself and the hosts those workloads are placed on;
     * the SA files.
-
-    ``field_cache`` (key -> (value, host field)) saves re-reading unchanged workloads.
     """
-    cache = field_cache if field_cache is not None else {}
     workload_hosts: dict[str, str | None] = {}
     tenants: set[str] = set()
     for rel, value in values.items():
         rk = parse_key(rel)
         if rk is None or rk.section != "workloads":
             continue
-        hit = cache.get(rel)
-        if hit is None or hit[0] is not value:
-            h = value_field(value, "host")
-            hit = (value, h if isinstance(h, str) else None)
-            cache[rel] = hit
-        workload_hosts[rel] = hit[1]
-        if hit[1] == host:
+        h = value_field(value, "host")
+        workload_hosts[rel] = h = h if isinstance(h, str) else None
+        if h == host:
             tenants.add(rk.parts[0])
-    for rel in [k for k in cache if k not in values]:
-        del cache[rel]
     if SETTINGS in values:
         u = value_field(values[SETTINGS], "untagged_tenant")
         if isinstance(u, str):
             tenants.add(u)
+    return tenant_keys(values, host, tenants, workload_hosts)
+
+
+def tenant_keys(
+    values: dict[str, bytes], host: str, tenants: set[str], workload_hosts: dict[str, str | None]
+) -> set[str]:
+    """The keys of ``values`` host ``host`` needs once it is known to need ``tenants``
+    (``workload_hosts``: workload key -> its ``host`` field): the settings, the SA files,
+    every resource of those tenants, ``host`` and the hosts their workloads are placed on."""
     out = {SETTINGS} & values.keys()
     hosts = {host}
     for rel in values:

@@ -323,25 +323,8 @@ class PolicyWatcher:
         """The values this host's policy is made of (docs/store.md, "What a host reads")."""
         if self.host is None:
             return dict(self._values)
-        out: dict[str, bytes] = {}
-        hosts = {self.host}
-        for rel, value in self._values.items():
-            rk = layout.parse_key(rel)
-            if rk is None or rk.section == "hosts":
-                continue
-            if rk.section in (layout.SETTINGS, "ipsec"):
-                out[rel] = value
-            elif rk.tenant in self._held:
-                out[rel] = value
-                if rk.section == "workloads":
-                    h = self._whost.get(rel)
-                    if h:
-                        hosts.add(h)
-        for h in hosts:
-            k = f"hosts/{h}"
-            if k in self._values:
-                out[k] = self._values[k]
-        return out
+        keys = layout.tenant_keys(self._values, self.host, self._held, self._whost)
+        return {k: self._values[k] for k in keys}
 
     def _evaluate(self, revision: int) -> Policy | None:
         """Judge the relevant values; the new policy when they changed and validate."""
