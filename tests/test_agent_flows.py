@@ -103,8 +103,9 @@ class _Recording(I._Inspection):
         self.down = False
         self.calls = []
 
-    def _inspect(self, batch, keys, todo, pos, keep, ct):
+    def _inspect(self, batch, keys, todo, pos, flows, keep, ct):
         self.calls.append((todo.tolist(), pos.tolist()))
+        assert flows == [_flow_ref(keys, i) for i in todo.tolist()]  # each row's own flow
         if self.down:
             keep[pos] = False
             return False
@@ -150,7 +151,8 @@ def _divert_ref(self, batch, keys, rows, ct=None):
         pos.append(j)
         touched.append(f)
     if todo:
-        done = self._inspect(batch, keys, np.array(todo, np.int64), np.array(pos, np.int64), keep, ct)
+        flows = [_flow_ref(k, i) for i in todo]
+        done = self._inspect(batch, keys, np.array(todo, np.int64), np.array(pos, np.int64), flows, keep, ct)
         if done is False:
             for f in touched:
                 st_ = self._seen.get(f)

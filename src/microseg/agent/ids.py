@@ -297,6 +297,7 @@ class _Inspection:
         # one dict probe per connection of the batch, not per packet
         gr = flow_groups(keys, rows)
         todo: list[np.ndarray] = []
+        todo_g: list[np.ndarray] = []  # the group of each row of todo
         touched: list[tuple[tuple, int]] = []  # (flow, packets of it sent to inspection)
         over: list[np.ndarray] = []
         for g, f in enumerate(gr.flows):
@@ -324,12 +325,16 @@ class _Inspection:
             take = members[:room]
             st[0] += int(take.size)
             todo.append(take)
+            todo_g.append(np.full(take.size, g, np.int64))
             touched.append((f, int(take.size)))
             if members.size > room:
                 over.append(members[room:])
         if todo:
-            pos = np.sort(np.concatenate(todo))
-            done = self._inspect(batch, keys, rows[pos], pos, keep, ct)
+            pos = np.concatenate(todo)
+            o = np.argsort(pos, kind="stable")
+            pos = pos[o]
+            flows = [gr.flows[g] for g in np.concatenate(todo_g)[o].tolist()]
+            done = self._inspect(batch, keys, rows[pos], pos, flows, keep, ct)
             if done is False:
                 # not inspected (the engine is down: dropped, fail closed): they do not count
                 # towards N, so no connection leaves the inspected path uninspected
@@ -361,8 +366,9 @@ class _Inspection:
             self._blocked_now.clear()
         return keep
 
-    def _inspect(self, batch, keys, todo, pos, keep, ct) -> bool | None:
-        """Inspect rows ``todo`` (at ``pos`` in ``keep``); False: none was (fail closed)."""
+    def _inspect(self, batch, keys, todo, pos, flows, keep, ct) -> bool | None:
+        """Inspect rows ``todo`` (at ``pos`` in ``keep``; ``flows``: each one's flow, in
+        ascending ``pos``); False: none was (fail closed)."""
         raise NotImplementedError
 
     def tick(self) -> None:
@@ -586,7 +592,7 @@ class SuricataIds(_Inspection):
             self._end(f, "bypass")
 
     # -- the forwarding path -----------------------------------------------------------------
-    def _inspect(self, batch, keys, todo, pos, keep, ct) -> bool | None:
+    def _inspect(self, batch, keys, todo, pos, flows, keep, ct) -> bool | None:
         """Write the frames ``todo`` to Suricata; the agent forwards none of them itself."""
         from ..overlay import decap
 
@@ -676,28 +682,27 @@ class BuiltinIds(_Inspection):
         self.ready = True
         self.active = True
 
-    def _inspect(self, batch, keys, todo, pos, keep, ct) -> bool | None:
+    def _inspect(self, batch, keys, todo, pos, flows, keep, ct) -> bool | None:
         from ..offload.inspect import ALERT, DROP, PASS
 
         r = self.sigs.inspect(batch, keys, todo, ct)
         k = keys
-        rows = []
-        later: dict[tuple, int] = {}  # rows of the flow after this one in the batch
-        for j, i in reversed(list(zip(pos.tolist(), todo.tolist()))):
-            a = (int(k.src_hi[i]), int(k.src_lo[i]), int(k.sport[i]))
-            b = (int(k.dst_hi[i]), int(k.dst_lo[i]), int(k.dport[i]))
-            f = _flow(int(k.tenant[i]), int(k.proto[i]), a, b)
-            rows.append((j, i, a, b, f, later.get(f, 0)))
-            later[f] = later.get(f, 0) + 1
-        for j, i, a, b, f, after in reversed(rows):
+        after = [0] * len(flows)  # rows of the same flow after each one in the batch
+        later: dict[tuple, int] = {}
+        for x in range(len(flows) - 1, -1, -1):
+            after[x] = later.get(flows[x], 0)
+            later[flows[x]] = after[x] + 1
+        for j, i, f, aft in zip(pos.tolist(), todo.tolist(), flows, after, strict=True):
             st = self._seen.get(f)
             if f in self.blocked or st is None or st[2] is not None:
                 continue  # blocked (divert drops it) or done with by an earlier row of the batch
-            place = st[0] - after  # its place among the flow's inspected packets
+            place = st[0] - aft  # its place among the flow's inspected packets
             self.counts["packets_to_ids"] += 1
-            tenant, proto = int(k.tenant[i]), int(k.proto[i])
             v = int(r.verdict[i])
             if v in (ALERT, DROP):
+                tenant, proto = int(k.tenant[i]), int(k.proto[i])
+                a = (int(k.src_hi[i]), int(k.src_lo[i]), int(k.sport[i]))
+                b = (int(k.dst_hi[i]), int(k.dst_lo[i]), int(k.dport[i]))
                 for sid in r.sids.get(i, (int(r.sid[i]),)):
                     s = self._by_sid.get(sid)
                     if s is None or s.action == PASS:
