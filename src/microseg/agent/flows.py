@@ -52,14 +52,19 @@ class Groups:
         return self.order[s : s + int(self.sizes[g])]
 
     def ident(self, g: int, keys, ct) -> tuple:
-        """Group ``g``'s connection in its original direction (as conntrack keys it), from
-        its first packet's conntrack state ``ct`` (None: the packet's own direction)."""
-        i = int(self.rows[self.first[g]])
-        s = (int(keys.src_hi[i]), int(keys.src_lo[i]), int(keys.sport[i]))
-        d = (int(keys.dst_hi[i]), int(keys.dst_lo[i]), int(keys.dport[i]))
-        if ct is not None and int(ct[i]) & REPLY:
-            s, d = d, s
-        return (int(keys.tenant[i]), int(keys.proto[i]), s[0], s[1], d[0], d[1], s[2], d[2])
+        """Group ``g``'s connection in its original direction (:func:`ident` of its first
+        packet)."""
+        return ident(keys, ct, int(self.rows[self.first[g]]))
+
+
+def ident(keys, ct, i: int) -> tuple:
+    """Packet ``i``'s connection in its original direction (as conntrack and the kernel fast
+    path key it), from its conntrack state ``ct`` (None: the packet's own direction)."""
+    s = (int(keys.src_hi[i]), int(keys.src_lo[i]), int(keys.sport[i]))
+    d = (int(keys.dst_hi[i]), int(keys.dst_lo[i]), int(keys.dport[i]))
+    if ct is not None and int(ct[i]) & REPLY:
+        s, d = d, s
+    return (int(keys.tenant[i]), int(keys.proto[i]), s[0], s[1], d[0], d[1], s[2], d[2])
 
 
 def group(keys, rows: np.ndarray) -> Groups:

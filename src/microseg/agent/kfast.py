@@ -41,6 +41,7 @@ from ..conntrack import const as CK
 from ..packet.batch import addr_to_text
 from ..policy import verdict as V
 from .flows import group as flow_groups
+from .flows import ident as flow_ident
 
 if TYPE_CHECKING:
     from .agent import Agent
@@ -186,7 +187,7 @@ class KernelOffload:
         est = ok & ((ct & CS.STATE_MASK) == CS.ESTABLISHED) & ~((proto == 6) & ((tflags & 0x07) != 0))
         if ending.any() and self.flows:
             for i in np.flatnonzero(ending).tolist():
-                f = self.flows.get(self._ident(k, ct, i))
+                f = self.flows.get(flow_ident(k, ct, i))
                 if f is not None:
                     self._remove(f, "removed_end")
         rows = np.flatnonzero(est)
@@ -212,7 +213,7 @@ class KernelOffload:
             self._count.clear()  # bounded: counts restart rather than grow without end
 
     def offer_now(self, ident: tuple) -> None:
-        """Connection ``ident`` (original direction, as :meth:`_ident` keys it) is offered at
+        """Connection ``ident`` (original direction, as :func:`.flows.ident` keys it) is offered at
         its next established packet: the inspection service is done with it before
         ``after_packets``."""
         if self.fp is None or ident in self.flows:
@@ -232,15 +233,6 @@ class KernelOffload:
             return False
         self._remove(f, "removed_blocked")
         return True
-
-    @staticmethod
-    def _ident(k, ct, i: int) -> tuple:
-        """The connection of packet ``i``, in its original direction."""
-        s = (int(k.src_hi[i]), int(k.src_lo[i]), int(k.sport[i]))
-        d = (int(k.dst_hi[i]), int(k.dst_lo[i]), int(k.dport[i]))
-        if ct[i] & CS.REPLY:
-            s, d = d, s
-        return (int(k.tenant[i]), int(k.proto[i]), s[0], s[1], d[0], d[1], s[2], d[2])
 
     def _take_token(self) -> bool:
         now = time.monotonic()
