@@ -8,13 +8,11 @@ Not a test module.
 
 from __future__ import annotations
 
-import atexit
-import json
 import shutil
 import subprocess
 import textwrap
 
-from livelab import LiveLab, sigterm_interrupts
+from livelab import LiveLab
 
 POLICY = """\
 version: 1
@@ -222,9 +220,7 @@ class IdsLab(LiveLab):
         from microseg.agent import lab as L
 
         lab = cls(tmp_path_factory.mktemp("lab"), rules)
-        request.addfinalizer(lab.teardown)
-        atexit.register(lab.teardown)
-        sigterm_interrupts(request)
+        lab.guard(request)
         L.up(
             str(lab.policy),
             lab.state_dir,
@@ -246,32 +242,10 @@ class IdsLab(LiveLab):
         self.rules = root / "test.rules"
         self.rules.write_text(rules)
 
-    def stats(self, host: str) -> dict:
-        r = self.microseg("lab", "stats", "--json", "--state-dir", self.state_dir)
-        assert r.returncode == 0, r.stderr
-        return json.loads(r.stdout)["hosts"][host]
-
-    def status(self, host: str) -> dict:
-        from microseg.agent import control
-
-        return control.request(self.state["hosts"][host]["control"], "status")
-
     def conntrack(self, host: str, **filters) -> list[dict]:
-        from microseg.agent import control
-
-        r = control.request(self.state["hosts"][host]["control"], "conntrack", **filters)
+        r = self.control(host, "conntrack", **filters)
         assert r["ok"], r
         return r["entries"]
-
-    def flow_log(self, host: str) -> list[dict]:
-        out = []
-        with open(self.state["hosts"][host]["flow_log"]) as f:
-            for line in f:
-                try:
-                    out.append(json.loads(line))
-                except ValueError:
-                    pass
-        return out
 
     def ids_ends(self, host: str, sport: int) -> list[dict]:
         return [r for r in self.flow_log(host) if r.get("event") == "ids_end" and r.get("sport") == sport]

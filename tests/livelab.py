@@ -1,11 +1,13 @@
 """What the live tests share: the socket scripts run inside workloads, the skip reason, a
-condition wait, and the lab driver (workloads' namespaces, servers, clients, teardown).
+condition wait, and the lab driver (workloads' namespaces, servers, clients, the agents'
+status and stats, teardown).
 
-Not a test module: ``tests/test_lab_live.py`` and ``tests/test_agent_store.py`` import it.
+Not a test module: the live test modules (``tests/test_lab_*.py``, ``tests/test_agent_*.py``) import it.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
@@ -153,6 +155,19 @@ def netns_skip_reason(prefix: str) -> str | None:
     return None
 
 
+def json_lines(path) -> list[dict]:
+    """The records of a JSON-lines file a process may still be writing (a half-written line
+    is skipped)."""
+    out = []
+    with open(path) as f:
+        for line in f:
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                pass
+    return out
+
+
 def wait_for(cond, timeout: float, what: str, tolerate: tuple = ()):
     """``cond()``'s first truthy value within ``timeout`` seconds; exceptions of the types in
     ``tolerate`` count as not yet (a socket not there yet, a half-written file)."""
@@ -182,6 +197,12 @@ class LiveLab:
         self.servers: list[subprocess.Popen] = []
         self.down_done = False
 
+    def guard(self, request) -> None:
+        """Take the lab down after the fixture's scope, at exit too, and on a CI job's SIGTERM."""
+        request.addfinalizer(self.teardown)
+        atexit.register(self.teardown)
+        sigterm_interrupts(request)
+
     @property
     def state(self) -> dict:
         with open(os.path.join(self.state_dir, "state.json")) as f:
@@ -189,6 +210,24 @@ class LiveLab:
 
     def ns(self, workload: str) -> str:
         return self.state["workloads"][workload]["ns"]
+
+    def control(self, host: str, cmd: str, **args) -> dict:
+        """The reply of ``host``'s agent to one control request."""
+        from microseg.agent import control
+
+        return control.request(self.state["hosts"][host]["control"], cmd, **args)
+
+    def status(self, host: str) -> dict:
+        return self.control(host, "status")
+
+    def stats(self, host: str) -> dict:
+        """``host``'s part of ``microseg lab stats --json``."""
+        r = self.microseg("lab", "stats", "--json", "--state-dir", self.state_dir)
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)["hosts"][host]
+
+    def flow_log(self, host: str) -> list[dict]:
+        return json_lines(self.state["hosts"][host]["flow_log"])
 
     def microseg(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         return subprocess.run(

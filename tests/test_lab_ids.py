@@ -12,8 +12,6 @@ everywhere: without Suricata no IDS runs and status says so. The lab is always t
 
 from __future__ import annotations
 
-import atexit
-import json
 import os
 import shutil
 import signal
@@ -21,7 +19,7 @@ import textwrap
 
 import pytest
 
-from livelab import BULK, SINK, LiveLab, netns_skip_reason, sigterm_interrupts, wait_for
+from livelab import BULK, SINK, LiveLab, json_lines, netns_skip_reason, wait_for
 
 PREFIX = f"msids{os.getpid() % 100000}"
 
@@ -133,40 +131,12 @@ class Lab(LiveLab):
         self.rules = root / "test.rules"
         self.rules.write_text(RULES)
 
-    def stats(self, host: str) -> dict:
-        r = self.microseg("lab", "stats", "--json", "--state-dir", self.state_dir)
-        assert r.returncode == 0, r.stderr
-        return json.loads(r.stdout)["hosts"][host]
-
-    def status(self, host: str) -> dict:
-        from microseg.agent import control
-
-        return control.request(self.state["hosts"][host]["control"], "status")
-
     def get(self, path: str, timeout: float = 5.0) -> tuple[int, str]:
         r = self.py("red/a", GET, "10.9.0.3", 8080, path, timeout, timeout=timeout + 30)
         return r.returncode, r.stdout.strip()
 
     def eve(self, host: str) -> list[dict]:
-        path = self.status(host)["ids"]["eve"]
-        out = []
-        with open(path) as f:
-            for line in f:
-                try:
-                    out.append(json.loads(line))
-                except ValueError:
-                    pass
-        return out
-
-    def flow_log(self, host: str) -> list[dict]:
-        out = []
-        with open(self.state["hosts"][host]["flow_log"]) as f:
-            for line in f:
-                try:
-                    out.append(json.loads(line))
-                except ValueError:
-                    pass
-        return out
+        return json_lines(self.status(host)["ids"]["eve"])
 
 
 @pytest.fixture(scope="module")
@@ -174,9 +144,7 @@ def lab(tmp_path_factory, request):
     from microseg.agent import lab as L
 
     lab = Lab(tmp_path_factory.mktemp("lab"))
-    request.addfinalizer(lab.teardown)
-    atexit.register(lab.teardown)
-    sigterm_interrupts(request)  # a CI job\'s SIGTERM: finalizers still run
+    lab.guard(request)
     L.up(
         str(lab.policy),
         lab.state_dir,

@@ -14,15 +14,13 @@ taken down.
 
 from __future__ import annotations
 
-import atexit
-import json
 import os
 import signal
 import subprocess
 
 import pytest
 
-from livelab import BULK, SINK, LiveLab, netns_skip_reason, sigterm_interrupts, wait_for
+from livelab import BULK, SINK, LiveLab, netns_skip_reason, wait_for
 
 PREFIX = f"msof{os.getpid() % 100000}"
 
@@ -80,11 +78,6 @@ class Lab(LiveLab):
             )
         )
 
-    def stats(self, host: str) -> dict:
-        r = self.microseg("lab", "stats", "--json", "--state-dir", self.state_dir)
-        assert r.returncode == 0, r.stderr
-        return json.loads(r.stdout)["hosts"][host]
-
     def fastpath(self, host: str) -> dict:
         return self.stats(host)["fastpath"]
 
@@ -100,9 +93,7 @@ def lab(tmp_path_factory, request):
     from microseg.agent import lab as L
 
     lab = Lab(tmp_path_factory.mktemp("lab"))
-    request.addfinalizer(lab.teardown)
-    atexit.register(lab.teardown)
-    sigterm_interrupts(request)  # a CI job\'s SIGTERM: finalizers still run
+    lab.guard(request)
     L.up(
         str(lab.p1),
         lab.state_dir,
