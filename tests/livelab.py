@@ -1,4 +1,4 @@
-"""What the live tests share: the socket scripts run inside workloads, the skip reason, a
+"""What the live tests share: the socket scripts run inside workloads, the skip reasons, a
 condition wait, and the lab driver (workloads' namespaces, servers, clients, the agents'
 status and stats, teardown).
 
@@ -152,6 +152,21 @@ def netns_skip_reason(prefix: str) -> str | None:
     if r.returncode != 0:
         return f"ip netns unavailable: {r.stderr.strip()}"
     subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+    return None
+
+
+def store_skip_reason(prefix: str) -> str | None:
+    """Why the store lab tests cannot run here: :func:`netns_skip_reason`'s, or no etcd server
+    for ``lab up --store`` (found the way the lab finds it)."""
+    reason = netns_skip_reason(prefix)
+    if reason is not None:
+        return reason
+    from microseg.agent import lab as L
+
+    try:
+        L._etcd_binary()
+    except L.LabError as exc:
+        return str(exc)
     return None
 
 

