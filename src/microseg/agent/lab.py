@@ -244,7 +244,9 @@ def up(
         ids_rules = os.path.abspath(ids_rules)
         if not os.path.isfile(ids_rules):
             raise InputError(f"--ids-rules {ids_rules}: no such file")
-        if ids not in ("auto", "suricata", "builtin"):
+        from .ids import ENGINES
+
+        if ids not in ENGINES:
             raise InputError("--ids is auto, suricata or builtin")
         if ids == "builtin" or (ids == "auto" and shutil.which("suricata") is None):
             from ..offload.inspect import SignatureSet
@@ -1224,13 +1226,13 @@ def _cli_stats(args) -> int:
         print(f"  verdicts: {', '.join(f'{k} {v}' for k, v in h['verdicts'].items()) or '-'}")
         print(f"  drops: {', '.join(f'{k} {v}' for k, v in sorted(h['drops'].items())) or '-'}")
         if h.get("ids"):
+            from .ids import END_REASONS
+
             i = h["ids"]
             print(
                 f"  ids: {i['engine']}: {i['packets_to_ids']} packets inspected, {i['alerts']} alerts, "
                 f"{i['ids_drop']} dropped, {i['blocked_flows']} flows blocked; inspection ended: "
-                + ", ".join(
-                    f"{r} {i.get('ended_' + r, 0)}" for r in ("packets", "bypass", "encrypted", "drop")
-                )
+                + ", ".join(f"{r} {i.get('ended_' + r, 0)}" for r in END_REASONS)
             )
     return 0
 
