@@ -57,25 +57,22 @@ def _unpack(hit, packed, crule, lvl, verdict, reason, rule, level):
 
 
 @njit(cache=True)
-def _gather(su64, su32, si32, su16, su8, idx, du64, du32, di32, du16, du8):
-    # one field (row) at a time: each row of the output is written in order (a packet at a
-    # time would write to every row's stream for each packet)
+def _take_rows(src, idx, dst):
+    """``dst[:, j] = src[:, idx[j]]``, one field (row) at a time: each row of the output is
+    written in order (a packet at a time would write to every row's stream for each packet)."""
     m = idx.shape[0]
-    for r in range(su64.shape[0]):
+    for r in range(src.shape[0]):
         for j in range(m):
-            du64[r, j] = su64[r, idx[j]]
-    for r in range(su32.shape[0]):
-        for j in range(m):
-            du32[r, j] = su32[r, idx[j]]
-    for r in range(si32.shape[0]):
-        for j in range(m):
-            di32[r, j] = si32[r, idx[j]]
-    for r in range(su16.shape[0]):
-        for j in range(m):
-            du16[r, j] = su16[r, idx[j]]
-    for r in range(su8.shape[0]):
-        for j in range(m):
-            du8[r, j] = su8[r, idx[j]]
+            dst[r, j] = src[r, idx[j]]
+
+
+@njit(cache=True)
+def _gather(su64, su32, si32, su16, su8, idx, du64, du32, di32, du16, du8):
+    _take_rows(su64, idx, du64)
+    _take_rows(su32, idx, du32)
+    _take_rows(si32, idx, di32)
+    _take_rows(su16, idx, du16)
+    _take_rows(su8, idx, du8)
 
 
 def subset(keys: FlowKeys, idx: np.ndarray, out: FlowKeys) -> FlowKeys:
