@@ -14,7 +14,6 @@ Needs root and ``ip netns``; skipped otherwise. The lab is always taken down.
 
 from __future__ import annotations
 
-import atexit
 import json
 import os
 import subprocess
@@ -23,7 +22,7 @@ import textwrap
 
 import pytest
 
-from livelab import LiveLab, netns_skip_reason, sigterm_interrupts, wait_for
+from livelab import LiveLab, netns_skip_reason, wait_for
 
 PREFIX = f"msip{os.getpid() % 100000}"
 
@@ -121,11 +120,6 @@ class Lab(LiveLab):
         self.sas = root / "sa.yaml"
         self.sas.write_text(_sa_file())
 
-    def control(self, host: str, cmd: str, **args) -> dict:
-        from microseg.agent import control
-
-        return control.request(self.state["hosts"][host]["control"], cmd, **args)
-
     def capture(self):
         ns = self.state["underlay"]
         p = subprocess.Popen(
@@ -144,9 +138,7 @@ def lab(tmp_path_factory, request):
     from microseg.agent import lab as L
 
     lab = Lab(tmp_path_factory.mktemp("lab"))
-    request.addfinalizer(lab.teardown)
-    atexit.register(lab.teardown)
-    sigterm_interrupts(request)  # a CI job\'s SIGTERM: finalizers still run
+    lab.guard(request)
     L.up(
         str(lab.policy),
         lab.state_dir,

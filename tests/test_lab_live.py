@@ -11,7 +11,6 @@ finalizer, and at interpreter exit should the run be interrupted).
 
 from __future__ import annotations
 
-import atexit
 import json
 import os
 import signal
@@ -20,7 +19,7 @@ import time
 
 import pytest
 
-from livelab import PING, LiveLab, netns_skip_reason, sigterm_interrupts
+from livelab import PING, LiveLab, netns_skip_reason
 
 PREFIX = f"mst{os.getpid() % 100000}"
 
@@ -112,9 +111,7 @@ def lab(tmp_path_factory, request):
 
     lab = Lab(tmp_path_factory.mktemp("lab"))
     lab.links_before = _root_links()
-    request.addfinalizer(lab.teardown)
-    atexit.register(lab.teardown)  # also when the run is interrupted
-    sigterm_interrupts(request)  # a CI job\'s SIGTERM: finalizers still run
+    lab.guard(request)
     L.up(str(lab.p1), lab.state_dir, PREFIX, "vxlan", "info", UP_TIMEOUT, echo=lambda *_: None)
     for w in ("red/b", "red/c", "blue/c"):
         lab.start_server(w, 7000, 7001, 8080)
