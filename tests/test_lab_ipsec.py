@@ -91,7 +91,7 @@ BULK = textwrap.dedent("""\
     import socket, sys
     addr, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     s = socket.create_connection((addr, port), timeout=60)
-    data = bytes(range(256)) * (n // 256)
+    data = (bytes(range(256)) * (n // 256 + 1))[:n]
     s.sendall(data)
     s.shutdown(socket.SHUT_WR)
     got = 0
